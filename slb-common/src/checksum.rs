@@ -1,0 +1,145 @@
+//! Incremental Internet checksum updates (RFC 1624, eqn. 3). The 16-bit words are taken exactly as
+//! they sit in memory (native-endian loads of network-order bytes); one's-complement sums do not
+//! depend on byte order as long as every word is loaded the same way.
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The checksum after one 16-bit word changed from `old` to `new`.
+#[inline(always)]
+pub fn replace_u16(check: u16, old: u16, new: u16) -> u16 {
+    !fold(u32::from(!check) + u32::from(!old) + u32::from(new))
+}
+
+/// The checksum after one 32-bit word (two 16-bit words) changed from `old` to `new`.
+#[inline(always)]
+pub fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
+    let sum = u32::from(!check)
+        + u32::from(!(old as u16))
+        + u32::from(!((old >> 16) as u16))
+        + u32::from(new as u16)
+        + u32::from((new >> 16) as u16);
+    !fold(sum)
+}
+
+/// The checksum after a 16-byte address changed from `old` to `new`.
+#[inline(always)]
+pub fn replace_addr16(mut check: u16, old: &[u8; 16], new: &[u8; 16]) -> u16 {
+    let mut i = 0;
+    while i < 16 {
+        let o = u32::from_ne_bytes([old[i], old[i + 1], old[i + 2], old[i + 3]]);
+        let n = u32::from_ne_bytes([new[i], new[i + 1], new[i + 2], new[i + 3]]);
+        check = replace_u32(check, o, n);
+        i += 4;
+    }
+    check
+}
+
+/// Full Internet checksum of `data` (with `initial` added), for tests and packet building.
+pub fn internet_checksum(initial: u32, data: &[u8]) -> u16 {
+    let mut sum = initial;
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u32::from(u16::from_be_bytes([*last, 0]));
+    }
+    !fold_wide(sum as u64)
+}
+
+fn fold_wide(mut sum: u64) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Pseudo-header sum for an IPv4 TCP/UDP checksum (big-endian words).
+pub fn ipv4_pseudo_header_sum(src: [u8; 4], dst: [u8; 4], protocol: u8, l4_len: u16) -> u32 {
+    u32::from(u16::from_be_bytes([src[0], src[1]]))
+        + u32::from(u16::from_be_bytes([src[2], src[3]]))
+        + u32::from(u16::from_be_bytes([dst[0], dst[1]]))
+        + u32::from(u16::from_be_bytes([dst[2], dst[3]]))
+        + u32::from(protocol)
+        + u32::from(l4_len)
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec::Vec;
+
+    fn ipv4_header(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut h = std::vec![0x45, 0, 0, 60, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
+        h.extend_from_slice(&src);
+        h.extend_from_slice(&dst);
+        let c = internet_checksum(0, &h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        h
+    }
+
+    #[test]
+    fn incremental_ipv4_header_update_matches_full_recompute() {
+        let mut h = ipv4_header([10, 0, 0, 1], [192, 168, 1, 10]);
+        assert_eq!(internet_checksum(0, &h), 0, "valid header sums to zero");
+        let old = u32::from_ne_bytes([h[16], h[17], h[18], h[19]]);
+        let new_dst = [10, 1, 2, 250];
+        let new = u32::from_ne_bytes(new_dst);
+        let check = u16::from_ne_bytes([h[10], h[11]]);
+        let updated = replace_u32(check, old, new);
+        h[16..20].copy_from_slice(&new_dst);
+        h[10..12].copy_from_slice(&updated.to_ne_bytes());
+        assert_eq!(internet_checksum(0, &h), 0);
+        assert_eq!(h, ipv4_header([10, 0, 0, 1], new_dst));
+    }
+
+    #[test]
+    fn incremental_port_and_address_update_of_tcp_checksum() {
+        let src = [10, 0, 0, 1];
+        let dst = [192, 168, 1, 10];
+        let mut seg = std::vec![0u8; 24];
+        seg[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        seg[2..4].copy_from_slice(&80u16.to_be_bytes());
+        seg[12] = 0x50;
+        seg[20..24].copy_from_slice(b"ping");
+        let full = |s: [u8; 4], d: [u8; 4], seg: &[u8]| {
+            let mut z = seg.to_vec();
+            z[16] = 0;
+            z[17] = 0;
+            internet_checksum(ipv4_pseudo_header_sum(s, d, 6, seg.len() as u16), &z)
+        };
+        let c = full(src, dst, &seg);
+        seg[16..18].copy_from_slice(&c.to_be_bytes());
+
+        let new_dst = [10, 9, 8, 7];
+        let mut check = u16::from_ne_bytes([seg[16], seg[17]]);
+        check = replace_u32(check, u32::from_ne_bytes(dst), u32::from_ne_bytes(new_dst));
+        let old_port = u16::from_ne_bytes([seg[2], seg[3]]);
+        let new_port = 8080u16.to_be();
+        check = replace_u16(check, old_port, new_port);
+        seg[2..4].copy_from_slice(&8080u16.to_be_bytes());
+        assert_eq!(check.to_ne_bytes(), full(src, new_dst, &seg).to_be_bytes());
+    }
+
+    #[test]
+    fn address16_update_equals_four_word_updates() {
+        let a = [1u8; 16];
+        let mut b = [2u8; 16];
+        b[15] = 77;
+        let c = 0x1234;
+        let mut expect = c;
+        for i in (0..16).step_by(4) {
+            let o = u32::from_ne_bytes(a[i..i + 4].try_into().unwrap());
+            let n = u32::from_ne_bytes(b[i..i + 4].try_into().unwrap());
+            expect = replace_u32(expect, o, n);
+        }
+        assert_eq!(replace_addr16(c, &a, &b), expect);
+        assert_eq!(replace_addr16(c, &a, &a), c);
+    }
+}

@@ -1,0 +1,158 @@
+//! Map keys and values. Every address is 16 bytes: IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`)
+//! so IPv6 needs no new layout. Ports are in host byte order, which keeps `bpftool` dumps readable.
+
+/// Listeners one instance can hold.
+pub const MAX_LISTENERS: u32 = 64;
+/// Backend ids index the backends array, so this is also the largest id plus one.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Each listener owns two Maglev rings: the daemon fills the idle one, then flips the listener to
+/// it, so the data plane never reads a half-written table.
+pub const RINGS_PER_LISTENER: u32 = 2;
+/// Default Maglev ring size (prime).
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Largest ring size the config accepts (prime, as Maglev needs).
+pub const MAX_RING_SIZE: u32 = 655373;
+/// Entries of the connection table and of its reverse twin.
+pub const MAX_CONNECTIONS: u32 = 1 << 20;
+/// Interfaces the devmap can redirect to.
+pub const MAX_INTERFACES: u32 = 64;
+/// A ring slot with no backend (a listener whose backends all have weight 0).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Backend flag: the id is in use.
+pub const BACKEND_F_PRESENT: u8 = 1;
+
+pub type Addr = [u8; 16];
+
+/// `a.b.c.d` as `::ffff:a.b.c.d`.
+#[inline(always)]
+pub const fn ipv4_mapped(octets: [u8; 4]) -> Addr {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
+    ]
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ListenerKey {
+    pub vip: Addr,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ListenerEntry {
+    /// Index into the per-listener counters.
+    pub index: u32,
+    /// First slot of the ring currently in use inside the rings array.
+    pub ring_base: u32,
+    /// Number of slots in that ring (prime).
+    pub ring_size: u32,
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: Addr,
+    pub port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+}
+
+/// A flow as seen on the wire, in the direction the packet travels.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of the connection table, keyed by the client → VIP flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Connection {
+    pub backend_id: u32,
+    pub listener_index: u32,
+    pub last_seen_ns: u64,
+}
+
+/// Value of the reverse table, keyed by the backend → client flow: what the reply's source must
+/// become so the client sees only the VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReverseNat {
+    pub vip: Addr,
+    pub vip_port: u16,
+    pub _pad: u16,
+    pub listener_index: u32,
+    pub backend_id: u32,
+}
+
+/// Per-listener and per-backend traffic, one per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_connections: u64,
+}
+
+/// What happened to packets that did not take the fast path, one per CPU. Every branch of the
+/// data plane that does not forward a listener packet ends in one of these.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct GlobalCounters {
+    /// Frames too short for the header they claim.
+    pub malformed: u64,
+    /// Not IPv4/IPv6 (ARP, LLDP, VLAN-tagged ...): passed to the stack.
+    pub non_ip_passed: u64,
+    /// IPv6: passed to the stack until the IPv6 data plane lands.
+    pub ipv6_passed: u64,
+    /// IPv4 fragments: passed to the stack (their L4 header is missing or not ours to read).
+    pub fragments_passed: u64,
+    /// IPv4 with options: passed to the stack.
+    pub ip_options_passed: u64,
+    /// IP traffic that is not for a listener nor a reply from a backend: passed.
+    pub not_for_us_passed: u64,
+    /// Listener packets dropped because the listener has no backend with weight > 0.
+    pub no_backend_dropped: u64,
+    /// Listener packets whose ring or backend entry is missing (control-plane race): dropped.
+    pub lookup_failed_dropped: u64,
+    /// Rewritten packets handed to the kernel because the FIB could not resolve the next hop yet.
+    pub fib_passed: u64,
+    /// Rewritten packets dropped because the FIB has no route (or forwarding is off).
+    pub fib_dropped: u64,
+    /// Packets forwarded with XDP_TX (egress = ingress).
+    pub tx: u64,
+    /// Packets forwarded with XDP_REDIRECT.
+    pub redirected: u64,
+    /// Redirects refused (egress interface not in the devmap): dropped.
+    pub redirect_failed: u64,
+    /// Replies from backends translated back to the VIP.
+    pub replies_translated: u64,
+    /// Packets whose TTL ran out at the balancer: passed so the kernel sends ICMP.
+    pub ttl_expired_passed: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for ListenerEntry {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for Connection {}
+    unsafe impl aya::Pod for ReverseNat {}
+    unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for GlobalCounters {}
+}
