@@ -39,6 +39,8 @@ impl fmt::Display for MaglevError {
     }
 }
 
+impl core::error::Error for MaglevError {}
+
 pub fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
@@ -63,7 +65,10 @@ pub fn build_table(backends: &[MaglevBackend<'_>], size: u32) -> Result<Vec<u32>
         return Err(MaglevError::SizeNotPrime(size));
     }
     if (size as usize) < backends.len() * 10 {
-        return Err(MaglevError::SizeTooSmall { size, backends: backends.len() });
+        return Err(MaglevError::SizeTooSmall {
+            size,
+            backends: backends.len(),
+        });
     }
     let m = u64::from(size);
     let mut table = vec![NO_BACKEND; size as usize];
@@ -119,13 +124,18 @@ mod tests {
     use std::println;
 
     fn identities(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.1.{}.{}:8080", i / 256, i % 256)).collect()
+        (0..n)
+            .map(|i| format!("10.1.{}.{}:8080", i / 256, i % 256))
+            .collect()
     }
 
     fn backends<'a>(ids: &'a [String], weights: &[u32]) -> Vec<MaglevBackend<'a>> {
         ids.iter()
             .zip(weights)
-            .map(|(id, &weight)| MaglevBackend { identity: id.as_bytes(), weight })
+            .map(|(id, &weight)| MaglevBackend {
+                identity: id.as_bytes(),
+                weight,
+            })
             .collect()
     }
 
@@ -141,8 +151,14 @@ mod tests {
     fn rejects_sizes_that_are_not_prime_or_too_small() {
         let ids = identities(3);
         let b = backends(&ids, &[1, 1, 1]);
-        assert_eq!(build_table(&b, 65536), Err(MaglevError::SizeNotPrime(65536)));
-        assert!(matches!(build_table(&b, 7), Err(MaglevError::SizeTooSmall { .. })));
+        assert_eq!(
+            build_table(&b, 65536),
+            Err(MaglevError::SizeNotPrime(65536))
+        );
+        assert!(matches!(
+            build_table(&b, 7),
+            Err(MaglevError::SizeTooSmall { .. })
+        ));
         assert!(is_prime(65537) && is_prime(655373) && !is_prime(1) && is_prime(2));
     }
 
@@ -154,7 +170,10 @@ mod tests {
         for (i, w) in [1.0, 2.0, 3.0].iter().enumerate() {
             let share = c[i] as f64 / 65537.0;
             let want = w / 6.0;
-            assert!((share - want).abs() / want < 0.01, "backend {i}: {share} vs {want}");
+            assert!(
+                (share - want).abs() / want < 0.01,
+                "backend {i}: {share} vs {want}"
+            );
         }
     }
 
@@ -204,7 +223,10 @@ mod tests {
             if n <= 5 || n % 10 == 0 {
                 println!("{n:3}  {moved:.5}  {ideal:.5}     {:.3}", moved / ideal);
             }
-            assert!(moved <= 1.6 * ideal, "N={n}: {moved} of slots moved, ideal {ideal}");
+            assert!(
+                moved <= 1.6 * ideal,
+                "N={n}: {moved} of slots moved, ideal {ideal}"
+            );
         }
         println!("worst ratio to ideal for N=3..100: {worst:.3}");
     }

@@ -107,41 +107,63 @@ pub struct TrafficCounters {
     pub new_connections: u64,
 }
 
-/// What happened to packets that did not take the fast path, one per CPU. Every branch of the
-/// data plane that does not forward a listener packet ends in one of these.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct GlobalCounters {
+/// Declares the global counters once: the struct both sides share, plus the names and values
+/// the control plane prints and sums.
+macro_rules! global_counters {
+    ($($(#[doc = $doc:literal])* $field:ident,)*) => {
+        /// What happened to packets that did not take the fast path, one per CPU. Every branch of
+        /// the data plane that does not forward a listener packet ends in one of these.
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+        pub struct GlobalCounters {
+            $($(#[doc = $doc])* pub $field: u64,)*
+        }
+
+        impl GlobalCounters {
+            pub const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            pub fn values(&self) -> impl Iterator<Item = u64> {
+                [$(self.$field),*].into_iter()
+            }
+
+            pub fn add(&mut self, other: &GlobalCounters) {
+                $(self.$field += other.$field;)*
+            }
+        }
+    };
+}
+
+global_counters! {
     /// Frames too short for the header they claim.
-    pub malformed: u64,
+    malformed,
     /// Not IPv4/IPv6 (ARP, LLDP, VLAN-tagged ...): passed to the stack.
-    pub non_ip_passed: u64,
+    non_ip_passed,
     /// IPv6: passed to the stack until the IPv6 data plane lands.
-    pub ipv6_passed: u64,
+    ipv6_passed,
     /// IPv4 fragments: passed to the stack (their L4 header is missing or not ours to read).
-    pub fragments_passed: u64,
+    fragments_passed,
     /// IPv4 with options: passed to the stack.
-    pub ip_options_passed: u64,
+    ip_options_passed,
     /// IP traffic that is not for a listener nor a reply from a backend: passed.
-    pub not_for_us_passed: u64,
+    not_for_us_passed,
     /// Listener packets dropped because the listener has no backend with weight > 0.
-    pub no_backend_dropped: u64,
+    no_backend_dropped,
     /// Listener packets whose ring or backend entry is missing (control-plane race): dropped.
-    pub lookup_failed_dropped: u64,
+    lookup_failed_dropped,
     /// Rewritten packets handed to the kernel because the FIB could not resolve the next hop yet.
-    pub fib_passed: u64,
+    fib_passed,
     /// Rewritten packets dropped because the FIB has no route (or forwarding is off).
-    pub fib_dropped: u64,
+    fib_dropped,
     /// Packets forwarded with XDP_TX (egress = ingress).
-    pub tx: u64,
+    tx,
     /// Packets forwarded with XDP_REDIRECT.
-    pub redirected: u64,
+    redirected,
     /// Redirects refused (egress interface not in the devmap): dropped.
-    pub redirect_failed: u64,
+    redirect_failed,
     /// Replies from backends translated back to the VIP.
-    pub replies_translated: u64,
+    replies_translated,
     /// Packets whose TTL ran out at the balancer: passed so the kernel sends ICMP.
-    pub ttl_expired_passed: u64,
+    ttl_expired_passed,
 }
 
 #[cfg(feature = "user")]

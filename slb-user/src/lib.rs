@@ -1,1 +1,9 @@
-pub fn x(){}
+//! The slb control plane: config → desired state → reconcile into the XDP program's maps.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod maps;
+pub mod reconcile;
+pub mod status;

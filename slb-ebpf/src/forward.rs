@@ -1,0 +1,89 @@
+//! Sending a rewritten IPv4 packet on its way: the kernel FIB picks egress and MACs, then the
+//! packet leaves by XDP_TX or XDP_REDIRECT, or goes to the stack when only the stack can proceed.
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_action},
+    helpers::generated::bpf_fib_lookup,
+    programs::XdpContext,
+    EbpfContext,
+};
+use core::mem::{size_of, zeroed};
+
+use crate::{
+    maps::EGRESS,
+    packet::{EthHdr, Ipv4Hdr},
+};
+use slb_common::GlobalCounters;
+
+const AF_INET: u8 = 2;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_BLACKHOLE: i64 = 1;
+const BPF_FIB_LKUP_RET_UNREACHABLE: i64 = 2;
+const BPF_FIB_LKUP_RET_PROHIBIT: i64 = 3;
+
+/// Forwards the packet whose IPv4 header (already rewritten) is `ip`, counting the outcome.
+#[inline(always)]
+pub fn forward_ipv4(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: *const Ipv4Hdr,
+    protocol: u8,
+    counters: &mut GlobalCounters,
+) -> u32 {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let mut params: FibParams = unsafe { zeroed() };
+    unsafe {
+        params.family = AF_INET;
+        params.l4_protocol = protocol;
+        params.__bindgen_anon_1.tot_len = u16::from_be((*ip).total_len);
+        params.__bindgen_anon_2.tos = (*ip).tos;
+        params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst);
+        params.ifindex = ingress;
+    }
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut params as *mut FibParams,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {}
+        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
+            counters.fib_dropped += 1;
+            return xdp_action::XDP_DROP;
+        }
+        // No neighbour entry yet, destination is local, forwarding disabled, MTU exceeded: the
+        // stack routes the rewritten packet (resolving ARP, or sending the ICMP error) itself.
+        _ => {
+            counters.fib_passed += 1;
+            return xdp_action::XDP_PASS;
+        }
+    }
+    let egress = params.ifindex;
+    if egress != ingress && EGRESS.get_ifindex(egress).is_none() {
+        // An interface slb is not attached to: let the stack forward it.
+        counters.fib_passed += 1;
+        return xdp_action::XDP_PASS;
+    }
+    unsafe {
+        (*eth).dst = params.dmac;
+        (*eth).src = params.smac;
+    }
+    if egress == ingress {
+        counters.tx += 1;
+        return xdp_action::XDP_TX;
+    }
+    match EGRESS.redirect(egress, 0) {
+        Ok(action) => {
+            counters.redirected += 1;
+            action
+        }
+        Err(_) => {
+            counters.redirect_failed += 1;
+            xdp_action::XDP_DROP
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! The config file: what the user writes (serde, TOML) and its validation. Every error names the
+//! field and the value that is wrong.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use slb_common::maglev::is_prime;
+use slb_common::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
+
+/// Largest backend weight: weights are ring credits, so very large ones only slow the build.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn ip_protocol(self) -> u8 {
+        match self {
+            Protocol::Tcp => slb_common::IPPROTO_TCP,
+            Protocol::Udp => slb_common::IPPROTO_UDP,
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Driver mode: the program runs before the kernel allocates an skb.
+    #[default]
+    Native,
+    /// Generic (skb) mode: works on any interface, slower.
+    Generic,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names the pin directory /sys/fs/bpf/slb/<instance> and the state directory.
+    pub instance: String,
+    /// Optional list of the instance's VIPs; when given, every listener's VIP must be in it.
+    #[serde(default)]
+    pub vips: Vec<IpAddr>,
+    #[serde(default = "default_ring_size")]
+    pub maglev_table_size: u32,
+    pub interfaces: Vec<Interface>,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub default_group: DefaultGroup,
+    #[serde(default)]
+    pub groups: Vec<Group>,
+}
+
+fn default_ring_size() -> u32 {
+    DEFAULT_RING_SIZE
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    pub name: String,
+    #[serde(default)]
+    pub mode: AttachMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub protocol: Protocol,
+    pub vip: IpAddr,
+    pub port: u16,
+    /// A VServer group name; absent means the default group.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultGroup {
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub name: String,
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub address: IpAddr,
+    /// Backend port; absent means the listener's port (default group only makes sense this way).
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Name the default group goes by in status output and errors.
+pub const DEFAULT_GROUP: &str = "default";
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.instance.is_empty()
+            || self.instance.len() > 32
+            || !self
+                .instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "instance",
+                format!(
+                    "{:?} must be 1-32 characters of letters, digits, '-' or '_'",
+                    self.instance
+                ),
+            ));
+        }
+        if !is_prime(self.maglev_table_size) || self.maglev_table_size > MAX_RING_SIZE {
+            return Err(invalid(
+                "maglev_table_size",
+                format!(
+                    "{} must be a prime no larger than {MAX_RING_SIZE} (e.g. 65537 or 655373)",
+                    self.maglev_table_size
+                ),
+            ));
+        }
+        if self.interfaces.is_empty() {
+            return Err(invalid(
+                "interfaces",
+                "at least one interface to attach to is required",
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, iface) in self.interfaces.iter().enumerate() {
+            let field = format!("interfaces[{i}].name");
+            if iface.name.is_empty() || iface.name.len() > 15 || iface.name.contains('/') {
+                return Err(invalid(
+                    field,
+                    format!("{:?} is not a valid interface name", iface.name),
+                ));
+            }
+            if !seen.insert(&iface.name) {
+                return Err(invalid(field, format!("{:?} is listed twice", iface.name)));
+            }
+        }
+
+        let mut groups: BTreeMap<&str, &[BackendSpec]> = BTreeMap::new();
+        for (i, group) in self.groups.iter().enumerate() {
+            if group.name.is_empty() || group.name == DEFAULT_GROUP {
+                return Err(invalid(
+                    format!("groups[{i}].name"),
+                    format!(
+                        "{:?} is reserved or empty; name the group something else",
+                        group.name
+                    ),
+                ));
+            }
+            if groups.insert(&group.name, &group.backends).is_some() {
+                return Err(invalid(
+                    format!("groups[{i}].name"),
+                    format!("group {:?} is defined twice", group.name),
+                ));
+            }
+            validate_backends(&format!("groups[{i}] ({})", group.name), &group.backends)?;
+        }
+        validate_backends("default_group", &self.default_group.backends)?;
+
+        if self.listeners.len() > MAX_LISTENERS as usize {
+            return Err(invalid(
+                "listeners",
+                format!(
+                    "{} listeners, at most {MAX_LISTENERS} are supported",
+                    self.listeners.len()
+                ),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        let mut endpoints = BTreeSet::new();
+        let mut backend_count = 0usize;
+        for (i, l) in self.listeners.iter().enumerate() {
+            let at = |f: &str| format!("listeners[{i}] ({}).{f}", l.name);
+            if l.name.is_empty() {
+                return Err(invalid(format!("listeners[{i}].name"), "must not be empty"));
+            }
+            if !names.insert(&l.name) {
+                return Err(invalid(
+                    at("name"),
+                    format!("listener {:?} is defined twice", l.name),
+                ));
+            }
+            if l.port == 0 {
+                return Err(invalid(at("port"), "0 is not a valid port"));
+            }
+            if !self.vips.is_empty() && !self.vips.contains(&l.vip) {
+                return Err(invalid(
+                    at("vip"),
+                    format!("{} is not one of the instance's vips", l.vip),
+                ));
+            }
+            if l.vip.is_ipv6() {
+                return Err(invalid(
+                    at("vip"),
+                    format!("{}: IPv6 listeners are not supported yet", l.vip),
+                ));
+            }
+            if !endpoints.insert((l.vip, l.port, l.protocol)) {
+                return Err(invalid(
+                    at("port"),
+                    format!(
+                        "{}:{}/{} is already used by another listener",
+                        l.vip, l.port, l.protocol
+                    ),
+                ));
+            }
+            let backends = match &l.group {
+                None => &self.default_group.backends[..],
+                Some(g) => groups.get(g.as_str()).copied().ok_or_else(|| {
+                    invalid(
+                        at("group"),
+                        format!(
+                            "no group named {g:?} (defined groups: {})",
+                            group_list(&groups)
+                        ),
+                    )
+                })?,
+            };
+            backend_count += backends.len();
+        }
+        if backend_count > MAX_BACKENDS as usize {
+            return Err(invalid(
+                "listeners",
+                format!("{backend_count} listener backends in all, at most {MAX_BACKENDS} are supported"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn group_list(groups: &BTreeMap<&str, &[BackendSpec]>) -> String {
+    if groups.is_empty() {
+        "none".into()
+    } else {
+        groups.keys().copied().collect::<Vec<_>>().join(", ")
+    }
+}
+
+fn validate_backends(group: &str, backends: &[BackendSpec]) -> Result<(), ConfigError> {
+    let mut seen = BTreeSet::new();
+    for (i, b) in backends.iter().enumerate() {
+        let field = |f: &str| format!("{group}.backends[{i}].{f}");
+        if b.address.is_ipv6() {
+            return Err(invalid(
+                field("address"),
+                format!("{}: IPv6 backends are not supported yet", b.address),
+            ));
+        }
+        if b.address.is_unspecified() || b.address.is_multicast() {
+            return Err(invalid(
+                field("address"),
+                format!("{} is not a unicast address", b.address),
+            ));
+        }
+        if b.port == Some(0) {
+            return Err(invalid(field("port"), "0 is not a valid port"));
+        }
+        if b.weight > MAX_WEIGHT {
+            return Err(invalid(
+                field("weight"),
+                format!("{} is above the maximum {MAX_WEIGHT}", b.weight),
+            ));
+        }
+        if !seen.insert((b.address, b.port)) {
+            return Err(invalid(
+                field("address"),
+                format!(
+                    "{}:{} is listed twice in the group",
+                    b.address,
+                    b.port.map_or("<listener port>".into(), |p| p.to_string())
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+instance = "t1"
+vips = ["10.0.0.10"]
+[[interfaces]]
+name = "eth0"
+[[listeners]]
+name = "web"
+protocol = "tcp"
+vip = "10.0.0.10"
+port = 80
+group = "pool"
+[[listeners]]
+name = "dns"
+protocol = "udp"
+vip = "10.0.0.10"
+port = 53
+[default_group]
+backends = [{ address = "10.0.1.1" }]
+[[groups]]
+name = "pool"
+backends = [{ address = "10.0.1.2", port = 8080, weight = 2 }, { address = "10.0.1.3", port = 8080 }]
+"#;
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD, "test.toml").unwrap();
+        assert_eq!(c.maglev_table_size, 65537);
+        assert_eq!(c.interfaces[0].mode, AttachMode::Native);
+        assert_eq!(c.groups[0].backends[1].weight, 1);
+        assert_eq!(c.default_group.backends[0].port, None);
+    }
+
+    #[test]
+    fn errors_name_the_field_and_value() {
+        let e = error_of(&GOOD.replace(
+            "group = \"pool\"\n[[listeners]]",
+            "group = \"nope\"\n[[listeners]]",
+        ));
+        assert!(
+            e.contains("listeners[0] (web).group") && e.contains("\"nope\"") && e.contains("pool"),
+            "{e}"
+        );
+
+        let e = error_of(&GOOD.replace("weight = 2", "weight = -1"));
+        assert!(e.contains("weight") && e.contains("test.toml"), "{e}");
+
+        let e = error_of(&GOOD.replace("maglev", "x").replace(
+            "instance = \"t1\"",
+            "instance = \"t1\"\nmaglev_table_size = 65536",
+        ));
+        assert!(
+            e.contains("maglev_table_size") && e.contains("65536"),
+            "{e}"
+        );
+
+        let e = error_of(&GOOD.replace("port = 53", "port = 0"));
+        assert!(e.contains("listeners[1] (dns).port"), "{e}");
+
+        let e = error_of(&GOOD.replace("port = 53", "port = 80\nprotocol2 = 1"));
+        assert!(e.contains("protocol2"), "{e}");
+
+        let e = error_of(&GOOD.replace("protocol = \"udp\"", "protocol = \"sctp\""));
+        assert!(e.contains("sctp"), "{e}");
+
+        let e = error_of(&GOOD.replace(
+            "vip = \"10.0.0.10\"\nport = 53",
+            "vip = \"10.0.0.11\"\nport = 53",
+        ));
+        assert!(
+            e.contains("listeners[1] (dns).vip") && e.contains("10.0.0.11"),
+            "{e}"
+        );
+
+        let e = error_of(&GOOD.replace("\"10.0.1.3\", port = 8080", "\"10.0.1.2\", port = 8080"));
+        assert!(
+            e.contains("groups[0] (pool).backends[1].address") && e.contains("twice"),
+            "{e}"
+        );
+
+        let e = error_of(&GOOD.replace("weight = 2", "weight = 20000"));
+        assert!(
+            e.contains("groups[0] (pool).backends[0].weight") && e.contains("20000"),
+            "{e}"
+        );
+
+        let e = error_of(&GOOD.replace("instance = \"t1\"", "instance = \"a/b\""));
+        assert!(e.contains("instance") && e.contains("a/b"), "{e}");
+
+        let e = error_of(&GOOD.replace("address = \"10.0.1.1\"", "address = \"10.0.1.300\""));
+        assert!(e.contains("10.0.1.300") || e.contains("address"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_listener_endpoint_is_rejected() {
+        let e = error_of(&GOOD.replace(
+            "protocol = \"udp\"\nvip = \"10.0.0.10\"\nport = 53",
+            "protocol = \"tcp\"\nvip = \"10.0.0.10\"\nport = 80",
+        ));
+        assert!(e.contains("10.0.0.10:80/tcp is already used"), "{e}");
+    }
+}
