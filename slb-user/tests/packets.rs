@@ -1,0 +1,586 @@
+//! Packet-level tests of the XDP program through BPF_PROG_TEST_RUN: crafted frames in, verdict
+//! and rewritten frame out. Each test runs in a thread of its own inside a fresh network
+//! namespace (network namespaces are per thread), with two veth pairs and static neighbours so
+//! the program's FIB lookups have real answers.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::{Ebpf, EbpfLoader};
+use slb_common::checksum::{internet_checksum, ipv4_pseudo_header_sum};
+use slb_common::{GlobalCounters, MAX_LISTENERS, RINGS_PER_LISTENER};
+use slb_user::config::Config;
+use slb_user::dataplane::{ensure_bpffs, XDP_OBJECT};
+use slb_user::maps::PinnedMaps;
+use slb_user::reconcile::Reconciler;
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+
+const RING_SIZE: u32 = 1009;
+const CLIENT: [u8; 4] = [10, 10, 0, 2];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const VIP: [u8; 4] = [10, 99, 0, 10];
+const BACKEND_A: [u8; 4] = [10, 20, 0, 2];
+const BACKEND_B: [u8; 4] = [10, 20, 0, 3];
+const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+fn config(weight_a: u32, weight_b: u32) -> String {
+    format!(
+        r#"
+instance = "pkt"
+maglev_table_size = {RING_SIZE}
+[[interfaces]]
+name = "in0"
+[[listeners]]
+name = "web"
+protocol = "tcp"
+vip = "10.99.0.10"
+port = 80
+group = "pool"
+[[listeners]]
+name = "dns"
+protocol = "udp"
+vip = "10.99.0.10"
+port = 53
+group = "pool"
+[[listeners]]
+name = "drained"
+protocol = "tcp"
+vip = "10.99.0.10"
+port = 81
+group = "empty"
+[[groups]]
+name = "pool"
+backends = [{{ address = "10.20.0.2", port = 8080, weight = {weight_a} }}, {{ address = "10.20.0.3", port = 8080, weight = {weight_b} }}]
+[[groups]]
+name = "empty"
+backends = [{{ address = "10.20.0.2", port = 8080, weight = 0 }}]
+"#
+    )
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+/// The loaded program and its maps, in a private network namespace.
+struct Harness {
+    ebpf: Ebpf,
+    reconciler: Reconciler,
+    pin_dir: PathBuf,
+    in_index: u32,
+    out_index: u32,
+    out_mac: [u8; 6],
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn mac_of(iface: &str) -> [u8; 6] {
+    // /sys/class/net shows the namespace sysfs was mounted in, not this thread's: ask `ip`.
+    let out = Command::new("ip")
+        .args(["-o", "link", "show", "dev", iface])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap();
+    let v: Vec<u8> = mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap())
+        .collect();
+    v.try_into().unwrap()
+}
+
+/// Runs `f` on a thread inside a new network namespace.
+fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        assert_eq!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) },
+            0,
+            "unshare(CLONE_NEWNET): are we root?"
+        );
+        f()
+    })
+    .join()
+    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+impl Harness {
+    fn new() -> Harness {
+        sh(&["ip", "link", "set", "lo", "up"]);
+        sh(&[
+            "ip", "link", "add", "in0", "type", "veth", "peer", "name", "in1",
+        ]);
+        sh(&[
+            "ip", "link", "add", "out0", "type", "veth", "peer", "name", "out1",
+        ]);
+        for l in ["in0", "in1", "out0", "out1"] {
+            sh(&["ip", "link", "set", l, "up"]);
+        }
+        sh(&["ip", "addr", "add", "10.10.0.1/24", "dev", "in0"]);
+        sh(&["ip", "addr", "add", "10.20.0.1/24", "dev", "out0"]);
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            "10.10.0.2",
+            "lladdr",
+            "02:00:00:00:00:01",
+            "dev",
+            "in0",
+            "nud",
+            "permanent",
+        ]);
+        for b in ["10.20.0.2", "10.20.0.3"] {
+            sh(&[
+                "ip",
+                "neigh",
+                "replace",
+                b,
+                "lladdr",
+                "02:00:00:00:00:02",
+                "dev",
+                "out0",
+                "nud",
+                "permanent",
+            ]);
+        }
+        sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+
+        ensure_bpffs().unwrap();
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/slb-packet-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&pin_dir).unwrap();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .map_max_entries("RINGS", MAX_LISTENERS * RINGS_PER_LISTENER * RING_SIZE)
+            .load(XDP_OBJECT)
+            .expect("load object");
+        let program: &mut Xdp = ebpf.program_mut("slb_xdp").unwrap().try_into().unwrap();
+        program.load().expect("verifier accepts slb_xdp");
+
+        let (in_index, out_index) = (ifindex("in0"), ifindex("out0"));
+        {
+            let mut egress: aya::maps::DevMapHash<_> =
+                ebpf.map_mut("EGRESS").unwrap().try_into().unwrap();
+            egress.insert(in_index, in_index, None, 0).unwrap();
+            egress.insert(out_index, out_index, None, 0).unwrap();
+        }
+        let maps = PinnedMaps::open(&pin_dir).unwrap();
+        let mut reconciler = Reconciler::new(maps, "pkt", RING_SIZE);
+        reconciler
+            .apply(&Config::parse(&config(1, 1), "test").unwrap())
+            .unwrap();
+        Harness {
+            ebpf,
+            reconciler,
+            pin_dir,
+            in_index,
+            out_index,
+            out_mac: mac_of("out0"),
+        }
+    }
+
+    fn run(&self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
+        let program: &Xdp = self.ebpf.program("slb_xdp").unwrap().try_into().unwrap();
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx = Vec::new();
+        for v in [0u32, frame.len() as u32, 0, ingress, 0, 0] {
+            ctx.extend_from_slice(&v.to_ne_bytes());
+        }
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn counters(&self) -> GlobalCounters {
+        let mut total = GlobalCounters::default();
+        for c in self
+            .reconciler
+            .maps()
+            .global_stats
+            .get(&0, 0)
+            .unwrap()
+            .iter()
+        {
+            total.add(c);
+        }
+        total
+    }
+}
+
+#[derive(Clone, Copy)]
+struct L4Spec {
+    protocol: u8,
+    src_port: u16,
+    dst_port: u16,
+    tcp_flags: u8,
+    zero_udp_checksum: bool,
+}
+
+fn tcp(src_port: u16, dst_port: u16, flags: u8) -> L4Spec {
+    L4Spec {
+        protocol: 6,
+        src_port,
+        dst_port,
+        tcp_flags: flags,
+        zero_udp_checksum: false,
+    }
+}
+
+fn udp(src_port: u16, dst_port: u16) -> L4Spec {
+    L4Spec {
+        protocol: 17,
+        src_port,
+        dst_port,
+        tcp_flags: 0,
+        zero_udp_checksum: false,
+    }
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+/// An Ethernet + IPv4 + TCP/UDP frame with valid checksums and a small payload.
+fn frame(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], l4: L4Spec) -> Vec<u8> {
+    let payload = b"hello slb";
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&l4.src_port.to_be_bytes());
+    seg.extend_from_slice(&l4.dst_port.to_be_bytes());
+    if l4.protocol == 6 {
+        seg.extend_from_slice(&[
+            0,
+            0,
+            0,
+            1,
+            0,
+            0,
+            0,
+            0,
+            0x50,
+            l4.tcp_flags,
+            0xff,
+            0xff,
+            0,
+            0,
+            0,
+            0,
+        ]);
+    } else {
+        seg.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        seg.extend_from_slice(&[0, 0]);
+    }
+    seg.extend_from_slice(payload);
+    let check_at = if l4.protocol == 6 { 16 } else { 6 };
+    if !l4.zero_udp_checksum {
+        let c = internet_checksum(
+            ipv4_pseudo_header_sum(src, dst, l4.protocol, seg.len() as u16),
+            &seg,
+        );
+        seg[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, l4.protocol, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + seg.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = internet_checksum(0, &ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&seg);
+    f
+}
+
+struct Parsed {
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    ttl: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    src_port: u16,
+    dst_port: u16,
+    l4_checksum: u16,
+}
+
+/// Parses a frame `frame()` built, asserting both checksums are valid.
+fn parse_valid(f: &[u8]) -> Parsed {
+    let ip = &f[14..34];
+    assert_eq!(internet_checksum(0, ip), 0, "IPv4 header checksum is valid");
+    let protocol = ip[9];
+    let src: [u8; 4] = ip[12..16].try_into().unwrap();
+    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
+    let seg = &f[34..];
+    let check_at = if protocol == 6 { 16 } else { 6 };
+    let l4_checksum = u16::from_be_bytes([seg[check_at], seg[check_at + 1]]);
+    if !(protocol == 17 && l4_checksum == 0) {
+        let sum = ipv4_pseudo_header_sum(src, dst, protocol, seg.len() as u16);
+        assert_eq!(internet_checksum(sum, seg), 0, "L4 checksum is valid");
+    }
+    Parsed {
+        dst_mac: f[0..6].try_into().unwrap(),
+        src_mac: f[6..12].try_into().unwrap(),
+        ttl: ip[8],
+        src,
+        dst,
+        src_port: u16::from_be_bytes([seg[0], seg[1]]),
+        dst_port: u16::from_be_bytes([seg[2], seg[3]]),
+        l4_checksum,
+    }
+}
+
+fn ipv4(a: [u8; 4]) -> Ipv4Addr {
+    Ipv4Addr::from(a)
+}
+
+#[test]
+fn new_tcp_flow_is_rewritten_to_a_backend_and_redirected() {
+    in_fresh_netns(|| {
+        let h = Harness::new();
+        let in_mac = mac_of("in0");
+        let (verdict, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN)), h.in_index);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let p = parse_valid(&out);
+        assert!(
+            p.dst == BACKEND_A || p.dst == BACKEND_B,
+            "destination {} is a backend",
+            ipv4(p.dst)
+        );
+        assert_eq!(p.dst_port, 8080);
+        assert_eq!(p.src, CLIENT, "the backend sees the client's real address");
+        assert_eq!(p.src_port, 40000);
+        assert_eq!(p.ttl, 63);
+        assert_eq!(p.dst_mac, BACKEND_MAC);
+        assert_eq!(p.src_mac, h.out_mac);
+        let c = h.counters();
+        assert_eq!((c.redirected, c.malformed), (1, 0));
+    });
+}
+
+#[test]
+fn known_flow_keeps_its_backend_after_the_ring_changes_and_replies_are_translated() {
+    in_fresh_netns(|| {
+        let mut h = Harness::new();
+        let in_mac = mac_of("in0");
+        // Find one flow per backend so we can move each away.
+        let mut first = None;
+        for port in 40000..40100 {
+            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, SYN)), h.in_index);
+            let p = parse_valid(&out);
+            if first.is_none() {
+                first = Some((port, p.dst));
+            }
+        }
+        let (port, backend) = first.unwrap();
+        // Reweight so that the flow's backend gets nothing new.
+        let (wa, wb) = if backend == BACKEND_A { (0, 1) } else { (1, 0) };
+        h.reconciler
+            .apply(&Config::parse(&config(wa, wb), "test").unwrap())
+            .unwrap();
+
+        let (verdict, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, ACK)), h.in_index);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            parse_valid(&out).dst,
+            backend,
+            "an established flow stays on its (drained) backend"
+        );
+        let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(50000, 80, SYN)), h.in_index);
+        assert_ne!(
+            parse_valid(&out).dst,
+            backend,
+            "a new flow avoids the drained backend"
+        );
+
+        // The backend's reply leaves as VIP:80 towards the client.
+        let out_mac = h.out_mac;
+        let (verdict, out) = h.run(
+            &frame(out_mac, backend, CLIENT, tcp(8080, port, SYN | ACK)),
+            h.out_index,
+        );
+        assert_eq!(verdict, XDP_REDIRECT);
+        let p = parse_valid(&out);
+        assert_eq!((p.src, p.src_port), (VIP, 80));
+        assert_eq!((p.dst, p.dst_port), (CLIENT, port));
+        assert_eq!(p.dst_mac, CLIENT_MAC);
+        assert_eq!(h.counters().replies_translated, 1);
+    });
+}
+
+#[test]
+fn udp_flows_are_balanced_and_a_zero_checksum_stays_zero() {
+    in_fresh_netns(|| {
+        let h = Harness::new();
+        let in_mac = mac_of("in0");
+        let mut seen = std::collections::BTreeSet::new();
+        for port in 1000..1200 {
+            let (verdict, out) = h.run(&frame(in_mac, CLIENT, VIP, udp(port, 53)), h.in_index);
+            assert_eq!(verdict, XDP_REDIRECT);
+            let p = parse_valid(&out);
+            assert_eq!(p.dst_port, 8080);
+            seen.insert(p.dst);
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "200 UDP flows reach both equal-weight backends"
+        );
+        let mut spec = udp(2000, 53);
+        spec.zero_udp_checksum = true;
+        let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, spec), h.in_index);
+        assert_eq!(parse_valid(&out).l4_checksum, 0);
+    });
+}
+
+#[test]
+fn traffic_that_is_not_for_a_listener_passes_untouched_and_is_counted() {
+    in_fresh_netns(|| {
+        let h = Harness::new();
+        let in_mac = mac_of("in0");
+        let mut cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "other port",
+                frame(in_mac, CLIENT, VIP, tcp(40000, 22, SYN)),
+            ),
+            (
+                "other address",
+                frame(in_mac, CLIENT, [10, 10, 0, 1], tcp(40000, 80, SYN)),
+            ),
+            (
+                "udp to the tcp port",
+                frame(in_mac, CLIENT, VIP, udp(40000, 80)),
+            ),
+        ];
+        let mut arp = frame([0xff; 6], CLIENT, VIP, tcp(1, 1, 0));
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        cases.push(("arp", arp));
+        let mut icmp = frame(in_mac, CLIENT, VIP, tcp(1, 80, 0));
+        icmp[14 + 9] = 1;
+        cases.push(("icmp", icmp));
+        for (name, f) in &cases {
+            let (verdict, out) = h.run(f, h.in_index);
+            assert_eq!(verdict, XDP_PASS, "{name}");
+            assert_eq!(&out, f, "{name} is not modified");
+        }
+        let c = h.counters();
+        assert_eq!(c.not_for_us_passed, 4);
+        assert_eq!(c.non_ip_passed, 1);
+
+        let mut fragment = frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN));
+        fragment[14 + 6] = 0x20; // more fragments
+        assert_eq!(h.run(&fragment, h.in_index).0, XDP_PASS);
+        let mut options = frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN));
+        options[14] = 0x46;
+        assert_eq!(h.run(&options, h.in_index).0, XDP_PASS);
+        let mut expired = frame(in_mac, CLIENT, VIP, tcp(40001, 80, SYN));
+        expired[14 + 8] = 1;
+        assert_eq!(h.run(&expired, h.in_index).0, XDP_PASS);
+        let c = h.counters();
+        assert_eq!(
+            (
+                c.fragments_passed,
+                c.ip_options_passed,
+                c.ttl_expired_passed
+            ),
+            (1, 1, 1)
+        );
+    });
+}
+
+#[test]
+fn listener_without_weighted_backends_drops_with_a_counter() {
+    in_fresh_netns(|| {
+        let h = Harness::new();
+        let in_mac = mac_of("in0");
+        let (verdict, _) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 81, SYN)), h.in_index);
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(h.counters().no_backend_dropped, 1);
+    });
+}
+
+#[test]
+fn random_and_truncated_frames_only_ever_pass_or_drop() {
+    in_fresh_netns(|| {
+        let h = Harness::new();
+        let in_mac = mac_of("in0");
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let templates = [
+            frame(in_mac, CLIENT, [10, 10, 0, 1], tcp(40000, 80, SYN)),
+            frame(in_mac, CLIENT, [10, 10, 0, 1], udp(40000, 53)),
+            frame(in_mac, CLIENT, VIP, tcp(40000, 22, SYN)),
+        ];
+        let mut runs = 0;
+        for i in 0..3000 {
+            let f: Vec<u8> = if i % 2 == 0 {
+                let len = 14 + (next() % 100) as usize;
+                (0..len).map(|_| next() as u8).collect()
+            } else {
+                let t = &templates[(next() % 3) as usize];
+                let mut f = t[..14 + (next() as usize % (t.len() - 13))].to_vec();
+                // Flip one byte outside the addresses and ports, so it stays non-listener traffic.
+                let at = (next() as usize) % f.len();
+                if !(26..38).contains(&at) {
+                    f[at] ^= next() as u8;
+                }
+                f
+            };
+            let (verdict, _) = h.run(&f, h.in_index);
+            assert!(
+                verdict == XDP_PASS || verdict == XDP_DROP,
+                "frame {f:02x?} gave verdict {verdict}"
+            );
+            runs += 1;
+        }
+        assert_eq!(runs, 3000);
+        assert!(
+            h.counters().malformed > 0,
+            "truncated frames are counted as malformed"
+        );
+    });
+}
