@@ -85,15 +85,18 @@ fn ifindex(name: &str) -> u32 {
 struct Harness {
     ebpf: Ebpf,
     reconciler: Reconciler,
-    pin_dir: PathBuf,
+    _pins: PinDir,
     in_index: u32,
     out_index: u32,
     out_mac: [u8; 6],
 }
 
-impl Drop for Harness {
+/// Removes the test's pin directory however the test ends.
+struct PinDir(PathBuf);
+
+impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -181,6 +184,7 @@ impl Harness {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&pin_dir).unwrap();
+        let pins = PinDir(pin_dir.clone());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .map_max_entries("RINGS", MAX_LISTENERS * RINGS_PER_LISTENER * RING_SIZE)
@@ -204,7 +208,7 @@ impl Harness {
         Harness {
             ebpf,
             reconciler,
-            pin_dir,
+            _pins: pins,
             in_index,
             out_index,
             out_mac: mac_of("out0"),
