@@ -288,6 +288,18 @@ impl Config {
                 })?,
             };
             backend_count += backends.len();
+            // Maglev needs many more slots than backends to balance them.
+            if (self.maglev_table_size as usize) < backends.len() * 10 {
+                return Err(invalid(
+                    "maglev_table_size",
+                    format!(
+                        "{} is too small for listener {:?} with {} backends (needs at least 10 slots per backend)",
+                        self.maglev_table_size,
+                        l.name,
+                        backends.len()
+                    ),
+                ));
+            }
         }
         if backend_count > MAX_BACKENDS as usize {
             return Err(invalid(
@@ -444,6 +456,18 @@ backends = [{ address = "10.0.1.2", port = 8080, weight = 2 }, { address = "10.0
 
         let e = error_of(&GOOD.replace("address = \"10.0.1.1\"", "address = \"10.0.1.300\""));
         assert!(e.contains("10.0.1.300") || e.contains("address"), "{e}");
+    }
+
+    #[test]
+    fn ring_too_small_for_the_group_is_rejected() {
+        let e = error_of(&GOOD.replace(
+            "instance = \"t1\"",
+            "instance = \"t1\"\nmaglev_table_size = 13",
+        ));
+        assert!(
+            e.contains("maglev_table_size") && e.contains("\"web\"") && e.contains("2 backends"),
+            "{e}"
+        );
     }
 
     #[test]
