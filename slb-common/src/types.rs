@@ -3,8 +3,11 @@
 
 /// Listeners one instance can hold.
 pub const MAX_LISTENERS: u32 = 64;
-/// Backend ids index the backends array, so this is also the largest id plus one.
-pub const MAX_BACKENDS: u32 = 4096;
+/// Backend ids index the backends array, so this is also the largest id plus one. A backend id
+/// belongs to one listener (health and counters are per listener), so 64 listeners × 256.
+pub const MAX_BACKENDS: u32 = 16384;
+/// Entries of the source-address persistence table.
+pub const MAX_PERSISTENCE: u32 = 1 << 18;
 /// Each listener owns two Maglev rings: the daemon fills the idle one, then flips the listener to
 /// it, so the data plane never reads a half-written table.
 pub const RINGS_PER_LISTENER: u32 = 2;
@@ -24,6 +27,23 @@ pub const IPPROTO_UDP: u8 = 17;
 
 /// Backend flag: the id is in use.
 pub const BACKEND_F_PRESENT: u8 = 1;
+/// Backend flag: weight 0, takes no new flows (established ones continue).
+pub const BACKEND_F_DRAINING: u8 = 2;
+
+/// `BACKEND_HEALTH` value of a backend that may receive traffic. Zero, the array's initial
+/// value, so a backend nobody has checked yet is usable.
+pub const HEALTH_UP: u32 = 0;
+/// `BACKEND_HEALTH` value of a backend its health check declared unhealthy.
+pub const HEALTH_DOWN: u32 = 1;
+
+/// Listener flag: the group is active/standby; `active_id` gets every new flow while its
+/// health flag is up, `standby_id` otherwise.
+pub const LISTENER_F_ACTIVE_STANDBY: u32 = 1;
+/// Listener flag: every backend of the group is unhealthy and the listener is configured to keep
+/// forwarding to all of them, so health flags must not move flows.
+pub const LISTENER_F_IGNORE_HEALTH: u32 = 2;
+/// Listener flag: source-address persistence is on (`persist_timeout_s`).
+pub const LISTENER_F_PERSIST: u32 = 4;
 
 pub type Addr = [u8; 16];
 
@@ -53,7 +73,30 @@ pub struct ListenerEntry {
     pub ring_base: u32,
     /// Number of slots in that ring (prime).
     pub ring_size: u32,
+    /// `LISTENER_F_*`.
     pub flags: u32,
+    /// Active/standby groups only.
+    pub active_id: u32,
+    pub standby_id: u32,
+    /// With `LISTENER_F_PERSIST`: how long a client address stays with its backend.
+    pub persist_timeout_s: u32,
+    pub _pad: u32,
+}
+
+/// Key of the persistence table: one client address on one listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PersistKey {
+    pub client: Addr,
+    pub listener_index: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Persisted {
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_seen_ns: u64,
 }
 
 #[repr(C)]
@@ -164,6 +207,12 @@ global_counters! {
     replies_translated,
     /// Packets whose TTL ran out at the balancer: passed so the kernel sends ICMP.
     ttl_expired_passed,
+    /// Packets of known flows whose backend was removed or declared unhealthy: re-balanced.
+    flows_repicked,
+    /// New flows of active/standby listeners sent to the standby because the active is down.
+    standby_picks,
+    /// New flows sent to the backend their client address is persisted to.
+    persistence_hits,
 }
 
 #[cfg(feature = "user")]
@@ -177,4 +226,6 @@ mod pod {
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for GlobalCounters {}
+    unsafe impl aya::Pod for PersistKey {}
+    unsafe impl aya::Pod for Persisted {}
 }

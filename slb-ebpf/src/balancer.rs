@@ -11,14 +11,16 @@ use slb_common::{
     checksum::{replace_u16, replace_u32},
     hash::flow_hash,
     ipv4_mapped, Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
-    ReverseNat, BACKEND_F_PRESENT, IPPROTO_TCP, IPPROTO_UDP, NO_BACKEND,
+    PersistKey, Persisted, ReverseNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT, HEALTH_DOWN,
+    IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
+    LISTENER_F_PERSIST, NO_BACKEND,
 };
 
 use crate::{
     forward::forward_ipv4,
     maps::{
-        BACKENDS, BACKEND_STATS, CONNECTIONS, GLOBAL_STATS, LISTENERS, LISTENER_STATS, REVERSE_NAT,
-        RINGS,
+        BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, GLOBAL_STATS, LISTENERS,
+        LISTENER_STATS, PERSISTENCE, REVERSE_NAT, RINGS,
     },
     packet::{
         ptr_at, EthHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6,
@@ -167,13 +169,34 @@ fn present_backend(id: u32) -> Option<Backend> {
     Some(*backend)
 }
 
-/// Connection table first (a known flow keeps its backend whatever the ring says now), then
-/// the listener's Maglev ring for a new flow, or for one whose backend was removed.
 #[inline(always)]
-fn pick_backend(flow: &FlowKey, listener: &ListenerEntry, now: u64) -> Pick {
+fn is_healthy(id: u32) -> bool {
+    !matches!(BACKEND_HEALTH.get(id), Some(&HEALTH_DOWN))
+}
+
+/// A backend a flow may (still) use: present, and healthy unless the listener ignores health.
+#[inline(always)]
+fn usable_backend(id: u32, listener: &ListenerEntry) -> Option<Backend> {
+    let backend = present_backend(id)?;
+    if listener.flags & LISTENER_F_IGNORE_HEALTH == 0 && !is_healthy(id) {
+        return None;
+    }
+    Some(backend)
+}
+
+/// Connection table first (a known flow keeps its backend whatever the ring says now, unless
+/// that backend was removed or declared unhealthy), then the listener's policy for a new flow:
+/// active/standby by the active's health flag, or persistence, or the Maglev ring.
+#[inline(always)]
+fn pick_backend(
+    flow: &FlowKey,
+    listener: &ListenerEntry,
+    now: u64,
+    counters: &mut GlobalCounters,
+) -> Pick {
     if let Some(conn) = CONNECTIONS.get_ptr_mut(flow) {
         let id = unsafe { (*conn).backend_id };
-        if let Some(backend) = present_backend(id) {
+        if let Some(backend) = usable_backend(id, listener) {
             unsafe { (*conn).last_seen_ns = now };
             return Pick::Backend {
                 id,
@@ -181,20 +204,39 @@ fn pick_backend(flow: &FlowKey, listener: &ListenerEntry, now: u64) -> Pick {
                 new_flow: false,
             };
         }
+        counters.flows_repicked += 1;
     }
-    if listener.ring_size == 0 {
-        return Pick::LookupFailed;
-    }
-    let slot = listener.ring_base + flow_hash(flow, FLOW_HASH_SEED) % listener.ring_size;
-    let Some(&id) = RINGS.get(slot) else {
-        return Pick::LookupFailed;
+    let id = if listener.flags & LISTENER_F_ACTIVE_STANDBY != 0 {
+        if is_healthy(listener.active_id) {
+            listener.active_id
+        } else {
+            counters.standby_picks += 1;
+            listener.standby_id
+        }
+    } else {
+        match persisted_backend(flow, listener, now, counters) {
+            Some(id) => id,
+            None => match ring_backend(flow, listener) {
+                Ok(id) => id,
+                Err(pick) => return pick,
+            },
+        }
     };
-    if id == NO_BACKEND {
-        return Pick::NoBackend;
-    }
     let Some(backend) = present_backend(id) else {
         return Pick::LookupFailed;
     };
+    if listener.flags & LISTENER_F_PERSIST != 0 {
+        let key = PersistKey {
+            client: flow.src,
+            listener_index: listener.index,
+        };
+        let value = Persisted {
+            backend_id: id,
+            _pad: 0,
+            last_seen_ns: now,
+        };
+        let _ = PERSISTENCE.insert(&key, &value, 0);
+    }
     let conn = Connection {
         backend_id: id,
         listener_index: listener.index,
@@ -226,6 +268,49 @@ fn pick_backend(flow: &FlowKey, listener: &ListenerEntry, now: u64) -> Pick {
     }
 }
 
+/// The backend this client address is persisted to, while the entry is fresh and the backend
+/// still takes new flows.
+#[inline(always)]
+fn persisted_backend(
+    flow: &FlowKey,
+    listener: &ListenerEntry,
+    now: u64,
+    counters: &mut GlobalCounters,
+) -> Option<u32> {
+    if listener.flags & LISTENER_F_PERSIST == 0 {
+        return None;
+    }
+    let key = PersistKey {
+        client: flow.src,
+        listener_index: listener.index,
+    };
+    let entry = unsafe { PERSISTENCE.get(&key) }?;
+    let age = now.wrapping_sub(entry.last_seen_ns);
+    if age > u64::from(listener.persist_timeout_s) * 1_000_000_000 {
+        return None;
+    }
+    let id = entry.backend_id;
+    let backend = usable_backend(id, listener)?;
+    if backend.flags & BACKEND_F_DRAINING != 0 {
+        return None;
+    }
+    counters.persistence_hits += 1;
+    Some(id)
+}
+
+#[inline(always)]
+fn ring_backend(flow: &FlowKey, listener: &ListenerEntry) -> Result<u32, Pick> {
+    if listener.ring_size == 0 {
+        return Err(Pick::LookupFailed);
+    }
+    let slot = listener.ring_base + flow_hash(flow, FLOW_HASH_SEED) % listener.ring_size;
+    match RINGS.get(slot) {
+        None => Err(Pick::LookupFailed),
+        Some(&NO_BACKEND) => Err(Pick::NoBackend),
+        Some(&id) => Ok(id),
+    }
+}
+
 #[inline(always)]
 fn to_backend(
     ctx: &XdpContext,
@@ -241,7 +326,7 @@ fn to_backend(
         return XDP_PASS;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let (id, backend, new_flow) = match pick_backend(flow, listener, now) {
+    let (id, backend, new_flow) = match pick_backend(flow, listener, now, counters) {
         Pick::Backend {
             id,
             backend,

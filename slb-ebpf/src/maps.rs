@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use slb_common::{
-    Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey, ReverseNat,
-    TrafficCounters, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CONNECTIONS, MAX_INTERFACES,
-    MAX_LISTENERS, RINGS_PER_LISTENER,
+    Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey, PersistKey,
+    Persisted, ReverseNat, TrafficCounters, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CONNECTIONS,
+    MAX_INTERFACES, MAX_LISTENERS, MAX_PERSISTENCE, RINGS_PER_LISTENER,
 };
 
 #[map]
@@ -21,6 +21,15 @@ pub static RINGS: Array<u32> =
 
 #[map]
 pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+
+/// `HEALTH_UP`/`HEALTH_DOWN` per backend id, written by the health checker. Separate from
+/// `BACKENDS` so a verdict is one 4-byte map write that the next packet sees.
+#[map]
+pub static BACKEND_HEALTH: Array<u32> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Source-address persistence: client address on a listener → backend.
+#[map]
+pub static PERSISTENCE: LruHashMap<PersistKey, Persisted> = LruHashMap::pinned(MAX_PERSISTENCE, 0);
 
 #[map]
 pub static CONNECTIONS: LruHashMap<FlowKey, Connection> = LruHashMap::pinned(MAX_CONNECTIONS, 0);

@@ -249,7 +249,7 @@ impl Reconciler {
                 index,
                 ring_base: self.ring_base(index, ring),
                 ring_size: self.ring_size,
-                flags: 0,
+                ..Default::default()
             };
             self.maps
                 .listeners
