@@ -48,6 +48,16 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "native")]
         mode: ModeArg,
     },
+    /// Change backends of a running instance (until the next reload of its config file).
+    Backend {
+        #[command(subcommand)]
+        action: BackendAction,
+    },
+    /// Re-read the config file of a running instance (drops runtime changes).
+    Reload {
+        #[arg(short, long, default_value = "default")]
+        instance: String,
+    },
     /// Detach a running instance's program from an interface.
     Detach {
         #[arg(short, long, default_value = "default")]
@@ -55,6 +65,76 @@ pub enum Command {
         #[arg(long, value_name = "IF")]
         iface: String,
     },
+}
+
+/// Which backend of which group.
+#[derive(Debug, clap::Args)]
+pub struct BackendRef {
+    #[arg(short, long, default_value = "default")]
+    pub instance: String,
+    /// Group name; `default` is the default server group.
+    #[arg(long)]
+    pub group: String,
+    #[arg(long)]
+    pub address: std::net::IpAddr,
+    /// Backend port (omit for default-group backends that use the listener's port).
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendAction {
+    Add {
+        #[command(flatten)]
+        backend: BackendRef,
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = parse_weight)]
+        weight: u32,
+    },
+    Remove {
+        #[command(flatten)]
+        backend: BackendRef,
+    },
+    SetWeight {
+        #[command(flatten)]
+        backend: BackendRef,
+        #[arg(long, allow_negative_numbers = true, value_parser = parse_weight)]
+        weight: u32,
+    },
+}
+
+impl BackendAction {
+    /// The instance and the admin-API request this action sends.
+    pub fn request(self) -> (String, crate::api::Request) {
+        use crate::api::Request;
+        match self {
+            BackendAction::Add { backend: b, weight } => (
+                b.instance,
+                Request::BackendAdd {
+                    group: b.group,
+                    address: b.address,
+                    port: b.port,
+                    weight,
+                },
+            ),
+            BackendAction::Remove { backend: b } => (
+                b.instance,
+                Request::BackendRemove {
+                    group: b.group,
+                    address: b.address,
+                    port: b.port,
+                },
+            ),
+            BackendAction::SetWeight { backend: b, weight } => (
+                b.instance,
+                Request::BackendSetWeight {
+                    group: b.group,
+                    address: b.address,
+                    port: b.port,
+                    weight,
+                },
+            ),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -70,6 +150,25 @@ impl From<ModeArg> for AttachMode {
             ModeArg::Generic => AttachMode::Generic,
         }
     }
+}
+
+fn parse_weight(text: &str) -> Result<u32, String> {
+    let value: i64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number"))?;
+    if value < 0 {
+        return Err(format!(
+            "{value} is negative; weights are 0 (drain) to {}",
+            crate::config::MAX_WEIGHT
+        ));
+    }
+    if value > i64::from(crate::config::MAX_WEIGHT) {
+        return Err(format!(
+            "{value} is above the maximum {}",
+            crate::config::MAX_WEIGHT
+        ));
+    }
+    Ok(value as u32)
 }
 
 /// Enters a network namespace for this thread and every thread it creates later.

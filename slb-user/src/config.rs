@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use slb_common::maglev::is_prime;
@@ -108,7 +109,127 @@ pub struct Listener {
     /// A VServer group name; absent means the default group.
     #[serde(default)]
     pub group: Option<String>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    /// Source-address session persistence.
+    #[serde(default)]
+    pub persistence: Option<Persistence>,
+    /// What to do when every backend of the group is unhealthy.
+    #[serde(default)]
+    pub on_all_unhealthy: AllUnhealthy,
 }
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllUnhealthy {
+    /// Keep forwarding to all backends by weight, as if none were unhealthy: a health checker
+    /// that cannot reach anything is more often wrong than every backend at once.
+    #[default]
+    ForwardAll,
+    /// Drop new flows (counted as `no_backend_dropped`).
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Tcp,
+    Http,
+    Udp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(rename = "type")]
+    pub kind: CheckKind,
+    /// Port to probe instead of the backend's port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    #[serde(default = "default_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    #[serde(default = "default_threshold")]
+    pub unhealthy_threshold: u32,
+    /// HTTP: request path.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// HTTP: Host header (default: the backend address).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// HTTP: accepted status classes or codes, e.g. ["2xx", "3xx"] (the default) or ["204"].
+    #[serde(default)]
+    pub expected_codes: Option<Vec<String>>,
+    /// UDP: payload to send (default "slb-health-check").
+    #[serde(default)]
+    pub payload: Option<String>,
+    /// UDP: a reply must arrive and contain this string. Without it, a reply or silence for the
+    /// whole timeout counts as healthy and only an ICMP port-unreachable as unhealthy.
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_threshold() -> u32 {
+    3
+}
+
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(300);
+pub const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+pub const MAX_THRESHOLD: u32 = 10;
+
+impl HealthCheck {
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
+
+    pub fn payload(&self) -> &str {
+        self.payload.as_deref().unwrap_or("slb-health-check")
+    }
+
+    /// Whether `status` is one of the expected codes.
+    pub fn accepts_status(&self, status: u16) -> bool {
+        match &self.expected_codes {
+            None => (200..400).contains(&status),
+            Some(codes) => codes.iter().any(|c| status_matches(c, status)),
+        }
+    }
+}
+
+fn status_matches(pattern: &str, status: u16) -> bool {
+    match pattern.as_bytes() {
+        [d, b'x', b'x'] if (b'1'..=b'5').contains(d) => status / 100 == u16::from(d - b'0'),
+        _ => pattern.parse::<u16>() == Ok(status),
+    }
+}
+
+fn valid_status_pattern(pattern: &str) -> bool {
+    matches!(pattern.as_bytes(), [b'1'..=b'5', b'x', b'x'])
+        || pattern
+            .parse::<u16>()
+            .is_ok_and(|c| (100..600).contains(&c))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Persistence {
+    /// How long a client address stays with its backend after its last new connection.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+pub const MAX_PERSISTENCE_TIMEOUT: Duration = Duration::from_secs(86_400);
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,8 +242,20 @@ pub struct DefaultGroup {
 #[serde(deny_unknown_fields)]
 pub struct Group {
     pub name: String,
+    /// `vserver` (default): weighted Maglev over the backends. `active-standby`: exactly two
+    /// servers, the first active, the second standby.
+    #[serde(default, rename = "type")]
+    pub kind: GroupKind,
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupKind {
+    #[default]
+    Vserver,
+    ActiveStandby,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,7 +340,7 @@ impl Config {
             }
         }
 
-        let mut groups: BTreeMap<&str, &[BackendSpec]> = BTreeMap::new();
+        let mut groups: BTreeMap<&str, &Group> = BTreeMap::new();
         for (i, group) in self.groups.iter().enumerate() {
             if group.name.is_empty() || group.name == DEFAULT_GROUP {
                 return Err(invalid(
@@ -218,13 +351,22 @@ impl Config {
                     ),
                 ));
             }
-            if groups.insert(&group.name, &group.backends).is_some() {
+            if groups.insert(&group.name, group).is_some() {
                 return Err(invalid(
                     format!("groups[{i}].name"),
                     format!("group {:?} is defined twice", group.name),
                 ));
             }
             validate_backends(&format!("groups[{i}] ({})", group.name), &group.backends)?;
+            if group.kind == GroupKind::ActiveStandby && group.backends.len() != 2 {
+                return Err(invalid(
+                    format!("groups[{i}] ({}).backends", group.name),
+                    format!(
+                        "an active-standby group has exactly two servers (the active first, then the standby); this one has {}",
+                        group.backends.len()
+                    ),
+                ));
+            }
         }
         validate_backends("default_group", &self.default_group.backends)?;
 
@@ -277,16 +419,35 @@ impl Config {
             }
             let backends = match &l.group {
                 None => &self.default_group.backends[..],
-                Some(g) => groups.get(g.as_str()).copied().ok_or_else(|| {
-                    invalid(
-                        at("group"),
-                        format!(
-                            "no group named {g:?} (defined groups: {})",
-                            group_list(&groups)
-                        ),
-                    )
-                })?,
+                Some(g) => {
+                    &groups
+                        .get(g.as_str())
+                        .ok_or_else(|| {
+                            invalid(
+                                at("group"),
+                                format!(
+                                    "no group named {g:?} (defined groups: {})",
+                                    group_list(&groups)
+                                ),
+                            )
+                        })?
+                        .backends[..]
+                }
             };
+            if let Some(check) = &l.health_check {
+                validate_health_check(&at("health_check"), check, l.protocol)?;
+            }
+            if let Some(p) = &l.persistence {
+                if p.timeout < Duration::from_secs(1) || p.timeout > MAX_PERSISTENCE_TIMEOUT {
+                    return Err(invalid(
+                        at("persistence.timeout"),
+                        format!(
+                            "{} must be between 1s and 24h",
+                            humantime::format_duration(p.timeout)
+                        ),
+                    ));
+                }
+            }
             backend_count += backends.len();
             // Maglev needs many more slots than backends to balance them.
             if (self.maglev_table_size as usize) < backends.len() * 10 {
@@ -311,7 +472,109 @@ impl Config {
     }
 }
 
-fn group_list(groups: &BTreeMap<&str, &[BackendSpec]>) -> String {
+fn validate_health_check(at: &str, c: &HealthCheck, protocol: Protocol) -> Result<(), ConfigError> {
+    let field = |f: &str| format!("{at}.{f}");
+    match (c.kind, protocol) {
+        (CheckKind::Http, Protocol::Udp) => {
+            return Err(invalid(
+                field("type"),
+                "an HTTP check needs a TCP listener; this listener is UDP (use tcp or udp)",
+            ));
+        }
+        (CheckKind::Udp, Protocol::Tcp) => {
+            return Err(invalid(
+                field("type"),
+                "a UDP check needs a UDP listener; this listener is TCP (use tcp or http)",
+            ));
+        }
+        _ => {}
+    }
+    if c.port == Some(0) {
+        return Err(invalid(field("port"), "0 is not a valid port"));
+    }
+    if c.interval < MIN_CHECK_INTERVAL || c.interval > MAX_CHECK_INTERVAL {
+        return Err(invalid(
+            field("interval"),
+            format!(
+                "{} must be between 100ms and 300s",
+                humantime::format_duration(c.interval)
+            ),
+        ));
+    }
+    if c.timeout < MIN_CHECK_INTERVAL || c.timeout > MAX_CHECK_TIMEOUT || c.timeout > c.interval {
+        return Err(invalid(
+            field("timeout"),
+            format!(
+                "{} must be between 100ms and 60s and no longer than the interval ({})",
+                humantime::format_duration(c.timeout),
+                humantime::format_duration(c.interval)
+            ),
+        ));
+    }
+    for (name, value) in [
+        ("healthy_threshold", c.healthy_threshold),
+        ("unhealthy_threshold", c.unhealthy_threshold),
+    ] {
+        if !(1..=MAX_THRESHOLD).contains(&value) {
+            return Err(invalid(
+                field(name),
+                format!("{value} must be between 1 and {MAX_THRESHOLD}"),
+            ));
+        }
+    }
+    let http_only = [
+        ("path", c.path.is_some()),
+        ("host", c.host.is_some()),
+        ("expected_codes", c.expected_codes.is_some()),
+    ];
+    let udp_only = [
+        ("payload", c.payload.is_some()),
+        ("expect", c.expect.is_some()),
+    ];
+    for (name, set) in http_only {
+        if set && c.kind != CheckKind::Http {
+            return Err(invalid(field(name), "only applies to http checks"));
+        }
+    }
+    for (name, set) in udp_only {
+        if set && c.kind != CheckKind::Udp {
+            return Err(invalid(field(name), "only applies to udp checks"));
+        }
+    }
+    if let Some(path) = &c.path {
+        if !path.starts_with('/') || path.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+            return Err(invalid(
+                field("path"),
+                format!("{path:?} must start with '/' and contain no spaces"),
+            ));
+        }
+    }
+    if let Some(host) = &c.host {
+        if host.is_empty() || host.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+            return Err(invalid(
+                field("host"),
+                format!("{host:?} is not a valid Host header"),
+            ));
+        }
+    }
+    if let Some(codes) = &c.expected_codes {
+        if codes.is_empty() {
+            return Err(invalid(
+                field("expected_codes"),
+                "must list at least one code or class",
+            ));
+        }
+        if let Some(bad) = codes.iter().find(|code| !valid_status_pattern(code)) {
+            return Err(invalid(
+                field("expected_codes"),
+                format!("{bad:?} is not a status class (2xx) or code (204)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn group_list(groups: &BTreeMap<&str, &Group>) -> String {
     if groups.is_empty() {
         "none".into()
     } else {

@@ -1,17 +1,23 @@
-//! `slb run`: load, attach, apply the config, then serve signals until told to stop. SIGHUP
-//! re-reads the file; a bad file is logged and the running config stays.
+//! `slb run`: load, attach, apply the config, then serve signals, admin-API calls and health
+//! verdicts until told to stop. SIGHUP (or `slb reload`) re-reads the file; a bad file is logged
+//! and the running config stays.
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 
-use crate::config::{AttachMode, Config};
+use crate::api::{self, Call, Request, Response};
+use crate::config::{AttachMode, Config, GroupKind};
 use crate::dataplane::{detach_pinned, Dataplane};
+use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor, HealthStatus};
 use crate::maps::PinnedMaps;
-use crate::reconcile::{AppliedState, Reconciler};
+use crate::reconcile::{AppliedState, BackendKey, Reconciler};
 
 pub const STATE_ROOT: &str = "/run/slb";
 
@@ -39,41 +45,16 @@ pub struct RunOptions {
 
 pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&options.config)?;
+    let instance = config.instance.clone();
     let mut dataplane = Dataplane::load(&config.instance, config.maglev_table_size)
         .context("loading the data plane")?;
-    let mut daemon = match Daemon::start(&mut dataplane, &config) {
-        Ok(d) => d,
-        Err(e) => {
-            let _ = dataplane.shutdown();
-            return Err(e);
-        }
-    };
-    tracing::info!(
-        instance = %config.instance,
-        listeners = config.listeners.len(),
-        interfaces = ?daemon.interfaces.keys().collect::<Vec<_>>(),
-        "slb ready"
-    );
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
-    let outcome = runtime.block_on(async {
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        loop {
-            tokio::select! {
-                _ = hup.recv() => daemon.reload(&mut dataplane, &options.config),
-                _ = term.recv() => break,
-                _ = int.recv() => break,
-            }
-        }
-        anyhow::Ok(())
-    });
+    let outcome = runtime.block_on(serve(&mut dataplane, config, &options.config));
 
-    let instance = config.instance.clone();
-    if options.keep_serving {
+    if options.keep_serving && outcome.is_ok() {
         dataplane.keep_serving();
     } else {
         dataplane
@@ -85,24 +66,160 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     outcome
 }
 
+async fn serve(dataplane: &mut Dataplane, config: Config, path: &Path) -> anyhow::Result<()> {
+    let (health_tx, mut health_rx) = mpsc::channel(1024);
+    let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
+    let mut daemon = Daemon::start(dataplane, config, HealthMonitor::new(health_tx))?;
+    let api_instance = daemon.file_config.instance.clone();
+    let api = tokio::spawn(async move {
+        if let Err(e) = api::serve(&api_instance, call_tx).await {
+            tracing::error!("admin API stopped: {e:#}");
+        }
+    });
+    tracing::info!(
+        instance = %daemon.file_config.instance,
+        listeners = daemon.config.listeners.len(),
+        interfaces = ?daemon.interfaces.keys().collect::<Vec<_>>(),
+        socket = %api::socket_path(&daemon.file_config.instance).display(),
+        "slb ready"
+    );
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let response = daemon.reload(dataplane, path);
+                log_response("SIGHUP reload", &response);
+            }
+            Some((request, reply)) = call_rx.recv() => {
+                let response = match request {
+                    Request::Reload => daemon.reload(dataplane, path),
+                    other => daemon.runtime_change(&other),
+                };
+                log_response("admin API", &response);
+                let _ = reply.send(response);
+            }
+            Some(event) = health_rx.recv() => daemon.health_changed(event),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    api.abort();
+    Ok(())
+}
+
+fn log_response(source: &str, response: &Response) {
+    if response.ok {
+        tracing::info!(
+            generation = response.generation,
+            "{source}: {}",
+            response.message
+        );
+    } else {
+        tracing::error!(
+            "{source} rejected, the running config stays: {}",
+            response.message
+        );
+    }
+}
+
 struct Daemon {
     reconciler: Reconciler,
     interfaces: BTreeMap<String, AttachMode>,
-    instance: String,
+    /// The file as last read successfully.
+    file_config: Config,
+    /// What runs: the file plus runtime changes.
+    config: Config,
+    health: BTreeMap<BackendKey, HealthStatus>,
+    monitor: HealthMonitor,
+}
+
+/// The backends `config` health-checks: every backend of a checked Maglev listener, and only the
+/// active server of an active/standby group.
+fn check_targets(config: &Config) -> Vec<CheckTarget> {
+    let mut targets = Vec::new();
+    for l in &config.listeners {
+        let Some(check) = &l.health_check else {
+            continue;
+        };
+        let (kind, backends) = match &l.group {
+            None => (GroupKind::Vserver, &config.default_group.backends),
+            Some(name) => {
+                let g = config
+                    .groups
+                    .iter()
+                    .find(|g| &g.name == name)
+                    .expect("validated group");
+                (g.kind, &g.backends)
+            }
+        };
+        let checked = if kind == GroupKind::ActiveStandby {
+            &backends[..1]
+        } else {
+            &backends[..]
+        };
+        for b in checked {
+            let port = b.port.unwrap_or(l.port);
+            targets.push(CheckTarget {
+                key: BackendKey {
+                    listener: l.name.clone(),
+                    address: b.address,
+                    port,
+                },
+                address: SocketAddr::new(b.address, check.port.unwrap_or(port)),
+                check: check.clone(),
+            });
+        }
+    }
+    targets
 }
 
 impl Daemon {
-    fn start(dataplane: &mut Dataplane, config: &Config) -> anyhow::Result<Daemon> {
+    fn start(
+        dataplane: &mut Dataplane,
+        config: Config,
+        monitor: HealthMonitor,
+    ) -> anyhow::Result<Daemon> {
         let maps = PinnedMaps::open(dataplane.dir())?;
         let mut daemon = Daemon {
             reconciler: Reconciler::new(maps, &config.instance, config.maglev_table_size),
             interfaces: BTreeMap::new(),
-            instance: config.instance.clone(),
+            file_config: config.clone(),
+            config: config.clone(),
+            health: BTreeMap::new(),
+            monitor,
         };
-        daemon.sync_interfaces(dataplane, config)?;
-        let state = daemon.reconciler.apply(config)?;
-        write_state(state)?;
+        daemon.sync_interfaces(dataplane, &config)?;
+        daemon.apply(config, Vec::new())?;
         Ok(daemon)
+    }
+
+    /// Applies a new running config (a config change: the generation advances).
+    fn apply(&mut self, config: Config, runtime_changes: Vec<String>) -> anyhow::Result<u64> {
+        let targets = check_targets(&config);
+        let stopped = self.monitor.set_targets(targets.clone());
+        for key in stopped {
+            self.health.remove(&key);
+        }
+        let now = unix_ns(SystemTime::now());
+        for t in &targets {
+            self.health
+                .entry(t.key.clone())
+                .or_insert_with(|| HealthStatus {
+                    healthy: true,
+                    reason: "checking (healthy until proven otherwise)".into(),
+                    since_unix_ns: now,
+                });
+        }
+        self.reconciler.apply(&config, &self.health)?;
+        let state = self.reconciler.state_mut();
+        state.generation += 1;
+        state.runtime_changes = runtime_changes;
+        write_state(self.reconciler.state())?;
+        self.config = config;
+        Ok(self.reconciler.state().generation)
     }
 
     fn sync_interfaces(
@@ -119,7 +236,7 @@ impl Daemon {
             match self.interfaces.get(name) {
                 Some(m) if m == mode => {}
                 Some(_) => {
-                    detach_pinned(&self.instance, name)?;
+                    detach_pinned(&config.instance, name)?;
                     self.interfaces.remove(name);
                     dataplane.attach(name, *mode)?;
                     self.interfaces.insert(name.clone(), *mode);
@@ -137,31 +254,96 @@ impl Daemon {
             .cloned()
             .collect();
         for name in gone {
-            detach_pinned(&self.instance, &name)?;
+            detach_pinned(&config.instance, &name)?;
             self.interfaces.remove(&name);
         }
         Ok(())
     }
 
-    fn reload(&mut self, dataplane: &mut Dataplane, path: &Path) {
-        match self.try_reload(dataplane, path) {
-            Ok(generation) => tracing::info!(generation, "config reloaded"),
-            Err(e) => tracing::error!("reload rejected, the running config stays: {e:#}"),
+    fn response(&self, result: anyhow::Result<String>) -> Response {
+        let generation = self.reconciler.state().generation;
+        match result {
+            Ok(message) => Response {
+                ok: true,
+                message,
+                generation,
+            },
+            Err(e) => Response {
+                ok: false,
+                message: format!("{e:#}"),
+                generation,
+            },
         }
     }
 
-    fn try_reload(&mut self, dataplane: &mut Dataplane, path: &Path) -> anyhow::Result<u64> {
-        let config = Config::load(path)?;
-        if config.instance != self.instance {
-            anyhow::bail!(
-                "instance: cannot change from {:?} to {:?} while running; restart slb",
-                self.instance,
-                config.instance
-            );
+    fn reload(&mut self, dataplane: &mut Dataplane, path: &Path) -> Response {
+        let result = (|| {
+            let config = Config::load(path)?;
+            if config.instance != self.file_config.instance {
+                anyhow::bail!(
+                    "instance: cannot change from {:?} to {:?} while running; restart slb",
+                    self.file_config.instance,
+                    config.instance
+                );
+            }
+            self.sync_interfaces(dataplane, &config)?;
+            let generation = self.apply(config.clone(), Vec::new())?;
+            self.file_config = config;
+            Ok(format!(
+                "config file {} applied as generation {generation}",
+                path.display()
+            ))
+        })();
+        self.response(result)
+    }
+
+    fn runtime_change(&mut self, request: &Request) -> Response {
+        let result = (|| {
+            let (config, description) =
+                api::edit_config(&self.config, request).map_err(anyhow::Error::msg)?;
+            let mut changes = self.reconciler.state().runtime_changes.clone();
+            changes.push(description.clone());
+            self.apply(config, changes)?;
+            Ok(description)
+        })();
+        self.response(result)
+    }
+
+    fn health_changed(&mut self, event: HealthEvent) {
+        let Some(status) = self.health.get_mut(&event.key) else {
+            return; // a check that was stopped meanwhile
+        };
+        let key = &event.key;
+        if event.healthy {
+            tracing::info!(listener = %key.listener, backend = %format!("{}:{}", key.address, key.port), reason = %event.reason, "backend is healthy");
+        } else {
+            tracing::warn!(listener = %key.listener, backend = %format!("{}:{}", key.address, key.port), reason = %event.reason, "backend is unhealthy");
         }
-        self.sync_interfaces(dataplane, &config)?;
-        let state = self.reconciler.apply(&config)?;
-        write_state(state)?;
-        Ok(state.generation)
+        *status = HealthStatus {
+            healthy: event.healthy,
+            reason: event.reason,
+            since_unix_ns: unix_ns(event.at),
+        };
+        let result = self
+            .reconciler
+            .apply(&self.config, &self.health)
+            .map_err(anyhow::Error::from)
+            .and_then(|state| write_state(state));
+        if let Err(e) = result {
+            tracing::error!("applying a health change failed: {e:#}");
+        }
+        let group_without_healthy = self.reconciler.state().listeners.iter().find(|l| {
+            l.health_check
+                && self
+                    .reconciler
+                    .state()
+                    .backends
+                    .iter()
+                    .filter(|b| b.key.listener == l.name)
+                    .all(|b| b.health.as_ref().is_some_and(|h| !h.healthy))
+        });
+        if let Some(l) = group_without_healthy {
+            tracing::warn!(listener = %l.name, group = %l.group, "no healthy backend left in the group");
+        }
     }
 }

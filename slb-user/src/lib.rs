@@ -1,9 +1,11 @@
 //! The slb control plane: config → desired state → reconcile into the XDP program's maps.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod health;
 pub mod maps;
 pub mod reconcile;
 pub mod status;

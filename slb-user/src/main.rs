@@ -2,7 +2,20 @@ use anyhow::Context as _;
 use clap::Parser;
 use slb_user::cli::{enter_netns, Cli, Command};
 use slb_user::config::Config;
-use slb_user::{daemon, dataplane, status};
+use slb_user::{api, daemon, dataplane, status};
+
+/// Prints the daemon's answer; a refusal is an error (non-zero exit).
+fn answer(response: api::Response) -> anyhow::Result<()> {
+    if response.ok {
+        println!(
+            "{} (config generation {})",
+            response.message, response.generation
+        );
+        Ok(())
+    } else {
+        anyhow::bail!("{}", response.message)
+    }
+}
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -46,6 +59,11 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Backend { action } => {
+            let (instance, request) = action.request();
+            answer(api::call(&instance, &request)?)
+        }
+        Command::Reload { instance } => answer(api::call(&instance, &api::Request::Reload)?),
         Command::Attach {
             instance,
             iface,

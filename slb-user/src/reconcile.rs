@@ -1,7 +1,7 @@
-//! Turns a validated config into map contents. Backend ids and listener indices stay stable
-//! across reloads (a connection keeps pointing at the same id), Maglev rings are written into the
-//! idle half of a listener's ring pair and then switched to with one map update, and removed
-//! backends are retired only after no ring references them.
+//! Turns a validated config plus the health verdicts into map contents. Backend ids and listener
+//! indices stay stable across reloads (a connection keeps pointing at the same id); Maglev rings
+//! are written into the idle half of a listener's ring pair and then switched to with one map
+//! update; removed backends are retired only after no ring references them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -10,11 +10,13 @@ use aya::maps::MapError;
 use serde::{Deserialize, Serialize};
 use slb_common::maglev::{build_table, MaglevBackend, MaglevError};
 use slb_common::{
-    ipv4_mapped, Backend, ListenerEntry, ListenerKey, BACKEND_F_PRESENT, MAX_BACKENDS,
-    MAX_LISTENERS, NO_BACKEND, RINGS_PER_LISTENER,
+    ipv4_mapped, Backend, ListenerEntry, ListenerKey, BACKEND_F_DRAINING, BACKEND_F_PRESENT,
+    HEALTH_DOWN, HEALTH_UP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
+    LISTENER_F_PERSIST, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, RINGS_PER_LISTENER,
 };
 
-use crate::config::{BackendSpec, Config, Protocol, DEFAULT_GROUP};
+use crate::config::{AllUnhealthy, BackendSpec, Config, Group, GroupKind, Protocol, DEFAULT_GROUP};
+use crate::health::HealthStatus;
 use crate::maps::PinnedMaps;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,27 +40,40 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> ReconcileError {
     move |source| ReconcileError::Map { map, source }
 }
 
-/// A backend is the same backend across reloads when group, address and port match.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+/// A backend of a listener. Health, counters and ids are per listener, so two listeners sharing a
+/// group can check and count their backends independently.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct BackendKey {
-    pub group: String,
+    pub listener: String,
     pub address: IpAddr,
     pub port: u16,
 }
 
 impl BackendKey {
+    /// Maglev identity: the same address and port get the same permutation on every node.
     fn identity(&self) -> String {
         format!("{}:{}", self.address, self.port)
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Active,
+    Standby,
+}
+
 /// What `slb status` needs to name what the maps hold; written to the state file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AppliedState {
+    /// Incremented by every applied config change (file reload or API), not by health changes.
     pub generation: u64,
     pub instance: String,
     pub ring_size: u32,
     pub interfaces: Vec<String>,
+    /// Changes made through the admin API since the file was last read.
+    #[serde(default)]
+    pub runtime_changes: Vec<String>,
     pub listeners: Vec<AppliedListener>,
     pub backends: Vec<AppliedBackend>,
 }
@@ -70,11 +85,15 @@ pub struct AppliedListener {
     pub vip: IpAddr,
     pub port: u16,
     pub group: String,
+    pub group_kind: GroupKind,
     pub index: u32,
     /// Which of the listener's two rings is live.
     pub ring: u32,
-    /// Backend ids in ring order of config, with weights.
-    pub backends: Vec<(u32, u32)>,
+    /// The ring's input: backend ids with the weights the ring was built from.
+    pub ring_input: Vec<(u32, u32)>,
+    pub flags: u32,
+    pub persistence_timeout_s: Option<u32>,
+    pub health_check: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -82,19 +101,26 @@ pub struct AppliedBackend {
     pub id: u32,
     #[serde(flatten)]
     pub key: BackendKey,
+    pub group: String,
     pub weight: u32,
+    pub role: Option<Role>,
+    /// `None` when the listener has no health check (or, for a standby, it is never probed).
+    pub health: Option<HealthStatus>,
 }
 
 pub struct Reconciler {
     maps: PinnedMaps,
     ring_size: u32,
     state: AppliedState,
+    /// What each (listener index, ring) holds, so a rebuild writes only the slots that differ.
+    rings: BTreeMap<(u32, u32), Vec<u32>>,
+    /// What BACKEND_HEALTH holds per id.
+    health_written: BTreeMap<u32, u32>,
 }
 
 fn ipv4_octets(addr: IpAddr) -> [u8; 4] {
     match addr {
         IpAddr::V4(v4) => v4.octets(),
-        // Validation rejects IPv6 until the IPv6 data plane lands.
         IpAddr::V6(_) => unreachable!("IPv6 addresses are rejected by config validation"),
     }
 }
@@ -112,6 +138,13 @@ fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
     (0..limit).find(|i| !used.contains(i))
 }
 
+/// One listener's backends as the config and health make them.
+struct PlannedListener<'a> {
+    group: String,
+    kind: GroupKind,
+    members: Vec<(BackendKey, &'a BackendSpec)>,
+}
+
 impl Reconciler {
     pub fn new(maps: PinnedMaps, instance: &str, ring_size: u32) -> Reconciler {
         Reconciler {
@@ -122,6 +155,8 @@ impl Reconciler {
                 ring_size,
                 ..Default::default()
             },
+            rings: BTreeMap::new(),
+            health_written: BTreeMap::new(),
         }
     }
 
@@ -129,22 +164,64 @@ impl Reconciler {
         &self.state
     }
 
+    pub fn state_mut(&mut self) -> &mut AppliedState {
+        &mut self.state
+    }
+
     pub fn maps(&self) -> &PinnedMaps {
         &self.maps
     }
 
-    /// Applies `config`; on success the returned state has the next generation.
-    pub fn apply(&mut self, config: &Config) -> Result<&AppliedState, ReconcileError> {
+    /// Makes the maps match `config` and `health` (verdicts of checked backends; a backend
+    /// without one is healthy).
+    pub fn apply(
+        &mut self,
+        config: &Config,
+        health: &BTreeMap<BackendKey, HealthStatus>,
+    ) -> Result<&AppliedState, ReconcileError> {
         if config.maglev_table_size != self.ring_size {
             return Err(ReconcileError::RingSizeChanged {
                 running: self.ring_size,
                 requested: config.maglev_table_size,
             });
         }
-        let groups: BTreeMap<&str, &[BackendSpec]> = config
-            .groups
+        let groups: BTreeMap<&str, &Group> =
+            config.groups.iter().map(|g| (g.name.as_str(), g)).collect();
+        let healthy = |key: &BackendKey| health.get(key).is_none_or(|h| h.healthy);
+
+        let plans: Vec<PlannedListener<'_>> = config
+            .listeners
             .iter()
-            .map(|g| (g.name.as_str(), &g.backends[..]))
+            .map(|l| {
+                let (group, kind, specs) = match &l.group {
+                    Some(g) => (
+                        g.as_str(),
+                        groups[g.as_str()].kind,
+                        &groups[g.as_str()].backends[..],
+                    ),
+                    None => (
+                        DEFAULT_GROUP,
+                        GroupKind::Vserver,
+                        &config.default_group.backends[..],
+                    ),
+                };
+                let members = specs
+                    .iter()
+                    .map(|b| {
+                        let key = BackendKey {
+                            listener: l.name.clone(),
+                            address: b.address,
+                            port: b.port.unwrap_or(l.port),
+                        };
+                        (key, b)
+                    })
+                    .collect();
+                PlannedListener {
+                    group: group.into(),
+                    kind,
+                    members,
+                }
+            })
             .collect();
 
         // Backend ids: keep the id of every backend that stays.
@@ -154,33 +231,16 @@ impl Reconciler {
             .iter()
             .map(|b| (b.key.clone(), b.id))
             .collect();
-        let mut wanted: BTreeMap<BackendKey, u32> = BTreeMap::new();
-        let mut listener_backends: Vec<(String, Vec<(BackendKey, u32)>)> = Vec::new();
-        for l in &config.listeners {
-            let (group, specs) = match &l.group {
-                Some(g) => (g.as_str(), groups[g.as_str()]),
-                None => (DEFAULT_GROUP, &config.default_group.backends[..]),
-            };
-            let members: Vec<(BackendKey, u32)> = specs
-                .iter()
-                .map(|b| {
-                    let key = BackendKey {
-                        group: group.into(),
-                        address: b.address,
-                        port: b.port.unwrap_or(l.port),
-                    };
-                    wanted.insert(key.clone(), b.weight);
-                    (key, b.weight)
-                })
-                .collect();
-            listener_backends.push((group.into(), members));
-        }
+        let wanted: BTreeSet<&BackendKey> = plans
+            .iter()
+            .flat_map(|p| p.members.iter().map(|(k, _)| k))
+            .collect();
         let mut used: BTreeSet<u32> = wanted
-            .keys()
-            .filter_map(|k| old_ids.get(k).copied())
+            .iter()
+            .filter_map(|k| old_ids.get(*k).copied())
             .collect();
         let mut ids: BTreeMap<BackendKey, u32> = BTreeMap::new();
-        for key in wanted.keys() {
+        for key in wanted {
             let id = match old_ids.get(key) {
                 Some(&id) => id,
                 None => {
@@ -194,21 +254,43 @@ impl Reconciler {
             ids.insert(key.clone(), id);
         }
 
-        // 1. Backends first, so every id a ring will name is valid.
-        for (key, &id) in &ids {
-            let backend = Backend {
-                addr: ipv4_mapped(ipv4_octets(key.address)),
-                port: key.port,
-                flags: BACKEND_F_PRESENT,
-                _pad: 0,
-            };
-            self.maps
-                .backends
-                .set(id, backend, 0)
-                .map_err(map_err("BACKENDS"))?;
+        // 1. Health flags going down on active/standby servers first: that one write is the
+        //    failover. Flags going up are written before any ring names the backend again.
+        let mut deferred_down = Vec::new();
+        for plan in &plans {
+            for (key, _) in &plan.members {
+                let id = ids[key];
+                if healthy(key) {
+                    self.write_health(id, HEALTH_UP)?;
+                } else if plan.kind == GroupKind::ActiveStandby {
+                    self.write_health(id, HEALTH_DOWN)?;
+                } else {
+                    deferred_down.push(id);
+                }
+            }
         }
 
-        // 2. Rings and listener entries.
+        // 2. Backends, so every id a ring will name is valid.
+        for plan in &plans {
+            for (key, spec) in &plan.members {
+                let mut flags = BACKEND_F_PRESENT;
+                if spec.weight == 0 && plan.kind == GroupKind::Vserver {
+                    flags |= BACKEND_F_DRAINING;
+                }
+                let backend = Backend {
+                    addr: ipv4_mapped(ipv4_octets(key.address)),
+                    port: key.port,
+                    flags,
+                    _pad: 0,
+                };
+                self.maps
+                    .backends
+                    .set(ids[key], backend, 0)
+                    .map_err(map_err("BACKENDS"))?;
+            }
+        }
+
+        // 3. Rings and listener entries.
         let old_listeners: BTreeMap<String, AppliedListener> = self
             .state
             .listeners
@@ -221,8 +303,8 @@ impl Reconciler {
             .filter_map(|l| old_listeners.get(&l.name).map(|o| o.index))
             .collect();
         let mut applied = Vec::new();
-        for (l, (group, members)) in config.listeners.iter().zip(listener_backends) {
-            let member_ids: Vec<(u32, u32)> = members.iter().map(|(k, w)| (ids[k], *w)).collect();
+        let mut applied_backends = Vec::new();
+        for (l, plan) in config.listeners.iter().zip(&plans) {
             let old = old_listeners.get(&l.name);
             let index = match old {
                 Some(o) => o.index,
@@ -236,21 +318,61 @@ impl Reconciler {
                     i
                 }
             };
-            let key = listener_key(l.protocol, l.vip, l.port);
-            let ring = match old {
-                Some(o) if o.backends == member_ids => o.ring,
-                _ => {
-                    let ring = old.map_or(0, |o| (o.ring + 1) % RINGS_PER_LISTENER);
-                    self.write_ring(&l.name, index, ring, &members, &member_ids)?;
-                    ring
-                }
-            };
-            let entry = ListenerEntry {
+            let mut entry = ListenerEntry {
                 index,
-                ring_base: self.ring_base(index, ring),
                 ring_size: self.ring_size,
                 ..Default::default()
             };
+            let mut ring = old.map_or(0, |o| o.ring);
+            let mut ring_input = Vec::new();
+            match plan.kind {
+                GroupKind::ActiveStandby => {
+                    entry.flags |= LISTENER_F_ACTIVE_STANDBY;
+                    entry.active_id = ids[&plan.members[0].0];
+                    entry.standby_id = ids[&plan.members[1].0];
+                }
+                GroupKind::Vserver => {
+                    let healthy_weight: u64 = plan
+                        .members
+                        .iter()
+                        .filter(|(k, _)| healthy(k))
+                        .map(|(_, s)| u64::from(s.weight))
+                        .sum();
+                    let all_down =
+                        healthy_weight == 0 && plan.members.iter().any(|(_, s)| s.weight > 0);
+                    let ignore_health = all_down && l.on_all_unhealthy == AllUnhealthy::ForwardAll;
+                    if ignore_health {
+                        entry.flags |= LISTENER_F_IGNORE_HEALTH;
+                    }
+                    ring_input = plan
+                        .members
+                        .iter()
+                        .map(|(k, s)| {
+                            (
+                                ids[k],
+                                if healthy(k) || ignore_health {
+                                    s.weight
+                                } else {
+                                    0
+                                },
+                            )
+                        })
+                        .collect();
+                    let unchanged = old.is_some_and(|o| {
+                        o.ring_input == ring_input && o.group_kind == GroupKind::Vserver
+                    });
+                    if !unchanged {
+                        ring = old.map_or(0, |o| (o.ring + 1) % RINGS_PER_LISTENER);
+                        self.write_ring(&l.name, index, ring, &plan.members, &ring_input)?;
+                    }
+                }
+            }
+            entry.ring_base = self.ring_base(index, ring);
+            if let Some(p) = &l.persistence {
+                entry.flags |= LISTENER_F_PERSIST;
+                entry.persist_timeout_s = p.timeout.as_secs() as u32;
+            }
+            let key = listener_key(l.protocol, l.vip, l.port);
             self.maps
                 .listeners
                 .insert(key, entry, 0)
@@ -261,18 +383,44 @@ impl Reconciler {
                     let _ = self.maps.listeners.remove(&old_key);
                 }
             }
+            for (i, (key, spec)) in plan.members.iter().enumerate() {
+                let role = (plan.kind == GroupKind::ActiveStandby).then_some(if i == 0 {
+                    Role::Active
+                } else {
+                    Role::Standby
+                });
+                applied_backends.push(AppliedBackend {
+                    id: ids[key],
+                    key: key.clone(),
+                    group: plan.group.clone(),
+                    weight: spec.weight,
+                    role,
+                    health: health.get(key).cloned(),
+                });
+            }
             applied.push(AppliedListener {
                 name: l.name.clone(),
                 protocol: l.protocol,
                 vip: l.vip,
                 port: l.port,
-                group,
+                group: plan.group.clone(),
+                group_kind: plan.kind,
                 index,
                 ring,
-                backends: member_ids,
+                ring_input,
+                flags: entry.flags,
+                persistence_timeout_s: l.persistence.map(|p| p.timeout.as_secs() as u32),
+                health_check: l.health_check.is_some(),
             });
         }
-        // 3. Listeners that are gone.
+
+        // 4. Health flags going down on Maglev groups: their rings no longer name them, so
+        //    only their pinned flows move (re-balanced by the data plane).
+        for id in deferred_down {
+            self.write_health(id, HEALTH_DOWN)?;
+        }
+
+        // 5. Listeners that are gone.
         for (name, o) in &old_listeners {
             if !applied.iter().any(|a| &a.name == name) {
                 let key = listener_key(o.protocol, o.vip, o.port);
@@ -282,9 +430,12 @@ impl Reconciler {
                 {
                     let _ = self.maps.listeners.remove(&key);
                 }
+                for r in 0..RINGS_PER_LISTENER {
+                    self.rings.remove(&(o.index, r));
+                }
             }
         }
-        // 4. Backends that are gone: no ring names them any more. Flows still pinned to them
+        // 6. Backends that are gone: no ring names them any more. Flows still pinned to them
         //    are re-balanced by the data plane on their next packet.
         for (key, &id) in &old_ids {
             if !ids.contains_key(key) {
@@ -292,20 +443,26 @@ impl Reconciler {
                     .backends
                     .set(id, Backend::default(), 0)
                     .map_err(map_err("BACKENDS"))?;
+                self.write_health(id, HEALTH_UP)?;
             }
         }
 
-        self.state.generation += 1;
         self.state.interfaces = config.interfaces.iter().map(|i| i.name.clone()).collect();
         self.state.listeners = applied;
-        self.state.backends = ids
-            .into_iter()
-            .map(|(key, id)| {
-                let weight = wanted[&key];
-                AppliedBackend { id, key, weight }
-            })
-            .collect();
+        self.state.backends = applied_backends;
         Ok(&self.state)
+    }
+
+    fn write_health(&mut self, id: u32, value: u32) -> Result<(), ReconcileError> {
+        if self.health_written.get(&id) != Some(&value) {
+            // BACKEND_HEALTH is an array: unwritten ids read as HEALTH_UP (0).
+            self.maps
+                .backend_health
+                .set(id, value, 0)
+                .map_err(map_err("BACKEND_HEALTH"))?;
+            self.health_written.insert(id, value);
+        }
+        Ok(())
     }
 
     fn ring_base(&self, index: u32, ring: u32) -> u32 {
@@ -317,15 +474,15 @@ impl Reconciler {
         listener: &str,
         index: u32,
         ring: u32,
-        members: &[(BackendKey, u32)],
-        member_ids: &[(u32, u32)],
+        members: &[(BackendKey, &BackendSpec)],
+        ring_input: &[(u32, u32)],
     ) -> Result<(), ReconcileError> {
         let identities: Vec<String> = members.iter().map(|(k, _)| k.identity()).collect();
         let maglev: Vec<MaglevBackend<'_>> = identities
             .iter()
-            .zip(members)
-            .map(|(id, (_, weight))| MaglevBackend {
-                identity: id.as_bytes(),
+            .zip(ring_input)
+            .map(|(identity, (_, weight))| MaglevBackend {
+                identity: identity.as_bytes(),
                 weight: *weight,
             })
             .collect();
@@ -334,19 +491,31 @@ impl Reconciler {
                 listener: listener.into(),
                 source,
             })?;
+        let table: Vec<u32> = table
+            .into_iter()
+            .map(|owner| {
+                if owner == NO_BACKEND {
+                    NO_BACKEND
+                } else {
+                    ring_input[owner as usize].0
+                }
+            })
+            .collect();
         let base = self.ring_base(index, ring);
-        for (slot, owner) in table.iter().enumerate() {
-            let id = if *owner == NO_BACKEND {
-                NO_BACKEND
-            } else {
-                member_ids[*owner as usize].0
-            };
+        let previous = self.rings.get(&(index, ring));
+        let mut written = 0usize;
+        for (slot, &id) in table.iter().enumerate() {
+            if previous.is_some_and(|p| p[slot] == id) {
+                continue;
+            }
             self.maps
                 .rings
                 .set(base + slot as u32, id, 0)
                 .map_err(map_err("RINGS"))?;
+            written += 1;
         }
-        tracing::debug!(listener, ring, "ring written");
+        tracing::debug!(listener, ring, written, "ring written");
+        self.rings.insert((index, ring), table);
         Ok(())
     }
 }

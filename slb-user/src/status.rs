@@ -7,10 +7,12 @@ use anyhow::Context as _;
 use serde::Serialize;
 use slb_common::GlobalCounters;
 
+use crate::config::GroupKind;
 use crate::daemon::state_file;
 use crate::dataplane::pin_dir;
+use crate::health::HealthStatus;
 use crate::maps::{sum_traffic, PinnedMaps};
-use crate::reconcile::AppliedState;
+use crate::reconcile::{AppliedState, Role};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -20,6 +22,9 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     pub backends: Vec<BackendStatus>,
     pub counters: BTreeMap<&'static str, u64>,
+    /// Changes made through the admin API since the file was last read (dropped by a reload).
+    pub runtime_changes: Vec<String>,
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -29,6 +34,9 @@ pub struct ListenerStatus {
     pub vip: String,
     pub port: u16,
     pub group: String,
+    pub group_type: GroupKind,
+    pub health_check: bool,
+    pub persistence_timeout_s: Option<u32>,
     pub packets: u64,
     pub bytes: u64,
     pub new_connections: u64,
@@ -38,10 +46,16 @@ pub struct ListenerStatus {
 #[derive(Debug, Serialize)]
 pub struct BackendStatus {
     pub id: u32,
+    pub listener: String,
     pub group: String,
+    pub role: Option<Role>,
     pub address: String,
     pub port: u16,
     pub weight: u32,
+    /// `true` unless a health check declared it unhealthy.
+    pub healthy: bool,
+    /// `None` when not health-checked.
+    pub health: Option<HealthStatus>,
     pub packets: u64,
     pub bytes: u64,
     pub new_connections: u64,
@@ -83,6 +97,9 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
             vip: l.vip.to_string(),
             port: l.port,
             group: l.group.clone(),
+            group_type: l.group_kind,
+            health_check: l.health_check,
+            persistence_timeout_s: l.persistence_timeout_s,
             packets: t.packets,
             bytes: t.bytes,
             new_connections: t.new_connections,
@@ -99,10 +116,14 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
         );
         backends.push(BackendStatus {
             id: b.id,
-            group: b.key.group.clone(),
+            listener: b.key.listener.clone(),
+            group: b.group.clone(),
+            role: b.role,
             address: b.key.address.to_string(),
             port: b.key.port,
             weight: b.weight,
+            healthy: b.health.as_ref().is_none_or(|h| h.healthy),
+            health: b.health.clone(),
             packets: t.packets,
             bytes: t.bytes,
             new_connections: t.new_connections,
@@ -123,6 +144,7 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
         .copied()
         .zip(global.values())
         .collect();
+    let warnings = no_normal_server_warnings(&listeners, &backends);
     Ok(Status {
         instance: state.instance,
         generation: state.generation,
@@ -130,7 +152,30 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
         listeners,
         backends,
         counters,
+        runtime_changes: state.runtime_changes,
+        warnings,
     })
+}
+
+/// The seed's advice: every group needs at least one normal server (healthy, weight > 0).
+fn no_normal_server_warnings(
+    listeners: &[ListenerStatus],
+    backends: &[BackendStatus],
+) -> Vec<String> {
+    listeners
+        .iter()
+        .filter(|l| {
+            !backends
+                .iter()
+                .any(|b| b.listener == l.name && b.healthy && (b.weight > 0 || b.role.is_some()))
+        })
+        .map(|l| {
+            format!(
+                "listener {}: group {} has no normal server (healthy, weight > 0)",
+                l.name, l.group
+            )
+        })
+        .collect()
 }
 
 pub fn render(status: &Status) -> String {
@@ -142,7 +187,10 @@ pub fn render(status: &Status) -> String {
         status.generation,
         status.interfaces.join(", ")
     );
-    let _ = writeln!(out, "\nLISTENER            PROTO  VIP:PORT               GROUP           CONNS   NEW_CONNS     PACKETS");
+    let _ = writeln!(
+        out,
+        "\nLISTENER            PROTO  VIP:PORT               GROUP           CONNS   NEW_CONNS     PACKETS"
+    );
     for l in &status.listeners {
         let _ = writeln!(
             out,
@@ -158,19 +206,53 @@ pub fn render(status: &Status) -> String {
     }
     let _ = writeln!(
         out,
-        "\nBACKEND                GROUP           WEIGHT  CONNS   NEW_CONNS     PACKETS"
+        "\nBACKEND                LISTENER            GROUP           ROLE     WEIGHT  HEALTH     CONNS   NEW_CONNS     PACKETS"
     );
     for b in &status.backends {
+        let health = match &b.health {
+            None => "-",
+            Some(h) if h.healthy => "healthy",
+            Some(_) => "UNHEALTHY",
+        };
+        let role = match b.role {
+            Some(Role::Active) => "active",
+            Some(Role::Standby) => "standby",
+            None => "-",
+        };
         let _ = writeln!(
             out,
-            "{:<22} {:<15} {:>6} {:>6} {:>11} {:>11}",
+            "{:<22} {:<19} {:<15} {:<8} {:>6}  {:<9} {:>6} {:>11} {:>11}",
             format!("{}:{}", b.address, b.port),
+            b.listener,
             b.group,
+            role,
             b.weight,
+            health,
             b.connections,
             b.new_connections,
             b.packets
         );
+    }
+    for b in status.backends.iter().filter(|b| !b.healthy) {
+        if let Some(h) = &b.health {
+            let _ = writeln!(
+                out,
+                "  {}:{} on {}: {}",
+                b.address, b.port, b.listener, h.reason
+            );
+        }
+    }
+    if !status.runtime_changes.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nRUNTIME CHANGES (dropped by the next reload of the file)"
+        );
+        for c in &status.runtime_changes {
+            let _ = writeln!(out, "  {c}");
+        }
+    }
+    for w in &status.warnings {
+        let _ = writeln!(out, "\nWARNING: {w}");
     }
     let _ = writeln!(out, "\nCOUNTERS");
     for (name, value) in &status.counters {

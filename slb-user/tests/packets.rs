@@ -203,7 +203,10 @@ impl Harness {
         let maps = PinnedMaps::open(&pin_dir).unwrap();
         let mut reconciler = Reconciler::new(maps, "pkt", RING_SIZE);
         reconciler
-            .apply(&Config::parse(&config(1, 1), "test").unwrap())
+            .apply(
+                &Config::parse(&config(1, 1), "test").unwrap(),
+                &Default::default(),
+            )
             .unwrap();
         Harness {
             ebpf,
@@ -419,7 +422,10 @@ fn known_flow_keeps_its_backend_after_the_ring_changes_and_replies_are_translate
         // Reweight so that the flow's backend gets nothing new.
         let (wa, wb) = if backend == BACKEND_A { (0, 1) } else { (1, 0) };
         h.reconciler
-            .apply(&Config::parse(&config(wa, wb), "test").unwrap())
+            .apply(
+                &Config::parse(&config(wa, wb), "test").unwrap(),
+                &Default::default(),
+            )
             .unwrap();
 
         let (verdict, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, ACK)), h.in_index);

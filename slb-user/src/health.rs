@@ -1,0 +1,386 @@
+//! Health checks: one tokio task per checked backend probes it every interval and feeds a
+//! small state machine; only changes of state reach the daemon, as [`HealthEvent`]s.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::{CheckKind, HealthCheck};
+use crate::reconcile::BackendKey;
+
+/// Consecutive results → verdict. A backend starts healthy, so a new config takes traffic at
+/// once; `unhealthy_threshold` failures in a row make it unhealthy and `healthy_threshold`
+/// successes in a row bring it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthMachine {
+    pub healthy: bool,
+    successes: u32,
+    failures: u32,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+}
+
+impl HealthMachine {
+    pub fn new(healthy_threshold: u32, unhealthy_threshold: u32) -> HealthMachine {
+        HealthMachine {
+            healthy: true,
+            successes: 0,
+            failures: 0,
+            healthy_threshold,
+            unhealthy_threshold,
+        }
+    }
+
+    /// Records one probe result; returns the new verdict when it changed.
+    pub fn record(&mut self, ok: bool) -> Option<bool> {
+        if ok {
+            self.failures = 0;
+            self.successes = self.successes.saturating_add(1);
+            if !self.healthy && self.successes >= self.healthy_threshold {
+                self.healthy = true;
+                return Some(true);
+            }
+        } else {
+            self.successes = 0;
+            self.failures = self.failures.saturating_add(1);
+            if self.healthy && self.failures >= self.unhealthy_threshold {
+                self.healthy = false;
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+/// What a probe found, in words for logs and `slb status`.
+pub type ProbeResult = Result<String, String>;
+
+pub async fn probe(check: &HealthCheck, target: SocketAddr) -> ProbeResult {
+    match tokio::time::timeout(check.timeout, probe_inner(check, target)).await {
+        Ok(result) => result,
+        Err(_) => match check.kind {
+            // Silence for the whole timeout: no ICMP port-unreachable came back.
+            CheckKind::Udp if check.expect.is_none() => {
+                Ok("no reply and no ICMP error within the timeout".into())
+            }
+            _ => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(check.timeout)
+            )),
+        },
+    }
+}
+
+async fn probe_inner(check: &HealthCheck, target: SocketAddr) -> ProbeResult {
+    match check.kind {
+        CheckKind::Tcp => {
+            TcpStream::connect(target)
+                .await
+                .map_err(|e| format!("tcp connect: {e}"))?;
+            Ok("tcp connect succeeded".into())
+        }
+        CheckKind::Http => probe_http(check, target).await,
+        CheckKind::Udp => probe_udp(check, target).await,
+    }
+}
+
+async fn probe_http(check: &HealthCheck, target: SocketAddr) -> ProbeResult {
+    let mut stream = TcpStream::connect(target)
+        .await
+        .map_err(|e| format!("http connect: {e}"))?;
+    let host = check
+        .host
+        .clone()
+        .unwrap_or_else(|| target.ip().to_string());
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: slb-health-check\r\nConnection: close\r\n\r\n",
+        check.path()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("http write: {e}"))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("http read: {e}"))?;
+        if n == 0 {
+            return Err("http: connection closed before a complete status line and headers".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let code = response.code.unwrap_or(0);
+                return if check.accepts_status(code) {
+                    Ok(format!("http {code}"))
+                } else {
+                    Err(format!("http status {code} is not expected"))
+                };
+            }
+            Ok(httparse::Status::Partial) if buf.len() < 16 * 1024 => continue,
+            Ok(httparse::Status::Partial) => {
+                return Err("http: response headers larger than 16 KiB".into())
+            }
+            Err(e) => return Err(format!("http: malformed response: {e}")),
+        }
+    }
+}
+
+async fn probe_udp(check: &HealthCheck, target: SocketAddr) -> ProbeResult {
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("literal");
+    let socket = UdpSocket::bind(bind)
+        .await
+        .map_err(|e| format!("udp bind: {e}"))?;
+    // Connected, so an ICMP port-unreachable surfaces as ECONNREFUSED on recv.
+    socket
+        .connect(target)
+        .await
+        .map_err(|e| format!("udp connect: {e}"))?;
+    socket
+        .send(check.payload().as_bytes())
+        .await
+        .map_err(|e| format!("udp send: {e}"))?;
+    let mut buf = [0u8; 2048];
+    match socket.recv(&mut buf).await {
+        Ok(n) => match &check.expect {
+            Some(expect) if !String::from_utf8_lossy(&buf[..n]).contains(expect.as_str()) => {
+                Err(format!("udp reply does not contain {expect:?}"))
+            }
+            _ => Ok("udp reply".into()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err("udp: ICMP port unreachable".into())
+        }
+        Err(e) => Err(format!("udp recv: {e}")),
+    }
+}
+
+/// A verdict change, sent to the daemon.
+#[derive(Debug, Clone)]
+pub struct HealthEvent {
+    pub key: BackendKey,
+    pub healthy: bool,
+    pub reason: String,
+    pub at: SystemTime,
+}
+
+/// Health as `slb status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HealthStatus {
+    pub healthy: bool,
+    pub reason: String,
+    /// Unix time in nanoseconds of the last change (or of the start of checking).
+    pub since_unix_ns: u128,
+}
+
+pub fn unix_ns(t: SystemTime) -> u128 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// One checked backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckTarget {
+    pub key: BackendKey,
+    pub address: SocketAddr,
+    pub check: HealthCheck,
+}
+
+/// The running checker tasks. Re-targeting keeps the tasks whose target did not change, so a
+/// reload does not reset their state (no flapping).
+pub struct HealthMonitor {
+    tasks: BTreeMap<BackendKey, (CheckTarget, JoinHandle<()>)>,
+    events: mpsc::Sender<HealthEvent>,
+}
+
+impl HealthMonitor {
+    pub fn new(events: mpsc::Sender<HealthEvent>) -> HealthMonitor {
+        HealthMonitor {
+            tasks: BTreeMap::new(),
+            events,
+        }
+    }
+
+    /// Makes the running checks exactly `targets`; returns the keys whose checks were stopped.
+    pub fn set_targets(&mut self, targets: Vec<CheckTarget>) -> Vec<BackendKey> {
+        let wanted: BTreeMap<BackendKey, CheckTarget> =
+            targets.into_iter().map(|t| (t.key.clone(), t)).collect();
+        let mut stopped = Vec::new();
+        self.tasks.retain(|key, (target, handle)| {
+            if wanted.get(key) == Some(target) {
+                true
+            } else {
+                handle.abort();
+                stopped.push(key.clone());
+                false
+            }
+        });
+        for (key, target) in wanted {
+            if !self.tasks.contains_key(&key) {
+                let handle = tokio::spawn(run_checks(target.clone(), self.events.clone()));
+                self.tasks.insert(key, (target, handle));
+            }
+        }
+        stopped
+    }
+}
+
+impl Drop for HealthMonitor {
+    fn drop(&mut self) {
+        for (_, handle) in self.tasks.values() {
+            handle.abort();
+        }
+    }
+}
+
+async fn run_checks(target: CheckTarget, events: mpsc::Sender<HealthEvent>) {
+    let check = &target.check;
+    let mut machine = HealthMachine::new(check.healthy_threshold, check.unhealthy_threshold);
+    let mut ticker = tokio::time::interval(check.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let result = probe(check, target.address).await;
+        let ok = result.is_ok();
+        if let Some(healthy) = machine.record(ok) {
+            let reason = match result {
+                Ok(r) => format!("{r} ({} in a row)", check.healthy_threshold),
+                Err(r) => format!("{r} ({} in a row)", check.unhealthy_threshold),
+            };
+            let event = HealthEvent {
+                key: target.key.clone(),
+                healthy,
+                reason,
+                at: SystemTime::now(),
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The time a check needs at most to declare a backend unhealthy.
+pub fn detection_window(check: &HealthCheck) -> Duration {
+    check.interval * check.unhealthy_threshold + check.timeout
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_needs_consecutive_results_to_change() {
+        let mut m = HealthMachine::new(2, 3);
+        assert!(m.healthy);
+        assert_eq!(m.record(false), None);
+        assert_eq!(m.record(false), None);
+        assert_eq!(m.record(true), None, "a success resets the failure count");
+        assert_eq!(m.record(false), None);
+        assert_eq!(m.record(false), None);
+        assert_eq!(m.record(false), Some(false));
+        assert_eq!(m.record(false), None, "only changes are reported");
+        assert_eq!(m.record(true), None);
+        assert_eq!(m.record(false), None);
+        assert_eq!(m.record(true), None);
+        assert_eq!(m.record(true), Some(true));
+        assert!(m.healthy);
+    }
+
+    fn check(kind: CheckKind) -> HealthCheck {
+        HealthCheck {
+            kind,
+            port: None,
+            interval: Duration::from_millis(200),
+            timeout: Duration::from_millis(200),
+            healthy_threshold: 1,
+            unhealthy_threshold: 1,
+            path: None,
+            host: None,
+            expected_codes: None,
+            payload: None,
+            expect: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_sees_a_listener_and_a_closed_port() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert!(probe(&check(CheckKind::Tcp), addr).await.is_ok());
+        drop(listener);
+        let err = probe(&check(CheckKind::Tcp), addr).await.unwrap_err();
+        assert!(err.contains("refused"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn http_probe_checks_the_status_class() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            for status in ["200 OK", "503 Service Unavailable", "204 No Content"] {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(String::from_utf8_lossy(&buf[..n])
+                    .starts_with("GET /health HTTP/1.1\r\nHost: app.example\r\n"));
+                s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        });
+        let mut c = check(CheckKind::Http);
+        c.path = Some("/health".into());
+        c.host = Some("app.example".into());
+        assert_eq!(probe(&c, addr).await, Ok("http 200".into()));
+        assert!(probe(&c, addr).await.unwrap_err().contains("503"));
+        c.expected_codes = Some(vec!["3xx".into()]);
+        assert!(probe(&c, addr).await.unwrap_err().contains("204"));
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn udp_probe_reads_replies_and_port_unreachable() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                let (n, peer) = server.recv_from(&mut buf).await.unwrap();
+                let reply = format!("pong {}", String::from_utf8_lossy(&buf[..n]));
+                server.send_to(reply.as_bytes(), peer).await.unwrap();
+            }
+        });
+        let mut c = check(CheckKind::Udp);
+        c.expect = Some("pong".into());
+        assert_eq!(probe(&c, addr).await, Ok("udp reply".into()));
+        c.expect = Some("other".into());
+        assert!(probe(&c, addr).await.is_err());
+
+        let closed = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let c = check(CheckKind::Udp);
+        let err = probe(&c, closed).await.unwrap_err();
+        assert!(err.contains("port unreachable"), "{err}");
+    }
+}
