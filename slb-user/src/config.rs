@@ -722,6 +722,102 @@ backends = [{ address = "10.0.1.2", port = 8080, weight = 2 }, { address = "10.0
     }
 
     #[test]
+    fn active_standby_needs_exactly_two_servers() {
+        let three = format!(
+            "{GOOD}\n[[groups]]\nname = \"db\"\ntype = \"active-standby\"\nbackends = [{{ address = \"10.0.2.1\" }}, {{ address = \"10.0.2.2\" }}, {{ address = \"10.0.2.3\" }}]\n"
+        );
+        let e = error_of(&three);
+        assert!(
+            e.contains("groups[1] (db).backends")
+                && e.contains("exactly two")
+                && e.contains("has 3"),
+            "{e}"
+        );
+        let two = three.replace(", { address = \"10.0.2.3\" }", "");
+        let c = Config::parse(&two, "t").unwrap();
+        assert_eq!(c.groups[1].kind, GroupKind::ActiveStandby);
+    }
+
+    #[test]
+    fn health_check_must_fit_the_listener_and_its_ranges() {
+        let with_check = |listener: &str, check: &str| {
+            GOOD.replace(
+                &format!("name = \"{listener}\"\n"),
+                &format!("name = \"{listener}\"\nhealth_check = {check}\n"),
+            )
+        };
+        let e = error_of(&with_check("dns", "{ type = \"http\" }"));
+        assert!(
+            e.contains("listeners[1] (dns).health_check.type")
+                && e.contains("HTTP check needs a TCP listener"),
+            "{e}"
+        );
+        let e = error_of(&with_check("web", "{ type = \"udp\" }"));
+        assert!(e.contains("listeners[0] (web).health_check.type"), "{e}");
+        let e = error_of(&with_check(
+            "web",
+            "{ type = \"tcp\", interval = \"10ms\" }",
+        ));
+        assert!(
+            e.contains("health_check.interval") && e.contains("10ms"),
+            "{e}"
+        );
+        let e = error_of(&with_check(
+            "web",
+            "{ type = \"tcp\", interval = \"1s\", timeout = \"2s\" }",
+        ));
+        assert!(
+            e.contains("health_check.timeout") && e.contains("no longer than the interval"),
+            "{e}"
+        );
+        let e = error_of(&with_check(
+            "web",
+            "{ type = \"tcp\", unhealthy_threshold = 0 }",
+        ));
+        assert!(
+            e.contains("unhealthy_threshold") && e.contains("between 1 and 10"),
+            "{e}"
+        );
+        let e = error_of(&with_check(
+            "web",
+            "{ type = \"http\", expected_codes = [\"2xy\"] }",
+        ));
+        assert!(e.contains("expected_codes") && e.contains("2xy"), "{e}");
+        let e = error_of(&with_check("web", "{ type = \"tcp\", path = \"/x\" }"));
+        assert!(
+            e.contains("health_check.path") && e.contains("only applies to http"),
+            "{e}"
+        );
+        let ok = Config::parse(&with_check("web", "{ type = \"http\", path = \"/healthz\", expected_codes = [\"2xx\", \"301\"], interval = \"500ms\", timeout = \"300ms\" }"), "t").unwrap();
+        let check = ok.listeners[0].health_check.as_ref().unwrap();
+        assert_eq!(check.interval, Duration::from_millis(500));
+        assert!(
+            check.accepts_status(204) && check.accepts_status(301) && !check.accepts_status(302)
+        );
+    }
+
+    #[test]
+    fn persistence_timeout_is_bounded() {
+        let e = error_of(&GOOD.replace(
+            "port = 53\n",
+            "port = 53\npersistence = { timeout = \"2d\" }\n",
+        ));
+        assert!(e.contains("listeners[1] (dns).persistence.timeout"), "{e}");
+        let c = Config::parse(
+            &GOOD.replace(
+                "port = 53\n",
+                "port = 53\npersistence = { timeout = \"5m\" }\n",
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            c.listeners[1].persistence.unwrap().timeout,
+            Duration::from_secs(300)
+        );
+    }
+
+    #[test]
     fn ring_too_small_for_the_group_is_rejected() {
         let e = error_of(&GOOD.replace(
             "instance = \"t1\"",
