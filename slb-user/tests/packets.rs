@@ -14,8 +14,9 @@ use slb_common::checksum::{internet_checksum, ipv4_pseudo_header_sum};
 use slb_common::{GlobalCounters, MAX_LISTENERS, RINGS_PER_LISTENER};
 use slb_user::config::Config;
 use slb_user::dataplane::{ensure_bpffs, XDP_OBJECT};
+use slb_user::health::HealthStatus;
 use slb_user::maps::PinnedMaps;
-use slb_user::reconcile::Reconciler;
+use slb_user::reconcile::{BackendKey, Reconciler};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -54,6 +55,31 @@ protocol = "tcp"
 vip = "10.99.0.10"
 port = 81
 group = "empty"
+[[listeners]]
+name = "sticky"
+protocol = "tcp"
+vip = "10.99.0.10"
+port = 82
+group = "pool"
+persistence = {{ timeout = "60s" }}
+[[listeners]]
+name = "strict"
+protocol = "tcp"
+vip = "10.99.0.10"
+port = 84
+group = "pool"
+on_all_unhealthy = "drop"
+[[listeners]]
+name = "pair"
+protocol = "tcp"
+vip = "10.99.0.10"
+port = 83
+group = "pair"
+health_check = {{ type = "tcp" }}
+[[groups]]
+name = "pair"
+type = "active-standby"
+backends = [{{ address = "10.20.0.2", port = 8080 }}, {{ address = "10.20.0.3", port = 8080 }}]
 [[groups]]
 name = "pool"
 backends = [{{ address = "10.20.0.2", port = 8080, weight = {weight_a} }}, {{ address = "10.20.0.3", port = 8080, weight = {weight_b} }}]
@@ -592,5 +618,154 @@ fn random_and_truncated_frames_only_ever_pass_or_drop() {
             h.counters().malformed > 0,
             "truncated frames are counted as malformed"
         );
+    });
+}
+
+/// Health verdicts as the daemon would pass them: `down` backends of `listener` are unhealthy.
+fn verdicts(
+    listener: &str,
+    down: &[[u8; 4]],
+) -> std::collections::BTreeMap<BackendKey, HealthStatus> {
+    down.iter()
+        .map(|a| {
+            let key = BackendKey {
+                listener: listener.into(),
+                address: ipv4(*a).into(),
+                port: 8080,
+            };
+            (
+                key,
+                HealthStatus {
+                    healthy: false,
+                    reason: "test".into(),
+                    since_unix_ns: 0,
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn persistence_keeps_a_client_address_on_one_backend() {
+    in_fresh_netns(|| {
+        let h = Harness::new();
+        let in_mac = mac_of("in0");
+        let mut sticky = std::collections::BTreeSet::new();
+        let mut spread = std::collections::BTreeSet::new();
+        for port in 30000..30200 {
+            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 82, SYN)), h.in_index);
+            sticky.insert(parse_valid(&out).dst);
+            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, SYN)), h.in_index);
+            spread.insert(parse_valid(&out).dst);
+        }
+        assert_eq!(
+            sticky.len(),
+            1,
+            "200 connections with persistence land on one backend"
+        );
+        assert_eq!(spread.len(), 2, "without persistence they spread");
+        assert_eq!(h.counters().persistence_hits, 199);
+    });
+}
+
+#[test]
+fn active_standby_fails_over_on_the_health_flag_and_back() {
+    in_fresh_netns(|| {
+        let mut h = Harness::new();
+        let in_mac = mac_of("in0");
+        let config = Config::parse(&config(1, 1), "test").unwrap();
+        let dst_of = |h: &Harness, port: u16, flags: u8| {
+            let (verdict, out) = h.run(
+                &frame(in_mac, CLIENT, VIP, tcp(port, 83, flags)),
+                h.in_index,
+            );
+            assert_eq!(verdict, XDP_REDIRECT);
+            parse_valid(&out).dst
+        };
+        assert_eq!(
+            dst_of(&h, 41000, SYN),
+            BACKEND_A,
+            "the active server takes new flows"
+        );
+
+        h.reconciler
+            .apply(&config, &verdicts("pair", &[BACKEND_A]))
+            .unwrap();
+        assert_eq!(
+            dst_of(&h, 41001, SYN),
+            BACKEND_B,
+            "active down: new flows go to the standby"
+        );
+        assert_eq!(
+            dst_of(&h, 41000, ACK),
+            BACKEND_B,
+            "the active's flows move to the standby"
+        );
+        let c = h.counters();
+        assert!(c.standby_picks >= 2 && c.flows_repicked == 1, "{c:?}");
+
+        h.reconciler.apply(&config, &Default::default()).unwrap();
+        assert_eq!(
+            dst_of(&h, 41002, SYN),
+            BACKEND_A,
+            "active back: new flows return at once"
+        );
+        assert_eq!(
+            dst_of(&h, 41000, ACK),
+            BACKEND_B,
+            "moved flows stay on the standby"
+        );
+    });
+}
+
+#[test]
+fn flows_on_an_unhealthy_backend_are_rebalanced_and_new_ones_avoid_it() {
+    in_fresh_netns(|| {
+        let mut h = Harness::new();
+        let in_mac = mac_of("in0");
+        let config = Config::parse(&config(1, 1), "test").unwrap();
+        let mut on_a = Vec::new();
+        for port in 42000..42100 {
+            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, SYN)), h.in_index);
+            if parse_valid(&out).dst == BACKEND_A {
+                on_a.push(port);
+            }
+        }
+        assert!(!on_a.is_empty());
+        h.reconciler
+            .apply(&config, &verdicts("web", &[BACKEND_A]))
+            .unwrap();
+        for &port in &on_a {
+            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, ACK)), h.in_index);
+            assert_eq!(parse_valid(&out).dst, BACKEND_B);
+        }
+        for port in 43000..43100 {
+            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, SYN)), h.in_index);
+            assert_eq!(parse_valid(&out).dst, BACKEND_B);
+        }
+        assert_eq!(h.counters().flows_repicked, on_a.len() as u64);
+
+        // Both down with the default forward-all policy: traffic keeps flowing to both.
+        h.reconciler
+            .apply(&config, &verdicts("web", &[BACKEND_A, BACKEND_B]))
+            .unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for port in 44000..44100 {
+            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, SYN)), h.in_index);
+            seen.insert(parse_valid(&out).dst);
+        }
+        assert_eq!(
+            seen.len(),
+            2,
+            "forward-all spreads over every backend when all are down"
+        );
+
+        // The same on a listener configured to drop.
+        h.reconciler
+            .apply(&config, &verdicts("strict", &[BACKEND_A, BACKEND_B]))
+            .unwrap();
+        let (verdict, _) = h.run(&frame(in_mac, CLIENT, VIP, tcp(45000, 84, SYN)), h.in_index);
+        assert_eq!(verdict, XDP_DROP);
+        assert_eq!(h.counters().no_backend_dropped, 1);
     });
 }
