@@ -1,0 +1,141 @@
+//! Backend for the slb tests. Answers every TCP line and every UDP datagram with
+//! `<name> <peer ip>:<peer port> <what was received>`, so the client learns which backend
+//! served it and which source address that backend saw. TCP connections stay open until the
+//! client closes them. Prints `ready` on stdout once its sockets are bound.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Debug, Parser)]
+#[command(about = "Echo server that names itself and the peer it saw")]
+struct Args {
+    /// Name put at the start of every answer.
+    #[arg(long)]
+    name: String,
+    /// TCP address to listen on.
+    #[arg(long)]
+    tcp: Option<SocketAddr>,
+    /// UDP address to listen on.
+    #[arg(long)]
+    udp: Option<SocketAddr>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    ensure!(
+        args.tcp.is_some() || args.udp.is_some(),
+        "give --tcp, --udp or both"
+    );
+    raise_fd_limit();
+    let name: Arc<str> = args.name.into();
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = args.tcp {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind TCP {addr}"))?;
+        tasks.spawn(serve_tcp(listener, name.clone()));
+    }
+    if let Some(addr) = args.udp {
+        let socket = UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("bind UDP {addr}"))?;
+        tasks.spawn(serve_udp(socket, name.clone()));
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "ready")?;
+        out.flush()?;
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => Ok(()),
+        _ = int.recv() => Ok(()),
+        Some(res) = tasks.join_next() => res.context("server task panicked")?,
+    }
+}
+
+async fn serve_tcp(listener: TcpListener, name: Arc<str>) -> anyhow::Result<()> {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(tcp_connection(stream, peer, name.clone()));
+            }
+            Err(e) => {
+                // Typically EMFILE under a connection storm: back off and keep serving.
+                eprintln!("{name}: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn tcp_connection(stream: TcpStream, peer: SocketAddr, name: Arc<str>) {
+    if let Err(e) = echo_lines(stream, peer, &name).await {
+        // Resets from clients that close early are normal; anything else is worth seeing.
+        if !matches!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ) {
+            eprintln!("{name}: connection from {peer}: {e}");
+        }
+    }
+}
+
+async fn echo_lines(stream: TcpStream, peer: SocketAddr, name: &str) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let text = line.trim_end_matches(['\r', '\n']);
+        write
+            .write_all(format!("{name} {peer} {text}\n").as_bytes())
+            .await?;
+    }
+}
+
+async fn serve_udp(socket: UdpSocket, name: Arc<str>) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, peer) = socket.recv_from(&mut buf).await.context("UDP receive")?;
+        let payload = String::from_utf8_lossy(&buf[..n]);
+        let reply = format!("{name} {peer} {}", payload.trim_end_matches(['\r', '\n']));
+        if let Err(e) = socket.send_to(reply.as_bytes(), peer).await {
+            eprintln!("{name}: UDP reply to {peer}: {e}");
+        }
+    }
+}
+
+/// Lifts the open-file soft limit to the hard limit so thousands of connections fit.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit for getrlimit/setrlimit to read and write.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                eprintln!(
+                    "warning: cannot raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}

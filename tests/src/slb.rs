@@ -1,0 +1,431 @@
+//! The `slb` daemon under test: its config file, where its binary is, and a handle that runs it
+//! in a namespace.
+
+use std::fs::{self, File};
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use serde::Serialize;
+
+use crate::exec;
+use crate::topology::Topology;
+use crate::{BACKEND_PORT, VIP, VIP_TCP_PORT, VIP_UDP_PORT};
+
+/// The `slb` config file (TOML), as far as the tests use it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SlbConfig {
+    pub instance: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maglev_table_size: Option<u32>,
+    pub interfaces: Vec<InterfaceConfig>,
+    pub listeners: Vec<ListenerConfig>,
+    pub default_group: BackendsConfig,
+    pub groups: Vec<GroupConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InterfaceConfig {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub protocol: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct BackendsConfig {
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct GroupConfig {
+    pub name: String,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BackendConfig {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub weight: u32,
+}
+
+/// Name of the group [`SlbConfig::standard`] puts every backend in.
+pub const POOL_GROUP: &str = "pool";
+
+impl SlbConfig {
+    /// The config the tests use: XDP on `s0..sN` (N = `weights.len()`), a TCP listener on
+    /// VIP:80 and a UDP listener on VIP:53, both served by group `pool`, in which backend `i`
+    /// (1-based) is 10.200.(10+i).2:8080 with weight `weights[i - 1]`.
+    pub fn standard(instance: &str, weights: &[u32]) -> Self {
+        let interfaces = (0..=weights.len())
+            .map(|i| InterfaceConfig {
+                name: format!("s{i}"),
+                mode: None,
+            })
+            .collect();
+        let listener = |name: &str, protocol: &str, port| ListenerConfig {
+            name: name.to_owned(),
+            protocol: protocol.to_owned(),
+            vip: VIP,
+            port,
+            group: Some(POOL_GROUP.to_owned()),
+        };
+        SlbConfig {
+            instance: instance.to_owned(),
+            maglev_table_size: None,
+            interfaces,
+            listeners: vec![
+                listener("tcp-echo", "tcp", VIP_TCP_PORT),
+                listener("udp-echo", "udp", VIP_UDP_PORT),
+            ],
+            default_group: BackendsConfig::default(),
+            groups: vec![GroupConfig {
+                name: POOL_GROUP.to_owned(),
+                backends: weights
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &weight)| BackendConfig {
+                        address: Topology::backend_addr(k + 1),
+                        port: BACKEND_PORT,
+                        weight,
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    /// `(backend name, weight)` for every backend of the `pool` group, as
+    /// [`crate::Distribution::new`] wants them.
+    pub fn pool_weights(&self) -> Vec<(String, u32)> {
+        self.groups
+            .iter()
+            .filter(|g| g.name == POOL_GROUP)
+            .flat_map(|g| g.backends.iter().enumerate())
+            .map(|(k, b)| (Topology::backend_name(k + 1), b.weight))
+            .collect()
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the config types always serialize to TOML")
+    }
+}
+
+static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(0);
+
+/// An instance name no other test (in this or a concurrent process) uses: `<tag>-<pid>-<n>`.
+pub fn unique_instance(tag: &str) -> String {
+    let n = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
+    format!("{tag}-{}-{n}", std::process::id())
+}
+
+/// Path of the `slb` binary: `$SLB_BIN` if set, else `slb` next to the running executable's
+/// profile directory (`target/<profile>/`, also when the executable is a test binary in
+/// `deps/`), else `target/<profile>/slb` under the workspace root. Panics with a hint if none
+/// exists.
+pub fn slb_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("SLB_BIN") {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "SLB_BIN={} does not exist; build it with `cargo build -p slb-user`",
+            path.display()
+        );
+        return path;
+    }
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(mut dir) = exe.parent().map(Path::to_path_buf) {
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir.pop();
+            }
+            candidates.push(dir.join("slb"));
+        }
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("slb-tests lives inside the workspace");
+    candidates.push(workspace.join("target").join(profile).join("slb"));
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "the slb binary is missing (looked at {}); build it with `cargo build -p slb-user` \
+                 or point SLB_BIN at it",
+                candidates
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+/// Directory where `slb` keeps the state of `instance`.
+pub fn state_dir(instance: &str) -> PathBuf {
+    Path::new("/run/slb").join(instance)
+}
+
+/// A running `slb --netns <ns> run -c <config>`. Dropping it stops the daemon (SIGTERM, then
+/// SIGKILL); if the thread is panicking, the daemon's log is printed.
+#[derive(Debug)]
+pub struct SlbDaemon {
+    bin: PathBuf,
+    netns: String,
+    instance: String,
+    child: Option<Child>,
+    /// Holds the config file and the log; removed on drop.
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+/// How long the first apply (program load and attach) may take.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a reload may take.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the daemon has to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl SlbDaemon {
+    /// Writes `config` to a temporary file, starts `bin --netns <netns> run -c <file>` and
+    /// waits until the daemon reports generation 1 in its state file.
+    pub fn start(bin: &Path, netns: &str, config: &SlbConfig) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("slb-{}-", config.instance))
+            .tempdir()
+            .context("creating the daemon's temporary directory")?;
+        let config_path = dir.path().join("slb.toml");
+        let log_path = dir.path().join("slb.log");
+        let mut daemon = SlbDaemon {
+            bin: bin.to_owned(),
+            netns: netns.to_owned(),
+            instance: config.instance.clone(),
+            child: None,
+            dir,
+            config_path,
+            log_path,
+        };
+        daemon.write_config(config)?;
+        // The instance name is unique to this run, so a state file left there is stale.
+        let state = daemon.state_path();
+        if state.exists() {
+            fs::remove_file(&state)
+                .with_context(|| format!("removing stale {}", state.display()))?;
+        }
+        let log = File::create(&daemon.log_path).context("creating the daemon log")?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--netns")
+            .arg(netns)
+            .arg("run")
+            .arg("-c")
+            .arg(&daemon.config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        daemon.child = Some(child);
+        daemon.wait_generation(1, START_TIMEOUT)?;
+        Ok(daemon)
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        state_dir(&self.instance).join("state.json")
+    }
+
+    /// The daemon's output so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path)
+            .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log_path.display()))
+    }
+
+    /// Generation in the state file, if the file exists and parses.
+    pub fn generation(&self) -> Option<u64> {
+        let text = fs::read_to_string(self.state_path()).ok()?;
+        let state: serde_json::Value = serde_json::from_str(&text).ok()?;
+        state.get("generation")?.as_u64()
+    }
+
+    /// Waits until the state file reports at least generation `n`. Fails if the daemon exits
+    /// or `timeout` passes first; the error includes the daemon's log.
+    pub fn wait_generation(&mut self, n: u64, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(g) = self.generation().filter(|&g| g >= n) {
+                return Ok(g);
+            }
+            if let Some(status) = self.child_mut()?.try_wait()? {
+                bail!(
+                    "slb exited ({status}) before reaching generation {n}\n{}",
+                    self.log_block()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "slb did not reach generation {n} within {timeout:?} (state file {}, now {:?})\n{}",
+                    self.state_path().display(),
+                    self.generation(),
+                    self.log_block()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Replaces the config file (the daemon reads it on the next reload).
+    pub fn write_config(&mut self, config: &SlbConfig) -> anyhow::Result<()> {
+        ensure!(
+            config.instance == self.instance,
+            "config is for instance {}, daemon runs {}",
+            config.instance,
+            self.instance
+        );
+        self.write_config_text(&config.to_toml())
+    }
+
+    /// Replaces the config file with raw text, e.g. to test a rejected reload.
+    pub fn write_config_text(&mut self, text: &str) -> anyhow::Result<()> {
+        // Write and rename, so the daemon never reads a half-written file.
+        let tmp = self.dir.path().join("slb.toml.new");
+        fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &self.config_path)
+            .with_context(|| format!("replacing {}", self.config_path.display()))
+    }
+
+    /// Sends SIGHUP and waits for the next generation, which it returns.
+    pub fn reload(&mut self) -> anyhow::Result<u64> {
+        let current = self
+            .generation()
+            .with_context(|| format!("no generation in {}", self.state_path().display()))?;
+        self.signal(libc::SIGHUP)?;
+        self.wait_generation(current + 1, RELOAD_TIMEOUT)
+            .context("waiting for the reload to apply")
+    }
+
+    /// [`write_config`](Self::write_config) then [`reload`](Self::reload).
+    pub fn reload_with(&mut self, config: &SlbConfig) -> anyhow::Result<u64> {
+        self.write_config(config)?;
+        self.reload()
+    }
+
+    /// `slb --netns <ns> status --instance <name> --json`, parsed.
+    pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+        let out = exec::run(
+            Command::new(&self.bin)
+                .arg("--netns")
+                .arg(&self.netns)
+                .args(["status", "--instance", &self.instance, "--json"]),
+        )?;
+        serde_json::from_str(&out).with_context(|| format!("slb status printed no JSON: {out}"))
+    }
+
+    /// Stops the daemon with SIGTERM and returns how it exited (SIGKILL after 10 s).
+    pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("slb is not running");
+        };
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        send_signal(&child, libc::SIGTERM)?;
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                child.kill()?;
+                child.wait()?;
+                bail!(
+                    "slb did not exit within {STOP_TIMEOUT:?} of SIGTERM and was killed\n{}",
+                    self.log_block()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&mut self, signal: libc::c_int) -> anyhow::Result<()> {
+        let child = self.child_mut()?;
+        if let Some(status) = child.try_wait()? {
+            bail!("slb already exited ({status})\n{}", self.log_block());
+        }
+        send_signal(self.child_mut()?, signal)
+    }
+
+    fn child_mut(&mut self) -> anyhow::Result<&mut Child> {
+        self.child.as_mut().context("slb is not running")
+    }
+
+    fn log_block(&self) -> String {
+        format!(
+            "---- slb log (instance {}) ----\n{}---- end of slb log ----",
+            self.instance,
+            self.log()
+        )
+    }
+}
+
+fn send_signal(child: &Child, signal: libc::c_int) -> anyhow::Result<()> {
+    let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
+    // SAFETY: kill has no memory-safety preconditions; `pid` is our own unreaped child, so the
+    // id cannot have been reused.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("kill");
+    }
+    Ok(())
+}
+
+impl Drop for SlbDaemon {
+    fn drop(&mut self) {
+        let stopped = if self.child.is_some() {
+            self.terminate().map(|_| ())
+        } else {
+            Ok(())
+        };
+        if std::thread::panicking() {
+            eprintln!("{}", self.log_block());
+        }
+        if let Err(e) = stopped {
+            eprintln!("warning: stopping slb: {e:#}");
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Client / load balancer / backends, each in its own network namespace, joined by veths.
+//!
+//! ```text
+//!  client ns            slb ns                          backend ns i
+//!  c0 10.200.1.2 ─── s0 10.200.1.1
+//!                       s<i> 10.200.(10+i).1 ───────── b0 10.200.(10+i).2
+//! ```
+//!
+//! The client's default route points at the slb namespace, so traffic to the VIP
+//! (10.200.100.10, on no interface) arrives on `s0`, where the XDP program picks it up. Each
+//! backend's default route points back at the slb namespace. Every name carries a per-process
+//! unique prefix, and everything is deleted when the [`Topology`] is dropped, panics included.
+
+use std::ffi::OsStr;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+
+use crate::exec::{self, ChildGuard, CommandError};
+use crate::{BACKEND_PORT, CLIENT_ADDR, SLB_CLIENT_SIDE_ADDR};
+
+static NEXT_TOPOLOGY: AtomicU32 = AtomicU32::new(0);
+
+/// Highest backend index the 10.200.(10+i).0/24 addressing allows.
+pub const MAX_BACKENDS: usize = 200;
+
+/// Builder for [`Topology`].
+#[derive(Debug, Clone)]
+pub struct TopologyBuilder {
+    tag: String,
+    backends: usize,
+}
+
+impl TopologyBuilder {
+    /// Short tag that starts every namespace name (default `slbt`).
+    pub fn tag(mut self, tag: &str) -> Self {
+        self.tag = tag.to_owned();
+        self
+    }
+
+    /// Number of backend namespaces created up front (more can be added with
+    /// [`Topology::add_backend`]).
+    pub fn backends(mut self, n: usize) -> Self {
+        self.backends = n;
+        self
+    }
+
+    pub fn build(self) -> anyhow::Result<Topology> {
+        ensure!(
+            !self.tag.is_empty()
+                && self.tag.len() <= 8
+                && self
+                    .tag
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "topology tag {:?} must be 1-8 characters of [A-Za-z0-9-]",
+            self.tag
+        );
+        let n = NEXT_TOPOLOGY.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{}-{}-{n}", self.tag, std::process::id());
+        let mut topo = Topology {
+            client: format!("{prefix}-cli"),
+            slb: format!("{prefix}-lb"),
+            prefix,
+            backends: Vec::new(),
+            created: Vec::new(),
+            children: Vec::new(),
+        };
+        // From here on, a failure drops `topo`, which deletes whatever was created.
+        topo.create_core()
+            .with_context(|| format!("creating topology {}", topo.prefix))?;
+        for _ in 0..self.backends {
+            topo.add_backend()?;
+        }
+        Ok(topo)
+    }
+}
+
+/// A set of namespaces and veths that is torn down on drop.
+#[derive(Debug)]
+pub struct Topology {
+    prefix: String,
+    client: String,
+    slb: String,
+    /// Backend namespaces; backend `i` (1-based) is `backends[i - 1]`.
+    backends: Vec<String>,
+    /// Namespaces created so far, in creation order.
+    created: Vec<String>,
+    /// Processes started in the namespaces, killed before the namespaces are deleted.
+    children: Vec<ChildGuard>,
+}
+
+impl Topology {
+    pub fn builder() -> TopologyBuilder {
+        TopologyBuilder {
+            tag: "slbt".to_owned(),
+            backends: 0,
+        }
+    }
+
+    /// Unique prefix of every namespace name of this topology.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn client_ns(&self) -> &str {
+        &self.client
+    }
+
+    pub fn slb_ns(&self) -> &str {
+        &self.slb
+    }
+
+    /// Namespace of backend `i` (1-based).
+    pub fn backend_ns(&self, i: usize) -> &str {
+        assert!(
+            (1..=self.backends.len()).contains(&i),
+            "no backend {i} (have {})",
+            self.backends.len()
+        );
+        &self.backends[i - 1]
+    }
+
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Address of backend `i`: 10.200.(10+i).2.
+    pub fn backend_addr(i: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 200, subnet(i), 2)
+    }
+
+    /// Name the test server of backend `i` reports: `b<i>`.
+    pub fn backend_name(i: usize) -> String {
+        format!("b{i}")
+    }
+
+    /// Interfaces in the slb namespace: `s0` (client side) then `s1..sN`.
+    pub fn slb_interfaces(&self) -> Vec<String> {
+        (0..=self.backends.len()).map(|i| format!("s{i}")).collect()
+    }
+
+    /// Runs `args` in namespace `ns` and returns stdout.
+    pub fn exec_in<I, S>(&self, ns: &str, args: I) -> Result<String, CommandError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        exec::exec_in(ns, args)
+    }
+
+    /// Starts `args` in namespace `ns`; the caller owns the process (killed on drop).
+    pub fn spawn_in<I, S>(&self, ns: &str, args: I) -> Result<ChildGuard, CommandError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        exec::spawn_in(ns, args)
+    }
+
+    /// Runs `f` on a thread inside namespace `ns` (see [`exec::in_netns`]).
+    pub fn in_netns<T, F>(&self, ns: &str, f: F) -> anyhow::Result<T>
+    where
+        T: Send,
+        F: FnOnce() -> T + Send,
+    {
+        exec::in_netns(ns, f)
+    }
+
+    /// Starts `server_bin` (the `slb-test-server` binary) in backend `i`, answering TCP and UDP
+    /// on port 8080 as `b<i>`, and waits until it listens. The process lives as long as the
+    /// topology.
+    pub fn start_backend_server(&mut self, i: usize, server_bin: &Path) -> anyhow::Result<()> {
+        let ns = self.backend_ns(i).to_owned();
+        let listen = format!("0.0.0.0:{BACKEND_PORT}");
+        let mut child = exec::spawn_in(
+            &ns,
+            [
+                server_bin.as_os_str(),
+                OsStr::new("--name"),
+                OsStr::new(&Self::backend_name(i)),
+                OsStr::new("--tcp"),
+                OsStr::new(&listen),
+                OsStr::new("--udp"),
+                OsStr::new(&listen),
+            ],
+        )?;
+        child
+            .wait_for_line("ready", Duration::from_secs(10))
+            .with_context(|| format!("starting the test server of backend {i}"))?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    /// Creates backend namespace `i = backend_count() + 1`, its veth pair to the slb namespace
+    /// (`s<i>` there, `b0` in the backend) and addresses, and returns `i`. Works while a load
+    /// balancer is running; it only has to be told about `s<i>` and the backend.
+    pub fn add_backend(&mut self) -> anyhow::Result<usize> {
+        let i = self.backends.len() + 1;
+        ensure!(i <= MAX_BACKENDS, "at most {MAX_BACKENDS} backends");
+        let ns = format!("{}-b{i}", self.prefix);
+        self.add_namespace(&ns)?;
+        self.backends.push(ns.clone());
+        let slb_if = format!("s{i}");
+        let net = subnet(i);
+        (|| -> anyhow::Result<()> {
+            ip([
+                "link", "add", "b0", "netns", &ns, "type", "veth", "peer", "name", &slb_if,
+                "netns", &self.slb,
+            ])?;
+            ip([
+                "-n",
+                &self.slb,
+                "addr",
+                "add",
+                &format!("10.200.{net}.1/24"),
+                "dev",
+                &slb_if,
+            ])?;
+            ip(["-n", &self.slb, "link", "set", &slb_if, "up"])?;
+            ip([
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.200.{net}.2/24"),
+                "dev",
+                "b0",
+            ])?;
+            ip(["-n", &ns, "link", "set", "b0", "up"])?;
+            ip([
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.200.{net}.1"),
+            ])?;
+            endpoint_offloads(&ns, "b0")?;
+            exec::exec_in(&self.slb, ["ethtool", "-K", &slb_if, "gro", "on"])?;
+            Ok(())
+        })()
+        .with_context(|| format!("creating backend {i} ({ns})"))?;
+        Ok(i)
+    }
+
+    fn create_core(&mut self) -> anyhow::Result<()> {
+        let (client, slb) = (self.client.clone(), self.slb.clone());
+        self.add_namespace(&client)?;
+        self.add_namespace(&slb)?;
+        ip([
+            "link", "add", "c0", "netns", &client, "type", "veth", "peer", "name", "s0", "netns",
+            &slb,
+        ])?;
+        ip([
+            "-n",
+            &client,
+            "addr",
+            "add",
+            &format!("{CLIENT_ADDR}/24"),
+            "dev",
+            "c0",
+        ])?;
+        ip(["-n", &client, "link", "set", "c0", "up"])?;
+        ip([
+            "-n",
+            &client,
+            "route",
+            "add",
+            "default",
+            "via",
+            &SLB_CLIENT_SIDE_ADDR.to_string(),
+        ])?;
+        endpoint_offloads(&client, "c0")?;
+        ip([
+            "-n",
+            &slb,
+            "addr",
+            "add",
+            &format!("{SLB_CLIENT_SIDE_ADDR}/24"),
+            "dev",
+            "s0",
+        ])?;
+        ip(["-n", &slb, "link", "set", "s0", "up"])?;
+        exec::exec_in(&slb, ["ethtool", "-K", "s0", "gro", "on"])?;
+        exec::exec_in(&slb, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        Ok(())
+    }
+
+    /// Creates namespace `ns` with `lo` up, and records it for teardown.
+    fn add_namespace(&mut self, ns: &str) -> anyhow::Result<()> {
+        ip(["netns", "add", ns])?;
+        self.created.push(ns.to_owned());
+        ip(["-n", ns, "link", "set", "lo", "up"])?;
+        Ok(())
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Processes first, so nothing keeps a namespace alive after its name is gone.
+        self.children.clear();
+        for ns in self.created.iter().rev() {
+            if let Err(e) = ip(["netns", "del", ns]) {
+                eprintln!("warning: could not delete namespace {ns}: {e}");
+            }
+        }
+    }
+}
+
+/// Third octet of backend `i`'s subnet.
+fn subnet(i: usize) -> u8 {
+    assert!(
+        (1..=MAX_BACKENDS).contains(&i),
+        "backend index {i} out of range"
+    );
+    (10 + i) as u8
+}
+
+fn ip<const N: usize>(args: [&str; N]) -> Result<String, CommandError> {
+    exec::run(Command::new("ip").args(args))
+}
+
+/// Offloads on a client or backend veth end: no TX checksum offload, so local sockets send
+/// complete checksums the XDP program can update incrementally, and GRO on, which veth needs to
+/// accept frames that XDP_REDIRECT sends into its peer.
+fn endpoint_offloads(ns: &str, ifname: &str) -> Result<(), CommandError> {
+    exec::exec_in(ns, ["ethtool", "-K", ifname, "tx", "off"])?;
+    exec::exec_in(ns, ["ethtool", "-K", ifname, "gro", "on"])?;
+    Ok(())
+}

@@ -1,0 +1,414 @@
+//! Traffic generators that run inside the client namespace.
+//!
+//! Every request carries a unique line; the test server answers
+//! `<backend name> <peer ip>:<peer port> <line>`, so each answer tells which backend served
+//! it and which source address that backend saw.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+
+use crate::exec::in_netns;
+
+/// How many connections or flows to run, and how.
+#[derive(Debug, Clone)]
+pub struct TrafficOptions {
+    pub count: usize,
+    /// Requests in flight at once (one thread each).
+    pub concurrency: usize,
+    /// Timeout of a connect, and of each wait for a reply.
+    pub timeout: Duration,
+    /// Stop starting new requests once this many have failed, so that a broken data plane
+    /// fails a test in seconds rather than after `count` timeouts.
+    pub max_failures: usize,
+}
+
+impl TrafficOptions {
+    /// `count` requests, 32 at a time, 2 s timeouts, stop after 50 failures.
+    pub fn new(count: usize) -> Self {
+        TrafficOptions {
+            count,
+            concurrency: 32,
+            timeout: Duration::from_secs(2),
+            max_failures: 50,
+        }
+    }
+}
+
+/// What a batch of connections or flows saw.
+#[derive(Debug, Default, Clone)]
+pub struct TrafficReport {
+    /// Requests started (less than the requested count if the run was aborted).
+    pub attempted: usize,
+    /// Answers per backend name.
+    pub counts: BTreeMap<String, usize>,
+    /// Source addresses each backend reported for its peers.
+    pub peers: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// One line per failed request.
+    pub failures: Vec<String>,
+    /// Distinct client source ports among the answered requests.
+    pub distinct_source_ports: usize,
+    /// True if the run stopped early after `max_failures` failures.
+    pub aborted: bool,
+    pub elapsed: Duration,
+}
+
+impl TrafficReport {
+    pub fn answered(&self) -> usize {
+        self.counts.values().sum()
+    }
+
+    /// Source addresses seen by any backend.
+    pub fn peer_ips(&self) -> BTreeSet<IpAddr> {
+        self.peers.values().flatten().copied().collect()
+    }
+
+    /// A one-paragraph summary, including the first few failures.
+    pub fn summary(&self, what: &str) -> String {
+        let mut s = format!(
+            "{what}: {} attempted, {} answered, {} failed{} in {:.2?}; {} distinct source ports; peers seen {:?}",
+            self.attempted,
+            self.answered(),
+            self.failures.len(),
+            if self.aborted { " (aborted)" } else { "" },
+            self.elapsed,
+            self.distinct_source_ports,
+            self.peer_ips(),
+        );
+        for f in self.failures.iter().take(10) {
+            s.push_str("\n  failure: ");
+            s.push_str(f);
+        }
+        if self.failures.len() > 10 {
+            s.push_str(&format!("\n  ... and {} more", self.failures.len() - 10));
+        }
+        s
+    }
+}
+
+/// One answered request.
+#[derive(Debug)]
+struct Answer {
+    backend: String,
+    peer: SocketAddr,
+    local_port: u16,
+}
+
+/// Splits a server reply into backend name and peer, checking that it echoes `sent`.
+pub fn parse_reply(reply: &str, sent: &str) -> anyhow::Result<(String, SocketAddr)> {
+    let reply = reply.trim_end_matches(['\r', '\n']);
+    let mut parts = reply.splitn(3, ' ');
+    let (Some(name), Some(peer), Some(echo)) = (parts.next(), parts.next(), parts.next()) else {
+        bail!("malformed reply {reply:?}");
+    };
+    let peer: SocketAddr = peer
+        .parse()
+        .with_context(|| format!("bad peer address in reply {reply:?}"))?;
+    ensure!(echo == sent, "reply {reply:?} does not echo {sent:?}");
+    Ok((name.to_owned(), peer))
+}
+
+/// Runs `count` requests with `concurrency` threads; `request(i)` performs request `i`.
+/// Must be called on a thread inside the client namespace (threads inherit it).
+fn run_batch<F>(opts: &TrafficOptions, request: F) -> TrafficReport
+where
+    F: Fn(usize) -> anyhow::Result<Answer> + Sync,
+{
+    let start = Instant::now();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicUsize::new(0);
+    let answers = Mutex::new(Vec::with_capacity(opts.count));
+    let failures = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..opts.concurrency.max(1) {
+            scope.spawn(|| loop {
+                if failed.load(Ordering::Relaxed) >= opts.max_failures {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= opts.count {
+                    break;
+                }
+                match request(i) {
+                    Ok(a) => answers.lock().unwrap().push(a),
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        failures.lock().unwrap().push(format!("#{i}: {e:#}"));
+                    }
+                }
+            });
+        }
+    });
+    let answers = answers.into_inner().unwrap();
+    let failures = failures.into_inner().unwrap();
+    // Threads that stop on the failure limit do not take an index, so fewer than `count`
+    // indices taken means the run was cut short.
+    let taken = next.load(Ordering::Relaxed);
+    let mut report = TrafficReport {
+        attempted: taken.min(opts.count),
+        aborted: taken < opts.count,
+        failures,
+        elapsed: start.elapsed(),
+        ..TrafficReport::default()
+    };
+    let mut ports = BTreeSet::new();
+    for a in answers {
+        *report.counts.entry(a.backend.clone()).or_default() += 1;
+        report
+            .peers
+            .entry(a.backend)
+            .or_default()
+            .insert(a.peer.ip());
+        ports.insert(a.local_port);
+    }
+    report.distinct_source_ports = ports.len();
+    report
+}
+
+/// Opens `opts.count` TCP connections from namespace `ns` to `target`, each from a new
+/// ephemeral source port; on each sends one line, reads the answer, and closes.
+pub fn tcp_connections(
+    ns: &str,
+    target: SocketAddr,
+    opts: &TrafficOptions,
+) -> anyhow::Result<TrafficReport> {
+    in_netns(ns, || {
+        run_batch(opts, |i| {
+            let line = format!("tcp request {i}");
+            let (reply, local) = tcp_exchange(target, &line, opts.timeout)?;
+            let (backend, peer) = parse_reply(&reply, &line)?;
+            Ok(Answer {
+                backend,
+                peer,
+                local_port: local.port(),
+            })
+        })
+    })
+}
+
+/// Connects, sends `line`, returns the reply line and the local address.
+fn tcp_exchange(
+    target: SocketAddr,
+    line: &str,
+    timeout: Duration,
+) -> anyhow::Result<(String, SocketAddr)> {
+    let stream = TcpStream::connect_timeout(&target, timeout)
+        .with_context(|| format!("connect {target}"))?;
+    let local = stream.local_addr()?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    (&stream)
+        .write_all(format!("{line}\n").as_bytes())
+        .with_context(|| format!("send from {local}"))?;
+    let mut reply = String::new();
+    let n = BufReader::new(&stream)
+        .read_line(&mut reply)
+        .with_context(|| format!("read reply on {local}"))?;
+    ensure!(n > 0, "connection from {local} closed without a reply");
+    Ok((reply, local))
+}
+
+/// Sends `opts.count` UDP flows from namespace `ns` to `target`: flow `i` is a socket bound to
+/// source port `base_port + i`, sends one datagram and waits `opts.timeout` for the answer,
+/// resending up to 3 times. A reply from an address other than `target` is a failure.
+pub fn udp_flows(
+    ns: &str,
+    target: SocketAddr,
+    base_port: u16,
+    opts: &TrafficOptions,
+) -> anyhow::Result<TrafficReport> {
+    ensure!(
+        usize::from(base_port) + opts.count <= usize::from(u16::MAX) + 1,
+        "{} flows do not fit in source ports from {base_port}",
+        opts.count
+    );
+    in_netns(ns, || {
+        run_batch(opts, |i| {
+            let port = base_port + i as u16;
+            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+                .with_context(|| format!("bind UDP source port {port}"))?;
+            socket.set_read_timeout(Some(opts.timeout))?;
+            let payload = format!("udp flow {i}");
+            let mut buf = [0u8; 2048];
+            for _attempt in 0..=3 {
+                socket
+                    .send_to(payload.as_bytes(), target)
+                    .with_context(|| format!("send from port {port}"))?;
+                match socket.recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        ensure!(
+                            from == target,
+                            "port {port}: reply came from {from}, expected {target}"
+                        );
+                        let reply = String::from_utf8_lossy(&buf[..n]);
+                        let (backend, peer) = parse_reply(&reply, &payload)?;
+                        return Ok(Answer {
+                            backend,
+                            peer,
+                            local_port: port,
+                        });
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        continue
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("receive on port {port}")),
+                }
+            }
+            bail!("port {port}: no reply after 4 sends")
+        })
+    })
+}
+
+/// Long-lived TCP connections, each expected to stay on the backend that first answered it.
+#[derive(Debug)]
+pub struct LongLivedStreams {
+    streams: Vec<Stream>,
+    timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Stream {
+    reader: BufReader<TcpStream>,
+    local: SocketAddr,
+    backend: String,
+    pings: u64,
+}
+
+impl LongLivedStreams {
+    /// Opens `k` connections from namespace `ns` to `target` and sends one line on each. Fails
+    /// if any of them does not answer.
+    pub fn open(ns: &str, target: SocketAddr, k: usize, timeout: Duration) -> anyhow::Result<Self> {
+        let streams = in_netns(ns, || -> anyhow::Result<Vec<Stream>> {
+            (0..k)
+                .map(|id| {
+                    let stream = TcpStream::connect_timeout(&target, timeout)
+                        .with_context(|| format!("stream {id}: connect {target}"))?;
+                    stream.set_read_timeout(Some(timeout))?;
+                    stream.set_write_timeout(Some(timeout))?;
+                    stream.set_nodelay(true)?;
+                    let local = stream.local_addr()?;
+                    let mut s = Stream {
+                        reader: BufReader::new(stream),
+                        local,
+                        backend: String::new(),
+                        pings: 0,
+                    };
+                    s.backend = s
+                        .ping(id)
+                        .with_context(|| format!("stream {id}: first exchange"))?;
+                    Ok(s)
+                })
+                .collect()
+        })??;
+        Ok(LongLivedStreams { streams, timeout })
+    }
+
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Backend that serves each stream, in opening order.
+    pub fn backends(&self) -> Vec<String> {
+        self.streams.iter().map(|s| s.backend.clone()).collect()
+    }
+
+    /// Streams per backend.
+    pub fn counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for s in &self.streams {
+            *counts.entry(s.backend.clone()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Sends one line on every stream and checks that the same backend answers it. Returns one
+    /// message per stream that failed; empty means all are fine.
+    pub fn ping_all(&mut self) -> Vec<String> {
+        let mut failures = Vec::new();
+        for (id, s) in self.streams.iter_mut().enumerate() {
+            match s.ping(id) {
+                Ok(backend) if backend == s.backend => {}
+                Ok(backend) => failures.push(format!(
+                    "stream {id} from {}: answered by {backend}, was {}",
+                    s.local, s.backend
+                )),
+                Err(e) => failures.push(format!(
+                    "stream {id} from {} (backend {}): {e:#}",
+                    s.local, s.backend
+                )),
+            }
+        }
+        failures
+    }
+}
+
+impl Stream {
+    /// Sends one line and returns the name of the backend that answered it.
+    fn ping(&mut self, id: usize) -> anyhow::Result<String> {
+        self.pings += 1;
+        let line = format!("stream {id} ping {}", self.pings);
+        self.reader
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .context("send")?;
+        let mut reply = String::new();
+        let n = self.reader.read_line(&mut reply).context("read reply")?;
+        ensure!(n > 0, "closed by the other side");
+        let (backend, _peer) = parse_reply(&reply, &line)?;
+        Ok(backend)
+    }
+}
+
+/// Checks ordinary (non-load-balanced) TCP to the load balancer host itself: listens on
+/// `addr` in `server_ns`, connects from `client_ns`, and exchanges one line each way.
+pub fn tcp_roundtrip_to_host(
+    server_ns: &str,
+    client_ns: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let listener = in_netns(server_ns, || TcpListener::bind(addr))?
+        .with_context(|| format!("listen on {addr} in {server_ns}"))?;
+    listener.set_nonblocking(true)?;
+    std::thread::scope(|scope| {
+        let server = scope.spawn(|| -> anyhow::Result<()> {
+            let deadline = Instant::now() + timeout;
+            let (stream, peer) = loop {
+                match listener.accept() {
+                    Ok(conn) => break conn,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => return Err(e).context("accept"),
+                }
+            };
+            stream.set_nonblocking(false)?;
+            stream.set_read_timeout(Some(timeout))?;
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line)?;
+            (&stream).write_all(format!("host {peer} {line}").as_bytes())?;
+            Ok(())
+        });
+        let client = in_netns(client_ns, || tcp_exchange(addr, "hello host", timeout))?;
+        let server = server.join().expect("host listener thread panicked");
+        let (reply, _local) = client.with_context(|| format!("connect to host {addr}"))?;
+        server.context("host listener")?;
+        let (name, _peer) = parse_reply(&reply, "hello host")?;
+        ensure!(name == "host", "unexpected reply {reply:?}");
+        Ok(())
+    })
+}
