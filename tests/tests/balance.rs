@@ -1,0 +1,136 @@
+//! Weighted balancing of TCP connections and UDP flows through `slb` in network namespaces.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use slb_tests::slb::{slb_binary, unique_instance};
+use slb_tests::traffic::{tcp_connections, tcp_roundtrip_to_host, udp_flows};
+use slb_tests::{
+    require_root, vip_tcp, vip_udp, Distribution, SlbConfig, SlbDaemon, Topology, TrafficOptions,
+    TrafficReport, CLIENT_ADDR, SLB_CLIENT_SIDE_ADDR,
+};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
+/// Allowed distance between a backend's share and its weight share, in percentage points.
+const TOLERANCE_PP: f64 = 5.0;
+
+/// Every request answered, shares within tolerance, and backends saw the client's own address.
+fn check_balanced(what: &str, report: &TrafficReport, expected: usize, pool: &[(String, u32)]) {
+    let table = Distribution::new(what, pool, &report.counts);
+    println!("{}\n{table}", report.summary(what));
+    assert!(
+        report.failures.is_empty() && report.answered() == expected,
+        "{what}: {} of {expected} answered\n{}",
+        report.answered(),
+        report.summary(what)
+    );
+    assert_eq!(
+        report.distinct_source_ports, expected,
+        "{what}: every request should come from its own source port"
+    );
+    if let Err(e) = table.check(TOLERANCE_PP) {
+        panic!("{e}");
+    }
+    assert_eq!(
+        report.peer_ips(),
+        BTreeSet::from([IpAddr::V4(CLIENT_ADDR)]),
+        "{what}: backends must see the client's real address"
+    );
+}
+
+#[test]
+fn balances_tcp_and_udp_by_weight() {
+    if !require_root("balances_tcp_and_udp_by_weight") {
+        return;
+    }
+    let slb = slb_binary();
+    let weights = [1, 2, 3];
+    let mut topo = Topology::builder()
+        .tag("bal")
+        .backends(weights.len())
+        .build()
+        .expect("create topology");
+    for i in 1..=weights.len() {
+        topo.start_backend_server(i, Path::new(SERVER))
+            .expect("start backend server");
+    }
+    let config = SlbConfig::standard(&unique_instance("bal"), &weights);
+    let pool = config.pool_weights();
+    let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");
+
+    // Traffic to the load balancer host itself still works with XDP attached.
+    let ping = topo
+        .exec_in(
+            topo.client_ns(),
+            [
+                "ping",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                &SLB_CLIENT_SIDE_ADDR.to_string(),
+            ],
+        )
+        .expect("ping from the client to the slb host");
+    assert!(ping.contains(" 0% packet loss"), "{ping}");
+    tcp_roundtrip_to_host(
+        topo.slb_ns(),
+        topo.client_ns(),
+        SocketAddr::from((SLB_CLIENT_SIDE_ADDR, 2222)),
+        Duration::from_secs(3),
+    )
+    .expect("TCP from the client to a listener on the slb host");
+
+    let n = 3000;
+    let tcp = tcp_connections(topo.client_ns(), vip_tcp(), &TrafficOptions::new(n))
+        .expect("run TCP connections");
+    check_balanced("TCP connections", &tcp, n, &pool);
+    let udp = udp_flows(topo.client_ns(), vip_udp(), 20000, &TrafficOptions::new(n))
+        .expect("run UDP flows");
+    check_balanced("UDP flows", &udp, n, &pool);
+
+    // Status reports the configured backends and counts at least the flows they served. A
+    // backend may be listed once per listener that uses it, so entries are summed by address.
+    let status = daemon.status_json().expect("slb status");
+    let backends = status["backends"].as_array().expect("status has backends");
+    let configured: BTreeSet<String> = (1..=weights.len())
+        .map(|i| Topology::backend_addr(i).to_string())
+        .collect();
+    let listed: BTreeSet<String> = backends
+        .iter()
+        .filter_map(|b| b["address"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(listed, configured, "status backends: {status:#}");
+    for (k, (name, weight)) in pool.iter().enumerate() {
+        let addr = Topology::backend_addr(k + 1).to_string();
+        let entries: Vec<_> = backends
+            .iter()
+            .filter(|b| b["address"] == addr.as_str())
+            .collect();
+        for b in &entries {
+            assert_eq!(b["weight"], *weight, "weight of {addr}: {status:#}");
+        }
+        let new: u64 = entries
+            .iter()
+            .map(|b| b["new_connections"].as_u64().expect("new_connections"))
+            .sum();
+        let served =
+            tcp.counts.get(name).copied().unwrap_or(0) + udp.counts.get(name).copied().unwrap_or(0);
+        assert!(
+            new >= served as u64,
+            "status says {addr} had {new} new connections, it answered {served}: {status:#}"
+        );
+    }
+    assert_eq!(
+        status["listeners"].as_array().map(Vec::len),
+        Some(2),
+        "{status:#}"
+    );
+
+    let exit = daemon.stop().expect("stop slb");
+    assert!(exit.success(), "slb exited with {exit} on SIGTERM");
+}
