@@ -1,1 +1,363 @@
-fn main(){}
+//! Project tasks: `cargo xtask setup | test | demo`.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, ensure, Context as _};
+use clap::{Parser, Subcommand};
+use slb_tests::slb::unique_instance;
+use slb_tests::traffic::{tcp_connections, udp_flows};
+use slb_tests::{vip_tcp, vip_udp, Distribution, SlbConfig, SlbDaemon, Topology, TrafficOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Development tasks for slb")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building and testing need (nightly rust-src, bpf-linker, iproute2,
+    /// ethtool, ping, bpftool); does nothing for what is already there.
+    Setup,
+    /// Setup, build the workspace, and run every test.
+    Test,
+    /// Setup, build slb (release), and balance TCP and UDP traffic over three backends in
+    /// network namespaces, printing the distribution and `slb status`. Needs root.
+    Demo {
+        /// TCP connections, and also UDP flows, to send.
+        #[arg(long, default_value_t = 3000)]
+        connections: usize,
+        /// Weights of the backends (one backend each).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        weights: Vec<u32>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::Test => test(),
+        Task::Demo {
+            connections,
+            weights,
+        } => demo(connections, &weights),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+/// The cargo that runs us (`cargo xtask` sets `CARGO`), else the one on PATH.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs `cmd` with inherited output; a failure names the command.
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = describe(cmd);
+    eprintln!("xtask: running {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{shown}`"))?;
+    ensure!(status.success(), "`{shown}` failed ({status})");
+    Ok(())
+}
+
+/// Runs `cmd` quietly and returns its trimmed stdout if it succeeded.
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(OsStr::to_string_lossy)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---- setup ----
+
+fn setup() -> anyhow::Result<()> {
+    let sysroot = ensure_nightly_rust_src()?;
+    ensure_bpf_linker(&sysroot)?;
+    ensure_packages()?;
+    Ok(())
+}
+
+/// Makes sure the nightly toolchain (which aya-build uses to build the eBPF program) has
+/// rust-src, and returns its sysroot.
+fn ensure_nightly_rust_src() -> anyhow::Result<PathBuf> {
+    let sysroot = || output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]));
+    let sysroot = match sysroot() {
+        Some(s) => PathBuf::from(s),
+        None => {
+            run(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))?;
+            PathBuf::from(sysroot().context("rustc +nightly still does not run")?)
+        }
+    };
+    if !sysroot.join("lib/rustlib/src").is_dir() {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(sysroot)
+}
+
+/// Installs bpf-linker against the LLVM that ships with the nightly toolchain, unless a working
+/// one is already on PATH.
+fn ensure_bpf_linker(nightly_sysroot: &Path) -> anyhow::Result<()> {
+    if output(Command::new("bpf-linker").arg("--version")).is_some() {
+        return Ok(());
+    }
+    let lib_dir = nightly_sysroot.join("lib");
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(&lib_dir)
+        .with_context(|| format!("reading {}", lib_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(OsStr::to_str)
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .collect();
+    libs.sort();
+    let Some(llvm) = libs.pop() else {
+        bail!("no libLLVM.so.* in {}", lib_dir.display());
+    };
+    let versioned = llvm
+        .file_name()
+        .and_then(OsStr::to_str)
+        .context("non-UTF-8 libLLVM name")?
+        .to_owned();
+    // libLLVM.so.22.1-rust-1.97.0-nightly -> 22
+    let major = versioned
+        .trim_start_matches("libLLVM.so.")
+        .split(['.', '-'])
+        .next()
+        .filter(|m| !m.is_empty() && m.chars().all(|c| c.is_ascii_digit()))
+        .with_context(|| format!("cannot read the LLVM major version from {versioned}"))?
+        .to_owned();
+
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let prefix = Path::new(&home).join(".cache/slb/llvm");
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for name in ["libLLVM.so", versioned.as_str()] {
+        let link = prefix_lib.join(name);
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
+        }
+        std::os::unix::fs::symlink(&llvm, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), llvm.display()))?;
+    }
+    run(cargo()
+        .env("LLVM_PREFIX", &prefix)
+        .args([
+            "install",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+        ])
+        .arg(format!("llvm-{major}")))?;
+    ensure!(
+        output(Command::new("bpf-linker").arg("--version")).is_some(),
+        "bpf-linker was installed but does not run (is ~/.cargo/bin on PATH?)"
+    );
+    Ok(())
+}
+
+/// Debian packages the tests and the demo use, by the binary each provides.
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("ping", "iputils-ping"),
+    ("bpftool", "bpftool"),
+];
+
+fn ensure_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(bin, _)| find_program(bin).is_none())
+        .map(|&(_, pkg)| pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let install = || {
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing))
+    };
+    if install().is_err() {
+        run(Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .arg("update"))?;
+        install().with_context(|| format!("installing {}", missing.join(" ")))?;
+    }
+    Ok(())
+}
+
+/// Looks `name` up on PATH and in the sbin directories, which a non-login PATH may lack.
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+// ---- test ----
+
+fn test() -> anyhow::Result<()> {
+    setup()?;
+    // The default members are every crate but slb-ebpf, which only builds for the BPF target
+    // (slb-user's build script builds it with nightly). Building first puts the `slb` binary
+    // where the integration tests look for it.
+    run(cargo().arg("build"))?;
+    run(cargo().args(["test", "--", "--test-threads=2"]))?;
+    Ok(())
+}
+
+// ---- demo ----
+
+fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
+    ensure!(!weights.is_empty(), "give at least one weight");
+    ensure!(connections > 0, "give at least one connection");
+    ensure!(
+        slb_tests::is_root(),
+        "the demo creates network namespaces and attaches XDP programs: run it as root"
+    );
+    setup()?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "slb-user",
+        "-p",
+        "slb-tests",
+        "--bins",
+    ]))?;
+    let bin_dir = target_dir()?.join("release");
+    let slb = bin_dir.join("slb");
+    let server = bin_dir.join("slb-test-server");
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        ctrlc::set_handler(move || {
+            if !flag.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted: stopping after the current step and cleaning up");
+            }
+        })
+        .context("installing the Ctrl-C handler")?;
+    }
+    let step = |what: &str| -> anyhow::Result<()> {
+        ensure!(!interrupted.load(Ordering::SeqCst), "interrupted");
+        println!("==> {what}");
+        Ok(())
+    };
+
+    // Declared before the daemon, so it is dropped (namespaces deleted) after the daemon stops.
+    step(&format!(
+        "creating namespaces: client, slb, {} backends",
+        weights.len()
+    ))?;
+    let mut topo = Topology::builder()
+        .tag("demo")
+        .backends(weights.len())
+        .build()?;
+    step("starting backend servers")?;
+    for i in 1..=weights.len() {
+        topo.start_backend_server(i, &server)?;
+    }
+    let config = SlbConfig::standard(&unique_instance("demo"), weights);
+    step(&format!(
+        "starting slb in namespace {} with this config:\n{}",
+        topo.slb_ns(),
+        config.to_toml()
+    ))?;
+    let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config)?;
+    let pool = config.pool_weights();
+
+    step(&format!("{connections} TCP connections to {}", vip_tcp()))?;
+    let tcp = tcp_connections(
+        topo.client_ns(),
+        vip_tcp(),
+        &TrafficOptions::new(connections),
+    )?;
+    println!("{}", tcp.summary("TCP"));
+    println!(
+        "{}",
+        Distribution::new("TCP connections per backend", &pool, &tcp.counts)
+    );
+
+    step(&format!("{connections} UDP flows to {}", vip_udp()))?;
+    let udp = udp_flows(
+        topo.client_ns(),
+        vip_udp(),
+        20000,
+        &TrafficOptions::new(connections),
+    )?;
+    println!("{}", udp.summary("UDP"));
+    println!(
+        "{}",
+        Distribution::new("UDP flows per backend", &pool, &udp.counts)
+    );
+
+    step("slb status")?;
+    let status = daemon.status_json()?;
+    println!("{}", serde_json::to_string_pretty(&status)?);
+
+    step("stopping slb and deleting the namespaces")?;
+    let exit = daemon.stop()?;
+    println!("slb exited: {exit}");
+    ensure!(
+        tcp.failures.is_empty() && udp.failures.is_empty(),
+        "{} TCP and {} UDP requests failed",
+        tcp.failures.len(),
+        udp.failures.len()
+    );
+    Ok(())
+}
+
+/// Target directory as cargo reports it (honours CARGO_TARGET_DIR and config).
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("running cargo metadata")?;
+    ensure!(out.status.success(), "cargo metadata failed");
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    meta["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata has no target_directory")
+}
