@@ -11,14 +11,15 @@
 //! backend's default route points back at the slb namespace. Every name carries a per-process
 //! unique prefix, and everything is deleted when the [`Topology`] is dropped, panics included.
 
-use std::ffi::OsStr;
-use std::net::Ipv4Addr;
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use anyhow::{ensure, Context as _};
+use anyhow::{bail, ensure, Context as _};
 
 use crate::exec::{self, ChildGuard, CommandError};
 use crate::{BACKEND_PORT, CLIENT_ADDR, SLB_CLIENT_SIDE_ADDR};
@@ -68,7 +69,7 @@ impl TopologyBuilder {
             prefix,
             backends: Vec::new(),
             created: Vec::new(),
-            children: Vec::new(),
+            servers: BTreeMap::new(),
         };
         // From here on, a failure drops `topo`, which deletes whatever was created.
         topo.create_core()
@@ -90,8 +91,67 @@ pub struct Topology {
     backends: Vec<String>,
     /// Namespaces created so far, in creation order.
     created: Vec<String>,
-    /// Processes started in the namespaces, killed before the namespaces are deleted.
-    children: Vec<ChildGuard>,
+    /// Test servers by backend index: the command line (for restarts) and the running
+    /// process, if any. Killed before the namespaces are deleted.
+    servers: BTreeMap<usize, BackendServer>,
+}
+
+#[derive(Debug)]
+struct BackendServer {
+    args: Vec<OsString>,
+    child: Option<ChildGuard>,
+}
+
+/// Options of a backend's test server beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// `--log-peers FILE`: the server appends `<unix ns> <tcp|udp> <peer>` for every accepted
+    /// connection and received datagram (read it with [`read_peer_log`]).
+    pub log_peers: Option<PathBuf>,
+}
+
+/// One line of a test server's peer log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerLogEntry {
+    /// When the server accepted the connection or received the datagram, unix time in ns.
+    pub at_unix_ns: u128,
+    /// `true` for TCP, `false` for UDP.
+    pub tcp: bool,
+    pub peer: SocketAddr,
+}
+
+/// Reads a peer log written by `slb-test-server --log-peers`. A missing file is an empty log.
+pub fn read_peer_log(path: &Path) -> anyhow::Result<Vec<PeerLogEntry>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let mut parts = line.split_whitespace();
+            let (Some(at), Some(proto), Some(peer), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                bail!("malformed peer log line {line:?} in {}", path.display());
+            };
+            let tcp = match proto {
+                "tcp" => true,
+                "udp" => false,
+                other => bail!("unknown protocol {other:?} in peer log line {line:?}"),
+            };
+            Ok(PeerLogEntry {
+                at_unix_ns: at
+                    .parse()
+                    .with_context(|| format!("bad time in peer log line {line:?}"))?,
+                tcp,
+                peer: peer
+                    .parse()
+                    .with_context(|| format!("bad peer in peer log line {line:?}"))?,
+            })
+        })
+        .collect()
 }
 
 impl Topology {
@@ -173,27 +233,83 @@ impl Topology {
 
     /// Starts `server_bin` (the `slb-test-server` binary) in backend `i`, answering TCP and UDP
     /// on port 8080 as `b<i>`, and waits until it listens. The process lives as long as the
-    /// topology.
+    /// topology, unless stopped with [`Topology::stop_backend_server`].
     pub fn start_backend_server(&mut self, i: usize, server_bin: &Path) -> anyhow::Result<()> {
-        let ns = self.backend_ns(i).to_owned();
+        self.start_backend_server_with(i, server_bin, &ServerOptions::default())
+    }
+
+    /// [`start_backend_server`](Self::start_backend_server) with extra options.
+    pub fn start_backend_server_with(
+        &mut self,
+        i: usize,
+        server_bin: &Path,
+        options: &ServerOptions,
+    ) -> anyhow::Result<()> {
+        self.backend_ns(i); // checks the index
+        ensure!(
+            self.servers.get(&i).is_none_or(|s| s.child.is_none()),
+            "backend {i} already runs a test server"
+        );
         let listen = format!("0.0.0.0:{BACKEND_PORT}");
-        let mut child = exec::spawn_in(
-            &ns,
-            [
-                server_bin.as_os_str(),
-                OsStr::new("--name"),
-                OsStr::new(&Self::backend_name(i)),
-                OsStr::new("--tcp"),
-                OsStr::new(&listen),
-                OsStr::new("--udp"),
-                OsStr::new(&listen),
-            ],
-        )?;
+        let mut args: Vec<OsString> = vec![
+            server_bin.into(),
+            "--name".into(),
+            Self::backend_name(i).into(),
+            "--tcp".into(),
+            listen.clone().into(),
+            "--udp".into(),
+            listen.into(),
+        ];
+        if let Some(path) = &options.log_peers {
+            args.push("--log-peers".into());
+            args.push(path.into());
+        }
+        self.servers.insert(i, BackendServer { args, child: None });
+        self.restart_backend_server(i)
+    }
+
+    /// Kills backend `i`'s test server (SIGKILL, as in a crash) and waits until it is gone:
+    /// from then on its kernel refuses TCP connections and answers UDP with ICMP port
+    /// unreachable.
+    pub fn stop_backend_server(&mut self, i: usize) -> anyhow::Result<()> {
+        let server = self
+            .servers
+            .get_mut(&i)
+            .with_context(|| format!("backend {i} has no test server"))?;
+        let child = server
+            .child
+            .take()
+            .with_context(|| format!("the test server of backend {i} is not running"))?;
+        drop(child); // kills and reaps
+        Ok(())
+    }
+
+    /// Starts backend `i`'s test server again with the command line it was first started with
+    /// and waits until it listens.
+    pub fn restart_backend_server(&mut self, i: usize) -> anyhow::Result<()> {
+        let ns = self.backend_ns(i).to_owned();
+        let server = self
+            .servers
+            .get_mut(&i)
+            .with_context(|| format!("backend {i} has no test server to restart"))?;
+        ensure!(
+            server.child.is_none(),
+            "the test server of backend {i} is already running"
+        );
+        let mut child = exec::spawn_in(&ns, &server.args)?;
         child
             .wait_for_line("ready", Duration::from_secs(10))
             .with_context(|| format!("starting the test server of backend {i}"))?;
-        self.children.push(child);
+        server.child = Some(child);
         Ok(())
+    }
+
+    /// True if backend `i`'s test server is running.
+    pub fn backend_server_running(&mut self, i: usize) -> bool {
+        self.servers
+            .get_mut(&i)
+            .and_then(|s| s.child.as_mut())
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Creates backend namespace `i = backend_count() + 1`, its veth pair to the slb namespace
@@ -304,7 +420,7 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         // Processes first, so nothing keeps a namespace alive after its name is gone.
-        self.children.clear();
+        self.servers.clear();
         for ns in self.created.iter().rev() {
             if let Err(e) = ip(["netns", "del", ns]) {
                 eprintln!("warning: could not delete namespace {ns}: {e}");

@@ -2,11 +2,17 @@
 //! `<name> <peer ip>:<peer port> <what was received>`, so the client learns which backend
 //! served it and which source address that backend saw. TCP connections stay open until the
 //! client closes them. Prints `ready` on stdout once its sockets are bound.
+//!
+//! With `--log-peers FILE` it also appends one line per accepted TCP connection and per
+//! received UDP datagram to FILE: `<unix time ns> <tcp|udp> <peer ip>:<peer port>`, so a test
+//! can tell who reached the server (clients, health checks) and when.
 
+use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context as _};
 use clap::Parser;
@@ -26,6 +32,41 @@ struct Args {
     /// UDP address to listen on.
     #[arg(long)]
     udp: Option<SocketAddr>,
+    /// Append `<unix ns> <tcp|udp> <peer>` to this file for every accepted connection and
+    /// every received datagram (the file is created if missing, never truncated).
+    #[arg(long, value_name = "FILE")]
+    log_peers: Option<PathBuf>,
+}
+
+/// Where peers are logged, if anywhere. Each line is written with one `write` on an
+/// append-mode file, so a reader never sees half a line from a concurrent writer.
+#[derive(Clone, Default)]
+struct PeerLog(Option<Arc<Mutex<File>>>);
+
+impl PeerLog {
+    fn open(path: Option<&PathBuf>) -> anyhow::Result<Self> {
+        let Some(path) = path else {
+            return Ok(PeerLog(None));
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening peer log {}", path.display()))?;
+        Ok(PeerLog(Some(Arc::new(Mutex::new(file)))))
+    }
+
+    fn record(&self, proto: &str, peer: SocketAddr) {
+        let Some(file) = &self.0 else { return };
+        let ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let line = format!("{ns} {proto} {peer}\n");
+        let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = file.write_all(line.as_bytes()) {
+            eprintln!("peer log: {e}");
+        }
+    }
 }
 
 #[tokio::main]
@@ -36,19 +77,20 @@ async fn main() -> anyhow::Result<()> {
         "give --tcp, --udp or both"
     );
     raise_fd_limit();
+    let log = PeerLog::open(args.log_peers.as_ref())?;
     let name: Arc<str> = args.name.into();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = args.tcp {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("bind TCP {addr}"))?;
-        tasks.spawn(serve_tcp(listener, name.clone()));
+        tasks.spawn(serve_tcp(listener, name.clone(), log.clone()));
     }
     if let Some(addr) = args.udp {
         let socket = UdpSocket::bind(addr)
             .await
             .with_context(|| format!("bind UDP {addr}"))?;
-        tasks.spawn(serve_udp(socket, name.clone()));
+        tasks.spawn(serve_udp(socket, name.clone(), log.clone()));
     }
     {
         let mut out = std::io::stdout().lock();
@@ -64,10 +106,11 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve_tcp(listener: TcpListener, name: Arc<str>) -> anyhow::Result<()> {
+async fn serve_tcp(listener: TcpListener, name: Arc<str>, log: PeerLog) -> anyhow::Result<()> {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                log.record("tcp", peer);
                 tokio::spawn(tcp_connection(stream, peer, name.clone()));
             }
             Err(e) => {
@@ -108,10 +151,11 @@ async fn echo_lines(stream: TcpStream, peer: SocketAddr, name: &str) -> std::io:
     }
 }
 
-async fn serve_udp(socket: UdpSocket, name: Arc<str>) -> anyhow::Result<()> {
+async fn serve_udp(socket: UdpSocket, name: Arc<str>, log: PeerLog) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 65536];
     loop {
         let (n, peer) = socket.recv_from(&mut buf).await.context("UDP receive")?;
+        log.record("udp", peer);
         let payload = String::from_utf8_lossy(&buf[..n]);
         let reply = format!("{name} {peer} {}", payload.trim_end_matches(['\r', '\n']));
         if let Err(e) = socket.send_to(reply.as_bytes(), peer).await {
