@@ -43,6 +43,69 @@ pub struct ListenerConfig {
     pub port: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub persistence: Option<PersistenceConfig>,
+    /// `forward-all` or `drop`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_all_unhealthy: Option<String>,
+}
+
+/// A listener's `health_check = { type = ..., ... }`; unset fields take slb's defaults.
+/// Durations are humantime strings (`"200ms"`).
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct HealthCheckConfig {
+    /// `tcp`, `http` or `udp`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_codes: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect: Option<String>,
+}
+
+impl HealthCheckConfig {
+    /// A `kind` check probing every `interval`, each probe given `timeout`, with the given
+    /// healthy / unhealthy thresholds.
+    pub fn new(
+        kind: &str,
+        interval: Duration,
+        timeout: Duration,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> Self {
+        HealthCheckConfig {
+            kind: kind.to_owned(),
+            interval: Some(format!("{}ms", interval.as_millis())),
+            timeout: Some(format!("{}ms", timeout.as_millis())),
+            healthy_threshold: Some(healthy_threshold),
+            unhealthy_threshold: Some(unhealthy_threshold),
+            ..HealthCheckConfig::default()
+        }
+    }
+}
+
+/// A listener's `persistence = { timeout = "60s" }`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PersistenceConfig {
+    pub timeout: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
@@ -53,6 +116,9 @@ pub struct BackendsConfig {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct GroupConfig {
     pub name: String,
+    /// `vserver` (slb's default when absent) or `active-standby`.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -65,6 +131,38 @@ pub struct BackendConfig {
 
 /// Name of the group [`SlbConfig::standard`] puts every backend in.
 pub const POOL_GROUP: &str = "pool";
+/// Name of the TCP listener (VIP:80) of [`SlbConfig::standard`].
+pub const TCP_LISTENER: &str = "tcp-echo";
+/// Name of the UDP listener (VIP:53) of [`SlbConfig::standard`].
+pub const UDP_LISTENER: &str = "udp-echo";
+
+impl ListenerConfig {
+    /// A listener on `VIP:port` forwarding to `group` (the default group if `None`), without
+    /// health check or persistence.
+    pub fn new(name: &str, protocol: &str, port: u16, group: Option<&str>) -> Self {
+        ListenerConfig {
+            name: name.to_owned(),
+            protocol: protocol.to_owned(),
+            vip: VIP,
+            port,
+            group: group.map(str::to_owned),
+            health_check: None,
+            persistence: None,
+            on_all_unhealthy: None,
+        }
+    }
+}
+
+impl BackendConfig {
+    /// Backend `i` of the topology (10.200.(10+i).2:8080) with `weight`.
+    pub fn backend(i: usize, weight: u32) -> Self {
+        BackendConfig {
+            address: Topology::backend_addr(i),
+            port: BACKEND_PORT,
+            weight,
+        }
+    }
+}
 
 impl SlbConfig {
     /// The config the tests use: XDP on `s0..sN` (N = `weights.len()`), a TCP listener on
@@ -77,35 +175,44 @@ impl SlbConfig {
                 mode: None,
             })
             .collect();
-        let listener = |name: &str, protocol: &str, port| ListenerConfig {
-            name: name.to_owned(),
-            protocol: protocol.to_owned(),
-            vip: VIP,
-            port,
-            group: Some(POOL_GROUP.to_owned()),
+        let listener = |name: &str, protocol: &str, port| {
+            ListenerConfig::new(name, protocol, port, Some(POOL_GROUP))
         };
         SlbConfig {
             instance: instance.to_owned(),
             maglev_table_size: None,
             interfaces,
             listeners: vec![
-                listener("tcp-echo", "tcp", VIP_TCP_PORT),
-                listener("udp-echo", "udp", VIP_UDP_PORT),
+                listener(TCP_LISTENER, "tcp", VIP_TCP_PORT),
+                listener(UDP_LISTENER, "udp", VIP_UDP_PORT),
             ],
             default_group: BackendsConfig::default(),
             groups: vec![GroupConfig {
                 name: POOL_GROUP.to_owned(),
+                kind: None,
                 backends: weights
                     .iter()
                     .enumerate()
-                    .map(|(k, &weight)| BackendConfig {
-                        address: Topology::backend_addr(k + 1),
-                        port: BACKEND_PORT,
-                        weight,
-                    })
+                    .map(|(k, &weight)| BackendConfig::backend(k + 1, weight))
                     .collect(),
             }],
         }
+    }
+
+    /// The listener named `name`; panics if there is none.
+    pub fn listener_mut(&mut self, name: &str) -> &mut ListenerConfig {
+        self.listeners
+            .iter_mut()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("no listener {name:?} in the config"))
+    }
+
+    /// The group named `name`; panics if there is none.
+    pub fn group_mut(&mut self, name: &str) -> &mut GroupConfig {
+        self.groups
+            .iter_mut()
+            .find(|g| g.name == name)
+            .unwrap_or_else(|| panic!("no group {name:?} in the config"))
     }
 
     /// `(backend name, weight)` for every backend of the `pool` group, as
@@ -121,6 +228,12 @@ impl SlbConfig {
 
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("the config types always serialize to TOML")
+    }
+
+    /// The config as a TOML document tree, to write values the typed fields cannot hold
+    /// (e.g. a negative weight) before rendering it with `toml::to_string`.
+    pub fn to_toml_value(&self) -> toml::Value {
+        toml::Value::try_from(self).expect("the config types always serialize to TOML")
     }
 }
 
@@ -259,6 +372,82 @@ impl SlbDaemon {
         &self.instance
     }
 
+    /// Namespace the daemon runs in.
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// The `slb` binary the daemon runs.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Runs `slb --netns <ns> <args...>` to completion (whatever its exit status) and returns
+    /// what it did, e.g. `daemon.cli(["reload", "-i", daemon.instance()])`.
+    pub fn cli<I, S>(&self, args: I) -> anyhow::Result<CliOutput>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--netns").arg(&self.netns).args(args);
+        let command = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {command}"))?;
+        Ok(CliOutput {
+            command,
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Sends SIGHUP without waiting for anything (see [`reload`](Self::reload) for a reload
+    /// that must apply).
+    pub fn sighup(&mut self) -> anyhow::Result<()> {
+        self.signal(libc::SIGHUP)
+    }
+
+    /// How often `needle` occurs in the daemon's log so far.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Waits until `needle` occurs at least `count` times in the daemon's log. Fails (with the
+    /// log) if the daemon exits or `timeout` passes first.
+    pub fn wait_for_log(
+        &mut self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log_count(needle) >= count {
+                return Ok(());
+            }
+            if let Some(status) = self.child_mut()?.try_wait()? {
+                bail!(
+                    "slb exited ({status}) before logging {needle:?} {count} time(s)\n{}",
+                    self.log_block()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "slb did not log {needle:?} {count} time(s) within {timeout:?}\n{}",
+                    self.log_block()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn config_path(&self) -> &Path {
         &self.config_path
     }
@@ -353,6 +542,35 @@ impl SlbDaemon {
         serde_json::from_str(&out).with_context(|| format!("slb status printed no JSON: {out}"))
     }
 
+    /// Polls `slb status --json` until the backend at `address` of `listener` reports
+    /// `healthy == want`, and returns that status entry. Fails after `timeout`.
+    pub fn wait_backend_health(
+        &self,
+        listener: &str,
+        address: Ipv4Addr,
+        want: bool,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status_json()?;
+            let backend = status_backend(&status, listener, address).with_context(|| {
+                format!("slb status lists no backend {address} on listener {listener}: {status:#}")
+            })?;
+            if backend["healthy"] == want {
+                return Ok(backend.clone());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "backend {address} on listener {listener} did not become {} within {timeout:?}: {backend:#}\n{}",
+                    if want { "healthy" } else { "unhealthy" },
+                    self.log_block()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Stops the daemon with SIGTERM and returns how it exited (SIGKILL after 10 s).
     pub fn stop(mut self) -> anyhow::Result<ExitStatus> {
         self.terminate()
@@ -402,6 +620,57 @@ impl SlbDaemon {
             self.log()
         )
     }
+}
+
+/// What a `slb` command printed and how it exited.
+#[derive(Debug, Clone)]
+pub struct CliOutput {
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Fails, showing the output, unless the command exited 0; returns stdout.
+    pub fn expect_success(&self) -> anyhow::Result<&str> {
+        ensure!(self.success(), "{self}");
+        Ok(&self.stdout)
+    }
+}
+
+impl std::fmt::Display for CliOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` exited with {}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.command, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// The entry of `slb status --json` for the backend at `address` as `listener` uses it.
+pub fn status_backend<'a>(
+    status: &'a serde_json::Value,
+    listener: &str,
+    address: Ipv4Addr,
+) -> Option<&'a serde_json::Value> {
+    let address = address.to_string();
+    status["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["listener"] == listener && b["address"] == address.as_str())
+}
+
+/// Unix time now, in nanoseconds (the unit of `health.since_unix_ns` and peer logs).
+pub fn unix_ns_now() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
 }
 
 fn send_signal(child: &Child, signal: libc::c_int) -> anyhow::Result<()> {

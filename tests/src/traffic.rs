@@ -7,9 +7,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context as _};
 
@@ -411,4 +412,274 @@ pub fn tcp_roundtrip_to_host(
         ensure!(name == "host", "unexpected reply {reply:?}");
         Ok(())
     })
+}
+
+/// Unix time now, in nanoseconds.
+fn unix_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// One TCP connection of a [`ConnectionLoop`].
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// When the connect started and when the exchange ended (answered or failed), unix ns.
+    pub start_unix_ns: u128,
+    pub end_unix_ns: u128,
+    /// The backend that answered, or why the attempt failed.
+    pub outcome: Result<String, String>,
+}
+
+impl Attempt {
+    /// The backend that answered, if any.
+    pub fn backend(&self) -> Option<&str> {
+        self.outcome.as_deref().ok()
+    }
+}
+
+/// New TCP connections, opened continuously from a namespace until stopped: `workers` threads
+/// each connect, send one line, read the answer, close, pause, and start over. Every attempt
+/// is recorded with its times and outcome.
+#[derive(Debug)]
+pub struct ConnectionLoop {
+    stop: Arc<AtomicBool>,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ConnectionLoop {
+    /// Starts the loop in namespace `ns` against `target`; `timeout` bounds the connect and the
+    /// wait for the answer.
+    pub fn start(
+        ns: &str,
+        target: SocketAddr,
+        workers: usize,
+        pause: Duration,
+        timeout: Duration,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let next = Arc::new(AtomicUsize::new(0));
+        let handle = {
+            let (ns, stop, attempts) = (ns.to_owned(), stop.clone(), attempts.clone());
+            std::thread::spawn(move || {
+                in_netns(&ns, || {
+                    std::thread::scope(|scope| {
+                        for _ in 0..workers.max(1) {
+                            scope.spawn(|| {
+                                while !stop.load(Ordering::Relaxed) {
+                                    let i = next.fetch_add(1, Ordering::Relaxed);
+                                    let line = format!("loop request {i}");
+                                    let start_unix_ns = unix_ns();
+                                    let outcome = tcp_exchange(target, &line, timeout)
+                                        .and_then(|(reply, _)| parse_reply(&reply, &line))
+                                        .map(|(backend, _)| backend)
+                                        .map_err(|e| format!("{e:#}"));
+                                    attempts.lock().unwrap().push(Attempt {
+                                        start_unix_ns,
+                                        end_unix_ns: unix_ns(),
+                                        outcome,
+                                    });
+                                    std::thread::sleep(pause);
+                                }
+                            });
+                        }
+                    })
+                })
+            })
+        };
+        ConnectionLoop {
+            stop,
+            attempts,
+            handle: Some(handle),
+        }
+    }
+
+    /// The attempts finished so far, in order of completion.
+    pub fn snapshot(&self) -> Vec<Attempt> {
+        self.attempts.lock().unwrap().clone()
+    }
+
+    /// Stops the loop, waits for the attempts in flight, and returns every attempt.
+    pub fn stop(mut self) -> anyhow::Result<Vec<Attempt>> {
+        self.finish()?;
+        Ok(std::mem::take(&mut *self.attempts.lock().unwrap()))
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            match handle.join() {
+                Ok(result) => result?,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ConnectionLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// A reply a [`UdpStream`] received.
+#[derive(Debug, Clone)]
+pub struct UdpReply {
+    /// Sequence number of the datagram it answers.
+    pub seq: u64,
+    pub at_unix_ns: u128,
+    pub backend: String,
+    /// Source address the backend saw.
+    pub peer: SocketAddr,
+}
+
+/// What a [`UdpStream`] sent and received.
+#[derive(Debug, Clone, Default)]
+pub struct UdpStreamReport {
+    /// `(sequence number, unix ns)` of every datagram sent.
+    pub sent: Vec<(u64, u128)>,
+    pub replies: Vec<UdpReply>,
+    /// Datagrams that did not come from the target or did not parse.
+    pub bad_replies: Vec<String>,
+}
+
+impl UdpStreamReport {
+    /// Sequence numbers that got no reply.
+    pub fn unanswered(&self) -> Vec<u64> {
+        let answered: BTreeSet<u64> = self.replies.iter().map(|r| r.seq).collect();
+        self.sent
+            .iter()
+            .map(|(seq, _)| *seq)
+            .filter(|seq| !answered.contains(seq))
+            .collect()
+    }
+}
+
+/// One UDP flow that lives until stopped: a single socket in the client namespace sends
+/// `udp stream <seq>` to the target every `period` and records every reply.
+#[derive(Debug)]
+pub struct UdpStream {
+    local: SocketAddr,
+    stop_sending: Arc<AtomicBool>,
+    stop_receiving: Arc<AtomicBool>,
+    report: Arc<Mutex<UdpStreamReport>>,
+    sender: Option<JoinHandle<()>>,
+    receiver: Option<JoinHandle<()>>,
+}
+
+impl UdpStream {
+    pub fn start(ns: &str, target: SocketAddr, period: Duration) -> anyhow::Result<Self> {
+        // A socket stays in the namespace it was created in, whichever thread uses it.
+        let socket = in_netns(ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+            .context("bind the UDP stream's socket")?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let local = socket.local_addr()?;
+        let socket = Arc::new(socket);
+        let stop_sending = Arc::new(AtomicBool::new(false));
+        let stop_receiving = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(UdpStreamReport::default()));
+        let sender = {
+            let (socket, stop, report) = (socket.clone(), stop_sending.clone(), report.clone());
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let at = unix_ns();
+                    // An error (e.g. a queued ICMP error) loses this datagram, like the network.
+                    let _ = socket.send_to(format!("udp stream {seq}").as_bytes(), target);
+                    report.lock().unwrap().sent.push((seq, at));
+                    seq += 1;
+                    let next = start + period * u32::try_from(seq).unwrap_or(u32::MAX);
+                    std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                }
+            })
+        };
+        let receiver = {
+            let (stop, report) = (stop_receiving.clone(), report.clone());
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    let (n, from) = match socket.recv_from(&mut buf) {
+                        Ok(r) => r,
+                        Err(_) => continue, // timeout, or an ICMP error surfacing
+                    };
+                    let at_unix_ns = unix_ns();
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let parsed = (|| -> anyhow::Result<UdpReply> {
+                        ensure!(from == target, "reply came from {from}, expected {target}");
+                        let mut parts = text.splitn(5, ' ');
+                        let (Some(backend), Some(peer), Some("udp"), Some("stream"), Some(seq)) = (
+                            parts.next(),
+                            parts.next(),
+                            parts.next(),
+                            parts.next(),
+                            parts.next(),
+                        ) else {
+                            bail!("malformed reply");
+                        };
+                        Ok(UdpReply {
+                            seq: seq.parse()?,
+                            at_unix_ns,
+                            backend: backend.to_owned(),
+                            peer: peer.parse()?,
+                        })
+                    })();
+                    let mut report = report.lock().unwrap();
+                    match parsed {
+                        Ok(reply) => report.replies.push(reply),
+                        Err(e) => report.bad_replies.push(format!("{text:?}: {e:#}")),
+                    }
+                }
+            })
+        };
+        Ok(UdpStream {
+            local,
+            stop_sending,
+            stop_receiving,
+            report,
+            sender: Some(sender),
+            receiver: Some(receiver),
+        })
+    }
+
+    /// The stream's source address (its flow is `local → target`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// What was sent and received so far.
+    pub fn snapshot(&self) -> UdpStreamReport {
+        self.report.lock().unwrap().clone()
+    }
+
+    /// Stops sending, waits briefly for the last replies, and returns everything.
+    pub fn stop(mut self) -> UdpStreamReport {
+        self.halt();
+        std::mem::take(&mut *self.report.lock().unwrap())
+    }
+
+    fn halt(&mut self) {
+        // Stop the sender first and give the last datagrams time to be answered.
+        self.stop_sending.store(true, Ordering::Relaxed);
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.join();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.stop_receiving.store(true, Ordering::Relaxed);
+        if let Some(receiver) = self.receiver.take() {
+            let _ = receiver.join();
+        }
+    }
+}
+
+impl Drop for UdpStream {
+    fn drop(&mut self) {
+        self.halt();
+    }
 }
