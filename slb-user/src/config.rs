@@ -38,14 +38,23 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
 pub enum Protocol {
     Tcp,
     Udp,
+    /// Served by slb's HTTP proxy on the VIP; the XDP program lets it through to the stack.
+    Http,
+    /// HTTP over TLS, terminated by slb's proxy.
+    Https,
 }
 
 impl Protocol {
     pub fn ip_protocol(self) -> u8 {
         match self {
-            Protocol::Tcp => slb_common::IPPROTO_TCP,
+            Protocol::Tcp | Protocol::Http | Protocol::Https => slb_common::IPPROTO_TCP,
             Protocol::Udp => slb_common::IPPROTO_UDP,
         }
+    }
+
+    /// Served by the proxy in the daemon rather than by the XDP program.
+    pub fn is_l7(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
     }
 }
 
@@ -54,6 +63,8 @@ impl std::fmt::Display for Protocol {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
+            Protocol::Http => "http",
+            Protocol::Https => "https",
         })
     }
 }
@@ -85,6 +96,9 @@ pub struct Config {
     pub default_group: DefaultGroup,
     #[serde(default)]
     pub groups: Vec<Group>,
+    /// HTTP(S) listeners append one JSON line per request here.
+    #[serde(default)]
+    pub access_log: Option<std::path::PathBuf>,
 }
 
 fn default_ring_size() -> u32 {
@@ -117,7 +131,91 @@ pub struct Listener {
     /// What to do when every backend of the group is unhealthy.
     #[serde(default)]
     pub on_all_unhealthy: AllUnhealthy,
+    /// HTTP(S): forwarding rules, checked exact domain, then wildcard domain, then path prefix.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// HTTPS: certificates, chosen by SNI; the first is used when no name matches.
+    #[serde(default)]
+    pub certificates: Vec<Certificate>,
+    /// HTTP(S): how a backend is chosen within a group.
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    /// HTTP(S): cookie session persistence.
+    #[serde(default)]
+    pub cookie: Option<CookiePersistence>,
+    /// HTTP(S): add X-Forwarded-For, X-Forwarded-Proto and X-Real-IP.
+    #[serde(default = "default_true")]
+    pub forwarded_headers: bool,
+    /// HTTP(S): time a backend has to start answering before the client gets 504.
+    #[serde(default = "default_backend_timeout", with = "humantime_serde")]
+    pub backend_timeout: Duration,
+    /// HTTP(S): time a client has to send a request's headers (slow clients are cut off).
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
+
+fn default_true() -> bool {
+    true
+}
+fn default_backend_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A forwarding rule of an HTTP(S) listener. `domain` is exact (`www.example.com`) or a wildcard
+/// (`*.example.com`, any depth of subdomain); `path` is a prefix. A rule with both needs both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    pub group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// PEM certificate chain.
+    pub cert: std::path::PathBuf,
+    /// PEM private key.
+    pub key: std::path::PathBuf,
+    /// SNI names this certificate serves (exact or `*.example.com`).
+    #[serde(default)]
+    pub domains: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// Weighted round robin.
+    #[default]
+    Wrr,
+    /// Weighted least connections (in-flight requests / weight).
+    Wlc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
+pub enum CookiePersistence {
+    /// slb sets its own cookie naming the backend.
+    Insert {
+        #[serde(default = "default_cookie_timeout", with = "humantime_serde")]
+        timeout: Duration,
+    },
+    /// slb keys on a cookie the application sets (by its value).
+    Rewrite { name: String },
+}
+
+fn default_cookie_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// Name of the cookie slb inserts.
+pub const INSERT_COOKIE: &str = "SLB_SERVER";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -408,7 +506,7 @@ impl Config {
                     format!("{}: IPv6 listeners are not supported yet", l.vip),
                 ));
             }
-            if !endpoints.insert((l.vip, l.port, l.protocol)) {
+            if !endpoints.insert((l.vip, l.port, l.protocol.ip_protocol())) {
                 return Err(invalid(
                     at("port"),
                     format!(
@@ -434,6 +532,15 @@ impl Config {
                         .backends[..]
                 }
             };
+            let kind = match &l.group {
+                None => GroupKind::Vserver,
+                Some(g) => groups[g.as_str()].kind,
+            };
+            if l.protocol.is_l7() {
+                validate_l7_listener(&at, l, kind, &groups)?;
+            } else {
+                validate_l4_only_fields(&at, l)?;
+            }
             if let Some(check) = &l.health_check {
                 validate_health_check(&at("health_check"), check, l.protocol)?;
             }
@@ -472,6 +579,156 @@ impl Config {
     }
 }
 
+fn validate_l4_only_fields(at: &dyn Fn(&str) -> String, l: &Listener) -> Result<(), ConfigError> {
+    let l7_fields = [
+        ("rules", !l.rules.is_empty()),
+        ("certificates", !l.certificates.is_empty()),
+        ("cookie", l.cookie.is_some()),
+        ("scheduler", l.scheduler != Scheduler::default()),
+    ];
+    for (name, set) in l7_fields {
+        if set {
+            return Err(invalid(
+                at(name),
+                format!(
+                    "only applies to http/https listeners; this one is {}",
+                    l.protocol
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_domain(field: String, domain: &str) -> Result<(), ConfigError> {
+    let name = domain.strip_prefix("*.").unwrap_or(domain);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !ok {
+        return Err(invalid(
+            field,
+            format!("{domain:?} is not a domain name or *.wildcard"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_l7_listener(
+    at: &dyn Fn(&str) -> String,
+    l: &Listener,
+    kind: GroupKind,
+    groups: &BTreeMap<&str, &Group>,
+) -> Result<(), ConfigError> {
+    if kind == GroupKind::ActiveStandby {
+        return Err(invalid(
+            at("group"),
+            "active-standby groups serve only tcp/udp listeners",
+        ));
+    }
+    if l.persistence.is_some() {
+        return Err(invalid(
+            at("persistence"),
+            "source-address persistence is for tcp/udp listeners; use cookie for http/https",
+        ));
+    }
+    for (i, rule) in l.rules.iter().enumerate() {
+        let field = |f: &str| at(&format!("rules[{i}].{f}"));
+        if rule.domain.is_none() && rule.path.is_none() {
+            return Err(invalid(
+                field("domain"),
+                "a rule needs a domain, a path, or both",
+            ));
+        }
+        if let Some(d) = &rule.domain {
+            validate_domain(field("domain"), d)?;
+        }
+        if let Some(p) = &rule.path {
+            if !p.starts_with('/') || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    field("path"),
+                    format!("{p:?} must start with '/' and contain no spaces"),
+                ));
+            }
+        }
+        if rule.group != DEFAULT_GROUP {
+            match groups.get(rule.group.as_str()) {
+                None => {
+                    return Err(invalid(
+                        field("group"),
+                        format!(
+                            "no group named {:?} (defined groups: {})",
+                            rule.group,
+                            group_list(groups)
+                        ),
+                    ));
+                }
+                Some(g) if g.kind == GroupKind::ActiveStandby => {
+                    return Err(invalid(
+                        field("group"),
+                        "active-standby groups serve only tcp/udp listeners",
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    match l.protocol {
+        Protocol::Https if l.certificates.is_empty() => {
+            return Err(invalid(
+                at("certificates"),
+                "an https listener needs at least one certificate",
+            ));
+        }
+        Protocol::Http if !l.certificates.is_empty() => {
+            return Err(invalid(
+                at("certificates"),
+                "only https listeners take certificates",
+            ));
+        }
+        _ => {}
+    }
+    for (i, cert) in l.certificates.iter().enumerate() {
+        for (j, d) in cert.domains.iter().enumerate() {
+            validate_domain(at(&format!("certificates[{i}].domains[{j}]")), d)?;
+        }
+        crate::proxy::tls::load_certified_key(cert)
+            .map_err(|message| invalid(at(&format!("certificates[{i}]")), message))?;
+    }
+    if let Some(CookiePersistence::Rewrite { name }) = &l.cookie {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(
+                at("cookie.name"),
+                format!("{name:?} is not a cookie name"),
+            ));
+        }
+    }
+    if l.backend_timeout < Duration::from_millis(100)
+        || l.backend_timeout > Duration::from_secs(3600)
+    {
+        return Err(invalid(
+            at("backend_timeout"),
+            "must be between 100ms and 1h",
+        ));
+    }
+    if l.header_timeout < Duration::from_millis(100) || l.header_timeout > Duration::from_secs(300)
+    {
+        return Err(invalid(
+            at("header_timeout"),
+            "must be between 100ms and 300s",
+        ));
+    }
+    Ok(())
+}
+
 fn validate_health_check(at: &str, c: &HealthCheck, protocol: Protocol) -> Result<(), ConfigError> {
     let field = |f: &str| format!("{at}.{f}");
     match (c.kind, protocol) {
@@ -481,10 +738,10 @@ fn validate_health_check(at: &str, c: &HealthCheck, protocol: Protocol) -> Resul
                 "an HTTP check needs a TCP listener; this listener is UDP (use tcp or udp)",
             ));
         }
-        (CheckKind::Udp, Protocol::Tcp) => {
+        (CheckKind::Udp, Protocol::Tcp | Protocol::Http | Protocol::Https) => {
             return Err(invalid(
                 field("type"),
-                "a UDP check needs a UDP listener; this listener is TCP (use tcp or http)",
+                format!("a UDP check needs a UDP listener; this listener is {protocol} (use tcp or http)"),
             ));
         }
         _ => {}

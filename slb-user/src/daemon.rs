@@ -13,10 +13,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::api::{self, Call, Request, Response};
-use crate::config::{AttachMode, Config, GroupKind};
+use crate::config::{AttachMode, BackendSpec, Config, GroupKind, DEFAULT_GROUP};
 use crate::dataplane::{detach_pinned, Dataplane};
 use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor, HealthStatus};
 use crate::maps::PinnedMaps;
+use crate::proxy::ProxyManager;
 use crate::reconcile::{AppliedState, BackendKey, Reconciler};
 
 pub const STATE_ROOT: &str = "/run/slb";
@@ -134,6 +135,7 @@ struct Daemon {
     config: Config,
     health: BTreeMap<BackendKey, HealthStatus>,
     monitor: HealthMonitor,
+    proxy: ProxyManager,
 }
 
 /// The backends `config` health-checks: every backend of a checked Maglev listener, and only the
@@ -144,9 +146,8 @@ fn check_targets(config: &Config) -> Vec<CheckTarget> {
         let Some(check) = &l.health_check else {
             continue;
         };
-        let (kind, backends) = match &l.group {
-            None => (GroupKind::Vserver, &config.default_group.backends),
-            Some(name) => {
+        let group_backends = |name: Option<&String>| match name {
+            Some(name) if name != DEFAULT_GROUP => {
                 let g = config
                     .groups
                     .iter()
@@ -154,12 +155,25 @@ fn check_targets(config: &Config) -> Vec<CheckTarget> {
                     .expect("validated group");
                 (g.kind, &g.backends)
             }
+            _ => (GroupKind::Vserver, &config.default_group.backends),
         };
-        let checked = if kind == GroupKind::ActiveStandby {
-            &backends[..1]
+        let (kind, backends) = group_backends(l.group.as_ref());
+        let mut checked: Vec<&BackendSpec> = if kind == GroupKind::ActiveStandby {
+            backends[..1].iter().collect()
         } else {
-            &backends[..]
+            backends.iter().collect()
         };
+        // HTTP(S) rules reach further groups; their backends are this listener's too.
+        for rule in &l.rules {
+            for b in group_backends(Some(&rule.group)).1 {
+                if !checked
+                    .iter()
+                    .any(|c| c.address == b.address && c.port == b.port)
+                {
+                    checked.push(b);
+                }
+            }
+        }
         for b in checked {
             let port = b.port.unwrap_or(l.port);
             targets.push(CheckTarget {
@@ -190,6 +204,7 @@ impl Daemon {
             config: config.clone(),
             health: BTreeMap::new(),
             monitor,
+            proxy: ProxyManager::new(),
         };
         daemon.sync_interfaces(dataplane, &config)?;
         daemon.apply(config, Vec::new())?;
@@ -213,6 +228,7 @@ impl Daemon {
                     since_unix_ns: now,
                 });
         }
+        self.proxy.apply(&config, &self.health)?;
         self.reconciler.apply(&config, &self.health)?;
         let state = self.reconciler.state_mut();
         state.generation += 1;
@@ -325,10 +341,10 @@ impl Daemon {
             since_unix_ns: unix_ns(event.at),
         };
         let result = self
-            .reconciler
+            .proxy
             .apply(&self.config, &self.health)
-            .map_err(anyhow::Error::from)
-            .and_then(|state| write_state(state));
+            .and_then(|()| Ok(self.reconciler.apply(&self.config, &self.health)?))
+            .and_then(write_state);
         if let Err(e) = result {
             tracing::error!("applying a health change failed: {e:#}");
         }

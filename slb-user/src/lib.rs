@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod maps;
+pub mod proxy;
 pub mod reconcile;
 pub mod status;

@@ -189,8 +189,13 @@ impl Reconciler {
             config.groups.iter().map(|g| (g.name.as_str(), g)).collect();
         let healthy = |key: &BackendKey| health.get(key).is_none_or(|h| h.healthy);
 
-        let plans: Vec<PlannedListener<'_>> = config
+        // HTTP(S) listeners are the proxy's: the XDP program lets their traffic through.
+        let l4_listeners: Vec<&crate::config::Listener> = config
             .listeners
+            .iter()
+            .filter(|l| !l.protocol.is_l7())
+            .collect();
+        let plans: Vec<PlannedListener<'_>> = l4_listeners
             .iter()
             .map(|l| {
                 let (group, kind, specs) = match &l.group {
@@ -297,14 +302,13 @@ impl Reconciler {
             .drain(..)
             .map(|l| (l.name.clone(), l))
             .collect();
-        let mut used_index: BTreeSet<u32> = config
-            .listeners
+        let mut used_index: BTreeSet<u32> = l4_listeners
             .iter()
             .filter_map(|l| old_listeners.get(&l.name).map(|o| o.index))
             .collect();
         let mut applied = Vec::new();
         let mut applied_backends = Vec::new();
-        for (l, plan) in config.listeners.iter().zip(&plans) {
+        for (l, plan) in l4_listeners.iter().zip(&plans) {
             let old = old_listeners.get(&l.name);
             let index = match old {
                 Some(o) => o.index,

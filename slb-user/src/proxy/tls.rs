@@ -1,0 +1,102 @@
+//! Certificates for HTTPS listeners: PEM files → rustls keys, chosen by SNI.
+
+use std::sync::Arc;
+
+use tokio_rustls::rustls::crypto::ring::sign::any_supported_type;
+use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio_rustls::rustls::sign::CertifiedKey;
+use tokio_rustls::rustls::ServerConfig;
+
+use crate::config::Certificate;
+
+/// Loads one certificate chain and its key; the error names the file and what is wrong.
+pub fn load_certified_key(spec: &Certificate) -> Result<CertifiedKey, String> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let cert_pem = read(&spec.cert)?;
+    let chain: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate file: {e}", spec.cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "{}: contains no PEM certificate",
+            spec.cert.display()
+        ));
+    }
+    let key_pem = read(&spec.key)?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| format!("{}: not a PEM key file: {e}", spec.key.display()))?
+        .ok_or_else(|| format!("{}: contains no PEM private key", spec.key.display()))?;
+    let signing_key = any_supported_type(&key)
+        .map_err(|e| format!("{}: unsupported private key: {e}", spec.key.display()))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|e| {
+        format!(
+            "{} and {} do not belong together: {e}",
+            spec.cert.display(),
+            spec.key.display()
+        )
+    })?;
+    Ok(certified)
+}
+
+/// Picks a certificate by SNI: exact name first, then the longest matching `*.` wildcard, then
+/// the first certificate.
+#[derive(Debug)]
+pub struct SniResolver {
+    entries: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+}
+
+impl SniResolver {
+    pub fn pick(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let name = server_name.map(|n| n.to_ascii_lowercase());
+        if let Some(name) = &name {
+            let exact = self
+                .entries
+                .iter()
+                .find(|(domains, _)| domains.iter().any(|d| d == name));
+            if let Some((_, key)) = exact {
+                return Some(key.clone());
+            }
+            let wildcard = self
+                .entries
+                .iter()
+                .flat_map(|(domains, key)| domains.iter().map(move |d| (d, key)))
+                .filter(|(d, _)| {
+                    d.strip_prefix("*.")
+                        .is_some_and(|suffix| name.ends_with(&format!(".{suffix}")))
+                })
+                .max_by_key(|(d, _)| d.len());
+            if let Some((_, key)) = wildcard {
+                return Some(key.clone());
+            }
+        }
+        self.entries.first().map(|(_, key)| key.clone())
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.pick(hello.server_name())
+    }
+}
+
+/// A TLS server config for a listener's certificates, offering HTTP/2 and HTTP/1.1 by ALPN.
+pub fn server_config(certificates: &[Certificate]) -> Result<Arc<ServerConfig>, String> {
+    let entries = certificates
+        .iter()
+        .map(|c| {
+            let domains = c.domains.iter().map(|d| d.to_ascii_lowercase()).collect();
+            Ok((domains, Arc::new(load_certified_key(c)?)))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver { entries }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
