@@ -48,6 +48,8 @@ pub enum Request {
     },
     /// Re-read the config file, dropping runtime changes.
     Reload,
+    /// Detach, remove the pins and exit (even when running with `--keep-serving`).
+    Stop,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,7 +89,7 @@ pub fn edit_config(config: &Config, request: &Request) -> Result<(Config, String
             port,
             ..
         } => (group, *address, *port),
-        Request::Reload => return Err("reload is not a backend change".into()),
+        Request::Reload | Request::Stop => return Err("not a backend change".into()),
     };
     let backends = if group == DEFAULT_GROUP {
         &mut next.default_group.backends
@@ -131,7 +133,7 @@ pub fn edit_config(config: &Config, request: &Request) -> Result<(Config, String
             format!("set weight of backend {what} in group {group} from {old} to {weight}")
         }
         (_, None) => return Err(format!("backend {what} is not in group {group}")),
-        (Request::Reload, _) => unreachable!("handled above"),
+        (Request::Reload | Request::Stop, _) => unreachable!("handled above"),
     };
     next.validate().map_err(|e| e.to_string())?;
     Ok((next, description))

@@ -58,6 +58,12 @@ pub enum Command {
         #[arg(short, long, default_value = "default")]
         instance: String,
     },
+    /// Stop an instance for good: detach its program everywhere, remove its pins and state, and
+    /// end its daemon (works on the pins alone when no daemon runs).
+    Stop {
+        #[arg(short, long, default_value = "default")]
+        instance: String,
+    },
     /// Detach a running instance's program from an interface.
     Detach {
         #[arg(short, long, default_value = "default")]

@@ -49,13 +49,24 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let instance = config.instance.clone();
     let mut dataplane = Dataplane::load(&config.instance, config.maglev_table_size)
         .context("loading the data plane")?;
+    let previous = if dataplane.adopted() {
+        read_state(&instance)
+    } else {
+        None
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let outcome = runtime.block_on(serve(&mut dataplane, config, &options.config));
+    let outcome = runtime.block_on(serve(&mut dataplane, config, previous, &options.config));
 
-    if options.keep_serving && outcome.is_ok() {
+    let keep = match &outcome {
+        Ok(Exit::KeepServing) => options.keep_serving,
+        Ok(Exit::Shutdown) => false,
+        // A failed adoption must not take down a data plane that was serving before we came.
+        Err(_) => dataplane.adopted(),
+    };
+    if keep {
         dataplane.keep_serving();
     } else {
         dataplane
@@ -64,13 +75,39 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         let _ = fs::remove_dir_all(Path::new(STATE_ROOT).join(&instance));
         tracing::info!(instance, "detached and unpinned; bye");
     }
-    outcome
+    outcome.map(|_| ())
 }
 
-async fn serve(dataplane: &mut Dataplane, config: Config, path: &Path) -> anyhow::Result<()> {
+/// How the daemon was asked to stop.
+pub enum Exit {
+    /// SIGTERM/SIGINT: with `--keep-serving`, leave the data plane running for the next start.
+    KeepServing,
+    /// `slb stop`: detach and unpin whatever the flag says.
+    Shutdown,
+}
+
+/// The state a previous run left, for adoption after a restart.
+fn read_state(instance: &str) -> Option<AppliedState> {
+    let path = state_file(instance);
+    let text = fs::read_to_string(&path).ok()?;
+    match serde_json::from_str(&text) {
+        Ok(state) => Some(state),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "ignoring the previous run's state: {e}");
+            None
+        }
+    }
+}
+
+async fn serve(
+    dataplane: &mut Dataplane,
+    config: Config,
+    previous: Option<AppliedState>,
+    path: &Path,
+) -> anyhow::Result<Exit> {
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
-    let mut daemon = Daemon::start(dataplane, config, HealthMonitor::new(health_tx))?;
+    let mut daemon = Daemon::start(dataplane, config, previous, HealthMonitor::new(health_tx))?;
     let api_instance = daemon.file_config.instance.clone();
     let api = tokio::spawn(async move {
         if let Err(e) = api::serve(&api_instance, call_tx).await {
@@ -97,6 +134,11 @@ async fn serve(dataplane: &mut Dataplane, config: Config, path: &Path) -> anyhow
             Some((request, reply)) = call_rx.recv() => {
                 let response = match request {
                     Request::Reload => daemon.reload(dataplane, path),
+                    Request::Stop => {
+                        let _ = reply.send(Response { ok: true, message: "stopping: detaching and removing pins".into(), generation: 0 });
+                        api.abort();
+                        return Ok(Exit::Shutdown);
+                    }
                     other => daemon.runtime_change(&other),
                 };
                 log_response("admin API", &response);
@@ -108,7 +150,7 @@ async fn serve(dataplane: &mut Dataplane, config: Config, path: &Path) -> anyhow
         }
     }
     api.abort();
-    Ok(())
+    Ok(Exit::KeepServing)
 }
 
 fn log_response(source: &str, response: &Response) {
@@ -194,18 +236,45 @@ impl Daemon {
     fn start(
         dataplane: &mut Dataplane,
         config: Config,
+        previous: Option<AppliedState>,
         monitor: HealthMonitor,
     ) -> anyhow::Result<Daemon> {
         let maps = PinnedMaps::open(dataplane.dir())?;
+        let mut reconciler = Reconciler::new(maps, &config.instance, config.maglev_table_size);
+        let mut health = BTreeMap::new();
+        if let Some(previous) = previous {
+            // Same ids and rings as before, so pinned connections keep their backends; and the
+            // last verdicts, so a restart does not flap backends.
+            for b in &previous.backends {
+                if let Some(h) = &b.health {
+                    health.insert(b.key.clone(), h.clone());
+                }
+            }
+            tracing::info!(
+                generation = previous.generation,
+                backends = previous.backends.len(),
+                "adopted the previous run's state"
+            );
+            reconciler.adopt(previous);
+        }
         let mut daemon = Daemon {
-            reconciler: Reconciler::new(maps, &config.instance, config.maglev_table_size),
+            reconciler,
             interfaces: BTreeMap::new(),
             file_config: config.clone(),
             config: config.clone(),
-            health: BTreeMap::new(),
+            health,
             monitor,
             proxy: ProxyManager::new(),
         };
+        for iface in dataplane.pinned_interfaces() {
+            match config.interfaces.iter().find(|i| i.name == iface) {
+                Some(i) => {
+                    dataplane.adopt_link(&iface)?;
+                    daemon.interfaces.insert(iface, i.mode);
+                }
+                None => detach_pinned(&config.instance, &iface)?,
+            }
+        }
         daemon.sync_interfaces(dataplane, &config)?;
         daemon.apply(config, Vec::new())?;
         Ok(daemon)
@@ -214,7 +283,7 @@ impl Daemon {
     /// Applies a new running config (a config change: the generation advances).
     fn apply(&mut self, config: Config, runtime_changes: Vec<String>) -> anyhow::Result<u64> {
         let targets = check_targets(&config);
-        let stopped = self.monitor.set_targets(targets.clone());
+        let stopped = self.monitor.set_targets(targets.clone(), &self.health);
         for key in stopped {
             self.health.remove(&key);
         }

@@ -43,6 +43,10 @@ pub enum DataplaneError {
     },
     #[error("pinning {path}: {message}")]
     Pin { path: PathBuf, message: String },
+    #[error(
+        "pinned maps under {dir} do not match this build: {detail}; stop the old instance and remove its pins with `slb stop -i <instance>` first"
+    )]
+    Layout { dir: PathBuf, detail: String },
     #[error("instance {instance:?} has no pinned program under {path}; is `slb run` serving it?")]
     NotRunning { instance: String, path: PathBuf },
 }
@@ -87,18 +91,22 @@ pub fn ensure_bpffs() -> Result<(), DataplaneError> {
 pub struct Dataplane {
     ebpf: Ebpf,
     dir: PathBuf,
+    adopted: bool,
 }
 
 impl Dataplane {
     /// Loads the object with `ring_size`-slot rings and pins maps and program under the
-    /// instance's directory. Leftovers of an instance that did not exit cleanly are removed first
-    /// (their links detached), so a start is always from a known state.
+    /// instance's directory. When an earlier `slb run` left its pins (killed, or stopped with
+    /// `--keep-serving`), the pinned maps are adopted — connection tables and all — after
+    /// checking their layout matches this build; the new program replaces the old one on each
+    /// pinned link without a gap in service.
     pub fn load(instance: &str, ring_size: u32) -> Result<Dataplane, DataplaneError> {
         ensure_bpffs()?;
         let dir = pin_dir(instance);
-        if dir.exists() {
-            tracing::warn!(dir = %dir.display(), "removing pins left by a previous run");
-            remove_pins(&dir)?;
+        let adopted = dir.join("LISTENERS").exists();
+        if adopted {
+            check_pinned_layout(&dir, ring_size)?;
+            tracing::info!(dir = %dir.display(), "adopting the pinned maps and links of a previous run");
         }
         fs::create_dir_all(dir.join(LINKS_DIR)).map_err(|source| DataplaneError::PinDir {
             path: dir.clone(),
@@ -111,11 +119,50 @@ impl Dataplane {
         let program: &mut Xdp = program_mut(&mut ebpf)?;
         program.load()?;
         let prog_pin = dir.join(PROGRAM_PIN);
+        let _ = fs::remove_file(&prog_pin);
         program.pin(&prog_pin).map_err(|e| DataplaneError::Pin {
             path: prog_pin,
             message: e.to_string(),
         })?;
-        Ok(Dataplane { ebpf, dir })
+        Ok(Dataplane { ebpf, dir, adopted })
+    }
+
+    /// Whether `load` adopted the pins of an earlier run.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Interfaces an earlier run left attached (pinned links).
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.dir.join(LINKS_DIR))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Moves a pinned link of an earlier run to this run's program (one atomic link update).
+    pub fn adopt_link(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let path = self.dir.join(LINKS_DIR).join(iface);
+        let pin_err = |message: String| DataplaneError::Pin {
+            path: path.clone(),
+            message,
+        };
+        let pinned = PinnedLink::from_pin(&path).map_err(|e| pin_err(e.to_string()))?;
+        let fd_link: FdLink = pinned.into();
+        let xdp_link =
+            aya::programs::xdp::XdpLink::try_from(fd_link).map_err(|e| pin_err(e.to_string()))?;
+        let program = program_mut(&mut self.ebpf)?;
+        let id = program.attach_to_link(xdp_link)?;
+        // The pin keeps the link; this run's handle only needs to be closed.
+        drop(program.take_link(id)?);
+        tracing::info!(iface, "kept attached; now running this build's program");
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -138,6 +185,93 @@ impl Dataplane {
     pub fn keep_serving(self) {
         tracing::info!(dir = %self.dir.display(), "leaving the data plane attached and pinned");
     }
+}
+
+/// Key size, value size and entries each pinned map must have for this build to adopt it.
+fn expected_layout(ring_size: u32) -> Vec<(&'static str, usize, usize, u32)> {
+    use slb_common::*;
+    use std::mem::size_of;
+    vec![
+        (
+            "LISTENERS",
+            size_of::<ListenerKey>(),
+            size_of::<ListenerEntry>(),
+            MAX_LISTENERS,
+        ),
+        (
+            "RINGS",
+            4,
+            4,
+            MAX_LISTENERS * RINGS_PER_LISTENER * ring_size,
+        ),
+        ("BACKENDS", 4, size_of::<Backend>(), MAX_BACKENDS),
+        ("BACKEND_HEALTH", 4, 4, MAX_BACKENDS),
+        (
+            "PERSISTENCE",
+            size_of::<PersistKey>(),
+            size_of::<Persisted>(),
+            MAX_PERSISTENCE,
+        ),
+        (
+            "CONNECTIONS",
+            size_of::<FlowKey>(),
+            size_of::<Connection>(),
+            MAX_CONNECTIONS,
+        ),
+        (
+            "REVERSE_NAT",
+            size_of::<FlowKey>(),
+            size_of::<ReverseNat>(),
+            MAX_CONNECTIONS,
+        ),
+        (
+            "LISTENER_STATS",
+            4,
+            size_of::<TrafficCounters>(),
+            MAX_LISTENERS,
+        ),
+        (
+            "BACKEND_STATS",
+            4,
+            size_of::<TrafficCounters>(),
+            MAX_BACKENDS,
+        ),
+        ("GLOBAL_STATS", 4, size_of::<GlobalCounters>(), 1),
+        ("EGRESS", 4, 8, MAX_INTERFACES),
+    ]
+}
+
+/// Refuses to adopt pinned maps whose layout differs from this build's (an upgrade that changed
+/// a map, or a different `maglev_table_size`): reading them with the wrong layout would corrupt
+/// the data plane.
+pub fn check_pinned_layout(dir: &Path, ring_size: u32) -> Result<(), DataplaneError> {
+    for (name, key, value, entries) in expected_layout(ring_size) {
+        let path = dir.join(name);
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| DataplaneError::Layout {
+            dir: dir.into(),
+            detail: format!("map {name} cannot be opened: {e}"),
+        })?;
+        let found = (
+            info.key_size() as usize,
+            info.value_size() as usize,
+            info.max_entries(),
+        );
+        if found != (key, value, entries) {
+            let hint = if name == "RINGS" {
+                " (was maglev_table_size changed?)"
+            } else {
+                ""
+            };
+            return Err(DataplaneError::Layout {
+                dir: dir.into(),
+                detail: format!(
+                    "map {name} has key/value/entries {}/{}/{}, this build needs {key}/{value}/{entries}{hint}",
+                    found.0, found.1, found.2
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {

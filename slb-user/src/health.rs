@@ -220,7 +220,12 @@ impl HealthMonitor {
     }
 
     /// Makes the running checks exactly `targets`; returns the keys whose checks were stopped.
-    pub fn set_targets(&mut self, targets: Vec<CheckTarget>) -> Vec<BackendKey> {
+    /// A new check starts from the verdict in `known` (e.g. carried over a restart), else healthy.
+    pub fn set_targets(
+        &mut self,
+        targets: Vec<CheckTarget>,
+        known: &BTreeMap<BackendKey, HealthStatus>,
+    ) -> Vec<BackendKey> {
         let wanted: BTreeMap<BackendKey, CheckTarget> =
             targets.into_iter().map(|t| (t.key.clone(), t)).collect();
         let mut stopped = Vec::new();
@@ -235,7 +240,8 @@ impl HealthMonitor {
         });
         for (key, target) in wanted {
             if !self.tasks.contains_key(&key) {
-                let handle = tokio::spawn(run_checks(target.clone(), self.events.clone()));
+                let healthy = known.get(&key).is_none_or(|h| h.healthy);
+                let handle = tokio::spawn(run_checks(target.clone(), healthy, self.events.clone()));
                 self.tasks.insert(key, (target, handle));
             }
         }
@@ -251,9 +257,10 @@ impl Drop for HealthMonitor {
     }
 }
 
-async fn run_checks(target: CheckTarget, events: mpsc::Sender<HealthEvent>) {
+async fn run_checks(target: CheckTarget, healthy: bool, events: mpsc::Sender<HealthEvent>) {
     let check = &target.check;
     let mut machine = HealthMachine::new(check.healthy_threshold, check.unhealthy_threshold);
+    machine.healthy = healthy;
     let mut ticker = tokio::time::interval(check.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -4,6 +4,38 @@ use slb_user::cli::{enter_netns, Cli, Command};
 use slb_user::config::Config;
 use slb_user::{api, daemon, dataplane, status};
 
+/// `slb stop`: asks the daemon, or cleans up the pins of one that is gone.
+fn stop(instance: &str) -> anyhow::Result<()> {
+    if api::socket_path(instance).exists() {
+        if let Ok(response) = api::call(instance, &api::Request::Stop) {
+            println!("{}", response.message);
+            // The daemon removes the pins on its way out; wait for that.
+            for _ in 0..100 {
+                if !dataplane::pin_dir(instance).exists() {
+                    return Ok(());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            anyhow::bail!(
+                "the daemon did not remove {} within 10 s",
+                dataplane::pin_dir(instance).display()
+            );
+        }
+    }
+    dataplane::ensure_bpffs()?;
+    let dir = dataplane::pin_dir(instance);
+    if !dir.exists() {
+        anyhow::bail!(
+            "instance {instance:?} is not running here (no {})",
+            dir.display()
+        );
+    }
+    dataplane::remove_pins(&dir)?;
+    let _ = std::fs::remove_dir_all(std::path::Path::new(daemon::STATE_ROOT).join(instance));
+    println!("no daemon was running; detached instance {instance:?} and removed its pins");
+    Ok(())
+}
+
 /// Prints the daemon's answer; a refusal is an error (non-zero exit).
 fn answer(response: api::Response) -> anyhow::Result<()> {
     if response.ok {
@@ -63,6 +95,7 @@ fn main() -> anyhow::Result<()> {
             let (instance, request) = action.request();
             answer(api::call(&instance, &request)?)
         }
+        Command::Stop { instance } => stop(&instance),
         Command::Reload { instance } => answer(api::call(&instance, &api::Request::Reload)?),
         Command::Attach {
             instance,

@@ -160,6 +160,17 @@ impl Reconciler {
         }
     }
 
+    /// Takes over what a previous run applied: ids, listener slots and live rings stay, so
+    /// connections in the pinned tables keep their meaning. Ring contents are not known, so the
+    /// first apply rewrites each changed listener's idle ring in full.
+    pub fn adopt(&mut self, previous: AppliedState) {
+        self.state = AppliedState {
+            instance: self.state.instance.clone(),
+            ring_size: self.ring_size,
+            ..previous
+        };
+    }
+
     pub fn state(&self) -> &AppliedState {
         &self.state
     }
