@@ -1,0 +1,101 @@
+//! Source-address persistence pins every connection of a client address to one backend; a
+//! listener on the same backends without persistence spreads them by weight.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use slb_tests::slb::{
+    slb_binary, unique_instance, ListenerConfig, PersistenceConfig, POOL_GROUP, TCP_LISTENER,
+};
+use slb_tests::traffic::tcp_connections;
+use slb_tests::{
+    require_root, vip_tcp, Distribution, SlbConfig, SlbDaemon, Topology, TrafficOptions, VIP,
+};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
+const TOLERANCE_PP: f64 = 5.0;
+const SPREAD_PORT: u16 = 81;
+
+#[test]
+fn persistence_pins_a_client_address() {
+    if !require_root("persistence_pins_a_client_address") {
+        return;
+    }
+    let slb = slb_binary();
+    let weights = [1, 2, 3];
+    let mut topo = Topology::builder()
+        .tag("pers")
+        .backends(weights.len())
+        .build()
+        .expect("create topology");
+    for i in 1..=weights.len() {
+        topo.start_backend_server(i, Path::new(SERVER))
+            .expect("start backend server");
+    }
+    let mut config = SlbConfig::standard(&unique_instance("pers"), &weights);
+    config.listener_mut(TCP_LISTENER).persistence = Some(PersistenceConfig {
+        timeout: "60s".to_owned(),
+    });
+    // The second listener: same group, no persistence (replaces the UDP listener).
+    config.listeners[1] = ListenerConfig::new("tcp-spread", "tcp", SPREAD_PORT, Some(POOL_GROUP));
+    let pool = config.pool_weights();
+    let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");
+
+    // The first connection creates the client's persistence entry; the other 199 (32 at a
+    // time) must all follow it.
+    let first = tcp_connections(topo.client_ns(), vip_tcp(), &TrafficOptions::new(1))
+        .expect("first connection");
+    let pinned_to = first
+        .counts
+        .keys()
+        .next()
+        .cloned()
+        .unwrap_or_else(|| panic!("{}", first.summary("first connection")));
+    let rest = tcp_connections(topo.client_ns(), vip_tcp(), &TrafficOptions::new(199))
+        .expect("199 more connections");
+    println!(
+        "persistent listener: first connection on {pinned_to}; {}",
+        rest.summary("199 more connections")
+    );
+    assert!(
+        rest.failures.is_empty() && rest.answered() == 199,
+        "{}",
+        rest.summary("persistent listener")
+    );
+    assert_eq!(
+        rest.counts.keys().collect::<Vec<_>>(),
+        vec![&pinned_to],
+        "all 200 connections should land on {pinned_to}: {:?}",
+        rest.counts
+    );
+    assert_eq!(rest.distinct_source_ports, 199, "each from its own port");
+
+    let n = 600;
+    let spread = tcp_connections(
+        topo.client_ns(),
+        SocketAddr::new(IpAddr::V4(VIP), SPREAD_PORT),
+        &TrafficOptions::new(n),
+    )
+    .expect("connections to the listener without persistence");
+    let table = Distribution::new("listener without persistence", &pool, &spread.counts);
+    println!("{}\n{table}", spread.summary("listener without persistence"));
+    assert!(
+        spread.failures.is_empty() && spread.answered() == n,
+        "{}",
+        spread.summary("listener without persistence")
+    );
+    if let Err(e) = table.check(TOLERANCE_PP) {
+        panic!("{e}");
+    }
+
+    let status = daemon.status_json().expect("slb status");
+    let hits = status["counters"]["persistence_hits"].as_u64();
+    println!("persistence_hits: {hits:?}");
+    assert!(
+        hits.is_some_and(|h| h >= 199),
+        "persistence_hits should count the 199 pinned connections: {:#}",
+        status["counters"]
+    );
+    let exit = daemon.stop().expect("stop slb");
+    assert!(exit.success(), "slb exited with {exit} on SIGTERM");
+}
