@@ -64,6 +64,13 @@ pub enum Command {
         #[arg(short, long, default_value = "default")]
         instance: String,
     },
+    /// Print shell completions for `slb`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) for `slb`.
+    Manpage,
     /// Detach a running instance's program from an interface.
     Detach {
         #[arg(short, long, default_value = "default")]

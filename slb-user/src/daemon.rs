@@ -121,6 +121,7 @@ async fn serve(
         socket = %api::socket_path(&daemon.file_config.instance).display(),
         "slb ready"
     );
+    daemon.notify_systemd(&[sd_notify::NotifyState::Ready]);
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -128,13 +129,16 @@ async fn serve(
     loop {
         tokio::select! {
             _ = hup.recv() => {
+                daemon.notify_systemd(&[sd_notify::NotifyState::Reloading]);
                 let response = daemon.reload(dataplane, path);
+                daemon.notify_systemd(&[sd_notify::NotifyState::Ready]);
                 log_response("SIGHUP reload", &response);
             }
             Some((request, reply)) = call_rx.recv() => {
                 let response = match request {
                     Request::Reload => daemon.reload(dataplane, path),
                     Request::Stop => {
+                        daemon.notify_systemd(&[sd_notify::NotifyState::Stopping]);
                         let _ = reply.send(Response { ok: true, message: "stopping: detaching and removing pins".into(), generation: 0 });
                         api.abort();
                         return Ok(Exit::Shutdown);
@@ -149,6 +153,7 @@ async fn serve(
             _ = int.recv() => break,
         }
     }
+    daemon.notify_systemd(&[sd_notify::NotifyState::Stopping]);
     api.abort();
     Ok(Exit::KeepServing)
 }
@@ -233,6 +238,26 @@ fn check_targets(config: &Config) -> Vec<CheckTarget> {
 }
 
 impl Daemon {
+    /// Tells systemd (Type=notify) where we are, with a one-line status; a no-op elsewhere.
+    fn notify_systemd(&self, states: &[sd_notify::NotifyState<'_>]) {
+        let state = self.reconciler.state();
+        let status = format!(
+            "serving {} listener(s) on {}; config generation {}",
+            self.config.listeners.len(),
+            self.interfaces
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+            state.generation
+        );
+        let mut all = states.to_vec();
+        all.push(sd_notify::NotifyState::Status(&status));
+        if let Err(e) = sd_notify::notify(false, &all) {
+            tracing::debug!("sd_notify: {e}");
+        }
+    }
+
     fn start(
         dataplane: &mut Dataplane,
         config: Config,

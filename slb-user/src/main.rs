@@ -1,5 +1,5 @@
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use slb_user::cli::{enter_netns, Cli, Command};
 use slb_user::config::Config;
 use slb_user::{api, daemon, dataplane, status};
@@ -96,6 +96,14 @@ fn main() -> anyhow::Result<()> {
             answer(api::call(&instance, &request)?)
         }
         Command::Stop { instance } => stop(&instance),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "slb", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpage => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Command::Reload { instance } => answer(api::call(&instance, &api::Request::Reload)?),
         Command::Attach {
             instance,
