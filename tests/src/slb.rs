@@ -636,6 +636,18 @@ impl CliOutput {
         self.status.success()
     }
 
+    /// stderr on one line: its non-empty lines up to a backtrace, joined with " / " (anyhow
+    /// prints the error chain as `Error: ...`, `Caused by:`, one cause per line).
+    pub fn error_summary(&self) -> String {
+        self.stderr
+            .lines()
+            .take_while(|l| !l.starts_with("Stack backtrace:"))
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" / ")
+    }
+
     /// Fails, showing the output, unless the command exited 0; returns stdout.
     pub fn expect_success(&self) -> anyhow::Result<&str> {
         ensure!(self.success(), "{self}");

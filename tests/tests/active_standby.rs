@@ -155,7 +155,8 @@ fn fails_over_and_back(tag: &str, unlimited_icmp: bool) {
 
     // The active dies.
     let stopped_at = unix_ns_now();
-    topo.stop_backend_server(1).expect("stop the active's server");
+    topo.stop_backend_server(1)
+        .expect("stop the active's server");
     let udp_verdict = daemon
         .wait_backend_health(UDP_LISTENER, active, false, Duration::from_secs(5))
         .expect("the active is declared unhealthy on the UDP listener");
@@ -177,7 +178,8 @@ fn fails_over_and_back(tag: &str, unlimited_icmp: bool) {
     for listener in [UDP_LISTENER, TCP_LISTENER] {
         let a = status_backend(&status, listener, active).expect("active in status");
         assert_eq!(
-            a["healthy"], false,
+            a["healthy"],
+            false,
             "the dead active was declared healthy again on {listener}: {a:#}\n{}",
             daemon.log()
         );
@@ -328,9 +330,17 @@ fn fails_over_and_back(tag: &str, unlimited_icmp: bool) {
     // ---- new flows: standby while the active is down, active once it is back ----
     for (what, r, want) in [
         ("new UDP flows while the active is down", &udp_down, "b2"),
-        ("new TCP connections while the active is down", &tcp_down, "b2"),
+        (
+            "new TCP connections while the active is down",
+            &tcp_down,
+            "b2",
+        ),
         ("new UDP flows after the active is back", &udp_back, "b1"),
-        ("new TCP connections after the active is back", &tcp_back, "b1"),
+        (
+            "new TCP connections after the active is back",
+            &tcp_back,
+            "b1",
+        ),
     ] {
         assert!(
             r.failures.is_empty() && r.answered() == 50 && r.counts.get(want) == Some(&50),

@@ -166,8 +166,7 @@ fn bad_inputs_are_rejected_and_the_running_config_stays() {
             .cli([Path::new("check-config").as_os_str(), path.as_os_str()])
             .expect("run slb check-config");
         assert!(!out.success(), "check-config accepted {what}:\n{out}");
-        let first_line = out.stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-        println!("{what}: check-config says: {first_line}");
+        println!("{what}: check-config says: {}", out.error_summary());
         for needle in &needles {
             assert!(
                 out.stderr.contains(needle),
@@ -211,23 +210,49 @@ fn bad_inputs_are_rejected_and_the_running_config_stays() {
         (
             "set-weight -1",
             vec![
-                "backend", "set-weight", "-i", &instance, "--group", POOL_GROUP, "--address",
-                &b1, "--port", &port, "--weight", "-1",
+                "backend",
+                "set-weight",
+                "-i",
+                &instance,
+                "--group",
+                POOL_GROUP,
+                "--address",
+                &b1,
+                "--port",
+                &port,
+                "--weight",
+                "-1",
             ],
             "negative",
         ),
         (
             "add to an unknown group",
             vec![
-                "backend", "add", "-i", &instance, "--group", "nope", "--address", &b3,
-                "--port", &port,
+                "backend",
+                "add",
+                "-i",
+                &instance,
+                "--group",
+                "nope",
+                "--address",
+                &b3,
+                "--port",
+                &port,
             ],
             "\"nope\"",
         ),
         (
             "add a third server to an active/standby group",
             vec![
-                "backend", "add", "-i", &instance, "--group", PAIR, "--address", &b3, "--port",
+                "backend",
+                "add",
+                "-i",
+                &instance,
+                "--group",
+                PAIR,
+                "--address",
+                &b3,
+                "--port",
                 &port,
             ],
             "exactly two",
@@ -235,10 +260,7 @@ fn bad_inputs_are_rejected_and_the_running_config_stays() {
     ];
     for (what, args, needle) in api_cases {
         let out = daemon.cli(&args).expect("run slb backend");
-        println!(
-            "{what}: {}",
-            out.stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("")
-        );
+        println!("{what}: {}", out.error_summary());
         assert!(!out.success(), "slb backend {what} succeeded:\n{out}");
         assert!(
             out.stderr.contains(needle),

@@ -109,10 +109,14 @@ fn health_check_removes_a_dead_backend_and_readmits_it() {
         ms(detection_ns),
         ms(observed_ns)
     );
-    assert!(!reason.is_empty(), "no reason for the verdict: {unhealthy:#}");
+    assert!(
+        !reason.is_empty(),
+        "no reason for the verdict: {unhealthy:#}"
+    );
     assert_eq!(health["healthy"], false, "{unhealthy:#}");
     assert!(
-        detection_ns >= 0 && detection_ns as u128 <= (detection_window + Duration::from_millis(100)).as_nanos(),
+        detection_ns >= 0
+            && detection_ns as u128 <= (detection_window + Duration::from_millis(100)).as_nanos(),
         "verdict {:.1} ms after the stop, the window is {detection_window:?}",
         ms(detection_ns)
     );
@@ -283,7 +287,10 @@ fn udp_health_check_keeps_a_dead_backend_unhealthy() {
     let mut opts = TrafficOptions::new(60);
     opts.timeout = Duration::from_millis(500);
     let flows = udp_flows(topo.client_ns(), vip_udp(), 40000, &opts).expect("UDP flows");
-    println!("{}", flows.summary("new UDP flows 3 s after backend 2 died"));
+    println!(
+        "{}",
+        flows.summary("new UDP flows 3 s after backend 2 died")
+    );
     assert!(
         flows.failures.is_empty() && !flows.counts.contains_key("b2"),
         "{}",

@@ -78,7 +78,10 @@ fn persistence_pins_a_client_address() {
     )
     .expect("connections to the listener without persistence");
     let table = Distribution::new("listener without persistence", &pool, &spread.counts);
-    println!("{}\n{table}", spread.summary("listener without persistence"));
+    println!(
+        "{}\n{table}",
+        spread.summary("listener without persistence")
+    );
     assert!(
         spread.failures.is_empty() && spread.answered() == n,
         "{}",
