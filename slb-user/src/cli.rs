@@ -39,6 +39,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Traffic per listener and backend (packets, bytes, new and current connections, health).
+    Stats {
+        #[arg(short, long, default_value = "default")]
+        instance: String,
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+        /// Refresh every SECONDS, with rates.
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<f64>,
+    },
+    /// Reports on what slb did.
+    Report {
+        #[command(subcommand)]
+        report: ReportKind,
+    },
     /// Attach a running instance's program to one more interface.
     Attach {
         #[arg(short, long, default_value = "default")]
@@ -77,6 +92,24 @@ pub enum Command {
         instance: String,
         #[arg(long, value_name = "IF")]
         iface: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportKind {
+    /// Each backend's share of new connections (L4) or requests (HTTP(S)) next to its weight
+    /// share, the deviation and a verdict.
+    Distribution {
+        #[arg(short, long, default_value = "default")]
+        instance: String,
+        /// Only this listener.
+        #[arg(long)]
+        listener: Option<String>,
+        /// Only the last DURATION (e.g. 10m, 1h); default: since the data plane started.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
     },
 }
 

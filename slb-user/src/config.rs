@@ -99,6 +99,16 @@ pub struct Config {
     /// HTTP(S) listeners append one JSON line per request here.
     #[serde(default)]
     pub access_log: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Serve Prometheus metrics on 127.0.0.1:<port>/metrics (off when absent). Read at start.
+    #[serde(default)]
+    pub prometheus_port: Option<u16>,
 }
 
 fn default_ring_size() -> u32 {
@@ -374,7 +384,38 @@ fn default_weight() -> u32 {
 /// Name the default group goes by in status output and errors.
 pub const DEFAULT_GROUP: &str = "default";
 
+/// A group as a listener sees it.
+pub struct ListenerGroup<'a> {
+    pub name: &'a str,
+    pub kind: GroupKind,
+    pub backends: &'a [BackendSpec],
+}
+
 impl Config {
+    /// The groups a (validated) listener forwards to: its own group first, then, for HTTP(S),
+    /// each further group its rules name, once.
+    pub fn listener_groups<'a>(&'a self, l: &'a Listener) -> Vec<ListenerGroup<'a>> {
+        let lookup = |name: &'a str| match self.groups.iter().find(|g| g.name == name) {
+            Some(g) if name != DEFAULT_GROUP => ListenerGroup {
+                name,
+                kind: g.kind,
+                backends: &g.backends,
+            },
+            _ => ListenerGroup {
+                name: DEFAULT_GROUP,
+                kind: GroupKind::Vserver,
+                backends: &self.default_group.backends,
+            },
+        };
+        let mut groups = vec![lookup(l.group.as_deref().unwrap_or(DEFAULT_GROUP))];
+        for rule in &l.rules {
+            if !groups.iter().any(|g| g.name == rule.group) {
+                groups.push(lookup(&rule.group));
+            }
+        }
+        groups
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),

@@ -13,7 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::api::{self, Call, Request, Response};
-use crate::config::{AttachMode, BackendSpec, Config, GroupKind, DEFAULT_GROUP};
+use crate::config::{AttachMode, BackendSpec, Config, GroupKind};
 use crate::dataplane::{detach_pinned, Dataplane};
 use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor, HealthStatus};
 use crate::maps::PinnedMaps;
@@ -108,7 +108,19 @@ async fn serve(
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     let mut daemon = Daemon::start(dataplane, config, previous, HealthMonitor::new(health_tx))?;
-    let api_instance = daemon.file_config.instance.clone();
+    let instance = daemon.file_config.instance.clone();
+    let mut background = vec![tokio::spawn(crate::metrics::record_history(
+        instance.clone(),
+    ))];
+    if let Some(port) = daemon.file_config.metrics.prometheus_port {
+        let instance = instance.clone();
+        background.push(tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_prometheus(instance, port).await {
+                tracing::error!("Prometheus endpoint stopped: {e:#}");
+            }
+        }));
+    }
+    let api_instance = instance;
     let api = tokio::spawn(async move {
         if let Err(e) = api::serve(&api_instance, call_tx).await {
             tracing::error!("admin API stopped: {e:#}");
@@ -141,6 +153,7 @@ async fn serve(
                         daemon.notify_systemd(&[sd_notify::NotifyState::Stopping]);
                         let _ = reply.send(Response { ok: true, message: "stopping: detaching and removing pins".into(), generation: 0 });
                         api.abort();
+                        background.iter().for_each(|t| t.abort());
                         return Ok(Exit::Shutdown);
                     }
                     other => daemon.runtime_change(&other),
@@ -155,6 +168,7 @@ async fn serve(
     }
     daemon.notify_systemd(&[sd_notify::NotifyState::Stopping]);
     api.abort();
+    background.iter().for_each(|t| t.abort());
     Ok(Exit::KeepServing)
 }
 
@@ -193,26 +207,15 @@ fn check_targets(config: &Config) -> Vec<CheckTarget> {
         let Some(check) = &l.health_check else {
             continue;
         };
-        let group_backends = |name: Option<&String>| match name {
-            Some(name) if name != DEFAULT_GROUP => {
-                let g = config
-                    .groups
-                    .iter()
-                    .find(|g| &g.name == name)
-                    .expect("validated group");
-                (g.kind, &g.backends)
-            }
-            _ => (GroupKind::Vserver, &config.default_group.backends),
-        };
-        let (kind, backends) = group_backends(l.group.as_ref());
-        let mut checked: Vec<&BackendSpec> = if kind == GroupKind::ActiveStandby {
-            backends[..1].iter().collect()
-        } else {
-            backends.iter().collect()
-        };
-        // HTTP(S) rules reach further groups; their backends are this listener's too.
-        for rule in &l.rules {
-            for b in group_backends(Some(&rule.group)).1 {
+        let mut checked: Vec<&BackendSpec> = Vec::new();
+        for group in config.listener_groups(l) {
+            // Only the active server of an active/standby group is probed.
+            let probed = if group.kind == GroupKind::ActiveStandby {
+                &group.backends[..1]
+            } else {
+                group.backends
+            };
+            for b in probed {
                 if !checked
                     .iter()
                     .any(|c| c.address == b.address && c.port == b.port)
@@ -327,9 +330,18 @@ impl Daemon {
         let state = self.reconciler.state_mut();
         state.generation += 1;
         state.runtime_changes = runtime_changes;
-        write_state(self.reconciler.state())?;
         self.config = config;
+        self.publish()?;
         Ok(self.reconciler.state().generation)
+    }
+
+    /// Writes the state file `slb status` and `slb report` read.
+    fn publish(&mut self) -> anyhow::Result<()> {
+        let proxy_listeners = crate::proxy::describe(&self.config, &self.health);
+        let state = self.reconciler.state_mut();
+        state.proxy_listeners = proxy_listeners;
+        state.access_log = self.config.access_log.clone();
+        write_state(self.reconciler.state())
     }
 
     fn sync_interfaces(
@@ -437,8 +449,13 @@ impl Daemon {
         let result = self
             .proxy
             .apply(&self.config, &self.health)
-            .and_then(|()| Ok(self.reconciler.apply(&self.config, &self.health)?))
-            .and_then(write_state);
+            .and_then(|()| {
+                Ok(self
+                    .reconciler
+                    .apply(&self.config, &self.health)
+                    .map(|_| ())?)
+            })
+            .and_then(|()| self.publish());
         if let Err(e) = result {
             tracing::error!("applying a health change failed: {e:#}");
         }

@@ -7,6 +7,8 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod maps;
+pub mod metrics;
 pub mod proxy;
 pub mod reconcile;
+pub mod report;
 pub mod status;

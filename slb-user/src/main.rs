@@ -1,8 +1,38 @@
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser};
-use slb_user::cli::{enter_netns, Cli, Command};
+use slb_user::cli::{enter_netns, Cli, Command, ReportKind};
 use slb_user::config::Config;
-use slb_user::{api, daemon, dataplane, status};
+use slb_user::{api, daemon, dataplane, report, status};
+
+fn stats(instance: &str, json: bool, watch: Option<f64>) -> anyhow::Result<()> {
+    let Some(seconds) = watch else {
+        let s = status::collect(instance)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        } else {
+            print!("{}", status::render_stats(&s, None));
+        }
+        return Ok(());
+    };
+    anyhow::ensure!(
+        seconds >= 0.1,
+        "--watch: {seconds} is too short; use 0.1 seconds or more"
+    );
+    let mut previous: Option<(status::Status, std::time::Instant)> = None;
+    loop {
+        let s = status::collect(instance)?;
+        let now = std::time::Instant::now();
+        let prev = previous
+            .as_ref()
+            .map(|(p, t)| (p, now.duration_since(*t).as_secs_f64()));
+        // Clear the screen and home the cursor, as watch(1) does.
+        print!("\x1b[2J\x1b[H{}", status::render_stats(&s, prev));
+        use std::io::Write as _;
+        std::io::stdout().flush()?;
+        previous = Some((s, now));
+        std::thread::sleep(std::time::Duration::from_secs_f64(seconds));
+    }
+}
 
 /// `slb stop`: asks the daemon, or cleans up the pins of one that is gone.
 fn stop(instance: &str) -> anyhow::Result<()> {
@@ -96,6 +126,28 @@ fn main() -> anyhow::Result<()> {
             answer(api::call(&instance, &request)?)
         }
         Command::Stop { instance } => stop(&instance),
+        Command::Stats {
+            instance,
+            json,
+            watch,
+        } => stats(&instance, json, watch),
+        Command::Report {
+            report:
+                ReportKind::Distribution {
+                    instance,
+                    listener,
+                    since,
+                    json,
+                },
+        } => {
+            let report = report::distribution(&instance, listener.as_deref(), since)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report::render(&report));
+            }
+            Ok(())
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "slb", &mut std::io::stdout());
             Ok(())

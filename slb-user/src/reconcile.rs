@@ -76,6 +76,30 @@ pub struct AppliedState {
     pub runtime_changes: Vec<String>,
     pub listeners: Vec<AppliedListener>,
     pub backends: Vec<AppliedBackend>,
+    /// HTTP(S) listeners, served by the proxy (not in the maps).
+    #[serde(default)]
+    pub proxy_listeners: Vec<ProxyListenerInfo>,
+    #[serde(default)]
+    pub access_log: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyListenerInfo {
+    pub name: String,
+    pub protocol: Protocol,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub cookie_persistence: bool,
+    pub backends: Vec<ProxyBackendInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyBackendInfo {
+    pub group: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+    pub health: Option<HealthStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

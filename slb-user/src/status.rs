@@ -62,6 +62,31 @@ pub struct BackendStatus {
     pub connections: u64,
 }
 
+/// A TCP flow counts as a current connection while it saw a packet within this time (the data
+/// plane does not track FIN/RST; closed flows age out of the count and, later, the LRU table).
+pub const TCP_ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
+/// The same for UDP flows.
+pub const UDP_ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn is_active(protocol: u8, last_seen_ns: u64, now_ns: u64) -> bool {
+    let window = if protocol == slb_common::IPPROTO_UDP {
+        UDP_ACTIVE_WINDOW
+    } else {
+        TCP_ACTIVE_WINDOW
+    };
+    now_ns.saturating_sub(last_seen_ns) <= window.as_nanos() as u64
+}
+
 pub fn collect(instance: &str) -> anyhow::Result<Status> {
     crate::dataplane::ensure_bpffs()?;
     let path = state_file(instance);
@@ -77,8 +102,12 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
 
     let mut conns_by_backend: BTreeMap<u32, u64> = BTreeMap::new();
     let mut conns_by_listener: BTreeMap<u32, u64> = BTreeMap::new();
+    let now = monotonic_ns();
     for entry in maps.connections.iter() {
-        let (_, conn) = entry.context("reading CONNECTIONS")?;
+        let (flow, conn) = entry.context("reading CONNECTIONS")?;
+        if !is_active(flow.protocol, conn.last_seen_ns, now) {
+            continue;
+        }
         *conns_by_backend.entry(conn.backend_id).or_default() += 1;
         *conns_by_listener.entry(conn.listener_index).or_default() += 1;
     }
@@ -259,6 +288,232 @@ pub fn render(status: &Status) -> String {
         if *value > 0 {
             let _ = writeln!(out, "  {name:<24} {value}");
         }
+    }
+    out
+}
+
+/// Prometheus text exposition of a status.
+pub fn render_prometheus(status: &Status) -> String {
+    fn label(value: &str) -> String {
+        value
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    }
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    };
+    let listener_labels = |l: &ListenerStatus| {
+        format!(
+            "instance=\"{}\",listener=\"{}\",protocol=\"{}\",vip=\"{}\",port=\"{}\"",
+            label(&status.instance),
+            label(&l.name),
+            l.protocol,
+            l.vip,
+            l.port
+        )
+    };
+    let backend_labels = |b: &BackendStatus| {
+        format!(
+            "instance=\"{}\",listener=\"{}\",group=\"{}\",backend=\"{}:{}\"",
+            label(&status.instance),
+            label(&b.listener),
+            label(&b.group),
+            b.address,
+            b.port
+        )
+    };
+    let per_listener = |f: fn(&ListenerStatus) -> u64| {
+        status
+            .listeners
+            .iter()
+            .map(|l| (listener_labels(l), f(l) as f64))
+            .collect::<Vec<_>>()
+    };
+    family(
+        "slb_listener_packets_total",
+        "counter",
+        "Packets forwarded to backends.",
+        per_listener(|l| l.packets),
+    );
+    family(
+        "slb_listener_bytes_total",
+        "counter",
+        "Bytes forwarded to backends.",
+        per_listener(|l| l.bytes),
+    );
+    family(
+        "slb_listener_new_connections_total",
+        "counter",
+        "New flows balanced.",
+        per_listener(|l| l.new_connections),
+    );
+    family(
+        "slb_listener_connections",
+        "gauge",
+        "Current flows in the connection table.",
+        per_listener(|l| l.connections),
+    );
+    let per_backend = |f: &dyn Fn(&BackendStatus) -> f64| {
+        status
+            .backends
+            .iter()
+            .map(|b| (backend_labels(b), f(b)))
+            .collect::<Vec<_>>()
+    };
+    family(
+        "slb_backend_packets_total",
+        "counter",
+        "Packets forwarded to the backend.",
+        per_backend(&|b| b.packets as f64),
+    );
+    family(
+        "slb_backend_bytes_total",
+        "counter",
+        "Bytes forwarded to the backend.",
+        per_backend(&|b| b.bytes as f64),
+    );
+    family(
+        "slb_backend_new_connections_total",
+        "counter",
+        "New flows sent to the backend.",
+        per_backend(&|b| b.new_connections as f64),
+    );
+    family(
+        "slb_backend_connections",
+        "gauge",
+        "Current flows on the backend.",
+        per_backend(&|b| b.connections as f64),
+    );
+    family(
+        "slb_backend_weight",
+        "gauge",
+        "Configured weight.",
+        per_backend(&|b| f64::from(b.weight)),
+    );
+    family(
+        "slb_backend_up",
+        "gauge",
+        "1 unless a health check declared the backend unhealthy.",
+        per_backend(&|b| if b.healthy { 1.0 } else { 0.0 }),
+    );
+    family(
+        "slb_backend_health_changed_timestamp_seconds",
+        "gauge",
+        "When the health state last changed (checked backends only).",
+        status
+            .backends
+            .iter()
+            .filter_map(|b| {
+                b.health
+                    .as_ref()
+                    .map(|h| (backend_labels(b), h.since_unix_ns as f64 / 1e9))
+            })
+            .collect(),
+    );
+    family(
+        "slb_dataplane_events_total",
+        "counter",
+        "Packets that left the fast path, by what happened to them.",
+        status
+            .counters
+            .iter()
+            .map(|(event, value)| {
+                (
+                    format!("instance=\"{}\",event=\"{event}\"", label(&status.instance)),
+                    *value as f64,
+                )
+            })
+            .collect(),
+    );
+    family(
+        "slb_config_generation",
+        "gauge",
+        "Config generation applied.",
+        vec![(
+            format!("instance=\"{}\"", label(&status.instance)),
+            status.generation as f64,
+        )],
+    );
+    out
+}
+
+/// `slb stats`: traffic per listener and backend; with `previous` (and the seconds since), also
+/// rates.
+pub fn render_stats(status: &Status, previous: Option<(&Status, f64)>) -> String {
+    let mut out = String::new();
+    let rate = |now: u64, before: Option<u64>| match (before, previous) {
+        (Some(b), Some((_, secs))) if secs > 0.0 => {
+            format!("{:.0}/s", now.saturating_sub(b) as f64 / secs)
+        }
+        _ => "-".into(),
+    };
+    let _ = writeln!(
+        out,
+        "{:<19} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10}",
+        "LISTENER", "PACKETS", "PKT RATE", "BYTES", "NEW_CONNS", "CONN RATE", "CONNS"
+    );
+    for l in &status.listeners {
+        let before = previous.and_then(|(p, _)| p.listeners.iter().find(|x| x.name == l.name));
+        let _ = writeln!(
+            out,
+            "{:<19} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10}",
+            l.name,
+            l.packets,
+            rate(l.packets, before.map(|b| b.packets)),
+            l.bytes,
+            l.new_connections,
+            rate(l.new_connections, before.map(|b| b.new_connections)),
+            l.connections
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<22} {:<15} {:>12} {:>10} {:>14} {:>10} {:>8}  {}",
+        "BACKEND",
+        "LISTENER",
+        "PACKETS",
+        "PKT RATE",
+        "NEW_CONNS",
+        "CONN RATE",
+        "CONNS",
+        "HEALTH (since)"
+    );
+    for b in &status.backends {
+        let before = previous.and_then(|(p, _)| {
+            p.backends
+                .iter()
+                .find(|x| x.listener == b.listener && x.address == b.address && x.port == b.port)
+        });
+        let health = match &b.health {
+            None => "not checked".to_string(),
+            Some(h) => {
+                let since =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(h.since_unix_ns as u64);
+                format!(
+                    "{} ({})",
+                    if h.healthy { "healthy" } else { "UNHEALTHY" },
+                    humantime::format_rfc3339_seconds(since)
+                )
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{:<22} {:<15} {:>12} {:>10} {:>14} {:>10} {:>8}  {}",
+            format!("{}:{}", b.address, b.port),
+            b.listener,
+            b.packets,
+            rate(b.packets, before.map(|x| x.packets)),
+            b.new_connections,
+            rate(b.new_connections, before.map(|x| x.new_connections)),
+            b.connections,
+            health
+        );
     }
     out
 }

@@ -32,9 +32,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls::ServerConfig;
 
-use crate::config::{
-    Config, CookiePersistence, GroupKind, Protocol, Scheduler, DEFAULT_GROUP, INSERT_COOKIE,
-};
+use crate::config::{Config, CookiePersistence, Protocol, Scheduler, INSERT_COOKIE};
 use crate::health::HealthStatus;
 use crate::reconcile::BackendKey;
 use balance::{least_connections, SmoothWrr};
@@ -217,27 +215,11 @@ impl ProxyManager {
         l: &crate::config::Listener,
         health: &BTreeMap<BackendKey, HealthStatus>,
     ) -> anyhow::Result<ListenerRt> {
-        let own = l.group.clone().unwrap_or_else(|| DEFAULT_GROUP.into());
-        let mut names: Vec<String> = vec![own];
-        for r in &l.rules {
-            if !names.contains(&r.group) {
-                names.push(r.group.clone());
-            }
-        }
-        let groups = names
+        let listener_groups = config.listener_groups(l);
+        let groups = listener_groups
             .iter()
-            .map(|name| {
-                let specs = if name == DEFAULT_GROUP {
-                    &config.default_group.backends
-                } else {
-                    let g = config
-                        .groups
-                        .iter()
-                        .find(|g| &g.name == name)
-                        .expect("validated group");
-                    debug_assert_eq!(g.kind, GroupKind::Vserver);
-                    &g.backends
-                };
+            .map(|group| {
+                let specs = group.backends;
                 let backends = specs
                     .iter()
                     .map(|b| {
@@ -258,7 +240,7 @@ impl ProxyManager {
                     })
                     .collect();
                 GroupRt {
-                    name: name.clone(),
+                    name: group.name.to_string(),
                     backends,
                     wrr: Mutex::new(SmoothWrr::default()),
                 }
@@ -267,7 +249,12 @@ impl ProxyManager {
         let targets: Vec<usize> = l
             .rules
             .iter()
-            .map(|r| names.iter().position(|n| n == &r.group).expect("collected"))
+            .map(|r| {
+                listener_groups
+                    .iter()
+                    .position(|g| g.name == r.group)
+                    .expect("collected")
+            })
             .collect();
         let tls = match l.protocol {
             Protocol::Https => Some(
@@ -298,6 +285,46 @@ impl Drop for ProxyManager {
             r.task.abort();
         }
     }
+}
+
+/// What `slb status` and the distribution report show of the HTTP(S) listeners.
+pub fn describe(
+    config: &Config,
+    health: &BTreeMap<BackendKey, HealthStatus>,
+) -> Vec<crate::reconcile::ProxyListenerInfo> {
+    config
+        .listeners
+        .iter()
+        .filter(|l| l.protocol.is_l7())
+        .map(|l| crate::reconcile::ProxyListenerInfo {
+            name: l.name.clone(),
+            protocol: l.protocol,
+            vip: l.vip,
+            port: l.port,
+            cookie_persistence: l.cookie.is_some(),
+            backends: config
+                .listener_groups(l)
+                .iter()
+                .flat_map(|g| {
+                    g.backends.iter().map(|b| {
+                        let port = b.port.unwrap_or(l.port);
+                        let key = BackendKey {
+                            listener: l.name.clone(),
+                            address: b.address,
+                            port,
+                        };
+                        crate::reconcile::ProxyBackendInfo {
+                            group: g.name.to_string(),
+                            address: b.address,
+                            port,
+                            weight: b.weight,
+                            health: health.get(&key).cloned(),
+                        }
+                    })
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

@@ -1,0 +1,426 @@
+//! `slb report distribution`: is traffic spread the way the weights say? For each backend, its
+//! share of new connections (L4, from the counters) or requests (HTTP(S), from the access log)
+//! next to its weight share, the deviation and a verdict — the seed's troubleshooting steps,
+//! built in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use crate::daemon::state_file;
+use crate::metrics::read_history;
+use crate::reconcile::AppliedState;
+use crate::status;
+
+/// Smallest deviation (percentage points) called skewed; with little traffic the allowance grows
+/// to three standard deviations of a fair draw, so chance alone is not called skew.
+pub const MIN_SKEW_POINTS: f64 = 1.0;
+
+/// Allowed deviation for a backend with weight share `p` (0..1) over `n` draws.
+pub fn allowed_deviation(p: f64, n: u64) -> f64 {
+    if n == 0 {
+        return f64::INFINITY;
+    }
+    let sigma_points = (p * (1.0 - p) / n as f64).sqrt() * 100.0;
+    (3.0 * sigma_points).max(MIN_SKEW_POINTS)
+}
+/// Fewer new connections/requests than this is too little to judge.
+pub const MIN_SAMPLE: u64 = 100;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub instance: String,
+    /// Start of the period (unix seconds); `None` = since the data plane started.
+    pub since_unix_s: Option<u64>,
+    pub listeners: Vec<ListenerReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListenerReport {
+    pub listener: String,
+    /// "new connections" (L4) or "requests" (HTTP(S)).
+    pub unit: &'static str,
+    pub total: u64,
+    pub persistence: bool,
+    pub backends: Vec<BackendShare>,
+    pub verdict: String,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendShare {
+    pub backend: String,
+    pub group: String,
+    pub weight: u32,
+    pub healthy: bool,
+    pub count: u64,
+    pub share_pct: f64,
+    pub weight_share_pct: f64,
+    pub deviation_points: f64,
+    /// Deviation still explained by chance for this much traffic.
+    pub allowed_points: f64,
+    /// With persistence: distinct client addresses on the backend and their share.
+    pub clients: Option<u64>,
+    pub client_share_pct: Option<f64>,
+}
+
+struct Row {
+    backend: String,
+    group: String,
+    weight: u32,
+    healthy: bool,
+    count: u64,
+    clients: Option<u64>,
+}
+
+fn judge(listener: &str, unit: &'static str, persistence: bool, rows: Vec<Row>) -> ListenerReport {
+    let total: u64 = rows.iter().map(|r| r.count).sum();
+    // Unhealthy backends get no traffic by design: the weight share is over the eligible ones.
+    let eligible_weight: u64 = rows
+        .iter()
+        .filter(|r| r.healthy)
+        .map(|r| u64::from(r.weight))
+        .sum();
+    let total_clients: u64 = rows.iter().filter_map(|r| r.clients).sum();
+    let backends: Vec<BackendShare> = rows
+        .into_iter()
+        .map(|r| {
+            let share = if total > 0 {
+                r.count as f64 * 100.0 / total as f64
+            } else {
+                0.0
+            };
+            let weight_share = if r.healthy && eligible_weight > 0 {
+                f64::from(r.weight) * 100.0 / eligible_weight as f64
+            } else {
+                0.0
+            };
+            BackendShare {
+                backend: r.backend,
+                group: r.group,
+                weight: r.weight,
+                healthy: r.healthy,
+                count: r.count,
+                share_pct: share,
+                weight_share_pct: weight_share,
+                deviation_points: share - weight_share,
+                allowed_points: allowed_deviation(weight_share / 100.0, total),
+                clients: r.clients,
+                client_share_pct: r.clients.map(|c| {
+                    if total_clients > 0 {
+                        c as f64 * 100.0 / total_clients as f64
+                    } else {
+                        0.0
+                    }
+                }),
+            }
+        })
+        .collect();
+    let mut notes = Vec::new();
+    let skewed: Vec<&BackendShare> = backends
+        .iter()
+        .filter(|b| b.deviation_points.abs() > b.allowed_points)
+        .collect();
+    let verdict = if total < MIN_SAMPLE {
+        format!("too little traffic to judge ({total} {unit}, need {MIN_SAMPLE})")
+    } else if skewed.is_empty() {
+        "balanced: every backend's share is within chance (3σ, at least 1 point) of its weight share".to_string()
+    } else {
+        let names: Vec<String> = skewed
+            .iter()
+            .map(|b| {
+                format!(
+                    "{} ({:+.1} points, chance allows ±{:.1})",
+                    b.backend, b.deviation_points, b.allowed_points
+                )
+            })
+            .collect();
+        format!("skewed: {}", names.join(", "))
+    };
+    if persistence {
+        notes.push(
+            "session persistence is on: traffic follows client addresses (or cookies), so a few busy clients can skew shares; compare the per-client shares".into(),
+        );
+    }
+    if backends.iter().any(|b| !b.healthy) {
+        notes.push("unhealthy backends are expected to get nothing; their weight is left out of the weight shares".into());
+    }
+    if !skewed.is_empty() && !persistence {
+        notes.push(
+            "check that every backend is healthy the whole period, that weights were not changed during it, and that long-lived connections (counted when they started) do not dominate".into(),
+        );
+    }
+    ListenerReport {
+        listener: listener.into(),
+        unit,
+        total,
+        persistence,
+        backends,
+        verdict,
+        notes,
+    }
+}
+
+pub fn distribution(
+    instance: &str,
+    listener: Option<&str>,
+    since: Option<Duration>,
+) -> anyhow::Result<Report> {
+    let path = state_file(instance);
+    let state: AppliedState =
+        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "instance {instance:?} is not running here (no {})",
+                path.display()
+            )
+        })?)?;
+    let current = status::collect(instance)?;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)?
+        .as_secs();
+    let since_unix_s = since.map(|d| now.saturating_sub(d.as_secs()));
+
+    // L4: counters now minus the newest sample at or before the start of the period.
+    let base: BTreeMap<(String, String), u64> = match since_unix_s {
+        None => BTreeMap::new(),
+        Some(start) => {
+            let history = read_history(instance);
+            let sample = history
+                .iter()
+                .rev()
+                .find(|s| s.unix_s <= start)
+                .or(history.first());
+            sample
+                .map(|s| {
+                    s.new_connections
+                        .iter()
+                        .map(|(l, b, n)| ((l.clone(), b.clone()), *n))
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+    };
+    let clients = clients_per_backend(instance)?;
+    let mut listeners = Vec::new();
+    for l in current
+        .listeners
+        .iter()
+        .filter(|l| listener.is_none_or(|n| n == l.name))
+    {
+        let persistence = l.persistence_timeout_s.is_some();
+        let rows = current
+            .backends
+            .iter()
+            .filter(|b| b.listener == l.name)
+            .map(|b| {
+                let key = (b.listener.clone(), format!("{}:{}", b.address, b.port));
+                Row {
+                    backend: key.1.clone(),
+                    group: b.group.clone(),
+                    weight: b.weight,
+                    healthy: b.healthy,
+                    count: b
+                        .new_connections
+                        .saturating_sub(base.get(&key).copied().unwrap_or(0)),
+                    clients: persistence.then(|| clients.get(&b.id).map_or(0, |c| c.len() as u64)),
+                }
+            })
+            .collect();
+        listeners.push(judge(&l.name, "new connections", persistence, rows));
+    }
+
+    // HTTP(S): requests in the access log.
+    let proxied: Vec<_> = state
+        .proxy_listeners
+        .iter()
+        .filter(|l| listener.is_none_or(|n| n == l.name))
+        .collect();
+    if !proxied.is_empty() {
+        let log = state
+            .access_log
+            .as_ref()
+            .map(std::fs::read_to_string)
+            .transpose()
+            .unwrap_or(None)
+            .unwrap_or_default();
+        let mut requests: BTreeMap<(String, String), u64> = BTreeMap::new();
+        let mut client_sets: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+        for line in log.lines() {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if let (Some(start), Some(time)) = (since_unix_s, entry["time"].as_str()) {
+                let t = humantime::parse_rfc3339(time)
+                    .ok()
+                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+                if t.is_none_or(|t| t.as_secs() < start) {
+                    continue;
+                }
+            }
+            let (Some(l), Some(b)) = (entry["listener"].as_str(), entry["backend"].as_str()) else {
+                continue;
+            };
+            let key = (l.to_string(), b.to_string());
+            *requests.entry(key.clone()).or_default() += 1;
+            if let Some(client) = entry["client"].as_str() {
+                let ip = client.rsplit_once(':').map_or(client, |(ip, _)| ip);
+                client_sets.entry(key).or_default().insert(ip.to_string());
+            }
+        }
+        for l in proxied {
+            let rows = l
+                .backends
+                .iter()
+                .map(|b| {
+                    let key = (l.name.clone(), format!("{}:{}", b.address, b.port));
+                    Row {
+                        backend: key.1.clone(),
+                        group: b.group.clone(),
+                        weight: b.weight,
+                        healthy: b.health.as_ref().is_none_or(|h| h.healthy),
+                        count: requests.get(&key).copied().unwrap_or(0),
+                        clients: l
+                            .cookie_persistence
+                            .then(|| client_sets.get(&key).map_or(0, |c| c.len() as u64)),
+                    }
+                })
+                .collect();
+            listeners.push(judge(&l.name, "requests", l.cookie_persistence, rows));
+        }
+    }
+    if let Some(name) = listener {
+        if listeners.is_empty() {
+            anyhow::bail!("--listener: instance {instance:?} has no listener named {name:?}");
+        }
+    }
+    Ok(Report {
+        instance: instance.into(),
+        since_unix_s,
+        listeners,
+    })
+}
+
+/// Distinct client addresses per backend id, from the connection table.
+fn clients_per_backend(instance: &str) -> anyhow::Result<BTreeMap<u32, BTreeSet<[u8; 16]>>> {
+    let maps = crate::maps::PinnedMaps::open(&crate::dataplane::pin_dir(instance))?;
+    let mut clients: BTreeMap<u32, BTreeSet<[u8; 16]>> = BTreeMap::new();
+    for entry in maps.connections.iter() {
+        let (flow, conn) = entry.context("reading CONNECTIONS")?;
+        clients.entry(conn.backend_id).or_default().insert(flow.src);
+    }
+    Ok(clients)
+}
+
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let period = match report.since_unix_s {
+        None => "since the data plane started".to_string(),
+        Some(s) => format!(
+            "since {}",
+            humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(s))
+        ),
+    };
+    let _ = writeln!(
+        out,
+        "distribution report for instance {} ({period})",
+        report.instance
+    );
+    for l in &report.listeners {
+        let _ = writeln!(out, "\nlistener {}: {} {}", l.listener, l.total, l.unit);
+        let _ = writeln!(
+            out,
+            "  {:<22} {:<12} {:>6} {:>9} {:>8} {:>12} {:>10} {:>8}{}",
+            "BACKEND",
+            "GROUP",
+            "WEIGHT",
+            "COUNT",
+            "SHARE",
+            "WEIGHT SHARE",
+            "DEVIATION",
+            "ALLOWED",
+            if l.persistence {
+                "   CLIENTS  CLIENT SHARE"
+            } else {
+                ""
+            }
+        );
+        for b in &l.backends {
+            let clients = match (b.clients, b.client_share_pct) {
+                (Some(c), Some(p)) => format!(" {c:>9} {p:>12.1}%"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<22} {:<12} {:>6} {:>9} {:>7.1}% {:>11.1}% {:>+9.1}pp {:>6.1}pp{}{}",
+                b.backend,
+                b.group,
+                b.weight,
+                b.count,
+                b.share_pct,
+                b.weight_share_pct,
+                b.deviation_points,
+                b.allowed_points,
+                clients,
+                if b.healthy { "" } else { "  (unhealthy)" }
+            );
+        }
+        let _ = writeln!(out, "  verdict: {}", l.verdict);
+        for n in &l.notes {
+            let _ = writeln!(out, "  note: {n}");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, weight: u32, count: u64) -> Row {
+        Row {
+            backend: name.into(),
+            group: "g".into(),
+            weight,
+            healthy: true,
+            count,
+            clients: None,
+        }
+    }
+
+    #[test]
+    fn chance_is_not_called_skew_but_real_skew_is() {
+        let fair = judge(
+            "l",
+            "new connections",
+            false,
+            vec![row("a", 1, 35), row("b", 2, 105), row("c", 3, 160)],
+        );
+        assert!(fair.verdict.starts_with("balanced"), "{}", fair.verdict);
+        let skewed = judge(
+            "l",
+            "new connections",
+            false,
+            vec![row("a", 1, 1000), row("b", 1, 2000)],
+        );
+        assert!(
+            skewed.verdict.starts_with("skewed") && skewed.verdict.contains("a (-16.7 points"),
+            "{}",
+            skewed.verdict
+        );
+        let small = judge("l", "requests", true, vec![row("a", 1, 5)]);
+        assert!(small.verdict.starts_with("too little"));
+        assert!(small.notes[0].contains("persistence"));
+    }
+
+    #[test]
+    fn unhealthy_backends_leave_the_weight_shares() {
+        let mut down = row("b", 1, 0);
+        down.healthy = false;
+        let r = judge("l", "new connections", false, vec![row("a", 1, 500), down]);
+        assert_eq!(r.backends[0].weight_share_pct, 100.0);
+        assert!(r.verdict.starts_with("balanced"), "{}", r.verdict);
+    }
+}
