@@ -1,9 +1,10 @@
-//! Every map of the data plane. They are pinned by name under the instance's directory so a
+//! Every map of the data plane. They are BTF-defined, so `bpftool map dump` prints their keys and
+//! values with field names; the daemon pins each one by name under the instance's directory so a
 //! restarted daemon and `bpftool` find them.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
 };
 use slb_common::{
     Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey, PersistKey,
@@ -11,41 +12,47 @@ use slb_common::{
     MAX_INTERFACES, MAX_LISTENERS, MAX_PERSISTENCE, RINGS_PER_LISTENER,
 };
 
-#[map]
-pub static LISTENERS: HashMap<ListenerKey, ListenerEntry> = HashMap::pinned(MAX_LISTENERS, 0);
+const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
+const BACKENDS_MAX: usize = MAX_BACKENDS as usize;
+const CONNECTIONS_MAX: usize = MAX_CONNECTIONS as usize;
+/// The daemon resizes RINGS at load time for its `maglev_table_size`.
+const RINGS_MAX: usize = (MAX_LISTENERS * RINGS_PER_LISTENER * DEFAULT_RING_SIZE) as usize;
 
-/// All Maglev rings back to back; the daemon resizes this map at load time for its ring size.
-#[map]
-pub static RINGS: Array<u32> =
-    Array::pinned(MAX_LISTENERS * RINGS_PER_LISTENER * DEFAULT_RING_SIZE, 0);
+#[btf_map]
+pub static LISTENERS: HashMap<ListenerKey, ListenerEntry, LISTENERS_MAX> = HashMap::new();
 
-#[map]
-pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
+/// All Maglev rings back to back.
+#[btf_map]
+pub static RINGS: Array<u32, RINGS_MAX> = Array::new();
+
+#[btf_map]
+pub static BACKENDS: Array<Backend, BACKENDS_MAX> = Array::new();
 
 /// `HEALTH_UP`/`HEALTH_DOWN` per backend id, written by the health checker. Separate from
 /// `BACKENDS` so a verdict is one 4-byte map write that the next packet sees.
-#[map]
-pub static BACKEND_HEALTH: Array<u32> = Array::pinned(MAX_BACKENDS, 0);
+#[btf_map]
+pub static BACKEND_HEALTH: Array<u32, BACKENDS_MAX> = Array::new();
 
 /// Source-address persistence: client address on a listener → backend.
-#[map]
-pub static PERSISTENCE: LruHashMap<PersistKey, Persisted> = LruHashMap::pinned(MAX_PERSISTENCE, 0);
+#[btf_map]
+pub static PERSISTENCE: LruHashMap<PersistKey, Persisted, { MAX_PERSISTENCE as usize }> =
+    LruHashMap::new();
 
-#[map]
-pub static CONNECTIONS: LruHashMap<FlowKey, Connection> = LruHashMap::pinned(MAX_CONNECTIONS, 0);
+#[btf_map]
+pub static CONNECTIONS: LruHashMap<FlowKey, Connection, CONNECTIONS_MAX> = LruHashMap::new();
 
-#[map]
-pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> = LruHashMap::pinned(MAX_CONNECTIONS, 0);
+#[btf_map]
+pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat, CONNECTIONS_MAX> = LruHashMap::new();
 
-#[map]
-pub static LISTENER_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::pinned(MAX_LISTENERS, 0);
+#[btf_map]
+pub static LISTENER_STATS: PerCpuArray<TrafficCounters, LISTENERS_MAX> = PerCpuArray::new();
 
-#[map]
-pub static BACKEND_STATS: PerCpuArray<TrafficCounters> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters, BACKENDS_MAX> = PerCpuArray::new();
 
-#[map]
-pub static GLOBAL_STATS: PerCpuArray<GlobalCounters> = PerCpuArray::pinned(1, 0);
+#[btf_map]
+pub static GLOBAL_STATS: PerCpuArray<GlobalCounters, 1> = PerCpuArray::new();
 
 /// Interfaces the program may redirect to, keyed by ifindex.
-#[map]
-pub static EGRESS: DevMapHash = DevMapHash::pinned(MAX_INTERFACES, 0);
+#[btf_map]
+pub static EGRESS: DevMapHash<{ MAX_INTERFACES as usize }> = DevMapHash::new();

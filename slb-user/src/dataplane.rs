@@ -112,10 +112,7 @@ impl Dataplane {
             path: dir.clone(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&dir)
-            .map_max_entries("RINGS", MAX_LISTENERS * RINGS_PER_LISTENER * ring_size)
-            .load(XDP_OBJECT)?;
+        let mut ebpf = load_object(&dir, ring_size)?;
         let program: &mut Xdp = program_mut(&mut ebpf)?;
         program.load()?;
         let prog_pin = dir.join(PROGRAM_PIN);
@@ -185,6 +182,17 @@ impl Dataplane {
     pub fn keep_serving(self) {
         tracing::info!(dir = %self.dir.display(), "leaving the data plane attached and pinned");
     }
+}
+
+/// Loads the XDP object with every map pinned (or, when already pinned, reused) under `dir` and
+/// RINGS sized for `ring_size`-slot rings. The program is not loaded into the kernel yet.
+pub fn load_object(dir: &Path, ring_size: u32) -> Result<Ebpf, DataplaneError> {
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries("RINGS", MAX_LISTENERS * RINGS_PER_LISTENER * ring_size);
+    for (name, ..) in expected_layout(ring_size) {
+        loader.map_pin_path(name, dir.join(name));
+    }
+    Ok(loader.load(XDP_OBJECT)?)
 }
 
 /// Key size, value size and entries each pinned map must have for this build to adopt it.

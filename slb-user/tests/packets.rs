@@ -9,11 +9,11 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use aya::{Ebpf, EbpfLoader};
+use aya::Ebpf;
 use slb_common::checksum::{internet_checksum, ipv4_pseudo_header_sum};
 use slb_common::{GlobalCounters, MAX_LISTENERS, RINGS_PER_LISTENER};
 use slb_user::config::Config;
-use slb_user::dataplane::{ensure_bpffs, XDP_OBJECT};
+use slb_user::dataplane::{ensure_bpffs, load_object};
 use slb_user::health::HealthStatus;
 use slb_user::maps::PinnedMaps;
 use slb_user::reconcile::{BackendKey, Reconciler};
@@ -211,11 +211,7 @@ impl Harness {
         ));
         std::fs::create_dir_all(&pin_dir).unwrap();
         let pins = PinDir(pin_dir.clone());
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .map_max_entries("RINGS", MAX_LISTENERS * RINGS_PER_LISTENER * RING_SIZE)
-            .load(XDP_OBJECT)
-            .expect("load object");
+        let mut ebpf = load_object(&pin_dir, RING_SIZE).expect("load object");
         let program: &mut Xdp = ebpf.program_mut("slb_xdp").unwrap().try_into().unwrap();
         program.load().expect("verifier accepts slb_xdp");
 
