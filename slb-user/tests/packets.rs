@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::Ebpf;
 use slb_common::checksum::{internet_checksum, ipv4_pseudo_header_sum};
-use slb_common::{GlobalCounters, MAX_LISTENERS, RINGS_PER_LISTENER};
+use slb_common::GlobalCounters;
 use slb_user::config::Config;
 use slb_user::dataplane::{ensure_bpffs, load_object};
 use slb_user::health::HealthStatus;
