@@ -324,8 +324,14 @@ impl SlbDaemon {
     /// Writes `config` to a temporary file, starts `bin --netns <netns> run -c <file>` and
     /// waits until the daemon reports generation 1 in its state file.
     pub fn start(bin: &Path, netns: &str, config: &SlbConfig) -> anyhow::Result<Self> {
+        Self::start_toml(bin, netns, &config.instance, &config.to_toml())
+    }
+
+    /// [`start`](Self::start) with the config given as TOML text (e.g. one with fields
+    /// [`SlbConfig`] does not model); `instance` must be the one the text names.
+    pub fn start_toml(bin: &Path, netns: &str, instance: &str, toml: &str) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
-            .prefix(&format!("slb-{}-", config.instance))
+            .prefix(&format!("slb-{instance}-"))
             .tempdir()
             .context("creating the daemon's temporary directory")?;
         let config_path = dir.path().join("slb.toml");
@@ -333,13 +339,13 @@ impl SlbDaemon {
         let mut daemon = SlbDaemon {
             bin: bin.to_owned(),
             netns: netns.to_owned(),
-            instance: config.instance.clone(),
+            instance: instance.to_owned(),
             child: None,
             dir,
             config_path,
             log_path,
         };
-        daemon.write_config(config)?;
+        daemon.write_config_text(toml)?;
         // The instance name is unique to this run, so a state file left there is stale.
         let state = daemon.state_path();
         if state.exists() {
