@@ -6,6 +6,7 @@
 //! [`require_root`] first so that a non-root run prints why it skipped instead of failing.
 
 pub mod exec;
+pub mod http;
 pub mod report;
 pub mod slb;
 pub mod topology;

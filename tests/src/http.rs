@@ -1,0 +1,398 @@
+//! Helpers for the HTTP/HTTPS (L7) listener tests: the config of an L7 `slb`, the
+//! `slb-http-backend` processes in the backend namespaces, a tokio runtime whose sockets live
+//! in a namespace, and raw TCP connections from a namespace.
+//!
+//! An L7 listener's VIP must be a local address of the slb namespace ([`add_local_vip`]); the
+//! client still reaches it through its default route, and the XDP program on `s0` passes the
+//! traffic up to the proxy because no L4 listener claims that port.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use serde::{Deserialize, Serialize};
+
+use crate::exec::{self, ChildGuard};
+use crate::slb::{BackendConfig, GroupConfig, HealthCheckConfig, InterfaceConfig};
+use crate::topology::Topology;
+use crate::{BACKEND_PORT, VIP};
+
+/// Port of the HTTP listener the L7 tests use.
+pub const HTTP_PORT: u16 = 8000;
+/// Port of the HTTPS listener the L7 tests use.
+pub const HTTPS_PORT: u16 = 8443;
+
+/// `VIP:8000`.
+pub fn vip_http() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(VIP, HTTP_PORT))
+}
+
+/// `VIP:8443`.
+pub fn vip_https() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(VIP, HTTPS_PORT))
+}
+
+/// Puts the VIP on `lo` of the slb namespace, as HTTP/HTTPS listeners need.
+pub fn add_local_vip(topo: &Topology) -> anyhow::Result<()> {
+    topo.exec_in(
+        topo.slb_ns(),
+        ["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+    )?;
+    Ok(())
+}
+
+/// An `slb` config with HTTP/HTTPS listeners.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct L7Config {
+    pub instance: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<PathBuf>,
+    pub interfaces: Vec<InterfaceConfig>,
+    pub listeners: Vec<L7Listener>,
+    pub groups: Vec<GroupConfig>,
+}
+
+/// One `[[listeners]]` entry with the L7 fields; unset options take slb's defaults.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct L7Listener {
+    pub name: String,
+    /// `http` or `https`.
+    pub protocol: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub group: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarded_headers: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<CookieConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleConfig>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<CertificateConfig>,
+}
+
+/// A forwarding rule: exact or `*.` wildcard domain, path prefix, or both.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RuleConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    pub group: String,
+}
+
+impl RuleConfig {
+    pub fn domain(domain: &str, group: &str) -> Self {
+        RuleConfig {
+            domain: Some(domain.to_owned()),
+            path: None,
+            group: group.to_owned(),
+        }
+    }
+
+    pub fn path(path: &str, group: &str) -> Self {
+        RuleConfig {
+            domain: None,
+            path: Some(path.to_owned()),
+            group: group.to_owned(),
+        }
+    }
+}
+
+/// `cookie = { mode = "insert", timeout = ".." }` or `{ mode = "rewrite", name = ".." }`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum CookieConfig {
+    Insert { timeout: String },
+    Rewrite { name: String },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CertificateConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub domains: Vec<String>,
+}
+
+impl L7Listener {
+    /// An HTTP listener on `VIP:port` whose default group is `group`.
+    pub fn http(name: &str, port: u16, group: &str) -> Self {
+        L7Listener {
+            name: name.to_owned(),
+            protocol: "http".to_owned(),
+            vip: VIP,
+            port,
+            group: group.to_owned(),
+            scheduler: None,
+            forwarded_headers: None,
+            backend_timeout: None,
+            header_timeout: None,
+            cookie: None,
+            health_check: None,
+            rules: Vec::new(),
+            certificates: Vec::new(),
+        }
+    }
+
+    /// An HTTPS listener on `VIP:port` serving `certificates` (the first is the fallback).
+    pub fn https(name: &str, port: u16, group: &str, certificates: Vec<CertificateConfig>) -> Self {
+        L7Listener {
+            protocol: "https".to_owned(),
+            certificates,
+            ..Self::http(name, port, group)
+        }
+    }
+}
+
+impl L7Config {
+    /// XDP on `s0..sN` for a topology with `backends` backends, no listeners, no groups.
+    pub fn new(instance: &str, backends: usize) -> Self {
+        L7Config {
+            instance: instance.to_owned(),
+            access_log: None,
+            interfaces: (0..=backends)
+                .map(|i| InterfaceConfig {
+                    name: format!("s{i}"),
+                    mode: None,
+                })
+                .collect(),
+            listeners: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// Adds group `name` of topology backends `(index, weight)` on port 8080.
+    pub fn group(&mut self, name: &str, backends: &[(usize, u32)]) -> &mut Self {
+        self.groups.push(GroupConfig {
+            name: name.to_owned(),
+            kind: None,
+            backends: backends
+                .iter()
+                .map(|&(i, w)| BackendConfig::backend(i, w))
+                .collect(),
+        });
+        self
+    }
+
+    pub fn listener(&mut self, listener: L7Listener) -> &mut Self {
+        self.listeners.push(listener);
+        self
+    }
+
+    /// The listener named `name`; panics if there is none.
+    pub fn listener_mut(&mut self, name: &str) -> &mut L7Listener {
+        self.listeners
+            .iter_mut()
+            .find(|l| l.name == name)
+            .unwrap_or_else(|| panic!("no listener {name:?} in the config"))
+    }
+
+    /// `(backend name, weight)` of group `name`, as [`crate::Distribution::new`] wants them.
+    pub fn group_weights(&self, name: &str) -> Vec<(String, u32)> {
+        let group = self
+            .groups
+            .iter()
+            .find(|g| g.name == name)
+            .unwrap_or_else(|| panic!("no group {name:?} in the config"));
+        group
+            .backends
+            .iter()
+            .map(|b| {
+                let i = usize::from(b.address.octets()[2]) - 10;
+                (Topology::backend_name(i), b.weight)
+            })
+            .collect()
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the config types always serialize to TOML")
+    }
+}
+
+/// What `slb-http-backend` answers (its JSON body).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Echo {
+    pub backend: String,
+    pub peer: String,
+    pub method: String,
+    pub version: String,
+    pub host: Option<String>,
+    pub path: String,
+    pub query: Option<String>,
+    pub x_forwarded_for: Option<String>,
+    pub x_forwarded_proto: Option<String>,
+    pub x_real_ip: Option<String>,
+    pub cookie: Option<String>,
+}
+
+impl Echo {
+    pub fn parse(body: &[u8]) -> anyhow::Result<Echo> {
+        serde_json::from_slice(body).with_context(|| {
+            format!(
+                "not a backend echo: {:?}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            )
+        })
+    }
+}
+
+/// `slb-http-backend` processes in the backend namespaces of a topology, each answering as
+/// `b<i>` on port 8080. Killed on drop.
+#[derive(Debug)]
+pub struct HttpBackends {
+    bin: PathBuf,
+    servers: BTreeMap<usize, (String, Option<ChildGuard>)>,
+}
+
+impl HttpBackends {
+    /// Starts a backend in each of the topology's backend namespaces.
+    pub fn start_all(topo: &Topology, bin: &Path) -> anyhow::Result<Self> {
+        let mut backends = HttpBackends {
+            bin: bin.to_owned(),
+            servers: BTreeMap::new(),
+        };
+        for i in 1..=topo.backend_count() {
+            backends
+                .servers
+                .insert(i, (topo.backend_ns(i).to_owned(), None));
+            backends.restart(i)?;
+        }
+        Ok(backends)
+    }
+
+    /// Kills backend `i` (SIGKILL, as in a crash): from then on its host refuses connections.
+    pub fn stop(&mut self, i: usize) -> anyhow::Result<()> {
+        let (_, child) = self
+            .servers
+            .get_mut(&i)
+            .with_context(|| format!("no HTTP backend {i}"))?;
+        let child = child
+            .take()
+            .with_context(|| format!("HTTP backend {i} is not running"))?;
+        drop(child);
+        Ok(())
+    }
+
+    /// Starts backend `i` again and waits until it listens.
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let (ns, child) = self
+            .servers
+            .get_mut(&i)
+            .with_context(|| format!("no HTTP backend {i}"))?;
+        ensure!(child.is_none(), "HTTP backend {i} is already running");
+        let args: Vec<OsString> = vec![
+            self.bin.clone().into(),
+            "--name".into(),
+            Topology::backend_name(i).into(),
+            "--listen".into(),
+            format!("0.0.0.0:{BACKEND_PORT}").into(),
+        ];
+        let mut guard = exec::spawn_in(ns, &args)?;
+        guard
+            .wait_for_line("ready", Duration::from_secs(10))
+            .with_context(|| format!("starting HTTP backend {i}"))?;
+        *child = Some(guard);
+        Ok(())
+    }
+}
+
+/// A multi-threaded tokio runtime whose worker threads were started inside a network
+/// namespace, so every socket its tasks open lives there. Connections (e.g. a keep-alive
+/// client pool) survive between [`run`](Self::run) calls.
+pub struct NetnsRuntime {
+    rt: tokio::runtime::Runtime,
+}
+
+impl NetnsRuntime {
+    pub fn new(ns: &str) -> anyhow::Result<Self> {
+        let rt = exec::in_netns(ns, || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+        })??;
+        Ok(NetnsRuntime { rt })
+    }
+
+    /// Runs `f` as a task on the runtime's workers (never on the calling thread, which is in
+    /// another namespace) and returns its output; a panic in `f` is propagated.
+    pub fn run<F>(&self, f: F) -> F::Output
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match self.rt.block_on(self.rt.spawn(f)) {
+            Ok(v) => v,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("task failed: {e}"),
+        }
+    }
+
+    /// Starts `f` on the runtime and returns its handle (await it inside [`run`](Self::run),
+    /// or use [`join`](Self::join)).
+    pub fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.rt.spawn(f)
+    }
+
+    /// Waits for a task started with [`spawn`](Self::spawn).
+    pub fn join<T: Send + 'static>(&self, handle: tokio::task::JoinHandle<T>) -> T {
+        match self.rt.block_on(handle) {
+            Ok(v) => v,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("task failed: {e}"),
+        }
+    }
+}
+
+/// A blocking TCP connection to `addr` opened from namespace `ns` (the socket stays in `ns`
+/// whichever thread uses it).
+pub fn tcp_connect_in(ns: &str, addr: SocketAddr, timeout: Duration) -> anyhow::Result<TcpStream> {
+    let stream = exec::in_netns(ns, || TcpStream::connect_timeout(&addr, timeout))?
+        .with_context(|| format!("connecting to {addr} from {ns}"))?;
+    Ok(stream)
+}
+
+/// One JSON line of slb's access log.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct AccessLogLine {
+    pub time: String,
+    pub listener: String,
+    pub group: String,
+    pub client: String,
+    pub host: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub backend: Option<String>,
+    pub duration_ms: f64,
+    pub backend_ms: Option<f64>,
+}
+
+/// Parses an access log; a missing file is an empty log.
+pub fn read_access_log(path: &Path) -> anyhow::Result<Vec<AccessLogLine>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("access log line {l:?}")))
+        .collect()
+}
