@@ -1,0 +1,227 @@
+//! Shared setup of the HTTP/HTTPS listener tests (`http_*.rs`): a topology with
+//! `slb-http-backend` servers and an `slb` with L7 listeners, reqwest clients that run in the
+//! client namespace, and test certificates.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use slb_tests::http::{add_local_vip, Echo, HttpBackends, L7Config, NetnsRuntime};
+use slb_tests::slb::{slb_binary, unique_instance};
+use slb_tests::{SlbDaemon, Topology};
+
+pub const BACKEND: &str = env!("CARGO_BIN_EXE_slb-http-backend");
+
+/// A running L7 setup. Fields drop in declaration order: the daemon stops first, then the
+/// backends, then the namespaces go.
+pub struct L7Setup {
+    pub daemon: SlbDaemon,
+    pub backends: HttpBackends,
+    pub client: NetnsRuntime,
+    pub topo: Topology,
+    pub config: L7Config,
+    /// Access log, certificates and other files of the test.
+    pub dir: tempfile::TempDir,
+}
+
+impl L7Setup {
+    /// Creates a topology with `backends` backends (each running `slb-http-backend` as
+    /// `b<i>`), puts the VIP on the slb namespace's `lo`, and starts slb on the config
+    /// `make_config` fills in (it gets a config with the interfaces and an access log in
+    /// `dir`, and `dir` for certificates).
+    pub fn start(
+        tag: &str,
+        backends: usize,
+        make_config: impl FnOnce(&mut L7Config, &Path),
+    ) -> L7Setup {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("slb-{tag}-"))
+            .tempdir()
+            .expect("temp dir");
+        let topo = Topology::builder()
+            .tag(tag)
+            .backends(backends)
+            .build()
+            .expect("create topology");
+        add_local_vip(&topo).expect("put the VIP on lo in the slb namespace");
+        let http_backends =
+            HttpBackends::start_all(&topo, Path::new(BACKEND)).expect("start HTTP backends");
+        let mut config = L7Config::new(&unique_instance(tag), backends);
+        config.access_log = Some(dir.path().join("access.log"));
+        make_config(&mut config, dir.path());
+        let daemon = SlbDaemon::start_toml(
+            &slb_binary(),
+            topo.slb_ns(),
+            &config.instance,
+            &config.to_toml(),
+        )
+        .unwrap_or_else(|e| panic!("start slb: {e:#}\nconfig:\n{}", config.to_toml()));
+        let client = NetnsRuntime::new(topo.client_ns()).expect("client runtime");
+        L7Setup {
+            daemon,
+            backends: http_backends,
+            client,
+            topo,
+            config,
+            dir,
+        }
+    }
+
+    pub fn access_log(&self) -> PathBuf {
+        self.dir.path().join("access.log")
+    }
+}
+
+/// A reqwest client for the tests: no proxy, each of `domains` resolving to `vip` (the port
+/// comes from the URL), at most `timeout` per request.
+pub fn client_builder(
+    domains: &[&str],
+    vip: SocketAddr,
+    timeout: Duration,
+) -> reqwest::ClientBuilder {
+    let mut b = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(Duration::from_secs(3));
+    for d in domains {
+        b = b.resolve(d, vip);
+    }
+    b
+}
+
+/// The answer to one request, body read in full.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub version: reqwest::Version,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+    pub elapsed: Duration,
+}
+
+impl Answer {
+    pub fn echo(&self) -> Echo {
+        Echo::parse(&self.body).unwrap_or_else(|e| panic!("status {}: {e:#}", self.status))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `X-Backend` header the backend put on the answer, if any.
+    pub fn backend(&self) -> Option<String> {
+        self.headers
+            .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    pub fn set_cookies(&self) -> Vec<String> {
+        self.headers
+            .get_all(reqwest::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// Sends `req` and reads the whole answer.
+pub async fn send(req: reqwest::RequestBuilder) -> Result<Answer, reqwest::Error> {
+    let started = Instant::now();
+    let response = req.send().await?;
+    let status = response.status().as_u16();
+    let version = response.version();
+    let headers = response.headers().clone();
+    let body = response.bytes().await?.to_vec();
+    Ok(Answer {
+        status,
+        version,
+        headers,
+        body,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// `GET url` with `client`, read in full.
+pub async fn get(client: &reqwest::Client, url: &str) -> Result<Answer, reqwest::Error> {
+    send(client.get(url)).await
+}
+
+/// Answers per backend name (from `X-Backend`), `"<status>"` for answers without one.
+pub fn count_backends<'a>(
+    answers: impl IntoIterator<Item = &'a Answer>,
+) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for a in answers {
+        let key = a.backend().unwrap_or_else(|| format!("<{}>", a.status));
+        *counts.entry(key).or_default() += 1;
+    }
+    counts
+}
+
+/// A test CA and leaf certificates it signed, written as PEM files.
+pub struct TestPki {
+    pub ca_pem: String,
+    /// Per domain: certificate file, key file, certificate DER.
+    pub leaves: BTreeMap<String, (PathBuf, PathBuf, Vec<u8>)>,
+}
+
+impl TestPki {
+    /// A CA plus one leaf certificate per entry of `domains` (its SAN and CN), written to
+    /// `<dir>/<domain>.pem` and `<dir>/<domain>.key`.
+    pub fn generate(dir: &Path, domains: &[&str]) -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "slb test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("self-sign the CA");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let mut leaves = BTreeMap::new();
+        for domain in domains {
+            let key = KeyPair::generate().expect("leaf key");
+            let mut params = CertificateParams::new(vec![domain.to_string()]).expect("params");
+            params.distinguished_name.push(DnType::CommonName, *domain);
+            let cert = params.signed_by(&key, &issuer).expect("sign leaf");
+            let cert_path = dir.join(format!("{domain}.pem"));
+            let key_path = dir.join(format!("{domain}.key"));
+            std::fs::write(&cert_path, cert.pem()).expect("write cert");
+            std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+            leaves.insert(
+                domain.to_string(),
+                (cert_path, key_path, cert.der().to_vec()),
+            );
+        }
+        TestPki {
+            ca_pem: ca_cert.pem(),
+            leaves,
+        }
+    }
+
+    pub fn root(&self) -> reqwest::Certificate {
+        reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).expect("CA PEM")
+    }
+
+    /// `certificates` entry serving `domain` with its own certificate.
+    pub fn certificate_config(&self, domain: &str) -> slb_tests::http::CertificateConfig {
+        let (cert, key, _) = &self.leaves[domain];
+        slb_tests::http::CertificateConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            domains: vec![domain.to_owned()],
+        }
+    }
+
+    /// The domain whose certificate has this DER, if any.
+    pub fn domain_of(&self, der: &[u8]) -> Option<&str> {
+        self.leaves
+            .iter()
+            .find(|(_, (_, _, d))| d.as_slice() == der)
+            .map(|(domain, _)| domain.as_str())
+    }
+}
