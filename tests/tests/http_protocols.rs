@@ -1,0 +1,273 @@
+//! HTTPS listener with two certificates chosen by SNI, HTTP/2 and HTTP/1.1 by ALPN, a
+//! WebSocket echo through the HTTP listener, and a streamed response body.
+
+mod http_common;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use http_common::{client_builder, get, L7Setup, TestPki};
+use slb_tests::http::{vip_http, vip_https, L7Listener, HTTPS_PORT, HTTP_PORT};
+use slb_tests::{require_root, CLIENT_ADDR};
+use tokio_tungstenite::tungstenite::Message;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+const A: &str = "a.example.test";
+const B: &str = "b.example.test";
+
+#[test]
+fn https_sni_picks_the_certificate_and_alpn_the_protocol() {
+    if !require_root("https_sni_picks_the_certificate_and_alpn_the_protocol") {
+        return;
+    }
+    let mut pki = None;
+    let setup = L7Setup::start("h7tls", 2, |c, dir| {
+        let p = TestPki::generate(dir, &[A, B]);
+        c.group("pool", &[(1, 1), (2, 1)]);
+        c.listener(L7Listener::https(
+            "secure",
+            HTTPS_PORT,
+            "pool",
+            vec![p.certificate_config(A), p.certificate_config(B)],
+        ));
+        pki = Some(p);
+    });
+    let pki = pki.expect("certificates generated");
+    let h2_client = client_builder(&[A, B], vip_https(), TIMEOUT)
+        .add_root_certificate(pki.root())
+        .tls_info(true)
+        .build()
+        .expect("client");
+    let h1_client = client_builder(&[A, B], vip_https(), TIMEOUT)
+        .add_root_certificate(pki.root())
+        .tls_info(true)
+        .http1_only()
+        .build()
+        .expect("client");
+    // Without SNI (an IP address) the first certificate is the fallback; it does not match the
+    // address, so this client does not verify it.
+    let no_sni_client = client_builder(&[], vip_https(), TIMEOUT)
+        .danger_accept_invalid_certs(true)
+        .tls_info(true)
+        .build()
+        .expect("client");
+    let answers = setup.client.run(async move {
+        let mut out = Vec::new();
+        for (label, client) in [("h2", &h2_client), ("http/1.1", &h1_client)] {
+            for domain in [A, B] {
+                let url = format!("https://{domain}:{HTTPS_PORT}/hello");
+                for _ in 0..2 {
+                    let response = client
+                        .get(&url)
+                        .send()
+                        .await
+                        .unwrap_or_else(|e| panic!("{label} GET {url}: {e:?}"));
+                    let version = response.version();
+                    let der = response
+                        .extensions()
+                        .get::<reqwest::tls::TlsInfo>()
+                        .and_then(|i| i.peer_certificate())
+                        .map(<[u8]>::to_vec);
+                    let status = response.status().as_u16();
+                    let body = response.bytes().await.expect("body").to_vec();
+                    out.push((label, Some(domain), url.clone(), version, der, status, body));
+                }
+            }
+        }
+        let url = format!("https://{}/hello", vip_https());
+        let response = no_sni_client
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e:?}"));
+        let version = response.version();
+        let der = response
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|i| i.peer_certificate())
+            .map(<[u8]>::to_vec);
+        let status = response.status().as_u16();
+        let body = response.bytes().await.expect("body").to_vec();
+        out.push(("h2", None, url, version, der, status, body));
+        out
+    });
+    let mut backends = std::collections::BTreeSet::new();
+    for (label, domain, url, version, der, status, body) in &answers {
+        let der = der
+            .as_ref()
+            .expect("the client recorded the server certificate");
+        let presented = pki.domain_of(der);
+        let echo = slb_tests::http::Echo::parse(body).expect("backend echo");
+        println!(
+            "{label:8} {url}: {version:?}, status {status}, certificate for {presented:?} ({} bytes DER), backend {} saw X-Forwarded-Proto {:?}, X-Real-IP {:?}",
+            der.len(),
+            echo.backend,
+            echo.x_forwarded_proto,
+            echo.x_real_ip
+        );
+        assert_eq!(*status, 200, "{url}");
+        let expected_cert = domain.unwrap_or(A);
+        assert_eq!(
+            presented,
+            Some(expected_cert),
+            "{url}: wrong certificate (SNI {domain:?})"
+        );
+        let contains_name = der
+            .windows(expected_cert.len())
+            .any(|w| w == expected_cert.as_bytes());
+        assert!(
+            contains_name,
+            "the certificate does not carry {expected_cert}"
+        );
+        let expected_version = if *label == "h2" {
+            reqwest::Version::HTTP_2
+        } else {
+            reqwest::Version::HTTP_11
+        };
+        assert_eq!(
+            *version, expected_version,
+            "{label} {url}: negotiated version"
+        );
+        assert_eq!(echo.x_forwarded_proto.as_deref(), Some("https"));
+        assert_eq!(
+            echo.x_real_ip.as_deref(),
+            Some(CLIENT_ADDR.to_string().as_str())
+        );
+        assert_eq!(echo.path, "/hello");
+        if let Some(d) = domain {
+            assert_eq!(
+                echo.host.as_deref(),
+                Some(format!("{d}:{HTTPS_PORT}").as_str()),
+                "{url}: Host (from :authority for h2) is kept"
+            );
+        }
+        backends.insert(echo.backend);
+    }
+    assert_eq!(backends.len(), 2, "HTTPS requests spread: {backends:?}");
+}
+
+#[test]
+fn http_websocket_echo_through_the_listener() {
+    if !require_root("http_websocket_echo_through_the_listener") {
+        return;
+    }
+    let setup = L7Setup::start("h7ws", 2, |c, _| {
+        c.group("pool", &[(1, 1), (2, 1)]);
+        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+    });
+    let results = setup.client.run(async move {
+        let mut results = Vec::new();
+        for session in 0..2 {
+            let stream = tokio::net::TcpStream::connect(vip_http())
+                .await
+                .expect("connect to the VIP");
+            let url = format!("ws://ws.example.test:{HTTP_PORT}/ws");
+            let (mut ws, response) = tokio_tungstenite::client_async(url.as_str(), stream)
+                .await
+                .unwrap_or_else(|e| panic!("WebSocket handshake through slb: {e}"));
+            let backend = response
+                .headers()
+                .get("x-backend")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_owned();
+            let mut echoed = Vec::new();
+            let started = Instant::now();
+            for k in 0..10 {
+                let text = format!("session {session} message {k}");
+                ws.send(Message::text(text.clone())).await.expect("send");
+                let reply = tokio::time::timeout(TIMEOUT, ws.next())
+                    .await
+                    .expect("echo within 5 s")
+                    .expect("stream open")
+                    .expect("message");
+                echoed.push((text, reply));
+            }
+            let blob: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+            ws.send(Message::binary(blob.clone()))
+                .await
+                .expect("send binary");
+            let reply = tokio::time::timeout(TIMEOUT, ws.next())
+                .await
+                .expect("binary echo within 5 s")
+                .expect("stream open")
+                .expect("message");
+            let rtt = started.elapsed();
+            ws.close(None).await.expect("close");
+            results.push((backend, echoed, blob, reply, rtt));
+        }
+        results
+    });
+    let mut backends = Vec::new();
+    for (backend, echoed, blob, reply, elapsed) in results {
+        println!(
+            "WebSocket via slb to {backend}: {} text messages and a 100000-byte binary echoed in {elapsed:.2?}",
+            echoed.len()
+        );
+        for (sent, got) in echoed {
+            assert_eq!(got, Message::text(sent.clone()), "echo of {sent:?}");
+        }
+        assert_eq!(reply, Message::binary(blob), "binary echo");
+        backends.push(backend);
+    }
+    assert!(backends.iter().all(|b| b.starts_with('b')), "{backends:?}");
+    assert_ne!(
+        backends[0], backends[1],
+        "the two sessions are balanced: {backends:?}"
+    );
+}
+
+#[test]
+fn http_response_body_streams() {
+    if !require_root("http_response_body_streams") {
+        return;
+    }
+    let setup = L7Setup::start("h7strm", 1, |c, _| {
+        c.group("pool", &[(1, 1)]);
+        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+    });
+    let client = client_builder(&[], vip_http(), Duration::from_secs(20))
+        .build()
+        .expect("client");
+    // 40 chunks of 1 KiB, 50 ms apart: about 2 s in all.
+    let (first, total, bytes, ordered, big) = setup.client.run(async move {
+        let started = Instant::now();
+        let mut response = client
+            .get(format!("http://{}/stream?kb=40&ms=50", vip_http()))
+            .send()
+            .await
+            .expect("GET /stream");
+        assert_eq!(response.status(), 200);
+        let mut first = None;
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.expect("chunk") {
+            first.get_or_insert_with(|| started.elapsed());
+            body.extend_from_slice(&chunk);
+        }
+        let total = started.elapsed();
+        let ordered = body
+            .chunks(1024)
+            .enumerate()
+            .all(|(i, c)| c.iter().all(|&b| b == b'a' + (i % 26) as u8));
+        // And a large body without pauses arrives whole.
+        let big = get(&client, &format!("http://{}/stream?kb=20480", vip_http()))
+            .await
+            .expect("GET 20 MiB");
+        (first, total, body.len(), ordered, big)
+    });
+    let first = first.expect("at least one chunk");
+    println!(
+        "streamed 40 KiB in {total:.2?}, first bytes after {first:.2?}; 20 MiB body: {} bytes in {:.2?}",
+        big.body.len(),
+        big.elapsed
+    );
+    assert_eq!(bytes, 40 * 1024);
+    assert!(ordered, "chunks arrived out of order or corrupted");
+    assert!(total >= Duration::from_millis(1800), "{total:?}");
+    assert!(
+        first < Duration::from_millis(500),
+        "the first chunk took {first:?}: slb buffers the body instead of streaming it"
+    );
+    assert_eq!(big.status, 200);
+    assert_eq!(big.body.len(), 20480 * 1024);
+}
