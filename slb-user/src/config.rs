@@ -294,6 +294,8 @@ fn default_threshold() -> u32 {
 
 pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(300);
+/// Shortest interval of a UDP check that relies on ICMP port-unreachable (no `expect`).
+pub const MIN_ICMP_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_THRESHOLD: u32 = 10;
 
@@ -799,6 +801,17 @@ fn validate_health_check(at: &str, c: &HealthCheck, protocol: Protocol) -> Resul
             ),
         ));
     }
+    // Linux sends ICMP errors to a host at most once a second (after a burst of 6); a faster
+    // check that learns "dead" only from port-unreachable would read the gaps as "alive".
+    if c.kind == CheckKind::Udp && c.expect.is_none() && c.interval < MIN_ICMP_CHECK_INTERVAL {
+        return Err(invalid(
+            field("interval"),
+            format!(
+                "{} is too short for a UDP check without `expect`: it learns of a dead server only from ICMP port-unreachable, which Linux rate-limits to one per second per host; use 1s or more, or set `expect`",
+                humantime::format_duration(c.interval)
+            ),
+        ));
+    }
     if c.timeout < MIN_CHECK_INTERVAL || c.timeout > MAX_CHECK_TIMEOUT || c.timeout > c.interval {
         return Err(invalid(
             field("timeout"),
@@ -1052,6 +1065,22 @@ backends = [{ address = "10.0.1.2", port = 8080, weight = 2 }, { address = "10.0
         );
         let e = error_of(&with_check("web", "{ type = \"udp\" }"));
         assert!(e.contains("listeners[0] (web).health_check.type"), "{e}");
+        let e = error_of(&with_check(
+            "dns",
+            "{ type = \"udp\", interval = \"200ms\", timeout = \"200ms\" }",
+        ));
+        assert!(
+            e.contains("dns).health_check.interval") && e.contains("rate-limits"),
+            "{e}"
+        );
+        Config::parse(
+            &with_check(
+                "dns",
+                "{ type = \"udp\", interval = \"200ms\", timeout = \"200ms\", expect = \"pong\" }",
+            ),
+            "t",
+        )
+        .unwrap();
         let e = error_of(&with_check(
             "web",
             "{ type = \"tcp\", interval = \"10ms\" }",
