@@ -10,7 +10,7 @@ use aya_ebpf::{
 use slb_common::{
     checksum::{replace_u16, replace_u32},
     hash::flow_hash,
-    ipv4_mapped, Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
+    ipv4_mapped, Addr, Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
     PersistKey, Persisted, ReverseNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT, HEALTH_DOWN,
     IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
     LISTENER_F_PERSIST, NO_BACKEND,
@@ -321,8 +321,7 @@ fn to_backend(
     listener: &ListenerEntry,
     counters: &mut GlobalCounters,
 ) -> u32 {
-    if unsafe { (*ip).ttl } <= 1 {
-        counters.ttl_expired_passed += 1;
+    if ttl_expired(ip, counters) {
         return XDP_PASS;
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -341,27 +340,7 @@ fn to_backend(
             return XDP_DROP;
         }
     };
-
-    // Rewrite destination to the backend.
-    let new_addr = [
-        backend.addr[12],
-        backend.addr[13],
-        backend.addr[14],
-        backend.addr[15],
-    ];
-    unsafe {
-        let old_addr = (*ip).dst;
-        rewrite_ipv4_addr(ip, &raw mut (*ip).dst, old_addr, new_addr);
-        rewrite_l4(
-            l4,
-            &raw mut (*l4.ports).dst,
-            old_addr,
-            new_addr,
-            backend.port.to_be(),
-        );
-        decrement_ttl(ip);
-    }
-
+    unsafe { translate(ip, l4, Endpoint::Destination, &backend.addr, backend.port) };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(listener.index, id, bytes, new_flow);
     forward_ipv4(ctx, eth, ip, l4.protocol, counters)
@@ -376,25 +355,46 @@ fn to_client(
     nat: &ReverseNat,
     counters: &mut GlobalCounters,
 ) -> u32 {
-    if unsafe { (*ip).ttl } <= 1 {
-        counters.ttl_expired_passed += 1;
+    if ttl_expired(ip, counters) {
         return XDP_PASS;
     }
-    let vip = [nat.vip[12], nat.vip[13], nat.vip[14], nat.vip[15]];
-    unsafe {
-        let old_addr = (*ip).src;
-        rewrite_ipv4_addr(ip, &raw mut (*ip).src, old_addr, vip);
-        rewrite_l4(
-            l4,
-            &raw mut (*l4.ports).src,
-            old_addr,
-            vip,
-            nat.vip_port.to_be(),
-        );
-        decrement_ttl(ip);
-    }
+    unsafe { translate(ip, l4, Endpoint::Source, &nat.vip, nat.vip_port) };
     counters.replies_translated += 1;
     forward_ipv4(ctx, eth, ip, l4.protocol, counters)
+}
+
+/// A packet whose TTL would run out here goes to the stack, which sends the ICMP error.
+#[inline(always)]
+fn ttl_expired(ip: *const Ipv4Hdr, counters: &mut GlobalCounters) -> bool {
+    let expired = unsafe { (*ip).ttl } <= 1;
+    if expired {
+        counters.ttl_expired_passed += 1;
+    }
+    expired
+}
+
+enum Endpoint {
+    /// Towards a backend: the destination becomes the backend.
+    Destination,
+    /// Towards the client: the source becomes the VIP.
+    Source,
+}
+
+/// The NAT rewrite: one end's address (IPv4-mapped `addr`) and port (host order) replaced,
+/// checksums fixed incrementally, TTL decremented as a router does.
+#[inline(always)]
+unsafe fn translate(ip: *mut Ipv4Hdr, l4: &L4, end: Endpoint, addr: &Addr, port: u16) {
+    let new_addr = [addr[12], addr[13], addr[14], addr[15]];
+    unsafe {
+        let (addr_field, port_field) = match end {
+            Endpoint::Destination => (&raw mut (*ip).dst, &raw mut (*l4.ports).dst),
+            Endpoint::Source => (&raw mut (*ip).src, &raw mut (*l4.ports).src),
+        };
+        let old_addr = *addr_field;
+        rewrite_ipv4_addr(ip, addr_field, old_addr, new_addr);
+        rewrite_l4(l4, port_field, old_addr, new_addr, port.to_be());
+        decrement_ttl(ip);
+    }
 }
 
 /// Writes `new` over the address at `field` (the IPv4 source or destination) and fixes the

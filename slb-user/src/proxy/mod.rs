@@ -577,6 +577,15 @@ async fn handle(
     let path = req.uri().path().to_string();
     let method = req.method().to_string();
     let group = &rt.groups[rt.router.route(&host, &path).unwrap_or(rt.default_group)];
+    let record = RequestRecord {
+        listener: &rt.name,
+        group: &group.name,
+        peer,
+        host: &host,
+        method: &method,
+        path: &path,
+        started,
+    };
 
     // Session persistence: which backend the client's cookie names, if any.
     let (sticky_token, rewrite_value) = match &rt.cookie {
@@ -601,19 +610,7 @@ async fn handle(
             StatusCode::SERVICE_UNAVAILABLE,
             "503 Service Unavailable: no healthy backend",
         );
-        log_access(
-            &shared,
-            &rt,
-            &group.name,
-            peer,
-            &host,
-            &method,
-            &path,
-            response.status(),
-            None,
-            started,
-            None,
-        );
+        record.log(&shared, response.status(), None);
         return Ok(response);
     };
     let backend = &picked.group.backends[picked.index];
@@ -750,19 +747,7 @@ async fn handle(
             )
         }
     };
-    log_access(
-        &shared,
-        &rt,
-        &group.name,
-        peer,
-        &host,
-        &method,
-        &path,
-        response.status(),
-        Some(backend),
-        started,
-        Some(backend_started),
-    );
+    record.log(&shared, response.status(), Some((backend, backend_started)));
     Ok(response)
 }
 
@@ -825,34 +810,34 @@ async fn forward_upgrade(
     Ok(response)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn log_access(
-    shared: &Shared,
-    rt: &ListenerRt,
-    group: &str,
+/// One request as the access log records it.
+struct RequestRecord<'a> {
+    listener: &'a str,
+    group: &'a str,
     peer: SocketAddr,
-    host: &str,
-    method: &str,
-    path: &str,
-    status: StatusCode,
-    backend: Option<&BackendRt>,
+    host: &'a str,
+    method: &'a str,
+    path: &'a str,
     started: Instant,
-    backend_started: Option<Instant>,
-) {
-    let mut guard = shared.access_log.lock().expect("access log lock");
-    let Some(file) = guard.as_mut() else { return };
-    let line = serde_json::json!({
-        "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        "listener": rt.name,
-        "client": peer.to_string(),
-        "host": host,
-        "method": method,
-        "path": path,
-        "status": status.as_u16(),
-        "group": group,
-        "backend": backend.map(|b| b.addr.to_string()),
-        "duration_ms": started.elapsed().as_secs_f64() * 1000.0,
-        "backend_ms": backend_started.map(|t| t.elapsed().as_secs_f64() * 1000.0),
-    });
-    let _ = writeln!(file, "{line}");
+}
+
+impl RequestRecord<'_> {
+    fn log(&self, shared: &Shared, status: StatusCode, backend: Option<(&BackendRt, Instant)>) {
+        let mut guard = shared.access_log.lock().expect("access log lock");
+        let Some(file) = guard.as_mut() else { return };
+        let line = serde_json::json!({
+            "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            "listener": self.listener,
+            "client": self.peer.to_string(),
+            "host": self.host,
+            "method": self.method,
+            "path": self.path,
+            "status": status.as_u16(),
+            "group": self.group,
+            "backend": backend.map(|(b, _)| b.addr.to_string()),
+            "duration_ms": self.started.elapsed().as_secs_f64() * 1000.0,
+            "backend_ms": backend.map(|(_, t)| t.elapsed().as_secs_f64() * 1000.0),
+        });
+        let _ = writeln!(file, "{line}");
+    }
 }
