@@ -1,0 +1,365 @@
+//! HTTP(S) listeners facing bad input: a malformed request line gets 400, oversized headers
+//! 431, a slowloris client is cut off after header_timeout, all while other clients are
+//! served; certificate files that are missing or not PEM are refused by `slb check-config`
+//! and by a running daemon on SIGHUP, naming the file, and the old config keeps serving.
+
+mod http_common;
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_common::{client_builder, get, L7Setup, TestPki};
+use slb_tests::http::{tcp_connect_in, vip_http, vip_https, L7Listener, HTTPS_PORT, HTTP_PORT};
+use slb_tests::{require_root, VIP};
+
+const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long after its last byte a slowloris connection may stay open.
+const CUT_OFF_WITHIN: Duration = Duration::from_secs(3);
+const REJECTED: &str = "SIGHUP reload rejected, the running config stays";
+
+/// What came back on a raw connection: the bytes, how reading ended, and when.
+struct RawOutcome {
+    bytes: Vec<u8>,
+    end: String,
+    after: Duration,
+}
+
+impl RawOutcome {
+    fn status_line(&self) -> String {
+        String::from_utf8_lossy(&self.bytes)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+/// Reads from `stream` until EOF, an error, or `limit`.
+fn read_to_end(stream: &mut TcpStream, limit: Duration) -> RawOutcome {
+    let started = Instant::now();
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        let left = limit.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break "still open".to_owned();
+        }
+        stream.set_read_timeout(Some(left)).expect("read timeout");
+        match stream.read(&mut buf) {
+            Ok(0) => break "closed (EOF)".to_owned(),
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break "still open".to_owned()
+            }
+            Err(e) => break format!("closed ({e})"),
+        }
+    };
+    RawOutcome {
+        bytes,
+        end,
+        after: started.elapsed(),
+    }
+}
+
+#[test]
+fn http_malformed_oversized_and_slowloris_requests() {
+    if !require_root("http_malformed_oversized_and_slowloris_requests") {
+        return;
+    }
+    let setup = L7Setup::start("h7bad", 2, |c, _| {
+        c.group("pool", &[(1, 1), (2, 1)]);
+        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
+        web.header_timeout = Some("1s".to_owned());
+        c.listener(web);
+    });
+    let ns = setup.topo.client_ns().to_owned();
+    let connect = || tcp_connect_in(&ns, vip_http(), Duration::from_secs(3)).expect("connect");
+    let client = client_builder(&[], vip_http(), Duration::from_secs(3))
+        .build()
+        .expect("client");
+    let check_served = |what: &str| {
+        let client = client.clone();
+        let a = setup.client.run(async move {
+            get(&client, &format!("http://{VIP}:{HTTP_PORT}/ok"))
+                .await
+                .expect("GET")
+        });
+        assert_eq!(a.status, 200, "{what}: another client is not served");
+        println!(
+            "{what}: another client still gets 200 from {:?}",
+            a.backend()
+        );
+    };
+
+    // Malformed request lines.
+    for (what, request) in [
+        (
+            "a request line without a version",
+            &b"THIS IS NOT HTTP\r\n\r\n"[..],
+        ),
+        (
+            "binary garbage",
+            &b"\x00\x01\x02\xff\xfe garbage\r\n\r\n"[..],
+        ),
+        (
+            "a bad header line",
+            &b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n"[..],
+        ),
+    ] {
+        let mut s = connect();
+        s.write_all(request).expect("send");
+        let out = read_to_end(&mut s, Duration::from_secs(3));
+        println!(
+            "{what}: {:?}, then {} after {:.2?}",
+            out.status_line(),
+            out.end,
+            out.after
+        );
+        assert!(
+            out.status_line().starts_with("HTTP/1.1 400"),
+            "{what}: expected 400, got {:?}",
+            String::from_utf8_lossy(&out.bytes)
+        );
+        check_served(what);
+    }
+
+    // 100 KiB of headers, past the 64 KiB limit. The sender runs on its own thread: the
+    // proxy may stop reading (and reset) once it has refused the request.
+    let mut s = connect();
+    let mut request = b"GET /big HTTP/1.1\r\nHost: big.example.test\r\n".to_vec();
+    for k in 0..100 {
+        request.extend_from_slice(format!("X-Filler-{k:03}: {}\r\n", "y".repeat(1008)).as_bytes());
+    }
+    request.extend_from_slice(b"\r\n");
+    let header_bytes = request.len();
+    let mut writer = s.try_clone().expect("clone socket");
+    let sender = std::thread::spawn(move || writer.write_all(&request).map_err(|e| e.to_string()));
+    let out = read_to_end(&mut s, Duration::from_secs(3));
+    let sent = sender.join().expect("sender thread");
+    println!(
+        "{header_bytes} bytes of headers: {:?}, then {} after {:.2?} (sending: {sent:?})",
+        out.status_line(),
+        out.end,
+        out.after
+    );
+    assert!(
+        out.status_line().starts_with("HTTP/1.1 431"),
+        "oversized headers: expected 431, got {:?} ({})",
+        String::from_utf8_lossy(&out.bytes[..out.bytes.len().min(200)]),
+        out.end
+    );
+    check_served("after oversized headers");
+
+    // Slowloris: partial headers, then silence, on several connections, while another client
+    // keeps sending requests.
+    let mut slow: Vec<(TcpStream, Instant)> = (0..8)
+        .map(|k| {
+            let mut s = connect();
+            s.write_all(
+                format!("GET /slow-{k} HTTP/1.1\r\nHost: slow.example.test\r\nX-Partial: ")
+                    .as_bytes(),
+            )
+            .expect("send partial header");
+            (s, Instant::now())
+        })
+        .collect();
+    // And one that sends nothing at all.
+    let silent = (connect(), Instant::now());
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = setup.client.spawn({
+        let (client, stop) = (client.clone(), stop.clone());
+        async move {
+            let mut statuses = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                statuses.push(
+                    get(&client, &format!("http://{VIP}:{HTTP_PORT}/meanwhile"))
+                        .await
+                        .map(|a| a.status)
+                        .map_err(|e| e.to_string()),
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        }
+    });
+    let mut cut_after = Vec::new();
+    for (s, sent_at) in slow.iter_mut() {
+        let out = read_to_end(s, Duration::from_secs(6));
+        cut_after.push((sent_at.elapsed(), out.end.clone(), out.status_line()));
+    }
+    let (mut silent_stream, silent_at) = silent;
+    let silent_out = read_to_end(&mut silent_stream, Duration::from_secs(1));
+    let silent_after = silent_at.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let statuses = setup.client.join(served);
+    for (k, (after, end, line)) in cut_after.iter().enumerate() {
+        println!("slowloris {k}: {end} {after:.2?} after its partial header; answer {line:?}");
+    }
+    println!(
+        "a connection that sent nothing: {} after {silent_after:.2?}; answer {:?}",
+        silent_out.end,
+        silent_out.status_line()
+    );
+    let ok = statuses.iter().filter(|s| matches!(s, Ok(200))).count();
+    println!(
+        "meanwhile another client got {ok} of {} requests answered 200",
+        statuses.len()
+    );
+    for (k, (after, end, _)) in cut_after.iter().enumerate() {
+        assert!(
+            end.starts_with("closed"),
+            "slowloris connection {k} still open after {after:?}"
+        );
+        assert!(
+            *after >= HEADER_TIMEOUT - Duration::from_millis(100) && *after <= CUT_OFF_WITHIN,
+            "slowloris connection {k} closed {after:?} after its partial header (header_timeout {HEADER_TIMEOUT:?})"
+        );
+    }
+    assert!(
+        statuses.len() >= 20,
+        "too few requests meanwhile: {}",
+        statuses.len()
+    );
+    assert_eq!(
+        ok,
+        statuses.len(),
+        "others must be served meanwhile: {statuses:?}"
+    );
+}
+
+#[test]
+fn https_bad_certificate_files_are_refused_and_the_old_config_serves() {
+    if !require_root("https_bad_certificate_files_are_refused_and_the_old_config_serves") {
+        return;
+    }
+    const A: &str = "a.example.test";
+    const B: &str = "b.example.test";
+    let mut pki = None;
+    let mut setup = L7Setup::start("h7cert", 1, |c, dir| {
+        let p = TestPki::generate(dir, &[A, B]);
+        c.group("pool", &[(1, 1)]);
+        c.listener(L7Listener::https(
+            "secure",
+            HTTPS_PORT,
+            "pool",
+            vec![p.certificate_config(A), p.certificate_config(B)],
+        ));
+        pki = Some(p);
+    });
+    let pki = pki.expect("certificates");
+    let dir = setup.dir.path().to_owned();
+    let client = client_builder(&[A, B], vip_https(), Duration::from_secs(3))
+        .add_root_certificate(pki.root())
+        .tls_info(true)
+        .build()
+        .expect("client");
+    let served_by = |what: &str| {
+        let client = client.clone();
+        let ders = setup.client.run(async move {
+            let mut ders = Vec::new();
+            for d in [A, B] {
+                let r = client
+                    .get(format!("https://{d}:{HTTPS_PORT}/"))
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("GET https://{d}: {e:?}"));
+                assert_eq!(r.status(), 200);
+                ders.push(
+                    r.extensions()
+                        .get::<reqwest::tls::TlsInfo>()
+                        .and_then(|i| i.peer_certificate())
+                        .map(<[u8]>::to_vec)
+                        .expect("peer certificate"),
+                );
+            }
+            ders
+        });
+        let names: Vec<Option<&str>> = ders.iter().map(|d| pki.domain_of(d)).collect();
+        println!("{what}: HTTPS answers, certificates {names:?}");
+        assert_eq!(names, vec![Some(A), Some(B)], "{what}");
+    };
+    served_by("at start");
+    let generation = setup.daemon.generation().expect("generation");
+
+    let missing = dir.join("missing.pem");
+    let not_pem = dir.join("not-a-cert.pem");
+    std::fs::write(&not_pem, "this is not a certificate\n").expect("write");
+    let not_pem_key = dir.join("not-a-key.key");
+    std::fs::write(&not_pem_key, "neither is this a key\n").expect("write");
+    let variants: Vec<(&str, Box<dyn Fn(&mut slb_tests::http::L7Config)>, &Path)> = vec![
+        (
+            "a missing certificate file",
+            Box::new(|c| c.listener_mut("secure").certificates[1].cert = missing.clone()),
+            &missing,
+        ),
+        (
+            "a certificate file that is not PEM",
+            Box::new(|c| c.listener_mut("secure").certificates[0].cert = not_pem.clone()),
+            &not_pem,
+        ),
+        (
+            "a key file that is not PEM",
+            Box::new(|c| c.listener_mut("secure").certificates[1].key = not_pem_key.clone()),
+            &not_pem_key,
+        ),
+    ];
+    for (k, (what, change, file)) in variants.iter().enumerate() {
+        let mut bad = setup.config.clone();
+        change(&mut bad);
+        let text = bad.to_toml();
+        let path = dir.join(format!("bad-{k}.toml"));
+        std::fs::write(&path, &text).expect("write config");
+        let out = setup
+            .daemon
+            .cli([Path::new("check-config").as_os_str(), path.as_os_str()])
+            .expect("run check-config");
+        println!("{what}: check-config says: {}", out.error_summary());
+        assert!(!out.success(), "check-config accepted {what}:\n{out}");
+        let file_name = file.display().to_string();
+        assert!(
+            out.stderr.contains(&file_name),
+            "check-config's error for {what} does not name {file_name}:\n{out}"
+        );
+
+        let rejected_before = setup.daemon.log_count(REJECTED);
+        setup.daemon.write_config_text(&text).expect("write config");
+        setup.daemon.sighup().expect("SIGHUP");
+        setup
+            .daemon
+            .wait_for_log(REJECTED, rejected_before + 1, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{what}: no rejection logged: {e:#}"));
+        let log = setup.daemon.log();
+        let line = log
+            .lines()
+            .filter(|l| l.contains(REJECTED))
+            .nth(rejected_before)
+            .expect("the rejection line");
+        assert!(
+            line.contains(&file_name),
+            "the daemon's rejection of {what} does not name {file_name}: {line}"
+        );
+        assert_eq!(
+            setup.daemon.generation(),
+            Some(generation),
+            "{what}: the generation changed"
+        );
+        served_by(&format!("after SIGHUP with {what}"));
+    }
+    // The good config still reloads.
+    setup
+        .daemon
+        .write_config_text(&setup.config.to_toml())
+        .expect("restore config");
+    let next = setup.daemon.reload().expect("reload the good config");
+    assert_eq!(next, generation + 1);
+    served_by("after reloading the good config");
+}
