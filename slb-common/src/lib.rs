@@ -10,5 +10,7 @@ pub mod hash;
 #[cfg(feature = "alloc")]
 pub mod maglev;
 pub mod types;
+#[cfg(feature = "alloc")]
+pub mod wire;
 
 pub use types::*;

@@ -2,6 +2,7 @@
 #![no_main]
 
 mod balancer;
+mod floor;
 mod forward;
 mod maps;
 mod packet;

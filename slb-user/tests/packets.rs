@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use aya::Ebpf;
-use slb_common::checksum::{internet_checksum, ipv4_pseudo_header_sum};
+use slb_common::wire::{ipv4_frame, parse_ipv4_frame, L4Spec, ParsedFrame, TCP_ACK, TCP_SYN};
 use slb_common::GlobalCounters;
 use slb_user::config::Config;
 use slb_user::dataplane::{ensure_bpffs, load_object};
@@ -276,126 +276,25 @@ impl Harness {
     }
 }
 
-#[derive(Clone, Copy)]
-struct L4Spec {
-    protocol: u8,
-    src_port: u16,
-    dst_port: u16,
-    tcp_flags: u8,
-    zero_udp_checksum: bool,
-}
-
 fn tcp(src_port: u16, dst_port: u16, flags: u8) -> L4Spec {
-    L4Spec {
-        protocol: 6,
-        src_port,
-        dst_port,
-        tcp_flags: flags,
-        zero_udp_checksum: false,
-    }
+    L4Spec::tcp(src_port, dst_port, flags)
 }
 
 fn udp(src_port: u16, dst_port: u16) -> L4Spec {
-    L4Spec {
-        protocol: 17,
-        src_port,
-        dst_port,
-        tcp_flags: 0,
-        zero_udp_checksum: false,
-    }
+    L4Spec::udp(src_port, dst_port)
 }
 
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
+const SYN: u8 = TCP_SYN;
+const ACK: u8 = TCP_ACK;
 
-/// An Ethernet + IPv4 + TCP/UDP frame with valid checksums and a small payload.
+/// A frame from the client's MAC.
 fn frame(dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], l4: L4Spec) -> Vec<u8> {
-    let payload = b"hello slb";
-    let mut seg = Vec::new();
-    seg.extend_from_slice(&l4.src_port.to_be_bytes());
-    seg.extend_from_slice(&l4.dst_port.to_be_bytes());
-    if l4.protocol == 6 {
-        seg.extend_from_slice(&[
-            0,
-            0,
-            0,
-            1,
-            0,
-            0,
-            0,
-            0,
-            0x50,
-            l4.tcp_flags,
-            0xff,
-            0xff,
-            0,
-            0,
-            0,
-            0,
-        ]);
-    } else {
-        seg.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-        seg.extend_from_slice(&[0, 0]);
-    }
-    seg.extend_from_slice(payload);
-    let check_at = if l4.protocol == 6 { 16 } else { 6 };
-    if !l4.zero_udp_checksum {
-        let c = internet_checksum(
-            ipv4_pseudo_header_sum(src, dst, l4.protocol, seg.len() as u16),
-            &seg,
-        );
-        seg[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
-    }
-    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, l4.protocol, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + seg.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&src);
-    ip.extend_from_slice(&dst);
-    let c = internet_checksum(0, &ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&CLIENT_MAC);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&seg);
-    f
+    ipv4_frame(dst_mac, CLIENT_MAC, src, dst, l4)
 }
 
-struct Parsed {
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
-    ttl: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
-    src_port: u16,
-    dst_port: u16,
-    l4_checksum: u16,
-}
-
-/// Parses a frame `frame()` built, asserting both checksums are valid.
-fn parse_valid(f: &[u8]) -> Parsed {
-    let ip = &f[14..34];
-    assert_eq!(internet_checksum(0, ip), 0, "IPv4 header checksum is valid");
-    let protocol = ip[9];
-    let src: [u8; 4] = ip[12..16].try_into().unwrap();
-    let dst: [u8; 4] = ip[16..20].try_into().unwrap();
-    let seg = &f[34..];
-    let check_at = if protocol == 6 { 16 } else { 6 };
-    let l4_checksum = u16::from_be_bytes([seg[check_at], seg[check_at + 1]]);
-    if !(protocol == 17 && l4_checksum == 0) {
-        let sum = ipv4_pseudo_header_sum(src, dst, protocol, seg.len() as u16);
-        assert_eq!(internet_checksum(sum, seg), 0, "L4 checksum is valid");
-    }
-    Parsed {
-        dst_mac: f[0..6].try_into().unwrap(),
-        src_mac: f[6..12].try_into().unwrap(),
-        ttl: ip[8],
-        src,
-        dst,
-        src_port: u16::from_be_bytes([seg[0], seg[1]]),
-        dst_port: u16::from_be_bytes([seg[2], seg[3]]),
-        l4_checksum,
-    }
+/// Parses a frame, asserting both checksums are valid.
+fn parse_valid(f: &[u8]) -> ParsedFrame {
+    parse_ipv4_frame(f).unwrap_or_else(|e| panic!("{e}: {f:02x?}"))
 }
 
 fn ipv4(a: [u8; 4]) -> Ipv4Addr {
