@@ -172,8 +172,6 @@ fn http_malformed_oversized_and_slowloris_requests() {
             (s, Instant::now())
         })
         .collect();
-    // And one that sends nothing at all.
-    let silent = (connect(), Instant::now());
     let stop = Arc::new(AtomicBool::new(false));
     let served = setup.client.spawn({
         let (client, stop) = (client.clone(), stop.clone());
@@ -196,19 +194,11 @@ fn http_malformed_oversized_and_slowloris_requests() {
         let out = read_to_end(s, Duration::from_secs(6));
         cut_after.push((sent_at.elapsed(), out.end.clone(), out.status_line()));
     }
-    let (mut silent_stream, silent_at) = silent;
-    let silent_out = read_to_end(&mut silent_stream, Duration::from_secs(1));
-    let silent_after = silent_at.elapsed();
     stop.store(true, Ordering::Relaxed);
     let statuses = setup.client.join(served);
     for (k, (after, end, line)) in cut_after.iter().enumerate() {
         println!("slowloris {k}: {end} {after:.2?} after its partial header; answer {line:?}");
     }
-    println!(
-        "a connection that sent nothing: {} after {silent_after:.2?}; answer {:?}",
-        silent_out.end,
-        silent_out.status_line()
-    );
     let ok = statuses.iter().filter(|s| matches!(s, Ok(200))).count();
     println!(
         "meanwhile another client got {ok} of {} requests answered 200",
@@ -234,6 +224,43 @@ fn http_malformed_oversized_and_slowloris_requests() {
         statuses.len(),
         "others must be served meanwhile: {statuses:?}"
     );
+}
+
+/// A connection that sends nothing at all (or only part of the HTTP/2 preface) must be cut
+/// off after header_timeout like any slow client.
+#[test]
+#[ignore = "slb bug: an HTTP connection that sends no byte is never closed (header_timeout starts only after hyper-util's protocol detection)"]
+fn http_silent_connection_is_cut_off_after_header_timeout() {
+    if !require_root("http_silent_connection_is_cut_off_after_header_timeout") {
+        return;
+    }
+    let setup = L7Setup::start("h7idle", 1, |c, _| {
+        c.group("pool", &[(1, 1)]);
+        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
+        web.header_timeout = Some("1s".to_owned());
+        c.listener(web);
+    });
+    let ns = setup.topo.client_ns().to_owned();
+    let mut outcomes = Vec::new();
+    for (what, bytes) in [
+        ("nothing", &b""[..]),
+        ("part of the HTTP/2 preface", &b"PRI * HTTP/2.0\r\n"[..]),
+    ] {
+        let mut s = tcp_connect_in(&ns, vip_http(), Duration::from_secs(3)).expect("connect");
+        s.write_all(bytes).expect("send");
+        let out = read_to_end(&mut s, CUT_OFF_WITHIN + Duration::from_secs(1));
+        println!(
+            "a connection that sent {what}: {} after {:.2?}",
+            out.end, out.after
+        );
+        outcomes.push((what, out.end, out.after));
+    }
+    for (what, end, after) in outcomes {
+        assert!(
+            end.starts_with("closed") && after <= CUT_OFF_WITHIN,
+            "a connection that sent {what} is {end} after {after:?} (header_timeout {HEADER_TIMEOUT:?})"
+        );
+    }
 }
 
 #[test]
