@@ -1,0 +1,406 @@
+//! `slb stats` (table, JSON, --watch), the Prometheus endpoint and `slb report distribution`
+//! agree with what the clients observed.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use slb_tests::slb::{slb_binary, unique_instance, ListenerConfig, PersistenceConfig, POOL_GROUP};
+use slb_tests::traffic::tcp_connections;
+use slb_tests::{
+    in_netns, require_root, vip_tcp, SlbConfig, SlbDaemon, Topology, TrafficOptions, VIP,
+};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
+const TCP_LISTENER: &str = slb_tests::slb::TCP_LISTENER;
+const STICKY: &str = "sticky";
+const STICKY_PORT: u16 = 81;
+const CONNECTIONS: usize = 1200;
+const STICKY_CONNECTIONS: usize = 200;
+
+/// `GET /metrics` on 127.0.0.1:`port` inside namespace `ns`, without curl.
+fn fetch_metrics(ns: &str, port: u16) -> String {
+    in_netns(ns, || -> anyhow::Result<String> {
+        let mut stream = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(3),
+        )?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })
+    .expect("enter the slb namespace")
+    .expect("fetch /metrics")
+}
+
+/// The value of the sample of `family` whose labels contain every one of `labels`.
+fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// `backend address:port -> (new_connections)` of `listener` in `slb stats --json`.
+fn stats_backends(stats: &serde_json::Value, listener: &str) -> BTreeMap<String, u64> {
+    stats["backends"]
+        .as_array()
+        .expect("backends in slb stats --json")
+        .iter()
+        .filter(|b| b["listener"] == listener)
+        .map(|b| {
+            (
+                format!("{}:{}", b["address"].as_str().unwrap(), b["port"]),
+                b["new_connections"].as_u64().expect("new_connections"),
+            )
+        })
+        .collect()
+}
+
+fn report_listener<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["listeners"]
+        .as_array()
+        .expect("listeners in the report")
+        .iter()
+        .find(|l| l["listener"] == name)
+        .unwrap_or_else(|| panic!("no listener {name} in the report: {report:#}"))
+}
+
+#[test]
+fn stats_prometheus_and_distribution_report() {
+    if !require_root("stats_prometheus_and_distribution_report") {
+        return;
+    }
+    let slb = slb_binary();
+    let mut topo = Topology::builder()
+        .tag("stats")
+        .backends(3)
+        .build()
+        .expect("create topology");
+    for i in 1..=3 {
+        topo.start_backend_server(i, Path::new(SERVER))
+            .expect("start backend server");
+    }
+    let weights = [1, 2, 3];
+    let mut config = SlbConfig::standard(&unique_instance("stats"), &weights);
+    let mut sticky = ListenerConfig::new(STICKY, "tcp", STICKY_PORT, Some(POOL_GROUP));
+    sticky.persistence = Some(PersistenceConfig {
+        timeout: "60s".into(),
+    });
+    config.listeners.push(sticky);
+    // A port free in the slb namespace (which is fresh, but ask the kernel anyway).
+    let port = in_netns(topo.slb_ns(), || {
+        TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
+    })
+    .expect("enter the slb namespace")
+    .expect("find a free port")
+    .port();
+    let mut doc = config.to_toml_value();
+    let mut metrics = toml::map::Map::new();
+    metrics.insert("prometheus_port".into(), toml::Value::Integer(port.into()));
+    doc.as_table_mut()
+        .expect("a table")
+        .insert("metrics".into(), toml::Value::Table(metrics));
+    let daemon = SlbDaemon::start_toml(
+        &slb,
+        topo.slb_ns(),
+        &config.instance,
+        &toml::to_string(&doc).expect("render TOML"),
+    )
+    .expect("start slb");
+    let instance = daemon.instance().to_owned();
+
+    let report = tcp_connections(
+        topo.client_ns(),
+        vip_tcp(),
+        &TrafficOptions::new(CONNECTIONS),
+    )
+    .expect("TCP connections");
+    println!("{}", report.summary("TCP connections"));
+    assert!(
+        report.failures.is_empty() && report.answered() == CONNECTIONS,
+        "{}",
+        report.summary("TCP connections")
+    );
+    let observed: BTreeMap<String, u64> = (1..=3)
+        .map(|i| {
+            (
+                format!("{}:8080", Topology::backend_addr(i)),
+                report
+                    .counts
+                    .get(&Topology::backend_name(i))
+                    .copied()
+                    .unwrap_or(0) as u64,
+            )
+        })
+        .collect();
+    println!("clients observed per backend: {observed:?}");
+
+    // slb stats --json: every answered connection counted, once.
+    let out = daemon
+        .cli(["stats", "-i", &instance, "--json"])
+        .expect("run slb stats --json");
+    let stats: serde_json::Value =
+        serde_json::from_str(out.expect_success().expect("slb stats --json"))
+            .expect("slb stats --json prints JSON");
+    let counted = stats_backends(&stats, TCP_LISTENER);
+    println!("slb stats --json new_connections per backend: {counted:?}");
+    assert_eq!(
+        counted, observed,
+        "new_connections per backend should equal the connections the clients saw answered"
+    );
+    let listener_new = stats["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == TCP_LISTENER)
+        .and_then(|l| l["new_connections"].as_u64());
+    assert_eq!(listener_new, Some(CONNECTIONS as u64), "{stats:#}");
+
+    // slb stats: the table lists every backend.
+    let out = daemon
+        .cli(["stats", "-i", &instance])
+        .expect("run slb stats");
+    let table = out.expect_success().expect("slb stats").to_owned();
+    println!("slb stats:\n{table}");
+    for addr in observed.keys() {
+        assert!(
+            table.contains(addr.as_str()),
+            "slb stats does not list {addr}"
+        );
+    }
+    assert!(
+        table.contains(TCP_LISTENER) && table.contains(STICKY),
+        "{table}"
+    );
+
+    // Prometheus.
+    let response = fetch_metrics(topo.slb_ns(), port);
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    for (addr, n) in &observed {
+        let backend = format!("backend=\"{addr}\"");
+        let listener = format!("listener=\"{TCP_LISTENER}\"");
+        let value = sample(
+            body,
+            "slb_backend_new_connections_total",
+            &[&backend, &listener],
+        );
+        println!("slb_backend_new_connections_total{{{listener},{backend}}} = {value:?}");
+        assert_eq!(
+            value,
+            Some(*n as f64),
+            "Prometheus new connections of {addr}:\n{body}"
+        );
+        assert_eq!(
+            sample(body, "slb_backend_up", &[&backend, &listener]),
+            Some(1.0),
+            "slb_backend_up of {addr}:\n{body}"
+        );
+    }
+    assert_eq!(
+        sample(
+            body,
+            "slb_listener_new_connections_total",
+            &[&format!("listener=\"{TCP_LISTENER}\"")]
+        ),
+        Some(CONNECTIONS as f64),
+        "{body}"
+    );
+    assert_eq!(
+        sample(body, "slb_config_generation", &[]),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE slb_backend_new_connections_total counter"),
+        "{body}"
+    );
+
+    // The distribution report: 1:2:3 is balanced within chance.
+    let out = daemon
+        .cli([
+            "report",
+            "distribution",
+            "-i",
+            &instance,
+            "--listener",
+            TCP_LISTENER,
+        ])
+        .expect("run slb report distribution");
+    println!("{}", out.expect_success().expect("slb report distribution"));
+    let out = daemon
+        .cli([
+            "report",
+            "distribution",
+            "-i",
+            &instance,
+            "--listener",
+            TCP_LISTENER,
+            "--json",
+        ])
+        .expect("run slb report distribution --json");
+    let dist: serde_json::Value = serde_json::from_str(
+        out.expect_success()
+            .expect("slb report distribution --json"),
+    )
+    .expect("the report is JSON");
+    let l = report_listener(&dist, TCP_LISTENER);
+    assert_eq!(l["total"], CONNECTIONS as u64, "{l:#}");
+    let verdict = l["verdict"].as_str().expect("verdict");
+    assert!(
+        verdict.starts_with("balanced"),
+        "verdict {verdict:?}: {l:#}"
+    );
+    for b in l["backends"].as_array().expect("backends") {
+        let deviation = b["deviation_points"].as_f64().unwrap();
+        let allowed = b["allowed_points"].as_f64().unwrap();
+        let weight_share = b["weight_share_pct"].as_f64().unwrap();
+        let expected = f64::from(b["weight"].as_u64().unwrap() as u32) * 100.0 / 6.0;
+        assert!(
+            (weight_share - expected).abs() < 0.01,
+            "weight share of {b:#}"
+        );
+        assert!(deviation.abs() <= allowed, "{} is off: {b:#}", b["backend"]);
+        assert_eq!(
+            b["count"].as_u64(),
+            observed.get(b["backend"].as_str().unwrap()).copied(),
+            "{b:#}"
+        );
+        assert!(
+            b["clients"].is_null(),
+            "no persistence, no client counts: {b:#}"
+        );
+    }
+
+    // Persistence: one client, pinned to one backend; the report says why it looks skewed.
+    let sticky_target = SocketAddr::V4(SocketAddrV4::new(VIP, STICKY_PORT));
+    let sticky_report = tcp_connections(
+        topo.client_ns(),
+        sticky_target,
+        &TrafficOptions::new(STICKY_CONNECTIONS),
+    )
+    .expect("connections to the persistence listener");
+    println!(
+        "{} per backend {:?}",
+        sticky_report.summary("persistence listener"),
+        sticky_report.counts
+    );
+    assert!(
+        sticky_report.failures.is_empty() && sticky_report.answered() == STICKY_CONNECTIONS,
+        "{}",
+        sticky_report.summary("persistence listener")
+    );
+    assert_eq!(
+        sticky_report.counts.len(),
+        1,
+        "one client address must stick to one backend: {:?}",
+        sticky_report.counts
+    );
+    let pinned_name = sticky_report.counts.keys().next().unwrap().clone();
+    let pinned_addr = format!(
+        "{}:8080",
+        Topology::backend_addr(pinned_name[1..].parse().expect("backend name b<i>"))
+    );
+    let out = daemon
+        .cli([
+            "report",
+            "distribution",
+            "-i",
+            &instance,
+            "--listener",
+            STICKY,
+        ])
+        .expect("run slb report distribution");
+    println!("{}", out.expect_success().expect("slb report distribution"));
+    let out = daemon
+        .cli([
+            "report",
+            "distribution",
+            "-i",
+            &instance,
+            "--listener",
+            STICKY,
+            "--json",
+        ])
+        .expect("run slb report distribution --json");
+    let dist: serde_json::Value = serde_json::from_str(
+        out.expect_success()
+            .expect("slb report distribution --json"),
+    )
+    .expect("the report is JSON");
+    let l = report_listener(&dist, STICKY);
+    assert_eq!(l["persistence"], true, "{l:#}");
+    assert!(
+        l["notes"]
+            .as_array()
+            .expect("notes")
+            .iter()
+            .any(|n| n.as_str().is_some_and(|n| n.contains("persistence"))),
+        "the notes should mention persistence: {l:#}"
+    );
+    for b in l["backends"].as_array().expect("backends") {
+        let clients = b["clients"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no client count under persistence: {b:#}"));
+        let mine = b["backend"] == pinned_addr.as_str();
+        assert_eq!(clients, u64::from(mine), "clients of {b:#}");
+        assert_eq!(
+            b["count"].as_u64(),
+            Some(if mine { STICKY_CONNECTIONS as u64 } else { 0 }),
+            "{b:#}"
+        );
+    }
+    println!("persistence report verdict: {}", l["verdict"]);
+
+    // slb stats --watch refreshes.
+    let mut watch = Command::new(&slb)
+        .args([
+            "--netns",
+            topo.slb_ns(),
+            "stats",
+            "-i",
+            &instance,
+            "--watch",
+            "0.2",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start slb stats --watch");
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(1100));
+    let exited_early = watch.try_wait().expect("try_wait");
+    let _ = watch.kill();
+    let output = watch.wait_with_output().expect("slb stats --watch output");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let refreshes = text.matches("\x1b[2J").count();
+    println!(
+        "slb stats --watch 0.2 for {:.2?}: {refreshes} refreshes, {} bytes",
+        started.elapsed(),
+        text.len()
+    );
+    assert!(
+        exited_early.is_none(),
+        "slb stats --watch exited on its own ({exited_early:?}): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(refreshes >= 2, "expected at least two refreshes:\n{text}");
+    let last = text.rsplit("\x1b[2J").next().unwrap_or("");
+    assert!(
+        last.contains("/s") && last.contains(TCP_LISTENER),
+        "a refresh after the first should show rates:\n{last}"
+    );
+
+    let exit = daemon.stop().expect("stop slb");
+    assert!(exit.success(), "slb exited with {exit} on SIGTERM");
+}
