@@ -19,6 +19,12 @@ pub const MAX_RING_SIZE: u32 = 655373;
 pub const MAX_CONNECTIONS: u32 = 1 << 20;
 /// Interfaces the devmap can redirect to.
 pub const MAX_INTERFACES: u32 = 64;
+/// Client addresses whose next hop the reply path caches (per CPU).
+pub const MAX_CLIENT_NEXT_HOPS: u32 = 65536;
+/// How long a cached FIB answer is used before it is looked up again: route and neighbour
+/// changes reach the fast path within this time.
+pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
+
 /// A ring slot with no backend (a listener whose backends all have weight 0).
 pub const NO_BACKEND: u32 = u32::MAX;
 
@@ -141,6 +147,20 @@ pub struct ReverseNat {
     pub backend_id: u32,
 }
 
+/// A cached FIB answer for one destination (per CPU, so no torn reads).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop {
+    /// The IPv4 destination this answer is for (a reused backend id or a stale entry never
+    /// matches another address).
+    pub dst: [u8; 4],
+    /// Egress interface; 0 = empty.
+    pub ifindex: u32,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub checked_ns: u64,
+}
+
 /// Per-listener and per-backend traffic, one per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -213,6 +233,10 @@ global_counters! {
     standby_picks,
     /// New flows sent to the backend their client address is persisted to.
     persistence_hits,
+    /// Forwarded packets that needed a FIB lookup (next-hop cache empty or older than 1 s).
+    fib_lookups,
+    /// Forwarded packets whose next hop came from the cache.
+    next_hop_cached,
 }
 
 #[cfg(feature = "user")]
@@ -227,5 +251,6 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for GlobalCounters {}
     unsafe impl aya::Pod for PersistKey {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for Persisted {}
 }

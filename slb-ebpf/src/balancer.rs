@@ -11,7 +11,7 @@ use slb_common::{
     checksum::{replace_u16, replace_u32},
     hash::flow_hash,
     ipv4_mapped, Addr, Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
-    PersistKey, Persisted, ReverseNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT, HEALTH_DOWN,
+    NextHop, PersistKey, Persisted, ReverseNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT, HEALTH_DOWN,
     IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
     LISTENER_F_PERSIST, NO_BACKEND,
 };
@@ -20,7 +20,7 @@ use crate::{
     forward::forward_ipv4,
     maps::{
         BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, GLOBAL_STATS, LISTENERS,
-        LISTENER_STATS, PERSISTENCE, REVERSE_NAT, RINGS,
+        LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, REVERSE_NAT, RINGS,
     },
     packet::{
         ptr_at, EthHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6,
@@ -343,7 +343,10 @@ fn to_backend(
     unsafe { translate(ip, l4, Endpoint::Destination, &backend.addr, backend.port) };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(listener.index, id, bytes, new_flow);
-    forward_ipv4(ctx, eth, ip, l4.protocol, counters)
+    let cache = NEXT_HOP_BACKEND
+        .get_ptr_mut(id)
+        .unwrap_or(core::ptr::null_mut());
+    forward_ipv4(ctx, eth, ip, l4.protocol, cache, counters)
 }
 
 #[inline(always)]
@@ -360,7 +363,17 @@ fn to_client(
     }
     unsafe { translate(ip, l4, Endpoint::Source, &nat.vip, nat.vip_port) };
     counters.replies_translated += 1;
-    forward_ipv4(ctx, eth, ip, l4.protocol, counters)
+    let client = u32::from_ne_bytes(unsafe { (*ip).dst });
+    let cache = match NEXT_HOP_CLIENT.get_ptr_mut(client) {
+        Some(slot) => slot,
+        None => {
+            let _ = NEXT_HOP_CLIENT.insert(client, NextHop::default(), 0);
+            NEXT_HOP_CLIENT
+                .get_ptr_mut(client)
+                .unwrap_or(core::ptr::null_mut())
+        }
+    };
+    forward_ipv4(ctx, eth, ip, l4.protocol, cache, counters)
 }
 
 /// A packet whose TTL would run out here goes to the stack, which sends the ICMP error.

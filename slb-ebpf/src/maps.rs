@@ -3,13 +3,13 @@
 //! restarted daemon and `bpftool` find them.
 
 use aya_ebpf::{
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     macros::btf_map,
 };
 use slb_common::{
-    Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey, PersistKey,
-    Persisted, ReverseNat, TrafficCounters, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CONNECTIONS,
-    MAX_INTERFACES, MAX_LISTENERS, MAX_PERSISTENCE, RINGS_PER_LISTENER,
+    Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey, NextHop, PersistKey,
+    Persisted, ReverseNat, TrafficCounters, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS,
+    MAX_CONNECTIONS, MAX_INTERFACES, MAX_LISTENERS, MAX_PERSISTENCE, RINGS_PER_LISTENER,
 };
 
 const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
@@ -56,3 +56,12 @@ pub static GLOBAL_STATS: PerCpuArray<GlobalCounters, 1> = PerCpuArray::new();
 /// Interfaces the program may redirect to, keyed by ifindex.
 #[btf_map]
 pub static EGRESS: DevMapHash<{ MAX_INTERFACES as usize }> = DevMapHash::new();
+
+/// Next hop towards each backend id, cached from the FIB (per CPU).
+#[btf_map]
+pub static NEXT_HOP_BACKEND: PerCpuArray<NextHop, BACKENDS_MAX> = PerCpuArray::new();
+
+/// Next hop towards client addresses (IPv4, network order as u32), for replies (per CPU).
+#[btf_map]
+pub static NEXT_HOP_CLIENT: LruPerCpuHashMap<u32, NextHop, { MAX_CLIENT_NEXT_HOPS as usize }> =
+    LruPerCpuHashMap::new();

@@ -246,6 +246,13 @@ fn expected_layout(ring_size: u32) -> Vec<(&'static str, usize, usize, u32)> {
         ),
         ("GLOBAL_STATS", 4, size_of::<GlobalCounters>(), 1),
         ("EGRESS", 4, 8, MAX_INTERFACES),
+        ("NEXT_HOP_BACKEND", 4, size_of::<NextHop>(), MAX_BACKENDS),
+        (
+            "NEXT_HOP_CLIENT",
+            4,
+            size_of::<NextHop>(),
+            MAX_CLIENT_NEXT_HOPS,
+        ),
     ]
 }
 

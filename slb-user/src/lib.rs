@@ -12,3 +12,4 @@ pub mod proxy;
 pub mod reconcile;
 pub mod report;
 pub mod status;
+pub mod testbed;

@@ -4,19 +4,12 @@
 //! the program's FIB lookups have real answers.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
-use aya::Ebpf;
 use slb_common::wire::{ipv4_frame, parse_ipv4_frame, L4Spec, ParsedFrame, TCP_ACK, TCP_SYN};
-use slb_common::GlobalCounters;
 use slb_user::config::Config;
-use slb_user::dataplane::{ensure_bpffs, load_object};
 use slb_user::health::HealthStatus;
-use slb_user::maps::PinnedMaps;
-use slb_user::reconcile::{BackendKey, Reconciler};
+use slb_user::reconcile::BackendKey;
+use slb_user::testbed::{self, in_fresh_netns, Testbed, BACKEND_MAC, CLIENT_MAC};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -24,11 +17,9 @@ const XDP_REDIRECT: u32 = 4;
 
 const RING_SIZE: u32 = 1009;
 const CLIENT: [u8; 4] = [10, 10, 0, 2];
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const VIP: [u8; 4] = [10, 99, 0, 10];
 const BACKEND_A: [u8; 4] = [10, 20, 0, 2];
 const BACKEND_B: [u8; 4] = [10, 20, 0, 3];
-const BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
 fn config(weight_a: u32, weight_b: u32) -> String {
     format!(
@@ -90,190 +81,13 @@ backends = [{{ address = "10.20.0.2", port = 8080, weight = 0 }}]
     )
 }
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// The testbed with `config(1, 1)` applied.
+fn harness() -> Testbed {
+    Testbed::new(&config(1, 1), RING_SIZE).expect("testbed")
 }
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap();
-    unsafe { libc::if_nametoindex(c.as_ptr()) }
-}
-
-/// The loaded program and its maps, in a private network namespace.
-struct Harness {
-    ebpf: Ebpf,
-    reconciler: Reconciler,
-    _pins: PinDir,
-    in_index: u32,
-    out_index: u32,
-    out_mac: [u8; 6],
-}
-
-/// Removes the test's pin directory however the test ends.
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-static NEXT: AtomicU32 = AtomicU32::new(0);
 
 fn mac_of(iface: &str) -> [u8; 6] {
-    // /sys/class/net shows the namespace sysfs was mounted in, not this thread's: ask `ip`.
-    let out = Command::new("ip")
-        .args(["-o", "link", "show", "dev", iface])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mac = text
-        .split("link/ether ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap();
-    let v: Vec<u8> = mac
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).unwrap())
-        .collect();
-    v.try_into().unwrap()
-}
-
-/// Runs `f` on a thread inside a new network namespace.
-fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        assert_eq!(
-            unsafe { libc::unshare(libc::CLONE_NEWNET) },
-            0,
-            "unshare(CLONE_NEWNET): are we root?"
-        );
-        f()
-    })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
-}
-
-impl Harness {
-    fn new() -> Harness {
-        sh(&["ip", "link", "set", "lo", "up"]);
-        sh(&[
-            "ip", "link", "add", "in0", "type", "veth", "peer", "name", "in1",
-        ]);
-        sh(&[
-            "ip", "link", "add", "out0", "type", "veth", "peer", "name", "out1",
-        ]);
-        for l in ["in0", "in1", "out0", "out1"] {
-            sh(&["ip", "link", "set", l, "up"]);
-        }
-        sh(&["ip", "addr", "add", "10.10.0.1/24", "dev", "in0"]);
-        sh(&["ip", "addr", "add", "10.20.0.1/24", "dev", "out0"]);
-        sh(&[
-            "ip",
-            "neigh",
-            "replace",
-            "10.10.0.2",
-            "lladdr",
-            "02:00:00:00:00:01",
-            "dev",
-            "in0",
-            "nud",
-            "permanent",
-        ]);
-        for b in ["10.20.0.2", "10.20.0.3"] {
-            sh(&[
-                "ip",
-                "neigh",
-                "replace",
-                b,
-                "lladdr",
-                "02:00:00:00:00:02",
-                "dev",
-                "out0",
-                "nud",
-                "permanent",
-            ]);
-        }
-        sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-
-        ensure_bpffs().unwrap();
-        let pin_dir = PathBuf::from(format!(
-            "/sys/fs/bpf/slb-packet-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&pin_dir).unwrap();
-        let pins = PinDir(pin_dir.clone());
-        let mut ebpf = load_object(&pin_dir, RING_SIZE).expect("load object");
-        let program: &mut Xdp = ebpf.program_mut("slb_xdp").unwrap().try_into().unwrap();
-        program.load().expect("verifier accepts slb_xdp");
-
-        let (in_index, out_index) = (ifindex("in0"), ifindex("out0"));
-        {
-            let mut egress: aya::maps::DevMapHash<_> =
-                ebpf.map_mut("EGRESS").unwrap().try_into().unwrap();
-            egress.insert(in_index, in_index, None, 0).unwrap();
-            egress.insert(out_index, out_index, None, 0).unwrap();
-        }
-        let maps = PinnedMaps::open(&pin_dir).unwrap();
-        let mut reconciler = Reconciler::new(maps, "pkt", RING_SIZE);
-        reconciler
-            .apply(
-                &Config::parse(&config(1, 1), "test").unwrap(),
-                &Default::default(),
-            )
-            .unwrap();
-        Harness {
-            ebpf,
-            reconciler,
-            _pins: pins,
-            in_index,
-            out_index,
-            out_mac: mac_of("out0"),
-        }
-    }
-
-    fn run(&self, frame: &[u8], ingress: u32) -> (u32, Vec<u8>) {
-        let program: &Xdp = self.ebpf.program("slb_xdp").unwrap().try_into().unwrap();
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx = Vec::new();
-        for v in [0u32, frame.len() as u32, 0, ingress, 0, 0] {
-            ctx.extend_from_slice(&v.to_ne_bytes());
-        }
-        let mut out = vec![0u8; frame.len() + 256];
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
-    }
-
-    fn counters(&self) -> GlobalCounters {
-        let mut total = GlobalCounters::default();
-        for c in self
-            .reconciler
-            .maps()
-            .global_stats
-            .get(&0, 0)
-            .unwrap()
-            .iter()
-        {
-            total.add(c);
-        }
-        total
-    }
+    testbed::mac_of(iface).expect("MAC")
 }
 
 fn tcp(src_port: u16, dst_port: u16, flags: u8) -> L4Spec {
@@ -304,7 +118,7 @@ fn ipv4(a: [u8; 4]) -> Ipv4Addr {
 #[test]
 fn new_tcp_flow_is_rewritten_to_a_backend_and_redirected() {
     in_fresh_netns(|| {
-        let h = Harness::new();
+        let h = harness();
         let in_mac = mac_of("in0");
         let (verdict, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN)), h.in_index);
         assert_eq!(verdict, XDP_REDIRECT);
@@ -328,7 +142,7 @@ fn new_tcp_flow_is_rewritten_to_a_backend_and_redirected() {
 #[test]
 fn known_flow_keeps_its_backend_after_the_ring_changes_and_replies_are_translated() {
     in_fresh_netns(|| {
-        let mut h = Harness::new();
+        let mut h = harness();
         let in_mac = mac_of("in0");
         // Find one flow per backend so we can move each away.
         let mut first = None;
@@ -381,7 +195,7 @@ fn known_flow_keeps_its_backend_after_the_ring_changes_and_replies_are_translate
 #[test]
 fn udp_flows_are_balanced_and_a_zero_checksum_stays_zero() {
     in_fresh_netns(|| {
-        let h = Harness::new();
+        let h = harness();
         let in_mac = mac_of("in0");
         let mut seen = std::collections::BTreeSet::new();
         for port in 1000..1200 {
@@ -406,7 +220,7 @@ fn udp_flows_are_balanced_and_a_zero_checksum_stays_zero() {
 #[test]
 fn traffic_that_is_not_for_a_listener_passes_untouched_and_is_counted() {
     in_fresh_netns(|| {
-        let h = Harness::new();
+        let h = harness();
         let in_mac = mac_of("in0");
         let mut cases: Vec<(&str, Vec<u8>)> = vec![
             (
@@ -461,7 +275,7 @@ fn traffic_that_is_not_for_a_listener_passes_untouched_and_is_counted() {
 #[test]
 fn listener_without_weighted_backends_drops_with_a_counter() {
     in_fresh_netns(|| {
-        let h = Harness::new();
+        let h = harness();
         let in_mac = mac_of("in0");
         let (verdict, _) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 81, SYN)), h.in_index);
         assert_eq!(verdict, XDP_DROP);
@@ -472,7 +286,7 @@ fn listener_without_weighted_backends_drops_with_a_counter() {
 #[test]
 fn random_and_truncated_frames_only_ever_pass_or_drop() {
     in_fresh_netns(|| {
-        let h = Harness::new();
+        let h = harness();
         let in_mac = mac_of("in0");
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut next = move || {
@@ -543,7 +357,7 @@ fn verdicts(
 #[test]
 fn persistence_keeps_a_client_address_on_one_backend() {
     in_fresh_netns(|| {
-        let h = Harness::new();
+        let h = harness();
         let in_mac = mac_of("in0");
         let mut sticky = std::collections::BTreeSet::new();
         let mut spread = std::collections::BTreeSet::new();
@@ -566,10 +380,10 @@ fn persistence_keeps_a_client_address_on_one_backend() {
 #[test]
 fn active_standby_fails_over_on_the_health_flag_and_back() {
     in_fresh_netns(|| {
-        let mut h = Harness::new();
+        let mut h = harness();
         let in_mac = mac_of("in0");
         let config = Config::parse(&config(1, 1), "test").unwrap();
-        let dst_of = |h: &Harness, port: u16, flags: u8| {
+        let dst_of = |h: &Testbed, port: u16, flags: u8| {
             let (verdict, out) = h.run(
                 &frame(in_mac, CLIENT, VIP, tcp(port, 83, flags)),
                 h.in_index,
@@ -616,7 +430,7 @@ fn active_standby_fails_over_on_the_health_flag_and_back() {
 #[test]
 fn flows_on_an_unhealthy_backend_are_rebalanced_and_new_ones_avoid_it() {
     in_fresh_netns(|| {
-        let mut h = Harness::new();
+        let mut h = harness();
         let in_mac = mac_of("in0");
         let config = Config::parse(&config(1, 1), "test").unwrap();
         let mut on_a = Vec::new();
