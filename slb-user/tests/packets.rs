@@ -478,3 +478,46 @@ fn flows_on_an_unhealthy_backend_are_rebalanced_and_new_ones_avoid_it() {
         assert_eq!(h.counters().no_backend_dropped, 1);
     });
 }
+
+#[test]
+fn next_hop_cache_follows_a_neighbour_change_within_a_second() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let in_mac = mac_of("in0");
+        let send = |h: &Testbed| {
+            let (verdict, out) =
+                h.run(&frame(in_mac, CLIENT, VIP, tcp(46000, 80, ACK)), h.in_index);
+            assert_eq!(verdict, XDP_REDIRECT);
+            parse_valid(&out)
+        };
+        let first = send(&h);
+        assert_eq!(first.dst_mac, BACKEND_MAC);
+        let again = send(&h);
+        assert_eq!(again.dst_mac, BACKEND_MAC);
+        let c = h.counters();
+        assert_eq!((c.fib_lookups, c.next_hop_cached), (1, 1), "{c:?}");
+
+        // The backend moves to another MAC: cached for at most NEXT_HOP_TTL_NS.
+        let backend = std::net::Ipv4Addr::from(first.dst).to_string();
+        let status = std::process::Command::new("ip")
+            .args([
+                "neigh",
+                "replace",
+                &backend,
+                "lladdr",
+                "02:00:00:00:00:09",
+                "dev",
+                "out0",
+                "nud",
+                "permanent",
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::thread::sleep(std::time::Duration::from_nanos(
+            slb_common::NEXT_HOP_TTL_NS + 100_000_000,
+        ));
+        assert_eq!(send(&h).dst_mac, [0x02, 0, 0, 0, 0, 0x09]);
+        assert_eq!(h.counters().fib_lookups, 2);
+    });
+}
