@@ -391,19 +391,26 @@ async fn serve_connection(
         handle(req, peer, https, runtime.clone(), shared.clone())
     });
     let result = match &current.tls {
-        None => {
-            builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-        }
+        None => match first_bytes_within(stream, current.header_timeout).await {
+            Some(io) => {
+                builder
+                    .serve_connection_with_upgrades(TokioIo::new(io), service)
+                    .await
+            }
+            None => {
+                tracing::debug!(listener = %current.name, %peer, "client sent nothing within header_timeout");
+                return;
+            }
+        },
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-            match tokio::time::timeout(current.header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => {
-                    builder
-                        .serve_connection_with_upgrades(TokioIo::new(tls_stream), service)
-                        .await
-                }
+            let tls_stream = match tokio::time::timeout(
+                current.header_timeout,
+                acceptor.accept(stream),
+            )
+            .await
+            {
+                Ok(Ok(tls_stream)) => tls_stream,
                 Ok(Err(e)) => {
                     tracing::debug!(listener = %current.name, %peer, "TLS handshake failed: {e}");
                     return;
@@ -412,11 +419,107 @@ async fn serve_connection(
                     tracing::debug!(listener = %current.name, %peer, "TLS handshake timed out");
                     return;
                 }
+            };
+            match first_bytes_within(tls_stream, current.header_timeout).await {
+                Some(io) => {
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(io), service)
+                        .await
+                }
+                None => {
+                    tracing::debug!(listener = %current.name, %peer, "client sent nothing within header_timeout");
+                    return;
+                }
             }
         }
     };
     if let Err(e) = result {
         tracing::debug!(listener = %current.name, %peer, "connection ended: {e}");
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Waits, at most `limit`, until the client has sent enough to tell HTTP/1 from HTTP/2: hyper's
+/// header timeout only starts once a request has begun, and its protocol detection waits for a
+/// full HTTP/2 preface without one, so a silent or stalled client would stay connected for good.
+async fn first_bytes_within<T>(mut io: T, limit: Duration) -> Option<Prefixed<T>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut prefix = Vec::with_capacity(H2_PREFACE.len());
+    let read = async {
+        let mut chunk = [0u8; 64];
+        // Enough when it is no longer a prefix of the HTTP/2 preface, or is the whole preface.
+        while prefix.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&prefix) {
+            let n = io.read(&mut chunk).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            prefix.extend_from_slice(&chunk[..n]);
+        }
+        Some(())
+    };
+    tokio::time::timeout(limit, read).await.ok()??;
+    Some(Prefixed {
+        prefix,
+        consumed: 0,
+        inner: io,
+    })
+}
+
+/// A stream with bytes already read from it put back in front.
+struct Prefixed<T> {
+    prefix: Vec<u8>,
+    consumed: usize,
+    inner: T,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.consumed < self.prefix.len() {
+            let rest = &self.prefix[self.consumed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.consumed += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
