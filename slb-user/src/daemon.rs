@@ -244,16 +244,23 @@ impl Daemon {
     /// Tells systemd (Type=notify) where we are, with a one-line status; a no-op elsewhere.
     fn notify_systemd(&self, states: &[sd_notify::NotifyState<'_>]) {
         let state = self.reconciler.state();
-        let status = format!(
-            "serving {} listener(s) on {}; config generation {}",
-            self.config.listeners.len(),
-            self.interfaces
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
-            state.generation
-        );
+        let stopping = states
+            .iter()
+            .any(|s| matches!(s, sd_notify::NotifyState::Stopping));
+        let status = if stopping {
+            "stopping".to_string()
+        } else {
+            format!(
+                "serving {} listener(s) on {}; config generation {}",
+                self.config.listeners.len(),
+                self.interfaces
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                state.generation
+            )
+        };
         let mut all = states.to_vec();
         all.push(sd_notify::NotifyState::Status(&status));
         if let Err(e) = sd_notify::notify(false, &all) {
