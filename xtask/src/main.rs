@@ -333,8 +333,15 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
     );
 
     step("slb status")?;
-    let status = daemon.status_json()?;
-    println!("{}", serde_json::to_string_pretty(&status)?);
+    let instance = daemon.instance().to_owned();
+    print!("{}", daemon.cli(["status", "--instance", &instance])?.expect_success()?);
+    step("slb report distribution")?;
+    print!(
+        "{}",
+        daemon
+            .cli(["report", "distribution", "--instance", &instance])?
+            .expect_success()?
+    );
 
     step("stopping slb and deleting the namespaces")?;
     let exit = daemon.stop()?;
