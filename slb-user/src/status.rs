@@ -25,6 +25,8 @@ pub struct Status {
     /// Changes made through the admin API since the file was last read (dropped by a reload).
     pub runtime_changes: Vec<String>,
     pub warnings: Vec<String>,
+    /// HTTP(S) listeners (served by the proxy; their traffic is in the access log).
+    pub proxy_listeners: Vec<crate::reconcile::ProxyListenerInfo>,
 }
 
 #[derive(Debug, Serialize)]
@@ -173,7 +175,22 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
         .copied()
         .zip(global.values())
         .collect();
-    let warnings = no_normal_server_warnings(&listeners, &backends);
+    let mut warnings = no_normal_server_warnings(&listeners, &backends);
+    for l in &state.proxy_listeners {
+        let mut groups: Vec<&str> = l.backends.iter().map(|b| b.group.as_str()).collect();
+        groups.dedup();
+        for g in groups {
+            let normal = l.backends.iter().any(|b| {
+                b.group == g && b.weight > 0 && b.health.as_ref().is_none_or(|h| h.healthy)
+            });
+            if !normal {
+                warnings.push(format!(
+                    "listener {}: group {g} has no normal server (healthy, weight > 0)",
+                    l.name
+                ));
+            }
+        }
+    }
     Ok(Status {
         instance: state.instance,
         generation: state.generation,
@@ -182,6 +199,7 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
         backends,
         counters,
         runtime_changes: state.runtime_changes,
+        proxy_listeners: state.proxy_listeners,
         warnings,
     })
 }
@@ -282,6 +300,29 @@ pub fn render(status: &Status) -> String {
     }
     for w in &status.warnings {
         let _ = writeln!(out, "\nWARNING: {w}");
+    }
+    if !status.proxy_listeners.is_empty() {
+        let _ = writeln!(out, "\nHTTP(S) LISTENER    PROTO  VIP:PORT               GROUP           BACKEND                WEIGHT  HEALTH");
+        for l in &status.proxy_listeners {
+            for b in &l.backends {
+                let health = match &b.health {
+                    None => "-",
+                    Some(h) if h.healthy => "healthy",
+                    Some(_) => "UNHEALTHY",
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<19} {:<6} {:<22} {:<15} {:<22} {:>6}  {}",
+                    l.name,
+                    l.protocol,
+                    format!("{}:{}", l.vip, l.port),
+                    b.group,
+                    format!("{}:{}", b.address, b.port),
+                    b.weight,
+                    health
+                );
+            }
+        }
     }
     let _ = writeln!(out, "\nCOUNTERS");
     for (name, value) in &status.counters {
