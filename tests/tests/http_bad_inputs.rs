@@ -229,7 +229,6 @@ fn http_malformed_oversized_and_slowloris_requests() {
 /// A connection that sends nothing at all (or only part of the HTTP/2 preface) must be cut
 /// off after header_timeout like any slow client.
 #[test]
-#[ignore = "slb bug: an HTTP connection that sends no byte is never closed (header_timeout starts only after hyper-util's protocol detection)"]
 fn http_silent_connection_is_cut_off_after_header_timeout() {
     if !require_root("http_silent_connection_is_cut_off_after_header_timeout") {
         return;
