@@ -97,22 +97,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let mut cmd = command_in(ns, args);
-    let command = describe(&cmd);
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .map_err(|source| CommandError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    Ok(ChildGuard {
-        command,
-        child,
-        stdout: None,
-    })
+    ChildGuard::spawn(&mut command_in(ns, args))
 }
 
 /// A child process that is killed (and reaped) when the guard is dropped.
@@ -125,6 +110,26 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
+    /// Starts `cmd` in its own process group with stdin closed, stdout piped (see
+    /// [`ChildGuard::wait_for_line`]) and stderr inherited.
+    pub fn spawn(cmd: &mut Command) -> Result<ChildGuard, CommandError> {
+        let command = describe(cmd);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|source| CommandError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        Ok(ChildGuard {
+            command,
+            child,
+            stdout: None,
+        })
+    }
+
     pub fn id(&self) -> u32 {
         self.child.id()
     }

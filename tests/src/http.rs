@@ -272,6 +272,15 @@ impl HttpBackends {
         Ok(backends)
     }
 
+    /// Process ids of the running backends (`ip netns exec` execs the server, so these are
+    /// the servers themselves), e.g. to pin them to a CPU.
+    pub fn pids(&self) -> Vec<u32> {
+        self.servers
+            .values()
+            .filter_map(|(_, child)| child.as_ref().map(ChildGuard::id))
+            .collect()
+    }
+
     /// Kills backend `i` (SIGKILL, as in a crash): from then on its host refuses connections.
     pub fn stop(&mut self, i: usize) -> anyhow::Result<()> {
         let (_, child) = self

@@ -383,6 +383,11 @@ impl SlbDaemon {
         &self.netns
     }
 
+    /// Process id of the running daemon, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The `slb` binary the daemon runs.
     pub fn bin(&self) -> &Path {
         &self.bin

@@ -304,6 +304,14 @@ impl Topology {
         Ok(())
     }
 
+    /// Process id of backend `i`'s test server, if it runs.
+    pub fn backend_server_pid(&self, i: usize) -> Option<u32> {
+        self.servers
+            .get(&i)
+            .and_then(|s| s.child.as_ref())
+            .map(ChildGuard::id)
+    }
+
     /// True if backend `i`'s test server is running.
     pub fn backend_server_running(&mut self, i: usize) -> bool {
         self.servers

@@ -321,7 +321,8 @@ fn https_bad_certificate_files_are_refused_and_the_old_config_serves() {
     std::fs::write(&not_pem, "this is not a certificate\n").expect("write");
     let not_pem_key = dir.join("not-a-key.key");
     std::fs::write(&not_pem_key, "neither is this a key\n").expect("write");
-    let variants: Vec<(&str, Box<dyn Fn(&mut slb_tests::http::L7Config)>, &Path)> = vec![
+    type BreakConfig<'a> = Box<dyn Fn(&mut slb_tests::http::L7Config) + 'a>;
+    let variants: Vec<(&str, BreakConfig, &Path)> = vec![
         (
             "a missing certificate file",
             Box::new(|c| c.listener_mut("secure").certificates[1].cert = missing.clone()),

@@ -1,4 +1,6 @@
-//! Project tasks: `cargo xtask setup | test | demo`.
+//! Project tasks: `cargo xtask setup | test | demo | bench`.
+
+mod bench;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,22 @@ enum Task {
         #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
         weights: Vec<u32>,
     },
+    /// Setup, build (release), and run the benchmark suites one after the other, writing
+    /// target/bench/<suite>.{md,json} and target/bench/summary.{md,json}. Needs root. Nothing
+    /// is asserted: these are measurements.
+    Bench {
+        /// Suites to run, in this order.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "dataplane,l4,http"
+        )]
+        suites: Vec<bench::Suite>,
+        /// Length of each measured end-to-end run, in seconds.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             connections,
             weights,
         } => demo(connections, &weights),
+        Task::Bench { suites, seconds } => bench(&suites, seconds),
     }
 }
 
@@ -202,7 +221,11 @@ const PACKAGES: &[(&str, &str)] = &[
 ];
 
 fn ensure_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
+    ensure_package_list(PACKAGES)
+}
+
+fn ensure_package_list(packages: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(bin, _)| find_program(bin).is_none())
         .map(|&(_, pkg)| pkg)
@@ -334,7 +357,12 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
 
     step("slb status")?;
     let instance = daemon.instance().to_owned();
-    print!("{}", daemon.cli(["status", "--instance", &instance])?.expect_success()?);
+    print!(
+        "{}",
+        daemon
+            .cli(["status", "--instance", &instance])?
+            .expect_success()?
+    );
     step("slb report distribution")?;
     print!(
         "{}",
@@ -353,6 +381,45 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
         udp.failures.len()
     );
     Ok(())
+}
+
+// ---- bench ----
+
+/// Debian packages the benchmarks add to [`PACKAGES`]: the balancers slb is compared with,
+/// the HTTP load generator, and CPU pinning.
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("haproxy", "haproxy"),
+    ("wrk", "wrk"),
+    ("nft", "nftables"),
+    ("taskset", "util-linux"),
+];
+
+fn bench(suites: &[bench::Suite], seconds: u64) -> anyhow::Result<()> {
+    ensure!(!suites.is_empty(), "give at least one suite");
+    ensure!(
+        slb_tests::is_root(),
+        "the benchmarks create network namespaces and attach XDP programs: run them as root"
+    );
+    setup()?;
+    ensure_package_list(BENCH_PACKAGES)?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "slb-user",
+        "-p",
+        "slb-tests",
+        "--bins",
+    ]))?;
+    let target = target_dir()?;
+    let env = bench::BenchEnv {
+        bin_dir: target.join("release"),
+        out_dir: target.join("bench"),
+        duration: std::time::Duration::from_secs(seconds),
+    };
+    bench::run(&env, suites, || {
+        run(cargo().args(["bench", "-p", "slb-user", "--bench", "dataplane"]))
+    })
 }
 
 /// Target directory as cargo reports it (honours CARGO_TARGET_DIR and config).
