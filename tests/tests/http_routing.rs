@@ -1,5 +1,6 @@
 //! HTTP listener: domain and path rules pick the group, weighted round robin spreads requests
-//! by weight, cookies keep a client on its backend (insert and rewrite), and the backend gets
+//! by weight, weighted least connections avoids the busier backend, cookies keep a client on
+//! its backend (insert and rewrite), and the backend gets
 //! the forwarded headers.
 
 mod http_common;
@@ -446,5 +447,79 @@ fn http_forwarded_headers_reach_the_backend() {
         peers,
         BTreeSet::from(["10.200.11.1".to_owned()]),
         "the proxy connects from its own address on the backend side"
+    );
+}
+
+/// With `scheduler = "wlc"`, requests go to the backend with the fewest requests in flight:
+/// while one backend holds more slow requests than the other, every quick request goes to the
+/// other one (round robin would alternate).
+#[test]
+fn http_weighted_least_connections_avoids_the_busier_backend() {
+    if !require_root("http_weighted_least_connections_avoids_the_busier_backend") {
+        return;
+    }
+    let setup = L7Setup::start("h7wlc", 2, |c, _| {
+        c.group("pool", &[(1, 1), (2, 1)]);
+        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
+        web.scheduler = Some("wlc".to_owned());
+        c.listener(web);
+    });
+    let client = client_builder(&[], vip_http(), TIMEOUT)
+        .build()
+        .expect("client");
+    let (slow, quick) = setup.client.run(async move {
+        // Three slow requests in flight: one backend holds two of them, the other one.
+        let mut slow = Vec::new();
+        for k in 0..3 {
+            let client = client.clone();
+            slow.push(tokio::spawn(async move {
+                get(
+                    &client,
+                    &format!("http://{VIP}:{HTTP_PORT}/slow?ms=2500&k={k}"),
+                )
+                .await
+            }));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut quick = Vec::new();
+        for k in 0..20 {
+            quick.push(get(&client, &format!("http://{VIP}:{HTTP_PORT}/quick/{k}")).await);
+        }
+        let mut slow_answers = Vec::new();
+        for s in slow {
+            slow_answers.push(s.await.expect("slow request task"));
+        }
+        (slow_answers, quick)
+    });
+    let slow_backends: Vec<String> = slow
+        .into_iter()
+        .map(|a| {
+            let a = a.expect("slow request");
+            assert_eq!(a.status, 200, "{}", a.text());
+            a.backend().expect("slow answer names its backend")
+        })
+        .collect();
+    let quick_backends: Vec<String> = quick
+        .into_iter()
+        .map(|a| {
+            let a = a.expect("quick request");
+            assert_eq!(a.status, 200, "{}", a.text());
+            a.backend().expect("quick answer names its backend")
+        })
+        .collect();
+    println!("slow requests on {slow_backends:?}; quick requests on {quick_backends:?}");
+    let busier = ["b1", "b2"]
+        .into_iter()
+        .max_by_key(|b| slow_backends.iter().filter(|s| s == b).count())
+        .expect("two backends");
+    assert_eq!(
+        slow_backends.iter().filter(|s| *s == busier).count(),
+        2,
+        "the slow requests should split 2:1, got {slow_backends:?}"
+    );
+    assert!(
+        quick_backends.iter().all(|b| b != busier),
+        "a quick request went to {busier}, which had two slow requests in flight: {quick_backends:?}"
     );
 }

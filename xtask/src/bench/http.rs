@@ -24,8 +24,8 @@ use slb_tests::slb::unique_instance;
 use slb_tests::{SlbDaemon, Topology, BACKEND_PORT, CLIENT_ADDR, VIP};
 
 use super::{
-    pin_process, pinned_in, place_network_processing, BenchEnv, Section, BALANCER_CPU,
-    GENERATOR_CPU,
+    clock_ticks_per_sec, cpu_jiffies, pin_process, pinned_in, place_network_processing,
+    process_cpu_ticks, BenchEnv, Section, BALANCER_CPU, GENERATOR_CPU,
 };
 
 const BACKENDS: usize = 3;
@@ -110,69 +110,6 @@ impl WrkResult {
     fn bytes_per_response(&self) -> f64 {
         self.bytes as f64 / self.requests.max(1) as f64
     }
-}
-
-/// CPU time of a process (all its threads, live and exited), in clock ticks.
-fn process_cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // The command name in parentheses may contain spaces; fields are counted after it.
-    let after_name = stat
-        .rsplit_once(')')
-        .with_context(|| format!("unexpected {path}: {stat:?}"))?
-        .1;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of proc(5); `fields[0]` is field 3.
-    let tick = |i: usize| -> anyhow::Result<u64> {
-        fields
-            .get(i)
-            .with_context(|| format!("{path} has no field {}", i + 3))?
-            .parse()
-            .with_context(|| format!("{path} field {}", i + 3))
-    };
-    Ok(tick(11)? + tick(12)?)
-}
-
-/// Clock ticks per second of /proc's CPU times.
-fn clock_ticks_per_sec() -> anyhow::Result<f64> {
-    let out = slb_tests::exec::run(std::process::Command::new("getconf").arg("CLK_TCK"))
-        .context("asking getconf for CLK_TCK")?;
-    out.trim()
-        .parse()
-        .with_context(|| format!("getconf CLK_TCK printed {out:?}"))
-}
-
-/// (busy, total) jiffies of each of CPUs 0 and 1, from /proc/stat.
-fn cpu_jiffies() -> anyhow::Result<[(u64, u64); 2]> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let mut per_cpu = [(0, 0); 2];
-    for (cpu, slot) in [GENERATOR_CPU, BALANCER_CPU]
-        .into_iter()
-        .zip(per_cpu.iter_mut())
-    {
-        let label = format!("cpu{cpu}");
-        let line = stat
-            .lines()
-            .find(|l| l.split_whitespace().next() == Some(label.as_str()))
-            .with_context(|| format!("/proc/stat has no {label} line"))?;
-        let fields: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .take(8)
-            .map(|f| {
-                f.parse()
-                    .with_context(|| format!("/proc/stat {label}: {f:?}"))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        ensure!(
-            fields.len() == 8,
-            "/proc/stat {label} line is short: {line:?}"
-        );
-        let total: u64 = fields.iter().sum();
-        // idle and iowait
-        *slot = (total - fields[3] - fields[4], total);
-    }
-    Ok(per_cpu)
 }
 
 /// One measured wrk run through one balancer.

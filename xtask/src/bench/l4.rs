@@ -16,8 +16,8 @@ use slb_tests::slb::unique_instance;
 use slb_tests::{vip_tcp, vip_udp, SlbConfig, SlbDaemon, Topology, BACKEND_PORT, VIP};
 
 use super::{
-    pin_process, pinned_in, place_network_processing, BenchEnv, Section, BALANCER_CPU,
-    GENERATOR_CPU,
+    clock_ticks_per_sec, cpu_jiffies, pin_process, pinned_in, place_network_processing,
+    process_cpu_ticks, BenchEnv, Section, BALANCER_CPU, GENERATOR_CPU,
 };
 
 const WEIGHTS: [u32; 3] = [1, 2, 3];
@@ -40,15 +40,18 @@ struct LoadResult {
 #[derive(Debug, Clone)]
 struct Measured {
     load: LoadResult,
-    /// Busy fraction of each CPU.
-    busy: Vec<f64>,
+    /// Busy fraction of CPUs 0 and 1.
+    busy: [f64; 2],
+    /// CPU time of the client's and backends' veth processing (their NAPI threads) per
+    /// operation, in µs.
+    endpoint_napi_us_per_op: f64,
     /// slb's XDP program, from the kernel's own statistics: ns per packet and packets.
     xdp: Option<(f64, u64)>,
 }
 
 impl Measured {
     fn balancer_busy(&self) -> f64 {
-        self.busy.get(BALANCER_CPU as usize).copied().unwrap_or(0.0)
+        self.busy[BALANCER_CPU as usize]
     }
 
     /// CPU time the balancer's CPU spent per operation, in µs.
@@ -70,6 +73,7 @@ impl Measured {
             "p99_us": self.load.p99_us,
             "busy_per_cpu": self.busy,
             "balancer_cpu_us_per_op": self.balancer_us_per_op(),
+            "endpoint_napi_cpu_us_per_op": self.endpoint_napi_us_per_op,
             "xdp_ns_per_packet": self.xdp.map(|x| x.0),
             "xdp_packets": self.xdp.map(|x| x.1),
         })
@@ -82,34 +86,13 @@ struct Row {
     udp: Option<Measured>,
 }
 
-/// (busy, total) jiffies of each CPU, from /proc/stat.
-fn cpu_jiffies() -> anyhow::Result<Vec<(u64, u64)>> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let per_cpu = stat
-        .lines()
-        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .map(|l| {
-            let fields: Vec<u64> = l
-                .split_whitespace()
-                .skip(1)
-                .map(|f| f.parse().unwrap_or(0))
-                .collect();
-            let total: u64 = fields.iter().take(8).sum();
-            // idle and iowait
-            let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-            (total - idle, total)
-        })
-        .collect();
-    Ok(per_cpu)
-}
-
-/// How busy each CPU was between two [`cpu_jiffies`] readings, from 0 to 1.
-fn busy_between(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
-    before
-        .iter()
-        .zip(after)
-        .map(|(&(b0, t0), &(b1, t1))| (b1 - b0) as f64 / (t1 - t0).max(1) as f64)
-        .collect()
+/// How busy each of CPUs 0 and 1 was between two [`cpu_jiffies`] readings, from 0 to 1.
+fn busy_between(before: &[(u64, u64); 2], after: &[(u64, u64); 2]) -> [f64; 2] {
+    [0, 1].map(|i| {
+        let (b0, t0) = before[i];
+        let (b1, t1) = after[i];
+        (b1 - b0) as f64 / (t1 - t0).max(1) as f64
+    })
 }
 
 /// Run time and run count summed over every loaded XDP program named `slb_xdp`.
@@ -150,37 +133,67 @@ fn loadgen(
     serde_json::from_str(out.trim()).with_context(|| format!("slb-loadgen printed {out:?}"))
 }
 
+/// The topology of the suite and the NAPI threads of its client and backend interfaces.
+struct Bed {
+    topo: Topology,
+    endpoint_napi: Vec<u32>,
+    ticks_per_sec: f64,
+}
+
+impl Bed {
+    fn endpoint_napi_ticks(&self) -> anyhow::Result<u64> {
+        self.endpoint_napi
+            .iter()
+            .map(|&pid| process_cpu_ticks(pid))
+            .sum()
+    }
+}
+
 /// A warm-up run, then a measured run of `mode` against `target`.
 fn measure(
     env: &BenchEnv,
-    topo: &Topology,
+    bed: &Bed,
     balancer: &str,
     mode: &str,
     target: SocketAddr,
     workers: usize,
 ) -> anyhow::Result<Measured> {
+    let topo = &bed.topo;
     loadgen(env, topo, mode, target, workers, WARM_UP)?;
     let cpu0 = cpu_jiffies()?;
+    let napi0 = bed.endpoint_napi_ticks()?;
     let xdp0 = xdp_stats();
     let load = loadgen(env, topo, mode, target, workers, env.duration)?;
     let cpu1 = cpu_jiffies()?;
+    let napi1 = bed.endpoint_napi_ticks()?;
     let xdp1 = xdp_stats();
     let busy = busy_between(&cpu0, &cpu1);
+    let endpoint_napi_us_per_op = if load.ops > 0 {
+        (napi1 - napi0) as f64 / bed.ticks_per_sec / load.ops as f64 * 1e6
+    } else {
+        f64::NAN
+    };
     let xdp = match (xdp0, xdp1) {
         (Some((t0, n0)), Some((t1, n1))) if n1 > n0 => {
             Some(((t1 - t0) as f64 / (n1 - n0) as f64, n1 - n0))
         }
         _ => None,
     };
-    let measured = Measured { load, busy, xdp };
+    let measured = Measured {
+        load,
+        busy,
+        endpoint_napi_us_per_op,
+        xdp,
+    };
     println!(
-        "    {balancer:10} {mode:8} {:>9.0}/s  p50 {:>5} us  p99 {:>6} us  errors {}  CPU busy {:?}  balancer CPU {:.1} us/op{}",
+        "    {balancer:10} {mode:8} {:>9.0}/s  p50 {:>5} us  p99 {:>6} us  errors {}  CPU busy {:?}  balancer CPU {:.1} us/op  endpoint NAPI {:.1} us/op{}",
         measured.load.per_second,
         measured.load.p50_us,
         measured.load.p99_us,
         measured.load.errors,
         measured.busy.iter().map(|b| format!("{:.0}%", b * 100.0)).collect::<Vec<_>>(),
         measured.balancer_us_per_op(),
+        measured.endpoint_napi_us_per_op,
         xdp.map(|(ns, _)| format!("  XDP {ns:.0} ns/packet"))
             .unwrap_or_default()
     );
@@ -253,14 +266,15 @@ fn wait_listening(topo: &Topology, target: SocketAddr) -> anyhow::Result<()> {
     bail!("{target} does not accept connections")
 }
 
-fn bench_slb(env: &BenchEnv, topo: &Topology) -> anyhow::Result<Row> {
+fn bench_slb(env: &BenchEnv, bed: &Bed) -> anyhow::Result<Row> {
+    let topo = &bed.topo;
     let config = SlbConfig::standard(&unique_instance("bl4"), &WEIGHTS);
     let daemon = SlbDaemon::start(&env.slb(), topo.slb_ns(), &config)?;
     if let Some(pid) = daemon.pid() {
         pin_process(pid, BALANCER_CPU)?;
     }
-    let tcp = measure(env, topo, "slb", "tcp-crr", vip_tcp(), TCP_WORKERS)?;
-    let udp = measure(env, topo, "slb", "udp-rr", vip_udp(), UDP_WORKERS)?;
+    let tcp = measure(env, bed, "slb", "tcp-crr", vip_tcp(), TCP_WORKERS)?;
+    let udp = measure(env, bed, "slb", "udp-rr", vip_udp(), UDP_WORKERS)?;
     daemon.stop()?;
     Ok(Row {
         balancer: "slb (XDP)",
@@ -269,7 +283,8 @@ fn bench_slb(env: &BenchEnv, topo: &Topology) -> anyhow::Result<Row> {
     })
 }
 
-fn bench_haproxy(env: &BenchEnv, topo: &Topology) -> anyhow::Result<Row> {
+fn bench_haproxy(env: &BenchEnv, bed: &Bed) -> anyhow::Result<Row> {
+    let topo = &bed.topo;
     let dir = tempfile::Builder::new().prefix("slb-bench-l4-").tempdir()?;
     let config = dir.path().join("haproxy.cfg");
     std::fs::write(&config, haproxy_config())?;
@@ -288,7 +303,7 @@ fn bench_haproxy(env: &BenchEnv, topo: &Topology) -> anyhow::Result<Row> {
         );
         let _haproxy = ChildGuard::spawn(&mut cmd)?;
         wait_listening(topo, vip_tcp())?;
-        let tcp = measure(env, topo, "HAProxy", "tcp-crr", vip_tcp(), TCP_WORKERS)?;
+        let tcp = measure(env, bed, "HAProxy", "tcp-crr", vip_tcp(), TCP_WORKERS)?;
         Ok(Row {
             balancer: "HAProxy 2.6 (TCP mode, 1 thread)",
             tcp,
@@ -299,7 +314,8 @@ fn bench_haproxy(env: &BenchEnv, topo: &Topology) -> anyhow::Result<Row> {
     result
 }
 
-fn bench_nftables(env: &BenchEnv, topo: &Topology) -> anyhow::Result<Row> {
+fn bench_nftables(env: &BenchEnv, bed: &Bed) -> anyhow::Result<Row> {
+    let topo = &bed.topo;
     let dir = tempfile::Builder::new().prefix("slb-bench-l4-").tempdir()?;
     let rules = dir.path().join("dnat.nft");
     std::fs::write(&rules, nft_ruleset())?;
@@ -309,8 +325,8 @@ fn bench_nftables(env: &BenchEnv, topo: &Topology) -> anyhow::Result<Row> {
     )
     .context("loading the DNAT rules")?;
     let result = (|| -> anyhow::Result<Row> {
-        let tcp = measure(env, topo, "nftables", "tcp-crr", vip_tcp(), TCP_WORKERS)?;
-        let udp = measure(env, topo, "nftables", "udp-rr", vip_udp(), UDP_WORKERS)?;
+        let tcp = measure(env, bed, "nftables", "tcp-crr", vip_tcp(), TCP_WORKERS)?;
+        let udp = measure(env, bed, "nftables", "udp-rr", vip_udp(), UDP_WORKERS)?;
         Ok(Row {
             balancer: "nftables DNAT (conntrack)",
             tcp,
@@ -328,7 +344,7 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
         .tag("bl4")
         .backends(WEIGHTS.len())
         .build()?;
-    place_network_processing(&topo)?;
+    let endpoint_napi = place_network_processing(&topo)?;
     for i in 1..=WEIGHTS.len() {
         topo.start_backend_server(i, &env.bin("slb-test-server"))?;
         let pid = topo
@@ -343,10 +359,15 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
         sysctl(&ns, "net.ipv4.tcp_tw_reuse=1")?;
     }
 
+    let bed = Bed {
+        topo,
+        endpoint_napi,
+        ticks_per_sec: clock_ticks_per_sec()?,
+    };
     let rows = vec![
-        bench_slb(env, &topo)?,
-        bench_haproxy(env, &topo)?,
-        bench_nftables(env, &topo)?,
+        bench_slb(env, &bed)?,
+        bench_haproxy(env, &bed)?,
+        bench_nftables(env, &bed)?,
     ];
     Ok(section(env, &rows))
 }
@@ -363,26 +384,29 @@ fn section(env: &BenchEnv, rows: &[Row]) -> Section {
          balancer namespace's interfaces (threaded NAPI: slb's XDP program, nftables' forwarding \
          and conntrack, the TCP stack under HAProxy) and the HAProxy process (1 thread). \
          \"Balancer CPU µs/conn\" is CPU {BALANCER_CPU}'s busy time divided by the operations: \
-         the cost of balancing one connection or request. TCP: connect, one-line request and answer, close. UDP: one datagram and \
+         the cost of balancing one connection or request. \"Endpoint veth CPU\" is the CPU \
+         time of the client's and backends' veth receive processing (their NAPI threads, on CPU \
+         {GENERATOR_CPU}) per operation. TCP: connect, one-line request and answer, close. UDP: one datagram and \
          its answer per operation, one socket (flow) per worker.\n",
         env.duration.as_secs(),
         WARM_UP.as_secs()
     );
     md.push_str(
-        "| balancer | TCP conn/s | p50 / p99 (µs) | balancer CPU busy | balancer CPU µs/conn | UDP req/s | p50 / p99 (µs) | balancer CPU busy | balancer CPU µs/req | errors TCP/UDP |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| balancer | TCP conn/s | p50 / p99 (µs) | balancer CPU busy | balancer CPU µs/conn | endpoint veth CPU µs/conn | UDP req/s | p50 / p99 (µs) | balancer CPU busy | balancer CPU µs/req | endpoint veth CPU µs/req | errors TCP/UDP |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let udp = r.udp.as_ref();
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {} / {} | {:.0}% | {:.1} | {} | {} | {} | {} | {} / {} |",
+            "| {} | {:.0} | {} / {} | {:.0}% | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} / {} |",
             r.balancer,
             r.tcp.load.per_second,
             r.tcp.load.p50_us,
             r.tcp.load.p99_us,
             r.tcp.balancer_busy() * 100.0,
             r.tcp.balancer_us_per_op(),
+            r.tcp.endpoint_napi_us_per_op,
             udp.map_or("n/a".to_owned(), |u| format!("{:.0}", u.load.per_second)),
             udp.map_or("n/a".to_owned(), |u| format!(
                 "{} / {}",
@@ -395,6 +419,10 @@ fn section(env: &BenchEnv, rows: &[Row]) -> Section {
             udp.map_or("n/a".to_owned(), |u| format!(
                 "{:.1}",
                 u.balancer_us_per_op()
+            )),
+            udp.map_or("n/a".to_owned(), |u| format!(
+                "{:.1}",
+                u.endpoint_napi_us_per_op
             )),
             r.tcp.load.errors,
             udp.map_or("n/a".to_owned(), |u| u.load.errors.to_string()),

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{ensure, Context as _};
 use clap::ValueEnum;
 use serde_json::json;
 
@@ -210,7 +210,9 @@ pub fn run(
 /// conntrack, or the stack under HAProxy) to [`BALANCER_CPU`], the client's and the backends'
 /// interfaces to [`GENERATOR_CPU`]. Without this, veth processes a packet in softirq on the
 /// sending CPU, so the balancer's work would land wherever the generator runs.
-pub fn place_network_processing(topo: &slb_tests::Topology) -> anyhow::Result<()> {
+/// Returns the NAPI threads on the generator's side (client and backends), whose CPU time
+/// is the endpoints' share of packet processing.
+pub fn place_network_processing(topo: &slb_tests::Topology) -> anyhow::Result<Vec<u32>> {
     let mut sides: Vec<(String, String, u32)> = topo
         .slb_interfaces()
         .into_iter()
@@ -228,6 +230,13 @@ pub fn place_network_processing(topo: &slb_tests::Topology) -> anyhow::Result<()
     for (ns, iface, cpu) in &sides {
         // NAPI (and so its thread) exists only with GRO or XDP on a veth.
         slb_tests::exec::exec_in(ns, ["ethtool", "-K", iface, "gro", "on"])?;
+        if *cpu == BALANCER_CPU {
+            // veth hands a packet from a TSO-capable sender to the peer's NAPI only if the
+            // packet is eligible for GRO; otherwise it goes to the backlog in softirq on the
+            // sending CPU, which would put the endpoints' receive work on the balancer's CPU
+            // whenever the kernel stack (nftables, HAProxy) rather than XDP forwards.
+            slb_tests::exec::exec_in(ns, ["ethtool", "-K", iface, "tso", "off"])?;
+        }
         slb_tests::exec::exec_in(
             ns,
             [
@@ -242,6 +251,7 @@ pub fn place_network_processing(topo: &slb_tests::Topology) -> anyhow::Result<()
     // NAPI threads are named napi/<interface>-<napi id>; interface names repeat across
     // namespaces (every backend has a b0), which is fine since all of one name go together.
     let mut pinned = 0;
+    let mut generator_side = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let entry = entry?;
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -256,12 +266,78 @@ pub fn place_network_processing(topo: &slb_tests::Topology) -> anyhow::Result<()
         {
             pin_process(pid, cpu)?;
             pinned += 1;
+            if cpu == GENERATOR_CPU {
+                generator_side.push(pid);
+            }
         }
     }
-    anyhow::ensure!(
+    ensure!(
         pinned >= sides.len(),
         "found {pinned} NAPI threads for {} interfaces",
         sides.len()
     );
-    Ok(())
+    Ok(generator_side)
+}
+
+/// CPU time of a process (all its threads, live and exited), in clock ticks.
+pub fn process_cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name in parentheses may contain spaces; fields are counted after it.
+    let after_name = stat
+        .rsplit_once(')')
+        .with_context(|| format!("unexpected {path}: {stat:?}"))?
+        .1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of proc(5); `fields[0]` is field 3.
+    let tick = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .with_context(|| format!("{path} has no field {}", i + 3))?
+            .parse()
+            .with_context(|| format!("{path} field {}", i + 3))
+    };
+    Ok(tick(11)? + tick(12)?)
+}
+
+/// Clock ticks per second of /proc's CPU times.
+pub fn clock_ticks_per_sec() -> anyhow::Result<f64> {
+    let out = slb_tests::exec::run(std::process::Command::new("getconf").arg("CLK_TCK"))
+        .context("asking getconf for CLK_TCK")?;
+    out.trim()
+        .parse()
+        .with_context(|| format!("getconf CLK_TCK printed {out:?}"))
+}
+
+/// (busy, total) jiffies of each of CPUs 0 and 1, from /proc/stat.
+pub fn cpu_jiffies() -> anyhow::Result<[(u64, u64); 2]> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let mut per_cpu = [(0, 0); 2];
+    for (cpu, slot) in [GENERATOR_CPU, BALANCER_CPU]
+        .into_iter()
+        .zip(per_cpu.iter_mut())
+    {
+        let label = format!("cpu{cpu}");
+        let line = stat
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(label.as_str()))
+            .with_context(|| format!("/proc/stat has no {label} line"))?;
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|f| {
+                f.parse()
+                    .with_context(|| format!("/proc/stat {label}: {f:?}"))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        ensure!(
+            fields.len() == 8,
+            "/proc/stat {label} line is short: {line:?}"
+        );
+        let total: u64 = fields.iter().sum();
+        // idle and iowait
+        *slot = (total - fields[3] - fields[4], total);
+    }
+    Ok(per_cpu)
 }
