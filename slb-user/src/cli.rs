@@ -26,6 +26,10 @@ pub enum Command {
         /// On exit, leave the programs attached and the maps pinned (traffic keeps flowing).
         #[arg(long)]
         keep_serving: bool,
+        /// Threads of the daemon's runtime (L7 proxy, health checks, admin API); the default
+        /// is the number of CPUs slb may run on.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        worker_threads: Option<u16>,
     },
     /// Validate a config file and print what it defines.
     CheckConfig {

@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub config: PathBuf,
     /// Leave programs attached and maps pinned on exit.
     pub keep_serving: bool,
+    /// Runtime worker threads; `None` for one per CPU the process may use.
+    pub worker_threads: Option<u16>,
 }
 
 pub fn run(options: RunOptions) -> anyhow::Result<()> {
@@ -54,8 +56,13 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     } else {
         None
     };
+    // available_parallelism honours the CPU affinity and cgroup quota slb was started with.
+    let worker_threads = options.worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(worker_threads)
         .enable_all()
         .build()?;
     let outcome = runtime.block_on(serve(&mut dataplane, config, previous, &options.config));

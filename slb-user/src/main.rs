@@ -107,9 +107,11 @@ fn main() -> anyhow::Result<()> {
         Command::Run {
             config,
             keep_serving,
+            worker_threads,
         } => daemon::run(daemon::RunOptions {
             config,
             keep_serving,
+            worker_threads,
         }),
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;

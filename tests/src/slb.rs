@@ -330,6 +330,18 @@ impl SlbDaemon {
     /// [`start`](Self::start) with the config given as TOML text (e.g. one with fields
     /// [`SlbConfig`] does not model); `instance` must be the one the text names.
     pub fn start_toml(bin: &Path, netns: &str, instance: &str, toml: &str) -> anyhow::Result<Self> {
+        Self::start_toml_with(bin, netns, instance, toml, &[])
+    }
+
+    /// [`start_toml`](Self::start_toml) with extra `slb run` options, e.g.
+    /// `["--worker-threads", "1"]`.
+    pub fn start_toml_with(
+        bin: &Path,
+        netns: &str,
+        instance: &str,
+        toml: &str,
+        run_options: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("slb-{instance}-"))
             .tempdir()
@@ -359,6 +371,7 @@ impl SlbDaemon {
             .arg("run")
             .arg("-c")
             .arg(&daemon.config_path)
+            .args(run_options)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -1,7 +1,6 @@
 //! HTTP listener: domain and path rules pick the group, weighted round robin spreads requests
 //! by weight, weighted least connections avoids the busier backend, cookies keep a client on
-//! its backend (insert and rewrite), and the backend gets
-//! the forwarded headers.
+//! its backend (insert and rewrite), and the backend gets the forwarded headers.
 
 mod http_common;
 

@@ -362,8 +362,15 @@ fn bench_slb(
 ) -> anyhow::Result<Vec<Measurement>> {
     let config = slb_config(topo);
     let toml = config.to_toml();
-    let daemon = SlbDaemon::start_toml(&env.slb(), topo.slb_ns(), &config.instance, &toml)
-        .with_context(|| format!("starting slb with\n{toml}"))?;
+    // One runtime thread, as HAProxy gets `nbthread 1`.
+    let daemon = SlbDaemon::start_toml_with(
+        &env.slb(),
+        topo.slb_ns(),
+        &config.instance,
+        &toml,
+        &["--worker-threads", "1"],
+    )
+    .with_context(|| format!("starting slb with\n{toml}"))?;
     let pid = daemon.pid().context("slb exited right after starting")?;
     pin_process(pid, BALANCER_CPU)?;
     let balancer = Balancer {
@@ -530,8 +537,8 @@ fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
     md.push_str(
         "\nA requests/s ratio above 1 means slb serves more; a p99 ratio above 1 means slb's \
          p99 is longer. \"balancer CPU/request\" is the balancer process's own CPU time (not \
-         the NAPI threads'). Caveats: slb's proxy runs 2 tokio worker threads sharing CPU 1, \
-         HAProxy 1 thread; slb's XDP program stays attached on the slb namespace's interfaces \
+         the NAPI threads'). Both balancers run one worker thread on CPU 1 (slb \
+         `--worker-threads 1`, HAProxy `nbthread 1`). Caveats: slb's XDP program stays attached on the slb namespace's interfaces \
          and passes this traffic up on CPU 1 (HAProxy runs without it); wrk is closed-loop \
          (a connection sends its next request when the answer arrives), so latencies are \
          taken at the rate each balancer sustains, not at one offered rate; when CPU 0 is near \
