@@ -11,6 +11,9 @@ pub const MAX_PERSISTENCE: u32 = 1 << 18;
 /// Each listener owns two Maglev rings: the daemon fills the idle one, then flips the listener to
 /// it, so the data plane never reads a half-written table.
 pub const RINGS_PER_LISTENER: u32 = 2;
+/// Map flags of RINGS: `BPF_F_MMAPABLE`, so the daemon writes a ring as memory instead of one
+/// syscall per slot (65537 slots × 2 rings × every listener on start).
+pub const RINGS_MAP_FLAGS: u32 = 1 << 10;
 /// Default Maglev ring size (prime).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Largest ring size the config accepts (prime, as Maglev needs).

@@ -9,7 +9,8 @@ use aya_ebpf::{
 use slb_common::{
     Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey, NextHop, PersistKey,
     Persisted, ReverseNat, TrafficCounters, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS,
-    MAX_CONNECTIONS, MAX_INTERFACES, MAX_LISTENERS, MAX_PERSISTENCE, RINGS_PER_LISTENER,
+    MAX_CONNECTIONS, MAX_INTERFACES, MAX_LISTENERS, MAX_PERSISTENCE, RINGS_MAP_FLAGS,
+    RINGS_PER_LISTENER,
 };
 
 const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
@@ -23,7 +24,7 @@ pub static LISTENERS: HashMap<ListenerKey, ListenerEntry, LISTENERS_MAX> = HashM
 
 /// All Maglev rings back to back.
 #[btf_map]
-pub static RINGS: Array<u32, RINGS_MAX> = Array::new();
+pub static RINGS: Array<u32, RINGS_MAX, { RINGS_MAP_FLAGS as usize }> = Array::new();
 
 #[btf_map]
 pub static BACKENDS: Array<Backend, BACKENDS_MAX> = Array::new();

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 
 use aya::maps::MapError;
 use serde::{Deserialize, Serialize};
@@ -547,12 +548,21 @@ impl Reconciler {
             if previous.is_some_and(|p| p[slot] == id) {
                 continue;
             }
-            self.maps
-                .rings
-                .set(base + slot as u32, id, 0)
-                .map_err(map_err("RINGS"))?;
+            let at = base + slot as u32;
+            match self
+                .maps
+                .mapped_rings
+                .as_ref()
+                .and_then(|m| m.slot(at as usize))
+            {
+                Some(cell) => cell.store(id, Ordering::Relaxed),
+                None => self.maps.rings.set(at, id, 0).map_err(map_err("RINGS"))?,
+            }
             written += 1;
         }
+        // The ring must be complete before the listener flips to it (a map update syscall,
+        // which the kernel orders after this).
+        std::sync::atomic::fence(Ordering::SeqCst);
         tracing::debug!(listener, ring, written, "ring written");
         self.rings.insert((index, ring), table);
         Ok(())

@@ -142,10 +142,11 @@ impl Testbed {
                 ));
             }
         }
+        static NEXT_BATCH: AtomicU32 = AtomicU32::new(0);
         let path = std::env::temp_dir().join(format!(
             "slb-testbed-neigh-{}-{}",
             std::process::id(),
-            NEXT.load(Ordering::Relaxed)
+            NEXT_BATCH.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::write(&path, batch)?;
         let result = sh(&["ip", "-batch", path.to_str().expect("utf-8 temp path")]);

@@ -6,6 +6,7 @@
 use std::net::Ipv4Addr;
 
 use slb_common::wire::{ipv4_frame, parse_ipv4_frame, L4Spec, ParsedFrame, TCP_ACK, TCP_SYN};
+use slb_common::RINGS_PER_LISTENER;
 use slb_user::config::Config;
 use slb_user::health::HealthStatus;
 use slb_user::reconcile::BackendKey;
@@ -519,5 +520,31 @@ fn next_hop_cache_follows_a_neighbour_change_within_a_second() {
         ));
         assert_eq!(send(&h).dst_mac, [0x02, 0, 0, 0, 0, 0x09]);
         assert_eq!(h.counters().fib_lookups, 2);
+    });
+}
+
+#[test]
+fn rings_are_written_through_the_mapping_and_the_kernel_sees_them() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let maps = h.reconciler.maps();
+        let mapped = maps
+            .mapped_rings
+            .as_ref()
+            .expect("RINGS is created mmap-able, so the daemon maps it");
+        let mut owners = std::collections::BTreeSet::new();
+        for slot in 0..(RINGS_PER_LISTENER * RING_SIZE * 6) {
+            let through_syscall = maps.rings.get(&slot, 0).expect("RINGS lookup");
+            let through_mapping = mapped
+                .slot(slot as usize)
+                .expect("slot in the mapping")
+                .load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(through_syscall, through_mapping, "slot {slot}");
+            owners.insert(through_syscall);
+        }
+        assert!(
+            owners.len() >= 3,
+            "the rings name backends (and empty slots): {owners:?}"
+        );
     });
 }
