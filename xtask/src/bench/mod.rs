@@ -226,7 +226,8 @@ pub fn place_network_processing(topo: &slb_tests::Topology) -> anyhow::Result<Ve
             GENERATOR_CPU,
         ));
     }
-    let mut cpus = std::collections::BTreeMap::new();
+    let mut pinned = 0;
+    let mut generator_side = Vec::new();
     for (ns, iface, cpu) in &sides {
         // NAPI (and so its thread) exists only with GRO or XDP on a veth.
         slb_tests::exec::exec_in(ns, ["ethtool", "-K", iface, "gro", "on"])?;
@@ -237,6 +238,9 @@ pub fn place_network_processing(topo: &slb_tests::Topology) -> anyhow::Result<Ve
             // whenever the kernel stack (nftables, HAProxy) rather than XDP forwards.
             slb_tests::exec::exec_in(ns, ["ethtool", "-K", iface, "tso", "off"])?;
         }
+        // The thread is named napi/<interface>-<napi id>, and interface names repeat across
+        // namespaces (every backend has a b0): ours is the one that appears now.
+        let before = napi_threads(iface)?;
         slb_tests::exec::exec_in(
             ns,
             [
@@ -246,28 +250,11 @@ pub fn place_network_processing(topo: &slb_tests::Topology) -> anyhow::Result<Ve
             ],
         )
         .with_context(|| format!("threaded NAPI on {iface} in {ns}"))?;
-        cpus.insert(format!("napi/{iface}-"), *cpu);
-    }
-    // NAPI threads are named napi/<interface>-<napi id>; interface names repeat across
-    // namespaces (every backend has a b0), which is fine since all of one name go together.
-    let mut pinned = 0;
-    let mut generator_side = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let entry = entry?;
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(comm) = std::fs::read_to_string(entry.path().join("comm")) else {
-            continue;
-        };
-        if let Some((_, &cpu)) = cpus
-            .iter()
-            .find(|(prefix, _)| comm.starts_with(prefix.as_str()))
-        {
-            pin_process(pid, cpu)?;
+        for pid in napi_threads(iface)?.difference(&before) {
+            pin_process(*pid, *cpu)?;
             pinned += 1;
-            if cpu == GENERATOR_CPU {
-                generator_side.push(pid);
+            if *cpu == GENERATOR_CPU {
+                generator_side.push(*pid);
             }
         }
     }
@@ -277,6 +264,23 @@ pub fn place_network_processing(topo: &slb_tests::Topology) -> anyhow::Result<Ve
         sides.len()
     );
     Ok(generator_side)
+}
+
+/// Kernel threads running NAPI for interfaces named `iface` (in any namespace).
+fn napi_threads(iface: &str) -> anyhow::Result<std::collections::BTreeSet<u32>> {
+    let prefix = format!("napi/{iface}-");
+    let mut pids = std::collections::BTreeSet::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_to_string(entry.path().join("comm")).is_ok_and(|c| c.starts_with(&prefix))
+        {
+            pids.insert(pid);
+        }
+    }
+    Ok(pids)
 }
 
 /// CPU time of a process (all its threads, live and exited), in clock ticks.
