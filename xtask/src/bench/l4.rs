@@ -445,6 +445,18 @@ fn section(env: &BenchEnv, rows: &[Row]) -> Section {
                 ratio(a.load.per_second, b.load.per_second)
             );
         }
+        let _ = write!(
+            md,
+            "; balancer CPU per connection ×{:.2}",
+            ratio(slb.tcp.balancer_us_per_op(), other.tcp.balancer_us_per_op())
+        );
+        if let (Some(a), Some(b)) = (&slb.udp, &other.udp) {
+            let _ = write!(
+                md,
+                ", per UDP request ×{:.2}",
+                ratio(a.balancer_us_per_op(), b.balancer_us_per_op())
+            );
+        }
         md.push_str(".  \n");
     }
     if let Some((ns, packets)) = slb.tcp.xdp {
@@ -474,6 +486,7 @@ fn section(env: &BenchEnv, rows: &[Row]) -> Section {
         })).collect::<Vec<_>>(),
         "ratios": rows[1..].iter().map(|o| json!({
             "versus": o.balancer,
+            "tcp_balancer_cpu_per_op": ratio(slb.tcp.balancer_us_per_op(), o.tcp.balancer_us_per_op()),
             "tcp": ratio(slb.tcp.load.per_second, o.tcp.load.per_second),
             "udp": match (&slb.udp, &o.udp) {
                 (Some(a), Some(b)) => Some(ratio(a.load.per_second, b.load.per_second)),
