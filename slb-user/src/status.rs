@@ -515,15 +515,8 @@ pub fn render_stats(status: &Status, previous: Option<(&Status, f64)>) -> String
     }
     let _ = writeln!(
         out,
-        "\n{:<22} {:<15} {:>12} {:>10} {:>14} {:>10} {:>8}  {}",
-        "BACKEND",
-        "LISTENER",
-        "PACKETS",
-        "PKT RATE",
-        "NEW_CONNS",
-        "CONN RATE",
-        "CONNS",
-        "HEALTH (since)"
+        "\n{:<22} {:<15} {:>12} {:>10} {:>14} {:>10} {:>8}  HEALTH (since)",
+        "BACKEND", "LISTENER", "PACKETS", "PKT RATE", "NEW_CONNS", "CONN RATE", "CONNS",
     );
     for b in &status.backends {
         let before = previous.and_then(|(p, _)| {

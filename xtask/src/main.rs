@@ -279,16 +279,7 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
         "the demo creates network namespaces and attaches XDP programs: run it as root"
     );
     setup()?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "slb-user",
-        "-p",
-        "slb-tests",
-        "--bins",
-    ]))?;
-    let bin_dir = target_dir()?.join("release");
+    let bin_dir = build_release_binaries()?;
     let slb = bin_dir.join("slb");
     let server = bin_dir.join("slb-test-server");
 
@@ -402,6 +393,21 @@ fn bench(suites: &[bench::Suite], seconds: u64) -> anyhow::Result<()> {
     );
     setup()?;
     ensure_package_list(BENCH_PACKAGES)?;
+    let bin_dir = build_release_binaries()?;
+    let target = target_dir()?;
+    let env = bench::BenchEnv {
+        bin_dir,
+        out_dir: target.join("bench"),
+        duration: std::time::Duration::from_secs(seconds),
+    };
+    bench::run(&env, suites, || {
+        run(cargo().args(["bench", "-p", "slb-user", "--bench", "dataplane"]))
+    })
+}
+
+/// Builds `slb` and the test binaries (backends, load generator) in release mode and returns
+/// the directory they are in.
+fn build_release_binaries() -> anyhow::Result<PathBuf> {
     run(cargo().args([
         "build",
         "--release",
@@ -411,15 +417,7 @@ fn bench(suites: &[bench::Suite], seconds: u64) -> anyhow::Result<()> {
         "slb-tests",
         "--bins",
     ]))?;
-    let target = target_dir()?;
-    let env = bench::BenchEnv {
-        bin_dir: target.join("release"),
-        out_dir: target.join("bench"),
-        duration: std::time::Duration::from_secs(seconds),
-    };
-    bench::run(&env, suites, || {
-        run(cargo().args(["bench", "-p", "slb-user", "--bench", "dataplane"]))
-    })
+    Ok(target_dir()?.join("release"))
 }
 
 /// Target directory as cargo reports it (honours CARGO_TARGET_DIR and config).

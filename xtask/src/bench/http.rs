@@ -25,7 +25,7 @@ use slb_tests::{SlbDaemon, Topology, BACKEND_PORT, CLIENT_ADDR, VIP};
 
 use super::{
     clock_ticks_per_sec, cpu_jiffies, pin_process, pinned_in, place_network_processing,
-    process_cpu_ticks, BenchEnv, Section, BALANCER_CPU, GENERATOR_CPU,
+    process_cpu_ticks, spawn_haproxy, BenchEnv, Section, BALANCER_CPU, GENERATOR_CPU,
 };
 
 const BACKENDS: usize = 3;
@@ -400,18 +400,7 @@ fn bench_haproxy(
     let config_path = dir.path().join("haproxy.cfg");
     std::fs::write(&config_path, haproxy_config(topo.backend_count()))
         .with_context(|| format!("writing {}", config_path.display()))?;
-    // taskset and `ip netns exec` exec HAProxy in place, so the guard's pid is HAProxy's.
-    let mut cmd = pinned_in(
-        topo.slb_ns(),
-        BALANCER_CPU,
-        &[
-            "haproxy".as_ref(),
-            "-db".as_ref(),
-            "-f".as_ref(),
-            config_path.as_os_str(),
-        ],
-    );
-    let mut haproxy = ChildGuard::spawn(&mut cmd).context("starting HAProxy")?;
+    let mut haproxy = spawn_haproxy(topo.slb_ns(), &config_path).context("starting HAProxy")?;
     wait_accepting(topo, "HAProxy", &mut haproxy)?;
     let balancer = Balancer {
         name: "HAProxy",

@@ -11,13 +11,13 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use serde::Deserialize;
 use serde_json::json;
-use slb_tests::exec::{self, ChildGuard};
+use slb_tests::exec;
 use slb_tests::slb::unique_instance;
 use slb_tests::{vip_tcp, vip_udp, SlbConfig, SlbDaemon, Topology, BACKEND_PORT, VIP};
 
 use super::{
     clock_ticks_per_sec, cpu_jiffies, pin_process, pinned_in, place_network_processing,
-    process_cpu_ticks, BenchEnv, Section, BALANCER_CPU, GENERATOR_CPU,
+    process_cpu_ticks, spawn_haproxy, BenchEnv, Section, BALANCER_CPU, GENERATOR_CPU,
 };
 
 const WEIGHTS: [u32; 3] = [1, 2, 3];
@@ -291,17 +291,7 @@ fn bench_haproxy(env: &BenchEnv, bed: &Bed) -> anyhow::Result<Row> {
     let vip = format!("{VIP}/32");
     exec::exec_in(topo.slb_ns(), ["ip", "addr", "add", &vip, "dev", "lo"])?;
     let result = (|| -> anyhow::Result<Row> {
-        let mut cmd = pinned_in(
-            topo.slb_ns(),
-            BALANCER_CPU,
-            &[
-                "haproxy".as_ref(),
-                "-db".as_ref(),
-                "-f".as_ref(),
-                config.as_os_str(),
-            ],
-        );
-        let _haproxy = ChildGuard::spawn(&mut cmd)?;
+        let _haproxy = spawn_haproxy(topo.slb_ns(), &config)?;
         wait_listening(topo, vip_tcp())?;
         let tcp = measure(env, bed, "HAProxy", "tcp-crr", vip_tcp(), TCP_WORKERS)?;
         Ok(Row {

@@ -80,6 +80,22 @@ pub fn pinned_in<S: AsRef<std::ffi::OsStr>>(ns: &str, cpu: u32, args: &[S]) -> C
     cmd
 }
 
+/// Starts HAProxy in the foreground on `config` in namespace `ns`, pinned to [`BALANCER_CPU`].
+/// taskset and `ip netns exec` exec it in place, so the guard's pid is HAProxy's.
+pub fn spawn_haproxy(ns: &str, config: &Path) -> anyhow::Result<slb_tests::exec::ChildGuard> {
+    let mut cmd = pinned_in(
+        ns,
+        BALANCER_CPU,
+        &[
+            "haproxy".as_ref(),
+            "-db".as_ref(),
+            "-f".as_ref(),
+            config.as_os_str(),
+        ],
+    );
+    Ok(slb_tests::exec::ChildGuard::spawn(&mut cmd)?)
+}
+
 /// Pins an already running process (all its threads) to `cpu`.
 pub fn pin_process(pid: u32, cpu: u32) -> anyhow::Result<()> {
     slb_tests::exec::run(Command::new("taskset").args([
