@@ -242,6 +242,22 @@ global_counters! {
     next_hop_cached,
 }
 
+/// Bytes of a frame `xdp_replay` (the live-frames benchmark driver) writes back before each run.
+pub const REPLAY_FRAME_BYTES: usize = 64;
+/// Where the template's UDP source port is (Ethernet + IPv4 without options).
+pub const REPLAY_SOURCE_PORT_AT: usize = 14 + 20;
+
+/// What `xdp_replay` restores into every frame: the kernel's live-frames mode reuses pages
+/// without undoing what a NAT program rewrote.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ReplayTemplate {
+    pub frame: [u8; REPLAY_FRAME_BYTES],
+    /// Non-zero: a new source port every run (a new flow per frame); 0: one flow.
+    pub new_flows: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -256,4 +272,5 @@ mod pod {
     unsafe impl aya::Pod for PersistKey {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for Persisted {}
+    unsafe impl aya::Pod for ReplayTemplate {}
 }

@@ -6,6 +6,7 @@ mod floor;
 mod forward;
 mod maps;
 mod packet;
+mod replay;
 
 #[cfg(not(test))]
 #[panic_handler]

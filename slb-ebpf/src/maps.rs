@@ -3,14 +3,16 @@
 //! restarted daemon and `bpftool` find them.
 
 use aya_ebpf::{
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    btf_maps::{
+        Array, DevMapHash, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray,
+    },
     macros::btf_map,
 };
 use slb_common::{
     Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey, NextHop, PersistKey,
-    Persisted, ReverseNat, TrafficCounters, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS,
-    MAX_CONNECTIONS, MAX_INTERFACES, MAX_LISTENERS, MAX_PERSISTENCE, RINGS_MAP_FLAGS,
-    RINGS_PER_LISTENER,
+    Persisted, ReplayTemplate, ReverseNat, TrafficCounters, DEFAULT_RING_SIZE, MAX_BACKENDS,
+    MAX_CLIENT_NEXT_HOPS, MAX_CONNECTIONS, MAX_INTERFACES, MAX_LISTENERS, MAX_PERSISTENCE,
+    RINGS_MAP_FLAGS, RINGS_PER_LISTENER,
 };
 
 const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
@@ -66,3 +68,14 @@ pub static NEXT_HOP_BACKEND: PerCpuArray<NextHop, BACKENDS_MAX> = PerCpuArray::n
 #[btf_map]
 pub static NEXT_HOP_CLIENT: LruPerCpuHashMap<u32, NextHop, { MAX_CLIENT_NEXT_HOPS as usize }> =
     LruPerCpuHashMap::new();
+
+/// `xdp_replay` (benchmarks only; never pinned): the frame it restores before each run, the
+/// port counter for new flows, and the program it hands the frame to.
+#[btf_map]
+pub static REPLAY_TEMPLATE: Array<ReplayTemplate, 1> = Array::new();
+
+#[btf_map]
+pub static REPLAY_COUNTER: PerCpuArray<u32, 1> = PerCpuArray::new();
+
+#[btf_map]
+pub static REPLAY_TARGET: ProgramArray<1> = ProgramArray::new();

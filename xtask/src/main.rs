@@ -47,7 +47,7 @@ enum Task {
             long,
             value_enum,
             value_delimiter = ',',
-            default_value = "dataplane,l4,http"
+            default_value = "dataplane,capacity,l4,http"
         )]
         suites: Vec<bench::Suite>,
         /// Length of each measured end-to-end run, in seconds.
@@ -394,6 +394,15 @@ fn bench(suites: &[bench::Suite], seconds: u64) -> anyhow::Result<()> {
     setup()?;
     ensure_package_list(BENCH_PACKAGES)?;
     let bin_dir = build_release_binaries()?;
+    // The capacity suite's live-frames driver.
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "slb-user",
+        "--example",
+        "xdp_replay",
+    ]))?;
     let target = target_dir()?;
     let env = bench::BenchEnv {
         bin_dir,

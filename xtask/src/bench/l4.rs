@@ -20,7 +20,7 @@ use super::{
     process_cpu_ticks, spawn_haproxy, BenchEnv, Section, BALANCER_CPU, GENERATOR_CPU,
 };
 
-const WEIGHTS: [u32; 3] = [1, 2, 3];
+pub(super) const WEIGHTS: [u32; 3] = [1, 2, 3];
 const TCP_WORKERS: usize = 16;
 const UDP_WORKERS: usize = 16;
 const WARM_UP: Duration = Duration::from_secs(1);
@@ -227,7 +227,7 @@ fn haproxy_config() -> String {
 
 /// nftables DNAT of both listeners to the backends, with the weights as ranges of a random
 /// number (1:2:3 → 0, 1-2, 3-5).
-fn nft_ruleset() -> String {
+pub(super) fn nft_ruleset() -> String {
     let mut map = Vec::new();
     let mut next = 0;
     for (k, &w) in WEIGHTS.iter().enumerate() {

@@ -7,6 +7,7 @@
 //! program, nftables DNAT) runs in softirq on whichever CPU handles the packet, which on veth
 //! is mostly the sender's, so it shares CPU 0 with the generator for the forward direction.
 
+pub mod capacity;
 pub mod http;
 pub mod l4;
 
@@ -34,6 +35,9 @@ pub enum Suite {
     L4,
     /// HTTP requests per second and latency through slb's HTTP listener and HAProxy (HTTP mode).
     Http,
+    /// Frames per second one CPU balances, driven by the kernel's live-frames generator: slb
+    /// vs nftables DNAT vs plain routing.
+    Capacity,
 }
 
 impl Suite {
@@ -42,6 +46,7 @@ impl Suite {
             Suite::Dataplane => "dataplane",
             Suite::L4 => "l4",
             Suite::Http => "http",
+            Suite::Capacity => "capacity",
         }
     }
 }
@@ -202,6 +207,7 @@ pub fn run(
             Suite::Dataplane => dataplane()?,
             Suite::L4 => write_section(&env.out_dir, suite, &l4::run(env)?)?,
             Suite::Http => write_section(&env.out_dir, suite, &http::run(env)?)?,
+            Suite::Capacity => write_section(&env.out_dir, suite, &capacity::run(env)?)?,
         }
         let section = read_section(&env.out_dir, suite)?;
         println!("{}", section.markdown);

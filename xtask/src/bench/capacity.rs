@@ -1,0 +1,230 @@
+//! Capacity suite: how many frames per second one CPU can balance, with the load generator out
+//! of the picture. `xdp_replay` (slb-user/examples) pushes one UDP frame over and over into the
+//! balancer namespace's client-side interface with BPF_PROG_TEST_RUN in live-frames mode, the
+//! kernel's own packet generator, from a thread pinned to the balancer CPU; the frames then take
+//! (a) slb's XDP program, which rewrites and redirects them to a backend, or (b) the kernel
+//! stack with nftables DNAT, or (c) the kernel stack routing them unchanged (the floor of
+//! forwarding without a balancer). Each with one flow and with a new flow per frame. The
+//! backends' interfaces count what arrives.
+
+use std::fmt::Write as _;
+use std::net::SocketAddrV4;
+use std::process::Command;
+
+use anyhow::Context as _;
+use serde::Deserialize;
+use serde_json::json;
+use slb_tests::exec;
+use slb_tests::slb::unique_instance;
+use slb_tests::{vip_udp, SlbConfig, SlbDaemon, Topology, CLIENT_ADDR, VIP, VIP_UDP_PORT};
+
+use super::l4::{nft_ruleset, WEIGHTS};
+use super::{place_network_processing, BenchEnv, Section, BALANCER_CPU};
+
+const FRAMES: u32 = 3_000_000;
+const CLIENT_PORT: u16 = 40000;
+
+#[derive(Debug, Clone, Deserialize)]
+struct Replay {
+    ns_per_frame: f64,
+    frames_per_second: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    path: &'static str,
+    flows: &'static str,
+    replay: Replay,
+    delivered: f64,
+}
+
+fn counter(topo: &Topology, ns: &str, iface: &str, what: &str) -> anyhow::Result<u64> {
+    let out = topo.exec_in(
+        ns,
+        ["cat", &format!("/sys/class/net/{iface}/statistics/{what}")],
+    )?;
+    Ok(out.trim().parse()?)
+}
+
+fn backend_rx(topo: &Topology) -> anyhow::Result<u64> {
+    (1..=topo.backend_count())
+        .map(|i| counter(topo, topo.backend_ns(i), "b0", "rx_packets"))
+        .sum()
+}
+
+fn mac(topo: &Topology, ns: &str, iface: &str) -> anyhow::Result<String> {
+    Ok(topo
+        .exec_in(ns, ["cat", &format!("/sys/class/net/{iface}/address")])?
+        .trim()
+        .to_owned())
+}
+
+struct Replayer<'a> {
+    env: &'a BenchEnv,
+    topo: &'a Topology,
+    client_mac: String,
+}
+
+impl Replayer<'_> {
+    fn run(
+        &self,
+        path: &'static str,
+        target: &str,
+        dst: SocketAddrV4,
+        pins: Option<&std::path::Path>,
+        new_flows: bool,
+    ) -> anyhow::Result<Row> {
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", &BALANCER_CPU.to_string()])
+            .arg(self.env.bin("examples/xdp_replay"))
+            .args(["--netns", self.topo.slb_ns(), "--target", target])
+            .args(["--iface", "s0", "--src-mac", &self.client_mac])
+            .args([
+                "--src",
+                &SocketAddrV4::new(CLIENT_ADDR, CLIENT_PORT).to_string(),
+            ])
+            .args(["--dst", &dst.to_string()])
+            .args(["--frames", &FRAMES.to_string()]);
+        if let Some(pins) = pins {
+            cmd.arg("--pins").arg(pins);
+        }
+        if new_flows {
+            cmd.arg("--new-flows");
+        }
+        let before = backend_rx(self.topo)?;
+        let out = exec::run(&mut cmd)?;
+        let after = backend_rx(self.topo)?;
+        let replay: Replay = serde_json::from_str(out.trim())
+            .with_context(|| format!("xdp_replay printed {out:?}"))?;
+        let row = Row {
+            path,
+            flows: if new_flows {
+                "new flow per frame"
+            } else {
+                "one flow"
+            },
+            delivered: (after - before) as f64 / f64::from(FRAMES),
+            replay,
+        };
+        println!(
+            "    {:28} {:20} {:>7.0} ns/frame {:>6.2} Mframes/s  delivered {:.1}%",
+            row.path,
+            row.flows,
+            row.replay.ns_per_frame,
+            row.replay.frames_per_second / 1e6,
+            row.delivered * 100.0
+        );
+        Ok(row)
+    }
+}
+
+pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
+    let topo = Topology::builder()
+        .tag("bcap")
+        .backends(WEIGHTS.len())
+        .build()?;
+    place_network_processing(&topo)?;
+    let replayer = Replayer {
+        env,
+        topo: &topo,
+        client_mac: mac(&topo, topo.client_ns(), "c0")?,
+    };
+    let vip = match vip_udp() {
+        std::net::SocketAddr::V4(v) => v,
+        std::net::SocketAddr::V6(_) => unreachable!("the test VIP is IPv4"),
+    };
+    let mut rows = Vec::new();
+
+    // (a) slb, on the maps of a running instance.
+    {
+        let config = SlbConfig::standard(&unique_instance("bcap"), &WEIGHTS);
+        let daemon = SlbDaemon::start(&env.slb(), topo.slb_ns(), &config)?;
+        let pins = std::path::PathBuf::from("/sys/fs/bpf/slb").join(daemon.instance());
+        for new_flows in [false, true] {
+            rows.push(replayer.run("slb (XDP)", "slb", vip, Some(&pins), new_flows)?);
+        }
+        daemon.stop()?;
+    }
+    // (b) nftables DNAT, the same rules as the L4 suite.
+    {
+        let dir = tempfile::Builder::new()
+            .prefix("slb-bench-cap-")
+            .tempdir()?;
+        let rules = dir.path().join("dnat.nft");
+        std::fs::write(&rules, nft_ruleset())?;
+        exec::exec_in(
+            topo.slb_ns(),
+            ["nft".as_ref(), "-f".as_ref(), rules.as_os_str()],
+        )
+        .context("loading the DNAT rules")?;
+        let result = [false, true]
+            .into_iter()
+            .map(|new_flows| replayer.run("nftables DNAT", "stack", vip, None, new_flows))
+            .collect::<anyhow::Result<Vec<_>>>();
+        exec::exec_in(topo.slb_ns(), ["nft", "delete", "table", "ip", "slbbench"])?;
+        rows.extend(result?);
+    }
+    // (c) plain forwarding to one backend, no balancer.
+    let backend = SocketAddrV4::new(Topology::backend_addr(1), VIP_UDP_PORT);
+    for new_flows in [false, true] {
+        rows.push(replayer.run(
+            "kernel routing, no balancer",
+            "stack",
+            backend,
+            None,
+            new_flows,
+        )?);
+    }
+    Ok(section(&rows))
+}
+
+fn section(rows: &[Row]) -> Section {
+    let mut md = String::from("## Capacity: frames one CPU balances (live-frames generator)\n\n");
+    let _ = writeln!(
+        md,
+        "`xdp_replay` pushes {FRAMES} 64-byte UDP frames (to {VIP}:{VIP_UDP_PORT}) into the \
+         balancer namespace's client-side veth with BPF_PROG_TEST_RUN in live-frames mode, from \
+         a thread on CPU {BALANCER_CPU}; each frame is balanced and transmitted to a backend's \
+         veth within that call, so ns/frame is the whole cost of balancing one packet on one \
+         CPU, without a user-space generator. \"Delivered\" is what the backends' interfaces \
+         received (a veth ring overflows when the receiving CPU falls behind).\n"
+    );
+    md.push_str("| path | flows | ns/frame | Mframes/s | delivered |\n|---|---|---:|---:|---:|\n");
+    for r in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.2} | {:.1}% |",
+            r.path,
+            r.flows,
+            r.replay.ns_per_frame,
+            r.replay.frames_per_second / 1e6,
+            r.delivered * 100.0
+        );
+    }
+    let find = |path: &str, flows: &str| {
+        rows.iter()
+            .find(|r| r.path.starts_with(path) && r.flows == flows)
+            .map(|r| r.replay.frames_per_second)
+    };
+    md.push('\n');
+    for flows in ["one flow", "new flow per frame"] {
+        if let (Some(slb), Some(nft)) = (find("slb", flows), find("nftables", flows)) {
+            let _ = writeln!(
+                md,
+                "slb / nftables, {flows}: ×{:.2} frames per second.  ",
+                slb / nft
+            );
+        }
+    }
+    let json = json!({
+        "frames": FRAMES,
+        "rows": rows.iter().map(|r| json!({
+            "path": r.path,
+            "flows": r.flows,
+            "ns_per_frame": r.replay.ns_per_frame,
+            "frames_per_second": r.replay.frames_per_second,
+            "delivered": r.delivered,
+        })).collect::<Vec<_>>(),
+    });
+    Section { markdown: md, json }
+}
