@@ -18,7 +18,7 @@ use slb_tests::exec;
 use slb_tests::slb::unique_instance;
 use slb_tests::{vip_udp, SlbConfig, SlbDaemon, Topology, CLIENT_ADDR, VIP, VIP_UDP_PORT};
 
-use super::l4::{nft_ruleset, WEIGHTS};
+use super::l4::{with_nft_dnat, WEIGHTS};
 use super::{place_network_processing, BenchEnv, Section, BALANCER_CPU};
 
 const FRAMES: u32 = 3_000_000;
@@ -146,24 +146,12 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
         daemon.stop()?;
     }
     // (b) nftables DNAT, the same rules as the L4 suite.
-    {
-        let dir = tempfile::Builder::new()
-            .prefix("slb-bench-cap-")
-            .tempdir()?;
-        let rules = dir.path().join("dnat.nft");
-        std::fs::write(&rules, nft_ruleset())?;
-        exec::exec_in(
-            topo.slb_ns(),
-            ["nft".as_ref(), "-f".as_ref(), rules.as_os_str()],
-        )
-        .context("loading the DNAT rules")?;
-        let result = [false, true]
+    rows.extend(with_nft_dnat(&topo, || {
+        [false, true]
             .into_iter()
             .map(|new_flows| replayer.run("nftables DNAT", "stack", vip, None, new_flows))
-            .collect::<anyhow::Result<Vec<_>>>();
-        exec::exec_in(topo.slb_ns(), ["nft", "delete", "table", "ip", "slbbench"])?;
-        rows.extend(result?);
-    }
+            .collect::<anyhow::Result<Vec<_>>>()
+    })?);
     // (c) plain forwarding to one backend, no balancer.
     let backend = SocketAddrV4::new(Topology::backend_addr(1), VIP_UDP_PORT);
     for new_flows in [false, true] {

@@ -304,9 +304,15 @@ fn bench_haproxy(env: &BenchEnv, bed: &Bed) -> anyhow::Result<Row> {
     result
 }
 
-fn bench_nftables(env: &BenchEnv, bed: &Bed) -> anyhow::Result<Row> {
-    let topo = &bed.topo;
-    let dir = tempfile::Builder::new().prefix("slb-bench-l4-").tempdir()?;
+/// Runs `f` with the DNAT rules of [`nft_ruleset`] loaded in the balancer namespace, and
+/// removes them afterwards, whatever `f` returned.
+pub(super) fn with_nft_dnat<T>(
+    topo: &Topology,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let dir = tempfile::Builder::new()
+        .prefix("slb-bench-nft-")
+        .tempdir()?;
     let rules = dir.path().join("dnat.nft");
     std::fs::write(&rules, nft_ruleset())?;
     exec::exec_in(
@@ -314,7 +320,13 @@ fn bench_nftables(env: &BenchEnv, bed: &Bed) -> anyhow::Result<Row> {
         ["nft".as_ref(), "-f".as_ref(), rules.as_os_str()],
     )
     .context("loading the DNAT rules")?;
-    let result = (|| -> anyhow::Result<Row> {
+    let result = f();
+    exec::exec_in(topo.slb_ns(), ["nft", "delete", "table", "ip", "slbbench"])?;
+    result
+}
+
+fn bench_nftables(env: &BenchEnv, bed: &Bed) -> anyhow::Result<Row> {
+    with_nft_dnat(&bed.topo, || {
         let tcp = measure(env, bed, "nftables", "tcp-crr", vip_tcp(), TCP_WORKERS)?;
         let udp = measure(env, bed, "nftables", "udp-rr", vip_udp(), UDP_WORKERS)?;
         Ok(Row {
@@ -322,9 +334,7 @@ fn bench_nftables(env: &BenchEnv, bed: &Bed) -> anyhow::Result<Row> {
             tcp,
             udp: Some(udp),
         })
-    })();
-    exec::exec_in(topo.slb_ns(), ["nft", "delete", "table", "ip", "slbbench"])?;
-    result
+    })
 }
 
 pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
