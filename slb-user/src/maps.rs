@@ -6,7 +6,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
 use slb_common::{
     Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey, ReverseNat,
     TrafficCounters,
@@ -23,8 +23,6 @@ pub struct OpenMapError {
 pub struct PinnedMaps {
     pub listeners: HashMap<MapData, ListenerKey, ListenerEntry>,
     pub rings: Array<MapData, u32>,
-    /// RINGS in our memory, when the map is mmap-able (a map pinned by an older slb is not).
-    pub mapped_rings: Option<MappedRings>,
     pub backends: Array<MapData, Backend>,
     pub backend_health: Array<MapData, u32>,
     pub connections: HashMap<MapData, FlowKey, Connection>,
@@ -53,7 +51,6 @@ impl PinnedMaps {
         Ok(PinnedMaps {
             listeners: open(dir, "LISTENERS")?,
             rings: open(dir, "RINGS")?,
-            mapped_rings: MappedRings::open(&dir.join("RINGS")),
             backends: open(dir, "BACKENDS")?,
             backend_health: open(dir, "BACKEND_HEALTH")?,
             connections: open(dir, "CONNECTIONS")?,
@@ -93,11 +90,11 @@ unsafe impl Send for MappedRings {}
 unsafe impl Sync for MappedRings {}
 
 impl MappedRings {
-    /// Maps the pinned RINGS map at `pin`, or `None` (with the reason logged) when it cannot
-    /// be mapped, e.g. a map pinned by an slb without `BPF_F_MMAPABLE`; then the caller writes
-    /// slots through the syscall.
-    pub fn open(pin: &Path) -> Option<MappedRings> {
-        let data = MapData::from_pin(pin).ok()?;
+    /// Maps RINGS, or `None` (with the reason logged) when it cannot be mapped, e.g. a map
+    /// pinned by an slb without `BPF_F_MMAPABLE`; then the caller writes slots through the
+    /// syscall.
+    pub fn new(rings: &Array<MapData, u32>) -> Option<MappedRings> {
+        let data = rings.map();
         let info = data.info().ok()?;
         if info.map_flags() & slb_common::RINGS_MAP_FLAGS == 0 {
             tracing::info!(
@@ -119,7 +116,7 @@ impl MappedRings {
         let bytes = (len * element).div_ceil(page) * page;
         let fd = data.fd().as_fd().as_raw_fd();
         // SAFETY: a fresh shared mapping of the map's fd; the kernel keeps the map alive while
-        // mapped, so the mapping outlives `data`'s fd.
+        // mapped, whatever happens to the fd.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),

@@ -18,7 +18,7 @@ use slb_common::{
 
 use crate::config::{AllUnhealthy, BackendSpec, Config, Group, GroupKind, Protocol, DEFAULT_GROUP};
 use crate::health::HealthStatus;
-use crate::maps::PinnedMaps;
+use crate::maps::{MappedRings, PinnedMaps};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -135,6 +135,9 @@ pub struct AppliedBackend {
 
 pub struct Reconciler {
     maps: PinnedMaps,
+    /// RINGS in our memory, when the map is mmap-able (one pinned by an older slb is not):
+    /// only the writer maps it, readers such as `slb status` never need to.
+    mapped_rings: Option<MappedRings>,
     ring_size: u32,
     state: AppliedState,
     /// What each (listener index, ring) holds, so a rebuild writes only the slots that differ.
@@ -173,6 +176,7 @@ struct PlannedListener<'a> {
 impl Reconciler {
     pub fn new(maps: PinnedMaps, instance: &str, ring_size: u32) -> Reconciler {
         Reconciler {
+            mapped_rings: MappedRings::new(&maps.rings),
             maps,
             ring_size,
             state: AppliedState {
@@ -206,6 +210,11 @@ impl Reconciler {
 
     pub fn maps(&self) -> &PinnedMaps {
         &self.maps
+    }
+
+    /// The writable mapping of RINGS, if the map could be mapped.
+    pub fn mapped_rings(&self) -> Option<&MappedRings> {
+        self.mapped_rings.as_ref()
     }
 
     /// Makes the maps match `config` and `health` (verdicts of checked backends; a backend
@@ -549,12 +558,7 @@ impl Reconciler {
                 continue;
             }
             let at = base + slot as u32;
-            match self
-                .maps
-                .mapped_rings
-                .as_ref()
-                .and_then(|m| m.slot(at as usize))
-            {
+            match self.mapped_rings.as_ref().and_then(|m| m.slot(at as usize)) {
                 Some(cell) => cell.store(id, Ordering::Relaxed),
                 None => self.maps.rings.set(at, id, 0).map_err(map_err("RINGS"))?,
             }

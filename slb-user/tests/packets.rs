@@ -528,9 +528,9 @@ fn rings_are_written_through_the_mapping_and_the_kernel_sees_them() {
     in_fresh_netns(|| {
         let h = harness();
         let maps = h.reconciler.maps();
-        let mapped = maps
-            .mapped_rings
-            .as_ref()
+        let mapped = h
+            .reconciler
+            .mapped_rings()
             .expect("RINGS is created mmap-able, so the daemon maps it");
         let mut owners = std::collections::BTreeSet::new();
         for slot in 0..(RINGS_PER_LISTENER * RING_SIZE * 6) {
