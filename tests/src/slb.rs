@@ -413,23 +413,7 @@ impl SlbDaemon {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("--netns").arg(&self.netns).args(args);
-        let command = std::iter::once(cmd.get_program())
-            .chain(cmd.get_args())
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {command}"))?;
-        Ok(CliOutput {
-            command,
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        slb_cli(&self.bin, &self.netns, args)
     }
 
     /// Sends SIGHUP without waiting for anything (see [`reload`](Self::reload) for a reload
@@ -733,4 +717,34 @@ impl Drop for SlbDaemon {
             eprintln!("warning: stopping slb: {e:#}");
         }
     }
+}
+
+/// Where slb pins an instance's maps, programs and links: `/sys/fs/bpf/slb/<instance>`.
+pub fn pin_dir(instance: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf/slb").join(instance)
+}
+
+/// Runs `bin --netns <netns> <args...>` to completion, whatever its exit status.
+pub fn slb_cli<I, S>(bin: &Path, netns: &str, args: I) -> anyhow::Result<CliOutput>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = Command::new(bin);
+    cmd.arg("--netns").arg(netns).args(args);
+    let command = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {command}"))?;
+    Ok(CliOutput {
+        command,
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }

@@ -34,6 +34,7 @@ pub const MAX_BACKENDS: usize = 200;
 pub struct TopologyBuilder {
     tag: String,
     backends: usize,
+    test_server: Option<PathBuf>,
 }
 
 impl TopologyBuilder {
@@ -47,6 +48,13 @@ impl TopologyBuilder {
     /// [`Topology::add_backend`]).
     pub fn backends(mut self, n: usize) -> Self {
         self.backends = n;
+        self
+    }
+
+    /// Starts this `slb-test-server` binary in every backend [`build`](Self::build) creates
+    /// (as [`Topology::start_backend_server`] would).
+    pub fn test_servers(mut self, server_bin: &Path) -> Self {
+        self.test_server = Some(server_bin.to_owned());
         self
     }
 
@@ -75,7 +83,10 @@ impl TopologyBuilder {
         topo.create_core()
             .with_context(|| format!("creating topology {}", topo.prefix))?;
         for _ in 0..self.backends {
-            topo.add_backend()?;
+            let i = topo.add_backend()?;
+            if let Some(server) = &self.test_server {
+                topo.start_backend_server(i, server)?;
+            }
         }
         Ok(topo)
     }
@@ -159,6 +170,7 @@ impl Topology {
         TopologyBuilder {
             tag: "slbt".to_owned(),
             backends: 0,
+            test_server: None,
         }
     }
 

@@ -40,15 +40,12 @@ fn attach_and_detach_commands() {
         return;
     }
     let slb = slb_binary();
-    let mut topo = Topology::builder()
+    let topo = Topology::builder()
         .tag("att")
         .backends(2)
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=2 {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let config = SlbConfig::standard(&unique_instance("att"), &[1, 1]);
     let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");
     let instance = daemon.instance().to_owned();

@@ -143,15 +143,12 @@ fn bad_inputs_are_rejected_and_the_running_config_stays() {
         return;
     }
     let slb = slb_binary();
-    let mut topo = Topology::builder()
+    let topo = Topology::builder()
         .tag("bad")
         .backends(3)
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=3 {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let good = good_config(&unique_instance("bad"));
     let mut daemon = SlbDaemon::start(&slb, topo.slb_ns(), &good).expect("start slb");
     let generation = daemon.generation().expect("generation");

@@ -47,15 +47,12 @@ fn balances_tcp_and_udp_by_weight() {
     }
     let slb = slb_binary();
     let weights = [1, 2, 3];
-    let mut topo = Topology::builder()
+    let topo = Topology::builder()
         .tag("bal")
         .backends(weights.len())
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=weights.len() {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let config = SlbConfig::standard(&unique_instance("bal"), &weights);
     let pool = config.pool_weights();
     let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");

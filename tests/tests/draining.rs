@@ -33,15 +33,12 @@ fn draining_keeps_established_connections() {
         return;
     }
     let slb = slb_binary();
-    let mut topo = Topology::builder()
+    let topo = Topology::builder()
         .tag("drain")
         .backends(3)
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=3 {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let config = SlbConfig::standard(&unique_instance("drain"), &[1, 1, 1]);
     let pool = config.pool_weights();
     let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");

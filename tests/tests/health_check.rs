@@ -46,12 +46,9 @@ fn health_check_removes_a_dead_backend_and_readmits_it() {
     let mut topo = Topology::builder()
         .tag("hc")
         .backends(3)
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=3 {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let mut config = SlbConfig::standard(&unique_instance("hc"), &[1, 1, 1]);
     config.listener_mut(TCP_LISTENER).health_check = Some(HealthCheckConfig::new(
         "tcp",
@@ -245,12 +242,9 @@ fn udp_health_check_keeps_a_dead_backend_unhealthy() {
     let mut topo = Topology::builder()
         .tag("hcudp")
         .backends(3)
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=3 {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let mut config = SlbConfig::standard(&unique_instance("hcudp"), &[1, 1, 1]);
     config.listener_mut(UDP_LISTENER).health_check = Some(HealthCheckConfig::new(
         "udp",

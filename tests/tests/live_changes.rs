@@ -37,12 +37,9 @@ fn live_changes_keep_established_connections() {
     let mut topo = Topology::builder()
         .tag("live")
         .backends(3)
+        .test_servers(server)
         .build()
         .expect("create topology");
-    for i in 1..=3 {
-        topo.start_backend_server(i, server)
-            .expect("start backend server");
-    }
     let instance = unique_instance("live");
     let mut daemon = SlbDaemon::start(
         &slb,

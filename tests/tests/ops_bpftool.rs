@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use slb_tests::slb::{slb_binary, unique_instance};
+use slb_tests::slb::{pin_dir, slb_binary, unique_instance};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::{require_root, vip_tcp, SlbConfig, SlbDaemon, Topology, TrafficOptions};
 
@@ -100,15 +100,12 @@ fn bpftool_commands_from_the_readme() {
     );
 
     let slb = slb_binary();
-    let mut topo = Topology::builder()
+    let topo = Topology::builder()
         .tag("bpft")
         .backends(2)
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=2 {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let config = SlbConfig::standard(&unique_instance("bpft"), &[1, 1]);
     let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");
     let instance = daemon.instance().to_owned();
@@ -163,7 +160,7 @@ fn bpftool_commands_from_the_readme() {
         "the README commands should use the pins"
     );
 
-    let dir = Path::new("/sys/fs/bpf/slb").join(&instance);
+    let dir = pin_dir(&instance);
     let listeners = dump_json(&dir.join("LISTENERS"));
     println!("LISTENERS: {listeners:?}");
     assert_eq!(

@@ -132,12 +132,9 @@ fn restart_keeps_connections() {
     let mut topo = Topology::builder()
         .tag("rst")
         .backends(3)
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=3 {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let mut config = SlbConfig::standard(&unique_instance("rst"), &[1, 1, 1]);
     config.listener_mut(TCP_LISTENER).health_check = Some(HealthCheckConfig::new(
         "tcp",
@@ -411,15 +408,12 @@ fn restart_refuses_incompatible_pins() {
         return;
     }
     let slb = slb_binary();
-    let mut topo = Topology::builder()
+    let topo = Topology::builder()
         .tag("rstbad")
         .backends(2)
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=2 {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let config = SlbConfig::standard(&unique_instance("rstbad"), &[1, 1]);
     let mut inst = Instance::new(&slb, topo.slb_ns(), &config.instance, &config.to_toml())
         .expect("write the config");

@@ -65,6 +65,28 @@ fn stats_backends(stats: &serde_json::Value, listener: &str) -> BTreeMap<String,
         .collect()
 }
 
+/// Prints `slb report distribution --listener LISTENER` (the table) and returns its `--json`.
+fn report_distribution(daemon: &SlbDaemon, instance: &str, listener: &str) -> serde_json::Value {
+    let args = [
+        "report",
+        "distribution",
+        "-i",
+        instance,
+        "--listener",
+        listener,
+    ];
+    let out = daemon.cli(args).expect("run slb report distribution");
+    println!("{}", out.expect_success().expect("slb report distribution"));
+    let out = daemon
+        .cli(args.into_iter().chain(["--json"]))
+        .expect("run slb report distribution --json");
+    serde_json::from_str(
+        out.expect_success()
+            .expect("slb report distribution --json"),
+    )
+    .expect("the report is JSON")
+}
+
 fn report_listener<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     report["listeners"]
         .as_array()
@@ -80,15 +102,12 @@ fn stats_prometheus_and_distribution_report() {
         return;
     }
     let slb = slb_binary();
-    let mut topo = Topology::builder()
+    let topo = Topology::builder()
         .tag("stats")
         .backends(3)
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=3 {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let weights = [1, 2, 3];
     let mut config = SlbConfig::standard(&unique_instance("stats"), &weights);
     let mut sticky = ListenerConfig::new(STICKY, "tcp", STICKY_PORT, Some(POOL_GROUP));
@@ -226,33 +245,7 @@ fn stats_prometheus_and_distribution_report() {
     );
 
     // The distribution report: 1:2:3 is balanced within chance.
-    let out = daemon
-        .cli([
-            "report",
-            "distribution",
-            "-i",
-            &instance,
-            "--listener",
-            TCP_LISTENER,
-        ])
-        .expect("run slb report distribution");
-    println!("{}", out.expect_success().expect("slb report distribution"));
-    let out = daemon
-        .cli([
-            "report",
-            "distribution",
-            "-i",
-            &instance,
-            "--listener",
-            TCP_LISTENER,
-            "--json",
-        ])
-        .expect("run slb report distribution --json");
-    let dist: serde_json::Value = serde_json::from_str(
-        out.expect_success()
-            .expect("slb report distribution --json"),
-    )
-    .expect("the report is JSON");
+    let dist = report_distribution(&daemon, &instance, TCP_LISTENER);
     let l = report_listener(&dist, TCP_LISTENER);
     assert_eq!(l["total"], CONNECTIONS as u64, "{l:#}");
     let verdict = l["verdict"].as_str().expect("verdict");
@@ -310,33 +303,7 @@ fn stats_prometheus_and_distribution_report() {
         "{}:8080",
         Topology::backend_addr(pinned_name[1..].parse().expect("backend name b<i>"))
     );
-    let out = daemon
-        .cli([
-            "report",
-            "distribution",
-            "-i",
-            &instance,
-            "--listener",
-            STICKY,
-        ])
-        .expect("run slb report distribution");
-    println!("{}", out.expect_success().expect("slb report distribution"));
-    let out = daemon
-        .cli([
-            "report",
-            "distribution",
-            "-i",
-            &instance,
-            "--listener",
-            STICKY,
-            "--json",
-        ])
-        .expect("run slb report distribution --json");
-    let dist: serde_json::Value = serde_json::from_str(
-        out.expect_success()
-            .expect("slb report distribution --json"),
-    )
-    .expect("the report is JSON");
+    let dist = report_distribution(&daemon, &instance, STICKY);
     let l = report_listener(&dist, STICKY);
     assert_eq!(l["persistence"], true, "{l:#}");
     assert!(

@@ -130,15 +130,12 @@ fn systemd_unit_and_notify() {
     );
 
     // sd_notify.
-    let mut topo = Topology::builder()
+    let topo = Topology::builder()
         .tag("sdn")
         .backends(2)
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=2 {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let config = SlbConfig::standard(&unique_instance("sdn"), &[1, 1]);
     let mut inst = Instance::new(&slb, topo.slb_ns(), &config.instance, &config.to_toml())
         .expect("write the config");

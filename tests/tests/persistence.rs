@@ -26,15 +26,12 @@ fn persistence_pins_a_client_address() {
     }
     let slb = slb_binary();
     let weights = [1, 2, 3];
-    let mut topo = Topology::builder()
+    let topo = Topology::builder()
         .tag("pers")
         .backends(weights.len())
+        .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    for i in 1..=weights.len() {
-        topo.start_backend_server(i, Path::new(SERVER))
-            .expect("start backend server");
-    }
     let mut config = SlbConfig::standard(&unique_instance("pers"), &weights);
     config.listener_mut(TCP_LISTENER).persistence = Some(PersistenceConfig {
         timeout: "60s".to_owned(),

@@ -301,17 +301,14 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
 
     // Declared before the daemon, so it is dropped (namespaces deleted) after the daemon stops.
     step(&format!(
-        "creating namespaces: client, slb, {} backends",
+        "creating namespaces (client, slb, {} backends) and starting the backend servers",
         weights.len()
     ))?;
-    let mut topo = Topology::builder()
+    let topo = Topology::builder()
         .tag("demo")
         .backends(weights.len())
+        .test_servers(&server)
         .build()?;
-    step("starting backend servers")?;
-    for i in 1..=weights.len() {
-        topo.start_backend_server(i, &server)?;
-    }
     let config = SlbConfig::standard(&unique_instance("demo"), weights);
     step(&format!(
         "starting slb in namespace {} with this config:\n{}",

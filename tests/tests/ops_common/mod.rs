@@ -12,6 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+pub use slb_tests::slb::{pin_dir, slb_cli};
 use slb_tests::slb::{state_dir, CliOutput};
 
 /// How long a start (load, attach or adopt, apply) may take.
@@ -22,36 +23,6 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const READY_LINE: &str = "slb ready";
 /// What a daemon logs when it takes over the pins of a previous run.
 pub const ADOPT_LINE: &str = "adopting the pinned maps and links of a previous run";
-
-/// `/sys/fs/bpf/slb/<instance>`.
-pub fn pin_dir(instance: &str) -> PathBuf {
-    Path::new("/sys/fs/bpf/slb").join(instance)
-}
-
-/// Runs `bin --netns <netns> <args...>` to completion, whatever its exit status.
-pub fn slb_cli<I, S>(bin: &Path, netns: &str, args: I) -> anyhow::Result<CliOutput>
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<std::ffi::OsStr>,
-{
-    let mut cmd = Command::new(bin);
-    cmd.arg("--netns").arg(netns).args(args);
-    let command = std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {command}"))?;
-    Ok(CliOutput {
-        command,
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
-}
 
 /// One `slb run` process with its own log file. Dropping it kills the process (SIGKILL) if it
 /// still runs; the [`Instance`] that started it cleans up the data plane.

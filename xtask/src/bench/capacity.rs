@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use serde::Deserialize;
 use serde_json::json;
 use slb_tests::exec;
-use slb_tests::slb::unique_instance;
+use slb_tests::slb::{pin_dir, unique_instance};
 use slb_tests::{vip_udp, SlbConfig, SlbDaemon, Topology, CLIENT_ADDR, VIP, VIP_UDP_PORT};
 
 use super::l4::{with_nft_dnat, WEIGHTS};
@@ -139,7 +139,7 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
     {
         let config = SlbConfig::standard(&unique_instance("bcap"), &WEIGHTS);
         let daemon = SlbDaemon::start(&env.slb(), topo.slb_ns(), &config)?;
-        let pins = std::path::PathBuf::from("/sys/fs/bpf/slb").join(daemon.instance());
+        let pins = pin_dir(daemon.instance());
         for new_flows in [false, true] {
             rows.push(replayer.run("slb (XDP)", "slb", vip, Some(&pins), new_flows)?);
         }

@@ -24,8 +24,9 @@ use slb_tests::slb::unique_instance;
 use slb_tests::{SlbDaemon, Topology, BACKEND_PORT, CLIENT_ADDR, VIP};
 
 use super::{
-    clock_ticks_per_sec, cpu_jiffies, pin_process, pinned_in, place_network_processing,
-    process_cpu_ticks, spawn_haproxy, BenchEnv, Section, BALANCER_CPU, GENERATOR_CPU,
+    busy_between, clock_ticks_per_sec, cpu_jiffies, pin_process, pinned_in,
+    place_network_processing, process_cpu_ticks, spawn_haproxy, BenchEnv, Section, BALANCER_CPU,
+    GENERATOR_CPU,
 };
 
 const BACKENDS: usize = 3;
@@ -188,11 +189,7 @@ impl Balancer<'_> {
             let wrk = self.wrk(connections, self.duration)?;
             let ticks = process_cpu_ticks(self.pid)? - ticks_before;
             let cpu_after = cpu_jiffies()?;
-            let cpu_busy_percent = [0, 1].map(|i| {
-                let busy = cpu_after[i].0 - cpu_before[i].0;
-                let total = cpu_after[i].1 - cpu_before[i].1;
-                100.0 * busy as f64 / total.max(1) as f64
-            });
+            let cpu_busy_percent = busy_between(&cpu_before, &cpu_after).map(|b| 100.0 * b);
             let measurement = Measurement {
                 balancer: self.name,
                 connections,

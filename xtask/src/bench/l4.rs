@@ -16,8 +16,9 @@ use slb_tests::slb::unique_instance;
 use slb_tests::{vip_tcp, vip_udp, SlbConfig, SlbDaemon, Topology, BACKEND_PORT, VIP};
 
 use super::{
-    clock_ticks_per_sec, cpu_jiffies, pin_process, pinned_in, place_network_processing,
-    process_cpu_ticks, spawn_haproxy, BenchEnv, Section, BALANCER_CPU, GENERATOR_CPU,
+    busy_between, clock_ticks_per_sec, cpu_jiffies, pin_process, pinned_in,
+    place_network_processing, process_cpu_ticks, spawn_haproxy, BenchEnv, Section, BALANCER_CPU,
+    GENERATOR_CPU,
 };
 
 pub(super) const WEIGHTS: [u32; 3] = [1, 2, 3];
@@ -84,15 +85,6 @@ struct Row {
     balancer: &'static str,
     tcp: Measured,
     udp: Option<Measured>,
-}
-
-/// How busy each of CPUs 0 and 1 was between two [`cpu_jiffies`] readings, from 0 to 1.
-fn busy_between(before: &[(u64, u64); 2], after: &[(u64, u64); 2]) -> [f64; 2] {
-    [0, 1].map(|i| {
-        let (b0, t0) = before[i];
-        let (b1, t1) = after[i];
-        (b1 - b0) as f64 / (t1 - t0).max(1) as f64
-    })
 }
 
 /// Run time and run count summed over every loaded XDP program named `slb_xdp`.
@@ -340,13 +332,13 @@ fn bench_nftables(env: &BenchEnv, bed: &Bed) -> anyhow::Result<Row> {
 pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
     // Kernel-measured run time of the XDP program under real traffic (run_time_ns / run_cnt).
     exec::run(Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=1"]))?;
-    let mut topo = Topology::builder()
+    let topo = Topology::builder()
         .tag("bl4")
         .backends(WEIGHTS.len())
+        .test_servers(&env.bin("slb-test-server"))
         .build()?;
     let endpoint_napi = place_network_processing(&topo)?;
     for i in 1..=WEIGHTS.len() {
-        topo.start_backend_server(i, &env.bin("slb-test-server"))?;
         let pid = topo
             .backend_server_pid(i)
             .context("backend server has no pid")?;

@@ -367,3 +367,12 @@ pub fn cpu_jiffies() -> anyhow::Result<[(u64, u64); 2]> {
     }
     Ok(per_cpu)
 }
+
+/// How busy each of CPUs 0 and 1 was between two [`cpu_jiffies`] readings, from 0 to 1.
+pub fn busy_between(before: &[(u64, u64); 2], after: &[(u64, u64); 2]) -> [f64; 2] {
+    [0, 1].map(|i| {
+        let (b0, t0) = before[i];
+        let (b1, t1) = after[i];
+        (b1 - b0) as f64 / (t1 - t0).max(1) as f64
+    })
+}
