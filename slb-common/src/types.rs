@@ -18,8 +18,24 @@ pub const RINGS_MAP_FLAGS: u32 = 1 << 10;
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Largest ring size the config accepts (prime, as Maglev needs).
 pub const MAX_RING_SIZE: u32 = 655373;
-/// Entries of the connection table and of its reverse twin.
+/// Entries of the connection table (established flows) as compiled; the daemon sizes the map
+/// from the config's `max_connections` at load time.
 pub const MAX_CONNECTIONS: u32 = 1 << 20;
+/// `max_connections` when the config does not say: ~30 MiB of kernel memory.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1 << 18;
+/// Bounds of `max_connections`.
+pub const MIN_MAX_CONNECTIONS: u32 = 1 << 10;
+pub const MAX_MAX_CONNECTIONS: u32 = 1 << 24;
+/// Entries of the half-open table: TCP flows between their SYN and their first non-SYN packet.
+/// A SYN flood churns only this table; at 150k SYN/s an entry lives ~0.9 s, far longer than a
+/// real client's handshake, and a flow whose entry was evicted is still balanced by the ring.
+pub const MAX_HALF_OPEN: u32 = 1 << 17;
+/// How long a TCP flow stays in the connection table after the client's FIN or RST (the backend
+/// may still be sending; its replies need no state, the client's ACKs refresh the entry).
+pub const TCP_CLOSING_TIMEOUT_S: u32 = 10;
+/// Default idle timeouts of a flow in the connection table (a listener's `idle_timeout`).
+pub const DEFAULT_TCP_IDLE_TIMEOUT_S: u32 = 900;
+pub const DEFAULT_UDP_IDLE_TIMEOUT_S: u32 = 90;
 /// Interfaces the devmap can redirect to.
 pub const MAX_INTERFACES: u32 = 64;
 /// Client addresses whose next hop the reply path caches (per CPU).
@@ -32,6 +48,14 @@ pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 pub const NO_BACKEND: u32 = u32::MAX;
 
 pub const IPPROTO_TCP: u8 = 6;
+pub const TCP_FLAG_FIN: u8 = 0x01;
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
+pub const TCP_FLAG_ACK: u8 = 0x10;
+
+/// Connection flag: the client sent FIN or RST; the entry expires after
+/// `TCP_CLOSING_TIMEOUT_S` of silence instead of the listener's idle timeout.
+pub const CONN_F_CLOSING: u32 = 1;
 pub const IPPROTO_UDP: u8 = 17;
 
 /// Backend flag: the id is in use.
@@ -129,20 +153,34 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of the connection table, keyed by the client → VIP flow.
+/// Value of the connection and half-open tables, keyed by the client → VIP flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Connection {
     pub backend_id: u32,
     pub listener_index: u32,
     pub last_seen_ns: u64,
+    /// `CONN_F_*`.
+    pub flags: u32,
+    pub _pad: u32,
 }
 
-/// Value of the reverse table, keyed by the backend → client flow: what the reply's source must
-/// become so the client sees only the VIP.
+/// Key of the reply table: a backend's address, port and protocol, as the source of its
+/// replies. Config validation makes each one belong to one listener, so a reply needs no
+/// per-flow state to find its VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BackendEndpoint {
+    pub addr: Addr,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Value of the reply table: what a reply's source must become so the client sees only the VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct ReverseNat {
+pub struct ReplyNat {
     pub vip: Addr,
     pub vip_port: u16,
     pub _pad: u16,
@@ -161,6 +199,10 @@ pub struct NextHop {
     pub ifindex: u32,
     pub smac: [u8; 6],
     pub dmac: [u8; 6],
+    /// Non-zero: the destination is this host (health-check and proxy traffic from a backend's
+    /// endpoint): such packets are not replies to translate.
+    pub local: u8,
+    pub _pad: [u8; 3],
     pub checked_ns: u64,
 }
 
@@ -170,7 +212,10 @@ pub struct NextHop {
 pub struct TrafficCounters {
     pub packets: u64,
     pub bytes: u64,
+    /// Flows that entered the connection table (TCP at their first non-SYN packet).
     pub new_connections: u64,
+    /// TCP flows whose client sent FIN or RST.
+    pub closed_connections: u64,
 }
 
 /// Declares the global counters once: the struct both sides share, plus the names and values
@@ -228,6 +273,11 @@ global_counters! {
     redirect_failed,
     /// Replies from backends translated back to the VIP.
     replies_translated,
+    /// Packets from a backend's endpoint to this host (health checks, the L7 proxy): passed
+    /// untouched.
+    local_from_backend_passed,
+    /// SYNs of new TCP flows balanced and recorded in the half-open table.
+    half_open_tracked,
     /// Packets whose TTL ran out at the balancer: passed so the kernel sends ICMP.
     ttl_expired_passed,
     /// Packets of known flows whose backend was removed or declared unhealthy: re-balanced.
@@ -266,7 +316,8 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Connection {}
-    unsafe impl aya::Pod for ReverseNat {}
+    unsafe impl aya::Pod for ReplyNat {}
+    unsafe impl aya::Pod for BackendEndpoint {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for GlobalCounters {}
     unsafe impl aya::Pod for PersistKey {}

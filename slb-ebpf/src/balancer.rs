@@ -1,5 +1,6 @@
 //! The `slb_xdp` program: parse → listener → connection/ring → rewrite → forward → count.
-//! Replies from backends take the same entry and are translated back to the VIP.
+//! Replies from backends take the same entry and are translated back to the VIP by their
+//! source endpoint alone (no per-flow state on the way back).
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -10,21 +11,22 @@ use aya_ebpf::{
 use slb_common::{
     checksum::{replace_u16, replace_u32},
     hash::flow_hash,
-    ipv4_mapped, Addr, Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
-    NextHop, PersistKey, Persisted, ReverseNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT, HEALTH_DOWN,
-    IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
-    LISTENER_F_PERSIST, NO_BACKEND,
+    ipv4_mapped, Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters,
+    ListenerEntry, ListenerKey, NextHop, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING,
+    BACKEND_F_PRESENT, CONN_F_CLOSING, HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP,
+    LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, NO_BACKEND,
+    TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
 };
 
 use crate::{
-    forward::forward_ipv4,
+    forward::{route_ipv4, send, Route},
     maps::{
-        BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, GLOBAL_STATS, LISTENERS,
-        LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, REVERSE_NAT, RINGS,
+        BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, GLOBAL_STATS, HALF_OPEN, LISTENERS,
+        LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, REPLY_NAT, RINGS,
     },
     packet::{
         ptr_at, EthHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6,
-        IPV4_FRAGMENT_MASK, IPV4_HDR_LEN,
+        IPV4_FRAGMENT_MASK, IPV4_HDR_LEN, IPV4_RESERVED_FLAG, TCP_HDR_LEN, UDP_HDR_LEN,
     },
 };
 
@@ -40,19 +42,12 @@ pub fn slb_xdp(ctx: XdpContext) -> u32 {
     balance(&ctx, counters)
 }
 
-/// The L4 header fields the rewrite touches.
-struct L4 {
-    ports: *mut Ports,
-    check: *mut u16,
-    protocol: u8,
-}
-
 #[inline(always)]
 fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     // Parse.
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         counters.malformed += 1;
-        return XDP_PASS;
+        return XDP_DROP;
     };
     match u16::from_be(unsafe { (*eth).ether_type }) {
         ETH_P_IP => {}
@@ -67,18 +62,25 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     }
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HDR_LEN) else {
         counters.malformed += 1;
-        return XDP_PASS;
+        return XDP_DROP;
     };
-    let (version_ihl, protocol, frag_off) = unsafe {
+    let (version_ihl, protocol, frag_off, total_len) = unsafe {
         (
             (*ip).version_ihl,
             (*ip).protocol,
             u16::from_be((*ip).frag_off),
+            usize::from(u16::from_be((*ip).total_len)),
         )
     };
-    if version_ihl >> 4 != 4 || version_ihl & 0x0f < 5 {
+    // What the kernel's own IPv4 input would discard is never rewritten or given state.
+    let frame_ip_len = ctx.data_end() - ctx.data() - ETH_HDR_LEN;
+    if version_ihl >> 4 != 4
+        || version_ihl & 0x0f < 5
+        || total_len > frame_ip_len
+        || total_len < usize::from(version_ihl & 0x0f) * 4
+    {
         counters.malformed += 1;
-        return XDP_PASS;
+        return XDP_DROP;
     }
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         counters.not_for_us_passed += 1;
@@ -92,9 +94,9 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         counters.ip_options_passed += 1;
         return XDP_PASS;
     }
-    let Some(l4) = l4_header(ctx, protocol) else {
+    let Some(l4) = l4_header(ctx, protocol, total_len) else {
         counters.malformed += 1;
-        return XDP_PASS;
+        return XDP_DROP;
     };
     let flow = unsafe {
         FlowKey {
@@ -107,7 +109,7 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         }
     };
 
-    // Listener.
+    // Listener, or a reply from a backend's endpoint.
     let listener_key = ListenerKey {
         vip: flow.dst,
         port: flow.dst_port,
@@ -116,35 +118,74 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     };
     if let Some(listener) = unsafe { LISTENERS.get(&listener_key) } {
         let listener = *listener;
+        if !l4.valid || frag_off & IPV4_RESERVED_FLAG != 0 {
+            counters.malformed += 1;
+            return XDP_DROP;
+        }
         return to_backend(ctx, eth, ip, &l4, &flow, &listener, counters);
     }
-    if let Some(nat) = unsafe { REVERSE_NAT.get(&flow) } {
+    let endpoint = BackendEndpoint {
+        addr: flow.src,
+        port: flow.src_port,
+        protocol,
+        _pad: 0,
+    };
+    if let Some(nat) = unsafe { REPLY_NAT.get(&endpoint) } {
         let nat = *nat;
+        if !l4.valid {
+            counters.malformed += 1;
+            return XDP_DROP;
+        }
         return to_client(ctx, eth, ip, &l4, &nat, counters);
     }
     counters.not_for_us_passed += 1;
     XDP_PASS
 }
 
+/// The L4 header fields the rewrite touches, and whether the header is sane enough to balance.
+struct L4 {
+    ports: *mut Ports,
+    check: *mut u16,
+    protocol: u8,
+    /// TCP flags (FIN, SYN, RST, ACK ...); 0 for UDP.
+    tcp_flags: u8,
+    /// Lengths within the IP packet, a TCP data offset of at least 5, no SYN with FIN.
+    valid: bool,
+}
+
+/// The TCP or UDP header after an option-less IPv4 header of an IP packet of `ip_len` bytes.
 #[inline(always)]
-fn l4_header(ctx: &XdpContext, protocol: u8) -> Option<L4> {
+fn l4_header(ctx: &XdpContext, protocol: u8, ip_len: usize) -> Option<L4> {
     let offset = ETH_HDR_LEN + IPV4_HDR_LEN;
+    let l4_len = ip_len.checked_sub(IPV4_HDR_LEN)?;
     if protocol == IPPROTO_TCP {
         let tcp = ptr_at::<TcpHdr>(ctx, offset)?;
+        let offset_flags = u16::from_be(unsafe { (*tcp).offset_flags });
+        let header_len = usize::from(offset_flags >> 12) * 4;
+        let tcp_flags = offset_flags as u8;
+        let valid = header_len >= TCP_HDR_LEN
+            && header_len <= l4_len
+            && tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN) != (TCP_FLAG_SYN | TCP_FLAG_FIN);
         Some(unsafe {
             L4 {
                 ports: &raw mut (*tcp).ports,
                 check: &raw mut (*tcp).check,
                 protocol,
+                tcp_flags,
+                valid,
             }
         })
     } else {
         let udp = ptr_at::<UdpHdr>(ctx, offset)?;
+        let udp_len = usize::from(u16::from_be(unsafe { (*udp).len }));
+        let valid = udp_len >= UDP_HDR_LEN && udp_len <= l4_len;
         Some(unsafe {
             L4 {
                 ports: &raw mut (*udp).ports,
                 check: &raw mut (*udp).check,
                 protocol,
+                tcp_flags: 0,
+                valid,
             }
         })
     }
@@ -185,19 +226,38 @@ fn usable_backend(id: u32, listener: &ListenerEntry) -> Option<Backend> {
 }
 
 /// Connection table first (a known flow keeps its backend whatever the ring says now, unless
-/// that backend was removed or declared unhealthy), then the listener's policy for a new flow:
+/// that backend was removed or declared unhealthy), then the half-open table (a TCP flow between
+/// its SYN and its first non-SYN packet), then the listener's policy for a new flow:
 /// active/standby by the active's health flag, or persistence, or the Maglev ring.
+///
+/// A TCP flow enters the connection table only with its first non-SYN packet, so a SYN flood
+/// churns the half-open table and cannot evict an established flow. A non-SYN packet of a flow
+/// this node never saw (another node's, or one whose entry expired) is balanced by the same
+/// policy and then tracked, which is what the SYN would have picked while nothing changed.
 #[inline(always)]
 fn pick_backend(
     flow: &FlowKey,
     listener: &ListenerEntry,
+    tcp_flags: u8,
     now: u64,
     counters: &mut GlobalCounters,
 ) -> Pick {
+    let closing = tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
+    let opening = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
     if let Some(conn) = CONNECTIONS.get_ptr_mut(flow) {
         let id = unsafe { (*conn).backend_id };
         if let Some(backend) = usable_backend(id, listener) {
-            unsafe { (*conn).last_seen_ns = now };
+            unsafe {
+                (*conn).last_seen_ns = now;
+                let flags = (*conn).flags;
+                if closing && flags & CONN_F_CLOSING == 0 {
+                    (*conn).flags = flags | CONN_F_CLOSING;
+                    count_closed(listener.index, id);
+                } else if opening && flags & CONN_F_CLOSING != 0 {
+                    // The client reuses the port of a closed flow: same backend, open again.
+                    (*conn).flags = flags & !CONN_F_CLOSING;
+                }
+            }
             return Pick::Backend {
                 id,
                 backend,
@@ -206,66 +266,111 @@ fn pick_backend(
         }
         counters.flows_repicked += 1;
     }
-    let id = if listener.flags & LISTENER_F_ACTIVE_STANDBY != 0 {
-        if is_healthy(listener.active_id) {
-            listener.active_id
-        } else {
-            counters.standby_picks += 1;
-            listener.standby_id
+    let half_open = match HALF_OPEN.get_ptr(flow) {
+        Some(entry) => {
+            let id = unsafe { (*entry).backend_id };
+            let usable = usable_backend(id, listener).map(|backend| (id, backend));
+            if usable.is_none() {
+                counters.flows_repicked += 1;
+            }
+            usable
         }
-    } else {
-        match persisted_backend(flow, listener, now, counters) {
-            Some(id) => id,
-            None => match ring_backend(flow, listener) {
+        None => None,
+    };
+    let (id, backend) = match half_open {
+        Some(picked) => picked,
+        None => {
+            let id = match policy_backend(flow, listener, now, counters) {
                 Ok(id) => id,
                 Err(pick) => return pick,
-            },
+            };
+            let Some(backend) = present_backend(id) else {
+                return Pick::LookupFailed;
+            };
+            (id, backend)
         }
     };
-    let Some(backend) = present_backend(id) else {
-        return Pick::LookupFailed;
-    };
-    if listener.flags & LISTENER_F_PERSIST != 0 {
-        let key = PersistKey {
-            client: flow.src,
-            listener_index: listener.index,
-        };
-        let value = Persisted {
-            backend_id: id,
-            _pad: 0,
-            last_seen_ns: now,
-        };
-        let _ = PERSISTENCE.insert(&key, &value, 0);
-    }
-    let conn = Connection {
+    let entry = Connection {
         backend_id: id,
         listener_index: listener.index,
         last_seen_ns: now,
-    };
-    let reply = FlowKey {
-        src: backend.addr,
-        dst: flow.src,
-        src_port: backend.port,
-        dst_port: flow.src_port,
-        protocol: flow.protocol,
-        _pad: [0; 3],
-    };
-    let nat = ReverseNat {
-        vip: flow.dst,
-        vip_port: flow.dst_port,
+        flags: if closing { CONN_F_CLOSING } else { 0 },
         _pad: 0,
-        listener_index: listener.index,
-        backend_id: id,
     };
-    // LRU inserts only fail under memory pressure; the packet still goes out and the next one
-    // of the flow hashes to the same slot.
-    let _ = CONNECTIONS.insert(flow, &conn, 0);
-    let _ = REVERSE_NAT.insert(&reply, &nat, 0);
+    if opening {
+        if half_open.is_none() {
+            // LRU inserts fail only under memory pressure; the ACK then asks the policy again.
+            let _ = HALF_OPEN.insert(flow, &entry, 0);
+            counters.half_open_tracked += 1;
+        }
+        return Pick::Backend {
+            id,
+            backend,
+            new_flow: false,
+        };
+    }
+    if listener.flags & LISTENER_F_PERSIST != 0 {
+        persist(flow, listener, id, now);
+    }
+    let _ = CONNECTIONS.insert(flow, &entry, 0);
+    if closing {
+        count_closed(listener.index, id);
+    }
     Pick::Backend {
         id,
         backend,
         new_flow: true,
     }
+}
+
+/// A new flow's backend by the listener's policy.
+#[inline(always)]
+fn policy_backend(
+    flow: &FlowKey,
+    listener: &ListenerEntry,
+    now: u64,
+    counters: &mut GlobalCounters,
+) -> Result<u32, Pick> {
+    if listener.flags & LISTENER_F_ACTIVE_STANDBY != 0 {
+        if is_healthy(listener.active_id) {
+            return Ok(listener.active_id);
+        }
+        counters.standby_picks += 1;
+        return Ok(listener.standby_id);
+    }
+    if let Some(id) = persisted_backend(flow, listener, now, counters) {
+        return Ok(id);
+    }
+    ring_backend(flow, listener)
+}
+
+/// Records that the client address of an established flow uses `id`, unless a fresh entry
+/// already names another backend (two connections of one client racing through their
+/// handshakes: the first to establish wins, so later ones follow it).
+#[inline(always)]
+fn persist(flow: &FlowKey, listener: &ListenerEntry, id: u32, now: u64) {
+    let key = PersistKey {
+        client: flow.src,
+        listener_index: listener.index,
+    };
+    if let Some(entry) = PERSISTENCE.get_ptr_mut(&key) {
+        let fresh = now.wrapping_sub(unsafe { (*entry).last_seen_ns })
+            <= u64::from(listener.persist_timeout_s) * 1_000_000_000;
+        if fresh && unsafe { (*entry).backend_id } != id && usable_backend(unsafe { (*entry).backend_id }, listener).is_some() {
+            return;
+        }
+        unsafe {
+            (*entry).backend_id = id;
+            (*entry).last_seen_ns = now;
+        }
+        return;
+    }
+    let value = Persisted {
+        backend_id: id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    let _ = PERSISTENCE.insert(&key, &value, 0);
 }
 
 /// The backend this client address is persisted to, while the entry is fresh and the backend
@@ -325,7 +430,7 @@ fn to_backend(
         return XDP_PASS;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let (id, backend, new_flow) = match pick_backend(flow, listener, now, counters) {
+    let (id, backend, new_flow) = match pick_backend(flow, listener, l4.tcp_flags, now, counters) {
         Pick::Backend {
             id,
             backend,
@@ -346,23 +451,21 @@ fn to_backend(
     let cache = NEXT_HOP_BACKEND
         .get_ptr_mut(id)
         .unwrap_or(core::ptr::null_mut());
-    forward_ipv4(ctx, eth, ip, l4.protocol, cache, counters)
+    let route = route_ipv4(ctx, ip, l4.protocol, cache, counters);
+    send(ctx, eth, route, counters)
 }
 
+/// A packet from a backend's endpoint: a reply to translate back to the VIP, unless it is for
+/// this host (a health check's or the proxy's own connection to the backend).
 #[inline(always)]
 fn to_client(
     ctx: &XdpContext,
     eth: *mut EthHdr,
     ip: *mut Ipv4Hdr,
     l4: &L4,
-    nat: &ReverseNat,
+    nat: &ReplyNat,
     counters: &mut GlobalCounters,
 ) -> u32 {
-    if ttl_expired(ip, counters) {
-        return XDP_PASS;
-    }
-    unsafe { translate(ip, l4, Endpoint::Source, &nat.vip, nat.vip_port) };
-    counters.replies_translated += 1;
     let client = u32::from_ne_bytes(unsafe { (*ip).dst });
     let cache = match NEXT_HOP_CLIENT.get_ptr_mut(client) {
         Some(slot) => slot,
@@ -373,7 +476,18 @@ fn to_client(
                 .unwrap_or(core::ptr::null_mut())
         }
     };
-    forward_ipv4(ctx, eth, ip, l4.protocol, cache, counters)
+    // Routed before the rewrite: the route to the client does not depend on the source.
+    let route = route_ipv4(ctx, ip, l4.protocol, cache, counters);
+    if matches!(route, Route::Local) {
+        counters.local_from_backend_passed += 1;
+        return XDP_PASS;
+    }
+    if ttl_expired(ip, counters) {
+        return XDP_PASS;
+    }
+    unsafe { translate(ip, l4, Endpoint::Source, &nat.vip, nat.vip_port) };
+    counters.replies_translated += 1;
+    send(ctx, eth, route, counters)
 }
 
 /// A packet whose TTL would run out here goes to the stack, which sends the ICMP error.
@@ -457,6 +571,16 @@ unsafe fn decrement_ttl(ip: *mut Ipv4Hdr) {
         let new = u16::from_ne_bytes([ttl - 1, protocol]);
         (*ip).check = replace_u16((*ip).check, old, new);
         (*ip).ttl = ttl - 1;
+    }
+}
+
+#[inline(always)]
+fn count_closed(listener_index: u32, backend_id: u32) {
+    if let Some(c) = LISTENER_STATS.get_ptr_mut(listener_index) {
+        unsafe { (*c).closed_connections += 1 };
+    }
+    if let Some(c) = BACKEND_STATS.get_ptr_mut(backend_id) {
+        unsafe { (*c).closed_connections += 1 };
     }
 }
 

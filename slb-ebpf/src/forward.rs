@@ -1,7 +1,8 @@
-//! Sending a rewritten IPv4 packet on its way: the next hop comes from a per-CPU cache or, at
-//! most once a second per destination, from the kernel FIB (the largest single cost of the fast
-//! path); then the packet leaves by XDP_TX or XDP_REDIRECT, or goes to the stack when only the
-//! stack can proceed.
+//! Sending an IPv4 packet on its way: the next hop comes from a per-CPU cache or, at most once a
+//! second per destination, from the kernel FIB (the largest single cost of the fast path); then
+//! the packet leaves by XDP_TX or XDP_REDIRECT, or goes to the stack when only the stack can
+//! proceed. Routing is apart from sending so a reply can be routed before it is rewritten: a
+//! packet from a backend's endpoint to this host is no reply to translate.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
@@ -22,19 +23,31 @@ const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_BLACKHOLE: i64 = 1;
 const BPF_FIB_LKUP_RET_UNREACHABLE: i64 = 2;
 const BPF_FIB_LKUP_RET_PROHIBIT: i64 = 3;
+const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
 
-/// Forwards the packet whose IPv4 header (already rewritten) is `ip`, counting the outcome.
-/// `cache` (may be null) is this CPU's next-hop slot for the destination.
+/// Where a packet goes next.
+pub enum Route {
+    /// Out of an interface, to this next hop.
+    Hop(NextHop),
+    /// The destination is this host.
+    Local,
+    /// Only the stack can proceed (no neighbour entry yet, MTU exceeded, an interface slb is
+    /// not attached to): the packet is passed, already rewritten.
+    Stack,
+    /// No route (blackhole, unreachable, prohibited).
+    Drop,
+}
+
+/// The next hop for the packet whose IPv4 header is `ip`, from this CPU's `cache` slot (may be
+/// null) or the FIB, counting cache hits and lookups.
 #[inline(always)]
-pub fn forward_ipv4(
+pub fn route_ipv4(
     ctx: &XdpContext,
-    eth: *mut EthHdr,
     ip: *const Ipv4Hdr,
     protocol: u8,
     cache: *mut NextHop,
     counters: &mut GlobalCounters,
-) -> u32 {
-    let ingress = ctx.ingress_ifindex() as u32;
+) -> Route {
     let dst = unsafe { (*ip).dst };
     let now = unsafe { bpf_ktime_get_ns() };
     let cached = !cache.is_null()
@@ -48,16 +61,45 @@ pub fn forward_ipv4(
         unsafe { *cache }
     } else {
         counters.fib_lookups += 1;
-        match fib_next_hop(ctx, ip, protocol, ingress, now, counters) {
-            Ok(hop) => {
+        let ingress = ctx.ingress_ifindex() as u32;
+        let found = fib_next_hop(ctx, ip, protocol, ingress, now);
+        match found {
+            FibAnswer::Hop(hop) => {
                 if !cache.is_null() {
                     unsafe { *cache = hop };
                 }
                 hop
             }
-            Err(action) => return action,
+            FibAnswer::Route(route) => return route,
         }
     };
+    if hop.local != 0 {
+        return Route::Local;
+    }
+    Route::Hop(hop)
+}
+
+/// Sends the (rewritten) packet along `route`, counting the outcome.
+#[inline(always)]
+pub fn send(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    route: Route,
+    counters: &mut GlobalCounters,
+) -> u32 {
+    let hop = match route {
+        Route::Hop(hop) => hop,
+        // A balanced packet for this host: the stack delivers it.
+        Route::Local | Route::Stack => {
+            counters.fib_passed += 1;
+            return xdp_action::XDP_PASS;
+        }
+        Route::Drop => {
+            counters.fib_dropped += 1;
+            return xdp_action::XDP_DROP;
+        }
+    };
+    let ingress = ctx.ingress_ifindex() as u32;
     let egress = hop.ifindex;
     if egress != ingress && EGRESS.get_ifindex(egress).is_none() {
         // An interface slb is not attached to: let the stack forward it.
@@ -84,7 +126,13 @@ pub fn forward_ipv4(
     }
 }
 
-/// Asks the FIB; `Err` carries the verdict when the packet cannot take the fast path.
+enum FibAnswer {
+    /// A next hop worth caching: a neighbour to send to, or this host.
+    Hop(NextHop),
+    Route(Route),
+}
+
+/// Asks the FIB.
 #[inline(always)]
 fn fib_next_hop(
     ctx: &XdpContext,
@@ -92,8 +140,7 @@ fn fib_next_hop(
     protocol: u8,
     ingress: u32,
     now: u64,
-    counters: &mut GlobalCounters,
-) -> Result<NextHop, u32> {
+) -> FibAnswer {
     let mut params: FibParams = unsafe { zeroed() };
     unsafe {
         params.family = AF_INET;
@@ -113,22 +160,31 @@ fn fib_next_hop(
         )
     };
     match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
+        BPF_FIB_LKUP_RET_SUCCESS => FibAnswer::Hop(NextHop {
             dst: unsafe { (*ip).dst },
             ifindex: params.ifindex,
             smac: params.smac,
             dmac: params.dmac,
+            local: 0,
+            _pad: [0; 3],
+            checked_ns: now,
+        }),
+        // Cached too: replies from a backend's endpoint to this host (health checks, the
+        // proxy) come at the proxy's packet rate.
+        BPF_FIB_LKUP_RET_NOT_FWDED => FibAnswer::Hop(NextHop {
+            dst: unsafe { (*ip).dst },
+            ifindex: ingress,
+            smac: [0; 6],
+            dmac: [0; 6],
+            local: 1,
+            _pad: [0; 3],
             checked_ns: now,
         }),
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            counters.fib_dropped += 1;
-            Err(xdp_action::XDP_DROP)
+            FibAnswer::Route(Route::Drop)
         }
-        // No neighbour entry yet, destination is local, forwarding disabled, MTU exceeded: the
-        // stack routes the rewritten packet (resolving ARP, or sending the ICMP error) itself.
-        _ => {
-            counters.fib_passed += 1;
-            Err(xdp_action::XDP_PASS)
-        }
+        // No neighbour entry yet, forwarding disabled, MTU exceeded: the stack routes the
+        // rewritten packet (resolving ARP, or sending the ICMP error) itself.
+        _ => FibAnswer::Route(Route::Stack),
     }
 }

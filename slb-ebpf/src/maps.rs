@@ -9,10 +9,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use slb_common::{
-    Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey, NextHop, PersistKey,
-    Persisted, ReplayTemplate, ReverseNat, TrafficCounters, DEFAULT_RING_SIZE, MAX_BACKENDS,
-    MAX_CLIENT_NEXT_HOPS, MAX_CONNECTIONS, MAX_INTERFACES, MAX_LISTENERS, MAX_PERSISTENCE,
-    RINGS_MAP_FLAGS, RINGS_PER_LISTENER,
+    Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
+    NextHop, PersistKey, Persisted, ReplayTemplate, ReplyNat, TrafficCounters, DEFAULT_RING_SIZE,
+    MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS, MAX_CONNECTIONS, MAX_HALF_OPEN, MAX_INTERFACES,
+    MAX_LISTENERS, MAX_PERSISTENCE, RINGS_MAP_FLAGS, RINGS_PER_LISTENER,
 };
 
 const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
@@ -41,11 +41,20 @@ pub static BACKEND_HEALTH: Array<u32, BACKENDS_MAX> = Array::new();
 pub static PERSISTENCE: LruHashMap<PersistKey, Persisted, { MAX_PERSISTENCE as usize }> =
     LruHashMap::new();
 
+/// Established flows (TCP from the client's first non-SYN packet, UDP from the first): the
+/// one per-flow state. The daemon sizes it from `max_connections` and removes idle entries.
 #[btf_map]
 pub static CONNECTIONS: LruHashMap<FlowKey, Connection, CONNECTIONS_MAX> = LruHashMap::new();
 
+/// TCP flows that have sent only SYNs: a SYN flood churns this table, never `CONNECTIONS`.
 #[btf_map]
-pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat, CONNECTIONS_MAX> = LruHashMap::new();
+pub static HALF_OPEN: LruHashMap<FlowKey, Connection, { MAX_HALF_OPEN as usize }> =
+    LruHashMap::new();
+
+/// Backend endpoint → its listener's VIP and port: replies are translated without per-flow
+/// state, so the two directions of a flow cannot disagree and any node can translate a reply.
+#[btf_map]
+pub static REPLY_NAT: HashMap<BackendEndpoint, ReplyNat, BACKENDS_MAX> = HashMap::new();
 
 #[btf_map]
 pub static LISTENER_STATS: PerCpuArray<TrafficCounters, LISTENERS_MAX> = PerCpuArray::new();

@@ -106,6 +106,7 @@ fn per_packet(
                     backend_id: 0,
                     listener_index: 0,
                     last_seen_ns: 0,
+                    ..Default::default()
                 },
                 0,
             )?;

@@ -20,7 +20,7 @@ use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
 use clap::{Parser, ValueEnum};
 use slb_common::wire::{ipv4_frame, L4Spec};
 use slb_common::{ReplayTemplate, REPLAY_FRAME_BYTES};
-use slb_user::dataplane::{load_object, PROGRAM_NAME};
+use slb_user::dataplane::{load_object, TableSizes, PROGRAM_NAME};
 use slb_user::testbed::mac_of;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -96,7 +96,15 @@ fn main() -> anyhow::Result<()> {
         }
         (None, Target::Slb) => anyhow::bail!("--target slb needs --pins of a running instance"),
     };
-    let mut ebpf = load_object(&pins, args.ring_size)?;
+    let sizes = match &args.pins {
+        // A running instance's maps are reused as pinned: take their sizes.
+        Some(_) => TableSizes::from_pins(&pins)?,
+        None => TableSizes {
+            ring_size: args.ring_size,
+            max_connections: slb_common::DEFAULT_MAX_CONNECTIONS,
+        },
+    };
+    let mut ebpf = load_object(&pins, sizes)?;
     for name in ["xdp_replay", PROGRAM_NAME] {
         let program: &mut Xdp = ebpf
             .program_mut(name)

@@ -44,6 +44,17 @@ pub enum Protocol {
     Https,
 }
 
+impl Listener {
+    /// How long the data plane keeps a silent flow of this (tcp/udp) listener.
+    pub fn idle_timeout_s(&self) -> u32 {
+        match (self.idle_timeout, self.protocol) {
+            (Some(t), _) => t.as_secs() as u32,
+            (None, Protocol::Udp) => slb_common::DEFAULT_UDP_IDLE_TIMEOUT_S,
+            (None, _) => slb_common::DEFAULT_TCP_IDLE_TIMEOUT_S,
+        }
+    }
+}
+
 impl Protocol {
     pub fn ip_protocol(self) -> u8 {
         match self {
@@ -89,6 +100,10 @@ pub struct Config {
     pub vips: Vec<IpAddr>,
     #[serde(default = "default_ring_size")]
     pub maglev_table_size: u32,
+    /// Entries of the connection table: established flows the data plane remembers (about
+    /// 120 bytes of kernel memory each). Fixed while the instance runs.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
     pub interfaces: Vec<Interface>,
     #[serde(default)]
     pub listeners: Vec<Listener>,
@@ -109,6 +124,10 @@ pub struct Metrics {
     /// Serve Prometheus metrics on 127.0.0.1:<port>/metrics (off when absent). Read at start.
     #[serde(default)]
     pub prometheus_port: Option<u16>,
+}
+
+fn default_max_connections() -> u32 {
+    slb_common::DEFAULT_MAX_CONNECTIONS
 }
 
 fn default_ring_size() -> u32 {
@@ -138,6 +157,10 @@ pub struct Listener {
     /// Source-address session persistence.
     #[serde(default)]
     pub persistence: Option<Persistence>,
+    /// TCP/UDP: how long a flow may stay silent before the balancer forgets it (default 900s
+    /// for TCP, 90s for UDP). A forgotten flow's next packet is balanced again.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
     /// What to do when every backend of the group is unhealthy.
     #[serde(default)]
     pub on_all_unhealthy: AllUnhealthy,
@@ -340,6 +363,8 @@ pub struct Persistence {
 }
 
 pub const MAX_PERSISTENCE_TIMEOUT: Duration = Duration::from_secs(86_400);
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -452,6 +477,19 @@ impl Config {
                 ),
             ));
         }
+        if !(slb_common::MIN_MAX_CONNECTIONS..=slb_common::MAX_MAX_CONNECTIONS)
+            .contains(&self.max_connections)
+        {
+            return Err(invalid(
+                "max_connections",
+                format!(
+                    "{} must be between {} and {}",
+                    self.max_connections,
+                    slb_common::MIN_MAX_CONNECTIONS,
+                    slb_common::MAX_MAX_CONNECTIONS
+                ),
+            ));
+        }
         if !is_prime(self.maglev_table_size) || self.maglev_table_size > MAX_RING_SIZE {
             return Err(invalid(
                 "maglev_table_size",
@@ -522,6 +560,8 @@ impl Config {
         }
         let mut names = BTreeSet::new();
         let mut endpoints = BTreeSet::new();
+        // (backend address, port, protocol) → the L4 listener it serves.
+        let mut reply_endpoints: BTreeMap<(IpAddr, u16, u8), &str> = BTreeMap::new();
         let mut backend_count = 0usize;
         for (i, l) in self.listeners.iter().enumerate() {
             let at = |f: &str| format!("listeners[{i}] ({}).{f}", l.name);
@@ -586,6 +626,44 @@ impl Config {
             }
             if let Some(check) = &l.health_check {
                 validate_health_check(&at("health_check"), check, l.protocol)?;
+            }
+            if !l.protocol.is_l7() {
+                for b in backends {
+                    let port = b.port.unwrap_or(l.port);
+                    let endpoint = (b.address, port, l.protocol.ip_protocol());
+                    match reply_endpoints.insert(endpoint, &l.name) {
+                        Some(other) if other != l.name => {
+                            return Err(invalid(
+                                at("group"),
+                                format!(
+                                    "backend {}:{port}/{} also serves listener {other:?}; the balancer \
+                                     recognises a backend's replies by its address and port, so each \
+                                     belongs to one tcp/udp listener (give one of them another \
+                                     backend port in a VServer group)",
+                                    b.address, l.protocol
+                                ),
+                            ));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if let Some(timeout) = l.idle_timeout {
+                if l.protocol.is_l7() {
+                    return Err(invalid(
+                        at("idle_timeout"),
+                        "is for tcp/udp listeners; http/https listeners have header_timeout and backend_timeout",
+                    ));
+                }
+                if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&timeout) {
+                    return Err(invalid(
+                        at("idle_timeout"),
+                        format!(
+                            "{} must be between 10s and 1h",
+                            humantime::format_duration(timeout)
+                        ),
+                    ));
+                }
             }
             if let Some(p) = &l.persistence {
                 if p.timeout < Duration::from_secs(1) || p.timeout > MAX_PERSISTENCE_TIMEOUT {

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{self, Call, Request, Response};
 use crate::config::{AttachMode, BackendSpec, Config, GroupKind};
-use crate::dataplane::{detach_pinned, Dataplane};
+use crate::dataplane::{detach_pinned, Dataplane, TableSizes};
 use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor, HealthStatus};
 use crate::maps::PinnedMaps;
 use crate::proxy::ProxyManager;
@@ -49,7 +49,7 @@ pub struct RunOptions {
 pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&options.config)?;
     let instance = config.instance.clone();
-    let mut dataplane = Dataplane::load(&config.instance, config.maglev_table_size)
+    let mut dataplane = Dataplane::load(&config.instance, TableSizes::of(&config))
         .context("loading the data plane")?;
     let previous = if dataplane.adopted() {
         read_state(&instance)
@@ -114,11 +114,23 @@ async fn serve(
 ) -> anyhow::Result<Exit> {
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
-    let mut daemon = Daemon::start(dataplane, config, previous, HealthMonitor::new(health_tx))?;
+    let (plan_tx, plan_rx) = tokio::sync::watch::channel(crate::flows::SweepPlan::default());
+    let mut daemon = Daemon::start(
+        dataplane,
+        config,
+        previous,
+        HealthMonitor::new(health_tx),
+        plan_tx,
+    )?;
     let instance = daemon.file_config.instance.clone();
-    let mut background = vec![tokio::spawn(crate::metrics::record_history(
-        instance.clone(),
-    ))];
+    let mut background = vec![
+        tokio::spawn(crate::flows::run(
+            instance.clone(),
+            dataplane.dir().to_path_buf(),
+            plan_rx,
+        )),
+        tokio::spawn(crate::metrics::record_history(instance.clone())),
+    ];
     if let Some(port) = daemon.file_config.metrics.prometheus_port {
         let instance = instance.clone();
         background.push(tokio::spawn(async move {
@@ -204,6 +216,8 @@ struct Daemon {
     health: BTreeMap<BackendKey, HealthStatus>,
     monitor: HealthMonitor,
     proxy: ProxyManager,
+    /// What the connection-table sweeper needs of the applied state.
+    sweep_plan: tokio::sync::watch::Sender<crate::flows::SweepPlan>,
 }
 
 /// The backends `config` health-checks: every backend of a checked Maglev listener, and only the
@@ -280,6 +294,7 @@ impl Daemon {
         config: Config,
         previous: Option<AppliedState>,
         monitor: HealthMonitor,
+        sweep_plan: tokio::sync::watch::Sender<crate::flows::SweepPlan>,
     ) -> anyhow::Result<Daemon> {
         let maps = PinnedMaps::open(dataplane.dir())?;
         let mut reconciler = Reconciler::new(maps, &config.instance, config.maglev_table_size);
@@ -307,6 +322,7 @@ impl Daemon {
             health,
             monitor,
             proxy: ProxyManager::new(),
+            sweep_plan,
         };
         for iface in dataplane.pinned_interfaces() {
             match config.interfaces.iter().find(|i| i.name == iface) {
@@ -355,6 +371,12 @@ impl Daemon {
         let state = self.reconciler.state_mut();
         state.proxy_listeners = proxy_listeners;
         state.access_log = self.config.access_log.clone();
+        let plan = crate::flows::SweepPlan::from_state(self.reconciler.state());
+        self.sweep_plan.send_if_modified(|current| {
+            let changed = *current != plan;
+            *current = plan;
+            changed
+        });
         write_state(self.reconciler.state())
     }
 

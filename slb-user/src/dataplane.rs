@@ -51,6 +51,40 @@ pub enum DataplaneError {
     NotRunning { instance: String, path: PathBuf },
 }
 
+/// The sizes of the maps that the config decides, fixed for as long as the maps are pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSizes {
+    /// Slots of one Maglev ring (`maglev_table_size`).
+    pub ring_size: u32,
+    /// Entries of CONNECTIONS (`max_connections`).
+    pub max_connections: u32,
+}
+
+impl TableSizes {
+    pub fn of(config: &crate::config::Config) -> TableSizes {
+        TableSizes {
+            ring_size: config.maglev_table_size,
+            max_connections: config.max_connections,
+        }
+    }
+
+    /// The sizes of an instance's pinned maps.
+    pub fn from_pins(dir: &Path) -> Result<TableSizes, DataplaneError> {
+        let entries = |name: &str| {
+            aya::maps::MapInfo::from_pin(dir.join(name))
+                .map(|info| info.max_entries())
+                .map_err(|e| DataplaneError::Layout {
+                    dir: dir.into(),
+                    detail: format!("map {name} cannot be opened: {e}"),
+                })
+        };
+        Ok(TableSizes {
+            ring_size: entries("RINGS")? / (MAX_LISTENERS * RINGS_PER_LISTENER),
+            max_connections: entries("CONNECTIONS")?,
+        })
+    }
+}
+
 pub fn pin_dir(instance: &str) -> PathBuf {
     Path::new(BPFFS).join("slb").join(instance)
 }
@@ -100,19 +134,19 @@ impl Dataplane {
     /// `--keep-serving`), the pinned maps are adopted — connection tables and all — after
     /// checking their layout matches this build; the new program replaces the old one on each
     /// pinned link without a gap in service.
-    pub fn load(instance: &str, ring_size: u32) -> Result<Dataplane, DataplaneError> {
+    pub fn load(instance: &str, sizes: TableSizes) -> Result<Dataplane, DataplaneError> {
         ensure_bpffs()?;
         let dir = pin_dir(instance);
         let adopted = dir.join("LISTENERS").exists();
         if adopted {
-            check_pinned_layout(&dir, ring_size)?;
+            check_pinned_layout(&dir, sizes)?;
             tracing::info!(dir = %dir.display(), "adopting the pinned maps and links of a previous run");
         }
         fs::create_dir_all(dir.join(LINKS_DIR)).map_err(|source| DataplaneError::PinDir {
             path: dir.clone(),
             source,
         })?;
-        let mut ebpf = load_object(&dir, ring_size)?;
+        let mut ebpf = load_object(&dir, sizes)?;
         let program: &mut Xdp = program_mut(&mut ebpf)?;
         program.load()?;
         let prog_pin = dir.join(PROGRAM_PIN);
@@ -184,20 +218,22 @@ impl Dataplane {
     }
 }
 
-/// Loads the XDP object with every map pinned (or, when already pinned, reused) under `dir` and
-/// RINGS sized for `ring_size`-slot rings. The program is not loaded into the kernel yet.
-pub fn load_object(dir: &Path, ring_size: u32) -> Result<Ebpf, DataplaneError> {
+/// Loads the XDP object with every map pinned (or, when already pinned, reused) under `dir`,
+/// RINGS and CONNECTIONS sized as `sizes` says. The program is not loaded into the kernel yet.
+pub fn load_object(dir: &Path, sizes: TableSizes) -> Result<Ebpf, DataplaneError> {
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries("RINGS", MAX_LISTENERS * RINGS_PER_LISTENER * ring_size);
-    for (name, ..) in expected_layout(ring_size) {
+    loader.map_max_entries("RINGS", MAX_LISTENERS * RINGS_PER_LISTENER * sizes.ring_size);
+    loader.map_max_entries("CONNECTIONS", sizes.max_connections);
+    for (name, ..) in expected_layout(sizes) {
         loader.map_pin_path(name, dir.join(name));
     }
     Ok(loader.load(XDP_OBJECT)?)
 }
 
 /// Key size, value size and entries each pinned map must have for this build to adopt it.
-fn expected_layout(ring_size: u32) -> Vec<(&'static str, usize, usize, u32)> {
+fn expected_layout(sizes: TableSizes) -> Vec<(&'static str, usize, usize, u32)> {
     use slb_common::*;
+    let ring_size = sizes.ring_size;
     use std::mem::size_of;
     vec![
         (
@@ -224,13 +260,19 @@ fn expected_layout(ring_size: u32) -> Vec<(&'static str, usize, usize, u32)> {
             "CONNECTIONS",
             size_of::<FlowKey>(),
             size_of::<Connection>(),
-            MAX_CONNECTIONS,
+            sizes.max_connections,
         ),
         (
-            "REVERSE_NAT",
+            "HALF_OPEN",
             size_of::<FlowKey>(),
-            size_of::<ReverseNat>(),
-            MAX_CONNECTIONS,
+            size_of::<Connection>(),
+            MAX_HALF_OPEN,
+        ),
+        (
+            "REPLY_NAT",
+            size_of::<BackendEndpoint>(),
+            size_of::<ReplyNat>(),
+            MAX_BACKENDS,
         ),
         (
             "LISTENER_STATS",
@@ -259,8 +301,8 @@ fn expected_layout(ring_size: u32) -> Vec<(&'static str, usize, usize, u32)> {
 /// Refuses to adopt pinned maps whose layout differs from this build's (an upgrade that changed
 /// a map, or a different `maglev_table_size`): reading them with the wrong layout would corrupt
 /// the data plane.
-pub fn check_pinned_layout(dir: &Path, ring_size: u32) -> Result<(), DataplaneError> {
-    for (name, key, value, entries) in expected_layout(ring_size) {
+pub fn check_pinned_layout(dir: &Path, sizes: TableSizes) -> Result<(), DataplaneError> {
+    for (name, key, value, entries) in expected_layout(sizes) {
         let path = dir.join(name);
         let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| DataplaneError::Layout {
             dir: dir.into(),
@@ -272,10 +314,10 @@ pub fn check_pinned_layout(dir: &Path, ring_size: u32) -> Result<(), DataplaneEr
             info.max_entries(),
         );
         if found != (key, value, entries) {
-            let hint = if name == "RINGS" {
-                " (was maglev_table_size changed?)"
-            } else {
-                ""
+            let hint = match name {
+                "RINGS" => " (was maglev_table_size changed?)",
+                "CONNECTIONS" => " (was max_connections changed?)",
+                _ => "",
             };
             return Err(DataplaneError::Layout {
                 dir: dir.into(),

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod flows;
 pub mod health;
 pub mod maps;
 pub mod metrics;

@@ -8,8 +8,8 @@ use std::sync::atomic::AtomicU32;
 
 use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
 use slb_common::{
-    Backend, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey, ReverseNat,
-    TrafficCounters,
+    Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
+    ReplyNat, TrafficCounters,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +26,7 @@ pub struct PinnedMaps {
     pub backends: Array<MapData, Backend>,
     pub backend_health: Array<MapData, u32>,
     pub connections: HashMap<MapData, FlowKey, Connection>,
-    pub reverse_nat: HashMap<MapData, FlowKey, ReverseNat>,
+    pub reply_nat: HashMap<MapData, BackendEndpoint, ReplyNat>,
     pub listener_stats: PerCpuArray<MapData, TrafficCounters>,
     pub backend_stats: PerCpuArray<MapData, TrafficCounters>,
     pub global_stats: PerCpuArray<MapData, GlobalCounters>,
@@ -54,7 +54,7 @@ impl PinnedMaps {
             backends: open(dir, "BACKENDS")?,
             backend_health: open(dir, "BACKEND_HEALTH")?,
             connections: open(dir, "CONNECTIONS")?,
-            reverse_nat: open(dir, "REVERSE_NAT")?,
+            reply_nat: open(dir, "REPLY_NAT")?,
             listener_stats: open(dir, "LISTENER_STATS")?,
             backend_stats: open(dir, "BACKEND_STATS")?,
             global_stats: open(dir, "GLOBAL_STATS")?,
@@ -70,6 +70,7 @@ pub fn sum_traffic(values: &[TrafficCounters]) -> TrafficCounters {
             packets: a.packets + v.packets,
             bytes: a.bytes + v.bytes,
             new_connections: a.new_connections + v.new_connections,
+            closed_connections: a.closed_connections + v.closed_connections,
         })
 }
 

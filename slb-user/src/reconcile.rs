@@ -11,7 +11,8 @@ use aya::maps::MapError;
 use serde::{Deserialize, Serialize};
 use slb_common::maglev::{build_table, MaglevBackend, MaglevError};
 use slb_common::{
-    ipv4_mapped, Backend, ListenerEntry, ListenerKey, BACKEND_F_DRAINING, BACKEND_F_PRESENT,
+    ipv4_mapped, Backend, BackendEndpoint, ListenerEntry, ListenerKey, ReplyNat,
+    BACKEND_F_DRAINING, BACKEND_F_PRESENT,
     HEALTH_DOWN, HEALTH_UP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
     LISTENER_F_PERSIST, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, RINGS_PER_LISTENER,
 };
@@ -118,6 +119,9 @@ pub struct AppliedListener {
     pub ring_input: Vec<(u32, u32)>,
     pub flags: u32,
     pub persistence_timeout_s: Option<u32>,
+    /// How long a silent flow stays in the connection table.
+    #[serde(default)]
+    pub idle_timeout_s: u32,
     pub health_check: bool,
 }
 
@@ -160,6 +164,35 @@ fn listener_key(protocol: Protocol, vip: IpAddr, port: u16) -> ListenerKey {
         protocol: protocol.ip_protocol(),
         _pad: 0,
     }
+}
+
+/// A backend's (address, port, protocol): what its replies are recognised by.
+type ReplyEndpoint = (IpAddr, u16, u8);
+
+fn reply_key((address, port, protocol): ReplyEndpoint) -> BackendEndpoint {
+    BackendEndpoint {
+        addr: ipv4_mapped(ipv4_octets(address)),
+        port,
+        protocol,
+        _pad: 0,
+    }
+}
+
+/// The reply endpoints of an applied state's backends.
+fn reply_endpoints(state: &AppliedState) -> BTreeSet<ReplyEndpoint> {
+    let protocols: BTreeMap<&str, u8> = state
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), l.protocol.ip_protocol()))
+        .collect();
+    state
+        .backends
+        .iter()
+        .filter_map(|b| {
+            let protocol = protocols.get(b.key.listener.as_str())?;
+            Some((b.key.address, b.key.port, *protocol))
+        })
+        .collect()
 }
 
 fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
@@ -340,7 +373,8 @@ impl Reconciler {
             }
         }
 
-        // 3. Rings and listener entries.
+        // 3. Rings, reply translations and listener entries.
+        let old_reply_endpoints = reply_endpoints(&self.state);
         let old_listeners: BTreeMap<String, AppliedListener> = self
             .state
             .listeners
@@ -421,6 +455,21 @@ impl Reconciler {
                 entry.flags |= LISTENER_F_PERSIST;
                 entry.persist_timeout_s = p.timeout.as_secs() as u32;
             }
+            // Before the listener entry: a backend answers only once a packet reached it.
+            for (key, _) in &plan.members {
+                let nat = ReplyNat {
+                    vip: ipv4_mapped(ipv4_octets(l.vip)),
+                    vip_port: l.port,
+                    _pad: 0,
+                    listener_index: index,
+                    backend_id: ids[key],
+                };
+                let endpoint = reply_key((key.address, key.port, l.protocol.ip_protocol()));
+                self.maps
+                    .reply_nat
+                    .insert(endpoint, nat, 0)
+                    .map_err(map_err("REPLY_NAT"))?;
+            }
             let key = listener_key(l.protocol, l.vip, l.port);
             self.maps
                 .listeners
@@ -459,6 +508,7 @@ impl Reconciler {
                 ring_input,
                 flags: entry.flags,
                 persistence_timeout_s: l.persistence.map(|p| p.timeout.as_secs() as u32),
+                idle_timeout_s: l.idle_timeout_s(),
                 health_check: l.health_check.is_some(),
             });
         }
@@ -499,6 +549,11 @@ impl Reconciler {
         self.state.interfaces = config.interfaces.iter().map(|i| i.name.clone()).collect();
         self.state.listeners = applied;
         self.state.backends = applied_backends;
+        // 7. Reply translations of endpoints no backend has any more.
+        let current = reply_endpoints(&self.state);
+        for endpoint in old_reply_endpoints.difference(&current) {
+            let _ = self.maps.reply_nat.remove(&reply_key(*endpoint));
+        }
         Ok(&self.state)
     }
 

@@ -22,11 +22,22 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     pub backends: Vec<BackendStatus>,
     pub counters: BTreeMap<&'static str, u64>,
+    /// Fill of the connection table as of the last sweep.
+    pub connection_table: ConnectionTable,
     /// Changes made through the admin API since the file was last read (dropped by a reload).
     pub runtime_changes: Vec<String>,
     pub warnings: Vec<String>,
     /// HTTP(S) listeners (served by the proxy; their traffic is in the access log).
     pub proxy_listeners: Vec<crate::reconcile::ProxyListenerInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConnectionTable {
+    pub entries: u64,
+    pub capacity: u32,
+    /// Entries the last sweep removed as idle.
+    pub expired_last_sweep: u64,
+    pub swept_at_unix_s: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,29 +75,14 @@ pub struct BackendStatus {
     pub connections: u64,
 }
 
-/// A TCP flow counts as a current connection while it saw a packet within this time (the data
-/// plane does not track FIN/RST; closed flows age out of the count and, later, the LRU table).
-pub const TCP_ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
-/// The same for UDP flows.
-pub const UDP_ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
-
 /// The clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn is_active(protocol: u8, last_seen_ns: u64, now_ns: u64) -> bool {
-    let window = if protocol == slb_common::IPPROTO_UDP {
-        UDP_ACTIVE_WINDOW
-    } else {
-        TCP_ACTIVE_WINDOW
-    };
-    now_ns.saturating_sub(last_seen_ns) <= window.as_nanos() as u64
 }
 
 pub fn collect(instance: &str) -> anyhow::Result<Status> {
@@ -102,17 +98,8 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let maps = PinnedMaps::open(&pin_dir(instance))?;
 
-    let mut conns_by_backend: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut conns_by_listener: BTreeMap<u32, u64> = BTreeMap::new();
-    let now = monotonic_ns();
-    for entry in maps.connections.iter() {
-        let (flow, conn) = entry.context("reading CONNECTIONS")?;
-        if !is_active(flow.protocol, conn.last_seen_ns, now) {
-            continue;
-        }
-        *conns_by_backend.entry(conn.backend_id).or_default() += 1;
-        *conns_by_listener.entry(conn.listener_index).or_default() += 1;
-    }
+    // The sweeper's tally plus the counters since: no walk of the connection table here.
+    let flows = crate::flows::read_counts(instance);
 
     let mut listeners = Vec::new();
     for l in &state.listeners {
@@ -134,7 +121,12 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
             packets: t.packets,
             bytes: t.bytes,
             new_connections: t.new_connections,
-            connections: conns_by_listener.get(&l.index).copied().unwrap_or(0),
+            connections: flows
+                .listeners
+                .get(&l.index)
+                .copied()
+                .unwrap_or_default()
+                .current(&t),
         });
     }
     let mut backends = Vec::new();
@@ -158,7 +150,12 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
             packets: t.packets,
             bytes: t.bytes,
             new_connections: t.new_connections,
-            connections: conns_by_backend.get(&b.id).copied().unwrap_or(0),
+            connections: flows
+                .backends
+                .get(&b.id)
+                .copied()
+                .unwrap_or_default()
+                .current(&t),
         });
     }
     let mut global = GlobalCounters::default();
@@ -198,6 +195,12 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
         listeners,
         backends,
         counters,
+        connection_table: ConnectionTable {
+            entries: flows.entries,
+            capacity: flows.capacity,
+            expired_last_sweep: flows.expired,
+            swept_at_unix_s: flows.swept_at_unix_s,
+        },
         runtime_changes: state.runtime_changes,
         proxy_listeners: state.proxy_listeners,
         warnings,
@@ -233,6 +236,19 @@ pub fn render(status: &Status) -> String {
         status.instance,
         status.generation,
         status.interfaces.join(", ")
+    );
+    let table = &status.connection_table;
+    let _ = writeln!(
+        out,
+        "connection table: {} of {} entries ({:.1} %) at the last sweep, {} idle removed",
+        table.entries,
+        table.capacity,
+        if table.capacity == 0 {
+            0.0
+        } else {
+            table.entries as f64 * 100.0 / f64::from(table.capacity)
+        },
+        table.expired_last_sweep
     );
     let _ = writeln!(
         out,

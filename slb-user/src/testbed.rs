@@ -15,7 +15,7 @@ use aya::Ebpf;
 use slb_common::GlobalCounters;
 
 use crate::config::Config;
-use crate::dataplane::{ensure_bpffs, load_object, PROGRAM_NAME};
+use crate::dataplane::{ensure_bpffs, load_object, TableSizes, PROGRAM_NAME};
 use crate::maps::PinnedMaps;
 use crate::reconcile::Reconciler;
 
@@ -161,7 +161,11 @@ impl Testbed {
         ));
         std::fs::create_dir_all(&pin_dir)?;
         let pins = PinDir(pin_dir.clone());
-        let mut ebpf = load_object(&pin_dir, ring_size)?;
+        let sizes = TableSizes {
+            ring_size,
+            max_connections: Config::parse(config, "testbed config")?.max_connections,
+        };
+        let mut ebpf = load_object(&pin_dir, sizes)?;
         for name in [PROGRAM_NAME, FLOOR_PROGRAM] {
             let program: &mut Xdp = ebpf
                 .program_mut(name)

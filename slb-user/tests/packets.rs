@@ -52,14 +52,14 @@ name = "sticky"
 protocol = "tcp"
 vip = "10.99.0.10"
 port = 82
-group = "pool"
+group = "sticky"
 persistence = {{ timeout = "60s" }}
 [[listeners]]
 name = "strict"
 protocol = "tcp"
 vip = "10.99.0.10"
 port = 84
-group = "pool"
+group = "strict"
 on_all_unhealthy = "drop"
 [[listeners]]
 name = "pair"
@@ -71,13 +71,19 @@ health_check = {{ type = "tcp" }}
 [[groups]]
 name = "pair"
 type = "active-standby"
-backends = [{{ address = "10.20.0.2", port = 8080 }}, {{ address = "10.20.0.3", port = 8080 }}]
+backends = [{{ address = "10.20.0.2", port = 8083 }}, {{ address = "10.20.0.3", port = 8083 }}]
 [[groups]]
 name = "pool"
 backends = [{{ address = "10.20.0.2", port = 8080, weight = {weight_a} }}, {{ address = "10.20.0.3", port = 8080, weight = {weight_b} }}]
 [[groups]]
+name = "sticky"
+backends = [{{ address = "10.20.0.2", port = 8082, weight = {weight_a} }}, {{ address = "10.20.0.3", port = 8082, weight = {weight_b} }}]
+[[groups]]
+name = "strict"
+backends = [{{ address = "10.20.0.2", port = 8084, weight = {weight_a} }}, {{ address = "10.20.0.3", port = 8084, weight = {weight_b} }}]
+[[groups]]
 name = "empty"
-backends = [{{ address = "10.20.0.2", port = 8080, weight = 0 }}]
+backends = [{{ address = "10.20.0.2", port = 8081, weight = 0 }}]
 "#
     )
 }
@@ -331,6 +337,17 @@ fn random_and_truncated_frames_only_ever_pass_or_drop() {
     });
 }
 
+/// The backend port of a listener of `config` (each listener's backends have their own, so the
+/// balancer knows a reply's listener by its source endpoint).
+fn backend_port(listener: &str) -> u16 {
+    match listener {
+        "pair" => 8083,
+        "sticky" => 8082,
+        "strict" => 8084,
+        _ => 8080,
+    }
+}
+
 /// Health verdicts as the daemon would pass them: `down` backends of `listener` are unhealthy.
 fn verdicts(
     listener: &str,
@@ -341,7 +358,7 @@ fn verdicts(
             let key = BackendKey {
                 listener: listener.into(),
                 address: ipv4(*a).into(),
-                port: 8080,
+                port: backend_port(listener),
             };
             (
                 key,
@@ -363,7 +380,10 @@ fn persistence_keeps_a_client_address_on_one_backend() {
         let mut sticky = std::collections::BTreeSet::new();
         let mut spread = std::collections::BTreeSet::new();
         for port in 30000..30200 {
-            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 82, SYN)), h.in_index);
+            // Persistence is recorded when a connection is established (its first ACK), so a
+            // SYN flood of spoofed sources cannot churn it.
+            h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 82, SYN)), h.in_index);
+            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 82, ACK)), h.in_index);
             sticky.insert(parse_valid(&out).dst);
             let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, SYN)), h.in_index);
             spread.insert(parse_valid(&out).dst);

@@ -29,6 +29,9 @@ pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 2);
 pub const SLB_CLIENT_SIDE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 1);
 /// Port the test server listens on (TCP and UDP) in every backend namespace.
 pub const BACKEND_PORT: u16 = 8080;
+/// The test servers also answer here: a second tcp/udp listener over the same backends needs a
+/// backend port of its own (slb knows a reply's listener by the backend's endpoint).
+pub const SECOND_BACKEND_PORT: u16 = 8081;
 /// Port of the TCP listener in [`SlbConfig::standard`].
 pub const VIP_TCP_PORT: u16 = 80;
 /// Port of the UDP listener in [`SlbConfig::standard`].

@@ -131,6 +131,8 @@ pub struct BackendConfig {
 
 /// Name of the group [`SlbConfig::standard`] puts every backend in.
 pub const POOL_GROUP: &str = "pool";
+/// The group [`SlbConfig::add_second_pool`] adds.
+pub const SECOND_POOL_GROUP: &str = "pool-2";
 /// Name of the TCP listener (VIP:80) of [`SlbConfig::standard`].
 pub const TCP_LISTENER: &str = "tcp-echo";
 /// Name of the UDP listener (VIP:53) of [`SlbConfig::standard`].
@@ -213,6 +215,19 @@ impl SlbConfig {
             .iter_mut()
             .find(|g| g.name == name)
             .unwrap_or_else(|| panic!("no group {name:?} in the config"))
+    }
+
+    /// Adds group `pool-2`: the `pool` backends with the same weights on the test servers'
+    /// second port, for a second tcp listener over the same servers (each backend endpoint
+    /// belongs to one tcp/udp listener). Returns its name.
+    pub fn add_second_pool(&mut self) -> &'static str {
+        let mut second = self.group_mut(POOL_GROUP).clone();
+        second.name = SECOND_POOL_GROUP.to_owned();
+        for b in &mut second.backends {
+            b.port = crate::SECOND_BACKEND_PORT;
+        }
+        self.groups.push(second);
+        SECOND_POOL_GROUP
     }
 
     /// `(backend name, weight)` for every backend of the `pool` group, as

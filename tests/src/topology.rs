@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context as _};
 
 use crate::exec::{self, ChildGuard, CommandError};
-use crate::{BACKEND_PORT, CLIENT_ADDR, SLB_CLIENT_SIDE_ADDR};
+use crate::{BACKEND_PORT, CLIENT_ADDR, SECOND_BACKEND_PORT, SLB_CLIENT_SIDE_ADDR};
 
 static NEXT_TOPOLOGY: AtomicU32 = AtomicU32::new(0);
 
@@ -244,7 +244,7 @@ impl Topology {
     }
 
     /// Starts `server_bin` (the `slb-test-server` binary) in backend `i`, answering TCP and UDP
-    /// on port 8080 as `b<i>`, and waits until it listens. The process lives as long as the
+    /// on ports 8080 and 8081 as `b<i>`, and waits until it listens. The process lives as long as the
     /// topology, unless stopped with [`Topology::stop_backend_server`].
     pub fn start_backend_server(&mut self, i: usize, server_bin: &Path) -> anyhow::Result<()> {
         self.start_backend_server_with(i, server_bin, &ServerOptions::default())
@@ -262,16 +262,15 @@ impl Topology {
             self.servers.get(&i).is_none_or(|s| s.child.is_none()),
             "backend {i} already runs a test server"
         );
-        let listen = format!("0.0.0.0:{BACKEND_PORT}");
         let mut args: Vec<OsString> = vec![
             server_bin.into(),
             "--name".into(),
             Self::backend_name(i).into(),
-            "--tcp".into(),
-            listen.clone().into(),
-            "--udp".into(),
-            listen.into(),
         ];
+        for port in [BACKEND_PORT, SECOND_BACKEND_PORT] {
+            let listen = format!("0.0.0.0:{port}");
+            args.extend(["--tcp".into(), listen.clone().into(), "--udp".into(), listen.into()]);
+        }
         if let Some(path) = &options.log_peers {
             args.push("--log-peers".into());
             args.push(path.into());

@@ -18,12 +18,24 @@ const REJECTED: &str = "SIGHUP reload rejected, the running config stays";
 
 /// The running config: the standard pool of three (1:1:1) behind tcp-echo and udp-echo, plus
 /// an active/standby pair (backends 1 and 2) behind a TCP listener on port 82.
+const PAIR_BACKEND_PORT: u16 = 8082;
+
 fn good_config(instance: &str) -> SlbConfig {
     let mut config = SlbConfig::standard(instance, &[1, 1, 1]);
     config.groups.push(GroupConfig {
         name: PAIR.to_owned(),
         kind: Some("active-standby".to_owned()),
-        backends: vec![BackendConfig::backend(1, 1), BackendConfig::backend(2, 1)],
+        // A backend port of its own: slb knows a reply's listener by the backend's endpoint.
+        backends: vec![
+            BackendConfig {
+                port: PAIR_BACKEND_PORT,
+                ..BackendConfig::backend(1, 1)
+            },
+            BackendConfig {
+                port: PAIR_BACKEND_PORT,
+                ..BackendConfig::backend(2, 1)
+            },
+        ],
     });
     config
         .listeners

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use slb_tests::slb::{slb_binary, unique_instance, ListenerConfig, PersistenceConfig, POOL_GROUP};
+use slb_tests::SECOND_BACKEND_PORT;
+use slb_tests::slb::{slb_binary, unique_instance, ListenerConfig, PersistenceConfig};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::{
     in_netns, require_root, vip_tcp, SlbConfig, SlbDaemon, Topology, TrafficOptions, VIP,
@@ -110,7 +111,8 @@ fn stats_prometheus_and_distribution_report() {
         .expect("create topology");
     let weights = [1, 2, 3];
     let mut config = SlbConfig::standard(&unique_instance("stats"), &weights);
-    let mut sticky = ListenerConfig::new(STICKY, "tcp", STICKY_PORT, Some(POOL_GROUP));
+    let second = config.add_second_pool();
+    let mut sticky = ListenerConfig::new(STICKY, "tcp", STICKY_PORT, Some(second));
     sticky.persistence = Some(PersistenceConfig {
         timeout: "60s".into(),
     });
@@ -300,7 +302,7 @@ fn stats_prometheus_and_distribution_report() {
     );
     let pinned_name = sticky_report.counts.keys().next().unwrap().clone();
     let pinned_addr = format!(
-        "{}:8080",
+        "{}:{SECOND_BACKEND_PORT}",
         Topology::backend_addr(pinned_name[1..].parse().expect("backend name b<i>"))
     );
     let dist = report_distribution(&daemon, &instance, STICKY);

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use slb_tests::slb::{
-    slb_binary, unique_instance, ListenerConfig, PersistenceConfig, POOL_GROUP, TCP_LISTENER,
+    slb_binary, unique_instance, ListenerConfig, PersistenceConfig, TCP_LISTENER,
 };
 use slb_tests::traffic::tcp_connections;
 use slb_tests::{
@@ -36,8 +36,10 @@ fn persistence_pins_a_client_address() {
     config.listener_mut(TCP_LISTENER).persistence = Some(PersistenceConfig {
         timeout: "60s".to_owned(),
     });
-    // The second listener: same group, no persistence (replaces the UDP listener).
-    config.listeners[1] = ListenerConfig::new("tcp-spread", "tcp", SPREAD_PORT, Some(POOL_GROUP));
+    // The second listener: the same servers and weights, no persistence (replaces the UDP
+    // listener).
+    let second = config.add_second_pool();
+    config.listeners[1] = ListenerConfig::new("tcp-spread", "tcp", SPREAD_PORT, Some(second));
     let pool = config.pool_weights();
     let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");
 

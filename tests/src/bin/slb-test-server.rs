@@ -26,12 +26,12 @@ struct Args {
     /// Name put at the start of every answer.
     #[arg(long)]
     name: String,
-    /// TCP address to listen on.
+    /// TCP address to listen on (repeat for several).
     #[arg(long)]
-    tcp: Option<SocketAddr>,
-    /// UDP address to listen on.
+    tcp: Vec<SocketAddr>,
+    /// UDP address to listen on (repeat for several).
     #[arg(long)]
-    udp: Option<SocketAddr>,
+    udp: Vec<SocketAddr>,
     /// Append `<unix ns> <tcp|udp> <peer>` to this file for every accepted connection and
     /// every received datagram (the file is created if missing, never truncated).
     #[arg(long, value_name = "FILE")]
@@ -73,20 +73,20 @@ impl PeerLog {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     ensure!(
-        args.tcp.is_some() || args.udp.is_some(),
+        !args.tcp.is_empty() || !args.udp.is_empty(),
         "give --tcp, --udp or both"
     );
     raise_fd_limit();
     let log = PeerLog::open(args.log_peers.as_ref())?;
     let name: Arc<str> = args.name.into();
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(addr) = args.tcp {
+    for addr in args.tcp {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("bind TCP {addr}"))?;
         tasks.spawn(serve_tcp(listener, name.clone(), log.clone()));
     }
-    if let Some(addr) = args.udp {
+    for addr in args.udp {
         let socket = UdpSocket::bind(addr)
             .await
             .with_context(|| format!("bind UDP {addr}"))?;

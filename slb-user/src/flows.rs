@@ -1,0 +1,385 @@
+//! Upkeep of the connection table: the daemon sweeps it every few seconds, removing flows that
+//! stayed silent longer than their listener's idle timeout (or than `TCP_CLOSING_TIMEOUT_S`
+//! after the client's FIN/RST), so the table does not stay full, and tallies the flows per
+//! listener and backend as it goes. Readers (`slb status`, Prometheus, the history) never walk
+//! the table: they add the data plane's opened/closed counters since the sweep to its tally.
+//!
+//! The table is read and cleaned with the kernel's batch operations: a sweep of 1M entries is a
+//! few hundred syscalls, not two million.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::maps::{MapData, PerCpuArray};
+use serde::{Deserialize, Serialize};
+use slb_common::{
+    Connection, FlowKey, TrafficCounters, CONN_F_CLOSING, DEFAULT_TCP_IDLE_TIMEOUT_S,
+    TCP_CLOSING_TIMEOUT_S,
+};
+
+use crate::maps::sum_traffic;
+
+/// How often the daemon sweeps: well under the shortest timeout (10 s).
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+const BATCH: u32 = 4096;
+
+/// Flows of one listener or backend as the last sweep found them, with the data plane's
+/// counters read just before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    /// Entries not closing (no FIN/RST from the client yet).
+    pub open: u64,
+    /// `new_connections` and `closed_connections` summed over CPUs at the sweep.
+    pub opened_counter: u64,
+    pub closed_counter: u64,
+}
+
+impl Tally {
+    /// Open flows now: the sweep's count plus what opened and closed since.
+    pub fn current(&self, now: &TrafficCounters) -> u64 {
+        let opened = now.new_connections.saturating_sub(self.opened_counter);
+        let closed = now.closed_connections.saturating_sub(self.closed_counter);
+        (self.open + opened).saturating_sub(closed)
+    }
+}
+
+/// What a sweep found; written to the instance's flows file for the CLI.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FlowCounts {
+    pub swept_at_unix_s: u64,
+    /// Entries in the table after the sweep, and its size.
+    pub entries: u64,
+    pub capacity: u32,
+    /// Entries the sweep removed.
+    pub expired: u64,
+    /// By listener index and by backend id.
+    pub listeners: BTreeMap<u32, Tally>,
+    pub backends: BTreeMap<u32, Tally>,
+}
+
+/// The idle timeout (seconds) of each listener index.
+pub type Timeouts = BTreeMap<u32, u32>;
+
+/// Whether a flow last seen at `last_seen_ns` is over its timeout at `now_ns`.
+pub fn expired(conn: &Connection, timeouts: &Timeouts, now_ns: u64) -> bool {
+    let timeout_s = if conn.flags & CONN_F_CLOSING != 0 {
+        TCP_CLOSING_TIMEOUT_S
+    } else {
+        // A listener that is gone keeps its flows for the longest default: its index may come
+        // back with a reload, and the flows cost only table space meanwhile.
+        timeouts
+            .get(&conn.listener_index)
+            .copied()
+            .unwrap_or(DEFAULT_TCP_IDLE_TIMEOUT_S)
+    };
+    now_ns.saturating_sub(conn.last_seen_ns) > u64::from(timeout_s) * 1_000_000_000
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: attr is a valid bpf_attr prefix for the batch commands; the buffers it points to
+    // outlive the call and hold `count` elements.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Calls `visit` on every entry of the hash map `fd`, a batch at a time.
+fn for_each_entry(fd: RawFd, mut visit: impl FnMut(&FlowKey, &Connection)) -> std::io::Result<()> {
+    let mut keys = vec![FlowKey::default(); BATCH as usize];
+    let mut values = vec![Connection::default(); BATCH as usize];
+    let mut token: u32 = 0;
+    let mut next: u32 = 0;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &token as *const u32 as u64 },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: BATCH,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let result = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = attr.count as usize;
+        for (key, value) in keys.iter().zip(&values).take(n) {
+            visit(key, value);
+        }
+        match result {
+            Ok(()) => {}
+            // The end of the map.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        token = next;
+        first = false;
+    }
+}
+
+/// Deletes `keys` from the hash map `fd`; keys already gone (evicted, or deleted by a packet
+/// path) are skipped.
+fn delete_all(fd: RawFd, mut keys: &[FlowKey]) -> std::io::Result<u64> {
+    let mut deleted = 0;
+    while !keys.is_empty() {
+        let chunk = &keys[..keys.len().min(BATCH as usize)];
+        let mut attr = BatchAttr {
+            keys: chunk.as_ptr() as u64,
+            count: chunk.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        let result = bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr);
+        let done = attr.count as usize;
+        deleted += done as u64;
+        match result {
+            Ok(()) => keys = &keys[chunk.len()..],
+            // The kernel stops at a missing key: skip it and go on.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => keys = &keys[done + 1..],
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}
+
+/// The maps a sweep reads, opened once from the instance's pins.
+pub struct Sweeper {
+    connections: MapData,
+    capacity: u32,
+    listener_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+}
+
+fn open_stats(dir: &Path, name: &str) -> anyhow::Result<PerCpuArray<MapData, TrafficCounters>> {
+    let data = MapData::from_pin(dir.join(name)).with_context(|| format!("opening {name}"))?;
+    Ok(PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?)
+}
+
+impl Sweeper {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Sweeper> {
+        let connections =
+            MapData::from_pin(pin_dir.join("CONNECTIONS")).context("opening CONNECTIONS")?;
+        let capacity = connections.info()?.max_entries();
+        Ok(Sweeper {
+            connections,
+            capacity,
+            listener_stats: open_stats(pin_dir, "LISTENER_STATS")?,
+            backend_stats: open_stats(pin_dir, "BACKEND_STATS")?,
+        })
+    }
+
+    /// Removes expired flows and tallies the rest. A flow that sends a packet between the read
+    /// and the delete (microseconds, after ≥ 10 s of silence) loses its entry; its next packet
+    /// is balanced again by the same policy, which picks the same backend unless the backend set
+    /// changed in between.
+    pub fn sweep(
+        &self,
+        timeouts: &Timeouts,
+        listener_indices: &[u32],
+        backend_ids: &[u32],
+    ) -> anyhow::Result<FlowCounts> {
+        let mut counts = FlowCounts {
+            swept_at_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            capacity: self.capacity,
+            ..Default::default()
+        };
+        // Counters first: a flow opened during the walk is then counted twice until the next
+        // sweep rather than not at all.
+        for &index in listener_indices {
+            let t = sum_traffic(&self.listener_stats.get(&index, 0)?);
+            counts.listeners.insert(index, snapshot(&t));
+        }
+        for &id in backend_ids {
+            let t = sum_traffic(&self.backend_stats.get(&id, 0)?);
+            counts.backends.insert(id, snapshot(&t));
+        }
+        let now = crate::status::monotonic_ns();
+        let fd = self.connections.fd().as_fd().as_raw_fd();
+        let mut stale = Vec::new();
+        for_each_entry(fd, |key, conn| {
+            if expired(conn, timeouts, now) {
+                stale.push(*key);
+                return;
+            }
+            counts.entries += 1;
+            if conn.flags & CONN_F_CLOSING == 0 {
+                if let Some(t) = counts.listeners.get_mut(&conn.listener_index) {
+                    t.open += 1;
+                }
+                if let Some(t) = counts.backends.get_mut(&conn.backend_id) {
+                    t.open += 1;
+                }
+            }
+        })
+        .context("reading CONNECTIONS")?;
+        counts.expired = delete_all(fd, &stale).context("removing expired flows")?;
+        Ok(counts)
+    }
+}
+
+fn snapshot(t: &TrafficCounters) -> Tally {
+    Tally {
+        open: 0,
+        opened_counter: t.new_connections,
+        closed_counter: t.closed_connections,
+    }
+}
+
+pub fn flows_file(instance: &str) -> PathBuf {
+    Path::new(crate::daemon::STATE_ROOT)
+        .join(instance)
+        .join("flows.json")
+}
+
+pub fn write_counts(instance: &str, counts: &FlowCounts) -> anyhow::Result<()> {
+    let path = flows_file(instance);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(counts)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// The last sweep's counts, or none before the first sweep.
+pub fn read_counts(instance: &str) -> FlowCounts {
+    std::fs::read(flows_file(instance))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+/// What the sweeper needs from the applied state: timeouts by listener index, and which
+/// listener indices and backend ids to tally.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SweepPlan {
+    pub timeouts: Timeouts,
+    pub listener_indices: Vec<u32>,
+    pub backend_ids: Vec<u32>,
+}
+
+impl SweepPlan {
+    pub fn from_state(state: &crate::reconcile::AppliedState) -> SweepPlan {
+        SweepPlan {
+            timeouts: state
+                .listeners
+                .iter()
+                .map(|l| (l.index, l.idle_timeout_s))
+                .collect(),
+            listener_indices: state.listeners.iter().map(|l| l.index).collect(),
+            backend_ids: state.backends.iter().map(|b| b.id).collect(),
+        }
+    }
+}
+
+/// The daemon's sweeping task: sweeps now and then every `SWEEP_INTERVAL` with the plan the
+/// daemon last published.
+pub async fn run(instance: String, pin_dir: PathBuf, plan: tokio::sync::watch::Receiver<SweepPlan>) {
+    let sweeper = match Sweeper::open(&pin_dir) {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(e) => {
+            tracing::error!("connection table upkeep disabled: {e:#}");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let current = plan.borrow().clone();
+        let sweeper = sweeper.clone();
+        let instance = instance.clone();
+        let outcome = tokio::task::spawn_blocking(move || -> anyhow::Result<FlowCounts> {
+            let counts = sweeper.sweep(
+                &current.timeouts,
+                &current.listener_indices,
+                &current.backend_ids,
+            )?;
+            write_counts(&instance, &counts)?;
+            Ok(counts)
+        })
+        .await;
+        match outcome {
+            Ok(Ok(counts)) if counts.expired > 0 => tracing::debug!(
+                expired = counts.expired,
+                entries = counts.entries,
+                "connection table swept"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("sweeping the connection table: {e:#}"),
+            Err(e) => tracing::warn!("sweeping the connection table: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(listener_index: u32, last_seen_s: u64, flags: u32) -> Connection {
+        Connection {
+            listener_index,
+            last_seen_ns: last_seen_s * 1_000_000_000,
+            flags,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn idle_and_closing_timeouts() {
+        let timeouts = Timeouts::from([(0, 30), (1, 900)]);
+        let now = 1000 * 1_000_000_000;
+        assert!(!expired(&conn(0, 975, 0), &timeouts, now));
+        assert!(expired(&conn(0, 969, 0), &timeouts, now));
+        assert!(!expired(&conn(1, 969, 0), &timeouts, now));
+        // After FIN/RST the closing timeout applies whatever the listener's.
+        assert!(expired(&conn(1, 989, CONN_F_CLOSING), &timeouts, now));
+        assert!(!expired(&conn(1, 991, CONN_F_CLOSING), &timeouts, now));
+        // An unknown listener keeps the longest default.
+        assert!(!expired(&conn(7, 200, 0), &timeouts, now));
+    }
+
+    #[test]
+    fn current_count_adds_what_opened_and_closed_since_the_sweep() {
+        let tally = Tally {
+            open: 10,
+            opened_counter: 100,
+            closed_counter: 90,
+        };
+        let now = TrafficCounters {
+            new_connections: 105,
+            closed_connections: 97,
+            ..Default::default()
+        };
+        assert_eq!(tally.current(&now), 8);
+    }
+}
