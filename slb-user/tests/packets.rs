@@ -568,3 +568,193 @@ fn rings_are_written_through_the_mapping_and_the_kernel_sees_them() {
         );
     });
 }
+
+/// Rewrites the IPv4 header checksum after a test changed the header.
+fn fix_ip_checksum(f: &mut [u8]) {
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = slb_common::checksum::internet_checksum(0, &f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Entries of a pinned hash map of flows, by walking it.
+fn flow_entries(h: &Testbed, map: &str) -> Vec<(slb_common::FlowKey, slb_common::Connection)> {
+    let data = aya::maps::MapData::from_pin(h.pin_dir().join(map)).expect("pinned map");
+    let table: aya::maps::HashMap<_, slb_common::FlowKey, slb_common::Connection> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("hash map");
+    table
+        .iter()
+        .map(|entry| entry.expect("map entry"))
+        .collect()
+}
+
+#[test]
+fn malformed_frames_are_dropped_counted_and_create_no_state() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let in_mac = mac_of("in0");
+        type Mutation = fn(&mut Vec<u8>);
+        // (class, listener port, protocol is TCP, how to break a valid frame)
+        let classes: [(&str, u16, bool, Mutation); 8] = [
+            ("IP total length past the frame", 80, true, |f| {
+                let len = u16::from_be_bytes([f[16], f[17]]) + 40;
+                f[16..18].copy_from_slice(&len.to_be_bytes());
+                fix_ip_checksum(f);
+            }),
+            ("IP total length shorter than the headers", 80, true, |f| {
+                f[16..18].copy_from_slice(&30u16.to_be_bytes());
+                fix_ip_checksum(f);
+            }),
+            ("IP total length shorter than the IP header", 80, true, |f| {
+                f[16..18].copy_from_slice(&12u16.to_be_bytes());
+                fix_ip_checksum(f);
+            }),
+            ("reserved IP flag", 80, true, |f| {
+                f[20] |= 0x80;
+                fix_ip_checksum(f);
+            }),
+            ("TCP data offset below 5", 80, true, |f| f[46] = 0x40),
+            ("TCP data offset past the packet", 80, true, |f| f[46] = 0xf0),
+            ("SYN with FIN", 80, true, |f| f[47] = 0x03),
+            ("UDP length past the packet", 53, false, |f| {
+                f[38..40].copy_from_slice(&200u16.to_be_bytes())
+            }),
+        ];
+        let mut sent = 0;
+        for (k, (class, port, is_tcp, mutate)) in classes.iter().enumerate() {
+            for v in 0..25u16 {
+                let src_port = 20000 + k as u16 * 100 + v;
+                let l4 = if *is_tcp {
+                    tcp(src_port, *port, SYN)
+                } else {
+                    udp(src_port, *port)
+                };
+                let mut f = frame(in_mac, CLIENT, VIP, l4);
+                mutate(&mut f);
+                let (verdict, _) = h.run(&f, h.in_index);
+                assert_eq!(verdict, XDP_DROP, "{class} (variant {v}) must be dropped");
+                sent += 1;
+            }
+        }
+        // UDP lengths below the header, and a short UDP length on a reply from a backend.
+        for v in 0..25u16 {
+            let mut f = frame(in_mac, CLIENT, VIP, udp(30000 + v, 53));
+            f[38..40].copy_from_slice(&(v % 8).to_be_bytes());
+            assert_eq!(h.run(&f, h.in_index).0, XDP_DROP, "UDP length {}", v % 8);
+            let mut reply = frame(h.out_mac, BACKEND_A, CLIENT, udp(8080, 30000 + v));
+            reply[38..40].copy_from_slice(&300u16.to_be_bytes());
+            assert_eq!(h.run(&reply, h.out_index).0, XDP_DROP, "malformed reply");
+            sent += 2;
+        }
+        let c = h.counters();
+        assert_eq!(c.malformed, sent, "{c:?}");
+        assert_eq!((c.redirected, c.tx, c.half_open_tracked), (0, 0, 0), "{c:?}");
+        assert!(flow_entries(&h, "CONNECTIONS").is_empty());
+        assert!(flow_entries(&h, "HALF_OPEN").is_empty());
+
+        // The same frames unbroken are balanced: the drops above are the mutations' doing.
+        let (verdict, _) = h.run(&frame(in_mac, CLIENT, VIP, tcp(20000, 80, SYN)), h.in_index);
+        assert_eq!(verdict, XDP_REDIRECT);
+    });
+}
+
+#[test]
+fn a_syn_flood_fills_only_the_half_open_table() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let in_mac = mac_of("in0");
+        // One established flow.
+        h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN)), h.in_index);
+        let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, ACK)), h.in_index);
+        let backend = parse_valid(&out).dst;
+        assert_eq!(flow_entries(&h, "CONNECTIONS").len(), 1);
+
+        // More spoofed SYNs than the half-open table holds.
+        let flood = slb_common::MAX_HALF_OPEN + 10_000;
+        let mut f = frame(in_mac, [172, 16, 0, 0], VIP, tcp(1024, 80, SYN));
+        for i in 0..flood {
+            // A new source address and port per SYN; checksums do not matter to the balancer.
+            f[27..30].copy_from_slice(&i.to_be_bytes()[1..]);
+            f[34..36].copy_from_slice(&(1024 + (i % 60000) as u16).to_be_bytes());
+            assert_eq!(h.run(&f, h.in_index).0, XDP_REDIRECT);
+        }
+        let c = h.counters();
+        assert_eq!(c.half_open_tracked, u64::from(flood) + 1, "{c:?}");
+        let established = flow_entries(&h, "CONNECTIONS");
+        assert_eq!(
+            established.len(),
+            1,
+            "SYNs must not enter the connection table"
+        );
+        assert!(flow_entries(&h, "HALF_OPEN").len() <= slb_common::MAX_HALF_OPEN as usize);
+
+        // The established flow keeps its backend, and its replies are translated.
+        let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, ACK)), h.in_index);
+        assert_eq!(parse_valid(&out).dst, backend);
+        let (verdict, out) = h.run(
+            &frame(h.out_mac, backend, CLIENT, tcp(8080, 40000, ACK)),
+            h.out_index,
+        );
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(parse_valid(&out).src, VIP);
+    });
+}
+
+#[test]
+fn replies_need_no_flow_state_and_traffic_to_this_host_is_not_translated() {
+    in_fresh_netns(|| {
+        let h = harness();
+        // A reply of a flow this node never saw (another node's, or from before a restart).
+        let (verdict, out) = h.run(
+            &frame(h.out_mac, BACKEND_B, CLIENT, udp(8080, 41000)),
+            h.out_index,
+        );
+        assert_eq!(verdict, XDP_REDIRECT);
+        let p = parse_valid(&out);
+        assert_eq!((p.src, p.src_port, p.dst, p.dst_port), (VIP, 53, CLIENT, 41000));
+        // The active/standby listener's backends have their own port, hence their own VIP port.
+        let (_, out) = h.run(
+            &frame(h.out_mac, BACKEND_B, CLIENT, tcp(8083, 41000, ACK)),
+            h.out_index,
+        );
+        assert_eq!(parse_valid(&out).src_port, 83);
+
+        // A health check's answer, to this host's own address: untouched.
+        let this_host = [10, 20, 0, 1];
+        let answer = frame(h.out_mac, BACKEND_A, this_host, tcp(8080, 51000, SYN | ACK));
+        let (verdict, out) = h.run(&answer, h.out_index);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out, answer, "passed unmodified");
+        let c = h.counters();
+        assert_eq!((c.local_from_backend_passed, c.replies_translated), (1, 2), "{c:?}");
+    });
+}
+
+#[test]
+fn fin_and_rst_mark_a_flow_closing_and_count_it_closed() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let in_mac = mac_of("in0");
+        const FIN: u8 = 0x01;
+        const RST: u8 = 0x04;
+        for (port, last) in [(40001u16, FIN | ACK), (40002, RST)] {
+            h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, SYN)), h.in_index);
+            h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, ACK)), h.in_index);
+            h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, last)), h.in_index);
+            // A retransmitted FIN is not a second close.
+            h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, last)), h.in_index);
+        }
+        let entries = flow_entries(&h, "CONNECTIONS");
+        assert_eq!(entries.len(), 2);
+        assert!(
+            entries
+                .iter()
+                .all(|(_, c)| c.flags & slb_common::CONN_F_CLOSING != 0),
+            "{entries:?}"
+        );
+        let web = h.reconciler.state().listeners.iter().find(|l| l.name == "web").unwrap().index;
+        let stats = slb_user::maps::sum_traffic(
+            &h.reconciler.maps().listener_stats.get(&web, 0).unwrap(),
+        );
+        assert_eq!((stats.new_connections, stats.closed_connections), (2, 2), "{stats:?}");
+    });
+}
