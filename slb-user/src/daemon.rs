@@ -80,7 +80,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
             .shutdown()
             .context("detaching and removing pins")?;
         let _ = fs::remove_dir_all(Path::new(STATE_ROOT).join(&instance));
-        tracing::info!(instance, "detached and unpinned; bye");
+        tracing::info!(%instance, "detached and unpinned; bye");
     }
     outcome.map(|_| ())
 }
@@ -115,7 +115,7 @@ async fn serve(
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     let mut daemon = Daemon::start(dataplane, config, previous, HealthMonitor::new(health_tx))?;
-    let instance = daemon.file_config.instance.clone();
+    let instance = daemon.file_config.instance.to_string();
     let mut background = vec![tokio::spawn(crate::metrics::record_history(
         instance.clone(),
     ))];

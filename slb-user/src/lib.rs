@@ -6,6 +6,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod instance;
 pub mod maps;
 pub mod metrics;
 pub mod proxy;
