@@ -26,6 +26,107 @@ pub fn state_file(instance: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(instance).join("state.json")
 }
 
+/// The file whose flock marks the instance's daemon; it holds that daemon's pid.
+pub fn lock_file(instance: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(instance).join("daemon.lock")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "instance {instance:?} is already served by slb pid {pid} (it holds {path}); stop it with \
+         `slb stop -i {instance}` or use another instance name"
+    )]
+    Held {
+        instance: String,
+        pid: String,
+        path: PathBuf,
+    },
+    #[error("locking {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// An exclusive flock on the instance's lock file, held for the daemon's life. Without it a
+/// second `slb run` for the same instance would adopt the first one's pins and admin socket and,
+/// on its way out, detach everything while the first keeps running blind. The kernel drops the
+/// lock when the process dies, however it dies, so a stale file never blocks a restart.
+pub struct InstanceLock {
+    _file: fs::File,
+}
+
+impl InstanceLock {
+    pub fn acquire(instance: &str) -> Result<InstanceLock, LockError> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::MetadataExt as _;
+
+        let path = lock_file(instance);
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        let dir = path.parent().expect("lock file has a directory");
+        loop {
+            fs::create_dir_all(dir).map_err(io)?;
+            let mut file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io)?;
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return Err(io(e));
+                }
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = match pid.trim() {
+                    "" => "unknown".to_string(),
+                    p => p.to_string(),
+                };
+                return Err(LockError::Held {
+                    instance: instance.into(),
+                    pid,
+                    path,
+                });
+            }
+            // A daemon that exits removes the state directory, lock file included, while it
+            // still holds the lock: if that happened between our open and our flock, we locked
+            // a file nobody else can see. Start over on the path's current file.
+            let ours = file.metadata().map_err(io)?;
+            match fs::metadata(&path) {
+                Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() => {}
+                _ => continue,
+            }
+            file.set_len(0).map_err(io)?;
+            file.rewind().map_err(io)?;
+            writeln!(file, "{}", std::process::id()).map_err(io)?;
+            return Ok(InstanceLock { _file: file });
+        }
+    }
+
+    /// The pid of the daemon holding `instance`'s lock, or `None` when no daemon holds it.
+    pub fn holder(instance: &str) -> Option<String> {
+        use std::os::fd::AsRawFd as _;
+        let path = lock_file(instance);
+        let file = fs::File::open(&path).ok()?;
+        // A shared lock succeeds only when no daemon holds the exclusive one.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return None;
+        }
+        let pid = fs::read_to_string(&path).unwrap_or_default();
+        Some(match pid.trim() {
+            "" => "unknown".to_string(),
+            p => p.to_string(),
+        })
+    }
+}
+
 fn write_state(state: &AppliedState) -> anyhow::Result<()> {
     let path = state_file(&state.instance);
     let dir = path.parent().expect("state file has a directory");
@@ -49,6 +150,8 @@ pub struct RunOptions {
 pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&options.config)?;
     let instance = config.instance.clone();
+    // Before anything else touches the instance's pins, socket or state.
+    let _lock = InstanceLock::acquire(&instance)?;
     let mut dataplane = Dataplane::load(&config.instance, config.maglev_table_size)
         .context("loading the data plane")?;
     let previous = if dataplane.adopted() {
