@@ -1,5 +1,6 @@
 //! The slb control plane: config → desired state → reconcile into the XDP program's maps.
 
+pub mod accept;
 pub mod api;
 pub mod cli;
 pub mod config;
