@@ -297,6 +297,22 @@ fn log_response(source: &str, response: &Response) {
     }
 }
 
+/// One attach or detach a reload made, to undo it when the reload fails.
+#[derive(Debug)]
+enum InterfaceStep {
+    Attached(String),
+    Detached(String, AttachMode),
+}
+
+/// Whether `name` is an interface in this network namespace.
+fn interface_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
 struct Daemon {
     reconciler: Reconciler,
     interfaces: BTreeMap<String, AttachMode>,
@@ -461,42 +477,106 @@ impl Daemon {
         write_state(self.reconciler.state())
     }
 
+    /// Attaches and detaches so that the program runs on exactly `config`'s interfaces. All or
+    /// nothing: every name must resolve before anything changes, and when a step still fails
+    /// (the kernel refuses a mode, an interface vanishes meanwhile) the steps already taken are
+    /// undone, so a refused reload leaves the interfaces as they were. The steps are returned
+    /// for [`undo_interfaces`](Self::undo_interfaces) in case a later part of the reload fails.
     fn sync_interfaces(
         &mut self,
         dataplane: &mut Dataplane,
         config: &Config,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<InterfaceStep>> {
         let wanted: BTreeMap<String, AttachMode> = config
             .interfaces
             .iter()
             .map(|i| (i.name.clone(), i.mode))
             .collect();
-        for (name, mode) in &wanted {
-            match self.interfaces.get(name) {
-                Some(m) if m == mode => {}
-                Some(_) => {
+        let missing: Vec<&str> = wanted
+            .keys()
+            .filter(|name| self.interfaces.get(*name) != wanted.get(*name))
+            .filter(|name| !interface_exists(name))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "interfaces: no interface named {} in this network namespace; nothing was attached or detached",
+                missing
+                    .iter()
+                    .map(|n| format!("{n:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let mut steps = Vec::new();
+        if let Err(e) = self.sync_steps(dataplane, config, &wanted, &mut steps) {
+            self.undo_interfaces(dataplane, &config.instance, steps);
+            return Err(e.context("interfaces: the changes made so far were undone"));
+        }
+        Ok(steps)
+    }
+
+    fn sync_steps(
+        &mut self,
+        dataplane: &mut Dataplane,
+        config: &Config,
+        wanted: &BTreeMap<String, AttachMode>,
+        steps: &mut Vec<InterfaceStep>,
+    ) -> anyhow::Result<()> {
+        for (name, mode) in wanted {
+            match self.interfaces.get(name).copied() {
+                Some(m) if m == *mode => {}
+                Some(old) => {
                     detach_pinned(&config.instance, name)?;
                     self.interfaces.remove(name);
+                    steps.push(InterfaceStep::Detached(name.clone(), old));
                     dataplane.attach(name, *mode)?;
                     self.interfaces.insert(name.clone(), *mode);
+                    steps.push(InterfaceStep::Attached(name.clone()));
                 }
                 None => {
                     dataplane.attach(name, *mode)?;
                     self.interfaces.insert(name.clone(), *mode);
+                    steps.push(InterfaceStep::Attached(name.clone()));
                 }
             }
         }
-        let gone: Vec<String> = self
+        let gone: Vec<(String, AttachMode)> = self
             .interfaces
-            .keys()
-            .filter(|n| !wanted.contains_key(*n))
-            .cloned()
+            .iter()
+            .filter(|(n, _)| !wanted.contains_key(*n))
+            .map(|(n, m)| (n.clone(), *m))
             .collect();
-        for name in gone {
+        for (name, old) in gone {
             detach_pinned(&config.instance, &name)?;
             self.interfaces.remove(&name);
+            steps.push(InterfaceStep::Detached(name, old));
         }
         Ok(())
+    }
+
+    /// Reverts `steps` (newest first). Best effort: a step that cannot be reverted is logged,
+    /// and the rest are still tried.
+    fn undo_interfaces(
+        &mut self,
+        dataplane: &mut Dataplane,
+        instance: &str,
+        steps: Vec<InterfaceStep>,
+    ) {
+        for step in steps.into_iter().rev() {
+            let result = match &step {
+                InterfaceStep::Attached(name) => detach_pinned(instance, name).map(|()| {
+                    self.interfaces.remove(name);
+                }),
+                InterfaceStep::Detached(name, mode) => dataplane.attach(name, *mode).map(|()| {
+                    self.interfaces.insert(name.clone(), *mode);
+                }),
+            };
+            match result {
+                Ok(()) => tracing::info!(?step, "undone"),
+                Err(e) => tracing::error!(?step, "cannot undo: {e}"),
+            }
+        }
     }
 
     fn response(&self, result: anyhow::Result<String>) -> Response {
@@ -525,8 +605,14 @@ impl Daemon {
                     config.instance
                 );
             }
-            self.sync_interfaces(dataplane, &config)?;
-            let generation = self.apply(config.clone(), Vec::new())?;
+            let steps = self.sync_interfaces(dataplane, &config)?;
+            let generation = match self.apply(config.clone(), Vec::new()) {
+                Ok(generation) => generation,
+                Err(e) => {
+                    self.undo_interfaces(dataplane, &config.instance, steps);
+                    return Err(e);
+                }
+            };
             self.file_config = config;
             Ok(format!(
                 "config file {} applied as generation {generation}",
