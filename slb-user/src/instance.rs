@@ -18,7 +18,9 @@ pub const MAX_INSTANCE_LEN: usize = 64;
 pub struct InvalidInstanceName(pub String);
 
 /// A validated instance name: `[A-Za-z0-9_-]{1,64}`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct InstanceName(String);
 
@@ -34,8 +36,7 @@ impl FromStr for InstanceName {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let valid = !s.is_empty()
             && s.len() <= MAX_INSTANCE_LEN
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
         if valid {
             Ok(InstanceName(s.to_owned()))
@@ -103,7 +104,13 @@ mod tests {
 
     #[test]
     fn accepts_plain_names() {
-        for name in ["default", "web", "a", "A-b_9", &"x".repeat(MAX_INSTANCE_LEN)] {
+        for name in [
+            "default",
+            "web",
+            "a",
+            "A-b_9",
+            &"x".repeat(MAX_INSTANCE_LEN),
+        ] {
             let parsed: InstanceName = name.parse().unwrap();
             assert_eq!(parsed.as_str(), name);
         }
