@@ -16,11 +16,15 @@ use crate::api::{self, Call, Request, Response};
 use crate::config::{AttachMode, BackendSpec, Config, GroupKind};
 use crate::dataplane::{detach_pinned, Dataplane};
 use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor, HealthStatus};
+use crate::links::{self, LinkHistory};
 use crate::maps::PinnedMaps;
 use crate::proxy::ProxyManager;
 use crate::reconcile::{AppliedState, BackendKey, Reconciler};
 
 pub const STATE_ROOT: &str = "/run/slb";
+
+/// How often the daemon checks that each attached interface still has the program.
+const LINK_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub fn state_file(instance: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(instance).join("state.json")
@@ -245,6 +249,9 @@ async fn serve(
     );
     daemon.notify_systemd(&[sd_notify::NotifyState::Ready]);
 
+    // How soon a deleted and re-created interface gets the program back.
+    let mut link_check = tokio::time::interval(LINK_CHECK_INTERVAL);
+    link_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -272,6 +279,7 @@ async fn serve(
                 let _ = reply.send(response);
             }
             Some(event) = health_rx.recv() => daemon.health_changed(event),
+            _ = link_check.tick() => daemon.check_links(dataplane),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -323,6 +331,8 @@ struct Daemon {
     health: BTreeMap<BackendKey, HealthStatus>,
     monitor: HealthMonitor,
     proxy: ProxyManager,
+    /// Re-attachments after interface flaps, for `slb status`.
+    links: BTreeMap<String, LinkHistory>,
 }
 
 /// The backends `config` health-checks: every backend of a checked Maglev listener, and only the
@@ -426,12 +436,25 @@ impl Daemon {
             health,
             monitor,
             proxy: ProxyManager::new(),
+            links: BTreeMap::new(),
         };
         for iface in dataplane.pinned_interfaces() {
+            let pin = dataplane.dir().join("links").join(&iface);
+            let on_its_device =
+                links::link_ifindex(&pin).is_some_and(|l| links::ifindex_of(&iface) == Some(l));
             match config.interfaces.iter().find(|i| i.name == iface) {
-                Some(i) => {
+                Some(i) if on_its_device => {
                     dataplane.adopt_link(&iface)?;
                     daemon.interfaces.insert(iface, i.mode);
+                }
+                Some(_) => {
+                    // The interface was deleted (and maybe re-created) since the link was made:
+                    // the link is defunct and cannot be updated; drop it and attach afresh below.
+                    tracing::warn!(
+                        iface,
+                        "the pinned link no longer runs on this interface; attaching anew"
+                    );
+                    detach_pinned(&config.instance, &iface)?;
                 }
                 None => detach_pinned(&config.instance, &iface)?,
             }
@@ -579,6 +602,55 @@ impl Daemon {
         }
     }
 
+    /// Re-attaches the program to every interface that was deleted and re-created since it was
+    /// attached (same name, new device), and notes the ones that are gone, for `slb status`.
+    fn check_links(&mut self, dataplane: &mut Dataplane) {
+        let instance = self.file_config.instance.clone();
+        let mut changed = false;
+        for (name, mode) in self.interfaces.clone() {
+            let pin = dataplane.dir().join("links").join(&name);
+            let link = links::link_ifindex(&pin);
+            let current = links::ifindex_of(&name);
+            if current.is_some() && link == current {
+                continue;
+            }
+            let history = self.links.entry(name.clone()).or_default();
+            let Some(ifindex) = current else {
+                if history.gone_since_unix_ns.is_none() {
+                    tracing::warn!(
+                        iface = %name,
+                        "interface gone: the program is detached from it; re-attaching when it returns"
+                    );
+                    history.gone_since_unix_ns = Some(unix_ns(SystemTime::now()));
+                    changed = true;
+                }
+                continue;
+            };
+            let result = if pin.exists() {
+                detach_pinned(&instance, &name)
+            } else {
+                Ok(())
+            }
+            .and_then(|()| dataplane.attach(&name, mode));
+            match result {
+                Ok(()) => {
+                    tracing::info!(iface = %name, ifindex, "interface re-created: re-attached");
+                    history.reattached += 1;
+                    history.last_reattached_unix_ns = Some(unix_ns(SystemTime::now()));
+                    history.gone_since_unix_ns = None;
+                    changed = true;
+                }
+                // Tried again on the next check.
+                Err(e) => tracing::warn!(iface = %name, "re-attaching failed: {e}"),
+            }
+        }
+        if changed {
+            if let Err(e) = links::write_history(&instance, &self.links) {
+                tracing::warn!("writing {}: {e}", links::history_file(&instance).display());
+            }
+        }
+    }
+
     fn response(&self, result: anyhow::Result<String>) -> Response {
         let generation = self.reconciler.state().generation;
         match result {
@@ -605,6 +677,8 @@ impl Daemon {
                     config.instance
                 );
             }
+            // A flapped interface counts as attached only once it really is again.
+            self.check_links(dataplane);
             let steps = self.sync_interfaces(dataplane, &config)?;
             let generation = match self.apply(config.clone(), Vec::new()) {
                 Ok(generation) => generation,

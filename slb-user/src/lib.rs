@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod instance;
+pub mod links;
 pub mod maps;
 pub mod metrics;
 pub mod proxy;

@@ -97,7 +97,9 @@ fn second_daemon_for_an_instance_is_refused() {
         if Instant::now() >= deadline {
             // It took the instance over; stop it so the test cleans up, and fail.
             unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
-            let out = second.wait_with_output().expect("wait for the second slb run");
+            let out = second
+                .wait_with_output()
+                .expect("wait for the second slb run");
             panic!(
                 "a second slb run for instance {instance} kept running:\n{}",
                 String::from_utf8_lossy(&out.stderr)
@@ -163,7 +165,10 @@ fn instance_names_that_are_paths_are_refused() {
     let config = SlbConfig::standard(&unique_instance("iname"), &[1, 1]);
     let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");
     let instance = daemon.instance().to_owned();
-    let before = (tree(Path::new("/sys/fs/bpf/slb")), tree(&state_dir(&instance)));
+    let before = (
+        tree(Path::new("/sys/fs/bpf/slb")),
+        tree(&state_dir(&instance)),
+    );
 
     // `<instance>/../<instance>` is the running instance by another spelling.
     let dotted = format!("{instance}/../{instance}");
@@ -183,7 +188,10 @@ fn instance_names_that_are_paths_are_refused() {
             );
         }
         assert_eq!(
-            (tree(Path::new("/sys/fs/bpf/slb")), tree(&state_dir(&instance))),
+            (
+                tree(Path::new("/sys/fs/bpf/slb")),
+                tree(&state_dir(&instance))
+            ),
             before,
             "slb -i {bad:?} changed /sys/fs/bpf/slb or the state directory"
         );
@@ -202,11 +210,13 @@ fn instance_names_that_are_paths_are_refused() {
     // The same rule for the config file.
     let dir = tempfile::tempdir().expect("temporary directory");
     let file = dir.path().join("bad.toml");
-    let text = config.to_toml().replace(
-        &format!("instance = \"{instance}\""),
-        "instance = \"../x\"",
+    let text = config
+        .to_toml()
+        .replace(&format!("instance = \"{instance}\""), "instance = \"../x\"");
+    assert!(
+        text.contains("../x"),
+        "could not rewrite the instance:\n{text}"
     );
-    assert!(text.contains("../x"), "could not rewrite the instance:\n{text}");
     std::fs::write(&file, text).expect("write the config");
     for args in [vec!["check-config"], vec!["run", "-c"]] {
         let out = slb_command(&slb, topo.slb_ns())
@@ -354,9 +364,13 @@ fn accept_errors_do_not_end_the_admin_api_or_metrics() {
     // The backoff is at most 1 s; give it a few.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let api = daemon.cli(["reload", "-i", &instance]).expect("run slb reload");
+        let api = daemon
+            .cli(["reload", "-i", &instance])
+            .expect("run slb reload");
         let metrics = metrics_answer(topo.slb_ns(), port);
-        let metrics_ok = metrics.as_ref().is_ok_and(|m| m.starts_with("HTTP/1.1 200"));
+        let metrics_ok = metrics
+            .as_ref()
+            .is_ok_and(|m| m.starts_with("HTTP/1.1 200"));
         if api.success() && metrics_ok {
             break;
         }
@@ -391,7 +405,9 @@ fn rejected_reload_attaches_nothing() {
     let instance = daemon.instance().to_owned();
     topo.exec_in(
         topo.slb_ns(),
-        ["ip", "link", "add", NEW, "type", "veth", "peer", "name", NEW_PEER],
+        [
+            "ip", "link", "add", NEW, "type", "veth", "peer", "name", NEW_PEER,
+        ],
     )
     .expect("create a veth pair in the slb namespace");
     for iface in [NEW, NEW_PEER] {
@@ -411,7 +427,9 @@ fn rejected_reload_attaches_nothing() {
         mode: Some("generic".into()),
     });
     daemon.write_config(&next).expect("write the config");
-    let out = daemon.cli(["reload", "-i", &instance]).expect("run slb reload");
+    let out = daemon
+        .cli(["reload", "-i", &instance])
+        .expect("run slb reload");
     println!("reload: {}", out.error_summary());
     assert!(
         !out.success() && out.stderr.contains("zz-missing"),
@@ -427,12 +445,18 @@ fn rejected_reload_attaches_nothing() {
     );
     let pin = pin_dir(&instance).join("links").join(NEW);
     assert!(!pin.exists(), "the refused reload pinned {}", pin.display());
-    assert_eq!(daemon.generation(), Some(generation), "the generation moved");
+    assert_eq!(
+        daemon.generation(),
+        Some(generation),
+        "the generation moved"
+    );
     traffic_flows(&topo, "after the refused reload");
 
     // And the valid part alone applies.
     next.interfaces.pop();
-    daemon.reload_with(&next).expect("reload with the valid interface");
+    daemon
+        .reload_with(&next)
+        .expect("reload with the valid interface");
     let link = topo
         .exec_in(topo.slb_ns(), ["ip", "-d", "link", "show", NEW])
         .expect("ip link show");
@@ -440,4 +464,191 @@ fn rejected_reload_attaches_nothing() {
     traffic_flows(&topo, "after the valid reload");
     daemon.stop().expect("stop slb");
     let _ = topo.exec_in(topo.slb_ns(), ["ip", "link", "del", NEW]);
+}
+
+/// Runs `slb stop -i <instance>` on drop, so pins a `--keep-serving` daemon leaves do not
+/// outlive a failed test.
+struct StopOnDrop<'a> {
+    slb: &'a Path,
+    netns: &'a str,
+    instance: &'a str,
+}
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        if pin_dir(self.instance).exists() {
+            let _ = slb_command(self.slb, self.netns)
+                .args(["stop", "-i", self.instance])
+                .output();
+        }
+    }
+}
+
+/// Deletes backend 1's veth pair (`s1` in the slb namespace, `b0` in the backend's) and
+/// creates it again: same names, new devices.
+fn flap_backend_link(topo: &Topology) {
+    topo.exec_in(topo.slb_ns(), ["ip", "link", "del", "s1"])
+        .expect("delete s1");
+    create_backend_link(topo);
+}
+
+/// Creates backend 1's veth pair as the topology did: names, addresses, route and offloads.
+fn create_backend_link(topo: &Topology) {
+    let (slb_ns, backend_ns) = (topo.slb_ns(), topo.backend_ns(1));
+    let ip = |ns: &str, args: &[&str]| {
+        topo.exec_in(ns, std::iter::once("ip").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("ip {args:?} in {ns}: {e}"));
+    };
+    let backend_netns = format!("/var/run/netns/{backend_ns}");
+    ip(
+        slb_ns,
+        &[
+            "link",
+            "add",
+            "s1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "b0",
+            "netns",
+            &backend_netns,
+        ],
+    );
+    ip(slb_ns, &["addr", "add", "10.200.11.1/24", "dev", "s1"]);
+    ip(slb_ns, &["link", "set", "s1", "up"]);
+    ip(backend_ns, &["addr", "add", "10.200.11.2/24", "dev", "b0"]);
+    ip(backend_ns, &["link", "set", "b0", "up"]);
+    ip(
+        backend_ns,
+        &["route", "add", "default", "via", "10.200.11.1"],
+    );
+    for (ns, iface, opts) in [
+        (backend_ns, "b0", &["tx", "off"][..]),
+        (backend_ns, "b0", &["gro", "on"][..]),
+        (slb_ns, "s1", &["gro", "on"][..]),
+    ] {
+        topo.exec_in(
+            ns,
+            ["ethtool", "-K", iface]
+                .into_iter()
+                .chain(opts.iter().copied()),
+        )
+        .unwrap_or_else(|e| panic!("ethtool -K {iface} {opts:?}: {e}"));
+    }
+}
+
+/// `interface_states` entry of `iface` in `slb status --json`.
+fn interface_state(daemon: &SlbDaemon, iface: &str) -> serde_json::Value {
+    let status = daemon.status_json().expect("slb status --json");
+    status["interface_states"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == iface).cloned())
+        .unwrap_or_else(|| panic!("no interface_states entry for {iface}: {status}"))
+}
+
+/// Traffic through the VIP works again within `timeout`.
+fn wait_traffic(topo: &Topology, timeout: Duration, when: &str) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let report = tcp_connections(topo.client_ns(), vip_tcp(), &TrafficOptions::new(10))
+            .expect("run TCP connections");
+        if report.failures.is_empty() && report.answered() == 10 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{when}: traffic did not come back within {timeout:?}: {}",
+            report.summary(when)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// An attached interface that is deleted and re-created (same name, new device) gets the
+/// program back within seconds, `slb status` shows what happened, and a restart over pins whose
+/// link was severed that way works.
+#[test]
+fn interface_flap_is_noticed_and_reattached() {
+    if !require_root("interface_flap_is_noticed_and_reattached") {
+        return;
+    }
+    let slb = slb_binary();
+    let topo = Topology::builder()
+        .tag("flap")
+        .backends(1)
+        .test_servers(Path::new(SERVER))
+        .build()
+        .expect("create topology");
+    let config = SlbConfig::standard(&unique_instance("flap"), &[1]);
+    let keep = ["--keep-serving"];
+    let daemon = SlbDaemon::start_toml_with(
+        &slb,
+        topo.slb_ns(),
+        &config.instance,
+        &config.to_toml(),
+        &keep,
+    )
+    .expect("start slb");
+    let instance = daemon.instance().to_owned();
+    let _cleanup = StopOnDrop {
+        slb: &slb,
+        netns: topo.slb_ns(),
+        instance: &instance,
+    };
+    traffic_flows(&topo, "before the flap");
+    assert_eq!(interface_state(&daemon, "s1")["attached"], true);
+
+    // Gone: noticed and shown.
+    topo.exec_in(topo.slb_ns(), ["ip", "link", "del", "s1"])
+        .expect("delete s1");
+    let state = interface_state(&daemon, "s1");
+    assert_eq!(state["attached"], false, "{state}");
+    assert_eq!(state["state"], "detached: interface gone", "{state}");
+    let text = daemon
+        .cli(["status", "-i", &instance])
+        .expect("run slb status");
+    assert!(
+        text.stdout.contains("s1 (detached: interface gone)"),
+        "{}",
+        text.stdout
+    );
+    // Back under the same name: re-attached, and traffic flows again.
+    // (Deleting s1 took b0 with it; this re-creates both.)
+    create_backend_link(&topo);
+    wait_traffic(&topo, Duration::from_secs(10), "after s1 was re-created");
+    let state = interface_state(&daemon, "s1");
+    assert_eq!(state["attached"], true, "{state}");
+    assert_eq!(state["reattached"], 1, "{state}");
+    let link = topo
+        .exec_in(topo.slb_ns(), ["ip", "-d", "link", "show", "s1"])
+        .expect("ip link show");
+    assert!(link.contains("xdp"), "s1 has no XDP program:\n{link}");
+    let text = daemon
+        .cli(["status", "-i", &instance])
+        .expect("run slb status");
+    assert!(
+        text.stdout.contains("s1 (re-attached 1 time"),
+        "{}",
+        text.stdout
+    );
+
+    // A restart over a link severed while no daemon ran.
+    daemon.stop().expect("stop slb (--keep-serving)");
+    flap_backend_link(&topo);
+    let daemon = SlbDaemon::start_toml_with(
+        &slb,
+        topo.slb_ns(),
+        &config.instance,
+        &config.to_toml(),
+        &keep,
+    )
+    .expect("restart slb over the severed link");
+    wait_traffic(&topo, Duration::from_secs(10), "after the restart");
+    assert_eq!(interface_state(&daemon, "s1")["attached"], true);
+    daemon
+        .cli(["stop", "-i", &instance])
+        .expect("run slb stop")
+        .expect_success()
+        .expect("slb stop");
 }
