@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -81,8 +82,34 @@ fn second_daemon_for_an_instance_is_refused() {
     let instance = daemon.instance().to_owned();
     let pid = daemon.pid().expect("the daemon runs");
     let socket = state_dir(&instance).join("admin.sock");
-    let before = (tree(&pin_dir(&instance)), tree(&state_dir(&instance)));
-    assert!(socket.exists(), "no admin socket at {}", socket.display());
+    // The state file (what start waits for) is written just before the socket is bound.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no admin socket at {}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The pins, and the socket and lock file by inode: a second daemon that took over would
+    // have re-bound the socket and re-created or re-written the lock.
+    let snapshot = || {
+        let inode = |p: &Path| std::fs::metadata(p).map(|m| m.ino()).ok();
+        let lock = state_dir(&instance).join("daemon.lock");
+        (
+            tree(&pin_dir(&instance)),
+            inode(&socket),
+            inode(&lock),
+            std::fs::read_to_string(&lock).ok(),
+        )
+    };
+    let before = snapshot();
+    assert_eq!(
+        before.3.as_deref().map(str::trim),
+        Some(pid.to_string().as_str()),
+        "the lock file does not hold the daemon's pid"
+    );
 
     let mut second = slb_command(&slb, topo.slb_ns())
         .args(["run", "-c"])
@@ -123,9 +150,9 @@ fn second_daemon_for_an_instance_is_refused() {
 
     // Nothing of the first daemon's was touched, and it still serves and answers.
     assert_eq!(
-        (tree(&pin_dir(&instance)), tree(&state_dir(&instance))),
+        snapshot(),
         before,
-        "the second slb run changed the pins or the state directory"
+        "the second slb run changed the pins, the admin socket or the lock"
     );
     traffic_flows(&topo, "after the second slb run was refused");
     daemon
@@ -165,10 +192,23 @@ fn instance_names_that_are_paths_are_refused() {
     let config = SlbConfig::standard(&unique_instance("iname"), &[1, 1]);
     let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");
     let instance = daemon.instance().to_owned();
-    let before = (
-        tree(Path::new("/sys/fs/bpf/slb")),
-        tree(&state_dir(&instance)),
-    );
+    // Stand-ins for what `-i ""` (every instance) and `-i ..` (all of bpffs) would reach; other
+    // tests' instances come and go meanwhile, so only these and our own pins are compared.
+    let sentinels = [
+        pin_dir(&format!("{instance}-sentinel")),
+        Path::new("/sys/fs/bpf").join(format!("{instance}-sentinel")),
+    ];
+    for dir in &sentinels {
+        std::fs::create_dir(dir).expect("create a sentinel directory in bpffs");
+    }
+    let snapshot = || {
+        (
+            tree(&pin_dir(&instance)),
+            state_dir(&instance).join("state.json").exists(),
+            sentinels.iter().map(|d| d.exists()).collect::<Vec<_>>(),
+        )
+    };
+    let before = snapshot();
 
     // `<instance>/../<instance>` is the running instance by another spelling.
     let dotted = format!("{instance}/../{instance}");
@@ -188,12 +228,9 @@ fn instance_names_that_are_paths_are_refused() {
             );
         }
         assert_eq!(
-            (
-                tree(Path::new("/sys/fs/bpf/slb")),
-                tree(&state_dir(&instance))
-            ),
+            snapshot(),
             before,
-            "slb -i {bad:?} changed /sys/fs/bpf/slb or the state directory"
+            "slb -i {bad:?} removed pins, state or a sentinel"
         );
     }
     let out = slb_command(&slb, topo.slb_ns())
@@ -233,6 +270,9 @@ fn instance_names_that_are_paths_are_refused() {
 
     traffic_flows(&topo, "after the refused names");
     daemon.stop().expect("stop slb");
+    for dir in &sentinels {
+        std::fs::remove_dir(dir).expect("remove a sentinel directory");
+    }
 }
 
 /// Counts the open file descriptors of `pid`.
