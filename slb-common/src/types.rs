@@ -273,8 +273,8 @@ global_counters! {
     redirect_failed,
     /// Replies from backends translated back to the VIP.
     replies_translated,
-    /// Packets from a backend's endpoint to this host (health checks, the L7 proxy): passed
-    /// untouched.
+    /// Packets from a backend's endpoint that the FIB does not forward: to this host (health
+    /// checks, the L7 proxy) or to a destination without a route. Passed untouched.
     local_from_backend_passed,
     /// SYNs of new TCP flows balanced and recorded in the half-open table.
     half_open_tracked,

@@ -151,8 +151,16 @@ pub async fn serve(instance: &str, calls: mpsc::Sender<Call>) -> anyhow::Result<
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    let mut backoff = crate::accept::AcceptBackoff::new("admin API");
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                backoff.failed(&e).await;
+                continue;
+            }
+        };
+        backoff.succeeded();
         let calls = calls.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();

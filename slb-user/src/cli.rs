@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::config::AttachMode;
+use crate::instance::InstanceName;
 
 #[derive(Debug, Parser)]
 #[command(name = "slb", version, about = "eBPF/XDP server load balancer")]
@@ -39,14 +40,14 @@ pub enum Command {
     /// Show listeners, backends, weights, connections and counters of a running instance.
     Status {
         #[arg(short, long, default_value = "default")]
-        instance: String,
+        instance: InstanceName,
         #[arg(long)]
         json: bool,
     },
     /// Traffic per listener and backend (packets, bytes, new and current connections, health).
     Stats {
         #[arg(short, long, default_value = "default")]
-        instance: String,
+        instance: InstanceName,
         #[arg(long, conflicts_with = "watch")]
         json: bool,
         /// Refresh every SECONDS, with rates.
@@ -61,7 +62,7 @@ pub enum Command {
     /// Attach a running instance's program to one more interface.
     Attach {
         #[arg(short, long, default_value = "default")]
-        instance: String,
+        instance: InstanceName,
         #[arg(long, value_name = "IF")]
         iface: String,
         #[arg(long, value_enum, default_value = "native")]
@@ -75,13 +76,13 @@ pub enum Command {
     /// Re-read the config file of a running instance (drops runtime changes).
     Reload {
         #[arg(short, long, default_value = "default")]
-        instance: String,
+        instance: InstanceName,
     },
     /// Stop an instance for good: detach its program everywhere, remove its pins and state, and
     /// end its daemon (works on the pins alone when no daemon runs).
     Stop {
         #[arg(short, long, default_value = "default")]
-        instance: String,
+        instance: InstanceName,
     },
     /// Print shell completions for `slb`.
     Completions {
@@ -93,7 +94,7 @@ pub enum Command {
     /// Detach a running instance's program from an interface.
     Detach {
         #[arg(short, long, default_value = "default")]
-        instance: String,
+        instance: InstanceName,
         #[arg(long, value_name = "IF")]
         iface: String,
     },
@@ -105,7 +106,7 @@ pub enum ReportKind {
     /// share, the deviation and a verdict.
     Distribution {
         #[arg(short, long, default_value = "default")]
-        instance: String,
+        instance: InstanceName,
         /// Only this listener.
         #[arg(long)]
         listener: Option<String>,
@@ -121,7 +122,7 @@ pub enum ReportKind {
 #[derive(Debug, clap::Args)]
 pub struct BackendRef {
     #[arg(short, long, default_value = "default")]
-    pub instance: String,
+    pub instance: InstanceName,
     /// Group name; `default` is the default server group.
     #[arg(long)]
     pub group: String,
@@ -154,7 +155,7 @@ pub enum BackendAction {
 
 impl BackendAction {
     /// The instance and the admin-API request this action sends.
-    pub fn request(self) -> (String, crate::api::Request) {
+    pub fn request(self) -> (InstanceName, crate::api::Request) {
         use crate::api::Request;
         match self {
             BackendAction::Add { backend: b, weight } => (

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use slb_common::maglev::is_prime;
+
+use crate::instance::InstanceName;
 use slb_common::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
 
 /// Largest backend weight: weights are ring credits, so very large ones only slow the build.
@@ -93,8 +95,9 @@ pub enum AttachMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Names the pin directory /sys/fs/bpf/slb/<instance> and the state directory.
-    pub instance: String,
+    /// Names the pin directory /sys/fs/bpf/slb/<instance> and the state directory; checked
+    /// when parsed, so it is always one safe path component.
+    pub instance: InstanceName,
     /// Optional list of the instance's VIPs; when given, every listener's VIP must be in it.
     #[serde(default)]
     pub vips: Vec<IpAddr>,
@@ -462,21 +465,6 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.instance.is_empty()
-            || self.instance.len() > 32
-            || !self
-                .instance
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(invalid(
-                "instance",
-                format!(
-                    "{:?} must be 1-32 characters of letters, digits, '-' or '_'",
-                    self.instance
-                ),
-            ));
-        }
         if !(slb_common::MIN_MAX_CONNECTIONS..=slb_common::MAX_MAX_CONNECTIONS)
             .contains(&self.max_connections)
         {

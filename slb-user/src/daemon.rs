@@ -16,14 +16,119 @@ use crate::api::{self, Call, Request, Response};
 use crate::config::{AttachMode, BackendSpec, Config, GroupKind};
 use crate::dataplane::{detach_pinned, Dataplane, TableSizes};
 use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor, HealthStatus};
+use crate::links::{self, LinkHistory};
 use crate::maps::PinnedMaps;
 use crate::proxy::ProxyManager;
 use crate::reconcile::{AppliedState, BackendKey, Reconciler};
 
 pub const STATE_ROOT: &str = "/run/slb";
 
+/// How often the daemon checks that each attached interface still has the program.
+const LINK_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub fn state_file(instance: &str) -> PathBuf {
     Path::new(STATE_ROOT).join(instance).join("state.json")
+}
+
+/// The file whose flock marks the instance's daemon; it holds that daemon's pid.
+pub fn lock_file(instance: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(instance).join("daemon.lock")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "instance {instance:?} is already served by slb pid {pid} (it holds {path}); stop it with \
+         `slb stop -i {instance}` or use another instance name"
+    )]
+    Held {
+        instance: String,
+        pid: String,
+        path: PathBuf,
+    },
+    #[error("locking {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// An exclusive flock on the instance's lock file, held for the daemon's life. Without it a
+/// second `slb run` for the same instance would adopt the first one's pins and admin socket and,
+/// on its way out, detach everything while the first keeps running blind. The kernel drops the
+/// lock when the process dies, however it dies, so a stale file never blocks a restart.
+pub struct InstanceLock {
+    _file: fs::File,
+}
+
+impl InstanceLock {
+    pub fn acquire(instance: &str) -> Result<InstanceLock, LockError> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::MetadataExt as _;
+
+        let path = lock_file(instance);
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        let dir = path.parent().expect("lock file has a directory");
+        loop {
+            fs::create_dir_all(dir).map_err(io)?;
+            let mut file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(io)?;
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return Err(io(e));
+                }
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = match pid.trim() {
+                    "" => "unknown".to_string(),
+                    p => p.to_string(),
+                };
+                return Err(LockError::Held {
+                    instance: instance.into(),
+                    pid,
+                    path,
+                });
+            }
+            // A daemon that exits removes the state directory, lock file included, while it
+            // still holds the lock: if that happened between our open and our flock, we locked
+            // a file nobody else can see. Start over on the path's current file.
+            let ours = file.metadata().map_err(io)?;
+            match fs::metadata(&path) {
+                Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() => {}
+                _ => continue,
+            }
+            file.set_len(0).map_err(io)?;
+            file.rewind().map_err(io)?;
+            writeln!(file, "{}", std::process::id()).map_err(io)?;
+            return Ok(InstanceLock { _file: file });
+        }
+    }
+
+    /// The pid of the daemon holding `instance`'s lock, or `None` when no daemon holds it.
+    pub fn holder(instance: &str) -> Option<String> {
+        use std::os::fd::AsRawFd as _;
+        let path = lock_file(instance);
+        let file = fs::File::open(&path).ok()?;
+        // A shared lock succeeds only when no daemon holds the exclusive one.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+            return None;
+        }
+        let pid = fs::read_to_string(&path).unwrap_or_default();
+        Some(match pid.trim() {
+            "" => "unknown".to_string(),
+            p => p.to_string(),
+        })
+    }
 }
 
 fn write_state(state: &AppliedState) -> anyhow::Result<()> {
@@ -49,6 +154,8 @@ pub struct RunOptions {
 pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&options.config)?;
     let instance = config.instance.clone();
+    // Before anything else touches the instance's pins, socket or state.
+    let _lock = InstanceLock::acquire(&instance)?;
     let mut dataplane = Dataplane::load(&config.instance, TableSizes::of(&config))
         .context("loading the data plane")?;
     let previous = if dataplane.adopted() {
@@ -80,7 +187,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
             .shutdown()
             .context("detaching and removing pins")?;
         let _ = fs::remove_dir_all(Path::new(STATE_ROOT).join(&instance));
-        tracing::info!(instance, "detached and unpinned; bye");
+        tracing::info!(%instance, "detached and unpinned; bye");
     }
     outcome.map(|_| ())
 }
@@ -122,7 +229,7 @@ async fn serve(
         HealthMonitor::new(health_tx),
         plan_tx,
     )?;
-    let instance = daemon.file_config.instance.clone();
+    let instance = daemon.file_config.instance.to_string();
     let mut background = vec![
         tokio::spawn(crate::flows::run(
             instance.clone(),
@@ -154,6 +261,9 @@ async fn serve(
     );
     daemon.notify_systemd(&[sd_notify::NotifyState::Ready]);
 
+    // How soon a deleted and re-created interface gets the program back.
+    let mut link_check = tokio::time::interval(LINK_CHECK_INTERVAL);
+    link_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -181,6 +291,7 @@ async fn serve(
                 let _ = reply.send(response);
             }
             Some(event) = health_rx.recv() => daemon.health_changed(event),
+            _ = link_check.tick() => daemon.check_links(dataplane),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -206,6 +317,22 @@ fn log_response(source: &str, response: &Response) {
     }
 }
 
+/// One attach or detach a reload made, to undo it when the reload fails.
+#[derive(Debug)]
+enum InterfaceStep {
+    Attached(String),
+    Detached(String, AttachMode),
+}
+
+/// Whether `name` is an interface in this network namespace.
+fn interface_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
 struct Daemon {
     reconciler: Reconciler,
     interfaces: BTreeMap<String, AttachMode>,
@@ -218,6 +345,8 @@ struct Daemon {
     proxy: ProxyManager,
     /// What the connection-table sweeper needs of the applied state.
     sweep_plan: tokio::sync::watch::Sender<crate::flows::SweepPlan>,
+    /// Re-attachments after interface flaps, for `slb status`.
+    links: BTreeMap<String, LinkHistory>,
 }
 
 /// The backends `config` health-checks: every backend of a checked Maglev listener, and only the
@@ -323,12 +452,25 @@ impl Daemon {
             monitor,
             proxy: ProxyManager::new(),
             sweep_plan,
+            links: BTreeMap::new(),
         };
         for iface in dataplane.pinned_interfaces() {
+            let pin = dataplane.dir().join("links").join(&iface);
+            let on_its_device =
+                links::link_ifindex(&pin).is_some_and(|l| links::ifindex_of(&iface) == Some(l));
             match config.interfaces.iter().find(|i| i.name == iface) {
-                Some(i) => {
+                Some(i) if on_its_device => {
                     dataplane.adopt_link(&iface)?;
                     daemon.interfaces.insert(iface, i.mode);
+                }
+                Some(_) => {
+                    // The interface was deleted (and maybe re-created) since the link was made:
+                    // the link is defunct and cannot be updated; drop it and attach afresh below.
+                    tracing::warn!(
+                        iface,
+                        "the pinned link no longer runs on this interface; attaching anew"
+                    );
+                    detach_pinned(&config.instance, &iface)?;
                 }
                 None => detach_pinned(&config.instance, &iface)?,
             }
@@ -380,42 +522,155 @@ impl Daemon {
         write_state(self.reconciler.state())
     }
 
+    /// Attaches and detaches so that the program runs on exactly `config`'s interfaces. All or
+    /// nothing: every name must resolve before anything changes, and when a step still fails
+    /// (the kernel refuses a mode, an interface vanishes meanwhile) the steps already taken are
+    /// undone, so a refused reload leaves the interfaces as they were. The steps are returned
+    /// for [`undo_interfaces`](Self::undo_interfaces) in case a later part of the reload fails.
     fn sync_interfaces(
         &mut self,
         dataplane: &mut Dataplane,
         config: &Config,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Vec<InterfaceStep>> {
         let wanted: BTreeMap<String, AttachMode> = config
             .interfaces
             .iter()
             .map(|i| (i.name.clone(), i.mode))
             .collect();
-        for (name, mode) in &wanted {
-            match self.interfaces.get(name) {
-                Some(m) if m == mode => {}
-                Some(_) => {
+        let missing: Vec<&str> = wanted
+            .keys()
+            .filter(|name| self.interfaces.get(*name) != wanted.get(*name))
+            .filter(|name| !interface_exists(name))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "interfaces: no interface named {} in this network namespace; nothing was attached or detached",
+                missing
+                    .iter()
+                    .map(|n| format!("{n:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let mut steps = Vec::new();
+        if let Err(e) = self.sync_steps(dataplane, config, &wanted, &mut steps) {
+            self.undo_interfaces(dataplane, &config.instance, steps);
+            return Err(e.context("interfaces: the changes made so far were undone"));
+        }
+        Ok(steps)
+    }
+
+    fn sync_steps(
+        &mut self,
+        dataplane: &mut Dataplane,
+        config: &Config,
+        wanted: &BTreeMap<String, AttachMode>,
+        steps: &mut Vec<InterfaceStep>,
+    ) -> anyhow::Result<()> {
+        for (name, mode) in wanted {
+            match self.interfaces.get(name).copied() {
+                Some(m) if m == *mode => {}
+                Some(old) => {
                     detach_pinned(&config.instance, name)?;
                     self.interfaces.remove(name);
+                    steps.push(InterfaceStep::Detached(name.clone(), old));
                     dataplane.attach(name, *mode)?;
                     self.interfaces.insert(name.clone(), *mode);
+                    steps.push(InterfaceStep::Attached(name.clone()));
                 }
                 None => {
                     dataplane.attach(name, *mode)?;
                     self.interfaces.insert(name.clone(), *mode);
+                    steps.push(InterfaceStep::Attached(name.clone()));
                 }
             }
         }
-        let gone: Vec<String> = self
+        let gone: Vec<(String, AttachMode)> = self
             .interfaces
-            .keys()
-            .filter(|n| !wanted.contains_key(*n))
-            .cloned()
+            .iter()
+            .filter(|(n, _)| !wanted.contains_key(*n))
+            .map(|(n, m)| (n.clone(), *m))
             .collect();
-        for name in gone {
+        for (name, old) in gone {
             detach_pinned(&config.instance, &name)?;
             self.interfaces.remove(&name);
+            steps.push(InterfaceStep::Detached(name, old));
         }
         Ok(())
+    }
+
+    /// Reverts `steps` (newest first). Best effort: a step that cannot be reverted is logged,
+    /// and the rest are still tried.
+    fn undo_interfaces(
+        &mut self,
+        dataplane: &mut Dataplane,
+        instance: &str,
+        steps: Vec<InterfaceStep>,
+    ) {
+        for step in steps.into_iter().rev() {
+            let result = match &step {
+                InterfaceStep::Attached(name) => detach_pinned(instance, name).map(|()| {
+                    self.interfaces.remove(name);
+                }),
+                InterfaceStep::Detached(name, mode) => dataplane.attach(name, *mode).map(|()| {
+                    self.interfaces.insert(name.clone(), *mode);
+                }),
+            };
+            match result {
+                Ok(()) => tracing::info!(?step, "undone"),
+                Err(e) => tracing::error!(?step, "cannot undo: {e}"),
+            }
+        }
+    }
+
+    /// Re-attaches the program to every interface that was deleted and re-created since it was
+    /// attached (same name, new device), and notes the ones that are gone, for `slb status`.
+    fn check_links(&mut self, dataplane: &mut Dataplane) {
+        let instance = self.file_config.instance.clone();
+        let mut changed = false;
+        for (name, mode) in self.interfaces.clone() {
+            let pin = dataplane.dir().join("links").join(&name);
+            let link = links::link_ifindex(&pin);
+            let current = links::ifindex_of(&name);
+            if current.is_some() && link == current {
+                continue;
+            }
+            let history = self.links.entry(name.clone()).or_default();
+            let Some(ifindex) = current else {
+                if history.gone_since_unix_ns.is_none() {
+                    tracing::warn!(
+                        iface = %name,
+                        "interface gone: the program is detached from it; re-attaching when it returns"
+                    );
+                    history.gone_since_unix_ns = Some(unix_ns(SystemTime::now()));
+                    changed = true;
+                }
+                continue;
+            };
+            let result = if pin.exists() {
+                detach_pinned(&instance, &name)
+            } else {
+                Ok(())
+            }
+            .and_then(|()| dataplane.attach(&name, mode));
+            match result {
+                Ok(()) => {
+                    tracing::info!(iface = %name, ifindex, "interface re-created: re-attached");
+                    history.reattached += 1;
+                    history.last_reattached_unix_ns = Some(unix_ns(SystemTime::now()));
+                    history.gone_since_unix_ns = None;
+                    changed = true;
+                }
+                // Tried again on the next check.
+                Err(e) => tracing::warn!(iface = %name, "re-attaching failed: {e}"),
+            }
+        }
+        if changed {
+            if let Err(e) = links::write_history(&instance, &self.links) {
+                tracing::warn!("writing {}: {e}", links::history_file(&instance).display());
+            }
+        }
     }
 
     fn response(&self, result: anyhow::Result<String>) -> Response {
@@ -444,8 +699,16 @@ impl Daemon {
                     config.instance
                 );
             }
-            self.sync_interfaces(dataplane, &config)?;
-            let generation = self.apply(config.clone(), Vec::new())?;
+            // A flapped interface counts as attached only once it really is again.
+            self.check_links(dataplane);
+            let steps = self.sync_interfaces(dataplane, &config)?;
+            let generation = match self.apply(config.clone(), Vec::new()) {
+                Ok(generation) => generation,
+                Err(e) => {
+                    self.undo_interfaces(dataplane, &config.instance, steps);
+                    return Err(e);
+                }
+            };
             self.file_config = config;
             Ok(format!(
                 "config file {} applied as generation {generation}",

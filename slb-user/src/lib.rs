@@ -1,5 +1,6 @@
 //! The slb control plane: config → desired state → reconcile into the XDP program's maps.
 
+pub mod accept;
 pub mod api;
 pub mod cli;
 pub mod config;
@@ -7,6 +8,8 @@ pub mod daemon;
 pub mod dataplane;
 pub mod flows;
 pub mod health;
+pub mod instance;
+pub mod links;
 pub mod maps;
 pub mod metrics;
 pub mod proxy;

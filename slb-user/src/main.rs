@@ -64,6 +64,15 @@ fn stop(instance: &str) -> anyhow::Result<()> {
             );
         }
     }
+    // Cleaning up under a daemon that is alive but did not answer would pull its data plane
+    // from under it.
+    if let Some(pid) = daemon::InstanceLock::holder(instance) {
+        anyhow::bail!(
+            "instance {instance:?} is served by slb pid {pid}, whose admin socket {} did not \
+             answer; nothing was removed (end that process, then run `slb stop` again)",
+            api::socket_path(instance).display()
+        );
+    }
     dataplane::ensure_bpffs()?;
     let dir = dataplane::pin_dir(instance);
     if !dir.exists() {

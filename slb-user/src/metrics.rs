@@ -23,8 +23,16 @@ pub async fn serve_prometheus(instance: String, port: u16) -> anyhow::Result<()>
         .await
         .with_context(|| format!("metrics: binding {addr}"))?;
     tracing::info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+    let mut backoff = crate::accept::AcceptBackoff::new("Prometheus metrics");
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                backoff.failed(&e).await;
+                continue;
+            }
+        };
+        backoff.succeeded();
         let instance = instance.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {

@@ -19,6 +19,8 @@ pub struct Status {
     pub instance: String,
     pub generation: u64,
     pub interfaces: Vec<String>,
+    /// Whether the program really runs on each of `interfaces` (see [`crate::links`]).
+    pub interface_states: Vec<crate::links::InterfaceState>,
     pub listeners: Vec<ListenerStatus>,
     pub backends: Vec<BackendStatus>,
     pub counters: BTreeMap<&'static str, u64>,
@@ -188,10 +190,16 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
             }
         }
     }
+    let interface_states =
+        crate::links::interface_states(instance, &pin_dir(instance), &state.interfaces);
+    for i in interface_states.iter().filter(|i| !i.attached) {
+        warnings.push(format!("interface {}: {}", i.name, i.state));
+    }
     Ok(Status {
         instance: state.instance,
         generation: state.generation,
         interfaces: state.interfaces,
+        interface_states,
         listeners,
         backends,
         counters,
@@ -235,7 +243,7 @@ pub fn render(status: &Status) -> String {
         "instance {} (config generation {}), attached to {}",
         status.instance,
         status.generation,
-        status.interfaces.join(", ")
+        crate::links::describe(&status.interface_states)
     );
     let table = &status.connection_table;
     let _ = writeln!(

@@ -349,16 +349,16 @@ async fn accept_loop(
     runtime: Arc<ArcSwap<ListenerRt>>,
     shared: Arc<Shared>,
 ) {
+    let mut backoff = crate::accept::AcceptBackoff::new("HTTP proxy");
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!("proxy accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                backoff.failed(&e).await;
                 continue;
             }
         };
+        backoff.succeeded();
         let _ = stream.set_nodelay(true);
         tokio::spawn(serve_connection(
             stream,
