@@ -202,7 +202,9 @@ pub struct NextHop {
     /// Non-zero: the destination is this host (health-check and proxy traffic from a backend's
     /// endpoint): such packets are not replies to translate.
     pub local: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// The egress device's MTU: larger packets need fragmenting or an ICMP error.
+    pub mtu: u16,
     pub checked_ns: u64,
 }
 
@@ -278,6 +280,15 @@ global_counters! {
     local_from_backend_passed,
     /// SYNs of new TCP flows balanced and recorded in the half-open table.
     half_open_tracked,
+    /// Packets too big for the next hop with DF set, answered with ICMP "fragmentation needed"
+    /// quoting them as their sender sent them.
+    icmp_too_big_sent,
+    /// ICMP errors about a balanced flow, translated and forwarded (to the backend or client).
+    icmp_errors_translated,
+    /// ICMP errors about a VIP's packet whose flow this node does not know: passed.
+    icmp_errors_unmatched,
+    /// ICMP errors that could not be built (the frame could not be resized): packet dropped.
+    icmp_errors_failed,
     /// Packets whose TTL ran out at the balancer: passed so the kernel sends ICMP.
     ttl_expired_passed,
     /// Packets of known flows whose backend was removed or declared unhealthy: re-balanced.

@@ -20,13 +20,14 @@ use slb_common::{
 
 use crate::{
     forward::{route_ipv4, send, Route},
+    icmp::{self, IPPROTO_ICMP},
     maps::{
         BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, GLOBAL_STATS, HALF_OPEN, LISTENERS,
         LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, REPLY_NAT, RINGS,
     },
     packet::{
         ptr_at, EthHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6,
-        IPV4_FRAGMENT_MASK, IPV4_HDR_LEN, IPV4_RESERVED_FLAG, TCP_HDR_LEN, UDP_HDR_LEN,
+        IPV4_DONT_FRAGMENT, IPV4_FRAGMENT_MASK, IPV4_HDR_LEN, IPV4_RESERVED_FLAG, TCP_HDR_LEN, UDP_HDR_LEN,
     },
 };
 
@@ -81,6 +82,9 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     {
         counters.malformed += 1;
         return XDP_DROP;
+    }
+    if protocol == IPPROTO_ICMP && frag_off & IPV4_FRAGMENT_MASK == 0 && version_ihl == 0x45 {
+        return icmp::translate_error(ctx, counters);
     }
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         counters.not_for_us_passed += 1;
@@ -202,7 +206,7 @@ enum Pick {
 }
 
 #[inline(always)]
-fn present_backend(id: u32) -> Option<Backend> {
+pub(crate) fn present_backend(id: u32) -> Option<Backend> {
     let backend = BACKENDS.get(id)?;
     if backend.flags & BACKEND_F_PRESENT == 0 {
         return None;
@@ -445,13 +449,24 @@ fn to_backend(
             return XDP_DROP;
         }
     };
-    unsafe { translate(ip, l4, Endpoint::Destination, &backend.addr, backend.port) };
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    count_traffic(listener.index, id, bytes, new_flow);
     let cache = NEXT_HOP_BACKEND
         .get_ptr_mut(id)
         .unwrap_or(core::ptr::null_mut());
-    let route = route_ipv4(ctx, ip, l4.protocol, cache, counters);
+    let backend_addr = [
+        backend.addr[12],
+        backend.addr[13],
+        backend.addr[14],
+        backend.addr[15],
+    ];
+    let route = route_ipv4(ctx, ip, backend_addr, l4.protocol, cache, counters);
+    if let Route::TooBig(mtu) = route {
+        if dont_fragment(ip) {
+            return icmp::reply_too_big(ctx, mtu, counters);
+        }
+    }
+    unsafe { translate(ip, l4, Endpoint::Destination, &backend.addr, backend.port) };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    count_traffic(listener.index, id, bytes, new_flow);
     send(ctx, eth, route, counters)
 }
 
@@ -477,10 +492,16 @@ fn to_client(
         }
     };
     // Routed before the rewrite: the route to the client does not depend on the source.
-    let route = route_ipv4(ctx, ip, l4.protocol, cache, counters);
-    if matches!(route, Route::Local) {
-        counters.local_from_backend_passed += 1;
-        return XDP_PASS;
+    let route = route_ipv4(ctx, ip, unsafe { (*ip).dst }, l4.protocol, cache, counters);
+    match route {
+        Route::Local => {
+            counters.local_from_backend_passed += 1;
+            return XDP_PASS;
+        }
+        Route::TooBig(mtu) if dont_fragment(ip) => {
+            return icmp::reply_too_big(ctx, mtu, counters);
+        }
+        _ => {}
     }
     if ttl_expired(ip, counters) {
         return XDP_PASS;
@@ -490,9 +511,14 @@ fn to_client(
     send(ctx, eth, route, counters)
 }
 
+#[inline(always)]
+fn dont_fragment(ip: *const Ipv4Hdr) -> bool {
+    u16::from_be(unsafe { (*ip).frag_off }) & IPV4_DONT_FRAGMENT != 0
+}
+
 /// A packet whose TTL would run out here goes to the stack, which sends the ICMP error.
 #[inline(always)]
-fn ttl_expired(ip: *const Ipv4Hdr, counters: &mut GlobalCounters) -> bool {
+pub(crate) fn ttl_expired(ip: *const Ipv4Hdr, counters: &mut GlobalCounters) -> bool {
     let expired = unsafe { (*ip).ttl } <= 1;
     if expired {
         counters.ttl_expired_passed += 1;
@@ -563,7 +589,7 @@ unsafe fn rewrite_l4(l4: &L4, port: *mut u16, old_addr: [u8; 4], new_addr: [u8; 
 }
 
 #[inline(always)]
-unsafe fn decrement_ttl(ip: *mut Ipv4Hdr) {
+pub(crate) unsafe fn decrement_ttl(ip: *mut Ipv4Hdr) {
     unsafe {
         let ttl = (*ip).ttl;
         let protocol = (*ip).protocol;

@@ -6,7 +6,10 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
-    helpers::{bpf_ktime_get_ns, generated::bpf_fib_lookup},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_check_mtu, bpf_fib_lookup},
+    },
     programs::XdpContext,
     EbpfContext,
 };
@@ -24,6 +27,7 @@ const BPF_FIB_LKUP_RET_BLACKHOLE: i64 = 1;
 const BPF_FIB_LKUP_RET_UNREACHABLE: i64 = 2;
 const BPF_FIB_LKUP_RET_PROHIBIT: i64 = 3;
 const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
 /// Where a packet goes next.
 pub enum Route {
@@ -36,19 +40,23 @@ pub enum Route {
     Stack,
     /// No route (blackhole, unreachable, prohibited).
     Drop,
+    /// Larger than the path's MTU (the value).
+    TooBig(u16),
 }
 
-/// The next hop for the packet whose IPv4 header is `ip`, from this CPU's `cache` slot (may be
-/// null) or the FIB, counting cache hits and lookups.
+/// The next hop towards `dst` for the packet whose IPv4 header is `ip` (routed before it is
+/// rewritten, so an oversized packet can still be answered with an ICMP error that quotes it as
+/// its sender sent it), from this CPU's `cache` slot (may be null) or the FIB, counting cache
+/// hits and lookups.
 #[inline(always)]
 pub fn route_ipv4(
     ctx: &XdpContext,
     ip: *const Ipv4Hdr,
+    dst: [u8; 4],
     protocol: u8,
     cache: *mut NextHop,
     counters: &mut GlobalCounters,
 ) -> Route {
-    let dst = unsafe { (*ip).dst };
     let now = unsafe { bpf_ktime_get_ns() };
     let cached = !cache.is_null()
         && unsafe {
@@ -62,7 +70,7 @@ pub fn route_ipv4(
     } else {
         counters.fib_lookups += 1;
         let ingress = ctx.ingress_ifindex() as u32;
-        let found = fib_next_hop(ctx, ip, protocol, ingress, now);
+        let found = fib_next_hop(ctx, ip, dst, protocol, ingress, now);
         match found {
             FibAnswer::Hop(hop) => {
                 if !cache.is_null() {
@@ -75,6 +83,9 @@ pub fn route_ipv4(
     };
     if hop.local != 0 {
         return Route::Local;
+    }
+    if u16::from_be(unsafe { (*ip).total_len }) > hop.mtu {
+        return Route::TooBig(hop.mtu);
     }
     Route::Hop(hop)
 }
@@ -89,8 +100,9 @@ pub fn send(
 ) -> u32 {
     let hop = match route {
         Route::Hop(hop) => hop,
-        // A balanced packet for this host: the stack delivers it.
-        Route::Local | Route::Stack => {
+        // A balanced packet for this host: the stack delivers it. One too big for the path
+        // without DF set: the stack fragments it.
+        Route::Local | Route::Stack | Route::TooBig(_) => {
             counters.fib_passed += 1;
             return xdp_action::XDP_PASS;
         }
@@ -137,6 +149,7 @@ enum FibAnswer {
 fn fib_next_hop(
     ctx: &XdpContext,
     ip: *const Ipv4Hdr,
+    dst: [u8; 4],
     protocol: u8,
     ingress: u32,
     now: u64,
@@ -148,7 +161,7 @@ fn fib_next_hop(
         params.__bindgen_anon_1.tot_len = u16::from_be((*ip).total_len);
         params.__bindgen_anon_2.tos = (*ip).tos;
         params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes((*ip).src);
-        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes((*ip).dst);
+        params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
         params.ifindex = ingress;
     }
     let rc = unsafe {
@@ -161,25 +174,31 @@ fn fib_next_hop(
     };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => FibAnswer::Hop(NextHop {
-            dst: unsafe { (*ip).dst },
+            dst,
             ifindex: params.ifindex,
             smac: params.smac,
             dmac: params.dmac,
             local: 0,
-            _pad: [0; 3],
+            _pad: 0,
+            mtu: device_mtu(ctx, params.ifindex),
             checked_ns: now,
         }),
         // Cached too: replies from a backend's endpoint to this host (health checks, the
         // proxy) come at the proxy's packet rate.
         BPF_FIB_LKUP_RET_NOT_FWDED => FibAnswer::Hop(NextHop {
-            dst: unsafe { (*ip).dst },
+            dst,
             ifindex: ingress,
             smac: [0; 6],
             dmac: [0; 6],
             local: 1,
-            _pad: [0; 3],
+            _pad: 0,
+            mtu: u16::MAX,
             checked_ns: now,
         }),
+        // The route's MTU is smaller than the packet (the FIB checks it against tot_len).
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            FibAnswer::Route(Route::TooBig(unsafe { params.__bindgen_anon_1.mtu_result }))
+        }
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
             FibAnswer::Route(Route::Drop)
         }
@@ -187,4 +206,16 @@ fn fib_next_hop(
         // rewritten packet (resolving ARP, or sending the ICMP error) itself.
         _ => FibAnswer::Route(Route::Stack),
     }
+}
+
+/// The MTU of interface `ifindex` (the kernel writes the device MTU back whatever the check
+/// says); 1500 when the helper refuses.
+#[inline(always)]
+fn device_mtu(ctx: &XdpContext, ifindex: u32) -> u16 {
+    let mut mtu: u32 = 0;
+    let rc = unsafe { bpf_check_mtu(ctx.as_ptr(), ifindex, &mut mtu, 0, 0) };
+    if rc < 0 || mtu == 0 || mtu > u32::from(u16::MAX) {
+        return 1500;
+    }
+    mtu as u16
 }

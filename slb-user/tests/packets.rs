@@ -14,6 +14,7 @@ use slb_user::testbed::{self, in_fresh_netns, Testbed, BACKEND_MAC, CLIENT_MAC};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const RING_SIZE: u32 = 1009;
@@ -756,5 +757,209 @@ fn fin_and_rst_mark_a_flow_closing_and_count_it_closed() {
             &h.reconciler.maps().listener_stats.get(&web, 0).unwrap(),
         );
         assert_eq!((stats.new_connections, stats.closed_connections), (2, 2), "{stats:?}");
+    });
+}
+
+const ICMP: u8 = 1;
+
+/// An ICMP error (`kind`, `code`; next-hop MTU `mtu`) from `src` to `dst` quoting the IP header
+/// and first 8 payload bytes of `about` (a frame).
+fn icmp_error(
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    (kind, code, mtu): (u8, u8, u16),
+    about: &[u8],
+) -> Vec<u8> {
+    use slb_common::checksum::internet_checksum;
+    let mut icmp = vec![kind, code, 0, 0, 0, 0];
+    icmp.extend_from_slice(&mtu.to_be_bytes());
+    icmp.extend_from_slice(&about[14..42]);
+    let c = internet_checksum(0, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, ICMP, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = internet_checksum(0, &ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+/// An ICMP error frame as the balancer left it: outer and quoted addresses and ports, after
+/// checking the outer IP, ICMP and quoted IP checksums.
+#[derive(Debug, PartialEq)]
+struct IcmpSeen {
+    src: [u8; 4],
+    dst: [u8; 4],
+    kind: u8,
+    code: u8,
+    mtu: u16,
+    inner_src: [u8; 4],
+    inner_dst: [u8; 4],
+    inner_ports: (u16, u16),
+}
+
+fn parse_icmp(f: &[u8]) -> IcmpSeen {
+    use slb_common::checksum::internet_checksum;
+    assert_eq!(f[23], ICMP, "an ICMP packet: {f:02x?}");
+    assert_eq!(internet_checksum(0, &f[14..34]), 0, "outer IP checksum");
+    let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
+    assert_eq!(internet_checksum(0, &f[34..14 + total]), 0, "ICMP checksum");
+    assert_eq!(internet_checksum(0, &f[42..62]), 0, "quoted IP checksum");
+    let a = |i: usize| [f[i], f[i + 1], f[i + 2], f[i + 3]];
+    IcmpSeen {
+        src: a(26),
+        dst: a(30),
+        kind: f[34],
+        code: f[35],
+        mtu: u16::from_be_bytes([f[40], f[41]]),
+        inner_src: a(54),
+        inner_dst: a(58),
+        inner_ports: (
+            u16::from_be_bytes([f[62], f[63]]),
+            u16::from_be_bytes([f[64], f[65]]),
+        ),
+    }
+}
+
+/// `f` padded to an IP packet of `ip_len` bytes (DF stays as built: set).
+fn padded(mut f: Vec<u8>, ip_len: usize) -> Vec<u8> {
+    f.resize(14 + ip_len, 0);
+    f[16..18].copy_from_slice(&(ip_len as u16).to_be_bytes());
+    fix_ip_checksum(&mut f);
+    f
+}
+
+fn set_mtu(iface: &str, mtu: u16) {
+    let status = std::process::Command::new("ip")
+        .args(["link", "set", iface, "mtu", &mtu.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_packet_too_big_for_the_backend_side_gets_frag_needed_quoting_the_vip() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let in_mac = mac_of("in0");
+        set_mtu("out0", 1400);
+        let big = padded(frame(in_mac, CLIENT, VIP, tcp(40000, 80, ACK)), 1500);
+        let (verdict, out) = h.run(&big, h.in_index);
+        assert_eq!(verdict, XDP_TX, "answered back out of the client side");
+        assert_eq!(out.len(), 14 + 56);
+        assert_eq!(&out[0..6], &CLIENT_MAC[..], "back to the sender's MAC");
+        let seen = parse_icmp(&out);
+        assert_eq!(
+            seen,
+            IcmpSeen {
+                src: VIP,
+                dst: CLIENT,
+                kind: 3,
+                code: 4,
+                mtu: 1400,
+                inner_src: CLIENT,
+                inner_dst: VIP,
+                inner_ports: (40000, 80),
+            }
+        );
+        // A packet that fits goes through; one without DF is left to the stack to fragment.
+        let fits = padded(frame(in_mac, CLIENT, VIP, tcp(40000, 80, ACK)), 1400);
+        assert_eq!(h.run(&fits, h.in_index).0, XDP_REDIRECT);
+        let mut no_df = big.clone();
+        no_df[20] = 0;
+        fix_ip_checksum(&mut no_df);
+        assert_eq!(h.run(&no_df, h.in_index).0, XDP_PASS);
+        assert_eq!(h.counters().icmp_too_big_sent, 1);
+    });
+}
+
+#[test]
+fn a_reply_too_big_for_the_client_side_gets_frag_needed_quoting_the_backend() {
+    in_fresh_netns(|| {
+        let h = harness();
+        set_mtu("in0", 1400);
+        let reply = padded(
+            frame(h.out_mac, BACKEND_A, CLIENT, tcp(8080, 40000, ACK)),
+            1500,
+        );
+        let (verdict, out) = h.run(&reply, h.out_index);
+        assert_eq!(verdict, XDP_TX);
+        let seen = parse_icmp(&out);
+        assert_eq!(
+            (seen.src, seen.dst, seen.mtu, seen.inner_src, seen.inner_dst, seen.inner_ports),
+            (CLIENT, BACKEND_A, 1400, BACKEND_A, CLIENT, (8080, 40000)),
+            "the backend gets an error about its own packet"
+        );
+    });
+}
+
+#[test]
+fn icmp_errors_about_balanced_flows_are_translated_both_ways() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let in_mac = mac_of("in0");
+        // A TCP and a UDP flow.
+        h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN)), h.in_index);
+        let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, ACK)), h.in_index);
+        let tcp_backend = parse_valid(&out).dst;
+        let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, udp(40001, 53)), h.in_index);
+        let udp_backend = parse_valid(&out).dst;
+
+        // A router on the client's side cannot pass the VIP's replies.
+        let router = [10, 10, 0, 254];
+        for (about, backend, ports) in [
+            (tcp(80, 40000, ACK), tcp_backend, (8080, 40000)),
+            (udp(53, 40001), udp_backend, (8080, 40001)),
+        ] {
+            let reply = frame(h.out_mac, VIP, CLIENT, about);
+            let err = icmp_error(in_mac, router, VIP, (3, 4, 1280), &reply);
+            let (verdict, out) = h.run(&err, h.in_index);
+            assert_eq!(verdict, XDP_REDIRECT);
+            assert_eq!(&out[0..6], &BACKEND_MAC[..]);
+            let seen = parse_icmp(&out);
+            assert_eq!(
+                (seen.src, seen.dst, seen.inner_src, seen.inner_dst, seen.inner_ports, seen.mtu),
+                (router, backend, backend, CLIENT, ports, 1280),
+                "to the backend, about its own packet"
+            );
+        }
+        // The quoted UDP checksum was updated with the address and port.
+        let reply = frame(h.out_mac, VIP, CLIENT, udp(53, 40001));
+        let (_, out) = h.run(
+            &icmp_error(in_mac, router, VIP, (11, 0, 0), &reply),
+            h.in_index,
+        );
+        let direct = frame(h.out_mac, udp_backend, CLIENT, udp(8080, 40001));
+        assert_eq!(&out[62..70], &direct[34..42], "quoted UDP header as the backend sent it");
+
+        // A router on the backends' side cannot pass a packet to the backend.
+        let router = [10, 20, 0, 254];
+        let to_backend = frame(h.out_mac, CLIENT, BACKEND_A, udp(40002, 8080));
+        let err = icmp_error(h.out_mac, router, CLIENT, (3, 1, 0), &to_backend);
+        let (verdict, out) = h.run(&err, h.out_index);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(&out[0..6], &CLIENT_MAC[..]);
+        let seen = parse_icmp(&out);
+        assert_eq!(
+            (seen.src, seen.dst, seen.inner_src, seen.inner_dst, seen.inner_ports),
+            (router, CLIENT, CLIENT, VIP, (40002, 53)),
+            "to the client, about the packet it sent to the VIP"
+        );
+
+        // About a flow nobody knows: passed untouched.
+        let stranger = frame(h.out_mac, VIP, [10, 10, 0, 77], tcp(80, 1234, ACK));
+        let err = icmp_error(in_mac, router, VIP, (3, 4, 1280), &stranger);
+        let (verdict, out) = h.run(&err, h.in_index);
+        assert_eq!((verdict, &out), (XDP_PASS, &err));
+        let c = h.counters();
+        assert_eq!((c.icmp_errors_translated, c.icmp_errors_unmatched), (4, 1), "{c:?}");
     });
 }

@@ -1,0 +1,310 @@
+//! ICMP for balanced flows, so path MTU discovery works through the VIP:
+//! - a packet too big for the next hop with DF set is answered here with "fragmentation
+//!   needed", quoting the packet as its sender sent it (the NAT rewrite would otherwise make the
+//!   kernel's own error quote an address the sender never used, and the sender would ignore it);
+//! - destination-unreachable and time-exceeded errors about a balanced flow are translated:
+//!   errors about a packet the VIP sent (a reply, e.g. from a router on the client's side) go to
+//!   the backend serving the flow, quoting backend → client; errors about a packet sent to a
+//!   backend (from a router on the backend's side) go to the client, quoting client → VIP.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+    EbpfContext,
+};
+use slb_common::{
+    checksum::{replace_u16, replace_u32},
+    ipv4_mapped, BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, IPPROTO_TCP, IPPROTO_UDP,
+};
+
+use crate::{
+    balancer::{decrement_ttl, present_backend, ttl_expired},
+    forward::{route_ipv4, send, Route},
+    maps::{CONNECTIONS, HALF_OPEN, LISTENERS, NEXT_HOP_BACKEND, REPLY_NAT},
+    packet::{ptr_at, EthHdr, Ipv4Hdr, Ports, ETH_HDR_LEN, ETH_P_IP},
+};
+
+pub const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// What an ICMP error quotes at least: the IP header and 8 bytes of its payload.
+const QUOTED: usize = 28;
+
+#[repr(C)]
+struct IcmpHdr {
+    kind: u8,
+    code: u8,
+    check: u16,
+    unused: u16,
+    /// Next-hop MTU of "fragmentation needed".
+    mtu: u16,
+}
+
+/// An ICMP error from its IP header to the first 8 bytes of the quoted packet's payload.
+#[repr(C)]
+struct IcmpError {
+    ip: Ipv4Hdr,
+    icmp: IcmpHdr,
+    inner: Ipv4Hdr,
+    ports: Ports,
+    /// UDP: length and checksum; TCP: the sequence number.
+    rest: [u16; 2],
+}
+
+/// The frame "fragmentation needed" is built in.
+#[repr(C)]
+struct TooBigFrame {
+    eth: EthHdr,
+    ip: Ipv4Hdr,
+    icmp: IcmpHdr,
+    quoted: [u16; QUOTED / 2],
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Answers the packet in `ctx` (as received: nothing rewritten yet) with ICMP "fragmentation
+/// needed, next-hop MTU `mtu`" back out of the interface it came in on, from the address the
+/// packet was sent to.
+#[inline(always)]
+pub fn reply_too_big(ctx: &XdpContext, mtu: u16, counters: &mut GlobalCounters) -> u32 {
+    let (Some(eth), Some(ip)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<Ipv4Hdr>(ctx, ETH_HDR_LEN),
+    ) else {
+        counters.malformed += 1;
+        return XDP_DROP;
+    };
+    let (sender_mac, our_mac, sender, addressed) =
+        unsafe { ((*eth).src, (*eth).dst, (*ip).src, (*ip).dst) };
+    // Room for the new IP and ICMP headers in front of the quoted packet, then cut it after the
+    // quoted part.
+    let prefix = (core::mem::size_of::<Ipv4Hdr>() + core::mem::size_of::<IcmpHdr>()) as i32;
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -prefix) } != 0 {
+        counters.icmp_errors_failed += 1;
+        return XDP_DROP;
+    }
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    let keep = core::mem::size_of::<TooBigFrame>() as i32;
+    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, keep - len) } != 0 {
+        counters.icmp_errors_failed += 1;
+        return XDP_DROP;
+    }
+    let Some(frame) = ptr_at::<TooBigFrame>(ctx, 0) else {
+        counters.icmp_errors_failed += 1;
+        return XDP_DROP;
+    };
+    unsafe {
+        (*frame).eth = EthHdr {
+            dst: sender_mac,
+            src: our_mac,
+            ether_type: ETH_P_IP.to_be(),
+        };
+        (*frame).ip = Ipv4Hdr {
+            version_ihl: 0x45,
+            tos: 0,
+            total_len: ((keep as usize - ETH_HDR_LEN) as u16).to_be(),
+            id: 0,
+            frag_off: 0,
+            ttl: 64,
+            protocol: IPPROTO_ICMP,
+            check: 0,
+            src: addressed,
+            dst: sender,
+        };
+        (*frame).icmp = IcmpHdr {
+            kind: ICMP_DEST_UNREACH,
+            code: ICMP_FRAG_NEEDED,
+            check: 0,
+            unused: 0,
+            mtu: mtu.to_be(),
+        };
+        let header = &raw const (*frame).ip as *const [u16; 10];
+        let mut sum = 0u32;
+        let mut i = 0;
+        while i < 10 {
+            sum += u32::from((*header)[i]);
+            i += 1;
+        }
+        (*frame).ip.check = !fold(sum);
+        let message = &raw const (*frame).icmp as *const [u16; 4 + QUOTED / 2];
+        let mut sum = 0u32;
+        let mut i = 0;
+        while i < 4 + QUOTED / 2 {
+            sum += u32::from((*message)[i]);
+            i += 1;
+        }
+        (*frame).icmp.check = !fold(sum);
+    }
+    counters.icmp_too_big_sent += 1;
+    XDP_TX
+}
+
+/// An ICMP error arriving at the balancer (outer header without options, not a fragment):
+/// translated when it is about a balanced flow, passed otherwise.
+#[inline(always)]
+pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
+    let Some(err) = ptr_at::<IcmpError>(ctx, ETH_HDR_LEN) else {
+        counters.not_for_us_passed += 1;
+        return XDP_PASS;
+    };
+    let (kind, inner_vihl, protocol) =
+        unsafe { ((*err).icmp.kind, (*err).inner.version_ihl, (*err).inner.protocol) };
+    if (kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED)
+        || inner_vihl != 0x45
+        || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+    {
+        counters.not_for_us_passed += 1;
+        return XDP_PASS;
+    }
+    let (inner_src, inner_dst, src_port, dst_port) = unsafe {
+        (
+            (*err).inner.src,
+            (*err).inner.dst,
+            u16::from_be((*err).ports.src),
+            u16::from_be((*err).ports.dst),
+        )
+    };
+
+    // About a packet the VIP sent: to the backend serving the flow.
+    let listener = ListenerKey {
+        vip: ipv4_mapped(inner_src),
+        port: src_port,
+        protocol,
+        _pad: 0,
+    };
+    if unsafe { LISTENERS.get(&listener) }.is_some() {
+        let flow = FlowKey {
+            src: ipv4_mapped(inner_dst),
+            dst: ipv4_mapped(inner_src),
+            src_port: dst_port,
+            dst_port: src_port,
+            protocol,
+            _pad: [0; 3],
+        };
+        let id = match unsafe { CONNECTIONS.get(&flow) } {
+            Some(conn) => conn.backend_id,
+            None => match unsafe { HALF_OPEN.get(&flow) } {
+                Some(conn) => conn.backend_id,
+                None => {
+                    counters.icmp_errors_unmatched += 1;
+                    return XDP_PASS;
+                }
+            },
+        };
+        let Some(backend) = present_backend(id) else {
+            counters.icmp_errors_unmatched += 1;
+            return XDP_PASS;
+        };
+        let addr = [
+            backend.addr[12],
+            backend.addr[13],
+            backend.addr[14],
+            backend.addr[15],
+        ];
+        let ip = unsafe { &raw mut (*err).ip };
+        let cache = NEXT_HOP_BACKEND
+            .get_ptr_mut(id)
+            .unwrap_or(core::ptr::null_mut());
+        let route = route_ipv4(ctx, ip, addr, IPPROTO_ICMP, cache, counters);
+        if ttl_expired(ip, counters) {
+            return XDP_PASS;
+        }
+        unsafe {
+            let old = (*ip).dst;
+            (*ip).check = replace_u32(
+                (*ip).check,
+                u32::from_ne_bytes(old),
+                u32::from_ne_bytes(addr),
+            );
+            (*ip).dst = addr;
+            rewrite_quoted(err, true, addr, backend.port.to_be());
+            decrement_ttl(ip);
+        }
+        counters.icmp_errors_translated += 1;
+        let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+            return XDP_DROP;
+        };
+        return send(ctx, eth, route, counters);
+    }
+
+    // About a packet sent to a backend: to the client, quoting the VIP.
+    let endpoint = BackendEndpoint {
+        addr: ipv4_mapped(inner_dst),
+        port: dst_port,
+        protocol,
+        _pad: 0,
+    };
+    if let Some(nat) = unsafe { REPLY_NAT.get(&endpoint) } {
+        let nat = *nat;
+        let ip = unsafe { &raw mut (*err).ip };
+        let client = unsafe { (*ip).dst };
+        let route = route_ipv4(ctx, ip, client, IPPROTO_ICMP, core::ptr::null_mut(), counters);
+        if matches!(route, Route::Local) {
+            // About this host's own packet to a backend (a health check).
+            counters.local_from_backend_passed += 1;
+            return XDP_PASS;
+        }
+        if ttl_expired(ip, counters) {
+            return XDP_PASS;
+        }
+        let vip = [nat.vip[12], nat.vip[13], nat.vip[14], nat.vip[15]];
+        unsafe {
+            rewrite_quoted(err, false, vip, nat.vip_port.to_be());
+            decrement_ttl(ip);
+        }
+        counters.icmp_errors_translated += 1;
+        let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+            return XDP_DROP;
+        };
+        return send(ctx, eth, route, counters);
+    }
+    counters.not_for_us_passed += 1;
+    XDP_PASS
+}
+
+/// Rewrites the quoted packet's source (`source`) or destination address and port (network
+/// order), fixing its IP checksum, its UDP checksum (TCP's lies past the 8 quoted bytes) and the
+/// ICMP checksum, which covers all of them.
+#[inline(always)]
+unsafe fn rewrite_quoted(err: *mut IcmpError, source: bool, addr: [u8; 4], port: u16) {
+    unsafe {
+        let inner = &raw mut (*err).inner;
+        let (addr_field, port_field) = if source {
+            (&raw mut (*inner).src, &raw mut (*err).ports.src)
+        } else {
+            (&raw mut (*inner).dst, &raw mut (*err).ports.dst)
+        };
+        let old_addr = u32::from_ne_bytes(*addr_field);
+        let new_addr = u32::from_ne_bytes(addr);
+        let old_port = *port_field;
+        let old_ip_check = (*inner).check;
+        let new_ip_check = replace_u32(old_ip_check, old_addr, new_addr);
+        let mut icmp = (*err).icmp.check;
+        icmp = replace_u32(icmp, old_addr, new_addr);
+        icmp = replace_u16(icmp, old_port, port);
+        icmp = replace_u16(icmp, old_ip_check, new_ip_check);
+        if (*inner).protocol == IPPROTO_UDP {
+            let old_udp = (*err).rest[1];
+            if old_udp != 0 {
+                let mut udp = replace_u32(old_udp, old_addr, new_addr);
+                udp = replace_u16(udp, old_port, port);
+                if udp == 0 {
+                    udp = 0xffff;
+                }
+                icmp = replace_u16(icmp, old_udp, udp);
+                (*err).rest[1] = udp;
+            }
+        }
+        *addr_field = addr;
+        *port_field = port;
+        (*inner).check = new_ip_check;
+        (*err).icmp.check = icmp;
+    }
+}
