@@ -11,9 +11,13 @@ pub const MAX_PERSISTENCE: u32 = 1 << 18;
 /// Each listener owns two Maglev rings: the daemon fills the idle one, then flips the listener to
 /// it, so the data plane never reads a half-written table.
 pub const RINGS_PER_LISTENER: u32 = 2;
-/// Map flags of RINGS: `BPF_F_MMAPABLE`, so the daemon writes a ring as memory instead of one
-/// syscall per slot (65537 slots × 2 rings × every listener on start).
-pub const RINGS_MAP_FLAGS: u32 = 1 << 10;
+/// Slots of RINGS, the array of ring maps: ring `r` of listener `i` is at `i × 2 + r`.
+pub const RING_SLOTS: u32 = MAX_LISTENERS * RINGS_PER_LISTENER;
+/// Flags of each ring (an inner map of RINGS, created by the daemon for the listeners it has, so
+/// ring memory follows the config): `BPF_F_MMAPABLE`, so the daemon writes a ring as memory
+/// instead of one syscall per slot, and `BPF_F_INNER_MAP`, so rings may have any size
+/// (`maglev_table_size`) whatever the template compiled into the program.
+pub const RINGS_MAP_FLAGS: u32 = (1 << 10) | (1 << 12);
 /// Default Maglev ring size (prime).
 pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Largest ring size the config accepts (prime, as Maglev needs).
@@ -102,8 +106,8 @@ pub struct ListenerKey {
 pub struct ListenerEntry {
     /// Index into the per-listener counters.
     pub index: u32,
-    /// First slot of the ring currently in use inside the rings array.
-    pub ring_base: u32,
+    /// The ring in use: its slot in RINGS (`index × 2 + 0 or 1`).
+    pub ring_index: u32,
     /// Number of slots in that ring (prime).
     pub ring_size: u32,
     /// `LISTENER_F_*`.

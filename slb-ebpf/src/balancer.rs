@@ -412,8 +412,8 @@ fn ring_backend(flow: &FlowKey, listener: &ListenerEntry) -> Result<u32, Pick> {
     if listener.ring_size == 0 {
         return Err(Pick::LookupFailed);
     }
-    let slot = listener.ring_base + flow_hash(flow, FLOW_HASH_SEED) % listener.ring_size;
-    match RINGS.get(slot) {
+    let slot = flow_hash(flow, FLOW_HASH_SEED) % listener.ring_size;
+    match RINGS.get_value(listener.ring_index, &slot) {
         None => Err(Pick::LookupFailed),
         Some(&NO_BACKEND) => Err(Pick::NoBackend),
         Some(&id) => Ok(id),

@@ -4,7 +4,8 @@
 
 use aya_ebpf::{
     btf_maps::{
-        Array, DevMapHash, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, ProgramArray,
+        Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray,
+        ProgramArray,
     },
     macros::btf_map,
 };
@@ -12,21 +13,24 @@ use slb_common::{
     Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
     NextHop, PersistKey, Persisted, ReplayTemplate, ReplyNat, TrafficCounters, DEFAULT_RING_SIZE,
     MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS, MAX_CONNECTIONS, MAX_HALF_OPEN, MAX_INTERFACES,
-    MAX_LISTENERS, MAX_PERSISTENCE, RINGS_MAP_FLAGS, RINGS_PER_LISTENER,
+    MAX_LISTENERS, MAX_PERSISTENCE, RINGS_MAP_FLAGS, RING_SLOTS,
 };
 
 const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
 const BACKENDS_MAX: usize = MAX_BACKENDS as usize;
 const CONNECTIONS_MAX: usize = MAX_CONNECTIONS as usize;
-/// The daemon resizes RINGS at load time for its `maglev_table_size`.
-const RINGS_MAX: usize = (MAX_LISTENERS * RINGS_PER_LISTENER * DEFAULT_RING_SIZE) as usize;
 
 #[btf_map]
 pub static LISTENERS: HashMap<ListenerKey, ListenerEntry, LISTENERS_MAX> = HashMap::new();
 
-/// All Maglev rings back to back.
+/// The Maglev rings: one array map of `maglev_table_size` backend ids per (listener, ring),
+/// created by the daemon only for the listeners it has. The inner definition is the template
+/// the kernel checks rings against (`BPF_F_INNER_MAP` lets their size differ).
 #[btf_map]
-pub static RINGS: Array<u32, RINGS_MAX, { RINGS_MAP_FLAGS as usize }> = Array::new();
+pub static RINGS: ArrayOfMaps<
+    Array<u32, { DEFAULT_RING_SIZE as usize }, { RINGS_MAP_FLAGS as usize }>,
+    { RING_SLOTS as usize },
+> = ArrayOfMaps::new();
 
 #[btf_map]
 pub static BACKENDS: Array<Backend, BACKENDS_MAX> = Array::new();

@@ -268,7 +268,7 @@ fn control_plane() -> anyhow::Result<serde_json::Value> {
     // Apply once more with every weight changed, so every ring is rebuilt.
     let reweighted = big.replace("port = 8080 }", "port = 8080, weight = 2 }");
     let mut reconciler_config = slb_user::config::Config::parse(&reweighted, "bench")?;
-    reconciler_config.instance = "bench".into();
+    reconciler_config.instance = "bench".parse().expect("a valid instance name");
     let mut bed = bed;
     let t = Instant::now();
     bed.reconciler

@@ -9,7 +9,7 @@ use aya::maps::{DevMapHash, Map, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
-use slb_common::{MAX_LISTENERS, RINGS_PER_LISTENER};
+
 
 use crate::config::AttachMode;
 
@@ -79,7 +79,7 @@ impl TableSizes {
                 })
         };
         Ok(TableSizes {
-            ring_size: entries("RINGS")? / (MAX_LISTENERS * RINGS_PER_LISTENER),
+            ring_size: pinned_ring_size(dir)?.unwrap_or(slb_common::DEFAULT_RING_SIZE),
             max_connections: entries("CONNECTIONS")?,
         })
     }
@@ -219,10 +219,9 @@ impl Dataplane {
 }
 
 /// Loads the XDP object with every map pinned (or, when already pinned, reused) under `dir`,
-/// RINGS and CONNECTIONS sized as `sizes` says. The program is not loaded into the kernel yet.
+/// CONNECTIONS sized as `sizes` says (rings are created by the reconciler). The program is not loaded into the kernel yet.
 pub fn load_object(dir: &Path, sizes: TableSizes) -> Result<Ebpf, DataplaneError> {
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries("RINGS", MAX_LISTENERS * RINGS_PER_LISTENER * sizes.ring_size);
     loader.map_max_entries("CONNECTIONS", sizes.max_connections);
     for (name, ..) in expected_layout(sizes) {
         loader.map_pin_path(name, dir.join(name));
@@ -233,7 +232,6 @@ pub fn load_object(dir: &Path, sizes: TableSizes) -> Result<Ebpf, DataplaneError
 /// Key size, value size and entries each pinned map must have for this build to adopt it.
 fn expected_layout(sizes: TableSizes) -> Vec<(&'static str, usize, usize, u32)> {
     use slb_common::*;
-    let ring_size = sizes.ring_size;
     use std::mem::size_of;
     vec![
         (
@@ -242,12 +240,7 @@ fn expected_layout(sizes: TableSizes) -> Vec<(&'static str, usize, usize, u32)> 
             size_of::<ListenerEntry>(),
             MAX_LISTENERS,
         ),
-        (
-            "RINGS",
-            4,
-            4,
-            MAX_LISTENERS * RINGS_PER_LISTENER * ring_size,
-        ),
+        ("RINGS", 4, 4, RING_SLOTS),
         ("BACKENDS", 4, size_of::<Backend>(), MAX_BACKENDS),
         ("BACKEND_HEALTH", 4, 4, MAX_BACKENDS),
         (
@@ -302,6 +295,17 @@ fn expected_layout(sizes: TableSizes) -> Vec<(&'static str, usize, usize, u32)> 
 /// a map, or a different `maglev_table_size`): reading them with the wrong layout would corrupt
 /// the data plane.
 pub fn check_pinned_layout(dir: &Path, sizes: TableSizes) -> Result<(), DataplaneError> {
+    if let Some(found) = pinned_ring_size(dir)? {
+        if found != sizes.ring_size {
+            return Err(DataplaneError::Layout {
+                dir: dir.into(),
+                detail: format!(
+                    "map RINGS holds rings of {found} slots, this config needs {} (was maglev_table_size changed?)",
+                    sizes.ring_size
+                ),
+            });
+        }
+    }
     for (name, key, value, entries) in expected_layout(sizes) {
         let path = dir.join(name);
         let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| DataplaneError::Layout {
@@ -329,6 +333,28 @@ pub fn check_pinned_layout(dir: &Path, sizes: TableSizes) -> Result<(), Dataplan
         }
     }
     Ok(())
+}
+
+/// The slots of the rings a pinned RINGS holds (all have the same), or `None` without rings.
+fn pinned_ring_size(dir: &Path) -> Result<Option<u32>, DataplaneError> {
+    let layout = |detail: String| DataplaneError::Layout {
+        dir: dir.into(),
+        detail,
+    };
+    let data = MapData::from_pin(dir.join("RINGS"))
+        .map_err(|e| layout(format!("map RINGS cannot be opened: {e}")))?;
+    let rings: aya::maps::ArrayOfMaps<MapData, MapData> =
+        aya::maps::ArrayOfMaps::try_from(Map::ArrayOfMaps(data))
+            .map_err(|e| layout(format!("map RINGS is not an array of rings: {e}")))?;
+    for slot in 0..rings.len() {
+        if let Ok(ring) = rings.get(&slot, 0) {
+            let info = ring
+                .info()
+                .map_err(|e| layout(format!("a ring of RINGS cannot be read: {e}")))?;
+            return Ok(Some(info.max_entries()));
+        }
+    }
+    Ok(None)
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {

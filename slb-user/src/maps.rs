@@ -6,7 +6,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 
-use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, PerCpuArray};
 use slb_common::{
     Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
     ReplyNat, TrafficCounters,
@@ -22,7 +22,9 @@ pub struct OpenMapError {
 
 pub struct PinnedMaps {
     pub listeners: HashMap<MapData, ListenerKey, ListenerEntry>,
-    pub rings: Array<MapData, u32>,
+    pub rings: ArrayOfMaps<MapData, MapData>,
+    /// RINGS again, for what aya's `ArrayOfMaps` cannot do (emptying a slot).
+    pub rings_map: MapData,
     pub backends: Array<MapData, Backend>,
     pub backend_health: Array<MapData, u32>,
     pub connections: HashMap<MapData, FlowKey, Connection>,
@@ -51,6 +53,11 @@ impl PinnedMaps {
         Ok(PinnedMaps {
             listeners: open(dir, "LISTENERS")?,
             rings: open(dir, "RINGS")?,
+            rings_map: MapData::from_pin(dir.join("RINGS")).map_err(|source| OpenMapError {
+                name: "RINGS",
+                dir: dir.display().to_string(),
+                source,
+            })?,
             backends: open(dir, "BACKENDS")?,
             backend_health: open(dir, "BACKEND_HEALTH")?,
             connections: open(dir, "CONNECTIONS")?,
@@ -74,48 +81,53 @@ pub fn sum_traffic(values: &[TrafficCounters]) -> TrafficCounters {
         })
 }
 
-/// An mmap of the RINGS array (created with `BPF_F_MMAPABLE`), shared with the kernel, so writing
-/// a ring costs memory stores, not a syscall per slot. The kernel stores array elements 8-byte
-/// aligned, so slot `i` is the `u32` at offset `8 × i`.
-pub struct MappedRings {
+/// One Maglev ring (an inner map of RINGS, created `BPF_F_MMAPABLE`) mapped into our memory and
+/// shared with the kernel, so writing a ring costs memory stores, not a syscall per slot. The
+/// kernel stores array elements 8-byte aligned, so slot `i` is the `u32` at offset `8 × i`.
+pub struct MappedRing {
+    /// Keeps the map alive and names it.
+    map: MapData,
     base: NonNull<AtomicU32>,
     len: usize,
-    /// Distance between two slots, in u32s.
-    stride: usize,
     bytes: usize,
 }
 
+/// Distance between two slots, in u32s (`round_up(value_size, 8)` bytes).
+const SLOT_STRIDE: usize = 2;
+
 // SAFETY: the mapping is plain shared memory that the kernel reads concurrently; every access
 // goes through AtomicU32.
-unsafe impl Send for MappedRings {}
-unsafe impl Sync for MappedRings {}
+unsafe impl Send for MappedRing {}
+unsafe impl Sync for MappedRing {}
 
-impl MappedRings {
-    /// Maps RINGS, or `None` (with the reason logged) when it cannot be mapped, e.g. a map
-    /// pinned by an slb without `BPF_F_MMAPABLE`; then the caller writes slots through the
-    /// syscall.
-    pub fn new(rings: &Array<MapData, u32>) -> Option<MappedRings> {
-        let data = rings.map();
-        let info = data.info().ok()?;
-        if info.map_flags() & slb_common::RINGS_MAP_FLAGS == 0 {
-            tracing::info!(
-                "RINGS is not mmap-able (pinned by an older slb): rings are written slot by slot"
-            );
-            return None;
-        }
+impl MappedRing {
+    /// Creates a ring of `slots` slots, every slot `NO_BACKEND`-free (0) until written.
+    pub fn create(slots: u32) -> Result<MappedRing, MapError> {
+        const BPF_MAP_TYPE_ARRAY: u32 = 2;
+        let obj = aya_obj::Map::new_from_params(
+            BPF_MAP_TYPE_ARRAY,
+            4,
+            4,
+            slots,
+            slb_common::RINGS_MAP_FLAGS,
+        );
+        MappedRing::map(MapData::create(obj, "slb_ring", None)?)
+    }
+
+    /// Maps an existing ring.
+    pub fn map(map: MapData) -> Result<MappedRing, MapError> {
+        let info = map.info()?;
         let len = info.max_entries() as usize;
-        if info.value_size() != 4 {
-            tracing::warn!(
-                "RINGS values are {} bytes, not 4: rings are written slot by slot",
-                info.value_size()
-            );
-            return None;
+        if info.value_size() != 4 || info.map_flags() & slb_common::RINGS_MAP_FLAGS == 0 {
+            return Err(MapError::InvalidValueSize {
+                size: info.value_size() as usize,
+                expected: 4,
+            });
         }
-        let element = 8; // round_up(value_size, 8), as the kernel lays out array elements
-                         // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
-        let bytes = (len * element).div_ceil(page) * page;
-        let fd = data.fd().as_fd().as_raw_fd();
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let bytes = (len * SLOT_STRIDE * 4).div_ceil(page) * page;
+        let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: a fresh shared mapping of the map's fd; the kernel keeps the map alive while
         // mapped, whatever happens to the fd.
         let ptr = unsafe {
@@ -129,18 +141,21 @@ impl MappedRings {
             )
         };
         if ptr == libc::MAP_FAILED {
-            tracing::warn!(
-                "mmap of RINGS failed ({}): rings are written slot by slot",
-                std::io::Error::last_os_error()
-            );
-            return None;
+            return Err(MapError::SyscallError(aya::sys::SyscallError {
+                call: "mmap",
+                io_error: std::io::Error::last_os_error(),
+            }));
         }
-        Some(MappedRings {
-            base: NonNull::new(ptr.cast())?,
+        Ok(MappedRing {
+            map,
+            base: NonNull::new(ptr.cast()).expect("mmap returned a non-null mapping"),
             len,
-            stride: element / 4,
             bytes,
         })
+    }
+
+    pub fn map_data(&self) -> &MapData {
+        &self.map
     }
 
     pub fn len(&self) -> usize {
@@ -154,15 +169,52 @@ impl MappedRings {
     /// Slot `index`, or `None` past the end.
     pub fn slot(&self, index: usize) -> Option<&AtomicU32> {
         // SAFETY: in bounds of the live mapping (len × 8 bytes), 8-byte aligned.
-        (index < self.len).then(|| unsafe { self.base.add(index * self.stride).as_ref() })
+        (index < self.len).then(|| unsafe { self.base.add(index * SLOT_STRIDE).as_ref() })
     }
 }
 
-impl Drop for MappedRings {
+impl Drop for MappedRing {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly what open() mapped; no reference into it outlives self.
+        // SAFETY: unmaps exactly what map() mapped; no reference into it outlives self.
         unsafe {
             libc::munmap(self.base.as_ptr().cast(), self.bytes);
         }
     }
+}
+
+/// Empties slot `index` of an array of maps (aya has no remove for it): the kernel frees the
+/// inner map once no program run still uses it.
+pub fn clear_map_slot(outer: &MapData, index: u32) -> std::io::Result<()> {
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+    let mut attr = ElemAttr {
+        map_fd: outer.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: &index as *const u32 as u64,
+        value: 0,
+        flags: 0,
+    };
+    // SAFETY: a valid bpf_attr prefix for BPF_MAP_DELETE_ELEM; the key outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &mut attr as *mut ElemAttr,
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOENT) {
+            return Err(e);
+        }
+    }
+    Ok(())
 }

@@ -19,7 +19,7 @@ use slb_common::{
 
 use crate::config::{AllUnhealthy, BackendSpec, Config, Group, GroupKind, Protocol, DEFAULT_GROUP};
 use crate::health::HealthStatus;
-use crate::maps::{MappedRings, PinnedMaps};
+use crate::maps::{clear_map_slot, MappedRing, PinnedMaps};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -139,9 +139,9 @@ pub struct AppliedBackend {
 
 pub struct Reconciler {
     maps: PinnedMaps,
-    /// RINGS in our memory, when the map is mmap-able (one pinned by an older slb is not):
-    /// only the writer maps it, readers such as `slb status` never need to.
-    mapped_rings: Option<MappedRings>,
+    /// The rings this run created or adopted, by their slot in RINGS, mapped into our memory:
+    /// only the writer maps them, readers such as `slb status` never need to.
+    mapped_rings: BTreeMap<u32, MappedRing>,
     ring_size: u32,
     state: AppliedState,
     /// What each (listener index, ring) holds, so a rebuild writes only the slots that differ.
@@ -195,6 +195,11 @@ fn reply_endpoints(state: &AppliedState) -> BTreeSet<ReplyEndpoint> {
         .collect()
 }
 
+/// The slot in RINGS of ring `ring` (0 or 1) of the listener with index `index`.
+fn ring_slot(index: u32, ring: u32) -> u32 {
+    index * RINGS_PER_LISTENER + ring
+}
+
 fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
     (0..limit).find(|i| !used.contains(i))
 }
@@ -209,7 +214,7 @@ struct PlannedListener<'a> {
 impl Reconciler {
     pub fn new(maps: PinnedMaps, instance: &str, ring_size: u32) -> Reconciler {
         Reconciler {
-            mapped_rings: MappedRings::new(&maps.rings),
+            mapped_rings: BTreeMap::new(),
             maps,
             ring_size,
             state: AppliedState {
@@ -245,9 +250,9 @@ impl Reconciler {
         &self.maps
     }
 
-    /// The writable mapping of RINGS, if the map could be mapped.
-    pub fn mapped_rings(&self) -> Option<&MappedRings> {
-        self.mapped_rings.as_ref()
+    /// The rings this run has mapped, by their slot in RINGS.
+    pub fn mapped_rings(&self) -> &BTreeMap<u32, MappedRing> {
+        &self.mapped_rings
     }
 
     /// Makes the maps match `config` and `health` (verdicts of checked backends; a backend
@@ -450,7 +455,7 @@ impl Reconciler {
                     }
                 }
             }
-            entry.ring_base = self.ring_base(index, ring);
+            entry.ring_index = ring_slot(index, ring);
             if let Some(p) = &l.persistence {
                 entry.flags |= LISTENER_F_PERSIST;
                 entry.persist_timeout_s = p.timeout.as_secs() as u32;
@@ -531,6 +536,20 @@ impl Reconciler {
                 }
                 for r in 0..RINGS_PER_LISTENER {
                     self.rings.remove(&(o.index, r));
+                    // Its ring memory goes with it (unless the index was reused just now).
+                    if !applied.iter().any(|a| a.index == o.index) {
+                        let slot = ring_slot(o.index, r);
+                        self.mapped_rings.remove(&slot);
+                        clear_map_slot(&self.maps.rings_map, slot).map_err(|e| {
+                            ReconcileError::Map {
+                                map: "RINGS",
+                                source: MapError::SyscallError(aya::sys::SyscallError {
+                                    call: "bpf_map_delete_elem",
+                                    io_error: e,
+                                }),
+                            }
+                        })?;
+                    }
                 }
             }
         }
@@ -569,8 +588,33 @@ impl Reconciler {
         Ok(())
     }
 
-    fn ring_base(&self, index: u32, ring: u32) -> u32 {
-        (index * RINGS_PER_LISTENER + ring) * self.ring_size
+    /// The mapped ring at `slot` of RINGS: adopted from an earlier run, or created now.
+    fn ring(&mut self, slot: u32) -> Result<&MappedRing, ReconcileError> {
+        if !self.mapped_rings.contains_key(&slot) {
+            let ring = match self.maps.rings.get(&slot, 0) {
+                Ok(existing) => {
+                    let found = existing.info().map_err(map_err("RINGS"))?.max_entries();
+                    if found != self.ring_size {
+                        return Err(ReconcileError::RingSizeChanged {
+                            running: found,
+                            requested: self.ring_size,
+                        });
+                    }
+                    MappedRing::map(existing).map_err(map_err("RINGS"))?
+                }
+                Err(MapError::KeyNotFound) => {
+                    let ring = MappedRing::create(self.ring_size).map_err(map_err("RINGS"))?;
+                    self.maps
+                        .rings
+                        .set(slot, ring.map_data(), 0)
+                        .map_err(map_err("RINGS"))?;
+                    ring
+                }
+                Err(e) => return Err(map_err("RINGS")(e)),
+            };
+            self.mapped_rings.insert(slot, ring);
+        }
+        Ok(&self.mapped_rings[&slot])
     }
 
     fn write_ring(
@@ -605,18 +649,20 @@ impl Reconciler {
                 }
             })
             .collect();
-        let base = self.ring_base(index, ring);
-        let previous = self.rings.get(&(index, ring));
+        let previous = self.rings.get(&(index, ring)).cloned();
+        let mapped = self.ring(ring_slot(index, ring))?;
         let mut written = 0usize;
         for (slot, &id) in table.iter().enumerate() {
-            if previous.is_some_and(|p| p[slot] == id) {
+            if previous.as_ref().is_some_and(|p| p[slot] == id) {
                 continue;
             }
-            let at = base + slot as u32;
-            match self.mapped_rings.as_ref().and_then(|m| m.slot(at as usize)) {
-                Some(cell) => cell.store(id, Ordering::Relaxed),
-                None => self.maps.rings.set(at, id, 0).map_err(map_err("RINGS"))?,
-            }
+            let Some(cell) = mapped.slot(slot) else {
+                return Err(ReconcileError::RingSizeChanged {
+                    running: mapped.len() as u32,
+                    requested: self.ring_size,
+                });
+            };
+            cell.store(id, Ordering::Relaxed);
             written += 1;
         }
         // The ring must be complete before the listener flips to it (a map update syscall,

@@ -6,7 +6,6 @@
 use std::net::Ipv4Addr;
 
 use slb_common::wire::{ipv4_frame, parse_ipv4_frame, L4Spec, ParsedFrame, TCP_ACK, TCP_SYN};
-use slb_common::RINGS_PER_LISTENER;
 use slb_user::config::Config;
 use slb_user::health::HealthStatus;
 use slb_user::reconcile::BackendKey;
@@ -547,26 +546,51 @@ fn next_hop_cache_follows_a_neighbour_change_within_a_second() {
 #[test]
 fn rings_are_written_through_the_mapping_and_the_kernel_sees_them() {
     in_fresh_netns(|| {
-        let h = harness();
+        let mut h = harness();
         let maps = h.reconciler.maps();
-        let mapped = h
-            .reconciler
-            .mapped_rings()
-            .expect("RINGS is created mmap-able, so the daemon maps it");
+        // Ring memory follows the config: one ring per listener with a Maglev group so far
+        // (web, dns, drained, sticky, strict; the active/standby pair needs none).
+        let in_kernel: Vec<u32> = (0..slb_common::RING_SLOTS)
+            .filter(|slot| maps.rings.get(slot, 0).is_ok())
+            .collect();
+        let mapped: Vec<u32> = h.reconciler.mapped_rings().keys().copied().collect();
+        assert_eq!(in_kernel, mapped);
+        assert_eq!(mapped.len(), 5, "{mapped:?}");
         let mut owners = std::collections::BTreeSet::new();
-        for slot in 0..(RINGS_PER_LISTENER * RING_SIZE * 6) {
-            let through_syscall = maps.rings.get(&slot, 0).expect("RINGS lookup");
-            let through_mapping = mapped
-                .slot(slot as usize)
-                .expect("slot in the mapping")
-                .load(std::sync::atomic::Ordering::Relaxed);
-            assert_eq!(through_syscall, through_mapping, "slot {slot}");
-            owners.insert(through_syscall);
+        for (&slot, ring) in h.reconciler.mapped_rings() {
+            let inner = maps.rings.get(&slot, 0).expect("the ring in RINGS");
+            let inner: aya::maps::Array<_, u32> =
+                aya::maps::Array::try_from(aya::maps::Map::Array(inner)).expect("an array");
+            assert_eq!(inner.len(), RING_SIZE);
+            for i in 0..RING_SIZE {
+                let through_syscall = inner.get(&i, 0).expect("ring lookup");
+                let through_mapping = ring
+                    .slot(i as usize)
+                    .expect("slot in the mapping")
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                assert_eq!(through_syscall, through_mapping, "ring {slot} slot {i}");
+                owners.insert(through_syscall);
+            }
         }
         assert!(
             owners.len() >= 3,
             "the rings name backends (and empty slots): {owners:?}"
         );
+
+        // A listener that goes away takes its ring memory with it.
+        let mut text = config(1, 1);
+        let start = text.find("[[listeners]]\nname = \"strict\"").expect("strict listener");
+        let end = start + text[start..].find("on_all_unhealthy = \"drop\"\n").unwrap() + 26;
+        text.replace_range(start..end, "");
+        h.reconciler
+            .apply(&Config::parse(&text, "test").unwrap(), &Default::default())
+            .unwrap();
+        let maps = h.reconciler.maps();
+        let left = (0..slb_common::RING_SLOTS)
+            .filter(|slot| maps.rings.get(slot, 0).is_ok())
+            .count();
+        assert_eq!(left, 4);
+        assert_eq!(h.reconciler.mapped_rings().len(), 4);
     });
 }
 

@@ -174,8 +174,8 @@ fn bpftool_commands_from_the_readme() {
             "LISTENERS key lacks vip/port/protocol: {key}"
         );
         assert!(
-            has_fields(value, &["index", "ring_base"]),
-            "LISTENERS value lacks index/ring_base: {value}"
+            has_fields(value, &["index", "ring_index"]),
+            "LISTENERS value lacks index/ring_index: {value}"
         );
     }
 
