@@ -222,7 +222,10 @@ impl Dataplane {
 /// RINGS and CONNECTIONS sized as `sizes` says. The program is not loaded into the kernel yet.
 pub fn load_object(dir: &Path, sizes: TableSizes) -> Result<Ebpf, DataplaneError> {
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries("RINGS", MAX_LISTENERS * RINGS_PER_LISTENER * sizes.ring_size);
+    loader.map_max_entries(
+        "RINGS",
+        MAX_LISTENERS * RINGS_PER_LISTENER * sizes.ring_size,
+    );
     loader.map_max_entries("CONNECTIONS", sizes.max_connections);
     for (name, ..) in expected_layout(sizes) {
         loader.map_pin_path(name, dir.join(name));
@@ -286,6 +289,13 @@ fn expected_layout(sizes: TableSizes) -> Vec<(&'static str, usize, usize, u32)> 
             size_of::<TrafficCounters>(),
             MAX_BACKENDS,
         ),
+        (
+            "FRAGMENTS",
+            size_of::<FragmentKey>(),
+            size_of::<FragmentEntry>(),
+            MAX_FRAGMENTS,
+        ),
+        ("NAT_ADDRESSES", 4, 4, MAX_NAT_ADDRESSES),
         ("GLOBAL_STATS", 4, size_of::<GlobalCounters>(), 1),
         ("EGRESS", 4, 8, MAX_INTERFACES),
         ("NEXT_HOP_BACKEND", 4, size_of::<NextHop>(), MAX_BACKENDS),
