@@ -98,14 +98,14 @@ fn record(
     };
     // An LRU insert fails only under memory pressure: the later fragments are then orphans,
     // dropped and counted.
-    let _ = FRAGMENTS.insert(key, &entry, 0);
+    let _ = FRAGMENTS.insert(key, entry, 0);
     counters.fragments_tracked += 1;
 }
 
 /// Whether a packet with these addresses is a listener's or a backend's.
 #[inline(always)]
 fn ours(key: &FragmentKey) -> bool {
-    let flags = |addr: [u8; 4]| unsafe { NAT_ADDRESSES.get(&u32::from_ne_bytes(addr)) };
+    let flags = |addr: [u8; 4]| unsafe { NAT_ADDRESSES.get(u32::from_ne_bytes(addr)) };
     matches!(flags(key.dst), Some(f) if f & NAT_ADDRESS_F_VIP != 0)
         || matches!(flags(key.src), Some(f) if f & NAT_ADDRESS_F_BACKEND != 0)
 }
@@ -120,7 +120,7 @@ pub fn later(
 ) -> u32 {
     let key = key(ip);
     let now = unsafe { bpf_ktime_get_ns() };
-    let entry = match FRAGMENTS.get_ptr_mut(&key) {
+    let entry = match FRAGMENTS.get_ptr_mut(key) {
         Some(e) if now.wrapping_sub(unsafe { (*e).created_ns }) < FRAGMENT_TIMEOUT_NS => e,
         _ => {
             if ours(&key) {
@@ -160,9 +160,7 @@ pub fn later(
     // flow, one receive queue); a balanced datagram's next hop comes from the FIB (the backend
     // id that keys that cache is not in the entry; fragments are rare).
     let cache = if action == FRAGMENT_TO_CLIENT {
-        NEXT_HOP_CLIENT
-            .get_ptr_mut(client)
-            .unwrap_or(core::ptr::null_mut())
+        NEXT_HOP_CLIENT.get_ptr_mut(client).unwrap_or_default()
     } else {
         core::ptr::null_mut()
     };
