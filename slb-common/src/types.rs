@@ -48,6 +48,32 @@ pub const MAX_CLIENT_NEXT_HOPS: u32 = 65536;
 /// changes reach the fast path within this time.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
 
+/// Entries of the fragment table: IPv4 datagrams whose later fragments are still expected. A
+/// datagram's fragments arrive within microseconds of each other, so even at 100k fragmented
+/// datagrams/s an entry lives long enough; an evicted entry only turns the rest of its datagram
+/// into dropped orphans.
+pub const MAX_FRAGMENTS: u32 = 16384;
+/// How long a fragment entry is used: the kernel's own reassembly gives up after 30 s
+/// (`ipfrag_time`), and an older entry may belong to an earlier datagram with the same IP id.
+pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
+/// Entries of the address table: every VIP and backend address (IPv4, network order as u32, as
+/// the next-hop cache of client addresses).
+pub const MAX_NAT_ADDRESSES: u32 = MAX_LISTENERS + MAX_BACKENDS;
+/// Address flag: a VIP of a TCP/UDP listener.
+pub const NAT_ADDRESS_F_VIP: u32 = 1;
+/// Address flag: the address of a TCP/UDP listener's backend.
+pub const NAT_ADDRESS_F_BACKEND: u32 = 2;
+
+// What the later fragments of a datagram get (`FragmentEntry::action`).
+/// The first fragment was balanced: later ones get its addresses and are forwarded.
+pub const FRAGMENT_TO_BACKEND: u32 = 1;
+/// The first fragment was a reply translated to the VIP: later ones get its addresses too.
+pub const FRAGMENT_TO_CLIENT: u32 = 2;
+/// The first fragment was passed untouched (to this host, or not a listener's): so are they.
+pub const FRAGMENT_PASS: u32 = 3;
+/// The first fragment was dropped (no backend, no route): so are they.
+pub const FRAGMENT_DROP: u32 = 4;
+
 /// A ring slot with no backend (a listener whose backends all have weight 0).
 pub const NO_BACKEND: u32 = u32::MAX;
 
@@ -192,6 +218,37 @@ pub struct ReplyNat {
     pub backend_id: u32,
 }
 
+/// Key of the fragment table: an IPv4 datagram as reassembly identifies it (RFC 791: source,
+/// destination, protocol, IP id), before any rewrite. Unlike the other keys its addresses are
+/// plain IPv4 (network order): the 16-bit id is IPv4's alone (IPv6 fragments carry a 32-bit id in
+/// an extension header and will need a key of their own anyway), a 12-byte key hashes cheaply,
+/// and it is copied straight from the header, without the zero run of an IPv4-mapped address
+/// that the BPF backend turns into a `memset` call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragmentKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// The IP id, network order.
+    pub id: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Value of the fragment table: what the first fragment became, so the later ones (which carry
+/// no L4 header, hence no ports) become the same.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragmentEntry {
+    /// Source and destination the first fragment left with.
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// `FRAGMENT_*`.
+    pub action: u32,
+    pub _pad: u32,
+    pub created_ns: u64,
+}
+
 /// A cached FIB answer for one destination (per CPU, so no torn reads).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -257,8 +314,21 @@ global_counters! {
     non_ip_passed,
     /// IPv6: passed to the stack until the IPv6 data plane lands.
     ipv6_passed,
-    /// IPv4 fragments: passed to the stack (their L4 header is missing or not ours to read).
+    /// IPv4 fragments that are no listener's nor a backend's: passed untouched (also the later
+    /// fragments of a datagram whose first fragment was passed).
     fragments_passed,
+    /// First fragments of a listener's or a backend's datagram, recorded in the fragment table
+    /// for their later fragments (the first fragment itself is balanced or translated as usual).
+    fragments_tracked,
+    /// Later fragments of a client datagram, sent to the backend its first fragment went to.
+    fragments_balanced,
+    /// Later fragments of a backend's reply, their source rewritten to the VIP.
+    fragments_translated,
+    /// Later fragments to a VIP or from a backend address whose first fragment this node has not
+    /// seen (lost, reordered, evicted, expired): dropped, never forwarded untranslated.
+    fragments_dropped_orphan,
+    /// Later fragments of a datagram whose first fragment was dropped.
+    fragments_dropped_with_first,
     /// IPv4 with options: passed to the stack.
     ip_options_passed,
     /// IP traffic that is not for a listener nor a reply from a backend: passed.
@@ -339,4 +409,6 @@ mod pod {
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for Persisted {}
     unsafe impl aya::Pod for ReplayTemplate {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentEntry {}
 }

@@ -13,14 +13,15 @@ use slb_common::{
     hash::flow_hash,
     ipv4_mapped, Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters,
     ListenerEntry, ListenerKey, NextHop, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING,
-    BACKEND_F_PRESENT, CONN_F_CLOSING, HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP,
-    LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, NO_BACKEND,
-    TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
+    BACKEND_F_PRESENT, CONN_F_CLOSING, FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, HEALTH_DOWN,
+    IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
+    LISTENER_F_PERSIST, NO_BACKEND, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
 };
 
 use crate::{
     forward::{route_ipv4, send, Route},
     icmp::{self, IPPROTO_ICMP},
+    fragments,
     maps::{
         BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, GLOBAL_STATS, HALF_OPEN, LISTENERS,
         LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, REPLY_NAT, RINGS,
@@ -90,15 +91,20 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         counters.not_for_us_passed += 1;
         return XDP_PASS;
     }
-    if frag_off & IPV4_FRAGMENT_MASK != 0 {
-        counters.fragments_passed += 1;
-        return XDP_PASS;
-    }
+    // A first fragment takes the ordinary path and is remembered for the rest of its datagram.
+    let fragment = if frag_off & IPV4_FRAGMENT_MASK != 0 {
+        if !fragments::is_first(frag_off) {
+            return fragments::later(ctx, eth, ip, counters);
+        }
+        Some(fragments::key(ip))
+    } else {
+        None
+    };
     if version_ihl & 0x0f != 5 {
         counters.ip_options_passed += 1;
         return XDP_PASS;
     }
-    let Some(l4) = l4_header(ctx, protocol, total_len) else {
+    let Some(l4) = l4_header(ctx, protocol, total_len, fragment.is_some()) else {
         counters.malformed += 1;
         return XDP_DROP;
     };
@@ -126,7 +132,11 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
             counters.malformed += 1;
             return XDP_DROP;
         }
-        return to_backend(ctx, eth, ip, &l4, &flow, &listener, counters);
+        let verdict = to_backend(ctx, eth, ip, &l4, &flow, &listener, counters);
+        if let Some(key) = &fragment {
+            fragments::remember(ctx, key, verdict, FRAGMENT_TO_BACKEND, counters);
+        }
+        return verdict;
     }
     let endpoint = BackendEndpoint {
         addr: flow.src,
@@ -140,7 +150,14 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
             counters.malformed += 1;
             return XDP_DROP;
         }
-        return to_client(ctx, eth, ip, &l4, &nat, counters);
+        let verdict = to_client(ctx, eth, ip, &l4, &nat, counters);
+        if let Some(key) = &fragment {
+            fragments::remember(ctx, key, verdict, FRAGMENT_TO_CLIENT, counters);
+        }
+        return verdict;
+    }
+    if let Some(key) = &fragment {
+        return fragments::pass_first(key, counters);
     }
     counters.not_for_us_passed += 1;
     XDP_PASS
@@ -157,9 +174,10 @@ struct L4 {
     valid: bool,
 }
 
-/// The TCP or UDP header after an option-less IPv4 header of an IP packet of `ip_len` bytes.
+/// The TCP or UDP header after an option-less IPv4 header of an IP packet of `ip_len` bytes (the
+/// first fragment of a datagram when `first_fragment`).
 #[inline(always)]
-fn l4_header(ctx: &XdpContext, protocol: u8, ip_len: usize) -> Option<L4> {
+fn l4_header(ctx: &XdpContext, protocol: u8, ip_len: usize, first_fragment: bool) -> Option<L4> {
     let offset = ETH_HDR_LEN + IPV4_HDR_LEN;
     let l4_len = ip_len.checked_sub(IPV4_HDR_LEN)?;
     if protocol == IPPROTO_TCP {
@@ -182,7 +200,14 @@ fn l4_header(ctx: &XdpContext, protocol: u8, ip_len: usize) -> Option<L4> {
     } else {
         let udp = ptr_at::<UdpHdr>(ctx, offset)?;
         let udp_len = usize::from(u16::from_be(unsafe { (*udp).len }));
-        let valid = udp_len >= UDP_HDR_LEN && udp_len <= l4_len;
+        // A first fragment holds the whole header and only part of what the UDP length covers.
+        let valid = udp_len >= UDP_HDR_LEN
+            && l4_len >= UDP_HDR_LEN
+            && if first_fragment {
+                udp_len > l4_len
+            } else {
+                udp_len <= l4_len
+            };
         Some(unsafe {
             L4 {
                 ports: &raw mut (*udp).ports,
@@ -553,7 +578,12 @@ unsafe fn translate(ip: *mut Ipv4Hdr, l4: &L4, end: Endpoint, addr: &Addr, port:
 /// Writes `new` over the address at `field` (the IPv4 source or destination) and fixes the
 /// header checksum.
 #[inline(always)]
-unsafe fn rewrite_ipv4_addr(ip: *mut Ipv4Hdr, field: *mut [u8; 4], old: [u8; 4], new: [u8; 4]) {
+pub(crate) unsafe fn rewrite_ipv4_addr(
+    ip: *mut Ipv4Hdr,
+    field: *mut [u8; 4],
+    old: [u8; 4],
+    new: [u8; 4],
+) {
     unsafe {
         (*ip).check = replace_u32(
             (*ip).check,

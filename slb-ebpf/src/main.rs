@@ -4,6 +4,7 @@
 mod balancer;
 mod floor;
 mod forward;
+mod fragments;
 mod icmp;
 mod maps;
 mod packet;

@@ -10,10 +10,11 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use slb_common::{
-    Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
-    NextHop, PersistKey, Persisted, ReplayTemplate, ReplyNat, TrafficCounters, DEFAULT_RING_SIZE,
-    MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS, MAX_CONNECTIONS, MAX_HALF_OPEN, MAX_INTERFACES,
-    MAX_LISTENERS, MAX_PERSISTENCE, RINGS_MAP_FLAGS, RING_SLOTS,
+    Backend, BackendEndpoint, Connection, FlowKey, FragmentEntry, FragmentKey, GlobalCounters,
+    ListenerEntry, ListenerKey, NextHop, PersistKey, Persisted, ReplayTemplate, ReplyNat,
+    TrafficCounters, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS, MAX_CONNECTIONS,
+    MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES, MAX_LISTENERS, MAX_NAT_ADDRESSES,
+    MAX_PERSISTENCE, RINGS_MAP_FLAGS, RING_SLOTS,
 };
 
 const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
@@ -59,6 +60,19 @@ pub static HALF_OPEN: LruHashMap<FlowKey, Connection, { MAX_HALF_OPEN as usize }
 /// state, so the two directions of a flow cannot disagree and any node can translate a reply.
 #[btf_map]
 pub static REPLY_NAT: HashMap<BackendEndpoint, ReplyNat, BACKENDS_MAX> = HashMap::new();
+
+/// IPv4 datagrams being fragmented through: (src, dst, protocol, IP id) of the first fragment →
+/// what it became. Later fragments have no ports, so they follow this entry. An LRU, as in
+/// Cilium: entries of finished datagrams are simply pushed out.
+#[btf_map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry, { MAX_FRAGMENTS as usize }> =
+    LruHashMap::new();
+
+/// Every VIP and backend address (IPv4, network order as u32) → `NAT_ADDRESS_F_*`, written by the daemon. A later
+/// fragment without a fragment entry shows only addresses: this says whether it is ours (dropped,
+/// never forwarded untranslated) or someone else's (passed).
+#[btf_map]
+pub static NAT_ADDRESSES: HashMap<u32, u32, { MAX_NAT_ADDRESSES as usize }> = HashMap::new();
 
 #[btf_map]
 pub static LISTENER_STATS: PerCpuArray<TrafficCounters, LISTENERS_MAX> = PerCpuArray::new();

@@ -11,6 +11,8 @@ pub const IPV4_HDR_LEN: usize = size_of::<Ipv4Hdr>();
 pub const IPV4_FRAGMENT_MASK: u16 = 0x3fff;
 /// Don't fragment.
 pub const IPV4_DONT_FRAGMENT: u16 = 0x4000;
+/// Fragment offset alone: 0 in the first fragment (the one with the L4 header), not in the rest.
+pub const IPV4_FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
 /// The reserved ("evil") bit of the flags.
 pub const IPV4_RESERVED_FLAG: u16 = 0x8000;
 pub const TCP_HDR_LEN: usize = size_of::<TcpHdr>();

@@ -279,6 +279,13 @@ fn expected_layout(sizes: TableSizes) -> Vec<(&'static str, usize, usize, u32)> 
             size_of::<TrafficCounters>(),
             MAX_BACKENDS,
         ),
+        (
+            "FRAGMENTS",
+            size_of::<FragmentKey>(),
+            size_of::<FragmentEntry>(),
+            MAX_FRAGMENTS,
+        ),
+        ("NAT_ADDRESSES", 4, 4, MAX_NAT_ADDRESSES),
         ("GLOBAL_STATS", 4, size_of::<GlobalCounters>(), 1),
         ("EGRESS", 4, 8, MAX_INTERFACES),
         ("NEXT_HOP_BACKEND", 4, size_of::<NextHop>(), MAX_BACKENDS),

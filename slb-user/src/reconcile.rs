@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 use slb_common::maglev::{build_table, MaglevBackend, MaglevError};
 use slb_common::{
     ipv4_mapped, Backend, BackendEndpoint, ListenerEntry, ListenerKey, ReplyNat,
-    BACKEND_F_DRAINING, BACKEND_F_PRESENT,
-    HEALTH_DOWN, HEALTH_UP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
-    LISTENER_F_PERSIST, MAX_BACKENDS, MAX_LISTENERS, NO_BACKEND, RINGS_PER_LISTENER,
+    BACKEND_F_DRAINING, BACKEND_F_PRESENT, HEALTH_DOWN, HEALTH_UP, LISTENER_F_ACTIVE_STANDBY,
+    LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, MAX_BACKENDS, MAX_LISTENERS,
+    NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, NO_BACKEND, RINGS_PER_LISTENER,
 };
 
 use crate::config::{AllUnhealthy, BackendSpec, Config, Group, GroupKind, Protocol, DEFAULT_GROUP};
@@ -200,6 +200,22 @@ fn ring_slot(index: u32, ring: u32) -> u32 {
     index * RINGS_PER_LISTENER + ring
 }
 
+/// VIP and backend addresses of TCP/UDP listeners with their `NAT_ADDRESS_F_*` flags: how the
+/// data plane tells whether a fragment without ports is ours.
+fn nat_addresses(
+    vips: impl Iterator<Item = IpAddr>,
+    backends: impl Iterator<Item = IpAddr>,
+) -> BTreeMap<IpAddr, u32> {
+    let mut flags = BTreeMap::new();
+    for vip in vips {
+        *flags.entry(vip).or_default() |= NAT_ADDRESS_F_VIP;
+    }
+    for backend in backends {
+        *flags.entry(backend).or_default() |= NAT_ADDRESS_F_BACKEND;
+    }
+    flags
+}
+
 fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
     (0..limit).find(|i| !used.contains(i))
 }
@@ -378,7 +394,25 @@ impl Reconciler {
             }
         }
 
-        // 3. Rings, reply translations and listener entries.
+        // 3. Addresses first (a reply fragment from a new backend is then never passed
+        //    untranslated), then rings, reply translations and listener entries.
+        let old_addresses = nat_addresses(
+            self.state.listeners.iter().map(|l| l.vip),
+            self.state.backends.iter().map(|b| b.key.address),
+        );
+        let addresses = nat_addresses(
+            l4_listeners.iter().map(|l| l.vip),
+            plans
+                .iter()
+                .flat_map(|p| p.members.iter().map(|(k, _)| k.address)),
+        );
+        // Written every time, as the reply translations are: adopted pins may predate the state.
+        for (address, flags) in &addresses {
+            self.maps
+                .nat_addresses
+                .insert(u32::from_ne_bytes(ipv4_octets(*address)), *flags, 0)
+                .map_err(map_err("NAT_ADDRESSES"))?;
+        }
         let old_reply_endpoints = reply_endpoints(&self.state);
         let old_listeners: BTreeMap<String, AppliedListener> = self
             .state
@@ -572,6 +606,14 @@ impl Reconciler {
         let current = reply_endpoints(&self.state);
         for endpoint in old_reply_endpoints.difference(&current) {
             let _ = self.maps.reply_nat.remove(&reply_key(*endpoint));
+        }
+        for address in old_addresses.keys() {
+            if !addresses.contains_key(address) {
+                let _ = self
+                    .maps
+                    .nat_addresses
+                    .remove(&u32::from_ne_bytes(ipv4_octets(*address)));
+            }
         }
         Ok(&self.state)
     }

@@ -258,7 +258,8 @@ fn traffic_that_is_not_for_a_listener_passes_untouched_and_is_counted() {
         assert_eq!(c.not_for_us_passed, 4);
         assert_eq!(c.non_ip_passed, 1);
 
-        let mut fragment = frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN));
+        // A fragment to an address that is neither a VIP nor a backend's.
+        let mut fragment = frame(in_mac, CLIENT, [10, 10, 0, 1], tcp(40000, 80, SYN));
         fragment[14 + 6] = 0x20; // more fragments
         assert_eq!(h.run(&fragment, h.in_index).0, XDP_PASS);
         let mut options = frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN));
@@ -985,5 +986,227 @@ fn icmp_errors_about_balanced_flows_are_translated_both_ways() {
         assert_eq!((verdict, &out), (XDP_PASS, &err));
         let c = h.counters();
         assert_eq!((c.icmp_errors_translated, c.icmp_errors_unmatched), (4, 1), "{c:?}");
+    });
+}
+
+/// A UDP datagram with `payload_len` bytes of payload, cut into IPv4 fragments of at most 1480
+/// payload bytes (an MTU of 1500), as the sender's kernel does: one frame per fragment, IP id
+/// `id`, the UDP checksum over the whole datagram in the first.
+fn udp_fragments(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    (src, src_port): ([u8; 4], u16),
+    (dst, dst_port): ([u8; 4], u16),
+    payload_len: usize,
+    id: u16,
+) -> Vec<Vec<u8>> {
+    use slb_common::checksum::{internet_checksum, ipv4_pseudo_header_sum};
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&src_port.to_be_bytes());
+    seg.extend_from_slice(&dst_port.to_be_bytes());
+    seg.extend_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+    seg.extend_from_slice(&[0, 0]);
+    seg.extend((0..payload_len).map(|i| (i * 7) as u8));
+    let c = internet_checksum(ipv4_pseudo_header_sum(src, dst, 17, seg.len() as u16), &seg);
+    seg[6..8].copy_from_slice(&c.to_be_bytes());
+    let chunks: Vec<&[u8]> = seg.chunks(1480).collect();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(k, chunk)| {
+            let more = if k + 1 < chunks.len() { 0x2000 } else { 0 };
+            let frag_off = more | (k * 1480 / 8) as u16;
+            let mut f = Vec::new();
+            f.extend_from_slice(&dst_mac);
+            f.extend_from_slice(&src_mac);
+            f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+            f.extend_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(&frag_off.to_be_bytes());
+            f.extend_from_slice(&[64, 17, 0, 0]);
+            f.extend_from_slice(&src);
+            f.extend_from_slice(&dst);
+            f.extend_from_slice(chunk);
+            fix_ip_checksum(&mut f);
+            f
+        })
+        .collect()
+}
+
+/// Checks that `frames` are the fragments of one datagram with valid IP header checksums, the
+/// same addresses and TTL, and reassemble into a UDP datagram with a valid checksum. Returns
+/// (src, src port, dst, dst port, ttl) of the reassembled datagram.
+fn reassemble_udp(frames: &[Vec<u8>]) -> ([u8; 4], u16, [u8; 4], u16, u8) {
+    use slb_common::checksum::{internet_checksum, ipv4_pseudo_header_sum};
+    let ip = |f: &Vec<u8>| f[14..34].to_vec();
+    let (src, dst) = (&ip(&frames[0])[12..16], &ip(&frames[0])[16..20]);
+    let mut seg = Vec::new();
+    for f in frames {
+        assert_eq!(
+            internet_checksum(0, &f[14..34]),
+            0,
+            "IP header checksum of {f:02x?}"
+        );
+        assert_eq!(
+            (&f[26..30], &f[30..34]),
+            (src, dst),
+            "every fragment has the same addresses"
+        );
+        assert_eq!(f[22], frames[0][22], "every fragment has the same TTL");
+        let frag_off = u16::from_be_bytes([f[20], f[21]]);
+        assert_eq!(
+            usize::from(frag_off & 0x1fff) * 8,
+            seg.len(),
+            "fragments in order"
+        );
+        seg.extend_from_slice(&f[34..]);
+    }
+    let src: [u8; 4] = src.try_into().unwrap();
+    let dst: [u8; 4] = dst.try_into().unwrap();
+    assert_eq!(usize::from(u16::from_be_bytes([seg[4], seg[5]])), seg.len());
+    let sum = ipv4_pseudo_header_sum(src, dst, 17, seg.len() as u16);
+    assert_eq!(
+        internet_checksum(sum, &seg),
+        0,
+        "UDP checksum of the reassembled datagram"
+    );
+    let port = |at: usize| u16::from_be_bytes([seg[at], seg[at + 1]]);
+    (src, port(0), dst, port(2), frames[0][22])
+}
+
+#[test]
+fn fragmented_udp_is_balanced_and_its_fragmented_replies_translated() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let in_mac = mac_of("in0");
+        let request = udp_fragments(CLIENT_MAC, in_mac, (CLIENT, 41000), (VIP, 53), 3000, 7);
+        assert_eq!(request.len(), 3);
+        let mut out = Vec::new();
+        for f in &request {
+            let (verdict, o) = h.run(f, h.in_index);
+            assert_eq!(verdict, XDP_REDIRECT);
+            assert_eq!(o[..6], BACKEND_MAC, "sent to the backend's MAC");
+            out.push(o);
+        }
+        let (src, src_port, backend, dst_port, ttl) = reassemble_udp(&out);
+        assert!(
+            backend == BACKEND_A || backend == BACKEND_B,
+            "{}",
+            ipv4(backend)
+        );
+        assert_eq!((src, src_port, dst_port, ttl), (CLIENT, 41000, 8080, 63));
+
+        // The backend's answer, fragmented too, leaves as VIP:53 in every fragment.
+        let reply = udp_fragments(
+            BACKEND_MAC,
+            h.out_mac,
+            (backend, 8080),
+            (CLIENT, 41000),
+            3000,
+            9,
+        );
+        let mut out = Vec::new();
+        for f in &reply {
+            let (verdict, o) = h.run(f, h.out_index);
+            assert_eq!(verdict, XDP_REDIRECT);
+            assert_eq!(o[..6], CLIENT_MAC);
+            out.push(o);
+        }
+        assert_eq!(reassemble_udp(&out), (VIP, 53, CLIENT, 41000, 63));
+        let c = h.counters();
+        assert_eq!(
+            (
+                c.fragments_tracked,
+                c.fragments_balanced,
+                c.fragments_translated
+            ),
+            (2, 2, 2),
+            "{c:?}"
+        );
+        assert_eq!(
+            (
+                c.replies_translated,
+                c.fragments_dropped_orphan,
+                c.fragments_passed
+            ),
+            (1, 0, 0)
+        );
+    });
+}
+
+#[test]
+fn orphan_fragments_of_ours_are_dropped_and_foreign_fragments_pass_untouched() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let in_mac = mac_of("in0");
+        // Later fragments whose first fragment never came: to the VIP, and from a backend
+        // (which would show the client the backend's address).
+        let request = udp_fragments(CLIENT_MAC, in_mac, (CLIENT, 41001), (VIP, 53), 3000, 11);
+        let reply = udp_fragments(
+            BACKEND_MAC,
+            h.out_mac,
+            (BACKEND_A, 8080),
+            (CLIENT, 41001),
+            3000,
+            12,
+        );
+        for f in &request[1..] {
+            assert_eq!(h.run(f, h.in_index).0, XDP_DROP);
+        }
+        for f in &reply[1..] {
+            assert_eq!(h.run(f, h.out_index).0, XDP_DROP);
+        }
+        let c = h.counters();
+        assert_eq!(c.fragments_dropped_orphan, 4, "{c:?}");
+        assert_eq!((c.redirected, c.fragments_tracked), (0, 0), "{c:?}");
+
+        // Not ours: to another address, and to a VIP port no listener has (whose later
+        // fragments follow their first one, not the orphan rule).
+        let other = udp_fragments(
+            CLIENT_MAC,
+            in_mac,
+            (CLIENT, 41002),
+            ([10, 10, 0, 1], 53),
+            3000,
+            13,
+        );
+        let no_listener = udp_fragments(CLIENT_MAC, in_mac, (CLIENT, 41002), (VIP, 54), 3000, 14);
+        for f in other.iter().chain(&no_listener) {
+            let (verdict, out) = h.run(f, h.in_index);
+            assert_eq!(verdict, XDP_PASS);
+            assert_eq!(&out, f, "passed unmodified");
+        }
+        let c = h.counters();
+        assert_eq!(
+            (c.fragments_passed, c.fragments_dropped_orphan),
+            (6, 4),
+            "{c:?}"
+        );
+
+        // A datagram whose first fragment is dropped (no backend) loses its later ones too.
+        let mut f = udp_fragments(CLIENT_MAC, in_mac, (CLIENT, 41003), (VIP, 53), 3000, 15);
+        // A TCP first fragment to the drained listener: TCP fragments are handled as UDP ones.
+        for (k, frame) in f.iter_mut().enumerate() {
+            frame[14 + 9] = 6;
+            if k == 0 {
+                // A TCP header: ports, seq, ack, data offset 5, SYN.
+                frame[36..38].copy_from_slice(&81u16.to_be_bytes());
+                frame[46] = 0x50;
+                frame[47] = SYN;
+            }
+            fix_ip_checksum(frame);
+        }
+        assert_eq!(h.run(&f[0], h.in_index).0, XDP_DROP);
+        assert_eq!(h.run(&f[1], h.in_index).0, XDP_DROP);
+        let c = h.counters();
+        assert_eq!(
+            (
+                c.no_backend_dropped,
+                c.fragments_dropped_with_first,
+                c.fragments_dropped_orphan
+            ),
+            (1, 1, 4),
+            "{c:?}"
+        );
     });
 }

@@ -1,0 +1,175 @@
+//! IPv4 fragments of TCP/UDP datagrams. Only the first fragment (offset 0) carries the L4 header,
+//! so it goes through the ordinary path (listener → backend, or reply → VIP), with the L4
+//! checksum updated there for the address and port change (it covers the whole datagram). What
+//! its IP header became is then recorded under the datagram's identity (src, dst, protocol, IP
+//! id) in FRAGMENTS, and the later fragments get the same addresses, without ports. A later
+//! fragment whose first fragment was not seen is dropped when it is ours (to a VIP, from a
+//! backend address): forwarded as it is, a reply fragment would show the client the backend's
+//! address, and a request fragment has nowhere to go. TCP is handled the same way: rare (TCP
+//! avoids fragmentation), but a passed TCP reply fragment would leak the backend's address too.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_ktime_get_ns,
+    programs::XdpContext,
+};
+use slb_common::{
+    FragmentEntry, FragmentKey, GlobalCounters, FRAGMENT_DROP, FRAGMENT_PASS, FRAGMENT_TIMEOUT_NS,
+    FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP,
+};
+
+use crate::{
+    balancer::{decrement_ttl, rewrite_ipv4_addr},
+    forward::{route_ipv4, send},
+    maps::{FRAGMENTS, NAT_ADDRESSES, NEXT_HOP_CLIENT},
+    packet::{ptr_at, EthHdr, Ipv4Hdr, ETH_HDR_LEN, IPV4_FRAGMENT_OFFSET_MASK},
+};
+
+/// True for the first fragment of a fragmented datagram (`frag_off` in host order, MF or an
+/// offset set): offset 0, MF set.
+#[inline(always)]
+pub fn is_first(frag_off: u16) -> bool {
+    frag_off & IPV4_FRAGMENT_OFFSET_MASK == 0
+}
+
+/// The datagram the fragment at `ip` belongs to, as it arrived (read before any rewrite).
+#[inline(always)]
+pub fn key(ip: *const Ipv4Hdr) -> FragmentKey {
+    unsafe {
+        FragmentKey {
+            src: (*ip).src,
+            dst: (*ip).dst,
+            id: (*ip).id,
+            protocol: (*ip).protocol,
+            _pad: 0,
+        }
+    }
+}
+
+/// After the first fragment of datagram `key` went through the ordinary path with `verdict` and
+/// `action` (`FRAGMENT_TO_BACKEND` or `FRAGMENT_TO_CLIENT`): records what it became, read back
+/// from its header, so the later fragments follow it exactly. Unchanged addresses mean it was
+/// passed untouched (TTL expired, a backend's packet to this host).
+/// The header is read anew: the path may have rebuilt the frame (an ICMP error in its place).
+#[inline(always)]
+pub fn remember(
+    ctx: &XdpContext,
+    key: &FragmentKey,
+    verdict: u32,
+    action: u32,
+    counters: &mut GlobalCounters,
+) {
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HDR_LEN) else {
+        record(key, key.src, key.dst, FRAGMENT_DROP, counters);
+        return;
+    };
+    let (src, dst, protocol) = unsafe { ((*ip).src, (*ip).dst, (*ip).protocol) };
+    let action = if verdict == XDP_DROP || protocol != key.protocol {
+        FRAGMENT_DROP
+    } else if src == key.src && dst == key.dst {
+        FRAGMENT_PASS
+    } else {
+        action
+    };
+    record(key, src, dst, action, counters);
+}
+
+/// A first fragment that is not a listener's nor a reply: if its addresses are ours (another
+/// port of a VIP, a backend's other traffic), its later fragments must pass as it does rather
+/// than be dropped as orphans.
+#[inline(always)]
+pub fn pass_first(key: &FragmentKey, counters: &mut GlobalCounters) -> u32 {
+    if ours(key) {
+        record(key, key.src, key.dst, FRAGMENT_PASS, counters);
+    }
+    counters.fragments_passed += 1;
+    XDP_PASS
+}
+
+#[inline(always)]
+fn record(
+    key: &FragmentKey,
+    src: [u8; 4],
+    dst: [u8; 4],
+    action: u32,
+    counters: &mut GlobalCounters,
+) {
+    let entry = FragmentEntry {
+        src,
+        dst,
+        action,
+        _pad: 0,
+        created_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    // An LRU insert fails only under memory pressure: the later fragments are then orphans,
+    // dropped and counted.
+    let _ = FRAGMENTS.insert(key, entry, 0);
+    counters.fragments_tracked += 1;
+}
+
+/// Whether a packet with these addresses is a listener's or a backend's.
+#[inline(always)]
+fn ours(key: &FragmentKey) -> bool {
+    let flags = |addr: [u8; 4]| unsafe { NAT_ADDRESSES.get(u32::from_ne_bytes(addr)) };
+    matches!(flags(key.dst), Some(f) if f & NAT_ADDRESS_F_VIP != 0)
+        || matches!(flags(key.src), Some(f) if f & NAT_ADDRESS_F_BACKEND != 0)
+}
+
+/// A fragment after the first: it follows its datagram's entry.
+#[inline(always)]
+pub fn later(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    counters: &mut GlobalCounters,
+) -> u32 {
+    let key = key(ip);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let entry = match FRAGMENTS.get_ptr_mut(key) {
+        Some(e) if now.wrapping_sub(unsafe { (*e).created_ns }) < FRAGMENT_TIMEOUT_NS => e,
+        _ => {
+            if ours(&key) {
+                counters.fragments_dropped_orphan += 1;
+                return XDP_DROP;
+            }
+            counters.fragments_passed += 1;
+            return XDP_PASS;
+        }
+    };
+    let action = unsafe { (*entry).action };
+    match action {
+        FRAGMENT_TO_BACKEND => counters.fragments_balanced += 1,
+        FRAGMENT_TO_CLIENT => counters.fragments_translated += 1,
+        FRAGMENT_DROP => {
+            counters.fragments_dropped_with_first += 1;
+            return XDP_DROP;
+        }
+        _ => {
+            counters.fragments_passed += 1;
+            return XDP_PASS;
+        }
+    }
+    if unsafe { (*ip).ttl } <= 1 {
+        // As for whole packets: the stack sends the ICMP error (for a first fragment only).
+        counters.ttl_expired_passed += 1;
+        return XDP_PASS;
+    }
+    let client = unsafe {
+        let (new_src, new_dst) = ((*entry).src, (*entry).dst);
+        rewrite_ipv4_addr(ip, &raw mut (*ip).src, (*ip).src, new_src);
+        rewrite_ipv4_addr(ip, &raw mut (*ip).dst, (*ip).dst, new_dst);
+        decrement_ttl(ip);
+        u32::from_ne_bytes(new_dst)
+    };
+    // A reply's first fragment filled this CPU's slot for the client (usually this CPU: one
+    // flow, one receive queue); a balanced datagram's next hop comes from the FIB (the backend
+    // id that keys that cache is not in the entry; fragments are rare).
+    let cache = if action == FRAGMENT_TO_CLIENT {
+        NEXT_HOP_CLIENT.get_ptr_mut(client).unwrap_or_default()
+    } else {
+        core::ptr::null_mut()
+    };
+    let protocol = unsafe { (*ip).protocol };
+    let route = route_ipv4(ctx, ip, unsafe { (*ip).dst }, protocol, cache, counters);
+    send(ctx, eth, route, counters)
+}
