@@ -2,8 +2,9 @@
 //! they sit in memory (native-endian loads of network-order bytes); one's-complement sums do not
 //! depend on byte order as long as every word is loaded the same way.
 
+/// Folds a sum of 16-bit words into 16 bits (one's complement addition).
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16

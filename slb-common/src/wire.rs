@@ -88,8 +88,20 @@ pub fn ipv4_frame(
         );
         seg[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
     }
-    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, l4.protocol, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + seg.len()) as u16).to_be_bytes());
+    ipv4_packet_frame(dst_mac, src_mac, src, dst, l4.protocol, &seg)
+}
+
+/// An Ethernet + IPv4 frame (DF set, TTL 64, valid header checksum) around `payload`.
+pub fn ipv4_packet_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    protocol: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, protocol, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
     ip.extend_from_slice(&src);
     ip.extend_from_slice(&dst);
     let c = internet_checksum(0, &ip);
@@ -99,7 +111,7 @@ pub fn ipv4_frame(
     f.extend_from_slice(&src_mac);
     f.extend_from_slice(&[0x08, 0x00]);
     f.extend_from_slice(&ip);
-    f.extend_from_slice(&seg);
+    f.extend_from_slice(payload);
     f
 }
 

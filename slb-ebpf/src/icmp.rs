@@ -14,7 +14,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use slb_common::{
-    checksum::{replace_u16, replace_u32},
+    checksum::{fold, replace_u16, replace_u32},
     ipv4_mapped, BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 
@@ -60,13 +60,6 @@ struct TooBigFrame {
     ip: Ipv4Hdr,
     icmp: IcmpHdr,
     quoted: [u16; QUOTED / 2],
-}
-
-#[inline(always)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
 }
 
 /// Answers the packet in `ctx` (as received: nothing rewritten yet) with ICMP "fragmentation

@@ -53,26 +53,34 @@ fn measure(mut run_once: impl FnMut(usize) -> Duration) -> Stat {
     }
 }
 
+/// `listeners` TCP listeners (VIP:80, 81, ...) and a UDP one (VIP:53), each over the same
+/// `backends` servers; TCP listener `l` reaches them on port 8080 + l (a backend endpoint serves
+/// one tcp/udp listener), the UDP one on 8080.
 fn config(listeners: usize, backends: usize) -> String {
-    let mut c = String::from("instance = \"bench\"\n[[interfaces]]\nname = \"in0\"\n");
+    let mut c = String::from(
+        "instance = \"bench\"\nmax_connections = 1048576\n[[interfaces]]\nname = \"in0\"\n",
+    );
     for l in 0..listeners {
         let _ = write!(
             c,
-            "[[listeners]]\nname = \"tcp{l}\"\nprotocol = \"tcp\"\nvip = \"10.99.0.10\"\nport = {}\ngroup = \"pool\"\n",
+            "[[listeners]]\nname = \"tcp{l}\"\nprotocol = \"tcp\"\nvip = \"10.99.0.10\"\nport = {}\ngroup = \"pool{l}\"\n",
             80 + l
         );
     }
-    let _ = write!(c, "[[listeners]]\nname = \"udp\"\nprotocol = \"udp\"\nvip = \"10.99.0.10\"\nport = 53\ngroup = \"pool\"\n");
-    c.push_str("[[groups]]\nname = \"pool\"\nbackends = [\n");
-    for b in 0..backends {
-        let _ = writeln!(
-            c,
-            "  {{ address = \"10.20.{}.{}\", port = 8080 }},",
-            b / 253,
-            2 + b % 253
-        );
+    let _ = write!(c, "[[listeners]]\nname = \"udp\"\nprotocol = \"udp\"\nvip = \"10.99.0.10\"\nport = 53\ngroup = \"pool0\"\n");
+    for l in 0..listeners.max(1) {
+        let _ = write!(c, "[[groups]]\nname = \"pool{l}\"\nbackends = [\n");
+        for b in 0..backends {
+            let _ = writeln!(
+                c,
+                "  {{ address = \"10.20.{}.{}\", port = {} }},",
+                b / 253,
+                2 + b % 253,
+                8080 + l
+            );
+        }
+        c.push_str("]\n");
     }
-    c.push_str("]\n");
     c
 }
 
@@ -188,8 +196,25 @@ fn per_packet(
             "ratio_to_floor": s.median_ns / floor.median_ns,
         }));
     }
+    // The daemon's sweep of the connection table: a walk that keeps every entry, then one that
+    // removes them all (the prefilled entries were last seen at boot).
+    let mut sweeps = Vec::new();
+    if fill_connections > 0 {
+        let sweeper = slb_user::flows::Sweeper::open(bed.pin_dir())?;
+        for (what, timeout_s) in [("walk, nothing expires", u32::MAX), ("walk and remove all", 10)] {
+            let timeouts = slb_user::flows::Timeouts::from([(0, timeout_s)]);
+            let started = Instant::now();
+            let counts = sweeper.sweep(&timeouts, &[0], &[0])?;
+            sweeps.push(json!({
+                "sweep": what,
+                "ms": started.elapsed().as_secs_f64() * 1000.0,
+                "entries_left": counts.entries,
+                "removed": counts.expired,
+            }));
+        }
+    }
     Ok(
-        json!({"tables": label, "listeners": listeners, "backends": backends, "connections_prefilled": fill_connections, "rows": rows}),
+        json!({"tables": label, "listeners": listeners, "backends": backends, "connections_prefilled": fill_connections, "rows": rows, "sweeps": sweeps}),
     )
 }
 
@@ -266,7 +291,7 @@ fn control_plane() -> anyhow::Result<serde_json::Value> {
     let bed = Testbed::new(&big, 65537)?;
     let setup_and_apply = t.elapsed();
     // Apply once more with every weight changed, so every ring is rebuilt.
-    let reweighted = big.replace("port = 8080 }", "port = 8080, weight = 2 }");
+    let reweighted = big.replace(" },", ", weight = 2 },");
     let mut reconciler_config = slb_user::config::Config::parse(&reweighted, "bench")?;
     reconciler_config.instance = "bench".parse().expect("a valid instance name");
     let mut bed = bed;
@@ -369,6 +394,16 @@ fn main() -> anyhow::Result<()> {
                 r["ratio_to_floor"].as_f64().unwrap_or(0.0)
             );
         }
+        for s in table["sweeps"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                md,
+                "- connection-table sweep ({}): {:.0} ms; {} removed, {} left",
+                s["sweep"].as_str().unwrap_or(""),
+                s["ms"].as_f64().unwrap_or(0.0),
+                s["removed"],
+                s["entries_left"]
+            );
+        }
         md.push('\n');
     }
     let _ = writeln!(md, "## Maglev\n\n| M | N | build ms | max share deviation | moved on remove/add | ideal 1/N | ratio |\n|---:|---:|---:|---:|---:|---:|---:|");
@@ -394,7 +429,7 @@ fn main() -> anyhow::Result<()> {
     for d in control["daemon"].as_array().into_iter().flatten() {
         let _ = writeln!(
             md,
-            "- daemon, {}: RSS {} KiB (own heap, RssAnon: {} KiB; the rest is mostly the mapped RINGS, kernel memory), start to ready {:.0} ms",
+            "- daemon, {}: RSS {} KiB (own heap, RssAnon: {} KiB; the rest is mostly the mapped rings, kernel memory), start to ready {:.0} ms",
             d["config"].as_str().unwrap_or(""),
             d["rss_kib"],
             d["rss_anon_kib"],

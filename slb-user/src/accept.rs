@@ -28,6 +28,23 @@ impl AcceptBackoff {
         }
     }
 
+    /// The next accepted connection of `accept` (a listener's accept call), riding out failures.
+    pub async fn next<S, A, F, Fut>(&mut self, mut accept: F) -> S
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<(S, A)>>,
+    {
+        loop {
+            match accept().await {
+                Ok((stream, _)) => {
+                    self.succeeded();
+                    return stream;
+                }
+                Err(e) => self.failed(&e).await,
+            }
+        }
+    }
+
     /// Logs `error` and waits before the next accept: 10 ms, doubling up to 1 s.
     pub async fn failed(&mut self, error: &std::io::Error) {
         let delay = self.record_failure();

@@ -153,14 +153,7 @@ pub async fn serve(instance: &str, calls: mpsc::Sender<Call>) -> anyhow::Result<
         .with_context(|| format!("chmod 0600 {}", path.display()))?;
     let mut backoff = crate::accept::AcceptBackoff::new("admin API");
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                backoff.failed(&e).await;
-                continue;
-            }
-        };
-        backoff.succeeded();
+        let stream = backoff.next(|| listener.accept()).await;
         let calls = calls.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();

@@ -25,14 +25,7 @@ pub async fn serve_prometheus(instance: String, port: u16) -> anyhow::Result<()>
     tracing::info!(%addr, "Prometheus metrics at http://{addr}/metrics");
     let mut backoff = crate::accept::AcceptBackoff::new("Prometheus metrics");
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                backoff.failed(&e).await;
-                continue;
-            }
-        };
-        backoff.succeeded();
+        let stream = backoff.next(|| listener.accept()).await;
         let instance = instance.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {

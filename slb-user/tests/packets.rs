@@ -802,19 +802,7 @@ fn icmp_error(
     icmp.extend_from_slice(&about[14..42]);
     let c = internet_checksum(0, &icmp);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, ICMP, 0, 0];
-    ip[2..4].copy_from_slice(&((20 + icmp.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&src);
-    ip.extend_from_slice(&dst);
-    let c = internet_checksum(0, &ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut f = Vec::new();
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&CLIENT_MAC);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(&ip);
-    f.extend_from_slice(&icmp);
-    f
+    slb_common::wire::ipv4_packet_frame(dst_mac, CLIENT_MAC, src, dst, ICMP, &icmp)
 }
 
 /// An ICMP error frame as the balancer left it: outer and quoted addresses and ports, after

@@ -342,6 +342,28 @@ impl SlbDaemon {
         Self::start_toml(bin, netns, &config.instance, &config.to_toml())
     }
 
+    /// [`SlbDaemon::start`] with the Prometheus endpoint on a port free in `netns`, which it
+    /// returns with the daemon.
+    pub fn start_with_prometheus(
+        bin: &Path,
+        netns: &str,
+        config: &SlbConfig,
+    ) -> anyhow::Result<(Self, u16)> {
+        // The namespace is fresh, but ask its kernel anyway.
+        let port = exec::in_netns(netns, || {
+            std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
+        })??
+        .port();
+        let mut doc = config.to_toml_value();
+        let mut metrics = toml::map::Map::new();
+        metrics.insert("prometheus_port".into(), toml::Value::Integer(port.into()));
+        doc.as_table_mut()
+            .context("the config is a table")?
+            .insert("metrics".into(), toml::Value::Table(metrics));
+        let daemon = Self::start_toml(bin, netns, &config.instance, &toml::to_string(&doc)?)?;
+        Ok((daemon, port))
+    }
+
     /// [`start`](Self::start) with the config given as TOML text (e.g. one with fields
     /// [`SlbConfig`] does not model); `instance` must be the one the text names.
     pub fn start_toml(bin: &Path, netns: &str, instance: &str, toml: &str) -> anyhow::Result<Self> {

@@ -3,7 +3,7 @@
 //! that is refused halfway through attaching interfaces.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -336,25 +336,8 @@ fn accept_errors_do_not_end_the_admin_api_or_metrics() {
     let slb = slb_binary();
     let topo = topology("emfile");
     let config = SlbConfig::standard(&unique_instance("emfile"), &[1, 1]);
-    let port = in_netns(topo.slb_ns(), || {
-        TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
-    })
-    .expect("enter the slb namespace")
-    .expect("find a free port")
-    .port();
-    let mut doc = config.to_toml_value();
-    let mut metrics = toml::map::Map::new();
-    metrics.insert("prometheus_port".into(), toml::Value::Integer(port.into()));
-    doc.as_table_mut()
-        .expect("a table")
-        .insert("metrics".into(), toml::Value::Table(metrics));
-    let daemon = SlbDaemon::start_toml(
-        &slb,
-        topo.slb_ns(),
-        &config.instance,
-        &toml::to_string(&doc).expect("render TOML"),
-    )
-    .expect("start slb");
+    let (daemon, port) =
+        SlbDaemon::start_with_prometheus(&slb, topo.slb_ns(), &config).expect("start slb");
     let instance = daemon.instance().to_owned();
     let pid = daemon.pid().expect("the daemon runs");
     let socket = state_dir(&instance).join("admin.sock");

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -117,26 +117,8 @@ fn stats_prometheus_and_distribution_report() {
         timeout: "60s".into(),
     });
     config.listeners.push(sticky);
-    // A port free in the slb namespace (which is fresh, but ask the kernel anyway).
-    let port = in_netns(topo.slb_ns(), || {
-        TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
-    })
-    .expect("enter the slb namespace")
-    .expect("find a free port")
-    .port();
-    let mut doc = config.to_toml_value();
-    let mut metrics = toml::map::Map::new();
-    metrics.insert("prometheus_port".into(), toml::Value::Integer(port.into()));
-    doc.as_table_mut()
-        .expect("a table")
-        .insert("metrics".into(), toml::Value::Table(metrics));
-    let daemon = SlbDaemon::start_toml(
-        &slb,
-        topo.slb_ns(),
-        &config.instance,
-        &toml::to_string(&doc).expect("render TOML"),
-    )
-    .expect("start slb");
+    let (daemon, port) =
+        SlbDaemon::start_with_prometheus(&slb, topo.slb_ns(), &config).expect("start slb");
     let instance = daemon.instance().to_owned();
 
     let report = tcp_connections(
