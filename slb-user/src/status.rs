@@ -424,6 +424,25 @@ pub fn render_prometheus(status: &Status) -> String {
         "Current flows in the connection table.",
         per_listener(|l| l.connections),
     );
+    let instance_label = format!("instance=\"{}\"", label(&status.instance));
+    family(
+        "slb_connection_table_entries",
+        "gauge",
+        "Entries of the connection table at the last sweep.",
+        vec![(
+            instance_label.clone(),
+            status.connection_table.entries as f64,
+        )],
+    );
+    family(
+        "slb_connection_table_capacity",
+        "gauge",
+        "Size of the connection table (max_connections).",
+        vec![(
+            instance_label,
+            f64::from(status.connection_table.capacity),
+        )],
+    );
     let per_backend = |f: &dyn Fn(&BackendStatus) -> f64| {
         status
             .backends

@@ -223,6 +223,21 @@ fn stats_prometheus_and_distribution_report() {
         Some(1.0),
         "{body}"
     );
+    // Every client closed its connection (FIN seen by the data plane): none is current.
+    assert_eq!(
+        sample(
+            body,
+            "slb_listener_connections",
+            &[&format!("listener=\"{TCP_LISTENER}\"")]
+        ),
+        Some(0.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(body, "slb_connection_table_capacity", &[]),
+        Some(262144.0),
+        "the default max_connections: {body}"
+    );
     assert!(
         body.contains("# TYPE slb_backend_new_connections_total counter"),
         "{body}"
