@@ -4,6 +4,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    btf_maps::LruHashMap,
     helpers::bpf_ktime_get_ns,
     macros::xdp,
     programs::XdpContext,
@@ -24,7 +25,8 @@ use crate::{
     fragments,
     maps::{
         BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, GLOBAL_STATS, HALF_OPEN, LISTENERS,
-        LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, REPLY_NAT, RINGS,
+        LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, PERSIST_PENDING, REPLY_NAT,
+        RINGS,
     },
     packet::{
         ptr_at, EthHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6,
@@ -331,6 +333,9 @@ fn pick_backend(
             // LRU inserts fail only under memory pressure; the ACK then asks the policy again.
             let _ = HALF_OPEN.insert(flow, &entry, 0);
             counters.half_open_tracked += 1;
+            if listener.flags & LISTENER_F_PERSIST != 0 {
+                persist(&PERSIST_PENDING, flow, listener, id, now);
+            }
         }
         return Pick::Backend {
             id,
@@ -339,7 +344,7 @@ fn pick_backend(
         };
     }
     if listener.flags & LISTENER_F_PERSIST != 0 {
-        persist(flow, listener, id, now);
+        persist(&PERSISTENCE, flow, listener, id, now);
     }
     let _ = CONNECTIONS.insert(flow, &entry, 0);
     if closing {
@@ -373,19 +378,26 @@ fn policy_backend(
     ring_backend(flow, listener)
 }
 
-/// Records that the client address of an established flow uses `id`, unless a fresh entry
-/// already names another backend (two connections of one client racing through their
-/// handshakes: the first to establish wins, so later ones follow it).
+/// Records in `table` that the client address of `flow` uses `id`, unless a fresh entry already
+/// names another usable backend (two connections of one client racing through their
+/// handshakes: the first wins, so later ones follow it).
 #[inline(always)]
-fn persist(flow: &FlowKey, listener: &ListenerEntry, id: u32, now: u64) {
+fn persist<const N: usize>(
+    table: &LruHashMap<PersistKey, Persisted, N>,
+    flow: &FlowKey,
+    listener: &ListenerEntry,
+    id: u32,
+    now: u64,
+) {
     let key = PersistKey {
         client: flow.src,
         listener_index: listener.index,
     };
-    if let Some(entry) = PERSISTENCE.get_ptr_mut(&key) {
-        let fresh = now.wrapping_sub(unsafe { (*entry).last_seen_ns })
-            <= u64::from(listener.persist_timeout_s) * 1_000_000_000;
-        if fresh && unsafe { (*entry).backend_id } != id && usable_backend(unsafe { (*entry).backend_id }, listener).is_some() {
+    if let Some(entry) = table.get_ptr_mut(&key) {
+        let (named, seen) = unsafe { ((*entry).backend_id, (*entry).last_seen_ns) };
+        let fresh =
+            now.wrapping_sub(seen) <= u64::from(listener.persist_timeout_s) * 1_000_000_000;
+        if fresh && named != id && usable_backend(named, listener).is_some() {
             return;
         }
         unsafe {
@@ -399,11 +411,33 @@ fn persist(flow: &FlowKey, listener: &ListenerEntry, id: u32, now: u64) {
         _pad: 0,
         last_seen_ns: now,
     };
-    let _ = PERSISTENCE.insert(&key, &value, 0);
+    let _ = table.insert(&key, &value, 0);
 }
 
-/// The backend this client address is persisted to, while the entry is fresh and the backend
-/// still takes new flows.
+/// The backend `table` persists this client address to, while the entry is fresh and the
+/// backend still takes new flows.
+#[inline(always)]
+fn persisted_in<const N: usize>(
+    table: &LruHashMap<PersistKey, Persisted, N>,
+    key: &PersistKey,
+    listener: &ListenerEntry,
+    now: u64,
+) -> Option<u32> {
+    let entry = unsafe { table.get(key) }?;
+    let age = now.wrapping_sub(entry.last_seen_ns);
+    if age > u64::from(listener.persist_timeout_s) * 1_000_000_000 {
+        return None;
+    }
+    let id = entry.backend_id;
+    let backend = usable_backend(id, listener)?;
+    if backend.flags & BACKEND_F_DRAINING != 0 {
+        return None;
+    }
+    Some(id)
+}
+
+/// The backend this client address is persisted to: by an established connection, or else by
+/// a handshake under way (so that a client's concurrent first connections agree).
 #[inline(always)]
 fn persisted_backend(
     flow: &FlowKey,
@@ -418,16 +452,10 @@ fn persisted_backend(
         client: flow.src,
         listener_index: listener.index,
     };
-    let entry = unsafe { PERSISTENCE.get(&key) }?;
-    let age = now.wrapping_sub(entry.last_seen_ns);
-    if age > u64::from(listener.persist_timeout_s) * 1_000_000_000 {
-        return None;
-    }
-    let id = entry.backend_id;
-    let backend = usable_backend(id, listener)?;
-    if backend.flags & BACKEND_F_DRAINING != 0 {
-        return None;
-    }
+    let id = match persisted_in(&PERSISTENCE, &key, listener, now) {
+        Some(id) => id,
+        None => persisted_in(&PERSIST_PENDING, &key, listener, now)?,
+    };
     counters.persistence_hits += 1;
     Some(id)
 }

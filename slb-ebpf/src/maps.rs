@@ -46,6 +46,13 @@ pub static BACKEND_HEALTH: Array<u32, BACKENDS_MAX> = Array::new();
 pub static PERSISTENCE: LruHashMap<PersistKey, Persisted, { MAX_PERSISTENCE as usize }> =
     LruHashMap::new();
 
+/// Persistence of handshakes under way (written by SYNs): a client's concurrent first
+/// connections follow the first one's pick, while a SYN flood of spoofed sources churns this
+/// table, never the persistence of established clients.
+#[btf_map]
+pub static PERSIST_PENDING: LruHashMap<PersistKey, Persisted, { MAX_HALF_OPEN as usize }> =
+    LruHashMap::new();
+
 /// Established flows (TCP from the client's first non-SYN packet, UDP from the first): the
 /// one per-flow state. The daemon sizes it from `max_connections` and removes idle entries.
 #[btf_map]

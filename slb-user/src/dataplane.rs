@@ -256,6 +256,12 @@ fn expected_layout(sizes: TableSizes) -> Vec<(&'static str, usize, usize, u32)> 
             sizes.max_connections,
         ),
         (
+            "PERSIST_PENDING",
+            size_of::<PersistKey>(),
+            size_of::<Persisted>(),
+            MAX_HALF_OPEN,
+        ),
+        (
             "HALF_OPEN",
             size_of::<FlowKey>(),
             size_of::<Connection>(),

@@ -400,6 +400,33 @@ fn persistence_keeps_a_client_address_on_one_backend() {
 }
 
 #[test]
+fn concurrent_handshakes_of_one_client_follow_one_backend_under_persistence() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let in_mac = mac_of("in0");
+        // 100 SYNs before any handshake completes (a browser opening connections at once).
+        let mut picked = std::collections::BTreeSet::new();
+        for port in 31000..31100 {
+            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 82, SYN)), h.in_index);
+            picked.insert(parse_valid(&out).dst);
+        }
+        for port in 31000..31100 {
+            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 82, ACK)), h.in_index);
+            picked.insert(parse_valid(&out).dst);
+        }
+        assert_eq!(picked.len(), 1, "{picked:?}");
+        // A spoofed SYN flood writes only the pending table: the client stays where it is.
+        let mut f = frame(in_mac, [172, 16, 0, 0], VIP, tcp(1024, 82, SYN));
+        for i in 0..20_000u32 {
+            f[27..30].copy_from_slice(&i.to_be_bytes()[1..]);
+            h.run(&f, h.in_index);
+        }
+        let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(31200, 82, SYN)), h.in_index);
+        assert!(picked.contains(&parse_valid(&out).dst));
+    });
+}
+
+#[test]
 fn active_standby_fails_over_on_the_health_flag_and_back() {
     in_fresh_netns(|| {
         let mut h = harness();
