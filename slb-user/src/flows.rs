@@ -20,7 +20,7 @@ use slb_common::{
     TCP_CLOSING_TIMEOUT_S,
 };
 
-use crate::maps::sum_traffic;
+use crate::maps::{bpf_batch, sum_traffic, BatchAttr, BPF_MAP_DELETE_BATCH, BPF_MAP_LOOKUP_BATCH};
 
 /// How often the daemon sweeps: well under the shortest timeout (10 s).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -76,40 +76,6 @@ pub fn expired(conn: &Connection, timeouts: &Timeouts, now_ns: u64) -> bool {
             .unwrap_or(DEFAULT_TCP_IDLE_TIMEOUT_S)
     };
     now_ns.saturating_sub(conn.last_seen_ns) > u64::from(timeout_s) * 1_000_000_000
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
-
-fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
-    // SAFETY: attr is a valid bpf_attr prefix for the batch commands; the buffers it points to
-    // outlive the call and hold `count` elements.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }
 
 /// Calls `visit` on every entry of the hash map `fd`, a batch at a time.

@@ -220,3 +220,62 @@ pub fn clear_map_slot(outer: &MapData, index: u32) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// The `bpf_attr` of the batch commands (aya has no batch operations).
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct BatchAttr {
+    pub in_batch: u64,
+    pub out_batch: u64,
+    pub keys: u64,
+    pub values: u64,
+    pub count: u32,
+    pub map_fd: u32,
+    pub elem_flags: u64,
+    pub flags: u64,
+}
+
+pub(crate) const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+pub(crate) const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+pub(crate) const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// One batch command; on return `attr.count` says how many elements were done.
+pub(crate) fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: attr is a valid bpf_attr prefix for the batch commands; the buffers it points to
+    // outlive the call and hold `count` elements.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Puts `rings` into their slots of the array of maps `outer` with one batch update: the kernel
+/// waits for running programs after every update of a map of maps (an RCU grace period,
+/// ~5 ms here), so one batch instead of one update per ring.
+pub fn set_ring_slots(outer: &MapData, rings: &[(u32, &MappedRing)]) -> std::io::Result<()> {
+    if rings.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<u32> = rings.iter().map(|(slot, _)| *slot).collect();
+    let fds: Vec<u32> = rings
+        .iter()
+        .map(|(_, ring)| ring.map_data().fd().as_fd().as_raw_fd() as u32)
+        .collect();
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: fds.as_ptr() as u64,
+        count: keys.len() as u32,
+        map_fd: outer.fd().as_fd().as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr)
+}

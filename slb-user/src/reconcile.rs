@@ -19,7 +19,7 @@ use slb_common::{
 
 use crate::config::{AllUnhealthy, BackendSpec, Config, Group, GroupKind, Protocol, DEFAULT_GROUP};
 use crate::health::HealthStatus;
-use crate::maps::{clear_map_slot, MappedRing, PinnedMaps};
+use crate::maps::{clear_map_slot, set_ring_slots, MappedRing, PinnedMaps};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -454,16 +454,26 @@ impl Reconciler {
                 .collect(),
             MAX_LISTENERS,
         );
-        let mut applied = Vec::new();
-        let mut applied_backends = Vec::new();
-        for (l, plan) in l4_listeners.iter().zip(&plans) {
-            let old = old_listeners.get(&l.name);
-            let index = match old {
-                Some(o) => o.index,
+        let indices = l4_listeners
+            .iter()
+            .map(|l| match old_listeners.get(&l.name) {
+                Some(o) => Ok(o.index),
                 None => free_indices.take().ok_or(ReconcileError::Exhausted {
                     what: "listener slots",
-                })?,
-            };
+                }),
+            })
+            .collect::<Result<Vec<u32>, ReconcileError>>()?;
+        let ring_slots: Vec<u32> = indices
+            .iter()
+            .zip(&plans)
+            .filter(|(_, p)| p.kind == GroupKind::Vserver)
+            .flat_map(|(&index, _)| (0..RINGS_PER_LISTENER).map(move |r| ring_slot(index, r)))
+            .collect();
+        self.ensure_rings(&ring_slots)?;
+        let mut applied = Vec::new();
+        let mut applied_backends = Vec::new();
+        for ((l, plan), &index) in l4_listeners.iter().zip(&plans).zip(&indices) {
+            let old = old_listeners.get(&l.name);
             let mut entry = ListenerEntry {
                 index,
                 ring_size: self.ring_size,
@@ -654,9 +664,14 @@ impl Reconciler {
         Ok(())
     }
 
-    /// The mapped ring at `slot` of RINGS: adopted from an earlier run, or created now.
-    fn ring(&mut self, slot: u32) -> Result<&MappedRing, ReconcileError> {
-        if !self.mapped_rings.contains_key(&slot) {
+    /// Maps the rings at `slots` of RINGS: adopted from an earlier run, or created now and put
+    /// in place with one batch update.
+    fn ensure_rings(&mut self, slots: &[u32]) -> Result<(), ReconcileError> {
+        let mut created = Vec::new();
+        for &slot in slots {
+            if self.mapped_rings.contains_key(&slot) {
+                continue;
+            }
             let ring = match self.maps.rings.get(&slot, 0) {
                 Ok(existing) => {
                     let found = existing.info().map_err(map_err("RINGS"))?.max_entries();
@@ -669,17 +684,29 @@ impl Reconciler {
                     MappedRing::map(existing).map_err(map_err("RINGS"))?
                 }
                 Err(MapError::KeyNotFound) => {
-                    let ring = MappedRing::create(self.ring_size).map_err(map_err("RINGS"))?;
-                    self.maps
-                        .rings
-                        .set(slot, ring.map_data(), 0)
-                        .map_err(map_err("RINGS"))?;
-                    ring
+                    created.push(slot);
+                    MappedRing::create(self.ring_size).map_err(map_err("RINGS"))?
                 }
                 Err(e) => return Err(map_err("RINGS")(e)),
             };
             self.mapped_rings.insert(slot, ring);
         }
+        let new: Vec<(u32, &MappedRing)> = created
+            .iter()
+            .map(|slot| (*slot, &self.mapped_rings[slot]))
+            .collect();
+        set_ring_slots(&self.maps.rings_map, &new).map_err(|io_error| ReconcileError::Map {
+            map: "RINGS",
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error,
+            }),
+        })
+    }
+
+    /// The mapped ring at `slot` of RINGS.
+    fn ring(&mut self, slot: u32) -> Result<&MappedRing, ReconcileError> {
+        self.ensure_rings(&[slot])?;
         Ok(&self.mapped_rings[&slot])
     }
 

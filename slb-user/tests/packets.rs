@@ -576,14 +576,14 @@ fn rings_are_written_through_the_mapping_and_the_kernel_sees_them() {
     in_fresh_netns(|| {
         let mut h = harness();
         let maps = h.reconciler.maps();
-        // Ring memory follows the config: one ring per listener with a Maglev group so far
-        // (web, dns, drained, sticky, strict; the active/standby pair needs none).
+        // Ring memory follows the config: two rings (live and idle) per listener with a Maglev
+        // group (web, dns, drained, sticky, strict; the active/standby pair needs none).
         let in_kernel: Vec<u32> = (0..slb_common::RING_SLOTS)
             .filter(|slot| maps.rings.get(slot, 0).is_ok())
             .collect();
         let mapped: Vec<u32> = h.reconciler.mapped_rings().keys().copied().collect();
         assert_eq!(in_kernel, mapped);
-        assert_eq!(mapped.len(), 5, "{mapped:?}");
+        assert_eq!(mapped.len(), 10, "{mapped:?}");
         let mut owners = std::collections::BTreeSet::new();
         for (&slot, ring) in h.reconciler.mapped_rings() {
             let inner = maps.rings.get(&slot, 0).expect("the ring in RINGS");
@@ -617,8 +617,8 @@ fn rings_are_written_through_the_mapping_and_the_kernel_sees_them() {
         let left = (0..slb_common::RING_SLOTS)
             .filter(|slot| maps.rings.get(slot, 0).is_ok())
             .count();
-        assert_eq!(left, 4);
-        assert_eq!(h.reconciler.mapped_rings().len(), 4);
+        assert_eq!(left, 8);
+        assert_eq!(h.reconciler.mapped_rings().len(), 8);
     });
 }
 
