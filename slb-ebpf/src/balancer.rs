@@ -21,8 +21,8 @@ use slb_common::{
 
 use crate::{
     forward::{route_ipv4, send, Route},
-    icmp::{self, IPPROTO_ICMP},
     fragments,
+    icmp::{self, IPPROTO_ICMP},
     maps::{
         BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, GLOBAL_STATS, HALF_OPEN, LISTENERS,
         LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, PERSIST_PENDING, REPLY_NAT,
@@ -30,7 +30,8 @@ use crate::{
     },
     packet::{
         ptr_at, EthHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6,
-        IPV4_DONT_FRAGMENT, IPV4_FRAGMENT_MASK, IPV4_HDR_LEN, IPV4_RESERVED_FLAG, TCP_HDR_LEN, UDP_HDR_LEN,
+        IPV4_DONT_FRAGMENT, IPV4_FRAGMENT_MASK, IPV4_HDR_LEN, IPV4_RESERVED_FLAG, TCP_HDR_LEN,
+        UDP_HDR_LEN,
     },
 };
 
@@ -395,8 +396,7 @@ fn persist<const N: usize>(
     };
     if let Some(entry) = table.get_ptr_mut(&key) {
         let (named, seen) = unsafe { ((*entry).backend_id, (*entry).last_seen_ns) };
-        let fresh =
-            now.wrapping_sub(seen) <= u64::from(listener.persist_timeout_s) * 1_000_000_000;
+        let fresh = now.wrapping_sub(seen) <= u64::from(listener.persist_timeout_s) * 1_000_000_000;
         if fresh && named != id && usable_backend(named, listener).is_some() {
             return;
         }

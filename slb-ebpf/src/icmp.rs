@@ -147,8 +147,13 @@ pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         counters.not_for_us_passed += 1;
         return XDP_PASS;
     };
-    let (kind, inner_vihl, protocol) =
-        unsafe { ((*err).icmp.kind, (*err).inner.version_ihl, (*err).inner.protocol) };
+    let (kind, inner_vihl, protocol) = unsafe {
+        (
+            (*err).icmp.kind,
+            (*err).inner.version_ihl,
+            (*err).inner.protocol,
+        )
+    };
     if (kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED)
         || inner_vihl != 0x45
         || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
@@ -238,7 +243,14 @@ pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         let nat = *nat;
         let ip = unsafe { &raw mut (*err).ip };
         let client = unsafe { (*ip).dst };
-        let route = route_ipv4(ctx, ip, client, IPPROTO_ICMP, core::ptr::null_mut(), counters);
+        let route = route_ipv4(
+            ctx,
+            ip,
+            client,
+            IPPROTO_ICMP,
+            core::ptr::null_mut(),
+            counters,
+        );
         if matches!(route, Route::Local) {
             // About this host's own packet to a backend (a health check).
             counters.local_from_backend_passed += 1;

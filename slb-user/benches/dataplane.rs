@@ -201,7 +201,10 @@ fn per_packet(
     let mut sweeps = Vec::new();
     if fill_connections > 0 {
         let sweeper = slb_user::flows::Sweeper::open(bed.pin_dir())?;
-        for (what, timeout_s) in [("walk, nothing expires", u32::MAX), ("walk and remove all", 10)] {
+        for (what, timeout_s) in [
+            ("walk, nothing expires", u32::MAX),
+            ("walk and remove all", 10),
+        ] {
             let timeouts = slb_user::flows::Timeouts::from([(0, timeout_s)]);
             let started = Instant::now();
             let counts = sweeper.sweep(&timeouts, &[0], &[0])?;

@@ -10,7 +10,6 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 
-
 use crate::config::AttachMode;
 
 pub const BPFFS: &str = "/sys/fs/bpf";

@@ -87,7 +87,11 @@ fn for_each_entry(fd: RawFd, mut visit: impl FnMut(&FlowKey, &Connection)) -> st
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { &token as *const u32 as u64 },
+            in_batch: if first {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
             out_batch: &mut next as *mut u32 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -269,7 +273,11 @@ impl SweepPlan {
 
 /// The daemon's sweeping task: sweeps now and then every `SWEEP_INTERVAL` with the plan the
 /// daemon last published.
-pub async fn run(instance: String, pin_dir: PathBuf, plan: tokio::sync::watch::Receiver<SweepPlan>) {
+pub async fn run(
+    instance: String,
+    pin_dir: PathBuf,
+    plan: tokio::sync::watch::Receiver<SweepPlan>,
+) {
     let sweeper = match Sweeper::open(&pin_dir) {
         Ok(s) => std::sync::Arc::new(s),
         Err(e) => {

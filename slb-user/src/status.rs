@@ -438,10 +438,7 @@ pub fn render_prometheus(status: &Status) -> String {
         "slb_connection_table_capacity",
         "gauge",
         "Size of the connection table (max_connections).",
-        vec![(
-            instance_label,
-            f64::from(status.connection_table.capacity),
-        )],
+        vec![(instance_label, f64::from(status.connection_table.capacity))],
     );
     let per_backend = |f: &dyn Fn(&BackendStatus) -> f64| {
         status

@@ -607,7 +607,9 @@ fn rings_are_written_through_the_mapping_and_the_kernel_sees_them() {
 
         // A listener that goes away takes its ring memory with it.
         let mut text = config(1, 1);
-        let start = text.find("[[listeners]]\nname = \"strict\"").expect("strict listener");
+        let start = text
+            .find("[[listeners]]\nname = \"strict\"")
+            .expect("strict listener");
         let end = start + text[start..].find("on_all_unhealthy = \"drop\"\n").unwrap() + 26;
         text.replace_range(start..end, "");
         h.reconciler
@@ -657,16 +659,23 @@ fn malformed_frames_are_dropped_counted_and_create_no_state() {
                 f[16..18].copy_from_slice(&30u16.to_be_bytes());
                 fix_ip_checksum(f);
             }),
-            ("IP total length shorter than the IP header", 80, true, |f| {
-                f[16..18].copy_from_slice(&12u16.to_be_bytes());
-                fix_ip_checksum(f);
-            }),
+            (
+                "IP total length shorter than the IP header",
+                80,
+                true,
+                |f| {
+                    f[16..18].copy_from_slice(&12u16.to_be_bytes());
+                    fix_ip_checksum(f);
+                },
+            ),
             ("reserved IP flag", 80, true, |f| {
                 f[20] |= 0x80;
                 fix_ip_checksum(f);
             }),
             ("TCP data offset below 5", 80, true, |f| f[46] = 0x40),
-            ("TCP data offset past the packet", 80, true, |f| f[46] = 0xf0),
+            ("TCP data offset past the packet", 80, true, |f| {
+                f[46] = 0xf0
+            }),
             ("SYN with FIN", 80, true, |f| f[47] = 0x03),
             ("UDP length past the packet", 53, false, |f| {
                 f[38..40].copy_from_slice(&200u16.to_be_bytes())
@@ -700,7 +709,11 @@ fn malformed_frames_are_dropped_counted_and_create_no_state() {
         }
         let c = h.counters();
         assert_eq!(c.malformed, sent, "{c:?}");
-        assert_eq!((c.redirected, c.tx, c.half_open_tracked), (0, 0, 0), "{c:?}");
+        assert_eq!(
+            (c.redirected, c.tx, c.half_open_tracked),
+            (0, 0, 0),
+            "{c:?}"
+        );
         assert!(flow_entries(&h, "CONNECTIONS").is_empty());
         assert!(flow_entries(&h, "HALF_OPEN").is_empty());
 
@@ -763,7 +776,10 @@ fn replies_need_no_flow_state_and_traffic_to_this_host_is_not_translated() {
         );
         assert_eq!(verdict, XDP_REDIRECT);
         let p = parse_valid(&out);
-        assert_eq!((p.src, p.src_port, p.dst, p.dst_port), (VIP, 53, CLIENT, 41000));
+        assert_eq!(
+            (p.src, p.src_port, p.dst, p.dst_port),
+            (VIP, 53, CLIENT, 41000)
+        );
         // The active/standby listener's backends have their own port, hence their own VIP port.
         let (_, out) = h.run(
             &frame(h.out_mac, BACKEND_B, CLIENT, tcp(8083, 41000, ACK)),
@@ -778,7 +794,11 @@ fn replies_need_no_flow_state_and_traffic_to_this_host_is_not_translated() {
         assert_eq!(verdict, XDP_PASS);
         assert_eq!(out, answer, "passed unmodified");
         let c = h.counters();
-        assert_eq!((c.local_from_backend_passed, c.replies_translated), (1, 2), "{c:?}");
+        assert_eq!(
+            (c.local_from_backend_passed, c.replies_translated),
+            (1, 2),
+            "{c:?}"
+        );
     });
 }
 
@@ -804,11 +824,21 @@ fn fin_and_rst_mark_a_flow_closing_and_count_it_closed() {
                 .all(|(_, c)| c.flags & slb_common::CONN_F_CLOSING != 0),
             "{entries:?}"
         );
-        let web = h.reconciler.state().listeners.iter().find(|l| l.name == "web").unwrap().index;
-        let stats = slb_user::maps::sum_traffic(
-            &h.reconciler.maps().listener_stats.get(&web, 0).unwrap(),
+        let web = h
+            .reconciler
+            .state()
+            .listeners
+            .iter()
+            .find(|l| l.name == "web")
+            .unwrap()
+            .index;
+        let stats =
+            slb_user::maps::sum_traffic(&h.reconciler.maps().listener_stats.get(&web, 0).unwrap());
+        assert_eq!(
+            (stats.new_connections, stats.closed_connections),
+            (2, 2),
+            "{stats:?}"
         );
-        assert_eq!((stats.new_connections, stats.closed_connections), (2, 2), "{stats:?}");
     });
 }
 
@@ -934,7 +964,14 @@ fn a_reply_too_big_for_the_client_side_gets_frag_needed_quoting_the_backend() {
         assert_eq!(verdict, XDP_TX);
         let seen = parse_icmp(&out);
         assert_eq!(
-            (seen.src, seen.dst, seen.mtu, seen.inner_src, seen.inner_dst, seen.inner_ports),
+            (
+                seen.src,
+                seen.dst,
+                seen.mtu,
+                seen.inner_src,
+                seen.inner_dst,
+                seen.inner_ports
+            ),
             (CLIENT, BACKEND_A, 1400, BACKEND_A, CLIENT, (8080, 40000)),
             "the backend gets an error about its own packet"
         );
@@ -966,7 +1003,14 @@ fn icmp_errors_about_balanced_flows_are_translated_both_ways() {
             assert_eq!(&out[0..6], &BACKEND_MAC[..]);
             let seen = parse_icmp(&out);
             assert_eq!(
-                (seen.src, seen.dst, seen.inner_src, seen.inner_dst, seen.inner_ports, seen.mtu),
+                (
+                    seen.src,
+                    seen.dst,
+                    seen.inner_src,
+                    seen.inner_dst,
+                    seen.inner_ports,
+                    seen.mtu
+                ),
                 (router, backend, backend, CLIENT, ports, 1280),
                 "to the backend, about its own packet"
             );
@@ -978,7 +1022,11 @@ fn icmp_errors_about_balanced_flows_are_translated_both_ways() {
             h.in_index,
         );
         let direct = frame(h.out_mac, udp_backend, CLIENT, udp(8080, 40001));
-        assert_eq!(&out[62..70], &direct[34..42], "quoted UDP header as the backend sent it");
+        assert_eq!(
+            &out[62..70],
+            &direct[34..42],
+            "quoted UDP header as the backend sent it"
+        );
 
         // A router on the backends' side cannot pass a packet to the backend.
         let router = [10, 20, 0, 254];
@@ -989,7 +1037,13 @@ fn icmp_errors_about_balanced_flows_are_translated_both_ways() {
         assert_eq!(&out[0..6], &CLIENT_MAC[..]);
         let seen = parse_icmp(&out);
         assert_eq!(
-            (seen.src, seen.dst, seen.inner_src, seen.inner_dst, seen.inner_ports),
+            (
+                seen.src,
+                seen.dst,
+                seen.inner_src,
+                seen.inner_dst,
+                seen.inner_ports
+            ),
             (router, CLIENT, CLIENT, VIP, (40002, 53)),
             "to the client, about the packet it sent to the VIP"
         );
@@ -1000,7 +1054,11 @@ fn icmp_errors_about_balanced_flows_are_translated_both_ways() {
         let (verdict, out) = h.run(&err, h.in_index);
         assert_eq!((verdict, &out), (XDP_PASS, &err));
         let c = h.counters();
-        assert_eq!((c.icmp_errors_translated, c.icmp_errors_unmatched), (4, 1), "{c:?}");
+        assert_eq!(
+            (c.icmp_errors_translated, c.icmp_errors_unmatched),
+            (4, 1),
+            "{c:?}"
+        );
     });
 }
 

@@ -269,7 +269,12 @@ impl Topology {
         ];
         for port in [BACKEND_PORT, SECOND_BACKEND_PORT] {
             let listen = format!("0.0.0.0:{port}");
-            args.extend(["--tcp".into(), listen.clone().into(), "--udp".into(), listen.into()]);
+            args.extend([
+                "--tcp".into(),
+                listen.clone().into(),
+                "--udp".into(),
+                listen.into(),
+            ]);
         }
         if let Some(path) = &options.log_peers {
             args.push("--log-peers".into());

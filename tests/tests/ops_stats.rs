@@ -8,9 +8,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use slb_tests::SECOND_BACKEND_PORT;
 use slb_tests::slb::{slb_binary, unique_instance, ListenerConfig, PersistenceConfig};
 use slb_tests::traffic::tcp_connections;
+use slb_tests::SECOND_BACKEND_PORT;
 use slb_tests::{
     in_netns, require_root, vip_tcp, SlbConfig, SlbDaemon, Topology, TrafficOptions, VIP,
 };
