@@ -248,13 +248,20 @@ pub fn render(status: &Status) -> String {
     let table = &status.connection_table;
     let _ = writeln!(
         out,
-        "connection table: {} of {} entries ({:.1} %) at the last sweep, {} idle removed",
+        "connection table: {} of {} entries ({:.1} %) at the last sweep{}, {} idle removed",
         table.entries,
         table.capacity,
         if table.capacity == 0 {
             0.0
         } else {
             table.entries as f64 * 100.0 / f64::from(table.capacity)
+        },
+        match std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|now| now.as_secs().saturating_sub(table.swept_at_unix_s))
+        {
+            Ok(age) if table.swept_at_unix_s > 0 => format!(" ({age} s ago)"),
+            _ => " (none yet)".to_string(),
         },
         table.expired_last_sweep
     );
