@@ -141,8 +141,9 @@ pub fn edit_config(config: &Config, request: &Request) -> Result<(Config, String
 
 pub type Call = (Request, oneshot::Sender<Response>);
 
-/// Listens on the instance's socket and forwards each request to the daemon loop.
-pub async fn serve(instance: &str, calls: mpsc::Sender<Call>) -> anyhow::Result<()> {
+/// Binds the instance's socket. The daemon does it before it writes its state file, so a CLI
+/// that sees the state file finds the socket too (requests wait in the backlog until `serve`).
+pub fn bind(instance: &str) -> anyhow::Result<UnixListener> {
     let path = socket_path(instance);
     let dir = path.parent().expect("socket has a directory");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -151,6 +152,11 @@ pub async fn serve(instance: &str, calls: mpsc::Sender<Call>) -> anyhow::Result<
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Answers the requests on `listener`, forwarding each to the daemon loop.
+pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
     let mut backoff = crate::accept::AcceptBackoff::new("admin API");
     loop {
         let stream = backoff.next(|| listener.accept()).await;

@@ -156,13 +156,6 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let instance = config.instance.clone();
     // Before anything else touches the instance's pins, socket or state.
     let _lock = InstanceLock::acquire(&instance)?;
-    let mut dataplane = Dataplane::load(&config.instance, TableSizes::of(&config))
-        .context("loading the data plane")?;
-    let previous = if dataplane.adopted() {
-        read_state(&instance)
-    } else {
-        None
-    };
     // available_parallelism honours the CPU affinity and cgroup quota slb was started with.
     let worker_threads = options.worker_threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -172,7 +165,23 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         .worker_threads(worker_threads)
         .enable_all()
         .build()?;
-    let outcome = runtime.block_on(serve(&mut dataplane, config, previous, &options.config));
+    // Before the data plane is loaded: a SIGTERM from here on waits for the loop (and its
+    // clean-up) instead of killing a daemon that has pinned things.
+    let signals = runtime.block_on(async { StopSignals::install() })?;
+    let mut dataplane = Dataplane::load(&config.instance, TableSizes::of(&config))
+        .context("loading the data plane")?;
+    let previous = if dataplane.adopted() {
+        read_state(&instance)
+    } else {
+        None
+    };
+    let outcome = runtime.block_on(serve(
+        &mut dataplane,
+        config,
+        previous,
+        &options.config,
+        signals,
+    ));
 
     let keep = match &outcome {
         Ok(Exit::KeepServing) => options.keep_serving,
@@ -190,6 +199,23 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         tracing::info!(%instance, "detached and unpinned; bye");
     }
     outcome.map(|_| ())
+}
+
+/// The signals the daemon loop answers: SIGHUP reloads, SIGTERM and SIGINT stop.
+struct StopSignals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        Ok(StopSignals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
 }
 
 /// How the daemon was asked to stop.
@@ -218,10 +244,12 @@ async fn serve(
     config: Config,
     previous: Option<AppliedState>,
     path: &Path,
+    signals: StopSignals,
 ) -> anyhow::Result<Exit> {
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     let (plan_tx, plan_rx) = tokio::sync::watch::channel(crate::flows::SweepPlan::default());
+    let admin_socket = api::bind(&config.instance)?;
     let mut daemon = Daemon::start(
         dataplane,
         config,
@@ -246,12 +274,7 @@ async fn serve(
             }
         }));
     }
-    let api_instance = instance;
-    let api = tokio::spawn(async move {
-        if let Err(e) = api::serve(&api_instance, call_tx).await {
-            tracing::error!("admin API stopped: {e:#}");
-        }
-    });
+    let api = tokio::spawn(api::serve(admin_socket, call_tx));
     tracing::info!(
         instance = %daemon.file_config.instance,
         listeners = daemon.config.listeners.len(),
@@ -264,9 +287,11 @@ async fn serve(
     // How soon a deleted and re-created interface gets the program back.
     let mut link_check = tokio::time::interval(LINK_CHECK_INTERVAL);
     link_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+    let StopSignals {
+        mut hup,
+        mut term,
+        mut int,
+    } = signals;
     loop {
         tokio::select! {
             _ = hup.recv() => {

@@ -401,6 +401,15 @@ fn attach_program(
 ) -> Result<(), DataplaneError> {
     let ifindex = interface_index(iface)?;
     let link_pin = dir.join(LINKS_DIR).join(iface);
+    if link_pin.exists() && crate::links::link_ifindex(&link_pin) != Some(ifindex) {
+        // The pinned link is severed: the interface was deleted (and maybe created again)
+        // since. Attach afresh.
+        tracing::info!(
+            iface,
+            "the pinned link no longer holds the interface: re-attaching"
+        );
+        unpin_link(&link_pin)?;
+    }
     if link_pin.exists() {
         return Err(DataplaneError::Interface {
             iface: iface.into(),

@@ -656,8 +656,20 @@ fn interface_flap_is_noticed_and_reattached() {
         text.stdout
     );
 
-    // A restart over a link severed while no daemon ran.
+    // `slb attach` over a link severed while no daemon runs: the pinned program serves again.
     daemon.stop().expect("stop slb (--keep-serving)");
+    flap_backend_link(&topo);
+    slb_tests::slb::slb_cli(
+        &slb,
+        topo.slb_ns(),
+        ["attach", "-i", &instance, "--iface", "s1"],
+    )
+    .expect("run slb attach")
+    .expect_success()
+    .expect("slb attach over a severed link");
+    wait_traffic(&topo, Duration::from_secs(10), "after slb attach");
+
+    // A restart over a link severed while no daemon ran.
     flap_backend_link(&topo);
     let daemon = SlbDaemon::start_toml_with(
         &slb,
