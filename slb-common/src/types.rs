@@ -352,7 +352,8 @@ global_counters! {
     /// Packets from a backend's endpoint that the FIB does not forward: to this host (health
     /// checks, the L7 proxy) or to a destination without a route. Passed untouched.
     local_from_backend_passed,
-    /// SYNs of new TCP flows balanced and recorded in the half-open table.
+    /// TCP flows recorded in the half-open table: SYNs, and first packets of flows neither table
+    /// knew (they enter the connection table with their next non-SYN packet).
     half_open_tracked,
     /// Packets too big for the next hop with DF set, answered with ICMP "fragmentation needed"
     /// quoting them as their sender sent them.

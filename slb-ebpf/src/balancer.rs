@@ -262,10 +262,11 @@ fn usable_backend(id: u32, listener: &ListenerEntry) -> Option<Backend> {
 /// its SYN and its first non-SYN packet), then the listener's policy for a new flow:
 /// active/standby by the active's health flag, or persistence, or the Maglev ring.
 ///
-/// A TCP flow enters the connection table only with its first non-SYN packet, so a SYN flood
-/// churns the half-open table and cannot evict an established flow. A non-SYN packet of a flow
-/// this node never saw (another node's, or one whose entry expired) is balanced by the same
-/// policy and then tracked, which is what the SYN would have picked while nothing changed.
+/// A TCP flow enters the connection table only with its first non-SYN packet after one the
+/// half-open table holds, so floods of spoofed SYNs or ACKs churn the half-open table and cannot
+/// evict an established flow. A non-SYN packet of a flow this node never saw (another node's, or
+/// one whose entry expired) is balanced by the same policy, which picks what the SYN would have
+/// picked while nothing changed, and tracked from its next packet on.
 #[inline(always)]
 fn pick_backend(
     flow: &FlowKey,
@@ -276,7 +277,9 @@ fn pick_backend(
 ) -> Pick {
     let closing = tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
     let opening = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    let mut established = false;
     if let Some(conn) = CONNECTIONS.get_ptr_mut(flow) {
+        established = true;
         let id = unsafe { (*conn).backend_id };
         if let Some(backend) = usable_backend(id, listener) {
             unsafe {
@@ -329,9 +332,14 @@ fn pick_backend(
         flags: if closing { CONN_F_CLOSING } else { 0 },
         _pad: 0,
     };
-    if opening {
+    // A SYN, or the first packet of a TCP flow neither table knows (another node's flow, one
+    // that idled out, or a spoofed ACK): the half-open table. The flow enters the connection
+    // table with its next non-SYN packet, so floods of spoofed SYNs or ACKs (one packet per
+    // flow) churn only the half-open table.
+    let probation = flow.protocol == IPPROTO_TCP && half_open.is_none() && !established;
+    if opening || probation {
         if half_open.is_none() {
-            // LRU inserts fail only under memory pressure; the ACK then asks the policy again.
+            // LRU inserts fail only under memory pressure; the next packet asks the policy again.
             let _ = HALF_OPEN.insert(flow, &entry, 0);
             counters.half_open_tracked += 1;
             if listener.flags & LISTENER_F_PERSIST != 0 {

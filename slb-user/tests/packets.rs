@@ -1283,3 +1283,38 @@ fn orphan_fragments_of_ours_are_dropped_and_foreign_fragments_pass_untouched() {
         );
     });
 }
+
+#[test]
+fn an_ack_flood_fills_only_the_half_open_table_and_a_taken_over_flow_is_tracked() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let in_mac = mac_of("in0");
+        // One established flow.
+        h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN)), h.in_index);
+        h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, ACK)), h.in_index);
+        // Spoofed ACKs, one per flow: balanced, but none enters the connection table.
+        let mut f = frame(in_mac, [172, 16, 0, 0], VIP, tcp(1024, 80, ACK));
+        for i in 0..20_000u32 {
+            f[27..30].copy_from_slice(&i.to_be_bytes()[1..]);
+            assert_eq!(h.run(&f, h.in_index).0, XDP_REDIRECT);
+        }
+        assert_eq!(flow_entries(&h, "CONNECTIONS").len(), 1);
+        // A flow another node started (its SYN never came here): tracked from its second packet,
+        // on the backend the ring gives its first.
+        let (_, first) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40001, 80, ACK)), h.in_index);
+        let (_, second) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40001, 80, ACK)), h.in_index);
+        assert_eq!(parse_valid(&first).dst, parse_valid(&second).dst);
+        assert_eq!(flow_entries(&h, "CONNECTIONS").len(), 2);
+        let web = h
+            .reconciler
+            .state()
+            .listeners
+            .iter()
+            .find(|l| l.name == "web")
+            .unwrap()
+            .index;
+        let stats =
+            slb_user::maps::sum_traffic(&h.reconciler.maps().listener_stats.get(&web, 0).unwrap());
+        assert_eq!(stats.new_connections, 2, "{stats:?}");
+    });
+}
