@@ -122,6 +122,21 @@ fn ipv4(a: [u8; 4]) -> Ipv4Addr {
     Ipv4Addr::from(a)
 }
 
+/// A TCP handshake from the client's `port` to VIP:`vip_port` (SYN, then ACK), which puts the
+/// flow in the connection table; returns the backend the ACK went to.
+fn establish(h: &Testbed, port: u16, vip_port: u16) -> [u8; 4] {
+    let in_mac = mac_of("in0");
+    h.run(
+        &frame(in_mac, CLIENT, VIP, tcp(port, vip_port, SYN)),
+        h.in_index,
+    );
+    let (_, out) = h.run(
+        &frame(in_mac, CLIENT, VIP, tcp(port, vip_port, ACK)),
+        h.in_index,
+    );
+    parse_valid(&out).dst
+}
+
 #[test]
 fn new_tcp_flow_is_rewritten_to_a_backend_and_redirected() {
     in_fresh_netns(|| {
@@ -729,9 +744,7 @@ fn a_syn_flood_fills_only_the_half_open_table() {
         let h = harness();
         let in_mac = mac_of("in0");
         // One established flow.
-        h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN)), h.in_index);
-        let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, ACK)), h.in_index);
-        let backend = parse_valid(&out).dst;
+        let backend = establish(&h, 40000, 80);
         assert_eq!(flow_entries(&h, "CONNECTIONS").len(), 1);
 
         // More spoofed SYNs than the half-open table holds.
@@ -810,8 +823,7 @@ fn fin_and_rst_mark_a_flow_closing_and_count_it_closed() {
         const FIN: u8 = 0x01;
         const RST: u8 = 0x04;
         for (port, last) in [(40001u16, FIN | ACK), (40002, RST)] {
-            h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, SYN)), h.in_index);
-            h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, ACK)), h.in_index);
+            establish(&h, port, 80);
             h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, last)), h.in_index);
             // A retransmitted FIN is not a second close.
             h.run(&frame(in_mac, CLIENT, VIP, tcp(port, 80, last)), h.in_index);
@@ -984,9 +996,7 @@ fn icmp_errors_about_balanced_flows_are_translated_both_ways() {
         let h = harness();
         let in_mac = mac_of("in0");
         // A TCP and a UDP flow.
-        h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN)), h.in_index);
-        let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, ACK)), h.in_index);
-        let tcp_backend = parse_valid(&out).dst;
+        let tcp_backend = establish(&h, 40000, 80);
         let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, udp(40001, 53)), h.in_index);
         let udp_backend = parse_valid(&out).dst;
 
@@ -1290,8 +1300,7 @@ fn an_ack_flood_fills_only_the_half_open_table_and_a_taken_over_flow_is_tracked(
         let h = harness();
         let in_mac = mac_of("in0");
         // One established flow.
-        h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN)), h.in_index);
-        h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, ACK)), h.in_index);
+        establish(&h, 40000, 80);
         // Spoofed ACKs, one per flow: balanced, but none enters the connection table.
         let mut f = frame(in_mac, [172, 16, 0, 0], VIP, tcp(1024, 80, ACK));
         for i in 0..20_000u32 {
