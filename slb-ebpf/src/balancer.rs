@@ -5,7 +5,6 @@
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     btf_maps::LruHashMap,
-    helpers::bpf_ktime_get_ns,
     macros::xdp,
     programs::XdpContext,
 };
@@ -20,7 +19,7 @@ use slb_common::{
 };
 
 use crate::{
-    forward::{route_ipv4, send, Route},
+    forward::{now_ns, route_ipv4, send, Route},
     fragments,
     icmp::{self, IPPROTO_ICMP},
     maps::{
@@ -494,7 +493,7 @@ fn to_backend(
     if ttl_expired(ip, counters) {
         return XDP_PASS;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let (id, backend, new_flow) = match pick_backend(flow, listener, l4.tcp_flags, now, counters) {
         Pick::Backend {
             id,
@@ -519,7 +518,7 @@ fn to_backend(
         backend.addr[14],
         backend.addr[15],
     ];
-    let route = route_ipv4(ctx, ip, backend_addr, l4.protocol, cache, counters);
+    let route = route_ipv4(ctx, ip, backend_addr, l4.protocol, cache, now, counters);
     if let Route::TooBig(mtu) = route {
         if dont_fragment(ip) {
             return icmp::reply_too_big(ctx, mtu, counters);
@@ -553,7 +552,15 @@ fn to_client(
         }
     };
     // Routed before the rewrite: the route to the client does not depend on the source.
-    let route = route_ipv4(ctx, ip, unsafe { (*ip).dst }, l4.protocol, cache, counters);
+    let route = route_ipv4(
+        ctx,
+        ip,
+        unsafe { (*ip).dst },
+        l4.protocol,
+        cache,
+        now_ns(),
+        counters,
+    );
     match route {
         Route::Local => {
             counters.local_from_backend_passed += 1;

@@ -7,7 +7,7 @@
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
     helpers::{
-        bpf_ktime_get_ns,
+        bpf_ktime_get_coarse_ns,
         generated::{bpf_check_mtu, bpf_fib_lookup},
     },
     programs::XdpContext,
@@ -44,6 +44,14 @@ pub enum Route {
     TooBig(u16),
 }
 
+/// The data plane's clock, read once per packet: CLOCK_MONOTONIC at tick resolution, which is
+/// all that ages in seconds and a 1 s next-hop cache need, at a fraction of the cost of
+/// `bpf_ktime_get_ns` (~40 ns here).
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
 /// The next hop towards `dst` for the packet whose IPv4 header is `ip` (routed before it is
 /// rewritten, so an oversized packet can still be answered with an ICMP error that quotes it as
 /// its sender sent it), from this CPU's `cache` slot (may be null) or the FIB, counting cache
@@ -55,9 +63,9 @@ pub fn route_ipv4(
     dst: [u8; 4],
     protocol: u8,
     cache: *mut NextHop,
+    now: u64,
     counters: &mut GlobalCounters,
 ) -> Route {
-    let now = unsafe { bpf_ktime_get_ns() };
     let cached = !cache.is_null()
         && unsafe {
             (*cache).ifindex != 0

@@ -10,7 +10,6 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::bpf_ktime_get_ns,
     programs::XdpContext,
 };
 use slb_common::{
@@ -20,7 +19,7 @@ use slb_common::{
 
 use crate::{
     balancer::{decrement_ttl, rewrite_ipv4_addr},
-    forward::{route_ipv4, send},
+    forward::{now_ns, route_ipv4, send},
     maps::{FRAGMENTS, NAT_ADDRESSES, NEXT_HOP_CLIENT},
     packet::{ptr_at, EthHdr, Ipv4Hdr, ETH_HDR_LEN, IPV4_FRAGMENT_OFFSET_MASK},
 };
@@ -99,7 +98,7 @@ fn record(
         dst,
         action,
         _pad: 0,
-        created_ns: unsafe { bpf_ktime_get_ns() },
+        created_ns: now_ns(),
     };
     // An LRU insert fails only under memory pressure: the later fragments are then orphans,
     // dropped and counted.
@@ -124,7 +123,7 @@ pub fn later(
     counters: &mut GlobalCounters,
 ) -> u32 {
     let key = key(ip);
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
     let entry = match FRAGMENTS.get_ptr_mut(key) {
         Some(e) if now.wrapping_sub(unsafe { (*e).created_ns }) < FRAGMENT_TIMEOUT_NS => e,
         _ => {
@@ -170,6 +169,14 @@ pub fn later(
         core::ptr::null_mut()
     };
     let protocol = unsafe { (*ip).protocol };
-    let route = route_ipv4(ctx, ip, unsafe { (*ip).dst }, protocol, cache, counters);
+    let route = route_ipv4(
+        ctx,
+        ip,
+        unsafe { (*ip).dst },
+        protocol,
+        cache,
+        now,
+        counters,
+    );
     send(ctx, eth, route, counters)
 }

@@ -20,7 +20,7 @@ use slb_common::{
 
 use crate::{
     balancer::{decrement_ttl, present_backend, ttl_expired},
-    forward::{route_ipv4, send, Route},
+    forward::{now_ns, route_ipv4, send, Route},
     maps::{CONNECTIONS, HALF_OPEN, LISTENERS, NEXT_HOP_BACKEND, REPLY_NAT},
     packet::{ptr_at, EthHdr, Ipv4Hdr, Ports, ETH_HDR_LEN, ETH_P_IP},
 };
@@ -210,7 +210,7 @@ pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         let cache = NEXT_HOP_BACKEND
             .get_ptr_mut(id)
             .unwrap_or(core::ptr::null_mut());
-        let route = route_ipv4(ctx, ip, addr, IPPROTO_ICMP, cache, counters);
+        let route = route_ipv4(ctx, ip, addr, IPPROTO_ICMP, cache, now_ns(), counters);
         if ttl_expired(ip, counters) {
             return XDP_PASS;
         }
@@ -249,6 +249,7 @@ pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
             client,
             IPPROTO_ICMP,
             core::ptr::null_mut(),
+            now_ns(),
             counters,
         );
         if matches!(route, Route::Local) {
