@@ -113,12 +113,21 @@ pub type Addr = [u8; 16];
 /// `a.b.c.d` as `::ffff:a.b.c.d`.
 #[inline(always)]
 pub const fn ipv4_mapped(octets: [u8; 4]) -> Addr {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2], octets[3],
-    ]
+    // Built as four 32-bit words: as a byte array with a run of zeros, the BPF backend turns it
+    // into a byte-by-byte memset call on every packet.
+    let words: [u32; 4] = [
+        0,
+        0,
+        u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+        u32::from_ne_bytes(octets),
+    ];
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and every bit pattern is valid for both.
+    unsafe { core::mem::transmute::<[u32; 4], Addr>(words) }
 }
 
-#[repr(C)]
+/// Keys are 4-byte aligned (their layout does not change) so the data plane builds them with
+/// word stores, not memset calls.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ListenerKey {
     pub vip: Addr,
@@ -172,7 +181,7 @@ pub struct Backend {
 }
 
 /// A flow as seen on the wire, in the direction the packet travels.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowKey {
     pub src: Addr,
@@ -181,6 +190,30 @@ pub struct FlowKey {
     pub dst_port: u16,
     pub protocol: u8,
     pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// An IPv4 flow, built as ten 32-bit words (same layout): field by field, the zero bytes
+    /// become memset calls in the BPF program.
+    #[inline(always)]
+    pub fn ipv4(src: [u8; 4], dst: [u8; 4], src_port: u16, dst_port: u16, protocol: u8) -> FlowKey {
+        let mapped = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        let (s, d) = (src_port.to_ne_bytes(), dst_port.to_ne_bytes());
+        let words: [u32; 10] = [
+            0,
+            0,
+            mapped,
+            u32::from_ne_bytes(src),
+            0,
+            0,
+            mapped,
+            u32::from_ne_bytes(dst),
+            u32::from_ne_bytes([s[0], s[1], d[0], d[1]]),
+            u32::from_ne_bytes([protocol, 0, 0, 0]),
+        ];
+        // SAFETY: FlowKey is repr(C) plain bytes of the same size (40), align 4.
+        unsafe { core::mem::transmute::<[u32; 10], FlowKey>(words) }
+    }
 }
 
 /// Value of the connection and half-open tables, keyed by the client → VIP flow.
@@ -198,7 +231,7 @@ pub struct Connection {
 /// Key of the reply table: a backend's address, port and protocol, as the source of its
 /// replies. Config validation makes each one belong to one listener, so a reply needs no
 /// per-flow state to find its VIP.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct BackendEndpoint {
     pub addr: Addr,

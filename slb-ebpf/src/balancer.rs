@@ -19,7 +19,7 @@ use slb_common::{
 };
 
 use crate::{
-    forward::{now_ns, route_ipv4, send, Route},
+    forward::{now_ns, route_ipv4, send, zero_in_place, Route},
     fragments,
     icmp::{self, IPPROTO_ICMP},
     maps::{
@@ -111,14 +111,13 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         return XDP_DROP;
     };
     let flow = unsafe {
-        FlowKey {
-            src: ipv4_mapped((*ip).src),
-            dst: ipv4_mapped((*ip).dst),
-            src_port: u16::from_be((*l4.ports).src),
-            dst_port: u16::from_be((*l4.ports).dst),
+        FlowKey::ipv4(
+            (*ip).src,
+            (*ip).dst,
+            u16::from_be((*l4.ports).src),
+            u16::from_be((*l4.ports).dst),
             protocol,
-            _pad: [0; 3],
-        }
+        )
     };
 
     // Listener, or a reply from a backend's endpoint.
@@ -545,7 +544,8 @@ fn to_client(
     let cache = match NEXT_HOP_CLIENT.get_ptr_mut(client) {
         Some(slot) => slot,
         None => {
-            let _ = NEXT_HOP_CLIENT.insert(client, NextHop::default(), 0);
+            let mut empty = core::mem::MaybeUninit::<NextHop>::uninit();
+            let _ = NEXT_HOP_CLIENT.insert(client, &*zero_in_place(&mut empty), 0);
             NEXT_HOP_CLIENT
                 .get_ptr_mut(client)
                 .unwrap_or(core::ptr::null_mut())

@@ -146,6 +146,28 @@ pub fn send(
     }
 }
 
+#[repr(C, align(8))]
+struct AlignedFibParams(FibParams);
+
+/// Zeroes `value` in place with 64-bit volatile stores and hands it out initialised. `T` must be
+/// 8-byte aligned, a multiple of 8 bytes, and valid all-zero. `mem::zeroed`, zero literals and
+/// a zeroed value moved into place all become calls to a byte-by-byte `memset` in the BPF
+/// program; volatile stores into the final place are not merged back into one.
+#[inline(always)]
+pub fn zero_in_place<T>(value: &mut core::mem::MaybeUninit<T>) -> &mut T {
+    const { assert!(size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() == 8) };
+    let words = value.as_mut_ptr().cast::<u64>();
+    let mut i = 0;
+    while i < size_of::<T>() / 8 {
+        // SAFETY: in bounds of `value`, 8-byte aligned.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        i += 1;
+    }
+    // SAFETY: every byte was written, and all-zero is a valid T (checked by the callers' types:
+    // plain integers and byte arrays).
+    unsafe { value.assume_init_mut() }
+}
+
 enum FibAnswer {
     /// A next hop worth caching: a neighbour to send to, or this host.
     Hop(NextHop),
@@ -162,7 +184,8 @@ fn fib_next_hop(
     ingress: u32,
     now: u64,
 ) -> FibAnswer {
-    let mut params: FibParams = unsafe { zeroed() };
+    let mut aligned = core::mem::MaybeUninit::<AlignedFibParams>::uninit();
+    let params = &mut zero_in_place(&mut aligned).0;
     unsafe {
         params.family = AF_INET;
         params.l4_protocol = protocol;
@@ -175,7 +198,7 @@ fn fib_next_hop(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),
-            &mut params as *mut FibParams,
+            params as *mut FibParams,
             size_of::<FibParams>() as i32,
             0,
         )
@@ -196,8 +219,9 @@ fn fib_next_hop(
         BPF_FIB_LKUP_RET_NOT_FWDED => FibAnswer::Hop(NextHop {
             dst,
             ifindex: ingress,
-            smac: [0; 6],
-            dmac: [0; 6],
+            // Not used for this host; the FIB's bytes avoid a memset of zero arrays.
+            smac: params.smac,
+            dmac: params.dmac,
             local: 1,
             _pad: 0,
             mtu: u16::MAX,

@@ -178,14 +178,7 @@ pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         _pad: 0,
     };
     if unsafe { LISTENERS.get(&listener) }.is_some() {
-        let flow = FlowKey {
-            src: ipv4_mapped(inner_dst),
-            dst: ipv4_mapped(inner_src),
-            src_port: dst_port,
-            dst_port: src_port,
-            protocol,
-            _pad: [0; 3],
-        };
+        let flow = FlowKey::ipv4(inner_dst, inner_src, dst_port, src_port, protocol);
         let id = match unsafe { CONNECTIONS.get(&flow) } {
             Some(conn) => conn.backend_id,
             None => match unsafe { HALF_OPEN.get(&flow) } {

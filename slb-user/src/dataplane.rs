@@ -521,3 +521,31 @@ pub fn remove_pins(dir: &Path) -> Result<(), DataplaneError> {
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+    /// The XDP programs call no `memset`: the BPF backend turns keys built from byte arrays
+    /// with runs of zeros into calls to a byte-by-byte memset (~30 ns per packet), so keys are
+    /// built as words (`ipv4_mapped`, `FlowKey::ipv4`) and scratch space is zeroed in place
+    /// (`forward::zero_in_place`). This fails when a change brings such a call back.
+    #[test]
+    fn the_xdp_programs_call_no_memset() {
+        let file = object::File::parse(super::XDP_OBJECT).expect("the XDP object is ELF");
+        let section = file.section_by_name("xdp").expect("an xdp section");
+        let called: Vec<String> = section
+            .relocations()
+            .filter_map(|(_, relocation)| match relocation.target() {
+                RelocationTarget::Symbol(index) => file.symbol_by_index(index).ok(),
+                _ => None,
+            })
+            .filter_map(|symbol| symbol.name().ok().map(str::to_owned))
+            .filter(|name| name.starts_with("mem"))
+            .collect();
+        assert!(
+            called.is_empty(),
+            "the xdp section calls {called:?}; build the key or buffer with word stores"
+        );
+    }
+}
