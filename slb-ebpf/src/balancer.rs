@@ -10,12 +10,14 @@ use aya_ebpf::{
 };
 use slb_common::{
     checksum::{replace_u16, replace_u32},
+    endpoint_filter_slot,
     hash::flow_hash,
-    ipv4_mapped, Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters,
-    ListenerEntry, ListenerKey, NextHop, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING,
-    BACKEND_F_PRESENT, CONN_F_CLOSING, FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, HEALTH_DOWN,
-    IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
-    LISTENER_F_PERSIST, NO_BACKEND, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
+    Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry,
+    ListenerKey, NextHop, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT,
+    CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER, FRAGMENT_TO_BACKEND,
+    FRAGMENT_TO_CLIENT, HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY,
+    LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, NO_BACKEND, TCP_FLAG_ACK, TCP_FLAG_FIN,
+    TCP_FLAG_RST, TCP_FLAG_SYN,
 };
 
 use crate::{
@@ -23,9 +25,9 @@ use crate::{
     fragments,
     icmp::{self, IPPROTO_ICMP},
     maps::{
-        BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, GLOBAL_STATS, HALF_OPEN, LISTENERS,
-        LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, PERSIST_PENDING, REPLY_NAT,
-        RINGS,
+        BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, ENDPOINT_FILTER, GLOBAL_STATS,
+        HALF_OPEN, LISTENERS, LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE,
+        PERSIST_PENDING, REPLY_NAT, RINGS,
     },
     packet::{
         ptr_at, EthHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6,
@@ -110,15 +112,25 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         counters.malformed += 1;
         return XDP_DROP;
     };
-    let flow = unsafe {
-        FlowKey::ipv4(
+    let (src, dst, src_port, dst_port) = unsafe {
+        (
             (*ip).src,
             (*ip).dst,
             u16::from_be((*l4.ports).src),
             u16::from_be((*l4.ports).dst),
-            protocol,
         )
     };
+    // Before any 40-byte key is built or hashed: neither a listener's endpoint nor a backend's
+    // (a filter: false positives take the full lookups below, there are no false negatives).
+    // Fragments take the full path: their later fragments follow what the first one did.
+    if fragment.is_none()
+        && !endpoint_may_be(dst, dst_port, protocol, ENDPOINT_F_LISTENER)
+        && !endpoint_may_be(src, src_port, protocol, ENDPOINT_F_BACKEND)
+    {
+        counters.not_for_us_passed += 1;
+        return XDP_PASS;
+    }
+    let flow = FlowKey::ipv4(src, dst, src_port, dst_port, protocol);
 
     // Listener, or a reply from a backend's endpoint.
     let listener_key = ListenerKey {
@@ -162,6 +174,14 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     }
     counters.not_for_us_passed += 1;
     XDP_PASS
+}
+
+#[inline(always)]
+fn endpoint_may_be(addr: [u8; 4], port: u16, protocol: u8, bit: u32) -> bool {
+    match ENDPOINT_FILTER.get(endpoint_filter_slot(addr, port, protocol)) {
+        Some(bits) => *bits & bit != 0,
+        None => true,
+    }
 }
 
 /// The L4 header fields the rewrite touches, and whether the header is sane enough to balance.

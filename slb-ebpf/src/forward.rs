@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
-use core::mem::{size_of, zeroed};
+use core::mem::size_of;
 
 use crate::{
     maps::EGRESS,

@@ -11,10 +11,11 @@ use aya::maps::MapError;
 use serde::{Deserialize, Serialize};
 use slb_common::maglev::{build_table, MaglevBackend, MaglevError};
 use slb_common::{
-    ipv4_mapped, Backend, BackendEndpoint, ListenerEntry, ListenerKey, ReplyNat,
-    BACKEND_F_DRAINING, BACKEND_F_PRESENT, HEALTH_DOWN, HEALTH_UP, LISTENER_F_ACTIVE_STANDBY,
-    LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, MAX_BACKENDS, MAX_LISTENERS,
-    NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, NO_BACKEND, RINGS_PER_LISTENER,
+    endpoint_filter_slot, ipv4_mapped, Backend, BackendEndpoint, ListenerEntry, ListenerKey,
+    ReplyNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
+    HEALTH_DOWN, HEALTH_UP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
+    LISTENER_F_PERSIST, MAX_BACKENDS, MAX_LISTENERS, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP,
+    NO_BACKEND, RINGS_PER_LISTENER,
 };
 
 use crate::config::{AllUnhealthy, BackendSpec, Config, Group, GroupKind, Protocol, DEFAULT_GROUP};
@@ -148,6 +149,9 @@ pub struct Reconciler {
     rings: BTreeMap<(u32, u32), Vec<u32>>,
     /// What BACKEND_HEALTH holds per id.
     health_written: BTreeMap<u32, u32>,
+    /// The non-zero slots of ENDPOINT_FILTER this run wrote (after a restart, bits the previous
+    /// run set for endpoints that are gone stay: false positives cost only the full lookups).
+    filter_written: BTreeMap<u32, u32>,
 }
 
 fn ipv4_octets(addr: IpAddr) -> [u8; 4] {
@@ -164,6 +168,24 @@ fn listener_key(protocol: Protocol, vip: IpAddr, port: u16) -> ListenerKey {
         protocol: protocol.ip_protocol(),
         _pad: 0,
     }
+}
+
+/// The ENDPOINT_FILTER bits of the TCP/UDP listeners and their backends.
+fn endpoint_filter(
+    listeners: &[&crate::config::Listener],
+    plans: &[PlannedListener<'_>],
+) -> BTreeMap<u32, u32> {
+    let mut filter = BTreeMap::new();
+    for (l, plan) in listeners.iter().zip(plans) {
+        let protocol = l.protocol.ip_protocol();
+        let slot = endpoint_filter_slot(ipv4_octets(l.vip), l.port, protocol);
+        *filter.entry(slot).or_default() |= ENDPOINT_F_LISTENER;
+        for (key, _) in &plan.members {
+            let slot = endpoint_filter_slot(ipv4_octets(key.address), key.port, protocol);
+            *filter.entry(slot).or_default() |= ENDPOINT_F_BACKEND;
+        }
+    }
+    filter
 }
 
 /// A backend's (address, port, protocol): what its replies are recognised by.
@@ -268,6 +290,7 @@ impl Reconciler {
             },
             rings: BTreeMap::new(),
             health_written: BTreeMap::new(),
+            filter_written: BTreeMap::new(),
         }
     }
 
@@ -433,6 +456,10 @@ impl Reconciler {
                 .iter()
                 .flat_map(|p| p.members.iter().map(|(k, _)| k.address)),
         );
+        // The endpoint filter gains the new endpoints' bits before any map names them, and
+        // loses the bits of endpoints that are gone only at the end.
+        let filter = endpoint_filter(&l4_listeners, &plans);
+        self.write_filter(&filter, true)?;
         // Written every time, as the reply translations are: adopted pins may predate the state.
         for (address, flags) in &addresses {
             self.maps
@@ -636,6 +663,7 @@ impl Reconciler {
         self.state.interfaces = config.interfaces.iter().map(|i| i.name.clone()).collect();
         self.state.listeners = applied;
         self.state.backends = applied_backends;
+        self.write_filter(&filter, false)?;
         // 7. Reply translations of endpoints no backend has any more.
         let current = reply_endpoints(&self.state);
         for endpoint in old_reply_endpoints.difference(&current) {
@@ -650,6 +678,38 @@ impl Reconciler {
             }
         }
         Ok(&self.state)
+    }
+
+    /// Writes `filter` into ENDPOINT_FILTER: with `widen`, only adding bits (slots keep what
+    /// they had too); without, exactly `filter`.
+    fn write_filter(
+        &mut self,
+        filter: &BTreeMap<u32, u32>,
+        widen: bool,
+    ) -> Result<(), ReconcileError> {
+        let slots: BTreeSet<u32> = filter
+            .keys()
+            .chain(self.filter_written.keys())
+            .copied()
+            .collect();
+        for slot in slots {
+            let written = self.filter_written.get(&slot).copied().unwrap_or(0);
+            let wanted = filter.get(&slot).copied().unwrap_or(0);
+            let value = if widen { written | wanted } else { wanted };
+            if value == written {
+                continue;
+            }
+            self.maps
+                .endpoint_filter
+                .set(slot, value, 0)
+                .map_err(map_err("ENDPOINT_FILTER"))?;
+            if value == 0 {
+                self.filter_written.remove(&slot);
+            } else {
+                self.filter_written.insert(slot, value);
+            }
+        }
+        Ok(())
     }
 
     fn write_health(&mut self, id: u32, value: u32) -> Result<(), ReconcileError> {

@@ -1327,3 +1327,49 @@ fn an_ack_flood_fills_only_the_half_open_table_and_a_taken_over_flow_is_tracked(
         assert_eq!(stats.new_connections, 2, "{stats:?}");
     });
 }
+
+#[test]
+fn a_listener_added_or_removed_by_a_reload_is_seen_by_the_endpoint_filter() {
+    in_fresh_netns(|| {
+        let mut h = harness();
+        let in_mac = mac_of("in0");
+        let to_late = frame(in_mac, CLIENT, VIP, tcp(47000, 85, SYN));
+        let (verdict, out) = h.run(&to_late, h.in_index);
+        assert_eq!(
+            (verdict, &out),
+            (XDP_PASS, &to_late),
+            "no listener on :85 yet"
+        );
+
+        let with_late = format!(
+            "{}[[listeners]]\nname = \"late\"\nprotocol = \"tcp\"\nvip = \"10.99.0.10\"\nport = 85\ngroup = \"late\"\n[[groups]]\nname = \"late\"\nbackends = [{{ address = \"10.20.0.3\", port = 8085 }}]\n",
+            config(1, 1)
+        );
+        h.reconciler
+            .apply(
+                &Config::parse(&with_late, "test").unwrap(),
+                &Default::default(),
+            )
+            .unwrap();
+        let (verdict, out) = h.run(&to_late, h.in_index);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(parse_valid(&out).dst, BACKEND_B);
+        // Its backend's replies are recognised too.
+        let reply = frame(h.out_mac, BACKEND_B, CLIENT, tcp(8085, 47000, SYN | ACK));
+        let (_, out) = h.run(&reply, h.out_index);
+        assert_eq!(parse_valid(&out).src_port, 85);
+
+        h.reconciler
+            .apply(
+                &Config::parse(&config(1, 1), "test").unwrap(),
+                &Default::default(),
+            )
+            .unwrap();
+        let (verdict, out) = h.run(&to_late, h.in_index);
+        assert_eq!(
+            (verdict, &out),
+            (XDP_PASS, &to_late),
+            "the listener is gone"
+        );
+    });
+}
