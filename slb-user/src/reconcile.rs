@@ -148,10 +148,14 @@ pub struct Reconciler {
     /// What each (listener index, ring) holds, so a rebuild writes only the slots that differ.
     rings: BTreeMap<(u32, u32), Vec<u32>>,
     /// What BACKEND_HEALTH holds per id.
-    health_written: BTreeMap<u32, u32>,
-    /// The non-zero slots of ENDPOINT_FILTER this run wrote (after a restart, bits the previous
-    /// run set for endpoints that are gone stay: false positives cost only the full lookups).
-    filter_written: BTreeMap<u32, u32>,
+    health_written: Written<u32, u32>,
+    /// What BACKENDS, REPLY_NAT and NAT_ADDRESSES hold.
+    backends_written: Written<u32, Backend>,
+    replies_written: Written<ReplyEndpoint, ReplyNat>,
+    addresses_written: Written<IpAddr, u32>,
+    /// The slots of ENDPOINT_FILTER this run wrote (after a restart, bits the previous run set
+    /// for endpoints that are gone stay: false positives cost only the full lookups).
+    filter_written: Written<u32, u32>,
 }
 
 fn ipv4_octets(addr: IpAddr) -> [u8; 4] {
@@ -186,6 +190,44 @@ fn endpoint_filter(
         }
     }
     filter
+}
+
+/// What this run wrote into one map, entry by entry, so an apply writes only what changed: a
+/// health verdict re-applies everything, and most of it is as it was. Empty after a restart,
+/// so the first apply writes every entry once.
+struct Written<K, V>(BTreeMap<K, V>);
+
+impl<K: Ord, V: PartialEq> Written<K, V> {
+    fn new() -> Self {
+        Written(BTreeMap::new())
+    }
+
+    fn get(&self, key: &K) -> Option<&V> {
+        self.0.get(key)
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.keys()
+    }
+
+    /// Writes `value` at `key` with `write`, unless that is what the map holds already.
+    fn put<E>(
+        &mut self,
+        key: K,
+        value: V,
+        write: impl FnOnce(&K, &V) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if self.0.get(&key) != Some(&value) {
+            write(&key, &value)?;
+            self.0.insert(key, value);
+        }
+        Ok(())
+    }
+
+    /// Notes that the entry at `key` was removed from the map.
+    fn forget(&mut self, key: &K) {
+        self.0.remove(key);
+    }
 }
 
 /// A backend's (address, port, protocol): what its replies are recognised by.
@@ -289,8 +331,11 @@ impl Reconciler {
                 ..Default::default()
             },
             rings: BTreeMap::new(),
-            health_written: BTreeMap::new(),
-            filter_written: BTreeMap::new(),
+            health_written: Written::new(),
+            backends_written: Written::new(),
+            replies_written: Written::new(),
+            addresses_written: Written::new(),
+            filter_written: Written::new(),
         }
     }
 
@@ -437,10 +482,7 @@ impl Reconciler {
                     flags,
                     _pad: 0,
                 };
-                self.maps
-                    .backends
-                    .set(ids[key], backend, 0)
-                    .map_err(map_err("BACKENDS"))?;
+                self.write_backend(ids[key], backend)?;
             }
         }
 
@@ -460,12 +502,14 @@ impl Reconciler {
         // loses the bits of endpoints that are gone only at the end.
         let filter = endpoint_filter(&l4_listeners, &plans);
         self.write_filter(&filter, true)?;
-        // Written every time, as the reply translations are: adopted pins may predate the state.
-        for (address, flags) in &addresses {
-            self.maps
-                .nat_addresses
-                .insert(u32::from_ne_bytes(ipv4_octets(*address)), *flags, 0)
-                .map_err(map_err("NAT_ADDRESSES"))?;
+        for (&address, &flags) in &addresses {
+            self.addresses_written
+                .put(address, flags, |address, flags| {
+                    self.maps
+                        .nat_addresses
+                        .insert(u32::from_ne_bytes(ipv4_octets(*address)), *flags, 0)
+                        .map_err(map_err("NAT_ADDRESSES"))
+                })?;
         }
         let old_reply_endpoints = reply_endpoints(&self.state);
         let old_listeners: BTreeMap<String, AppliedListener> = self
@@ -564,11 +608,13 @@ impl Reconciler {
                     listener_index: index,
                     backend_id: ids[key],
                 };
-                let endpoint = reply_key((key.address, key.port, l.protocol.ip_protocol()));
-                self.maps
-                    .reply_nat
-                    .insert(endpoint, nat, 0)
-                    .map_err(map_err("REPLY_NAT"))?;
+                let endpoint = (key.address, key.port, l.protocol.ip_protocol());
+                self.replies_written.put(endpoint, nat, |endpoint, nat| {
+                    self.maps
+                        .reply_nat
+                        .insert(reply_key(*endpoint), *nat, 0)
+                        .map_err(map_err("REPLY_NAT"))
+                })?;
             }
             let key = listener_key(l.protocol, l.vip, l.port);
             self.maps
@@ -652,10 +698,7 @@ impl Reconciler {
         //    are re-balanced by the data plane on their next packet.
         for (key, &id) in &old_ids {
             if !ids.contains_key(key) {
-                self.maps
-                    .backends
-                    .set(id, Backend::default(), 0)
-                    .map_err(map_err("BACKENDS"))?;
+                self.write_backend(id, Backend::default())?;
                 self.write_health(id, HEALTH_UP)?;
             }
         }
@@ -668,6 +711,7 @@ impl Reconciler {
         let current = reply_endpoints(&self.state);
         for endpoint in old_reply_endpoints.difference(&current) {
             let _ = self.maps.reply_nat.remove(&reply_key(*endpoint));
+            self.replies_written.forget(endpoint);
         }
         for address in old_addresses.keys() {
             if !addresses.contains_key(address) {
@@ -675,6 +719,7 @@ impl Reconciler {
                     .maps
                     .nat_addresses
                     .remove(&u32::from_ne_bytes(ipv4_octets(*address)));
+                self.addresses_written.forget(address);
             }
         }
         Ok(&self.state)
@@ -696,32 +741,33 @@ impl Reconciler {
             let written = self.filter_written.get(&slot).copied().unwrap_or(0);
             let wanted = filter.get(&slot).copied().unwrap_or(0);
             let value = if widen { written | wanted } else { wanted };
-            if value == written {
-                continue;
-            }
-            self.maps
-                .endpoint_filter
-                .set(slot, value, 0)
-                .map_err(map_err("ENDPOINT_FILTER"))?;
-            if value == 0 {
-                self.filter_written.remove(&slot);
-            } else {
-                self.filter_written.insert(slot, value);
-            }
+            self.filter_written.put(slot, value, |slot, value| {
+                self.maps
+                    .endpoint_filter
+                    .set(*slot, *value, 0)
+                    .map_err(map_err("ENDPOINT_FILTER"))
+            })?;
         }
         Ok(())
     }
 
     fn write_health(&mut self, id: u32, value: u32) -> Result<(), ReconcileError> {
-        if self.health_written.get(&id) != Some(&value) {
-            // BACKEND_HEALTH is an array: unwritten ids read as HEALTH_UP (0).
+        // BACKEND_HEALTH is an array: unwritten ids read as HEALTH_UP (0).
+        self.health_written.put(id, value, |id, value| {
             self.maps
                 .backend_health
-                .set(id, value, 0)
-                .map_err(map_err("BACKEND_HEALTH"))?;
-            self.health_written.insert(id, value);
-        }
-        Ok(())
+                .set(*id, *value, 0)
+                .map_err(map_err("BACKEND_HEALTH"))
+        })
+    }
+
+    fn write_backend(&mut self, id: u32, backend: Backend) -> Result<(), ReconcileError> {
+        self.backends_written.put(id, backend, |id, backend| {
+            self.maps
+                .backends
+                .set(*id, *backend, 0)
+                .map_err(map_err("BACKENDS"))
+        })
     }
 
     /// Maps the rings at `slots` of RINGS: adopted from an earlier run, or created now and put
