@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,12 +18,11 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{BackendSpec, Config, DEFAULT_GROUP};
-use crate::daemon::STATE_ROOT;
 
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 
 pub fn socket_path(instance: &str) -> PathBuf {
-    Path::new(STATE_ROOT).join(instance).join("admin.sock")
+    crate::daemon::state_dir(instance).join("admin.sock")
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

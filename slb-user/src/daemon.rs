@@ -26,13 +26,18 @@ pub const STATE_ROOT: &str = "/run/slb";
 /// How often the daemon checks that each attached interface still has the program.
 const LINK_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// `/run/slb/<instance>`: the state, lock, socket, flows, links and history files.
+pub fn state_dir(instance: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(instance)
+}
+
 pub fn state_file(instance: &str) -> PathBuf {
-    Path::new(STATE_ROOT).join(instance).join("state.json")
+    state_dir(instance).join("state.json")
 }
 
 /// The file whose flock marks the instance's daemon; it holds that daemon's pid.
 pub fn lock_file(instance: &str) -> PathBuf {
-    Path::new(STATE_ROOT).join(instance).join("daemon.lock")
+    state_dir(instance).join("daemon.lock")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,7 +200,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         dataplane
             .shutdown()
             .context("detaching and removing pins")?;
-        let _ = fs::remove_dir_all(Path::new(STATE_ROOT).join(&instance));
+        let _ = fs::remove_dir_all(state_dir(&instance));
         tracing::info!(%instance, "detached and unpinned; bye");
     }
     outcome.map(|_| ())

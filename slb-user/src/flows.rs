@@ -226,9 +226,7 @@ fn snapshot(t: &TrafficCounters) -> Tally {
 }
 
 pub fn flows_file(instance: &str) -> PathBuf {
-    Path::new(crate::daemon::STATE_ROOT)
-        .join(instance)
-        .join("flows.json")
+    crate::daemon::state_dir(instance).join("flows.json")
 }
 
 pub fn write_counts(instance: &str, counts: &FlowCounts) -> anyhow::Result<()> {

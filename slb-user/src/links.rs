@@ -13,8 +13,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::STATE_ROOT;
-
 /// The ifindex `name` resolves to in this network namespace, if it exists.
 pub fn ifindex_of(name: &str) -> Option<u32> {
     let name = std::ffi::CString::new(name).ok()?;
@@ -104,7 +102,7 @@ pub struct LinkHistory {
 }
 
 pub fn history_file(instance: &str) -> PathBuf {
-    Path::new(STATE_ROOT).join(instance).join("links.json")
+    crate::daemon::state_dir(instance).join("links.json")
 }
 
 pub fn write_history(

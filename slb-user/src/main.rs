@@ -82,7 +82,7 @@ fn stop(instance: &str) -> anyhow::Result<()> {
         );
     }
     dataplane::remove_pins(&dir)?;
-    let _ = std::fs::remove_dir_all(std::path::Path::new(daemon::STATE_ROOT).join(instance));
+    let _ = std::fs::remove_dir_all(daemon::state_dir(instance));
     println!("no daemon was running; detached instance {instance:?} and removed its pins");
     Ok(())
 }

@@ -13,7 +13,6 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::STATE_ROOT;
 use crate::status;
 
 /// Serves `GET /metrics` on 127.0.0.1:`port`.
@@ -72,9 +71,7 @@ pub struct Sample {
 }
 
 pub fn history_file(instance: &str) -> PathBuf {
-    std::path::Path::new(STATE_ROOT)
-        .join(instance)
-        .join("history.jsonl")
+    crate::daemon::state_dir(instance).join("history.jsonl")
 }
 
 pub fn read_history(instance: &str) -> Vec<Sample> {
