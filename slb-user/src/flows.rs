@@ -148,11 +148,6 @@ pub struct Sweeper {
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
 }
 
-fn open_stats(dir: &Path, name: &str) -> anyhow::Result<PerCpuArray<MapData, TrafficCounters>> {
-    let data = MapData::from_pin(dir.join(name)).with_context(|| format!("opening {name}"))?;
-    Ok(PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?)
-}
-
 impl Sweeper {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Sweeper> {
         let connections =
@@ -161,8 +156,8 @@ impl Sweeper {
         Ok(Sweeper {
             connections,
             capacity,
-            listener_stats: open_stats(pin_dir, "LISTENER_STATS")?,
-            backend_stats: open_stats(pin_dir, "BACKEND_STATS")?,
+            listener_stats: crate::maps::open(pin_dir, "LISTENER_STATS")?,
+            backend_stats: crate::maps::open(pin_dir, "BACKEND_STATS")?,
         })
     }
 

@@ -36,7 +36,8 @@ pub struct PinnedMaps {
     pub global_stats: PerCpuArray<MapData, GlobalCounters>,
 }
 
-fn open<T>(dir: &Path, name: &'static str) -> Result<T, OpenMapError>
+/// The pinned map `name` under `dir`, as the map type `T`.
+pub(crate) fn open<T>(dir: &Path, name: &'static str) -> Result<T, OpenMapError>
 where
     T: TryFrom<Map, Error = MapError>,
 {
