@@ -62,6 +62,19 @@ struct TooBigFrame {
     quoted: [u16; QUOTED / 2],
 }
 
+/// The Internet checksum of `N` 16-bit words (whose checksum field is zero), as they sit in
+/// memory.
+#[inline(always)]
+unsafe fn checksum<const N: usize>(words: *const [u16; N]) -> u16 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < N {
+        sum += u32::from(unsafe { (*words)[i] });
+        i += 1;
+    }
+    !fold(sum)
+}
+
 /// Answers the packet in `ctx` (as received: nothing rewritten yet) with ICMP "fragmentation
 /// needed, next-hop MTU `mtu`" back out of the interface it came in on, from the address the
 /// packet was sent to.
@@ -118,22 +131,8 @@ pub fn reply_too_big(ctx: &XdpContext, mtu: u16, counters: &mut GlobalCounters) 
             unused: 0,
             mtu: mtu.to_be(),
         };
-        let header = &raw const (*frame).ip as *const [u16; 10];
-        let mut sum = 0u32;
-        let mut i = 0;
-        while i < 10 {
-            sum += u32::from((*header)[i]);
-            i += 1;
-        }
-        (*frame).ip.check = !fold(sum);
-        let message = &raw const (*frame).icmp as *const [u16; 4 + QUOTED / 2];
-        let mut sum = 0u32;
-        let mut i = 0;
-        while i < 4 + QUOTED / 2 {
-            sum += u32::from((*message)[i]);
-            i += 1;
-        }
-        (*frame).icmp.check = !fold(sum);
+        (*frame).ip.check = checksum(&raw const (*frame).ip as *const [u16; 10]);
+        (*frame).icmp.check = checksum(&raw const (*frame).icmp as *const [u16; 4 + QUOTED / 2]);
     }
     counters.icmp_too_big_sent += 1;
     XDP_TX
