@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use slb_common::{
     checksum::{replace_u16, replace_u32},
-    endpoint_filter_slot,
+    endpoint_filter_bits,
     hash::flow_hash,
     Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry,
     ListenerKey, NextHop, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT,
@@ -178,8 +178,9 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
 
 #[inline(always)]
 fn endpoint_may_be(addr: [u8; 4], port: u16, protocol: u8, bit: u32) -> bool {
-    match ENDPOINT_FILTER.get(endpoint_filter_slot(addr, port, protocol)) {
-        Some(bits) => *bits & bit != 0,
+    let (word, mask) = endpoint_filter_bits(addr, port, protocol, bit);
+    match ENDPOINT_FILTER.get(word) {
+        Some(bits) => *bits & mask != 0,
         None => true,
     }
 }

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use slb_common::{
     Backend, BackendEndpoint, Connection, FlowKey, FragmentEntry, FragmentKey, GlobalCounters,
     ListenerEntry, ListenerKey, NextHop, PersistKey, Persisted, ReplayTemplate, ReplyNat,
-    TrafficCounters, DEFAULT_RING_SIZE, ENDPOINT_FILTER_SLOTS, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS,
+    TrafficCounters, DEFAULT_RING_SIZE, ENDPOINT_FILTER_WORDS, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS,
     MAX_CONNECTIONS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES, MAX_LISTENERS,
     MAX_NAT_ADDRESSES, MAX_PERSISTENCE, RINGS_MAP_FLAGS, RING_SLOTS,
 };
@@ -63,9 +63,10 @@ pub static CONNECTIONS: LruHashMap<FlowKey, Connection, CONNECTIONS_MAX> = LruHa
 pub static HALF_OPEN: LruHashMap<FlowKey, Connection, { MAX_HALF_OPEN as usize }> =
     LruHashMap::new();
 
-/// `ENDPOINT_F_*` bits by `endpoint_filter_slot`: the early test for traffic that is not ours.
+/// `ENDPOINT_F_*` bits of 16 slots a word (`endpoint_filter_bits`): the early test for traffic
+/// that is not ours.
 #[btf_map]
-pub static ENDPOINT_FILTER: Array<u32, { ENDPOINT_FILTER_SLOTS as usize }> = Array::new();
+pub static ENDPOINT_FILTER: Array<u32, { ENDPOINT_FILTER_WORDS as usize }> = Array::new();
 
 /// Backend endpoint → its listener's VIP and port: replies are translated without per-flow
 /// state, so the two directions of a flow cannot disagree and any node can translate a reply.

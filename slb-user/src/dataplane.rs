@@ -291,7 +291,7 @@ fn expected_layout(sizes: TableSizes) -> Vec<(&'static str, usize, usize, u32)> 
             MAX_FRAGMENTS,
         ),
         ("NAT_ADDRESSES", 4, 4, MAX_NAT_ADDRESSES),
-        ("ENDPOINT_FILTER", 4, 4, ENDPOINT_FILTER_SLOTS),
+        ("ENDPOINT_FILTER", 4, 4, ENDPOINT_FILTER_WORDS),
         ("GLOBAL_STATS", 4, size_of::<GlobalCounters>(), 1),
         ("EGRESS", 4, 8, MAX_INTERFACES),
         ("NEXT_HOP_BACKEND", 4, size_of::<NextHop>(), MAX_BACKENDS),

@@ -11,7 +11,7 @@ use aya::maps::MapError;
 use serde::{Deserialize, Serialize};
 use slb_common::maglev::{build_table, MaglevBackend, MaglevError};
 use slb_common::{
-    endpoint_filter_slot, ipv4_mapped, Backend, BackendEndpoint, ListenerEntry, ListenerKey,
+    endpoint_filter_bits, ipv4_mapped, Backend, BackendEndpoint, ListenerEntry, ListenerKey,
     ReplyNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
     HEALTH_DOWN, HEALTH_UP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
     LISTENER_F_PERSIST, MAX_BACKENDS, MAX_LISTENERS, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP,
@@ -153,7 +153,7 @@ pub struct Reconciler {
     backends_written: Written<u32, Backend>,
     replies_written: Written<ReplyEndpoint, ReplyNat>,
     addresses_written: Written<IpAddr, u32>,
-    /// The slots of ENDPOINT_FILTER this run wrote (after a restart, bits the previous run set
+    /// The words of ENDPOINT_FILTER this run wrote (after a restart, bits the previous run set
     /// for endpoints that are gone stay: false positives cost only the full lookups).
     filter_written: Written<u32, u32>,
 }
@@ -174,7 +174,7 @@ fn listener_key(protocol: Protocol, vip: IpAddr, port: u16) -> ListenerKey {
     }
 }
 
-/// The ENDPOINT_FILTER bits of the TCP/UDP listeners and their backends.
+/// The ENDPOINT_FILTER words of the TCP/UDP listeners and their backends, by word index.
 fn endpoint_filter(
     listeners: &[&crate::config::Listener],
     plans: &[PlannedListener<'_>],
@@ -182,11 +182,17 @@ fn endpoint_filter(
     let mut filter = BTreeMap::new();
     for (l, plan) in listeners.iter().zip(plans) {
         let protocol = l.protocol.ip_protocol();
-        let slot = endpoint_filter_slot(ipv4_octets(l.vip), l.port, protocol);
-        *filter.entry(slot).or_default() |= ENDPOINT_F_LISTENER;
+        let (word, mask) =
+            endpoint_filter_bits(ipv4_octets(l.vip), l.port, protocol, ENDPOINT_F_LISTENER);
+        *filter.entry(word).or_default() |= mask;
         for (key, _) in &plan.members {
-            let slot = endpoint_filter_slot(ipv4_octets(key.address), key.port, protocol);
-            *filter.entry(slot).or_default() |= ENDPOINT_F_BACKEND;
+            let (word, mask) = endpoint_filter_bits(
+                ipv4_octets(key.address),
+                key.port,
+                protocol,
+                ENDPOINT_F_BACKEND,
+            );
+            *filter.entry(word).or_default() |= mask;
         }
     }
     filter
