@@ -451,20 +451,45 @@ global_counters! {
     next_hop_cached,
 }
 
-/// Bytes of a frame `xdp_replay` (the live-frames benchmark driver) writes back before each run.
+/// Bytes of a frame `xdp_replay` (the benchmark driver) writes back before each run.
 pub const REPLAY_FRAME_BYTES: usize = 64;
-/// Where the template's UDP source port is (Ethernet + IPv4 without options).
+/// Where the template's TCP/UDP source port is (Ethernet + IPv4 without options).
 pub const REPLAY_SOURCE_PORT_AT: usize = 14 + 20;
+/// Where the low 16 bits of the template's IPv4 source address are.
+pub const REPLAY_SOURCE_ADDR_LOW_AT: usize = 14 + 12 + 2;
+/// Source ports a replayed flow number maps to (1024..=65535), before the address changes.
+pub const REPLAY_PORTS_PER_ADDRESS: u32 = 64512;
+/// Flow numbers each CPU owns: CPU c replays flows c * this + n, so two CPUs never share one.
+pub const REPLAY_FLOWS_PER_CPU: u32 = 1 << 26;
+/// `ReplayTemplate::flows` for "a new flow every run" (until 2^26 flows have been replayed).
+pub const REPLAY_EVERY_RUN_NEW: u32 = REPLAY_FLOWS_PER_CPU;
 
-/// What `xdp_replay` restores into every frame: the kernel's live-frames mode reuses pages
-/// without undoing what a NAT program rewrote.
+/// What `xdp_replay` restores into every frame: BPF_PROG_TEST_RUN reuses the frame (with
+/// `repeat`, and pages in live-frames mode) without undoing what a NAT program rewrote.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct ReplayTemplate {
     pub frame: [u8; REPLAY_FRAME_BYTES],
-    /// Non-zero: a new source port every run (a new flow per frame); 0: one flow.
-    pub new_flows: u32,
-    pub _pad: u32,
+    /// How many flows the runs cycle through; 0 or 1: the template's own flow every run. Flow
+    /// n (counted per CPU) has source port 1024 + n % 64512 and the template's source address
+    /// plus n / 64512 (low 16 bits), see [`replay_flow`].
+    pub flows: u32,
+    /// Consecutive runs that replay one flow before the next (2: a TCP flow's first packet and
+    /// the one that moves it from the half-open table into the connection table).
+    pub packets_per_flow: u32,
+}
+
+/// The source port and the addend to the source address's low 16 bits of replayed flow `n` on
+/// `cpu`: one rule for the driver program and the benchmarks that predict its flows.
+#[inline(always)]
+pub fn replay_flow(n: u32, cpu: u32) -> (u16, u16) {
+    let flow = (cpu % 64)
+        .wrapping_mul(REPLAY_FLOWS_PER_CPU)
+        .wrapping_add(n);
+    (
+        (1024 + flow % REPLAY_PORTS_PER_ADDRESS) as u16,
+        (flow / REPLAY_PORTS_PER_ADDRESS) as u16,
+    )
 }
 
 #[cfg(feature = "user")]

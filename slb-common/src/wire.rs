@@ -127,7 +127,8 @@ pub struct ParsedFrame {
     pub l4_checksum: u16,
 }
 
-/// Parses an IPv4 TCP/UDP frame without options, checking both checksums.
+/// Parses an IPv4 TCP/UDP frame without options, checking both checksums. Bytes after the IPv4
+/// total length (Ethernet padding) are ignored.
 pub fn parse_ipv4_frame(f: &[u8]) -> Result<ParsedFrame, String> {
     if f.len() < 42 {
         return Err(format!("frame of {} bytes is too short", f.len()));
@@ -139,7 +140,14 @@ pub fn parse_ipv4_frame(f: &[u8]) -> Result<ParsedFrame, String> {
     let protocol = ip[9];
     let src = [ip[12], ip[13], ip[14], ip[15]];
     let dst = [ip[16], ip[17], ip[18], ip[19]];
-    let seg = &f[34..];
+    let total_len = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if total_len < 20 || 14 + total_len > f.len() {
+        return Err(format!(
+            "IPv4 total length {total_len} does not fit the {}-byte frame",
+            f.len()
+        ));
+    }
+    let seg = &f[34..14 + total_len];
     let check_at = if protocol == IPPROTO_TCP { 16 } else { 6 };
     if seg.len() < check_at + 2 {
         return Err(format!("L4 segment of {} bytes is too short", seg.len()));

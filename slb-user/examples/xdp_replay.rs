@@ -146,8 +146,12 @@ fn main() -> anyhow::Result<()> {
     };
     let mut template = ReplayTemplate {
         frame: [0; REPLAY_FRAME_BYTES],
-        new_flows: u32::from(args.new_flows),
-        _pad: 0,
+        flows: if args.new_flows {
+            slb_common::REPLAY_EVERY_RUN_NEW
+        } else {
+            1
+        },
+        packets_per_flow: 1,
     };
     template.frame.copy_from_slice(&frame_bytes);
     let mut templates: Array<_, ReplayTemplate> = ebpf

@@ -77,6 +77,56 @@ pub fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
+/// The testbed's links, addresses and static neighbours in this thread's (fresh) namespace:
+/// `in0` (10.10.0.1/24) towards clients, `out0` (10.20.0.1/22) towards backends, each with a
+/// veth peer, forwarding on.
+pub fn setup_network() -> anyhow::Result<()> {
+    sh(&["ip", "link", "set", "lo", "up"])?;
+    sh(&[
+        "ip", "link", "add", "in0", "type", "veth", "peer", "name", "in1",
+    ])?;
+    sh(&[
+        "ip", "link", "add", "out0", "type", "veth", "peer", "name", "out1",
+    ])?;
+    for l in ["in0", "in1", "out0", "out1"] {
+        sh(&["ip", "link", "set", l, "up"])?;
+    }
+    sh(&["ip", "addr", "add", "10.10.0.1/24", "dev", "in0"])?;
+    sh(&["ip", "addr", "add", "10.20.0.1/22", "dev", "out0"])?;
+    sh(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.10.0.2",
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "in0",
+        "nud",
+        "permanent",
+    ])?;
+    sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    let mut batch = String::new();
+    for third in 0..4 {
+        for fourth in 2..255 {
+            batch.push_str(&format!(
+                "neigh replace 10.20.{third}.{fourth} lladdr 02:00:00:00:00:02 dev out0 nud permanent\n"
+            ));
+        }
+    }
+    static NEXT_BATCH: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "slb-testbed-neigh-{}-{}",
+        std::process::id(),
+        NEXT_BATCH.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, batch)?;
+    let result = sh(&["ip", "-batch", path.to_str().expect("utf-8 temp path")]);
+    let _ = std::fs::remove_file(&path);
+    result?;
+    Ok(())
+}
+
 /// Removes the pin directory however the test ends.
 struct PinDir(PathBuf);
 
@@ -109,50 +159,7 @@ pub struct Run {
 impl Testbed {
     /// Sets up the namespace (call from inside [`in_fresh_netns`]) and applies `config`.
     pub fn new(config: &str, ring_size: u32) -> anyhow::Result<Testbed> {
-        sh(&["ip", "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip", "link", "add", "in0", "type", "veth", "peer", "name", "in1",
-        ])?;
-        sh(&[
-            "ip", "link", "add", "out0", "type", "veth", "peer", "name", "out1",
-        ])?;
-        for l in ["in0", "in1", "out0", "out1"] {
-            sh(&["ip", "link", "set", l, "up"])?;
-        }
-        sh(&["ip", "addr", "add", "10.10.0.1/24", "dev", "in0"])?;
-        sh(&["ip", "addr", "add", "10.20.0.1/22", "dev", "out0"])?;
-        sh(&[
-            "ip",
-            "neigh",
-            "replace",
-            "10.10.0.2",
-            "lladdr",
-            "02:00:00:00:00:01",
-            "dev",
-            "in0",
-            "nud",
-            "permanent",
-        ])?;
-        sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        let mut batch = String::new();
-        for third in 0..4 {
-            for fourth in 2..255 {
-                batch.push_str(&format!(
-                    "neigh replace 10.20.{third}.{fourth} lladdr 02:00:00:00:00:02 dev out0 nud permanent\n"
-                ));
-            }
-        }
-        static NEXT_BATCH: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "slb-testbed-neigh-{}-{}",
-            std::process::id(),
-            NEXT_BATCH.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, batch)?;
-        let result = sh(&["ip", "-batch", path.to_str().expect("utf-8 temp path")]);
-        let _ = std::fs::remove_file(&path);
-        result?;
-
+        setup_network()?;
         ensure_bpffs()?;
         let pin_dir = PathBuf::from(format!(
             "/sys/fs/bpf/slb-testbed-{}-{}",

@@ -53,6 +53,10 @@ enum Task {
         /// Length of each measured end-to-end run, in seconds.
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
         seconds: u64,
+        /// Also measure the XDP program of this git revision (built in target/bench/against),
+        /// round for round beside this build's, in the dataplane suite's per-packet tables.
+        #[arg(long, value_name = "REV")]
+        against: Option<String>,
     },
 }
 
@@ -64,7 +68,11 @@ fn main() -> anyhow::Result<()> {
             connections,
             weights,
         } => demo(connections, &weights),
-        Task::Bench { suites, seconds } => bench(&suites, seconds),
+        Task::Bench {
+            suites,
+            seconds,
+            against,
+        } => bench(&suites, seconds, against.as_deref()),
     }
 }
 
@@ -382,7 +390,7 @@ const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("taskset", "util-linux"),
 ];
 
-fn bench(suites: &[bench::Suite], seconds: u64) -> anyhow::Result<()> {
+fn bench(suites: &[bench::Suite], seconds: u64, against: Option<&str>) -> anyhow::Result<()> {
     ensure!(!suites.is_empty(), "give at least one suite");
     ensure!(
         slb_tests::is_root(),
@@ -401,14 +409,58 @@ fn bench(suites: &[bench::Suite], seconds: u64) -> anyhow::Result<()> {
         "xdp_replay",
     ]))?;
     let target = target_dir()?;
+    let against = against
+        .map(|rev| build_revision(rev, &target.join("bench").join("against")))
+        .transpose()?;
     let env = bench::BenchEnv {
         bin_dir,
         out_dir: target.join("bench"),
         duration: std::time::Duration::from_secs(seconds),
     };
     bench::run(&env, suites, || {
-        run(cargo().args(["bench", "-p", "slb-user", "--bench", "dataplane"]))
+        let mut cmd = cargo();
+        cmd.args(["bench", "-p", "slb-user", "--bench", "dataplane"]);
+        if let Some((label, slb)) = &against {
+            cmd.env("SLB_BENCH_AGAINST", slb)
+                .env("SLB_BENCH_AGAINST_LABEL", label);
+        }
+        run(&mut cmd)
     })
+}
+
+/// Builds `slb` of git revision `rev` in a worktree under `dir` (kept, with its own target
+/// directory, for the next run): its label (`rev` and the short hash) and the binary.
+fn build_revision(rev: &str, dir: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let hash = output(Command::new("git").current_dir(workspace_root()).args([
+        "rev-parse",
+        "--verify",
+        "--short=10",
+        &format!("{rev}^{{commit}}"),
+    ]))
+    .with_context(|| format!("--against {rev}: not a git revision of this repository"))?;
+    let tree = dir.join(&hash);
+    if !tree.join("Cargo.toml").exists() {
+        std::fs::create_dir_all(dir)?;
+        let _ = std::fs::remove_dir_all(&tree);
+        run(Command::new("git")
+            .current_dir(workspace_root())
+            .args(["worktree", "add", "--detach", "--force"])
+            .arg(&tree)
+            .arg(&hash))?;
+    }
+    let target = dir.join("target");
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(&tree)
+            .env("CARGO_TARGET_DIR", &target)
+            .args(["build", "--release", "-p", "slb-user", "--bin", "slb"]),
+    )?;
+    let label = if rev == hash {
+        hash.clone()
+    } else {
+        format!("{rev} ({hash})")
+    };
+    Ok((label, target.join("release").join("slb")))
 }
 
 /// Builds `slb` and the test binaries (backends, load generator) in release mode and returns

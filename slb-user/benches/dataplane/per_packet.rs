@@ -1,0 +1,654 @@
+//! Per-packet cost of the XDP program of a running slb, measured from outside.
+//!
+//! Each program under test (a *subject*: this build's `slb`, and with `SLB_BENCH_AGAINST` another
+//! revision's) runs as a real daemon (`slb run`) in a network namespace of its own, with the
+//! testbed's links and neighbours, and pins its program. A wrapper (`xdp_replay` of this build,
+//! loaded with maps of its own) restores a frame template before every run and tail-calls the
+//! subject's pinned program, so BPF_PROG_TEST_RUN can repeat a packet 100 000 times and the
+//! kernel's average per run is the packet's own cost plus the wrapper's. The baseline is the
+//! same wrapper tail-calling `xdp_floor` (swap MACs, XDP_TX); a row's figure is its time minus
+//! the mean of the baselines run just before and after it (baseline, row, baseline, row, ...,
+//! baseline), and the median over rounds. Rounds alternate between subjects, so both see the
+//! same machine.
+
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _};
+use aya::maps::{Array, PerCpuArray, PerCpuValues, ProgramArray};
+use aya::programs::{ProgramFd, TestRun, TestRunOptions, Xdp};
+use aya::Ebpf;
+use aya_obj::programs::XdpAttachType;
+use serde_json::json;
+use slb_common::wire::{ipv4_frame, parse_ipv4_frame, L4Spec, TCP_ACK, TCP_SYN};
+use slb_common::{ReplayTemplate, REPLAY_EVERY_RUN_NEW, REPLAY_FRAME_BYTES};
+use slb_user::dataplane::{load_object, TableSizes};
+use slb_user::testbed::{mac_of, setup_network, CLIENT_MAC, FLOOR_PROGRAM};
+
+/// Runs per BPF_PROG_TEST_RUN call: enough that the syscall's own cost disappears.
+const REPEAT: u32 = 100_000;
+/// Flows the "many flows" rows cycle through (more than the per-CPU caches hold).
+const CYCLED_FLOWS: u32 = 65_536;
+const VIP: [u8; 4] = [10, 99, 0, 10];
+/// The client of the single-flow rows and of the reply (it has a neighbour entry on `in0`).
+const CLIENT: [u8; 4] = [10, 10, 0, 2];
+const CLIENT_PORT: u16 = 40_000;
+/// Source addresses of the cycled, new and prefilled flows: distinct, so rows never share a flow.
+const CYCLED_TCP_BASE: [u8; 4] = [10, 30, 0, 2];
+const CYCLED_UDP_BASE: [u8; 4] = [10, 31, 0, 2];
+const NEW_FLOW_BASE: [u8; 4] = [10, 32, 0, 2];
+const PREFILL_BASE: [u8; 4] = [10, 33, 0, 2];
+/// The CPU the measuring thread runs on; the daemons stay on the other one.
+const MEASURE_CPU: usize = 1;
+const DAEMON_CPU: usize = 0;
+
+/// A program under test: an `slb` binary and what to call it in the tables.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub label: String,
+    pub slb: PathBuf,
+}
+
+/// The subjects of this run: this build, and `SLB_BENCH_AGAINST` (a path to another revision's
+/// `slb`, labelled by `SLB_BENCH_AGAINST_LABEL`) when set.
+pub fn subjects() -> Vec<Subject> {
+    let mut subjects = vec![Subject {
+        label: "this build".into(),
+        slb: PathBuf::from(env!("CARGO_BIN_EXE_slb")),
+    }];
+    if let Ok(path) = std::env::var("SLB_BENCH_AGAINST") {
+        subjects.push(Subject {
+            label: std::env::var("SLB_BENCH_AGAINST_LABEL").unwrap_or_else(|_| path.clone()),
+            slb: PathBuf::from(path),
+        });
+    }
+    subjects
+}
+
+/// A table shape: listeners, backends, and how many flows fill the connection table first.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub label: &'static str,
+    pub listeners: usize,
+    pub backends: usize,
+    pub prefill: u32,
+}
+
+/// One measured packet kind.
+#[derive(Debug, Clone)]
+struct Row {
+    name: &'static str,
+    template: ReplayTemplate,
+    ingress: Ingress,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Ingress {
+    Clients,
+    Backends,
+}
+
+fn template(frame: &[u8], flows: u32, packets_per_flow: u32) -> ReplayTemplate {
+    assert!(
+        frame.len() <= REPLAY_FRAME_BYTES,
+        "frame larger than the template"
+    );
+    let mut t = ReplayTemplate {
+        frame: [0; REPLAY_FRAME_BYTES],
+        flows,
+        packets_per_flow,
+    };
+    t.frame[..frame.len()].copy_from_slice(frame);
+    t
+}
+
+/// `listeners` TCP listeners (VIP:80, 81, ...) and a UDP one (VIP:53), each over `backends`
+/// servers; TCP listener `l` reaches them on port 8080 + l (a backend endpoint serves one tcp/udp
+/// listener), the UDP one on 8080. `max_connections` only when the subject knows the key.
+pub fn config(instance: &str, listeners: usize, backends: usize, max_connections: bool) -> String {
+    use std::fmt::Write as _;
+    let mut c = format!("instance = \"{instance}\"\n");
+    if max_connections {
+        c.push_str("max_connections = 1048576\n");
+    }
+    c.push_str("[[interfaces]]\nname = \"in0\"\n[[interfaces]]\nname = \"out0\"\n");
+    for l in 0..listeners {
+        let _ = write!(
+            c,
+            "[[listeners]]\nname = \"tcp{l}\"\nprotocol = \"tcp\"\nvip = \"10.99.0.10\"\nport = {}\ngroup = \"pool{l}\"\n",
+            80 + l
+        );
+    }
+    let _ = write!(c, "[[listeners]]\nname = \"udp\"\nprotocol = \"udp\"\nvip = \"10.99.0.10\"\nport = 53\ngroup = \"pool0\"\n");
+    for l in 0..listeners.max(1) {
+        let _ = write!(c, "[[groups]]\nname = \"pool{l}\"\nbackends = [\n");
+        for b in 0..backends {
+            let _ = writeln!(
+                c,
+                "  {{ address = \"10.20.{}.{}\", port = {} }},",
+                b / 253,
+                2 + b % 253,
+                8080 + l
+            );
+        }
+        c.push_str("]\n");
+    }
+    c
+}
+
+/// A network namespace this thread can enter and leave (namespaces are per thread).
+struct Netns(OwnedFd);
+
+impl Netns {
+    fn current() -> anyhow::Result<Netns> {
+        let file = std::fs::File::open(format!("/proc/self/task/{}/ns/net", unsafe {
+            libc::gettid()
+        }))?;
+        Ok(Netns(file.into()))
+    }
+
+    /// A new namespace, entered.
+    fn fresh() -> anyhow::Result<Netns> {
+        ensure!(
+            unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        Netns::current()
+    }
+
+    fn enter(&self) -> anyhow::Result<()> {
+        ensure!(
+            unsafe { libc::setns(self.0.as_raw_fd(), libc::CLONE_NEWNET) } == 0,
+            "setns: {}",
+            std::io::Error::last_os_error()
+        );
+        Ok(())
+    }
+}
+
+/// A daemon serving the bench config, stopped (SIGTERM: detach, unpin) when dropped.
+struct Daemon {
+    child: Child,
+    instance: String,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(subject: &Subject, instance: &str, shape: Shape) -> anyhow::Result<Daemon> {
+        let dir = std::env::temp_dir().join(format!("slb-bench-{instance}"));
+        std::fs::create_dir_all(&dir)?;
+        // An older revision may not know `max_connections` (its table had a fixed size).
+        for max_connections in [true, false] {
+            let path = dir.join("slb.toml");
+            std::fs::write(
+                &path,
+                config(instance, shape.listeners, shape.backends, max_connections),
+            )?;
+            let log = std::fs::File::create(dir.join("slb.log"))?;
+            let child = Command::new("taskset")
+                .args(["-c", &DAEMON_CPU.to_string()])
+                .arg(&subject.slb)
+                .args(["run", "-c"])
+                .arg(&path)
+                .env_remove("RUST_BACKTRACE")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("starting {}", subject.slb.display()))?;
+            let mut daemon = Daemon {
+                child,
+                instance: instance.into(),
+                dir: dir.clone(),
+            };
+            let state = Path::new("/run/slb").join(instance).join("state.json");
+            let started = Instant::now();
+            while !state.exists() {
+                if let Some(status) = daemon.child.try_wait()? {
+                    let log = std::fs::read_to_string(dir.join("slb.log")).unwrap_or_default();
+                    if max_connections && log.contains("max_connections") {
+                        eprintln!(
+                            "  {}: does not know max_connections; its connection table keeps its own size",
+                            subject.label
+                        );
+                        break;
+                    }
+                    bail!("{} exited ({status}) before serving:\n{log}", subject.label);
+                }
+                ensure!(
+                    started.elapsed() < Duration::from_secs(120),
+                    "{} did not serve within 120 s",
+                    subject.label
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if state.exists() {
+                return Ok(daemon);
+            }
+        }
+        bail!("{} did not start", subject.label)
+    }
+
+    fn program(&self) -> anyhow::Result<Xdp> {
+        let pin = Path::new("/sys/fs/bpf/slb")
+            .join(&self.instance)
+            .join("prog");
+        Xdp::from_pin(&pin, XdpAttachType::Interface)
+            .with_context(|| format!("the program pinned at {}", pin.display()))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The wrapper (this build's `xdp_replay` and `xdp_floor`, with maps of their own).
+struct Wrapper {
+    ebpf: Ebpf,
+    _pins: tempfile::TempDir,
+}
+
+impl Wrapper {
+    fn load() -> anyhow::Result<Wrapper> {
+        let pins = tempfile::Builder::new()
+            .prefix("slb-bench-wrapper-")
+            .tempdir_in("/sys/fs/bpf")?;
+        let sizes = TableSizes {
+            ring_size: 257,
+            max_connections: 1024,
+        };
+        let mut ebpf = load_object(pins.path(), sizes)?;
+        for name in ["xdp_replay", FLOOR_PROGRAM] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?;
+            program.load().with_context(|| format!("loading {name}"))?;
+        }
+        Ok(Wrapper { ebpf, _pins: pins })
+    }
+
+    fn floor(&self) -> anyhow::Result<ProgramFd> {
+        let floor: &Xdp = self
+            .ebpf
+            .program(FLOOR_PROGRAM)
+            .context("no floor program")?
+            .try_into()?;
+        Ok(floor.fd()?.try_clone()?)
+    }
+
+    fn set_target(&mut self, target: &ProgramFd) -> anyhow::Result<()> {
+        let fd = target.try_clone()?;
+        let mut slot: ProgramArray<_> = self
+            .ebpf
+            .map_mut("REPLAY_TARGET")
+            .context("no REPLAY_TARGET")?
+            .try_into()?;
+        slot.set(0, &fd, 0)?;
+        Ok(())
+    }
+
+    fn set_template(&mut self, template: ReplayTemplate) -> anyhow::Result<()> {
+        let mut slot: Array<_, ReplayTemplate> = self
+            .ebpf
+            .map_mut("REPLAY_TEMPLATE")
+            .context("no REPLAY_TEMPLATE")?
+            .try_into()?;
+        slot.set(0, template, 0)?;
+        Ok(())
+    }
+
+    /// Restarts the flow numbering (on every CPU).
+    fn reset_flows(&mut self) -> anyhow::Result<()> {
+        let mut counter: PerCpuArray<_, u32> = self
+            .ebpf
+            .map_mut("REPLAY_COUNTER")
+            .context("no REPLAY_COUNTER")?
+            .try_into()?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        counter.set(0, PerCpuValues::try_from(vec![0u32; cpus])?, 0)?;
+        Ok(())
+    }
+
+    /// Runs the wrapper `repeat` times on the template as if it arrived on `ingress`: the
+    /// kernel's mean time per run, and the frame as the last run left it.
+    fn run(&self, ingress: u32, repeat: u32) -> anyhow::Result<(Duration, Vec<u8>)> {
+        let replay: &Xdp = self
+            .ebpf
+            .program("xdp_replay")
+            .context("no xdp_replay")?
+            .try_into()?;
+        let frame = [0u8; REPLAY_FRAME_BYTES];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx = Vec::new();
+        for v in [0u32, REPLAY_FRAME_BYTES as u32, 0, ingress, 0, 0] {
+            ctx.extend_from_slice(&v.to_ne_bytes());
+        }
+        let mut out = vec![0u8; REPLAY_FRAME_BYTES + 256];
+        let result = replay.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..Default::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.duration, out))
+    }
+}
+
+/// One subject set up for a shape: its namespace, daemon and program, and the rows.
+struct Bench {
+    subject: Subject,
+    netns: Netns,
+    _daemon: Daemon,
+    /// The daemon's pinned program.
+    program: ProgramFd,
+    in_index: u32,
+    out_index: u32,
+    rows: Vec<Row>,
+    baseline: ReplayTemplate,
+    /// Per row, the ns above the baseline of each round; and the baselines.
+    samples: Vec<Vec<f64>>,
+    baselines: Vec<f64>,
+}
+
+fn ifindex(name: &str) -> anyhow::Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    ensure!(index != 0, "no interface {name}");
+    Ok(index)
+}
+
+fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        ensure!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+impl Bench {
+    /// Sets up `subject` for `shape` in a namespace of its own (entered: the caller's thread is
+    /// left in it), and fills the connection table.
+    fn new(
+        subject: &Subject,
+        index: usize,
+        shape: Shape,
+        wrapper: &mut Wrapper,
+    ) -> anyhow::Result<Bench> {
+        let netns = Netns::fresh()?;
+        setup_network()?;
+        let instance = format!("bench-pp{index}-{}", std::process::id());
+        let daemon = Daemon::start(subject, &instance, shape)?;
+        let program = daemon.program()?.fd()?.try_clone()?;
+        let (in_index, out_index) = (ifindex("in0")?, ifindex("out0")?);
+        let in_mac = mac_of("in0")?;
+        let tcp = |src, sport, flags| {
+            ipv4_frame(in_mac, CLIENT_MAC, src, VIP, L4Spec::tcp(sport, 80, flags))
+        };
+        let udp = |src| ipv4_frame(in_mac, CLIENT_MAC, src, VIP, L4Spec::udp(CLIENT_PORT, 53));
+        let baseline = template(&tcp(CLIENT, CLIENT_PORT, TCP_ACK), 1, 1);
+
+        wrapper.set_target(&program)?;
+        wrapper.reset_flows()?;
+        if shape.prefill > 0 {
+            // Two packets per flow: the second moves a TCP flow from the half-open table in.
+            wrapper.set_template(template(&tcp(PREFILL_BASE, 0, TCP_ACK), shape.prefill, 2))?;
+            wrapper.run(in_index, shape.prefill * 2)?;
+        }
+        // The established single flows, and the backend the TCP one went to, for the reply.
+        wrapper.set_template(baseline)?;
+        let (_, first) = wrapper.run(in_index, 2)?;
+        let backend = parse_ipv4_frame(&first).map_err(anyhow::Error::msg)?;
+        ensure!(
+            backend.dst != VIP,
+            "{}: the established TCP flow was not balanced",
+            subject.label
+        );
+        wrapper.set_template(template(&udp(CLIENT), 1, 1))?;
+        wrapper.run(in_index, 2)?;
+        let reply = ipv4_frame(
+            mac_of("out0")?,
+            [2, 0, 0, 0, 0, 2],
+            backend.dst,
+            CLIENT,
+            L4Spec::tcp(backend.dst_port, CLIENT_PORT, TCP_ACK),
+        );
+        let rows = vec![
+            Row {
+                name: "established TCP, one flow",
+                template: baseline,
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "established TCP, 65 536 flows",
+                template: template(&tcp(CYCLED_TCP_BASE, 0, TCP_ACK), CYCLED_FLOWS, 1),
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "established UDP, one flow",
+                template: template(&udp(CLIENT), 1, 1),
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "established UDP, 65 536 flows",
+                template: template(&udp(CYCLED_UDP_BASE), CYCLED_FLOWS, 1),
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "new flow (SYN)",
+                template: template(&tcp(NEW_FLOW_BASE, 0, TCP_SYN), REPLAY_EVERY_RUN_NEW, 1),
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "reply (backend to client)",
+                template: template(&reply, 1, 1),
+                ingress: Ingress::Backends,
+            },
+            Row {
+                name: "not for a listener",
+                template: template(
+                    &ipv4_frame(
+                        in_mac,
+                        CLIENT_MAC,
+                        CLIENT,
+                        VIP,
+                        L4Spec::tcp(CLIENT_PORT, 22, TCP_SYN),
+                    ),
+                    1,
+                    1,
+                ),
+                ingress: Ingress::Clients,
+            },
+        ];
+        // Establish the cycled flows: their first packets (half-open), then the second.
+        for row in rows.iter().filter(|r| r.template.flows == CYCLED_FLOWS) {
+            wrapper.set_template(row.template)?;
+            wrapper.run(in_index, CYCLED_FLOWS * 2)?;
+        }
+        let samples = vec![Vec::new(); rows.len()];
+        Ok(Bench {
+            subject: subject.clone(),
+            netns,
+            _daemon: daemon,
+            program,
+            in_index,
+            out_index,
+            rows,
+            baseline,
+            samples,
+            baselines: Vec::new(),
+        })
+    }
+
+    fn run_row(
+        &self,
+        wrapper: &mut Wrapper,
+        target: &ProgramFd,
+        template: ReplayTemplate,
+        ingress: Ingress,
+    ) -> anyhow::Result<f64> {
+        wrapper.set_target(target)?;
+        wrapper.set_template(template)?;
+        let ingress = match ingress {
+            Ingress::Clients => self.in_index,
+            Ingress::Backends => self.out_index,
+        };
+        Ok(wrapper.run(ingress, REPEAT)?.0.as_nanos() as f64)
+    }
+
+    /// One round: baseline, row, baseline, row, ..., baseline.
+    fn round(&mut self, wrapper: &mut Wrapper, floor: &ProgramFd) -> anyhow::Result<()> {
+        self.netns.enter()?;
+        let mut before = self.run_row(wrapper, floor, self.baseline, Ingress::Clients)?;
+        self.baselines.push(before);
+        for i in 0..self.rows.len() {
+            let row = self.rows[i].clone();
+            let ns = self.run_row(wrapper, &self.program, row.template, row.ingress)?;
+            let after = self.run_row(wrapper, floor, self.baseline, Ingress::Clients)?;
+            self.samples[i].push(ns - (before + after) / 2.0);
+            self.baselines.push(after);
+            before = after;
+        }
+        Ok(())
+    }
+}
+
+/// Median and quartiles.
+fn quartiles(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.25), at(0.75))
+}
+
+/// Measures every subject on `shape` over `rounds` rounds; the caller's thread is left in a
+/// namespace of the measurement (call it from a thread of its own).
+pub fn measure(
+    shape: Shape,
+    subjects: &[Subject],
+    rounds: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let home = Netns::current()?;
+    pin_to_cpu(MEASURE_CPU)?;
+    let mut wrapper = Wrapper::load()?;
+    let floor = wrapper.floor()?;
+    let mut benches = Vec::new();
+    for (i, subject) in subjects.iter().enumerate() {
+        eprintln!(
+            "  {}: setting up {} ({})",
+            shape.label,
+            subject.label,
+            subject.slb.display()
+        );
+        benches.push(Bench::new(subject, i, shape, &mut wrapper)?);
+    }
+    for _ in 0..rounds {
+        for bench in &mut benches {
+            bench.round(&mut wrapper, &floor)?;
+        }
+    }
+    let subjects_json: Vec<_> = benches
+        .iter()
+        .map(|b| {
+            let (baseline, ..) = quartiles(&b.baselines);
+            let rows: Vec<_> = b
+                .rows
+                .iter()
+                .zip(&b.samples)
+                .map(|(row, samples)| {
+                    let (median, p25, p75) = quartiles(samples);
+                    json!({"packet": row.name, "ns_above_baseline": median, "p25": p25, "p75": p75})
+                })
+                .collect();
+            json!({"subject": b.subject.label, "baseline_ns": baseline, "rows": rows})
+        })
+        .collect();
+    // Stop the daemons inside their namespaces' lifetime, then come home.
+    drop(benches);
+    home.enter()?;
+    Ok(json!({
+        "tables": shape.label,
+        "listeners": shape.listeners,
+        "backends": shape.backends,
+        "connections_prefilled": shape.prefill,
+        "rounds": rounds,
+        "repeat": REPEAT,
+        "subjects": subjects_json,
+    }))
+}
+
+/// The markdown table of one shape: ns above the baseline per subject, and the ratio to the
+/// first subject when there are two.
+pub fn markdown(result: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let subjects = result["subjects"].as_array().cloned().unwrap_or_default();
+    let mut md = format!(
+        "### {}\n\n| packet |",
+        result["tables"].as_str().unwrap_or("")
+    );
+    for s in &subjects {
+        let _ = write!(
+            md,
+            " {} (ns above baseline, p25–p75) |",
+            s["subject"].as_str().unwrap_or("")
+        );
+    }
+    if subjects.len() == 2 {
+        md.push_str(" ratio |");
+    }
+    md.push_str("\n|---|");
+    for _ in 0..subjects.len() + usize::from(subjects.len() == 2) {
+        md.push_str("---:|");
+    }
+    md.push('\n');
+    let rows = subjects
+        .first()
+        .and_then(|s| s["rows"].as_array().cloned())
+        .unwrap_or_default();
+    for (i, row) in rows.iter().enumerate() {
+        let _ = write!(md, "| {} |", row["packet"].as_str().unwrap_or(""));
+        let mut medians = Vec::new();
+        for s in &subjects {
+            let r = &s["rows"][i];
+            let median = r["ns_above_baseline"].as_f64().unwrap_or(f64::NAN);
+            medians.push(median);
+            let _ = write!(
+                md,
+                " {:.0} ({:.0}–{:.0}) |",
+                median,
+                r["p25"].as_f64().unwrap_or(f64::NAN),
+                r["p75"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        if medians.len() == 2 {
+            let _ = write!(md, " {:.2} |", medians[0] / medians[1]);
+        }
+        md.push('\n');
+    }
+    let _ = write!(md, "| *baseline: wrapper + floor program, absolute ns* |");
+    for s in &subjects {
+        let _ = write!(
+            md,
+            " {:.0} |",
+            s["baseline_ns"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    if subjects.len() == 2 {
+        md.push_str(" |");
+    }
+    md.push_str("\n\n");
+    md
+}
