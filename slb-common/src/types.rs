@@ -418,8 +418,9 @@ global_counters! {
     tx,
     /// Packets forwarded with XDP_REDIRECT.
     redirected,
-    /// Redirects refused (egress interface not in the devmap): dropped.
-    redirect_failed,
+    /// Rewritten packets whose next hop is out of an interface slb is not attached to (not in
+    /// the devmap): passed to the stack, which forwards them. Attach that interface too.
+    egress_not_attached_passed,
     /// Replies from backends translated back to the VIP.
     replies_translated,
     /// Packets from a backend's endpoint that the FIB does not forward: to this host (health

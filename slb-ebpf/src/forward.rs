@@ -121,28 +121,32 @@ pub fn send(
     };
     let ingress = ctx.ingress_ifindex() as u32;
     let egress = hop.ifindex;
-    if egress != ingress && EGRESS.get_ifindex(egress).is_none() {
-        // An interface slb is not attached to: let the stack forward it.
-        counters.fib_passed += 1;
-        return xdp_action::XDP_PASS;
-    }
-    unsafe {
-        (*eth).dst = hop.dmac;
-        (*eth).src = hop.smac;
-    }
     if egress == ingress {
+        set_macs(eth, &hop);
         counters.tx += 1;
         return xdp_action::XDP_TX;
     }
-    match EGRESS.redirect(egress, 0) {
+    // The redirect happens after the program returns; the helper only looks the interface up,
+    // answering XDP_PASS for one slb is not attached to (the stack forwards those, and must see
+    // this host's MAC as the destination), so the MACs are written only after it said yes.
+    match EGRESS.redirect(egress, u64::from(xdp_action::XDP_PASS)) {
         Ok(action) => {
+            set_macs(eth, &hop);
             counters.redirected += 1;
             action
         }
         Err(_) => {
-            counters.redirect_failed += 1;
-            xdp_action::XDP_DROP
+            counters.egress_not_attached_passed += 1;
+            xdp_action::XDP_PASS
         }
+    }
+}
+
+#[inline(always)]
+fn set_macs(eth: *mut EthHdr, hop: &NextHop) {
+    unsafe {
+        (*eth).dst = hop.dmac;
+        (*eth).src = hop.smac;
     }
 }
 

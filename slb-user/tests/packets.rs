@@ -1373,3 +1373,44 @@ fn a_listener_added_or_removed_by_a_reload_is_seen_by_the_endpoint_filter() {
         );
     });
 }
+
+#[test]
+fn a_backend_behind_an_interface_slb_is_not_attached_to_is_left_to_the_stack() {
+    in_fresh_netns(|| {
+        let h = harness();
+        // Both backends now route out of side0, which is not in the devmap.
+        for args in [
+            "link add side0 type veth peer name side1",
+            "link set side0 up",
+            "link set side1 up",
+            "route add 10.20.0.0/24 dev side0",
+            "neigh replace 10.20.0.2 lladdr 02:00:00:00:00:03 dev side0 nud permanent",
+            "neigh replace 10.20.0.3 lladdr 02:00:00:00:00:03 dev side0 nud permanent",
+        ] {
+            let status = std::process::Command::new("ip")
+                .args(args.split(' '))
+                .status()
+                .expect("ip");
+            assert!(status.success(), "ip {args}");
+        }
+        let in_mac = mac_of("in0");
+        let (verdict, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, SYN)), h.in_index);
+        assert_eq!(verdict, XDP_PASS);
+        let p = parse_valid(&out);
+        assert!(
+            p.dst == BACKEND_A || p.dst == BACKEND_B,
+            "rewritten for the stack to forward: {}",
+            ipv4(p.dst)
+        );
+        assert_eq!(
+            (p.dst_mac, p.src_mac),
+            (in_mac, CLIENT_MAC),
+            "still addressed to this host, or the stack would not take it"
+        );
+        let c = h.counters();
+        assert_eq!(
+            (c.egress_not_attached_passed, c.redirected, c.fib_passed),
+            (1, 0, 0)
+        );
+    });
+}
