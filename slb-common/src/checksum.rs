@@ -27,6 +27,28 @@ pub fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
+/// The one's-complement sum that turns a checksum over `old` into one over `new` (a 32-bit word,
+/// two 16-bit words): add the deltas of every change, then [`apply`] them once.
+#[inline(always)]
+pub fn delta_u32(old: u32, new: u32) -> u32 {
+    u32::from(!(old as u16))
+        + u32::from(!((old >> 16) as u16))
+        + u32::from(new as u16)
+        + u32::from((new >> 16) as u16)
+}
+
+/// [`delta_u32`] for a 16-bit word.
+#[inline(always)]
+pub fn delta_u16(old: u16, new: u16) -> u32 {
+    u32::from(!old) + u32::from(new)
+}
+
+/// The checksum after the changes whose deltas sum to `delta` (at most a few dozen words).
+#[inline(always)]
+pub fn apply(check: u16, delta: u32) -> u16 {
+    !fold(u32::from(!check) + delta)
+}
+
 /// The checksum after a 16-byte address changed from `old` to `new`.
 #[inline(always)]
 pub fn replace_addr16(mut check: u16, old: &[u8; 16], new: &[u8; 16]) -> u16 {
@@ -126,6 +148,24 @@ mod tests {
         check = replace_u16(check, old_port, new_port);
         seg[2..4].copy_from_slice(&8080u16.to_be_bytes());
         assert_eq!(check.to_ne_bytes(), full(src, new_dst, &seg).to_be_bytes());
+    }
+
+    #[test]
+    fn one_merged_update_equals_the_updates_one_by_one() {
+        // Deltas of an address, a port and a TTL applied at once, for any start checksum
+        // (including the ones whose fold carries twice).
+        for check in [0u16, 1, 0x7fff, 0xfffe, 0xffff, 0x1234] {
+            for (old, new) in [(0u32, 0xffff_ffff), (0x0a00_0001, 0x0a14_0002), (7, 7)] {
+                let (old_port, new_port) = (0xffffu16, 0x1f90u16);
+                let by_one = replace_u16(replace_u32(check, old, new), old_port, new_port);
+                let merged = apply(check, delta_u32(old, new) + delta_u16(old_port, new_port));
+                // One's complement has two zeros: 0x0000 and 0xffff sum alike.
+                assert!(
+                    by_one == merged || (by_one | merged == 0xffff && by_one & merged == 0),
+                    "check {check:#x}, {old:#x} -> {new:#x}: {by_one:#x} vs {merged:#x}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use slb_common::{
-    checksum::{replace_u16, replace_u32},
+    checksum::{apply, delta_u16, delta_u32, replace_u16, replace_u32},
     endpoint_filter_bits,
     hash::flow_hash,
     Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry,
@@ -622,20 +622,43 @@ enum Endpoint {
     Source,
 }
 
-/// The NAT rewrite: one end's address (IPv4-mapped `addr`) and port (host order) replaced,
-/// checksums fixed incrementally, TTL decremented as a router does.
+/// The NAT rewrite: one end's address (IPv4-mapped `addr`) and port (host order) replaced, TTL
+/// decremented as a router does, and both checksums fixed with one incremental update each
+/// (the address is in the IP header and in the L4 pseudo-header).
 #[inline(always)]
 unsafe fn translate(ip: *mut Ipv4Hdr, l4: &L4, end: Endpoint, addr: &Addr, port: u16) {
     let new_addr = [addr[12], addr[13], addr[14], addr[15]];
+    let new_port = port.to_be();
     unsafe {
         let (addr_field, port_field) = match end {
             Endpoint::Destination => (&raw mut (*ip).dst, &raw mut (*l4.ports).dst),
             Endpoint::Source => (&raw mut (*ip).src, &raw mut (*l4.ports).src),
         };
-        let old_addr = *addr_field;
-        rewrite_ipv4_addr(ip, addr_field, old_addr, new_addr);
-        rewrite_l4(l4, port_field, old_addr, new_addr, port.to_be());
-        decrement_ttl(ip);
+        let addr_delta = delta_u32(
+            u32::from_ne_bytes(*addr_field),
+            u32::from_ne_bytes(new_addr),
+        );
+        let (ttl, protocol) = ((*ip).ttl, (*ip).protocol);
+        let ttl_delta = delta_u16(
+            u16::from_ne_bytes([ttl, protocol]),
+            u16::from_ne_bytes([ttl - 1, protocol]),
+        );
+        (*ip).check = apply((*ip).check, addr_delta + ttl_delta);
+        (*ip).ttl = ttl - 1;
+        *addr_field = new_addr;
+
+        let check = *l4.check;
+        let port_delta = delta_u16(*port_field, new_port);
+        *port_field = new_port;
+        // A UDP checksum of 0 means "none" and stays 0; a computed 0 is sent as 0xffff.
+        if l4.protocol == IPPROTO_UDP && check == 0 {
+            return;
+        }
+        let mut check = apply(check, addr_delta + port_delta);
+        if l4.protocol == IPPROTO_UDP && check == 0 {
+            check = 0xffff;
+        }
+        *l4.check = check;
     }
 }
 
@@ -655,30 +678,6 @@ pub(crate) unsafe fn rewrite_ipv4_addr(
             u32::from_ne_bytes(new),
         );
         *field = new;
-    }
-}
-
-/// Writes `new_port` (network order) over `port` and fixes the L4 checksum for it and for the
-/// address change in the pseudo-header. A UDP checksum of 0 means "none" and stays 0.
-#[inline(always)]
-unsafe fn rewrite_l4(l4: &L4, port: *mut u16, old_addr: [u8; 4], new_addr: [u8; 4], new_port: u16) {
-    unsafe {
-        let old_port = *port;
-        *port = new_port;
-        let check = *l4.check;
-        if l4.protocol == IPPROTO_UDP && check == 0 {
-            return;
-        }
-        let mut check = replace_u32(
-            check,
-            u32::from_ne_bytes(old_addr),
-            u32::from_ne_bytes(new_addr),
-        );
-        check = replace_u16(check, old_port, new_port);
-        if l4.protocol == IPPROTO_UDP && check == 0 {
-            check = 0xffff;
-        }
-        *l4.check = check;
     }
 }
 
