@@ -179,9 +179,10 @@ struct Daemon {
 impl Daemon {
     fn start(subject: &Subject, instance: &str, shape: Shape) -> anyhow::Result<Daemon> {
         let dir = std::env::temp_dir().join(format!("slb-bench-{instance}"));
-        std::fs::create_dir_all(&dir)?;
         // An older revision may not know `max_connections` (its table had a fixed size).
         for max_connections in [true, false] {
+            // (A refused first attempt removed it.)
+            std::fs::create_dir_all(&dir)?;
             let path = dir.join("slb.toml");
             std::fs::write(
                 &path,
