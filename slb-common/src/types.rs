@@ -30,9 +30,10 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1 << 18;
 /// Bounds of `max_connections`.
 pub const MIN_MAX_CONNECTIONS: u32 = 1 << 10;
 pub const MAX_MAX_CONNECTIONS: u32 = 1 << 24;
-/// Entries of the half-open table: TCP flows between their SYN and their first non-SYN packet.
-/// A SYN flood churns only this table; at 150k SYN/s an entry lives ~0.9 s, far longer than a
-/// real client's handshake, and a flow whose entry was evicted is still balanced by the ring.
+/// Slots of the half-open table: TCP flows between their SYN and their first non-SYN packet.
+/// A SYN flood churns only this table; at 150k SYN/s a slot keeps its flow ~0.9 s on average,
+/// far longer than a real client's handshake, and a flow whose slot was taken over is still
+/// balanced by the ring. A power of two (the slot is the flow hash's low bits).
 pub const MAX_HALF_OPEN: u32 = 1 << 17;
 /// How long a TCP flow stays in the connection table after the client's FIN or RST (the backend
 /// may still be sending; its replies need no state, the client's ACKs refresh the entry).
@@ -256,7 +257,38 @@ impl FlowKey {
     }
 }
 
-/// Value of the connection and half-open tables, keyed by the client → VIP flow.
+/// A slot of the half-open table HALF_OPEN, an array of `MAX_HALF_OPEN` slots: a TCP flow
+/// between its first packet (a SYN, usually) and its next non-SYN one, with the backend picked
+/// for it. The slot is the flow hash's low bits; a newer flow of the same slot takes it over (as
+/// an LRU evicts under a flood), and the older flow's next packet asks its listener's policy
+/// again. Writing a slot is a cache line, where an insert into a full LRU hash map cost ~700 ns.
+/// One cache line each.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HalfOpen {
+    pub flow: FlowKey,
+    pub backend_id: u32,
+    /// [`half_open_check`] of the flow and the backend: a slot two CPUs wrote at once (torn)
+    /// fails it and reads as empty.
+    pub check: u32,
+    pub _pad: [u32; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<HalfOpen>() == 64);
+
+/// The half-open slot of a flow with hash `flow_hash`.
+#[inline(always)]
+pub fn half_open_slot(flow_hash: u32) -> u32 {
+    flow_hash & (MAX_HALF_OPEN - 1)
+}
+
+/// What a half-open slot's `check` holds for a flow with hash `flow_hash` picked to `backend_id`.
+#[inline(always)]
+pub fn half_open_check(flow_hash: u32, backend_id: u32) -> u32 {
+    flow_hash ^ backend_id.wrapping_mul(0x9e37_79b1)
+}
+
+/// Value of the connection table, keyed by the client → VIP flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Connection {
@@ -509,6 +541,7 @@ mod pod {
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for Persisted {}
     unsafe impl aya::Pod for ReplayTemplate {}
+    unsafe impl aya::Pod for HalfOpen {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentEntry {}
 }

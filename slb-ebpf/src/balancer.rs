@@ -22,12 +22,12 @@ use slb_common::{
 
 use crate::{
     forward::{now_ns, route_ipv4, send, zero_in_place, Route},
-    fragments,
+    fragments, half_open,
     icmp::{self, IPPROTO_ICMP},
     maps::{
         BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, ENDPOINT_FILTER, GLOBAL_STATS,
-        HALF_OPEN, LISTENERS, LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE,
-        PERSIST_PENDING, REPLY_NAT, RINGS,
+        LISTENERS, LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, PERSIST_PENDING,
+        REPLY_NAT, RINGS,
     },
     packet::{
         ptr_at, EthHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6,
@@ -36,7 +36,7 @@ use crate::{
     },
 };
 
-const FLOW_HASH_SEED: u32 = 0;
+pub(crate) const FLOW_HASH_SEED: u32 = 0;
 
 #[xdp]
 pub fn slb_xdp(ctx: XdpContext) -> u32 {
@@ -245,7 +245,9 @@ fn l4_header(ctx: &XdpContext, protocol: u8, ip_len: usize, first_fragment: bool
 enum Pick {
     Backend {
         id: u32,
-        backend: Backend,
+        /// In BACKENDS (array elements stay put): copies of it on the stack, one per call
+        /// site, pushed the program past 512 bytes.
+        backend: &'static Backend,
         new_flow: bool,
     },
     NoBackend,
@@ -253,12 +255,12 @@ enum Pick {
 }
 
 #[inline(always)]
-pub(crate) fn present_backend(id: u32) -> Option<Backend> {
+pub(crate) fn present_backend(id: u32) -> Option<&'static Backend> {
     let backend = BACKENDS.get(id)?;
     if backend.flags & BACKEND_F_PRESENT == 0 {
         return None;
     }
-    Some(*backend)
+    Some(backend)
 }
 
 #[inline(always)]
@@ -268,7 +270,7 @@ fn is_healthy(id: u32) -> bool {
 
 /// A backend a flow may (still) use: present, and healthy unless the listener ignores health.
 #[inline(always)]
-fn usable_backend(id: u32, listener: &ListenerEntry) -> Option<Backend> {
+fn usable_backend(id: u32, listener: &ListenerEntry) -> Option<&'static Backend> {
     let backend = present_backend(id)?;
     if listener.flags & LISTENER_F_IGNORE_HEALTH == 0 && !is_healthy(id) {
         return None;
@@ -320,9 +322,10 @@ fn pick_backend(
         }
         counters.flows_repicked += 1;
     }
-    let half_open = match HALF_OPEN.get_ptr(flow) {
-        Some(entry) => {
-            let id = unsafe { (*entry).backend_id };
+    // One hash for the half-open slot and the ring.
+    let hash = flow_hash(flow, FLOW_HASH_SEED);
+    let half_open = match half_open::picked(flow, hash) {
+        Some(id) => {
             let usable = usable_backend(id, listener).map(|backend| (id, backend));
             if usable.is_none() {
                 counters.flows_repicked += 1;
@@ -334,7 +337,7 @@ fn pick_backend(
     let (id, backend) = match half_open {
         Some(picked) => picked,
         None => {
-            let id = match policy_backend(flow, listener, now, counters) {
+            let id = match policy_backend(flow, hash, listener, now, counters) {
                 Ok(id) => id,
                 Err(pick) => return pick,
             };
@@ -344,13 +347,6 @@ fn pick_backend(
             (id, backend)
         }
     };
-    let entry = Connection {
-        backend_id: id,
-        listener_index: listener.index,
-        last_seen_ns: now,
-        flags: if closing { CONN_F_CLOSING } else { 0 },
-        _pad: 0,
-    };
     // A SYN, or the first packet of a TCP flow neither table knows (another node's flow, one
     // that idled out, or a spoofed ACK): the half-open table. The flow enters the connection
     // table with its next non-SYN packet, so floods of spoofed SYNs or ACKs (one packet per
@@ -358,8 +354,7 @@ fn pick_backend(
     let probation = flow.protocol == IPPROTO_TCP && half_open.is_none() && !established;
     if opening || probation {
         if half_open.is_none() {
-            // LRU inserts fail only under memory pressure; the next packet asks the policy again.
-            let _ = HALF_OPEN.insert(flow, &entry, 0);
+            half_open::remember(flow, hash, id);
             counters.half_open_tracked += 1;
             if listener.flags & LISTENER_F_PERSIST != 0 {
                 persist(&PERSIST_PENDING, flow, listener, id, now);
@@ -374,6 +369,14 @@ fn pick_backend(
     if listener.flags & LISTENER_F_PERSIST != 0 {
         persist(&PERSISTENCE, flow, listener, id, now);
     }
+    let entry = Connection {
+        backend_id: id,
+        listener_index: listener.index,
+        last_seen_ns: now,
+        flags: if closing { CONN_F_CLOSING } else { 0 },
+        _pad: 0,
+    };
+    // LRU inserts fail only under memory pressure; the next packet asks the policy again.
     let _ = CONNECTIONS.insert(flow, &entry, 0);
     if closing {
         count_closed(listener.index, id);
@@ -389,6 +392,7 @@ fn pick_backend(
 #[inline(always)]
 fn policy_backend(
     flow: &FlowKey,
+    hash: u32,
     listener: &ListenerEntry,
     now: u64,
     counters: &mut GlobalCounters,
@@ -403,7 +407,7 @@ fn policy_backend(
     if let Some(id) = persisted_backend(flow, listener, now, counters) {
         return Ok(id);
     }
-    ring_backend(flow, listener)
+    ring_backend(hash, listener)
 }
 
 /// Records in `table` that the client address of `flow` uses `id`, unless a fresh entry already
@@ -488,11 +492,11 @@ fn persisted_backend(
 }
 
 #[inline(always)]
-fn ring_backend(flow: &FlowKey, listener: &ListenerEntry) -> Result<u32, Pick> {
+fn ring_backend(hash: u32, listener: &ListenerEntry) -> Result<u32, Pick> {
     if listener.ring_size == 0 {
         return Err(Pick::LookupFailed);
     }
-    let slot = flow_hash(flow, FLOW_HASH_SEED) % listener.ring_size;
+    let slot = hash % listener.ring_size;
     match RINGS.get_value(listener.ring_index, &slot) {
         None => Err(Pick::LookupFailed),
         Some(&NO_BACKEND) => Err(Pick::NoBackend),

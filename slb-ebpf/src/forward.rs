@@ -16,7 +16,7 @@ use aya_ebpf::{
 use core::mem::size_of;
 
 use crate::{
-    maps::EGRESS,
+    maps::{EGRESS, FIB_PARAMS},
     packet::{EthHdr, Ipv4Hdr},
 };
 use slb_common::{GlobalCounters, NextHop, NEXT_HOP_TTL_NS};
@@ -150,8 +150,9 @@ fn set_macs(eth: *mut EthHdr, hop: &NextHop) {
     }
 }
 
+/// `bpf_fib_lookup`'s parameters, 8-byte aligned for [`zero_words`].
 #[repr(C, align(8))]
-struct AlignedFibParams(FibParams);
+pub struct AlignedFibParams(FibParams);
 
 /// Zeroes `value` in place with 64-bit volatile stores and hands it out initialised. `T` must be
 /// 8-byte aligned, a multiple of 8 bytes, and valid all-zero. `mem::zeroed`, zero literals and
@@ -159,8 +160,18 @@ struct AlignedFibParams(FibParams);
 /// program; volatile stores into the final place are not merged back into one.
 #[inline(always)]
 pub fn zero_in_place<T>(value: &mut core::mem::MaybeUninit<T>) -> &mut T {
+    // SAFETY: a MaybeUninit<T> is valid for writes of a T.
+    unsafe { zero_words(value.as_mut_ptr()) }
+}
+
+/// [`zero_in_place`] for a value behind a pointer (a map value).
+///
+/// # Safety
+/// `value` must be valid for writes of a `T`, and nothing else may refer to it meanwhile.
+#[inline(always)]
+pub unsafe fn zero_words<'a, T>(value: *mut T) -> &'a mut T {
     const { assert!(size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() == 8) };
-    let words = value.as_mut_ptr().cast::<u64>();
+    let words = value.cast::<u64>();
     let mut i = 0;
     while i < size_of::<T>() / 8 {
         // SAFETY: in bounds of `value`, 8-byte aligned.
@@ -169,7 +180,7 @@ pub fn zero_in_place<T>(value: &mut core::mem::MaybeUninit<T>) -> &mut T {
     }
     // SAFETY: every byte was written, and all-zero is a valid T (checked by the callers' types:
     // plain integers and byte arrays).
-    unsafe { value.assume_init_mut() }
+    unsafe { &mut *value }
 }
 
 enum FibAnswer {
@@ -188,8 +199,12 @@ fn fib_next_hop(
     ingress: u32,
     now: u64,
 ) -> FibAnswer {
-    let mut aligned = core::mem::MaybeUninit::<AlignedFibParams>::uninit();
-    let params = &mut zero_in_place(&mut aligned).0;
+    // In a per-CPU map, not on the stack: 64 bytes there pushed the program past 512.
+    let Some(scratch) = FIB_PARAMS.get_ptr_mut(0) else {
+        return FibAnswer::Route(Route::Stack);
+    };
+    // SAFETY: this CPU's slot; XDP programs do not nest on a CPU.
+    let params = unsafe { &mut zero_words(scratch).0 };
     unsafe {
         params.family = AF_INET;
         params.l4_protocol = protocol;

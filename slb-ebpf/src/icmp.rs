@@ -15,13 +15,15 @@ use aya_ebpf::{
 };
 use slb_common::{
     checksum::{fold, replace_u16, replace_u32},
+    hash::flow_hash,
     ipv4_mapped, BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
-    balancer::{decrement_ttl, present_backend, ttl_expired},
+    balancer::{decrement_ttl, present_backend, ttl_expired, FLOW_HASH_SEED},
     forward::{now_ns, route_ipv4, send, Route},
-    maps::{CONNECTIONS, HALF_OPEN, LISTENERS, NEXT_HOP_BACKEND, REPLY_NAT},
+    half_open,
+    maps::{CONNECTIONS, LISTENERS, NEXT_HOP_BACKEND, REPLY_NAT},
     packet::{ptr_at, EthHdr, Ipv4Hdr, Ports, ETH_HDR_LEN, ETH_P_IP},
 };
 
@@ -180,8 +182,8 @@ pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         let flow = FlowKey::ipv4(inner_dst, inner_src, dst_port, src_port, protocol);
         let id = match unsafe { CONNECTIONS.get(&flow) } {
             Some(conn) => conn.backend_id,
-            None => match unsafe { HALF_OPEN.get(&flow) } {
-                Some(conn) => conn.backend_id,
+            None => match half_open::picked(&flow, flow_hash(&flow, FLOW_HASH_SEED)) {
+                Some(id) => id,
                 None => {
                     counters.icmp_errors_unmatched += 1;
                     return XDP_PASS;

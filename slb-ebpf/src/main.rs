@@ -5,6 +5,7 @@ mod balancer;
 mod floor;
 mod forward;
 mod fragments;
+mod half_open;
 mod icmp;
 mod maps;
 mod packet;

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use slb_common::{
     Backend, BackendEndpoint, Connection, FlowKey, FragmentEntry, FragmentKey, GlobalCounters,
-    ListenerEntry, ListenerKey, NextHop, PersistKey, Persisted, ReplayTemplate, ReplyNat,
+    HalfOpen, ListenerEntry, ListenerKey, NextHop, PersistKey, Persisted, ReplayTemplate, ReplyNat,
     TrafficCounters, DEFAULT_RING_SIZE, ENDPOINT_FILTER_WORDS, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS,
     MAX_CONNECTIONS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES, MAX_LISTENERS,
     MAX_NAT_ADDRESSES, MAX_PERSISTENCE, RINGS_MAP_FLAGS, RING_SLOTS,
@@ -58,10 +58,10 @@ pub static PERSIST_PENDING: LruHashMap<PersistKey, Persisted, { MAX_HALF_OPEN as
 #[btf_map]
 pub static CONNECTIONS: LruHashMap<FlowKey, Connection, CONNECTIONS_MAX> = LruHashMap::new();
 
-/// TCP flows that have sent only SYNs: a SYN flood churns this table, never `CONNECTIONS`.
+/// TCP flows that have sent only SYNs, one slot per flow hash (`half_open.rs`): a SYN flood
+/// churns this table, never `CONNECTIONS`.
 #[btf_map]
-pub static HALF_OPEN: LruHashMap<FlowKey, Connection, { MAX_HALF_OPEN as usize }> =
-    LruHashMap::new();
+pub static HALF_OPEN: Array<HalfOpen, { MAX_HALF_OPEN as usize }> = Array::new();
 
 /// `ENDPOINT_F_*` bits of 16 slots a word (`endpoint_filter_bits`): the early test for traffic
 /// that is not ours.
@@ -96,6 +96,10 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounters, BACKENDS_MAX> = PerCpuArr
 pub static GLOBAL_STATS: PerCpuArray<GlobalCounters, 1> = PerCpuArray::new();
 
 /// Interfaces the program may redirect to, keyed by ifindex.
+/// Scratch space for `bpf_fib_lookup`'s parameters, one per CPU (see `forward.rs`).
+#[btf_map]
+pub static FIB_PARAMS: PerCpuArray<crate::forward::AlignedFibParams, 1> = PerCpuArray::new();
+
 #[btf_map]
 pub static EGRESS: DevMapHash<{ MAX_INTERFACES as usize }> = DevMapHash::new();
 

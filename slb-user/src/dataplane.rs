@@ -260,12 +260,7 @@ fn expected_layout(sizes: TableSizes) -> Vec<(&'static str, usize, usize, u32)> 
             size_of::<Persisted>(),
             MAX_HALF_OPEN,
         ),
-        (
-            "HALF_OPEN",
-            size_of::<FlowKey>(),
-            size_of::<Connection>(),
-            MAX_HALF_OPEN,
-        ),
+        ("HALF_OPEN", 4, size_of::<HalfOpen>(), MAX_HALF_OPEN),
         (
             "REPLY_NAT",
             size_of::<BackendEndpoint>(),

@@ -646,6 +646,23 @@ fn fix_ip_checksum(f: &mut [u8]) {
     f[24..26].copy_from_slice(&c.to_be_bytes());
 }
 
+/// The flows the half-open table holds (slots whose check is whole), by reading every slot.
+fn half_open_flows(h: &Testbed) -> Vec<slb_common::FlowKey> {
+    let data = aya::maps::MapData::from_pin(h.pin_dir().join("HALF_OPEN")).expect("pinned map");
+    let table: aya::maps::Array<_, slb_common::HalfOpen> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("array");
+    table
+        .iter()
+        .map(|slot| slot.expect("slot"))
+        .filter(|slot| {
+            let hash = slb_common::hash::flow_hash(&slot.flow, 0);
+            slot.flow.protocol != 0
+                && slot.check == slb_common::half_open_check(hash, slot.backend_id)
+        })
+        .map(|slot| slot.flow)
+        .collect()
+}
+
 /// Entries of a pinned hash map of flows, by walking it.
 fn flow_entries(h: &Testbed, map: &str) -> Vec<(slb_common::FlowKey, slb_common::Connection)> {
     let data = aya::maps::MapData::from_pin(h.pin_dir().join(map)).expect("pinned map");
@@ -730,7 +747,7 @@ fn malformed_frames_are_dropped_counted_and_create_no_state() {
             "{c:?}"
         );
         assert!(flow_entries(&h, "CONNECTIONS").is_empty());
-        assert!(flow_entries(&h, "HALF_OPEN").is_empty());
+        assert!(half_open_flows(&h).is_empty());
 
         // The same frames unbroken are balanced: the drops above are the mutations' doing.
         let (verdict, _) = h.run(&frame(in_mac, CLIENT, VIP, tcp(20000, 80, SYN)), h.in_index);
@@ -764,7 +781,12 @@ fn a_syn_flood_fills_only_the_half_open_table() {
             1,
             "SYNs must not enter the connection table"
         );
-        assert!(flow_entries(&h, "HALF_OPEN").len() <= slb_common::MAX_HALF_OPEN as usize);
+        // The flood took over slots: most of the table holds its flows now.
+        let held = half_open_flows(&h).len();
+        assert!(
+            held > slb_common::MAX_HALF_OPEN as usize / 2,
+            "{held} slots hold flood flows"
+        );
 
         // The established flow keeps its backend, and its replies are translated.
         let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 80, ACK)), h.in_index);
@@ -1412,5 +1434,64 @@ fn a_backend_behind_an_interface_slb_is_not_attached_to_is_left_to_the_stack() {
             (c.egress_not_attached_passed, c.redirected, c.fib_passed),
             (1, 0, 0)
         );
+    });
+}
+
+#[test]
+fn a_half_open_slot_is_used_only_when_its_check_holds() {
+    in_fresh_netns(|| {
+        let h = harness();
+        let in_mac = mac_of("in0");
+        let syn = frame(in_mac, CLIENT, VIP, tcp(41000, 80, SYN));
+        let (_, out) = h.run(&syn, h.in_index);
+        let picked = parse_valid(&out).dst;
+        let other = if picked == BACKEND_A {
+            BACKEND_B
+        } else {
+            BACKEND_A
+        };
+        let flow = slb_common::FlowKey::ipv4(CLIENT, VIP, 41000, 80, 6);
+        let hash = slb_common::hash::flow_hash(&flow, 0);
+        let slot = slb_common::half_open_slot(hash);
+        let data = aya::maps::MapData::from_pin(h.pin_dir().join("HALF_OPEN")).expect("pinned");
+        let mut table: aya::maps::Array<_, slb_common::HalfOpen> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).expect("array");
+        let held = table.get(&slot, 0).expect("slot");
+        assert_eq!(held.flow, flow, "the SYN took its slot");
+        let other_id = (0..16)
+            .find(|&id| {
+                h.reconciler
+                    .maps()
+                    .backends
+                    .get(&id, 0)
+                    .is_ok_and(|b| b.addr == slb_common::ipv4_mapped(other) && b.port == 8080)
+            })
+            .expect("the other backend's id");
+        let ack = frame(in_mac, CLIENT, VIP, tcp(41000, 80, ACK));
+
+        // A torn slot: the other backend's id under the check of the first pick. The ACK asks
+        // the ring again, which gives the first pick.
+        let torn = slb_common::HalfOpen {
+            backend_id: other_id,
+            ..held
+        };
+        table.set(slot, torn, 0).expect("write slot");
+        let (_, out) = h.run(&ack, h.in_index);
+        assert_eq!(parse_valid(&out).dst, picked, "a torn slot reads as empty");
+        assert!(
+            flow_entries(&h, "CONNECTIONS").is_empty(),
+            "nor was it promoted"
+        );
+
+        // A whole slot naming the other backend is followed (and the flow enters the table).
+        let whole = slb_common::HalfOpen {
+            backend_id: other_id,
+            check: slb_common::half_open_check(hash, other_id),
+            ..held
+        };
+        table.set(slot, whole, 0).expect("write slot");
+        let (_, out) = h.run(&ack, h.in_index);
+        assert_eq!(parse_valid(&out).dst, other, "the slot's pick is kept");
+        assert_eq!(flow_entries(&h, "CONNECTIONS").len(), 1);
     });
 }
