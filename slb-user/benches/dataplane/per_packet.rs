@@ -39,6 +39,7 @@ const CLIENT_PORT: u16 = 40_000;
 const CYCLED_TCP_BASE: [u8; 4] = [10, 30, 0, 2];
 const CYCLED_UDP_BASE: [u8; 4] = [10, 31, 0, 2];
 const NEW_FLOW_BASE: [u8; 4] = [10, 32, 0, 2];
+const NEW_FLOW_PAIRS_BASE: [u8; 4] = [10, 34, 0, 2];
 const PREFILL_BASE: [u8; 4] = [10, 33, 0, 2];
 /// The CPU the measuring thread runs on; the daemons stay on the other one.
 const MEASURE_CPU: usize = 1;
@@ -454,6 +455,15 @@ impl Bench {
                 ingress: Ingress::Clients,
             },
             Row {
+                name: "new flow, first two packets (mean; the second enters the connection table)",
+                template: template(
+                    &tcp(NEW_FLOW_PAIRS_BASE, 0, TCP_ACK),
+                    REPLAY_EVERY_RUN_NEW,
+                    2,
+                ),
+                ingress: Ingress::Clients,
+            },
+            Row {
                 name: "reply (backend to client)",
                 template: template(&reply, 1, 1),
                 ingress: Ingress::Backends,
@@ -474,9 +484,14 @@ impl Bench {
                 ingress: Ingress::Clients,
             },
         ];
-        // Establish the cycled flows: their first packets (half-open), then the second.
+        // Establish the cycled flows as clients do: two packets each in a row (a TCP flow's
+        // first packet waits in the half-open table, its second enters the connection table).
         for row in rows.iter().filter(|r| r.template.flows == CYCLED_FLOWS) {
-            wrapper.set_template(row.template)?;
+            wrapper.reset_flows()?;
+            wrapper.set_template(ReplayTemplate {
+                packets_per_flow: 2,
+                ..row.template
+            })?;
             wrapper.run(in_index, CYCLED_FLOWS * 2)?;
         }
         let samples = vec![Vec::new(); rows.len()];
