@@ -304,7 +304,11 @@ fn pick_backend(
         let id = unsafe { (*conn).backend_id };
         if let Some(backend) = usable_backend(id, listener) {
             unsafe {
-                (*conn).last_seen_ns = now;
+                // The clock moves once a tick: most packets of a busy flow would write the
+                // same value, dirtying a line other CPUs read.
+                if (*conn).last_seen_ns != now {
+                    (*conn).last_seen_ns = now;
+                }
                 let flags = (*conn).flags;
                 if closing && flags & CONN_F_CLOSING == 0 {
                     (*conn).flags = flags | CONN_F_CLOSING;
