@@ -14,8 +14,29 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use slb_common::{
-    replay_flow, REPLAY_FRAME_BYTES, REPLAY_SOURCE_ADDR_LOW_AT, REPLAY_SOURCE_PORT_AT,
+    checksum::{apply, delta_u16},
+    replay_flow, IPPROTO_TCP, REPLAY_FRAME_BYTES, REPLAY_SOURCE_ADDR_LOW_AT, REPLAY_SOURCE_PORT_AT,
 };
+
+const IPV4_PROTOCOL_AT: usize = 14 + 9;
+const IPV4_CHECK_AT: usize = 14 + 10;
+
+type Frame = [u8; REPLAY_FRAME_BYTES];
+
+/// A 16-bit word of the frame as it sits in memory (network order bytes, native load).
+#[inline(always)]
+unsafe fn read_u16(frame: *const Frame, at: usize) -> u16 {
+    unsafe { u16::from_ne_bytes([(*frame)[at], (*frame)[at + 1]]) }
+}
+
+#[inline(always)]
+unsafe fn write_u16(frame: *mut Frame, at: usize, value: u16) {
+    let bytes = value.to_ne_bytes();
+    unsafe {
+        (*frame)[at] = bytes[0];
+        (*frame)[at + 1] = bytes[1];
+    }
+}
 
 use crate::maps::{REPLAY_COUNTER, REPLAY_TARGET, REPLAY_TEMPLATE};
 use crate::packet::ptr_at;
@@ -48,18 +69,32 @@ pub fn xdp_replay(ctx: XdpContext) -> u32 {
         };
         let cpu = unsafe { bpf_get_smp_processor_id() };
         let (port, address_addend) = replay_flow((run / per_flow) % template.flows, cpu);
-        // The L4 checksum is left as it was: slb updates checksums incrementally and never
-        // checks them, so a stale one costs nothing and changes nothing it measures.
+        // Checksums follow (the IPv4 header's, and the L4 one unless it is a UDP "none"): the
+        // kernel stack drops frames whose header checksum is wrong.
         unsafe {
-            let port = port.to_be_bytes();
-            (*frame)[REPLAY_SOURCE_PORT_AT] = port[0];
-            (*frame)[REPLAY_SOURCE_PORT_AT + 1] = port[1];
             let at = REPLAY_SOURCE_ADDR_LOW_AT;
-            let low = u16::from_be_bytes([(*frame)[at], (*frame)[at + 1]])
-                .wrapping_add(address_addend)
-                .to_be_bytes();
-            (*frame)[at] = low[0];
-            (*frame)[at + 1] = low[1];
+            let old_low = read_u16(frame, at);
+            let new_low = u16::from_be(old_low).wrapping_add(address_addend).to_be();
+            let old_port = read_u16(frame, REPLAY_SOURCE_PORT_AT);
+            let new_port = port.to_be();
+            let address = delta_u16(old_low, new_low);
+            write_u16(
+                frame,
+                IPV4_CHECK_AT,
+                apply(read_u16(frame, IPV4_CHECK_AT), address),
+            );
+            let tcp = (*frame)[IPV4_PROTOCOL_AT] == IPPROTO_TCP;
+            let l4_check_at = REPLAY_SOURCE_PORT_AT + if tcp { 16 } else { 6 };
+            let l4_check = read_u16(frame, l4_check_at);
+            if tcp || l4_check != 0 {
+                let mut check = apply(l4_check, address + delta_u16(old_port, new_port));
+                if !tcp && check == 0 {
+                    check = 0xffff;
+                }
+                write_u16(frame, l4_check_at, check);
+            }
+            write_u16(frame, at, new_low);
+            write_u16(frame, REPLAY_SOURCE_PORT_AT, new_port);
         }
     }
     unsafe { REPLAY_TARGET.tail_call(&ctx, 0) };
