@@ -221,18 +221,21 @@ fn main() -> anyhow::Result<()> {
             listeners: 1,
             backends: 10,
             prefill: 1 << 20,
+            scaling: true,
         },
         per_packet::Shape {
             label: "50 listeners, 10 backends",
             listeners: 50,
             backends: 10,
             prefill: 0,
+            scaling: false,
         },
         per_packet::Shape {
             label: "1 listener, 1000 backends",
             listeners: 1,
             backends: 1000,
             prefill: 0,
+            scaling: false,
         },
     ];
     let quick = std::env::var_os("SLB_BENCH_QUICK").is_some();

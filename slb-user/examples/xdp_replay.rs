@@ -65,6 +65,10 @@ struct Args {
     /// Frames per batch inside the kernel.
     #[arg(long, default_value_t = 64)]
     batch: u32,
+    /// Start pushing at this time (milliseconds since the Unix epoch), once loaded: several
+    /// drivers on several CPUs then push at the same time.
+    #[arg(long)]
+    start_at_unix_ms: Option<u64>,
 }
 
 fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
@@ -170,6 +174,12 @@ fn main() -> anyhow::Result<()> {
         .program("xdp_replay")
         .context("no xdp_replay")?
         .try_into()?;
+    if let Some(at) = args.start_at_unix_ms {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at);
+        if let Ok(wait) = at.duration_since(std::time::SystemTime::now()) {
+            std::thread::sleep(wait);
+        }
+    }
     let started = std::time::Instant::now();
     let result = replay
         .test_run(TestRunOptions {

@@ -6,10 +6,10 @@
 //! loaded with maps of its own) restores a frame template before every run and tail-calls the
 //! subject's pinned program, so BPF_PROG_TEST_RUN can repeat a packet 100 000 times and the
 //! kernel's average per run is the packet's own cost plus the wrapper's. The baseline is the
-//! same wrapper tail-calling `xdp_floor` (swap MACs, XDP_TX); a row's figure is its time minus
-//! the mean of the baselines run just before and after it (baseline, row, baseline, row, ...,
-//! baseline), and the median over rounds. Rounds alternate between subjects, so both see the
-//! same machine.
+//! same wrapper, on the same template (so cycling flows costs both alike), tail-calling
+//! `xdp_floor` (swap MACs, XDP_TX); a row's figure is its time minus the mean of its baselines
+//! run just before and after it, and the median over rounds. Rounds alternate between subjects,
+//! so both see the same machine.
 
 use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -75,6 +75,8 @@ pub struct Shape {
     pub listeners: usize,
     pub backends: usize,
     pub prefill: u32,
+    /// Also measure the rows of many flows on both CPUs at once.
+    pub scaling: bool,
 }
 
 /// One measured packet kind.
@@ -306,6 +308,20 @@ impl Wrapper {
         Ok(())
     }
 
+    /// Pins `xdp_replay` in the wrapper's directory, for threads that run it on their own.
+    fn pin_replay(&mut self) -> anyhow::Result<PathBuf> {
+        let path = self._pins.path().join("replay_prog");
+        if !path.exists() {
+            let replay: &mut Xdp = self
+                .ebpf
+                .program_mut("xdp_replay")
+                .context("no xdp_replay")?
+                .try_into()?;
+            replay.pin(&path)?;
+        }
+        Ok(path)
+    }
+
     /// Restarts the flow numbering (on every CPU).
     fn reset_flows(&mut self) -> anyhow::Result<()> {
         let mut counter: PerCpuArray<_, u32> = self
@@ -355,8 +371,7 @@ struct Bench {
     in_index: u32,
     out_index: u32,
     rows: Vec<Row>,
-    baseline: ReplayTemplate,
-    /// Per row, the ns above the baseline of each round; and the baselines.
+    /// Per row, the ns above the baseline of each round; and the one-flow baselines.
     samples: Vec<Vec<f64>>,
     baselines: Vec<f64>,
 }
@@ -503,7 +518,6 @@ impl Bench {
             in_index,
             out_index,
             rows,
-            baseline,
             samples,
             baselines: Vec::new(),
         })
@@ -525,20 +539,140 @@ impl Bench {
         Ok(wrapper.run(ingress, REPEAT)?.0.as_nanos() as f64)
     }
 
-    /// One round: baseline, row, baseline, row, ..., baseline.
+    /// One round: per row, its baseline (the wrapper doing the same work on the same template,
+    /// then the floor program), the row, the baseline again.
     fn round(&mut self, wrapper: &mut Wrapper, floor: &ProgramFd) -> anyhow::Result<()> {
         self.netns.enter()?;
-        let mut before = self.run_row(wrapper, floor, self.baseline, Ingress::Clients)?;
-        self.baselines.push(before);
         for i in 0..self.rows.len() {
             let row = self.rows[i].clone();
+            let before = self.run_row(wrapper, floor, row.template, row.ingress)?;
             let ns = self.run_row(wrapper, &self.program, row.template, row.ingress)?;
-            let after = self.run_row(wrapper, floor, self.baseline, Ingress::Clients)?;
+            let after = self.run_row(wrapper, floor, row.template, row.ingress)?;
             self.samples[i].push(ns - (before + after) / 2.0);
-            self.baselines.push(after);
-            before = after;
+            if row.template.flows <= 1 {
+                self.baselines.extend([before, after]);
+            }
         }
         Ok(())
+    }
+}
+
+/// Runs the pinned wrapper on `cpu` inside `netns`, `times` times: the median mean per run.
+fn run_on_cpu(
+    replay_pin: &Path,
+    netns: &OwnedFd,
+    cpu: usize,
+    ingress: u32,
+    times: usize,
+    start: &std::sync::Barrier,
+) -> anyhow::Result<f64> {
+    pin_to_cpu(cpu)?;
+    Netns(netns.try_clone()?).enter()?;
+    let replay = Xdp::from_pin(replay_pin, XdpAttachType::Interface)?;
+    let frame = [0u8; REPLAY_FRAME_BYTES];
+    let mut ctx = Vec::new();
+    for v in [0u32, REPLAY_FRAME_BYTES as u32, 0, ingress, 0, 0] {
+        ctx.extend_from_slice(&v.to_ne_bytes());
+    }
+    let mut samples = Vec::new();
+    for _ in 0..times {
+        start.wait();
+        let result = replay.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            ctx_in: Some(&ctx),
+            repeat: REPEAT,
+            ..Default::default()
+        })?;
+        samples.push(result.duration.as_nanos() as f64);
+    }
+    Ok(quartiles(&samples).0)
+}
+
+impl Bench {
+    /// The wrapper's mean per run of `template` on `target`: on CPU `MEASURE_CPU` alone, and
+    /// on each of both CPUs at once (the mean of the two).
+    fn alone_and_both(
+        &self,
+        wrapper: &mut Wrapper,
+        target: &ProgramFd,
+        template: ReplayTemplate,
+    ) -> anyhow::Result<(f64, f64)> {
+        const TIMES: usize = 5;
+        wrapper.set_target(target)?;
+        wrapper.set_template(template)?;
+        let pin = wrapper.pin_replay()?;
+        let alone_start = std::sync::Barrier::new(1);
+        let both_start = std::sync::Barrier::new(2);
+        std::thread::scope(|scope| -> anyhow::Result<(f64, f64)> {
+            let alone = scope
+                .spawn(|| {
+                    run_on_cpu(
+                        &pin,
+                        &self.netns.0,
+                        MEASURE_CPU,
+                        self.in_index,
+                        TIMES,
+                        &alone_start,
+                    )
+                })
+                .join()
+                .expect("measuring thread")?;
+            let both: Vec<_> = [DAEMON_CPU, MEASURE_CPU]
+                .into_iter()
+                .map(|cpu| {
+                    let (pin, netns, start) = (&pin, &self.netns.0, &both_start);
+                    scope.spawn(move || run_on_cpu(pin, netns, cpu, self.in_index, TIMES, start))
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().expect("measuring thread"))
+                .collect::<anyhow::Result<_>>()?;
+            Ok((alone, both.iter().sum::<f64>() / both.len() as f64))
+        })
+    }
+
+    /// How a row's cost (above its baseline) changes when both CPUs run it at once, each with
+    /// flows of its own (only rows that cycle through flows: one flow would be one CPU's).
+    fn scaling(
+        &self,
+        wrapper: &mut Wrapper,
+        floor: &ProgramFd,
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
+        self.netns.enter()?;
+        let mut out = Vec::new();
+        for row in self.rows.iter().filter(|r| r.template.flows > 1) {
+            if row.template.flows == CYCLED_FLOWS {
+                // Establish the other CPU's flows (the setup established this CPU's).
+                wrapper.set_target(&self.program)?;
+                wrapper.reset_flows()?;
+                let warm = ReplayTemplate {
+                    packets_per_flow: 2,
+                    ..row.template
+                };
+                wrapper.set_template(warm)?;
+                let pin = wrapper.pin_replay()?;
+                let start = std::sync::Barrier::new(1);
+                std::thread::scope(|scope| {
+                    scope
+                        .spawn(|| {
+                            run_on_cpu(&pin, &self.netns.0, DAEMON_CPU, self.in_index, 3, &start)
+                        })
+                        .join()
+                        .expect("warming thread")
+                })?;
+            }
+            let (row_alone, row_both) =
+                self.alone_and_both(wrapper, &self.program, row.template)?;
+            let (floor_alone, floor_both) = self.alone_and_both(wrapper, floor, row.template)?;
+            let (alone, both) = (row_alone - floor_alone, row_both - floor_both);
+            out.push(json!({
+                "packet": row.name,
+                "one_cpu_ns": alone,
+                "both_cpus_ns": both,
+                "scaling": 2.0 * alone / both,
+            }));
+        }
+        Ok(out)
     }
 }
 
@@ -576,9 +710,18 @@ pub fn measure(
             bench.round(&mut wrapper, &floor)?;
         }
     }
+    let mut scaling = Vec::new();
+    for bench in &benches {
+        scaling.push(if shape.scaling {
+            bench.scaling(&mut wrapper, &floor)?
+        } else {
+            Vec::new()
+        });
+    }
     let subjects_json: Vec<_> = benches
         .iter()
-        .map(|b| {
+        .zip(scaling)
+        .map(|(b, scaling)| {
             let (baseline, ..) = quartiles(&b.baselines);
             let rows: Vec<_> = b
                 .rows
@@ -589,7 +732,7 @@ pub fn measure(
                     json!({"packet": row.name, "ns_above_baseline": median, "p25": p25, "p75": p75})
                 })
                 .collect();
-            json!({"subject": b.subject.label, "baseline_ns": baseline, "rows": rows})
+            json!({"subject": b.subject.label, "baseline_ns": baseline, "rows": rows, "scaling": scaling})
         })
         .collect();
     // Stop the daemons inside their namespaces' lifetime, then come home.
@@ -654,7 +797,10 @@ pub fn markdown(result: &serde_json::Value) -> String {
         }
         md.push('\n');
     }
-    let _ = write!(md, "| *baseline: wrapper + floor program, absolute ns* |");
+    let _ = write!(
+        md,
+        "| *baseline: wrapper + floor program, one flow, absolute ns* |"
+    );
     for s in &subjects {
         let _ = write!(
             md,
@@ -666,5 +812,28 @@ pub fn markdown(result: &serde_json::Value) -> String {
         md.push_str(" |");
     }
     md.push_str("\n\n");
+    for s in &subjects {
+        let rows = s["scaling"].as_array().cloned().unwrap_or_default();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            md,
+            "{}, one CPU alone and both CPUs at once (each CPU its own flows; ns above the \
+             baseline measured the same way):\n\n| packet | one CPU | each of 2 CPUs | 1 → 2 CPUs |\n|---|---:|---:|---:|",
+            s["subject"].as_str().unwrap_or("")
+        );
+        for r in rows {
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | {:.0} | ×{:.2} |",
+                r["packet"].as_str().unwrap_or(""),
+                r["one_cpu_ns"].as_f64().unwrap_or(f64::NAN),
+                r["both_cpus_ns"].as_f64().unwrap_or(f64::NAN),
+                r["scaling"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        md.push('\n');
+    }
     md
 }

@@ -19,12 +19,12 @@ use slb_tests::slb::{pin_dir, unique_instance};
 use slb_tests::{vip_udp, SlbConfig, SlbDaemon, Topology, CLIENT_ADDR, VIP, VIP_UDP_PORT};
 
 use super::l4::{with_nft_dnat, WEIGHTS};
-use super::{place_network_processing, BenchEnv, Section, BALANCER_CPU};
+use super::{place_network_processing, BenchEnv, Section, BALANCER_CPU, GENERATOR_CPU};
 
 const FRAMES: u32 = 3_000_000;
 const CLIENT_PORT: u16 = 40000;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize)]
 struct Replay {
     ns_per_frame: f64,
     frames_per_second: f64,
@@ -33,6 +33,8 @@ struct Replay {
 #[derive(Debug, Clone)]
 struct Row {
     path: &'static str,
+    /// CPUs pushing frames at once.
+    cpus: usize,
     flows: &'static str,
     replay: Replay,
     delivered: f64,
@@ -66,22 +68,24 @@ struct Replayer<'a> {
 }
 
 impl Replayer<'_> {
-    fn run(
+    /// The driver on `cpu`, sending from its own client port (one flow per CPU, as RSS spreads
+    /// flows over CPUs; new flows are distinct per CPU too).
+    fn command(
         &self,
-        path: &'static str,
+        cpu: u32,
         target: &str,
         dst: SocketAddrV4,
         pins: Option<&std::path::Path>,
         new_flows: bool,
-    ) -> anyhow::Result<Row> {
+    ) -> Command {
         let mut cmd = Command::new("taskset");
-        cmd.args(["-c", &BALANCER_CPU.to_string()])
+        cmd.args(["-c", &cpu.to_string()])
             .arg(self.env.bin("examples/xdp_replay"))
             .args(["--netns", self.topo.slb_ns(), "--target", target])
             .args(["--iface", "s0", "--src-mac", &self.client_mac])
             .args([
                 "--src",
-                &SocketAddrV4::new(CLIENT_ADDR, CLIENT_PORT).to_string(),
+                &SocketAddrV4::new(CLIENT_ADDR, CLIENT_PORT + cpu as u16).to_string(),
             ])
             .args(["--dst", &dst.to_string()])
             .args(["--frames", &FRAMES.to_string()]);
@@ -91,24 +95,74 @@ impl Replayer<'_> {
         if new_flows {
             cmd.arg("--new-flows");
         }
+        cmd
+    }
+
+    /// Pushes `FRAMES` frames from the balancer CPU, or from each of both CPUs at once.
+    fn run(
+        &self,
+        path: &'static str,
+        target: &str,
+        dst: SocketAddrV4,
+        pins: Option<&std::path::Path>,
+        new_flows: bool,
+        both_cpus: bool,
+    ) -> anyhow::Result<Row> {
+        let cpus: &[u32] = if both_cpus {
+            &[GENERATOR_CPU, BALANCER_CPU]
+        } else {
+            &[BALANCER_CPU]
+        };
+        // Loading takes a moment: the drivers start pushing together, 2 s from now.
+        let start_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+            + 2000;
         let before = backend_rx(self.topo)?;
-        let out = exec::run(&mut cmd)?;
+        let outputs = std::thread::scope(|scope| {
+            let runs: Vec<_> = cpus
+                .iter()
+                .map(|&cpu| {
+                    let mut cmd = self.command(cpu, target, dst, pins, new_flows);
+                    if both_cpus {
+                        cmd.args(["--start-at-unix-ms", &start_at.to_string()]);
+                    }
+                    scope.spawn(move || exec::run(&mut cmd))
+                })
+                .collect();
+            runs.into_iter()
+                .map(|run| run.join().expect("driver thread"))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
         let after = backend_rx(self.topo)?;
-        let replay: Replay = serde_json::from_str(out.trim())
-            .with_context(|| format!("xdp_replay printed {out:?}"))?;
+        let mut replays = Vec::new();
+        for out in &outputs {
+            let replay: Replay = serde_json::from_str(out.trim())
+                .with_context(|| format!("xdp_replay printed {out:?}"))?;
+            replays.push(replay);
+        }
+        // Frames of all drivers over the time the slowest took.
+        let frames = f64::from(FRAMES) * replays.len() as f64;
+        let slowest_ns = replays.iter().map(|r| r.ns_per_frame).fold(0.0, f64::max);
+        let replay = Replay {
+            ns_per_frame: slowest_ns / replays.len() as f64,
+            frames_per_second: frames / (slowest_ns * f64::from(FRAMES) / 1e9),
+        };
         let row = Row {
             path,
+            cpus: cpus.len(),
             flows: if new_flows {
                 "new flow per frame"
             } else {
                 "one flow"
             },
-            delivered: (after - before) as f64 / f64::from(FRAMES),
+            delivered: (after - before) as f64 / frames,
             replay,
         };
         println!(
-            "    {:28} {:20} {:>7.0} ns/frame {:>6.2} Mframes/s  delivered {:.1}%",
+            "    {:28} {} CPU {:20} {:>7.0} ns/frame {:>6.2} Mframes/s  delivered {:.1}%",
             row.path,
+            row.cpus,
             row.flows,
             row.replay.ns_per_frame,
             row.replay.frames_per_second / 1e6,
@@ -140,8 +194,17 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
         let config = SlbConfig::standard(&unique_instance("bcap"), &WEIGHTS);
         let daemon = SlbDaemon::start(&env.slb(), topo.slb_ns(), &config)?;
         let pins = pin_dir(daemon.instance());
-        for new_flows in [false, true] {
-            rows.push(replayer.run("slb (XDP)", "slb", vip, Some(&pins), new_flows)?);
+        for both_cpus in [false, true] {
+            for new_flows in [false, true] {
+                rows.push(replayer.run(
+                    "slb (XDP)",
+                    "slb",
+                    vip,
+                    Some(&pins),
+                    new_flows,
+                    both_cpus,
+                )?);
+            }
         }
         daemon.stop()?;
     }
@@ -149,7 +212,7 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
     rows.extend(with_nft_dnat(&topo, || {
         [false, true]
             .into_iter()
-            .map(|new_flows| replayer.run("nftables DNAT", "stack", vip, None, new_flows))
+            .map(|new_flows| replayer.run("nftables DNAT", "stack", vip, None, new_flows, false))
             .collect::<anyhow::Result<Vec<_>>>()
     })?);
     // (c) plain forwarding to one backend, no balancer.
@@ -161,46 +224,59 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
             backend,
             None,
             new_flows,
+            false,
         )?);
     }
     Ok(section(&rows))
 }
 
 fn section(rows: &[Row]) -> Section {
-    let mut md = String::from("## Capacity: frames one CPU balances (live-frames generator)\n\n");
+    let mut md = String::from("## Capacity: frames a CPU balances (live-frames generator)\n\n");
     let _ = writeln!(
         md,
         "`xdp_replay` pushes {FRAMES} 64-byte UDP frames (to {VIP}:{VIP_UDP_PORT}) into the \
          balancer namespace's client-side veth with BPF_PROG_TEST_RUN in live-frames mode, from \
-         a thread on CPU {BALANCER_CPU}; each frame is balanced and transmitted to a backend's \
-         veth within that call, so ns/frame is the whole cost of balancing one packet on one \
-         CPU, without a user-space generator. \"Delivered\" is what the backends' interfaces \
-         received (a veth ring overflows when the receiving CPU falls behind).\n"
+         a thread on CPU {BALANCER_CPU} (with 2 CPUs: one driver on each CPU at once, each with \
+         flows of its own); each frame is balanced and transmitted to a backend's veth within \
+         that call, so ns/frame is the whole cost of balancing one packet, without a user-space \
+         generator (with 2 CPUs: the slower driver's time over all frames). \"Delivered\" is \
+         what the backends' interfaces received (a veth ring overflows when the receiving CPU \
+         falls behind).\n"
     );
-    md.push_str("| path | flows | ns/frame | Mframes/s | delivered |\n|---|---|---:|---:|---:|\n");
+    md.push_str(
+        "| path | CPUs | flows | ns/frame | Mframes/s | delivered |\n|---|---:|---|---:|---:|---:|\n",
+    );
     for r in rows {
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.2} | {:.1}% |",
+            "| {} | {} | {} | {:.0} | {:.2} | {:.1}% |",
             r.path,
+            r.cpus,
             r.flows,
             r.replay.ns_per_frame,
             r.replay.frames_per_second / 1e6,
             r.delivered * 100.0
         );
     }
-    let find = |path: &str, flows: &str| {
+    let find = |path: &str, cpus: usize, flows: &str| {
         rows.iter()
-            .find(|r| r.path.starts_with(path) && r.flows == flows)
+            .find(|r| r.path.starts_with(path) && r.cpus == cpus && r.flows == flows)
             .map(|r| r.replay.frames_per_second)
     };
     md.push('\n');
     for flows in ["one flow", "new flow per frame"] {
-        if let (Some(slb), Some(nft)) = (find("slb", flows), find("nftables", flows)) {
+        if let (Some(slb), Some(nft)) = (find("slb", 1, flows), find("nftables", 1, flows)) {
             let _ = writeln!(
                 md,
-                "slb / nftables, {flows}: ×{:.2} frames per second.  ",
+                "slb / nftables, one CPU, {flows}: ×{:.2} frames per second.  ",
                 slb / nft
+            );
+        }
+        if let (Some(one), Some(two)) = (find("slb", 1, flows), find("slb", 2, flows)) {
+            let _ = writeln!(
+                md,
+                "slb from 1 to 2 CPUs, {flows}: ×{:.2} frames per second.  ",
+                two / one
             );
         }
     }
@@ -208,6 +284,7 @@ fn section(rows: &[Row]) -> Section {
         "frames": FRAMES,
         "rows": rows.iter().map(|r| json!({
             "path": r.path,
+            "cpus": r.cpus,
             "flows": r.flows,
             "ns_per_frame": r.replay.ns_per_frame,
             "frames_per_second": r.replay.frames_per_second,
