@@ -8,7 +8,6 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,12 +17,9 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{BackendSpec, Config, DEFAULT_GROUP};
+use crate::instance::socket_path;
 
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
-
-pub fn socket_path(instance: &str) -> PathBuf {
-    crate::daemon::state_dir(instance).join("admin.sock")
-}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]

@@ -16,29 +16,14 @@ use crate::api::{self, Call, Request, Response};
 use crate::config::{AttachMode, BackendSpec, Config, GroupKind};
 use crate::dataplane::{detach_pinned, Dataplane, TableSizes};
 use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor, HealthStatus};
+use crate::instance::{lock_file, socket_path, state_dir, state_file};
 use crate::links::{self, LinkHistory};
 use crate::maps::PinnedMaps;
 use crate::proxy::ProxyManager;
 use crate::reconcile::{AppliedState, BackendKey, Reconciler};
 
-pub const STATE_ROOT: &str = "/run/slb";
-
 /// How often the daemon checks that each attached interface still has the program.
 const LINK_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// `/run/slb/<instance>`: the state, lock, socket, flows, links and history files.
-pub fn state_dir(instance: &str) -> PathBuf {
-    Path::new(STATE_ROOT).join(instance)
-}
-
-pub fn state_file(instance: &str) -> PathBuf {
-    state_dir(instance).join("state.json")
-}
-
-/// The file whose flock marks the instance's daemon; it holds that daemon's pid.
-pub fn lock_file(instance: &str) -> PathBuf {
-    state_dir(instance).join("daemon.lock")
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
@@ -140,7 +125,7 @@ fn write_state(state: &AppliedState) -> anyhow::Result<()> {
     let path = state_file(&state.instance);
     let dir = path.parent().expect("state file has a directory");
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join("state.json.tmp");
+    let tmp = path.with_extension("json.tmp");
     fs::write(&tmp, serde_json::to_vec_pretty(state)?)
         .with_context(|| format!("writing {}", tmp.display()))?;
     fs::rename(&tmp, &path)
@@ -284,7 +269,7 @@ async fn serve(
         instance = %daemon.file_config.instance,
         listeners = daemon.config.listeners.len(),
         interfaces = ?daemon.interfaces.keys().collect::<Vec<_>>(),
-        socket = %api::socket_path(&daemon.file_config.instance).display(),
+        socket = %socket_path(&daemon.file_config.instance).display(),
         "slb ready"
     );
     daemon.notify_systemd(&[sd_notify::NotifyState::Ready]);
@@ -485,7 +470,7 @@ impl Daemon {
             links: BTreeMap::new(),
         };
         for iface in dataplane.pinned_interfaces() {
-            let pin = dataplane.dir().join("links").join(&iface);
+            let pin = crate::instance::link_pin(dataplane.dir(), &iface);
             let on_its_device =
                 links::link_ifindex(&pin).is_some_and(|l| links::ifindex_of(&iface) == Some(l));
             match config.interfaces.iter().find(|i| i.name == iface) {
@@ -660,7 +645,7 @@ impl Daemon {
         let instance = self.file_config.instance.clone();
         let mut changed = false;
         for (name, mode) in self.interfaces.clone() {
-            let pin = dataplane.dir().join("links").join(&name);
+            let pin = crate::instance::link_pin(dataplane.dir(), &name);
             let link = links::link_ifindex(&pin);
             let current = links::ifindex_of(&name);
             if current.is_some() && link == current {
@@ -698,7 +683,10 @@ impl Daemon {
         }
         if changed {
             if let Err(e) = links::write_history(&instance, &self.links) {
-                tracing::warn!("writing {}: {e}", links::history_file(&instance).display());
+                tracing::warn!(
+                    "writing {}: {e}",
+                    crate::instance::links_file(&instance).display()
+                );
             }
         }
     }

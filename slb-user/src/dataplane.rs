@@ -11,11 +11,11 @@ use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::config::AttachMode;
+use crate::instance::{link_pin, LINKS_DIR};
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PROGRAM_NAME: &str = "slb_xdp";
 const PROGRAM_PIN: &str = "prog";
-const LINKS_DIR: &str = "links";
 
 /// The compiled XDP object, built by build.rs through aya-build.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/slb"));
@@ -84,9 +84,7 @@ impl TableSizes {
     }
 }
 
-pub fn pin_dir(instance: &str) -> PathBuf {
-    Path::new(BPFFS).join("slb").join(instance)
-}
+pub use crate::instance::pin_dir;
 
 pub fn xdp_mode(mode: AttachMode) -> XdpMode {
     match mode {
@@ -178,7 +176,7 @@ impl Dataplane {
 
     /// Moves a pinned link of an earlier run to this run's program (one atomic link update).
     pub fn adopt_link(&mut self, iface: &str) -> Result<(), DataplaneError> {
-        let path = self.dir.join(LINKS_DIR).join(iface);
+        let path = link_pin(&self.dir, iface);
         let pin_err = |message: String| DataplaneError::Pin {
             path: path.clone(),
             message,
@@ -396,17 +394,17 @@ fn attach_program(
     mode: AttachMode,
 ) -> Result<(), DataplaneError> {
     let ifindex = interface_index(iface)?;
-    let link_pin = dir.join(LINKS_DIR).join(iface);
-    if link_pin.exists() && crate::links::link_ifindex(&link_pin) != Some(ifindex) {
+    let pinned_link = link_pin(dir, iface);
+    if pinned_link.exists() && crate::links::link_ifindex(&pinned_link) != Some(ifindex) {
         // The pinned link is severed: the interface was deleted (and maybe created again)
         // since. Attach afresh.
         tracing::info!(
             iface,
             "the pinned link no longer holds the interface: re-attaching"
         );
-        unpin_link(&link_pin)?;
+        unpin_link(&pinned_link)?;
     }
-    if link_pin.exists() {
+    if pinned_link.exists() {
         return Err(DataplaneError::Interface {
             iface: iface.into(),
             message: "already attached".into(),
@@ -423,8 +421,8 @@ fn attach_program(
         iface: iface.into(),
         message: format!("kernel gave no bpf_link to pin: {e}"),
     })?;
-    fd_link.pin(&link_pin).map_err(|e| DataplaneError::Pin {
-        path: link_pin.clone(),
+    fd_link.pin(&pinned_link).map_err(|e| DataplaneError::Pin {
+        path: pinned_link.clone(),
         message: e.to_string(),
     })?;
 
@@ -474,14 +472,14 @@ pub fn attach_pinned(instance: &str, iface: &str, mode: AttachMode) -> Result<()
 pub fn detach_pinned(instance: &str, iface: &str) -> Result<(), DataplaneError> {
     ensure_bpffs()?;
     let dir = pin_dir(instance);
-    let link_pin = dir.join(LINKS_DIR).join(iface);
-    if !link_pin.exists() {
+    let pinned_link = link_pin(&dir, iface);
+    if !pinned_link.exists() {
         return Err(DataplaneError::Interface {
             iface: iface.into(),
             message: format!("instance {instance:?} is not attached to it"),
         });
     }
-    unpin_link(&link_pin)?;
+    unpin_link(&pinned_link)?;
     if let Ok(ifindex) = interface_index(iface) {
         let mut egress = open_devmap(&dir)?;
         let _ = egress.remove(ifindex);

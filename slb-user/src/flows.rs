@@ -220,12 +220,8 @@ fn snapshot(t: &TrafficCounters) -> Tally {
     }
 }
 
-pub fn flows_file(instance: &str) -> PathBuf {
-    crate::daemon::state_dir(instance).join("flows.json")
-}
-
 pub fn write_counts(instance: &str, counts: &FlowCounts) -> anyhow::Result<()> {
-    let path = flows_file(instance);
+    let path = crate::instance::flows_file(instance);
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec(counts)?)
         .with_context(|| format!("writing {}", tmp.display()))?;
@@ -235,7 +231,7 @@ pub fn write_counts(instance: &str, counts: &FlowCounts) -> anyhow::Result<()> {
 
 /// The last sweep's counts, or none before the first sweep.
 pub fn read_counts(instance: &str) -> FlowCounts {
-    std::fs::read(flows_file(instance))
+    std::fs::read(crate::instance::flows_file(instance))
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default()

@@ -2,11 +2,69 @@
 //! unchecked one (`""`, `..`, `a/../b`) would let `slb stop` remove pins and state that belong
 //! to other instances or to nothing of slb's at all. Every name from the command line or a config
 //! file is parsed into [`InstanceName`], which only holds names that are safe as one component.
+//!
+//! This module also owns every place an instance keeps things, so no other module joins a path
+//! under /run/slb or /sys/fs/bpf/slb by hand.
 
 use std::fmt;
 use std::ops::Deref;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+
+/// Where each instance keeps its state directory.
+pub const STATE_ROOT: &str = "/run/slb";
+/// Where each instance pins its maps, program and links (on the bpf filesystem).
+pub const PIN_ROOT: &str = "/sys/fs/bpf/slb";
+
+/// `/run/slb/<instance>`: the state, lock, socket, flows, links and history files. The daemon
+/// removes it on its way out.
+pub fn state_dir(instance: &str) -> PathBuf {
+    Path::new(STATE_ROOT).join(instance)
+}
+
+/// The applied state the daemon publishes for `slb status` and `slb report`, and adopts after a
+/// restart.
+pub fn state_file(instance: &str) -> PathBuf {
+    state_dir(instance).join("state.json")
+}
+
+/// The file whose flock marks the instance's daemon; it holds that daemon's pid.
+pub fn lock_file(instance: &str) -> PathBuf {
+    state_dir(instance).join("daemon.lock")
+}
+
+/// The admin API's unix socket.
+pub fn socket_path(instance: &str) -> PathBuf {
+    state_dir(instance).join("admin.sock")
+}
+
+/// The 10-second samples of new-connection counters for `slb report --since`.
+pub fn history_file(instance: &str) -> PathBuf {
+    state_dir(instance).join("history.jsonl")
+}
+
+/// What the daemon did about each interface's link (re-attachments, disappearances).
+pub fn links_file(instance: &str) -> PathBuf {
+    state_dir(instance).join("links.json")
+}
+
+/// The connection-table sweeper's last counts.
+pub fn flows_file(instance: &str) -> PathBuf {
+    state_dir(instance).join("flows.json")
+}
+
+/// `/sys/fs/bpf/slb/<instance>`: the pinned maps (by name), the program and the links.
+pub fn pin_dir(instance: &str) -> PathBuf {
+    Path::new(PIN_ROOT).join(instance)
+}
+
+/// The directory of a pin directory that holds one pinned link per interface.
+pub const LINKS_DIR: &str = "links";
+
+/// The pinned link of `iface` under `pin_dir` (an instance's, or a test bed's own).
+pub fn link_pin(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join(LINKS_DIR).join(iface)
+}
 
 /// Longest instance name.
 pub const MAX_INSTANCE_LEN: usize = 64;

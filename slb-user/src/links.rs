@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -101,22 +101,18 @@ pub struct LinkHistory {
     pub gone_since_unix_ns: Option<u128>,
 }
 
-pub fn history_file(instance: &str) -> PathBuf {
-    crate::daemon::state_dir(instance).join("links.json")
-}
-
 pub fn write_history(
     instance: &str,
     history: &BTreeMap<String, LinkHistory>,
 ) -> std::io::Result<()> {
-    let path = history_file(instance);
+    let path = crate::instance::links_file(instance);
     let tmp = path.with_extension("json.tmp");
     fs::write(&tmp, serde_json::to_vec_pretty(history)?)?;
     fs::rename(&tmp, &path)
 }
 
 fn read_history(instance: &str) -> BTreeMap<String, LinkHistory> {
-    fs::read_to_string(history_file(instance))
+    fs::read_to_string(crate::instance::links_file(instance))
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or_default()
@@ -142,7 +138,7 @@ pub fn interface_states(instance: &str, pin_dir: &Path, names: &[String]) -> Vec
     names
         .iter()
         .map(|name| {
-            let pin = pin_dir.join("links").join(name);
+            let pin = crate::instance::link_pin(pin_dir, name);
             let current = ifindex_of(name);
             let link = link_ifindex(&pin);
             let (attached, state) = match (pin.exists(), link, current) {

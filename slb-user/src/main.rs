@@ -2,6 +2,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory, Parser};
 use slb_user::cli::{enter_netns, Cli, Command, ReportKind};
 use slb_user::config::Config;
+use slb_user::instance::{pin_dir, socket_path, state_dir};
 use slb_user::{api, daemon, dataplane, report, status};
 
 fn stats(instance: &str, json: bool, watch: Option<f64>) -> anyhow::Result<()> {
@@ -48,19 +49,19 @@ fn print_output(bytes: &[u8]) -> anyhow::Result<()> {
 
 /// `slb stop`: asks the daemon, or cleans up the pins of one that is gone.
 fn stop(instance: &str) -> anyhow::Result<()> {
-    if api::socket_path(instance).exists() {
+    if socket_path(instance).exists() {
         if let Ok(response) = api::call(instance, &api::Request::Stop) {
             println!("{}", response.message);
             // The daemon removes the pins on its way out; wait for that.
             for _ in 0..100 {
-                if !dataplane::pin_dir(instance).exists() {
+                if !pin_dir(instance).exists() {
                     return Ok(());
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
             anyhow::bail!(
                 "the daemon did not remove {} within 10 s",
-                dataplane::pin_dir(instance).display()
+                pin_dir(instance).display()
             );
         }
     }
@@ -70,11 +71,11 @@ fn stop(instance: &str) -> anyhow::Result<()> {
         anyhow::bail!(
             "instance {instance:?} is served by slb pid {pid}, whose admin socket {} did not \
              answer; nothing was removed (end that process, then run `slb stop` again)",
-            api::socket_path(instance).display()
+            socket_path(instance).display()
         );
     }
     dataplane::ensure_bpffs()?;
-    let dir = dataplane::pin_dir(instance);
+    let dir = pin_dir(instance);
     if !dir.exists() {
         anyhow::bail!(
             "instance {instance:?} is not running here (no {})",
@@ -82,7 +83,7 @@ fn stop(instance: &str) -> anyhow::Result<()> {
         );
     }
     dataplane::remove_pins(&dir)?;
-    let _ = std::fs::remove_dir_all(daemon::state_dir(instance));
+    let _ = std::fs::remove_dir_all(state_dir(instance));
     println!("no daemon was running; detached instance {instance:?} and removed its pins");
     Ok(())
 }

@@ -3,7 +3,6 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
@@ -13,6 +12,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
 
+use crate::instance::history_file;
 use crate::status;
 
 /// Serves `GET /metrics` on 127.0.0.1:`port`.
@@ -68,10 +68,6 @@ pub struct Sample {
     pub unix_s: u64,
     /// (listener, "address:port") → new connections so far.
     pub new_connections: Vec<(String, String, u64)>,
-}
-
-pub fn history_file(instance: &str) -> PathBuf {
-    crate::daemon::state_dir(instance).join("history.jsonl")
 }
 
 pub fn read_history(instance: &str) -> Vec<Sample> {

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::daemon::state_file;
+use crate::instance::state_file;
 use crate::metrics::read_history;
 use crate::reconcile::AppliedState;
 use crate::status;
@@ -305,7 +305,7 @@ pub fn distribution(
 
 /// Distinct client addresses per backend id, from the connection table.
 fn clients_per_backend(instance: &str) -> anyhow::Result<BTreeMap<u32, BTreeSet<[u8; 16]>>> {
-    let maps = crate::maps::PinnedMaps::open(&crate::dataplane::pin_dir(instance))?;
+    let maps = crate::maps::PinnedMaps::open(&crate::instance::pin_dir(instance))?;
     let mut clients: BTreeMap<u32, BTreeSet<[u8; 16]>> = BTreeMap::new();
     for entry in maps.connections.iter() {
         let (flow, conn) = entry.context("reading CONNECTIONS")?;

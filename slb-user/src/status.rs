@@ -8,9 +8,8 @@ use serde::Serialize;
 use slb_common::GlobalCounters;
 
 use crate::config::GroupKind;
-use crate::daemon::state_file;
-use crate::dataplane::pin_dir;
 use crate::health::HealthStatus;
+use crate::instance::{pin_dir, state_file};
 use crate::maps::{sum_traffic, PinnedMaps};
 use crate::reconcile::{AppliedState, Role};
 
