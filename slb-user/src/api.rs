@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{BackendSpec, Config, DEFAULT_GROUP};
+use crate::config::{BackendEdit, EditAction};
 use crate::instance::socket_path;
 
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
@@ -55,83 +55,41 @@ pub struct Response {
     pub generation: u64,
 }
 
-fn describe(address: IpAddr, port: Option<u16>) -> String {
-    match port {
-        Some(p) => format!("{address}:{p}"),
-        None => address.to_string(),
-    }
-}
-
-/// Applies a backend request to a copy of `config`; returns the new config and a description of
-/// the change, or an error naming what is wrong. The result is validated as a whole.
-pub fn edit_config(config: &Config, request: &Request) -> Result<(Config, String), String> {
-    let mut next = config.clone();
-    let (group, address, port) = match request {
-        Request::BackendAdd {
-            group,
-            address,
-            port,
-            ..
-        }
-        | Request::BackendRemove {
-            group,
-            address,
-            port,
-        }
-        | Request::BackendSetWeight {
-            group,
-            address,
-            port,
-            ..
-        } => (group, *address, *port),
-        Request::Reload | Request::Stop => return Err("not a backend change".into()),
-    };
-    let backends = if group == DEFAULT_GROUP {
-        &mut next.default_group.backends
-    } else {
-        let names: Vec<String> = next.groups.iter().map(|g| g.name.clone()).collect();
-        &mut next
-            .groups
-            .iter_mut()
-            .find(|g| &g.name == group)
-            .ok_or_else(|| {
-                format!(
-                    "group: no group named {group:?} (groups: {DEFAULT_GROUP}, {})",
-                    names.join(", ")
-                )
-            })?
-            .backends
-    };
-    let position = backends
-        .iter()
-        .position(|b| b.address == address && b.port == port);
-    let what = describe(address, port);
-    let description = match (request, position) {
-        (Request::BackendAdd { weight, .. }, None) => {
-            backends.push(BackendSpec {
+impl Request {
+    /// The change to the config a backend command asks for; `None` for the other commands.
+    pub fn backend_edit(&self) -> Option<BackendEdit> {
+        let (group, address, port, action) = match self {
+            Request::BackendAdd {
+                group,
                 address,
                 port,
-                weight: *weight,
-            });
-            format!("added backend {what} with weight {weight} to group {group}")
-        }
-        (Request::BackendAdd { .. }, Some(_)) => {
-            return Err(format!("backend {what} is already in group {group}"))
-        }
-        (Request::BackendRemove { .. }, Some(i)) => {
-            backends.remove(i);
-            format!("removed backend {what} from group {group}")
-        }
-        (Request::BackendSetWeight { weight, .. }, Some(i)) => {
-            let old = backends[i].weight;
-            backends[i].weight = *weight;
-            format!("set weight of backend {what} in group {group} from {old} to {weight}")
-        }
-        (_, None) => return Err(format!("backend {what} is not in group {group}")),
-        (Request::Reload | Request::Stop, _) => unreachable!("handled above"),
-    };
-    next.validate().map_err(|e| e.to_string())?;
-    Ok((next, description))
+                weight,
+            } => (group, address, port, EditAction::Add { weight: *weight }),
+            Request::BackendRemove {
+                group,
+                address,
+                port,
+            } => (group, address, port, EditAction::Remove),
+            Request::BackendSetWeight {
+                group,
+                address,
+                port,
+                weight,
+            } => (
+                group,
+                address,
+                port,
+                EditAction::SetWeight { weight: *weight },
+            ),
+            Request::Reload | Request::Stop => return None,
+        };
+        Some(BackendEdit {
+            group: group.clone(),
+            address: *address,
+            port: *port,
+            action,
+        })
+    }
 }
 
 pub type Call = (Request, oneshot::Sender<Response>);
@@ -216,113 +174,36 @@ pub fn call(instance: &str, request: &Request) -> anyhow::Result<Response> {
 mod tests {
     use super::*;
 
-    fn config() -> Config {
-        Config::parse(
-            r#"
-instance = "api"
-[[interfaces]]
-name = "eth0"
-[[listeners]]
-name = "web"
-protocol = "tcp"
-vip = "10.0.0.10"
-port = 80
-group = "pool"
-[[groups]]
-name = "pool"
-backends = [{ address = "10.0.1.2", port = 8080 }]
-[[groups]]
-name = "db"
-type = "active-standby"
-backends = [{ address = "10.0.2.2", port = 5432 }, { address = "10.0.2.3", port = 5432 }]
-"#,
-            "api.toml",
-        )
-        .unwrap()
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
     #[test]
-    fn add_set_weight_and_remove_edit_the_named_group() {
-        let c = config();
-        let add = Request::BackendAdd {
-            group: "pool".into(),
-            address: ip("10.0.1.3"),
-            port: Some(8080),
-            weight: 3,
-        };
-        let (c, what) = edit_config(&c, &add).unwrap();
+    fn backend_commands_become_edits_and_the_others_do_not() {
+        let request: Request = serde_json::from_str(
+            r#"{"command":"backend-set-weight","group":"pool","address":"10.0.1.2","port":8080,"weight":0}"#,
+        )
+        .unwrap();
         assert_eq!(
-            what,
-            "added backend 10.0.1.3:8080 with weight 3 to group pool"
+            request.backend_edit(),
+            Some(BackendEdit {
+                group: "pool".into(),
+                address: "10.0.1.2".parse().unwrap(),
+                port: Some(8080),
+                action: EditAction::SetWeight { weight: 0 },
+            })
         );
-        assert_eq!(c.groups[0].backends.len(), 2);
-        let set = Request::BackendSetWeight {
-            group: "pool".into(),
-            address: ip("10.0.1.2"),
-            port: Some(8080),
-            weight: 0,
-        };
-        let (c, _) = edit_config(&c, &set).unwrap();
-        assert_eq!(c.groups[0].backends[0].weight, 0);
         let remove = Request::BackendRemove {
-            group: "pool".into(),
-            address: ip("10.0.1.3"),
-            port: Some(8080),
+            group: "default".into(),
+            address: "10.0.1.3".parse().unwrap(),
+            port: None,
         };
-        let (c, _) = edit_config(&c, &remove).unwrap();
-        assert_eq!(c.groups[0].backends.len(), 1);
+        assert_eq!(
+            remove.backend_edit().map(|e| (e.port, e.action)),
+            Some((None, EditAction::Remove))
+        );
+        assert_eq!(Request::Reload.backend_edit(), None);
+        assert_eq!(Request::Stop.backend_edit(), None);
     }
 
     #[test]
-    fn bad_requests_are_refused_with_the_reason() {
-        let c = config();
-        let e = edit_config(
-            &c,
-            &Request::BackendAdd {
-                group: "nope".into(),
-                address: ip("10.0.1.3"),
-                port: None,
-                weight: 1,
-            },
-        )
-        .unwrap_err();
-        assert!(e.contains("no group named \"nope\""), "{e}");
-        let e = edit_config(
-            &c,
-            &Request::BackendRemove {
-                group: "pool".into(),
-                address: ip("10.9.9.9"),
-                port: Some(1),
-            },
-        )
-        .unwrap_err();
-        assert!(e.contains("10.9.9.9:1 is not in group pool"), "{e}");
-        let e = edit_config(
-            &c,
-            &Request::BackendAdd {
-                group: "db".into(),
-                address: ip("10.0.2.4"),
-                port: Some(5432),
-                weight: 1,
-            },
-        )
-        .unwrap_err();
-        assert!(e.contains("exactly two servers"), "{e}");
-        let e = edit_config(
-            &c,
-            &Request::BackendSetWeight {
-                group: "pool".into(),
-                address: ip("10.0.1.2"),
-                port: Some(8080),
-                weight: 100_000,
-            },
-        )
-        .unwrap_err();
-        assert!(e.contains("weight") && e.contains("100000"), "{e}");
+    fn malformed_requests_are_refused_with_the_reason() {
         let bad: Result<Request, _> = serde_json::from_str(
             r#"{"command":"backend-set-weight","group":"pool","address":"10.0.1.2","port":8080,"weight":-1}"#,
         );

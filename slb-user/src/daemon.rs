@@ -13,7 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::api::{self, Call, Request, Response};
-use crate::config::{AttachMode, BackendSpec, Config, GroupKind};
+use crate::config::{AttachMode, Config, GroupKind, ResolvedBackend};
 use crate::dataplane::{detach_pinned, Dataplane, TableSizes};
 use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor, HealthStatus};
 use crate::instance::{lock_file, socket_path, state_dir, state_file};
@@ -368,36 +368,36 @@ struct Daemon {
 /// active server of an active/standby group.
 fn check_targets(config: &Config) -> Vec<CheckTarget> {
     let mut targets = Vec::new();
-    for l in &config.listeners {
+    for resolved in config.resolved_listeners() {
+        let l = resolved.listener;
         let Some(check) = &l.health_check else {
             continue;
         };
-        let mut checked: Vec<&BackendSpec> = Vec::new();
-        for group in config.listener_groups(l) {
+        let mut checked: Vec<ResolvedBackend> = Vec::new();
+        for group in &resolved.groups {
             // Only the active server of an active/standby group is probed.
             let probed = if group.kind == GroupKind::ActiveStandby {
                 &group.backends[..1]
             } else {
-                group.backends
+                &group.backends[..]
             };
             for b in probed {
                 if !checked
                     .iter()
                     .any(|c| c.address == b.address && c.port == b.port)
                 {
-                    checked.push(b);
+                    checked.push(*b);
                 }
             }
         }
         for b in checked {
-            let port = b.port.unwrap_or(l.port);
             targets.push(CheckTarget {
                 key: BackendKey {
                     listener: l.name.clone(),
                     address: b.address,
-                    port,
+                    port: b.port,
                 },
-                address: SocketAddr::new(b.address, check.port.unwrap_or(port)),
+                address: SocketAddr::new(b.address, check.port.unwrap_or(b.port)),
                 check: check.clone(),
             });
         }
@@ -738,8 +738,10 @@ impl Daemon {
 
     fn runtime_change(&mut self, request: &Request) -> Response {
         let result = (|| {
-            let (config, description) =
-                api::edit_config(&self.config, request).map_err(anyhow::Error::msg)?;
+            let edit = request
+                .backend_edit()
+                .ok_or_else(|| anyhow::anyhow!("not a backend change"))?;
+            let (config, description) = self.config.edit_backend(&edit)?;
             let mut changes = self.reconciler.state().runtime_changes.clone();
             changes.push(description.clone());
             self.apply(config, changes)?;

@@ -18,7 +18,9 @@ use slb_common::{
     NO_BACKEND, RINGS_PER_LISTENER,
 };
 
-use crate::config::{AllUnhealthy, BackendSpec, Config, Group, GroupKind, Protocol, DEFAULT_GROUP};
+use crate::config::{
+    AllUnhealthy, Config, GroupKind, Listener, Protocol, ResolvedBackend, ResolvedListener,
+};
 use crate::health::HealthStatus;
 use crate::maps::{clear_map_slot, set_ring_slots, MappedRing, PinnedMaps};
 
@@ -175,10 +177,7 @@ fn listener_key(protocol: Protocol, vip: IpAddr, port: u16) -> ListenerKey {
 }
 
 /// The ENDPOINT_FILTER words of the TCP/UDP listeners and their backends, by word index.
-fn endpoint_filter(
-    listeners: &[&crate::config::Listener],
-    plans: &[PlannedListener<'_>],
-) -> BTreeMap<u32, u32> {
+fn endpoint_filter(listeners: &[&Listener], plans: &[PlannedListener]) -> BTreeMap<u32, u32> {
     let mut filter = BTreeMap::new();
     for (l, plan) in listeners.iter().zip(plans) {
         let protocol = l.protocol.ip_protocol();
@@ -319,10 +318,10 @@ impl FreeIds {
 }
 
 /// One listener's backends as the config and health make them.
-struct PlannedListener<'a> {
+struct PlannedListener {
     group: String,
     kind: GroupKind,
-    members: Vec<(BackendKey, &'a BackendSpec)>,
+    members: Vec<(BackendKey, ResolvedBackend)>,
 }
 
 impl Reconciler {
@@ -386,45 +385,34 @@ impl Reconciler {
                 requested: config.maglev_table_size,
             });
         }
-        let groups: BTreeMap<&str, &Group> =
-            config.groups.iter().map(|g| (g.name.as_str(), g)).collect();
         let healthy = |key: &BackendKey| health.get(key).is_none_or(|h| h.healthy);
 
         // HTTP(S) listeners are the proxy's: the XDP program lets their traffic through.
-        let l4_listeners: Vec<&crate::config::Listener> = config
-            .listeners
-            .iter()
-            .filter(|l| !l.protocol.is_l7())
+        let resolved: Vec<ResolvedListener<'_>> = config
+            .resolved_listeners()
+            .into_iter()
+            .filter(|r| !r.listener.protocol.is_l7())
             .collect();
-        let plans: Vec<PlannedListener<'_>> = l4_listeners
+        let l4_listeners: Vec<&Listener> = resolved.iter().map(|r| r.listener).collect();
+        let plans: Vec<PlannedListener> = resolved
             .iter()
-            .map(|l| {
-                let (group, kind, specs) = match &l.group {
-                    Some(g) => (
-                        g.as_str(),
-                        groups[g.as_str()].kind,
-                        &groups[g.as_str()].backends[..],
-                    ),
-                    None => (
-                        DEFAULT_GROUP,
-                        GroupKind::Vserver,
-                        &config.default_group.backends[..],
-                    ),
-                };
-                let members = specs
+            .map(|r| {
+                let group = r.group();
+                let members = group
+                    .backends
                     .iter()
                     .map(|b| {
                         let key = BackendKey {
-                            listener: l.name.clone(),
+                            listener: r.listener.name.clone(),
                             address: b.address,
-                            port: b.port.unwrap_or(l.port),
+                            port: b.port,
                         };
-                        (key, b)
+                        (key, *b)
                     })
                     .collect();
                 PlannedListener {
-                    group: group.into(),
-                    kind,
+                    group: group.name.into(),
+                    kind: group.kind,
                     members,
                 }
             })
@@ -827,7 +815,7 @@ impl Reconciler {
         listener: &str,
         index: u32,
         ring: u32,
-        members: &[(BackendKey, &BackendSpec)],
+        members: &[(BackendKey, ResolvedBackend)],
         ring_input: &[(u32, u32)],
     ) -> Result<(), ReconcileError> {
         let identities: Vec<String> = members.iter().map(|(k, _)| k.identity()).collect();

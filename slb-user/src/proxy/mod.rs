@@ -32,7 +32,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls::ServerConfig;
 
-use crate::config::{Config, CookiePersistence, Protocol, Scheduler, INSERT_COOKIE};
+use crate::config::{
+    Config, CookiePersistence, Protocol, ResolvedListener, Scheduler, INSERT_COOKIE,
+};
 use crate::health::HealthStatus;
 use crate::reconcile::BackendKey;
 use balance::{least_connections, SmoothWrr};
@@ -132,13 +134,17 @@ impl ProxyManager {
         health: &BTreeMap<BackendKey, HealthStatus>,
     ) -> anyhow::Result<()> {
         let mut runtimes = BTreeMap::new();
-        for l in config.listeners.iter().filter(|l| l.protocol.is_l7()) {
+        for resolved in config.resolved_listeners() {
+            let l = resolved.listener;
+            if !l.protocol.is_l7() {
+                continue;
+            }
             runtimes.insert(
                 l.name.clone(),
                 (
                     SocketAddr::new(l.vip, l.port),
                     l.protocol,
-                    self.build(config, l, health)?,
+                    self.build(&resolved, health)?,
                 ),
             );
         }
@@ -211,19 +217,19 @@ impl ProxyManager {
 
     fn build(
         &mut self,
-        config: &Config,
-        l: &crate::config::Listener,
+        resolved: &ResolvedListener<'_>,
         health: &BTreeMap<BackendKey, HealthStatus>,
     ) -> anyhow::Result<ListenerRt> {
-        let listener_groups = config.listener_groups(l);
-        let groups = listener_groups
+        let l = resolved.listener;
+        let groups = resolved
+            .groups
             .iter()
             .map(|group| {
-                let specs = group.backends;
-                let backends = specs
+                let backends = group
+                    .backends
                     .iter()
                     .map(|b| {
-                        let addr = SocketAddr::new(b.address, b.port.unwrap_or(l.port));
+                        let addr = SocketAddr::new(b.address, b.port);
                         let key = BackendKey {
                             listener: l.name.clone(),
                             address: b.address,
@@ -250,7 +256,8 @@ impl ProxyManager {
             .rules
             .iter()
             .map(|r| {
-                listener_groups
+                resolved
+                    .groups
                     .iter()
                     .position(|g| g.name == r.group)
                     .expect("collected")
@@ -293,36 +300,38 @@ pub fn describe(
     health: &BTreeMap<BackendKey, HealthStatus>,
 ) -> Vec<crate::reconcile::ProxyListenerInfo> {
     config
-        .listeners
-        .iter()
-        .filter(|l| l.protocol.is_l7())
-        .map(|l| crate::reconcile::ProxyListenerInfo {
-            name: l.name.clone(),
-            protocol: l.protocol,
-            vip: l.vip,
-            port: l.port,
-            cookie_persistence: l.cookie.is_some(),
-            backends: config
-                .listener_groups(l)
-                .iter()
-                .flat_map(|g| {
-                    g.backends.iter().map(|b| {
-                        let port = b.port.unwrap_or(l.port);
-                        let key = BackendKey {
-                            listener: l.name.clone(),
-                            address: b.address,
-                            port,
-                        };
-                        crate::reconcile::ProxyBackendInfo {
-                            group: g.name.to_string(),
-                            address: b.address,
-                            port,
-                            weight: b.weight,
-                            health: health.get(&key).cloned(),
-                        }
+        .resolved_listeners()
+        .into_iter()
+        .filter(|resolved| resolved.listener.protocol.is_l7())
+        .map(|resolved| {
+            let l = resolved.listener;
+            crate::reconcile::ProxyListenerInfo {
+                name: l.name.clone(),
+                protocol: l.protocol,
+                vip: l.vip,
+                port: l.port,
+                cookie_persistence: l.cookie.is_some(),
+                backends: resolved
+                    .groups
+                    .iter()
+                    .flat_map(|g| {
+                        g.backends.iter().map(|b| {
+                            let key = BackendKey {
+                                listener: l.name.clone(),
+                                address: b.address,
+                                port: b.port,
+                            };
+                            crate::reconcile::ProxyBackendInfo {
+                                group: g.name.to_string(),
+                                address: b.address,
+                                port: b.port,
+                                weight: b.weight,
+                                health: health.get(&key).cloned(),
+                            }
+                        })
                     })
-                })
-                .collect(),
+                    .collect(),
+            }
         })
         .collect()
 }

@@ -1,0 +1,220 @@
+//! Changes to a running config's backends (the admin API's backend commands): each is applied to
+//! a copy and the result is validated as a whole, so a refused change leaves nothing behind.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use super::{BackendSpec, Config, ConfigError, DEFAULT_GROUP};
+
+/// One change to one backend of a group. Without a port, the backend is the one that serves on
+/// its listeners' ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendEdit {
+    pub group: String,
+    pub address: IpAddr,
+    pub port: Option<u16>,
+    pub action: EditAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EditAction {
+    Add { weight: u32 },
+    Remove,
+    SetWeight { weight: u32 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error("group: no group named {group:?} (groups: {DEFAULT_GROUP}, {known})")]
+    NoGroup { group: String, known: String },
+    #[error("backend {backend} is already in group {group}")]
+    AlreadyInGroup { backend: BackendName, group: String },
+    #[error("backend {backend} is not in group {group}")]
+    NotInGroup { backend: BackendName, group: String },
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+/// A backend as a group lists it: `address:port`, or the address alone when it has no port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendName {
+    pub address: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for BackendName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => write!(f, "{}:{port}", self.address),
+            None => write!(f, "{}", self.address),
+        }
+    }
+}
+
+impl Config {
+    /// The config with `edit` applied, and a description of the change.
+    pub fn edit_backend(&self, edit: &BackendEdit) -> Result<(Config, String), EditError> {
+        let mut next = self.clone();
+        let group = &edit.group;
+        let backends = if group == DEFAULT_GROUP {
+            &mut next.default_group.backends
+        } else {
+            let known: Vec<String> = next.groups.iter().map(|g| g.name.clone()).collect();
+            &mut next
+                .groups
+                .iter_mut()
+                .find(|g| &g.name == group)
+                .ok_or_else(|| EditError::NoGroup {
+                    group: group.clone(),
+                    known: known.join(", "),
+                })?
+                .backends
+        };
+        let position = backends
+            .iter()
+            .position(|b| b.address == edit.address && b.port == edit.port);
+        let backend = BackendName {
+            address: edit.address,
+            port: edit.port,
+        };
+        let description = match (edit.action, position) {
+            (EditAction::Add { weight }, None) => {
+                backends.push(BackendSpec {
+                    address: edit.address,
+                    port: edit.port,
+                    weight,
+                });
+                format!("added backend {backend} with weight {weight} to group {group}")
+            }
+            (EditAction::Add { .. }, Some(_)) => {
+                return Err(EditError::AlreadyInGroup {
+                    backend,
+                    group: group.clone(),
+                })
+            }
+            (EditAction::Remove, Some(i)) => {
+                backends.remove(i);
+                format!("removed backend {backend} from group {group}")
+            }
+            (EditAction::SetWeight { weight }, Some(i)) => {
+                let old = backends[i].weight;
+                backends[i].weight = weight;
+                format!("set weight of backend {backend} in group {group} from {old} to {weight}")
+            }
+            (EditAction::Remove | EditAction::SetWeight { .. }, None) => {
+                return Err(EditError::NotInGroup {
+                    backend,
+                    group: group.clone(),
+                })
+            }
+        };
+        next.validate()?;
+        Ok((next, description))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::parse(
+            r#"
+instance = "api"
+[[interfaces]]
+name = "eth0"
+[[listeners]]
+name = "web"
+protocol = "tcp"
+vip = "10.0.0.10"
+port = 80
+group = "pool"
+[[groups]]
+name = "pool"
+backends = [{ address = "10.0.1.2", port = 8080 }]
+[[groups]]
+name = "db"
+type = "active-standby"
+backends = [{ address = "10.0.2.2", port = 5432 }, { address = "10.0.2.3", port = 5432 }]
+"#,
+            "api.toml",
+        )
+        .unwrap()
+    }
+
+    fn edit(group: &str, address: &str, port: Option<u16>, action: EditAction) -> BackendEdit {
+        BackendEdit {
+            group: group.into(),
+            address: address.parse().unwrap(),
+            port,
+            action,
+        }
+    }
+
+    #[test]
+    fn add_set_weight_and_remove_edit_the_named_group() {
+        let c = config();
+        let add = edit(
+            "pool",
+            "10.0.1.3",
+            Some(8080),
+            EditAction::Add { weight: 3 },
+        );
+        let (c, what) = c.edit_backend(&add).unwrap();
+        assert_eq!(
+            what,
+            "added backend 10.0.1.3:8080 with weight 3 to group pool"
+        );
+        assert_eq!(c.groups[0].backends.len(), 2);
+        let set = edit(
+            "pool",
+            "10.0.1.2",
+            Some(8080),
+            EditAction::SetWeight { weight: 0 },
+        );
+        let (c, _) = c.edit_backend(&set).unwrap();
+        assert_eq!(c.groups[0].backends[0].weight, 0);
+        let remove = edit("pool", "10.0.1.3", Some(8080), EditAction::Remove);
+        let (c, _) = c.edit_backend(&remove).unwrap();
+        assert_eq!(c.groups[0].backends.len(), 1);
+    }
+
+    #[test]
+    fn bad_edits_are_refused_with_the_reason() {
+        let c = config();
+        let refusal = |e: BackendEdit| c.edit_backend(&e).unwrap_err().to_string();
+        let e = refusal(edit(
+            "nope",
+            "10.0.1.3",
+            None,
+            EditAction::Add { weight: 1 },
+        ));
+        assert_eq!(
+            e,
+            "group: no group named \"nope\" (groups: default, pool, db)"
+        );
+        let e = refusal(edit("pool", "10.9.9.9", Some(1), EditAction::Remove));
+        assert_eq!(e, "backend 10.9.9.9:1 is not in group pool");
+        let e = refusal(edit(
+            "pool",
+            "10.0.1.2",
+            Some(8080),
+            EditAction::Add { weight: 1 },
+        ));
+        assert_eq!(e, "backend 10.0.1.2:8080 is already in group pool");
+        let e = refusal(edit(
+            "db",
+            "10.0.2.4",
+            Some(5432),
+            EditAction::Add { weight: 1 },
+        ));
+        assert!(e.contains("exactly two servers"), "{e}");
+        let e = refusal(edit(
+            "pool",
+            "10.0.1.2",
+            Some(8080),
+            EditAction::SetWeight { weight: 100_000 },
+        ));
+        assert!(e.contains("weight") && e.contains("100000"), "{e}");
+    }
+}

@@ -1,0 +1,154 @@
+//! A listener as the rest of slb sees it: its groups looked up and each backend's effective port
+//! decided once. A backend without a port of its own serves on the listener's port; that rule
+//! lives here and nowhere else.
+
+use std::net::IpAddr;
+
+use super::{BackendSpec, Config, GroupKind, Listener, DEFAULT_GROUP};
+
+/// A listener with the groups it forwards to.
+pub struct ResolvedListener<'a> {
+    pub listener: &'a Listener,
+    /// Its own group first, then, for HTTP(S), each further group its rules name, once.
+    pub groups: Vec<ResolvedGroup<'a>>,
+}
+
+impl<'a> ResolvedListener<'a> {
+    /// The group the listener forwards to when no rule matches: a TCP/UDP listener's only one.
+    pub fn group(&self) -> &ResolvedGroup<'a> {
+        &self.groups[0]
+    }
+}
+
+/// A group as one listener sees it: its backends on their effective ports.
+pub struct ResolvedGroup<'a> {
+    pub name: &'a str,
+    pub kind: GroupKind,
+    pub backends: Vec<ResolvedBackend>,
+}
+
+/// A backend of a group, on the port it serves this listener on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolvedBackend {
+    pub address: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+}
+
+impl ResolvedBackend {
+    fn of(spec: &BackendSpec, listener: &Listener) -> ResolvedBackend {
+        ResolvedBackend {
+            address: spec.address,
+            port: spec.port.unwrap_or(listener.port),
+            weight: spec.weight,
+        }
+    }
+}
+
+impl Config {
+    /// Every listener, resolved. For a validated config: a group name it does not know stands
+    /// for the default group.
+    pub fn resolved_listeners(&self) -> Vec<ResolvedListener<'_>> {
+        self.listeners.iter().map(|l| self.resolve(l)).collect()
+    }
+
+    /// One listener of this config, resolved (see [`Config::resolved_listeners`]).
+    pub fn resolve<'a>(&'a self, listener: &'a Listener) -> ResolvedListener<'a> {
+        let lookup = |name: &'a str| {
+            let (name, kind, specs) = match self.groups.iter().find(|g| g.name == name) {
+                Some(g) if name != DEFAULT_GROUP => (name, g.kind, &g.backends),
+                _ => (
+                    DEFAULT_GROUP,
+                    GroupKind::Vserver,
+                    &self.default_group.backends,
+                ),
+            };
+            ResolvedGroup {
+                name,
+                kind,
+                backends: specs
+                    .iter()
+                    .map(|spec| ResolvedBackend::of(spec, listener))
+                    .collect(),
+            }
+        };
+        let mut groups = vec![lookup(listener.group.as_deref().unwrap_or(DEFAULT_GROUP))];
+        for rule in &listener.rules {
+            if !groups.iter().any(|g| g.name == rule.group) {
+                groups.push(lookup(&rule.group));
+            }
+        }
+        ResolvedListener { listener, groups }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+instance = "t1"
+[[interfaces]]
+name = "eth0"
+[[listeners]]
+name = "web"
+protocol = "tcp"
+vip = "10.0.0.10"
+port = 80
+group = "pool"
+[[listeners]]
+name = "dns"
+protocol = "udp"
+vip = "10.0.0.10"
+port = 53
+[[listeners]]
+name = "site"
+protocol = "http"
+vip = "10.0.0.10"
+port = 8000
+rules = [{ path = "/api", group = "pool" }, { path = "/static", group = "default" }, { path = "/v2", group = "pool" }]
+[default_group]
+backends = [{ address = "10.0.1.1" }, { address = "10.0.1.4", port = 5353, weight = 3 }]
+[[groups]]
+name = "pool"
+backends = [{ address = "10.0.1.2", port = 8080, weight = 2 }]
+"#;
+
+    fn backend(address: &str, port: u16, weight: u32) -> ResolvedBackend {
+        ResolvedBackend {
+            address: address.parse().unwrap(),
+            port,
+            weight,
+        }
+    }
+
+    #[test]
+    fn backends_without_a_port_serve_on_the_listeners() {
+        let config = Config::parse(CONFIG, "t").unwrap();
+        let resolved = config.resolved_listeners();
+        let web = &resolved[0];
+        assert_eq!(
+            (web.group().name, web.group().kind),
+            ("pool", GroupKind::Vserver)
+        );
+        assert_eq!(web.group().backends, vec![backend("10.0.1.2", 8080, 2)]);
+        let dns = &resolved[1];
+        assert_eq!(dns.group().name, DEFAULT_GROUP);
+        assert_eq!(
+            dns.group().backends,
+            vec![backend("10.0.1.1", 53, 1), backend("10.0.1.4", 5353, 3)]
+        );
+    }
+
+    #[test]
+    fn an_http_listener_has_its_own_group_then_each_rule_group_once() {
+        let config = Config::parse(CONFIG, "t").unwrap();
+        let site = config.resolve(&config.listeners[2]);
+        let names: Vec<&str> = site.groups.iter().map(|g| g.name).collect();
+        assert_eq!(names, vec![DEFAULT_GROUP, "pool"]);
+        assert_eq!(
+            site.groups[0].backends,
+            vec![backend("10.0.1.1", 8000, 1), backend("10.0.1.4", 5353, 3)]
+        );
+    }
+}

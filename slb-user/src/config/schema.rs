@@ -1,0 +1,385 @@
+//! What the user writes: the config file's types as serde reads them from TOML, their defaults
+//! and the limits validation holds them to.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use slb_common::DEFAULT_RING_SIZE;
+
+use crate::instance::InstanceName;
+
+/// Largest backend weight: weights are ring credits, so very large ones only slow the build.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    /// Served by slb's HTTP proxy on the VIP; the XDP program lets it through to the stack.
+    Http,
+    /// HTTP over TLS, terminated by slb's proxy.
+    Https,
+}
+
+impl Listener {
+    /// How long the data plane keeps a silent flow of this (tcp/udp) listener.
+    pub fn idle_timeout_s(&self) -> u32 {
+        match (self.idle_timeout, self.protocol) {
+            (Some(t), _) => t.as_secs() as u32,
+            (None, Protocol::Udp) => slb_common::DEFAULT_UDP_IDLE_TIMEOUT_S,
+            (None, _) => slb_common::DEFAULT_TCP_IDLE_TIMEOUT_S,
+        }
+    }
+}
+
+impl Protocol {
+    pub fn ip_protocol(self) -> u8 {
+        match self {
+            Protocol::Tcp | Protocol::Http | Protocol::Https => slb_common::IPPROTO_TCP,
+            Protocol::Udp => slb_common::IPPROTO_UDP,
+        }
+    }
+
+    /// Served by the proxy in the daemon rather than by the XDP program.
+    pub fn is_l7(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Http => "http",
+            Protocol::Https => "https",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Driver mode: the program runs before the kernel allocates an skb.
+    #[default]
+    Native,
+    /// Generic (skb) mode: works on any interface, slower.
+    Generic,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names the pin directory /sys/fs/bpf/slb/<instance> and the state directory; checked
+    /// when parsed, so it is always one safe path component.
+    pub instance: InstanceName,
+    /// Optional list of the instance's VIPs; when given, every listener's VIP must be in it.
+    #[serde(default)]
+    pub vips: Vec<IpAddr>,
+    #[serde(default = "default_ring_size")]
+    pub maglev_table_size: u32,
+    /// Entries of the connection table: established flows the data plane remembers (about
+    /// 120 bytes of kernel memory each). Fixed while the instance runs.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    pub interfaces: Vec<Interface>,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub default_group: DefaultGroup,
+    #[serde(default)]
+    pub groups: Vec<Group>,
+    /// HTTP(S) listeners append one JSON line per request here.
+    #[serde(default)]
+    pub access_log: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Serve Prometheus metrics on 127.0.0.1:<port>/metrics (off when absent). Read at start.
+    #[serde(default)]
+    pub prometheus_port: Option<u16>,
+}
+
+fn default_max_connections() -> u32 {
+    slb_common::DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_ring_size() -> u32 {
+    DEFAULT_RING_SIZE
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    pub name: String,
+    #[serde(default)]
+    pub mode: AttachMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub protocol: Protocol,
+    pub vip: IpAddr,
+    pub port: u16,
+    /// A VServer group name; absent means the default group.
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    /// Source-address session persistence.
+    #[serde(default)]
+    pub persistence: Option<Persistence>,
+    /// TCP/UDP: how long a flow may stay silent before the balancer forgets it (default 900s
+    /// for TCP, 90s for UDP). A forgotten flow's next packet is balanced again.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// What to do when every backend of the group is unhealthy.
+    #[serde(default)]
+    pub on_all_unhealthy: AllUnhealthy,
+    /// HTTP(S): forwarding rules, checked exact domain, then wildcard domain, then path prefix.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// HTTPS: certificates, chosen by SNI; the first is used when no name matches.
+    #[serde(default)]
+    pub certificates: Vec<Certificate>,
+    /// HTTP(S): how a backend is chosen within a group.
+    #[serde(default)]
+    pub scheduler: Scheduler,
+    /// HTTP(S): cookie session persistence.
+    #[serde(default)]
+    pub cookie: Option<CookiePersistence>,
+    /// HTTP(S): add X-Forwarded-For, X-Forwarded-Proto and X-Real-IP.
+    #[serde(default = "default_true")]
+    pub forwarded_headers: bool,
+    /// HTTP(S): time a backend has to start answering before the client gets 504.
+    #[serde(default = "default_backend_timeout", with = "humantime_serde")]
+    pub backend_timeout: Duration,
+    /// HTTP(S): time a client has to send a request's headers (slow clients are cut off).
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_backend_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// A forwarding rule of an HTTP(S) listener. `domain` is exact (`www.example.com`) or a wildcard
+/// (`*.example.com`, any depth of subdomain); `path` is a prefix. A rule with both needs both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    pub group: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// PEM certificate chain.
+    pub cert: std::path::PathBuf,
+    /// PEM private key.
+    pub key: std::path::PathBuf,
+    /// SNI names this certificate serves (exact or `*.example.com`).
+    #[serde(default)]
+    pub domains: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// Weighted round robin.
+    #[default]
+    Wrr,
+    /// Weighted least connections (in-flight requests / weight).
+    Wlc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
+pub enum CookiePersistence {
+    /// slb sets its own cookie naming the backend.
+    Insert {
+        #[serde(default = "default_cookie_timeout", with = "humantime_serde")]
+        timeout: Duration,
+    },
+    /// slb keys on a cookie the application sets (by its value).
+    Rewrite { name: String },
+}
+
+fn default_cookie_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// Name of the cookie slb inserts.
+pub const INSERT_COOKIE: &str = "SLB_SERVER";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllUnhealthy {
+    /// Keep forwarding to all backends by weight, as if none were unhealthy: a health checker
+    /// that cannot reach anything is more often wrong than every backend at once.
+    #[default]
+    ForwardAll,
+    /// Drop new flows (counted as `no_backend_dropped`).
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Tcp,
+    Http,
+    Udp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(rename = "type")]
+    pub kind: CheckKind,
+    /// Port to probe instead of the backend's port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    #[serde(default = "default_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    #[serde(default = "default_threshold")]
+    pub unhealthy_threshold: u32,
+    /// HTTP: request path.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// HTTP: Host header (default: the backend address).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// HTTP: accepted status classes or codes, e.g. ["2xx", "3xx"] (the default) or ["204"].
+    #[serde(default)]
+    pub expected_codes: Option<Vec<String>>,
+    /// UDP: payload to send (default "slb-health-check").
+    #[serde(default)]
+    pub payload: Option<String>,
+    /// UDP: a reply must arrive and contain this string. Without it, a reply or silence for the
+    /// whole timeout counts as healthy and only an ICMP port-unreachable as unhealthy.
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_threshold() -> u32 {
+    3
+}
+
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(300);
+/// Shortest interval of a UDP check that relies on ICMP port-unreachable (no `expect`).
+pub const MIN_ICMP_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+pub const MAX_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+pub const MAX_THRESHOLD: u32 = 10;
+
+impl HealthCheck {
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
+
+    pub fn payload(&self) -> &str {
+        self.payload.as_deref().unwrap_or("slb-health-check")
+    }
+
+    /// Whether `status` is one of the expected codes.
+    pub fn accepts_status(&self, status: u16) -> bool {
+        match &self.expected_codes {
+            None => (200..400).contains(&status),
+            Some(codes) => codes.iter().any(|c| status_matches(c, status)),
+        }
+    }
+}
+
+fn status_matches(pattern: &str, status: u16) -> bool {
+    match pattern.as_bytes() {
+        [d, b'x', b'x'] if (b'1'..=b'5').contains(d) => status / 100 == u16::from(d - b'0'),
+        _ => pattern.parse::<u16>() == Ok(status),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Persistence {
+    /// How long a client address stays with its backend after its last new connection.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+pub const MAX_PERSISTENCE_TIMEOUT: Duration = Duration::from_secs(86_400);
+pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultGroup {
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub name: String,
+    /// `vserver` (default): weighted Maglev over the backends. `active-standby`: exactly two
+    /// servers, the first active, the second standby.
+    #[serde(default, rename = "type")]
+    pub kind: GroupKind,
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GroupKind {
+    #[default]
+    Vserver,
+    ActiveStandby,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    pub address: IpAddr,
+    /// Backend port; absent means the listener's port (default group only makes sense this way).
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Name the default group goes by in status output and errors.
+pub const DEFAULT_GROUP: &str = "default";

@@ -1,0 +1,259 @@
+//! Parsing and validation of whole config files: each error names the field and the value.
+
+use std::time::Duration;
+
+use super::*;
+
+const GOOD: &str = r#"
+instance = "t1"
+vips = ["10.0.0.10"]
+[[interfaces]]
+name = "eth0"
+[[listeners]]
+name = "web"
+protocol = "tcp"
+vip = "10.0.0.10"
+port = 80
+group = "pool"
+[[listeners]]
+name = "dns"
+protocol = "udp"
+vip = "10.0.0.10"
+port = 53
+[default_group]
+backends = [{ address = "10.0.1.1" }]
+[[groups]]
+name = "pool"
+backends = [{ address = "10.0.1.2", port = 8080, weight = 2 }, { address = "10.0.1.3", port = 8080 }]
+"#;
+
+fn error_of(text: &str) -> String {
+    Config::parse(text, "test.toml").unwrap_err().to_string()
+}
+
+#[test]
+fn good_config_parses_with_defaults() {
+    let c = Config::parse(GOOD, "test.toml").unwrap();
+    assert_eq!(c.maglev_table_size, 65537);
+    assert_eq!(c.interfaces[0].mode, AttachMode::Native);
+    assert_eq!(c.groups[0].backends[1].weight, 1);
+    assert_eq!(c.default_group.backends[0].port, None);
+}
+
+#[test]
+fn errors_name_the_field_and_value() {
+    let e = error_of(&GOOD.replace(
+        "group = \"pool\"\n[[listeners]]",
+        "group = \"nope\"\n[[listeners]]",
+    ));
+    assert!(
+        e.contains("listeners[0] (web).group") && e.contains("\"nope\"") && e.contains("pool"),
+        "{e}"
+    );
+
+    let e = error_of(&GOOD.replace("weight = 2", "weight = -1"));
+    assert!(e.contains("weight") && e.contains("test.toml"), "{e}");
+
+    let e = error_of(&GOOD.replace(
+        "instance = \"t1\"",
+        "instance = \"t1\"\nmaglev_table_size = 65536",
+    ));
+    assert!(
+        e.contains("maglev_table_size") && e.contains("65536"),
+        "{e}"
+    );
+
+    let e = error_of(&GOOD.replace("port = 53", "port = 0"));
+    assert!(e.contains("listeners[1] (dns).port"), "{e}");
+
+    let e = error_of(&GOOD.replace("port = 53", "port = 80\nprotocol2 = 1"));
+    assert!(e.contains("protocol2"), "{e}");
+
+    let e = error_of(&GOOD.replace("protocol = \"udp\"", "protocol = \"sctp\""));
+    assert!(e.contains("sctp"), "{e}");
+
+    let e = error_of(&GOOD.replace(
+        "vip = \"10.0.0.10\"\nport = 53",
+        "vip = \"10.0.0.11\"\nport = 53",
+    ));
+    assert!(
+        e.contains("listeners[1] (dns).vip") && e.contains("10.0.0.11"),
+        "{e}"
+    );
+
+    let e = error_of(&GOOD.replace("\"10.0.1.3\", port = 8080", "\"10.0.1.2\", port = 8080"));
+    assert!(
+        e.contains("groups[0] (pool).backends[1].address") && e.contains("twice"),
+        "{e}"
+    );
+
+    let e = error_of(&GOOD.replace("weight = 2", "weight = 20000"));
+    assert!(
+        e.contains("groups[0] (pool).backends[0].weight") && e.contains("20000"),
+        "{e}"
+    );
+
+    let e = error_of(&GOOD.replace("instance = \"t1\"", "instance = \"a/b\""));
+    assert!(e.contains("instance") && e.contains("a/b"), "{e}");
+
+    let e = error_of(&GOOD.replace("address = \"10.0.1.1\"", "address = \"10.0.1.300\""));
+    assert!(
+        e.contains("10.0.1.300") && e.contains("invalid IP address syntax"),
+        "{e}"
+    );
+}
+
+#[test]
+fn active_standby_needs_exactly_two_servers() {
+    let three = format!(
+        "{GOOD}\n[[groups]]\nname = \"db\"\ntype = \"active-standby\"\nbackends = [{{ address = \"10.0.2.1\" }}, {{ address = \"10.0.2.2\" }}, {{ address = \"10.0.2.3\" }}]\n"
+    );
+    let e = error_of(&three);
+    assert!(
+        e.contains("groups[1] (db).backends") && e.contains("exactly two") && e.contains("has 3"),
+        "{e}"
+    );
+    let two = three.replace(", { address = \"10.0.2.3\" }", "");
+    let c = Config::parse(&two, "t").unwrap();
+    assert_eq!(c.groups[1].kind, GroupKind::ActiveStandby);
+}
+
+#[test]
+fn health_check_must_fit_the_listener_and_its_ranges() {
+    let with_check = |listener: &str, check: &str| {
+        GOOD.replace(
+            &format!("name = \"{listener}\"\n"),
+            &format!("name = \"{listener}\"\nhealth_check = {check}\n"),
+        )
+    };
+    let e = error_of(&with_check("dns", "{ type = \"http\" }"));
+    assert!(
+        e.contains("listeners[1] (dns).health_check.type")
+            && e.contains("HTTP check needs a TCP listener"),
+        "{e}"
+    );
+    let e = error_of(&with_check("web", "{ type = \"udp\" }"));
+    assert!(e.contains("listeners[0] (web).health_check.type"), "{e}");
+    let e = error_of(&with_check(
+        "dns",
+        "{ type = \"udp\", interval = \"200ms\", timeout = \"200ms\" }",
+    ));
+    assert!(
+        e.contains("dns).health_check.interval") && e.contains("rate-limits"),
+        "{e}"
+    );
+    Config::parse(
+        &with_check(
+            "dns",
+            "{ type = \"udp\", interval = \"200ms\", timeout = \"200ms\", expect = \"pong\" }",
+        ),
+        "t",
+    )
+    .unwrap();
+    let e = error_of(&with_check(
+        "web",
+        "{ type = \"tcp\", interval = \"10ms\" }",
+    ));
+    assert!(
+        e.contains("health_check.interval") && e.contains("10ms"),
+        "{e}"
+    );
+    let e = error_of(&with_check(
+        "web",
+        "{ type = \"tcp\", interval = \"1s\", timeout = \"2s\" }",
+    ));
+    assert!(
+        e.contains("health_check.timeout") && e.contains("no longer than the interval"),
+        "{e}"
+    );
+    let e = error_of(&with_check(
+        "web",
+        "{ type = \"tcp\", unhealthy_threshold = 0 }",
+    ));
+    assert!(
+        e.contains("unhealthy_threshold") && e.contains("between 1 and 10"),
+        "{e}"
+    );
+    let e = error_of(&with_check(
+        "web",
+        "{ type = \"http\", expected_codes = [\"2xy\"] }",
+    ));
+    assert!(e.contains("expected_codes") && e.contains("2xy"), "{e}");
+    let e = error_of(&with_check("web", "{ type = \"tcp\", path = \"/x\" }"));
+    assert!(
+        e.contains("health_check.path") && e.contains("only applies to http"),
+        "{e}"
+    );
+    let ok = Config::parse(&with_check("web", "{ type = \"http\", path = \"/healthz\", expected_codes = [\"2xx\", \"301\"], interval = \"500ms\", timeout = \"300ms\" }"), "t").unwrap();
+    let check = ok.listeners[0].health_check.as_ref().unwrap();
+    assert_eq!(check.interval, Duration::from_millis(500));
+    assert!(check.accepts_status(204) && check.accepts_status(301) && !check.accepts_status(302));
+}
+
+#[test]
+fn persistence_timeout_is_bounded() {
+    let e = error_of(&GOOD.replace(
+        "port = 53\n",
+        "port = 53\npersistence = { timeout = \"2d\" }\n",
+    ));
+    assert!(e.contains("listeners[1] (dns).persistence.timeout"), "{e}");
+    let c = Config::parse(
+        &GOOD.replace(
+            "port = 53\n",
+            "port = 53\npersistence = { timeout = \"5m\" }\n",
+        ),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        c.listeners[1].persistence.unwrap().timeout,
+        Duration::from_secs(300)
+    );
+}
+
+#[test]
+fn ring_too_small_for_the_group_is_rejected() {
+    let e = error_of(&GOOD.replace(
+        "instance = \"t1\"",
+        "instance = \"t1\"\nmaglev_table_size = 13",
+    ));
+    assert!(
+        e.contains("maglev_table_size") && e.contains("\"web\"") && e.contains("2 backends"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_listener_endpoint_is_rejected() {
+    let e = error_of(&GOOD.replace(
+        "protocol = \"udp\"\nvip = \"10.0.0.10\"\nport = 53",
+        "protocol = \"tcp\"\nvip = \"10.0.0.10\"\nport = 80",
+    ));
+    assert!(e.contains("10.0.0.10:80/tcp is already used"), "{e}");
+}
+
+#[test]
+fn a_backend_endpoint_serves_one_tcp_udp_listener() {
+    // Without a port of its own, the default group's 10.0.1.2 serves the second listener on
+    // its port 8080: the endpoint the pool's 10.0.1.2:8080 already serves for "web".
+    let shared = GOOD.replace(
+        "backends = [{ address = \"10.0.1.1\" }]",
+        "backends = [{ address = \"10.0.1.2\" }]",
+    )
+        + "[[listeners]]\nname = \"alt\"\nprotocol = \"tcp\"\nvip = \"10.0.0.10\"\nport = 8080\n";
+    let e = error_of(&shared);
+    assert!(
+        e.contains("listeners[2] (alt).group")
+            && e.contains("backend 10.0.1.2:8080/tcp also serves listener \"web\""),
+        "{e}"
+    );
+    // The same endpoint under UDP is another one.
+    Config::parse(
+        &shared.replace(
+            "name = \"alt\"\nprotocol = \"tcp\"",
+            "name = \"alt\"\nprotocol = \"udp\"",
+        ),
+        "t",
+    )
+    .unwrap();
+}

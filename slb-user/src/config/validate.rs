@@ -1,0 +1,653 @@
+//! Validation of a parsed config, by part: sizes, interfaces, groups and their backends, then
+//! each listener by kind (what every listener needs, what only TCP/UDP or only HTTP(S) listeners
+//! take, health checks). Every error names the field and the value that is wrong.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use slb_common::maglev::is_prime;
+use slb_common::{MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
+
+use super::resolve::ResolvedBackend;
+use super::{
+    invalid, BackendSpec, CheckKind, Config, ConfigError, CookiePersistence, Group, GroupKind,
+    HealthCheck, Interface, Listener, Protocol, Scheduler, DEFAULT_GROUP, MAX_CHECK_INTERVAL,
+    MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_PERSISTENCE_TIMEOUT, MAX_THRESHOLD, MAX_WEIGHT,
+    MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT,
+};
+
+/// Names a field of one listener: `listeners[<i>] (<name>).<field>`.
+type FieldOf<'a> = &'a dyn Fn(&str) -> String;
+
+/// The defined groups by name.
+type Groups<'a> = BTreeMap<&'a str, &'a Group>;
+
+/// What the listeners seen so far claim, so the next one cannot claim it again.
+#[derive(Default)]
+struct Claims<'a> {
+    names: BTreeSet<&'a str>,
+    /// (VIP, port, protocol) of each listener.
+    endpoints: BTreeSet<(IpAddr, u16, u8)>,
+    /// (backend address, port, protocol) → the TCP/UDP listener it serves.
+    reply_endpoints: BTreeMap<(IpAddr, u16, u8), &'a str>,
+    backends: usize,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_sizes()?;
+        validate_interfaces(&self.interfaces)?;
+        let groups = validate_groups(&self.groups)?;
+        validate_backends("default_group", &self.default_group.backends)?;
+        if self.listeners.len() > MAX_LISTENERS as usize {
+            return Err(invalid(
+                "listeners",
+                format!(
+                    "{} listeners, at most {MAX_LISTENERS} are supported",
+                    self.listeners.len()
+                ),
+            ));
+        }
+        let mut claims = Claims::default();
+        for (i, l) in self.listeners.iter().enumerate() {
+            self.validate_listener(i, l, &groups, &mut claims)?;
+        }
+        if claims.backends > MAX_BACKENDS as usize {
+            return Err(invalid(
+                "listeners",
+                format!(
+                    "{} listener backends in all, at most {MAX_BACKENDS} are supported",
+                    claims.backends
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_sizes(&self) -> Result<(), ConfigError> {
+        if !(slb_common::MIN_MAX_CONNECTIONS..=slb_common::MAX_MAX_CONNECTIONS)
+            .contains(&self.max_connections)
+        {
+            return Err(invalid(
+                "max_connections",
+                format!(
+                    "{} must be between {} and {}",
+                    self.max_connections,
+                    slb_common::MIN_MAX_CONNECTIONS,
+                    slb_common::MAX_MAX_CONNECTIONS
+                ),
+            ));
+        }
+        if !is_prime(self.maglev_table_size) || self.maglev_table_size > MAX_RING_SIZE {
+            return Err(invalid(
+                "maglev_table_size",
+                format!(
+                    "{} must be a prime no larger than {MAX_RING_SIZE} (e.g. 65537 or 655373)",
+                    self.maglev_table_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_listener<'a>(
+        &'a self,
+        i: usize,
+        l: &'a Listener,
+        groups: &Groups<'_>,
+        claims: &mut Claims<'a>,
+    ) -> Result<(), ConfigError> {
+        let at = |f: &str| format!("listeners[{i}] ({}).{f}", l.name);
+        if l.name.is_empty() {
+            return Err(invalid(format!("listeners[{i}].name"), "must not be empty"));
+        }
+        if !claims.names.insert(&l.name) {
+            return Err(invalid(
+                at("name"),
+                format!("listener {:?} is defined twice", l.name),
+            ));
+        }
+        self.validate_listener_endpoint(&at, l, claims)?;
+        let kind = match &l.group {
+            None => GroupKind::Vserver,
+            Some(g) => {
+                groups
+                    .get(g.as_str())
+                    .ok_or_else(|| {
+                        invalid(
+                            at("group"),
+                            format!(
+                                "no group named {g:?} (defined groups: {})",
+                                group_list(groups)
+                            ),
+                        )
+                    })?
+                    .kind
+            }
+        };
+        if l.protocol.is_l7() {
+            validate_l7_listener(&at, l, kind, groups)?;
+        } else {
+            validate_l4_only_fields(&at, l)?;
+        }
+        if let Some(check) = &l.health_check {
+            validate_health_check(&at("health_check"), check, l.protocol)?;
+        }
+        let resolved = self.resolve(l);
+        let backends = &resolved.group().backends;
+        if !l.protocol.is_l7() {
+            claim_reply_endpoints(&at, l, backends, &mut claims.reply_endpoints)?;
+        }
+        validate_timeouts(&at, l)?;
+        claims.backends += backends.len();
+        // Maglev needs many more slots than backends to balance them.
+        if (self.maglev_table_size as usize) < backends.len() * 10 {
+            return Err(invalid(
+                "maglev_table_size",
+                format!(
+                    "{} is too small for listener {:?} with {} backends (needs at least 10 slots per backend)",
+                    self.maglev_table_size,
+                    l.name,
+                    backends.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The listener's port, VIP and (VIP, port, protocol), which no other listener may have.
+    fn validate_listener_endpoint(
+        &self,
+        at: FieldOf<'_>,
+        l: &Listener,
+        claims: &mut Claims<'_>,
+    ) -> Result<(), ConfigError> {
+        if l.port == 0 {
+            return Err(invalid(at("port"), "0 is not a valid port"));
+        }
+        if !self.vips.is_empty() && !self.vips.contains(&l.vip) {
+            return Err(invalid(
+                at("vip"),
+                format!("{} is not one of the instance's vips", l.vip),
+            ));
+        }
+        if l.vip.is_ipv6() {
+            return Err(invalid(
+                at("vip"),
+                format!("{}: IPv6 listeners are not supported yet", l.vip),
+            ));
+        }
+        if !claims
+            .endpoints
+            .insert((l.vip, l.port, l.protocol.ip_protocol()))
+        {
+            return Err(invalid(
+                at("port"),
+                format!(
+                    "{}:{}/{} is already used by another listener",
+                    l.vip, l.port, l.protocol
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn validate_interfaces(interfaces: &[Interface]) -> Result<(), ConfigError> {
+    if interfaces.is_empty() {
+        return Err(invalid(
+            "interfaces",
+            "at least one interface to attach to is required",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, iface) in interfaces.iter().enumerate() {
+        let field = format!("interfaces[{i}].name");
+        if iface.name.is_empty() || iface.name.len() > 15 || iface.name.contains('/') {
+            return Err(invalid(
+                field,
+                format!("{:?} is not a valid interface name", iface.name),
+            ));
+        }
+        if !seen.insert(&iface.name) {
+            return Err(invalid(field, format!("{:?} is listed twice", iface.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Checks each group and its backends; returns the groups by name.
+fn validate_groups(defined: &[Group]) -> Result<Groups<'_>, ConfigError> {
+    let mut groups = Groups::new();
+    for (i, group) in defined.iter().enumerate() {
+        if group.name.is_empty() || group.name == DEFAULT_GROUP {
+            return Err(invalid(
+                format!("groups[{i}].name"),
+                format!(
+                    "{:?} is reserved or empty; name the group something else",
+                    group.name
+                ),
+            ));
+        }
+        if groups.insert(&group.name, group).is_some() {
+            return Err(invalid(
+                format!("groups[{i}].name"),
+                format!("group {:?} is defined twice", group.name),
+            ));
+        }
+        validate_backends(&format!("groups[{i}] ({})", group.name), &group.backends)?;
+        if group.kind == GroupKind::ActiveStandby && group.backends.len() != 2 {
+            return Err(invalid(
+                format!("groups[{i}] ({}).backends", group.name),
+                format!(
+                    "an active-standby group has exactly two servers (the active first, then the standby); this one has {}",
+                    group.backends.len()
+                ),
+            ));
+        }
+    }
+    Ok(groups)
+}
+
+/// The balancer recognises a backend's replies by their source alone, so a backend endpoint
+/// belongs to one TCP/UDP listener.
+fn claim_reply_endpoints<'a>(
+    at: FieldOf<'_>,
+    l: &'a Listener,
+    backends: &[ResolvedBackend],
+    claimed: &mut BTreeMap<(IpAddr, u16, u8), &'a str>,
+) -> Result<(), ConfigError> {
+    for b in backends {
+        let endpoint = (b.address, b.port, l.protocol.ip_protocol());
+        match claimed.insert(endpoint, &l.name) {
+            Some(other) if other != l.name => {
+                return Err(invalid(
+                    at("group"),
+                    format!(
+                        "backend {}:{}/{} also serves listener {other:?}; the balancer \
+                         recognises a backend's replies by its address and port, so each \
+                         belongs to one tcp/udp listener (give one of them another \
+                         backend port in a VServer group)",
+                        b.address, b.port, l.protocol
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn validate_timeouts(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
+    if let Some(timeout) = l.idle_timeout {
+        if l.protocol.is_l7() {
+            return Err(invalid(
+                at("idle_timeout"),
+                "is for tcp/udp listeners; http/https listeners have header_timeout and backend_timeout",
+            ));
+        }
+        if !(MIN_IDLE_TIMEOUT..=MAX_IDLE_TIMEOUT).contains(&timeout) {
+            return Err(invalid(
+                at("idle_timeout"),
+                format!(
+                    "{} must be between 10s and 1h",
+                    humantime::format_duration(timeout)
+                ),
+            ));
+        }
+    }
+    if let Some(p) = &l.persistence {
+        if p.timeout < Duration::from_secs(1) || p.timeout > MAX_PERSISTENCE_TIMEOUT {
+            return Err(invalid(
+                at("persistence.timeout"),
+                format!(
+                    "{} must be between 1s and 24h",
+                    humantime::format_duration(p.timeout)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_l4_only_fields(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
+    let l7_fields = [
+        ("rules", !l.rules.is_empty()),
+        ("certificates", !l.certificates.is_empty()),
+        ("cookie", l.cookie.is_some()),
+        ("scheduler", l.scheduler != Scheduler::default()),
+    ];
+    for (name, set) in l7_fields {
+        if set {
+            return Err(invalid(
+                at(name),
+                format!(
+                    "only applies to http/https listeners; this one is {}",
+                    l.protocol
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_domain(field: String, domain: &str) -> Result<(), ConfigError> {
+    let name = domain.strip_prefix("*.").unwrap_or(domain);
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !ok {
+        return Err(invalid(
+            field,
+            format!("{domain:?} is not a domain name or *.wildcard"),
+        ));
+    }
+    Ok(())
+}
+
+/// An HTTP path as rules and checks take it: absolute, without spaces or control characters.
+fn validate_path(field: String, path: &str) -> Result<(), ConfigError> {
+    if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            field,
+            format!("{path:?} must start with '/' and contain no spaces"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_l7_listener(
+    at: FieldOf<'_>,
+    l: &Listener,
+    kind: GroupKind,
+    groups: &Groups<'_>,
+) -> Result<(), ConfigError> {
+    if kind == GroupKind::ActiveStandby {
+        return Err(invalid(
+            at("group"),
+            "active-standby groups serve only tcp/udp listeners",
+        ));
+    }
+    if l.persistence.is_some() {
+        return Err(invalid(
+            at("persistence"),
+            "source-address persistence is for tcp/udp listeners; use cookie for http/https",
+        ));
+    }
+    validate_rules(at, l, groups)?;
+    validate_certificates(at, l)?;
+    if let Some(CookiePersistence::Rewrite { name }) = &l.cookie {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(
+                at("cookie.name"),
+                format!("{name:?} is not a cookie name"),
+            ));
+        }
+    }
+    if l.backend_timeout < Duration::from_millis(100)
+        || l.backend_timeout > Duration::from_secs(3600)
+    {
+        return Err(invalid(
+            at("backend_timeout"),
+            "must be between 100ms and 1h",
+        ));
+    }
+    if l.header_timeout < Duration::from_millis(100) || l.header_timeout > Duration::from_secs(300)
+    {
+        return Err(invalid(
+            at("header_timeout"),
+            "must be between 100ms and 300s",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_rules(at: FieldOf<'_>, l: &Listener, groups: &Groups<'_>) -> Result<(), ConfigError> {
+    for (i, rule) in l.rules.iter().enumerate() {
+        let field = |f: &str| at(&format!("rules[{i}].{f}"));
+        if rule.domain.is_none() && rule.path.is_none() {
+            return Err(invalid(
+                field("domain"),
+                "a rule needs a domain, a path, or both",
+            ));
+        }
+        if let Some(d) = &rule.domain {
+            validate_domain(field("domain"), d)?;
+        }
+        if let Some(p) = &rule.path {
+            validate_path(field("path"), p)?;
+        }
+        if rule.group == DEFAULT_GROUP {
+            continue;
+        }
+        match groups.get(rule.group.as_str()) {
+            None => {
+                return Err(invalid(
+                    field("group"),
+                    format!(
+                        "no group named {:?} (defined groups: {})",
+                        rule.group,
+                        group_list(groups)
+                    ),
+                ));
+            }
+            Some(g) if g.kind == GroupKind::ActiveStandby => {
+                return Err(invalid(
+                    field("group"),
+                    "active-standby groups serve only tcp/udp listeners",
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// An HTTPS listener's certificates: there is one at least, and each loads.
+fn validate_certificates(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
+    match l.protocol {
+        Protocol::Https if l.certificates.is_empty() => {
+            return Err(invalid(
+                at("certificates"),
+                "an https listener needs at least one certificate",
+            ));
+        }
+        Protocol::Http if !l.certificates.is_empty() => {
+            return Err(invalid(
+                at("certificates"),
+                "only https listeners take certificates",
+            ));
+        }
+        _ => {}
+    }
+    for (i, cert) in l.certificates.iter().enumerate() {
+        for (j, d) in cert.domains.iter().enumerate() {
+            validate_domain(at(&format!("certificates[{i}].domains[{j}]")), d)?;
+        }
+        crate::proxy::tls::load_certified_key(cert)
+            .map_err(|message| invalid(at(&format!("certificates[{i}]")), message))?;
+    }
+    Ok(())
+}
+
+fn validate_health_check(at: &str, c: &HealthCheck, protocol: Protocol) -> Result<(), ConfigError> {
+    let field = |f: &str| format!("{at}.{f}");
+    match (c.kind, protocol) {
+        (CheckKind::Http, Protocol::Udp) => {
+            return Err(invalid(
+                field("type"),
+                "an HTTP check needs a TCP listener; this listener is UDP (use tcp or udp)",
+            ));
+        }
+        (CheckKind::Udp, Protocol::Tcp | Protocol::Http | Protocol::Https) => {
+            return Err(invalid(
+                field("type"),
+                format!("a UDP check needs a UDP listener; this listener is {protocol} (use tcp or http)"),
+            ));
+        }
+        _ => {}
+    }
+    if c.port == Some(0) {
+        return Err(invalid(field("port"), "0 is not a valid port"));
+    }
+    validate_check_timing(&field, c)?;
+    validate_check_fields(&field, c)
+}
+
+/// Interval, timeout and thresholds of a check.
+fn validate_check_timing(field: FieldOf<'_>, c: &HealthCheck) -> Result<(), ConfigError> {
+    if c.interval < MIN_CHECK_INTERVAL || c.interval > MAX_CHECK_INTERVAL {
+        return Err(invalid(
+            field("interval"),
+            format!(
+                "{} must be between 100ms and 300s",
+                humantime::format_duration(c.interval)
+            ),
+        ));
+    }
+    // Linux sends ICMP errors to a host at most once a second (after a burst of 6); a faster
+    // check that learns "dead" only from port-unreachable would read the gaps as "alive".
+    if c.kind == CheckKind::Udp && c.expect.is_none() && c.interval < MIN_ICMP_CHECK_INTERVAL {
+        return Err(invalid(
+            field("interval"),
+            format!(
+                "{} is too short for a UDP check without `expect`: it learns of a dead server only from ICMP port-unreachable, which Linux rate-limits to one per second per host; use 1s or more, or set `expect`",
+                humantime::format_duration(c.interval)
+            ),
+        ));
+    }
+    if c.timeout < MIN_CHECK_INTERVAL || c.timeout > MAX_CHECK_TIMEOUT || c.timeout > c.interval {
+        return Err(invalid(
+            field("timeout"),
+            format!(
+                "{} must be between 100ms and 60s and no longer than the interval ({})",
+                humantime::format_duration(c.timeout),
+                humantime::format_duration(c.interval)
+            ),
+        ));
+    }
+    for (name, value) in [
+        ("healthy_threshold", c.healthy_threshold),
+        ("unhealthy_threshold", c.unhealthy_threshold),
+    ] {
+        if !(1..=MAX_THRESHOLD).contains(&value) {
+            return Err(invalid(
+                field(name),
+                format!("{value} must be between 1 and {MAX_THRESHOLD}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The fields only HTTP checks or only UDP checks take, and their values.
+fn validate_check_fields(field: FieldOf<'_>, c: &HealthCheck) -> Result<(), ConfigError> {
+    let http_only = [
+        ("path", c.path.is_some()),
+        ("host", c.host.is_some()),
+        ("expected_codes", c.expected_codes.is_some()),
+    ];
+    let udp_only = [
+        ("payload", c.payload.is_some()),
+        ("expect", c.expect.is_some()),
+    ];
+    for (name, set) in http_only {
+        if set && c.kind != CheckKind::Http {
+            return Err(invalid(field(name), "only applies to http checks"));
+        }
+    }
+    for (name, set) in udp_only {
+        if set && c.kind != CheckKind::Udp {
+            return Err(invalid(field(name), "only applies to udp checks"));
+        }
+    }
+    if let Some(path) = &c.path {
+        validate_path(field("path"), path)?;
+    }
+    if let Some(host) = &c.host {
+        if host.is_empty() || host.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+            return Err(invalid(
+                field("host"),
+                format!("{host:?} is not a valid Host header"),
+            ));
+        }
+    }
+    if let Some(codes) = &c.expected_codes {
+        if codes.is_empty() {
+            return Err(invalid(
+                field("expected_codes"),
+                "must list at least one code or class",
+            ));
+        }
+        if let Some(bad) = codes.iter().find(|code| !valid_status_pattern(code)) {
+            return Err(invalid(
+                field("expected_codes"),
+                format!("{bad:?} is not a status class (2xx) or code (204)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn valid_status_pattern(pattern: &str) -> bool {
+    matches!(pattern.as_bytes(), [b'1'..=b'5', b'x', b'x'])
+        || pattern
+            .parse::<u16>()
+            .is_ok_and(|c| (100..600).contains(&c))
+}
+
+fn group_list(groups: &Groups<'_>) -> String {
+    if groups.is_empty() {
+        "none".into()
+    } else {
+        groups.keys().copied().collect::<Vec<_>>().join(", ")
+    }
+}
+
+fn validate_backends(group: &str, backends: &[BackendSpec]) -> Result<(), ConfigError> {
+    let mut seen = BTreeSet::new();
+    for (i, b) in backends.iter().enumerate() {
+        let field = |f: &str| format!("{group}.backends[{i}].{f}");
+        if b.address.is_ipv6() {
+            return Err(invalid(
+                field("address"),
+                format!("{}: IPv6 backends are not supported yet", b.address),
+            ));
+        }
+        if b.address.is_unspecified() || b.address.is_multicast() {
+            return Err(invalid(
+                field("address"),
+                format!("{} is not a unicast address", b.address),
+            ));
+        }
+        if b.port == Some(0) {
+            return Err(invalid(field("port"), "0 is not a valid port"));
+        }
+        if b.weight > MAX_WEIGHT {
+            return Err(invalid(
+                field("weight"),
+                format!("{} is above the maximum {MAX_WEIGHT}", b.weight),
+            ));
+        }
+        if !seen.insert((b.address, b.port)) {
+            return Err(invalid(
+                field("address"),
+                format!(
+                    "{}:{} is listed twice in the group",
+                    b.address,
+                    b.port.map_or("<listener port>".into(), |p| p.to_string())
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
