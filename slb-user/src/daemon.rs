@@ -13,14 +13,15 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::api::{self, Call, Request, Response};
+use crate::applied::{AppliedState, BackendKey, HealthStatus, StateFileError};
 use crate::config::{AttachMode, Config, GroupKind, ResolvedBackend};
 use crate::dataplane::{detach_pinned, Dataplane, TableSizes};
-use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor, HealthStatus};
-use crate::instance::{lock_file, socket_path, state_dir, state_file};
+use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor};
+use crate::instance::{lock_file, socket_path, state_dir};
 use crate::links::{self, LinkHistory};
 use crate::maps::PinnedMaps;
 use crate::proxy::ProxyManager;
-use crate::reconcile::{AppliedState, BackendKey, Reconciler};
+use crate::reconcile::Reconciler;
 
 /// How often the daemon checks that each attached interface still has the program.
 const LINK_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -121,18 +122,6 @@ impl InstanceLock {
     }
 }
 
-fn write_state(state: &AppliedState) -> anyhow::Result<()> {
-    let path = state_file(&state.instance);
-    let dir = path.parent().expect("state file has a directory");
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = path.with_extension("json.tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(state)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, &path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
-}
-
 pub struct RunOptions {
     pub config: PathBuf,
     /// Leave programs attached and maps pinned on exit.
@@ -218,12 +207,12 @@ pub enum Exit {
 
 /// The state a previous run left, for adoption after a restart.
 fn read_state(instance: &str) -> Option<AppliedState> {
-    let path = state_file(instance);
-    let text = fs::read_to_string(&path).ok()?;
-    match serde_json::from_str(&text) {
+    match AppliedState::read(instance) {
         Ok(state) => Some(state),
+        Err(StateFileError::NotRunning { .. }) => None,
         Err(e) => {
-            tracing::warn!(path = %path.display(), "ignoring the previous run's state: {e}");
+            let e = anyhow::Error::from(e);
+            tracing::warn!("ignoring the previous run's state: {e:#}");
             None
         }
     }
@@ -350,6 +339,8 @@ fn interface_exists(name: &str) -> bool {
 
 struct Daemon {
     reconciler: Reconciler,
+    /// What the daemon publishes in the state file; the maps part is the reconciler's.
+    state: AppliedState,
     interfaces: BTreeMap<String, AttachMode>,
     /// The file as last read successfully.
     file_config: Config,
@@ -392,11 +383,7 @@ fn check_targets(config: &Config) -> Vec<CheckTarget> {
         }
         for b in checked {
             targets.push(CheckTarget {
-                key: BackendKey {
-                    listener: l.name.clone(),
-                    address: b.address,
-                    port: b.port,
-                },
+                key: BackendKey::of(l, &b),
                 address: SocketAddr::new(b.address, check.port.unwrap_or(b.port)),
                 check: check.clone(),
             });
@@ -408,7 +395,6 @@ fn check_targets(config: &Config) -> Vec<CheckTarget> {
 impl Daemon {
     /// Tells systemd (Type=notify) where we are, with a one-line status; a no-op elsewhere.
     fn notify_systemd(&self, states: &[sd_notify::NotifyState<'_>]) {
-        let state = self.reconciler.state();
         let stopping = states
             .iter()
             .any(|s| matches!(s, sd_notify::NotifyState::Stopping));
@@ -423,7 +409,7 @@ impl Daemon {
                     .cloned()
                     .collect::<Vec<_>>()
                     .join(", "),
-                state.generation
+                self.state.generation
             )
         };
         let mut all = states.to_vec();
@@ -442,6 +428,11 @@ impl Daemon {
     ) -> anyhow::Result<Daemon> {
         let maps = PinnedMaps::open(dataplane.dir())?;
         let mut reconciler = Reconciler::new(maps, &config.instance, config.maglev_table_size);
+        let mut state = AppliedState {
+            instance: config.instance.to_string(),
+            ring_size: config.maglev_table_size,
+            ..Default::default()
+        };
         let mut health = BTreeMap::new();
         if let Some(previous) = previous {
             // Same ids and rings as before, so pinned connections keep their backends; and the
@@ -456,10 +447,12 @@ impl Daemon {
                 backends = previous.backends.len(),
                 "adopted the previous run's state"
             );
-            reconciler.adopt(previous);
+            state.generation = previous.generation;
+            reconciler.adopt(previous.maps());
         }
         let mut daemon = Daemon {
             reconciler,
+            state,
             interfaces: BTreeMap::new(),
             file_config: config.clone(),
             config: config.clone(),
@@ -514,27 +507,26 @@ impl Daemon {
         }
         self.proxy.apply(&config, &self.health)?;
         self.reconciler.apply(&config, &self.health)?;
-        let state = self.reconciler.state_mut();
-        state.generation += 1;
-        state.runtime_changes = runtime_changes;
+        self.state.generation += 1;
+        self.state.runtime_changes = runtime_changes;
+        self.state.interfaces = config.interfaces.iter().map(|i| i.name.clone()).collect();
         self.config = config;
         self.publish()?;
-        Ok(self.reconciler.state().generation)
+        Ok(self.state.generation)
     }
 
     /// Writes the state file `slb status` and `slb report` read.
     fn publish(&mut self) -> anyhow::Result<()> {
-        let proxy_listeners = crate::proxy::describe(&self.config, &self.health);
-        let state = self.reconciler.state_mut();
-        state.proxy_listeners = proxy_listeners;
-        state.access_log = self.config.access_log.clone();
+        self.state.set_maps(self.reconciler.state());
+        self.state.proxy_listeners = crate::proxy::describe(&self.config, &self.health);
+        self.state.access_log = self.config.access_log.clone();
         let plan = crate::flows::SweepPlan::from_state(self.reconciler.state());
         self.sweep_plan.send_if_modified(|current| {
             let changed = *current != plan;
             *current = plan;
             changed
         });
-        write_state(self.reconciler.state())
+        Ok(self.state.write()?)
     }
 
     /// Attaches and detaches so that the program runs on exactly `config`'s interfaces. All or
@@ -692,7 +684,7 @@ impl Daemon {
     }
 
     fn response(&self, result: anyhow::Result<String>) -> Response {
-        let generation = self.reconciler.state().generation;
+        let generation = self.state.generation;
         match result {
             Ok(message) => Response {
                 ok: true,
@@ -742,7 +734,7 @@ impl Daemon {
                 .backend_edit()
                 .ok_or_else(|| anyhow::anyhow!("not a backend change"))?;
             let (config, description) = self.config.edit_backend(&edit)?;
-            let mut changes = self.reconciler.state().runtime_changes.clone();
+            let mut changes = self.state.runtime_changes.clone();
             changes.push(description.clone());
             self.apply(config, changes)?;
             Ok(description)
@@ -756,9 +748,9 @@ impl Daemon {
         };
         let key = &event.key;
         if event.healthy {
-            tracing::info!(listener = %key.listener, backend = %format!("{}:{}", key.address, key.port), reason = %event.reason, "backend is healthy");
+            tracing::info!(listener = %key.listener, backend = %key.endpoint(), reason = %event.reason, "backend is healthy");
         } else {
-            tracing::warn!(listener = %key.listener, backend = %format!("{}:{}", key.address, key.port), reason = %event.reason, "backend is unhealthy");
+            tracing::warn!(listener = %key.listener, backend = %key.endpoint(), reason = %event.reason, "backend is unhealthy");
         }
         *status = HealthStatus {
             healthy: event.healthy,

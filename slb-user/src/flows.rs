@@ -247,7 +247,7 @@ pub struct SweepPlan {
 }
 
 impl SweepPlan {
-    pub fn from_state(state: &crate::reconcile::AppliedState) -> SweepPlan {
+    pub fn from_state(state: &crate::applied::AppliedMaps) -> SweepPlan {
         SweepPlan {
             timeouts: state
                 .listeners

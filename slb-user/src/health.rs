@@ -5,14 +5,13 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::applied::{BackendKey, HealthStatus};
 use crate::config::{CheckKind, HealthCheck};
-use crate::reconcile::BackendKey;
 
 /// Consecutive results → verdict. A backend starts healthy, so a new config takes traffic at
 /// once; `unhealthy_threshold` failures in a row make it unhealthy and `healthy_threshold`
@@ -179,15 +178,6 @@ pub struct HealthEvent {
     pub healthy: bool,
     pub reason: String,
     pub at: SystemTime,
-}
-
-/// Health as `slb status` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct HealthStatus {
-    pub healthy: bool,
-    pub reason: String,
-    /// Unix time in nanoseconds of the last change (or of the start of checking).
-    pub since_unix_ns: u128,
 }
 
 pub fn unix_ns(t: SystemTime) -> u128 {

@@ -2,6 +2,7 @@
 
 pub mod accept;
 pub mod api;
+pub mod applied;
 pub mod cli;
 pub mod config;
 pub mod daemon;

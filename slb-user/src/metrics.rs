@@ -92,7 +92,7 @@ pub fn sample(status: &status::Status) -> Sample {
             .map(|b| {
                 (
                     b.listener.clone(),
-                    format!("{}:{}", b.address, b.port),
+                    b.endpoint().to_string(),
                     b.new_connections,
                 )
             })

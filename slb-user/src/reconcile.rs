@@ -8,7 +8,6 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 
 use aya::maps::MapError;
-use serde::{Deserialize, Serialize};
 use slb_common::maglev::{build_table, MaglevBackend, MaglevError};
 use slb_common::{
     endpoint_filter_bits, ipv4_mapped, Backend, BackendEndpoint, ListenerEntry, ListenerKey,
@@ -18,10 +17,12 @@ use slb_common::{
     NO_BACKEND, RINGS_PER_LISTENER,
 };
 
+use crate::applied::{
+    AppliedBackend, AppliedListener, AppliedMaps, BackendKey, HealthStatus, Role,
+};
 use crate::config::{
     AllUnhealthy, Config, GroupKind, Listener, Protocol, ResolvedBackend, ResolvedListener,
 };
-use crate::health::HealthStatus;
 use crate::maps::{clear_map_slot, set_ring_slots, MappedRing, PinnedMaps};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,108 +46,15 @@ fn map_err(map: &'static str) -> impl Fn(MapError) -> ReconcileError {
     move |source| ReconcileError::Map { map, source }
 }
 
-/// A backend of a listener. Health, counters and ids are per listener, so two listeners sharing a
-/// group can check and count their backends independently.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct BackendKey {
-    pub listener: String,
-    pub address: IpAddr,
-    pub port: u16,
-}
-
-impl BackendKey {
-    /// Maglev identity: the same address and port get the same permutation on every node.
-    fn identity(&self) -> String {
-        format!("{}:{}", self.address, self.port)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Active,
-    Standby,
-}
-
-/// What `slb status` needs to name what the maps hold; written to the state file.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct AppliedState {
-    /// Incremented by every applied config change (file reload or API), not by health changes.
-    pub generation: u64,
-    pub instance: String,
-    pub ring_size: u32,
-    pub interfaces: Vec<String>,
-    /// Changes made through the admin API since the file was last read.
-    #[serde(default)]
-    pub runtime_changes: Vec<String>,
-    pub listeners: Vec<AppliedListener>,
-    pub backends: Vec<AppliedBackend>,
-    /// HTTP(S) listeners, served by the proxy (not in the maps).
-    #[serde(default)]
-    pub proxy_listeners: Vec<ProxyListenerInfo>,
-    #[serde(default)]
-    pub access_log: Option<std::path::PathBuf>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProxyListenerInfo {
-    pub name: String,
-    pub protocol: Protocol,
-    pub vip: IpAddr,
-    pub port: u16,
-    pub cookie_persistence: bool,
-    pub backends: Vec<ProxyBackendInfo>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProxyBackendInfo {
-    pub group: String,
-    pub address: IpAddr,
-    pub port: u16,
-    pub weight: u32,
-    pub health: Option<HealthStatus>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AppliedListener {
-    pub name: String,
-    pub protocol: Protocol,
-    pub vip: IpAddr,
-    pub port: u16,
-    pub group: String,
-    pub group_kind: GroupKind,
-    pub index: u32,
-    /// Which of the listener's two rings is live.
-    pub ring: u32,
-    /// The ring's input: backend ids with the weights the ring was built from.
-    pub ring_input: Vec<(u32, u32)>,
-    pub flags: u32,
-    pub persistence_timeout_s: Option<u32>,
-    /// How long a silent flow stays in the connection table.
-    #[serde(default)]
-    pub idle_timeout_s: u32,
-    pub health_check: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AppliedBackend {
-    pub id: u32,
-    #[serde(flatten)]
-    pub key: BackendKey,
-    pub group: String,
-    pub weight: u32,
-    pub role: Option<Role>,
-    /// `None` when the listener has no health check (or, for a standby, it is never probed).
-    pub health: Option<HealthStatus>,
-}
-
 pub struct Reconciler {
     maps: PinnedMaps,
     /// The rings this run created or adopted, by their slot in RINGS, mapped into our memory:
     /// only the writer maps them, readers such as `slb status` never need to.
     mapped_rings: BTreeMap<u32, MappedRing>,
     ring_size: u32,
-    state: AppliedState,
+    /// Names in logs which instance's maps these are.
+    instance: String,
+    applied: AppliedMaps,
     /// What each (listener index, ring) holds, so a rebuild writes only the slots that differ.
     rings: BTreeMap<(u32, u32), Vec<u32>>,
     /// What BACKEND_HEALTH holds per id.
@@ -247,8 +155,8 @@ fn reply_key((address, port, protocol): ReplyEndpoint) -> BackendEndpoint {
     }
 }
 
-/// The reply endpoints of an applied state's backends.
-fn reply_endpoints(state: &AppliedState) -> BTreeSet<ReplyEndpoint> {
+/// The reply endpoints of the applied backends.
+fn reply_endpoints(state: &AppliedMaps) -> BTreeSet<ReplyEndpoint> {
     let protocols: BTreeMap<&str, u8> = state
         .listeners
         .iter()
@@ -330,11 +238,8 @@ impl Reconciler {
             mapped_rings: BTreeMap::new(),
             maps,
             ring_size,
-            state: AppliedState {
-                instance: instance.into(),
-                ring_size,
-                ..Default::default()
-            },
+            instance: instance.into(),
+            applied: AppliedMaps::default(),
             rings: BTreeMap::new(),
             health_written: Written::new(),
             backends_written: Written::new(),
@@ -347,20 +252,13 @@ impl Reconciler {
     /// Takes over what a previous run applied: ids, listener slots and live rings stay, so
     /// connections in the pinned tables keep their meaning. Ring contents are not known, so the
     /// first apply rewrites each changed listener's idle ring in full.
-    pub fn adopt(&mut self, previous: AppliedState) {
-        self.state = AppliedState {
-            instance: self.state.instance.clone(),
-            ring_size: self.ring_size,
-            ..previous
-        };
+    pub fn adopt(&mut self, previous: AppliedMaps) {
+        self.applied = previous;
     }
 
-    pub fn state(&self) -> &AppliedState {
-        &self.state
-    }
-
-    pub fn state_mut(&mut self) -> &mut AppliedState {
-        &mut self.state
+    /// What the maps hold now.
+    pub fn state(&self) -> &AppliedMaps {
+        &self.applied
     }
 
     pub fn maps(&self) -> &PinnedMaps {
@@ -378,7 +276,7 @@ impl Reconciler {
         &mut self,
         config: &Config,
         health: &BTreeMap<BackendKey, HealthStatus>,
-    ) -> Result<&AppliedState, ReconcileError> {
+    ) -> Result<&AppliedMaps, ReconcileError> {
         if config.maglev_table_size != self.ring_size {
             return Err(ReconcileError::RingSizeChanged {
                 running: self.ring_size,
@@ -401,14 +299,7 @@ impl Reconciler {
                 let members = group
                     .backends
                     .iter()
-                    .map(|b| {
-                        let key = BackendKey {
-                            listener: r.listener.name.clone(),
-                            address: b.address,
-                            port: b.port,
-                        };
-                        (key, *b)
-                    })
+                    .map(|b| (BackendKey::of(r.listener, b), *b))
                     .collect();
                 PlannedListener {
                     group: group.name.into(),
@@ -420,7 +311,7 @@ impl Reconciler {
 
         // Backend ids: keep the id of every backend that stays.
         let old_ids: BTreeMap<BackendKey, u32> = self
-            .state
+            .applied
             .backends
             .iter()
             .map(|b| (b.key.clone(), b.id))
@@ -483,8 +374,8 @@ impl Reconciler {
         // 3. Addresses first (a reply fragment from a new backend is then never passed
         //    untranslated), then rings, reply translations and listener entries.
         let old_addresses = nat_addresses(
-            self.state.listeners.iter().map(|l| l.vip),
-            self.state.backends.iter().map(|b| b.key.address),
+            self.applied.listeners.iter().map(|l| l.vip),
+            self.applied.backends.iter().map(|b| b.key.address),
         );
         let addresses = nat_addresses(
             l4_listeners.iter().map(|l| l.vip),
@@ -505,9 +396,9 @@ impl Reconciler {
                         .map_err(map_err("NAT_ADDRESSES"))
                 })?;
         }
-        let old_reply_endpoints = reply_endpoints(&self.state);
+        let old_reply_endpoints = reply_endpoints(&self.applied);
         let old_listeners: BTreeMap<String, AppliedListener> = self
-            .state
+            .applied
             .listeners
             .drain(..)
             .map(|l| (l.name.clone(), l))
@@ -697,12 +588,11 @@ impl Reconciler {
             }
         }
 
-        self.state.interfaces = config.interfaces.iter().map(|i| i.name.clone()).collect();
-        self.state.listeners = applied;
-        self.state.backends = applied_backends;
+        self.applied.listeners = applied;
+        self.applied.backends = applied_backends;
         self.write_filter(&filter, false)?;
         // 7. Reply translations of endpoints no backend has any more.
-        let current = reply_endpoints(&self.state);
+        let current = reply_endpoints(&self.applied);
         for endpoint in old_reply_endpoints.difference(&current) {
             let _ = self.maps.reply_nat.remove(&reply_key(*endpoint));
             self.replies_written.forget(endpoint);
@@ -716,7 +606,7 @@ impl Reconciler {
                 self.addresses_written.forget(address);
             }
         }
-        Ok(&self.state)
+        Ok(&self.applied)
     }
 
     /// Writes `filter` into ENDPOINT_FILTER: with `widen`, only adding bits (slots keep what
@@ -818,7 +708,11 @@ impl Reconciler {
         members: &[(BackendKey, ResolvedBackend)],
         ring_input: &[(u32, u32)],
     ) -> Result<(), ReconcileError> {
-        let identities: Vec<String> = members.iter().map(|(k, _)| k.identity()).collect();
+        // Maglev identity: the same address and port get the same permutation on every node.
+        let identities: Vec<String> = members
+            .iter()
+            .map(|(k, _)| k.endpoint().to_string())
+            .collect();
         let maglev: Vec<MaglevBackend<'_>> = identities
             .iter()
             .zip(ring_input)
@@ -861,7 +755,7 @@ impl Reconciler {
         // The ring must be complete before the listener flips to it (a map update syscall,
         // which the kernel orders after this).
         std::sync::atomic::fence(Ordering::SeqCst);
-        tracing::debug!(listener, ring, written, "ring written");
+        tracing::debug!(instance = %self.instance, listener, ring, written, "ring written");
         self.rings.insert((index, ring), table);
         Ok(())
     }

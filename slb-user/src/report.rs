@@ -10,9 +10,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::instance::state_file;
+use crate::applied::AppliedState;
 use crate::metrics::read_history;
-use crate::reconcile::AppliedState;
 use crate::status;
 
 /// Smallest deviation (percentage points) called skewed; with little traffic the allowance grows
@@ -169,14 +168,7 @@ pub fn distribution(
     listener: Option<&str>,
     since: Option<Duration>,
 ) -> anyhow::Result<Report> {
-    let path = state_file(instance);
-    let state: AppliedState =
-        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| {
-            format!(
-                "instance {instance:?} is not running here (no {})",
-                path.display()
-            )
-        })?)?;
+    let state = AppliedState::read(instance)?;
     let current = status::collect(instance)?;
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)?
@@ -216,7 +208,7 @@ pub fn distribution(
             .iter()
             .filter(|b| b.listener == l.name)
             .map(|b| {
-                let key = (b.listener.clone(), format!("{}:{}", b.address, b.port));
+                let key = (b.listener.clone(), b.endpoint().to_string());
                 Row {
                     backend: key.1.clone(),
                     group: b.group.clone(),
@@ -275,7 +267,7 @@ pub fn distribution(
                 .backends
                 .iter()
                 .map(|b| {
-                    let key = (l.name.clone(), format!("{}:{}", b.address, b.port));
+                    let key = (l.name.clone(), b.endpoint().to_string());
                     Row {
                         backend: key.1.clone(),
                         group: b.group.clone(),

@@ -2,16 +2,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::IpAddr;
 
 use anyhow::Context as _;
 use serde::Serialize;
 use slb_common::GlobalCounters;
 
+use crate::applied::{AppliedState, Endpoint, HealthStatus, ProxyListenerInfo, Role};
 use crate::config::GroupKind;
-use crate::health::HealthStatus;
-use crate::instance::{pin_dir, state_file};
+use crate::instance::pin_dir;
 use crate::maps::{sum_traffic, PinnedMaps};
-use crate::reconcile::{AppliedState, Role};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -29,7 +29,7 @@ pub struct Status {
     pub runtime_changes: Vec<String>,
     pub warnings: Vec<String>,
     /// HTTP(S) listeners (served by the proxy; their traffic is in the access log).
-    pub proxy_listeners: Vec<crate::reconcile::ProxyListenerInfo>,
+    pub proxy_listeners: Vec<ProxyListenerInfo>,
 }
 
 #[derive(Debug, Serialize)]
@@ -45,7 +45,7 @@ pub struct ConnectionTable {
 pub struct ListenerStatus {
     pub name: String,
     pub protocol: String,
-    pub vip: String,
+    pub vip: IpAddr,
     pub port: u16,
     pub group: String,
     pub group_type: GroupKind,
@@ -63,7 +63,7 @@ pub struct BackendStatus {
     pub listener: String,
     pub group: String,
     pub role: Option<Role>,
-    pub address: String,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     /// `true` unless a health check declared it unhealthy.
@@ -74,6 +74,12 @@ pub struct BackendStatus {
     pub bytes: u64,
     pub new_connections: u64,
     pub connections: u64,
+}
+
+impl BackendStatus {
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::new(self.address, self.port)
+    }
 }
 
 /// The clock `bpf_ktime_get_ns` reads.
@@ -88,15 +94,7 @@ pub fn monotonic_ns() -> u64 {
 
 pub fn collect(instance: &str) -> anyhow::Result<Status> {
     crate::dataplane::ensure_bpffs()?;
-    let path = state_file(instance);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "instance {instance:?} is not running here (no {})",
-            path.display()
-        )
-    })?;
-    let state: AppliedState =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let state = AppliedState::read(instance)?;
     let maps = PinnedMaps::open(&pin_dir(instance))?;
 
     // The sweeper's tally plus the counters since: no walk of the connection table here.
@@ -113,7 +111,7 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
         listeners.push(ListenerStatus {
             name: l.name.clone(),
             protocol: l.protocol.to_string(),
-            vip: l.vip.to_string(),
+            vip: l.vip,
             port: l.port,
             group: l.group.clone(),
             group_type: l.group_kind,
@@ -143,7 +141,7 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
             listener: b.key.listener.clone(),
             group: b.group.clone(),
             role: b.role,
-            address: b.key.address.to_string(),
+            address: b.key.address,
             port: b.key.port,
             weight: b.weight,
             healthy: b.health.as_ref().is_none_or(|h| h.healthy),
@@ -274,7 +272,7 @@ pub fn render(status: &Status) -> String {
             "{:<19} {:<6} {:<22} {:<15} {:>5} {:>11} {:>11}",
             l.name,
             l.protocol,
-            format!("{}:{}", l.vip, l.port),
+            Endpoint::new(l.vip, l.port),
             l.group,
             l.connections,
             l.new_connections,
@@ -299,7 +297,7 @@ pub fn render(status: &Status) -> String {
         let _ = writeln!(
             out,
             "{:<22} {:<19} {:<15} {:<8} {:>6}  {:<9} {:>6} {:>11} {:>11}",
-            format!("{}:{}", b.address, b.port),
+            b.endpoint(),
             b.listener,
             b.group,
             role,
@@ -312,11 +310,7 @@ pub fn render(status: &Status) -> String {
     }
     for b in status.backends.iter().filter(|b| !b.healthy) {
         if let Some(h) = &b.health {
-            let _ = writeln!(
-                out,
-                "  {}:{} on {}: {}",
-                b.address, b.port, b.listener, h.reason
-            );
+            let _ = writeln!(out, "  {} on {}: {}", b.endpoint(), b.listener, h.reason);
         }
     }
     if !status.runtime_changes.is_empty() {
@@ -345,9 +339,9 @@ pub fn render(status: &Status) -> String {
                     "{:<19} {:<6} {:<22} {:<15} {:<22} {:>6}  {}",
                     l.name,
                     l.protocol,
-                    format!("{}:{}", l.vip, l.port),
+                    Endpoint::new(l.vip, l.port),
                     b.group,
-                    format!("{}:{}", b.address, b.port),
+                    b.endpoint(),
                     b.weight,
                     health
                 );
@@ -391,12 +385,11 @@ pub fn render_prometheus(status: &Status) -> String {
     };
     let backend_labels = |b: &BackendStatus| {
         format!(
-            "instance=\"{}\",listener=\"{}\",group=\"{}\",backend=\"{}:{}\"",
+            "instance=\"{}\",listener=\"{}\",group=\"{}\",backend=\"{}\"",
             label(&status.instance),
             label(&b.listener),
             label(&b.group),
-            b.address,
-            b.port
+            b.endpoint()
         )
     };
     let per_listener = |f: fn(&ListenerStatus) -> u64| {
@@ -585,7 +578,7 @@ pub fn render_stats(status: &Status, previous: Option<(&Status, f64)>) -> String
         let _ = writeln!(
             out,
             "{:<22} {:<15} {:>12} {:>10} {:>14} {:>10} {:>8}  {}",
-            format!("{}:{}", b.address, b.port),
+            b.endpoint(),
             b.listener,
             b.packets,
             rate(b.packets, before.map(|x| x.packets)),

@@ -6,9 +6,8 @@
 use std::net::Ipv4Addr;
 
 use slb_common::wire::{ipv4_frame, parse_ipv4_frame, L4Spec, ParsedFrame, TCP_ACK, TCP_SYN};
+use slb_user::applied::{BackendKey, HealthStatus};
 use slb_user::config::Config;
-use slb_user::health::HealthStatus;
-use slb_user::reconcile::BackendKey;
 use slb_user::testbed::{self, in_fresh_netns, Testbed, BACKEND_MAC, CLIENT_MAC};
 
 const XDP_DROP: u32 = 1;

@@ -10,7 +10,7 @@ pub mod schema;
 mod validate;
 
 pub use edit::{BackendEdit, EditAction, EditError};
-pub use resolve::{ResolvedBackend, ResolvedGroup, ResolvedListener};
+pub use resolve::{Endpoint, ResolvedBackend, ResolvedGroup, ResolvedListener};
 pub use schema::*;
 
 #[derive(Debug, thiserror::Error)]

@@ -2,9 +2,31 @@
 //! decided once. A backend without a port of its own serves on the listener's port; that rule
 //! lives here and nowhere else.
 
+use std::fmt;
 use std::net::IpAddr;
 
 use super::{BackendSpec, Config, GroupKind, Listener, DEFAULT_GROUP};
+
+/// An address and port as slb names them everywhere (status, reports, logs, history samples,
+/// Maglev identities): `address:port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+impl Endpoint {
+    pub fn new(address: IpAddr, port: u16) -> Endpoint {
+        Endpoint { address, port }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `pad`, so that table columns (`{:<22}`) line up as they do for strings.
+        f.pad(&format!("{}:{}", self.address, self.port))
+    }
+}
 
 /// A listener with the groups it forwards to.
 pub struct ResolvedListener<'a> {
@@ -36,6 +58,10 @@ pub struct ResolvedBackend {
 }
 
 impl ResolvedBackend {
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::new(self.address, self.port)
+    }
+
     fn of(spec: &BackendSpec, listener: &Listener) -> ResolvedBackend {
         ResolvedBackend {
             address: spec.address,
@@ -120,6 +146,13 @@ backends = [{ address = "10.0.1.2", port = 8080, weight = 2 }]
             port,
             weight,
         }
+    }
+
+    #[test]
+    fn endpoints_read_address_colon_port_and_pad_like_strings() {
+        let endpoint = Endpoint::new("10.0.1.2".parse().unwrap(), 8080);
+        assert_eq!(endpoint.to_string(), "10.0.1.2:8080");
+        assert_eq!(format!("[{endpoint:<15}]"), "[10.0.1.2:8080  ]");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use slb_common::maglev::is_prime;
 use slb_common::{MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
 
-use super::resolve::ResolvedBackend;
+use super::resolve::{Endpoint, ResolvedBackend};
 use super::{
     invalid, BackendSpec, CheckKind, Config, ConfigError, CookiePersistence, Group, GroupKind,
     HealthCheck, Interface, Listener, Protocol, Scheduler, DEFAULT_GROUP, MAX_CHECK_INTERVAL,
@@ -185,8 +185,9 @@ impl Config {
             return Err(invalid(
                 at("port"),
                 format!(
-                    "{}:{}/{} is already used by another listener",
-                    l.vip, l.port, l.protocol
+                    "{}/{} is already used by another listener",
+                    Endpoint::new(l.vip, l.port),
+                    l.protocol
                 ),
             ));
         }
@@ -265,11 +266,12 @@ fn claim_reply_endpoints<'a>(
                 return Err(invalid(
                     at("group"),
                     format!(
-                        "backend {}:{}/{} also serves listener {other:?}; the balancer \
+                        "backend {}/{} also serves listener {other:?}; the balancer \
                          recognises a backend's replies by its address and port, so each \
                          belongs to one tcp/udp listener (give one of them another \
                          backend port in a VServer group)",
-                        b.address, b.port, l.protocol
+                        b.endpoint(),
+                        l.protocol
                     ),
                 ));
             }

@@ -32,11 +32,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls::ServerConfig;
 
+use crate::applied::{BackendKey, HealthStatus, ProxyBackendInfo, ProxyListenerInfo};
 use crate::config::{
     Config, CookiePersistence, Protocol, ResolvedListener, Scheduler, INSERT_COOKIE,
 };
-use crate::health::HealthStatus;
-use crate::reconcile::BackendKey;
 use balance::{least_connections, SmoothWrr};
 use route::Router;
 
@@ -230,11 +229,7 @@ impl ProxyManager {
                     .iter()
                     .map(|b| {
                         let addr = SocketAddr::new(b.address, b.port);
-                        let key = BackendKey {
-                            listener: l.name.clone(),
-                            address: b.address,
-                            port: addr.port(),
-                        };
+                        let key = BackendKey::of(l, b);
                         let healthy = health.get(&key).is_none_or(|h| h.healthy);
                         let in_flight = self.in_flight.entry(key.clone()).or_default().clone();
                         BackendRt {
@@ -298,14 +293,14 @@ impl Drop for ProxyManager {
 pub fn describe(
     config: &Config,
     health: &BTreeMap<BackendKey, HealthStatus>,
-) -> Vec<crate::reconcile::ProxyListenerInfo> {
+) -> Vec<ProxyListenerInfo> {
     config
         .resolved_listeners()
         .into_iter()
         .filter(|resolved| resolved.listener.protocol.is_l7())
         .map(|resolved| {
             let l = resolved.listener;
-            crate::reconcile::ProxyListenerInfo {
+            ProxyListenerInfo {
                 name: l.name.clone(),
                 protocol: l.protocol,
                 vip: l.vip,
@@ -316,12 +311,8 @@ pub fn describe(
                     .iter()
                     .flat_map(|g| {
                         g.backends.iter().map(|b| {
-                            let key = BackendKey {
-                                listener: l.name.clone(),
-                                address: b.address,
-                                port: b.port,
-                            };
-                            crate::reconcile::ProxyBackendInfo {
+                            let key = BackendKey::of(l, b);
+                            ProxyBackendInfo {
                                 group: g.name.to_string(),
                                 address: b.address,
                                 port: b.port,

@@ -1,0 +1,242 @@
+//! What a running daemon has applied: the contract between the daemon, which publishes it in the
+//! instance's state file, and `slb status`, `slb report`, the metrics and the next run, which
+//! read it. The reconciler keeps the part that names what the maps hold ([`AppliedMaps`]); the
+//! daemon owns the rest and copies that part in when it publishes.
+
+use std::io;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::config::Endpoint;
+use crate::config::{GroupKind, Listener, Protocol, ResolvedBackend};
+use crate::instance::state_file;
+
+/// A backend of a listener, on its effective port. Health, counters and ids are per listener,
+/// so two listeners sharing a group can check and count their backends independently.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct BackendKey {
+    pub listener: String,
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+impl BackendKey {
+    /// The key of `backend` as it serves `listener`.
+    pub fn of(listener: &Listener, backend: &ResolvedBackend) -> BackendKey {
+        BackendKey {
+            listener: listener.name.clone(),
+            address: backend.address,
+            port: backend.port,
+        }
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::new(self.address, self.port)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Active,
+    Standby,
+}
+
+/// A health check's verdict on a backend, as `slb status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HealthStatus {
+    pub healthy: bool,
+    pub reason: String,
+    /// Unix time in nanoseconds of the last change (or of the start of checking).
+    pub since_unix_ns: u128,
+}
+
+/// What `slb status` needs to name what the maps hold; written to the state file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AppliedState {
+    /// Incremented by every applied config change (file reload or API), not by health changes.
+    pub generation: u64,
+    pub instance: String,
+    pub ring_size: u32,
+    pub interfaces: Vec<String>,
+    /// Changes made through the admin API since the file was last read.
+    #[serde(default)]
+    pub runtime_changes: Vec<String>,
+    // Not one flattened `AppliedMaps`: serde buffers flattened fields in a form without u128,
+    // and health verdicts carry u128 times.
+    pub listeners: Vec<AppliedListener>,
+    pub backends: Vec<AppliedBackend>,
+    /// HTTP(S) listeners, served by the proxy (not in the maps).
+    #[serde(default)]
+    pub proxy_listeners: Vec<ProxyListenerInfo>,
+    #[serde(default)]
+    pub access_log: Option<PathBuf>,
+}
+
+/// The TCP/UDP listeners and backends the reconciler wrote into the maps, with the ids, slots
+/// and rings it gave them: what a restarted daemon adopts so pinned connections keep their
+/// meaning.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AppliedMaps {
+    pub listeners: Vec<AppliedListener>,
+    pub backends: Vec<AppliedBackend>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyListenerInfo {
+    pub name: String,
+    pub protocol: Protocol,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub cookie_persistence: bool,
+    pub backends: Vec<ProxyBackendInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyBackendInfo {
+    pub group: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+    pub health: Option<HealthStatus>,
+}
+
+impl ProxyBackendInfo {
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::new(self.address, self.port)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppliedListener {
+    pub name: String,
+    pub protocol: Protocol,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub group: String,
+    pub group_kind: GroupKind,
+    pub index: u32,
+    /// Which of the listener's two rings is live.
+    pub ring: u32,
+    /// The ring's input: backend ids with the weights the ring was built from.
+    pub ring_input: Vec<(u32, u32)>,
+    pub flags: u32,
+    pub persistence_timeout_s: Option<u32>,
+    /// How long a silent flow stays in the connection table.
+    #[serde(default)]
+    pub idle_timeout_s: u32,
+    pub health_check: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppliedBackend {
+    pub id: u32,
+    #[serde(flatten)]
+    pub key: BackendKey,
+    pub group: String,
+    pub weight: u32,
+    pub role: Option<Role>,
+    /// `None` when the listener has no health check (or, for a standby, it is never probed).
+    pub health: Option<HealthStatus>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateFileError {
+    #[error("instance {instance:?} is not running here (no {})", path.display())]
+    NotRunning {
+        instance: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("parsing {}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("writing {}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+}
+
+impl AppliedState {
+    /// The part the reconciler adopts after a restart.
+    pub fn maps(&self) -> AppliedMaps {
+        AppliedMaps {
+            listeners: self.listeners.clone(),
+            backends: self.backends.clone(),
+        }
+    }
+
+    /// Takes the listeners and backends the maps hold now.
+    pub fn set_maps(&mut self, maps: &AppliedMaps) {
+        self.listeners.clone_from(&maps.listeners);
+        self.backends.clone_from(&maps.backends);
+    }
+
+    /// The state the instance's daemon published last.
+    pub fn read(instance: &str) -> Result<AppliedState, StateFileError> {
+        let path = state_file(instance);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(source) => {
+                return Err(StateFileError::NotRunning {
+                    instance: instance.into(),
+                    path,
+                    source,
+                })
+            }
+        };
+        serde_json::from_str(&text).map_err(|source| StateFileError::Parse { path, source })
+    }
+
+    /// Publishes the state in the instance's state file, whole: readers never see half of it.
+    pub fn write(&self) -> Result<(), StateFileError> {
+        let path = state_file(&self.instance);
+        let tmp = path.with_extension("json.tmp");
+        let written = (|| {
+            std::fs::create_dir_all(path.parent().expect("state file has a directory"))?;
+            std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+            std::fs::rename(&tmp, &path)
+        })();
+        written.map_err(|source| StateFileError::Write { path, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_file_reads_back_as_written() {
+        let state = AppliedState {
+            generation: 3,
+            instance: "web".into(),
+            backends: vec![AppliedBackend {
+                id: 7,
+                key: BackendKey {
+                    listener: "dns".into(),
+                    address: "10.0.1.2".parse().unwrap(),
+                    port: 53,
+                },
+                group: "default".into(),
+                weight: 1,
+                role: None,
+                health: Some(HealthStatus {
+                    healthy: false,
+                    reason: "connection refused".into(),
+                    since_unix_ns: 1_764_000_000_000_000_000,
+                }),
+            }],
+            ..Default::default()
+        };
+        let json = serde_json::to_value(&state).unwrap();
+        assert_eq!(json["generation"], 3);
+        assert_eq!(json["listeners"], serde_json::json!([]));
+        assert_eq!(json["backends"][0]["id"], 7);
+        assert_eq!(json["backends"][0]["address"], "10.0.1.2");
+        let back: AppliedState = serde_json::from_value(json).unwrap();
+        assert_eq!(back.backends[0].key, state.backends[0].key);
+        assert_eq!(back.backends[0].health, state.backends[0].health);
+    }
+}
