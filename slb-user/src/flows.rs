@@ -188,7 +188,7 @@ impl Sweeper {
             let t = sum_traffic(&self.backend_stats.get(&id, 0)?);
             counts.backends.insert(id, snapshot(&t));
         }
-        let now = crate::status::monotonic_ns();
+        let now = monotonic_ns();
         let fd = self.connections.fd().as_fd().as_raw_fd();
         let mut stale = Vec::new();
         for_each_entry(fd, |key, conn| {
@@ -218,6 +218,16 @@ fn snapshot(t: &TrafficCounters) -> Tally {
         opened_counter: t.new_connections,
         closed_counter: t.closed_connections,
     }
+}
+
+/// The clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 pub fn write_counts(instance: &str, counts: &FlowCounts) -> anyhow::Result<()> {

@@ -82,16 +82,6 @@ impl BackendStatus {
     }
 }
 
-/// The clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 pub fn collect(instance: &str) -> anyhow::Result<Status> {
     crate::dataplane::ensure_bpffs()?;
     let state = AppliedState::read(instance)?;

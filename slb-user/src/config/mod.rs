@@ -4,11 +4,13 @@
 
 use std::path::Path;
 
+mod certificates;
 pub mod edit;
 pub mod resolve;
 pub mod schema;
 mod validate;
 
+pub use certificates::load_certified_key;
 pub use edit::{BackendEdit, EditAction, EditError};
 pub use resolve::{Endpoint, ResolvedBackend, ResolvedGroup, ResolvedListener};
 pub use schema::*;

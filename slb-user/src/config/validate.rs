@@ -9,6 +9,7 @@ use std::time::Duration;
 use slb_common::maglev::is_prime;
 use slb_common::{MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
 
+use super::certificates::load_certified_key;
 use super::resolve::{Endpoint, ResolvedBackend};
 use super::{
     invalid, BackendSpec, CheckKind, Config, ConfigError, CookiePersistence, Group, GroupKind,
@@ -475,7 +476,7 @@ fn validate_certificates(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigErro
         for (j, d) in cert.domains.iter().enumerate() {
             validate_domain(at(&format!("certificates[{i}].domains[{j}]")), d)?;
         }
-        crate::proxy::tls::load_certified_key(cert)
+        load_certified_key(cert)
             .map_err(|message| invalid(at(&format!("certificates[{i}]")), message))?;
     }
     Ok(())
