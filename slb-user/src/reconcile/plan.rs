@@ -1,0 +1,607 @@
+//! What an apply will write, worked out from the config, the health verdicts and what the maps
+//! hold now, without touching a map: backend ids and listener slots (kept for what stays), the
+//! map entries, which ring each listener switches to and what it is built from, and what is
+//! gone. [`super::Reconciler::apply`] writes the plan in an order the data plane never sees
+//! half of.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use slb_common::{
+    endpoint_filter_bits, ipv4_mapped, Backend, ListenerEntry, ListenerKey, ReplyNat,
+    BACKEND_F_DRAINING, BACKEND_F_PRESENT, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
+    LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, MAX_BACKENDS,
+    MAX_LISTENERS, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, RINGS_PER_LISTENER,
+};
+
+use super::ReconcileError;
+use crate::applied::{
+    AppliedBackend, AppliedListener, AppliedMaps, BackendKey, HealthStatus, Role,
+};
+use crate::config::{AllUnhealthy, Config, GroupKind, Listener, Protocol, ResolvedBackend};
+
+/// A backend's (address, port, protocol): what its replies are recognised by.
+pub(super) type ReplyEndpoint = (IpAddr, u16, u8);
+
+/// When a backend's health flag goes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HealthWrite {
+    Up,
+    /// First of all: for an active/standby pair this one write is the failover.
+    DownFirst,
+    /// After the rings: a Maglev ring no longer names the backend by then, so only the flows
+    /// pinned to it move.
+    DownLast,
+}
+
+/// One TCP/UDP listener as the apply writes it.
+#[derive(Debug)]
+pub(super) struct PlannedListener {
+    pub name: String,
+    pub key: ListenerKey,
+    /// The key it had before, when that was another one (its VIP, port or protocol changed).
+    pub old_key: Option<ListenerKey>,
+    pub index: u32,
+    /// Backend ids with the weights the ring is built from (Maglev groups only).
+    pub ring_input: Vec<(u32, u32)>,
+    /// With `rebuild`: the Maglev identity of each backend of `ring_input` (`address:port`, so
+    /// every node builds the same ring).
+    pub ring_identities: Vec<String>,
+    /// Which of the listener's two rings to write and switch to; `None` when the live ring
+    /// already holds `ring_input`.
+    pub rebuild: Option<u32>,
+    /// Reply translations of its backends, written before the entry.
+    pub replies: Vec<(ReplyEndpoint, ReplyNat)>,
+    pub entry: ListenerEntry,
+}
+
+/// A listener of the previous apply that is gone.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct GoneListener {
+    pub index: u32,
+    /// Its key, unless a listener of this apply has the same one.
+    pub remove_key: Option<ListenerKey>,
+    /// Its rings' slots in RINGS, unless a listener of this apply took over its index.
+    pub free_ring_slots: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub(super) struct Plan {
+    /// Health flags by backend id, in the order they are written.
+    pub health: Vec<(u32, HealthWrite)>,
+    /// BACKENDS entries by id.
+    pub backends: Vec<(u32, Backend)>,
+    /// ENDPOINT_FILTER words by index.
+    pub filter: BTreeMap<u32, u32>,
+    /// NAT_ADDRESSES: VIPs and backend addresses with their flags.
+    pub addresses: BTreeMap<IpAddr, u32>,
+    /// The slots in RINGS of every ring of a Maglev listener: they must exist.
+    pub ring_slots: Vec<u32>,
+    pub listeners: Vec<PlannedListener>,
+    pub gone_listeners: Vec<GoneListener>,
+    /// Ids of backends that are gone: their entries are cleared.
+    pub gone_backend_ids: Vec<u32>,
+    pub gone_replies: Vec<ReplyEndpoint>,
+    pub gone_addresses: Vec<IpAddr>,
+    /// What the maps hold once the plan is written.
+    pub applied: AppliedMaps,
+}
+
+pub(super) fn ipv4_octets(addr: IpAddr) -> [u8; 4] {
+    match addr {
+        IpAddr::V4(v4) => v4.octets(),
+        IpAddr::V6(_) => unreachable!("IPv6 addresses are rejected by config validation"),
+    }
+}
+
+pub(super) fn listener_key(protocol: Protocol, vip: IpAddr, port: u16) -> ListenerKey {
+    ListenerKey {
+        vip: ipv4_mapped(ipv4_octets(vip)),
+        port,
+        protocol: protocol.ip_protocol(),
+        _pad: 0,
+    }
+}
+
+/// The slot in RINGS of ring `ring` (0 or 1) of the listener with index `index`.
+pub(super) fn ring_slot(index: u32, ring: u32) -> u32 {
+    index * RINGS_PER_LISTENER + ring
+}
+
+/// Hands out the lowest ids below `limit` not in `used`, in increasing order: one pass over the
+/// id space per apply, however many ids it hands out (5000 new backends used to cost a scan
+/// from 0 each).
+struct FreeIds {
+    used: BTreeSet<u32>,
+    next: u32,
+    limit: u32,
+}
+
+impl FreeIds {
+    fn new(used: BTreeSet<u32>, limit: u32) -> FreeIds {
+        FreeIds {
+            used,
+            next: 0,
+            limit,
+        }
+    }
+
+    fn take(&mut self) -> Option<u32> {
+        while self.next < self.limit && self.used.contains(&self.next) {
+            self.next += 1;
+        }
+        if self.next >= self.limit {
+            return None;
+        }
+        let id = self.next;
+        self.used.insert(id);
+        self.next += 1;
+        Some(id)
+    }
+}
+
+/// One TCP/UDP listener's group and backends as the config makes them.
+struct Members<'a> {
+    listener: &'a Listener,
+    group: String,
+    kind: GroupKind,
+    members: Vec<(BackendKey, ResolvedBackend)>,
+}
+
+/// What `config` and `health` (verdicts of checked backends; a backend without one is
+/// healthy) make of the maps, which hold `previous` now.
+pub(super) fn plan(
+    config: &Config,
+    health: &BTreeMap<BackendKey, HealthStatus>,
+    previous: &AppliedMaps,
+    ring_size: u32,
+) -> Result<Plan, ReconcileError> {
+    if config.maglev_table_size != ring_size {
+        return Err(ReconcileError::RingSizeChanged {
+            running: ring_size,
+            requested: config.maglev_table_size,
+        });
+    }
+    let healthy = |key: &BackendKey| health.get(key).is_none_or(|h| h.healthy);
+    // HTTP(S) listeners are the proxy's: the XDP program lets their traffic through.
+    let groups: Vec<Members<'_>> = config
+        .resolved_listeners()
+        .into_iter()
+        .filter(|r| !r.listener.protocol.is_l7())
+        .map(|r| {
+            let group = r.group();
+            Members {
+                listener: r.listener,
+                group: group.name.into(),
+                kind: group.kind,
+                members: group
+                    .backends
+                    .iter()
+                    .map(|b| (BackendKey::of(r.listener, b), *b))
+                    .collect(),
+            }
+        })
+        .collect();
+    let ids = backend_ids(&groups, previous)?;
+    let old_listeners: BTreeMap<&str, &AppliedListener> = previous
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), l))
+        .collect();
+    let indices = listener_indices(&groups, &old_listeners)?;
+
+    let entries = backend_entries(&groups, &ids, &healthy);
+    let mut listeners = Vec::new();
+    let mut applied = AppliedMaps::default();
+    for (g, &index) in groups.iter().zip(&indices) {
+        let old = old_listeners.get(g.listener.name.as_str()).copied();
+        let (planned, listener) = plan_listener(g, index, old, &ids, &healthy, ring_size);
+        applied.backends.extend(applied_backends(g, &ids, health));
+        applied.listeners.push(listener);
+        listeners.push(planned);
+    }
+    let ring_slots = groups
+        .iter()
+        .zip(&indices)
+        .filter(|(g, _)| g.kind == GroupKind::Vserver)
+        .flat_map(|(_, &index)| (0..RINGS_PER_LISTENER).map(move |r| ring_slot(index, r)))
+        .collect();
+    let addresses = nat_addresses(
+        groups.iter().map(|g| g.listener.vip),
+        groups
+            .iter()
+            .flat_map(|g| g.members.iter().map(|(k, _)| k.address)),
+    );
+    let gone = gone(previous, &applied, &ids, &addresses);
+    Ok(Plan {
+        health: entries.health,
+        backends: entries.backends,
+        filter: endpoint_filter(&groups),
+        addresses,
+        ring_slots,
+        listeners,
+        gone_listeners: gone.listeners,
+        gone_backend_ids: gone.backend_ids,
+        gone_replies: gone.replies,
+        gone_addresses: gone.addresses,
+        applied,
+    })
+}
+
+/// Health flags and BACKENDS entries by backend id, in the order they are written.
+struct BackendEntries {
+    health: Vec<(u32, HealthWrite)>,
+    backends: Vec<(u32, Backend)>,
+}
+
+fn backend_entries(
+    groups: &[Members<'_>],
+    ids: &BTreeMap<BackendKey, u32>,
+    healthy: &dyn Fn(&BackendKey) -> bool,
+) -> BackendEntries {
+    let mut health = Vec::new();
+    let mut deferred_down = Vec::new();
+    let mut backends = Vec::new();
+    for g in groups {
+        for (key, b) in &g.members {
+            let id = ids[key];
+            if healthy(key) {
+                health.push((id, HealthWrite::Up));
+            } else if g.kind == GroupKind::ActiveStandby {
+                health.push((id, HealthWrite::DownFirst));
+            } else {
+                deferred_down.push((id, HealthWrite::DownLast));
+            }
+            let mut flags = BACKEND_F_PRESENT;
+            if b.weight == 0 && g.kind == GroupKind::Vserver {
+                flags |= BACKEND_F_DRAINING;
+            }
+            let backend = Backend {
+                addr: ipv4_mapped(ipv4_octets(key.address)),
+                port: key.port,
+                flags,
+                _pad: 0,
+            };
+            backends.push((id, backend));
+        }
+    }
+    health.extend(deferred_down);
+    BackendEntries { health, backends }
+}
+
+/// Backend ids: every backend that stays keeps its id; new ones get the lowest free ids.
+fn backend_ids(
+    groups: &[Members<'_>],
+    previous: &AppliedMaps,
+) -> Result<BTreeMap<BackendKey, u32>, ReconcileError> {
+    let old_ids: BTreeMap<&BackendKey, u32> =
+        previous.backends.iter().map(|b| (&b.key, b.id)).collect();
+    let wanted: BTreeSet<&BackendKey> = groups
+        .iter()
+        .flat_map(|g| g.members.iter().map(|(k, _)| k))
+        .collect();
+    let mut free_ids = FreeIds::new(
+        wanted
+            .iter()
+            .filter_map(|k| old_ids.get(*k).copied())
+            .collect(),
+        MAX_BACKENDS,
+    );
+    let mut ids = BTreeMap::new();
+    for key in wanted {
+        let id = match old_ids.get(key) {
+            Some(&id) => id,
+            None => free_ids.take().ok_or(ReconcileError::Exhausted {
+                what: "backend ids",
+            })?,
+        };
+        ids.insert(key.clone(), id);
+    }
+    Ok(ids)
+}
+
+/// Listener slots: every listener that stays keeps its slot; new ones get the lowest free.
+fn listener_indices(
+    groups: &[Members<'_>],
+    old_listeners: &BTreeMap<&str, &AppliedListener>,
+) -> Result<Vec<u32>, ReconcileError> {
+    let mut free_indices = FreeIds::new(
+        groups
+            .iter()
+            .filter_map(|g| old_listeners.get(g.listener.name.as_str()).map(|o| o.index))
+            .collect(),
+        MAX_LISTENERS,
+    );
+    groups
+        .iter()
+        .map(|g| match old_listeners.get(g.listener.name.as_str()) {
+            Some(o) => Ok(o.index),
+            None => free_indices.take().ok_or(ReconcileError::Exhausted {
+                what: "listener slots",
+            }),
+        })
+        .collect()
+}
+
+/// One listener's entry, ring and reply translations, and what the state records of it.
+fn plan_listener(
+    g: &Members<'_>,
+    index: u32,
+    old: Option<&AppliedListener>,
+    ids: &BTreeMap<BackendKey, u32>,
+    healthy: &dyn Fn(&BackendKey) -> bool,
+    ring_size: u32,
+) -> (PlannedListener, AppliedListener) {
+    let l = g.listener;
+    let mut entry = ListenerEntry {
+        index,
+        ring_size,
+        ..Default::default()
+    };
+    let mut ring = old.map_or(0, |o| o.ring);
+    let mut rebuild = None;
+    let mut ring_input = Vec::new();
+    let mut ring_identities = Vec::new();
+    match g.kind {
+        GroupKind::ActiveStandby => {
+            entry.flags |= LISTENER_F_ACTIVE_STANDBY;
+            entry.active_id = ids[&g.members[0].0];
+            entry.standby_id = ids[&g.members[1].0];
+        }
+        GroupKind::Vserver => {
+            let ignore_health;
+            (ring_input, ignore_health) = maglev_input(g, ids, healthy);
+            if ignore_health {
+                entry.flags |= LISTENER_F_IGNORE_HEALTH;
+            }
+            let unchanged = old
+                .is_some_and(|o| o.ring_input == ring_input && o.group_kind == GroupKind::Vserver);
+            if !unchanged {
+                ring = old.map_or(0, |o| (o.ring + 1) % RINGS_PER_LISTENER);
+                rebuild = Some(ring);
+                ring_identities = g
+                    .members
+                    .iter()
+                    .map(|(k, _)| k.endpoint().to_string())
+                    .collect();
+            }
+        }
+    }
+    entry.ring_index = ring_slot(index, ring);
+    if let Some(p) = &l.persistence {
+        entry.flags |= LISTENER_F_PERSIST;
+        entry.persist_timeout_s = p.timeout.as_secs() as u32;
+    }
+    let replies = reply_translations(g, index, ids);
+    let key = listener_key(l.protocol, l.vip, l.port);
+    let old_key = old
+        .map(|o| listener_key(o.protocol, o.vip, o.port))
+        .filter(|old_key| *old_key != key);
+    let applied = AppliedListener {
+        name: l.name.clone(),
+        protocol: l.protocol,
+        vip: l.vip,
+        port: l.port,
+        group: g.group.clone(),
+        group_kind: g.kind,
+        index,
+        ring,
+        ring_input: ring_input.clone(),
+        flags: entry.flags,
+        persistence_timeout_s: l.persistence.map(|p| p.timeout.as_secs() as u32),
+        idle_timeout_s: l.idle_timeout_s(),
+        health_check: l.health_check.is_some(),
+    };
+    let planned = PlannedListener {
+        name: l.name.clone(),
+        key,
+        old_key,
+        index,
+        ring_input,
+        ring_identities,
+        rebuild,
+        replies,
+        entry,
+    };
+    (planned, applied)
+}
+
+/// A Maglev listener's ring input (backend ids with the weights its health leaves them), and
+/// whether health is ignored because every backend with weight is down and the listener
+/// forwards to all then.
+fn maglev_input(
+    g: &Members<'_>,
+    ids: &BTreeMap<BackendKey, u32>,
+    healthy: &dyn Fn(&BackendKey) -> bool,
+) -> (Vec<(u32, u32)>, bool) {
+    let healthy_weight: u64 = g
+        .members
+        .iter()
+        .filter(|(k, _)| healthy(k))
+        .map(|(_, b)| u64::from(b.weight))
+        .sum();
+    let all_down = healthy_weight == 0 && g.members.iter().any(|(_, b)| b.weight > 0);
+    let ignore_health = all_down && g.listener.on_all_unhealthy == AllUnhealthy::ForwardAll;
+    let input = g
+        .members
+        .iter()
+        .map(|(k, b)| {
+            let weight = if healthy(k) || ignore_health {
+                b.weight
+            } else {
+                0
+            };
+            (ids[k], weight)
+        })
+        .collect();
+    (input, ignore_health)
+}
+
+/// How replies from each of a listener's backends are translated back to its VIP.
+fn reply_translations(
+    g: &Members<'_>,
+    index: u32,
+    ids: &BTreeMap<BackendKey, u32>,
+) -> Vec<(ReplyEndpoint, ReplyNat)> {
+    let l = g.listener;
+    g.members
+        .iter()
+        .map(|(key, _)| {
+            let nat = ReplyNat {
+                vip: ipv4_mapped(ipv4_octets(l.vip)),
+                vip_port: l.port,
+                _pad: 0,
+                listener_index: index,
+                backend_id: ids[key],
+            };
+            ((key.address, key.port, l.protocol.ip_protocol()), nat)
+        })
+        .collect()
+}
+
+/// What the state records of one listener's backends.
+fn applied_backends<'a>(
+    g: &'a Members<'_>,
+    ids: &'a BTreeMap<BackendKey, u32>,
+    health: &'a BTreeMap<BackendKey, HealthStatus>,
+) -> impl Iterator<Item = AppliedBackend> + 'a {
+    g.members.iter().enumerate().map(move |(i, (key, b))| {
+        let role = (g.kind == GroupKind::ActiveStandby).then_some(if i == 0 {
+            Role::Active
+        } else {
+            Role::Standby
+        });
+        AppliedBackend {
+            id: ids[key],
+            key: key.clone(),
+            group: g.group.clone(),
+            weight: b.weight,
+            role,
+            health: health.get(key).cloned(),
+        }
+    })
+}
+
+/// The ENDPOINT_FILTER words of the TCP/UDP listeners and their backends, by word index.
+fn endpoint_filter(groups: &[Members<'_>]) -> BTreeMap<u32, u32> {
+    let mut filter = BTreeMap::new();
+    for g in groups {
+        let l = g.listener;
+        let protocol = l.protocol.ip_protocol();
+        let (word, mask) =
+            endpoint_filter_bits(ipv4_octets(l.vip), l.port, protocol, ENDPOINT_F_LISTENER);
+        *filter.entry(word).or_default() |= mask;
+        for (key, _) in &g.members {
+            let (word, mask) = endpoint_filter_bits(
+                ipv4_octets(key.address),
+                key.port,
+                protocol,
+                ENDPOINT_F_BACKEND,
+            );
+            *filter.entry(word).or_default() |= mask;
+        }
+    }
+    filter
+}
+
+/// VIP and backend addresses of TCP/UDP listeners with their `NAT_ADDRESS_F_*` flags: how the
+/// data plane tells whether a fragment without ports is ours.
+fn nat_addresses(
+    vips: impl Iterator<Item = IpAddr>,
+    backends: impl Iterator<Item = IpAddr>,
+) -> BTreeMap<IpAddr, u32> {
+    let mut flags = BTreeMap::new();
+    for vip in vips {
+        *flags.entry(vip).or_default() |= NAT_ADDRESS_F_VIP;
+    }
+    for backend in backends {
+        *flags.entry(backend).or_default() |= NAT_ADDRESS_F_BACKEND;
+    }
+    flags
+}
+
+/// The reply endpoints of the applied backends.
+fn reply_endpoints(state: &AppliedMaps) -> BTreeSet<ReplyEndpoint> {
+    let protocols: BTreeMap<&str, u8> = state
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), l.protocol.ip_protocol()))
+        .collect();
+    state
+        .backends
+        .iter()
+        .filter_map(|b| {
+            let protocol = protocols.get(b.key.listener.as_str())?;
+            Some((b.key.address, b.key.port, *protocol))
+        })
+        .collect()
+}
+
+struct Gone {
+    listeners: Vec<GoneListener>,
+    backend_ids: Vec<u32>,
+    replies: Vec<ReplyEndpoint>,
+    addresses: Vec<IpAddr>,
+}
+
+/// What `previous` has that `applied` no longer does.
+fn gone(
+    previous: &AppliedMaps,
+    applied: &AppliedMaps,
+    ids: &BTreeMap<BackendKey, u32>,
+    addresses: &BTreeMap<IpAddr, u32>,
+) -> Gone {
+    let listeners = previous
+        .listeners
+        .iter()
+        .filter(|o| !applied.listeners.iter().any(|a| a.name == o.name))
+        .map(|o| {
+            let key = listener_key(o.protocol, o.vip, o.port);
+            let key_taken = applied
+                .listeners
+                .iter()
+                .any(|a| listener_key(a.protocol, a.vip, a.port) == key);
+            let index_taken = applied.listeners.iter().any(|a| a.index == o.index);
+            GoneListener {
+                index: o.index,
+                remove_key: (!key_taken).then_some(key),
+                free_ring_slots: if index_taken {
+                    Vec::new()
+                } else {
+                    (0..RINGS_PER_LISTENER)
+                        .map(|r| ring_slot(o.index, r))
+                        .collect()
+                },
+            }
+        })
+        .collect();
+    let old_ids: BTreeMap<&BackendKey, u32> =
+        previous.backends.iter().map(|b| (&b.key, b.id)).collect();
+    let backend_ids = old_ids
+        .iter()
+        .filter(|(key, _)| !ids.contains_key(**key))
+        .map(|(_, &id)| id)
+        .collect();
+    let current = reply_endpoints(applied);
+    let replies = reply_endpoints(previous)
+        .difference(&current)
+        .copied()
+        .collect();
+    let old_addresses = nat_addresses(
+        previous.listeners.iter().map(|l| l.vip),
+        previous.backends.iter().map(|b| b.key.address),
+    );
+    let addresses = old_addresses
+        .into_keys()
+        .filter(|address| !addresses.contains_key(address))
+        .collect();
+    Gone {
+        listeners,
+        backend_ids,
+        replies,
+        addresses,
+    }
+}
+
+#[cfg(test)]
+mod tests;

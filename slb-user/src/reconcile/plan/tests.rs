@@ -1,0 +1,248 @@
+//! Plans worked out without a map: ids, slots, rings, health flags and what is gone.
+
+use super::*;
+
+const CONFIG: &str = r#"
+instance = "plan"
+[[interfaces]]
+name = "eth0"
+[[listeners]]
+name = "web"
+protocol = "tcp"
+vip = "10.0.0.10"
+port = 80
+group = "pool"
+[[listeners]]
+name = "dns"
+protocol = "udp"
+vip = "10.0.0.10"
+port = 53
+[[listeners]]
+name = "db"
+protocol = "tcp"
+vip = "10.0.0.10"
+port = 5432
+group = "pair"
+[[listeners]]
+name = "site"
+protocol = "http"
+vip = "10.0.0.10"
+port = 8000
+[default_group]
+backends = [{ address = "10.0.2.1" }, { address = "10.0.2.2" }]
+[[groups]]
+name = "pool"
+backends = [{ address = "10.0.1.1", port = 8080 }, { address = "10.0.1.2", port = 8080, weight = 2 }, { address = "10.0.1.3", port = 8080, weight = 0 }]
+[[groups]]
+name = "pair"
+type = "active-standby"
+backends = [{ address = "10.0.3.1" }, { address = "10.0.3.2" }]
+"#;
+
+const RING: u32 = 65537;
+
+fn plan_of(
+    text: &str,
+    health: &BTreeMap<BackendKey, HealthStatus>,
+    previous: &AppliedMaps,
+) -> Plan {
+    let config = Config::parse(text, "plan.toml").unwrap();
+    plan(&config, health, previous, RING).unwrap()
+}
+
+fn key(listener: &str, address: &str, port: u16) -> BackendKey {
+    BackendKey {
+        listener: listener.into(),
+        address: address.parse().unwrap(),
+        port,
+    }
+}
+
+fn id(plan: &Plan, key: &BackendKey) -> u32 {
+    plan.applied
+        .backends
+        .iter()
+        .find(|b| &b.key == key)
+        .unwrap_or_else(|| panic!("{key:?} is not planned"))
+        .id
+}
+
+fn listener<'a>(plan: &'a Plan, name: &str) -> &'a PlannedListener {
+    plan.listeners.iter().find(|l| l.name == name).unwrap()
+}
+
+fn unhealthy(keys: &[BackendKey]) -> BTreeMap<BackendKey, HealthStatus> {
+    keys.iter()
+        .map(|k| {
+            let verdict = HealthStatus {
+                healthy: false,
+                reason: "refused".into(),
+                since_unix_ns: 0,
+            };
+            (k.clone(), verdict)
+        })
+        .collect()
+}
+
+#[test]
+fn a_first_plan_numbers_from_zero_and_leaves_http_listeners_to_the_proxy() {
+    let plan = plan_of(CONFIG, &BTreeMap::new(), &AppliedMaps::default());
+    let names: Vec<&str> = plan
+        .applied
+        .listeners
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect();
+    assert_eq!(names, vec!["web", "dns", "db"]);
+    let indices: Vec<u32> = plan.listeners.iter().map(|l| l.index).collect();
+    assert_eq!(indices, vec![0, 1, 2]);
+    // New ids go out in key order: db's, then dns's, then web's.
+    assert_eq!(id(&plan, &key("db", "10.0.3.1", 5432)), 0);
+    assert_eq!(id(&plan, &key("dns", "10.0.2.2", 53)), 3);
+    assert_eq!(id(&plan, &key("web", "10.0.1.3", 8080)), 6);
+    // Every Maglev listener builds its first ring; only Maglev listeners have rings.
+    assert_eq!(listener(&plan, "web").rebuild, Some(0));
+    assert_eq!(listener(&plan, "dns").rebuild, Some(0));
+    assert_eq!(listener(&plan, "db").rebuild, None);
+    assert_eq!(plan.ring_slots, vec![0, 1, 2, 3]);
+    assert_eq!(
+        listener(&plan, "web").ring_identities,
+        vec!["10.0.1.1:8080", "10.0.1.2:8080", "10.0.1.3:8080"]
+    );
+    assert_eq!(
+        listener(&plan, "web").ring_input,
+        vec![(4, 1), (5, 2), (6, 0)]
+    );
+    let db = listener(&plan, "db").entry;
+    assert_eq!(
+        db.flags & LISTENER_F_ACTIVE_STANDBY,
+        LISTENER_F_ACTIVE_STANDBY
+    );
+    assert_eq!((db.active_id, db.standby_id), (0, 1));
+    // A weight of 0 drains a Maglev backend.
+    let drained = plan.backends.iter().find(|(id, _)| *id == 6).unwrap().1;
+    assert_eq!(drained.flags, BACKEND_F_PRESENT | BACKEND_F_DRAINING);
+    assert!(plan.health.iter().all(|(_, w)| *w == HealthWrite::Up));
+    assert!(plan.gone_listeners.is_empty() && plan.gone_backend_ids.is_empty());
+}
+
+#[test]
+fn a_new_plan_keeps_ids_slots_and_rings_and_rebuilds_only_what_changed() {
+    let first = plan_of(CONFIG, &BTreeMap::new(), &AppliedMaps::default());
+    let reweighted = CONFIG.replace(
+        "{ address = \"10.0.1.1\", port = 8080 }",
+        "{ address = \"10.0.1.1\", port = 8080, weight = 3 }, { address = \"10.0.1.4\", port = 8080 }",
+    );
+    let second = plan_of(&reweighted, &BTreeMap::new(), &first.applied);
+    for b in &first.applied.backends {
+        assert_eq!(id(&second, &b.key), b.id, "{:?}", b.key);
+    }
+    // The one new backend takes the lowest free id.
+    assert_eq!(id(&second, &key("web", "10.0.1.4", 8080)), 7);
+    let web = listener(&second, "web");
+    assert_eq!((web.index, web.rebuild), (0, Some(1)));
+    assert_eq!(web.entry.ring_index, ring_slot(0, 1));
+    let dns = listener(&second, "dns");
+    assert_eq!((dns.index, dns.rebuild), (1, None));
+    assert_eq!(dns.entry.ring_index, ring_slot(1, 0));
+    assert!(second.gone_backend_ids.is_empty());
+}
+
+#[test]
+fn an_unhealthy_server_fails_over_first_and_a_maglev_backend_goes_down_after_the_rings() {
+    let dead = [key("db", "10.0.3.1", 5432), key("web", "10.0.1.1", 8080)];
+    let plan = plan_of(CONFIG, &unhealthy(&dead), &AppliedMaps::default());
+    let write = |k: &BackendKey| {
+        let id = id(&plan, k);
+        plan.health.iter().find(|(i, _)| *i == id).unwrap().1
+    };
+    assert_eq!(write(&dead[0]), HealthWrite::DownFirst);
+    assert_eq!(write(&dead[1]), HealthWrite::DownLast);
+    assert_eq!(write(&key("web", "10.0.1.2", 8080)), HealthWrite::Up);
+    let downs_last: Vec<usize> = plan
+        .health
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, w))| *w == HealthWrite::DownLast)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(downs_last, vec![plan.health.len() - 1]);
+    // The ring leaves the unhealthy backend out.
+    assert_eq!(
+        listener(&plan, "web").ring_input,
+        vec![(4, 0), (5, 2), (6, 0)]
+    );
+}
+
+#[test]
+fn with_every_backend_down_a_listener_forwards_to_all_or_drops_as_configured() {
+    let dead = [key("web", "10.0.1.1", 8080), key("web", "10.0.1.2", 8080)];
+    let plan = plan_of(CONFIG, &unhealthy(&dead), &AppliedMaps::default());
+    let web = listener(&plan, "web");
+    assert_eq!(
+        web.entry.flags & LISTENER_F_IGNORE_HEALTH,
+        LISTENER_F_IGNORE_HEALTH
+    );
+    assert_eq!(web.ring_input, vec![(4, 1), (5, 2), (6, 0)]);
+
+    let dropping = CONFIG.replace(
+        "port = 80\ngroup = \"pool\"",
+        "port = 80\ngroup = \"pool\"\non_all_unhealthy = \"drop\"",
+    );
+    let plan = plan_of(&dropping, &unhealthy(&dead), &AppliedMaps::default());
+    let web = listener(&plan, "web");
+    assert_eq!(web.entry.flags & LISTENER_F_IGNORE_HEALTH, 0);
+    assert_eq!(web.ring_input, vec![(4, 0), (5, 0), (6, 0)]);
+}
+
+#[test]
+fn what_the_config_no_longer_has_is_planned_away() {
+    let first = plan_of(CONFIG, &BTreeMap::new(), &AppliedMaps::default());
+    let without_dns = CONFIG.replace(
+        "[[listeners]]\nname = \"dns\"\nprotocol = \"udp\"\nvip = \"10.0.0.10\"\nport = 53\n",
+        "",
+    );
+    let second = plan_of(&without_dns, &BTreeMap::new(), &first.applied);
+    let dns_key = listener_key(Protocol::Udp, "10.0.0.10".parse().unwrap(), 53);
+    assert_eq!(
+        second.gone_listeners,
+        vec![GoneListener {
+            index: 1,
+            remove_key: Some(dns_key),
+            free_ring_slots: vec![2, 3],
+        }]
+    );
+    assert_eq!(second.gone_backend_ids, vec![2, 3]);
+    let udp = slb_common::IPPROTO_UDP;
+    assert_eq!(
+        second.gone_replies,
+        vec![
+            ("10.0.2.1".parse().unwrap(), 53, udp),
+            ("10.0.2.2".parse().unwrap(), 53, udp),
+        ]
+    );
+    let gone: Vec<IpAddr> = vec!["10.0.2.1".parse().unwrap(), "10.0.2.2".parse().unwrap()];
+    assert_eq!(second.gone_addresses, gone);
+    // The listeners that stay keep their slots.
+    let indices: Vec<u32> = second.listeners.iter().map(|l| l.index).collect();
+    assert_eq!(indices, vec![0, 2]);
+}
+
+#[test]
+fn a_listener_that_moves_to_another_port_replaces_its_old_key() {
+    let first = plan_of(CONFIG, &BTreeMap::new(), &AppliedMaps::default());
+    let moved = CONFIG.replace("port = 80\n", "port = 8081\n");
+    let second = plan_of(&moved, &BTreeMap::new(), &first.applied);
+    let web = listener(&second, "web");
+    let vip = "10.0.0.10".parse().unwrap();
+    assert_eq!(web.key, listener_key(Protocol::Tcp, vip, 8081));
+    assert_eq!(web.old_key, Some(listener_key(Protocol::Tcp, vip, 80)));
+    assert_eq!(listener(&second, "dns").old_key, None);
+}
+
+#[test]
+fn free_ids_are_the_lowest_unused_in_order() {
+    let mut free = FreeIds::new(BTreeSet::from([0, 1, 3, 6]), 8);
+    let taken: Vec<u32> = std::iter::from_fn(|| free.take()).collect();
+    assert_eq!(taken, vec![2, 4, 5, 7]);
+}
