@@ -269,7 +269,9 @@ fn backend_entries(
     BackendEntries { health, backends }
 }
 
-/// Backend ids: every backend that stays keeps its id; new ones get the lowest free ids.
+/// Backend ids: every backend that stays keeps its id; new ones get the lowest free ids. The
+/// ids of backends that are gone are not free yet: the apply clears their entries after it
+/// wrote the new ones.
 fn backend_ids(
     groups: &[Members<'_>],
     previous: &AppliedMaps,
@@ -280,13 +282,7 @@ fn backend_ids(
         .iter()
         .flat_map(|g| g.members.iter().map(|(k, _)| k))
         .collect();
-    let mut free_ids = FreeIds::new(
-        wanted
-            .iter()
-            .filter_map(|k| old_ids.get(*k).copied())
-            .collect(),
-        MAX_BACKENDS,
-    );
+    let mut free_ids = FreeIds::new(old_ids.values().copied().collect(), MAX_BACKENDS);
     let mut ids = BTreeMap::new();
     for key in wanted {
         let id = match old_ids.get(key) {

@@ -246,3 +246,28 @@ fn free_ids_are_the_lowest_unused_in_order() {
     let taken: Vec<u32> = std::iter::from_fn(|| free.take()).collect();
     assert_eq!(taken, vec![2, 4, 5, 7]);
 }
+
+#[test]
+fn a_backend_added_as_another_is_removed_does_not_take_the_id_being_cleared() {
+    let first = plan_of(CONFIG, &BTreeMap::new(), &AppliedMaps::default());
+    let swapped = CONFIG.replace(
+        "{ address = \"10.0.3.1\" }, { address = \"10.0.3.2\" }",
+        "{ address = \"10.0.3.9\" }, { address = \"10.0.3.2\" }",
+    );
+    let second = plan_of(&swapped, &BTreeMap::new(), &first.applied);
+    let removed = id(&first, &key("db", "10.0.3.1", 5432));
+    assert_eq!(second.gone_backend_ids, vec![removed]);
+    // The apply clears the removed backend's entry after writing the new ones: sharing its id
+    // would leave the new active server without an entry.
+    let added = id(&second, &key("db", "10.0.3.9", 5432));
+    assert_ne!(added, removed);
+    assert_eq!(added, 7);
+    assert_eq!(listener(&second, "db").entry.active_id, added);
+    // Freed ids are handed out again by the next apply.
+    let third = plan_of(
+        &swapped.replace("{ address = \"10.0.3.2\" }]", "{ address = \"10.0.3.3\" }]"),
+        &BTreeMap::new(),
+        &second.applied,
+    );
+    assert_eq!(id(&third, &key("db", "10.0.3.3", 5432)), removed);
+}
