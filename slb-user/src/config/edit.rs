@@ -117,29 +117,13 @@ impl Config {
 mod tests {
     use super::*;
 
+    use crate::config::tests::GOOD;
+
+    /// GOOD with an active-standby pair, which takes no third server.
     fn config() -> Config {
-        Config::parse(
-            r#"
-instance = "api"
-[[interfaces]]
-name = "eth0"
-[[listeners]]
-name = "web"
-protocol = "tcp"
-vip = "10.0.0.10"
-port = 80
-group = "pool"
-[[groups]]
-name = "pool"
-backends = [{ address = "10.0.1.2", port = 8080 }]
-[[groups]]
-name = "db"
-type = "active-standby"
-backends = [{ address = "10.0.2.2", port = 5432 }, { address = "10.0.2.3", port = 5432 }]
-"#,
-            "api.toml",
-        )
-        .unwrap()
+        let pair = "[[groups]]\nname = \"db\"\ntype = \"active-standby\"\n\
+                    backends = [{ address = \"10.0.2.2\", port = 5432 }, { address = \"10.0.2.3\", port = 5432 }]\n";
+        Config::parse(&format!("{GOOD}{pair}"), "api.toml").unwrap()
     }
 
     fn edit(group: &str, address: &str, port: Option<u16>, action: EditAction) -> BackendEdit {
@@ -156,27 +140,32 @@ backends = [{ address = "10.0.2.2", port = 5432 }, { address = "10.0.2.3", port 
         let c = config();
         let add = edit(
             "pool",
-            "10.0.1.3",
+            "10.0.1.4",
             Some(8080),
             EditAction::Add { weight: 3 },
         );
         let (c, what) = c.edit_backend(&add).unwrap();
         assert_eq!(
             what,
-            "added backend 10.0.1.3:8080 with weight 3 to group pool"
+            "added backend 10.0.1.4:8080 with weight 3 to group pool"
         );
-        assert_eq!(c.groups[0].backends.len(), 2);
+        assert_eq!(c.groups[0].backends.len(), 3);
         let set = edit(
             "pool",
             "10.0.1.2",
             Some(8080),
             EditAction::SetWeight { weight: 0 },
         );
-        let (c, _) = c.edit_backend(&set).unwrap();
+        let (c, what) = c.edit_backend(&set).unwrap();
+        assert_eq!(
+            what,
+            "set weight of backend 10.0.1.2:8080 in group pool from 2 to 0"
+        );
         assert_eq!(c.groups[0].backends[0].weight, 0);
-        let remove = edit("pool", "10.0.1.3", Some(8080), EditAction::Remove);
-        let (c, _) = c.edit_backend(&remove).unwrap();
-        assert_eq!(c.groups[0].backends.len(), 1);
+        let remove = edit("pool", "10.0.1.4", Some(8080), EditAction::Remove);
+        let (c, what) = c.edit_backend(&remove).unwrap();
+        assert_eq!(what, "removed backend 10.0.1.4:8080 from group pool");
+        assert_eq!(c.groups[0].backends.len(), 2);
     }
 
     #[test]

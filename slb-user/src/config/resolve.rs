@@ -112,33 +112,15 @@ impl Config {
 mod tests {
     use super::*;
 
-    const CONFIG: &str = r#"
-instance = "t1"
-[[interfaces]]
-name = "eth0"
-[[listeners]]
-name = "web"
-protocol = "tcp"
-vip = "10.0.0.10"
-port = 80
-group = "pool"
-[[listeners]]
-name = "dns"
-protocol = "udp"
-vip = "10.0.0.10"
-port = 53
-[[listeners]]
-name = "site"
-protocol = "http"
-vip = "10.0.0.10"
-port = 8000
-rules = [{ path = "/api", group = "pool" }, { path = "/static", group = "default" }, { path = "/v2", group = "pool" }]
-[default_group]
-backends = [{ address = "10.0.1.1" }, { address = "10.0.1.4", port = 5353, weight = 3 }]
-[[groups]]
-name = "pool"
-backends = [{ address = "10.0.1.2", port = 8080, weight = 2 }]
-"#;
+    use crate::config::tests::GOOD;
+
+    /// GOOD with an HTTP listener whose rules name the pool twice and the default group.
+    fn config() -> Config {
+        let site = "[[listeners]]\nname = \"site\"\nprotocol = \"http\"\nvip = \"10.0.0.10\"\n\
+                    port = 8000\nrules = [{ path = \"/api\", group = \"pool\" }, \
+                    { path = \"/static\", group = \"default\" }, { path = \"/v2\", group = \"pool\" }]\n";
+        Config::parse(&format!("{GOOD}{site}"), "t").unwrap()
+    }
 
     fn backend(address: &str, port: u16, weight: u32) -> ResolvedBackend {
         ResolvedBackend {
@@ -157,31 +139,29 @@ backends = [{ address = "10.0.1.2", port = 8080, weight = 2 }]
 
     #[test]
     fn backends_without_a_port_serve_on_the_listeners() {
-        let config = Config::parse(CONFIG, "t").unwrap();
+        let config = config();
         let resolved = config.resolved_listeners();
         let web = &resolved[0];
         assert_eq!(
             (web.group().name, web.group().kind),
             ("pool", GroupKind::Vserver)
         );
-        assert_eq!(web.group().backends, vec![backend("10.0.1.2", 8080, 2)]);
+        assert_eq!(
+            web.group().backends,
+            vec![backend("10.0.1.2", 8080, 2), backend("10.0.1.3", 8080, 1)]
+        );
         let dns = &resolved[1];
         assert_eq!(dns.group().name, DEFAULT_GROUP);
-        assert_eq!(
-            dns.group().backends,
-            vec![backend("10.0.1.1", 53, 1), backend("10.0.1.4", 5353, 3)]
-        );
+        assert_eq!(dns.group().backends, vec![backend("10.0.1.1", 53, 1)]);
     }
 
     #[test]
     fn an_http_listener_has_its_own_group_then_each_rule_group_once() {
-        let config = Config::parse(CONFIG, "t").unwrap();
+        let config = config();
         let site = config.resolve(&config.listeners[2]);
         let names: Vec<&str> = site.groups.iter().map(|g| g.name).collect();
         assert_eq!(names, vec![DEFAULT_GROUP, "pool"]);
-        assert_eq!(
-            site.groups[0].backends,
-            vec![backend("10.0.1.1", 8000, 1), backend("10.0.1.4", 5353, 3)]
-        );
+        assert_eq!(site.groups[0].backends, vec![backend("10.0.1.1", 8000, 1)]);
+        assert_eq!(site.groups[1].backends[0], backend("10.0.1.2", 8080, 2));
     }
 }

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use super::*;
 
-const GOOD: &str = r#"
+/// A valid config the tests of config and reconcile vary: a TCP listener on a VServer group
+/// whose backends have their own port, a UDP listener on the default group.
+pub(crate) const GOOD: &str = r#"
 instance = "t1"
 vips = ["10.0.0.10"]
 [[interfaces]]

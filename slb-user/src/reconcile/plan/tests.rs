@@ -1,22 +1,12 @@
 //! Plans worked out without a map: ids, slots, rings, health flags and what is gone.
 
 use super::*;
+use crate::config::tests::GOOD;
 
-const CONFIG: &str = r#"
-instance = "plan"
-[[interfaces]]
-name = "eth0"
-[[listeners]]
-name = "web"
-protocol = "tcp"
-vip = "10.0.0.10"
-port = 80
-group = "pool"
-[[listeners]]
-name = "dns"
-protocol = "udp"
-vip = "10.0.0.10"
-port = 53
+/// GOOD (web: TCP on the pool 10.0.1.2:8080 weight 2 and 10.0.1.3:8080; dns: UDP on the
+/// default group's 10.0.1.1) with an active-standby pair behind "db" and an HTTP listener.
+fn config_text() -> String {
+    let more = r#"
 [[listeners]]
 name = "db"
 protocol = "tcp"
@@ -28,16 +18,13 @@ name = "site"
 protocol = "http"
 vip = "10.0.0.10"
 port = 8000
-[default_group]
-backends = [{ address = "10.0.2.1" }, { address = "10.0.2.2" }]
-[[groups]]
-name = "pool"
-backends = [{ address = "10.0.1.1", port = 8080 }, { address = "10.0.1.2", port = 8080, weight = 2 }, { address = "10.0.1.3", port = 8080, weight = 0 }]
 [[groups]]
 name = "pair"
 type = "active-standby"
 backends = [{ address = "10.0.3.1" }, { address = "10.0.3.2" }]
 "#;
+    format!("{GOOD}{more}")
+}
 
 const RING: u32 = 65537;
 
@@ -86,7 +73,7 @@ fn unhealthy(keys: &[BackendKey]) -> BTreeMap<BackendKey, HealthStatus> {
 
 #[test]
 fn a_first_plan_numbers_from_zero_and_leaves_http_listeners_to_the_proxy() {
-    let plan = plan_of(CONFIG, &BTreeMap::new(), &AppliedMaps::default());
+    let plan = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default());
     let names: Vec<&str> = plan
         .applied
         .listeners
@@ -98,47 +85,57 @@ fn a_first_plan_numbers_from_zero_and_leaves_http_listeners_to_the_proxy() {
     assert_eq!(indices, vec![0, 1, 2]);
     // New ids go out in key order: db's, then dns's, then web's.
     assert_eq!(id(&plan, &key("db", "10.0.3.1", 5432)), 0);
-    assert_eq!(id(&plan, &key("dns", "10.0.2.2", 53)), 3);
-    assert_eq!(id(&plan, &key("web", "10.0.1.3", 8080)), 6);
+    assert_eq!(id(&plan, &key("dns", "10.0.1.1", 53)), 2);
+    assert_eq!(id(&plan, &key("web", "10.0.1.3", 8080)), 4);
     // Every Maglev listener builds its first ring; only Maglev listeners have rings.
     assert_eq!(listener(&plan, "web").rebuild, Some(0));
     assert_eq!(listener(&plan, "dns").rebuild, Some(0));
     assert_eq!(listener(&plan, "db").rebuild, None);
     assert_eq!(plan.ring_slots, vec![0, 1, 2, 3]);
-    assert_eq!(
-        listener(&plan, "web").ring_identities,
-        vec!["10.0.1.1:8080", "10.0.1.2:8080", "10.0.1.3:8080"]
-    );
-    assert_eq!(
-        listener(&plan, "web").ring_input,
-        vec![(4, 1), (5, 2), (6, 0)]
-    );
+    let web = listener(&plan, "web");
+    assert_eq!(web.ring_identities, vec!["10.0.1.2:8080", "10.0.1.3:8080"]);
+    assert_eq!(web.ring_input, vec![(3, 2), (4, 1)]);
     let db = listener(&plan, "db").entry;
     assert_eq!(
         db.flags & LISTENER_F_ACTIVE_STANDBY,
         LISTENER_F_ACTIVE_STANDBY
     );
     assert_eq!((db.active_id, db.standby_id), (0, 1));
-    // A weight of 0 drains a Maglev backend.
-    let drained = plan.backends.iter().find(|(id, _)| *id == 6).unwrap().1;
-    assert_eq!(drained.flags, BACKEND_F_PRESENT | BACKEND_F_DRAINING);
+    assert!(plan
+        .backends
+        .iter()
+        .all(|(_, b)| b.flags == BACKEND_F_PRESENT));
     assert!(plan.health.iter().all(|(_, w)| *w == HealthWrite::Up));
     assert!(plan.gone_listeners.is_empty() && plan.gone_backend_ids.is_empty());
 }
 
 #[test]
+fn a_weight_of_zero_drains_a_maglev_backend() {
+    let drained = config_text().replace(
+        "{ address = \"10.0.1.3\", port = 8080 }",
+        "{ address = \"10.0.1.3\", port = 8080, weight = 0 }",
+    );
+    let plan = plan_of(&drained, &BTreeMap::new(), &AppliedMaps::default());
+    let id = id(&plan, &key("web", "10.0.1.3", 8080));
+    let backend = plan.backends.iter().find(|(i, _)| *i == id).unwrap().1;
+    assert_eq!(backend.flags, BACKEND_F_PRESENT | BACKEND_F_DRAINING);
+    assert_eq!(listener(&plan, "web").ring_input, vec![(3, 2), (id, 0)]);
+}
+
+#[test]
 fn a_new_plan_keeps_ids_slots_and_rings_and_rebuilds_only_what_changed() {
-    let first = plan_of(CONFIG, &BTreeMap::new(), &AppliedMaps::default());
-    let reweighted = CONFIG.replace(
-        "{ address = \"10.0.1.1\", port = 8080 }",
-        "{ address = \"10.0.1.1\", port = 8080, weight = 3 }, { address = \"10.0.1.4\", port = 8080 }",
+    let first = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default());
+    let reweighted = config_text().replace(
+        "{ address = \"10.0.1.3\", port = 8080 }",
+        "{ address = \"10.0.1.3\", port = 8080, weight = 3 }, \
+         { address = \"10.0.1.4\", port = 8080 }",
     );
     let second = plan_of(&reweighted, &BTreeMap::new(), &first.applied);
     for b in &first.applied.backends {
         assert_eq!(id(&second, &b.key), b.id, "{:?}", b.key);
     }
     // The one new backend takes the lowest free id.
-    assert_eq!(id(&second, &key("web", "10.0.1.4", 8080)), 7);
+    assert_eq!(id(&second, &key("web", "10.0.1.4", 8080)), 5);
     let web = listener(&second, "web");
     assert_eq!((web.index, web.rebuild), (0, Some(1)));
     assert_eq!(web.entry.ring_index, ring_slot(0, 1));
@@ -150,55 +147,45 @@ fn a_new_plan_keeps_ids_slots_and_rings_and_rebuilds_only_what_changed() {
 
 #[test]
 fn an_unhealthy_server_fails_over_first_and_a_maglev_backend_goes_down_after_the_rings() {
-    let dead = [key("db", "10.0.3.1", 5432), key("web", "10.0.1.1", 8080)];
-    let plan = plan_of(CONFIG, &unhealthy(&dead), &AppliedMaps::default());
+    let dead = [key("db", "10.0.3.1", 5432), key("web", "10.0.1.2", 8080)];
+    let plan = plan_of(&config_text(), &unhealthy(&dead), &AppliedMaps::default());
     let write = |k: &BackendKey| {
         let id = id(&plan, k);
         plan.health.iter().find(|(i, _)| *i == id).unwrap().1
     };
     assert_eq!(write(&dead[0]), HealthWrite::DownFirst);
     assert_eq!(write(&dead[1]), HealthWrite::DownLast);
-    assert_eq!(write(&key("web", "10.0.1.2", 8080)), HealthWrite::Up);
-    let downs_last: Vec<usize> = plan
-        .health
-        .iter()
-        .enumerate()
-        .filter(|(_, (_, w))| *w == HealthWrite::DownLast)
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(downs_last, vec![plan.health.len() - 1]);
+    assert_eq!(write(&key("web", "10.0.1.3", 8080)), HealthWrite::Up);
+    assert_eq!(plan.health.last().unwrap().1, HealthWrite::DownLast);
     // The ring leaves the unhealthy backend out.
-    assert_eq!(
-        listener(&plan, "web").ring_input,
-        vec![(4, 0), (5, 2), (6, 0)]
-    );
+    assert_eq!(listener(&plan, "web").ring_input, vec![(3, 0), (4, 1)]);
 }
 
 #[test]
 fn with_every_backend_down_a_listener_forwards_to_all_or_drops_as_configured() {
-    let dead = [key("web", "10.0.1.1", 8080), key("web", "10.0.1.2", 8080)];
-    let plan = plan_of(CONFIG, &unhealthy(&dead), &AppliedMaps::default());
+    let dead = [key("web", "10.0.1.2", 8080), key("web", "10.0.1.3", 8080)];
+    let plan = plan_of(&config_text(), &unhealthy(&dead), &AppliedMaps::default());
     let web = listener(&plan, "web");
     assert_eq!(
         web.entry.flags & LISTENER_F_IGNORE_HEALTH,
         LISTENER_F_IGNORE_HEALTH
     );
-    assert_eq!(web.ring_input, vec![(4, 1), (5, 2), (6, 0)]);
+    assert_eq!(web.ring_input, vec![(3, 2), (4, 1)]);
 
-    let dropping = CONFIG.replace(
+    let dropping = config_text().replace(
         "port = 80\ngroup = \"pool\"",
         "port = 80\ngroup = \"pool\"\non_all_unhealthy = \"drop\"",
     );
     let plan = plan_of(&dropping, &unhealthy(&dead), &AppliedMaps::default());
     let web = listener(&plan, "web");
     assert_eq!(web.entry.flags & LISTENER_F_IGNORE_HEALTH, 0);
-    assert_eq!(web.ring_input, vec![(4, 0), (5, 0), (6, 0)]);
+    assert_eq!(web.ring_input, vec![(3, 0), (4, 0)]);
 }
 
 #[test]
 fn what_the_config_no_longer_has_is_planned_away() {
-    let first = plan_of(CONFIG, &BTreeMap::new(), &AppliedMaps::default());
-    let without_dns = CONFIG.replace(
+    let first = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default());
+    let without_dns = config_text().replace(
         "[[listeners]]\nname = \"dns\"\nprotocol = \"udp\"\nvip = \"10.0.0.10\"\nport = 53\n",
         "",
     );
@@ -212,17 +199,13 @@ fn what_the_config_no_longer_has_is_planned_away() {
             free_ring_slots: vec![2, 3],
         }]
     );
-    assert_eq!(second.gone_backend_ids, vec![2, 3]);
-    let udp = slb_common::IPPROTO_UDP;
+    assert_eq!(second.gone_backend_ids, vec![2]);
+    let address: IpAddr = "10.0.1.1".parse().unwrap();
     assert_eq!(
         second.gone_replies,
-        vec![
-            ("10.0.2.1".parse().unwrap(), 53, udp),
-            ("10.0.2.2".parse().unwrap(), 53, udp),
-        ]
+        vec![(address, 53, slb_common::IPPROTO_UDP)]
     );
-    let gone: Vec<IpAddr> = vec!["10.0.2.1".parse().unwrap(), "10.0.2.2".parse().unwrap()];
-    assert_eq!(second.gone_addresses, gone);
+    assert_eq!(second.gone_addresses, vec![address]);
     // The listeners that stay keep their slots.
     let indices: Vec<u32> = second.listeners.iter().map(|l| l.index).collect();
     assert_eq!(indices, vec![0, 2]);
@@ -230,8 +213,8 @@ fn what_the_config_no_longer_has_is_planned_away() {
 
 #[test]
 fn a_listener_that_moves_to_another_port_replaces_its_old_key() {
-    let first = plan_of(CONFIG, &BTreeMap::new(), &AppliedMaps::default());
-    let moved = CONFIG.replace("port = 80\n", "port = 8081\n");
+    let first = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default());
+    let moved = config_text().replace("port = 80\n", "port = 8081\n");
     let second = plan_of(&moved, &BTreeMap::new(), &first.applied);
     let web = listener(&second, "web");
     let vip = "10.0.0.10".parse().unwrap();
@@ -241,16 +224,9 @@ fn a_listener_that_moves_to_another_port_replaces_its_old_key() {
 }
 
 #[test]
-fn free_ids_are_the_lowest_unused_in_order() {
-    let mut free = FreeIds::new(BTreeSet::from([0, 1, 3, 6]), 8);
-    let taken: Vec<u32> = std::iter::from_fn(|| free.take()).collect();
-    assert_eq!(taken, vec![2, 4, 5, 7]);
-}
-
-#[test]
 fn a_backend_added_as_another_is_removed_does_not_take_the_id_being_cleared() {
-    let first = plan_of(CONFIG, &BTreeMap::new(), &AppliedMaps::default());
-    let swapped = CONFIG.replace(
+    let first = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default());
+    let swapped = config_text().replace(
         "{ address = \"10.0.3.1\" }, { address = \"10.0.3.2\" }",
         "{ address = \"10.0.3.9\" }, { address = \"10.0.3.2\" }",
     );
@@ -261,7 +237,7 @@ fn a_backend_added_as_another_is_removed_does_not_take_the_id_being_cleared() {
     // would leave the new active server without an entry.
     let added = id(&second, &key("db", "10.0.3.9", 5432));
     assert_ne!(added, removed);
-    assert_eq!(added, 7);
+    assert_eq!(added, 5);
     assert_eq!(listener(&second, "db").entry.active_id, added);
     // Freed ids are handed out again by the next apply.
     let third = plan_of(
@@ -270,4 +246,11 @@ fn a_backend_added_as_another_is_removed_does_not_take_the_id_being_cleared() {
         &second.applied,
     );
     assert_eq!(id(&third, &key("db", "10.0.3.3", 5432)), removed);
+}
+
+#[test]
+fn free_ids_are_the_lowest_unused_in_order() {
+    let mut free = FreeIds::new(BTreeSet::from([0, 1, 3, 6]), 8);
+    let taken: Vec<u32> = std::iter::from_fn(|| free.take()).collect();
+    assert_eq!(taken, vec![2, 4, 5, 7]);
 }
