@@ -409,6 +409,7 @@ fn bench(suites: &[bench::Suite], seconds: u64, against: Option<&str>) -> anyhow
         "xdp_replay",
     ]))?;
     let target = target_dir()?;
+    let against_rev = against;
     let against = against
         .map(|rev| build_revision(rev, &target.join("bench").join("against")))
         .transpose()?;
@@ -416,6 +417,7 @@ fn bench(suites: &[bench::Suite], seconds: u64, against: Option<&str>) -> anyhow
         bin_dir,
         out_dir: target.join("bench"),
         duration: std::time::Duration::from_secs(seconds),
+        against: against_rev.map(str::to_owned),
     };
     bench::run(&env, suites, || {
         let mut cmd = cargo();

@@ -58,6 +58,8 @@ pub struct BenchEnv {
     pub bin_dir: PathBuf,
     pub out_dir: PathBuf,
     pub duration: Duration,
+    /// The git revision measured beside this build (`--against`), as given.
+    pub against: Option<String>,
 }
 
 impl BenchEnv {
@@ -192,13 +194,17 @@ pub fn run(
     );
     let _ = writeln!(
         summary,
-        "Command: `cargo xtask bench --suites {} --seconds {}`\n",
+        "Command: `cargo xtask bench --suites {} --seconds {}{}`\n",
         suites
             .iter()
             .map(|s| s.file_stem())
             .collect::<Vec<_>>()
             .join(","),
-        env.duration.as_secs()
+        env.duration.as_secs(),
+        env.against
+            .as_deref()
+            .map(|rev| format!(" --against {rev}"))
+            .unwrap_or_default()
     );
     let mut results = serde_json::Map::new();
     for &suite in suites {
