@@ -165,11 +165,7 @@ fn main() -> anyhow::Result<()> {
     templates.set(0, template, 0)?;
 
     let ifindex = ifindex(&args.iface)?;
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-    let mut ctx = Vec::new();
-    for v in [0u32, frame_bytes.len() as u32, 0, ifindex, 0, 0] {
-        ctx.extend_from_slice(&v.to_ne_bytes());
-    }
+    let ctx = slb_user::testbed::xdp_md(frame_bytes.len(), ifindex);
     let replay: &Xdp = ebpf
         .program("xdp_replay")
         .context("no xdp_replay")?

@@ -127,6 +127,16 @@ pub fn setup_network() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `struct xdp_md` a BPF_PROG_TEST_RUN of an XDP program takes as its context: a frame of
+/// `frame_len` bytes arriving on interface `ingress` (of the caller's namespace).
+pub fn xdp_md(frame_len: usize, ingress: u32) -> Vec<u8> {
+    // data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    [0u32, frame_len as u32, 0, ingress, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect()
+}
+
 /// Removes the pin directory however the test ends.
 struct PinDir(PathBuf);
 
@@ -218,11 +228,7 @@ impl Testbed {
             .program(program)
             .with_context(|| format!("no program {program}"))?
             .try_into()?;
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx = Vec::new();
-        for v in [0u32, frame.len() as u32, 0, ingress, 0, 0] {
-            ctx.extend_from_slice(&v.to_ne_bytes());
-        }
+        let ctx = xdp_md(frame.len(), ingress);
         let mut out = vec![0u8; frame.len() + 256];
         let result = program.test_run(TestRunOptions {
             data_in: Some(frame),

@@ -25,7 +25,7 @@ use serde_json::json;
 use slb_common::wire::{ipv4_frame, parse_ipv4_frame, L4Spec, TCP_ACK, TCP_SYN};
 use slb_common::{ReplayTemplate, REPLAY_EVERY_RUN_NEW, REPLAY_FRAME_BYTES};
 use slb_user::dataplane::{load_object, TableSizes};
-use slb_user::testbed::{mac_of, setup_network, CLIENT_MAC, FLOOR_PROGRAM};
+use slb_user::testbed::{mac_of, setup_network, xdp_md, CLIENT_MAC, FLOOR_PROGRAM};
 
 /// Runs per BPF_PROG_TEST_RUN call: enough that the syscall's own cost disappears.
 const REPEAT: u32 = 100_000;
@@ -343,11 +343,7 @@ impl Wrapper {
             .context("no xdp_replay")?
             .try_into()?;
         let frame = [0u8; REPLAY_FRAME_BYTES];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx = Vec::new();
-        for v in [0u32, REPLAY_FRAME_BYTES as u32, 0, ingress, 0, 0] {
-            ctx.extend_from_slice(&v.to_ne_bytes());
-        }
+        let ctx = xdp_md(REPLAY_FRAME_BYTES, ingress);
         let mut out = vec![0u8; REPLAY_FRAME_BYTES + 256];
         let result = replay.test_run(TestRunOptions {
             data_in: Some(&frame),
@@ -570,10 +566,7 @@ fn run_on_cpu(
     Netns(netns.try_clone()?).enter()?;
     let replay = Xdp::from_pin(replay_pin, XdpAttachType::Interface)?;
     let frame = [0u8; REPLAY_FRAME_BYTES];
-    let mut ctx = Vec::new();
-    for v in [0u32, REPLAY_FRAME_BYTES as u32, 0, ingress, 0, 0] {
-        ctx.extend_from_slice(&v.to_ne_bytes());
-    }
+    let ctx = xdp_md(REPLAY_FRAME_BYTES, ingress);
     let mut samples = Vec::new();
     for _ in 0..times {
         start.wait();
