@@ -20,6 +20,9 @@ use crate::config::{BackendEdit, EditAction};
 use crate::instance::socket_path;
 
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+/// How long a connection may take to send its request line: a client that connects and says
+/// nothing would otherwise hold a task and a descriptor for good.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
@@ -41,10 +44,12 @@ pub enum Request {
         port: Option<u16>,
         weight: u32,
     },
+    // Braces, not unit variants: serde lets unknown fields through on a unit variant of an
+    // internally tagged enum, deny_unknown_fields or not.
     /// Re-read the config file, dropping runtime changes.
-    Reload,
+    Reload {},
     /// Detach, remove the pins and exit (even when running with `--keep-serving`).
-    Stop,
+    Stop {},
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,7 +86,7 @@ impl Request {
                 port,
                 EditAction::SetWeight { weight: *weight },
             ),
-            Request::Reload | Request::Stop => return None,
+            Request::Reload {} | Request::Stop {} => return None,
         };
         Some(BackendEdit {
             group: group.clone(),
@@ -110,6 +115,14 @@ pub fn bind(instance: &str) -> anyhow::Result<UnixListener> {
 
 /// Answers the requests on `listener`, forwarding each to the daemon loop.
 pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
+    serve_with_timeout(listener, calls, REQUEST_TIMEOUT).await
+}
+
+async fn serve_with_timeout(
+    listener: UnixListener,
+    calls: mpsc::Sender<Call>,
+    request_timeout: Duration,
+) {
     let mut backoff = crate::accept::AcceptBackoff::new("admin API");
     loop {
         let stream = backoff.next(|| listener.accept()).await;
@@ -119,7 +132,13 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<Call>) {
             let mut line = String::new();
             let mut reader =
                 tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_BYTES));
-            let response = match reader.read_line(&mut line).await {
+            let read = tokio::time::timeout(request_timeout, reader.read_line(&mut line)).await;
+            let response = match read.unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no request within {request_timeout:?}"),
+                ))
+            }) {
                 Err(e) => Response {
                     ok: false,
                     message: format!("reading request: {e}"),
@@ -198,8 +217,62 @@ mod tests {
             remove.backend_edit().map(|e| (e.port, e.action)),
             Some((None, EditAction::Remove))
         );
-        assert_eq!(Request::Reload.backend_edit(), None);
-        assert_eq!(Request::Stop.backend_edit(), None);
+        assert_eq!(Request::Reload {}.backend_edit(), None);
+        assert_eq!(Request::Stop {}.backend_edit(), None);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_on_every_command() {
+        for line in [
+            r#"{"command":"reload","x":1}"#,
+            r#"{"command":"stop","force":true}"#,
+            r#"{"command":"backend-remove","group":"g","address":"10.0.0.1","x":1}"#,
+        ] {
+            let e = serde_json::from_str::<Request>(line)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("unknown field"), "{line}: {e}");
+        }
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"reload"}"#).unwrap(),
+            Request::Reload {}
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Stop {}).unwrap(),
+            r#"{"command":"stop"}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_answered_and_closed_after_the_timeout() {
+        let dir = std::env::temp_dir().join(format!("slb-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("admin.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let (calls, _rx) = mpsc::channel(1);
+        let server = tokio::spawn(serve_with_timeout(
+            listener,
+            calls,
+            Duration::from_millis(200),
+        ));
+        let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let mut answer = String::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer),
+        )
+        .await;
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        read.expect("closed within the timeout").unwrap();
+        let response: Response = serde_json::from_str(answer.trim()).unwrap();
+        assert!(!response.ok);
+        assert!(
+            response.message.contains("no request within"),
+            "{}",
+            response.message
+        );
     }
 
     #[test]

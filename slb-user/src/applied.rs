@@ -53,6 +53,23 @@ pub struct HealthStatus {
     pub since_unix_ns: u128,
 }
 
+/// Runtime changes listed in the state and `slb status`: a script that makes thousands must not
+/// grow them without bound; the log has every one.
+pub const RUNTIME_CHANGES_LISTED: usize = 50;
+
+/// `listed` (after `earlier` unlisted ones) with `change` added: the latest
+/// [`RUNTIME_CHANGES_LISTED`] and the new count of earlier ones.
+pub fn add_runtime_change(
+    mut listed: Vec<String>,
+    earlier: u64,
+    change: String,
+) -> (Vec<String>, u64) {
+    listed.push(change);
+    let over = listed.len().saturating_sub(RUNTIME_CHANGES_LISTED);
+    listed.drain(..over);
+    (listed, earlier + over as u64)
+}
+
 /// What `slb status` needs to name what the maps hold; written to the state file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AppliedState {
@@ -61,9 +78,12 @@ pub struct AppliedState {
     pub instance: String,
     pub ring_size: u32,
     pub interfaces: Vec<String>,
-    /// Changes made through the admin API since the file was last read.
+    /// Changes made through the admin API since the file was last read: the latest
+    /// [`RUNTIME_CHANGES_LISTED`], and how many came before them.
     #[serde(default)]
     pub runtime_changes: Vec<String>,
+    #[serde(default)]
+    pub runtime_changes_earlier: u64,
     // Not one flattened `AppliedMaps`: serde buffers flattened fields in a form without u128,
     // and health verdicts carry u128 times.
     pub listeners: Vec<AppliedListener>,
@@ -205,6 +225,18 @@ impl AppliedState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn runtime_changes_keep_the_latest_and_count_the_rest() {
+        let (mut listed, mut earlier) = (Vec::new(), 0);
+        for i in 0..10_000 {
+            (listed, earlier) = super::add_runtime_change(listed, earlier, format!("change {i}"));
+        }
+        assert_eq!(listed.len(), super::RUNTIME_CHANGES_LISTED);
+        assert_eq!(earlier, 10_000 - super::RUNTIME_CHANGES_LISTED as u64);
+        assert_eq!(listed.last().map(String::as_str), Some("change 9999"));
+        assert_eq!(listed[0], format!("change {earlier}"));
+    }
+
     use super::*;
 
     #[test]

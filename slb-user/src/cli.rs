@@ -50,8 +50,8 @@ pub enum Command {
         instance: InstanceName,
         #[arg(long, conflicts_with = "watch")]
         json: bool,
-        /// Refresh every SECONDS, with rates.
-        #[arg(long, value_name = "SECONDS")]
+        /// Refresh every SECONDS (0.1 to 3600), with rates.
+        #[arg(long, value_name = "SECONDS", value_parser = parse_watch_seconds)]
         watch: Option<f64>,
     },
     /// Reports on what slb did.
@@ -203,6 +203,16 @@ impl From<ModeArg> for AttachMode {
     }
 }
 
+fn parse_watch_seconds(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(0.1..=3600.0).contains(&seconds) {
+        return Err(format!("{text} is not between 0.1 and 3600 seconds"));
+    }
+    Ok(seconds)
+}
+
 fn parse_weight(text: &str) -> Result<u32, String> {
     let value: i64 = text
         .parse()
@@ -244,4 +254,25 @@ pub fn enter_netns(name: &str) -> std::io::Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_takes_a_finite_interval_within_bounds() {
+        for bad in ["inf", "NaN", "0", "0.05", "3601", "-1", "soon"] {
+            let e = Cli::try_parse_from(["slb", "stats", &format!("--watch={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--watch"), "{bad}: {e}");
+            assert!(
+                e.contains("between 0.1 and 3600") || e.contains("not a number"),
+                "{bad}: {e}"
+            );
+        }
+        let ok = Cli::try_parse_from(["slb", "stats", "--watch", "0.5"]).unwrap();
+        assert!(matches!(ok.command, Command::Stats { watch: Some(w), .. } if w == 0.5));
+    }
 }

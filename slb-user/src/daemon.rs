@@ -66,6 +66,9 @@ impl InstanceLock {
         let dir = path.parent().expect("lock file has a directory");
         loop {
             fs::create_dir_all(dir).map_err(io)?;
+            // Also when an earlier run (or someone) left it open to others.
+            fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(io)?;
             let mut file = fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -281,8 +284,8 @@ async fn serve(
             }
             Some((request, reply)) = call_rx.recv() => {
                 let response = match request {
-                    Request::Reload => daemon.reload(dataplane, path),
-                    Request::Stop => {
+                    Request::Reload {} => daemon.reload(dataplane, path),
+                    Request::Stop {} => {
                         daemon.notify_systemd(&[sd_notify::NotifyState::Stopping]);
                         let _ = reply.send(Response { ok: true, message: "stopping: detaching and removing pins".into(), generation: 0 });
                         api.abort();
@@ -484,12 +487,17 @@ impl Daemon {
             }
         }
         daemon.sync_interfaces(dataplane, &config)?;
-        daemon.apply(config, Vec::new())?;
+        daemon.apply(config, Vec::new(), 0)?;
         Ok(daemon)
     }
 
     /// Applies a new running config (a config change: the generation advances).
-    fn apply(&mut self, config: Config, runtime_changes: Vec<String>) -> anyhow::Result<u64> {
+    fn apply(
+        &mut self,
+        config: Config,
+        runtime_changes: Vec<String>,
+        runtime_changes_earlier: u64,
+    ) -> anyhow::Result<u64> {
         let targets = check_targets(&config);
         let stopped = self.monitor.set_targets(targets.clone(), &self.health);
         for key in stopped {
@@ -509,6 +517,7 @@ impl Daemon {
         self.reconciler.apply(&config, &self.health)?;
         self.state.generation += 1;
         self.state.runtime_changes = runtime_changes;
+        self.state.runtime_changes_earlier = runtime_changes_earlier;
         self.state.interfaces = config.interfaces.iter().map(|i| i.name.clone()).collect();
         self.config = config;
         self.publish()?;
@@ -712,7 +721,7 @@ impl Daemon {
             // A flapped interface counts as attached only once it really is again.
             self.check_links(dataplane);
             let steps = self.sync_interfaces(dataplane, &config)?;
-            let generation = match self.apply(config.clone(), Vec::new()) {
+            let generation = match self.apply(config.clone(), Vec::new(), 0) {
                 Ok(generation) => generation,
                 Err(e) => {
                     self.undo_interfaces(dataplane, &config.instance, steps);
@@ -734,9 +743,13 @@ impl Daemon {
                 .backend_edit()
                 .ok_or_else(|| anyhow::anyhow!("not a backend change"))?;
             let (config, description) = self.config.edit_backend(&edit)?;
-            let mut changes = self.state.runtime_changes.clone();
-            changes.push(description.clone());
-            self.apply(config, changes)?;
+            let (changes, earlier) = crate::applied::add_runtime_change(
+                self.state.runtime_changes.clone(),
+                self.state.runtime_changes_earlier,
+                description.clone(),
+            );
+            self.apply(config, changes, earlier)?;
+            tracing::info!(change = %description, "runtime change applied");
             Ok(description)
         })();
         self.response(result)

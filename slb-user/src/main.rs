@@ -15,10 +15,6 @@ fn stats(instance: &str, json: bool, watch: Option<f64>) -> anyhow::Result<()> {
         }
         return Ok(());
     };
-    anyhow::ensure!(
-        seconds >= 0.1,
-        "--watch: {seconds} is too short; use 0.1 seconds or more"
-    );
     let mut previous: Option<(status::Status, std::time::Instant)> = None;
     loop {
         let s = status::collect(instance)?;
@@ -50,7 +46,7 @@ fn print_output(bytes: &[u8]) -> anyhow::Result<()> {
 /// `slb stop`: asks the daemon, or cleans up the pins of one that is gone.
 fn stop(instance: &str) -> anyhow::Result<()> {
     if socket_path(instance).exists() {
-        if let Ok(response) = api::call(instance, &api::Request::Stop) {
+        if let Ok(response) = api::call(instance, &api::Request::Stop {}) {
             println!("{}", response.message);
             // The daemon removes the pins on its way out; wait for that.
             for _ in 0..100 {
@@ -107,8 +103,32 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, not in the journal or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    execute(cli).map_err(explain_missing_privileges)
+}
+
+/// A refusal of the kernel or of root's files, met by a user who is not root, says what slb
+/// needs instead of only "Permission denied".
+fn explain_missing_privileges(e: anyhow::Error) -> anyhow::Error {
+    let refused = e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+            || cause.to_string().contains("Operation not permitted")
+            || cause.to_string().contains("Permission denied")
+    });
+    if refused && unsafe { libc::geteuid() } != 0 {
+        return e.context(
+            "slb needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN, and access to /run/slb and /sys/fs/bpf/slb)",
+        );
+    }
+    e
+}
+
+fn execute(cli: Cli) -> anyhow::Result<()> {
     // Before any thread exists, so every thread the runtime starts is in the namespace too.
     if let Some(netns) = &cli.netns {
         enter_netns(netns)?;
@@ -118,11 +138,16 @@ fn main() -> anyhow::Result<()> {
             config,
             keep_serving,
             worker_threads,
-        } => daemon::run(daemon::RunOptions {
-            config,
-            keep_serving,
-            worker_threads,
-        }),
+        } => {
+            // What the daemon writes (state, history, access log) is root's alone, as under
+            // the unit's UMask=0077, also when it is started by hand.
+            unsafe { libc::umask(0o077) };
+            daemon::run(daemon::RunOptions {
+                config,
+                keep_serving,
+                worker_threads,
+            })
+        }
         Command::CheckConfig { file } => {
             let config = Config::load(&file)?;
             println!(
@@ -182,7 +207,7 @@ fn main() -> anyhow::Result<()> {
             clap_mangen::Man::new(Cli::command()).render(&mut out)?;
             print_output(&out)
         }
-        Command::Reload { instance } => answer(api::call(&instance, &api::Request::Reload)?),
+        Command::Reload { instance } => answer(api::call(&instance, &api::Request::Reload {})?),
         Command::Attach {
             instance,
             iface,

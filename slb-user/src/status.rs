@@ -25,8 +25,10 @@ pub struct Status {
     pub counters: BTreeMap<&'static str, u64>,
     /// Fill of the connection table as of the last sweep.
     pub connection_table: ConnectionTable,
-    /// Changes made through the admin API since the file was last read (dropped by a reload).
+    /// Changes made through the admin API since the file was last read (dropped by a reload):
+    /// the latest ones, and how many came before them.
     pub runtime_changes: Vec<String>,
+    pub runtime_changes_earlier: u64,
     pub warnings: Vec<String>,
     /// HTTP(S) listeners (served by the proxy; their traffic is in the access log).
     pub proxy_listeners: Vec<ProxyListenerInfo>,
@@ -197,6 +199,7 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
             swept_at_unix_s: flows.swept_at_unix_s,
         },
         runtime_changes: state.runtime_changes,
+        runtime_changes_earlier: state.runtime_changes_earlier,
         proxy_listeners: state.proxy_listeners,
         warnings,
     })
@@ -308,6 +311,13 @@ pub fn render(status: &Status) -> String {
             out,
             "\nRUNTIME CHANGES (dropped by the next reload of the file)"
         );
+        if status.runtime_changes_earlier > 0 {
+            let _ = writeln!(
+                out,
+                "  ... {} earlier change(s), in the daemon's log",
+                status.runtime_changes_earlier
+            );
+        }
         for c in &status.runtime_changes {
             let _ = writeln!(out, "  {c}");
         }

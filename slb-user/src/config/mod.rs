@@ -35,12 +35,33 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
     }
 }
 
+/// A config larger than this is a mistake (a wrong path, a log file), not a config.
+const MAX_CONFIG_BYTES: u64 = 16 * 1024 * 1024;
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        // Looked at before it is opened: opening a FIFO waits for a writer, forever.
+        let metadata = std::fs::metadata(path).map_err(read_error)?;
+        if !metadata.is_file() {
+            return Err(read_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )));
+        }
+        if metadata.len() > MAX_CONFIG_BYTES {
+            return Err(read_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} bytes, more than a config's {MAX_CONFIG_BYTES}",
+                    metadata.len()
+                ),
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(read_error)?;
         Self::parse(&text, &path.display().to_string())
     }
 

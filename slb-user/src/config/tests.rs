@@ -259,3 +259,79 @@ fn a_backend_endpoint_serves_one_tcp_udp_listener() {
     )
     .unwrap();
 }
+
+#[test]
+fn names_are_a_safe_character_set() {
+    for (bad, field) in [
+        ("name = \"web\"", "listeners[0].name"),
+        ("name = \"pool\"", "groups[0].name"),
+    ] {
+        for name in [
+            "we\\nb",
+            "we\\u001b[31mb",
+            "",
+            "-web",
+            "web b",
+            &"w".repeat(64),
+        ] {
+            let e = error_of(&GOOD.replacen(bad, &format!("name = \"{name}\""), 1));
+            assert!(
+                e.contains(field) && e.contains("is not a name"),
+                "{name}: {e}"
+            );
+            assert!(
+                !e.contains('\n') && !e.contains('\u{1b}'),
+                "raw in the error: {e:?}"
+            );
+        }
+    }
+    let ok = GOOD
+        .replace("name = \"web\"", "name = \"web-1.a_b\"")
+        .replace("name = \"pool\"", "name = \"Pool2\"")
+        .replace("group = \"pool\"", "group = \"Pool2\"");
+    Config::parse(&ok, "test.toml").unwrap();
+}
+
+#[test]
+fn vips_and_backends_are_unicast_addresses() {
+    for vip in ["0.0.0.0", "255.255.255.255", "224.0.0.1"] {
+        let text = GOOD.replace("vips = [\"10.0.0.10\"]\n", "").replace(
+            "vip = \"10.0.0.10\"\nport = 80",
+            &format!("vip = \"{vip}\"\nport = 80"),
+        );
+        let e = error_of(&text);
+        assert!(
+            e.contains("listeners[0] (web).vip") && e.contains(&format!("{vip} is not a unicast")),
+            "{vip}: {e}"
+        );
+    }
+    for address in ["0.0.0.0", "255.255.255.255", "239.1.1.1"] {
+        let e = error_of(&GOOD.replace("10.0.1.3", address));
+        assert!(
+            e.contains("groups[0] (pool).backends[1].address") && e.contains("not a unicast"),
+            "{address}: {e}"
+        );
+    }
+}
+
+#[test]
+fn only_regular_files_are_read_as_configs() {
+    let dir = std::env::temp_dir().join(format!("slb-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo.toml");
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // Would wait for a writer forever if it were opened.
+    let e = Config::load(&fifo).unwrap_err().to_string();
+    assert!(
+        e.contains("fifo.toml") && e.contains("not a regular file"),
+        "{e}"
+    );
+    let e = Config::load(&dir).unwrap_err().to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+    let good = dir.join("good.toml");
+    std::fs::write(&good, GOOD).unwrap();
+    Config::load(&good).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

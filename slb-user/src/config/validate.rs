@@ -99,10 +99,8 @@ impl Config {
         groups: &Groups<'_>,
         claims: &mut Claims<'a>,
     ) -> Result<(), ConfigError> {
+        validate_name(format!("listeners[{i}].name"), &l.name)?;
         let at = |f: &str| format!("listeners[{i}] ({}).{f}", l.name);
-        if l.name.is_empty() {
-            return Err(invalid(format!("listeners[{i}].name"), "must not be empty"));
-        }
         if !claims.names.insert(&l.name) {
             return Err(invalid(
                 at("name"),
@@ -179,6 +177,7 @@ impl Config {
                 format!("{}: IPv6 listeners are not supported yet", l.vip),
             ));
         }
+        validate_unicast(at("vip"), l.vip)?;
         if !claims
             .endpoints
             .insert((l.vip, l.port, l.protocol.ip_protocol()))
@@ -219,11 +218,43 @@ fn validate_interfaces(interfaces: &[Interface]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Listener and group names appear in logs, terminals, metrics labels and file contents: 1 to 63
+/// letters, digits, '.', '_' or '-', beginning with a letter or digit.
+fn validate_name(field: String, name: &str) -> Result<(), ConfigError> {
+    let ok = (1..=63).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        return Ok(());
+    }
+    Err(invalid(
+        field,
+        format!(
+            "{name:?} is not a name: use 1 to 63 letters, digits, '.', '_' or '-', beginning with a letter or digit"
+        ),
+    ))
+}
+
+/// A VIP or a backend is one host: not 0.0.0.0, the broadcast address or a multicast group.
+fn validate_unicast(field: String, address: IpAddr) -> Result<(), ConfigError> {
+    let broadcast = matches!(address, IpAddr::V4(v4) if v4.is_broadcast());
+    if address.is_unspecified() || address.is_multicast() || broadcast {
+        return Err(invalid(
+            field,
+            format!("{address} is not a unicast address"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks each group and its backends; returns the groups by name.
 fn validate_groups(defined: &[Group]) -> Result<Groups<'_>, ConfigError> {
     let mut groups = Groups::new();
     for (i, group) in defined.iter().enumerate() {
-        if group.name.is_empty() || group.name == DEFAULT_GROUP {
+        validate_name(format!("groups[{i}].name"), &group.name)?;
+        if group.name == DEFAULT_GROUP {
             return Err(invalid(
                 format!("groups[{i}].name"),
                 format!(
@@ -626,12 +657,7 @@ fn validate_backends(group: &str, backends: &[BackendSpec]) -> Result<(), Config
                 format!("{}: IPv6 backends are not supported yet", b.address),
             ));
         }
-        if b.address.is_unspecified() || b.address.is_multicast() {
-            return Err(invalid(
-                field("address"),
-                format!("{} is not a unicast address", b.address),
-            ));
-        }
+        validate_unicast(field("address"), b.address)?;
         if b.port == Some(0) {
             return Err(invalid(field("port"), "0 is not a valid port"));
         }
