@@ -133,11 +133,41 @@ pub struct RunOptions {
     pub worker_threads: Option<u16>,
 }
 
+/// Raises the soft limit on open files to the hard one (often 1024 against 524288): every proxied
+/// connection takes two descriptors. Returns the limit in force.
+pub fn raise_descriptor_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit to fill and then to set.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
 pub fn run(options: RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&options.config)?;
     let instance = config.instance.clone();
     // Before anything else touches the instance's pins, socket or state.
     let _lock = InstanceLock::acquire(&instance)?;
+    let descriptors = raise_descriptor_limit();
+    tracing::info!(
+        descriptors,
+        "file descriptor budget (proxy connections, health checks, maps)"
+    );
     // available_parallelism honours the CPU affinity and cgroup quota slb was started with.
     let worker_threads = options.worker_threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),

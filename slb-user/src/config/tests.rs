@@ -335,3 +335,34 @@ fn only_regular_files_are_read_as_configs() {
     Config::load(&good).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_backend_that_is_one_of_the_instances_own_listeners_is_refused() {
+    // The pool's second backend becomes the web listener itself.
+    let looped = GOOD.replace("vips = [\"10.0.0.10\"]\n", "").replace(
+        "{ address = \"10.0.1.3\", port = 8080 }",
+        "{ address = \"10.0.0.10\", port = 80 }",
+    );
+    let e = error_of(&looped);
+    assert!(
+        e.contains("listeners[0] (web).group")
+            && e.contains("10.0.0.10:80")
+            && e.contains("own listener \"web\""),
+        "{e}"
+    );
+    // The same address on another port is an ordinary backend.
+    Config::parse(&looped.replace("port = 80 }", "port = 81 }"), "test.toml").unwrap();
+    // The admin API's edits are validated the same way.
+    let running =
+        Config::parse(&GOOD.replace("vips = [\"10.0.0.10\"]\n", ""), "test.toml").unwrap();
+    let e = running
+        .edit_backend(&BackendEdit {
+            group: "pool".into(),
+            address: "10.0.0.10".parse().unwrap(),
+            port: Some(80),
+            action: EditAction::Add { weight: 1 },
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("own listener \"web\""), "{e}");
+}

@@ -54,6 +54,7 @@ impl Config {
         for (i, l) in self.listeners.iter().enumerate() {
             self.validate_listener(i, l, &groups, &mut claims)?;
         }
+        self.refuse_own_listeners_as_backends()?;
         if claims.backends > MAX_BACKENDS as usize {
             return Err(invalid(
                 "listeners",
@@ -62,6 +63,34 @@ impl Config {
                     claims.backends
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// A backend that is one of this instance's own listeners sends every request (or packet)
+    /// around again: the proxy recursed thousands of times on one request.
+    fn refuse_own_listeners_as_backends(&self) -> Result<(), ConfigError> {
+        let own: BTreeMap<(IpAddr, u16, u8), &str> = self
+            .listeners
+            .iter()
+            .map(|l| ((l.vip, l.port, l.protocol.ip_protocol()), l.name.as_str()))
+            .collect();
+        for (i, resolved) in self.resolved_listeners().iter().enumerate() {
+            let l = resolved.listener;
+            for group in &resolved.groups {
+                for b in &group.backends {
+                    if let Some(name) = own.get(&(b.address, b.port, l.protocol.ip_protocol())) {
+                        return Err(invalid(
+                            format!("listeners[{i}] ({}).group", l.name),
+                            format!(
+                                "backend {} of group {:?} is this instance's own listener {name:?}: traffic would loop through slb",
+                                b.endpoint(),
+                                group.name
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
