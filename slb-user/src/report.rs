@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
@@ -12,6 +13,7 @@ use serde::Serialize;
 
 use crate::applied::AppliedState;
 use crate::metrics::read_history;
+use crate::proxy::access_log::AccessLogRecord;
 use crate::status;
 
 /// Smallest deviation (percentage points) called skewed; with little traffic the allowance grows
@@ -238,30 +240,7 @@ pub fn distribution(
             .transpose()
             .unwrap_or(None)
             .unwrap_or_default();
-        let mut requests: BTreeMap<(String, String), u64> = BTreeMap::new();
-        let mut client_sets: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
-        for line in log.lines() {
-            let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            if let (Some(start), Some(time)) = (since_unix_s, entry["time"].as_str()) {
-                let t = humantime::parse_rfc3339(time)
-                    .ok()
-                    .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
-                if t.is_none_or(|t| t.as_secs() < start) {
-                    continue;
-                }
-            }
-            let (Some(l), Some(b)) = (entry["listener"].as_str(), entry["backend"].as_str()) else {
-                continue;
-            };
-            let key = (l.to_string(), b.to_string());
-            *requests.entry(key.clone()).or_default() += 1;
-            if let Some(client) = entry["client"].as_str() {
-                let ip = client.rsplit_once(':').map_or(client, |(ip, _)| ip);
-                client_sets.entry(key).or_default().insert(ip.to_string());
-            }
-        }
+        let (requests, client_sets) = requests_per_backend(&log, since_unix_s);
         for l in proxied {
             let rows = l
                 .backends
@@ -293,6 +272,40 @@ pub fn distribution(
         since_unix_s,
         listeners,
     })
+}
+
+/// (listener, backend address) as the access log names them.
+type ListenerBackend = (String, String);
+
+/// Requests per listener and backend in the access log since `since_unix_s`, and the distinct
+/// client addresses among them; requests no backend answered (503) are left out.
+fn requests_per_backend(
+    log: &str,
+    since_unix_s: Option<u64>,
+) -> (
+    BTreeMap<ListenerBackend, u64>,
+    BTreeMap<ListenerBackend, BTreeSet<IpAddr>>,
+) {
+    let mut requests: BTreeMap<ListenerBackend, u64> = BTreeMap::new();
+    let mut client_sets: BTreeMap<ListenerBackend, BTreeSet<IpAddr>> = BTreeMap::new();
+    for record in log.lines().filter_map(AccessLogRecord::parse) {
+        let in_period = since_unix_s.is_none_or(|start| {
+            record
+                .time
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .is_ok_and(|t| t.as_secs() >= start)
+        });
+        let Some(backend) = record.backend.filter(|_| in_period) else {
+            continue;
+        };
+        let key = (record.listener, backend.to_string());
+        *requests.entry(key.clone()).or_default() += 1;
+        client_sets
+            .entry(key)
+            .or_default()
+            .insert(record.client.ip());
+    }
+    (requests, client_sets)
 }
 
 /// Distinct client addresses per backend id, from the connection table.
@@ -405,6 +418,50 @@ mod tests {
         let small = judge("l", "requests", true, vec![row("a", 1, 5)]);
         assert!(small.verdict.starts_with("too little"));
         assert!(small.notes[0].contains("persistence"));
+    }
+
+    #[test]
+    fn access_log_requests_are_counted_per_backend_within_the_period() {
+        let line = |time: &str, client: &str, backend: &str| {
+            format!(
+                r#"{{"time":"{time}","listener":"web","client":"{client}","host":"h","method":"GET","path":"/","status":200,"group":"g","backend":{backend},"duration_ms":1.0,"backend_ms":null}}"#
+            )
+        };
+        let log = [
+            line(
+                "2026-01-01T00:00:00.000Z",
+                "10.0.0.1:1000",
+                r#""10.0.1.1:80""#,
+            ),
+            line(
+                "2026-01-01T00:01:00.000Z",
+                "10.0.0.1:1001",
+                r#""10.0.1.1:80""#,
+            ),
+            line(
+                "2026-01-01T00:01:00.000Z",
+                "10.0.0.2:1000",
+                r#""10.0.1.1:80""#,
+            ),
+            line("2026-01-01T00:01:00.000Z", "10.0.0.2:1000", "null"),
+            "not a record".to_string(),
+        ]
+        .join("\n");
+        let key = ("web".to_string(), "10.0.1.1:80".to_string());
+        let (requests, clients) = requests_per_backend(&log, None);
+        assert_eq!(
+            requests.len(),
+            1,
+            "the 503 without a backend is not counted"
+        );
+        assert_eq!((requests[&key], clients[&key].len()), (3, 2));
+        let minute = humantime::parse_rfc3339("2026-01-01T00:01:00Z").unwrap();
+        let since = minute
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let (requests, clients) = requests_per_backend(&log, Some(since));
+        assert_eq!((requests[&key], clients[&key].len()), (2, 2));
     }
 
     #[test]

@@ -4,13 +4,13 @@
 //! settings live behind an `ArcSwap`: a reload swaps them for new requests while requests in
 //! flight and open keep-alive connections carry on.
 
+pub mod access_log;
 pub mod balance;
 pub mod route;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +36,7 @@ use crate::applied::{BackendKey, HealthStatus, ProxyBackendInfo, ProxyListenerIn
 use crate::config::{
     Config, CookiePersistence, Protocol, ResolvedListener, Scheduler, INSERT_COOKIE,
 };
+use access_log::{AccessLog, AccessLogRecord};
 use balance::{least_connections, SmoothWrr};
 use route::Router;
 
@@ -83,7 +84,7 @@ struct RunningListener {
 
 struct Shared {
     client: Client<HttpConnector, Incoming>,
-    access_log: Mutex<Option<std::fs::File>>,
+    access_log: AccessLog,
 }
 
 /// The daemon's handle on all HTTP(S) listeners.
@@ -120,7 +121,7 @@ impl ProxyManager {
             in_flight: HashMap::new(),
             shared: Arc::new(Shared {
                 client,
-                access_log: Mutex::new(None),
+                access_log: AccessLog::start(),
             }),
         }
     }
@@ -158,19 +159,9 @@ impl ProxyManager {
                 bound.insert(name.clone(), bind(*addr)?);
             }
         }
-        let log = match &config.access_log {
-            None => None,
-            Some(path) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| {
-                        anyhow::anyhow!("access_log: cannot open {}: {e}", path.display())
-                    })?,
-            ),
-        };
-        *self.shared.access_log.lock().expect("access log lock") = log;
+        self.shared
+            .access_log
+            .set_file(config.access_log.as_deref())?;
 
         // Listeners that are gone or moved stop accepting; their open connections finish.
         let stale: Vec<String> = self
@@ -925,22 +916,23 @@ struct RequestRecord<'a> {
 }
 
 impl RequestRecord<'_> {
+    /// Queues the record for the access log's writer thread; never waits for the disk.
     fn log(&self, shared: &Shared, status: StatusCode, backend: Option<(&BackendRt, Instant)>) {
-        let mut guard = shared.access_log.lock().expect("access log lock");
-        let Some(file) = guard.as_mut() else { return };
-        let line = serde_json::json!({
-            "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            "listener": self.listener,
-            "client": self.peer.to_string(),
-            "host": self.host,
-            "method": self.method,
-            "path": self.path,
-            "status": status.as_u16(),
-            "group": self.group,
-            "backend": backend.map(|(b, _)| b.addr.to_string()),
-            "duration_ms": self.started.elapsed().as_secs_f64() * 1000.0,
-            "backend_ms": backend.map(|(_, t)| t.elapsed().as_secs_f64() * 1000.0),
+        if !shared.access_log.enabled() {
+            return;
+        }
+        shared.access_log.write(AccessLogRecord {
+            time: SystemTime::now(),
+            listener: self.listener.to_string(),
+            client: self.peer,
+            host: self.host.to_string(),
+            method: self.method.to_string(),
+            path: self.path.to_string(),
+            status: status.as_u16(),
+            group: self.group.to_string(),
+            backend: backend.map(|(b, _)| b.addr),
+            duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            backend_ms: backend.map(|(_, t)| t.elapsed().as_secs_f64() * 1000.0),
         });
-        let _ = writeln!(file, "{line}");
     }
 }

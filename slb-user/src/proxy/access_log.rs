@@ -1,0 +1,311 @@
+//! The access log: one JSON line per request, the [`AccessLogRecord`] that `slb report` reads back
+//! with the same type. Requests hand their record to a writer thread over a bounded queue and never
+//! wait for the disk: when the queue is full (the disk is slower than the traffic), the record is
+//! dropped and counted, and the writer warns with the count once it catches up.
+
+use std::fs::File;
+use std::io::{BufWriter, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// Records waiting for the writer; about 1.5 MiB at the most. A disk that stalls this long
+/// behind the requests costs log lines, not latency.
+const QUEUE_RECORDS: usize = 8192;
+
+/// Dropped records are reported at most this often, so an overloaded disk does not also flood
+/// the daemon's own log.
+const DROP_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One request as the access log records it (a JSON object on one line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccessLogRecord {
+    /// When the response headers were ready (RFC 3339, milliseconds, UTC).
+    #[serde(with = "rfc3339_millis")]
+    pub time: SystemTime,
+    pub listener: String,
+    pub client: SocketAddr,
+    /// The Host header (or the request URI's authority); empty when there is neither.
+    pub host: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub group: String,
+    /// The backend the request went to; `None` when none was (503: no healthy backend).
+    pub backend: Option<SocketAddr>,
+    /// From the request's arrival to its response headers.
+    pub duration_ms: f64,
+    /// From sending the request to the backend to its response headers.
+    pub backend_ms: Option<f64>,
+}
+
+impl AccessLogRecord {
+    /// The record of one line; `None` for a line that is not one (a torn last line, say).
+    pub fn parse(line: &str) -> Option<AccessLogRecord> {
+        serde_json::from_str(line).ok()
+    }
+}
+
+mod rfc3339_millis {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(*time))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        humantime::parse_rfc3339(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("access_log: cannot open {}: {source}", path.display())]
+pub struct OpenError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+/// The request side of the access log: queues records for the writer thread.
+pub struct AccessLog {
+    queue: SyncSender<AccessLogRecord>,
+    /// The file the writer switches to before its next record; `Some(None)` turns logging off.
+    next_file: Arc<Mutex<Option<Option<File>>>>,
+    /// Whether a file is configured, so that requests skip building records nobody writes.
+    enabled: AtomicBool,
+    /// Records dropped because the queue was full, since the start.
+    dropped: Arc<AtomicU64>,
+}
+
+impl AccessLog {
+    /// Starts the writer thread, with no file until [`AccessLog::set_file`]. The thread ends once
+    /// the `AccessLog` is dropped and the records queued before are written.
+    pub fn start() -> AccessLog {
+        let (queue, records) = std::sync::mpsc::sync_channel(QUEUE_RECORDS);
+        let next_file = Arc::new(Mutex::new(None));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let writer = Writer {
+            records,
+            next_file: next_file.clone(),
+            dropped: dropped.clone(),
+            dropped_reported: 0,
+            file: None,
+            last_drop_warning: None,
+        };
+        std::thread::Builder::new()
+            .name("slb-access-log".into())
+            .spawn(move || writer.run())
+            .expect("spawning the access log writer thread");
+        AccessLog {
+            queue,
+            next_file,
+            enabled: false.into(),
+            dropped,
+        }
+    }
+
+    /// Opens `path` for appending (or turns the log off with `None`); records queued from now
+    /// on go there. Opened again on every apply, so a reload after a log rotation writes to the
+    /// new file.
+    pub fn set_file(&self, path: Option<&Path>) -> Result<(), OpenError> {
+        let file = match path {
+            None => None,
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| OpenError {
+                        path: path.to_owned(),
+                        source,
+                    })?,
+            ),
+        };
+        self.enabled.store(file.is_some(), Ordering::Relaxed);
+        // Only this and the writer thread take the lock, never a request.
+        *self.next_file.lock().expect("access log file lock") = Some(file);
+        Ok(())
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Queues `record` without waiting; a full queue drops it and counts it.
+    pub fn write(&self, record: AccessLogRecord) {
+        match self.queue.try_send(record) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                tracing::error!("the access log writer thread has ended; dropping a record");
+            }
+        }
+    }
+}
+
+struct Writer {
+    records: Receiver<AccessLogRecord>,
+    next_file: Arc<Mutex<Option<Option<File>>>>,
+    /// Records dropped since the start, and how many of them a warning has named.
+    dropped: Arc<AtomicU64>,
+    dropped_reported: u64,
+    file: Option<BufWriter<File>>,
+    last_drop_warning: Option<Instant>,
+}
+
+impl Writer {
+    /// Writes what is queued in one go and flushes once the queue is empty, so a reader sees
+    /// whole lines soon after their requests.
+    fn run(mut self) {
+        while let Ok(first) = self.records.recv() {
+            self.switch_file_if_asked();
+            self.write_line(&first);
+            while let Ok(record) = self.records.try_recv() {
+                self.write_line(&record);
+            }
+            if let Some(file) = &mut self.file {
+                if let Err(e) = file.flush() {
+                    tracing::warn!("writing the access log: {e}");
+                }
+            }
+            self.warn_about_drops();
+        }
+    }
+
+    fn switch_file_if_asked(&mut self) {
+        let next = self.next_file.lock().expect("access log file lock").take();
+        if let Some(next) = next {
+            if let Some(mut old) = self.file.take() {
+                let _ = old.flush();
+            }
+            self.file = next.map(BufWriter::new);
+        }
+    }
+
+    fn write_line(&mut self, record: &AccessLogRecord) {
+        let Some(file) = &mut self.file else { return };
+        let mut line = serde_json::to_vec(record).expect("an access log record serializes");
+        line.push(b'\n');
+        if let Err(e) = file.write_all(&line) {
+            tracing::warn!("writing the access log: {e}");
+        }
+    }
+
+    fn warn_about_drops(&mut self) {
+        if self
+            .last_drop_warning
+            .is_some_and(|at| at.elapsed() < DROP_WARNING_INTERVAL)
+        {
+            return;
+        }
+        let total = self.dropped.load(Ordering::Relaxed);
+        if total > self.dropped_reported {
+            tracing::warn!(
+                dropped = total - self.dropped_reported,
+                dropped_since_start = total,
+                "access log: the writer fell behind; records dropped instead of delaying requests"
+            );
+            self.dropped_reported = total;
+            self.last_drop_warning = Some(Instant::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(path: &str) -> AccessLogRecord {
+        AccessLogRecord {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_790_000_000_123),
+            listener: "web".into(),
+            client: "10.0.0.1:40000".parse().unwrap(),
+            host: "www.example.com".into(),
+            method: "GET".into(),
+            path: path.into(),
+            status: 200,
+            group: "default".into(),
+            backend: Some("10.0.1.2:8080".parse().unwrap()),
+            duration_ms: 1.5,
+            backend_ms: Some(1.25),
+        }
+    }
+
+    #[test]
+    fn a_record_is_one_json_line_with_the_logged_fields_and_reads_back_the_same() {
+        let line = serde_json::to_string(&record("/a")).unwrap();
+        assert_eq!(
+            line,
+            r#"{"time":"2026-09-21T14:13:20.123Z","listener":"web","client":"10.0.0.1:40000","host":"www.example.com","method":"GET","path":"/a","status":200,"group":"default","backend":"10.0.1.2:8080","duration_ms":1.5,"backend_ms":1.25}"#
+        );
+        assert_eq!(AccessLogRecord::parse(&line), Some(record("/a")));
+        let written_before_the_type = r#"{"backend":"10.0.1.2:8080","backend_ms":1.25,"client":"10.0.0.1:40000","duration_ms":1.5,"group":"default","host":"www.example.com","listener":"web","method":"GET","path":"/a","status":200,"time":"2026-09-21T14:13:20.123Z"}"#;
+        assert_eq!(
+            AccessLogRecord::parse(written_before_the_type),
+            Some(record("/a")),
+            "lines of earlier versions (keys in alphabetical order) read the same"
+        );
+        let unanswered = AccessLogRecord {
+            backend: None,
+            backend_ms: None,
+            ..record("/b")
+        };
+        let line = serde_json::to_string(&unanswered).unwrap();
+        assert!(line.contains(r#""backend":null"#), "{line}");
+        assert_eq!(AccessLogRecord::parse(&line), Some(unanswered));
+        assert_eq!(AccessLogRecord::parse(r#"{"time":"#), None);
+    }
+
+    #[test]
+    fn records_reach_the_file_in_order_and_a_full_queue_drops_instead_of_waiting() {
+        let dir = std::env::temp_dir().join(format!("slb-access-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let _ = std::fs::remove_file(&path);
+        let log = AccessLog::start();
+        assert!(!log.enabled());
+        log.set_file(Some(&path)).unwrap();
+        assert!(log.enabled());
+        let sent = QUEUE_RECORDS * 4;
+        for i in 0..sent {
+            log.write(record(&format!("/{i}")));
+        }
+        let read = || -> Vec<AccessLogRecord> {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| AccessLogRecord::parse(l).expect("whole lines"))
+                .collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut written = read();
+        while written.len() + (log.dropped.load(Ordering::Relaxed) as usize) < sent
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+            written = read();
+        }
+        let paths: Vec<usize> = written
+            .iter()
+            .map(|r| r.path[1..].parse().unwrap())
+            .collect();
+        assert!(paths.windows(2).all(|w| w[0] < w[1]), "in order");
+        let dropped = log.dropped.load(Ordering::Relaxed) as usize;
+        assert_eq!(
+            written.len() + dropped,
+            sent,
+            "every record written or counted"
+        );
+        assert!(written.len() >= QUEUE_RECORDS, "{} written", written.len());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
