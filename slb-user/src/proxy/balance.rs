@@ -2,6 +2,109 @@
 //! backend's turns evenly through the cycle) or weighted least connections. A weight of 0 means
 //! "not available" (drained or unhealthy).
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::config::Scheduler;
+
+/// A backend as the proxy balances over it.
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// Config weight, or 0 when unhealthy.
+    pub weight: u32,
+    /// Stable token naming the backend in cookies (same on every node).
+    pub token: String,
+    /// Requests sent to it whose response has not finished; kept across reloads (the manager
+    /// owns one counter per backend), read by least connections.
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+impl Backend {
+    pub fn new(addr: SocketAddr, weight: u32, in_flight: Arc<AtomicUsize>) -> Backend {
+        Backend {
+            addr,
+            weight,
+            token: backend_token(addr),
+            in_flight,
+        }
+    }
+}
+
+/// The cookie token of a backend: a hash of its address, so every slb node names it alike.
+fn backend_token(addr: SocketAddr) -> String {
+    format!(
+        "{:016x}",
+        slb_common::hash::hash_bytes64(0x5eed_c00c, addr.to_string().as_bytes())
+    )
+}
+
+/// A VServer group as a listener's requests see it.
+pub struct BackendGroup {
+    pub name: String,
+    pub backends: Vec<Backend>,
+    /// Round robin's position; held only for one pick, never across an await.
+    pub wrr: Mutex<SmoothWrr>,
+}
+
+/// The backend chosen for a request.
+pub struct Picked<'a> {
+    pub backend: &'a Backend,
+    /// The client's cookie already names this backend (no cookie to set).
+    pub sticky: bool,
+}
+
+impl BackendGroup {
+    /// The available backend the cookie token names, else the scheduler's choice; `None` when
+    /// no backend is available.
+    pub fn pick(&self, scheduler: Scheduler, sticky_token: Option<&str>) -> Option<Picked<'_>> {
+        if let Some(token) = sticky_token {
+            if let Some(backend) = self
+                .backends
+                .iter()
+                .find(|b| b.token == token && b.weight > 0)
+            {
+                return Some(Picked {
+                    backend,
+                    sticky: true,
+                });
+            }
+        }
+        let weights: Vec<u32> = self.backends.iter().map(|b| b.weight).collect();
+        let index = match scheduler {
+            Scheduler::Wrr => self.wrr.lock().expect("wrr lock").pick(&weights)?,
+            Scheduler::Wlc => {
+                let in_flight: Vec<usize> = self
+                    .backends
+                    .iter()
+                    .map(|b| b.in_flight.load(Ordering::Relaxed))
+                    .collect();
+                least_connections(&weights, &in_flight)?
+            }
+        };
+        Some(Picked {
+            backend: &self.backends[index],
+            sticky: false,
+        })
+    }
+}
+
+/// Counts a request in its backend's in-flight requests until dropped (with the response body).
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub fn start(counter: &Arc<AtomicUsize>) -> InFlight {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Smooth weighted round robin state of one group.
 #[derive(Debug, Default)]
 pub struct SmoothWrr {
@@ -103,5 +206,36 @@ mod tests {
             "ties go to the heavier backend"
         );
         assert_eq!(least_connections(&[1, 0], &[9, 0]), Some(0));
+    }
+
+    fn group(weights: &[u32]) -> BackendGroup {
+        BackendGroup {
+            name: "g".into(),
+            backends: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| {
+                    let addr = SocketAddr::from(([10, 0, 0, i as u8 + 1], 80));
+                    Backend::new(addr, w, Arc::default())
+                })
+                .collect(),
+            wrr: Mutex::default(),
+        }
+    }
+
+    #[test]
+    fn a_cookie_naming_an_available_backend_wins_over_the_scheduler() {
+        let g = group(&[1, 1, 0]);
+        let second = g.backends[1].token.clone();
+        let picked = g.pick(Scheduler::Wrr, Some(&second)).unwrap();
+        assert!(picked.sticky && picked.backend.addr == g.backends[1].addr);
+        let drained = g.backends[2].token.clone();
+        let picked = g.pick(Scheduler::Wrr, Some(&drained)).unwrap();
+        assert!(!picked.sticky, "a drained backend's cookie is not followed");
+        assert_ne!(picked.backend.addr, g.backends[2].addr);
+        let _busy = InFlight::start(&g.backends[0].in_flight);
+        let picked = g.pick(Scheduler::Wlc, None).unwrap();
+        assert_eq!(picked.backend.addr, g.backends[1].addr);
+        assert!(group(&[0, 0]).pick(Scheduler::Wrr, None).is_none());
     }
 }

@@ -1,0 +1,248 @@
+//! The daemon's handle on the HTTP(S) listeners: starts, swaps and stops them as applies come.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::access_log::{AccessLog, OpenError};
+use super::listener::{BuildError, ListenerSnapshot};
+use super::request::SharedByListeners;
+use super::serve::accept_loop;
+use crate::applied::{BackendKey, HealthStatus, ProxyBackendInfo, ProxyListenerInfo};
+use crate::config::{Config, Protocol};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Listener(#[from] BuildError),
+    #[error(
+        "binding {addr}: {source} (an http/https VIP must be a local address of the slb host)"
+    )]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    AccessLog(#[from] OpenError),
+}
+
+/// A listener whose accept loop runs.
+struct RunningListener {
+    bind: (SocketAddr, Protocol),
+    /// Swapped by each apply; its connections read it per request.
+    snapshot: Arc<ArcSwap<ListenerSnapshot>>,
+    accept_task: JoinHandle<()>,
+}
+
+/// A listener as the config wants it, before anything running changes.
+struct Wanted {
+    addr: SocketAddr,
+    protocol: Protocol,
+    snapshot: ListenerSnapshot,
+}
+
+/// The daemon's handle on all HTTP(S) listeners.
+pub struct ProxyManager {
+    running: BTreeMap<String, RunningListener>,
+    /// One counter per backend for least connections, kept across applies.
+    in_flight: HashMap<BackendKey, Arc<AtomicUsize>>,
+    shared: Arc<SharedByListeners>,
+}
+
+impl Default for ProxyManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ProxyManager {
+    pub fn new() -> ProxyManager {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let backend_client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        ProxyManager {
+            running: BTreeMap::new(),
+            in_flight: HashMap::new(),
+            shared: Arc::new(SharedByListeners {
+                backend_client,
+                access_log: AccessLog::start(),
+            }),
+        }
+    }
+
+    /// Makes the running HTTP(S) listeners match `config` and `health`. Everything that can fail
+    /// (certificates, binding, the access log) is prepared before anything running changes.
+    /// The errors are [`ApplyError`]s; anyhow because the daemon chains this with its other
+    /// apply steps.
+    pub fn apply(
+        &mut self,
+        config: &Config,
+        health: &BTreeMap<BackendKey, HealthStatus>,
+    ) -> anyhow::Result<()> {
+        let mut wanted = BTreeMap::new();
+        for resolved in config.resolved_listeners() {
+            let l = resolved.listener;
+            if l.protocol.is_l7() {
+                let snapshot = ListenerSnapshot::build(&resolved, health, &mut self.in_flight)
+                    .map_err(ApplyError::from)?;
+                let addr = SocketAddr::new(l.vip, l.port);
+                let protocol = l.protocol;
+                wanted.insert(
+                    l.name.clone(),
+                    Wanted {
+                        addr,
+                        protocol,
+                        snapshot,
+                    },
+                );
+            }
+        }
+        let mut bound = self.bind_new_addresses(&wanted)?;
+        self.shared
+            .access_log
+            .set_file(config.access_log.as_deref())
+            .map_err(ApplyError::from)?;
+
+        self.stop_gone_or_moved(&wanted);
+        for (name, w) in wanted {
+            if let Some(r) = self.running.get(&name) {
+                r.snapshot.store(Arc::new(w.snapshot));
+                continue;
+            }
+            let listener = match bound.remove(&name) {
+                Some(l) => l,
+                None => bind(w.addr)?, // its address was held by a listener stopped just above
+            };
+            self.start(name, listener, w);
+        }
+        Ok(())
+    }
+
+    /// Binds the addresses no running listener holds yet.
+    fn bind_new_addresses(
+        &self,
+        wanted: &BTreeMap<String, Wanted>,
+    ) -> Result<BTreeMap<String, TcpListener>, ApplyError> {
+        let mut bound = BTreeMap::new();
+        for (name, w) in wanted {
+            let reuse = self
+                .running
+                .get(name)
+                .is_some_and(|r| r.bind == (w.addr, w.protocol))
+                || self.running.values().any(|r| r.bind.0 == w.addr);
+            if !reuse {
+                bound.insert(name.clone(), bind(w.addr)?);
+            }
+        }
+        Ok(bound)
+    }
+
+    /// Listeners that are gone or moved stop accepting; their open connections finish.
+    fn stop_gone_or_moved(&mut self, wanted: &BTreeMap<String, Wanted>) {
+        self.running.retain(|name, r| {
+            let keep = wanted
+                .get(name)
+                .is_some_and(|w| r.bind == (w.addr, w.protocol));
+            if !keep {
+                r.accept_task.abort();
+            }
+            keep
+        });
+    }
+
+    fn start(&mut self, name: String, listener: TcpListener, wanted: Wanted) {
+        let snapshot = Arc::new(ArcSwap::from_pointee(wanted.snapshot));
+        let accept_task =
+            tokio::spawn(accept_loop(listener, snapshot.clone(), self.shared.clone()));
+        tracing::info!(listener = %name, addr = %wanted.addr, protocol = %wanted.protocol, "proxy listening");
+        self.running.insert(
+            name,
+            RunningListener {
+                bind: (wanted.addr, wanted.protocol),
+                snapshot,
+                accept_task,
+            },
+        );
+    }
+}
+
+impl Drop for ProxyManager {
+    fn drop(&mut self) {
+        for r in self.running.values() {
+            r.accept_task.abort();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, ApplyError> {
+    let listen_error = |source| ApplyError::Listen { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .map_err(listen_error)?;
+    socket.set_reuse_address(true).map_err(listen_error)?;
+    socket.set_nonblocking(true).map_err(listen_error)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|source| ApplyError::Bind { addr, source })?;
+    socket.listen(4096).map_err(listen_error)?;
+    TcpListener::from_std(socket.into()).map_err(listen_error)
+}
+
+/// What `slb status` and the distribution report show of the HTTP(S) listeners.
+pub fn describe(
+    config: &Config,
+    health: &BTreeMap<BackendKey, HealthStatus>,
+) -> Vec<ProxyListenerInfo> {
+    config
+        .resolved_listeners()
+        .into_iter()
+        .filter(|resolved| resolved.listener.protocol.is_l7())
+        .map(|resolved| {
+            let l = resolved.listener;
+            ProxyListenerInfo {
+                name: l.name.clone(),
+                protocol: l.protocol,
+                vip: l.vip,
+                port: l.port,
+                cookie_persistence: l.cookie.is_some(),
+                backends: resolved
+                    .groups
+                    .iter()
+                    .flat_map(|g| {
+                        g.backends.iter().map(|b| {
+                            let key = BackendKey::of(l, b);
+                            ProxyBackendInfo {
+                                group: g.name.to_string(),
+                                address: b.address,
+                                port: b.port,
+                                weight: b.weight,
+                                health: health.get(&key).cloned(),
+                            }
+                        })
+                    })
+                    .collect(),
+            }
+        })
+        .collect()
+}

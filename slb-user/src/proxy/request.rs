@@ -1,0 +1,334 @@
+//! One request's way through the proxy, in named phases as in well-known proxies (pingora's
+//! `ProxyHttp`): pick the upstream, rewrite the request, forward it, rewrite the response, log.
+//! A phase that fails answers with an error response, which the log phase records as well.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::upgrade::OnUpgrade;
+use hyper::{HeaderMap, Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+
+use super::access_log::{AccessLog, AccessLogRecord};
+use super::balance::{BackendGroup, InFlight, Picked};
+use super::cookies::{self, Session};
+use super::listener::ListenerSnapshot;
+use super::websocket;
+
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// What the requests of all listeners share.
+pub struct SharedByListeners {
+    /// Pooled keep-alive connections to backends.
+    pub backend_client: hyper_util::client::legacy::Client<HttpConnector, Incoming>,
+    pub access_log: AccessLog,
+}
+
+/// The client end of a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Client {
+    pub addr: SocketAddr,
+    /// The connection came in over TLS (for X-Forwarded-Proto).
+    pub https: bool,
+}
+
+/// What the phases learn about a request, for the phases after them and the log.
+struct RequestContext<'a> {
+    listener: &'a ListenerSnapshot,
+    client: Client,
+    /// The Host header, or the URI's authority (HTTP/2).
+    host: String,
+    method: String,
+    path: String,
+    started: Instant,
+    group: &'a BackendGroup,
+    /// The backend and when the request was sent to it, once it was.
+    sent_to: Option<(SocketAddr, Instant)>,
+}
+
+impl<'a> RequestContext<'a> {
+    fn new(req: &Request<Incoming>, client: Client, listener: &'a ListenerSnapshot) -> Self {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(String::from)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let path = req.uri().path().to_string();
+        RequestContext {
+            listener,
+            client,
+            group: listener.route(&host, &path),
+            host,
+            method: req.method().to_string(),
+            path,
+            started: Instant::now(),
+            sent_to: None,
+        }
+    }
+}
+
+/// hyper's service for one request of `listener` (the snapshot current when it arrived).
+pub async fn handle(
+    req: Request<Incoming>,
+    client: Client,
+    listener: Arc<ListenerSnapshot>,
+    shared: Arc<SharedByListeners>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let mut ctx = RequestContext::new(&req, client, &listener);
+    let response = proxy(&mut ctx, req, &shared)
+        .await
+        .unwrap_or_else(Failure::response);
+    log(ctx, response.status(), &shared.access_log);
+    Ok(response)
+}
+
+/// The phases up to the response the client gets.
+async fn proxy(
+    ctx: &mut RequestContext<'_>,
+    mut req: Request<Incoming>,
+    shared: &SharedByListeners,
+) -> Result<Response<ProxyBody>, Failure> {
+    let session = Session::read(req.headers(), ctx.listener.cookie.as_ref());
+    let picked = pick_upstream(ctx, &session)?;
+    let client_upgrade = websocket::client_upgrade(&mut req);
+    let upstream = rewrite_request(ctx, req, &picked, &session, client_upgrade.is_some())?;
+    let in_flight = InFlight::start(&picked.backend.in_flight);
+    ctx.sent_to = Some((picked.backend.addr, Instant::now()));
+    let response = forward(ctx, upstream, client_upgrade, shared).await?;
+    Ok(rewrite_response(ctx, response, &picked, in_flight))
+}
+
+/// Why a request is answered by slb instead of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    NoHealthyBackend,
+    /// The request target does not make a URI with the backend's address.
+    InvalidPath,
+    BackendFailed,
+    BackendTimedOut,
+}
+
+impl Failure {
+    /// A short plain-text answer; the phase that failed has logged the details.
+    fn response(self) -> Response<ProxyBody> {
+        let (status, text) = match self {
+            Failure::NoHealthyBackend => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "503 Service Unavailable: no healthy backend",
+            ),
+            Failure::InvalidPath => (StatusCode::BAD_REQUEST, "400 Bad Request: invalid path"),
+            Failure::BackendFailed => (
+                StatusCode::BAD_GATEWAY,
+                "502 Bad Gateway: the backend failed",
+            ),
+            Failure::BackendTimedOut => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "504 Gateway Timeout: the backend did not answer in time",
+            ),
+        };
+        let mut response = Response::new(
+            Full::new(Bytes::from(format!("{text}\n")))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
+    }
+}
+
+/// Phase 1: the backend, within the group the rules chose, that the session cookie names or
+/// the scheduler picks.
+fn pick_upstream<'a>(ctx: &RequestContext<'a>, session: &Session) -> Result<Picked<'a>, Failure> {
+    let picked = ctx
+        .group
+        .pick(ctx.listener.scheduler, session.token.as_deref());
+    picked.ok_or_else(|| {
+        tracing::warn!(listener = %ctx.listener.name, group = %ctx.group.name, "503: no healthy backend in the group");
+        Failure::NoHealthyBackend
+    })
+}
+
+/// Hop-by-hop headers: about the client's connection, not for the backend's.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Phase 2: the request as the backend gets it: HTTP/1.1 to the backend's address, the Host
+/// kept, hop-by-hop headers dropped (except for an upgrade, which needs them), forwarded
+/// headers added, the application's own cookie restored.
+fn rewrite_request(
+    ctx: &RequestContext<'_>,
+    req: Request<Incoming>,
+    picked: &Picked<'_>,
+    session: &Session,
+    upgrade: bool,
+) -> Result<Request<Incoming>, Failure> {
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = format!("http://{}{path_and_query}", picked.backend.addr)
+        .parse()
+        .map_err(|_| {
+            tracing::debug!(listener = %ctx.listener.name, path_and_query, "400: not a path a backend can be sent");
+            Failure::InvalidPath
+        })?;
+    parts.version = hyper::Version::HTTP_11;
+    if !parts.headers.contains_key(header::HOST) {
+        if let Ok(h) = HeaderValue::from_str(&ctx.host) {
+            parts.headers.insert(header::HOST, h);
+        }
+    }
+    if !upgrade {
+        for name in HOP_BY_HOP {
+            parts.headers.remove(name);
+        }
+    }
+    if ctx.listener.forwarded_headers {
+        add_forwarded_headers(&mut parts.headers, ctx.client);
+    }
+    session.restore_application_cookie(&mut parts.headers);
+    Ok(Request::from_parts(parts, body))
+}
+
+/// X-Forwarded-For (appended to one already there), X-Forwarded-Proto and X-Real-IP.
+fn add_forwarded_headers(headers: &mut HeaderMap, client: Client) {
+    let client_ip = client.addr.ip().to_string();
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {client_ip}"),
+        None => client_ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if client.https { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(&client_ip) {
+        headers.insert("x-real-ip", v);
+    }
+}
+
+/// Phase 3: sends the request (over the pool, or a connection of its own for an upgrade) and
+/// waits at most `backend_timeout` for the response headers; 502 when the backend fails, 504
+/// when it is too slow.
+async fn forward(
+    ctx: &RequestContext<'_>,
+    upstream: Request<Incoming>,
+    client_upgrade: Option<OnUpgrade>,
+    shared: &SharedByListeners,
+) -> Result<Response<Incoming>, Failure> {
+    let (backend, _) = ctx.sent_to.expect("forwarded after the backend is chosen");
+    let timeout = ctx.listener.backend_timeout;
+    let result = match client_upgrade {
+        Some(client_upgrade) => {
+            let upgrade = websocket::forward(upstream, backend, client_upgrade);
+            tokio::time::timeout(timeout, upgrade).await
+        }
+        None => {
+            let pooled = shared.backend_client.request(upstream);
+            tokio::time::timeout(timeout, async { pooled.await.map_err(|e| e.to_string()) }).await
+        }
+    };
+    match result {
+        Ok(Ok(response)) => Ok(response),
+        Err(_) => {
+            tracing::warn!(listener = %ctx.listener.name, %backend, "504: backend did not answer within {}", humantime::format_duration(timeout));
+            Err(Failure::BackendTimedOut)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(listener = %ctx.listener.name, %backend, "502: backend failed: {e}");
+            Err(Failure::BackendFailed)
+        }
+    }
+}
+
+/// Phase 4: the response as the client gets it: the session cookie names the backend, and the
+/// body streams through while the backend's in-flight count stays up.
+fn rewrite_response(
+    ctx: &RequestContext<'_>,
+    response: Response<Incoming>,
+    picked: &Picked<'_>,
+    in_flight: InFlight,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    cookies::name_backend_in_response(
+        &mut parts.headers,
+        ctx.listener.cookie.as_ref(),
+        &picked.backend.token,
+        picked.sticky,
+    );
+    let body = CountedBody {
+        inner: body,
+        _in_flight: in_flight,
+    };
+    Response::from_parts(parts, body.boxed())
+}
+
+/// Phase 5: one access log record, written off the request path.
+fn log(ctx: RequestContext<'_>, status: StatusCode, access_log: &AccessLog) {
+    if !access_log.enabled() {
+        return;
+    }
+    access_log.write(AccessLogRecord {
+        time: SystemTime::now(),
+        listener: ctx.listener.name.clone(),
+        client: ctx.client.addr,
+        host: ctx.host,
+        method: ctx.method,
+        path: ctx.path,
+        status: status.as_u16(),
+        group: ctx.group.name.clone(),
+        backend: ctx.sent_to.map(|(addr, _)| addr),
+        duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+        backend_ms: ctx
+            .sent_to
+            .map(|(_, sent)| sent.elapsed().as_secs_f64() * 1000.0),
+    });
+}
+
+/// A backend's response body that counts in its in-flight requests until it is done.
+struct CountedBody {
+    inner: Incoming,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for CountedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
