@@ -226,22 +226,44 @@ pub fn distribution(
         listeners.push(judge(&l.name, "new connections", persistence, rows));
     }
 
-    // HTTP(S): requests in the access log.
+    listeners.extend(proxied_listener_reports(&state, listener, since_unix_s));
+    if let Some(name) = listener {
+        if listeners.is_empty() {
+            anyhow::bail!("--listener: instance {instance:?} has no listener named {name:?}");
+        }
+    }
+    Ok(Report {
+        instance: instance.into(),
+        since_unix_s,
+        listeners,
+    })
+}
+
+/// HTTP(S) listeners: their requests in the access log.
+fn proxied_listener_reports(
+    state: &AppliedState,
+    listener: Option<&str>,
+    since_unix_s: Option<u64>,
+) -> Vec<ListenerReport> {
     let proxied: Vec<_> = state
         .proxy_listeners
         .iter()
         .filter(|l| listener.is_none_or(|n| n == l.name))
         .collect();
-    if !proxied.is_empty() {
-        let log = state
-            .access_log
-            .as_ref()
-            .map(std::fs::read_to_string)
-            .transpose()
-            .unwrap_or(None)
-            .unwrap_or_default();
-        let (requests, client_sets) = requests_per_backend(&log, since_unix_s);
-        for l in proxied {
+    if proxied.is_empty() {
+        return Vec::new();
+    }
+    let log = state
+        .access_log
+        .as_ref()
+        .map(std::fs::read_to_string)
+        .transpose()
+        .unwrap_or(None)
+        .unwrap_or_default();
+    let (requests, client_sets) = requests_per_backend(&log, since_unix_s);
+    proxied
+        .into_iter()
+        .map(|l| {
             let rows = l
                 .backends
                 .iter()
@@ -259,19 +281,9 @@ pub fn distribution(
                     }
                 })
                 .collect();
-            listeners.push(judge(&l.name, "requests", l.cookie_persistence, rows));
-        }
-    }
-    if let Some(name) = listener {
-        if listeners.is_empty() {
-            anyhow::bail!("--listener: instance {instance:?} has no listener named {name:?}");
-        }
-    }
-    Ok(Report {
-        instance: instance.into(),
-        since_unix_s,
-        listeners,
-    })
+            judge(&l.name, "requests", l.cookie_persistence, rows)
+        })
+        .collect()
 }
 
 /// (listener, backend address) as the access log names them.
