@@ -1,7 +1,8 @@
 //! The access log: one JSON line per request, the [`AccessLogRecord`] that `slb report` reads back
 //! with the same type. Requests hand their record to a writer thread over a bounded queue and never
 //! wait for the disk: when the queue is full (the disk is slower than the traffic), the record is
-//! dropped and counted, and the writer warns with the count once it catches up.
+//! dropped and counted, and the writer warns with the count once it catches up. Dropping the
+//! `AccessLog` (the daemon stopping) waits until what is queued is written.
 
 use std::fs::File;
 use std::io::{BufWriter, Write as _};
@@ -75,20 +76,32 @@ pub struct OpenError {
 
 /// The request side of the access log: queues records for the writer thread.
 pub struct AccessLog {
-    queue: SyncSender<AccessLogRecord>,
-    /// The file the writer switches to before its next record; `Some(None)` turns logging off.
+    /// `None` only while dropping, so the writer sees the queue close.
+    queue: Option<SyncSender<AccessLogRecord>>,
+    /// The file the writer switches to before its next batch; `Some(None)` turns logging off.
     next_file: Arc<Mutex<Option<Option<File>>>>,
     /// Whether a file is configured, so that requests skip building records nobody writes.
     enabled: AtomicBool,
     /// Records dropped because the queue was full, since the start.
     dropped: Arc<AtomicU64>,
+    writer_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl AccessLog {
-    /// Starts the writer thread, with no file until [`AccessLog::set_file`]. The thread ends once
-    /// the `AccessLog` is dropped and the records queued before are written.
+    /// Starts the writer thread, with no file until [`AccessLog::set_file`].
     pub fn start() -> AccessLog {
-        let (queue, records) = std::sync::mpsc::sync_channel(QUEUE_RECORDS);
+        let (mut log, writer) = AccessLog::with_queue(QUEUE_RECORDS);
+        let thread = std::thread::Builder::new()
+            .name("slb-access-log".into())
+            .spawn(move || writer.run())
+            .expect("spawning the access log writer thread");
+        log.writer_thread = Some(thread);
+        log
+    }
+
+    /// The log and the writer that empties its queue of `capacity` records, not yet running.
+    fn with_queue(capacity: usize) -> (AccessLog, Writer) {
+        let (queue, records) = std::sync::mpsc::sync_channel(capacity);
         let next_file = Arc::new(Mutex::new(None));
         let dropped = Arc::new(AtomicU64::new(0));
         let writer = Writer {
@@ -99,21 +112,19 @@ impl AccessLog {
             file: None,
             last_drop_warning: None,
         };
-        std::thread::Builder::new()
-            .name("slb-access-log".into())
-            .spawn(move || writer.run())
-            .expect("spawning the access log writer thread");
-        AccessLog {
-            queue,
+        let log = AccessLog {
+            queue: Some(queue),
             next_file,
             enabled: false.into(),
             dropped,
-        }
+            writer_thread: None,
+        };
+        (log, writer)
     }
 
-    /// Opens `path` for appending (or turns the log off with `None`); records queued from now
-    /// on go there. Opened again on every apply, so a reload after a log rotation writes to the
-    /// new file.
+    /// Opens `path` for appending (or turns the log off with `None`); the writer switches to it
+    /// before its next batch. Opened again on every apply, so a reload after a log rotation
+    /// writes to the new file.
     pub fn set_file(&self, path: Option<&Path>) -> Result<(), OpenError> {
         let file = match path {
             None => None,
@@ -140,7 +151,8 @@ impl AccessLog {
 
     /// Queues `record` without waiting; a full queue drops it and counts it.
     pub fn write(&self, record: AccessLogRecord) {
-        match self.queue.try_send(record) {
+        let Some(queue) = &self.queue else { return };
+        match queue.try_send(record) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -148,6 +160,17 @@ impl AccessLog {
             Err(TrySendError::Disconnected(_)) => {
                 tracing::error!("the access log writer thread has ended; dropping a record");
             }
+        }
+    }
+}
+
+impl Drop for AccessLog {
+    /// Waits for the writer to write what is queued (at most the queue's records), so a daemon
+    /// that stops loses no lines.
+    fn drop(&mut self) {
+        self.queue = None;
+        if let Some(thread) = self.writer_thread.take() {
+            let _ = thread.join();
         }
     }
 }
@@ -266,46 +289,29 @@ mod tests {
     }
 
     #[test]
-    fn records_reach_the_file_in_order_and_a_full_queue_drops_instead_of_waiting() {
+    fn a_full_queue_drops_and_counts_instead_of_waiting_and_the_rest_is_written_in_order() {
         let dir = std::env::temp_dir().join(format!("slb-access-log-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("access.log");
         let _ = std::fs::remove_file(&path);
-        let log = AccessLog::start();
+        let (log, writer) = AccessLog::with_queue(4);
         assert!(!log.enabled());
         log.set_file(Some(&path)).unwrap();
         assert!(log.enabled());
-        let sent = QUEUE_RECORDS * 4;
-        for i in 0..sent {
+        // The writer is not running yet: the queue fills, then records are dropped.
+        for i in 0..10 {
             log.write(record(&format!("/{i}")));
         }
-        let read = || -> Vec<AccessLogRecord> {
-            std::fs::read_to_string(&path)
-                .unwrap_or_default()
-                .lines()
-                .map(|l| AccessLogRecord::parse(l).expect("whole lines"))
-                .collect()
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut written = read();
-        while written.len() + (log.dropped.load(Ordering::Relaxed) as usize) < sent
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(20));
-            written = read();
-        }
-        let paths: Vec<usize> = written
-            .iter()
-            .map(|r| r.path[1..].parse().unwrap())
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 6);
+        let writer = std::thread::spawn(move || writer.run());
+        drop(log);
+        writer.join().unwrap();
+        let written: Vec<String> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| AccessLogRecord::parse(l).expect("whole lines").path)
             .collect();
-        assert!(paths.windows(2).all(|w| w[0] < w[1]), "in order");
-        let dropped = log.dropped.load(Ordering::Relaxed) as usize;
-        assert_eq!(
-            written.len() + dropped,
-            sent,
-            "every record written or counted"
-        );
-        assert!(written.len() >= QUEUE_RECORDS, "{} written", written.len());
+        assert_eq!(written, ["/0", "/1", "/2", "/3"]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
