@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 /// behind the requests costs log lines, not latency.
 const QUEUE_RECORDS: usize = 8192;
 
-/// Dropped records are reported at most this often, so an overloaded disk does not also flood
-/// the daemon's own log.
-const DROP_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+/// Dropped records and failed writes are reported at most this often, so an overloaded or full
+/// disk does not also flood the daemon's own log.
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One request as the access log records it (a JSON object on one line).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,6 +84,7 @@ pub struct AccessLog {
     enabled: AtomicBool,
     /// Records dropped because the queue was full, since the start.
     dropped: Arc<AtomicU64>,
+    writer_gone_reported: AtomicBool,
     writer_thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -109,14 +110,17 @@ impl AccessLog {
             next_file: next_file.clone(),
             dropped: dropped.clone(),
             dropped_reported: 0,
+            failed_writes: 0,
+            last_write_error: None,
             file: None,
-            last_drop_warning: None,
+            last_warning: None,
         };
         let log = AccessLog {
             queue: Some(queue),
             next_file,
             enabled: false.into(),
             dropped,
+            writer_gone_reported: false.into(),
             writer_thread: None,
         };
         (log, writer)
@@ -158,7 +162,10 @@ impl AccessLog {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
             Err(TrySendError::Disconnected(_)) => {
-                tracing::error!("the access log writer thread has ended; dropping a record");
+                // Only after the writer panicked; said once, not for every request after.
+                if !self.writer_gone_reported.swap(true, Ordering::Relaxed) {
+                    tracing::error!("the access log writer thread has ended; records are lost");
+                }
             }
         }
     }
@@ -181,8 +188,11 @@ struct Writer {
     /// Records dropped since the start, and how many of them a warning has named.
     dropped: Arc<AtomicU64>,
     dropped_reported: u64,
+    /// Writes that failed since the last warning (a full disk, say), and the last error.
+    failed_writes: u64,
+    last_write_error: Option<std::io::Error>,
     file: Option<BufWriter<File>>,
-    last_drop_warning: Option<Instant>,
+    last_warning: Option<Instant>,
 }
 
 impl Writer {
@@ -197,10 +207,10 @@ impl Writer {
             }
             if let Some(file) = &mut self.file {
                 if let Err(e) = file.flush() {
-                    tracing::warn!("writing the access log: {e}");
+                    self.write_failed(e);
                 }
             }
-            self.warn_about_drops();
+            self.warn_about_losses();
         }
     }
 
@@ -219,26 +229,41 @@ impl Writer {
         let mut line = serde_json::to_vec(record).expect("an access log record serializes");
         line.push(b'\n');
         if let Err(e) = file.write_all(&line) {
-            tracing::warn!("writing the access log: {e}");
+            self.write_failed(e);
         }
     }
 
-    fn warn_about_drops(&mut self) {
+    fn write_failed(&mut self, error: std::io::Error) {
+        self.failed_writes += 1;
+        self.last_write_error = Some(error);
+    }
+
+    /// Warns about records dropped and writes failed since the last warning, at most once per
+    /// [`WARNING_INTERVAL`]: a disk that is full fails every write.
+    fn warn_about_losses(&mut self) {
         if self
-            .last_drop_warning
-            .is_some_and(|at| at.elapsed() < DROP_WARNING_INTERVAL)
+            .last_warning
+            .is_some_and(|at| at.elapsed() < WARNING_INTERVAL)
         {
             return;
         }
-        let total = self.dropped.load(Ordering::Relaxed);
-        if total > self.dropped_reported {
+        let dropped = self.dropped.load(Ordering::Relaxed);
+        if dropped > self.dropped_reported {
             tracing::warn!(
-                dropped = total - self.dropped_reported,
-                dropped_since_start = total,
+                dropped = dropped - self.dropped_reported,
+                dropped_since_start = dropped,
                 "access log: the writer fell behind; records dropped instead of delaying requests"
             );
-            self.dropped_reported = total;
-            self.last_drop_warning = Some(Instant::now());
+            self.dropped_reported = dropped;
+            self.last_warning = Some(Instant::now());
+        }
+        if let Some(error) = self.last_write_error.take() {
+            tracing::warn!(
+                failed_writes = self.failed_writes,
+                "access log: writing failed, lines are lost: {error}"
+            );
+            self.failed_writes = 0;
+            self.last_warning = Some(Instant::now());
         }
     }
 }
@@ -313,5 +338,22 @@ mod tests {
             .collect();
         assert_eq!(written, ["/0", "/1", "/2", "/3"]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_full_disk_loses_lines_but_not_the_writer() {
+        let (log, writer) = AccessLog::with_queue(16);
+        // /dev/full fails every write with ENOSPC.
+        log.set_file(Some(Path::new("/dev/full"))).unwrap();
+        let writer = std::thread::spawn(move || writer.run());
+        for i in 0..1000 {
+            log.write(record(&format!("/{i}")));
+        }
+        assert!(
+            !log.writer_gone_reported.load(Ordering::Relaxed),
+            "the writer is still there"
+        );
+        drop(log);
+        writer.join().expect("the writer ends without panicking");
     }
 }
