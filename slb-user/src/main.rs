@@ -105,6 +105,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         // Colour codes only for a person at a terminal, not in the journal or a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log that cannot be written (a full disk) loses the event: by default the subscriber
+        // reports that with eprintln!, which panics the thread that logged.
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     execute(cli).map_err(explain_missing_privileges)
