@@ -9,6 +9,7 @@ pub mod checksum;
 pub mod hash;
 #[cfg(feature = "alloc")]
 pub mod maglev;
+pub mod pinned;
 pub mod types;
 #[cfg(feature = "alloc")]
 pub mod wire;

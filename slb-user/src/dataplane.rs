@@ -9,6 +9,7 @@ use aya::maps::{DevMapHash, Map, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
+use slb_common::pinned::{self, Entries, PinnedMap, PINNED_MAPS};
 
 use crate::config::AttachMode;
 use crate::instance::{link_pin, LINKS_DIR};
@@ -35,11 +36,8 @@ pub enum DataplaneError {
     Program(#[from] aya::programs::ProgramError),
     #[error("interface {iface:?}: {message}")]
     Interface { iface: String, message: String },
-    #[error("map {name}: {source}")]
-    Map {
-        name: String,
-        source: aya::maps::MapError,
-    },
+    #[error(transparent)]
+    OpenMap(#[from] crate::maps::OpenMapError),
     #[error("pinning {path}: {message}")]
     Pin { path: PathBuf, message: String },
     #[error(
@@ -79,7 +77,7 @@ impl TableSizes {
         };
         Ok(TableSizes {
             ring_size: pinned_ring_size(dir)?.unwrap_or(slb_common::DEFAULT_RING_SIZE),
-            max_connections: entries("CONNECTIONS")?,
+            max_connections: entries(pinned::CONNECTIONS.name)?,
         })
     }
 }
@@ -134,7 +132,7 @@ impl Dataplane {
     pub fn load(instance: &str, sizes: TableSizes) -> Result<Dataplane, DataplaneError> {
         ensure_bpffs()?;
         let dir = pin_dir(instance);
-        let adopted = dir.join("LISTENERS").exists();
+        let adopted = dir.join(pinned::LISTENERS.name).exists();
         if adopted {
             check_pinned_layout(&dir, sizes)?;
             tracing::info!(dir = %dir.display(), "adopting the pinned maps and links of a previous run");
@@ -215,86 +213,24 @@ impl Dataplane {
     }
 }
 
-/// Loads the XDP object with every map pinned (or, when already pinned, reused) under `dir`,
-/// CONNECTIONS sized as `sizes` says (rings are created by the reconciler). The program is not loaded into the kernel yet.
+/// Loads the XDP object with every map of [`PINNED_MAPS`] pinned (or, when already pinned,
+/// reused) under `dir`, CONNECTIONS sized as `sizes` says (rings are created by the
+/// reconciler). The program is not loaded into the kernel yet.
 pub fn load_object(dir: &Path, sizes: TableSizes) -> Result<Ebpf, DataplaneError> {
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries("CONNECTIONS", sizes.max_connections);
-    for (name, ..) in expected_layout(sizes) {
-        loader.map_pin_path(name, dir.join(name));
+    loader.map_max_entries(pinned::CONNECTIONS.name, sizes.max_connections);
+    for map in &PINNED_MAPS {
+        loader.map_pin_path(map.name, dir.join(map.name));
     }
     Ok(loader.load(XDP_OBJECT)?)
 }
 
-/// Key size, value size and entries each pinned map must have for this build to adopt it.
-fn expected_layout(sizes: TableSizes) -> Vec<(&'static str, usize, usize, u32)> {
-    use slb_common::*;
-    use std::mem::size_of;
-    vec![
-        (
-            "LISTENERS",
-            size_of::<ListenerKey>(),
-            size_of::<ListenerEntry>(),
-            MAX_LISTENERS,
-        ),
-        ("RINGS", 4, 4, RING_SLOTS),
-        ("BACKENDS", 4, size_of::<Backend>(), MAX_BACKENDS),
-        ("BACKEND_HEALTH", 4, 4, MAX_BACKENDS),
-        (
-            "PERSISTENCE",
-            size_of::<PersistKey>(),
-            size_of::<Persisted>(),
-            MAX_PERSISTENCE,
-        ),
-        (
-            "CONNECTIONS",
-            size_of::<FlowKey>(),
-            size_of::<Connection>(),
-            sizes.max_connections,
-        ),
-        (
-            "PERSIST_PENDING",
-            size_of::<PersistKey>(),
-            size_of::<Persisted>(),
-            MAX_HALF_OPEN,
-        ),
-        ("HALF_OPEN", 4, size_of::<HalfOpen>(), MAX_HALF_OPEN),
-        (
-            "REPLY_NAT",
-            size_of::<BackendEndpoint>(),
-            size_of::<ReplyNat>(),
-            MAX_BACKENDS,
-        ),
-        (
-            "LISTENER_STATS",
-            4,
-            size_of::<TrafficCounters>(),
-            MAX_LISTENERS,
-        ),
-        (
-            "BACKEND_STATS",
-            4,
-            size_of::<TrafficCounters>(),
-            MAX_BACKENDS,
-        ),
-        (
-            "FRAGMENTS",
-            size_of::<FragmentKey>(),
-            size_of::<FragmentEntry>(),
-            MAX_FRAGMENTS,
-        ),
-        ("NAT_ADDRESSES", 4, 4, MAX_NAT_ADDRESSES),
-        ("ENDPOINT_FILTER", 4, 4, ENDPOINT_FILTER_WORDS),
-        ("GLOBAL_STATS", 4, size_of::<GlobalCounters>(), 1),
-        ("EGRESS", 4, 8, MAX_INTERFACES),
-        ("NEXT_HOP_BACKEND", 4, size_of::<NextHop>(), MAX_BACKENDS),
-        (
-            "NEXT_HOP_CLIENT",
-            4,
-            size_of::<NextHop>(),
-            MAX_CLIENT_NEXT_HOPS,
-        ),
-    ]
+/// The entries `map` has with the config's `sizes`.
+fn entries_of(map: &PinnedMap, sizes: TableSizes) -> u32 {
+    match map.entries {
+        Entries::Fixed(entries) => entries,
+        Entries::MaxConnections => sizes.max_connections,
+    }
 }
 
 /// Refuses to adopt pinned maps whose layout differs from this build's (an upgrade that changed
@@ -312,7 +248,9 @@ pub fn check_pinned_layout(dir: &Path, sizes: TableSizes) -> Result<(), Dataplan
             });
         }
     }
-    for (name, key, value, entries) in expected_layout(sizes) {
+    for map in &PINNED_MAPS {
+        let name = map.name;
+        let (key, value, entries) = (map.key_size, map.value_size, entries_of(map, sizes));
         let path = dir.join(name);
         let info = aya::maps::MapInfo::from_pin(&path).map_err(|e| DataplaneError::Layout {
             dir: dir.into(),
@@ -324,10 +262,10 @@ pub fn check_pinned_layout(dir: &Path, sizes: TableSizes) -> Result<(), Dataplan
             info.max_entries(),
         );
         if found != (key, value, entries) {
-            let hint = match name {
-                "RINGS" => " (was maglev_table_size changed?)",
-                "CONNECTIONS" => " (was max_connections changed?)",
-                _ => "",
+            let hint = match map.entries {
+                _ if *map == pinned::RINGS => " (was maglev_table_size changed?)",
+                Entries::MaxConnections => " (was max_connections changed?)",
+                Entries::Fixed(_) => "",
             };
             return Err(DataplaneError::Layout {
                 dir: dir.into(),
@@ -347,7 +285,7 @@ fn pinned_ring_size(dir: &Path) -> Result<Option<u32>, DataplaneError> {
         dir: dir.into(),
         detail,
     };
-    let data = MapData::from_pin(dir.join("RINGS"))
+    let data = MapData::from_pin(dir.join(pinned::RINGS.name))
         .map_err(|e| layout(format!("map RINGS cannot be opened: {e}")))?;
     let rings: aya::maps::ArrayOfMaps<MapData, MapData> =
         aya::maps::ArrayOfMaps::try_from(Map::ArrayOfMaps(data))
@@ -438,19 +376,7 @@ fn attach_program(
 }
 
 fn open_devmap(dir: &Path) -> Result<DevMapHash<MapData>, DataplaneError> {
-    let path = dir.join("EGRESS");
-    let data = MapData::from_pin(&path).map_err(|source| DataplaneError::Map {
-        name: "EGRESS".into(),
-        source,
-    })?;
-    let map = Map::from_map_data(data).map_err(|source| DataplaneError::Map {
-        name: "EGRESS".into(),
-        source,
-    })?;
-    DevMapHash::try_from(map).map_err(|source| DataplaneError::Map {
-        name: "EGRESS".into(),
-        source,
-    })
+    Ok(crate::maps::open(dir, &pinned::EGRESS)?)
 }
 
 /// `slb attach`: attaches the pinned program of a running instance to one more interface.
@@ -519,6 +445,43 @@ pub fn remove_pins(dir: &Path) -> Result<(), DataplaneError> {
 #[cfg(test)]
 mod tests {
     use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+    use slb_common::pinned::{Entries, PINNED_MAPS, UNPINNED_MAPS};
+
+    /// The table of pinned maps in slb-common describes the maps the object declares: every map
+    /// of the object is in it (or is one of the few never pinned), with the same key size,
+    /// value size and entries, so the pins, the layout check and the openers all agree with it.
+    #[test]
+    fn the_pinned_map_table_matches_the_object() {
+        let object = aya_obj::Object::parse(super::XDP_OBJECT).expect("the XDP object parses");
+        for (name, map) in &object.maps {
+            if UNPINNED_MAPS.contains(&name.as_str()) {
+                continue;
+            }
+            let described = PINNED_MAPS
+                .iter()
+                .find(|m| m.name == name)
+                .unwrap_or_else(|| panic!("map {name} of the object is not in PINNED_MAPS"));
+            let entries = match described.entries {
+                Entries::Fixed(entries) => entries,
+                Entries::MaxConnections => slb_common::MAX_CONNECTIONS,
+            };
+            assert_eq!(
+                (
+                    map.key_size() as usize,
+                    map.value_size() as usize,
+                    map.max_entries()
+                ),
+                (described.key_size, described.value_size, entries),
+                "map {name}: key size, value size and entries in the object and in PINNED_MAPS"
+            );
+        }
+        for described in PINNED_MAPS.iter().map(|m| m.name).chain(UNPINNED_MAPS) {
+            assert!(
+                object.maps.contains_key(described),
+                "{described} is described but the object has no such map"
+            );
+        }
+    }
 
     /// The XDP programs call no `memset`: the BPF backend turns keys built from byte arrays
     /// with runs of zeros into calls to a byte-by-byte memset (~30 ns per packet), so keys are

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use aya::maps::{MapData, PerCpuArray};
 use serde::{Deserialize, Serialize};
+use slb_common::pinned;
 use slb_common::{
     Connection, FlowKey, TrafficCounters, CONN_F_CLOSING, DEFAULT_TCP_IDLE_TIMEOUT_S,
     TCP_CLOSING_TIMEOUT_S,
@@ -150,14 +151,13 @@ pub struct Sweeper {
 
 impl Sweeper {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Sweeper> {
-        let connections =
-            MapData::from_pin(pin_dir.join("CONNECTIONS")).context("opening CONNECTIONS")?;
+        let connections = crate::maps::open_data(pin_dir, &pinned::CONNECTIONS)?;
         let capacity = connections.info()?.max_entries();
         Ok(Sweeper {
             connections,
             capacity,
-            listener_stats: crate::maps::open(pin_dir, "LISTENER_STATS")?,
-            backend_stats: crate::maps::open(pin_dir, "BACKEND_STATS")?,
+            listener_stats: crate::maps::open(pin_dir, &pinned::LISTENER_STATS)?,
+            backend_stats: crate::maps::open(pin_dir, &pinned::BACKEND_STATS)?,
         })
     }
 

@@ -7,6 +7,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 
 use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, PerCpuArray};
+use slb_common::pinned::{self, PinnedMap};
 use slb_common::{
     Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
     ReplyNat, TrafficCounters,
@@ -36,40 +37,45 @@ pub struct PinnedMaps {
     pub global_stats: PerCpuArray<MapData, GlobalCounters>,
 }
 
-/// The pinned map `name` under `dir`, as the map type `T`.
-pub(crate) fn open<T>(dir: &Path, name: &'static str) -> Result<T, OpenMapError>
+/// The pinned map `map` under `dir`, as the map type `T`.
+pub(crate) fn open<T>(dir: &Path, map: &PinnedMap) -> Result<T, OpenMapError>
 where
     T: TryFrom<Map, Error = MapError>,
 {
-    let err = |source| OpenMapError {
+    let data = open_data(dir, map)?;
+    let err = open_error(dir, map);
+    T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
+}
+
+/// The pinned map `map` under `dir`, untyped.
+pub(crate) fn open_data(dir: &Path, map: &PinnedMap) -> Result<MapData, OpenMapError> {
+    MapData::from_pin(dir.join(map.name)).map_err(open_error(dir, map))
+}
+
+fn open_error<'a>(dir: &'a Path, map: &PinnedMap) -> impl Fn(MapError) -> OpenMapError + Copy + 'a {
+    let name = map.name;
+    move |source| OpenMapError {
         name,
         dir: dir.display().to_string(),
         source,
-    };
-    let data = MapData::from_pin(dir.join(name)).map_err(err)?;
-    let map = Map::from_map_data(data).map_err(err)?;
-    T::try_from(map).map_err(err)
+    }
 }
 
 impl PinnedMaps {
     pub fn open(dir: &Path) -> Result<PinnedMaps, OpenMapError> {
         Ok(PinnedMaps {
-            listeners: open(dir, "LISTENERS")?,
-            rings: open(dir, "RINGS")?,
-            rings_map: MapData::from_pin(dir.join("RINGS")).map_err(|source| OpenMapError {
-                name: "RINGS",
-                dir: dir.display().to_string(),
-                source,
-            })?,
-            backends: open(dir, "BACKENDS")?,
-            backend_health: open(dir, "BACKEND_HEALTH")?,
-            connections: open(dir, "CONNECTIONS")?,
-            reply_nat: open(dir, "REPLY_NAT")?,
-            nat_addresses: open(dir, "NAT_ADDRESSES")?,
-            endpoint_filter: open(dir, "ENDPOINT_FILTER")?,
-            listener_stats: open(dir, "LISTENER_STATS")?,
-            backend_stats: open(dir, "BACKEND_STATS")?,
-            global_stats: open(dir, "GLOBAL_STATS")?,
+            listeners: open(dir, &pinned::LISTENERS)?,
+            rings: open(dir, &pinned::RINGS)?,
+            rings_map: open_data(dir, &pinned::RINGS)?,
+            backends: open(dir, &pinned::BACKENDS)?,
+            backend_health: open(dir, &pinned::BACKEND_HEALTH)?,
+            connections: open(dir, &pinned::CONNECTIONS)?,
+            reply_nat: open(dir, &pinned::REPLY_NAT)?,
+            nat_addresses: open(dir, &pinned::NAT_ADDRESSES)?,
+            endpoint_filter: open(dir, &pinned::ENDPOINT_FILTER)?,
+            listener_stats: open(dir, &pinned::LISTENER_STATS)?,
+            backend_stats: open(dir, &pinned::BACKEND_STATS)?,
+            global_stats: open(dir, &pinned::GLOBAL_STATS)?,
         })
     }
 }

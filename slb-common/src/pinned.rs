@@ -1,0 +1,134 @@
+//! The maps the control plane pins, described once: their names, key and value sizes and
+//! entries. The daemon pins exactly these, checks pinned maps against them before adopting a
+//! previous run's, and opens them by these names; a unit test in slb-user checks the table
+//! against the maps the built XDP object declares (slb-ebpf's `maps.rs`).
+
+use core::mem::size_of;
+
+use crate::types::*;
+
+/// How many entries a pinned map has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entries {
+    /// Fixed by this build.
+    Fixed(u32),
+    /// `max_connections` of the config (the object declares [`MAX_CONNECTIONS`]).
+    MaxConnections,
+}
+
+/// One pinned map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PinnedMap {
+    /// The map's name in the object, and its pin's file name.
+    pub name: &'static str,
+    pub key_size: usize,
+    pub value_size: usize,
+    pub entries: Entries,
+}
+
+const fn map(name: &'static str, key_size: usize, value_size: usize, entries: u32) -> PinnedMap {
+    PinnedMap {
+        name,
+        key_size,
+        value_size,
+        entries: Entries::Fixed(entries),
+    }
+}
+
+pub const LISTENERS: PinnedMap = map(
+    "LISTENERS",
+    size_of::<ListenerKey>(),
+    size_of::<ListenerEntry>(),
+    MAX_LISTENERS,
+);
+/// An array of maps: its values are the inner rings' ids; the rings' size is checked apart.
+pub const RINGS: PinnedMap = map("RINGS", 4, 4, RING_SLOTS);
+pub const BACKENDS: PinnedMap = map("BACKENDS", 4, size_of::<Backend>(), MAX_BACKENDS);
+pub const BACKEND_HEALTH: PinnedMap = map("BACKEND_HEALTH", 4, 4, MAX_BACKENDS);
+pub const PERSISTENCE: PinnedMap = map(
+    "PERSISTENCE",
+    size_of::<PersistKey>(),
+    size_of::<Persisted>(),
+    MAX_PERSISTENCE,
+);
+pub const CONNECTIONS: PinnedMap = PinnedMap {
+    name: "CONNECTIONS",
+    key_size: size_of::<FlowKey>(),
+    value_size: size_of::<Connection>(),
+    entries: Entries::MaxConnections,
+};
+pub const PERSIST_PENDING: PinnedMap = map(
+    "PERSIST_PENDING",
+    size_of::<PersistKey>(),
+    size_of::<Persisted>(),
+    MAX_HALF_OPEN,
+);
+pub const HALF_OPEN: PinnedMap = map("HALF_OPEN", 4, size_of::<HalfOpen>(), MAX_HALF_OPEN);
+pub const REPLY_NAT: PinnedMap = map(
+    "REPLY_NAT",
+    size_of::<BackendEndpoint>(),
+    size_of::<ReplyNat>(),
+    MAX_BACKENDS,
+);
+pub const LISTENER_STATS: PinnedMap = map(
+    "LISTENER_STATS",
+    4,
+    size_of::<TrafficCounters>(),
+    MAX_LISTENERS,
+);
+pub const BACKEND_STATS: PinnedMap = map(
+    "BACKEND_STATS",
+    4,
+    size_of::<TrafficCounters>(),
+    MAX_BACKENDS,
+);
+pub const FRAGMENTS: PinnedMap = map(
+    "FRAGMENTS",
+    size_of::<FragmentKey>(),
+    size_of::<FragmentEntry>(),
+    MAX_FRAGMENTS,
+);
+pub const NAT_ADDRESSES: PinnedMap = map("NAT_ADDRESSES", 4, 4, MAX_NAT_ADDRESSES);
+pub const ENDPOINT_FILTER: PinnedMap = map("ENDPOINT_FILTER", 4, 4, ENDPOINT_FILTER_WORDS);
+pub const GLOBAL_STATS: PinnedMap = map("GLOBAL_STATS", 4, size_of::<GlobalCounters>(), 1);
+/// A devmap's value is `struct bpf_devmap_val` (ifindex and program fd).
+pub const EGRESS: PinnedMap = map("EGRESS", 4, 8, MAX_INTERFACES);
+pub const NEXT_HOP_BACKEND: PinnedMap =
+    map("NEXT_HOP_BACKEND", 4, size_of::<NextHop>(), MAX_BACKENDS);
+pub const NEXT_HOP_CLIENT: PinnedMap = map(
+    "NEXT_HOP_CLIENT",
+    4,
+    size_of::<NextHop>(),
+    MAX_CLIENT_NEXT_HOPS,
+);
+
+/// Every map the daemon pins, in the order it checks them.
+pub const PINNED_MAPS: [PinnedMap; 18] = [
+    LISTENERS,
+    RINGS,
+    BACKENDS,
+    BACKEND_HEALTH,
+    PERSISTENCE,
+    CONNECTIONS,
+    PERSIST_PENDING,
+    HALF_OPEN,
+    REPLY_NAT,
+    LISTENER_STATS,
+    BACKEND_STATS,
+    FRAGMENTS,
+    NAT_ADDRESSES,
+    ENDPOINT_FILTER,
+    GLOBAL_STATS,
+    EGRESS,
+    NEXT_HOP_BACKEND,
+    NEXT_HOP_CLIENT,
+];
+
+/// Maps of the object that are never pinned: per-CPU scratch space of the program
+/// (`FIB_PARAMS`) and the benchmark wrapper's own maps (`REPLAY_*`, see `xdp_replay`).
+pub const UNPINNED_MAPS: [&str; 4] = [
+    "FIB_PARAMS",
+    "REPLAY_TEMPLATE",
+    "REPLAY_COUNTER",
+    "REPLAY_TARGET",
+];
