@@ -3,7 +3,8 @@
 //! daemon.
 //!
 //! Everything here needs root (namespaces, veths, XDP). Integration tests call
-//! [`require_root`] first so that a non-root run prints why it skipped instead of failing.
+//! [`require_root`] first, so that a run without root fails saying why instead of passing
+//! without having asserted anything.
 
 pub mod exec;
 pub mod http;
@@ -47,14 +48,13 @@ pub fn vip_udp() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(VIP, VIP_UDP_PORT))
 }
 
-/// True when running as root. Otherwise prints that `test` is skipped and why, and returns
-/// false. Only the lack of root skips: a missing tool or a broken setup fails the test.
-pub fn require_root(test: &str) -> bool {
-    let root = is_root();
-    if !root {
-        eprintln!("SKIPPED {test}: needs root for network namespaces, veth and XDP");
-    }
-    root
+/// Fails `test` unless it runs as root: a test that returned early would show green while
+/// asserting nothing.
+pub fn require_root(test: &str) {
+    assert!(
+        is_root(),
+        "{test} needs root for network namespaces, veth and XDP (run `cargo xtask test` as root)"
+    );
 }
 
 /// True when the effective user is root.

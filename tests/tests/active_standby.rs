@@ -54,9 +54,7 @@ fn per_backend<'a>(attempts: impl Iterator<Item = &'a Attempt>) -> BTreeMap<Stri
 /// The UDP check expects the test server's echo of the probe payload.
 #[test]
 fn active_standby_fails_over_and_back() {
-    if !require_root("active_standby_fails_over_and_back") {
-        return;
-    }
+    require_root("active_standby_fails_over_and_back");
     let mut udp_check = HealthCheckConfig::new("udp", INTERVAL, TIMEOUT, THRESHOLD, THRESHOLD);
     udp_check.expect = Some("slb-health-check".to_owned());
     fails_over_and_back("as", udp_check, INTERVAL);
@@ -65,9 +63,7 @@ fn active_standby_fails_over_and_back() {
 /// The UDP check relies on ICMP port unreachable alone (no `expect`), at one probe a second.
 #[test]
 fn active_standby_fails_over_and_back_with_an_icmp_only_udp_check() {
-    if !require_root("active_standby_fails_over_and_back_with_an_icmp_only_udp_check") {
-        return;
-    }
+    require_root("active_standby_fails_over_and_back_with_an_icmp_only_udp_check");
     let interval = Duration::from_secs(1);
     let udp_check = HealthCheckConfig::new(
         "udp",

@@ -36,9 +36,7 @@ fn traffic_flows(topo: &Topology, when: &str) {
 
 #[test]
 fn attach_and_detach_commands() {
-    if !require_root("attach_and_detach_commands") {
-        return;
-    }
+    require_root("attach_and_detach_commands");
     let slb = slb_binary();
     let topo = Topology::builder()
         .tag("att")

@@ -151,9 +151,7 @@ fn traffic_flows(topo: &Topology, when: &str) {
 
 #[test]
 fn bad_inputs_are_rejected_and_the_running_config_stays() {
-    if !require_root("bad_inputs_are_rejected_and_the_running_config_stays") {
-        return;
-    }
+    require_root("bad_inputs_are_rejected_and_the_running_config_stays");
     let slb = slb_binary();
     let topo = Topology::builder()
         .tag("bad")

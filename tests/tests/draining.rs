@@ -29,9 +29,7 @@ fn ping_rounds(streams: &mut LongLivedStreams, rounds: usize, pause: Duration, w
 
 #[test]
 fn draining_keeps_established_connections() {
-    if !require_root("draining_keeps_established_connections") {
-        return;
-    }
+    require_root("draining_keeps_established_connections");
     let slb = slb_binary();
     let topo = Topology::builder()
         .tag("drain")

@@ -48,9 +48,7 @@ fn request(i: usize, target: SocketAddr) -> anyhow::Result<(String, SocketAddr)>
 
 #[test]
 fn fragmented_udp_requests_and_answers_go_through_the_vip() {
-    if !require_root("fragmented_udp_requests_and_answers_go_through_the_vip") {
-        return;
-    }
+    require_root("fragmented_udp_requests_and_answers_go_through_the_vip");
     let topo = Topology::builder()
         .tag("frag")
         .backends(2)

@@ -39,9 +39,7 @@ fn per_backend<'a>(attempts: impl Iterator<Item = &'a Attempt>) -> BTreeMap<Stri
 
 #[test]
 fn health_check_removes_a_dead_backend_and_readmits_it() {
-    if !require_root("health_check_removes_a_dead_backend_and_readmits_it") {
-        return;
-    }
+    require_root("health_check_removes_a_dead_backend_and_readmits_it");
     let slb = slb_binary();
     let mut topo = Topology::builder()
         .tag("hc")
@@ -235,9 +233,7 @@ fn health_check_removes_a_dead_backend_and_readmits_it() {
 /// its port unreachable.
 #[test]
 fn udp_health_check_keeps_a_dead_backend_unhealthy() {
-    if !require_root("udp_health_check_keeps_a_dead_backend_unhealthy") {
-        return;
-    }
+    require_root("udp_health_check_keeps_a_dead_backend_unhealthy");
     let slb = slb_binary();
     let mut topo = Topology::builder()
         .tag("hcudp")

@@ -72,9 +72,7 @@ fn read_to_end(stream: &mut TcpStream, limit: Duration) -> RawOutcome {
 
 #[test]
 fn http_malformed_oversized_and_slowloris_requests() {
-    if !require_root("http_malformed_oversized_and_slowloris_requests") {
-        return;
-    }
+    require_root("http_malformed_oversized_and_slowloris_requests");
     let setup = L7Setup::start("h7bad", 2, |c, _| {
         c.group("pool", &[(1, 1), (2, 1)]);
         let mut web = L7Listener::http("web", HTTP_PORT, "pool");
@@ -230,9 +228,7 @@ fn http_malformed_oversized_and_slowloris_requests() {
 /// off after header_timeout like any slow client.
 #[test]
 fn http_silent_connection_is_cut_off_after_header_timeout() {
-    if !require_root("http_silent_connection_is_cut_off_after_header_timeout") {
-        return;
-    }
+    require_root("http_silent_connection_is_cut_off_after_header_timeout");
     let setup = L7Setup::start("h7idle", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
         let mut web = L7Listener::http("web", HTTP_PORT, "pool");
@@ -264,9 +260,7 @@ fn http_silent_connection_is_cut_off_after_header_timeout() {
 
 #[test]
 fn https_bad_certificate_files_are_refused_and_the_old_config_serves() {
-    if !require_root("https_bad_certificate_files_are_refused_and_the_old_config_serves") {
-        return;
-    }
+    require_root("https_bad_certificate_files_are_refused_and_the_old_config_serves");
     const A: &str = "a.example.test";
     const B: &str = "b.example.test";
     let mut pki = None;

@@ -74,9 +74,7 @@ struct Sample {
 
 #[test]
 fn http_health_check_fails_over_and_503_when_none_is_left() {
-    if !require_root("http_health_check_fails_over_and_503_when_none_is_left") {
-        return;
-    }
+    require_root("http_health_check_fails_over_and_503_when_none_is_left");
     let mut setup = L7Setup::start("h7fail", 3, |c, _| {
         c.group("pool", &[(1, 1), (2, 1), (3, 1)]);
         let mut web = L7Listener::http("web", HTTP_PORT, "pool");
@@ -292,9 +290,7 @@ fn http_health_check_fails_over_and_503_when_none_is_left() {
 
 #[test]
 fn http_slow_backend_504_and_refused_backend_502() {
-    if !require_root("http_slow_backend_504_and_refused_backend_502") {
-        return;
-    }
+    require_root("http_slow_backend_504_and_refused_backend_502");
     let setup = L7Setup::start("h7gw", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
         // Backend 1's host, on a port nothing listens on.

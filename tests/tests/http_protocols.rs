@@ -17,9 +17,7 @@ const B: &str = "b.example.test";
 
 #[test]
 fn https_sni_picks_the_certificate_and_alpn_the_protocol() {
-    if !require_root("https_sni_picks_the_certificate_and_alpn_the_protocol") {
-        return;
-    }
+    require_root("https_sni_picks_the_certificate_and_alpn_the_protocol");
     let mut pki = None;
     let setup = L7Setup::start("h7tls", 2, |c, dir| {
         let p = TestPki::generate(dir, &[A, B]);
@@ -148,9 +146,7 @@ fn https_sni_picks_the_certificate_and_alpn_the_protocol() {
 
 #[test]
 fn http_websocket_echo_through_the_listener() {
-    if !require_root("http_websocket_echo_through_the_listener") {
-        return;
-    }
+    require_root("http_websocket_echo_through_the_listener");
     let setup = L7Setup::start("h7ws", 2, |c, _| {
         c.group("pool", &[(1, 1), (2, 1)]);
         c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
@@ -219,9 +215,7 @@ fn http_websocket_echo_through_the_listener() {
 
 #[test]
 fn http_response_body_streams() {
-    if !require_root("http_response_body_streams") {
-        return;
-    }
+    require_root("http_response_body_streams");
     let setup = L7Setup::start("h7strm", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
         c.listener(L7Listener::http("web", HTTP_PORT, "pool"));

@@ -70,9 +70,7 @@ impl Conn {
 
 #[test]
 fn http_reload_keeps_connections_and_applies_new_rules() {
-    if !require_root("http_reload_keeps_connections_and_applies_new_rules") {
-        return;
-    }
+    require_root("http_reload_keeps_connections_and_applies_new_rules");
     // /svc goes to group api (b1) before the reload and to group img (b2) after it;
     // everything else to the listener's group (b3).
     let mut setup = L7Setup::start("h7reload", 3, |c, _| {

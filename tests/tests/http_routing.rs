@@ -16,9 +16,7 @@ const TOLERANCE_PP: f64 = 5.0;
 
 #[test]
 fn http_rules_route_by_domain_and_path() {
-    if !require_root("http_rules_route_by_domain_and_path") {
-        return;
-    }
+    require_root("http_rules_route_by_domain_and_path");
     // b1 serves group api, b2 group img, b3 the listener's own group.
     let setup = L7Setup::start("h7route", 3, |c, _| {
         c.group("pool", &[(3, 1)])
@@ -159,9 +157,7 @@ fn http_rules_route_by_domain_and_path() {
 
 #[test]
 fn http_weighted_round_robin_spreads_by_weight() {
-    if !require_root("http_weighted_round_robin_spreads_by_weight") {
-        return;
-    }
+    require_root("http_weighted_round_robin_spreads_by_weight");
     let setup = L7Setup::start("h7wrr", 3, |c, _| {
         c.group("pool", &[(1, 1), (2, 2), (3, 3)]);
         c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
@@ -232,9 +228,7 @@ fn http_weighted_round_robin_spreads_by_weight() {
 
 #[test]
 fn http_cookie_insert_and_rewrite_keep_sessions() {
-    if !require_root("http_cookie_insert_and_rewrite_keep_sessions") {
-        return;
-    }
+    require_root("http_cookie_insert_and_rewrite_keep_sessions");
     let setup = L7Setup::start("h7cookie", 3, |c, _| {
         c.group("pool", &[(1, 1), (2, 1), (3, 1)]);
         let mut insert = L7Listener::http("insert", HTTP_PORT, "pool");
@@ -379,9 +373,7 @@ fn http_cookie_insert_and_rewrite_keep_sessions() {
 
 #[test]
 fn http_forwarded_headers_reach_the_backend() {
-    if !require_root("http_forwarded_headers_reach_the_backend") {
-        return;
-    }
+    require_root("http_forwarded_headers_reach_the_backend");
     let setup = L7Setup::start("h7fwd", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
         c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
@@ -454,9 +446,7 @@ fn http_forwarded_headers_reach_the_backend() {
 /// other one (round robin would alternate).
 #[test]
 fn http_weighted_least_connections_avoids_the_busier_backend() {
-    if !require_root("http_weighted_least_connections_avoids_the_busier_backend") {
-        return;
-    }
+    require_root("http_weighted_least_connections_avoids_the_busier_backend");
     let setup = L7Setup::start("h7wlc", 2, |c, _| {
         c.group("pool", &[(1, 1), (2, 1)]);
         let mut web = L7Listener::http("web", HTTP_PORT, "pool");

@@ -29,9 +29,7 @@ fn ping_streams(streams: &mut LongLivedStreams, rounds: usize, when: &str) {
 
 #[test]
 fn live_changes_keep_established_connections() {
-    if !require_root("live_changes_keep_established_connections") {
-        return;
-    }
+    require_root("live_changes_keep_established_connections");
     let slb = slb_binary();
     let server = Path::new(SERVER);
     let mut topo = Topology::builder()

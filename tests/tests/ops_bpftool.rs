@@ -89,9 +89,7 @@ fn has_fields(v: &serde_json::Value, fields: &[&str]) -> bool {
 
 #[test]
 fn bpftool_commands_from_the_readme() {
-    if !require_root("bpftool_commands_from_the_readme") {
-        return;
-    }
+    require_root("bpftool_commands_from_the_readme");
     let commands = readme_bpftool_commands();
     println!("README bpftool commands: {commands:#?}");
     assert!(

@@ -72,9 +72,7 @@ fn tree(dir: &Path) -> Vec<PathBuf> {
 /// serving and `slb stop` still reaches it.
 #[test]
 fn second_daemon_for_an_instance_is_refused() {
-    if !require_root("second_daemon_for_an_instance_is_refused") {
-        return;
-    }
+    require_root("second_daemon_for_an_instance_is_refused");
     let slb = slb_binary();
     let topo = topology("dup");
     let config = SlbConfig::standard(&unique_instance("dup"), &[1, 1]);
@@ -184,9 +182,7 @@ fn second_daemon_for_an_instance_is_refused() {
 /// refused with an error naming the value, and nothing is removed.
 #[test]
 fn instance_names_that_are_paths_are_refused() {
-    if !require_root("instance_names_that_are_paths_are_refused") {
-        return;
-    }
+    require_root("instance_names_that_are_paths_are_refused");
     let slb = slb_binary();
     let topo = topology("iname");
     let config = SlbConfig::standard(&unique_instance("iname"), &[1, 1]);
@@ -330,9 +326,7 @@ fn metrics_answer(ns: &str, port: u16) -> anyhow::Result<String> {
 /// available again, both answer again.
 #[test]
 fn accept_errors_do_not_end_the_admin_api_or_metrics() {
-    if !require_root("accept_errors_do_not_end_the_admin_api_or_metrics") {
-        return;
-    }
+    require_root("accept_errors_do_not_end_the_admin_api_or_metrics");
     let slb = slb_binary();
     let topo = topology("emfile");
     let config = SlbConfig::standard(&unique_instance("emfile"), &[1, 1]);
@@ -416,9 +410,7 @@ fn accept_errors_do_not_end_the_admin_api_or_metrics() {
 /// config keeps serving.
 #[test]
 fn rejected_reload_attaches_nothing() {
-    if !require_root("rejected_reload_attaches_nothing") {
-        return;
-    }
+    require_root("rejected_reload_attaches_nothing");
     const NEW: &str = "fa0";
     const NEW_PEER: &str = "fa1";
     let slb = slb_binary();
@@ -593,9 +585,7 @@ fn wait_traffic(topo: &Topology, timeout: Duration, when: &str) {
 /// link was severed that way works.
 #[test]
 fn interface_flap_is_noticed_and_reattached() {
-    if !require_root("interface_flap_is_noticed_and_reattached") {
-        return;
-    }
+    require_root("interface_flap_is_noticed_and_reattached");
     let slb = slb_binary();
     let topo = Topology::builder()
         .tag("flap")

@@ -125,9 +125,7 @@ fn assert_serving_without_daemon(inst: &Instance, when: &str) {
 
 #[test]
 fn restart_keeps_connections() {
-    if !require_root("restart_keeps_connections") {
-        return;
-    }
+    require_root("restart_keeps_connections");
     let slb = slb_binary();
     let mut topo = Topology::builder()
         .tag("rst")
@@ -404,9 +402,7 @@ fn restart_keeps_connections() {
 
 #[test]
 fn restart_refuses_incompatible_pins() {
-    if !require_root("restart_refuses_incompatible_pins") {
-        return;
-    }
+    require_root("restart_refuses_incompatible_pins");
     let slb = slb_binary();
     let topo = Topology::builder()
         .tag("rstbad")

@@ -99,9 +99,7 @@ fn report_listener<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_j
 
 #[test]
 fn stats_prometheus_and_distribution_report() {
-    if !require_root("stats_prometheus_and_distribution_report") {
-        return;
-    }
+    require_root("stats_prometheus_and_distribution_report");
     let slb = slb_binary();
     let topo = Topology::builder()
         .tag("stats")

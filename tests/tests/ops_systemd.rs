@@ -64,9 +64,7 @@ fn has_line(message: &str, line: &str) -> bool {
 
 #[test]
 fn systemd_unit_and_notify() {
-    if !require_root("systemd_unit_and_notify") {
-        return;
-    }
+    require_root("systemd_unit_and_notify");
     let slb = slb_binary();
 
     // The unit, as the README describes it.

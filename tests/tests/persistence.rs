@@ -21,9 +21,7 @@ const SPREAD_CONNECTIONS: usize = 1800;
 
 #[test]
 fn persistence_pins_a_client_address() {
-    if !require_root("persistence_pins_a_client_address") {
-        return;
-    }
+    require_root("persistence_pins_a_client_address");
     let slb = slb_binary();
     let weights = [1, 2, 3];
     let topo = Topology::builder()

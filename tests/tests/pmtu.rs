@@ -29,9 +29,7 @@ fn upload(to: SocketAddr) -> std::io::Result<String> {
 
 #[test]
 fn uploads_through_the_vip_discover_a_smaller_backend_side_mtu() {
-    if !require_root("uploads_through_the_vip_discover_a_smaller_backend_side_mtu") {
-        return;
-    }
+    require_root("uploads_through_the_vip_discover_a_smaller_backend_side_mtu");
     let slb = slb_binary();
     let topo = Topology::builder()
         .tag("pmtu")

@@ -221,9 +221,7 @@ fn u64_of(v: &serde_json::Value) -> u64 {
 
 #[test]
 fn syn_flood_keeps_established_connections() {
-    if !require_root("syn_flood_keeps_established_connections") {
-        return;
-    }
+    require_root("syn_flood_keeps_established_connections");
     let slb = slb_binary();
     let topo = Topology::builder()
         .tag("synf")
