@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -275,11 +275,6 @@ async fn run_checks(target: CheckTarget, healthy: bool, events: mpsc::Sender<Hea
     }
 }
 
-/// The time a check needs at most to declare a backend unhealthy.
-pub fn detection_window(check: &HealthCheck) -> Duration {
-    check.interval * check.unhealthy_threshold + check.timeout
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +298,7 @@ mod tests {
     }
 
     fn check(kind: CheckKind) -> HealthCheck {
+        use std::time::Duration;
         HealthCheck {
             kind,
             port: None,

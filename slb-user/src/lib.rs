@@ -17,4 +17,5 @@ pub mod proxy;
 pub mod reconcile;
 pub mod report;
 pub mod status;
+#[cfg(feature = "testbed")]
 pub mod testbed;

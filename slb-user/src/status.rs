@@ -205,7 +205,7 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
     })
 }
 
-/// The seed's advice: every group needs at least one normal server (healthy, weight > 0).
+/// Listeners whose group has no normal server (healthy, weight > 0) to take new flows.
 fn no_normal_server_warnings(
     listeners: &[ListenerStatus],
     backends: &[BackendStatus],
