@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::api::{self, Call, Request, Response};
 use crate::applied::{AppliedState, BackendKey, HealthStatus, StateFileError};
@@ -20,6 +20,7 @@ use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor};
 use crate::instance::{lock_file, socket_path, state_dir};
 use crate::links::{self, LinkHistory};
 use crate::maps::PinnedMaps;
+use crate::metrics::{LiveStatus, Published};
 use crate::proxy::ProxyManager;
 use crate::reconcile::Reconciler;
 
@@ -260,32 +261,28 @@ async fn serve(
 ) -> anyhow::Result<Exit> {
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
-    let (plan_tx, plan_rx) = tokio::sync::watch::channel(crate::flows::SweepPlan::default());
+    let (plan_tx, plan_rx) = watch::channel(crate::flows::SweepPlan::default());
+    let (published_tx, published_rx) = watch::channel(Published::default());
+    let (flows_tx, flows_rx) = watch::channel(crate::flows::FlowCounts::default());
     let admin_socket = api::bind(&config.instance)?;
     let mut daemon = Daemon::start(
         dataplane,
         config,
         previous,
         HealthMonitor::new(health_tx),
-        plan_tx,
+        Publishers {
+            sweep_plan: plan_tx,
+            published: published_tx,
+        },
     )?;
-    let instance = daemon.file_config.instance.to_string();
-    let mut background = vec![
-        tokio::spawn(crate::flows::run(
-            instance.clone(),
-            dataplane.dir().to_path_buf(),
-            plan_rx,
-        )),
-        tokio::spawn(crate::metrics::record_history(instance.clone())),
-    ];
-    if let Some(port) = daemon.file_config.metrics.prometheus_port {
-        let instance = instance.clone();
-        background.push(tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve_prometheus(instance, port).await {
-                tracing::error!("Prometheus endpoint stopped: {e:#}");
-            }
-        }));
-    }
+    let live = LiveStatus::new(published_rx, flows_rx, dataplane.dir())?;
+    let background = spawn_background(
+        &daemon.file_config,
+        dataplane.dir(),
+        plan_rx,
+        flows_tx,
+        live,
+    );
     let api = tokio::spawn(api::serve(admin_socket, call_tx));
     tracing::info!(
         instance = %daemon.file_config.instance,
@@ -339,6 +336,35 @@ async fn serve(
     Ok(Exit::KeepServing)
 }
 
+/// The daemon's tasks besides its loop: the connection-table sweeper, the counter history and,
+/// when configured, the Prometheus endpoint.
+fn spawn_background(
+    config: &Config,
+    pin_dir: &Path,
+    sweep_plan: watch::Receiver<crate::flows::SweepPlan>,
+    sweep_found: watch::Sender<crate::flows::FlowCounts>,
+    live: LiveStatus,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let instance = config.instance.to_string();
+    let mut background = vec![
+        tokio::spawn(crate::flows::run(
+            instance.clone(),
+            pin_dir.to_path_buf(),
+            sweep_plan,
+            sweep_found,
+        )),
+        tokio::spawn(crate::metrics::record_history(instance, live.clone())),
+    ];
+    if let Some(port) = config.metrics.prometheus_port {
+        background.push(tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve_prometheus(live, port).await {
+                tracing::error!("Prometheus endpoint stopped: {e:#}");
+            }
+        }));
+    }
+    background
+}
+
 fn log_response(source: &str, response: &Response) {
     if response.ok {
         tracing::info!(
@@ -382,10 +408,17 @@ struct Daemon {
     health: BTreeMap<BackendKey, HealthStatus>,
     monitor: HealthMonitor,
     proxy: ProxyManager,
-    /// What the connection-table sweeper needs of the applied state.
-    sweep_plan: tokio::sync::watch::Sender<crate::flows::SweepPlan>,
+    publishers: Publishers,
     /// Re-attachments after interface flaps, for `slb status`.
     links: BTreeMap<String, LinkHistory>,
+}
+
+/// Where the daemon publishes in memory, besides the files the CLI reads.
+struct Publishers {
+    /// What the connection-table sweeper needs of the applied state.
+    sweep_plan: watch::Sender<crate::flows::SweepPlan>,
+    /// The applied state and link history, for Prometheus and the counter history.
+    published: watch::Sender<Published>,
 }
 
 /// The backends `config` health-checks: every backend of a checked Maglev listener, and only the
@@ -457,7 +490,7 @@ impl Daemon {
         config: Config,
         previous: Option<AppliedState>,
         monitor: HealthMonitor,
-        sweep_plan: tokio::sync::watch::Sender<crate::flows::SweepPlan>,
+        publishers: Publishers,
     ) -> anyhow::Result<Daemon> {
         let maps = PinnedMaps::open(dataplane.dir())?;
         let mut reconciler = Reconciler::new(maps, &config.instance, config.maglev_table_size);
@@ -492,7 +525,7 @@ impl Daemon {
             health,
             monitor,
             proxy: ProxyManager::new(),
-            sweep_plan,
+            publishers,
             links: BTreeMap::new(),
         };
         for iface in dataplane.pinned_interfaces() {
@@ -560,11 +593,14 @@ impl Daemon {
         self.state.proxy_listeners = crate::proxy::describe(&self.config, &self.health);
         self.state.access_log = self.config.access_log.clone();
         let plan = crate::flows::SweepPlan::from_state(self.reconciler.state());
-        self.sweep_plan.send_if_modified(|current| {
+        self.publishers.sweep_plan.send_if_modified(|current| {
             let changed = *current != plan;
             *current = plan;
             changed
         });
+        self.publishers
+            .published
+            .send_modify(|published| published.state.clone_from(&self.state));
         Ok(self.state.write()?)
     }
 
@@ -713,6 +749,9 @@ impl Daemon {
             }
         }
         if changed {
+            self.publishers
+                .published
+                .send_modify(|published| published.links.clone_from(&self.links));
             if let Err(e) = links::write_history(&instance, &self.links) {
                 tracing::warn!(
                     "writing {}: {e}",

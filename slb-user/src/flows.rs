@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use aya::maps::{MapData, PerCpuArray};
+use aya::maps::MapData;
 use serde::{Deserialize, Serialize};
 use slb_common::pinned;
 use slb_common::{
@@ -21,7 +21,7 @@ use slb_common::{
     TCP_CLOSING_TIMEOUT_S,
 };
 
-use crate::maps::{bpf_batch, sum_traffic, BatchAttr, BPF_MAP_DELETE_BATCH, BPF_MAP_LOOKUP_BATCH};
+use crate::maps::{bpf_batch, BatchAttr, CounterMaps, BPF_MAP_DELETE_BATCH, BPF_MAP_LOOKUP_BATCH};
 
 /// How often the daemon sweeps: well under the shortest timeout (10 s).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -145,8 +145,7 @@ fn delete_all(fd: RawFd, mut keys: &[FlowKey]) -> std::io::Result<u64> {
 pub struct Sweeper {
     connections: MapData,
     capacity: u32,
-    listener_stats: PerCpuArray<MapData, TrafficCounters>,
-    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    counters: CounterMaps,
 }
 
 impl Sweeper {
@@ -156,8 +155,7 @@ impl Sweeper {
         Ok(Sweeper {
             connections,
             capacity,
-            listener_stats: crate::maps::open(pin_dir, &pinned::LISTENER_STATS)?,
-            backend_stats: crate::maps::open(pin_dir, &pinned::BACKEND_STATS)?,
+            counters: CounterMaps::open(pin_dir)?,
         })
     }
 
@@ -181,11 +179,11 @@ impl Sweeper {
         // Counters first: a flow opened during the walk is then counted twice until the next
         // sweep rather than not at all.
         for &index in listener_indices {
-            let t = sum_traffic(&self.listener_stats.get(&index, 0)?);
+            let t = self.counters.listener(index)?;
             counts.listeners.insert(index, snapshot(&t));
         }
         for &id in backend_ids {
-            let t = sum_traffic(&self.backend_stats.get(&id, 0)?);
+            let t = self.counters.backend(id)?;
             counts.backends.insert(id, snapshot(&t));
         }
         let now = monotonic_ns();
@@ -271,11 +269,13 @@ impl SweepPlan {
 }
 
 /// The daemon's sweeping task: sweeps now and then every `SWEEP_INTERVAL` with the plan the
-/// daemon last published.
+/// daemon last published, and publishes what it found: in the flows file for the CLI, and on
+/// `found` for the daemon's own readers.
 pub async fn run(
     instance: String,
     pin_dir: PathBuf,
     plan: tokio::sync::watch::Receiver<SweepPlan>,
+    found: tokio::sync::watch::Sender<FlowCounts>,
 ) {
     let sweeper = match Sweeper::open(&pin_dir) {
         Ok(s) => std::sync::Arc::new(s),
@@ -301,6 +301,9 @@ pub async fn run(
             Ok(counts)
         })
         .await;
+        if let Ok(Ok(counts)) = &outcome {
+            found.send_replace(counts.clone());
+        }
         match outcome {
             Ok(Ok(counts)) if counts.expired > 0 => tracing::debug!(
                 expired = counts.expired,

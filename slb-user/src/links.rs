@@ -111,7 +111,8 @@ pub fn write_history(
     fs::rename(&tmp, &path)
 }
 
-fn read_history(instance: &str) -> BTreeMap<String, LinkHistory> {
+/// The history the instance's daemon wrote last (for the CLI; the daemon holds its own).
+pub fn read_history(instance: &str) -> BTreeMap<String, LinkHistory> {
     fs::read_to_string(crate::instance::links_file(instance))
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok())
@@ -133,8 +134,11 @@ pub struct InterfaceState {
 }
 
 /// The state of each of `names`, from the pins under `pin_dir` and the daemon's history.
-pub fn interface_states(instance: &str, pin_dir: &Path, names: &[String]) -> Vec<InterfaceState> {
-    let mut history = read_history(instance);
+pub fn interface_states(
+    pin_dir: &Path,
+    names: &[String],
+    mut history: BTreeMap<String, LinkHistory>,
+) -> Vec<InterfaceState> {
     names
         .iter()
         .map(|name| {

@@ -32,9 +32,44 @@ pub struct PinnedMaps {
     pub reply_nat: HashMap<MapData, BackendEndpoint, ReplyNat>,
     pub nat_addresses: HashMap<MapData, u32, u32>,
     pub endpoint_filter: Array<MapData, u32>,
+    pub counters: CounterMaps,
+}
+
+/// The data plane's traffic counters, opened once by whoever reads them again and again (the
+/// sweeper, the daemon's Prometheus endpoint and history) or once (`slb status`).
+pub struct CounterMaps {
     pub listener_stats: PerCpuArray<MapData, TrafficCounters>,
     pub backend_stats: PerCpuArray<MapData, TrafficCounters>,
     pub global_stats: PerCpuArray<MapData, GlobalCounters>,
+}
+
+impl CounterMaps {
+    pub fn open(dir: &Path) -> Result<CounterMaps, OpenMapError> {
+        Ok(CounterMaps {
+            listener_stats: open(dir, &pinned::LISTENER_STATS)?,
+            backend_stats: open(dir, &pinned::BACKEND_STATS)?,
+            global_stats: open(dir, &pinned::GLOBAL_STATS)?,
+        })
+    }
+
+    /// The listener's counters summed over CPUs.
+    pub fn listener(&self, index: u32) -> Result<TrafficCounters, MapError> {
+        Ok(sum_traffic(&self.listener_stats.get(&index, 0)?))
+    }
+
+    /// The backend's counters summed over CPUs.
+    pub fn backend(&self, id: u32) -> Result<TrafficCounters, MapError> {
+        Ok(sum_traffic(&self.backend_stats.get(&id, 0)?))
+    }
+
+    /// The global counters summed over CPUs.
+    pub fn global(&self) -> Result<GlobalCounters, MapError> {
+        let mut total = GlobalCounters::default();
+        for per_cpu in self.global_stats.get(&0, 0)?.iter() {
+            total.add(per_cpu);
+        }
+        Ok(total)
+    }
 }
 
 /// The pinned map `map` under `dir`, as the map type `T`.
@@ -73,9 +108,7 @@ impl PinnedMaps {
             reply_nat: open(dir, &pinned::REPLY_NAT)?,
             nat_addresses: open(dir, &pinned::NAT_ADDRESSES)?,
             endpoint_filter: open(dir, &pinned::ENDPOINT_FILTER)?,
-            listener_stats: open(dir, &pinned::LISTENER_STATS)?,
-            backend_stats: open(dir, &pinned::BACKEND_STATS)?,
-            global_stats: open(dir, &pinned::GLOBAL_STATS)?,
+            counters: CounterMaps::open(dir)?,
         })
     }
 }

@@ -1,8 +1,12 @@
 //! What the daemon exports while it runs: a Prometheus endpoint on localhost (when configured)
-//! and a counter history that `slb report distribution --since` reads.
+//! and a counter history that `slb report distribution --since` reads, both from the status the
+//! daemon holds in memory ([`LiveStatus`]), not from the files it publishes for the CLI.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
@@ -12,11 +16,60 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::{Deserialize, Serialize};
 
+use tokio::sync::watch;
+
+use crate::applied::AppliedState;
+use crate::flows::FlowCounts;
 use crate::instance::history_file;
-use crate::status;
+use crate::links::{self, LinkHistory};
+use crate::maps::{CounterMaps, OpenMapError};
+use crate::status::{self, Status, StatusError};
+
+/// What the daemon last published, kept in memory for its own readers.
+#[derive(Debug, Clone, Default)]
+pub struct Published {
+    pub state: AppliedState,
+    pub links: BTreeMap<String, LinkHistory>,
+}
+
+/// The running daemon's status, built from what it holds instead of the files and pins the CLI
+/// reads: the state it published last, the sweeper's last counts, and the counter maps opened
+/// once. Only the counters are read anew for each status.
+#[derive(Clone)]
+pub struct LiveStatus {
+    published: watch::Receiver<Published>,
+    flows: watch::Receiver<FlowCounts>,
+    counters: Arc<CounterMaps>,
+    pin_dir: PathBuf,
+}
+
+impl LiveStatus {
+    pub fn new(
+        published: watch::Receiver<Published>,
+        flows: watch::Receiver<FlowCounts>,
+        pin_dir: &Path,
+    ) -> Result<LiveStatus, OpenMapError> {
+        Ok(LiveStatus {
+            published,
+            flows,
+            counters: Arc::new(CounterMaps::open(pin_dir)?),
+            pin_dir: pin_dir.to_path_buf(),
+        })
+    }
+
+    /// The status now. Reads the counter maps: call it where blocking is fine.
+    pub fn collect(&self) -> Result<Status, StatusError> {
+        // Copies, so no borrow of a channel is held across the map reads.
+        let published = self.published.borrow().clone();
+        let flows = self.flows.borrow().clone();
+        let interface_states =
+            links::interface_states(&self.pin_dir, &published.state.interfaces, published.links);
+        Status::build(&published.state, &self.counters, &flows, interface_states)
+    }
+}
 
 /// Serves `GET /metrics` on 127.0.0.1:`port`.
-pub async fn serve_prometheus(instance: String, port: u16) -> anyhow::Result<()> {
+pub async fn serve_prometheus(live: LiveStatus, port: u16) -> anyhow::Result<()> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -25,18 +78,17 @@ pub async fn serve_prometheus(instance: String, port: u16) -> anyhow::Result<()>
     let mut backoff = crate::accept::AcceptBackoff::new("Prometheus metrics");
     loop {
         let stream = backoff.next(|| listener.accept()).await;
-        let instance = instance.clone();
+        let live = live.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let instance = instance.clone();
+                let live = live.clone();
                 async move {
                     let response = if req.uri().path() != "/metrics" {
                         Response::builder()
                             .status(StatusCode::NOT_FOUND)
                             .body(Full::new(Bytes::from("try /metrics\n")))
                     } else {
-                        match tokio::task::spawn_blocking(move || status::collect(&instance)).await
-                        {
+                        match tokio::task::spawn_blocking(move || live.collect()).await {
                             Ok(Ok(s)) => Response::builder()
                                 .header("content-type", "text/plain; version=0.0.4")
                                 .body(Full::new(Bytes::from(status::render_prometheus(&s)))),
@@ -101,32 +153,44 @@ pub fn sample(status: &status::Status) -> Sample {
 }
 
 /// Appends a sample every interval; keeps the file to a day.
-pub async fn record_history(instance: String) {
+pub async fn record_history(instance: String, live: LiveStatus) {
     let mut ticker = tokio::time::interval(HISTORY_INTERVAL);
+    // Samples a previous run left (after a restart that kept serving); counted from here on.
+    let mut kept = read_history(&instance).len();
     loop {
         ticker.tick().await;
         let instance = instance.clone();
-        let result = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let s = sample(&status::collect(&instance)?);
-            let path = history_file(&instance);
-            let mut file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)?;
-            writeln!(file, "{}", serde_json::to_string(&s)?)?;
-            let samples = read_history(&instance);
-            if samples.len() > HISTORY_KEEP + HISTORY_KEEP / 10 {
-                let keep: Vec<String> = samples[samples.len() - HISTORY_KEEP..]
-                    .iter()
-                    .filter_map(|s| serde_json::to_string(s).ok())
-                    .collect();
-                std::fs::write(&path, keep.join("\n") + "\n")?;
-            }
-            Ok(())
+        let live = live.clone();
+        let result = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+            append_sample(&instance, &sample(&live.collect()?), kept)
         })
         .await;
-        if let Ok(Err(e)) = result {
-            tracing::debug!("recording counter history: {e:#}");
+        match result {
+            Ok(Ok(now_kept)) => kept = now_kept,
+            Ok(Err(e)) => tracing::debug!("recording counter history: {e:#}"),
+            Err(e) => tracing::debug!("recording counter history: {e}"),
         }
     }
+}
+
+/// Appends `sample` to the history file that holds `kept` samples, cutting it back to
+/// `HISTORY_KEEP` once it holds a tenth more; returns how many it holds then.
+fn append_sample(instance: &str, sample: &Sample, kept: usize) -> anyhow::Result<usize> {
+    let path = history_file(instance);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    writeln!(file, "{}", serde_json::to_string(sample)?)?;
+    let now_kept = kept + 1;
+    if now_kept <= HISTORY_KEEP + HISTORY_KEEP / 10 {
+        return Ok(now_kept);
+    }
+    let samples = read_history(instance);
+    let keep: Vec<String> = samples[samples.len().saturating_sub(HISTORY_KEEP)..]
+        .iter()
+        .filter_map(|s| serde_json::to_string(s).ok())
+        .collect();
+    std::fs::write(&path, keep.join("\n") + "\n")?;
+    Ok(keep.len())
 }

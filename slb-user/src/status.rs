@@ -4,14 +4,18 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use anyhow::Context as _;
+use aya::maps::MapError;
 use serde::Serialize;
+use slb_common::pinned::{self, PinnedMap};
 use slb_common::GlobalCounters;
 
-use crate::applied::{AppliedState, Endpoint, HealthStatus, ProxyListenerInfo, Role};
+use crate::applied::{
+    AppliedState, Endpoint, HealthStatus, ProxyListenerInfo, Role, StateFileError,
+};
 use crate::config::GroupKind;
+use crate::flows::FlowCounts;
 use crate::instance::pin_dir;
-use crate::maps::{sum_traffic, PinnedMaps};
+use crate::maps::{CounterMaps, OpenMapError};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -22,7 +26,7 @@ pub struct Status {
     pub interface_states: Vec<crate::links::InterfaceState>,
     pub listeners: Vec<ListenerStatus>,
     pub backends: Vec<BackendStatus>,
-    pub counters: BTreeMap<&'static str, u64>,
+    pub counters: BTreeMap<String, u64>,
     /// Fill of the connection table as of the last sweep.
     pub connection_table: ConnectionTable,
     /// Changes made through the admin API since the file was last read (dropped by a reload):
@@ -84,87 +88,160 @@ impl BackendStatus {
     }
 }
 
-pub fn collect(instance: &str) -> anyhow::Result<Status> {
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Bpffs(#[from] crate::dataplane::DataplaneError),
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+    #[error(transparent)]
+    OpenMap(#[from] OpenMapError),
+    #[error("reading {map}: {source}")]
+    Counter { map: &'static str, source: MapError },
+}
+
+fn counter_error(map: &PinnedMap) -> impl Fn(MapError) -> StatusError {
+    let map = map.name;
+    move |source| StatusError::Counter { map, source }
+}
+
+/// The status of a running instance as a CLI command sees it: from the files and pins its
+/// daemon publishes (the daemon itself builds it from what it holds, see `metrics`).
+pub fn collect(instance: &str) -> Result<Status, StatusError> {
     crate::dataplane::ensure_bpffs()?;
     let state = AppliedState::read(instance)?;
-    let maps = PinnedMaps::open(&pin_dir(instance))?;
-
+    let counters = CounterMaps::open(&pin_dir(instance))?;
     // The sweeper's tally plus the counters since: no walk of the connection table here.
     let flows = crate::flows::read_counts(instance);
+    let interface_states = crate::links::interface_states(
+        &pin_dir(instance),
+        &state.interfaces,
+        crate::links::read_history(instance),
+    );
+    Status::build(&state, &counters, &flows, interface_states)
+}
 
-    let mut listeners = Vec::new();
-    for l in &state.listeners {
-        let t = sum_traffic(
-            &maps
-                .listener_stats
-                .get(&l.index, 0)
-                .context("reading LISTENER_STATS")?,
-        );
-        listeners.push(ListenerStatus {
-            name: l.name.clone(),
-            protocol: l.protocol.to_string(),
-            vip: l.vip,
-            port: l.port,
-            group: l.group.clone(),
-            group_type: l.group_kind,
-            health_check: l.health_check,
-            persistence_timeout_s: l.persistence_timeout_s,
-            packets: t.packets,
-            bytes: t.bytes,
-            new_connections: t.new_connections,
-            connections: flows
-                .listeners
-                .get(&l.index)
-                .copied()
-                .unwrap_or_default()
-                .current(&t),
-        });
+impl Status {
+    /// The applied `state` joined with what the data plane counts now and what the last sweep
+    /// of the connection table found.
+    pub fn build(
+        state: &AppliedState,
+        counters: &CounterMaps,
+        flows: &FlowCounts,
+        interface_states: Vec<crate::links::InterfaceState>,
+    ) -> Result<Status, StatusError> {
+        let listeners = listener_statuses(state, counters, flows)?;
+        let backends = backend_statuses(state, counters, flows)?;
+        let global = counters
+            .global()
+            .map_err(counter_error(&pinned::GLOBAL_STATS))?;
+        let counters = GlobalCounters::FIELDS
+            .iter()
+            .map(|name| name.to_string())
+            .zip(global.values())
+            .collect();
+        let mut warnings = no_normal_server_warnings(&listeners, &backends);
+        warnings.extend(proxy_group_warnings(&state.proxy_listeners));
+        for i in interface_states.iter().filter(|i| !i.attached) {
+            warnings.push(format!("interface {}: {}", i.name, i.state));
+        }
+        Ok(Status {
+            instance: state.instance.clone(),
+            generation: state.generation,
+            interfaces: state.interfaces.clone(),
+            interface_states,
+            listeners,
+            backends,
+            counters,
+            connection_table: ConnectionTable {
+                entries: flows.entries,
+                capacity: flows.capacity,
+                expired_last_sweep: flows.expired,
+                swept_at_unix_s: flows.swept_at_unix_s,
+            },
+            runtime_changes: state.runtime_changes.clone(),
+            runtime_changes_earlier: state.runtime_changes_earlier,
+            proxy_listeners: state.proxy_listeners.clone(),
+            warnings,
+        })
     }
-    let mut backends = Vec::new();
-    for b in &state.backends {
-        let t = sum_traffic(
-            &maps
-                .backend_stats
-                .get(&b.id, 0)
-                .context("reading BACKEND_STATS")?,
-        );
-        backends.push(BackendStatus {
-            id: b.id,
-            listener: b.key.listener.clone(),
-            group: b.group.clone(),
-            role: b.role,
-            address: b.key.address,
-            port: b.key.port,
-            weight: b.weight,
-            healthy: b.health.as_ref().is_none_or(|h| h.healthy),
-            health: b.health.clone(),
-            packets: t.packets,
-            bytes: t.bytes,
-            new_connections: t.new_connections,
-            connections: flows
-                .backends
-                .get(&b.id)
-                .copied()
-                .unwrap_or_default()
-                .current(&t),
-        });
-    }
-    let mut global = GlobalCounters::default();
-    for per_cpu in maps
-        .global_stats
-        .get(&0, 0)
-        .context("reading GLOBAL_STATS")?
+}
+
+fn listener_statuses(
+    state: &AppliedState,
+    counters: &CounterMaps,
+    flows: &FlowCounts,
+) -> Result<Vec<ListenerStatus>, StatusError> {
+    state
+        .listeners
         .iter()
-    {
-        global.add(per_cpu);
-    }
-    let counters = GlobalCounters::FIELDS
+        .map(|l| {
+            let t = counters
+                .listener(l.index)
+                .map_err(counter_error(&pinned::LISTENER_STATS))?;
+            Ok(ListenerStatus {
+                name: l.name.clone(),
+                protocol: l.protocol.to_string(),
+                vip: l.vip,
+                port: l.port,
+                group: l.group.clone(),
+                group_type: l.group_kind,
+                health_check: l.health_check,
+                persistence_timeout_s: l.persistence_timeout_s,
+                packets: t.packets,
+                bytes: t.bytes,
+                new_connections: t.new_connections,
+                connections: flows
+                    .listeners
+                    .get(&l.index)
+                    .copied()
+                    .unwrap_or_default()
+                    .current(&t),
+            })
+        })
+        .collect()
+}
+
+fn backend_statuses(
+    state: &AppliedState,
+    counters: &CounterMaps,
+    flows: &FlowCounts,
+) -> Result<Vec<BackendStatus>, StatusError> {
+    state
+        .backends
         .iter()
-        .copied()
-        .zip(global.values())
-        .collect();
-    let mut warnings = no_normal_server_warnings(&listeners, &backends);
-    for l in &state.proxy_listeners {
+        .map(|b| {
+            let t = counters
+                .backend(b.id)
+                .map_err(counter_error(&pinned::BACKEND_STATS))?;
+            Ok(BackendStatus {
+                id: b.id,
+                listener: b.key.listener.clone(),
+                group: b.group.clone(),
+                role: b.role,
+                address: b.key.address,
+                port: b.key.port,
+                weight: b.weight,
+                healthy: b.health.as_ref().is_none_or(|h| h.healthy),
+                health: b.health.clone(),
+                packets: t.packets,
+                bytes: t.bytes,
+                new_connections: t.new_connections,
+                connections: flows
+                    .backends
+                    .get(&b.id)
+                    .copied()
+                    .unwrap_or_default()
+                    .current(&t),
+            })
+        })
+        .collect()
+}
+
+/// Groups of HTTP(S) listeners with no normal server (healthy, weight > 0).
+fn proxy_group_warnings(proxy_listeners: &[ProxyListenerInfo]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for l in proxy_listeners {
         let mut groups: Vec<&str> = l.backends.iter().map(|b| b.group.as_str()).collect();
         groups.dedup();
         for g in groups {
@@ -179,30 +256,7 @@ pub fn collect(instance: &str) -> anyhow::Result<Status> {
             }
         }
     }
-    let interface_states =
-        crate::links::interface_states(instance, &pin_dir(instance), &state.interfaces);
-    for i in interface_states.iter().filter(|i| !i.attached) {
-        warnings.push(format!("interface {}: {}", i.name, i.state));
-    }
-    Ok(Status {
-        instance: state.instance,
-        generation: state.generation,
-        interfaces: state.interfaces,
-        interface_states,
-        listeners,
-        backends,
-        counters,
-        connection_table: ConnectionTable {
-            entries: flows.entries,
-            capacity: flows.capacity,
-            expired_last_sweep: flows.expired,
-            swept_at_unix_s: flows.swept_at_unix_s,
-        },
-        runtime_changes: state.runtime_changes,
-        runtime_changes_earlier: state.runtime_changes_earlier,
-        proxy_listeners: state.proxy_listeners,
-        warnings,
-    })
+    warnings
 }
 
 /// Listeners whose group has no normal server (healthy, weight > 0) to take new flows.

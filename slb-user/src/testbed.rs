@@ -253,17 +253,10 @@ impl Testbed {
     }
 
     pub fn counters(&self) -> GlobalCounters {
-        let mut total = GlobalCounters::default();
-        for c in self
-            .reconciler
+        self.reconciler
             .maps()
-            .global_stats
-            .get(&0, 0)
+            .counters
+            .global()
             .expect("GLOBAL_STATS")
-            .iter()
-        {
-            total.add(c);
-        }
-        total
     }
 }

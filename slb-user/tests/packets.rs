@@ -865,8 +865,7 @@ fn fin_and_rst_mark_a_flow_closing_and_count_it_closed() {
             .find(|l| l.name == "web")
             .unwrap()
             .index;
-        let stats =
-            slb_user::maps::sum_traffic(&h.reconciler.maps().listener_stats.get(&web, 0).unwrap());
+        let stats = h.reconciler.maps().counters.listener(web).unwrap();
         assert_eq!(
             (stats.new_connections, stats.closed_connections),
             (2, 2),
@@ -1343,8 +1342,7 @@ fn an_ack_flood_fills_only_the_half_open_table_and_a_taken_over_flow_is_tracked(
             .find(|l| l.name == "web")
             .unwrap()
             .index;
-        let stats =
-            slb_user::maps::sum_traffic(&h.reconciler.maps().listener_stats.get(&web, 0).unwrap());
+        let stats = h.reconciler.maps().counters.listener(web).unwrap();
         assert_eq!(stats.new_connections, 2, "{stats:?}");
     });
 }
