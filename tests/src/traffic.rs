@@ -438,6 +438,22 @@ impl Attempt {
     }
 }
 
+/// Answered attempts by the backend that answered.
+pub fn per_backend<'a>(attempts: impl Iterator<Item = &'a Attempt>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for a in attempts {
+        if let Some(b) = a.backend() {
+            *counts.entry(b.to_owned()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// A difference of unix-ns times in milliseconds, for messages.
+pub fn ms(ns: i128) -> f64 {
+    ns as f64 / 1e6
+}
+
 /// New TCP connections, opened continuously from a namespace until stopped: `workers` threads
 /// each connect, send one line, read the answer, close, pause, and start over. Every attempt
 /// is recorded with its times and outcome.

@@ -17,7 +17,9 @@ use slb_tests::slb::{
     TCP_LISTENER, UDP_LISTENER,
 };
 use slb_tests::topology::{read_peer_log, ServerOptions};
-use slb_tests::traffic::{tcp_connections, udp_flows, Attempt, ConnectionLoop, UdpStream};
+use slb_tests::traffic::{
+    ms, per_backend, tcp_connections, udp_flows, Attempt, ConnectionLoop, UdpStream,
+};
 use slb_tests::{
     require_root, vip_tcp, vip_udp, SlbConfig, SlbDaemon, Topology, TrafficOptions, CLIENT_ADDR,
 };
@@ -29,26 +31,12 @@ const THRESHOLD: u32 = 2;
 const MARGIN: Duration = Duration::from_millis(400);
 const PAIR: &str = "pair";
 
-fn ms(ns: i128) -> f64 {
-    ns as f64 / 1e6
-}
-
 fn since_unix_ns(backend: &serde_json::Value) -> u128 {
     let v = &backend["health"]["since_unix_ns"];
     v.as_u64()
         .map(u128::from)
         .or_else(|| v.as_f64().map(|f| f as u128))
         .unwrap_or_else(|| panic!("no health.since_unix_ns: {backend:#}"))
-}
-
-fn per_backend<'a>(attempts: impl Iterator<Item = &'a Attempt>) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for a in attempts {
-        if let Some(b) = a.backend() {
-            *counts.entry(b.to_owned()).or_default() += 1;
-        }
-    }
-    counts
 }
 
 /// The UDP check expects the test server's echo of the probe payload.

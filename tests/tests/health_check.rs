@@ -1,7 +1,6 @@
 //! A TCP health check takes a dead backend out of the listener's table within its detection
 //! window and lets it back in once it answers again, while a client keeps opening connections.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -9,7 +8,7 @@ use slb_tests::slb::{
     slb_binary, status_backend, unique_instance, unix_ns_now, HealthCheckConfig, TCP_LISTENER,
     UDP_LISTENER,
 };
-use slb_tests::traffic::{udp_flows, Attempt, ConnectionLoop};
+use slb_tests::traffic::{ms, per_backend, udp_flows, Attempt, ConnectionLoop};
 use slb_tests::{require_root, vip_tcp, vip_udp, SlbConfig, SlbDaemon, Topology, TrafficOptions};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
@@ -22,20 +21,6 @@ const UNHEALTHY_THRESHOLD: u32 = 2;
 const MARGIN: Duration = Duration::from_millis(400);
 /// How long each phase of steady traffic runs.
 const PHASE: Duration = Duration::from_millis(1500);
-
-fn ms(ns: i128) -> f64 {
-    ns as f64 / 1e6
-}
-
-fn per_backend<'a>(attempts: impl Iterator<Item = &'a Attempt>) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for a in attempts {
-        if let Some(b) = a.backend() {
-            *counts.entry(b.to_owned()).or_default() += 1;
-        }
-    }
-    counts
-}
 
 #[test]
 fn health_check_removes_a_dead_backend_and_readmits_it() {
