@@ -183,6 +183,35 @@ fn stats_prometheus_and_distribution_report() {
         "{table}"
     );
 
+    // Current connections are the last sweep's tally plus what opened and closed since; a sweep
+    // whose walk of the table overlapped the traffic counts a flow that opened or closed during
+    // the walk one time too many or too few, until the next sweep. One that starts after the
+    // traffic makes the count exact: wait for it (the daemon sweeps every 5 s).
+    let traffic_done = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let out = daemon
+            .cli(["status", "-i", &instance, "--json"])
+            .expect("run slb status --json");
+        let status: serde_json::Value =
+            serde_json::from_str(out.expect_success().expect("slb status --json"))
+                .expect("slb status --json prints JSON");
+        let swept = status["connection_table"]["swept_at_unix_s"]
+            .as_u64()
+            .expect("swept_at_unix_s");
+        if swept > traffic_done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no sweep of the connection table within 20 s: {status:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
     // Prometheus.
     let response = fetch_metrics(topo.slb_ns(), port);
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
