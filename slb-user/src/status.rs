@@ -282,6 +282,29 @@ fn no_normal_server_warnings(
 
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
+    render_header(&mut out, status);
+    render_listeners(&mut out, status);
+    render_backends(&mut out, status);
+    render_changes_and_warnings(&mut out, status);
+    render_proxy_listeners(&mut out, status);
+    let _ = writeln!(out, "\nCOUNTERS");
+    for (name, value) in &status.counters {
+        if *value > 0 {
+            let _ = writeln!(out, "  {name:<24} {value}");
+        }
+    }
+    out
+}
+
+fn health_word(health: Option<&HealthStatus>) -> &'static str {
+    match health {
+        None => "-",
+        Some(h) if h.healthy => "healthy",
+        Some(_) => "UNHEALTHY",
+    }
+}
+
+fn render_header(out: &mut String, status: &Status) {
     let _ = writeln!(
         out,
         "instance {} (config generation {}), attached to {}",
@@ -309,6 +332,9 @@ pub fn render(status: &Status) -> String {
         },
         table.expired_last_sweep
     );
+}
+
+fn render_listeners(out: &mut String, status: &Status) {
     let _ = writeln!(
         out,
         "\nLISTENER            PROTO  VIP:PORT               GROUP           CONNS   NEW_CONNS     PACKETS"
@@ -326,16 +352,14 @@ pub fn render(status: &Status) -> String {
             l.packets
         );
     }
+}
+
+fn render_backends(out: &mut String, status: &Status) {
     let _ = writeln!(
         out,
         "\nBACKEND                LISTENER            GROUP           ROLE     WEIGHT  HEALTH     CONNS   NEW_CONNS     PACKETS"
     );
     for b in &status.backends {
-        let health = match &b.health {
-            None => "-",
-            Some(h) if h.healthy => "healthy",
-            Some(_) => "UNHEALTHY",
-        };
         let role = match b.role {
             Some(Role::Active) => "active",
             Some(Role::Standby) => "standby",
@@ -349,7 +373,7 @@ pub fn render(status: &Status) -> String {
             b.group,
             role,
             b.weight,
-            health,
+            health_word(b.health.as_ref()),
             b.connections,
             b.new_connections,
             b.packets
@@ -360,6 +384,9 @@ pub fn render(status: &Status) -> String {
             let _ = writeln!(out, "  {} on {}: {}", b.endpoint(), b.listener, h.reason);
         }
     }
+}
+
+fn render_changes_and_warnings(out: &mut String, status: &Status) {
     if !status.runtime_changes.is_empty() {
         let _ = writeln!(
             out,
@@ -379,164 +406,188 @@ pub fn render(status: &Status) -> String {
     for w in &status.warnings {
         let _ = writeln!(out, "\nWARNING: {w}");
     }
-    if !status.proxy_listeners.is_empty() {
-        let _ = writeln!(out, "\nHTTP(S) LISTENER    PROTO  VIP:PORT               GROUP           BACKEND                WEIGHT  HEALTH");
-        for l in &status.proxy_listeners {
-            for b in &l.backends {
-                let health = match &b.health {
-                    None => "-",
-                    Some(h) if h.healthy => "healthy",
-                    Some(_) => "UNHEALTHY",
-                };
-                let _ = writeln!(
-                    out,
-                    "{:<19} {:<6} {:<22} {:<15} {:<22} {:>6}  {}",
-                    l.name,
-                    l.protocol,
-                    Endpoint::new(l.vip, l.port),
-                    b.group,
-                    b.endpoint(),
-                    b.weight,
-                    health
-                );
-            }
+}
+
+fn render_proxy_listeners(out: &mut String, status: &Status) {
+    if status.proxy_listeners.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nHTTP(S) LISTENER    PROTO  VIP:PORT               GROUP           BACKEND                WEIGHT  HEALTH");
+    for l in &status.proxy_listeners {
+        for b in &l.backends {
+            let _ = writeln!(
+                out,
+                "{:<19} {:<6} {:<22} {:<15} {:<22} {:>6}  {}",
+                l.name,
+                l.protocol,
+                Endpoint::new(l.vip, l.port),
+                b.group,
+                b.endpoint(),
+                b.weight,
+                health_word(b.health.as_ref())
+            );
         }
     }
-    let _ = writeln!(out, "\nCOUNTERS");
-    for (name, value) in &status.counters {
-        if *value > 0 {
-            let _ = writeln!(out, "  {name:<24} {value}");
-        }
-    }
-    out
 }
 
 /// Prometheus text exposition of a status.
 pub fn render_prometheus(status: &Status) -> String {
-    fn label(value: &str) -> String {
-        value
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n")
-    }
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
+    let mut out = Exposition::default();
+    listener_families(&mut out, status);
+    connection_table_families(&mut out, status);
+    backend_families(&mut out, status);
+    instance_families(&mut out, status);
+    out.text
+}
+
+/// Prometheus text being written, a metric family at a time.
+#[derive(Default)]
+struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    fn family(&mut self, name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>) {
+        let _ = writeln!(self.text, "# HELP {name} {help}");
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
         for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            let _ = writeln!(self.text, "{name}{{{labels}}} {value}");
         }
-    };
-    let listener_labels = |l: &ListenerStatus| {
-        format!(
-            "instance=\"{}\",listener=\"{}\",protocol=\"{}\",vip=\"{}\",port=\"{}\"",
-            label(&status.instance),
-            label(&l.name),
-            l.protocol,
-            l.vip,
-            l.port
-        )
-    };
-    let backend_labels = |b: &BackendStatus| {
-        format!(
-            "instance=\"{}\",listener=\"{}\",group=\"{}\",backend=\"{}\"",
-            label(&status.instance),
-            label(&b.listener),
-            label(&b.group),
-            b.endpoint()
-        )
-    };
+    }
+}
+
+/// A label value, escaped as the exposition format wants.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn instance_label(status: &Status) -> String {
+    format!("instance=\"{}\"", label(&status.instance))
+}
+
+fn listener_families(out: &mut Exposition, status: &Status) {
     let per_listener = |f: fn(&ListenerStatus) -> u64| {
         status
             .listeners
             .iter()
-            .map(|l| (listener_labels(l), f(l) as f64))
+            .map(|l| {
+                let labels = format!(
+                    "{},listener=\"{}\",protocol=\"{}\",vip=\"{}\",port=\"{}\"",
+                    instance_label(status),
+                    label(&l.name),
+                    l.protocol,
+                    l.vip,
+                    l.port
+                );
+                (labels, f(l) as f64)
+            })
             .collect::<Vec<_>>()
     };
-    family(
+    out.family(
         "slb_listener_packets_total",
         "counter",
         "Packets forwarded to backends.",
         per_listener(|l| l.packets),
     );
-    family(
+    out.family(
         "slb_listener_bytes_total",
         "counter",
         "Bytes forwarded to backends.",
         per_listener(|l| l.bytes),
     );
-    family(
+    out.family(
         "slb_listener_new_connections_total",
         "counter",
         "New flows balanced.",
         per_listener(|l| l.new_connections),
     );
-    family(
+    out.family(
         "slb_listener_connections",
         "gauge",
         "Current flows in the connection table.",
         per_listener(|l| l.connections),
     );
-    let instance_label = format!("instance=\"{}\"", label(&status.instance));
-    family(
+}
+
+fn connection_table_families(out: &mut Exposition, status: &Status) {
+    out.family(
         "slb_connection_table_entries",
         "gauge",
         "Entries of the connection table at the last sweep.",
         vec![(
-            instance_label.clone(),
+            instance_label(status),
             status.connection_table.entries as f64,
         )],
     );
-    family(
+    out.family(
         "slb_connection_table_capacity",
         "gauge",
         "Size of the connection table (max_connections).",
-        vec![(instance_label, f64::from(status.connection_table.capacity))],
+        vec![(
+            instance_label(status),
+            f64::from(status.connection_table.capacity),
+        )],
     );
+}
+
+fn backend_labels(status: &Status, b: &BackendStatus) -> String {
+    format!(
+        "{},listener=\"{}\",group=\"{}\",backend=\"{}\"",
+        instance_label(status),
+        label(&b.listener),
+        label(&b.group),
+        b.endpoint()
+    )
+}
+
+fn backend_families(out: &mut Exposition, status: &Status) {
     let per_backend = |f: &dyn Fn(&BackendStatus) -> f64| {
         status
             .backends
             .iter()
-            .map(|b| (backend_labels(b), f(b)))
+            .map(|b| (backend_labels(status, b), f(b)))
             .collect::<Vec<_>>()
     };
-    family(
+    out.family(
         "slb_backend_packets_total",
         "counter",
         "Packets forwarded to the backend.",
         per_backend(&|b| b.packets as f64),
     );
-    family(
+    out.family(
         "slb_backend_bytes_total",
         "counter",
         "Bytes forwarded to the backend.",
         per_backend(&|b| b.bytes as f64),
     );
-    family(
+    out.family(
         "slb_backend_new_connections_total",
         "counter",
         "New flows sent to the backend.",
         per_backend(&|b| b.new_connections as f64),
     );
-    family(
+    out.family(
         "slb_backend_connections",
         "gauge",
         "Current flows on the backend.",
         per_backend(&|b| b.connections as f64),
     );
-    family(
+    out.family(
         "slb_backend_weight",
         "gauge",
         "Configured weight.",
         per_backend(&|b| f64::from(b.weight)),
     );
-    family(
+    out.family(
         "slb_backend_up",
         "gauge",
         "1 unless a health check declared the backend unhealthy.",
         per_backend(&|b| if b.healthy { 1.0 } else { 0.0 }),
     );
-    family(
+    out.family(
         "slb_backend_health_changed_timestamp_seconds",
         "gauge",
         "When the health state last changed (checked backends only).",
@@ -546,11 +597,14 @@ pub fn render_prometheus(status: &Status) -> String {
             .filter_map(|b| {
                 b.health
                     .as_ref()
-                    .map(|h| (backend_labels(b), h.since_unix_ns as f64 / 1e9))
+                    .map(|h| (backend_labels(status, b), h.since_unix_ns as f64 / 1e9))
             })
             .collect(),
     );
-    family(
+}
+
+fn instance_families(out: &mut Exposition, status: &Status) {
+    out.family(
         "slb_dataplane_events_total",
         "counter",
         "Packets that left the fast path, by what happened to them.",
@@ -559,22 +613,18 @@ pub fn render_prometheus(status: &Status) -> String {
             .iter()
             .map(|(event, value)| {
                 (
-                    format!("instance=\"{}\",event=\"{event}\"", label(&status.instance)),
+                    format!("{},event=\"{event}\"", instance_label(status)),
                     *value as f64,
                 )
             })
             .collect(),
     );
-    family(
+    out.family(
         "slb_config_generation",
         "gauge",
         "Config generation applied.",
-        vec![(
-            format!("instance=\"{}\"", label(&status.instance)),
-            status.generation as f64,
-        )],
+        vec![(instance_label(status), status.generation as f64)],
     );
-    out
 }
 
 /// `slb stats`: traffic per listener and backend; with `previous` (and the seconds since), also
