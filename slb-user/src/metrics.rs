@@ -90,7 +90,7 @@ pub async fn serve_prometheus(live: LiveStatus, port: u16) -> anyhow::Result<()>
                     } else {
                         match tokio::task::spawn_blocking(move || live.collect()).await {
                             Ok(Ok(s)) => Response::builder()
-                                .header("content-type", "text/plain; version=0.0.4")
+                                .header("content-type", status::PROMETHEUS_CONTENT_TYPE)
                                 .body(Full::new(Bytes::from(status::render_prometheus(&s)))),
                             Ok(Err(e)) => Response::builder()
                                 .status(StatusCode::INTERNAL_SERVER_ERROR)

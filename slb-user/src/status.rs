@@ -2,6 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use std::net::IpAddr;
 
 use aya::maps::MapError;
@@ -430,200 +438,203 @@ fn render_proxy_listeners(out: &mut String, status: &Status) {
     }
 }
 
-/// Prometheus text exposition of a status.
+/// The status as OpenMetrics text (the `prometheus-client` crate's encoding): counters are
+/// sampled as `<name>_total`, the exposition ends with `# EOF`.
 pub fn render_prometheus(status: &Status) -> String {
-    let mut out = Exposition::default();
-    listener_families(&mut out, status);
-    connection_table_families(&mut out, status);
-    backend_families(&mut out, status);
-    instance_families(&mut out, status);
-    out.text
+    let mut registry = Registry::default();
+    register_listener_metrics(&mut registry, status);
+    register_backend_metrics(&mut registry, status);
+    register_instance_metrics(&mut registry, status);
+    let mut text = String::new();
+    encode(&mut text, &registry).expect("encoding into a String cannot fail");
+    text
 }
 
-/// Prometheus text being written, a metric family at a time.
-#[derive(Default)]
-struct Exposition {
-    text: String,
+/// The content type of [`render_prometheus`]'s text.
+pub const PROMETHEUS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabels {
+    instance: String,
 }
 
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(self.text, "{name}{{{labels}}} {value}");
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    instance: String,
+    listener: String,
+    protocol: String,
+    vip: String,
+    port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    instance: String,
+    listener: String,
+    group: String,
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabels {
+    instance: String,
+    event: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// A counter family with one sample per item.
+fn counters<L, T>(
+    items: &[T],
+    labels: impl Fn(&T) -> L,
+    value: impl Fn(&T) -> u64,
+) -> Family<L, Counter>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::<L, Counter>::default();
+    for item in items {
+        family.get_or_create(&labels(item)).inc_by(value(item));
+    }
+    family
+}
+
+/// A gauge family with one sample per item that has a value.
+fn gauges<L, T>(
+    items: &[T],
+    labels: impl Fn(&T) -> L,
+    value: impl Fn(&T) -> Option<f64>,
+) -> Family<L, FloatGauge>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let family = Family::<L, FloatGauge>::default();
+    for item in items {
+        if let Some(v) = value(item) {
+            family.get_or_create(&labels(item)).set(v);
         }
     }
+    family
 }
 
-/// A label value, escaped as the exposition format wants.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn instance_label(status: &Status) -> String {
-    format!("instance=\"{}\"", label(&status.instance))
-}
-
-fn listener_families(out: &mut Exposition, status: &Status) {
-    let per_listener = |f: fn(&ListenerStatus) -> u64| {
-        status
-            .listeners
-            .iter()
-            .map(|l| {
-                let labels = format!(
-                    "{},listener=\"{}\",protocol=\"{}\",vip=\"{}\",port=\"{}\"",
-                    instance_label(status),
-                    label(&l.name),
-                    l.protocol,
-                    l.vip,
-                    l.port
-                );
-                (labels, f(l) as f64)
-            })
-            .collect::<Vec<_>>()
+fn register_listener_metrics(registry: &mut Registry, status: &Status) {
+    let labels = |l: &ListenerStatus| ListenerLabels {
+        instance: status.instance.clone(),
+        listener: l.name.clone(),
+        protocol: l.protocol.to_string(),
+        vip: l.vip.to_string(),
+        port: l.port.to_string(),
     };
-    out.family(
-        "slb_listener_packets_total",
-        "counter",
-        "Packets forwarded to backends.",
-        per_listener(|l| l.packets),
+    let listeners = &status.listeners;
+    registry.register(
+        "slb_listener_packets",
+        "Packets forwarded to backends",
+        counters(listeners, labels, |l| l.packets),
     );
-    out.family(
-        "slb_listener_bytes_total",
-        "counter",
-        "Bytes forwarded to backends.",
-        per_listener(|l| l.bytes),
+    registry.register(
+        "slb_listener_bytes",
+        "Bytes forwarded to backends",
+        counters(listeners, labels, |l| l.bytes),
     );
-    out.family(
-        "slb_listener_new_connections_total",
-        "counter",
-        "New flows balanced.",
-        per_listener(|l| l.new_connections),
+    registry.register(
+        "slb_listener_new_connections",
+        "New flows balanced",
+        counters(listeners, labels, |l| l.new_connections),
     );
-    out.family(
+    registry.register(
         "slb_listener_connections",
-        "gauge",
-        "Current flows in the connection table.",
-        per_listener(|l| l.connections),
+        "Current flows in the connection table",
+        gauges(listeners, labels, |l| Some(l.connections as f64)),
     );
 }
 
-fn connection_table_families(out: &mut Exposition, status: &Status) {
-    out.family(
-        "slb_connection_table_entries",
-        "gauge",
-        "Entries of the connection table at the last sweep.",
-        vec![(
-            instance_label(status),
-            status.connection_table.entries as f64,
-        )],
-    );
-    out.family(
-        "slb_connection_table_capacity",
-        "gauge",
-        "Size of the connection table (max_connections).",
-        vec![(
-            instance_label(status),
-            f64::from(status.connection_table.capacity),
-        )],
-    );
-}
-
-fn backend_labels(status: &Status, b: &BackendStatus) -> String {
-    format!(
-        "{},listener=\"{}\",group=\"{}\",backend=\"{}\"",
-        instance_label(status),
-        label(&b.listener),
-        label(&b.group),
-        b.endpoint()
-    )
-}
-
-fn backend_families(out: &mut Exposition, status: &Status) {
-    let per_backend = |f: &dyn Fn(&BackendStatus) -> f64| {
-        status
-            .backends
-            .iter()
-            .map(|b| (backend_labels(status, b), f(b)))
-            .collect::<Vec<_>>()
+fn register_backend_metrics(registry: &mut Registry, status: &Status) {
+    let labels = |b: &BackendStatus| BackendLabels {
+        instance: status.instance.clone(),
+        listener: b.listener.clone(),
+        group: b.group.clone(),
+        backend: b.endpoint().to_string(),
     };
-    out.family(
-        "slb_backend_packets_total",
-        "counter",
-        "Packets forwarded to the backend.",
-        per_backend(&|b| b.packets as f64),
+    let backends = &status.backends;
+    registry.register(
+        "slb_backend_packets",
+        "Packets forwarded to the backend",
+        counters(backends, labels, |b| b.packets),
     );
-    out.family(
-        "slb_backend_bytes_total",
-        "counter",
-        "Bytes forwarded to the backend.",
-        per_backend(&|b| b.bytes as f64),
+    registry.register(
+        "slb_backend_bytes",
+        "Bytes forwarded to the backend",
+        counters(backends, labels, |b| b.bytes),
     );
-    out.family(
-        "slb_backend_new_connections_total",
-        "counter",
-        "New flows sent to the backend.",
-        per_backend(&|b| b.new_connections as f64),
+    registry.register(
+        "slb_backend_new_connections",
+        "New flows sent to the backend",
+        counters(backends, labels, |b| b.new_connections),
     );
-    out.family(
+    registry.register(
         "slb_backend_connections",
-        "gauge",
-        "Current flows on the backend.",
-        per_backend(&|b| b.connections as f64),
+        "Current flows on the backend",
+        gauges(backends, labels, |b| Some(b.connections as f64)),
     );
-    out.family(
+    registry.register(
         "slb_backend_weight",
-        "gauge",
-        "Configured weight.",
-        per_backend(&|b| f64::from(b.weight)),
+        "Configured weight",
+        gauges(backends, labels, |b| Some(f64::from(b.weight))),
     );
-    out.family(
+    registry.register(
         "slb_backend_up",
-        "gauge",
-        "1 unless a health check declared the backend unhealthy.",
-        per_backend(&|b| if b.healthy { 1.0 } else { 0.0 }),
+        "1 unless a health check declared the backend unhealthy",
+        gauges(backends, labels, |b| {
+            Some(if b.healthy { 1.0 } else { 0.0 })
+        }),
     );
-    out.family(
+    registry.register(
         "slb_backend_health_changed_timestamp_seconds",
-        "gauge",
-        "When the health state last changed (checked backends only).",
-        status
-            .backends
-            .iter()
-            .filter_map(|b| {
-                b.health
-                    .as_ref()
-                    .map(|h| (backend_labels(status, b), h.since_unix_ns as f64 / 1e9))
-            })
-            .collect(),
+        "When the health state last changed (checked backends only)",
+        gauges(backends, labels, |b| {
+            b.health.as_ref().map(|h| h.since_unix_ns as f64 / 1e9)
+        }),
     );
 }
 
-fn instance_families(out: &mut Exposition, status: &Status) {
-    out.family(
-        "slb_dataplane_events_total",
-        "counter",
-        "Packets that left the fast path, by what happened to them.",
-        status
-            .counters
-            .iter()
-            .map(|(event, value)| {
-                (
-                    format!("{},event=\"{event}\"", instance_label(status)),
-                    *value as f64,
-                )
-            })
-            .collect(),
+fn register_instance_metrics(registry: &mut Registry, status: &Status) {
+    let instance = || InstanceLabels {
+        instance: status.instance.clone(),
+    };
+    let table = &status.connection_table;
+    let one = |value: f64| {
+        let family = Family::<InstanceLabels, FloatGauge>::default();
+        family.get_or_create(&instance()).set(value);
+        family
+    };
+    registry.register(
+        "slb_connection_table_entries",
+        "Entries of the connection table at the last sweep",
+        one(table.entries as f64),
     );
-    out.family(
+    registry.register(
+        "slb_connection_table_capacity",
+        "Size of the connection table (max_connections)",
+        one(f64::from(table.capacity)),
+    );
+    let events: Vec<(&String, &u64)> = status.counters.iter().collect();
+    registry.register(
+        "slb_dataplane_events",
+        "Packets that left the fast path, by what happened to them",
+        counters(
+            &events,
+            |(event, _)| EventLabels {
+                instance: status.instance.clone(),
+                event: event.to_string(),
+            },
+            |(_, value)| **value,
+        ),
+    );
+    registry.register(
         "slb_config_generation",
-        "gauge",
-        "Config generation applied.",
-        vec![(instance_label(status), status.generation as f64)],
+        "Config generation applied",
+        one(status.generation as f64),
     );
 }
 
@@ -693,4 +704,87 @@ pub fn render_stats(status: &Status, previous: Option<(&Status, f64)>) -> String
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> Status {
+        Status {
+            instance: "edge".into(),
+            generation: 3,
+            interfaces: vec!["eth0".into()],
+            interface_states: Vec::new(),
+            listeners: vec![ListenerStatus {
+                name: "web".into(),
+                protocol: "tcp".into(),
+                vip: "10.0.0.10".parse().unwrap(),
+                port: 80,
+                group: "pool".into(),
+                group_type: GroupKind::Vserver,
+                health_check: false,
+                persistence_timeout_s: None,
+                packets: 50,
+                bytes: 5000,
+                new_connections: 7,
+                connections: 2,
+            }],
+            backends: vec![BackendStatus {
+                id: 0,
+                listener: "web".into(),
+                group: "pool".into(),
+                role: None,
+                address: "10.0.1.2".parse().unwrap(),
+                port: 8080,
+                weight: 3,
+                healthy: false,
+                health: Some(HealthStatus {
+                    healthy: false,
+                    reason: "refused".into(),
+                    since_unix_ns: 1_500_000_000,
+                }),
+                packets: 50,
+                bytes: 5000,
+                new_connections: 7,
+                connections: 2,
+            }],
+            counters: BTreeMap::from([("malformed".to_string(), 4)]),
+            connection_table: ConnectionTable {
+                entries: 2,
+                capacity: 1024,
+                expired_last_sweep: 0,
+                swept_at_unix_s: 0,
+            },
+            runtime_changes: Vec::new(),
+            runtime_changes_earlier: 0,
+            warnings: Vec::new(),
+            proxy_listeners: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_exposition_is_openmetrics_with_every_family() {
+        let text = render_prometheus(&status());
+        let listener =
+            r#"{instance="edge",listener="web",protocol="tcp",vip="10.0.0.10",port="80"}"#;
+        let backend = r#"{instance="edge",listener="web",group="pool",backend="10.0.1.2:8080"}"#;
+        for line in [
+            "# TYPE slb_listener_packets counter".to_string(),
+            format!("slb_listener_packets_total{listener} 50"),
+            format!("slb_listener_bytes_total{listener} 5000"),
+            format!("slb_listener_new_connections_total{listener} 7"),
+            format!("slb_listener_connections{listener} 2.0"),
+            format!("slb_backend_new_connections_total{backend} 7"),
+            format!("slb_backend_weight{backend} 3.0"),
+            format!("slb_backend_up{backend} 0.0"),
+            format!("slb_backend_health_changed_timestamp_seconds{backend} 1.5"),
+            r#"slb_dataplane_events_total{instance="edge",event="malformed"} 4"#.to_string(),
+            r#"slb_connection_table_capacity{instance="edge"} 1024.0"#.to_string(),
+            r#"slb_config_generation{instance="edge"} 3.0"#.to_string(),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
 }

@@ -265,9 +265,16 @@ fn stats_prometheus_and_distribution_report() {
         Some(262144.0),
         "the default max_connections: {body}"
     );
+    // OpenMetrics: a counter family is typed by its name without _total; the text ends so.
     assert!(
-        body.contains("# TYPE slb_backend_new_connections_total counter"),
+        body.contains("# TYPE slb_backend_new_connections counter")
+            && body.trim_end().ends_with("# EOF"),
         "{body}"
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
     );
 
     // The distribution report: 1:2:3 is balanced within chance.
