@@ -839,18 +839,16 @@ impl Daemon {
             reason: event.reason,
             since_unix_ns: unix_ns(event.at),
         };
-        let result = self
-            .proxy
-            .apply(&self.config, &self.health)
-            .and_then(|()| {
-                Ok(self
-                    .reconciler
-                    .apply(&self.config, &self.health)
-                    .map(|_| ())?)
-            })
-            .and_then(|()| self.publish());
-        if let Err(e) = result {
-            tracing::error!("applying a health change failed: {e:#}");
+        // Each side on its own: the proxy re-reads its certificates when it applies, and a
+        // certificate file being renewed must not hold up the data plane's failover.
+        if let Err(e) = self.reconciler.apply(&self.config, &self.health) {
+            tracing::error!("applying a health change to the data plane failed: {e:#}");
+        }
+        if let Err(e) = self.proxy.apply(&self.config, &self.health) {
+            tracing::error!("applying a health change to the HTTP(S) proxy failed: {e:#}");
+        }
+        if let Err(e) = self.publish() {
+            tracing::error!("publishing the state after a health change failed: {e:#}");
         }
         let group_without_healthy = self.reconciler.state().listeners.iter().find(|l| {
             l.health_check
