@@ -5,14 +5,14 @@
 
 mod http_common;
 
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_common::{client_builder, get, L7Setup, TestPki};
+use http_common::{client_builder, get, read_to_end, L7Setup, TestPki};
 use slb_tests::http::{tcp_connect_in, vip_http, vip_https, L7Listener, HTTPS_PORT, HTTP_PORT};
 use slb_tests::{require_root, VIP};
 
@@ -20,55 +20,6 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long after its last byte a slowloris connection may stay open.
 const CUT_OFF_WITHIN: Duration = Duration::from_secs(3);
 const REJECTED: &str = "SIGHUP reload rejected, the running config stays";
-
-/// What came back on a raw connection: the bytes, how reading ended, and when.
-struct RawOutcome {
-    bytes: Vec<u8>,
-    end: String,
-    after: Duration,
-}
-
-impl RawOutcome {
-    fn status_line(&self) -> String {
-        String::from_utf8_lossy(&self.bytes)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_owned()
-    }
-}
-
-/// Reads from `stream` until EOF, an error, or `limit`.
-fn read_to_end(stream: &mut TcpStream, limit: Duration) -> RawOutcome {
-    let started = Instant::now();
-    let mut bytes = Vec::new();
-    let mut buf = [0u8; 4096];
-    let end = loop {
-        let left = limit.saturating_sub(started.elapsed());
-        if left.is_zero() {
-            break "still open".to_owned();
-        }
-        stream.set_read_timeout(Some(left)).expect("read timeout");
-        match stream.read(&mut buf) {
-            Ok(0) => break "closed (EOF)".to_owned(),
-            Ok(n) => bytes.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                break "still open".to_owned()
-            }
-            Err(e) => break format!("closed ({e})"),
-        }
-    };
-    RawOutcome {
-        bytes,
-        end,
-        after: started.elapsed(),
-    }
-}
 
 #[test]
 fn http_malformed_oversized_and_slowloris_requests() {

@@ -99,6 +99,9 @@ async fn proxy(
     mut req: Request<Incoming>,
     shared: &SharedByListeners,
 ) -> Result<Response<ProxyBody>, Failure> {
+    check_request(&req).inspect_err(|failure| {
+        tracing::debug!(listener = %ctx.listener.name, peer = %ctx.client.addr, ?failure, "refused before forwarding");
+    })?;
     let session = Session::read(req.headers(), ctx.listener.cookie.as_ref());
     let picked = pick_upstream(ctx, &session)?;
     let client_upgrade = websocket::client_upgrade(&mut req);
@@ -112,6 +115,10 @@ async fn proxy(
 /// Why a request is answered by slb instead of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {
+    /// The request breaks HTTP rules a backend should not have to judge (why, for the client).
+    BadRequest(&'static str),
+    /// A request form slb does not forward (CONNECT, `OPTIONS *`).
+    NotImplemented(&'static str),
     NoHealthyBackend,
     /// The request target does not make a URI with the backend's address.
     InvalidPath,
@@ -123,6 +130,8 @@ impl Failure {
     /// A short plain-text answer; the phase that failed has logged the details.
     fn response(self) -> Response<ProxyBody> {
         let (status, text) = match self {
+            Failure::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
+            Failure::NotImplemented(why) => (StatusCode::NOT_IMPLEMENTED, why),
             Failure::NoHealthyBackend => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "503 Service Unavailable: no healthy backend",
@@ -148,6 +157,41 @@ impl Failure {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         response
+    }
+}
+
+/// Phase 0: what slb refuses to forward. Host: exactly one over HTTP/1.1 (RFC 9112 §3.2), at
+/// most one otherwise, since the rules route on it and a backend could read the other one. The
+/// request target: origin form (`/path`) or absolute form; `GET p41` would otherwise reach the
+/// backend as `GET /`. CONNECT (slb is no forward proxy) and `OPTIONS *` (the pooled client
+/// cannot send the asterisk form) are answered 501.
+fn check_request<B>(req: &Request<B>) -> Result<(), Failure> {
+    if req.method() == hyper::Method::CONNECT {
+        return Err(Failure::NotImplemented(
+            "501 Not Implemented: CONNECT is not supported",
+        ));
+    }
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Err(Failure::BadRequest(
+            "400 Bad Request: more than one Host header",
+        ));
+    }
+    if hosts == 0 && req.version() == hyper::Version::HTTP_11 {
+        return Err(Failure::BadRequest("400 Bad Request: no Host header"));
+    }
+    let uri = req.uri();
+    if uri.scheme().is_some() {
+        return Ok(());
+    }
+    match uri.path_and_query().map(|p| p.as_str()) {
+        Some("*") if req.method() == hyper::Method::OPTIONS => Err(Failure::NotImplemented(
+            "501 Not Implemented: OPTIONS * is not supported",
+        )),
+        Some(target) if target.starts_with('/') => Ok(()),
+        _ => Err(Failure::BadRequest(
+            "400 Bad Request: the request target is not a path",
+        )),
     }
 }
 
@@ -330,5 +374,52 @@ impl hyper::body::Body for CountedBody {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(head: &[(&str, &str)], method: &str, target: &str) -> Request<()> {
+        let mut builder = Request::builder().method(method).uri(target);
+        for (name, value) in head {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).expect("request")
+    }
+
+    #[test]
+    fn host_must_be_there_once() {
+        let one = request(&[("host", "a")], "GET", "/");
+        assert_eq!(check_request(&one), Ok(()));
+        let two = request(&[("host", "a"), ("host", "b")], "GET", "/");
+        assert!(matches!(check_request(&two), Err(Failure::BadRequest(_))));
+        let none = request(&[], "GET", "/");
+        assert!(matches!(check_request(&none), Err(Failure::BadRequest(_))));
+        let mut http10 = request(&[], "GET", "/");
+        *http10.version_mut() = hyper::Version::HTTP_10;
+        assert_eq!(check_request(&http10), Ok(()), "HTTP/1.0 needs no Host");
+        let mut http2 = request(&[], "GET", "https://a/x");
+        *http2.version_mut() = hyper::Version::HTTP_2;
+        assert_eq!(check_request(&http2), Ok(()), "HTTP/2 has :authority");
+    }
+
+    #[test]
+    fn request_targets_slb_does_not_forward() {
+        let host = [("host", "a")];
+        let refused = |method, target| check_request(&request(&host, method, target));
+        assert!(matches!(
+            refused("CONNECT", "a:443"),
+            Err(Failure::NotImplemented(_))
+        ));
+        assert!(matches!(
+            refused("OPTIONS", "*"),
+            Err(Failure::NotImplemented(_))
+        ));
+        assert!(matches!(refused("GET", "p41"), Err(Failure::BadRequest(_))));
+        assert!(matches!(refused("GET", "*"), Err(Failure::BadRequest(_))));
+        assert_eq!(refused("OPTIONS", "/x"), Ok(()));
+        assert_eq!(refused("GET", "http://a"), Ok(()), "absolute form");
     }
 }

@@ -5,11 +5,14 @@
 #![allow(dead_code)] // each test file uses a different part
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use slb_tests::http::{add_local_vip, Echo, HttpBackends, L7Config, NetnsRuntime};
+use slb_tests::http::{
+    add_local_vip, tcp_connect_in, vip_http, Echo, HttpBackends, L7Config, NetnsRuntime,
+};
 use slb_tests::slb::{slb_binary, unique_instance};
 use slb_tests::{SlbDaemon, Topology};
 
@@ -224,4 +227,61 @@ impl TestPki {
             .find(|(_, (_, _, d))| d.as_slice() == der)
             .map(|(domain, _)| domain.as_str())
     }
+}
+
+/// What came back on a raw connection: the bytes, how reading ended, and when.
+pub struct RawOutcome {
+    pub bytes: Vec<u8>,
+    pub end: String,
+    pub after: Duration,
+}
+
+impl RawOutcome {
+    pub fn status_line(&self) -> String {
+        String::from_utf8_lossy(&self.bytes)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+/// Reads from `stream` until EOF, an error, or `limit`.
+pub fn read_to_end(stream: &mut TcpStream, limit: Duration) -> RawOutcome {
+    let started = Instant::now();
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        let left = limit.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break "still open".to_owned();
+        }
+        stream.set_read_timeout(Some(left)).expect("read timeout");
+        match stream.read(&mut buf) {
+            Ok(0) => break "closed (EOF)".to_owned(),
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break "still open".to_owned()
+            }
+            Err(e) => break format!("closed ({e})"),
+        }
+    };
+    RawOutcome {
+        bytes,
+        end,
+        after: started.elapsed(),
+    }
+}
+
+/// Sends `request` as it is on a new connection from `ns` to the HTTP listener, and reads what
+/// comes back within `limit`.
+pub fn raw_exchange(ns: &str, request: &[u8], limit: Duration) -> RawOutcome {
+    let mut s = tcp_connect_in(ns, vip_http(), Duration::from_secs(3)).expect("connect");
+    s.write_all(request).expect("send");
+    read_to_end(&mut s, limit)
 }
