@@ -1,12 +1,14 @@
 //! HTTP rules the proxy keeps on real traffic: one Host per request (and one at all over
-//! HTTP/1.1), and request targets it cannot forward answered by slb (CONNECT, `OPTIONS *`, a
-//! target that is not a path).
+//! HTTP/1.1), request targets it cannot forward answered by slb (CONNECT, `OPTIONS *`, a
+//! target that is not a path), and the request head a backend gets (origin form for upgrades
+//! too, no headers the client's `Connection` names, no forwarding headers slb cannot vouch
+//! for).
 
 mod http_common;
 
 use std::time::Duration;
 
-use http_common::{raw_exchange, L7Setup};
+use http_common::{raw_exchange, L7Setup, RecordingBackend};
 use slb_tests::http::{L7Listener, HTTP_PORT};
 use slb_tests::require_root;
 
@@ -74,4 +76,75 @@ fn http_host_headers_and_request_targets_slb_does_not_forward() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn http_request_head_as_the_backend_gets_it() {
+    require_root("http_request_head_as_the_backend_gets_it");
+    let mut setup = L7Setup::start("h7head", 1, |c, _| {
+        c.group("pool", &[(1, 1)]);
+        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
+        web.forwarded_headers = Some(true);
+        c.listener(web);
+    });
+    setup.backends.stop(1).expect("stop slb-http-backend");
+    let backend = RecordingBackend::start_in(setup.topo.backend_ns(1));
+    let ns = setup.topo.client_ns().to_owned();
+
+    let upgrade = raw_exchange(
+        &ns,
+        b"GET /ws-origin?q=1 HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\n\
+          Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        Duration::from_secs(1),
+    );
+    println!("WebSocket upgrade: {:?}", upgrade.status_line());
+    assert!(upgrade.status_line().starts_with("HTTP/1.1 101"));
+    let plain = raw_exchange(
+        &ns,
+        b"GET /hop HTTP/1.1\r\nHost: a.test\r\nConnection: close, X-Secret\r\n\
+          X-Secret: for the proxy only\r\nX-Kept: 1\r\n\
+          Forwarded: for=192.0.2.66;host=evil.test\r\nX-Forwarded-Host: evil.test\r\n\
+          X-Forwarded-Port: 1\r\nX-Forwarded-For: 192.0.2.66\r\nX-Real-IP: 192.0.2.66\r\n\r\n",
+        ANSWER_WITHIN,
+    );
+    assert!(plain.status_line().starts_with("HTTP/1.1 200"));
+
+    let ws_heads = backend.heads_with("/ws-origin");
+    let hop_heads = backend.heads_with("/hop");
+    println!("the backend got:\n{ws_heads:#?}\n{hop_heads:#?}");
+    let request_line = |heads: &[String]| {
+        heads
+            .first()
+            .and_then(|h| h.lines().next())
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(
+        request_line(&ws_heads),
+        "GET /ws-origin?q=1 HTTP/1.1",
+        "an upgrade is sent in origin form"
+    );
+    let ws_head = ws_heads[0].to_ascii_lowercase();
+    assert!(ws_head.contains("upgrade: websocket") && ws_head.contains("connection: upgrade"));
+    assert_eq!(request_line(&hop_heads), "GET /hop HTTP/1.1");
+    let head = hop_heads[0].to_ascii_lowercase();
+    let has = |name: &str| head.lines().any(|l| l.starts_with(&format!("{name}:")));
+    assert!(has("x-kept"));
+    for dropped in [
+        "x-secret",
+        "forwarded",
+        "x-forwarded-host",
+        "x-forwarded-port",
+    ] {
+        assert!(!has(dropped), "{dropped} reached the backend:\n{head}");
+    }
+    assert!(
+        head.contains("x-forwarded-for: 192.0.2.66, 10."),
+        "slb appends the client's address last:\n{head}"
+    );
+    assert!(
+        !head.contains("x-real-ip: 192.0.2.66"),
+        "X-Real-IP is slb's:\n{head}"
+    );
 }

@@ -219,15 +219,15 @@ const HOP_BY_HOP: [&str; 7] = [
 ];
 
 /// Phase 2: the request as the backend gets it: HTTP/1.1 to the backend's address, the Host
-/// kept, hop-by-hop headers dropped (except for an upgrade, which needs them), forwarded
-/// headers added, the application's own cookie restored.
-fn rewrite_request(
+/// kept, hop-by-hop headers dropped (an upgrade keeps the two it needs), forwarded headers
+/// added, the application's own cookie restored.
+fn rewrite_request<B>(
     ctx: &RequestContext<'_>,
-    req: Request<Incoming>,
+    req: Request<B>,
     picked: &Picked<'_>,
     session: &Session,
     upgrade: bool,
-) -> Result<Request<Incoming>, Failure> {
+) -> Result<Request<B>, Failure> {
     let (mut parts, body) = req.into_parts();
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     parts.uri = format!("http://{}{path_and_query}", picked.backend.addr)
@@ -237,14 +237,11 @@ fn rewrite_request(
             Failure::InvalidPath
         })?;
     parts.version = hyper::Version::HTTP_11;
+    // Before Host is settled: a client's `Connection: host` must not take it away.
+    strip_hop_by_hop(&mut parts.headers, upgrade);
     if !parts.headers.contains_key(header::HOST) {
         if let Ok(h) = HeaderValue::from_str(&ctx.host) {
             parts.headers.insert(header::HOST, h);
-        }
-    }
-    if !upgrade {
-        for name in HOP_BY_HOP {
-            parts.headers.remove(name);
         }
     }
     if ctx.listener.forwarded_headers {
@@ -254,13 +251,49 @@ fn rewrite_request(
     Ok(Request::from_parts(parts, body))
 }
 
-/// X-Forwarded-For (appended to one already there), X-Forwarded-Proto and X-Real-IP.
+/// Drops the fixed hop-by-hop headers and those the client's `Connection` names (RFC 9110
+/// §7.6.1: they describe the client's connection only). An upgrade keeps `Upgrade` and gets
+/// `Connection: upgrade`, which the backend needs to switch protocols.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|token| token.trim().to_ascii_lowercase())
+        .filter(|token| !token.is_empty())
+        .collect();
+    let upgrade_to = headers.get(header::UPGRADE).cloned().filter(|_| upgrade);
+    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    if let Some(protocol) = upgrade_to {
+        headers.insert(header::UPGRADE, protocol);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Forwarding headers slb does not set and so cannot vouch for: a client could claim any
+/// host, port or address in them.
+const UNTRUSTED_FORWARDED: [&str; 3] = ["forwarded", "x-forwarded-host", "x-forwarded-port"];
+
+/// X-Forwarded-For (slb's entry appended last to one already there), X-Forwarded-Proto and
+/// X-Real-IP (both overwritten); the client's own `UNTRUSTED_FORWARDED` headers are dropped.
 fn add_forwarded_headers(headers: &mut HeaderMap, client: Client) {
+    for name in UNTRUSTED_FORWARDED {
+        headers.remove(name);
+    }
     let client_ip = client.addr.ip().to_string();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {client_ip}"),
-        None => client_ip.clone(),
-    };
+    let previous: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded_for = previous
+        .into_iter()
+        .chain([client_ip.as_str()])
+        .collect::<Vec<_>>()
+        .join(", ");
     if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
         headers.insert("x-forwarded-for", v);
     }
@@ -421,5 +454,75 @@ mod tests {
         assert!(matches!(refused("GET", "*"), Err(Failure::BadRequest(_))));
         assert_eq!(refused("OPTIONS", "/x"), Ok(()));
         assert_eq!(refused("GET", "http://a"), Ok(()), "absolute form");
+    }
+
+    #[test]
+    fn headers_named_in_connection_are_dropped() {
+        let mut req = request(
+            &[
+                ("connection", "keep-alive, X-Secret , x-other"),
+                ("connection", "close"),
+                ("x-secret", "1"),
+                ("x-other", "2"),
+                ("x-kept", "3"),
+                ("te", "trailers"),
+                ("upgrade", "websocket"),
+            ],
+            "GET",
+            "/",
+        );
+        strip_hop_by_hop(req.headers_mut(), false);
+        let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_what_it_needs() {
+        let mut req = request(
+            &[
+                ("connection", "Upgrade, x-secret"),
+                ("upgrade", "websocket"),
+                ("x-secret", "1"),
+                ("sec-websocket-key", "k"),
+            ],
+            "GET",
+            "/",
+        );
+        strip_hop_by_hop(req.headers_mut(), true);
+        let h = req.headers();
+        assert_eq!(h.get("upgrade").unwrap(), "websocket");
+        assert_eq!(h.get("connection").unwrap(), "upgrade");
+        assert_eq!(h.get("sec-websocket-key").unwrap(), "k");
+        assert!(h.get("x-secret").is_none());
+    }
+
+    #[test]
+    fn forwarded_headers_slb_cannot_vouch_for_are_dropped() {
+        let mut req = request(
+            &[
+                ("forwarded", "for=1.2.3.4;host=evil"),
+                ("x-forwarded-host", "evil"),
+                ("x-forwarded-port", "1"),
+                ("x-forwarded-for", "1.2.3.4"),
+                ("x-forwarded-for", "5.6.7.8"),
+                ("x-forwarded-proto", "https"),
+                ("x-real-ip", "1.2.3.4"),
+            ],
+            "GET",
+            "/",
+        );
+        let client = Client {
+            addr: "10.0.0.9:5000".parse().unwrap(),
+            https: false,
+        };
+        add_forwarded_headers(req.headers_mut(), client);
+        let h = req.headers();
+        for untrusted in UNTRUSTED_FORWARDED {
+            assert!(h.get(untrusted).is_none(), "{untrusted} passed through");
+        }
+        let xff: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(xff, ["1.2.3.4, 5.6.7.8, 10.0.0.9"]);
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(h.get("x-real-ip").unwrap(), "10.0.0.9");
     }
 }

@@ -28,7 +28,7 @@ pub fn client_upgrade(req: &mut Request<Incoming>) -> Option<OnUpgrade> {
 /// Sends `upstream` on a new connection to `backend`; when the backend switches protocols, a
 /// task splices both upgraded connections until either side closes.
 pub async fn forward(
-    upstream: Request<Incoming>,
+    mut upstream: Request<Incoming>,
     backend: SocketAddr,
     client_upgrade: OnUpgrade,
 ) -> Result<Response<Incoming>, String> {
@@ -41,6 +41,9 @@ pub async fn forward(
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
+    // A connection of its own sends the target as given; the backend is no proxy and expects
+    // origin form, as the pooled client sends it.
+    *upstream.uri_mut() = origin_form(upstream.uri());
     let mut response = sender
         .send_request(upstream)
         .await
@@ -61,4 +64,25 @@ pub async fn forward(
         });
     }
     Ok(response)
+}
+
+/// `/path?query` of `uri` (`/` when it has none).
+fn origin_form(uri: &hyper::Uri) -> hyper::Uri {
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    path_and_query
+        .parse()
+        .unwrap_or_else(|_| hyper::Uri::from_static("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_form_keeps_path_and_query_only() {
+        let absolute: hyper::Uri = "http://10.77.2.3:9000/p?q=1".parse().unwrap();
+        assert_eq!(origin_form(&absolute).to_string(), "/p?q=1");
+        let bare: hyper::Uri = "http://10.77.2.3:9000".parse().unwrap();
+        assert_eq!(origin_form(&bare).to_string(), "/");
+    }
 }

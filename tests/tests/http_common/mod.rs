@@ -8,13 +8,15 @@ use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use slb_tests::http::{
     add_local_vip, tcp_connect_in, vip_http, Echo, HttpBackends, L7Config, NetnsRuntime,
 };
 use slb_tests::slb::{slb_binary, unique_instance};
-use slb_tests::{SlbDaemon, Topology};
+use slb_tests::{SlbDaemon, Topology, BACKEND_PORT};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 pub const BACKEND: &str = env!("CARGO_BIN_EXE_slb-http-backend");
 
@@ -284,4 +286,68 @@ pub fn raw_exchange(ns: &str, request: &[u8], limit: Duration) -> RawOutcome {
     let mut s = tcp_connect_in(ns, vip_http(), Duration::from_secs(3)).expect("connect");
     s.write_all(request).expect("send");
     read_to_end(&mut s, limit)
+}
+
+/// A backend that records the head of each request it gets, as it came on the wire, in place
+/// of `slb-http-backend` in a backend namespace. It answers `200` (keep-alive), or `101` and
+/// closes when the request asks for a WebSocket; request bodies are not expected.
+pub struct RecordingBackend {
+    heads: Arc<Mutex<Vec<String>>>,
+    _runtime: NetnsRuntime,
+}
+
+impl RecordingBackend {
+    /// Listens on the backend port in `ns` (stop the `slb-http-backend` there first).
+    pub fn start_in(ns: &str) -> RecordingBackend {
+        let runtime = NetnsRuntime::new(ns).expect("backend runtime");
+        let listener = runtime
+            .run(tokio::net::TcpListener::bind(("0.0.0.0", BACKEND_PORT)))
+            .expect("listen on the backend port");
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let recorded = heads.clone();
+        runtime.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(record_connection(stream, recorded.clone()));
+            }
+        });
+        RecordingBackend {
+            heads,
+            _runtime: runtime,
+        }
+    }
+
+    /// The request heads recorded so far whose request line contains `marker`.
+    pub fn heads_with(&self, marker: &str) -> Vec<String> {
+        let heads = self.heads.lock().expect("heads");
+        heads
+            .iter()
+            .filter(|h| h.lines().next().is_some_and(|l| l.contains(marker)))
+            .cloned()
+            .collect()
+    }
+}
+
+async fn record_connection(mut stream: tokio::net::TcpStream, heads: Arc<Mutex<Vec<String>>>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            buf.drain(..end + 4);
+            let websocket = head.to_ascii_lowercase().contains("upgrade: websocket");
+            heads.lock().expect("heads").push(head);
+            let answer: &[u8] = if websocket {
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n"
+            };
+            if stream.write_all(answer).await.is_err() || websocket {
+                return;
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
