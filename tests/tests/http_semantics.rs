@@ -2,14 +2,14 @@
 //! HTTP/1.1), request targets it cannot forward answered by slb (CONNECT, `OPTIONS *`, a
 //! target that is not a path), and the request head a backend gets (origin form for upgrades
 //! too, no headers the client's `Connection` names, no forwarding headers slb cannot vouch
-//! for).
+//! for), and path rules matched on the normalised path.
 
 mod http_common;
 
 use std::time::Duration;
 
 use http_common::{raw_exchange, L7Setup, RecordingBackend};
-use slb_tests::http::{L7Listener, HTTP_PORT};
+use slb_tests::http::{L7Listener, RuleConfig, HTTP_PORT};
 use slb_tests::require_root;
 
 const ANSWER_WITHIN: Duration = Duration::from_secs(3);
@@ -147,4 +147,44 @@ fn http_request_head_as_the_backend_gets_it() {
         !head.contains("x-real-ip: 192.0.2.66"),
         "X-Real-IP is slb's:\n{head}"
     );
+}
+
+#[test]
+fn http_path_rules_match_the_normalised_path() {
+    require_root("http_path_rules_match_the_normalised_path");
+    let setup = L7Setup::start("h7norm", 2, |c, _| {
+        c.group("pool", &[(1, 1)]);
+        c.group("static", &[(2, 1)]);
+        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
+        web.rules = vec![RuleConfig::path("/static", "static")];
+        c.listener(web);
+    });
+    let ns = setup.topo.client_ns().to_owned();
+    let mut wrong = Vec::new();
+    for (target, expected) in [
+        ("/static/a.css", "b2"),
+        ("/%73tatic/a.css", "b2"),
+        ("/%73%74%61%74%69%63", "b2"),
+        ("/x/../static/a.css", "b2"),
+        ("/./static/a.css", "b2"),
+        ("/static/../admin", "b1"),
+        ("/other", "b1"),
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n");
+        let out = raw_exchange(&ns, request.as_bytes(), ANSWER_WITHIN);
+        let text = String::from_utf8_lossy(&out.bytes).to_ascii_lowercase();
+        let backend = text
+            .lines()
+            .find_map(|l| l.strip_prefix("x-backend: "))
+            .unwrap_or("none")
+            .trim()
+            .to_owned();
+        println!("{target}: {:?} from {backend}", out.status_line());
+        if backend != expected {
+            wrong.push(format!(
+                "{target}: expected {expected}, served by {backend}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }

@@ -1,7 +1,8 @@
 //! Forwarding rules of an HTTP(S) listener, checked in this order: rules with an exact domain,
 //! rules with a wildcard domain (longest suffix first), rules with only a path (longest prefix
 //! first); within each kind, a rule with a path wins over one without, longer paths first.
-//! Unmatched requests go to the listener's group.
+//! Unmatched requests go to the listener's group. Paths are matched in their normal form
+//! ([`normalize_path`]), so `/%73tatic` or `/x/../static` meet a `/static` rule.
 
 use crate::config::Rule;
 
@@ -62,9 +63,11 @@ impl Router {
         Router { rules: compiled }
     }
 
-    /// The target of the first matching rule. `host` may carry a port; it is ignored.
+    /// The target of the first matching rule. `host` may carry a port; it is ignored. `path`
+    /// is matched once normalised.
     pub fn route(&self, host: &str, path: &str) -> Option<usize> {
         let host = host_without_port(host).to_ascii_lowercase();
+        let path = normalize_path(path);
         self.rules
             .iter()
             .find(|r| {
@@ -77,6 +80,65 @@ impl Router {
             })
             .map(|r| r.target)
     }
+}
+
+/// The path as the backend will most likely read it, so that spelling it differently cannot
+/// skip a rule: percent-encoded unreserved characters decoded (RFC 3986 §6.2.2.2), other
+/// percent-encodings upper-cased, `.` and `..` segments removed (§5.2.4).
+fn normalize_path(path: &str) -> String {
+    if !path.starts_with('/') {
+        // Not a path (`*`, or a target refused before routing matters): left as it is.
+        return path.to_owned();
+    }
+    remove_dot_segments(&decode_unreserved(path))
+}
+
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| path.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(b) if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => out.push(b as char),
+            Some(b) => out.push_str(&format!("%{b:02X}")),
+            None => {
+                // Not an escape: copy the character (paths may hold UTF-8 over HTTP/2).
+                let c = path[i..].chars().next().expect("i is on a char boundary");
+                out.push(c);
+                i += c.len_utf8();
+                continue;
+            }
+        }
+        i += 3;
+    }
+    out
+}
+
+/// RFC 3986 §5.2.4 on an absolute path: `/a/./b/../c` becomes `/a/c`; `..` never climbs
+/// above the root.
+fn remove_dot_segments(path: &str) -> String {
+    let mut kept: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    for (k, segment) in segments.iter().enumerate() {
+        let last = k + 1 == segments.len();
+        match *segment {
+            "." | ".." => {
+                if *segment == ".." {
+                    kept.pop();
+                }
+                // `/a/..` is the directory `/`, not the file `/a`.
+                if last {
+                    kept.push("");
+                }
+            }
+            other => kept.push(other),
+        }
+    }
+    format!("/{}", kept.join("/"))
 }
 
 fn host_without_port(host: &str) -> &str {
@@ -134,5 +196,34 @@ mod tests {
         );
         assert_eq!(router.route("other.org", "/api/v1"), Some(0));
         assert_eq!(router.route("other.org", "/"), None);
+    }
+
+    #[test]
+    fn paths_match_in_normal_form() {
+        let router = Router::new(&[rule(None, Some("/static"))], &[7]);
+        for spelling in [
+            "/%73tatic/a.css",
+            "/%73%74%61%74%69%63",
+            "/x/../static/a.css",
+            "/./static",
+            "/../static",
+            "/static/x/..",
+        ] {
+            assert_eq!(router.route("h", spelling), Some(7), "{spelling}");
+        }
+        assert_eq!(router.route("h", "/stat%2Fic"), None);
+        assert_eq!(router.route("h", "/static/../admin"), None);
+    }
+
+    #[test]
+    fn normal_form() {
+        assert_eq!(normalize_path("/"), "/");
+        assert_eq!(normalize_path("/a/./b/../c"), "/a/c");
+        assert_eq!(normalize_path("/a/b/.."), "/a/");
+        assert_eq!(normalize_path("/a/%2f%7e%41"), "/a/%2F~A");
+        assert_eq!(normalize_path("/a%zz/%4"), "/a%zz/%4");
+        assert_eq!(normalize_path("/caf\u{e9}"), "/caf\u{e9}");
+        assert_eq!(normalize_path("/a//b"), "/a//b");
+        assert_eq!(normalize_path("*"), "*");
     }
 }
