@@ -1,15 +1,19 @@
 //! HTTP rules the proxy keeps on real traffic: one Host per request (and one at all over
 //! HTTP/1.1), request targets it cannot forward answered by slb (CONNECT, `OPTIONS *`, a
-//! target that is not a path), and the request head a backend gets (origin form for upgrades
-//! too, no headers the client's `Connection` names, no forwarding headers slb cannot vouch
-//! for), and path rules matched on the normalised path.
+//! target that is not a path), the request head a backend gets (origin form for upgrades too,
+//! no headers the client's `Connection` names, no forwarding headers slb cannot vouch for),
+//! path rules matched on the normalised path, and a client's broken request body counted as
+//! the client's error, not the backend's.
 
 mod http_common;
 
-use std::time::Duration;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
 
 use http_common::{raw_exchange, L7Setup, RecordingBackend};
-use slb_tests::http::{L7Listener, RuleConfig, HTTP_PORT};
+use slb_tests::http::{
+    read_access_log, tcp_connect_in, vip_http, L7Listener, RuleConfig, HTTP_PORT,
+};
 use slb_tests::require_root;
 
 const ANSWER_WITHIN: Duration = Duration::from_secs(3);
@@ -187,4 +191,57 @@ fn http_path_rules_match_the_normalised_path() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
+}
+
+#[test]
+fn http_broken_request_bodies_are_the_clients_errors() {
+    require_root("http_broken_request_bodies_are_the_clients_errors");
+    let setup = L7Setup::start("h7body", 1, |c, _| {
+        c.group("pool", &[(1, 1)]);
+        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+    });
+    let ns = setup.topo.client_ns().to_owned();
+    // The backend waits before it reads anything, so the body breaks while it is forwarded.
+    let bad_chunk = raw_exchange(
+        &ns,
+        b"POST /slow?ms=2000&case=chunk HTTP/1.1\r\nHost: a.test\r\n\
+          Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        ANSWER_WITHIN,
+    );
+    println!("an invalid chunk size: {:?}", bad_chunk.status_line());
+    assert!(
+        bad_chunk.status_line().starts_with("HTTP/1.1 400"),
+        "an invalid chunk size is the client's error: {:?}",
+        bad_chunk.status_line()
+    );
+    {
+        let mut s = tcp_connect_in(&ns, vip_http(), ANSWER_WITHIN).expect("connect");
+        s.write_all(
+            b"POST /slow?ms=2000&case=abort HTTP/1.1\r\nHost: a.test\r\n\
+              Content-Length: 100000\r\n\r\nonly the start",
+        )
+        .expect("send");
+        std::thread::sleep(Duration::from_millis(300));
+        // The client gives up with most of its body unsent.
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let statuses = loop {
+        let lines = read_access_log(&setup.access_log()).unwrap_or_default();
+        let statuses: Vec<u16> = lines
+            .iter()
+            .filter(|l| l.path == "/slow")
+            .map(|l| l.status)
+            .collect();
+        if statuses.len() >= 2 || Instant::now() > deadline {
+            break statuses;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!("access log statuses of the broken bodies: {statuses:?}");
+    assert_eq!(statuses, [400, 499], "logged as client errors");
+    let log = setup.daemon.log();
+    assert!(
+        !log.contains("backend failed"),
+        "a client's broken body blamed on the backend:\n{log}"
+    );
 }

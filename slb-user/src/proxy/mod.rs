@@ -6,11 +6,13 @@
 //!   listener and swaps it in, so requests in flight and open keep-alive connections carry on.
 //! - `serve`: accepting connections, the TLS handshake, then HTTP/1.1 and HTTP/2 by one server.
 //! - `request`: one request in phases: pick upstream, rewrite request, forward, rewrite
-//!   response, log; `route`, `balance`, `cookies` and `websocket` serve the phases.
+//!   response, log; `route`, `balance`, `cookies`, `client_body` and `websocket` serve the
+//!   phases.
 //! - `access_log`: the log record, written by a thread of its own.
 
 pub mod access_log;
 pub mod balance;
+mod client_body;
 mod cookies;
 mod listener;
 mod manager;

@@ -20,6 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::access_log::{AccessLog, AccessLogRecord};
 use super::balance::{BackendGroup, InFlight, Picked};
+use super::client_body::{BodyWatch, ClientBodyFault, WatchedBody};
 use super::cookies::{self, Session};
 use super::listener::ListenerSnapshot;
 use super::websocket;
@@ -29,7 +30,7 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 /// What the requests of all listeners share.
 pub struct SharedByListeners {
     /// Pooled keep-alive connections to backends.
-    pub backend_client: hyper_util::client::legacy::Client<HttpConnector, Incoming>,
+    pub backend_client: hyper_util::client::legacy::Client<HttpConnector, WatchedBody>,
     pub access_log: AccessLog,
 }
 
@@ -105,12 +106,22 @@ async fn proxy(
     let session = Session::read(req.headers(), ctx.listener.cookie.as_ref());
     let picked = pick_upstream(ctx, &session)?;
     let client_upgrade = websocket::client_upgrade(&mut req);
+    let (req, body_watch) = watch_body(req);
     let upstream = rewrite_request(ctx, req, &picked, &session, client_upgrade.is_some())?;
     let in_flight = InFlight::start(&picked.backend.in_flight);
     ctx.sent_to = Some((picked.backend.addr, Instant::now()));
-    let response = forward(ctx, upstream, client_upgrade, shared).await?;
+    let response = forward(ctx, upstream, client_upgrade, &body_watch, shared).await?;
     Ok(rewrite_response(ctx, response, &picked, in_flight))
 }
+
+fn watch_body(req: Request<Incoming>) -> (Request<WatchedBody>, BodyWatch) {
+    let (parts, body) = req.into_parts();
+    let (body, watch) = WatchedBody::new(body);
+    (Request::from_parts(parts, body), watch)
+}
+
+/// The status nginx logs for a client that went away before its request was complete.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// Why a request is answered by slb instead of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +133,8 @@ enum Failure {
     NoHealthyBackend,
     /// The request target does not make a URI with the backend's address.
     InvalidPath,
+    /// The client's request body failed while it was forwarded.
+    ClientBody(ClientBodyFault),
     BackendFailed,
     BackendTimedOut,
 }
@@ -137,6 +150,15 @@ impl Failure {
                 "503 Service Unavailable: no healthy backend",
             ),
             Failure::InvalidPath => (StatusCode::BAD_REQUEST, "400 Bad Request: invalid path"),
+            Failure::ClientBody(ClientBodyFault::Malformed) => (
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: malformed request body",
+            ),
+            // Most likely nobody reads it; the access log shows who gave up.
+            Failure::ClientBody(ClientBodyFault::Aborted) => (
+                StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("a valid status code"),
+                "499 Client Closed Request",
+            ),
             Failure::BackendFailed => (
                 StatusCode::BAD_GATEWAY,
                 "502 Bad Gateway: the backend failed",
@@ -311,8 +333,9 @@ fn add_forwarded_headers(headers: &mut HeaderMap, client: Client) {
 /// when it is too slow.
 async fn forward(
     ctx: &RequestContext<'_>,
-    upstream: Request<Incoming>,
+    upstream: Request<WatchedBody>,
     client_upgrade: Option<OnUpgrade>,
+    body_watch: &BodyWatch,
     shared: &SharedByListeners,
 ) -> Result<Response<Incoming>, Failure> {
     let (backend, _) = ctx.sent_to.expect("forwarded after the backend is chosen");
@@ -333,10 +356,17 @@ async fn forward(
             tracing::warn!(listener = %ctx.listener.name, %backend, "504: backend did not answer within {}", humantime::format_duration(timeout));
             Err(Failure::BackendTimedOut)
         }
-        Ok(Err(e)) => {
-            tracing::warn!(listener = %ctx.listener.name, %backend, "502: backend failed: {e}");
-            Err(Failure::BackendFailed)
-        }
+        Ok(Err(e)) => match body_watch.fault() {
+            // The request failed because the client's body did: the backend is not to blame.
+            Some(fault) => {
+                tracing::debug!(listener = %ctx.listener.name, peer = %ctx.client.addr, %backend, ?fault, "the client's request body failed: {e}");
+                Err(Failure::ClientBody(fault))
+            }
+            None => {
+                tracing::warn!(listener = %ctx.listener.name, %backend, "502: backend failed: {e}");
+                Err(Failure::BackendFailed)
+            }
+        },
     }
 }
 

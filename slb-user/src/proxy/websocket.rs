@@ -9,6 +9,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+use super::client_body::WatchedBody;
+
 /// The client's side of an upgrade the request asks for (`Connection: upgrade` and an `Upgrade`
 /// header over HTTP/1.1), else `None`.
 pub fn client_upgrade(req: &mut Request<Incoming>) -> Option<OnUpgrade> {
@@ -28,7 +30,7 @@ pub fn client_upgrade(req: &mut Request<Incoming>) -> Option<OnUpgrade> {
 /// Sends `upstream` on a new connection to `backend`; when the backend switches protocols, a
 /// task splices both upgraded connections until either side closes.
 pub async fn forward(
-    mut upstream: Request<Incoming>,
+    mut upstream: Request<WatchedBody>,
     backend: SocketAddr,
     client_upgrade: OnUpgrade,
 ) -> Result<Response<Incoming>, String> {
