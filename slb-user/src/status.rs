@@ -526,26 +526,67 @@ fn register_listener_metrics(registry: &mut Registry, status: &Status) {
         vip: l.vip.to_string(),
         port: l.port.to_string(),
     };
-    let listeners = &status.listeners;
+    let traffic = |l: &ListenerStatus| Traffic {
+        packets: l.packets,
+        bytes: l.bytes,
+        new_connections: l.new_connections,
+        connections: l.connections,
+    };
+    register_traffic(
+        registry,
+        "slb_listener",
+        [
+            "Packets forwarded to backends",
+            "Bytes forwarded to backends",
+            "New flows balanced",
+            "Current flows in the connection table",
+        ],
+        &status.listeners,
+        labels,
+        traffic,
+    );
+}
+
+/// What a listener or a backend forwarded, and its current flows.
+struct Traffic {
+    packets: u64,
+    bytes: u64,
+    new_connections: u64,
+    connections: u64,
+}
+
+/// `<prefix>_{packets,bytes,new_connections}_total` and `<prefix>_connections` of `items`, with
+/// their help texts in that order.
+fn register_traffic<T, L>(
+    registry: &mut Registry,
+    prefix: &str,
+    help: [&str; 4],
+    items: &[T],
+    labels: impl Fn(&T) -> L + Copy,
+    traffic: impl Fn(&T) -> Traffic + Copy,
+) where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    let [packets, bytes, new_connections, connections] = help;
     registry.register(
-        "slb_listener_packets",
-        "Packets forwarded to backends",
-        counters(listeners, labels, |l| l.packets),
+        format!("{prefix}_packets"),
+        packets,
+        counters(items, labels, |t| traffic(t).packets),
     );
     registry.register(
-        "slb_listener_bytes",
-        "Bytes forwarded to backends",
-        counters(listeners, labels, |l| l.bytes),
+        format!("{prefix}_bytes"),
+        bytes,
+        counters(items, labels, |t| traffic(t).bytes),
     );
     registry.register(
-        "slb_listener_new_connections",
-        "New flows balanced",
-        counters(listeners, labels, |l| l.new_connections),
+        format!("{prefix}_new_connections"),
+        new_connections,
+        counters(items, labels, |t| traffic(t).new_connections),
     );
     registry.register(
-        "slb_listener_connections",
-        "Current flows in the connection table",
-        gauges(listeners, labels, |l| Some(l.connections as f64)),
+        format!("{prefix}_connections"),
+        connections,
+        gauges(items, labels, |t| Some(traffic(t).connections as f64)),
     );
 }
 
@@ -556,27 +597,26 @@ fn register_backend_metrics(registry: &mut Registry, status: &Status) {
         group: b.group.clone(),
         backend: b.endpoint().to_string(),
     };
+    let traffic = |b: &BackendStatus| Traffic {
+        packets: b.packets,
+        bytes: b.bytes,
+        new_connections: b.new_connections,
+        connections: b.connections,
+    };
+    register_traffic(
+        registry,
+        "slb_backend",
+        [
+            "Packets forwarded to the backend",
+            "Bytes forwarded to the backend",
+            "New flows sent to the backend",
+            "Current flows on the backend",
+        ],
+        &status.backends,
+        labels,
+        traffic,
+    );
     let backends = &status.backends;
-    registry.register(
-        "slb_backend_packets",
-        "Packets forwarded to the backend",
-        counters(backends, labels, |b| b.packets),
-    );
-    registry.register(
-        "slb_backend_bytes",
-        "Bytes forwarded to the backend",
-        counters(backends, labels, |b| b.bytes),
-    );
-    registry.register(
-        "slb_backend_new_connections",
-        "New flows sent to the backend",
-        counters(backends, labels, |b| b.new_connections),
-    );
-    registry.register(
-        "slb_backend_connections",
-        "Current flows on the backend",
-        gauges(backends, labels, |b| Some(b.connections as f64)),
-    );
     registry.register(
         "slb_backend_weight",
         "Configured weight",
