@@ -21,7 +21,7 @@ use clap::{Parser, ValueEnum};
 use slb_common::wire::{ipv4_frame, L4Spec};
 use slb_common::{ReplayTemplate, REPLAY_FRAME_BYTES};
 use slb_user::dataplane::{load_object, TableSizes, PROGRAM_NAME};
-use slb_user::testbed::mac_of;
+use slb_user::testbed::{ifindex, mac_of, xdp_md};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Target {
@@ -164,8 +164,8 @@ fn main() -> anyhow::Result<()> {
         .try_into()?;
     templates.set(0, template, 0)?;
 
-    let ifindex = ifindex(&args.iface)?;
-    let ctx = slb_user::testbed::xdp_md(frame_bytes.len(), ifindex);
+    let ingress = ifindex(&args.iface)?;
+    let ctx = xdp_md(frame_bytes.len(), ingress);
     let replay: &Xdp = ebpf
         .program("xdp_replay")
         .context("no xdp_replay")?
@@ -201,13 +201,4 @@ fn main() -> anyhow::Result<()> {
         })
     );
     Ok(())
-}
-
-/// The interface's index in this process's namespace (sysfs would show the host's).
-fn ifindex(iface: &str) -> anyhow::Result<u32> {
-    let name = std::ffi::CString::new(iface)?;
-    // SAFETY: a valid NUL-terminated name; if_nametoindex has no other preconditions.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    ensure!(index != 0, "no interface {iface}");
-    Ok(index)
 }

@@ -37,9 +37,13 @@ fn sh(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).expect("no NUL");
-    unsafe { libc::if_nametoindex(c.as_ptr()) }
+/// The index of interface `name` in this thread's namespace.
+pub fn ifindex(name: &str) -> anyhow::Result<u32> {
+    let c = std::ffi::CString::new(name)?;
+    // SAFETY: a valid NUL-terminated name; if_nametoindex has no other preconditions.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    anyhow::ensure!(index != 0, "no interface {name}");
+    Ok(index)
 }
 
 /// The MAC of an interface in this thread's namespace (sysfs shows the namespace it was mounted
@@ -192,7 +196,7 @@ impl Testbed {
                 .load()
                 .with_context(|| format!("the verifier refused {name}"))?;
         }
-        let (in_index, out_index) = (ifindex("in0"), ifindex("out0"));
+        let (in_index, out_index) = (ifindex("in0")?, ifindex("out0")?);
         {
             let mut egress: aya::maps::DevMapHash<_> = ebpf
                 .map_mut("EGRESS")

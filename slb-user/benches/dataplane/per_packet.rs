@@ -25,7 +25,7 @@ use serde_json::json;
 use slb_common::wire::{ipv4_frame, parse_ipv4_frame, L4Spec, TCP_ACK, TCP_SYN};
 use slb_common::{ReplayTemplate, REPLAY_EVERY_RUN_NEW, REPLAY_FRAME_BYTES};
 use slb_user::dataplane::{load_object, TableSizes};
-use slb_user::testbed::{mac_of, setup_network, xdp_md, CLIENT_MAC, FLOOR_PROGRAM};
+use slb_user::testbed::{ifindex, mac_of, setup_network, xdp_md, CLIENT_MAC, FLOOR_PROGRAM};
 
 /// Runs per BPF_PROG_TEST_RUN call: enough that the syscall's own cost disappears.
 const REPEAT: u32 = 100_000;
@@ -342,19 +342,25 @@ impl Wrapper {
             .program("xdp_replay")
             .context("no xdp_replay")?
             .try_into()?;
-        let frame = [0u8; REPLAY_FRAME_BYTES];
-        let ctx = xdp_md(REPLAY_FRAME_BYTES, ingress);
-        let mut out = vec![0u8; REPLAY_FRAME_BYTES + 256];
-        let result = replay.test_run(TestRunOptions {
-            data_in: Some(&frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..Default::default()
-        })?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.duration, out))
+        run_replay(replay, ingress, repeat)
     }
+}
+
+/// One BPF_PROG_TEST_RUN of `replay` (the wrapper restores the template itself, so the frame
+/// passed in is only its room): the kernel's mean time per run and the frame the last run left.
+fn run_replay(replay: &Xdp, ingress: u32, repeat: u32) -> anyhow::Result<(Duration, Vec<u8>)> {
+    let frame = [0u8; REPLAY_FRAME_BYTES];
+    let ctx = xdp_md(REPLAY_FRAME_BYTES, ingress);
+    let mut out = vec![0u8; REPLAY_FRAME_BYTES + 256];
+    let result = replay.test_run(TestRunOptions {
+        data_in: Some(&frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..Default::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.duration, out))
 }
 
 /// One subject set up for a shape: its namespace, daemon and program, and the rows.
@@ -370,13 +376,6 @@ struct Bench {
     /// Per row, the ns above the baseline of each round; and the one-flow baselines.
     samples: Vec<Vec<f64>>,
     baselines: Vec<f64>,
-}
-
-fn ifindex(name: &str) -> anyhow::Result<u32> {
-    let c = std::ffi::CString::new(name)?;
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    ensure!(index != 0, "no interface {name}");
-    Ok(index)
 }
 
 fn pin_to_cpu(cpu: usize) -> anyhow::Result<()> {
@@ -565,18 +564,11 @@ fn run_on_cpu(
     pin_to_cpu(cpu)?;
     Netns(netns.try_clone()?).enter()?;
     let replay = Xdp::from_pin(replay_pin, XdpAttachType::Interface)?;
-    let frame = [0u8; REPLAY_FRAME_BYTES];
-    let ctx = xdp_md(REPLAY_FRAME_BYTES, ingress);
     let mut samples = Vec::new();
     for _ in 0..times {
         start.wait();
-        let result = replay.test_run(TestRunOptions {
-            data_in: Some(&frame),
-            ctx_in: Some(&ctx),
-            repeat: REPEAT,
-            ..Default::default()
-        })?;
-        samples.push(result.duration.as_nanos() as f64);
+        let (duration, _) = run_replay(&replay, ingress, REPEAT)?;
+        samples.push(duration.as_nanos() as f64);
     }
     Ok(quartiles(&samples).0)
 }
