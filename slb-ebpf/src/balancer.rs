@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use slb_common::{
-    checksum::{apply, delta_u16, delta_u32, replace_u16, replace_u32},
+    checksum::{apply, delta_u16, delta_u32},
     endpoint_filter_bits,
     hash::flow_hash,
     Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry,
@@ -646,13 +646,8 @@ unsafe fn translate(ip: *mut Ipv4Hdr, l4: &L4, end: Endpoint, addr: &Addr, port:
             u32::from_ne_bytes(*addr_field),
             u32::from_ne_bytes(new_addr),
         );
-        let (ttl, protocol) = ((*ip).ttl, (*ip).protocol);
-        let ttl_delta = delta_u16(
-            u16::from_ne_bytes([ttl, protocol]),
-            u16::from_ne_bytes([ttl - 1, protocol]),
-        );
+        let ttl_delta = decrement_ttl_unchecked(ip);
         (*ip).check = apply((*ip).check, addr_delta + ttl_delta);
-        (*ip).ttl = ttl - 1;
         *addr_field = new_addr;
 
         let check = *l4.check;
@@ -670,34 +665,26 @@ unsafe fn translate(ip: *mut Ipv4Hdr, l4: &L4, end: Endpoint, addr: &Addr, port:
     }
 }
 
-/// Writes `new` over the address at `field` (the IPv4 source or destination) and fixes the
-/// header checksum.
+/// Decrements the TTL, leaving the header checksum to the caller: the delta it needs is
+/// returned, to be applied with the packet's other changes in one update.
 #[inline(always)]
-pub(crate) unsafe fn rewrite_ipv4_addr(
-    ip: *mut Ipv4Hdr,
-    field: *mut [u8; 4],
-    old: [u8; 4],
-    new: [u8; 4],
-) {
+pub(crate) unsafe fn decrement_ttl_unchecked(ip: *mut Ipv4Hdr) -> u32 {
     unsafe {
-        (*ip).check = replace_u32(
-            (*ip).check,
-            u32::from_ne_bytes(old),
-            u32::from_ne_bytes(new),
-        );
-        *field = new;
+        let (ttl, protocol) = ((*ip).ttl, (*ip).protocol);
+        (*ip).ttl = ttl - 1;
+        delta_u16(
+            u16::from_ne_bytes([ttl, protocol]),
+            u16::from_ne_bytes([ttl - 1, protocol]),
+        )
     }
 }
 
+/// Decrements the TTL and fixes the header checksum for it.
 #[inline(always)]
 pub(crate) unsafe fn decrement_ttl(ip: *mut Ipv4Hdr) {
     unsafe {
-        let ttl = (*ip).ttl;
-        let protocol = (*ip).protocol;
-        let old = u16::from_ne_bytes([ttl, protocol]);
-        let new = u16::from_ne_bytes([ttl - 1, protocol]);
-        (*ip).check = replace_u16((*ip).check, old, new);
-        (*ip).ttl = ttl - 1;
+        let delta = decrement_ttl_unchecked(ip);
+        (*ip).check = apply((*ip).check, delta);
     }
 }
 

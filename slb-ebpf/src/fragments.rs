@@ -13,12 +13,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use slb_common::{
+    checksum::{apply, delta_u32},
     FragmentEntry, FragmentKey, GlobalCounters, FRAGMENT_DROP, FRAGMENT_PASS, FRAGMENT_TIMEOUT_NS,
     FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP,
 };
 
 use crate::{
-    balancer::{decrement_ttl, rewrite_ipv4_addr},
+    balancer::decrement_ttl_unchecked,
     forward::{now_ns, route_ipv4, send},
     maps::{FRAGMENTS, NAT_ADDRESSES, NEXT_HOP_CLIENT},
     packet::{ptr_at, EthHdr, Ipv4Hdr, ETH_HDR_LEN, IPV4_FRAGMENT_OFFSET_MASK},
@@ -155,9 +156,13 @@ pub fn later(
     }
     let client = unsafe {
         let (new_src, new_dst) = ((*entry).src, (*entry).dst);
-        rewrite_ipv4_addr(ip, &raw mut (*ip).src, (*ip).src, new_src);
-        rewrite_ipv4_addr(ip, &raw mut (*ip).dst, (*ip).dst, new_dst);
-        decrement_ttl(ip);
+        // Both addresses and the TTL in one update of the header checksum.
+        let delta = delta_u32(u32::from_ne_bytes((*ip).src), u32::from_ne_bytes(new_src))
+            + delta_u32(u32::from_ne_bytes((*ip).dst), u32::from_ne_bytes(new_dst))
+            + decrement_ttl_unchecked(ip);
+        (*ip).check = apply((*ip).check, delta);
+        (*ip).src = new_src;
+        (*ip).dst = new_dst;
         u32::from_ne_bytes(new_dst)
     };
     // A reply's first fragment filled this CPU's slot for the client (usually this CPU: one
