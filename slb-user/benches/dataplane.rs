@@ -161,27 +161,13 @@ fn control_plane() -> anyhow::Result<serde_json::Value> {
             per_packet::config(&instance, 50, 100, true),
         ),
     ] {
-        let dir = tempfile_dir()?;
-        let path = dir.join("slb.toml");
-        std::fs::write(&path, text)?;
         let started = Instant::now();
-        let mut child = std::process::Command::new(slb)
-            .args(["run", "-c", path.to_str().expect("utf-8")])
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        let state = std::path::Path::new("/run/slb")
-            .join(&instance)
-            .join("state.json");
-        while !state.exists() && started.elapsed() < Duration::from_secs(120) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let daemon = per_packet::Daemon::spawn(std::path::Path::new(slb), &instance, &text, None)?;
         let ready = started.elapsed();
         std::thread::sleep(Duration::from_millis(500));
-        let kib = status_kib(child.id(), "VmRSS");
-        let anon_kib = status_kib(child.id(), "RssAnon");
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let _ = child.wait();
-        let _ = std::fs::remove_dir_all(&dir);
+        let kib = status_kib(daemon.pid(), "VmRSS");
+        let anon_kib = status_kib(daemon.pid(), "RssAnon");
+        drop(daemon);
         rss.push(json!({"config": what, "rss_kib": kib, "rss_anon_kib": anon_kib, "start_to_ready_ms": ready.as_secs_f64() * 1000.0}));
     }
     Ok(json!({
@@ -189,16 +175,6 @@ fn control_plane() -> anyhow::Result<serde_json::Value> {
         "reapply_all_rings_50x100_ms": reapply.as_secs_f64() * 1000.0,
         "daemon": rss,
     }))
-}
-
-fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "slb-bench-{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos()
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 fn main() -> anyhow::Result<()> {

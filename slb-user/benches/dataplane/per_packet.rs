@@ -25,6 +25,7 @@ use serde_json::json;
 use slb_common::wire::{ipv4_frame, parse_ipv4_frame, L4Spec, TCP_ACK, TCP_SYN};
 use slb_common::{ReplayTemplate, REPLAY_EVERY_RUN_NEW, REPLAY_FRAME_BYTES};
 use slb_user::dataplane::{load_object, TableSizes};
+use slb_user::instance::{pin_dir, state_dir};
 use slb_user::testbed::{ifindex, mac_of, setup_network, xdp_md, CLIENT_MAC, FLOOR_PROGRAM};
 
 /// Runs per BPF_PROG_TEST_RUN call: enough that the syscall's own cost disappears.
@@ -172,73 +173,89 @@ impl Netns {
     }
 }
 
-/// A daemon serving the bench config, stopped (SIGTERM: detach, unpin) when dropped.
-struct Daemon {
+/// A daemon serving a bench config, stopped (SIGTERM: detach, unpin) when dropped.
+pub struct Daemon {
     child: Child,
     instance: String,
     dir: PathBuf,
 }
 
 impl Daemon {
-    fn start(subject: &Subject, instance: &str, shape: Shape) -> anyhow::Result<Daemon> {
+    /// Starts `slb` (pinned to `cpu` when given) on `config` as instance `instance`, and waits
+    /// until it serves; an exit before that is an error carrying the daemon's log.
+    pub fn spawn(
+        slb: &Path,
+        instance: &str,
+        config: &str,
+        cpu: Option<usize>,
+    ) -> anyhow::Result<Daemon> {
         let dir = std::env::temp_dir().join(format!("slb-bench-{instance}"));
-        // An older revision may not know `max_connections` (its table had a fixed size).
-        for max_connections in [true, false] {
-            // (A refused first attempt removed it.)
-            std::fs::create_dir_all(&dir)?;
-            let path = dir.join("slb.toml");
-            std::fs::write(
-                &path,
-                config(instance, shape.listeners, shape.backends, max_connections),
-            )?;
-            let log = std::fs::File::create(dir.join("slb.log"))?;
-            let child = Command::new("taskset")
-                .args(["-c", &DAEMON_CPU.to_string()])
-                .arg(&subject.slb)
-                .args(["run", "-c"])
-                .arg(&path)
-                .env_remove("RUST_BACKTRACE")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting {}", subject.slb.display()))?;
-            let mut daemon = Daemon {
-                child,
-                instance: instance.into(),
-                dir: dir.clone(),
-            };
-            let state = Path::new("/run/slb").join(instance).join("state.json");
-            let started = Instant::now();
-            while !state.exists() {
-                if let Some(status) = daemon.child.try_wait()? {
-                    let log = std::fs::read_to_string(dir.join("slb.log")).unwrap_or_default();
-                    if max_connections && log.contains("max_connections") {
-                        eprintln!(
-                            "  {}: does not know max_connections; its connection table keeps its own size",
-                            subject.label
-                        );
-                        break;
-                    }
-                    bail!("{} exited ({status}) before serving:\n{log}", subject.label);
-                }
-                ensure!(
-                    started.elapsed() < Duration::from_secs(120),
-                    "{} did not serve within 120 s",
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("slb.toml");
+        std::fs::write(&path, config)?;
+        let log = std::fs::File::create(dir.join("slb.log"))?;
+        let mut command = match cpu {
+            Some(cpu) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &cpu.to_string()]).arg(slb);
+                c
+            }
+            None => Command::new(slb),
+        };
+        let child = command
+            .args(["run", "-c"])
+            .arg(&path)
+            .env_remove("RUST_BACKTRACE")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", slb.display()))?;
+        // Dropped (stopped, its directory removed) on every way out but success.
+        let mut daemon = Daemon {
+            child,
+            instance: instance.into(),
+            dir,
+        };
+        let state = state_dir(instance).join("state.json");
+        let started = Instant::now();
+        while !state.exists() {
+            if let Some(status) = daemon.child.try_wait()? {
+                let log = std::fs::read_to_string(daemon.dir.join("slb.log")).unwrap_or_default();
+                bail!("{} exited ({status}) before serving:\n{log}", slb.display());
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(120),
+                "{} did not serve within 120 s",
+                slb.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(daemon)
+    }
+
+    /// A subject's daemon for `shape`, on the daemons' CPU.
+    fn start(subject: &Subject, instance: &str, shape: Shape) -> anyhow::Result<Daemon> {
+        let text =
+            |max_connections| config(instance, shape.listeners, shape.backends, max_connections);
+        match Daemon::spawn(&subject.slb, instance, &text(true), Some(DAEMON_CPU)) {
+            // An older revision may not know `max_connections` (its table had a fixed size).
+            Err(e) if e.to_string().contains("unknown field `max_connections`") => {
+                eprintln!(
+                    "  {}: does not know max_connections; its connection table keeps its own size",
                     subject.label
                 );
-                std::thread::sleep(Duration::from_millis(20));
+                Daemon::spawn(&subject.slb, instance, &text(false), Some(DAEMON_CPU))
             }
-            if state.exists() {
-                return Ok(daemon);
-            }
+            other => other,
         }
-        bail!("{} did not start", subject.label)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn program(&self) -> anyhow::Result<Xdp> {
-        let pin = Path::new("/sys/fs/bpf/slb")
-            .join(&self.instance)
-            .join("prog");
+        let pin = pin_dir(&self.instance).join("prog");
         Xdp::from_pin(&pin, XdpAttachType::Interface)
             .with_context(|| format!("the program pinned at {}", pin.display()))
     }
