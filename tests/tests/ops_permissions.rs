@@ -6,7 +6,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use slb_tests::slb::{slb_binary, unique_instance};
+use slb_tests::slb::{slb_binary, state_dir, unique_instance};
 use slb_tests::{require_root, SlbConfig, SlbDaemon, Topology};
 
 fn mode(path: &Path) -> u32 {
@@ -43,7 +43,7 @@ fn the_daemon_keeps_its_files_private_and_raises_its_descriptor_limit() {
         .build()
         .expect("create topology");
     let config = SlbConfig::standard(&unique_instance("perm"), &[1]);
-    let dir = Path::new("/run/slb").join(&config.instance);
+    let dir = state_dir(&config.instance);
     // A directory left world-readable by an earlier run is closed too.
     std::fs::create_dir_all(&dir).expect("state dir");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
