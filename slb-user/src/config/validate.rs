@@ -10,7 +10,7 @@ use slb_common::maglev::is_prime;
 use slb_common::{MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
 
 use super::certificates::load_certified_key;
-use super::resolve::{Endpoint, ResolvedBackend};
+use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
 use super::{
     invalid, BackendSpec, CheckKind, Config, ConfigError, CookiePersistence, Group, GroupKind,
     HealthCheck, Interface, Listener, Protocol, Scheduler, DEFAULT_GROUP, MAX_CHECK_INTERVAL,
@@ -32,6 +32,8 @@ struct Claims<'a> {
     endpoints: BTreeSet<(IpAddr, u16, u8)>,
     /// (backend address, port, protocol) → the TCP/UDP listener it serves.
     reply_endpoints: BTreeMap<(IpAddr, u16, u8), &'a str>,
+    /// (VIP, port, protocol) → name of every listener of the config, which no backend may be.
+    own_listeners: BTreeMap<(IpAddr, u16, u8), &'a str>,
     backends: usize,
 }
 
@@ -50,11 +52,17 @@ impl Config {
                 ),
             ));
         }
-        let mut claims = Claims::default();
+        let mut claims = Claims {
+            own_listeners: self
+                .listeners
+                .iter()
+                .map(|l| ((l.vip, l.port, l.protocol.ip_protocol()), l.name.as_str()))
+                .collect(),
+            ..Claims::default()
+        };
         for (i, l) in self.listeners.iter().enumerate() {
             self.validate_listener(i, l, &groups, &mut claims)?;
         }
-        self.refuse_own_listeners_as_backends()?;
         if claims.backends > MAX_BACKENDS as usize {
             return Err(invalid(
                 "listeners",
@@ -63,34 +71,6 @@ impl Config {
                     claims.backends
                 ),
             ));
-        }
-        Ok(())
-    }
-
-    /// A backend that is one of this instance's own listeners sends every request (or packet)
-    /// around again: the proxy recursed thousands of times on one request.
-    fn refuse_own_listeners_as_backends(&self) -> Result<(), ConfigError> {
-        let own: BTreeMap<(IpAddr, u16, u8), &str> = self
-            .listeners
-            .iter()
-            .map(|l| ((l.vip, l.port, l.protocol.ip_protocol()), l.name.as_str()))
-            .collect();
-        for (i, resolved) in self.resolved_listeners().iter().enumerate() {
-            let l = resolved.listener;
-            for group in &resolved.groups {
-                for b in &group.backends {
-                    if let Some(name) = own.get(&(b.address, b.port, l.protocol.ip_protocol())) {
-                        return Err(invalid(
-                            format!("listeners[{i}] ({}).group", l.name),
-                            format!(
-                                "backend {} of group {:?} is this instance's own listener {name:?}: traffic would loop through slb",
-                                b.endpoint(),
-                                group.name
-                            ),
-                        ));
-                    }
-                }
-            }
         }
         Ok(())
     }
@@ -163,6 +143,7 @@ impl Config {
             validate_health_check(&at("health_check"), check, l.protocol)?;
         }
         let resolved = self.resolve(l);
+        refuse_own_listeners_as_backends(&at, &resolved, &claims.own_listeners)?;
         let backends = &resolved.group().backends;
         if !l.protocol.is_l7() {
             claim_reply_endpoints(&at, l, backends, &mut claims.reply_endpoints)?;
@@ -242,6 +223,31 @@ fn validate_interfaces(interfaces: &[Interface]) -> Result<(), ConfigError> {
         }
         if !seen.insert(&iface.name) {
             return Err(invalid(field, format!("{:?} is listed twice", iface.name)));
+        }
+    }
+    Ok(())
+}
+
+/// A backend that is one of this instance's own listeners sends every request (or packet)
+/// around again: the proxy recursed thousands of times on one request.
+fn refuse_own_listeners_as_backends(
+    at: FieldOf<'_>,
+    resolved: &ResolvedListener<'_>,
+    own: &BTreeMap<(IpAddr, u16, u8), &str>,
+) -> Result<(), ConfigError> {
+    let protocol = resolved.listener.protocol.ip_protocol();
+    for group in &resolved.groups {
+        for b in &group.backends {
+            if let Some(name) = own.get(&(b.address, b.port, protocol)) {
+                return Err(invalid(
+                    at("group"),
+                    format!(
+                        "backend {} of group {:?} is this instance's own listener {name:?}: traffic would loop through slb",
+                        b.endpoint(),
+                        group.name
+                    ),
+                ));
+            }
         }
     }
     Ok(())
