@@ -839,14 +839,15 @@ impl Daemon {
             reason: event.reason,
             since_unix_ns: unix_ns(event.at),
         };
-        // Each side on its own: the proxy re-reads its certificates when it applies, and a
-        // certificate file being renewed must not hold up the data plane's failover.
-        if let Err(e) = self.reconciler.apply(&self.config, &self.health) {
+        // The verdict's listener only: its flag (and ring) in the maps, or its proxy snapshot.
+        if let Err(e) = self
+            .reconciler
+            .apply_verdict(&self.config, &self.health, &event.key)
+        {
             tracing::error!("applying a health change to the data plane failed: {e:#}");
         }
-        if let Err(e) = self.proxy.apply(&self.config, &self.health) {
-            tracing::error!("applying a health change to the HTTP(S) proxy failed: {e:#}");
-        }
+        self.proxy
+            .apply_verdict(&self.config, &self.health, &event.key.listener);
         if let Err(e) = self.publish() {
             tracing::error!("publishing the state after a health change failed: {e:#}");
         }

@@ -1,6 +1,7 @@
 //! HTTP listener when backends fail: an HTTP health check takes a stopped backend out (after
 //! detection every request succeeds), a group with no healthy backend answers 503, a slow
-//! backend 504, and a backend that refuses connections 502.
+//! backend 504, and a backend that refuses connections 502. An HTTPS listener takes verdicts
+//! without reading its certificate files again.
 
 mod http_common;
 
@@ -10,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_common::{client_builder, get, L7Setup};
-use slb_tests::http::{read_access_log, vip_http, L7Listener, HTTP_PORT};
+use http_common::{client_builder, get, L7Setup, TestPki};
+use slb_tests::http::{read_access_log, vip_http, vip_https, L7Listener, HTTPS_PORT, HTTP_PORT};
 use slb_tests::slb::{BackendConfig, GroupConfig, HealthCheckConfig};
 use slb_tests::{require_root, SlbDaemon, Topology, VIP};
 
@@ -359,4 +360,93 @@ fn http_slow_backend_504_and_refused_backend_502() {
     println!("access log: {statuses:?}");
     assert!(statuses.contains(&("slow".to_owned(), 504)));
     assert!(statuses.contains(&("dead".to_owned(), 502)));
+}
+
+/// The certificates are read when the config is loaded, not on each health verdict: with the
+/// files gone (a renewal half done, a volume unmounted), a backend that stops is still taken
+/// out of the HTTPS listener's balancing, and the listener keeps its certificate.
+#[test]
+fn https_health_verdicts_apply_while_the_certificate_files_are_gone() {
+    require_root("https_health_verdicts_apply_while_the_certificate_files_are_gone");
+    const DOMAIN: &str = "v.example.test";
+    let mut pki = None;
+    let mut setup = L7Setup::start("h7verd", 2, |c, dir| {
+        let p = TestPki::generate(dir, &[DOMAIN]);
+        c.group("pool", &[(1, 1), (2, 1)]);
+        let mut secure = L7Listener::https(
+            "secure",
+            HTTPS_PORT,
+            "pool",
+            vec![p.certificate_config(DOMAIN)],
+        );
+        secure.health_check = Some(HealthCheckConfig::new(
+            "tcp",
+            INTERVAL,
+            CHECK_TIMEOUT,
+            HEALTHY_THRESHOLD,
+            UNHEALTHY_THRESHOLD,
+        ));
+        c.listener(secure);
+        pki = Some(p);
+    });
+    let pki = pki.expect("certificates generated");
+    let client = client_builder(&[DOMAIN], vip_https(), Duration::from_secs(3))
+        .add_root_certificate(pki.root())
+        .build()
+        .expect("client");
+    let backends_of_20 = |client: &reqwest::Client| {
+        let client = client.clone();
+        let answers = setup.client.run(async move {
+            let mut answers = Vec::new();
+            for _ in 0..20 {
+                let url = format!("https://{DOMAIN}:{HTTPS_PORT}/");
+                answers.push(match get(&client, &url).await {
+                    Ok(a) => format!("{} {}", a.status, a.backend().as_deref().unwrap_or("-")),
+                    Err(e) => format!("error {e}"),
+                });
+            }
+            answers
+        });
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for a in answers {
+            *counts.entry(a).or_default() += 1;
+        }
+        counts
+    };
+    let before = backends_of_20(&client);
+    println!("both backends up: {before:?}");
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        ["200 b1", "200 b2"],
+        "both backends serve"
+    );
+
+    for file in std::fs::read_dir(setup.dir.path()).expect("read the test dir") {
+        let path = file.expect("dir entry").path();
+        if path.extension().is_some_and(|e| e == "pem" || e == "key") {
+            std::fs::remove_file(&path).expect("remove a certificate file");
+        }
+    }
+    setup.backends.stop(2).expect("stop b2");
+    // The state file is written after the verdict reached the data plane and the proxy.
+    wait_proxy_health(
+        &setup.daemon,
+        "secure",
+        Topology::backend_addr(2),
+        false,
+        Duration::from_secs(5),
+    );
+
+    let after = backends_of_20(&client);
+    println!("b2 stopped, certificate files removed: {after:?}");
+    assert_eq!(
+        after,
+        BTreeMap::from([("200 b1".to_owned(), 20)]),
+        "after the verdict every request goes to b1, over the certificate loaded at start"
+    );
+    let log = setup.daemon.log();
+    assert!(
+        !log.contains("applying a health change"),
+        "a health verdict must not need the certificate files:\n{log}"
+    );
 }

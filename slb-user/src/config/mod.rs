@@ -10,7 +10,7 @@ pub mod resolve;
 pub mod schema;
 mod validate;
 
-pub use certificates::load_certified_key;
+pub use certificates::LoadedCertificates;
 pub use edit::{BackendEdit, EditAction, EditError};
 pub use resolve::{Endpoint, ResolvedBackend, ResolvedGroup, ResolvedListener};
 pub use schema::*;
@@ -65,13 +65,14 @@ impl Config {
         Self::parse(&text, &path.display().to_string())
     }
 
-    /// Parses and validates; `origin` names the source in errors.
+    /// Parses, validates and loads the certificates; `origin` names the source in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_string(),
             message: e.to_string(),
         })?;
         config.validate()?;
+        config.certificates = LoadedCertificates::load(&config)?;
         Ok(config)
     }
 }

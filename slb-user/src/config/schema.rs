@@ -96,6 +96,9 @@ pub struct Config {
     pub access_log: Option<std::path::PathBuf>,
     #[serde(default)]
     pub metrics: Metrics,
+    /// The HTTPS listeners' certificates as [`Config::parse`] loaded them.
+    #[serde(skip)]
+    pub certificates: super::LoadedCertificates,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

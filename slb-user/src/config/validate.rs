@@ -9,7 +9,6 @@ use std::time::Duration;
 use slb_common::maglev::is_prime;
 use slb_common::{MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
 
-use super::certificates::load_certified_key;
 use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
 use super::{
     invalid, BackendSpec, CheckKind, Config, ConfigError, CookiePersistence, Group, GroupKind,
@@ -521,7 +520,8 @@ fn validate_rules(at: FieldOf<'_>, l: &Listener, groups: &Groups<'_>) -> Result<
     Ok(())
 }
 
-/// An HTTPS listener's certificates: there is one at least, and each loads.
+/// An HTTPS listener's certificates: there is one at least, with valid domains (their files are
+/// loaded after validation, by [`super::LoadedCertificates::load`]).
 fn validate_certificates(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
     match l.protocol {
         Protocol::Https if l.certificates.is_empty() => {
@@ -542,8 +542,6 @@ fn validate_certificates(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigErro
         for (j, d) in cert.domains.iter().enumerate() {
             validate_domain(at(&format!("certificates[{i}].domains[{j}]")), d)?;
         }
-        load_certified_key(cert)
-            .map_err(|message| invalid(at(&format!("certificates[{i}]")), message))?;
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use super::balance::{Backend, BackendGroup};
 use super::route::Router;
 use super::tls;
 use crate::applied::{BackendKey, HealthStatus};
-use crate::config::{CookiePersistence, Protocol, ResolvedListener, Scheduler};
+use crate::config::{CookiePersistence, LoadedCertificates, Protocol, ResolvedListener, Scheduler};
 
 /// A listener's settings, rules, groups and certificates as of one apply. A reload builds a new
 /// one and swaps it in whole: each request reads one snapshot, so it never sees half a reload.
@@ -37,14 +37,33 @@ pub struct BuildError {
     message: String,
 }
 
+/// The TLS server config of an HTTPS listener, from the certificates loaded with the config.
+pub fn tls_for(
+    resolved: &ResolvedListener<'_>,
+    loaded: &LoadedCertificates,
+) -> Result<Option<Arc<ServerConfig>>, BuildError> {
+    let l = resolved.listener;
+    match l.protocol {
+        Protocol::Https => tls::server_config(&l.certificates, loaded)
+            .map(Some)
+            .map_err(|message| BuildError {
+                listener: l.name.clone(),
+                message,
+            }),
+        _ => Ok(None),
+    }
+}
+
 impl ListenerSnapshot {
     /// Unhealthy backends get weight 0; `in_flight` holds one counter per backend that outlives
-    /// snapshots, so least connections still counts requests started before a reload.
+    /// snapshots, so least connections still counts requests started before a reload. `tls` is
+    /// the listener's [`tls_for`], or the running snapshot's when only health changed.
     pub fn build(
         resolved: &ResolvedListener<'_>,
         health: &BTreeMap<BackendKey, HealthStatus>,
         in_flight: &mut HashMap<BackendKey, Arc<AtomicUsize>>,
-    ) -> Result<ListenerSnapshot, BuildError> {
+        tls: Option<Arc<ServerConfig>>,
+    ) -> ListenerSnapshot {
         let l = resolved.listener;
         let groups = resolved
             .groups
@@ -76,17 +95,7 @@ impl ListenerSnapshot {
                     .expect("resolve collects every group a rule names")
             })
             .collect();
-        let tls =
-            match l.protocol {
-                Protocol::Https => Some(tls::server_config(&l.certificates).map_err(
-                    |message| BuildError {
-                        listener: l.name.clone(),
-                        message,
-                    },
-                )?),
-                _ => None,
-            };
-        Ok(ListenerSnapshot {
+        ListenerSnapshot {
             name: l.name.clone(),
             protocol: l.protocol,
             scheduler: l.scheduler,
@@ -97,7 +106,7 @@ impl ListenerSnapshot {
             router: Router::new(&l.rules, &targets),
             groups,
             tls,
-        })
+        }
     }
 
     /// The group a request for `host` and `path` goes to: the first matching rule's, else the

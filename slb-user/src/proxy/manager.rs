@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::access_log::{AccessLog, OpenError};
-use super::listener::{BuildError, ListenerSnapshot};
+use super::listener::{tls_for, BuildError, ListenerSnapshot};
 use super::request::SharedByListeners;
 use super::serve::accept_loop;
 use crate::applied::{BackendKey, HealthStatus, ProxyBackendInfo, ProxyListenerInfo};
@@ -101,8 +101,8 @@ impl ProxyManager {
         for resolved in config.resolved_listeners() {
             let l = resolved.listener;
             if l.protocol.is_l7() {
-                let snapshot = ListenerSnapshot::build(&resolved, health, &mut self.in_flight)
-                    .map_err(ApplyError::from)?;
+                let tls = tls_for(&resolved, &config.certificates)?;
+                let snapshot = ListenerSnapshot::build(&resolved, health, &mut self.in_flight, tls);
                 let addr = SocketAddr::new(l.vip, l.port);
                 let protocol = l.protocol;
                 wanted.insert(
@@ -134,6 +134,27 @@ impl ProxyManager {
             self.start(name, listener, w);
         }
         Ok(())
+    }
+
+    /// A health verdict on one of `listener`'s backends: its snapshot is rebuilt with the TLS
+    /// config it runs with (no certificate is read, TLS sessions stay resumable), and nothing
+    /// else changes (no bind, no access log reopened).
+    pub fn apply_verdict(
+        &mut self,
+        config: &Config,
+        health: &BTreeMap<BackendKey, HealthStatus>,
+        listener: &str,
+    ) {
+        let Some(running) = self.running.get(listener) else {
+            return; // not an HTTP(S) listener
+        };
+        let Some(l) = config.listeners.iter().find(|l| l.name == listener) else {
+            return;
+        };
+        let tls = running.snapshot.load().tls.clone();
+        let snapshot =
+            ListenerSnapshot::build(&config.resolve(l), health, &mut self.in_flight, tls);
+        running.snapshot.store(Arc::new(snapshot));
     }
 
     /// Binds the addresses no running listener holds yet.

@@ -6,7 +6,7 @@ use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::ServerConfig;
 
-use crate::config::{load_certified_key, Certificate};
+use crate::config::{Certificate, LoadedCertificates};
 
 /// Picks a certificate by SNI: exact name first, then the longest matching `*.` wildcard, then
 /// the first certificate.
@@ -49,13 +49,23 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// A TLS server config for a listener's certificates, offering HTTP/2 and HTTP/1.1 by ALPN.
-pub fn server_config(certificates: &[Certificate]) -> Result<Arc<ServerConfig>, String> {
+/// A TLS server config for a listener's certificates, with the keys loaded with the config,
+/// offering HTTP/2 and HTTP/1.1 by ALPN.
+pub fn server_config(
+    certificates: &[Certificate],
+    loaded: &LoadedCertificates,
+) -> Result<Arc<ServerConfig>, String> {
     let entries = certificates
         .iter()
         .map(|c| {
             let domains = c.domains.iter().map(|d| d.to_ascii_lowercase()).collect();
-            Ok((domains, Arc::new(load_certified_key(c)?)))
+            let key = loaded.get(c).ok_or_else(|| {
+                format!(
+                    "{}: not loaded with the config (a config must come from Config::parse)",
+                    c.cert.display()
+                )
+            })?;
+            Ok((domains, key))
         })
         .collect::<Result<Vec<_>, String>>()?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());

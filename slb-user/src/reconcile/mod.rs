@@ -19,7 +19,10 @@ use slb_common::{
 use crate::applied::{AppliedMaps, BackendKey, HealthStatus};
 use crate::config::Config;
 use crate::maps::{clear_map_slot, set_ring_slots, MappedRing, PinnedMaps};
-use plan::{ipv4_octets, ring_slot, HealthWrite, Plan, PlannedListener, ReplyEndpoint};
+use plan::{
+    ipv4_octets, ring_slot, HealthWrite, Plan, PlannedListener, ReplyEndpoint, VerdictPlan,
+    VerdictWrite,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -199,6 +202,49 @@ impl Reconciler {
         }
         self.remove_gone(&plan)?;
         self.applied = plan.applied;
+        Ok(&self.applied)
+    }
+
+    /// Applies a health verdict on `key` (already in `health`; `config` is the one applied
+    /// last): the backend's flag, and its listener's ring and entry when they change, in the
+    /// order [`apply`](Self::apply) writes them. No other listener is planned or written.
+    pub fn apply_verdict(
+        &mut self,
+        config: &Config,
+        health: &BTreeMap<BackendKey, HealthStatus>,
+        key: &BackendKey,
+    ) -> Result<&AppliedMaps, ReconcileError> {
+        let plan = plan::plan_verdict(config, health, &self.applied, self.ring_size, key);
+        let VerdictWrite {
+            id,
+            health: write,
+            listener,
+            applied_listener,
+        } = match plan {
+            VerdictPlan::Write(write) => *write,
+            VerdictPlan::PlanEverything => return self.apply(config, health),
+            VerdictPlan::NotInMaps => return Ok(&self.applied),
+        };
+        match write {
+            HealthWrite::Up => self.write_health(id, HEALTH_UP)?,
+            HealthWrite::DownFirst => self.write_health(id, HEALTH_DOWN)?,
+            HealthWrite::DownLast => {}
+        }
+        self.write_listener(&listener)?;
+        if write == HealthWrite::DownLast {
+            self.write_health(id, HEALTH_DOWN)?;
+        }
+        for b in self.applied.backends.iter_mut().filter(|b| &b.key == key) {
+            b.health = health.get(key).cloned();
+        }
+        if let Some(l) = self
+            .applied
+            .listeners
+            .iter_mut()
+            .find(|l| l.name == applied_listener.name)
+        {
+            *l = applied_listener;
+        }
         Ok(&self.applied)
     }
 

@@ -18,7 +18,9 @@ use super::ReconcileError;
 use crate::applied::{
     AppliedBackend, AppliedListener, AppliedMaps, BackendKey, HealthStatus, Role,
 };
-use crate::config::{AllUnhealthy, Config, GroupKind, Listener, Protocol, ResolvedBackend};
+use crate::config::{
+    AllUnhealthy, Config, GroupKind, Listener, Protocol, ResolvedBackend, ResolvedListener,
+};
 
 /// A backend's (address, port, protocol): what its replies are recognised by.
 pub(super) type ReplyEndpoint = (IpAddr, u16, u8);
@@ -148,6 +150,22 @@ struct Members<'a> {
     members: Vec<(BackendKey, ResolvedBackend)>,
 }
 
+impl<'a> Members<'a> {
+    fn of(r: ResolvedListener<'a>) -> Members<'a> {
+        let group = r.group();
+        Members {
+            listener: r.listener,
+            group: group.name.into(),
+            kind: group.kind,
+            members: group
+                .backends
+                .iter()
+                .map(|b| (BackendKey::of(r.listener, b), *b))
+                .collect(),
+        }
+    }
+}
+
 /// What `config` and `health` (verdicts of checked backends; a backend without one is
 /// healthy) make of the maps, which hold `previous` now.
 pub(super) fn plan(
@@ -168,19 +186,7 @@ pub(super) fn plan(
         .resolved_listeners()
         .into_iter()
         .filter(|r| !r.listener.protocol.is_l7())
-        .map(|r| {
-            let group = r.group();
-            Members {
-                listener: r.listener,
-                group: group.name.into(),
-                kind: group.kind,
-                members: group
-                    .backends
-                    .iter()
-                    .map(|b| (BackendKey::of(r.listener, b), *b))
-                    .collect(),
-            }
-        })
+        .map(Members::of)
         .collect();
     let ids = backend_ids(&groups, previous)?;
     let old_listeners: BTreeMap<&str, &AppliedListener> = previous
@@ -245,12 +251,9 @@ fn backend_entries(
     for g in groups {
         for (key, b) in &g.members {
             let id = ids[key];
-            if healthy(key) {
-                health.push((id, HealthWrite::Up));
-            } else if g.kind == GroupKind::ActiveStandby {
-                health.push((id, HealthWrite::DownFirst));
-            } else {
-                deferred_down.push((id, HealthWrite::DownLast));
+            match health_write(g.kind, healthy(key)) {
+                HealthWrite::DownLast => deferred_down.push((id, HealthWrite::DownLast)),
+                write => health.push((id, write)),
             }
             let mut flags = BACKEND_F_PRESENT;
             if b.weight == 0 && g.kind == GroupKind::Vserver {
@@ -267,6 +270,79 @@ fn backend_entries(
     }
     health.extend(deferred_down);
     BackendEntries { health, backends }
+}
+
+/// When a backend's health flag is written, by its group's kind and its verdict.
+fn health_write(kind: GroupKind, healthy: bool) -> HealthWrite {
+    match (healthy, kind) {
+        (true, _) => HealthWrite::Up,
+        (false, GroupKind::ActiveStandby) => HealthWrite::DownFirst,
+        (false, GroupKind::Vserver) => HealthWrite::DownLast,
+    }
+}
+
+/// What one health verdict changes in the maps.
+#[derive(Debug)]
+pub(super) enum VerdictPlan {
+    /// The backend is not a TCP/UDP listener's (the proxy balances HTTP(S)): nothing.
+    NotInMaps,
+    /// The maps do not hold the listener or one of its backends (an earlier apply failed):
+    /// only a whole plan can say what to write.
+    PlanEverything,
+    /// The backend's flag, and its listener's entry and ring.
+    Write(Box<VerdictWrite>),
+}
+
+/// A verdict's writes: the backend's flag, and its listener's entry and ring (rebuilt only when
+/// the ring input changed: a Maglev group's weights; an active/standby pair's failover is the
+/// flag alone).
+#[derive(Debug)]
+pub(super) struct VerdictWrite {
+    pub id: u32,
+    pub health: HealthWrite,
+    pub listener: PlannedListener,
+    pub applied_listener: AppliedListener,
+}
+
+/// What a verdict on `key` (already in `health`) changes, worked out from that one listener
+/// and what the maps hold (`previous`), without planning the others.
+pub(super) fn plan_verdict(
+    config: &Config,
+    health: &BTreeMap<BackendKey, HealthStatus>,
+    previous: &AppliedMaps,
+    ring_size: u32,
+    key: &BackendKey,
+) -> VerdictPlan {
+    let Some(l) = config
+        .listeners
+        .iter()
+        .find(|l| l.name == key.listener && !l.protocol.is_l7())
+    else {
+        return VerdictPlan::NotInMaps;
+    };
+    let g = Members::of(config.resolve(l));
+    let ids: BTreeMap<BackendKey, u32> = previous
+        .backends
+        .iter()
+        .filter(|b| b.key.listener == l.name)
+        .map(|b| (b.key.clone(), b.id))
+        .collect();
+    let old = previous.listeners.iter().find(|o| o.name == l.name);
+    let (Some(old), Some(&id)) = (old, ids.get(key)) else {
+        return VerdictPlan::PlanEverything;
+    };
+    if g.members.iter().any(|(k, _)| !ids.contains_key(k)) {
+        return VerdictPlan::PlanEverything;
+    }
+    let healthy = |k: &BackendKey| health.get(k).is_none_or(|h| h.healthy);
+    let (listener, applied_listener) =
+        plan_listener(&g, old.index, Some(old), &ids, &healthy, ring_size);
+    VerdictPlan::Write(Box::new(VerdictWrite {
+        id,
+        health: health_write(g.kind, healthy(key)),
+        listener,
+        applied_listener,
+    }))
 }
 
 /// Backend ids: every backend that stays keeps its id; new ones get the lowest free ids. The

@@ -254,3 +254,89 @@ fn free_ids_are_the_lowest_unused_in_order() {
     let taken: Vec<u32> = std::iter::from_fn(|| free.take()).collect();
     assert_eq!(taken, vec![2, 4, 5, 7]);
 }
+
+/// A verdict planned alone writes what a whole plan with that verdict writes for its listener.
+fn assert_verdict_plans_as_a_whole_plan_would(dead: &BackendKey, expected: HealthWrite) {
+    let text = config_text();
+    let config = Config::parse(&text, "plan.toml").unwrap();
+    let before = plan_of(&text, &BTreeMap::new(), &AppliedMaps::default()).applied;
+    let health = unhealthy(std::slice::from_ref(dead));
+    let whole = plan(&config, &health, &before, RING).unwrap();
+    let VerdictPlan::Write(verdict) = plan_verdict(&config, &health, &before, RING, dead) else {
+        panic!("{dead:?}: not planned on its own");
+    };
+    let VerdictWrite {
+        id,
+        health: write,
+        listener: planned,
+        applied_listener,
+    } = *verdict;
+    assert_eq!((id, write), (self::id(&whole, dead), expected));
+    let expected_listener = listener(&whole, &dead.listener);
+    assert_eq!(planned.entry, expected_listener.entry);
+    assert_eq!(planned.ring_input, expected_listener.ring_input);
+    assert_eq!(planned.rebuild, expected_listener.rebuild);
+    assert_eq!(planned.replies, expected_listener.replies);
+    let whole_applied = whole
+        .applied
+        .listeners
+        .iter()
+        .find(|l| l.name == dead.listener)
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&applied_listener).unwrap(),
+        serde_json::to_value(whole_applied).unwrap()
+    );
+}
+
+#[test]
+fn a_verdict_on_an_active_server_is_its_flag_alone() {
+    let active = key("db", "10.0.3.1", 5432);
+    assert_verdict_plans_as_a_whole_plan_would(&active, HealthWrite::DownFirst);
+    let config = Config::parse(&config_text(), "plan.toml").unwrap();
+    let before = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default()).applied;
+    let health = unhealthy(std::slice::from_ref(&active));
+    let VerdictPlan::Write(verdict) = plan_verdict(&config, &health, &before, RING, &active) else {
+        panic!("not planned");
+    };
+    assert_eq!(
+        verdict.listener.rebuild, None,
+        "a failover rebuilds no ring"
+    );
+}
+
+#[test]
+fn a_verdict_on_a_maglev_backend_rebuilds_its_listeners_ring_only() {
+    assert_verdict_plans_as_a_whole_plan_would(
+        &key("web", "10.0.1.2", 8080),
+        HealthWrite::DownLast,
+    );
+}
+
+#[test]
+fn a_verdict_the_maps_cannot_take_alone_says_so() {
+    let config = Config::parse(&config_text(), "plan.toml").unwrap();
+    let before = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default()).applied;
+    let site = key("site", "10.0.1.1", 8000);
+    let verdict = plan_verdict(
+        &config,
+        &unhealthy(std::slice::from_ref(&site)),
+        &before,
+        RING,
+        &site,
+    );
+    assert!(matches!(verdict, VerdictPlan::NotInMaps), "{verdict:?}");
+    // Nothing applied yet (an earlier apply failed): only a whole plan can say.
+    let web = key("web", "10.0.1.2", 8080);
+    let verdict = plan_verdict(
+        &config,
+        &unhealthy(std::slice::from_ref(&web)),
+        &AppliedMaps::default(),
+        RING,
+        &web,
+    );
+    assert!(
+        matches!(verdict, VerdictPlan::PlanEverything),
+        "{verdict:?}"
+    );
+}
