@@ -261,29 +261,12 @@ async fn serve(
 ) -> anyhow::Result<Exit> {
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
-    let (plan_tx, plan_rx) = watch::channel(crate::flows::SweepPlan::default());
-    let (published_tx, published_rx) = watch::channel(Published::default());
-    let (flows_tx, flows_rx) = watch::channel(crate::flows::FlowCounts::default());
     let admin_socket = api::bind(&config.instance)?;
-    let mut daemon = Daemon::start(
-        dataplane,
-        config,
-        previous,
-        HealthMonitor::new(health_tx),
-        Publishers {
-            sweep_plan: plan_tx,
-            published: published_tx,
-        },
-    )?;
-    let live = LiveStatus::new(published_rx, flows_rx, dataplane.dir())?;
-    let background = spawn_background(
-        &daemon.file_config,
-        dataplane.dir(),
-        plan_rx,
-        flows_tx,
-        live,
-    );
-    let api = tokio::spawn(api::serve(admin_socket, call_tx));
+    let (mut daemon, background) = start_daemon(dataplane, config, previous, health_tx)?;
+    let tasks = Tasks {
+        api: tokio::spawn(api::serve(admin_socket, call_tx)),
+        background,
+    };
     tracing::info!(
         instance = %daemon.file_config.instance,
         listeners = daemon.config.listeners.len(),
@@ -315,8 +298,7 @@ async fn serve(
                     Request::Stop {} => {
                         daemon.notify_systemd(&[sd_notify::NotifyState::Stopping]);
                         let _ = reply.send(Response { ok: true, message: "stopping: detaching and removing pins".into(), generation: 0 });
-                        api.abort();
-                        background.iter().for_each(|t| t.abort());
+                        tasks.abort();
                         return Ok(Exit::Shutdown);
                     }
                     other => daemon.runtime_change(&other),
@@ -331,9 +313,52 @@ async fn serve(
         }
     }
     daemon.notify_systemd(&[sd_notify::NotifyState::Stopping]);
-    api.abort();
-    background.iter().for_each(|t| t.abort());
+    tasks.abort();
     Ok(Exit::KeepServing)
+}
+
+/// The daemon with its first config applied, and its background tasks running.
+fn start_daemon(
+    dataplane: &mut Dataplane,
+    config: Config,
+    previous: Option<AppliedState>,
+    health_tx: mpsc::Sender<HealthEvent>,
+) -> anyhow::Result<(Daemon, Vec<tokio::task::JoinHandle<()>>)> {
+    let (plan_tx, plan_rx) = watch::channel(crate::flows::SweepPlan::default());
+    let (published_tx, published_rx) = watch::channel(Published::default());
+    let (flows_tx, flows_rx) = watch::channel(crate::flows::FlowCounts::default());
+    let daemon = Daemon::start(
+        dataplane,
+        config,
+        previous,
+        HealthMonitor::new(health_tx),
+        Publishers {
+            sweep_plan: plan_tx,
+            published: published_tx,
+        },
+    )?;
+    let live = LiveStatus::new(published_rx, flows_rx, dataplane.dir())?;
+    let background = spawn_background(
+        &daemon.file_config,
+        dataplane.dir(),
+        plan_rx,
+        flows_tx,
+        live,
+    );
+    Ok((daemon, background))
+}
+
+/// The tasks that stop with the daemon's loop: the admin API and the background tasks.
+struct Tasks {
+    api: tokio::task::JoinHandle<()>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Tasks {
+    fn abort(&self) {
+        self.api.abort();
+        self.background.iter().for_each(|t| t.abort());
+    }
 }
 
 /// The daemon's tasks besides its loop: the connection-table sweeper, the counter history and,

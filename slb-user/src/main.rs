@@ -151,27 +151,10 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 worker_threads,
             })
         }
-        Command::CheckConfig { file } => {
-            let config = Config::load(&file)?;
-            println!(
-                "{}: ok — instance {:?}, {} listener(s), {} VServer group(s), {} default-group backend(s), {} interface(s)",
-                file.display(),
-                config.instance,
-                config.listeners.len(),
-                config.groups.len(),
-                config.default_group.backends.len(),
-                config.interfaces.len()
-            );
-            Ok(())
-        }
+        Command::CheckConfig { file } => check_config(&file),
         Command::Status { instance, json } => {
             let status = status::collect(&instance)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", status::render(&status));
-            }
-            Ok(())
+            print_json_or_text(json, &status, status::render)
         }
         Command::Backend { action } => {
             let (instance, request) = action.request();
@@ -193,12 +176,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
                 },
         } => {
             let report = report::distribution(&instance, listener.as_deref(), since)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report::render(&report));
-            }
-            Ok(())
+            print_json_or_text(json, &report, report::render)
         }
         Command::Completions { shell } => {
             let mut out = Vec::new();
@@ -220,4 +198,32 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Detach { instance, iface } => dataplane::detach_pinned(&instance, &iface)
             .with_context(|| format!("detaching instance {instance:?} from {iface}")),
     }
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    println!(
+        "{}: ok — instance {:?}, {} listener(s), {} VServer group(s), {} default-group backend(s), {} interface(s)",
+        file.display(),
+        config.instance,
+        config.listeners.len(),
+        config.groups.len(),
+        config.default_group.backends.len(),
+        config.interfaces.len()
+    );
+    Ok(())
+}
+
+/// `--json` prints `value` as JSON, else its `render`ed text.
+fn print_json_or_text<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    render: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", render(value));
+    }
+    Ok(())
 }

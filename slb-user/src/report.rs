@@ -78,6 +78,27 @@ struct Row {
 }
 
 fn judge(listener: &str, unit: &'static str, persistence: bool, rows: Vec<Row>) -> ListenerReport {
+    let backends = shares(rows);
+    let total: u64 = backends.iter().map(|b| b.count).sum();
+    let skewed: Vec<&BackendShare> = backends
+        .iter()
+        .filter(|b| b.deviation_points.abs() > b.allowed_points)
+        .collect();
+    let verdict = verdict(total, unit, &skewed);
+    let notes = notes(persistence, &backends, !skewed.is_empty());
+    ListenerReport {
+        listener: listener.into(),
+        unit,
+        total,
+        persistence,
+        backends,
+        verdict,
+        notes,
+    }
+}
+
+/// Each backend's share of the traffic next to its share of the weight.
+fn shares(rows: Vec<Row>) -> Vec<BackendShare> {
     let total: u64 = rows.iter().map(|r| r.count).sum();
     // Unhealthy backends get no traffic by design: the weight share is over the eligible ones.
     let eligible_weight: u64 = rows
@@ -86,16 +107,18 @@ fn judge(listener: &str, unit: &'static str, persistence: bool, rows: Vec<Row>) 
         .map(|r| u64::from(r.weight))
         .sum();
     let total_clients: u64 = rows.iter().filter_map(|r| r.clients).sum();
-    let backends: Vec<BackendShare> = rows
-        .into_iter()
+    let percent = |part: u64, whole: u64| {
+        if whole > 0 {
+            part as f64 * 100.0 / whole as f64
+        } else {
+            0.0
+        }
+    };
+    rows.into_iter()
         .map(|r| {
-            let share = if total > 0 {
-                r.count as f64 * 100.0 / total as f64
-            } else {
-                0.0
-            };
-            let weight_share = if r.healthy && eligible_weight > 0 {
-                f64::from(r.weight) * 100.0 / eligible_weight as f64
+            let share = percent(r.count, total);
+            let weight_share = if r.healthy {
+                percent(u64::from(r.weight), eligible_weight)
             } else {
                 0.0
             };
@@ -110,22 +133,14 @@ fn judge(listener: &str, unit: &'static str, persistence: bool, rows: Vec<Row>) 
                 deviation_points: share - weight_share,
                 allowed_points: allowed_deviation(weight_share / 100.0, total),
                 clients: r.clients,
-                client_share_pct: r.clients.map(|c| {
-                    if total_clients > 0 {
-                        c as f64 * 100.0 / total_clients as f64
-                    } else {
-                        0.0
-                    }
-                }),
+                client_share_pct: r.clients.map(|c| percent(c, total_clients)),
             }
         })
-        .collect();
-    let mut notes = Vec::new();
-    let skewed: Vec<&BackendShare> = backends
-        .iter()
-        .filter(|b| b.deviation_points.abs() > b.allowed_points)
-        .collect();
-    let verdict = if total < MIN_SAMPLE {
+        .collect()
+}
+
+fn verdict(total: u64, unit: &str, skewed: &[&BackendShare]) -> String {
+    if total < MIN_SAMPLE {
         format!("too little traffic to judge ({total} {unit}, need {MIN_SAMPLE})")
     } else if skewed.is_empty() {
         "balanced: every backend's share is within chance (3σ, at least 1 point) of its weight share".to_string()
@@ -140,7 +155,12 @@ fn judge(listener: &str, unit: &'static str, persistence: bool, rows: Vec<Row>) 
             })
             .collect();
         format!("skewed: {}", names.join(", "))
-    };
+    }
+}
+
+/// What the reader should know to read the shares right.
+fn notes(persistence: bool, backends: &[BackendShare], skewed: bool) -> Vec<String> {
+    let mut notes = Vec::new();
     if persistence {
         notes.push(
             "session persistence is on: traffic follows client addresses (or cookies), so a few busy clients can skew shares; compare the per-client shares".into(),
@@ -149,20 +169,12 @@ fn judge(listener: &str, unit: &'static str, persistence: bool, rows: Vec<Row>) 
     if backends.iter().any(|b| !b.healthy) {
         notes.push("unhealthy backends are expected to get nothing; their weight is left out of the weight shares".into());
     }
-    if !skewed.is_empty() && !persistence {
+    if skewed && !persistence {
         notes.push(
             "check that every backend is healthy the whole period, that weights were not changed during it, and that long-lived connections (counted when they started) do not dominate".into(),
         );
     }
-    ListenerReport {
-        listener: listener.into(),
-        unit,
-        total,
-        persistence,
-        backends,
-        verdict,
-        notes,
-    }
+    notes
 }
 
 pub fn distribution(

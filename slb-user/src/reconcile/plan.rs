@@ -410,36 +410,25 @@ fn plan_listener(
         ring_size,
         ..Default::default()
     };
-    let mut ring = old.map_or(0, |o| o.ring);
-    let mut rebuild = None;
-    let mut ring_input = Vec::new();
-    let mut ring_identities = Vec::new();
-    match g.kind {
+    let ring = match g.kind {
         GroupKind::ActiveStandby => {
             entry.flags |= LISTENER_F_ACTIVE_STANDBY;
             entry.active_id = ids[&g.members[0].0];
             entry.standby_id = ids[&g.members[1].0];
+            PlannedRing {
+                ring: old.map_or(0, |o| o.ring),
+                ..PlannedRing::default()
+            }
         }
         GroupKind::Vserver => {
-            let ignore_health;
-            (ring_input, ignore_health) = maglev_input(g, ids, healthy);
+            let (ring, ignore_health) = plan_ring(g, old, ids, healthy);
             if ignore_health {
                 entry.flags |= LISTENER_F_IGNORE_HEALTH;
             }
-            let unchanged = old
-                .is_some_and(|o| o.ring_input == ring_input && o.group_kind == GroupKind::Vserver);
-            if !unchanged {
-                ring = old.map_or(0, |o| (o.ring + 1) % RINGS_PER_LISTENER);
-                rebuild = Some(ring);
-                ring_identities = g
-                    .members
-                    .iter()
-                    .map(|(k, _)| k.endpoint().to_string())
-                    .collect();
-            }
+            ring
         }
-    }
-    entry.ring_index = ring_slot(index, ring);
+    };
+    entry.ring_index = ring_slot(index, ring.ring);
     if let Some(p) = &l.persistence {
         entry.flags |= LISTENER_F_PERSIST;
         entry.persist_timeout_s = p.timeout.as_secs() as u32;
@@ -457,8 +446,8 @@ fn plan_listener(
         group: g.group.clone(),
         group_kind: g.kind,
         index,
-        ring,
-        ring_input: ring_input.clone(),
+        ring: ring.ring,
+        ring_input: ring.input.clone(),
         flags: entry.flags,
         persistence_timeout_s: l.persistence.map(|p| p.timeout.as_secs() as u32),
         idle_timeout_s: l.idle_timeout_s(),
@@ -469,13 +458,56 @@ fn plan_listener(
         key,
         old_key,
         index,
-        ring_input,
-        ring_identities,
-        rebuild,
+        ring_input: ring.input,
+        ring_identities: ring.identities,
+        rebuild: ring.rebuild,
         replies,
         entry,
     };
     (planned, applied)
+}
+
+/// Which of a listener's rings is live after the apply, and what it is built from.
+#[derive(Default)]
+struct PlannedRing {
+    ring: u32,
+    rebuild: Option<u32>,
+    input: Vec<(u32, u32)>,
+    identities: Vec<String>,
+}
+
+/// A Maglev listener's ring: the one it has when the input is as it was, else the other one,
+/// rebuilt; and whether health is ignored (see [`maglev_input`]).
+fn plan_ring(
+    g: &Members<'_>,
+    old: Option<&AppliedListener>,
+    ids: &BTreeMap<BackendKey, u32>,
+    healthy: &dyn Fn(&BackendKey) -> bool,
+) -> (PlannedRing, bool) {
+    let (input, ignore_health) = maglev_input(g, ids, healthy);
+    let unchanged =
+        old.is_some_and(|o| o.ring_input == input && o.group_kind == GroupKind::Vserver);
+    let ring = if unchanged {
+        PlannedRing {
+            ring: old.map_or(0, |o| o.ring),
+            rebuild: None,
+            input,
+            identities: Vec::new(),
+        }
+    } else {
+        let ring = old.map_or(0, |o| (o.ring + 1) % RINGS_PER_LISTENER);
+        PlannedRing {
+            ring,
+            rebuild: Some(ring),
+            input,
+            identities: g
+                .members
+                .iter()
+                .map(|(k, _)| k.endpoint().to_string())
+                .collect(),
+        }
+    };
+    (ring, ignore_health)
 }
 
 /// A Maglev listener's ring input (backend ids with the weights its health leaves them), and
