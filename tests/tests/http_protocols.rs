@@ -1,12 +1,13 @@
-//! HTTPS listener with two certificates chosen by SNI, HTTP/2 and HTTP/1.1 by ALPN, a
-//! WebSocket echo through the HTTP listener, and a streamed response body.
+//! HTTPS listener with two certificates chosen by SNI, HTTP/2 and HTTP/1.x by ALPN, the
+//! server's cipher order, one header limit for both protocols, a WebSocket echo through the
+//! HTTP listener, and a streamed response body.
 
 mod http_common;
 
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
-use http_common::{client_builder, get, L7Setup, TestPki};
+use http_common::{client_builder, get, send, L7Setup, TestPki};
 use slb_tests::http::{vip_http, vip_https, L7Listener, HTTPS_PORT, HTTP_PORT};
 use slb_tests::{require_root, CLIENT_ADDR};
 use tokio_tungstenite::tungstenite::Message;
@@ -264,4 +265,158 @@ fn http_response_body_streams() {
     );
     assert_eq!(big.status, 200);
     assert_eq!(big.body.len(), 20480 * 1024);
+}
+
+/// A TLS handshake with the HTTPS listener offering `alpn` and `suites` (in that order of
+/// preference), then `request` sent and the answer read to its end: the negotiated protocol
+/// and cipher suite, and the answer's first line.
+async fn handshake_and_ask(
+    pki_ca_pem: String,
+    alpn: Vec<Vec<u8>>,
+    suites: Vec<tokio_rustls::rustls::SupportedCipherSuite>,
+    request: &'static [u8],
+) -> Result<(Option<Vec<u8>>, String, String), String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_certs(&pki_ca_pem) {
+        roots.add(cert).map_err(|e| e.to_string())?;
+    }
+    let provider = rustls::crypto::CryptoProvider {
+        cipher_suites: suites,
+        ..rustls::crypto::ring::default_provider()
+    };
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.into())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(vip_https())
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(A).expect("server name");
+    let mut tls = tokio::time::timeout(TIMEOUT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| "handshake timed out".to_owned())?
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (_, session) = tls.get_ref();
+    let protocol = session.alpn_protocol().map(<[u8]>::to_vec);
+    let suite = format!(
+        "{:?}",
+        session.negotiated_cipher_suite().expect("a suite").suite()
+    );
+    tls.write_all(request).await.map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, tls.read_to_end(&mut answer)).await;
+    let first_line = String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    Ok((protocol, suite, first_line))
+}
+
+fn rustls_pki_certs(pem: &str) -> Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("CA PEM")
+}
+
+#[test]
+fn https_serves_http10_only_clients_and_picks_the_cipher_in_its_own_order() {
+    require_root("https_serves_http10_only_clients_and_picks_the_cipher_in_its_own_order");
+    use tokio_rustls::rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384,
+    };
+    let mut pki = None;
+    let setup = L7Setup::start("h7alpn", 1, |c, dir| {
+        let p = TestPki::generate(dir, &[A]);
+        c.group("pool", &[(1, 1)]);
+        c.listener(L7Listener::https(
+            "secure",
+            HTTPS_PORT,
+            "pool",
+            vec![p.certificate_config(A)],
+        ));
+        pki = Some(p);
+    });
+    let ca = pki.expect("certificates").ca_pem;
+    const HTTP10: &[u8] = b"GET / HTTP/1.0\r\nHost: a.example.test\r\n\r\n";
+    let (http10, preferring_aes128) = setup.client.run(async move {
+        let http10 = handshake_and_ask(
+            ca.clone(),
+            vec![b"http/1.0".to_vec()],
+            vec![TLS13_AES_256_GCM_SHA384, TLS13_AES_128_GCM_SHA256],
+            HTTP10,
+        )
+        .await;
+        // A client that prefers the weaker suite gets the server's first choice it offers.
+        let preferring_aes128 = handshake_and_ask(
+            ca,
+            vec![b"http/1.1".to_vec()],
+            vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384],
+            HTTP10,
+        )
+        .await;
+        (http10, preferring_aes128)
+    });
+    println!("ALPN [http/1.0]: {http10:?}");
+    println!("client preferring AES-128: {preferring_aes128:?}");
+    let (protocol, _, first_line) = http10.expect("an http/1.0-only client is served");
+    assert_eq!(protocol.as_deref(), Some(&b"http/1.0"[..]));
+    assert!(
+        first_line.starts_with("HTTP/1.") && first_line.contains(" 200 "),
+        "answer: {first_line:?}"
+    );
+    let (_, suite, _) = preferring_aes128.expect("handshake");
+    assert_eq!(
+        suite, "TLS13_AES_256_GCM_SHA384",
+        "the server's order decides"
+    );
+}
+
+#[test]
+fn http_header_limit_is_the_same_over_http1_and_http2() {
+    require_root("http_header_limit_is_the_same_over_http1_and_http2");
+    let setup = L7Setup::start("h7hdr", 1, |c, _| {
+        c.group("pool", &[(1, 1)]);
+        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+    });
+    let h1 = client_builder(&[], vip_http(), TIMEOUT)
+        .http1_only()
+        .build()
+        .expect("client");
+    let h2 = client_builder(&[], vip_http(), TIMEOUT)
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    // 20 KiB passes both (hyper's HTTP/2 default of 16 KiB used to refuse it); 70 KiB neither.
+    let outcomes = setup.client.run(async move {
+        let mut outcomes = Vec::new();
+        for (label, client) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
+            for kib in [20usize, 70] {
+                let value = "v".repeat(kib * 1024);
+                let outcome = send(
+                    client
+                        .get(format!("http://{}/", vip_http()))
+                        .header("x-large", value),
+                )
+                .await
+                .map(|a| a.status)
+                .map_err(|e| format!("{e:?}"));
+                outcomes.push((label, kib, outcome));
+            }
+        }
+        outcomes
+    });
+    for (label, kib, outcome) in &outcomes {
+        println!("{label}: a {kib} KiB header -> {outcome:?}");
+    }
+    for (label, kib, outcome) in outcomes {
+        let expected = if kib == 20 { 200 } else { 431 };
+        assert_eq!(outcome, Ok(expected), "{label} with a {kib} KiB header");
+    }
 }

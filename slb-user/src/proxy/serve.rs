@@ -17,7 +17,9 @@ use super::listener::ListenerSnapshot;
 use super::request::{handle, Client, SharedByListeners};
 use crate::config::Protocol;
 
-/// Limit on a request's header block; larger ones get 431.
+/// Limit on a request's header block, the same for both protocols (HTTP/1: the request line and
+/// headers as sent; HTTP/2: the header list as RFC 9113 counts it, 32 bytes per field on top of
+/// names and values); larger ones get 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 pub async fn accept_loop(
@@ -113,6 +115,7 @@ where
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let service = hyper::service::service_fn(move |req| {

@@ -50,7 +50,7 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// A TLS server config for a listener's certificates, with the keys loaded with the config,
-/// offering HTTP/2 and HTTP/1.1 by ALPN.
+/// offering HTTP/2 and HTTP/1.x by ALPN and choosing the cipher suite in the server's order.
 pub fn server_config(
     certificates: &[Certificate],
     loaded: &LoadedCertificates,
@@ -74,6 +74,11 @@ pub fn server_config(
         .map_err(|e| e.to_string())?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SniResolver { entries }));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // http/1.0 too: a client that offers only it (`curl --http1.0`) would otherwise be refused
+    // with no_application_protocol; its requests are served as HTTP/1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
+    // The provider lists its suites strongest first; a client's order would let it pick a
+    // weaker one.
+    config.ignore_client_order = true;
     Ok(Arc::new(config))
 }
