@@ -361,8 +361,12 @@ impl Tasks {
     }
 }
 
-/// The daemon's tasks besides its loop: the connection-table sweeper, the counter history and,
-/// when configured, the Prometheus endpoint.
+/// How often refused TLS renegotiations are summed up in the log (see
+/// [`crate::proxy::tls::RustlsLogFilter`]).
+const RENEGOTIATION_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The daemon's tasks besides its loop: the connection-table sweeper, the counter history, the
+/// refused-renegotiations report and, when configured, the Prometheus endpoint.
 fn spawn_background(
     config: &Config,
     pin_dir: &Path,
@@ -379,6 +383,9 @@ fn spawn_background(
             sweep_found,
         )),
         tokio::spawn(crate::metrics::record_history(instance, live.clone())),
+        tokio::spawn(crate::proxy::tls::report_refused_renegotiations(
+            RENEGOTIATION_REPORT_INTERVAL,
+        )),
     ];
     if let Some(port) = config.metrics.prometheus_port {
         background.push(tokio::spawn(async move {

@@ -98,6 +98,8 @@ fn answer(response: api::Response) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -108,6 +110,8 @@ fn main() -> anyhow::Result<()> {
         // A log that cannot be written (a full disk) loses the event: by default the subscriber
         // reports that with eprintln!, which panics the thread that logged.
         .log_internal_errors(false)
+        .finish()
+        .with(slb_user::proxy::tls::RustlsLogFilter)
         .init();
     let cli = Cli::parse();
     execute(cli).map_err(explain_missing_privileges)

@@ -393,11 +393,12 @@ fn http_header_limit_is_the_same_over_http1_and_http2() {
         .http2_prior_knowledge()
         .build()
         .expect("client");
-    // 20 KiB passes both (hyper's HTTP/2 default of 16 KiB used to refuse it); 70 KiB neither.
+    // 20 KiB passes both (hyper's HTTP/2 default of 16 KiB used to refuse it); 70 KiB neither
+    // (HTTP/1.1 let it through when one read took it whole), nor 200 KiB.
     let outcomes = setup.client.run(async move {
         let mut outcomes = Vec::new();
         for (label, client) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
-            for kib in [20usize, 70] {
+            for kib in [20usize, 70, 200] {
                 let value = "v".repeat(kib * 1024);
                 let outcome = send(
                     client
@@ -419,4 +420,115 @@ fn http_header_limit_is_the_same_over_http1_and_http2() {
         let expected = if kib == 20 { 200 } else { 431 };
         assert_eq!(outcome, Ok(expected), "{label} with a {kib} KiB header");
     }
+}
+
+/// TLS 1.2 clients that ask to renegotiate are refused (rustls does that), and the daemon's log
+/// gets a count every few seconds instead of one WARN line per attempt.
+#[test]
+fn https_renegotiation_attempts_are_counted_not_logged_one_by_one() {
+    require_root("https_renegotiation_attempts_are_counted_not_logged_one_by_one");
+    const ATTEMPTS: usize = 12;
+    let mut pki = None;
+    let mut setup = L7Setup::start("h7reneg", 1, |c, dir| {
+        let p = TestPki::generate(dir, &[A]);
+        c.group("pool", &[(1, 1)]);
+        let mut secure =
+            L7Listener::https("secure", HTTPS_PORT, "pool", vec![p.certificate_config(A)]);
+        // A connection that sends no request is closed after this: that ends each attempt.
+        secure.header_timeout = Some("1s".to_owned());
+        c.listener(secure);
+        pki = Some(p);
+    });
+    drop(pki);
+    let connect = vip_https().to_string();
+    let attempts: Vec<_> = (0..ATTEMPTS)
+        .map(|attempt| {
+            let (ns, connect) = (setup.topo.client_ns().to_owned(), connect.clone());
+            std::thread::spawn(move || {
+                ask_to_renegotiate(&ns, &connect)
+                    .unwrap_or_else(|e| panic!("attempt {attempt}: {e:#}"))
+            })
+        })
+        .collect();
+    for a in attempts {
+        a.join().expect("attempt");
+    }
+    let summary = format!("refused_since_start={ATTEMPTS}");
+    setup
+        .daemon
+        .wait_for_log(&summary, 1, Duration::from_secs(10))
+        .expect("the count of refused renegotiations in the log");
+    let log = setup.daemon.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("renegotiat") || l.contains("NoRenegotiation"))
+        .collect();
+    println!(
+        "{ATTEMPTS} renegotiation attempts; the log says:\n{}",
+        lines.join("\n")
+    );
+    assert_eq!(
+        log.matches("NoRenegotiation").count(),
+        0,
+        "no line per attempt:\n{log}"
+    );
+    assert!(
+        lines.len() <= 3,
+        "a few summary lines for {ATTEMPTS} attempts, not one each:\n{log}"
+    );
+}
+
+/// One TLS 1.2 connection (openssl s_client, with `-msg` to show the handshake) that asks to
+/// renegotiate once its handshake is done. Refused, s_client waits for a ServerHello that never
+/// comes, with its renegotiating ClientHello sent, until slb closes the connection that sent no
+/// request (header_timeout).
+fn ask_to_renegotiate(ns: &str, connect: &str) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, Write as _};
+    let args = [
+        "openssl",
+        "s_client",
+        "-connect",
+        connect,
+        "-servername",
+        A,
+        "-tls1_2",
+        "-msg",
+    ];
+    let mut child = slb_tests::exec::command_in(ns, args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let started = Instant::now();
+    let mut asked = false;
+    // Lines until s_client ends (slb closed the connection), or the watchdog ends it.
+    let (ended, ended_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = {
+        let pid = child.id() as i32;
+        std::thread::spawn(move || {
+            if ended_rx.recv_timeout(TIMEOUT).is_err() {
+                // Still running: it is our child, not yet reaped, so the pid is still its own.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        })
+    };
+    for line in stdout.lines().map_while(Result::ok) {
+        // The server's Finished: the handshake is done and s_client takes commands.
+        if !asked && line.contains("<<< TLS 1.2, Handshake [length 0010], Finished") {
+            stdin.write_all(b"R\n")?;
+            asked = true;
+        }
+    }
+    // stdout ended: s_client exited (not reaped yet, so the watchdog cannot hit another pid).
+    let _ = ended.send(());
+    watchdog.join().expect("watchdog");
+    let status = child.wait()?;
+    anyhow::ensure!(asked, "the handshake did not finish ({status})");
+    anyhow::ensure!(
+        started.elapsed() < TIMEOUT,
+        "slb did not close the connection within {TIMEOUT:?}"
+    );
+    Ok(())
 }

@@ -130,6 +130,8 @@ enum Failure {
     BadRequest(&'static str),
     /// A request form slb does not forward (CONNECT, `OPTIONS *`).
     NotImplemented(&'static str),
+    /// The headers add up to more than [`MAX_HEADER_LIST_BYTES`].
+    HeadersTooLarge,
     NoHealthyBackend,
     /// The request target does not make a URI with the backend's address.
     InvalidPath,
@@ -145,6 +147,10 @@ impl Failure {
         let (status, text) = match self {
             Failure::BadRequest(why) => (StatusCode::BAD_REQUEST, why),
             Failure::NotImplemented(why) => (StatusCode::NOT_IMPLEMENTED, why),
+            Failure::HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "431 Request Header Fields Too Large",
+            ),
             Failure::NoHealthyBackend => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "503 Service Unavailable: no healthy backend",
@@ -182,7 +188,18 @@ impl Failure {
     }
 }
 
-/// Phase 0: what slb refuses to forward. Host: exactly one over HTTP/1.1 (RFC 9112 §3.2), at
+/// The largest header list a request may have, counted as RFC 9113 §6.5.2 counts it for both
+/// protocols (names and values plus 32 bytes per field), so HTTP/1.1 and HTTP/2 have one limit.
+pub(super) const MAX_HEADER_LIST_BYTES: usize = 64 * 1024;
+
+fn header_list_size(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum()
+}
+
+/// Phase 0: what slb refuses to forward. Headers over [`MAX_HEADER_LIST_BYTES`]: 431. Host: exactly one over HTTP/1.1 (RFC 9112 §3.2), at
 /// most one otherwise, since the rules route on it and a backend could read the other one. The
 /// request target: origin form (`/path`) or absolute form; `GET p41` would otherwise reach the
 /// backend as `GET /`. CONNECT (slb is no forward proxy) and `OPTIONS *` (the pooled client
@@ -192,6 +209,9 @@ fn check_request<B>(req: &Request<B>) -> Result<(), Failure> {
         return Err(Failure::NotImplemented(
             "501 Not Implemented: CONNECT is not supported",
         ));
+    }
+    if header_list_size(req.headers()) > MAX_HEADER_LIST_BYTES {
+        return Err(Failure::HeadersTooLarge);
     }
     let hosts = req.headers().get_all(header::HOST).iter().count();
     if hosts > 1 {
@@ -466,6 +486,22 @@ mod tests {
         let mut http2 = request(&[], "GET", "https://a/x");
         *http2.version_mut() = hyper::Version::HTTP_2;
         assert_eq!(check_request(&http2), Ok(()), "HTTP/2 has :authority");
+    }
+
+    #[test]
+    fn headers_count_as_rfc_9113_counts_them_against_one_limit() {
+        // 1000 fields of 30-byte names and values: 1000 × (30 + 30 + 32) = 92000 bytes.
+        let names: Vec<String> = (0..1000)
+            .map(|i| format!("{}{i:04}", "x".repeat(26)))
+            .collect();
+        let value = "v".repeat(30);
+        let head: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), value.as_str())).collect();
+        let req = request(&head, "GET", "/");
+        assert_eq!(header_list_size(req.headers()), 1000 * (30 + 30 + 32));
+        assert_eq!(check_request(&req), Err(Failure::HeadersTooLarge));
+        let req = request(&head[..500], "GET", "/");
+        assert_eq!(header_list_size(req.headers()), 500 * 92);
+        assert!(header_list_size(req.headers()) <= MAX_HEADER_LIST_BYTES);
     }
 
     #[test]

@@ -14,13 +14,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls::ServerConfig;
 
 use super::listener::ListenerSnapshot;
-use super::request::{handle, Client, SharedByListeners};
+use super::request::{handle, Client, SharedByListeners, MAX_HEADER_LIST_BYTES};
 use crate::config::Protocol;
 
-/// Limit on a request's header block, the same for both protocols (HTTP/1: the request line and
-/// headers as sent; HTTP/2: the header list as RFC 9113 counts it, 32 bytes per field on top of
-/// names and values); larger ones get 431.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// What hyper may read of a request's head (HTTP/1) or header list (HTTP/2, pseudo-headers
+/// included) before it answers 431 itself: room above [`MAX_HEADER_LIST_BYTES`], which the
+/// request phase checks exactly and alike for both protocols (hyper's HTTP/1 limit is a read
+/// buffer's, which one read may overshoot).
+const MAX_HEAD_READ_BYTES: usize = 2 * MAX_HEADER_LIST_BYTES;
 
 pub async fn accept_loop(
     listener: TcpListener,
@@ -112,10 +113,10 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(current.header_timeout)
-        .max_buf_size(MAX_HEADER_BYTES);
+        .max_buf_size(MAX_HEAD_READ_BYTES);
     builder
         .http2()
-        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_header_list_size(MAX_HEAD_READ_BYTES as u32)
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let service = hyper::service::service_fn(move |req| {

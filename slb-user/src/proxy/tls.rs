@@ -1,5 +1,6 @@
 //! Certificates for HTTPS listeners: PEM files → rustls keys, chosen by SNI.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
@@ -81,4 +82,79 @@ pub fn server_config(
     // weaker one.
     config.ignore_client_order = true;
     Ok(Arc::new(config))
+}
+
+/// TLS 1.2 renegotiation attempts the proxy refused since start. rustls refuses each with a
+/// warning alert and one WARN log line; clients can repeat that at will, so [`RustlsLogFilter`]
+/// counts the lines here instead and [`report_refused_renegotiations`] logs the count.
+static RENEGOTIATIONS_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// The refused renegotiations since start.
+pub fn renegotiations_refused() -> u64 {
+    RENEGOTIATIONS_REFUSED.load(Ordering::Relaxed)
+}
+
+/// A logging layer that takes rustls's line for each refused renegotiation out of the log and
+/// counts it.
+pub struct RustlsLogFilter;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RustlsLogFilter {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        if *event.metadata().level() != tracing::Level::WARN {
+            return true;
+        }
+        let mut fields = LogFields::default();
+        event.record(&mut fields);
+        let from_rustls =
+            fields.target.starts_with("rustls") || event.metadata().target().starts_with("rustls");
+        if from_rustls && fields.message.contains("NoRenegotiation") {
+            RENEGOTIATIONS_REFUSED.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+/// The message and, for lines that came through the `log` crate, the target they were logged
+/// with.
+#[derive(Default)]
+struct LogFields {
+    message: String,
+    target: String,
+}
+
+impl tracing::field::Visit for LogFields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "log.target" {
+            self.target = value.to_owned();
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        }
+    }
+}
+
+/// Logs, at most every `every`, how many renegotiations were refused since the last line.
+pub async fn report_refused_renegotiations(every: std::time::Duration) {
+    let mut reported = renegotiations_refused();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let now = renegotiations_refused();
+        if now > reported {
+            tracing::warn!(
+                refused = now - reported,
+                refused_since_start = now,
+                "TLS: clients asked to renegotiate; refused (counted, not logged one by one)"
+            );
+            reported = now;
+        }
+    }
 }
