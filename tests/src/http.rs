@@ -51,6 +51,9 @@ pub struct L7Config {
     pub instance: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub access_log: Option<PathBuf>,
+    /// slb's default is a file of the machine's (/var/lib/slb): tests keep theirs apart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cookie_secret_file: Option<PathBuf>,
     pub interfaces: Vec<InterfaceConfig>,
     pub listeners: Vec<L7Listener>,
     pub groups: Vec<GroupConfig>,
@@ -162,6 +165,7 @@ impl L7Config {
         L7Config {
             instance: instance.to_owned(),
             access_log: None,
+            cookie_secret_file: None,
             interfaces: (0..=backends)
                 .map(|i| InterfaceConfig {
                     name: format!("s{i}"),

@@ -1,6 +1,7 @@
 //! HTTP listener: domain and path rules pick the group, weighted round robin spreads requests
 //! by weight, weighted least connections avoids the busier backend, cookies keep a client on
-//! its backend (insert and rewrite), and the backend gets the forwarded headers.
+//! its backend (insert and rewrite) with tokens keyed by the node's secret, and the backend gets
+//! the forwarded headers.
 
 mod http_common;
 
@@ -510,5 +511,65 @@ fn http_weighted_least_connections_avoids_the_busier_backend() {
     assert!(
         quick_backends.iter().all(|b| b != busier),
         "a quick request went to {busier}, which had two slow requests in flight: {quick_backends:?}"
+    );
+}
+
+/// The token in `SLB_SERVER` is keyed by the cookie secret: a node with another secret names
+/// the same backend otherwise (so the token cannot be worked out from the backend's address),
+/// and nodes (or restarts) with the same secret agree.
+#[test]
+fn http_cookie_tokens_are_keyed_by_the_cookie_secret() {
+    require_root("http_cookie_tokens_are_keyed_by_the_cookie_secret");
+    let mut setup = L7Setup::start("h7ckey", 1, |c, dir| {
+        std::fs::write(dir.join("secret-a"), "the first node secret, 32 bytes\n").unwrap();
+        std::fs::write(dir.join("secret-b"), "another node secret, of 32 bytes\n").unwrap();
+        c.cookie_secret_file = Some(dir.join("secret-a"));
+        c.group("pool", &[(1, 1)]);
+        let mut insert = L7Listener::http("insert", HTTP_PORT, "pool");
+        insert.cookie = Some(CookieConfig::Insert {
+            timeout: "10m".to_owned(),
+        });
+        c.listener(insert);
+    });
+    let client = client_builder(&[], vip_http(), TIMEOUT)
+        .build()
+        .expect("client");
+    let token = |setup: &L7Setup| {
+        let client = client.clone();
+        let answer = setup
+            .client
+            .run(async move { get(&client, &format!("http://{VIP}:{HTTP_PORT}/")).await })
+            .expect("GET");
+        assert_eq!(answer.status, 200);
+        answer
+            .set_cookies()
+            .iter()
+            .find_map(|c| c.strip_prefix("SLB_SERVER="))
+            .and_then(|c| c.split(';').next())
+            .map(str::to_owned)
+            .expect("an SLB_SERVER cookie")
+    };
+    let with_a = token(&setup);
+    let dir = setup.dir.path().to_owned();
+    setup.config.cookie_secret_file = Some(dir.join("secret-b"));
+    setup
+        .daemon
+        .write_config_text(&setup.config.to_toml())
+        .expect("write config");
+    setup.daemon.reload().expect("reload with secret B");
+    let with_b = token(&setup);
+    setup.config.cookie_secret_file = Some(dir.join("secret-a"));
+    setup
+        .daemon
+        .write_config_text(&setup.config.to_toml())
+        .expect("write config");
+    setup.daemon.reload().expect("reload with secret A");
+    let with_a_again = token(&setup);
+    println!("b1's token: secret A {with_a}, secret B {with_b}, secret A again {with_a_again}");
+    assert_eq!(with_a.len(), 16);
+    assert_ne!(with_a, with_b, "the token depends on the secret");
+    assert_eq!(
+        with_a, with_a_again,
+        "the same secret names the backend alike"
     );
 }

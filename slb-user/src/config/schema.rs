@@ -96,6 +96,10 @@ pub struct Config {
     pub access_log: Option<std::path::PathBuf>,
     #[serde(default)]
     pub metrics: Metrics,
+    /// The secret that keys cookie persistence's backend tokens (created with a random secret
+    /// when missing); every slb node that serves the same listeners needs the same file.
+    #[serde(default = "default_cookie_secret_file")]
+    pub cookie_secret_file: std::path::PathBuf,
     /// The HTTPS listeners' certificates as [`Config::parse`] loaded them.
     #[serde(skip)]
     pub certificates: super::LoadedCertificates,
@@ -232,6 +236,14 @@ fn default_cookie_timeout() -> Duration {
 
 /// Name of the cookie slb inserts.
 pub const INSERT_COOKIE: &str = "SLB_SERVER";
+
+/// Where the cookie secret is kept unless the config says otherwise: one per node, shared by
+/// its instances.
+pub const DEFAULT_COOKIE_SECRET_FILE: &str = "/var/lib/slb/cookie-secret";
+
+fn default_cookie_secret_file() -> std::path::PathBuf {
+    DEFAULT_COOKIE_SECRET_FILE.into()
+}
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::cookies::CookieKey;
 use crate::config::Scheduler;
 
 /// A backend as the proxy balances over it.
@@ -13,7 +14,8 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Config weight, or 0 when unhealthy.
     pub weight: u32,
-    /// Stable token naming the backend in cookies (same on every node).
+    /// The token naming the backend in cookies (see [`super::cookies::CookieKey::token`]);
+    /// empty when no listener uses cookies.
     pub token: String,
     /// Requests sent to it whose response has not finished; kept across reloads (the manager
     /// owns one counter per backend), read by least connections.
@@ -21,22 +23,19 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(addr: SocketAddr, weight: u32, in_flight: Arc<AtomicUsize>) -> Backend {
+    pub fn new(
+        addr: SocketAddr,
+        weight: u32,
+        in_flight: Arc<AtomicUsize>,
+        cookie_key: Option<&CookieKey>,
+    ) -> Backend {
         Backend {
             addr,
             weight,
-            token: backend_token(addr),
+            token: cookie_key.map(|k| k.token(addr)).unwrap_or_default(),
             in_flight,
         }
     }
-}
-
-/// The cookie token of a backend: a hash of its address, so every slb node names it alike.
-fn backend_token(addr: SocketAddr) -> String {
-    format!(
-        "{:016x}",
-        slb_common::hash::hash_bytes64(0x5eed_c00c, addr.to_string().as_bytes())
-    )
 }
 
 /// A VServer group as a listener's requests see it.
@@ -216,7 +215,8 @@ mod tests {
                 .enumerate()
                 .map(|(i, &w)| {
                     let addr = SocketAddr::from(([10, 0, 0, i as u8 + 1], 80));
-                    Backend::new(addr, w, Arc::default())
+                    let key = CookieKey::from_secret(b"a secret for the tests");
+                    Backend::new(addr, w, Arc::default(), Some(&key))
                 })
                 .collect(),
             wrr: Mutex::default(),

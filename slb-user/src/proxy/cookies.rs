@@ -2,10 +2,117 @@
 //! the application's own cookie value is prefixed with `<token>.` on the way out and the prefix
 //! is stripped on the way in, so the application sees its value unchanged.
 
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
 use hyper::header::{self, HeaderValue};
 use hyper::HeaderMap;
 
 use crate::config::{CookiePersistence, INSERT_COOKIE};
+
+/// The secret that keys the backend tokens in cookies. An unkeyed hash of the backend's
+/// address could be reversed by trying addresses (it took 0.8 s); with the key, a token says
+/// nothing about the backend to whoever does not hold the file.
+#[derive(Clone)]
+pub struct CookieKey(Arc<ring::hmac::Key>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CookieKeyError {
+    #[error("cookie_secret_file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cookie_secret_file {path}: {len} bytes, a secret needs at least {MIN_SECRET_BYTES} \
+         (delete it to have slb create one)"
+    )]
+    TooShort { path: PathBuf, len: usize },
+}
+
+/// Shortest secret accepted from a file.
+const MIN_SECRET_BYTES: usize = 16;
+
+impl CookieKey {
+    /// The secret in `path` (its bytes, surrounding whitespace trimmed); a missing file is
+    /// created first with 32 random bytes in hex, readable by root only.
+    pub fn load_or_create(path: &Path) -> Result<CookieKey, CookieKeyError> {
+        let io = |source| CookieKeyError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let secret = match std::fs::read(path) {
+            Ok(secret) => secret,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                create_secret(path).map_err(io)?;
+                std::fs::read(path).map_err(io)?
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let secret = secret.trim_ascii();
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(CookieKeyError::TooShort {
+                path: path.to_owned(),
+                len: secret.len(),
+            });
+        }
+        Ok(CookieKey::from_secret(secret))
+    }
+
+    pub fn from_secret(secret: &[u8]) -> CookieKey {
+        CookieKey(Arc::new(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            secret,
+        )))
+    }
+
+    /// The token naming the backend at `addr` in cookies: the same on every node with the same
+    /// secret.
+    pub fn token(&self, addr: SocketAddr) -> String {
+        let tag = ring::hmac::sign(&self.0, addr.to_string().as_bytes());
+        tag.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// Writes a new random secret at `path`, unless another slb wrote one first.
+fn create_secret(path: &Path) -> std::io::Result<()> {
+    use ring::rand::SecureRandom as _;
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut secret = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| std::io::Error::other("no randomness from the system"))?;
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(mut file) => {
+            writeln!(file, "{hex}")?;
+            file.sync_all()?;
+            tracing::warn!(
+                path = %path.display(),
+                "created a new cookie secret; copy this file to every slb node that serves the same listeners, or their cookies will not agree"
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
 
 /// What a request's cookies say about its session.
 #[derive(Debug, Default, PartialEq)]
@@ -124,6 +231,44 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_missing_secret_is_created_and_the_same_secret_gives_the_same_tokens() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("cookie-secret");
+        let addr: SocketAddr = "10.0.1.2:8080".parse().unwrap();
+        let first = CookieKey::load_or_create(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.trim().len(), 64, "32 random bytes in hex: {text:?}");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = CookieKey::load_or_create(&path).unwrap();
+        assert_eq!(first.token(addr), again.token(addr));
+        assert_eq!(first.token(addr).len(), 16);
+        assert_ne!(
+            first.token(addr),
+            first.token("10.0.1.3:8080".parse().unwrap())
+        );
+        // Another node's own secret names the backend otherwise.
+        let other = dir.path().join("other");
+        std::fs::write(&other, "another secret of enough bytes\n").unwrap();
+        let other = CookieKey::load_or_create(&other).unwrap();
+        assert_ne!(first.token(addr), other.token(addr));
+    }
+
+    #[test]
+    fn a_short_secret_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("short");
+        std::fs::write(&path, "tiny\n").unwrap();
+        let Err(e) = CookieKey::load_or_create(&path) else {
+            panic!("a 4-byte secret was accepted");
+        };
+        let message = e.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("4 bytes"), "{message}");
+    }
 
     fn headers(name: header::HeaderName, values: &[&str]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio_rustls::rustls::ServerConfig;
 
 use super::balance::{Backend, BackendGroup};
+use super::cookies::CookieKey;
 use super::route::Router;
 use super::tls;
 use crate::applied::{BackendKey, HealthStatus};
@@ -57,14 +58,17 @@ pub fn tls_for(
 impl ListenerSnapshot {
     /// Unhealthy backends get weight 0; `in_flight` holds one counter per backend that outlives
     /// snapshots, so least connections still counts requests started before a reload. `tls` is
-    /// the listener's [`tls_for`], or the running snapshot's when only health changed.
+    /// the listener's [`tls_for`], or the running snapshot's when only health changed;
+    /// `cookie_key` names backends in cookies (the listener's, when it uses them).
     pub fn build(
         resolved: &ResolvedListener<'_>,
         health: &BTreeMap<BackendKey, HealthStatus>,
         in_flight: &mut HashMap<BackendKey, Arc<AtomicUsize>>,
         tls: Option<Arc<ServerConfig>>,
+        cookie_key: Option<&CookieKey>,
     ) -> ListenerSnapshot {
         let l = resolved.listener;
+        let cookie_key = cookie_key.filter(|_| l.cookie.is_some());
         let groups = resolved
             .groups
             .iter()
@@ -78,7 +82,8 @@ impl ListenerSnapshot {
                         let healthy = health.get(&key).is_none_or(|h| h.healthy);
                         let counter = in_flight.entry(key).or_default().clone();
                         let weight = if healthy { b.weight } else { 0 };
-                        Backend::new(SocketAddr::new(b.address, b.port), weight, counter)
+                        let addr = SocketAddr::new(b.address, b.port);
+                        Backend::new(addr, weight, counter, cookie_key)
                     })
                     .collect(),
                 wrr: Mutex::default(),

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::access_log::{AccessLog, OpenError};
+use super::cookies::{CookieKey, CookieKeyError};
 use super::listener::{tls_for, BuildError, ListenerSnapshot};
 use super::request::SharedByListeners;
 use super::serve::accept_loop;
@@ -38,6 +39,8 @@ pub enum ApplyError {
     },
     #[error(transparent)]
     AccessLog(#[from] OpenError),
+    #[error(transparent)]
+    CookieKey(#[from] CookieKeyError),
 }
 
 /// A listener whose accept loop runs.
@@ -60,6 +63,8 @@ pub struct ProxyManager {
     running: BTreeMap<String, RunningListener>,
     /// One counter per backend for least connections, kept across applies.
     in_flight: HashMap<BackendKey, Arc<AtomicUsize>>,
+    /// Read at each apply whose config has a listener with cookie persistence.
+    cookie_key: Option<CookieKey>,
     shared: Arc<SharedByListeners>,
 }
 
@@ -81,6 +86,7 @@ impl ProxyManager {
         ProxyManager {
             running: BTreeMap::new(),
             in_flight: HashMap::new(),
+            cookie_key: None,
             shared: Arc::new(SharedByListeners {
                 backend_client,
                 access_log: AccessLog::start(),
@@ -97,12 +103,27 @@ impl ProxyManager {
         config: &Config,
         health: &BTreeMap<BackendKey, HealthStatus>,
     ) -> anyhow::Result<()> {
+        let uses_cookies = config
+            .listeners
+            .iter()
+            .any(|l| l.protocol.is_l7() && l.cookie.is_some());
+        let cookie_key = if uses_cookies {
+            Some(CookieKey::load_or_create(&config.cookie_secret_file).map_err(ApplyError::from)?)
+        } else {
+            None
+        };
         let mut wanted = BTreeMap::new();
         for resolved in config.resolved_listeners() {
             let l = resolved.listener;
             if l.protocol.is_l7() {
                 let tls = tls_for(&resolved, &config.certificates)?;
-                let snapshot = ListenerSnapshot::build(&resolved, health, &mut self.in_flight, tls);
+                let snapshot = ListenerSnapshot::build(
+                    &resolved,
+                    health,
+                    &mut self.in_flight,
+                    tls,
+                    cookie_key.as_ref(),
+                );
                 let addr = SocketAddr::new(l.vip, l.port);
                 let protocol = l.protocol;
                 wanted.insert(
@@ -121,6 +142,7 @@ impl ProxyManager {
             .set_file(config.access_log.as_deref())
             .map_err(ApplyError::from)?;
 
+        self.cookie_key = cookie_key;
         self.stop_gone_or_moved(&wanted);
         for (name, w) in wanted {
             if let Some(r) = self.running.get(&name) {
@@ -152,8 +174,13 @@ impl ProxyManager {
             return;
         };
         let tls = running.snapshot.load().tls.clone();
-        let snapshot =
-            ListenerSnapshot::build(&config.resolve(l), health, &mut self.in_flight, tls);
+        let snapshot = ListenerSnapshot::build(
+            &config.resolve(l),
+            health,
+            &mut self.in_flight,
+            tls,
+            self.cookie_key.as_ref(),
+        );
         running.snapshot.store(Arc::new(snapshot));
     }
 

@@ -56,6 +56,7 @@ impl L7Setup {
             HttpBackends::start_all(&topo, Path::new(BACKEND)).expect("start HTTP backends");
         let mut config = L7Config::new(&unique_instance(tag), backends);
         config.access_log = Some(dir.path().join("access.log"));
+        config.cookie_secret_file = Some(dir.path().join("cookie-secret"));
         make_config(&mut config, dir.path());
         let daemon = SlbDaemon::start_toml(
             &slb_binary(),
