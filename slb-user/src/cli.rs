@@ -90,7 +90,12 @@ pub enum Command {
         shell: clap_complete::Shell,
     },
     /// Print the man page (roff) for `slb`.
-    Manpage,
+    Manpage {
+        /// Instead, write slb.1 and a page for each subcommand (slb-run.1, slb-backend-add.1,
+        /// ...) into this directory, as the Debian package installs them.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Detach a running instance's program from an interface.
     Detach {
         #[arg(short, long, default_value = "default")]

@@ -187,11 +187,13 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "slb", &mut out);
             print_output(&out)
         }
-        Command::Manpage => {
+        Command::Manpage { dir: None } => {
             let mut out = Vec::new();
             clap_mangen::Man::new(Cli::command()).render(&mut out)?;
             print_output(&out)
         }
+        Command::Manpage { dir: Some(dir) } => clap_mangen::generate_to(Cli::command(), &dir)
+            .with_context(|| format!("writing man pages into {}", dir.display())),
         Command::Reload { instance } => answer(api::call(&instance, &api::Request::Reload {})?),
         Command::Attach {
             instance,
