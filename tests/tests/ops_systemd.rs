@@ -92,10 +92,10 @@ fn systemd_unit_and_notify() {
     // systemd-analyze verify, with the unit pointing at the built binary.
     let dir = tempfile::tempdir().expect("temporary directory");
     let unit_path = dir.path().join("slb.service");
-    let unit = UNIT.replace("/usr/local/bin/slb", slb.to_str().expect("UTF-8 path"));
+    let unit = UNIT.replace("/usr/bin/slb", slb.to_str().expect("UTF-8 path"));
     assert!(
         unit.contains(slb.to_str().unwrap()),
-        "no /usr/local/bin/slb to replace"
+        "no /usr/bin/slb to replace"
     );
     std::fs::write(&unit_path, &unit).expect("write the unit");
     let out = Command::new("systemd-analyze")

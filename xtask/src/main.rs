@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | test | demo | bench | package`.
 
 mod bench;
+mod package;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,10 @@ enum Task {
         #[arg(long, value_name = "REV")]
         against: Option<String>,
     },
+    /// Setup, build slb (release), and make the Debian package: the binary, the systemd unit,
+    /// the man page, bash/zsh/fish completions, the config skeleton /etc/slb/slb.toml and
+    /// /var/log/slb. Prints the path of the .deb (target/debian/slb_<version>-1_<arch>.deb).
+    Package,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +78,11 @@ fn main() -> anyhow::Result<()> {
             seconds,
             against,
         } => bench(&suites, seconds, against.as_deref()),
+        Task::Package => {
+            let deb = package::package()?;
+            println!("{}", deb.display());
+            Ok(())
+        }
     }
 }
 
