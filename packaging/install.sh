@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# Installs slb as a systemd service: binary, unit, man page, completions, a config skeleton.
-# Usage (as root, from the repository): packaging/install.sh
+# Installs slb as a systemd service from this repository: builds the Debian package
+# (`cargo xtask package`; its contents are listed in slb-user/Cargo.toml, [package.metadata.deb])
+# and installs it with apt, which also pulls in what it depends on.
+# Usage (as root, from anywhere in the repository): packaging/install.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo xtask setup
-cargo build --release -p slb-user
-install -m 0755 target/release/slb /usr/local/bin/slb
-install -m 0644 packaging/slb.service /etc/systemd/system/slb.service
-install -d -m 0755 /usr/local/share/man/man1 /usr/share/bash-completion/completions /var/log/slb
-/usr/local/bin/slb manpage > /usr/local/share/man/man1/slb.1
-/usr/local/bin/slb completions bash > /usr/share/bash-completion/completions/slb
-install -d -m 0755 /etc/slb
-if [ ! -e /etc/slb/slb.toml ]; then
-  echo "write your config to /etc/slb/slb.toml (see README), then: systemctl enable --now slb"
+deb=$(cargo xtask package)
+
+# Earlier versions of this script installed into /usr/local and /etc/systemd/system; a unit
+# there would shadow the packaged one and run the old binary.
+for old in /usr/local/bin/slb /usr/local/share/man/man1/slb.1; do
+  if [ -e "$old" ]; then
+    echo "removing $old (installed by an earlier install.sh)"
+    rm -f "$old"
+  fi
+done
+if [ -e /etc/systemd/system/slb.service ]; then
+  echo "moving /etc/systemd/system/slb.service (installed by an earlier install.sh) to" \
+    "/etc/systemd/system/slb.service.old: the package's unit is /usr/lib/systemd/system/slb.service"
+  mv /etc/systemd/system/slb.service /etc/systemd/system/slb.service.old
 fi
-systemctl daemon-reload
+
+# An /etc/slb/slb.toml that is already there (an operator's config) is kept.
+apt-get install -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$deb"
+echo "edit /etc/slb/slb.toml (see README), then: systemctl enable --now slb"
