@@ -473,6 +473,50 @@ mod tests {
             "ReadWritePaths should hold /var/log/slb: {writable:?}"
         );
         verify_unit(&unit, &slb);
+
+        balance_with(&slb);
+    }
+
+    /// The packaged (release, stripped) binary loads the XDP program embedded in it and
+    /// balances TCP connections over two backends in network namespaces.
+    fn balance_with(slb: &Path) {
+        slb_tests::require_root("debian_package_installs_a_verifiable_service");
+        run(cargo().args(["build", "-p", "slb-tests", "--bin", "slb-test-server"]))
+            .expect("build the test backend server");
+        let server = target_dir()
+            .expect("target directory")
+            .join("debug")
+            .join("slb-test-server");
+        let topo = slb_tests::Topology::builder()
+            .tag("deb")
+            .backends(2)
+            .test_servers(&server)
+            .build()
+            .expect("create the namespaces");
+        let config =
+            slb_tests::SlbConfig::standard(&slb_tests::slb::unique_instance("deb"), &[1, 1]);
+        let daemon = slb_tests::SlbDaemon::start(slb, topo.slb_ns(), &config)
+            .expect("start the packaged slb");
+        let report = slb_tests::traffic::tcp_connections(
+            topo.client_ns(),
+            slb_tests::vip_tcp(),
+            &slb_tests::TrafficOptions::new(200),
+        )
+        .expect("TCP connections through the packaged slb");
+        println!("{}", report.summary("packaged slb, TCP"));
+        let exit = daemon.stop().expect("stop the packaged slb");
+        assert!(
+            report.failures.is_empty() && report.answered() == 200,
+            "{}",
+            report.summary("packaged slb, TCP")
+        );
+        assert_eq!(
+            report.counts.len(),
+            2,
+            "both backends should get connections: {:?}",
+            report.counts
+        );
+        assert!(exit.success(), "the packaged slb exited with {exit}");
     }
 
     /// `systemd-analyze verify` on the packaged unit with `/usr/bin/slb` pointing at the unpacked
