@@ -8,16 +8,17 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
+use core::ops::ControlFlow;
 use slb_common::{
     checksum::{apply, delta_u16, delta_u32},
     endpoint_filter_bits,
     hash::flow_hash,
-    Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry,
-    ListenerKey, NextHop, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT,
-    CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER, FRAGMENT_TO_BACKEND,
-    FRAGMENT_TO_CLIENT, HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY,
-    LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, NO_BACKEND, TCP_FLAG_ACK, TCP_FLAG_FIN,
-    TCP_FLAG_RST, TCP_FLAG_SYN,
+    Addr, Backend, BackendEndpoint, Connection, FlowKey, FragmentKey, GlobalCounters,
+    ListenerEntry, ListenerKey, NextHop, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING,
+    BACKEND_F_PRESENT, CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
+    FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP,
+    LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, NO_BACKEND,
+    TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
 };
 
 use crate::{
@@ -50,7 +51,6 @@ pub fn slb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
-    // Parse.
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         counters.malformed += 1;
         return XDP_DROP;
@@ -66,9 +66,44 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
             return XDP_PASS;
         }
     }
+    let header = match parse_ipv4(ctx, eth, counters) {
+        ControlFlow::Continue(header) => header,
+        ControlFlow::Break(verdict) => return verdict,
+    };
+    // The datagram a first fragment starts, remembered for its later fragments. Built here, not
+    // carried in `Ipv4Header`: moved out of `parse_ipv4`'s result, it took 24 more bytes of stack.
+    let fragment = header.first_fragment.then(|| fragments::key(header.ip));
+    let (l4, flow) = match parse_l4(ctx, &header, counters) {
+        ControlFlow::Continue(parsed) => parsed,
+        ControlFlow::Break(verdict) => return verdict,
+    };
+    dispatch(ctx, eth, &header, &fragment, &l4, &flow, counters)
+}
+
+/// An IPv4 header that passed the checks, of a TCP or UDP packet (or a datagram's first
+/// fragment) without options.
+struct Ipv4Header {
+    ip: *mut Ipv4Hdr,
+    protocol: u8,
+    /// Flags and fragment offset, host order.
+    frag_off: u16,
+    total_len: usize,
+    /// The first fragment of a datagram.
+    first_fragment: bool,
+}
+
+/// The IPv4 header, or the verdict on a packet that does not go on to the listener lookups:
+/// malformed, ICMP (translated as an error about a balanced flow), neither TCP nor UDP, a later
+/// fragment (which follows its first one), or with options.
+#[inline(always)]
+fn parse_ipv4(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    counters: &mut GlobalCounters,
+) -> ControlFlow<u32, Ipv4Header> {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HDR_LEN) else {
         counters.malformed += 1;
-        return XDP_DROP;
+        return ControlFlow::Break(XDP_DROP);
     };
     let (version_ihl, protocol, frag_off, total_len) = unsafe {
         (
@@ -86,36 +121,51 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         || total_len < usize::from(version_ihl & 0x0f) * 4
     {
         counters.malformed += 1;
-        return XDP_DROP;
+        return ControlFlow::Break(XDP_DROP);
     }
     if protocol == IPPROTO_ICMP && frag_off & IPV4_FRAGMENT_MASK == 0 && version_ihl == 0x45 {
-        return icmp::translate_error(ctx, counters);
+        return ControlFlow::Break(icmp::translate_error(ctx, counters));
     }
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         counters.not_for_us_passed += 1;
-        return XDP_PASS;
+        return ControlFlow::Break(XDP_PASS);
     }
-    // A first fragment takes the ordinary path and is remembered for the rest of its datagram.
-    let fragment = if frag_off & IPV4_FRAGMENT_MASK != 0 {
-        if !fragments::is_first(frag_off) {
-            return fragments::later(ctx, eth, ip, counters);
-        }
-        Some(fragments::key(ip))
-    } else {
-        None
-    };
+    // A first fragment takes the ordinary path.
+    let first_fragment = frag_off & IPV4_FRAGMENT_MASK != 0;
+    if first_fragment && !fragments::is_first(frag_off) {
+        return ControlFlow::Break(fragments::later(ctx, eth, ip, counters));
+    }
     if version_ihl & 0x0f != 5 {
         counters.ip_options_passed += 1;
-        return XDP_PASS;
+        return ControlFlow::Break(XDP_PASS);
     }
-    let Some(l4) = l4_header(ctx, protocol, total_len, fragment.is_some()) else {
+    ControlFlow::Continue(Ipv4Header {
+        ip,
+        protocol,
+        frag_off,
+        total_len,
+        first_fragment,
+    })
+}
+
+/// The L4 header and the flow, or the verdict on a packet too short for its L4 header or
+/// (cheaply told) for no listener nor backend.
+#[inline(always)]
+fn parse_l4(
+    ctx: &XdpContext,
+    header: &Ipv4Header,
+    counters: &mut GlobalCounters,
+) -> ControlFlow<u32, (L4, FlowKey)> {
+    let protocol = header.protocol;
+    let first_fragment = header.first_fragment;
+    let Some(l4) = l4_header(ctx, protocol, header.total_len, first_fragment) else {
         counters.malformed += 1;
-        return XDP_DROP;
+        return ControlFlow::Break(XDP_DROP);
     };
     let (src, dst, src_port, dst_port) = unsafe {
         (
-            (*ip).src,
-            (*ip).dst,
+            (*header.ip).src,
+            (*header.ip).dst,
             u16::from_be((*l4.ports).src),
             u16::from_be((*l4.ports).dst),
         )
@@ -123,30 +173,43 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     // Before any 40-byte key is built or hashed: neither a listener's endpoint nor a backend's
     // (a filter: false positives take the full lookups below, there are no false negatives).
     // Fragments take the full path: their later fragments follow what the first one did.
-    if fragment.is_none()
+    if !first_fragment
         && !endpoint_may_be(dst, dst_port, protocol, ENDPOINT_F_LISTENER)
         && !endpoint_may_be(src, src_port, protocol, ENDPOINT_F_BACKEND)
     {
         counters.not_for_us_passed += 1;
-        return XDP_PASS;
+        return ControlFlow::Break(XDP_PASS);
     }
     let flow = FlowKey::ipv4(src, dst, src_port, dst_port, protocol);
+    ControlFlow::Continue((l4, flow))
+}
 
-    // Listener, or a reply from a backend's endpoint.
+/// To a listener: balanced to a backend. From a backend's endpoint: a reply translated back to
+/// the VIP. Anything else passes.
+#[inline(always)]
+fn dispatch(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    header: &Ipv4Header,
+    fragment: &Option<FragmentKey>,
+    l4: &L4,
+    flow: &FlowKey,
+    counters: &mut GlobalCounters,
+) -> u32 {
     let listener_key = ListenerKey {
         vip: flow.dst,
         port: flow.dst_port,
-        protocol,
+        protocol: header.protocol,
         _pad: 0,
     };
     if let Some(listener) = unsafe { LISTENERS.get(&listener_key) } {
         let listener = *listener;
-        if !l4.valid || frag_off & IPV4_RESERVED_FLAG != 0 {
+        if !l4.valid || header.frag_off & IPV4_RESERVED_FLAG != 0 {
             counters.malformed += 1;
             return XDP_DROP;
         }
-        let verdict = to_backend(ctx, eth, ip, &l4, &flow, &listener, counters);
-        if let Some(key) = &fragment {
+        let verdict = to_backend(ctx, eth, header.ip, l4, flow, &listener, counters);
+        if let Some(key) = fragment {
             fragments::remember(ctx, key, verdict, FRAGMENT_TO_BACKEND, counters);
         }
         return verdict;
@@ -154,7 +217,7 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     let endpoint = BackendEndpoint {
         addr: flow.src,
         port: flow.src_port,
-        protocol,
+        protocol: header.protocol,
         _pad: 0,
     };
     if let Some(nat) = unsafe { REPLY_NAT.get(&endpoint) } {
@@ -163,13 +226,13 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
             counters.malformed += 1;
             return XDP_DROP;
         }
-        let verdict = to_client(ctx, eth, ip, &l4, &nat, counters);
-        if let Some(key) = &fragment {
+        let verdict = to_client(ctx, eth, header.ip, l4, &nat, counters);
+        if let Some(key) = fragment {
             fragments::remember(ctx, key, verdict, FRAGMENT_TO_CLIENT, counters);
         }
         return verdict;
     }
-    if let Some(key) = &fragment {
+    if let Some(key) = fragment {
         return fragments::pass_first(key, counters);
     }
     counters.not_for_us_passed += 1;
