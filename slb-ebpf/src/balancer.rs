@@ -361,46 +361,23 @@ fn pick_backend(
 ) -> Pick {
     let closing = tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
     let opening = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-    let mut established = false;
-    if let Some(conn) = CONNECTIONS.get_ptr_mut(flow) {
-        established = true;
-        let id = unsafe { (*conn).backend_id };
-        if let Some(backend) = usable_backend(id, listener) {
-            unsafe {
-                // The clock moves once a tick: most packets of a busy flow would write the
-                // same value, dirtying a line other CPUs read.
-                if (*conn).last_seen_ns != now {
-                    (*conn).last_seen_ns = now;
-                }
-                let flags = (*conn).flags;
-                if closing && flags & CONN_F_CLOSING == 0 {
-                    (*conn).flags = flags | CONN_F_CLOSING;
-                    count_closed(listener.index, id);
-                } else if opening && flags & CONN_F_CLOSING != 0 {
-                    // The client reuses the port of a closed flow: same backend, open again.
-                    (*conn).flags = flags & !CONN_F_CLOSING;
-                }
-            }
+    let established = match connection_backend(flow, listener, closing, opening, now) {
+        Tracked::Usable(id, backend) => {
             return Pick::Backend {
                 id,
                 backend,
                 new_flow: false,
-            };
+            }
         }
-        counters.flows_repicked += 1;
-    }
+        Tracked::Unusable => {
+            counters.flows_repicked += 1;
+            true
+        }
+        Tracked::Unknown => false,
+    };
     // One hash for the half-open slot and the ring.
     let hash = flow_hash(flow, FLOW_HASH_SEED);
-    let half_open = match half_open::picked(flow, hash) {
-        Some(id) => {
-            let usable = usable_backend(id, listener).map(|backend| (id, backend));
-            if usable.is_none() {
-                counters.flows_repicked += 1;
-            }
-            usable
-        }
-        None => None,
-    };
+    let half_open = half_open_backend(flow, hash, listener, counters);
     let (id, backend) = match half_open {
         Some(picked) => picked,
         None => {
@@ -421,11 +398,7 @@ fn pick_backend(
     let probation = flow.protocol == IPPROTO_TCP && half_open.is_none() && !established;
     if opening || probation {
         if half_open.is_none() {
-            half_open::remember(flow, hash, id);
-            counters.half_open_tracked += 1;
-            if listener.flags & LISTENER_F_PERSIST != 0 {
-                persist(&PERSIST_PENDING, flow, listener, id, now);
-            }
+            track_half_open(flow, hash, listener, id, now, counters);
         }
         return Pick::Backend {
             id,
@@ -433,6 +406,96 @@ fn pick_backend(
             new_flow: false,
         };
     }
+    track_connection(flow, listener, id, closing, now);
+    Pick::Backend {
+        id,
+        backend,
+        new_flow: true,
+    }
+}
+
+/// What the connection table says about a flow.
+enum Tracked {
+    /// Its backend, which it keeps.
+    Usable(u32, &'static Backend),
+    /// Its backend was removed or declared unhealthy: the flow is balanced again.
+    Unusable,
+    /// Not in the table.
+    Unknown,
+}
+
+/// The flow's backend by the connection table, whose entry this packet refreshes and opens or
+/// closes (counting the close once).
+#[inline(always)]
+fn connection_backend(
+    flow: &FlowKey,
+    listener: &ListenerEntry,
+    closing: bool,
+    opening: bool,
+    now: u64,
+) -> Tracked {
+    let Some(conn) = CONNECTIONS.get_ptr_mut(flow) else {
+        return Tracked::Unknown;
+    };
+    let id = unsafe { (*conn).backend_id };
+    let Some(backend) = usable_backend(id, listener) else {
+        return Tracked::Unusable;
+    };
+    unsafe {
+        // The clock moves once a tick: most packets of a busy flow would write the same value,
+        // dirtying a line other CPUs read.
+        if (*conn).last_seen_ns != now {
+            (*conn).last_seen_ns = now;
+        }
+        let flags = (*conn).flags;
+        if closing && flags & CONN_F_CLOSING == 0 {
+            (*conn).flags = flags | CONN_F_CLOSING;
+            count_closed(listener.index, id);
+        } else if opening && flags & CONN_F_CLOSING != 0 {
+            // The client reuses the port of a closed flow: same backend, open again.
+            (*conn).flags = flags & !CONN_F_CLOSING;
+        }
+    }
+    Tracked::Usable(id, backend)
+}
+
+/// The backend the half-open table picked for this flow, while it is still usable.
+#[inline(always)]
+fn half_open_backend(
+    flow: &FlowKey,
+    hash: u32,
+    listener: &ListenerEntry,
+    counters: &mut GlobalCounters,
+) -> Option<(u32, &'static Backend)> {
+    let id = half_open::picked(flow, hash)?;
+    let usable = usable_backend(id, listener).map(|backend| (id, backend));
+    if usable.is_none() {
+        counters.flows_repicked += 1;
+    }
+    usable
+}
+
+/// A flow on probation: its pick in the half-open table (and, for a persistent listener, in the
+/// pending persistence table, so that the client's concurrent handshakes agree).
+#[inline(always)]
+fn track_half_open(
+    flow: &FlowKey,
+    hash: u32,
+    listener: &ListenerEntry,
+    id: u32,
+    now: u64,
+    counters: &mut GlobalCounters,
+) {
+    half_open::remember(flow, hash, id);
+    counters.half_open_tracked += 1;
+    if listener.flags & LISTENER_F_PERSIST != 0 {
+        persist(&PERSIST_PENDING, flow, listener, id, now);
+    }
+}
+
+/// A flow past its handshake: into the connection table (and the persistence table).
+#[inline(always)]
+fn track_connection(flow: &FlowKey, listener: &ListenerEntry, id: u32, closing: bool, now: u64) {
     if listener.flags & LISTENER_F_PERSIST != 0 {
         persist(&PERSISTENCE, flow, listener, id, now);
     }
@@ -447,11 +510,6 @@ fn pick_backend(
     let _ = CONNECTIONS.insert(flow, &entry, 0);
     if closing {
         count_closed(listener.index, id);
-    }
-    Pick::Backend {
-        id,
-        backend,
-        new_flow: true,
     }
 }
 
