@@ -13,10 +13,12 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext,
 };
+use core::ops::ControlFlow;
 use slb_common::{
     checksum::{fold, replace_u16, replace_u32},
     hash::flow_hash,
-    ipv4_mapped, BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, IPPROTO_TCP, IPPROTO_UDP,
+    ipv4_mapped, BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, ReplyNat, IPPROTO_TCP,
+    IPPROTO_UDP,
 };
 
 use crate::{
@@ -144,9 +146,54 @@ pub fn reply_too_big(ctx: &XdpContext, mtu: u16, counters: &mut GlobalCounters) 
 /// translated when it is about a balanced flow, passed otherwise.
 #[inline(always)]
 pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
+    let (err, quoted) = match parse_error(ctx, counters) {
+        ControlFlow::Continue(parsed) => parsed,
+        ControlFlow::Break(verdict) => return verdict,
+    };
+    // About a packet the VIP sent: to the backend serving the flow.
+    let listener = ListenerKey {
+        vip: ipv4_mapped(quoted.src),
+        port: quoted.src_port,
+        protocol: quoted.protocol,
+        _pad: 0,
+    };
+    if unsafe { LISTENERS.get(&listener) }.is_some() {
+        return error_to_backend(ctx, err, &quoted, counters);
+    }
+    // About a packet sent to a backend: to the client, quoting the VIP.
+    let endpoint = BackendEndpoint {
+        addr: ipv4_mapped(quoted.dst),
+        port: quoted.dst_port,
+        protocol: quoted.protocol,
+        _pad: 0,
+    };
+    if let Some(nat) = unsafe { REPLY_NAT.get(&endpoint) } {
+        let nat = *nat;
+        return error_to_client(ctx, err, &nat, counters);
+    }
+    counters.not_for_us_passed += 1;
+    XDP_PASS
+}
+
+/// The TCP or UDP packet an ICMP error quotes: addresses, ports (host order), protocol.
+struct Quoted {
+    src: [u8; 4],
+    dst: [u8; 4],
+    src_port: u16,
+    dst_port: u16,
+    protocol: u8,
+}
+
+/// The error and the packet it quotes, or the verdict (pass) on ICMP that is not an error this
+/// program translates: another type, a quoted header with options, neither TCP nor UDP.
+#[inline(always)]
+fn parse_error(
+    ctx: &XdpContext,
+    counters: &mut GlobalCounters,
+) -> ControlFlow<u32, (*mut IcmpError, Quoted)> {
     let Some(err) = ptr_at::<IcmpError>(ctx, ETH_HDR_LEN) else {
         counters.not_for_us_passed += 1;
-        return XDP_PASS;
+        return ControlFlow::Break(XDP_PASS);
     };
     let (kind, inner_vihl, protocol) = unsafe {
         (
@@ -160,113 +207,120 @@ pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
     {
         counters.not_for_us_passed += 1;
+        return ControlFlow::Break(XDP_PASS);
+    }
+    let quoted = unsafe {
+        Quoted {
+            src: (*err).inner.src,
+            dst: (*err).inner.dst,
+            src_port: u16::from_be((*err).ports.src),
+            dst_port: u16::from_be((*err).ports.dst),
+            protocol,
+        }
+    };
+    ControlFlow::Continue((err, quoted))
+}
+
+/// An error about a reply the VIP sent (to the client of a listener's flow): to the backend
+/// serving the flow, quoting the backend instead of the VIP.
+#[inline(always)]
+fn error_to_backend(
+    ctx: &XdpContext,
+    err: *mut IcmpError,
+    quoted: &Quoted,
+    counters: &mut GlobalCounters,
+) -> u32 {
+    let flow = FlowKey::ipv4(
+        quoted.dst,
+        quoted.src,
+        quoted.dst_port,
+        quoted.src_port,
+        quoted.protocol,
+    );
+    let id = match unsafe { CONNECTIONS.get(&flow) } {
+        Some(conn) => conn.backend_id,
+        None => match half_open::picked(&flow, flow_hash(&flow, FLOW_HASH_SEED)) {
+            Some(id) => id,
+            None => {
+                counters.icmp_errors_unmatched += 1;
+                return XDP_PASS;
+            }
+        },
+    };
+    let Some(backend) = present_backend(id) else {
+        counters.icmp_errors_unmatched += 1;
+        return XDP_PASS;
+    };
+    let addr = [
+        backend.addr[12],
+        backend.addr[13],
+        backend.addr[14],
+        backend.addr[15],
+    ];
+    let ip = unsafe { &raw mut (*err).ip };
+    let cache = NEXT_HOP_BACKEND
+        .get_ptr_mut(id)
+        .unwrap_or(core::ptr::null_mut());
+    let route = route_ipv4(ctx, ip, addr, IPPROTO_ICMP, cache, now_ns(), counters);
+    if ttl_expired(ip, counters) {
         return XDP_PASS;
     }
-    let (inner_src, inner_dst, src_port, dst_port) = unsafe {
-        (
-            (*err).inner.src,
-            (*err).inner.dst,
-            u16::from_be((*err).ports.src),
-            u16::from_be((*err).ports.dst),
-        )
-    };
-
-    // About a packet the VIP sent: to the backend serving the flow.
-    let listener = ListenerKey {
-        vip: ipv4_mapped(inner_src),
-        port: src_port,
-        protocol,
-        _pad: 0,
-    };
-    if unsafe { LISTENERS.get(&listener) }.is_some() {
-        let flow = FlowKey::ipv4(inner_dst, inner_src, dst_port, src_port, protocol);
-        let id = match unsafe { CONNECTIONS.get(&flow) } {
-            Some(conn) => conn.backend_id,
-            None => match half_open::picked(&flow, flow_hash(&flow, FLOW_HASH_SEED)) {
-                Some(id) => id,
-                None => {
-                    counters.icmp_errors_unmatched += 1;
-                    return XDP_PASS;
-                }
-            },
-        };
-        let Some(backend) = present_backend(id) else {
-            counters.icmp_errors_unmatched += 1;
-            return XDP_PASS;
-        };
-        let addr = [
-            backend.addr[12],
-            backend.addr[13],
-            backend.addr[14],
-            backend.addr[15],
-        ];
-        let ip = unsafe { &raw mut (*err).ip };
-        let cache = NEXT_HOP_BACKEND
-            .get_ptr_mut(id)
-            .unwrap_or(core::ptr::null_mut());
-        let route = route_ipv4(ctx, ip, addr, IPPROTO_ICMP, cache, now_ns(), counters);
-        if ttl_expired(ip, counters) {
-            return XDP_PASS;
-        }
-        unsafe {
-            let old = (*ip).dst;
-            (*ip).check = replace_u32(
-                (*ip).check,
-                u32::from_ne_bytes(old),
-                u32::from_ne_bytes(addr),
-            );
-            (*ip).dst = addr;
-            rewrite_quoted(err, true, addr, backend.port.to_be());
-            decrement_ttl(ip);
-        }
-        counters.icmp_errors_translated += 1;
-        let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-            return XDP_DROP;
-        };
-        return send(ctx, eth, route, counters);
-    }
-
-    // About a packet sent to a backend: to the client, quoting the VIP.
-    let endpoint = BackendEndpoint {
-        addr: ipv4_mapped(inner_dst),
-        port: dst_port,
-        protocol,
-        _pad: 0,
-    };
-    if let Some(nat) = unsafe { REPLY_NAT.get(&endpoint) } {
-        let nat = *nat;
-        let ip = unsafe { &raw mut (*err).ip };
-        let client = unsafe { (*ip).dst };
-        let route = route_ipv4(
-            ctx,
-            ip,
-            client,
-            IPPROTO_ICMP,
-            core::ptr::null_mut(),
-            now_ns(),
-            counters,
+    unsafe {
+        let old = (*ip).dst;
+        (*ip).check = replace_u32(
+            (*ip).check,
+            u32::from_ne_bytes(old),
+            u32::from_ne_bytes(addr),
         );
-        if matches!(route, Route::Local) {
-            // About this host's own packet to a backend (a health check).
-            counters.local_from_backend_passed += 1;
-            return XDP_PASS;
-        }
-        if ttl_expired(ip, counters) {
-            return XDP_PASS;
-        }
-        let vip = [nat.vip[12], nat.vip[13], nat.vip[14], nat.vip[15]];
-        unsafe {
-            rewrite_quoted(err, false, vip, nat.vip_port.to_be());
-            decrement_ttl(ip);
-        }
-        counters.icmp_errors_translated += 1;
-        let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-            return XDP_DROP;
-        };
-        return send(ctx, eth, route, counters);
+        (*ip).dst = addr;
+        rewrite_quoted(err, true, addr, backend.port.to_be());
+        decrement_ttl(ip);
     }
-    counters.not_for_us_passed += 1;
-    XDP_PASS
+    counters.icmp_errors_translated += 1;
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return XDP_DROP;
+    };
+    send(ctx, eth, route, counters)
+}
+
+/// An error about a packet sent to a backend: to the client, quoting the VIP instead of the
+/// backend.
+#[inline(always)]
+fn error_to_client(
+    ctx: &XdpContext,
+    err: *mut IcmpError,
+    nat: &ReplyNat,
+    counters: &mut GlobalCounters,
+) -> u32 {
+    let ip = unsafe { &raw mut (*err).ip };
+    let client = unsafe { (*ip).dst };
+    let route = route_ipv4(
+        ctx,
+        ip,
+        client,
+        IPPROTO_ICMP,
+        core::ptr::null_mut(),
+        now_ns(),
+        counters,
+    );
+    if matches!(route, Route::Local) {
+        // About this host's own packet to a backend (a health check).
+        counters.local_from_backend_passed += 1;
+        return XDP_PASS;
+    }
+    if ttl_expired(ip, counters) {
+        return XDP_PASS;
+    }
+    let vip = [nat.vip[12], nat.vip[13], nat.vip[14], nat.vip[15]];
+    unsafe {
+        rewrite_quoted(err, false, vip, nat.vip_port.to_be());
+        decrement_ttl(ip);
+    }
+    counters.icmp_errors_translated += 1;
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return XDP_DROP;
+    };
+    send(ctx, eth, route, counters)
 }
 
 /// Rewrites the quoted packet's source (`source`) or destination address and port (network
