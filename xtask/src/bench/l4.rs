@@ -366,6 +366,32 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
 
 fn section(env: &BenchEnv, rows: &[Row]) -> Section {
     let mut md = String::from("## L4 end to end: slb vs HAProxy vs nftables DNAT\n\n");
+    write_setup(&mut md, env);
+    write_table(&mut md, rows);
+    md.push('\n');
+    write_ratios(&mut md, rows);
+    write_xdp_cost(&mut md, &rows[0]);
+    md.push_str(
+        "\nWhere the balancer CPU is not saturated, the rate is bounded by the generator and the \
+         backends (user-space sockets sharing one CPU), and the balancer CPU µs per operation \
+         is the figure to compare.\n",
+    );
+    Section {
+        markdown: md,
+        json: section_json(env, rows),
+    }
+}
+
+/// `a / b`, NaN when `b` is not positive.
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
+    }
+}
+
+fn write_setup(md: &mut String, env: &BenchEnv) {
     let _ = writeln!(
         md,
         "Namespace topology: client → balancer namespace → 3 backends (`slb-test-server`, weights \
@@ -383,6 +409,9 @@ fn section(env: &BenchEnv, rows: &[Row]) -> Section {
         env.duration.as_secs(),
         WARM_UP.as_secs()
     );
+}
+
+fn write_table(md: &mut String, rows: &[Row]) {
     md.push_str(
         "| balancer | TCP conn/s | p50 / p99 (µs) | balancer CPU busy | balancer CPU µs/conn | endpoint veth CPU µs/conn | UDP req/s | p50 / p99 (µs) | balancer CPU busy | balancer CPU µs/req | endpoint veth CPU µs/req | errors TCP/UDP |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -420,9 +449,11 @@ fn section(env: &BenchEnv, rows: &[Row]) -> Section {
             udp.map_or("n/a".to_owned(), |u| u.load.errors.to_string()),
         );
     }
+}
+
+/// slb (the first row) against each other balancer.
+fn write_ratios(md: &mut String, rows: &[Row]) {
     let slb = &rows[0];
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
-    md.push('\n');
     for other in &rows[1..] {
         let _ = write!(
             md,
@@ -451,22 +482,25 @@ fn section(env: &BenchEnv, rows: &[Row]) -> Section {
         }
         md.push_str(".  \n");
     }
-    if let Some((ns, packets)) = slb.tcp.xdp {
-        let _ = write!(
-            md,
-            "slb's XDP program under this load (kernel bpf_stats): {ns:.0} ns/packet over {packets} TCP packets",
-        );
-        if let Some((uns, upackets)) = slb.udp.as_ref().and_then(|u| u.xdp) {
-            let _ = write!(md, ", {uns:.0} ns/packet over {upackets} UDP packets");
-        }
-        md.push_str(".\n");
-    }
-    md.push_str(
-        "\nWhere the balancer CPU is not saturated, the rate is bounded by the generator and the \
-         backends (user-space sockets sharing one CPU), and the balancer CPU µs per operation \
-         is the figure to compare.\n",
+}
+
+fn write_xdp_cost(md: &mut String, slb: &Row) {
+    let Some((ns, packets)) = slb.tcp.xdp else {
+        return;
+    };
+    let _ = write!(
+        md,
+        "slb's XDP program under this load (kernel bpf_stats): {ns:.0} ns/packet over {packets} TCP packets",
     );
-    let json = json!({
+    if let Some((uns, upackets)) = slb.udp.as_ref().and_then(|u| u.xdp) {
+        let _ = write!(md, ", {uns:.0} ns/packet over {upackets} UDP packets");
+    }
+    md.push_str(".\n");
+}
+
+fn section_json(env: &BenchEnv, rows: &[Row]) -> serde_json::Value {
+    let slb = &rows[0];
+    json!({
         "weights": WEIGHTS,
         "seconds": env.duration.as_secs_f64(),
         "tcp_workers": TCP_WORKERS,
@@ -485,6 +519,5 @@ fn section(env: &BenchEnv, rows: &[Row]) -> Section {
                 _ => None,
             },
         })).collect::<Vec<_>>(),
-    });
-    Section { markdown: md, json }
+    })
 }
