@@ -460,10 +460,42 @@ fn find<'a>(
 
 fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
     let seconds = env.duration.as_secs().max(1);
+    let mut md = String::from("## HTTP: slb's HTTP listener vs HAProxy 2.6 (HTTP mode)\n\n");
+    write_setup(&mut md, seconds, measurements);
+    write_table(&mut md, measurements);
+    md.push('\n');
+    let ratios = write_ratios(&mut md, measurements);
+    md.push_str(
+        "\nA requests/s ratio above 1 means slb serves more; a p99 ratio above 1 means slb's \
+         p99 is longer. \"balancer CPU/request\" is the balancer process's own CPU time (not \
+         the NAPI threads'). Both balancers run one worker thread on CPU 1 (slb \
+         `--worker-threads 1`, HAProxy `nbthread 1`). Caveats: slb's XDP program stays attached on the slb namespace's interfaces \
+         and passes this traffic up on CPU 1 (HAProxy runs without it); wrk is closed-loop \
+         (a connection sends its next request when the answer arrives), so latencies are \
+         taken at the rate each balancer sustains, not at one offered rate; when CPU 0 is near \
+         100%, wrk and the backends rather than the balancer cap requests/s.\n",
+    );
+    let json = json!({
+        "setup": {
+            "generator": "wrk -t1",
+            "generator_cpu": GENERATOR_CPU,
+            "balancer_cpu": BALANCER_CPU,
+            "backends": BACKENDS,
+            "backend_weight": WEIGHT,
+            "duration_s": seconds,
+            "warm_up_s": WARM_UP.as_secs(),
+            "url": format!("http://{}/", vip_http()),
+        },
+        "runs": measurements.iter().map(run_json).collect::<Vec<_>>(),
+        "slb_over_haproxy": ratios,
+    });
+    Section { markdown: md, json }
+}
+
+fn write_setup(md: &mut String, seconds: u64, measurements: &[Measurement]) {
     let response_bytes = find(measurements, "slb", CONNECTION_COUNTS[0])
         .map(|m| m.wrk.bytes_per_response())
         .unwrap_or_default();
-    let mut md = String::from("## HTTP: slb's HTTP listener vs HAProxy 2.6 (HTTP mode)\n\n");
     let _ = writeln!(
         md,
         "wrk (1 thread) and the three `slb-http-backend` servers on CPU {GENERATOR_CPU}, the \
@@ -474,6 +506,9 @@ fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
          added, no health checks, no access log.\n",
         WARM_UP.as_secs()
     );
+}
+
+fn write_table(md: &mut String, measurements: &[Measurement]) {
     md.push_str(
         "| balancer | connections | requests/s | p50 | p90 | p99 | errors | balancer CPU/request \
          | CPU 0 / CPU 1 busy |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
@@ -498,7 +533,11 @@ fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
             m.cpu_busy_percent[1],
         );
     }
-    md.push('\n');
+}
+
+/// slb against HAProxy at each connection count both were measured at; the ratios, also as
+/// JSON.
+fn write_ratios(md: &mut String, measurements: &[Measurement]) -> Vec<serde_json::Value> {
     let mut ratios = Vec::new();
     for connections in CONNECTION_COUNTS {
         let (Some(slb), Some(haproxy)) = (
@@ -520,64 +559,37 @@ fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
             "p99_ratio": p99_ratio,
         }));
     }
-    md.push_str(
-        "\nA requests/s ratio above 1 means slb serves more; a p99 ratio above 1 means slb's \
-         p99 is longer. \"balancer CPU/request\" is the balancer process's own CPU time (not \
-         the NAPI threads'). Both balancers run one worker thread on CPU 1 (slb \
-         `--worker-threads 1`, HAProxy `nbthread 1`). Caveats: slb's XDP program stays attached on the slb namespace's interfaces \
-         and passes this traffic up on CPU 1 (HAProxy runs without it); wrk is closed-loop \
-         (a connection sends its next request when the answer arrives), so latencies are \
-         taken at the rate each balancer sustains, not at one offered rate; when CPU 0 is near \
-         100%, wrk and the backends rather than the balancer cap requests/s.\n",
-    );
+    ratios
+}
 
-    let rows: Vec<serde_json::Value> = measurements
-        .iter()
-        .map(|m| {
-            json!({
-                "balancer": m.balancer,
-                "connections": m.connections,
-                "requests_per_sec": m.wrk.requests_per_sec(),
-                "requests": m.wrk.requests,
-                "duration_s": m.wrk.duration_us / 1e6,
-                "bytes_per_response": m.wrk.bytes_per_response(),
-                "latency_ms": {
-                    "p50": m.wrk.latency_us.p50 / 1000.0,
-                    "p90": m.wrk.latency_us.p90 / 1000.0,
-                    "p99": m.wrk.latency_us.p99 / 1000.0,
-                    "mean": m.wrk.latency_us.mean / 1000.0,
-                    "max": m.wrk.latency_us.max / 1000.0,
-                },
-                "errors": {
-                    "status_400_or_more": m.wrk.errors.status,
-                    "connect": m.wrk.errors.connect,
-                    "read": m.wrk.errors.read,
-                    "write": m.wrk.errors.write,
-                    "timeout": m.wrk.errors.timeout,
-                },
-                "balancer_cpu_us_per_request": m.balancer_cpu_us_per_request,
-                "cpu_busy_percent": {
-                    "generator_cpu": m.cpu_busy_percent[0],
-                    "balancer_cpu": m.cpu_busy_percent[1],
-                },
-            })
-        })
-        .collect();
-    let json = json!({
-        "setup": {
-            "generator": "wrk -t1",
-            "generator_cpu": GENERATOR_CPU,
-            "balancer_cpu": BALANCER_CPU,
-            "backends": BACKENDS,
-            "backend_weight": WEIGHT,
-            "duration_s": seconds,
-            "warm_up_s": WARM_UP.as_secs(),
-            "url": format!("http://{}/", vip_http()),
+fn run_json(m: &Measurement) -> serde_json::Value {
+    json!({
+        "balancer": m.balancer,
+        "connections": m.connections,
+        "requests_per_sec": m.wrk.requests_per_sec(),
+        "requests": m.wrk.requests,
+        "duration_s": m.wrk.duration_us / 1e6,
+        "bytes_per_response": m.wrk.bytes_per_response(),
+        "latency_ms": {
+            "p50": m.wrk.latency_us.p50 / 1000.0,
+            "p90": m.wrk.latency_us.p90 / 1000.0,
+            "p99": m.wrk.latency_us.p99 / 1000.0,
+            "mean": m.wrk.latency_us.mean / 1000.0,
+            "max": m.wrk.latency_us.max / 1000.0,
         },
-        "runs": rows,
-        "slb_over_haproxy": ratios,
-    });
-    Section { markdown: md, json }
+        "errors": {
+            "status_400_or_more": m.wrk.errors.status,
+            "connect": m.wrk.errors.connect,
+            "read": m.wrk.errors.read,
+            "write": m.wrk.errors.write,
+            "timeout": m.wrk.errors.timeout,
+        },
+        "balancer_cpu_us_per_request": m.balancer_cpu_us_per_request,
+        "cpu_busy_percent": {
+            "generator_cpu": m.cpu_busy_percent[0],
+            "balancer_cpu": m.cpu_busy_percent[1],
+        },
+    })
 }
 
 #[cfg(test)]
