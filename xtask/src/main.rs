@@ -13,7 +13,9 @@ use anyhow::{bail, ensure, Context as _};
 use clap::{Parser, Subcommand};
 use slb_tests::slb::unique_instance;
 use slb_tests::traffic::{tcp_connections, udp_flows};
-use slb_tests::{vip_tcp, vip_udp, Distribution, SlbConfig, SlbDaemon, Topology, TrafficOptions};
+use slb_tests::{
+    vip_tcp, vip_udp, Distribution, SlbConfig, SlbDaemon, Topology, TrafficOptions, TrafficReport,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Development tasks for slb")]
@@ -300,25 +302,10 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
     let bin_dir = build_release_binaries()?;
     let slb = bin_dir.join("slb");
     let server = bin_dir.join("slb-test-server");
-
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let flag = interrupted.clone();
-        ctrlc::set_handler(move || {
-            if !flag.swap(true, Ordering::SeqCst) {
-                eprintln!("\ninterrupted: stopping after the current step and cleaning up");
-            }
-        })
-        .context("installing the Ctrl-C handler")?;
-    }
-    let step = |what: &str| -> anyhow::Result<()> {
-        ensure!(!interrupted.load(Ordering::SeqCst), "interrupted");
-        println!("==> {what}");
-        Ok(())
-    };
+    let steps = Steps::stopped_by_ctrl_c()?;
 
     // Declared before the daemon, so it is dropped (namespaces deleted) after the daemon stops.
-    step(&format!(
+    steps.next(&format!(
         "creating namespaces (client, slb, {} backends) and starting the backend servers",
         weights.len()
     ))?;
@@ -328,15 +315,62 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
         .test_servers(&server)
         .build()?;
     let config = SlbConfig::standard(&unique_instance("demo"), weights);
-    step(&format!(
+    steps.next(&format!(
         "starting slb in namespace {} with this config:\n{}",
         topo.slb_ns(),
         config.to_toml()
     ))?;
     let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config)?;
-    let pool = config.pool_weights();
+    let (tcp, udp) = demo_traffic(&steps, &topo, connections, &config.pool_weights())?;
+    print_status(&steps, &daemon)?;
 
-    step(&format!("{connections} TCP connections to {}", vip_tcp()))?;
+    steps.next("stopping slb and deleting the namespaces")?;
+    let exit = daemon.stop()?;
+    println!("slb exited: {exit}");
+    ensure!(
+        tcp.failures.is_empty() && udp.failures.is_empty(),
+        "{} TCP and {} UDP requests failed",
+        tcp.failures.len(),
+        udp.failures.len()
+    );
+    Ok(())
+}
+
+/// The demo's steps, announced one by one; after a Ctrl-C, the next one fails instead, so the
+/// demo stops and cleans up.
+struct Steps {
+    interrupted: Arc<AtomicBool>,
+}
+
+impl Steps {
+    fn stopped_by_ctrl_c() -> anyhow::Result<Self> {
+        let interrupted = Arc::new(AtomicBool::new(false));
+        let flag = interrupted.clone();
+        ctrlc::set_handler(move || {
+            if !flag.swap(true, Ordering::SeqCst) {
+                eprintln!("\ninterrupted: stopping after the current step and cleaning up");
+            }
+        })
+        .context("installing the Ctrl-C handler")?;
+        Ok(Self { interrupted })
+    }
+
+    fn next(&self, what: &str) -> anyhow::Result<()> {
+        ensure!(!self.interrupted.load(Ordering::SeqCst), "interrupted");
+        println!("==> {what}");
+        Ok(())
+    }
+}
+
+/// `connections` TCP connections, then as many UDP flows, to the VIP from the client namespace,
+/// each printed as a summary and the distribution over the backends of `pool`.
+fn demo_traffic(
+    steps: &Steps,
+    topo: &Topology,
+    connections: usize,
+    pool: &[(String, u32)],
+) -> anyhow::Result<(TrafficReport, TrafficReport)> {
+    steps.next(&format!("{connections} TCP connections to {}", vip_tcp()))?;
     let tcp = tcp_connections(
         topo.client_ns(),
         vip_tcp(),
@@ -345,10 +379,10 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
     println!("{}", tcp.summary("TCP"));
     println!(
         "{}",
-        Distribution::new("TCP connections per backend", &pool, &tcp.counts)
+        Distribution::new("TCP connections per backend", pool, &tcp.counts)
     );
 
-    step(&format!("{connections} UDP flows to {}", vip_udp()))?;
+    steps.next(&format!("{connections} UDP flows to {}", vip_udp()))?;
     let udp = udp_flows(
         topo.client_ns(),
         vip_udp(),
@@ -358,10 +392,13 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
     println!("{}", udp.summary("UDP"));
     println!(
         "{}",
-        Distribution::new("UDP flows per backend", &pool, &udp.counts)
+        Distribution::new("UDP flows per backend", pool, &udp.counts)
     );
+    Ok((tcp, udp))
+}
 
-    step("slb status")?;
+fn print_status(steps: &Steps, daemon: &SlbDaemon) -> anyhow::Result<()> {
+    steps.next("slb status")?;
     let instance = daemon.instance().to_owned();
     print!(
         "{}",
@@ -369,22 +406,12 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
             .cli(["status", "--instance", &instance])?
             .expect_success()?
     );
-    step("slb report distribution")?;
+    steps.next("slb report distribution")?;
     print!(
         "{}",
         daemon
             .cli(["report", "distribution", "--instance", &instance])?
             .expect_success()?
-    );
-
-    step("stopping slb and deleting the namespaces")?;
-    let exit = daemon.stop()?;
-    println!("slb exited: {exit}");
-    ensure!(
-        tcp.failures.is_empty() && udp.failures.is_empty(),
-        "{} TCP and {} UDP requests failed",
-        tcp.failures.len(),
-        udp.failures.len()
     );
     Ok(())
 }
