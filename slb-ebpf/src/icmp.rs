@@ -276,11 +276,7 @@ fn error_to_backend(
         rewrite_quoted(err, true, addr, backend.port.to_be());
         decrement_ttl(ip);
     }
-    counters.icmp_errors_translated += 1;
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return XDP_DROP;
-    };
-    send(ctx, eth, route, counters)
+    send_translated(ctx, route, counters)
 }
 
 /// An error about a packet sent to a backend: to the client, quoting the VIP instead of the
@@ -316,6 +312,12 @@ fn error_to_client(
         rewrite_quoted(err, false, vip, nat.vip_port.to_be());
         decrement_ttl(ip);
     }
+    send_translated(ctx, route, counters)
+}
+
+/// Counts a translated error and forwards it on `route`.
+#[inline(always)]
+fn send_translated(ctx: &XdpContext, route: Route, counters: &mut GlobalCounters) -> u32 {
     counters.icmp_errors_translated += 1;
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return XDP_DROP;
