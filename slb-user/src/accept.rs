@@ -48,11 +48,17 @@ impl AcceptBackoff {
     /// Logs `error` and waits before the next accept: 10 ms, doubling up to 1 s.
     pub async fn failed(&mut self, error: &std::io::Error) {
         let delay = self.record_failure();
+        // slb's own exhaustion, said as such: the clients and backends are not to blame.
+        let whose = match error.raw_os_error() {
+            Some(libc::EMFILE) => " (slb is out of file descriptors: raise its open-files limit)",
+            Some(libc::ENFILE) => " (the host is out of file descriptors)",
+            _ => "",
+        };
         tracing::warn!(
             listener = self.what,
             failures = self.failures,
             retry_in = ?delay,
-            "accept failed: {error}"
+            "accept failed: {error}{whose}"
         );
         tokio::time::sleep(delay).await;
     }

@@ -337,14 +337,24 @@ fn start_daemon(
             published: published_tx,
         },
     )?;
-    let live = LiveStatus::new(published_rx, flows_rx, dataplane.dir())?;
-    let background = spawn_background(
+    let proxy_counters = daemon.proxy.counters();
+    let live = LiveStatus::new(
+        published_rx,
+        flows_rx,
+        dataplane.dir(),
+        proxy_counters.clone(),
+    )?;
+    let mut background = spawn_background(
         &daemon.file_config,
         dataplane.dir(),
         plan_rx,
         flows_tx,
         live,
     );
+    background.push(tokio::spawn(crate::proxy::counters::publish(
+        daemon.file_config.instance.to_string(),
+        proxy_counters,
+    )));
     Ok((daemon, background))
 }
 

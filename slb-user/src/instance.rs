@@ -53,6 +53,11 @@ pub fn flows_file(instance: &str) -> PathBuf {
     state_dir(instance).join("flows.json")
 }
 
+/// The HTTP(S) proxy's counters, as the daemon last wrote them.
+pub fn proxy_counters_file(instance: &str) -> PathBuf {
+    state_dir(instance).join("proxy_counters.json")
+}
+
 /// `/sys/fs/bpf/slb/<instance>`: the pinned maps (by name), the program and the links.
 pub fn pin_dir(instance: &str) -> PathBuf {
     Path::new(PIN_ROOT).join(instance)

@@ -23,6 +23,7 @@ use crate::flows::FlowCounts;
 use crate::instance::history_file;
 use crate::links::{self, LinkHistory};
 use crate::maps::{CounterMaps, OpenMapError};
+use crate::proxy::counters::ProxyCounters;
 use crate::status::{self, Status, StatusError};
 
 /// What the daemon last published, kept in memory for its own readers.
@@ -40,6 +41,7 @@ pub struct LiveStatus {
     published: watch::Receiver<Published>,
     flows: watch::Receiver<FlowCounts>,
     counters: Arc<CounterMaps>,
+    proxy_counters: Arc<ProxyCounters>,
     pin_dir: PathBuf,
 }
 
@@ -48,11 +50,13 @@ impl LiveStatus {
         published: watch::Receiver<Published>,
         flows: watch::Receiver<FlowCounts>,
         pin_dir: &Path,
+        proxy_counters: Arc<ProxyCounters>,
     ) -> Result<LiveStatus, OpenMapError> {
         Ok(LiveStatus {
             published,
             flows,
             counters: Arc::new(CounterMaps::open(pin_dir)?),
+            proxy_counters,
             pin_dir: pin_dir.to_path_buf(),
         })
     }
@@ -64,7 +68,13 @@ impl LiveStatus {
         let flows = self.flows.borrow().clone();
         let interface_states =
             links::interface_states(&self.pin_dir, &published.state.interfaces, published.links);
-        Status::build(&published.state, &self.counters, &flows, interface_states)
+        Status::build(
+            &published.state,
+            &self.counters,
+            &flows,
+            interface_states,
+            self.proxy_counters.snapshot(),
+        )
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Status {
     pub warnings: Vec<String>,
     /// HTTP(S) listeners (served by the proxy; their traffic is in the access log).
     pub proxy_listeners: Vec<ProxyListenerInfo>,
+    /// What the proxy counts of its bounds (see `proxy::counters`).
+    pub proxy_counters: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,7 +128,8 @@ pub fn collect(instance: &str) -> Result<Status, StatusError> {
         &state.interfaces,
         crate::links::read_history(instance),
     );
-    Status::build(&state, &counters, &flows, interface_states)
+    let proxy_counters = crate::proxy::counters::read(instance);
+    Status::build(&state, &counters, &flows, interface_states, proxy_counters)
 }
 
 impl Status {
@@ -137,6 +140,7 @@ impl Status {
         counters: &CounterMaps,
         flows: &FlowCounts,
         interface_states: Vec<crate::links::InterfaceState>,
+        proxy_counters: BTreeMap<String, u64>,
     ) -> Result<Status, StatusError> {
         let listeners = listener_statuses(state, counters, flows)?;
         let backends = backend_statuses(state, counters, flows)?;
@@ -170,6 +174,7 @@ impl Status {
             runtime_changes: state.runtime_changes.clone(),
             runtime_changes_earlier: state.runtime_changes_earlier,
             proxy_listeners: state.proxy_listeners.clone(),
+            proxy_counters,
             warnings,
         })
     }
@@ -299,6 +304,14 @@ pub fn render(status: &Status) -> String {
     for (name, value) in &status.counters {
         if *value > 0 {
             let _ = writeln!(out, "  {name:<24} {value}");
+        }
+    }
+    if status.proxy_counters.values().any(|&v| v > 0) {
+        let _ = writeln!(out, "\nPROXY COUNTERS");
+        for (name, value) in &status.proxy_counters {
+            if *value > 0 {
+                let _ = writeln!(out, "  {name:<32} {value}");
+            }
         }
     }
     out
@@ -671,6 +684,20 @@ fn register_instance_metrics(registry: &mut Registry, status: &Status) {
             |(_, value)| **value,
         ),
     );
+    let proxy_events: Vec<(&String, &u64)> = status.proxy_counters.iter().collect();
+    registry.register(
+        "slb_proxy_events",
+        "HTTP(S) proxy: requests queued or refused at a backend's connection cap, clients cut \
+         off for stalling, loops refused, file descriptors run out",
+        counters(
+            &proxy_events,
+            |(event, _)| EventLabels {
+                instance: status.instance.clone(),
+                event: event.to_string(),
+            },
+            |(_, value)| **value,
+        ),
+    );
     registry.register(
         "slb_config_generation",
         "Config generation applied",
@@ -800,6 +827,7 @@ mod tests {
             runtime_changes_earlier: 0,
             warnings: Vec::new(),
             proxy_listeners: Vec::new(),
+            proxy_counters: BTreeMap::from([("loops_refused".to_string(), 2)]),
         }
     }
 
@@ -820,6 +848,7 @@ mod tests {
             format!("slb_backend_up{backend} 0.0"),
             format!("slb_backend_health_changed_timestamp_seconds{backend} 1.5"),
             r#"slb_dataplane_events_total{instance="edge",event="malformed"} 4"#.to_string(),
+            r#"slb_proxy_events_total{instance="edge",event="loops_refused"} 2"#.to_string(),
             r#"slb_connection_table_capacity{instance="edge"} 1024.0"#.to_string(),
             r#"slb_config_generation{instance="edge"} 3.0"#.to_string(),
         ] {

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use super::{BackendSpec, Config, GroupKind, Listener, DEFAULT_GROUP};
+use super::{BackendSpec, Config, ConnectionLimits, GroupKind, Listener, DEFAULT_GROUP};
 
 /// An address and port as slb names them everywhere (status, reports, logs, history samples,
 /// Maglev identities): `address:port`.
@@ -47,6 +47,8 @@ pub struct ResolvedGroup<'a> {
     pub name: &'a str,
     pub kind: GroupKind,
     pub backends: Vec<ResolvedBackend>,
+    /// HTTP(S): the proxy's connections to each backend.
+    pub limits: ConnectionLimits,
 }
 
 /// A backend of a group, on the port it serves this listener on.
@@ -81,17 +83,19 @@ impl Config {
     /// One listener of this config, resolved (see [`Config::resolved_listeners`]).
     pub fn resolve<'a>(&'a self, listener: &'a Listener) -> ResolvedListener<'a> {
         let lookup = |name: &'a str| {
-            let (name, kind, specs) = match self.groups.iter().find(|g| g.name == name) {
-                Some(g) if name != DEFAULT_GROUP => (name, g.kind, &g.backends),
+            let (name, kind, specs, limits) = match self.groups.iter().find(|g| g.name == name) {
+                Some(g) if name != DEFAULT_GROUP => (name, g.kind, &g.backends, g.limits()),
                 _ => (
                     DEFAULT_GROUP,
                     GroupKind::Vserver,
                     &self.default_group.backends,
+                    self.default_group.limits(),
                 ),
             };
             ResolvedGroup {
                 name,
                 kind,
+                limits,
                 backends: specs
                     .iter()
                     .map(|spec| ResolvedBackend::of(spec, listener))

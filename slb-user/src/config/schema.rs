@@ -172,6 +172,11 @@ pub struct Listener {
     /// HTTP(S): time a client has to send a request's headers (slow clients are cut off).
     #[serde(default = "default_header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// HTTP(S): longest a client may stall while a request body comes in or a response goes
+    /// out (sends no byte of the body, or takes no byte of the response); it is then cut off,
+    /// so a client cannot hold a backend connection by not reading.
+    #[serde(default = "default_client_timeout", with = "humantime_serde")]
+    pub client_timeout: Duration,
 }
 
 fn default_true() -> bool {
@@ -182,6 +187,9 @@ fn default_backend_timeout() -> Duration {
 }
 fn default_header_timeout() -> Duration {
     Duration::from_secs(10)
+}
+fn default_client_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// A forwarding rule of an HTTP(S) listener. `domain` is exact (`www.example.com`) or a wildcard
@@ -354,12 +362,87 @@ pub const MAX_PERSISTENCE_TIMEOUT: Duration = Duration::from_secs(86_400);
 pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DefaultGroup {
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+    /// HTTP(S): see [`ConnectionLimits`].
+    #[serde(default = "default_backend_connections")]
+    pub max_connections: u32,
+    #[serde(default = "default_queued_requests")]
+    pub max_queued_requests: u32,
+    #[serde(default = "default_queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
 }
+
+/// HTTP(S): how many connections the proxy keeps to each backend of a group (busy, idle and
+/// being opened), and how many requests, for how long, may wait for one when all are busy;
+/// beyond that a request gets 503. Bounds what clients can make slb open, whatever their
+/// number of HTTP/2 streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: u32,
+    pub max_queued_requests: u32,
+    pub queue_timeout: Duration,
+}
+
+impl Default for DefaultGroup {
+    fn default() -> Self {
+        let limits = ConnectionLimits::default();
+        DefaultGroup {
+            backends: Vec::new(),
+            max_connections: limits.max_connections,
+            max_queued_requests: limits.max_queued_requests,
+            queue_timeout: limits.queue_timeout,
+        }
+    }
+}
+
+impl DefaultGroup {
+    pub fn limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            max_queued_requests: self.max_queued_requests,
+            queue_timeout: self.queue_timeout,
+        }
+    }
+}
+
+impl Group {
+    pub fn limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            max_queued_requests: self.max_queued_requests,
+            queue_timeout: self.queue_timeout,
+        }
+    }
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: default_backend_connections(),
+            max_queued_requests: default_queued_requests(),
+            queue_timeout: default_queue_timeout(),
+        }
+    }
+}
+
+fn default_backend_connections() -> u32 {
+    1024
+}
+fn default_queued_requests() -> u32 {
+    1024
+}
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Most connections to one backend (each is a file descriptor of the daemon).
+pub const MAX_BACKEND_CONNECTIONS: u32 = 65_536;
+/// Most requests waiting for a connection to one backend.
+pub const MAX_QUEUED_REQUESTS: u32 = 65_536;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -371,6 +454,13 @@ pub struct Group {
     pub kind: GroupKind,
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+    /// HTTP(S): see [`ConnectionLimits`].
+    #[serde(default = "default_backend_connections")]
+    pub max_connections: u32,
+    #[serde(default = "default_queued_requests")]
+    pub max_queued_requests: u32,
+    #[serde(default = "default_queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -366,3 +366,90 @@ fn a_backend_that_is_one_of_the_instances_own_listeners_is_refused() {
         .to_string();
     assert!(e.contains("own listener \"web\""), "{e}");
 }
+
+/// GOOD with an HTTP listener on the pool (`extra` goes into the listener).
+fn with_http_listener(extra: &str) -> String {
+    format!(
+        "{GOOD}[[listeners]]\nname = \"site\"\nprotocol = \"http\"\nvip = \"10.0.0.10\"\n\
+         port = 8000\ngroup = \"pool\"\n{extra}\n"
+    )
+}
+
+#[test]
+fn proxy_connection_limits_default_and_are_bounded() {
+    let c = Config::parse(&with_http_listener(""), "t").unwrap();
+    let limits = c.groups[0].limits();
+    assert_eq!(limits, ConnectionLimits::default());
+    assert_eq!(
+        (limits.max_connections, limits.max_queued_requests),
+        (1024, 1024)
+    );
+    assert_eq!(limits.queue_timeout, Duration::from_secs(1));
+    assert_eq!(c.default_group.limits(), ConnectionLimits::default());
+    assert_eq!(c.listeners[2].client_timeout, Duration::from_secs(30));
+
+    let pool = "name = \"pool\"\n";
+    let set = |fields: &str| with_http_listener("").replace(pool, &format!("{pool}{fields}\n"));
+    let c = Config::parse(
+        &set("max_connections = 4\nmax_queued_requests = 0\nqueue_timeout = \"250ms\""),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        c.groups[0].limits(),
+        ConnectionLimits {
+            max_connections: 4,
+            max_queued_requests: 0,
+            queue_timeout: Duration::from_millis(250),
+        }
+    );
+    let c = Config::parse(
+        &with_http_listener("").replace(
+            "[default_group]\n",
+            "[default_group]\nmax_connections = 7\n",
+        ),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.default_group.limits().max_connections, 7);
+
+    for (fields, field) in [
+        ("max_connections = 0", "groups[0] (pool).max_connections"),
+        (
+            "max_connections = 65537",
+            "groups[0] (pool).max_connections",
+        ),
+        (
+            "max_queued_requests = 65537",
+            "groups[0] (pool).max_queued_requests",
+        ),
+        ("queue_timeout = \"0s\"", "groups[0] (pool).queue_timeout"),
+        ("queue_timeout = \"61s\"", "groups[0] (pool).queue_timeout"),
+    ] {
+        let e = error_of(&set(fields));
+        assert!(e.contains(field), "{fields}: {e}");
+    }
+    let e = error_of(&with_http_listener("").replace(
+        "[default_group]\n",
+        "[default_group]\nmax_connections = 0\n",
+    ));
+    assert!(e.contains("default_group.max_connections"), "{e}");
+    let e = error_of(&set("max_connection = 4"));
+    assert!(
+        e.contains("max_connection"),
+        "a misspelt field is refused: {e}"
+    );
+}
+
+#[test]
+fn client_timeout_is_bounded() {
+    let c = Config::parse(&with_http_listener("client_timeout = \"2s\""), "t").unwrap();
+    assert_eq!(c.listeners[2].client_timeout, Duration::from_secs(2));
+    for bad in ["50ms", "2h"] {
+        let e = error_of(&with_http_listener(&format!("client_timeout = \"{bad}\"")));
+        assert!(
+            e.contains("listeners[2] (site).client_timeout"),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -11,10 +11,11 @@ use slb_common::{MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
 
 use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
 use super::{
-    invalid, BackendSpec, CheckKind, Config, ConfigError, CookiePersistence, Group, GroupKind,
-    HealthCheck, Interface, Listener, Protocol, Scheduler, DEFAULT_GROUP, MAX_CHECK_INTERVAL,
-    MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_PERSISTENCE_TIMEOUT, MAX_THRESHOLD, MAX_WEIGHT,
-    MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT,
+    invalid, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits, CookiePersistence,
+    Group, GroupKind, HealthCheck, Interface, Listener, Protocol, Scheduler, DEFAULT_GROUP,
+    MAX_BACKEND_CONNECTIONS, MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT,
+    MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS, MAX_THRESHOLD, MAX_WEIGHT, MIN_CHECK_INTERVAL,
+    MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT,
 };
 
 /// Names a field of one listener: `listeners[<i>] (<name>).<field>`.
@@ -42,6 +43,7 @@ impl Config {
         validate_interfaces(&self.interfaces)?;
         let groups = validate_groups(&self.groups)?;
         validate_backends("default_group", &self.default_group.backends)?;
+        validate_connection_limits("default_group", &self.default_group.limits())?;
         if self.listeners.len() > MAX_LISTENERS as usize {
             return Err(invalid(
                 "listeners",
@@ -283,6 +285,40 @@ fn validate_unicast(field: String, address: IpAddr) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The proxy's bounds on connections to a group's backends: at least one connection, a queue
+/// of any length up to the limit (0: 503 at once when all connections are busy), a wait that
+/// is brief but long enough to be a wait.
+fn validate_connection_limits(group: &str, limits: &ConnectionLimits) -> Result<(), ConfigError> {
+    if !(1..=MAX_BACKEND_CONNECTIONS).contains(&limits.max_connections) {
+        return Err(invalid(
+            format!("{group}.max_connections"),
+            format!(
+                "{} must be between 1 and {MAX_BACKEND_CONNECTIONS}",
+                limits.max_connections
+            ),
+        ));
+    }
+    if limits.max_queued_requests > MAX_QUEUED_REQUESTS {
+        return Err(invalid(
+            format!("{group}.max_queued_requests"),
+            format!(
+                "{} must be at most {MAX_QUEUED_REQUESTS}",
+                limits.max_queued_requests
+            ),
+        ));
+    }
+    if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&limits.queue_timeout) {
+        return Err(invalid(
+            format!("{group}.queue_timeout"),
+            format!(
+                "{} must be between 1ms and 60s",
+                humantime::format_duration(limits.queue_timeout)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks each group and its backends; returns the groups by name.
 fn validate_groups(defined: &[Group]) -> Result<Groups<'_>, ConfigError> {
     let mut groups = Groups::new();
@@ -304,6 +340,7 @@ fn validate_groups(defined: &[Group]) -> Result<Groups<'_>, ConfigError> {
             ));
         }
         validate_backends(&format!("groups[{i}] ({})", group.name), &group.backends)?;
+        validate_connection_limits(&format!("groups[{i}] ({})", group.name), &group.limits())?;
         if group.kind == GroupKind::ActiveStandby && group.backends.len() != 2 {
             return Err(invalid(
                 format!("groups[{i}] ({}).backends", group.name),
@@ -474,6 +511,13 @@ fn validate_l7_listener(
         return Err(invalid(
             at("header_timeout"),
             "must be between 100ms and 300s",
+        ));
+    }
+    if l.client_timeout < Duration::from_millis(100) || l.client_timeout > Duration::from_secs(3600)
+    {
+        return Err(invalid(
+            at("client_timeout"),
+            "must be between 100ms and 1h",
         ));
     }
     Ok(())

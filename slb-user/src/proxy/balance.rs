@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::cookies::CookieKey;
+use super::limits::BackendCap;
 use crate::config::Scheduler;
 
 /// A backend as the proxy balances over it.
@@ -20,6 +21,8 @@ pub struct Backend {
     /// Requests sent to it whose response has not finished; kept across reloads (the manager
     /// owns one counter per backend), read by least connections.
     pub in_flight: Arc<AtomicUsize>,
+    /// Its bounds on connections, shared by every group it is in.
+    pub cap: Arc<BackendCap>,
 }
 
 impl Backend {
@@ -28,12 +31,14 @@ impl Backend {
         weight: u32,
         in_flight: Arc<AtomicUsize>,
         cookie_key: Option<&CookieKey>,
+        cap: Arc<BackendCap>,
     ) -> Backend {
         Backend {
             addr,
             weight,
             token: cookie_key.map(|k| k.token(addr)).unwrap_or_default(),
             in_flight,
+            cap,
         }
     }
 }
@@ -216,7 +221,8 @@ mod tests {
                 .map(|(i, &w)| {
                     let addr = SocketAddr::from(([10, 0, 0, i as u8 + 1], 80));
                     let key = CookieKey::from_secret(b"a secret for the tests");
-                    Backend::new(addr, w, Arc::default(), Some(&key))
+                    let cap = Arc::new(BackendCap::new(Default::default()));
+                    Backend::new(addr, w, Arc::default(), Some(&key), cap)
                 })
                 .collect(),
             wrr: Mutex::default(),

@@ -1,10 +1,15 @@
 //! The client's request body on its way to the backend, watched: when it breaks off (the
 //! client went away, or sent a malformed chunk), the forward that fails because of it is the
-//! client's fault, and must not be answered or logged as a backend failure.
+//! client's fault, and must not be answered or logged as a backend failure. The watch also
+//! tells when the body was complete (the backend's time to answer counts from then) and when it
+//! last moved (an upload may take any time, but may not stall).
 
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio::sync::Notify;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming};
@@ -38,32 +43,96 @@ impl ClientBodyFault {
     }
 }
 
-/// A request body that notes in its [`BodyWatch`] how it failed, if it does.
+/// A request body that notes in its [`BodyWatch`] how it failed, if it does, and how far it
+/// got.
 pub struct WatchedBody {
     inner: Incoming,
-    fault: Arc<OnceLock<ClientBodyFault>>,
+    shared: Arc<Shared>,
 }
 
-/// Tells, after the forward, whether the client's body failed.
+#[derive(Debug)]
+struct Shared {
+    fault: OnceLock<ClientBodyFault>,
+    progress: Mutex<Progress>,
+    /// Woken when the body is complete.
+    completed: Notify,
+}
+
+/// How far a request body got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// When the last frame came in (or the body was created).
+    pub moved: Instant,
+    /// When the last frame came in, if it was the last.
+    pub complete: Option<Instant>,
+    /// The backend side asked for more and waits for the client.
+    pub waiting_on_client: bool,
+}
+
+/// Tells, during and after the forward, how the client's body fares.
 #[derive(Debug, Clone)]
-pub struct BodyWatch(Arc<OnceLock<ClientBodyFault>>);
+pub struct BodyWatch(Arc<Shared>);
 
 impl BodyWatch {
     pub fn fault(&self) -> Option<ClientBodyFault> {
-        self.0.get().copied()
+        self.0.fault.get().copied()
+    }
+
+    pub fn progress(&self) -> Progress {
+        *self.0.progress.lock().expect("progress lock")
+    }
+
+    /// Returns once the body is complete (at once if it was already).
+    pub async fn completed(&self) {
+        let notified = self.0.completed.notified();
+        if self.progress().complete.is_some() {
+            return;
+        }
+        notified.await;
     }
 }
 
 impl WatchedBody {
     pub fn new(inner: Incoming) -> (WatchedBody, BodyWatch) {
-        let fault = Arc::new(OnceLock::new());
+        let now = Instant::now();
+        let shared = Arc::new(Shared {
+            fault: OnceLock::new(),
+            // A request without a body is complete from the start.
+            progress: Mutex::new(Progress {
+                moved: now,
+                complete: inner.is_end_stream().then_some(now),
+                waiting_on_client: false,
+            }),
+            completed: Notify::new(),
+        });
         (
             WatchedBody {
                 inner,
-                fault: fault.clone(),
+                shared: shared.clone(),
             },
-            BodyWatch(fault),
+            BodyWatch(shared),
         )
+    }
+
+    fn note(&self, polled: &Poll<Option<Result<Frame<Bytes>, hyper::Error>>>) {
+        let mut progress = self.shared.progress.lock().expect("progress lock");
+        match polled {
+            Poll::Pending => progress.waiting_on_client = true,
+            Poll::Ready(Some(Err(e))) => {
+                let _ = self.shared.fault.set(ClientBodyFault::of(e));
+                progress.waiting_on_client = false;
+            }
+            Poll::Ready(frame) => {
+                let now = Instant::now();
+                progress.moved = now;
+                progress.waiting_on_client = false;
+                // hyper stops polling a body that says it has ended, so the end is either.
+                if (frame.is_none() || self.inner.is_end_stream()) && progress.complete.is_none() {
+                    progress.complete = Some(now);
+                    self.shared.completed.notify_waiters();
+                }
+            }
+        }
     }
 }
 
@@ -76,9 +145,7 @@ impl Body for WatchedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &polled {
-            let _ = self.fault.set(ClientBodyFault::of(e));
-        }
+        self.note(&polled);
         polled
     }
 

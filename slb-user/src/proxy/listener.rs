@@ -10,6 +10,7 @@ use tokio_rustls::rustls::ServerConfig;
 
 use super::balance::{Backend, BackendGroup};
 use super::cookies::CookieKey;
+use super::limits::BackendCap;
 use super::route::Router;
 use super::tls;
 use crate::applied::{BackendKey, HealthStatus};
@@ -25,6 +26,7 @@ pub struct ListenerSnapshot {
     pub forwarded_headers: bool,
     pub backend_timeout: Duration,
     pub header_timeout: Duration,
+    pub client_timeout: Duration,
     pub router: Router,
     /// The listener's own group (first), then each other group its rules name.
     pub groups: Vec<BackendGroup>,
@@ -59,13 +61,15 @@ impl ListenerSnapshot {
     /// Unhealthy backends get weight 0; `in_flight` holds one counter per backend that outlives
     /// snapshots, so least connections still counts requests started before a reload. `tls` is
     /// the listener's [`tls_for`], or the running snapshot's when only health changed;
-    /// `cookie_key` names backends in cookies (the listener's, when it uses them).
+    /// `cookie_key` names backends in cookies (the listener's, when it uses them); `caps` has
+    /// the connection bounds of every backend address.
     pub fn build(
         resolved: &ResolvedListener<'_>,
         health: &BTreeMap<BackendKey, HealthStatus>,
         in_flight: &mut HashMap<BackendKey, Arc<AtomicUsize>>,
         tls: Option<Arc<ServerConfig>>,
         cookie_key: Option<&CookieKey>,
+        caps: &HashMap<SocketAddr, Arc<BackendCap>>,
     ) -> ListenerSnapshot {
         let l = resolved.listener;
         let cookie_key = cookie_key.filter(|_| l.cookie.is_some());
@@ -83,7 +87,11 @@ impl ListenerSnapshot {
                         let counter = in_flight.entry(key).or_default().clone();
                         let weight = if healthy { b.weight } else { 0 };
                         let addr = SocketAddr::new(b.address, b.port);
-                        Backend::new(addr, weight, counter, cookie_key)
+                        let cap = caps
+                            .get(&addr)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(BackendCap::new(group.limits)));
+                        Backend::new(addr, weight, counter, cookie_key, cap)
                     })
                     .collect(),
                 wrr: Mutex::default(),
@@ -108,6 +116,7 @@ impl ListenerSnapshot {
             forwarded_headers: l.forwarded_headers,
             backend_timeout: l.backend_timeout,
             header_timeout: l.header_timeout,
+            client_timeout: l.client_timeout,
             router: Router::new(&l.rules, &targets),
             groups,
             tls,

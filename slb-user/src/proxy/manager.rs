@@ -15,6 +15,8 @@ use tokio::task::JoinHandle;
 
 use super::access_log::{AccessLog, OpenError};
 use super::cookies::{CookieKey, CookieKeyError};
+use super::counters::ProxyCounters;
+use super::limits::{limits_by_address, next_caps, BackendCaps, CappedConnector};
 use super::listener::{tls_for, BuildError, ListenerSnapshot};
 use super::request::SharedByListeners;
 use super::serve::accept_loop;
@@ -65,6 +67,8 @@ pub struct ProxyManager {
     in_flight: HashMap<BackendKey, Arc<AtomicUsize>>,
     /// Read at each apply whose config has a listener with cookie persistence.
     cookie_key: Option<CookieKey>,
+    /// The connection bounds of every backend address, read by the connector.
+    caps: BackendCaps,
     shared: Arc<SharedByListeners>,
 }
 
@@ -79,19 +83,34 @@ impl ProxyManager {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let caps = BackendCaps::default();
+        let counters = Arc::new(ProxyCounters::default());
+        // Idle connections count against the backend's max_connections, which bounds them.
         let backend_client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
-            .build(connector);
+            .build(CappedConnector::new(
+                connector,
+                caps.clone(),
+                counters.clone(),
+            ));
         ProxyManager {
             running: BTreeMap::new(),
             in_flight: HashMap::new(),
             cookie_key: None,
+            caps,
             shared: Arc::new(SharedByListeners {
                 backend_client,
                 access_log: AccessLog::start(),
+                counters,
+                via_name: via_name(),
             }),
         }
+    }
+
+    /// The proxy's counters, for status and metrics.
+    pub fn counters(&self) -> Arc<ProxyCounters> {
+        self.shared.counters.clone()
     }
 
     /// Makes the running HTTP(S) listeners match `config` and `health`. Everything that can fail
@@ -112,29 +131,43 @@ impl ProxyManager {
         } else {
             None
         };
+        let l7: Vec<_> = config
+            .resolved_listeners()
+            .into_iter()
+            .filter(|r| r.listener.protocol.is_l7())
+            .collect();
+        let caps = next_caps(
+            &self.caps.load(),
+            limits_by_address(l7.iter().flat_map(|r| {
+                r.groups.iter().flat_map(|g| {
+                    g.backends
+                        .iter()
+                        .map(|b| (SocketAddr::new(b.address, b.port), g.limits))
+                })
+            })),
+        );
         let mut wanted = BTreeMap::new();
-        for resolved in config.resolved_listeners() {
+        for resolved in l7 {
             let l = resolved.listener;
-            if l.protocol.is_l7() {
-                let tls = tls_for(&resolved, &config.certificates)?;
-                let snapshot = ListenerSnapshot::build(
-                    &resolved,
-                    health,
-                    &mut self.in_flight,
-                    tls,
-                    cookie_key.as_ref(),
-                );
-                let addr = SocketAddr::new(l.vip, l.port);
-                let protocol = l.protocol;
-                wanted.insert(
-                    l.name.clone(),
-                    Wanted {
-                        addr,
-                        protocol,
-                        snapshot,
-                    },
-                );
-            }
+            let tls = tls_for(&resolved, &config.certificates)?;
+            let snapshot = ListenerSnapshot::build(
+                &resolved,
+                health,
+                &mut self.in_flight,
+                tls,
+                cookie_key.as_ref(),
+                &caps,
+            );
+            let addr = SocketAddr::new(l.vip, l.port);
+            let protocol = l.protocol;
+            wanted.insert(
+                l.name.clone(),
+                Wanted {
+                    addr,
+                    protocol,
+                    snapshot,
+                },
+            );
         }
         let mut bound = self.bind_new_addresses(&wanted)?;
         self.shared
@@ -143,6 +176,7 @@ impl ProxyManager {
             .map_err(ApplyError::from)?;
 
         self.cookie_key = cookie_key;
+        self.caps.store(Arc::new(caps));
         self.stop_gone_or_moved(&wanted);
         for (name, w) in wanted {
             if let Some(r) = self.running.get(&name) {
@@ -174,12 +208,15 @@ impl ProxyManager {
             return;
         };
         let tls = running.snapshot.load().tls.clone();
+        // A verdict changes no limits: the caps of the last apply stand.
+        let caps = self.caps.load();
         let snapshot = ListenerSnapshot::build(
             &config.resolve(l),
             health,
             &mut self.in_flight,
             tls,
             self.cookie_key.as_ref(),
+            &caps,
         );
         running.snapshot.store(Arc::new(snapshot));
     }
@@ -238,6 +275,18 @@ impl Drop for ProxyManager {
             r.accept_task.abort();
         }
     }
+}
+
+/// This daemon's name in `Via` headers: `slb-` and 64 random bits, so it names this process and
+/// no other slb (another node forwarding to it is no loop).
+fn via_name() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    if let Ok(since_epoch) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        hasher.write_u128(since_epoch.as_nanos());
+    }
+    format!("slb-{:016x}", hasher.finish())
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, ApplyError> {

@@ -8,17 +8,22 @@
 //! - `request`: one request in phases: pick upstream, rewrite request, forward, rewrite
 //!   response, log; `route`, `balance`, `cookies`, `client_body` and `websocket` serve the
 //!   phases.
+//! - `limits`: the bounds on backend connections (`max_connections`, the queue before 503);
+//!   `stall`: the bound on a client that stops reading; `counters`: what they count.
 //! - `access_log`: the log record, written by a thread of its own.
 
 pub mod access_log;
 pub mod balance;
 mod client_body;
 mod cookies;
+pub mod counters;
+mod limits;
 mod listener;
 mod manager;
 mod request;
 pub mod route;
 mod serve;
+mod stall;
 pub mod tls;
 mod websocket;
 

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -16,12 +16,14 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper::{HeaderMap, Request, Response, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::access_log::{AccessLog, AccessLogRecord};
 use super::balance::{BackendGroup, InFlight, Picked};
-use super::client_body::{BodyWatch, ClientBodyFault, WatchedBody};
+use super::client_body::{BodyWatch, ClientBodyFault, Progress, WatchedBody};
 use super::cookies::{self, Session};
+use super::counters::{ProxyCounters, ProxyEvent};
+use super::limits::{is_out_of_files, BoxError, CappedConnector, QueueRefusal};
 use super::listener::ListenerSnapshot;
 use super::websocket;
 
@@ -29,9 +31,13 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// What the requests of all listeners share.
 pub struct SharedByListeners {
-    /// Pooled keep-alive connections to backends.
-    pub backend_client: hyper_util::client::legacy::Client<HttpConnector, WatchedBody>,
+    /// Pooled keep-alive connections to backends, at most `max_connections` per backend.
+    pub backend_client: hyper_util::client::legacy::Client<CappedConnector, WatchedBody>,
     pub access_log: AccessLog,
+    pub counters: Arc<ProxyCounters>,
+    /// This daemon's name in `Via` headers (`slb-<random>`): a request that already names it
+    /// has come round in a loop.
+    pub via_name: String,
 }
 
 /// The client end of a connection.
@@ -103,15 +109,37 @@ async fn proxy(
     check_request(&req).inspect_err(|failure| {
         tracing::debug!(listener = %ctx.listener.name, peer = %ctx.client.addr, ?failure, "refused before forwarding");
     })?;
+    check_loop(req.headers(), &shared.via_name).inspect_err(|_| {
+        shared.counters.count(ProxyEvent::LoopRefused);
+        tracing::warn!(listener = %ctx.listener.name, peer = %ctx.client.addr, "508: the request has passed this slb before (its Via names {}): a forwarding loop", shared.via_name);
+    })?;
     let session = Session::read(req.headers(), ctx.listener.cookie.as_ref());
     let picked = pick_upstream(ctx, &session)?;
+    let connection = admit(ctx, &picked, &shared.counters).await?;
     let client_upgrade = websocket::client_upgrade(&mut req);
     let (req, body_watch) = watch_body(req);
-    let upstream = rewrite_request(ctx, req, &picked, &session, client_upgrade.is_some())?;
+    let upstream = rewrite_request(
+        ctx,
+        req,
+        &picked,
+        &session,
+        client_upgrade.is_some(),
+        &shared.via_name,
+    )?;
     let in_flight = InFlight::start(&picked.backend.in_flight);
     ctx.sent_to = Some((picked.backend.addr, Instant::now()));
-    let response = forward(ctx, upstream, client_upgrade, &body_watch, shared).await?;
-    Ok(rewrite_response(ctx, response, &picked, in_flight))
+    let (response, connection) = forward(
+        ctx,
+        upstream,
+        client_upgrade,
+        connection,
+        &body_watch,
+        shared,
+    )
+    .await?;
+    Ok(rewrite_response(
+        ctx, response, &picked, in_flight, connection,
+    ))
 }
 
 fn watch_body(req: Request<Incoming>) -> (Request<WatchedBody>, BodyWatch) {
@@ -137,6 +165,14 @@ enum Failure {
     InvalidPath,
     /// The client's request body failed while it was forwarded.
     ClientBody(ClientBodyFault),
+    /// The client sent no byte of its request body for `client_timeout`.
+    ClientBodyTimedOut,
+    /// The request has passed this slb before.
+    Loop,
+    /// The backend's connections were all busy and its queue full, or the wait too long.
+    AtConnectionCap(QueueRefusal),
+    /// slb itself is out of file descriptors.
+    OutOfFiles,
     BackendFailed,
     BackendTimedOut,
 }
@@ -164,6 +200,22 @@ impl Failure {
             Failure::ClientBody(ClientBodyFault::Aborted) => (
                 StatusCode::from_u16(CLIENT_CLOSED_REQUEST).expect("a valid status code"),
                 "499 Client Closed Request",
+            ),
+            Failure::ClientBodyTimedOut => (
+                StatusCode::REQUEST_TIMEOUT,
+                "408 Request Timeout: the request body stalled",
+            ),
+            Failure::Loop => (
+                StatusCode::LOOP_DETECTED,
+                "508 Loop Detected: the request has passed this load balancer before",
+            ),
+            Failure::AtConnectionCap(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "503 Service Unavailable: the backend's connections are all busy",
+            ),
+            Failure::OutOfFiles => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "503 Service Unavailable: the load balancer is out of file descriptors",
             ),
             Failure::BackendFailed => (
                 StatusCode::BAD_GATEWAY,
@@ -237,6 +289,59 @@ fn check_request<B>(req: &Request<B>) -> Result<(), Failure> {
     }
 }
 
+/// Phase 0: a request whose `Via` names this slb has been forwarded round a loop (through
+/// another proxy, or a backend that forwards back to the VIP) and is refused; every request
+/// forwarded carries the name, so a loop ends after one round.
+fn check_loop(headers: &HeaderMap, via_name: &str) -> Result<(), Failure> {
+    let looped = headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        // `received-protocol received-by [comment]`
+        .any(|hop| hop.split_whitespace().nth(1) == Some(via_name));
+    if looped {
+        return Err(Failure::Loop);
+    }
+    Ok(())
+}
+
+/// Phase 1b: a place among the backend's `max_connections` requests, now or after waiting in
+/// its queue; 503 when the queue is full or the wait too long.
+async fn admit(
+    ctx: &RequestContext<'_>,
+    picked: &Picked<'_>,
+    counters: &ProxyCounters,
+) -> Result<OwnedSemaphorePermit, Failure> {
+    let backend = picked.backend;
+    match backend.cap.admit().await {
+        Ok(admitted) => {
+            if admitted.waited {
+                counters.count(ProxyEvent::RequestQueued);
+            }
+            Ok(admitted.permit)
+        }
+        Err(refusal) => {
+            let limits = backend.cap.limits;
+            counters.count(match refusal {
+                QueueRefusal::Full => ProxyEvent::QueueFull,
+                QueueRefusal::TimedOut => ProxyEvent::QueueTimedOut,
+            });
+            tracing::warn!(
+                listener = %ctx.listener.name,
+                backend = %backend.addr,
+                "503: all {} connections to the backend are busy and {}",
+                limits.max_connections,
+                match refusal {
+                    QueueRefusal::Full => format!("{} requests wait already", limits.max_queued_requests),
+                    QueueRefusal::TimedOut => format!("none came free within {}", humantime::format_duration(limits.queue_timeout)),
+                }
+            );
+            Err(Failure::AtConnectionCap(refusal))
+        }
+    }
+}
+
 /// Phase 1: the backend, within the group the rules chose, that the session cookie names or
 /// the scheduler picks.
 fn pick_upstream<'a>(ctx: &RequestContext<'a>, session: &Session) -> Result<Picked<'a>, Failure> {
@@ -262,13 +367,14 @@ const HOP_BY_HOP: [&str; 7] = [
 
 /// Phase 2: the request as the backend gets it: HTTP/1.1 to the backend's address, the Host
 /// kept, hop-by-hop headers dropped (an upgrade keeps the two it needs), forwarded headers
-/// added, the application's own cookie restored.
+/// added, the application's own cookie restored, this slb named in `Via`.
 fn rewrite_request<B>(
     ctx: &RequestContext<'_>,
     req: Request<B>,
     picked: &Picked<'_>,
     session: &Session,
     upgrade: bool,
+    via_name: &str,
 ) -> Result<Request<B>, Failure> {
     let (mut parts, body) = req.into_parts();
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -278,6 +384,7 @@ fn rewrite_request<B>(
             tracing::debug!(listener = %ctx.listener.name, path_and_query, "400: not a path a backend can be sent");
             Failure::InvalidPath
         })?;
+    add_via(&mut parts.headers, parts.version, via_name);
     parts.version = hyper::Version::HTTP_11;
     // Before Host is settled: a client's `Connection: host` must not take it away.
     strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -315,6 +422,20 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Appends `<version the client spoke> <via_name>` to `Via` (RFC 9110 §7.6.3).
+fn add_via(headers: &mut HeaderMap, version: hyper::Version, via_name: &str) {
+    let protocol = match version {
+        hyper::Version::HTTP_09 => "0.9",
+        hyper::Version::HTTP_10 => "1.0",
+        hyper::Version::HTTP_2 => "2",
+        hyper::Version::HTTP_3 => "3",
+        _ => "1.1",
+    };
+    if let Ok(v) = HeaderValue::from_str(&format!("{protocol} {via_name}")) {
+        headers.append(header::VIA, v);
+    }
+}
+
 /// Forwarding headers slb does not set and so cannot vouch for: a client could claim any
 /// host, port or address in them.
 const UNTRUSTED_FORWARDED: [&str; 3] = ["forwarded", "x-forwarded-host", "x-forwarded-port"];
@@ -349,44 +470,149 @@ fn add_forwarded_headers(headers: &mut HeaderMap, client: Client) {
 }
 
 /// Phase 3: sends the request (over the pool, or a connection of its own for an upgrade) and
-/// waits at most `backend_timeout` for the response headers; 502 when the backend fails, 504
-/// when it is too slow.
+/// waits for the response headers: at most `backend_timeout` from the end of the request
+/// body, while the body itself may take any time but stall at most `client_timeout`. 502 when
+/// the backend fails, 504 when it is too slow or stops taking the body, 408 when the client's
+/// body stalls. Gives back the connection permit when the response goes on (an upgrade's
+/// permit stays with the spliced connections).
 async fn forward(
     ctx: &RequestContext<'_>,
     upstream: Request<WatchedBody>,
     client_upgrade: Option<OnUpgrade>,
+    connection: OwnedSemaphorePermit,
     body_watch: &BodyWatch,
     shared: &SharedByListeners,
-) -> Result<Response<Incoming>, Failure> {
+) -> Result<(Response<Incoming>, Option<OwnedSemaphorePermit>), Failure> {
     let (backend, _) = ctx.sent_to.expect("forwarded after the backend is chosen");
-    let timeout = ctx.listener.backend_timeout;
-    let result = match client_upgrade {
-        Some(client_upgrade) => {
-            let upgrade = websocket::forward(upstream, backend, client_upgrade);
-            tokio::time::timeout(timeout, upgrade).await
-        }
+    let (sent, connection): (
+        Pin<Box<dyn std::future::Future<Output = Result<Response<Incoming>, BoxError>> + Send>>,
+        _,
+    ) = match client_upgrade {
+        Some(client_upgrade) => (
+            Box::pin(websocket::forward(
+                upstream,
+                backend,
+                client_upgrade,
+                connection,
+            )),
+            None,
+        ),
         None => {
             let pooled = shared.backend_client.request(upstream);
-            tokio::time::timeout(timeout, async { pooled.await.map_err(|e| e.to_string()) }).await
+            (
+                Box::pin(async { pooled.await.map_err(BoxError::from) }),
+                Some(connection),
+            )
+        }
+    };
+    let timeouts = Timeouts {
+        backend: ctx.listener.backend_timeout,
+        client: ctx.listener.client_timeout,
+    };
+    let result = match within_timeouts(sent, body_watch, timeouts).await {
+        Ok(result) => result,
+        Err(TimedOut::Backend) => {
+            tracing::warn!(listener = %ctx.listener.name, %backend, "504: backend did not answer within {} of the request's end", humantime::format_duration(timeouts.backend));
+            return Err(Failure::BackendTimedOut);
+        }
+        Err(TimedOut::BackendNotReading) => {
+            tracing::warn!(listener = %ctx.listener.name, %backend, "504: backend took no byte of the request body for {}", humantime::format_duration(timeouts.client));
+            return Err(Failure::BackendTimedOut);
+        }
+        Err(TimedOut::ClientBody) => {
+            shared.counters.count(ProxyEvent::ClientBodyTimeout);
+            tracing::debug!(listener = %ctx.listener.name, peer = %ctx.client.addr, %backend, "408: the client sent no byte of its request body for {}", humantime::format_duration(timeouts.client));
+            return Err(Failure::ClientBodyTimedOut);
         }
     };
     match result {
-        Ok(Ok(response)) => Ok(response),
-        Err(_) => {
-            tracing::warn!(listener = %ctx.listener.name, %backend, "504: backend did not answer within {}", humantime::format_duration(timeout));
-            Err(Failure::BackendTimedOut)
-        }
-        Ok(Err(e)) => match body_watch.fault() {
+        Ok(response) => Ok((response, connection)),
+        Err(e) => match body_watch.fault() {
             // The request failed because the client's body did: the backend is not to blame.
             Some(fault) => {
                 tracing::debug!(listener = %ctx.listener.name, peer = %ctx.client.addr, %backend, ?fault, "the client's request body failed: {e}");
                 Err(Failure::ClientBody(fault))
             }
+            None if is_out_of_files(&*e) => {
+                shared.counters.count(ProxyEvent::OutOfFileDescriptors);
+                tracing::error!(listener = %ctx.listener.name, %backend, "503: slb is out of file descriptors (raise its open-files limit or lower max_connections): {}", error_chain(&*e));
+                Err(Failure::OutOfFiles)
+            }
             None => {
-                tracing::warn!(listener = %ctx.listener.name, %backend, "502: backend failed: {e}");
+                tracing::warn!(listener = %ctx.listener.name, %backend, "502: backend failed: {}", error_chain(&*e));
                 Err(Failure::BackendFailed)
             }
         },
+    }
+}
+
+/// `error: its source: ...`, since hyper's own messages ("client error (Connect)") say little.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        next = e.source();
+    }
+    text
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    /// From the end of the request body to the response headers.
+    backend: Duration,
+    /// Longest stall of the request body.
+    client: Duration,
+}
+
+/// Which wait ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimedOut {
+    /// No response headers within `backend` of the request body's end.
+    Backend,
+    /// The backend took no byte of the body for `client` (nobody polled the body).
+    BackendNotReading,
+    /// The client sent no byte of its body for `client` while the backend waited for it.
+    ClientBody,
+}
+
+/// What the forward waits for next, judged from the body's progress: its end, then the backend.
+fn next_deadline(progress: Progress, timeouts: Timeouts) -> (Instant, TimedOut) {
+    match progress.complete {
+        Some(complete) => (complete + timeouts.backend, TimedOut::Backend),
+        None if progress.waiting_on_client => {
+            (progress.moved + timeouts.client, TimedOut::ClientBody)
+        }
+        None => (
+            progress.moved + timeouts.client,
+            TimedOut::BackendNotReading,
+        ),
+    }
+}
+
+/// `sent`'s outcome, unless a deadline of [`next_deadline`] passes first.
+async fn within_timeouts<T>(
+    sent: impl std::future::Future<Output = T>,
+    body_watch: &BodyWatch,
+    timeouts: Timeouts,
+) -> Result<T, TimedOut> {
+    tokio::pin!(sent);
+    loop {
+        let (deadline, _) = next_deadline(body_watch.progress(), timeouts);
+        tokio::select! {
+            outcome = &mut sent => return Ok(outcome),
+            // The deadline moves to the backend's once the body is complete.
+            () = body_watch.completed(), if body_watch.progress().complete.is_none() => {}
+            () = tokio::time::sleep_until(deadline.into()) => {
+                // The body may have moved since the deadline was set; only a deadline that
+                // still stands counts.
+                let (now_deadline, now_which) = next_deadline(body_watch.progress(), timeouts);
+                if now_deadline <= Instant::now() {
+                    return Err(now_which);
+                }
+            }
+        }
     }
 }
 
@@ -397,6 +623,7 @@ fn rewrite_response(
     response: Response<Incoming>,
     picked: &Picked<'_>,
     in_flight: InFlight,
+    connection: Option<OwnedSemaphorePermit>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     cookies::name_backend_in_response(
@@ -408,6 +635,7 @@ fn rewrite_response(
     let body = CountedBody {
         inner: body,
         _in_flight: in_flight,
+        _connection: connection,
     };
     Response::from_parts(parts, body.boxed())
 }
@@ -434,10 +662,12 @@ fn log(ctx: RequestContext<'_>, status: StatusCode, access_log: &AccessLog) {
     });
 }
 
-/// A backend's response body that counts in its in-flight requests until it is done.
+/// A backend's response body that counts in its in-flight requests, and holds its place among
+/// the backend's connections, until it is done.
 struct CountedBody {
     inner: Incoming,
     _in_flight: InFlight,
+    _connection: Option<OwnedSemaphorePermit>,
 }
 
 impl hyper::body::Body for CountedBody {

@@ -13,8 +13,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls::ServerConfig;
 
+use super::counters::ProxyEvent;
+use super::limits::is_out_of_files;
 use super::listener::ListenerSnapshot;
 use super::request::{handle, Client, SharedByListeners, MAX_HEADER_LIST_BYTES};
+use super::stall::WriteStallLimit;
 use crate::config::Protocol;
 
 /// What hyper may read of a request's head (HTTP/1) or header list (HTTP/2, pseudo-headers
@@ -33,6 +36,9 @@ pub async fn accept_loop(
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
+                if is_out_of_files(&e) {
+                    shared.counters.count(ProxyEvent::OutOfFileDescriptors);
+                }
                 backoff.failed(&e).await;
                 continue;
             }
@@ -61,6 +67,7 @@ async fn serve_connection(
         addr: peer,
         https: current.protocol == Protocol::Https,
     };
+    let stream = WriteStallLimit::new(stream, current.client_timeout, shared.counters.clone());
     let served = match &current.tls {
         None => serve_http(stream, client, &current, snapshot, shared).await,
         Some(tls) => match tls_handshake(stream, tls, &current, peer).await {
@@ -74,11 +81,11 @@ async fn serve_connection(
 }
 
 async fn tls_handshake(
-    stream: TcpStream,
+    stream: WriteStallLimit<TcpStream>,
     tls: &Arc<ServerConfig>,
     current: &ListenerSnapshot,
     peer: SocketAddr,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<tokio_rustls::server::TlsStream<WriteStallLimit<TcpStream>>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
     match tokio::time::timeout(current.header_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls_stream)) => Some(tls_stream),

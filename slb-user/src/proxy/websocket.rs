@@ -8,8 +8,10 @@ use hyper::header;
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::client_body::WatchedBody;
+use super::limits::BoxError;
 
 /// The client's side of an upgrade the request asks for (`Connection: upgrade` and an `Upgrade`
 /// header over HTTP/1.1), else `None`.
@@ -28,31 +30,28 @@ pub fn client_upgrade(req: &mut Request<Incoming>) -> Option<OnUpgrade> {
 }
 
 /// Sends `upstream` on a new connection to `backend`; when the backend switches protocols, a
-/// task splices both upgraded connections until either side closes.
+/// task splices both upgraded connections until either side closes, holding `permit`, the
+/// request's place among the backend's connections, for as long.
 pub async fn forward(
     mut upstream: Request<WatchedBody>,
     backend: SocketAddr,
     client_upgrade: OnUpgrade,
-) -> Result<Response<Incoming>, String> {
-    let stream = tokio::net::TcpStream::connect(backend)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    permit: OwnedSemaphorePermit,
+) -> Result<Response<Incoming>, BoxError> {
+    let stream = tokio::net::TcpStream::connect(backend).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
     // A connection of its own sends the target as given; the backend is no proxy and expects
     // origin form, as the pooled client sends it.
     *upstream.uri_mut() = origin_form(upstream.uri());
-    let mut response = sender
-        .send_request(upstream)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut response = sender.send_request(upstream).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let backend_upgrade = hyper::upgrade::on(&mut response);
         tokio::spawn(async move {
+            let _permit = permit;
             match tokio::try_join!(client_upgrade, backend_upgrade) {
                 Ok((client, backend)) => {
                     let _ = tokio::io::copy_bidirectional(
