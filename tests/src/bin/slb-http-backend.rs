@@ -6,7 +6,12 @@
 //! * `/status/N` answers with status N;
 //! * `/set-cookie/NAME/VALUE` answers with `Set-Cookie: NAME=VALUE; Path=/`;
 //! * `/stream?kb=N[&ms=M]` streams N KiB in 1 KiB chunks (M ms apart, default 0);
-//! * `/ws` accepts a WebSocket upgrade and echoes every text and binary message.
+//! * `/ws` accepts a WebSocket upgrade and echoes every text and binary message;
+//! * `/upload` reads the whole request body and answers `received N bytes`;
+//! * `/connections` answers `{"open":..,"peak":..,"streams":..}`: client connections open now,
+//!   the most ever open at once, and `/stream` bodies still being sent;
+//! * `/relay?to=ADDR` sends the request on to `ADDR` (method, target and headers as received,
+//!   `Via` included) and answers with what comes back: a server that forwards back to slb.
 //!
 //! Everything else (health checks hit `/`) gets the plain echo. Prints `ready` on stdout once
 //! it listens.
@@ -15,6 +20,7 @@ use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -71,6 +77,36 @@ struct Echo<'a> {
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// Connections and streams of this backend, for `/connections`.
+struct Tally {
+    open: AtomicUsize,
+    peak: AtomicUsize,
+    streams: AtomicUsize,
+}
+
+static TALLY: Tally = Tally {
+    open: AtomicUsize::new(0),
+    peak: AtomicUsize::new(0),
+    streams: AtomicUsize::new(0),
+};
+
+/// Counts a connection as open until dropped.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn start() -> OpenConnection {
+        let open = TALLY.open.fetch_add(1, Ordering::SeqCst) + 1;
+        TALLY.peak.fetch_max(open, Ordering::SeqCst);
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        TALLY.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -102,6 +138,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                     let _ = stream.set_nodelay(true);
                     let name = name.clone();
                     tokio::spawn(async move {
+                        let _open = OpenConnection::start();
                         let service = hyper::service::service_fn(move |req| {
                             handle(req, peer, name.clone())
                         });
@@ -143,6 +180,32 @@ async fn handle(
     let query = req.uri().query().map(str::to_owned);
     let mut response = if path == "/ws" {
         websocket(req)
+    } else if path == "/upload" {
+        match req.into_body().collect().await {
+            Ok(body) => Response::new(full(format!(
+                "received {} bytes\n",
+                body.to_bytes().len()
+            ))),
+            Err(e) => {
+                let mut response = Response::new(full(format!("body failed: {e}\n")));
+                *response.status_mut() = StatusCode::BAD_REQUEST;
+                response
+            }
+        }
+    } else if path == "/connections" {
+        Response::new(full(format!(
+            "{{\"open\":{},\"peak\":{},\"streams\":{}}}",
+            TALLY.open.load(Ordering::SeqCst),
+            TALLY.peak.load(Ordering::SeqCst),
+            TALLY.streams.load(Ordering::SeqCst)
+        )))
+    } else if path == "/relay" {
+        let to = query_param(query.as_deref(), "to").unwrap_or_default().to_owned();
+        relay(req, &to).await.unwrap_or_else(|e| {
+            let mut response = Response::new(full(format!("relay to {to:?} failed: {e:#}\n")));
+            *response.status_mut() = StatusCode::BAD_GATEWAY;
+            response
+        })
     } else if path == "/stream" {
         let kb = query_param(query.as_deref(), "kb")
             .and_then(|v| v.parse().ok())
@@ -223,9 +286,45 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
+/// Sends `req` on to `to` over a connection of its own and answers with the response.
+async fn relay(req: Request<Incoming>, to: &str) -> anyhow::Result<Response<Body>> {
+    let stream = tokio::net::TcpStream::connect(to).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let (parts, _body) = req.into_parts();
+    let mut onward = Request::builder()
+        .method(parts.method)
+        .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+    for (name, value) in &parts.headers {
+        onward = onward.header(name, value);
+    }
+    let response = sender.send_request(onward.body(full(Bytes::new()))?).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Response::from_parts(parts, full(body)))
+}
+
+/// Counts a `/stream` body as being sent until its producer ends.
+struct ActiveStream;
+
+impl ActiveStream {
+    fn start() -> ActiveStream {
+        TALLY.streams.fetch_add(1, Ordering::SeqCst);
+        ActiveStream
+    }
+}
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        TALLY.streams.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn stream(kb: usize, gap: Duration) -> Response<Body> {
     let (tx, rx) = mpsc::channel(4);
+    let active = ActiveStream::start();
     tokio::spawn(async move {
+        let _active = active;
         for i in 0..kb {
             // Each chunk is 1 KiB of one letter, cycling a..z, so a client can check order.
             let chunk = Bytes::from(vec![b'a' + (i % 26) as u8; 1024]);

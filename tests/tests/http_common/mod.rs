@@ -42,6 +42,17 @@ impl L7Setup {
         backends: usize,
         make_config: impl FnOnce(&mut L7Config, &Path),
     ) -> L7Setup {
+        Self::start_edited(tag, backends, make_config, |_| {})
+    }
+
+    /// [`start`](Self::start), with the config's TOML edited by `edit_toml` before slb reads
+    /// it (for settings [`L7Config`] does not model).
+    pub fn start_edited(
+        tag: &str,
+        backends: usize,
+        make_config: impl FnOnce(&mut L7Config, &Path),
+        edit_toml: impl FnOnce(&mut toml::Table),
+    ) -> L7Setup {
         let dir = tempfile::Builder::new()
             .prefix(&format!("slb-{tag}-"))
             .tempdir()
@@ -58,13 +69,12 @@ impl L7Setup {
         config.access_log = Some(dir.path().join("access.log"));
         config.cookie_secret_file = Some(dir.path().join("cookie-secret"));
         make_config(&mut config, dir.path());
-        let daemon = SlbDaemon::start_toml(
-            &slb_binary(),
-            topo.slb_ns(),
-            &config.instance,
-            &config.to_toml(),
-        )
-        .unwrap_or_else(|e| panic!("start slb: {e:#}\nconfig:\n{}", config.to_toml()));
+        let mut table: toml::Table = config.to_toml().parse().expect("the config is TOML");
+        edit_toml(&mut table);
+        let text = table.to_string();
+        let daemon =
+            SlbDaemon::start_toml(&slb_binary(), topo.slb_ns(), &config.instance, &text)
+                .unwrap_or_else(|e| panic!("start slb: {e:#}\nconfig:\n{text}"));
         let client = NetnsRuntime::new(topo.client_ns()).expect("client runtime");
         L7Setup {
             daemon,
