@@ -183,13 +183,11 @@ fn http_client_that_stops_reading_is_cut_off_and_the_backend_released() {
     // 64 MiB, far more than the socket buffers on the way hold: once they are full, slb's
     // writes to the client wait.
     const BODY_KB: usize = 64 * 1024;
-    let mut stream =
-        tcp_connect_in(setup.topo.client_ns(), vip_http(), Duration::from_secs(3)).expect("connect");
+    let mut stream = tcp_connect_in(setup.topo.client_ns(), vip_http(), Duration::from_secs(3))
+        .expect("connect");
     let started = Instant::now();
     stream
-        .write_all(
-            format!("GET /stream?kb={BODY_KB} HTTP/1.1\r\nHost: {VIP}\r\n\r\n").as_bytes(),
-        )
+        .write_all(format!("GET /stream?kb={BODY_KB} HTTP/1.1\r\nHost: {VIP}\r\n\r\n").as_bytes())
         .expect("send the request");
     // The client reads nothing from here on. The backend's stream ends when slb drops it.
     let mut seen_streaming = false;
@@ -244,8 +242,8 @@ fn http_client_that_stops_reading_is_cut_off_and_the_backend_released() {
 /// Sends `head` then `body` in `chunks` pieces `gap` apart over a connection of its own, and
 /// returns the response (read to the end) and how long it took from the request's start.
 fn upload(setup: &L7Setup, head: &str, chunks: &[Vec<u8>], gap: Duration) -> (String, Duration) {
-    let mut stream =
-        tcp_connect_in(setup.topo.client_ns(), vip_http(), Duration::from_secs(3)).expect("connect");
+    let mut stream = tcp_connect_in(setup.topo.client_ns(), vip_http(), Duration::from_secs(3))
+        .expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("read timeout");
@@ -259,7 +257,10 @@ fn upload(setup: &L7Setup, head: &str, chunks: &[Vec<u8>], gap: Duration) -> (St
     }
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
-    (String::from_utf8_lossy(&response).into_owned(), started.elapsed())
+    (
+        String::from_utf8_lossy(&response).into_owned(),
+        started.elapsed(),
+    )
 }
 
 #[test]
@@ -325,9 +326,12 @@ fn http_request_looping_back_through_a_backend_gets_508() {
     // The backend sends the request back to the VIP, as a misconfigured server or proxy
     // behind slb would.
     let answer = setup.client.run(async move {
-        get(&client, &format!("http://{VIP}:{HTTP_PORT}/relay?to={VIP}:{HTTP_PORT}"))
-            .await
-            .expect("GET")
+        get(
+            &client,
+            &format!("http://{VIP}:{HTTP_PORT}/relay?to={VIP}:{HTTP_PORT}"),
+        )
+        .await
+        .expect("GET")
     });
     println!(
         "a request relayed back to the VIP: {} {:?} in {:?}",

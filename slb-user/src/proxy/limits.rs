@@ -23,7 +23,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::counters::{ProxyCounters, ProxyEvent};
 use crate::config::ConnectionLimits;
 
 /// One backend address's bounds, shared by every listener and group that forwards to it.
@@ -164,16 +163,11 @@ pub fn next_caps(
 pub struct CappedConnector {
     inner: HttpConnector,
     caps: BackendCaps,
-    counters: Arc<ProxyCounters>,
 }
 
 impl CappedConnector {
-    pub fn new(inner: HttpConnector, caps: BackendCaps, counters: Arc<ProxyCounters>) -> Self {
-        CappedConnector {
-            inner,
-            caps,
-            counters,
-        }
+    pub fn new(inner: HttpConnector, caps: BackendCaps) -> Self {
+        CappedConnector { inner, caps }
     }
 }
 
@@ -191,18 +185,13 @@ impl tower_service::Service<Uri> for CappedConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let cap = backend_address(&uri).and_then(|addr| self.caps.load().get(&addr).cloned());
         let mut inner = self.inner.clone();
-        let counters = self.counters.clone();
         Box::pin(async move {
             let permit = match cap {
                 Some(cap) => Some(cap.connections.clone().acquire_owned().await?),
                 None => None,
             };
-            let io = inner.call(uri).await.map_err(|e| {
-                if is_out_of_files(&e) {
-                    counters.count(ProxyEvent::OutOfFileDescriptors);
-                }
-                e
-            })?;
+            // EMFILE/ENFILE are told apart (and counted) where the request fails.
+            let io = inner.call(uri).await?;
             Ok(CappedConnection {
                 io,
                 _permit: permit,

@@ -89,11 +89,7 @@ impl ProxyManager {
         let backend_client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
-            .build(CappedConnector::new(
-                connector,
-                caps.clone(),
-                counters.clone(),
-            ));
+            .build(CappedConnector::new(connector, caps.clone()));
         ProxyManager {
             running: BTreeMap::new(),
             in_flight: HashMap::new(),

@@ -484,10 +484,9 @@ async fn forward(
     shared: &SharedByListeners,
 ) -> Result<(Response<Incoming>, Option<OwnedSemaphorePermit>), Failure> {
     let (backend, _) = ctx.sent_to.expect("forwarded after the backend is chosen");
-    let (sent, connection): (
-        Pin<Box<dyn std::future::Future<Output = Result<Response<Incoming>, BoxError>> + Send>>,
-        _,
-    ) = match client_upgrade {
+    type Sent =
+        Pin<Box<dyn std::future::Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+    let (sent, connection): (Sent, _) = match client_upgrade {
         Some(client_upgrade) => (
             Box::pin(websocket::forward(
                 upstream,

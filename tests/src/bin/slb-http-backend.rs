@@ -182,10 +182,7 @@ async fn handle(
         websocket(req)
     } else if path == "/upload" {
         match req.into_body().collect().await {
-            Ok(body) => Response::new(full(format!(
-                "received {} bytes\n",
-                body.to_bytes().len()
-            ))),
+            Ok(body) => Response::new(full(format!("received {} bytes\n", body.to_bytes().len()))),
             Err(e) => {
                 let mut response = Response::new(full(format!("body failed: {e}\n")));
                 *response.status_mut() = StatusCode::BAD_REQUEST;
@@ -200,7 +197,9 @@ async fn handle(
             TALLY.streams.load(Ordering::SeqCst)
         )))
     } else if path == "/relay" {
-        let to = query_param(query.as_deref(), "to").unwrap_or_default().to_owned();
+        let to = query_param(query.as_deref(), "to")
+            .unwrap_or_default()
+            .to_owned();
         relay(req, &to).await.unwrap_or_else(|e| {
             let mut response = Response::new(full(format!("relay to {to:?} failed: {e:#}\n")));
             *response.status_mut() = StatusCode::BAD_GATEWAY;
@@ -289,7 +288,8 @@ impl hyper::body::Body for ChannelBody {
 /// Sends `req` on to `to` over a connection of its own and answers with the response.
 async fn relay(req: Request<Incoming>, to: &str) -> anyhow::Result<Response<Body>> {
     let stream = tokio::net::TcpStream::connect(to).await?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let (parts, _body) = req.into_parts();
     let mut onward = Request::builder()
@@ -298,7 +298,9 @@ async fn relay(req: Request<Incoming>, to: &str) -> anyhow::Result<Response<Body
     for (name, value) in &parts.headers {
         onward = onward.header(name, value);
     }
-    let response = sender.send_request(onward.body(full(Bytes::new()))?).await?;
+    let response = sender
+        .send_request(onward.body(full(Bytes::new()))?)
+        .await?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await?.to_bytes();
     Ok(Response::from_parts(parts, full(body)))

@@ -72,9 +72,8 @@ impl L7Setup {
         let mut table: toml::Table = config.to_toml().parse().expect("the config is TOML");
         edit_toml(&mut table);
         let text = table.to_string();
-        let daemon =
-            SlbDaemon::start_toml(&slb_binary(), topo.slb_ns(), &config.instance, &text)
-                .unwrap_or_else(|e| panic!("start slb: {e:#}\nconfig:\n{text}"));
+        let daemon = SlbDaemon::start_toml(&slb_binary(), topo.slb_ns(), &config.instance, &text)
+            .unwrap_or_else(|e| panic!("start slb: {e:#}\nconfig:\n{text}"));
         let client = NetnsRuntime::new(topo.client_ns()).expect("client runtime");
         L7Setup {
             daemon,
