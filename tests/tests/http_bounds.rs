@@ -343,3 +343,91 @@ fn http_request_looping_back_through_a_backend_gets_508() {
     assert!(answer.text().contains("Loop Detected"), "{}", answer.text());
     assert_eq!(wait_proxy_counter(&setup.daemon, "loops_refused", 1), 1);
 }
+
+/// The soft open-files limit under which exactly one descriptor number is free in a process
+/// whose open descriptors are `open` (a new descriptor takes the lowest free number, and the
+/// limit bounds the number, not the count).
+fn limit_leaving_one_free(open: &std::collections::BTreeSet<u64>) -> u64 {
+    let mut free = 0;
+    for n in 0.. {
+        if !open.contains(&n) {
+            free += 1;
+            if free == 2 {
+                return n;
+            }
+        }
+    }
+    unreachable!("the numbers are unbounded")
+}
+
+/// Sets the soft open-files limit of process `pid`, returning the limits it had.
+fn set_soft_nofile(pid: u32, soft: Option<u64>) -> libc::rlimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads `new` and writes `old`, both valid for the call.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    if let Some(soft) = soft {
+        let new = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: as above.
+        let rc =
+            unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+    old
+}
+
+#[test]
+fn http_out_of_file_descriptors_is_slbs_own_503_not_a_backend_failure() {
+    require_root("http_out_of_file_descriptors_is_slbs_own_503_not_a_backend_failure");
+    let setup = L7Setup::start("h7emfile", 1, |c, _| {
+        c.group("pool", &[(1, 1)]);
+        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+    });
+    let pid = setup.daemon.pid().expect("daemon pid");
+    // No request has been made, so the pool holds no backend connection: the next request
+    // needs a new one. Leave one descriptor free: the client's connection takes it.
+    let open: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the daemon's descriptors")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let limit = limit_leaving_one_free(&open);
+    let old = set_soft_nofile(pid, Some(limit));
+    let client = client_builder(&[], vip_http(), Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let url = format!("http://{VIP}:{HTTP_PORT}/");
+    let starved = setup.client.run({
+        let (client, url) = (client.clone(), url.clone());
+        async move { get(&client, &url).await.expect("GET") }
+    });
+    set_soft_nofile(pid, Some(old.rlim_cur));
+    let after = setup
+        .client
+        .run(async move { get(&client, &url).await.expect("GET") });
+    let log = setup.daemon.log();
+    println!(
+        "soft open-files limit {limit} ({} open): {} {:?}; limit restored: {}",
+        open.len(),
+        starved.status,
+        starved.text().trim(),
+        after.status
+    );
+    assert_eq!(starved.status, 503, "{}", starved.text());
+    assert!(
+        starved.text().contains("out of file descriptors"),
+        "{}",
+        starved.text()
+    );
+    assert!(
+        log.contains("slb is out of file descriptors") && !log.contains("backend failed"),
+        "the log blames slb, not the backend:\n{log}"
+    );
+    assert_eq!(after.status, 200, "{}", after.text());
+    assert!(wait_proxy_counter(&setup.daemon, "out_of_file_descriptors", 1) >= 1);
+}
