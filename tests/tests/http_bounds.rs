@@ -239,6 +239,88 @@ fn http_client_that_stops_reading_is_cut_off_and_the_backend_released() {
     assert_eq!(backend_connections(&setup).streams, 0);
 }
 
+#[test]
+fn http2_stream_the_client_stops_reading_is_cut_off_and_the_backend_released() {
+    require_root("http2_stream_the_client_stops_reading_is_cut_off_and_the_backend_released");
+    let setup = L7Setup::start_edited(
+        "h7stall2",
+        1,
+        |c, _| {
+            c.group("pool", &[(1, 1)]);
+            c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+        },
+        |t| {
+            listener_table(t, "web").insert("client_timeout".into(), "1s".into());
+        },
+    );
+    // HTTP/2 (h2c) with a 64 KiB stream window: a response the client does not read fills the
+    // window and its stream stalls, while the connection itself goes on being read.
+    let client = client_builder(&[], vip_http(), Duration::from_secs(30))
+        .http2_prior_knowledge()
+        .http2_initial_stream_window_size(65_535)
+        .build()
+        .expect("client");
+    let started = Instant::now();
+    let unread = setup.client.run({
+        let client = client.clone();
+        async move {
+            client
+                .get(format!("http://{VIP}:{HTTP_PORT}/stream?kb={}", 64 * 1024))
+                .send()
+                .await
+                .expect("response head")
+        }
+    });
+    assert_eq!(unread.status(), 200);
+    let mut seen_streaming = false;
+    let released_after = loop {
+        let streams = backend_connections(&setup).streams;
+        seen_streaming |= streams == 1;
+        if seen_streaming && streams == 0 {
+            break started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the backend still sends to a stream its client stopped reading {:?} ago \
+             (client_timeout {CLIENT_TIMEOUT:?}); streaming seen: {seen_streaming}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The stream is cut, the connection serves on.
+    let (body, next) = setup.client.run(async move {
+        let body = unread.bytes().await;
+        let next = get(&client, &format!("http://{VIP}:{HTTP_PORT}/"))
+            .await
+            .expect("GET on the same connection");
+        (body, next)
+    });
+    println!(
+        "an HTTP/2 stream its client stopped reading: the backend's stream released after \
+         {released_after:?} (client_timeout {CLIENT_TIMEOUT:?}); reading it then: {}; the \
+         connection's next request: {}",
+        match &body {
+            Ok(b) => format!("{} bytes", b.len()),
+            Err(e) => format!("error {e}"),
+        },
+        next.status
+    );
+    assert!(
+        released_after >= CLIENT_TIMEOUT,
+        "released after {released_after:?}"
+    );
+    assert!(
+        body.is_err(),
+        "the cut stream ends in an error, not as complete"
+    );
+    assert_eq!(next.status, 200);
+    assert_eq!(next.version, reqwest::Version::HTTP_2);
+    assert_eq!(
+        wait_proxy_counter(&setup.daemon, "client_send_timeouts", 1),
+        1
+    );
+}
+
 /// Sends `head` then `body` in `chunks` pieces `gap` apart over a connection of its own, and
 /// returns the response (read to the end) and how long it took from the request's start.
 fn upload(setup: &L7Setup, head: &str, chunks: &[Vec<u8>], gap: Duration) -> (String, Duration) {

@@ -25,9 +25,10 @@ use super::cookies::{self, Session};
 use super::counters::{ProxyCounters, ProxyEvent};
 use super::limits::{is_out_of_files, BoxError, CappedConnector, QueueRefusal};
 use super::listener::ListenerSnapshot;
+use super::stall::ClientPacedBody;
 use super::websocket;
 
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// What the requests of all listeners share.
 pub struct SharedByListeners {
@@ -56,6 +57,8 @@ struct RequestContext<'a> {
     host: String,
     method: String,
     path: String,
+    /// The client speaks HTTP/2 (its streams share one connection).
+    http2: bool,
     started: Instant,
     group: &'a BackendGroup,
     /// The backend and when the request was sent to it, once it was.
@@ -79,6 +82,7 @@ impl<'a> RequestContext<'a> {
             host,
             method: req.method().to_string(),
             path,
+            http2: req.version() == hyper::Version::HTTP_2,
             started: Instant::now(),
             sent_to: None,
         }
@@ -138,7 +142,12 @@ async fn proxy(
     )
     .await?;
     Ok(rewrite_response(
-        ctx, response, &picked, in_flight, connection,
+        ctx,
+        response,
+        &picked,
+        in_flight,
+        connection,
+        &shared.counters,
     ))
 }
 
@@ -623,6 +632,7 @@ fn rewrite_response(
     picked: &Picked<'_>,
     in_flight: InFlight,
     connection: Option<OwnedSemaphorePermit>,
+    counters: &Arc<ProxyCounters>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = response.into_parts();
     cookies::name_backend_in_response(
@@ -636,7 +646,14 @@ fn rewrite_response(
         _in_flight: in_flight,
         _connection: connection,
     };
-    Response::from_parts(parts, body.boxed())
+    // An HTTP/1 client that stops reading stalls its connection's writes (`WriteStallLimit`);
+    // an HTTP/2 client can stall one stream alone.
+    let body = if ctx.http2 {
+        ClientPacedBody::new(body, ctx.listener.client_timeout, counters.clone()).boxed()
+    } else {
+        body.map_err(BoxError::from).boxed()
+    };
+    Response::from_parts(parts, body)
 }
 
 /// Phase 5: one access log record, written off the request path.

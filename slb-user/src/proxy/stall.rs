@@ -104,6 +104,129 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStallLimit<T> {
     }
 }
 
+/// A response body an HTTP/2 client must keep taking: once a piece is handed to hyper, the next
+/// must be asked for within `limit`. An HTTP/2 client that grants its stream no flow-control
+/// window stalls the stream alone, not the connection (it still reads the socket, so
+/// [`WriteStallLimit`] sees nothing); hyper then polls this body no more, so a watchdog task
+/// drops the backend's body (and the backend connection with it) when the wait runs out, and
+/// the stream ends with an error. Waiting for the backend's next piece is not a stall.
+pub struct ClientPacedBody<B> {
+    shared: Arc<std::sync::Mutex<Paced<B>>>,
+}
+
+struct Paced<B> {
+    /// The backend's body, until it ends, the client goes, or the watchdog cuts it.
+    inner: Option<B>,
+    /// When a piece was last handed out, while the next one is not asked for yet.
+    handed_at: Option<tokio::time::Instant>,
+    cut: bool,
+}
+
+impl<B> ClientPacedBody<B>
+where
+    B: Send + 'static,
+{
+    pub fn new(inner: B, limit: Duration, counters: Arc<ProxyCounters>) -> Self {
+        let shared = Arc::new(std::sync::Mutex::new(Paced {
+            inner: Some(inner),
+            handed_at: None,
+            cut: false,
+        }));
+        tokio::spawn(watch_pace(Arc::downgrade(&shared), limit, counters));
+        ClientPacedBody { shared }
+    }
+}
+
+/// Cuts the body off when a piece handed out waits longer than `limit` for the next request.
+async fn watch_pace<B>(
+    shared: std::sync::Weak<std::sync::Mutex<Paced<B>>>,
+    limit: Duration,
+    counters: Arc<ProxyCounters>,
+) {
+    loop {
+        let wake = {
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let mut paced = shared.lock().expect("pace lock");
+            if paced.inner.is_none() {
+                return;
+            }
+            let now = tokio::time::Instant::now();
+            match paced.handed_at {
+                Some(handed) if now >= handed + limit => {
+                    paced.inner = None;
+                    paced.cut = true;
+                    counters.count(ProxyEvent::ClientSendTimeout);
+                    tracing::debug!(
+                        "an HTTP/2 client took no data of its response stream for {}",
+                        humantime::format_duration(limit)
+                    );
+                    return;
+                }
+                Some(handed) => handed + limit,
+                None => now + limit,
+            }
+        };
+        tokio::time::sleep_until(wake).await;
+    }
+}
+
+impl<B> hyper::body::Body for ClientPacedBody<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<super::limits::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = super::limits::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        let mut paced = self.shared.lock().expect("pace lock");
+        paced.handed_at = None;
+        let Some(inner) = paced.inner.as_mut() else {
+            return Poll::Ready(if paced.cut {
+                Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client took no data of its response (client_timeout)",
+                )
+                .into()))
+            } else {
+                None
+            });
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_)))
+                if !paced.inner.as_ref().is_some_and(|b| b.is_end_stream()) =>
+            {
+                paced.handed_at = Some(tokio::time::Instant::now());
+            }
+            // The end, or the backend's error: nothing more to watch.
+            Poll::Ready(_) => paced.inner = None,
+            Poll::Pending => {}
+        }
+        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let paced = self.shared.lock().expect("pace lock");
+        !paced.cut && paced.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+}
+
+impl<B> Drop for ClientPacedBody<B> {
+    fn drop(&mut self) {
+        // The client went (or the response ended): release the backend's body now, not when
+        // the watchdog next wakes.
+        if let Ok(mut paced) = self.shared.lock() {
+            paced.inner = None;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,5 +268,65 @@ mod tests {
         assert!(started.elapsed() >= limit);
         assert_eq!(counters.snapshot()[ProxyEvent::ClientSendTimeout.name()], 1);
         drop(reader.await);
+    }
+
+    /// A backend body of `pieces` frames of one byte; after them it waits (Pending) for good.
+    struct Pieces {
+        left: usize,
+    }
+
+    impl hyper::body::Body for Pieces {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+            if self.left == 0 {
+                return Poll::Pending;
+            }
+            self.left -= 1;
+            Poll::Ready(Some(Ok(hyper::body::Frame::data(
+                bytes::Bytes::from_static(b"x"),
+            ))))
+        }
+    }
+
+    async fn next_frame<B: hyper::body::Body + Unpin>(
+        body: &mut B,
+    ) -> Option<Result<hyper::body::Frame<B::Data>, B::Error>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    #[tokio::test]
+    async fn a_piece_not_asked_for_within_the_limit_cuts_the_body() {
+        let counters = Arc::new(ProxyCounters::default());
+        let limit = Duration::from_millis(50);
+        let mut body = ClientPacedBody::new(Pieces { left: 3 }, limit, counters.clone());
+        // Asked for steadily, well within the limit: served.
+        for _ in 0..2 {
+            assert!(matches!(next_frame(&mut body).await, Some(Ok(_))));
+            tokio::time::sleep(limit / 5).await;
+        }
+        assert!(matches!(next_frame(&mut body).await, Some(Ok(_))));
+        // The client asks for nothing more (hyper stops polling when its stream has no window).
+        tokio::time::sleep(limit * 3).await;
+        let cut = next_frame(&mut body).await;
+        assert!(matches!(cut, Some(Err(_))), "the body ends in an error");
+        assert!(!hyper::body::Body::is_end_stream(&body));
+        assert_eq!(counters.snapshot()[ProxyEvent::ClientSendTimeout.name()], 1);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_backend_is_no_stall() {
+        let counters = Arc::new(ProxyCounters::default());
+        let limit = Duration::from_millis(50);
+        let mut body = ClientPacedBody::new(Pieces { left: 1 }, limit, counters.clone());
+        assert!(matches!(next_frame(&mut body).await, Some(Ok(_))));
+        // Asked for the next piece, which the backend does not send (yet).
+        let waiting = tokio::time::timeout(limit * 4, next_frame(&mut body)).await;
+        assert!(waiting.is_err(), "still waiting for the backend");
+        assert_eq!(counters.snapshot()[ProxyEvent::ClientSendTimeout.name()], 0);
     }
 }
