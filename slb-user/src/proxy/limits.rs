@@ -157,6 +157,28 @@ pub fn next_caps(
         .collect()
 }
 
+/// A warning when the backend connections the caps allow, with a client connection each, could
+/// take more file descriptors than the process may open (`open_files_limit`, RLIMIT_NOFILE):
+/// requests would then fail on slb's own exhaustion before any cap holds them back.
+pub fn descriptor_budget_warning(
+    caps: &HashMap<SocketAddr, Arc<BackendCap>>,
+    open_files_limit: u64,
+) -> Option<String> {
+    let backend_connections: u64 = caps
+        .values()
+        .map(|cap| u64::from(cap.limits.max_connections))
+        .sum();
+    (2 * backend_connections > open_files_limit).then(|| {
+        format!(
+            "the HTTP(S) backends may have {backend_connections} connections open \
+             (max_connections summed over {} backends), each with a client connection, but slb \
+             may open only {open_files_limit} files: raise its open-files limit or lower \
+             max_connections, or requests will fail with 503 (out of file descriptors)",
+            caps.len()
+        )
+    })
+}
+
 /// The pooled client's connector: a connection permit of the backend's cap first, then the TCP
 /// connect; the permit lives as long as the connection.
 #[derive(Clone)]
@@ -363,6 +385,22 @@ mod tests {
         assert!(Arc::ptr_eq(&first[&a], &second[&a]));
         assert!(!Arc::ptr_eq(&first[&b], &second[&b]));
         assert_eq!(second[&b].limits.max_connections, 8);
+    }
+
+    #[test]
+    fn a_budget_beyond_the_open_files_limit_is_warned_about() {
+        let caps: HashMap<SocketAddr, Arc<BackendCap>> = (1..=3)
+            .map(|i| {
+                let addr = SocketAddr::from(([10, 0, 0, i], 80));
+                (addr, Arc::new(BackendCap::new(limits(1024, 0, 100))))
+            })
+            .collect();
+        let warning = descriptor_budget_warning(&caps, 4096).expect("3072 x 2 > 4096");
+        assert!(
+            warning.contains("3072") && warning.contains("4096"),
+            "{warning}"
+        );
+        assert_eq!(descriptor_budget_warning(&caps, 1 << 20), None);
     }
 
     #[test]

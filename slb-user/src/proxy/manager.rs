@@ -16,7 +16,9 @@ use tokio::task::JoinHandle;
 use super::access_log::{AccessLog, OpenError};
 use super::cookies::{CookieKey, CookieKeyError};
 use super::counters::ProxyCounters;
-use super::limits::{limits_by_address, next_caps, BackendCaps, CappedConnector};
+use super::limits::{
+    descriptor_budget_warning, limits_by_address, next_caps, BackendCaps, CappedConnector,
+};
 use super::listener::{tls_for, BuildError, ListenerSnapshot};
 use super::request::SharedByListeners;
 use super::serve::accept_loop;
@@ -172,6 +174,9 @@ impl ProxyManager {
             .map_err(ApplyError::from)?;
 
         self.cookie_key = cookie_key;
+        if let Some(warning) = descriptor_budget_warning(&caps, open_files_limit()) {
+            tracing::warn!("{warning}");
+        }
         self.caps.store(Arc::new(caps));
         self.stop_gone_or_moved(&wanted);
         for (name, w) in wanted {
@@ -271,6 +276,19 @@ impl Drop for ProxyManager {
             r.accept_task.abort();
         }
     }
+}
+
+/// The process's soft limit on open files (unlimited when it cannot be read).
+fn open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limits into `limit`, valid for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return u64::MAX;
+    }
+    limit.rlim_cur
 }
 
 /// This daemon's name in `Via` headers: `slb-` and 64 random bits, so it names this process and
