@@ -351,6 +351,12 @@ fn start_daemon(
         flows_tx,
         live,
     );
+    background.push(tokio::spawn(
+        crate::proxy::tls::report_refused_renegotiations(
+            RENEGOTIATION_REPORT_INTERVAL,
+            proxy_counters.clone(),
+        ),
+    ));
     background.push(tokio::spawn(crate::proxy::counters::publish(
         daemon.file_config.instance.to_string(),
         proxy_counters,
@@ -375,8 +381,8 @@ impl Tasks {
 /// [`crate::proxy::tls::RustlsLogFilter`]).
 const RENEGOTIATION_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The daemon's tasks besides its loop: the connection-table sweeper, the counter history, the
-/// refused-renegotiations report and, when configured, the Prometheus endpoint.
+/// The daemon's tasks besides its loop: the connection-table sweeper, the counter history and,
+/// when configured, the Prometheus endpoint.
 fn spawn_background(
     config: &Config,
     pin_dir: &Path,
@@ -393,9 +399,6 @@ fn spawn_background(
             sweep_found,
         )),
         tokio::spawn(crate::metrics::record_history(instance, live.clone())),
-        tokio::spawn(crate::proxy::tls::report_refused_renegotiations(
-            RENEGOTIATION_REPORT_INTERVAL,
-        )),
     ];
     if let Some(port) = config.metrics.prometheus_port {
         background.push(tokio::spawn(async move {

@@ -422,8 +422,9 @@ fn http_header_limit_is_the_same_over_http1_and_http2() {
     }
 }
 
-/// TLS 1.2 clients that ask to renegotiate are refused (rustls does that), and the daemon's log
-/// gets a count every few seconds instead of one WARN line per attempt.
+/// TLS 1.2 clients that ask to renegotiate are refused (rustls does that), counted in `slb
+/// status`, and the daemon's log gets a count every few seconds instead of one WARN line per
+/// attempt.
 #[test]
 fn https_renegotiation_attempts_are_counted_not_logged_one_by_one() {
     require_root("https_renegotiation_attempts_are_counted_not_logged_one_by_one");
@@ -458,6 +459,20 @@ fn https_renegotiation_attempts_are_counted_not_logged_one_by_one() {
         .daemon
         .wait_for_log(&summary, 1, Duration::from_secs(10))
         .expect("the count of refused renegotiations in the log");
+    // The counter in slb status (written once a second).
+    let deadline = Instant::now() + TIMEOUT;
+    let counted = loop {
+        let counted = setup
+            .daemon
+            .status_json()
+            .ok()
+            .and_then(|s| s["proxy_counters"]["tls_renegotiations_refused"].as_u64());
+        if counted == Some(ATTEMPTS as u64) || Instant::now() > deadline {
+            break counted;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(counted, Some(ATTEMPTS as u64), "slb status counts them");
     let log = setup.daemon.log();
     let lines: Vec<&str> = log
         .lines()

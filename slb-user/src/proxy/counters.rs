@@ -1,6 +1,6 @@
 //! What the proxy counts of the bounds it holds clients and itself to: requests that waited for
 //! or were refused a backend connection, clients cut off for stalling, loops refused, file
-//! descriptors run out. Shown by `slb status` and Prometheus (`slb_proxy_events_total`).
+//! descriptors run out, TLS renegotiations refused. Shown by `slb status` and Prometheus (`slb_proxy_events_total`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,10 +26,13 @@ pub enum ProxyEvent {
     LoopRefused,
     /// A connect or accept failed with EMFILE/ENFILE.
     OutOfFileDescriptors,
+    /// A TLS 1.2 client asked to renegotiate and was refused (see
+    /// [`super::tls::report_refused_renegotiations`]).
+    RenegotiationRefused,
 }
 
 impl ProxyEvent {
-    pub const ALL: [ProxyEvent; 7] = [
+    pub const ALL: [ProxyEvent; 8] = [
         ProxyEvent::RequestQueued,
         ProxyEvent::QueueFull,
         ProxyEvent::QueueTimedOut,
@@ -37,6 +40,7 @@ impl ProxyEvent {
         ProxyEvent::ClientBodyTimeout,
         ProxyEvent::LoopRefused,
         ProxyEvent::OutOfFileDescriptors,
+        ProxyEvent::RenegotiationRefused,
     ];
 
     /// Its name in `slb status` and the Prometheus label.
@@ -49,6 +53,7 @@ impl ProxyEvent {
             ProxyEvent::ClientBodyTimeout => "client_body_timeouts",
             ProxyEvent::LoopRefused => "loops_refused",
             ProxyEvent::OutOfFileDescriptors => "out_of_file_descriptors",
+            ProxyEvent::RenegotiationRefused => "tls_renegotiations_refused",
         }
     }
 }
@@ -61,7 +66,11 @@ pub struct ProxyCounters {
 
 impl ProxyCounters {
     pub fn count(&self, event: ProxyEvent) {
-        self.counts[event as usize].fetch_add(1, Ordering::Relaxed);
+        self.add(event, 1);
+    }
+
+    pub fn add(&self, event: ProxyEvent, n: u64) {
+        self.counts[event as usize].fetch_add(n, Ordering::Relaxed);
     }
 
     /// Every counter by name.

@@ -7,6 +7,7 @@ use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tokio_rustls::rustls::ServerConfig;
 
+use super::counters::{ProxyCounters, ProxyEvent};
 use crate::config::{Certificate, LoadedCertificates};
 
 /// Picks a certificate by SNI: exact name first, then the longest matching `*.` wildcard, then
@@ -141,14 +142,19 @@ impl tracing::field::Visit for LogFields {
     }
 }
 
-/// Logs, at most every `every`, how many renegotiations were refused since the last line.
-pub async fn report_refused_renegotiations(every: std::time::Duration) {
+/// Adds the renegotiations refused since the last tick to `counters` and logs them, at most
+/// once every `every`.
+pub async fn report_refused_renegotiations(
+    every: std::time::Duration,
+    counters: Arc<ProxyCounters>,
+) {
     let mut reported = renegotiations_refused();
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         let now = renegotiations_refused();
         if now > reported {
+            counters.add(ProxyEvent::RenegotiationRefused, now - reported);
             tracing::warn!(
                 refused = now - reported,
                 refused_since_start = now,
