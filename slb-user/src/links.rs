@@ -96,9 +96,17 @@ fn xdp_link_ifindex(fd: &OwnedFd) -> std::io::Result<u32> {
 pub struct LinkHistory {
     /// How often the daemon re-attached the program after the interface was re-created.
     pub reattached: u32,
+    #[serde(default, deserialize_with = "unix_ns_from_u64")]
     pub last_reattached_unix_ns: Option<u128>,
     /// Since when the interface has been missing (None while it exists).
+    #[serde(default, deserialize_with = "unix_ns_from_u64")]
     pub gone_since_unix_ns: Option<u128>,
+}
+
+/// Unix nanoseconds read as a u64 (enough until 2554): [`InterfaceState`] flattens the history,
+/// and serde reads flattened fields from a buffer that cannot give a u128.
+fn unix_ns_from_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u128>, D::Error> {
+    Ok(Option::<u64>::deserialize(d)?.map(u128::from))
 }
 
 pub fn write_history(
@@ -120,7 +128,7 @@ pub fn read_history(instance: &str) -> BTreeMap<String, LinkHistory> {
 }
 
 /// One configured interface as `slb status` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InterfaceState {
     pub name: String,
     /// The program runs on the device the name resolves to now.
@@ -193,4 +201,27 @@ pub fn describe(states: &[InterfaceState]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_state_reads_back_what_status_prints() {
+        let state = InterfaceState {
+            name: "s1".to_string(),
+            attached: true,
+            state: "attached".to_string(),
+            ifindex: Some(7),
+            history: LinkHistory {
+                reattached: 1,
+                last_reattached_unix_ns: Some(1_764_000_000_123_456_789),
+                gone_since_unix_ns: None,
+            },
+        };
+        let json = serde_json::to_string(&state).unwrap();
+        let back: InterfaceState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+    }
 }

@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use std::net::IpAddr;
 
 use aya::maps::MapError;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use slb_common::pinned::{self, PinnedMap};
 use slb_common::GlobalCounters;
 
@@ -25,7 +25,7 @@ use crate::flows::FlowCounts;
 use crate::instance::pin_dir;
 use crate::maps::{CounterMaps, OpenMapError};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
     pub instance: String,
     pub generation: u64,
@@ -48,7 +48,7 @@ pub struct Status {
     pub proxy_counters: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ConnectionTable {
     pub entries: u64,
     pub capacity: u32,
@@ -57,7 +57,7 @@ pub struct ConnectionTable {
     pub swept_at_unix_s: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ListenerStatus {
     pub name: String,
     pub protocol: String,
@@ -73,7 +73,7 @@ pub struct ListenerStatus {
     pub connections: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct BackendStatus {
     pub id: u32,
     pub listener: String,

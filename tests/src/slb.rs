@@ -13,6 +13,9 @@ use anyhow::{bail, ensure, Context as _};
 use serde::Serialize;
 
 use crate::exec;
+pub use slb_user::applied::{AppliedState, HealthStatus, Role};
+pub use slb_user::links::InterfaceState;
+pub use slb_user::status::{BackendStatus, ListenerStatus, Status};
 use crate::topology::Topology;
 use crate::{BACKEND_PORT, VIP, VIP_TCP_PORT, VIP_UDP_PORT};
 
@@ -509,9 +512,7 @@ impl SlbDaemon {
 
     /// Generation in the state file, if the file exists and parses.
     pub fn generation(&self) -> Option<u64> {
-        let text = fs::read_to_string(self.state_path()).ok()?;
-        let state: serde_json::Value = serde_json::from_str(&text).ok()?;
-        state.get("generation")?.as_u64()
+        applied_state(&self.instance).map(|s| s.generation)
     }
 
     /// Waits until the state file reports at least generation `n`. Fails if the daemon exits
@@ -576,15 +577,15 @@ impl SlbDaemon {
         self.reload()
     }
 
-    /// `slb --netns <ns> status --instance <name> --json`, parsed.
-    pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+    /// `slb --netns <ns> status --instance <name> --json`, read into slb's own [`Status`].
+    pub fn status(&self) -> anyhow::Result<Status> {
         let out = exec::run(
             Command::new(&self.bin)
                 .arg("--netns")
                 .arg(&self.netns)
                 .args(["status", "--instance", &self.instance, "--json"]),
         )?;
-        serde_json::from_str(&out).with_context(|| format!("slb status printed no JSON: {out}"))
+        serde_json::from_str(&out).with_context(|| format!("slb status printed no status: {out}"))
     }
 
     /// Polls `slb status --json` until the backend at `address` of `listener` reports
@@ -595,19 +596,23 @@ impl SlbDaemon {
         address: Ipv4Addr,
         want: bool,
         timeout: Duration,
-    ) -> anyhow::Result<serde_json::Value> {
+    ) -> anyhow::Result<BackendStatus> {
         let deadline = Instant::now() + timeout;
         loop {
-            let status = self.status_json()?;
-            let backend = status_backend(&status, listener, address).with_context(|| {
-                format!("slb status lists no backend {address} on listener {listener}: {status:#}")
-            })?;
-            if backend["healthy"] == want {
-                return Ok(backend.clone());
+            let status = self.status()?;
+            let Some(backend) = status
+                .backends
+                .into_iter()
+                .find(|b| b.listener == listener && b.address == address)
+            else {
+                bail!("slb status lists no backend {address} on listener {listener}");
+            };
+            if backend.healthy == want {
+                return Ok(backend);
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "backend {address} on listener {listener} did not become {} within {timeout:?}: {backend:#}\n{}",
+                    "backend {address} on listener {listener} did not become {} within {timeout:?}: {backend:#?}\n{}",
                     if want { "healthy" } else { "unhealthy" },
                     self.log_block()
                 );
@@ -710,17 +715,21 @@ impl std::fmt::Display for CliOutput {
     }
 }
 
-/// The entry of `slb status --json` for the backend at `address` as `listener` uses it.
+/// The entry of `slb status` for the backend at `address` as `listener` uses it.
 pub fn status_backend<'a>(
-    status: &'a serde_json::Value,
+    status: &'a Status,
     listener: &str,
     address: Ipv4Addr,
-) -> Option<&'a serde_json::Value> {
-    let address = address.to_string();
-    status["backends"]
-        .as_array()?
+) -> Option<&'a BackendStatus> {
+    status
+        .backends
         .iter()
-        .find(|b| b["listener"] == listener && b["address"] == address.as_str())
+        .find(|b| b.listener == listener && b.address == address)
+}
+
+/// The listener named `name` in `slb status`.
+pub fn status_listener<'a>(status: &'a Status, name: &str) -> Option<&'a ListenerStatus> {
+    status.listeners.iter().find(|l| l.name == name)
 }
 
 /// Unix time now, in nanoseconds (the unit of `health.since_unix_ns` and peer logs).
@@ -754,6 +763,12 @@ impl Drop for SlbDaemon {
             eprintln!("warning: stopping slb: {e:#}");
         }
     }
+}
+
+/// The instance's state file (what its daemon applied), if it exists and parses.
+pub fn applied_state(instance: &str) -> Option<AppliedState> {
+    let text = fs::read_to_string(state_dir(instance).join("state.json")).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// Where slb pins an instance's maps, programs and links: `/sys/fs/bpf/slb/<instance>`.

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use slb_tests::slb::{
-    slb_binary, status_backend, unique_instance, unix_ns_now, GroupConfig, HealthCheckConfig,
+    slb_binary, status_backend, unique_instance, BackendStatus, Role, unix_ns_now, GroupConfig, HealthCheckConfig,
     TCP_LISTENER, UDP_LISTENER,
 };
 use slb_tests::topology::{read_peer_log, ServerOptions};
@@ -31,12 +31,16 @@ const THRESHOLD: u32 = 2;
 const MARGIN: Duration = Duration::from_millis(400);
 const PAIR: &str = "pair";
 
-fn since_unix_ns(backend: &serde_json::Value) -> u128 {
-    let v = &backend["health"]["since_unix_ns"];
-    v.as_u64()
-        .map(u128::from)
-        .or_else(|| v.as_f64().map(|f| f as u128))
-        .unwrap_or_else(|| panic!("no health.since_unix_ns: {backend:#}"))
+fn since_unix_ns(backend: &BackendStatus) -> u128 {
+    backend
+        .health
+        .as_ref()
+        .unwrap_or_else(|| panic!("no health.since_unix_ns: {backend:#?}"))
+        .since_unix_ns
+}
+
+fn reason(backend: &BackendStatus) -> &str {
+    backend.health.as_ref().map_or("", |h| h.reason.as_str())
 }
 
 /// The UDP check expects the test server's echo of the probe payload.
@@ -98,14 +102,14 @@ fn fails_over_and_back(tag: &str, udp_check: HealthCheckConfig, udp_interval: Du
     }
     let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");
 
-    let status = daemon.status_json().expect("slb status");
+    let status = daemon.status().expect("slb status");
     for listener in [TCP_LISTENER, UDP_LISTENER] {
         let a = status_backend(&status, listener, active).expect("active in status");
         let s = status_backend(&status, listener, standby).expect("standby in status");
-        assert_eq!(a["role"], "active", "{a:#}");
-        assert_eq!(s["role"], "standby", "{s:#}");
-        assert!(a["health"].is_object(), "the active is not checked: {a:#}");
-        assert!(s["health"].is_null(), "the standby is checked: {s:#}");
+        assert_eq!(a.role, Some(Role::Active), "{a:#?}");
+        assert_eq!(s.role, Some(Role::Standby), "{s:#?}");
+        assert!(a.health.is_some(), "the active is not checked: {a:#?}");
+        assert!(s.health.is_none(), "the standby is checked: {s:#?}");
     }
 
     // Everything goes to the active.
@@ -146,19 +150,18 @@ fn fails_over_and_back(tag: &str, udp_check: HealthCheckConfig, udp_interval: Du
     println!(
         "active declared unhealthy {:.1} ms (udp check: {}) and {:.1} ms (tcp check: {}) after the stop",
         ms(udp_unhealthy_at as i128 - stopped_at as i128),
-        udp_verdict["health"]["reason"],
+        reason(&udp_verdict),
         ms(tcp_unhealthy_at as i128 - stopped_at as i128),
-        tcp_verdict["health"]["reason"],
+        reason(&tcp_verdict),
     );
     // Stay down long enough to see the verdict hold, then check where new flows go.
     std::thread::sleep(Duration::from_millis(2500));
-    let status = daemon.status_json().expect("slb status");
+    let status = daemon.status().expect("slb status");
     for listener in [UDP_LISTENER, TCP_LISTENER] {
         let a = status_backend(&status, listener, active).expect("active in status");
-        assert_eq!(
-            a["healthy"],
-            false,
-            "the dead active was declared healthy again on {listener}: {a:#}\n{}",
+        assert!(
+            !a.healthy,
+            "the dead active was declared healthy again on {listener}: {a:#?}\n{}",
             daemon.log()
         );
     }
@@ -372,10 +375,11 @@ fn fails_over_and_back(tag: &str, udp_check: HealthCheckConfig, udp_interval: Du
         "after the active came back, new TCP connections should reach only b1: {back_counts:?}"
     );
 
-    let status = daemon.status_json().expect("slb status");
+    let status = daemon.status().expect("slb status");
     println!(
-        "counters: standby_picks {} flows_repicked {}",
-        status["counters"]["standby_picks"], status["counters"]["flows_repicked"]
+        "counters: standby_picks {:?} flows_repicked {:?}",
+        status.counters.get("standby_picks"),
+        status.counters.get("flows_repicked")
     );
     let exit = daemon.stop().expect("stop slb");
     assert!(exit.success(), "slb exited with {exit} on SIGTERM");

@@ -90,41 +90,28 @@ fn balances_tcp_and_udp_by_weight() {
 
     // Status reports the configured backends and counts at least the flows they served. A
     // backend may be listed once per listener that uses it, so entries are summed by address.
-    let status = daemon.status_json().expect("slb status");
-    let backends = status["backends"].as_array().expect("status has backends");
+    let status = daemon.status().expect("slb status");
+    let backends = &status.backends;
     let configured: BTreeSet<String> = (1..=weights.len())
         .map(|i| Topology::backend_addr(i).to_string())
         .collect();
-    let listed: BTreeSet<String> = backends
-        .iter()
-        .filter_map(|b| b["address"].as_str().map(str::to_owned))
-        .collect();
-    assert_eq!(listed, configured, "status backends: {status:#}");
+    let listed: BTreeSet<String> = backends.iter().map(|b| b.address.to_string()).collect();
+    assert_eq!(listed, configured, "status backends: {status:#?}");
     for (k, (name, weight)) in pool.iter().enumerate() {
-        let addr = Topology::backend_addr(k + 1).to_string();
-        let entries: Vec<_> = backends
-            .iter()
-            .filter(|b| b["address"] == addr.as_str())
-            .collect();
+        let addr = Topology::backend_addr(k + 1);
+        let entries: Vec<_> = backends.iter().filter(|b| b.address == addr).collect();
         for b in &entries {
-            assert_eq!(b["weight"], *weight, "weight of {addr}: {status:#}");
+            assert_eq!(b.weight, *weight, "weight of {addr}: {status:#?}");
         }
-        let new: u64 = entries
-            .iter()
-            .map(|b| b["new_connections"].as_u64().expect("new_connections"))
-            .sum();
+        let new: u64 = entries.iter().map(|b| b.new_connections).sum();
         let served =
             tcp.counts.get(name).copied().unwrap_or(0) + udp.counts.get(name).copied().unwrap_or(0);
         assert!(
             new >= served as u64,
-            "status says {addr} had {new} new connections, it answered {served}: {status:#}"
+            "status says {addr} had {new} new connections, it answered {served}: {status:#?}"
         );
     }
-    assert_eq!(
-        status["listeners"].as_array().map(Vec::len),
-        Some(2),
-        "{status:#}"
-    );
+    assert_eq!(status.listeners.len(), 2, "{status:#?}");
 
     let exit = daemon.stop().expect("stop slb");
     assert!(exit.success(), "slb exited with {exit} on SIGTERM");

@@ -117,17 +117,15 @@ fn draining_keeps_established_connections() {
         drained.counts
     );
 
-    let status = daemon.status_json().expect("slb status");
-    let changes = status["runtime_changes"]
-        .as_array()
-        .expect("runtime_changes");
+    let status = daemon.status().expect("slb status");
+    let changes = &status.runtime_changes;
     println!("runtime_changes: {changes:?}");
-    assert!(!changes.is_empty(), "no runtime change listed: {status:#}");
+    assert!(!changes.is_empty(), "no runtime change listed: {status:#?}");
     let entry = status_backend(&status, TCP_LISTENER, b1).expect("b1 in status");
-    assert_eq!(entry["weight"], 0, "{entry:#}");
+    assert_eq!(entry.weight, 0, "{entry:#?}");
     assert!(
-        entry["connections"].as_u64().unwrap_or(0) >= on_b1 as u64,
-        "status should count b1's {on_b1} established streams: {entry:#}"
+        entry.connections >= on_b1 as u64,
+        "status should count b1's {on_b1} established streams: {entry:#?}"
     );
 
     // The file still says weight 1: a reload drops the runtime change.
@@ -141,14 +139,14 @@ fn draining_keeps_established_connections() {
         Some(drained_generation + 1),
         "the reload should be the next generation"
     );
-    let status = daemon.status_json().expect("slb status");
+    let status = daemon.status().expect("slb status");
     assert_eq!(
-        status["runtime_changes"].as_array().map(Vec::len),
-        Some(0),
-        "the reload should drop runtime changes: {status:#}"
+        status.runtime_changes.len(),
+        0,
+        "the reload should drop runtime changes: {status:#?}"
     );
     let entry = status_backend(&status, TCP_LISTENER, b1).expect("b1 in status");
-    assert_eq!(entry["weight"], 1, "{entry:#}");
+    assert_eq!(entry.weight, 1, "{entry:#?}");
 
     let restored = tcp_connections(topo.client_ns(), vip_tcp(), &TrafficOptions::new(n))
         .expect("new connections after the reload");

@@ -55,7 +55,7 @@ fn health_check_removes_a_dead_backend_and_readmits_it() {
                 Duration::from_secs(1),
             )
             .expect("backend healthy at start");
-        assert!(b["health"].is_object(), "backend {i} is not checked: {b:#}");
+        assert!(b.health.is_some(), "backend {i} is not checked: {b:#?}");
     }
 
     let client = ConnectionLoop::start(
@@ -74,13 +74,9 @@ fn health_check_removes_a_dead_backend_and_readmits_it() {
         .wait_backend_health(TCP_LISTENER, b2, false, Duration::from_secs(5))
         .expect("backend 2 is declared unhealthy");
     let observed_unhealthy_at = unix_ns_now();
-    let health = &unhealthy["health"];
-    let reason = health["reason"].as_str().unwrap_or_default().to_owned();
-    let verdict_at = health["since_unix_ns"]
-        .as_u64()
-        .map(u128::from)
-        .or_else(|| health["since_unix_ns"].as_f64().map(|f| f as u128))
-        .expect("health.since_unix_ns");
+    let health = unhealthy.health.as_ref().expect("health.since_unix_ns");
+    let reason = health.reason.clone();
+    let verdict_at = health.since_unix_ns;
     let detection_ns = verdict_at as i128 - stopped_at as i128;
     let observed_ns = observed_unhealthy_at as i128 - stopped_at as i128;
     println!(
@@ -91,9 +87,9 @@ fn health_check_removes_a_dead_backend_and_readmits_it() {
     );
     assert!(
         !reason.is_empty(),
-        "no reason for the verdict: {unhealthy:#}"
+        "no reason for the verdict: {unhealthy:#?}"
     );
-    assert_eq!(health["healthy"], false, "{unhealthy:#}");
+    assert!(!health.healthy, "{unhealthy:#?}");
     assert!(
         detection_ns >= 0
             && detection_ns as u128 <= (detection_window + Duration::from_millis(100)).as_nanos(),
@@ -244,17 +240,16 @@ fn udp_health_check_keeps_a_dead_backend_unhealthy() {
         .expect("backend 2 is declared unhealthy");
     println!(
         "udp check: backend 2 unhealthy {:.1} ms after the stop: {}",
-        ms(verdict["health"]["since_unix_ns"].as_u64().unwrap_or(0) as i128 - stopped_at as i128),
-        verdict["health"]["reason"]
+        ms(verdict.health.as_ref().map_or(0, |h| h.since_unix_ns) as i128 - stopped_at as i128),
+        verdict.health.as_ref().map_or("", |h| h.reason.as_str())
     );
     // Still dead 4 s (four more probes) later: still unhealthy, and new flows avoid it.
     std::thread::sleep(Duration::from_secs(4));
-    let status = daemon.status_json().expect("slb status");
+    let status = daemon.status().expect("slb status");
     let now = status_backend(&status, UDP_LISTENER, b2).expect("backend 2 in status");
-    assert_eq!(
-        now["healthy"],
-        false,
-        "the dead backend 2 is healthy again: {now:#}\n{}",
+    assert!(
+        !now.healthy,
+        "the dead backend 2 is healthy again: {now:#?}\n{}",
         daemon.log()
     );
     let mut opts = TrafficOptions::new(60);

@@ -42,9 +42,9 @@ fn wait_proxy_counter(daemon: &SlbDaemon, name: &str, want: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let shown = daemon
-            .status_json()
+            .status()
             .ok()
-            .and_then(|s| s["proxy_counters"][name].as_u64())
+            .and_then(|s| s.proxy_counters.get(name).copied())
             .unwrap_or(0);
         if shown == want || Instant::now() > deadline {
             return shown;

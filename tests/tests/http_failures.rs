@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use http_common::{client_builder, get, L7Setup, TestPki};
 use slb_tests::http::{read_access_log, vip_http, vip_https, L7Listener, HTTPS_PORT, HTTP_PORT};
-use slb_tests::slb::{BackendConfig, GroupConfig, HealthCheckConfig};
+use slb_tests::slb::{applied_state, BackendConfig, GroupConfig, HealthCheckConfig};
 use slb_tests::{require_root, SlbDaemon, Topology, VIP};
 
 const INTERVAL: Duration = Duration::from_millis(300);
@@ -28,17 +28,17 @@ const MARGIN: Duration = Duration::from_millis(400);
 /// file (`proxy_listeners`), if it lists it with a health verdict. (`slb status` does not show
 /// HTTP(S) listeners.)
 fn proxy_backend_healthy(daemon: &SlbDaemon, listener: &str, address: Ipv4Addr) -> Option<bool> {
-    let text = std::fs::read_to_string(daemon.state_path()).ok()?;
-    let state: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let address = address.to_string();
-    state["proxy_listeners"]
-        .as_array()?
+    let state = applied_state(daemon.instance())?;
+    let health = state
+        .proxy_listeners
         .iter()
-        .find(|l| l["name"] == listener)?["backends"]
-        .as_array()?
+        .find(|l| l.name == listener)?
+        .backends
         .iter()
-        .find(|b| b["address"] == address.as_str())?["health"]["healthy"]
-        .as_bool()
+        .find(|b| b.address == address)?
+        .health
+        .as_ref()?;
+    Some(health.healthy)
 }
 
 fn wait_proxy_health(

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use slb_tests::slb::{pin_dir, slb_binary, state_dir, unique_instance, InterfaceConfig};
+use slb_tests::slb::{
+    pin_dir, slb_binary, state_dir, unique_instance, InterfaceConfig, InterfaceState,
+};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::{in_netns, require_root, vip_tcp, SlbConfig, SlbDaemon, Topology, TrafficOptions};
 
@@ -554,12 +556,14 @@ fn create_backend_link(topo: &Topology) {
 }
 
 /// `interface_states` entry of `iface` in `slb status --json`.
-fn interface_state(daemon: &SlbDaemon, iface: &str) -> serde_json::Value {
-    let status = daemon.status_json().expect("slb status --json");
-    status["interface_states"]
-        .as_array()
-        .and_then(|a| a.iter().find(|s| s["name"] == iface).cloned())
-        .unwrap_or_else(|| panic!("no interface_states entry for {iface}: {status}"))
+fn interface_state(daemon: &SlbDaemon, iface: &str) -> InterfaceState {
+    let status = daemon.status().expect("slb status --json");
+    status
+        .interface_states
+        .iter()
+        .find(|s| s.name == iface)
+        .cloned()
+        .unwrap_or_else(|| panic!("no interface_states entry for {iface}: {status:#?}"))
 }
 
 /// Traffic through the VIP works again within `timeout`.
@@ -610,14 +614,14 @@ fn interface_flap_is_noticed_and_reattached() {
         instance: &instance,
     };
     traffic_flows(&topo, "before the flap");
-    assert_eq!(interface_state(&daemon, "s1")["attached"], true);
+    assert!(interface_state(&daemon, "s1").attached);
 
     // Gone: noticed and shown.
     topo.exec_in(topo.slb_ns(), ["ip", "link", "del", "s1"])
         .expect("delete s1");
     let state = interface_state(&daemon, "s1");
-    assert_eq!(state["attached"], false, "{state}");
-    assert_eq!(state["state"], "detached: interface gone", "{state}");
+    assert!(!state.attached, "{state:?}");
+    assert_eq!(state.state, "detached: interface gone", "{state:?}");
     let text = daemon
         .cli(["status", "-i", &instance])
         .expect("run slb status");
@@ -631,8 +635,8 @@ fn interface_flap_is_noticed_and_reattached() {
     create_backend_link(&topo);
     wait_traffic(&topo, Duration::from_secs(10), "after s1 was re-created");
     let state = interface_state(&daemon, "s1");
-    assert_eq!(state["attached"], true, "{state}");
-    assert_eq!(state["reattached"], 1, "{state}");
+    assert!(state.attached, "{state:?}");
+    assert_eq!(state.history.reattached, 1, "{state:?}");
     let link = topo
         .exec_in(topo.slb_ns(), ["ip", "-d", "link", "show", "s1"])
         .expect("ip link show");
@@ -670,7 +674,7 @@ fn interface_flap_is_noticed_and_reattached() {
     )
     .expect("restart slb over the severed link");
     wait_traffic(&topo, Duration::from_secs(10), "after the restart");
-    assert_eq!(interface_state(&daemon, "s1")["attached"], true);
+    assert!(interface_state(&daemon, "s1").attached);
     daemon
         .cli(["stop", "-i", &instance])
         .expect("run slb stop")

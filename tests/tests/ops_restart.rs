@@ -13,10 +13,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ops_common::{
-    backend_counter, has_xdp, link_show, listener_counter, pin_dir, Instance, ADOPT_LINE,
+    backend_new_connections, has_xdp, link_show, listener_new_connections, pin_dir, Instance, ADOPT_LINE,
 };
 use slb_tests::slb::{
-    slb_binary, state_dir, status_backend, unique_instance, unix_ns_now, HealthCheckConfig,
+    slb_binary, state_dir, status_backend, unique_instance, unix_ns_now, HealthCheckConfig, Status,
     TCP_LISTENER,
 };
 use slb_tests::traffic::{tcp_connections, Attempt, ConnectionLoop};
@@ -96,19 +96,17 @@ fn within(attempts: &[Attempt], from: u128, to: u128) -> (usize, usize) {
     (ok, inside.len() - ok)
 }
 
-fn health_since(status: &serde_json::Value) -> BTreeMap<String, (bool, u64)> {
-    status["backends"]
-        .as_array()
-        .expect("backends")
+fn health_since(status: &Status) -> BTreeMap<String, (bool, u128)> {
+    status
+        .backends
         .iter()
-        .filter(|b| b["listener"] == TCP_LISTENER)
+        .filter(|b| b.listener == TCP_LISTENER)
         .map(|b| {
             (
-                b["address"].as_str().unwrap_or("?").to_owned(),
-                (
-                    b["health"]["healthy"].as_bool().unwrap_or(false),
-                    b["health"]["since_unix_ns"].as_u64().unwrap_or(0),
-                ),
+                b.address.to_string(),
+                b.health
+                    .as_ref()
+                    .map_or((false, 0), |h| (h.healthy, h.since_unix_ns)),
             )
         })
         .collect()
@@ -150,14 +148,14 @@ fn restart_keeps_connections() {
         let addr = Topology::backend_addr(i);
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            let status = inst.status_json().expect("slb status");
+            let status = inst.status().expect("slb status");
             let b = status_backend(&status, TCP_LISTENER, addr).expect("backend in status");
-            if b["health"]["healthy"] == true {
+            if b.health.as_ref().is_some_and(|h| h.healthy) {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "backend {addr} not healthy: {b:#}"
+                "backend {addr} not healthy: {b:#?}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -177,9 +175,9 @@ fn restart_keeps_connections() {
         Duration::from_secs(3),
     );
     std::thread::sleep(Duration::from_millis(1500));
-    let status_a = inst.status_json().expect("slb status before the restarts");
+    let status_a = inst.status().expect("slb status before the restarts");
     let health_a = health_since(&status_a);
-    let new_a = listener_counter(&status_a, TCP_LISTENER, "new_connections");
+    let new_a = listener_new_connections(&status_a, TCP_LISTENER);
     println!("before the restarts: generation {gen_a}, {new_a} new connections counted, health {health_a:?}");
 
     // (a) kill -9, a second without any daemon, then a new daemon adopts.
@@ -216,8 +214,8 @@ fn restart_keeps_connections() {
         gen_b > gen_a,
         "generation should continue from {gen_a}, is {gen_b}"
     );
-    let status_b = inst.status_json().expect("slb status after kill -9");
-    let new_b = listener_counter(&status_b, TCP_LISTENER, "new_connections");
+    let status_b = inst.status().expect("slb status after kill -9");
+    let new_b = listener_new_connections(&status_b, TCP_LISTENER);
     assert!(
         new_b >= new_a + window_ok as u64,
         "counters were reset: {new_a} new connections before kill -9, {new_b} after, \
@@ -311,12 +309,12 @@ fn restart_keeps_connections() {
     );
 
     // Counters survived both restarts: the maps count every connection made since the start.
-    let status_c = inst.status_json().expect("slb status after the restarts");
-    let new_c = listener_counter(&status_c, TCP_LISTENER, "new_connections");
+    let status_c = inst.status().expect("slb status after the restarts");
+    let new_c = listener_new_connections(&status_c, TCP_LISTENER);
     println!(
         "new_connections of {TCP_LISTENER}: {new_a} before, {new_b} after kill -9, {new_c} at the end; \
          per backend {:?}",
-        backend_counter(&status_c, TCP_LISTENER, "new_connections")
+        backend_new_connections(&status_c, TCP_LISTENER)
     );
     assert!(
         new_c >= (ok.len() + STREAMS) as u64,
@@ -329,10 +327,10 @@ fn restart_keeps_connections() {
         let b = status_backend(&status_c, TCP_LISTENER, addr).expect("backend in status");
         let seen = per_backend.get(&name).copied().unwrap_or(0)
             + stream_backends.iter().filter(|s| **s == name).count() as u64;
-        let counted = b["new_connections"].as_u64().unwrap_or(0);
+        let counted = b.new_connections;
         assert!(
             counted >= seen,
-            "{name} counted {counted} new connections, the clients saw {seen}: {b:#}"
+            "{name} counted {counted} new connections, the clients saw {seen}: {b:#?}"
         );
     }
 
@@ -361,9 +359,9 @@ fn restart_keeps_connections() {
     topo.stop_backend_server(3).expect("stop backend 3");
     let stopped = Instant::now();
     loop {
-        let status = inst.status_json().expect("slb status");
+        let status = inst.status().expect("slb status");
         let b = status_backend(&status, TCP_LISTENER, b3).expect("b3 in status");
-        if b["healthy"] == false {
+        if !b.healthy {
             println!(
                 "after the restarts, dead b3 declared unhealthy in {:.2?}",
                 stopped.elapsed()
@@ -372,7 +370,7 @@ fn restart_keeps_connections() {
         }
         assert!(
             stopped.elapsed() < Duration::from_secs(5),
-            "health checking did not resume: b3 is down and still healthy: {b:#}"
+            "health checking did not resume: b3 is down and still healthy: {b:#?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -471,8 +469,8 @@ fn restart_refuses_incompatible_pins() {
         "{}",
         inst.current().log_block()
     );
-    let status = inst.status_json().expect("slb status");
-    let counted = listener_counter(&status, TCP_LISTENER, "new_connections");
+    let status = inst.status().expect("slb status");
+    let counted = listener_new_connections(&status, TCP_LISTENER);
     println!("after adopting again: {counted} new connections counted");
     assert!(counted >= n as u64, "counters lost: {counted} < {n}");
 

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use slb_tests::slb::{slb_binary, unique_instance, ListenerConfig, PersistenceConfig};
+use slb_tests::slb::{
+    slb_binary, status_listener, unique_instance, ListenerConfig, PersistenceConfig, Status,
+};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::SECOND_BACKEND_PORT;
 use slb_tests::{
@@ -51,18 +53,12 @@ fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<f64> {
 }
 
 /// `backend address:port -> (new_connections)` of `listener` in `slb stats --json`.
-fn stats_backends(stats: &serde_json::Value, listener: &str) -> BTreeMap<String, u64> {
-    stats["backends"]
-        .as_array()
-        .expect("backends in slb stats --json")
+fn stats_backends(stats: &Status, listener: &str) -> BTreeMap<String, u64> {
+    stats
+        .backends
         .iter()
-        .filter(|b| b["listener"] == listener)
-        .map(|b| {
-            (
-                format!("{}:{}", b["address"].as_str().unwrap(), b["port"]),
-                b["new_connections"].as_u64().expect("new_connections"),
-            )
-        })
+        .filter(|b| b.listener == listener)
+        .map(|b| (format!("{}:{}", b.address, b.port), b.new_connections))
         .collect()
 }
 
@@ -149,22 +145,16 @@ fn stats_prometheus_and_distribution_report() {
     let out = daemon
         .cli(["stats", "-i", &instance, "--json"])
         .expect("run slb stats --json");
-    let stats: serde_json::Value =
-        serde_json::from_str(out.expect_success().expect("slb stats --json"))
-            .expect("slb stats --json prints JSON");
+    let stats: Status = serde_json::from_str(out.expect_success().expect("slb stats --json"))
+        .expect("slb stats --json prints the status");
     let counted = stats_backends(&stats, TCP_LISTENER);
     println!("slb stats --json new_connections per backend: {counted:?}");
     assert_eq!(
         counted, observed,
         "new_connections per backend should equal the connections the clients saw answered"
     );
-    let listener_new = stats["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == TCP_LISTENER)
-        .and_then(|l| l["new_connections"].as_u64());
-    assert_eq!(listener_new, Some(CONNECTIONS as u64), "{stats:#}");
+    let listener_new = status_listener(&stats, TCP_LISTENER).map(|l| l.new_connections);
+    assert_eq!(listener_new, Some(CONNECTIONS as u64), "{stats:#?}");
 
     // slb stats: the table lists every backend.
     let out = daemon
@@ -193,21 +183,14 @@ fn stats_prometheus_and_distribution_report() {
         .as_secs();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let out = daemon
-            .cli(["status", "-i", &instance, "--json"])
-            .expect("run slb status --json");
-        let status: serde_json::Value =
-            serde_json::from_str(out.expect_success().expect("slb status --json"))
-                .expect("slb status --json prints JSON");
-        let swept = status["connection_table"]["swept_at_unix_s"]
-            .as_u64()
-            .expect("swept_at_unix_s");
+        let status = daemon.status().expect("slb status --json");
+        let swept = status.connection_table.swept_at_unix_s;
         if swept > traffic_done {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no sweep of the connection table within 20 s: {status:#}"
+            "no sweep of the connection table within 20 s: {status:#?}"
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }

@@ -91,13 +91,13 @@ fn persistence_pins_a_client_address() {
         panic!("{e}");
     }
 
-    let status = daemon.status_json().expect("slb status");
-    let hits = status["counters"]["persistence_hits"].as_u64();
+    let status = daemon.status().expect("slb status");
+    let hits = status.counters.get("persistence_hits").copied();
     println!("persistence_hits: {hits:?}");
     assert!(
         hits.is_some_and(|h| h >= 199),
-        "persistence_hits should count the 199 pinned connections: {:#}",
-        status["counters"]
+        "persistence_hits should count the 199 pinned connections: {:#?}",
+        status.counters
     );
     let exit = daemon.stop().expect("stop slb");
     assert!(exit.success(), "slb exited with {exit} on SIGTERM");

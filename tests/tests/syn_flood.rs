@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use slb_tests::exec::{command_in, run};
-use slb_tests::slb::{pin_dir, slb_binary, unique_instance, unix_ns_now};
+use slb_tests::slb::{pin_dir, slb_binary, unique_instance, unix_ns_now, Status};
 use slb_tests::traffic::{parse_reply, tcp_connections, ConnectionLoop};
 use slb_tests::{
     in_netns, require_root, vip_tcp, SlbConfig, SlbDaemon, Topology, TrafficOptions, CLIENT_ADDR,
@@ -214,6 +214,11 @@ fn ipv4(v: &serde_json::Value) -> Option<Ipv4Addr> {
     Some(Ipv4Addr::from(tail))
 }
 
+/// Global counter `name` of `slb status` (0 when absent).
+fn counter(status: &Status, name: &str) -> u64 {
+    status.counters.get(name).copied().unwrap_or(0)
+}
+
 fn u64_of(v: &serde_json::Value) -> u64 {
     v.as_u64()
         .unwrap_or_else(|| panic!("not an unsigned number: {v}"))
@@ -304,8 +309,8 @@ fn syn_flood_keeps_established_connections() {
                     >= 10
         },
     );
-    let before_status = daemon.status_json().expect("slb status before the flood");
-    let half_open_before = u64_of(&before_status["counters"]["half_open_tracked"]);
+    let before_status = daemon.status().expect("slb status before the flood");
+    let half_open_before = counter(&before_status, "half_open_tracked");
 
     let drops_before = (link_drops(&client, "c0"), link_drops(topo.slb_ns(), "s0"));
 
@@ -399,22 +404,23 @@ fn syn_flood_keeps_established_connections() {
     // The data plane's view, once the daemon swept the connection table after all of the
     // above (it sweeps every few seconds; `connection_table` is as of the last sweep).
     let traffic_done_s = (unix_ns_now() / 1_000_000_000) as u64;
-    let mut status = serde_json::Value::Null;
+    let mut status = None;
     wait_until(
         "a connection-table sweep after the flood",
         Duration::from_secs(30),
         || {
-            status = daemon.status_json().expect("slb status after the flood");
-            status["connection_table"]["swept_at_unix_s"]
-                .as_u64()
-                .is_some_and(|t| t > traffic_done_s)
+            let now = daemon.status().expect("slb status after the flood");
+            let swept = now.connection_table.swept_at_unix_s > traffic_done_s;
+            status = Some(now);
+            swept
         },
     );
-    println!("status counters after the flood: {}", status["counters"]);
-    let half_open = u64_of(&status["counters"]["half_open_tracked"]) - half_open_before;
-    let malformed = u64_of(&status["counters"]["malformed"]);
-    let table_entries = u64_of(&status["connection_table"]["entries"]);
-    let table_capacity = u64_of(&status["connection_table"]["capacity"]);
+    let status = status.expect("wait_until polled at least once");
+    println!("status counters after the flood: {:?}", status.counters);
+    let half_open = counter(&status, "half_open_tracked") - half_open_before;
+    let malformed = counter(&status, "malformed");
+    let table_entries = status.connection_table.entries;
+    let table_capacity = u64::from(status.connection_table.capacity);
 
     let dir = pin_dir(&instance);
     let connections = dump_map(&dir.join("CONNECTIONS"));

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 pub use slb_tests::slb::{pin_dir, slb_cli};
-use slb_tests::slb::{state_dir, CliOutput};
+use slb_tests::slb::{state_dir, CliOutput, Status};
 
 /// How long a start (load, attach or adopt, apply) may take.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -285,11 +285,11 @@ impl Instance {
         slb_cli(&self.bin, &self.netns, args)
     }
 
-    /// `slb status -i <instance> --json`, parsed.
-    pub fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+    /// `slb status -i <instance> --json`, read into slb's own [`Status`].
+    pub fn status(&self) -> anyhow::Result<Status> {
         let out = self.cli(["status", "-i", &self.instance, "--json"])?;
         let text = out.expect_success()?;
-        serde_json::from_str(text).with_context(|| format!("slb status printed no JSON: {text}"))
+        serde_json::from_str(text).with_context(|| format!("slb status printed no status: {text}"))
     }
 
     /// `slb stop -i <instance>`; afterwards no daemon of the instance runs.
@@ -351,37 +351,17 @@ pub fn has_xdp(link: &str) -> bool {
     link.contains("xdp")
 }
 
-/// `(listener, address) -> new_connections` of the backends in `slb status --json`.
-pub fn backend_counter(
-    status: &serde_json::Value,
-    listener: &str,
-    field: &str,
-) -> Vec<(String, u64)> {
-    status["backends"]
-        .as_array()
-        .map(|bs| {
-            bs.iter()
-                .filter(|b| b["listener"] == listener)
-                .map(|b| {
-                    (
-                        format!(
-                            "{}:{}",
-                            b["address"].as_str().unwrap_or("?"),
-                            b["port"].as_u64().unwrap_or(0)
-                        ),
-                        b[field].as_u64().unwrap_or(0),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+/// `address:port -> new_connections` of the backends of `listener` in `slb status`.
+pub fn backend_new_connections(status: &Status, listener: &str) -> Vec<(String, u64)> {
+    status
+        .backends
+        .iter()
+        .filter(|b| b.listener == listener)
+        .map(|b| (format!("{}:{}", b.address, b.port), b.new_connections))
+        .collect()
 }
 
-/// The counter `field` of the listener named `listener` in `slb status --json`.
-pub fn listener_counter(status: &serde_json::Value, listener: &str, field: &str) -> u64 {
-    status["listeners"]
-        .as_array()
-        .and_then(|ls| ls.iter().find(|l| l["name"] == listener))
-        .and_then(|l| l[field].as_u64())
-        .unwrap_or(0)
+/// The new connections the listener named `listener` counted, per `slb status`.
+pub fn listener_new_connections(status: &Status, listener: &str) -> u64 {
+    slb_tests::slb::status_listener(status, listener).map_or(0, |l| l.new_connections)
 }
