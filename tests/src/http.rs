@@ -17,6 +17,7 @@ use anyhow::{ensure, Context as _};
 use serde::{Deserialize, Serialize};
 
 use crate::exec::{self, ChildGuard};
+pub use slb_user::proxy::access_log::AccessLogRecord;
 use crate::slb::{BackendConfig, GroupConfig, HealthCheckConfig, InterfaceConfig};
 use crate::topology::Topology;
 use crate::{BACKEND_PORT, VIP};
@@ -381,24 +382,9 @@ pub fn tcp_connect_in(ns: &str, addr: SocketAddr, timeout: Duration) -> anyhow::
     Ok(stream)
 }
 
-/// One JSON line of slb's access log.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct AccessLogLine {
-    pub time: String,
-    pub listener: String,
-    pub group: String,
-    pub client: String,
-    pub host: String,
-    pub method: String,
-    pub path: String,
-    pub status: u16,
-    pub backend: Option<String>,
-    pub duration_ms: f64,
-    pub backend_ms: Option<f64>,
-}
-
-/// Parses an access log; a missing file is an empty log.
-pub fn read_access_log(path: &Path) -> anyhow::Result<Vec<AccessLogLine>> {
+/// Reads an access log into slb's own records (every line must be one); a missing file is an
+/// empty log.
+pub fn read_access_log(path: &Path) -> anyhow::Result<Vec<AccessLogRecord>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),

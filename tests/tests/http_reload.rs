@@ -200,7 +200,7 @@ fn http_reload_keeps_connections_and_applies_new_rules() {
         let client = format!("10.200.1.2:{}", local.port());
         let lines: Vec<(String, u16, String)> = log
             .iter()
-            .filter(|l| l.client == client)
+            .filter(|l| l.client.to_string() == client)
             .map(|l| (l.path.clone(), l.status, l.group.clone()))
             .collect();
         println!("access log for connection {name} ({client}): {lines:?}");
