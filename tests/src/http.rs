@@ -9,18 +9,17 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::exec::{self, ChildGuard};
-pub use slb_user::proxy::access_log::AccessLogRecord;
-use crate::slb::{BackendConfig, GroupConfig, HealthCheckConfig, InterfaceConfig};
 use crate::topology::Topology;
 use crate::{BACKEND_PORT, VIP};
+pub use slb_user::proxy::access_log::AccessLogRecord;
 
 /// Port of the HTTP listener the L7 tests use.
 pub const HTTP_PORT: u16 = 8000;
@@ -44,186 +43,6 @@ pub fn add_local_vip(topo: &Topology) -> anyhow::Result<()> {
         ["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
     )?;
     Ok(())
-}
-
-/// An `slb` config with HTTP/HTTPS listeners.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct L7Config {
-    pub instance: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub access_log: Option<PathBuf>,
-    /// slb's default is a file of the machine's (/var/lib/slb): tests keep theirs apart.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cookie_secret_file: Option<PathBuf>,
-    pub interfaces: Vec<InterfaceConfig>,
-    pub listeners: Vec<L7Listener>,
-    pub groups: Vec<GroupConfig>,
-}
-
-/// One `[[listeners]]` entry with the L7 fields; unset options take slb's defaults.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct L7Listener {
-    pub name: String,
-    /// `http` or `https`.
-    pub protocol: String,
-    pub vip: Ipv4Addr,
-    pub port: u16,
-    pub group: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub scheduler: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub forwarded_headers: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backend_timeout: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub header_timeout: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cookie: Option<CookieConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<HealthCheckConfig>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub rules: Vec<RuleConfig>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub certificates: Vec<CertificateConfig>,
-}
-
-/// A forwarding rule: exact or `*.` wildcard domain, path prefix, or both.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct RuleConfig {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub domain: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    pub group: String,
-}
-
-impl RuleConfig {
-    pub fn domain(domain: &str, group: &str) -> Self {
-        RuleConfig {
-            domain: Some(domain.to_owned()),
-            path: None,
-            group: group.to_owned(),
-        }
-    }
-
-    pub fn path(path: &str, group: &str) -> Self {
-        RuleConfig {
-            domain: None,
-            path: Some(path.to_owned()),
-            group: group.to_owned(),
-        }
-    }
-}
-
-/// `cookie = { mode = "insert", timeout = ".." }` or `{ mode = "rewrite", name = ".." }`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(tag = "mode", rename_all = "lowercase")]
-pub enum CookieConfig {
-    Insert { timeout: String },
-    Rewrite { name: String },
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct CertificateConfig {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub domains: Vec<String>,
-}
-
-impl L7Listener {
-    /// An HTTP listener on `VIP:port` whose default group is `group`.
-    pub fn http(name: &str, port: u16, group: &str) -> Self {
-        L7Listener {
-            name: name.to_owned(),
-            protocol: "http".to_owned(),
-            vip: VIP,
-            port,
-            group: group.to_owned(),
-            scheduler: None,
-            forwarded_headers: None,
-            backend_timeout: None,
-            header_timeout: None,
-            cookie: None,
-            health_check: None,
-            rules: Vec::new(),
-            certificates: Vec::new(),
-        }
-    }
-
-    /// An HTTPS listener on `VIP:port` serving `certificates` (the first is the fallback).
-    pub fn https(name: &str, port: u16, group: &str, certificates: Vec<CertificateConfig>) -> Self {
-        L7Listener {
-            protocol: "https".to_owned(),
-            certificates,
-            ..Self::http(name, port, group)
-        }
-    }
-}
-
-impl L7Config {
-    /// XDP on `s0..sN` for a topology with `backends` backends, no listeners, no groups.
-    pub fn new(instance: &str, backends: usize) -> Self {
-        L7Config {
-            instance: instance.to_owned(),
-            access_log: None,
-            cookie_secret_file: None,
-            interfaces: (0..=backends)
-                .map(|i| InterfaceConfig {
-                    name: format!("s{i}"),
-                    mode: None,
-                })
-                .collect(),
-            listeners: Vec::new(),
-            groups: Vec::new(),
-        }
-    }
-
-    /// Adds group `name` of topology backends `(index, weight)` on port 8080.
-    pub fn group(&mut self, name: &str, backends: &[(usize, u32)]) -> &mut Self {
-        self.groups.push(GroupConfig {
-            name: name.to_owned(),
-            kind: None,
-            backends: backends
-                .iter()
-                .map(|&(i, w)| BackendConfig::backend(i, w))
-                .collect(),
-        });
-        self
-    }
-
-    pub fn listener(&mut self, listener: L7Listener) -> &mut Self {
-        self.listeners.push(listener);
-        self
-    }
-
-    /// The listener named `name`; panics if there is none.
-    pub fn listener_mut(&mut self, name: &str) -> &mut L7Listener {
-        self.listeners
-            .iter_mut()
-            .find(|l| l.name == name)
-            .unwrap_or_else(|| panic!("no listener {name:?} in the config"))
-    }
-
-    /// `(backend name, weight)` of group `name`, as [`crate::Distribution::new`] wants them.
-    pub fn group_weights(&self, name: &str) -> Vec<(String, u32)> {
-        let group = self
-            .groups
-            .iter()
-            .find(|g| g.name == name)
-            .unwrap_or_else(|| panic!("no group {name:?} in the config"));
-        group
-            .backends
-            .iter()
-            .map(|b| {
-                let i = usize::from(b.address.octets()[2]) - 10;
-                (Topology::backend_name(i), b.weight)
-            })
-            .collect()
-    }
-
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("the config types always serialize to TOML")
-    }
 }
 
 /// What `slb-http-backend` answers (its JSON body).

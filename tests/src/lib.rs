@@ -6,6 +6,7 @@
 //! [`require_root`] first, so that a run without root fails saying why instead of passing
 //! without having asserted anything.
 
+pub mod config;
 pub mod exec;
 pub mod http;
 pub mod report;
@@ -13,9 +14,10 @@ pub mod slb;
 pub mod topology;
 pub mod traffic;
 
+pub use config::SlbConfig;
 pub use exec::{in_netns, CommandError};
 pub use report::Distribution;
-pub use slb::{SlbConfig, SlbDaemon};
+pub use slb::SlbDaemon;
 pub use topology::Topology;
 pub use traffic::{LongLivedStreams, TrafficOptions, TrafficReport};
 

@@ -9,251 +9,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context as _};
-use serde::Serialize;
-
+use crate::config::SlbConfig;
 use crate::exec;
+use anyhow::{bail, ensure, Context as _};
 pub use slb_user::applied::{AppliedState, HealthStatus, Role};
 pub use slb_user::links::InterfaceState;
 pub use slb_user::status::{BackendStatus, ListenerStatus, Status};
-use crate::topology::Topology;
-use crate::{BACKEND_PORT, VIP, VIP_TCP_PORT, VIP_UDP_PORT};
-
-/// The `slb` config file (TOML), as far as the tests use it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct SlbConfig {
-    pub instance: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub maglev_table_size: Option<u32>,
-    pub interfaces: Vec<InterfaceConfig>,
-    pub listeners: Vec<ListenerConfig>,
-    pub default_group: BackendsConfig,
-    pub groups: Vec<GroupConfig>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct InterfaceConfig {
-    pub name: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ListenerConfig {
-    pub name: String,
-    pub protocol: String,
-    pub vip: Ipv4Addr,
-    pub port: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<HealthCheckConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub persistence: Option<PersistenceConfig>,
-    /// `forward-all` or `drop`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub on_all_unhealthy: Option<String>,
-}
-
-/// A listener's `health_check = { type = ..., ... }`; unset fields take slb's defaults.
-/// Durations are humantime strings (`"200ms"`).
-#[derive(Debug, Clone, Serialize, PartialEq, Default)]
-pub struct HealthCheckConfig {
-    /// `tcp`, `http` or `udp`.
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub interval: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub healthy_threshold: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unhealthy_threshold: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub host: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expected_codes: Option<Vec<String>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub payload: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expect: Option<String>,
-}
-
-impl HealthCheckConfig {
-    /// A `kind` check probing every `interval`, each probe given `timeout`, with the given
-    /// healthy / unhealthy thresholds.
-    pub fn new(
-        kind: &str,
-        interval: Duration,
-        timeout: Duration,
-        healthy_threshold: u32,
-        unhealthy_threshold: u32,
-    ) -> Self {
-        HealthCheckConfig {
-            kind: kind.to_owned(),
-            interval: Some(format!("{}ms", interval.as_millis())),
-            timeout: Some(format!("{}ms", timeout.as_millis())),
-            healthy_threshold: Some(healthy_threshold),
-            unhealthy_threshold: Some(unhealthy_threshold),
-            ..HealthCheckConfig::default()
-        }
-    }
-}
-
-/// A listener's `persistence = { timeout = "60s" }`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct PersistenceConfig {
-    pub timeout: String,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Default)]
-pub struct BackendsConfig {
-    pub backends: Vec<BackendConfig>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct GroupConfig {
-    pub name: String,
-    /// `vserver` (slb's default when absent) or `active-standby`.
-    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    pub backends: Vec<BackendConfig>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct BackendConfig {
-    pub address: Ipv4Addr,
-    pub port: u16,
-    pub weight: u32,
-}
-
-/// Name of the group [`SlbConfig::standard`] puts every backend in.
-pub const POOL_GROUP: &str = "pool";
-/// The group [`SlbConfig::add_second_pool`] adds.
-pub const SECOND_POOL_GROUP: &str = "pool-2";
-/// Name of the TCP listener (VIP:80) of [`SlbConfig::standard`].
-pub const TCP_LISTENER: &str = "tcp-echo";
-/// Name of the UDP listener (VIP:53) of [`SlbConfig::standard`].
-pub const UDP_LISTENER: &str = "udp-echo";
-
-impl ListenerConfig {
-    /// A listener on `VIP:port` forwarding to `group` (the default group if `None`), without
-    /// health check or persistence.
-    pub fn new(name: &str, protocol: &str, port: u16, group: Option<&str>) -> Self {
-        ListenerConfig {
-            name: name.to_owned(),
-            protocol: protocol.to_owned(),
-            vip: VIP,
-            port,
-            group: group.map(str::to_owned),
-            health_check: None,
-            persistence: None,
-            on_all_unhealthy: None,
-        }
-    }
-}
-
-impl BackendConfig {
-    /// Backend `i` of the topology (10.200.(10+i).2:8080) with `weight`.
-    pub fn backend(i: usize, weight: u32) -> Self {
-        BackendConfig {
-            address: Topology::backend_addr(i),
-            port: BACKEND_PORT,
-            weight,
-        }
-    }
-}
-
-impl SlbConfig {
-    /// The config the tests use: XDP on `s0..sN` (N = `weights.len()`), a TCP listener on
-    /// VIP:80 and a UDP listener on VIP:53, both served by group `pool`, in which backend `i`
-    /// (1-based) is 10.200.(10+i).2:8080 with weight `weights[i - 1]`.
-    pub fn standard(instance: &str, weights: &[u32]) -> Self {
-        let interfaces = (0..=weights.len())
-            .map(|i| InterfaceConfig {
-                name: format!("s{i}"),
-                mode: None,
-            })
-            .collect();
-        let listener = |name: &str, protocol: &str, port| {
-            ListenerConfig::new(name, protocol, port, Some(POOL_GROUP))
-        };
-        SlbConfig {
-            instance: instance.to_owned(),
-            maglev_table_size: None,
-            interfaces,
-            listeners: vec![
-                listener(TCP_LISTENER, "tcp", VIP_TCP_PORT),
-                listener(UDP_LISTENER, "udp", VIP_UDP_PORT),
-            ],
-            default_group: BackendsConfig::default(),
-            groups: vec![GroupConfig {
-                name: POOL_GROUP.to_owned(),
-                kind: None,
-                backends: weights
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &weight)| BackendConfig::backend(k + 1, weight))
-                    .collect(),
-            }],
-        }
-    }
-
-    /// The listener named `name`; panics if there is none.
-    pub fn listener_mut(&mut self, name: &str) -> &mut ListenerConfig {
-        self.listeners
-            .iter_mut()
-            .find(|l| l.name == name)
-            .unwrap_or_else(|| panic!("no listener {name:?} in the config"))
-    }
-
-    /// The group named `name`; panics if there is none.
-    pub fn group_mut(&mut self, name: &str) -> &mut GroupConfig {
-        self.groups
-            .iter_mut()
-            .find(|g| g.name == name)
-            .unwrap_or_else(|| panic!("no group {name:?} in the config"))
-    }
-
-    /// Adds group `pool-2`: the `pool` backends with the same weights on the test servers'
-    /// second port, for a second tcp listener over the same servers (each backend endpoint
-    /// belongs to one tcp/udp listener). Returns its name.
-    pub fn add_second_pool(&mut self) -> &'static str {
-        let mut second = self.group_mut(POOL_GROUP).clone();
-        second.name = SECOND_POOL_GROUP.to_owned();
-        for b in &mut second.backends {
-            b.port = crate::SECOND_BACKEND_PORT;
-        }
-        self.groups.push(second);
-        SECOND_POOL_GROUP
-    }
-
-    /// `(backend name, weight)` for every backend of the `pool` group, as
-    /// [`crate::Distribution::new`] wants them.
-    pub fn pool_weights(&self) -> Vec<(String, u32)> {
-        self.groups
-            .iter()
-            .filter(|g| g.name == POOL_GROUP)
-            .flat_map(|g| g.backends.iter().enumerate())
-            .map(|(k, b)| (Topology::backend_name(k + 1), b.weight))
-            .collect()
-    }
-
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("the config types always serialize to TOML")
-    }
-
-    /// The config as a TOML document tree, to write values the typed fields cannot hold
-    /// (e.g. a negative weight) before rendering it with `toml::to_string`.
-    pub fn to_toml_value(&self) -> toml::Value {
-        toml::Value::try_from(self).expect("the config types always serialize to TOML")
-    }
-}
 
 static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(0);
 
@@ -342,7 +103,7 @@ impl SlbDaemon {
     /// Writes `config` to a temporary file, starts `bin --netns <netns> run -c <file>` and
     /// waits until the daemon reports generation 1 in its state file.
     pub fn start(bin: &Path, netns: &str, config: &SlbConfig) -> anyhow::Result<Self> {
-        Self::start_toml(bin, netns, &config.instance, &config.to_toml())
+        Self::start_toml(bin, netns, config.instance(), &config.to_toml())
     }
 
     /// [`SlbDaemon::start`] with the Prometheus endpoint on a port free in `netns`, which it
@@ -357,13 +118,9 @@ impl SlbDaemon {
             std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
         })??
         .port();
-        let mut doc = config.to_toml_value();
-        let mut metrics = toml::map::Map::new();
-        metrics.insert("prometheus_port".into(), toml::Value::Integer(port.into()));
-        doc.as_table_mut()
-            .context("the config is a table")?
-            .insert("metrics".into(), toml::Value::Table(metrics));
-        let daemon = Self::start_toml(bin, netns, &config.instance, &toml::to_string(&doc)?)?;
+        let mut config = config.clone();
+        config.metrics.prometheus_port = Some(port);
+        let daemon = Self::start(bin, netns, &config)?;
         Ok((daemon, port))
     }
 
@@ -544,9 +301,9 @@ impl SlbDaemon {
     /// Replaces the config file (the daemon reads it on the next reload).
     pub fn write_config(&mut self, config: &SlbConfig) -> anyhow::Result<()> {
         ensure!(
-            config.instance == self.instance,
+            config.instance() == self.instance,
             "config is for instance {}, daemon runs {}",
-            config.instance,
+            config.instance(),
             self.instance
         );
         self.write_config_text(&config.to_toml())

@@ -12,9 +12,11 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use slb_tests::config::{
+    group, health_check, CheckKind, GroupKind, HealthCheck, TCP_LISTENER, UDP_LISTENER,
+};
 use slb_tests::slb::{
-    slb_binary, status_backend, unique_instance, BackendStatus, Role, unix_ns_now, GroupConfig, HealthCheckConfig,
-    TCP_LISTENER, UDP_LISTENER,
+    slb_binary, status_backend, unique_instance, unix_ns_now, BackendStatus, Role,
 };
 use slb_tests::topology::{read_peer_log, ServerOptions};
 use slb_tests::traffic::{
@@ -47,7 +49,7 @@ fn reason(backend: &BackendStatus) -> &str {
 #[test]
 fn active_standby_fails_over_and_back() {
     require_root("active_standby_fails_over_and_back");
-    let mut udp_check = HealthCheckConfig::new("udp", INTERVAL, TIMEOUT, THRESHOLD, THRESHOLD);
+    let mut udp_check = health_check(CheckKind::Udp, INTERVAL, TIMEOUT, THRESHOLD, THRESHOLD);
     udp_check.expect = Some("slb-health-check".to_owned());
     fails_over_and_back("as", udp_check, INTERVAL);
 }
@@ -57,8 +59,8 @@ fn active_standby_fails_over_and_back() {
 fn active_standby_fails_over_and_back_with_an_icmp_only_udp_check() {
     require_root("active_standby_fails_over_and_back_with_an_icmp_only_udp_check");
     let interval = Duration::from_secs(1);
-    let udp_check = HealthCheckConfig::new(
-        "udp",
+    let udp_check = health_check(
+        CheckKind::Udp,
         interval,
         Duration::from_millis(500),
         THRESHOLD,
@@ -67,7 +69,7 @@ fn active_standby_fails_over_and_back_with_an_icmp_only_udp_check() {
     fails_over_and_back("asicmp", udp_check, interval);
 }
 
-fn fails_over_and_back(tag: &str, udp_check: HealthCheckConfig, udp_interval: Duration) {
+fn fails_over_and_back(tag: &str, udp_check: HealthCheck, udp_interval: Duration) {
     let slb = slb_binary();
     let logs = tempfile::tempdir().expect("temp dir for peer logs");
     let log_of = |i: usize| logs.path().join(format!("b{i}.peers"));
@@ -89,12 +91,12 @@ fn fails_over_and_back(tag: &str, udp_check: HealthCheckConfig, udp_interval: Du
     let (active, standby) = (Topology::backend_addr(1), Topology::backend_addr(2));
 
     let mut config = SlbConfig::standard(&unique_instance(tag), &[1, 1]);
-    config.groups = vec![GroupConfig {
-        name: PAIR.to_owned(),
-        kind: Some("active-standby".to_owned()),
-        backends: config.groups[0].backends.clone(),
-    }];
-    let tcp_check = HealthCheckConfig::new("tcp", INTERVAL, TIMEOUT, THRESHOLD, THRESHOLD);
+    config.groups = vec![group(
+        PAIR,
+        GroupKind::ActiveStandby,
+        config.groups[0].backends.clone(),
+    )];
+    let tcp_check = health_check(CheckKind::Tcp, INTERVAL, TIMEOUT, THRESHOLD, THRESHOLD);
     for (name, check) in [(TCP_LISTENER, tcp_check), (UDP_LISTENER, udp_check)] {
         let l = config.listener_mut(name);
         l.group = Some(PAIR.to_owned());

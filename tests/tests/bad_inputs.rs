@@ -5,10 +5,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use slb_tests::slb::{
-    slb_binary, unique_instance, BackendConfig, GroupConfig, HealthCheckConfig, ListenerConfig,
-    SlbDaemon, POOL_GROUP, TCP_LISTENER, UDP_LISTENER,
+use slb_tests::config::{
+    backend, group, health_check_of, listener, BackendSpec, CheckKind, GroupKind, Protocol,
+    POOL_GROUP, TCP_LISTENER, UDP_LISTENER,
 };
+use slb_tests::slb::{slb_binary, unique_instance, SlbDaemon};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::{require_root, vip_tcp, SlbConfig, Topology, TrafficOptions, BACKEND_PORT};
 
@@ -22,34 +23,31 @@ const PAIR_BACKEND_PORT: u16 = 8082;
 
 fn good_config(instance: &str) -> SlbConfig {
     let mut config = SlbConfig::standard(instance, &[1, 1, 1]);
-    config.groups.push(GroupConfig {
-        name: PAIR.to_owned(),
-        kind: Some("active-standby".to_owned()),
+    config.groups.push(group(
+        PAIR,
+        GroupKind::ActiveStandby,
         // A backend port of its own: slb knows a reply's listener by the backend's endpoint.
-        backends: vec![
-            BackendConfig {
-                port: PAIR_BACKEND_PORT,
-                ..BackendConfig::backend(1, 1)
+        vec![
+            BackendSpec {
+                port: Some(PAIR_BACKEND_PORT),
+                ..backend(1, 1)
             },
-            BackendConfig {
-                port: PAIR_BACKEND_PORT,
-                ..BackendConfig::backend(2, 1)
+            BackendSpec {
+                port: Some(PAIR_BACKEND_PORT),
+                ..backend(2, 1)
             },
         ],
-    });
+    ));
     config
         .listeners
-        .push(ListenerConfig::new("tcp-pair", "tcp", 82, Some(PAIR)));
+        .push(listener("tcp-pair", Protocol::Tcp, 82, Some(PAIR)));
     config
 }
 
 /// `(what, config text, strings the error must contain)`.
 fn bad_variants(good: &SlbConfig) -> Vec<(&'static str, String, Vec<&'static str>)> {
     let mut three = good.clone();
-    three
-        .group_mut(PAIR)
-        .backends
-        .push(BackendConfig::backend(3, 1));
+    three.group_mut(PAIR).backends.push(backend(3, 1));
 
     let mut negative = good.to_toml_value();
     let weight = negative
@@ -65,10 +63,7 @@ fn bad_variants(good: &SlbConfig) -> Vec<(&'static str, String, Vec<&'static str
     unknown_group.listener_mut(TCP_LISTENER).group = Some("nope".to_owned());
 
     let mut http_on_udp = good.clone();
-    http_on_udp.listener_mut(UDP_LISTENER).health_check = Some(HealthCheckConfig {
-        kind: "http".to_owned(),
-        ..HealthCheckConfig::default()
-    });
+    http_on_udp.listener_mut(UDP_LISTENER).health_check = Some(health_check_of(CheckKind::Http));
 
     vec![
         (

@@ -29,7 +29,7 @@ fn check_config_accepts_good_and_names_bad_fields() {
     assert!(ok, "a valid config was rejected:\n{out}");
 
     let mut not_prime = good.clone();
-    not_prime.maglev_table_size = Some(65536);
+    not_prime.maglev_table_size = 65536;
     let (ok, out) = check_config(&not_prime.to_toml());
     assert!(
         !ok,
@@ -40,9 +40,13 @@ fn check_config_accepts_good_and_names_bad_fields() {
         "error does not name the field:\n{out}"
     );
 
-    let mut bad_protocol = good.clone();
-    bad_protocol.listeners[1].protocol = "sctp".to_owned();
-    let (ok, out) = check_config(&bad_protocol.to_toml());
+    let mut bad_protocol = good.to_toml_value();
+    *bad_protocol
+        .get_mut("listeners")
+        .and_then(|l| l.get_mut(1))
+        .and_then(|l| l.get_mut("protocol"))
+        .expect("listeners[1].protocol") = toml::Value::String("sctp".to_owned());
+    let (ok, out) = check_config(&toml::to_string(&bad_protocol).expect("render TOML"));
     assert!(!ok, "protocol sctp was accepted:\n{out}");
     assert!(
         out.contains("protocol"),

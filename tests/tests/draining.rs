@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use slb_tests::slb::{slb_binary, status_backend, unique_instance, POOL_GROUP, TCP_LISTENER};
+use slb_tests::config::{POOL_GROUP, TCP_LISTENER};
+use slb_tests::slb::{slb_binary, status_backend, unique_instance};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::{
     require_root, vip_tcp, Distribution, LongLivedStreams, SlbConfig, SlbDaemon, Topology,

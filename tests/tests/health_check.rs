@@ -4,10 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use slb_tests::slb::{
-    slb_binary, status_backend, unique_instance, unix_ns_now, HealthCheckConfig, TCP_LISTENER,
-    UDP_LISTENER,
-};
+use slb_tests::config::{health_check, CheckKind, TCP_LISTENER, UDP_LISTENER};
+use slb_tests::slb::{slb_binary, status_backend, unique_instance, unix_ns_now};
 use slb_tests::traffic::{ms, per_backend, udp_flows, Attempt, ConnectionLoop};
 use slb_tests::{require_root, vip_tcp, vip_udp, SlbConfig, SlbDaemon, Topology, TrafficOptions};
 
@@ -33,8 +31,8 @@ fn health_check_removes_a_dead_backend_and_readmits_it() {
         .build()
         .expect("create topology");
     let mut config = SlbConfig::standard(&unique_instance("hc"), &[1, 1, 1]);
-    config.listener_mut(TCP_LISTENER).health_check = Some(HealthCheckConfig::new(
-        "tcp",
+    config.listener_mut(TCP_LISTENER).health_check = Some(health_check(
+        CheckKind::Tcp,
         INTERVAL,
         TIMEOUT,
         HEALTHY_THRESHOLD,
@@ -223,8 +221,8 @@ fn udp_health_check_keeps_a_dead_backend_unhealthy() {
         .build()
         .expect("create topology");
     let mut config = SlbConfig::standard(&unique_instance("hcudp"), &[1, 1, 1]);
-    config.listener_mut(UDP_LISTENER).health_check = Some(HealthCheckConfig::new(
-        "udp",
+    config.listener_mut(UDP_LISTENER).health_check = Some(health_check(
+        CheckKind::Udp,
         Duration::from_secs(1),
         Duration::from_millis(500),
         HEALTHY_THRESHOLD,

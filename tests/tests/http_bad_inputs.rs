@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_common::{client_builder, get, read_to_end, L7Setup, TestPki};
-use slb_tests::http::{tcp_connect_in, vip_http, vip_https, L7Listener, HTTPS_PORT, HTTP_PORT};
+use slb_tests::config::{http_listener, https_listener};
+use slb_tests::http::{tcp_connect_in, vip_http, vip_https, HTTPS_PORT, HTTP_PORT};
 use slb_tests::{require_root, VIP};
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
@@ -26,8 +27,8 @@ fn http_malformed_oversized_and_slowloris_requests() {
     require_root("http_malformed_oversized_and_slowloris_requests");
     let setup = L7Setup::start("h7bad", 2, |c, _| {
         c.group("pool", &[(1, 1), (2, 1)]);
-        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
-        web.header_timeout = Some("1s".to_owned());
+        let mut web = http_listener("web", HTTP_PORT, "pool");
+        web.header_timeout = Duration::from_secs(1);
         c.listener(web);
     });
     let ns = setup.topo.client_ns().to_owned();
@@ -182,8 +183,8 @@ fn http_silent_connection_is_cut_off_after_header_timeout() {
     require_root("http_silent_connection_is_cut_off_after_header_timeout");
     let setup = L7Setup::start("h7idle", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
-        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
-        web.header_timeout = Some("1s".to_owned());
+        let mut web = http_listener("web", HTTP_PORT, "pool");
+        web.header_timeout = Duration::from_secs(1);
         c.listener(web);
     });
     let ns = setup.topo.client_ns().to_owned();
@@ -218,7 +219,7 @@ fn https_bad_certificate_files_are_refused_and_the_old_config_serves() {
     let mut setup = L7Setup::start("h7cert", 1, |c, dir| {
         let p = TestPki::generate(dir, &[A, B]);
         c.group("pool", &[(1, 1)]);
-        c.listener(L7Listener::https(
+        c.listener(https_listener(
             "secure",
             HTTPS_PORT,
             "pool",
@@ -266,7 +267,7 @@ fn https_bad_certificate_files_are_refused_and_the_old_config_serves() {
     std::fs::write(&not_pem, "this is not a certificate\n").expect("write");
     let not_pem_key = dir.join("not-a-key.key");
     std::fs::write(&not_pem_key, "neither is this a key\n").expect("write");
-    type BreakConfig<'a> = Box<dyn Fn(&mut slb_tests::http::L7Config) + 'a>;
+    type BreakConfig<'a> = Box<dyn Fn(&mut slb_tests::SlbConfig) + 'a>;
     let variants: Vec<(&str, BreakConfig, &Path)> = vec![
         (
             "a missing certificate file",

@@ -11,7 +11,8 @@ use std::io::{Read as _, Write as _};
 use std::time::{Duration, Instant};
 
 use http_common::{client_builder, get, L7Setup};
-use slb_tests::http::{tcp_connect_in, vip_http, L7Listener, HTTP_PORT};
+use slb_tests::config::http_listener;
+use slb_tests::http::{tcp_connect_in, vip_http, HTTP_PORT};
 use slb_tests::{require_root, SlbDaemon, VIP};
 
 /// The `[[groups]]` table named `name` of a config.
@@ -87,7 +88,7 @@ fn http_backend_connections_are_capped_then_queued_then_refused() {
         1,
         |c, _| {
             c.group("pool", &[(1, 1)]);
-            c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+            c.listener(http_listener("web", HTTP_PORT, "pool"));
         },
         |t| {
             let pool = group_table(t, "pool");
@@ -174,7 +175,7 @@ fn http_client_that_stops_reading_is_cut_off_and_the_backend_released() {
         1,
         |c, _| {
             c.group("pool", &[(1, 1)]);
-            c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+            c.listener(http_listener("web", HTTP_PORT, "pool"));
         },
         |t| {
             listener_table(t, "web").insert("client_timeout".into(), "1s".into());
@@ -247,7 +248,7 @@ fn http2_stream_the_client_stops_reading_is_cut_off_and_the_backend_released() {
         1,
         |c, _| {
             c.group("pool", &[(1, 1)]);
-            c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+            c.listener(http_listener("web", HTTP_PORT, "pool"));
         },
         |t| {
             listener_table(t, "web").insert("client_timeout".into(), "1s".into());
@@ -353,8 +354,8 @@ fn http_upload_longer_than_backend_timeout_succeeds_but_a_stalled_one_gets_408()
         1,
         |c, _| {
             c.group("pool", &[(1, 1)]);
-            let mut web = L7Listener::http("web", HTTP_PORT, "pool");
-            web.backend_timeout = Some("1s".to_owned());
+            let mut web = http_listener("web", HTTP_PORT, "pool");
+            web.backend_timeout = Duration::from_secs(1);
             c.listener(web);
         },
         |t| {
@@ -397,9 +398,9 @@ fn http_request_looping_back_through_a_backend_gets_508() {
     require_root("http_request_looping_back_through_a_backend_gets_508");
     let setup = L7Setup::start("h7loop", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
-        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
+        let mut web = http_listener("web", HTTP_PORT, "pool");
         // Without the marker the loop ends only when the first hop times out.
-        web.backend_timeout = Some("3s".to_owned());
+        web.backend_timeout = Duration::from_secs(3);
         c.listener(web);
     });
     let client = client_builder(&[], vip_http(), Duration::from_secs(10))
@@ -469,7 +470,7 @@ fn http_out_of_file_descriptors_is_slbs_own_503_not_a_backend_failure() {
     require_root("http_out_of_file_descriptors_is_slbs_own_503_not_a_backend_failure");
     let setup = L7Setup::start("h7emfile", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
-        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+        c.listener(http_listener("web", HTTP_PORT, "pool"));
     });
     let pid = setup.daemon.pid().expect("daemon pid");
     // No request has been made, so the pool holds no backend connection: the next request

@@ -12,8 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_common::{client_builder, get, L7Setup, TestPki};
-use slb_tests::http::{read_access_log, vip_http, vip_https, L7Listener, HTTPS_PORT, HTTP_PORT};
-use slb_tests::slb::{applied_state, BackendConfig, GroupConfig, HealthCheckConfig};
+use slb_tests::config::{
+    backend, group, health_check, http_listener, https_listener, BackendSpec, CheckKind, GroupKind,
+};
+use slb_tests::http::{read_access_log, vip_http, vip_https, HTTPS_PORT, HTTP_PORT};
+use slb_tests::slb::applied_state;
 use slb_tests::{require_root, SlbDaemon, Topology, VIP};
 
 const INTERVAL: Duration = Duration::from_millis(300);
@@ -78,9 +81,9 @@ fn http_health_check_fails_over_and_503_when_none_is_left() {
     require_root("http_health_check_fails_over_and_503_when_none_is_left");
     let mut setup = L7Setup::start("h7fail", 3, |c, _| {
         c.group("pool", &[(1, 1), (2, 1), (3, 1)]);
-        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
-        let mut check = HealthCheckConfig::new(
-            "http",
+        let mut web = http_listener("web", HTTP_PORT, "pool");
+        let mut check = health_check(
+            CheckKind::Http,
             INTERVAL,
             CHECK_TIMEOUT,
             HEALTHY_THRESHOLD,
@@ -295,18 +298,18 @@ fn http_slow_backend_504_and_refused_backend_502() {
     let setup = L7Setup::start("h7gw", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
         // Backend 1's host, on a port nothing listens on.
-        c.groups.push(GroupConfig {
-            name: "dead".to_owned(),
-            kind: None,
-            backends: vec![BackendConfig {
-                port: 9,
-                ..BackendConfig::backend(1, 1)
+        c.groups.push(group(
+            "dead",
+            GroupKind::Vserver,
+            vec![BackendSpec {
+                port: Some(9),
+                ..backend(1, 1)
             }],
-        });
-        let mut slow = L7Listener::http("slow", HTTP_PORT, "pool");
-        slow.backend_timeout = Some("500ms".to_owned());
+        ));
+        let mut slow = http_listener("slow", HTTP_PORT, "pool");
+        slow.backend_timeout = Duration::from_millis(500);
         c.listener(slow);
-        c.listener(L7Listener::http("dead", HTTP_PORT + 1, "dead"));
+        c.listener(http_listener("dead", HTTP_PORT + 1, "dead"));
     });
     let client = client_builder(&[], vip_http(), Duration::from_secs(10))
         .build()
@@ -373,14 +376,14 @@ fn https_health_verdicts_apply_while_the_certificate_files_are_gone() {
     let mut setup = L7Setup::start("h7verd", 2, |c, dir| {
         let p = TestPki::generate(dir, &[DOMAIN]);
         c.group("pool", &[(1, 1), (2, 1)]);
-        let mut secure = L7Listener::https(
+        let mut secure = https_listener(
             "secure",
             HTTPS_PORT,
             "pool",
             vec![p.certificate_config(DOMAIN)],
         );
-        secure.health_check = Some(HealthCheckConfig::new(
-            "tcp",
+        secure.health_check = Some(health_check(
+            CheckKind::Tcp,
             INTERVAL,
             CHECK_TIMEOUT,
             HEALTHY_THRESHOLD,

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use http_common::{client_builder, get, send, L7Setup, TestPki};
-use slb_tests::http::{vip_http, vip_https, L7Listener, HTTPS_PORT, HTTP_PORT};
+use slb_tests::config::{http_listener, https_listener};
+use slb_tests::http::{vip_http, vip_https, HTTPS_PORT, HTTP_PORT};
 use slb_tests::{require_root, CLIENT_ADDR};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -23,7 +24,7 @@ fn https_sni_picks_the_certificate_and_alpn_the_protocol() {
     let setup = L7Setup::start("h7tls", 2, |c, dir| {
         let p = TestPki::generate(dir, &[A, B]);
         c.group("pool", &[(1, 1), (2, 1)]);
-        c.listener(L7Listener::https(
+        c.listener(https_listener(
             "secure",
             HTTPS_PORT,
             "pool",
@@ -150,7 +151,7 @@ fn http_websocket_echo_through_the_listener() {
     require_root("http_websocket_echo_through_the_listener");
     let setup = L7Setup::start("h7ws", 2, |c, _| {
         c.group("pool", &[(1, 1), (2, 1)]);
-        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+        c.listener(http_listener("web", HTTP_PORT, "pool"));
     });
     let results = setup.client.run(async move {
         let mut results = Vec::new();
@@ -219,7 +220,7 @@ fn http_response_body_streams() {
     require_root("http_response_body_streams");
     let setup = L7Setup::start("h7strm", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
-        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+        c.listener(http_listener("web", HTTP_PORT, "pool"));
     });
     let client = client_builder(&[], vip_http(), Duration::from_secs(20))
         .build()
@@ -335,7 +336,7 @@ fn https_serves_http10_only_clients_and_picks_the_cipher_in_its_own_order() {
     let setup = L7Setup::start("h7alpn", 1, |c, dir| {
         let p = TestPki::generate(dir, &[A]);
         c.group("pool", &[(1, 1)]);
-        c.listener(L7Listener::https(
+        c.listener(https_listener(
             "secure",
             HTTPS_PORT,
             "pool",
@@ -383,7 +384,7 @@ fn http_header_limit_is_the_same_over_http1_and_http2() {
     require_root("http_header_limit_is_the_same_over_http1_and_http2");
     let setup = L7Setup::start("h7hdr", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
-        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+        c.listener(http_listener("web", HTTP_PORT, "pool"));
     });
     let h1 = client_builder(&[], vip_http(), TIMEOUT)
         .http1_only()
@@ -434,9 +435,9 @@ fn https_renegotiation_attempts_are_counted_not_logged_one_by_one() {
         let p = TestPki::generate(dir, &[A]);
         c.group("pool", &[(1, 1)]);
         let mut secure =
-            L7Listener::https("secure", HTTPS_PORT, "pool", vec![p.certificate_config(A)]);
+            https_listener("secure", HTTPS_PORT, "pool", vec![p.certificate_config(A)]);
         // A connection that sends no request is closed after this: that ends each attempt.
-        secure.header_timeout = Some("1s".to_owned());
+        secure.header_timeout = Duration::from_secs(1);
         c.listener(secure);
         pki = Some(p);
     });

@@ -11,7 +11,8 @@ use http_body_util::{BodyExt as _, Empty};
 use http_common::L7Setup;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use slb_tests::http::{read_access_log, vip_http, Echo, L7Listener, RuleConfig, HTTP_PORT};
+use slb_tests::config::{domain_rule, http_listener, path_rule};
+use slb_tests::http::{read_access_log, vip_http, Echo, HTTP_PORT};
 use slb_tests::require_root;
 
 const HOST: &str = "app.example.test";
@@ -77,14 +78,14 @@ fn http_reload_keeps_connections_and_applies_new_rules() {
         c.group("pool", &[(3, 1)])
             .group("api", &[(1, 1)])
             .group("img", &[(2, 1)]);
-        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
-        web.rules = vec![RuleConfig::path("/svc", "api")];
+        let mut web = http_listener("web", HTTP_PORT, "pool");
+        web.rules = vec![path_rule("/svc", "api")];
         c.listener(web);
     });
     let mut new_config = setup.config.clone();
     new_config.listener_mut("web").rules = vec![
-        RuleConfig::path("/svc", "img"),
-        RuleConfig::domain("other.example.test", "api"),
+        path_rule("/svc", "img"),
+        domain_rule("other.example.test", "api"),
     ];
 
     // Connection A: one request, then idle (keep-alive) through the reload.

@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use http_common::{client_builder, count_backends, get, send, Answer, L7Setup};
-use slb_tests::http::{read_access_log, vip_http, CookieConfig, L7Listener, RuleConfig, HTTP_PORT};
+use slb_tests::config::{domain_rule, http_listener, path_rule, CookiePersistence, Scheduler};
+use slb_tests::http::{read_access_log, vip_http, HTTP_PORT};
 use slb_tests::{require_root, Distribution, CLIENT_ADDR, VIP};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,11 +24,11 @@ fn http_rules_route_by_domain_and_path() {
         c.group("pool", &[(3, 1)])
             .group("api", &[(1, 1)])
             .group("img", &[(2, 1)]);
-        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
+        let mut web = http_listener("web", HTTP_PORT, "pool");
         web.rules = vec![
-            RuleConfig::domain("api.example.test", "api"),
-            RuleConfig::domain("*.img.example.test", "img"),
-            RuleConfig::path("/static", "api"),
+            domain_rule("api.example.test", "api"),
+            domain_rule("*.img.example.test", "img"),
+            path_rule("/static", "api"),
         ];
         c.listener(web);
     });
@@ -141,10 +142,7 @@ fn http_rules_route_by_domain_and_path() {
             Some(format!("10.200.{}.2:8080", 10 + backend_idx).as_str()),
             "{line:?}"
         );
-        assert!(
-            line.client.ip() == CLIENT_ADDR,
-            "{line:?}"
-        );
+        assert!(line.client.ip() == CLIENT_ADDR, "{line:?}");
     }
     println!(
         "access log: {} lines, e.g. {:?}",
@@ -161,7 +159,7 @@ fn http_weighted_round_robin_spreads_by_weight() {
     require_root("http_weighted_round_robin_spreads_by_weight");
     let setup = L7Setup::start("h7wrr", 3, |c, _| {
         c.group("pool", &[(1, 1), (2, 2), (3, 3)]);
-        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+        c.listener(http_listener("web", HTTP_PORT, "pool"));
     });
     let n = 3000;
     let workers = 8;
@@ -232,13 +230,13 @@ fn http_cookie_insert_and_rewrite_keep_sessions() {
     require_root("http_cookie_insert_and_rewrite_keep_sessions");
     let setup = L7Setup::start("h7cookie", 3, |c, _| {
         c.group("pool", &[(1, 1), (2, 1), (3, 1)]);
-        let mut insert = L7Listener::http("insert", HTTP_PORT, "pool");
-        insert.cookie = Some(CookieConfig::Insert {
-            timeout: "10m".to_owned(),
+        let mut insert = http_listener("insert", HTTP_PORT, "pool");
+        insert.cookie = Some(CookiePersistence::Insert {
+            timeout: Duration::from_secs(600),
         });
         c.listener(insert);
-        let mut rewrite = L7Listener::http("rewrite", HTTP_PORT + 1, "pool");
-        rewrite.cookie = Some(CookieConfig::Rewrite {
+        let mut rewrite = http_listener("rewrite", HTTP_PORT + 1, "pool");
+        rewrite.cookie = Some(CookiePersistence::Rewrite {
             name: "SESSIONID".to_owned(),
         });
         c.listener(rewrite);
@@ -377,9 +375,9 @@ fn http_forwarded_headers_reach_the_backend() {
     require_root("http_forwarded_headers_reach_the_backend");
     let setup = L7Setup::start("h7fwd", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
-        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
-        let mut plain = L7Listener::http("plain", HTTP_PORT + 1, "pool");
-        plain.forwarded_headers = Some(false);
+        c.listener(http_listener("web", HTTP_PORT, "pool"));
+        let mut plain = http_listener("plain", HTTP_PORT + 1, "pool");
+        plain.forwarded_headers = false;
         c.listener(plain);
     });
     let host = "www.example.test";
@@ -450,8 +448,8 @@ fn http_weighted_least_connections_avoids_the_busier_backend() {
     require_root("http_weighted_least_connections_avoids_the_busier_backend");
     let setup = L7Setup::start("h7wlc", 2, |c, _| {
         c.group("pool", &[(1, 1), (2, 1)]);
-        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
-        web.scheduler = Some("wlc".to_owned());
+        let mut web = http_listener("web", HTTP_PORT, "pool");
+        web.scheduler = Scheduler::Wlc;
         c.listener(web);
     });
     let client = client_builder(&[], vip_http(), TIMEOUT)
@@ -523,11 +521,11 @@ fn http_cookie_tokens_are_keyed_by_the_cookie_secret() {
     let mut setup = L7Setup::start("h7ckey", 1, |c, dir| {
         std::fs::write(dir.join("secret-a"), "the first node secret, 32 bytes\n").unwrap();
         std::fs::write(dir.join("secret-b"), "another node secret, of 32 bytes\n").unwrap();
-        c.cookie_secret_file = Some(dir.join("secret-a"));
+        c.cookie_secret_file = dir.join("secret-a");
         c.group("pool", &[(1, 1)]);
-        let mut insert = L7Listener::http("insert", HTTP_PORT, "pool");
-        insert.cookie = Some(CookieConfig::Insert {
-            timeout: "10m".to_owned(),
+        let mut insert = http_listener("insert", HTTP_PORT, "pool");
+        insert.cookie = Some(CookiePersistence::Insert {
+            timeout: Duration::from_secs(600),
         });
         c.listener(insert);
     });
@@ -551,14 +549,14 @@ fn http_cookie_tokens_are_keyed_by_the_cookie_secret() {
     };
     let with_a = token(&setup);
     let dir = setup.dir.path().to_owned();
-    setup.config.cookie_secret_file = Some(dir.join("secret-b"));
+    setup.config.cookie_secret_file = dir.join("secret-b");
     setup
         .daemon
         .write_config_text(&setup.config.to_toml())
         .expect("write config");
     setup.daemon.reload().expect("reload with secret B");
     let with_b = token(&setup);
-    setup.config.cookie_secret_file = Some(dir.join("secret-a"));
+    setup.config.cookie_secret_file = dir.join("secret-a");
     setup
         .daemon
         .write_config_text(&setup.config.to_toml())

@@ -11,9 +11,8 @@ use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use http_common::{raw_exchange, L7Setup, RecordingBackend};
-use slb_tests::http::{
-    read_access_log, tcp_connect_in, vip_http, L7Listener, RuleConfig, HTTP_PORT,
-};
+use slb_tests::config::{http_listener, path_rule};
+use slb_tests::http::{read_access_log, tcp_connect_in, vip_http, HTTP_PORT};
 use slb_tests::require_root;
 
 const ANSWER_WITHIN: Duration = Duration::from_secs(3);
@@ -23,7 +22,7 @@ fn http_host_headers_and_request_targets_slb_does_not_forward() {
     require_root("http_host_headers_and_request_targets_slb_does_not_forward");
     let setup = L7Setup::start("h7sem", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
-        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+        c.listener(http_listener("web", HTTP_PORT, "pool"));
     });
     let ns = setup.topo.client_ns().to_owned();
     let cases: [(&str, &[u8], &str); 8] = [
@@ -87,8 +86,8 @@ fn http_request_head_as_the_backend_gets_it() {
     require_root("http_request_head_as_the_backend_gets_it");
     let mut setup = L7Setup::start("h7head", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
-        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
-        web.forwarded_headers = Some(true);
+        let mut web = http_listener("web", HTTP_PORT, "pool");
+        web.forwarded_headers = true;
         c.listener(web);
     });
     setup.backends.stop(1).expect("stop slb-http-backend");
@@ -159,8 +158,8 @@ fn http_path_rules_match_the_normalised_path() {
     let setup = L7Setup::start("h7norm", 2, |c, _| {
         c.group("pool", &[(1, 1)]);
         c.group("static", &[(2, 1)]);
-        let mut web = L7Listener::http("web", HTTP_PORT, "pool");
-        web.rules = vec![RuleConfig::path("/static", "static")];
+        let mut web = http_listener("web", HTTP_PORT, "pool");
+        web.rules = vec![path_rule("/static", "static")];
         c.listener(web);
     });
     let ns = setup.topo.client_ns().to_owned();
@@ -198,7 +197,7 @@ fn http_broken_request_bodies_are_the_clients_errors() {
     require_root("http_broken_request_bodies_are_the_clients_errors");
     let setup = L7Setup::start("h7body", 1, |c, _| {
         c.group("pool", &[(1, 1)]);
-        c.listener(L7Listener::http("web", HTTP_PORT, "pool"));
+        c.listener(http_listener("web", HTTP_PORT, "pool"));
     });
     let ns = setup.topo.client_ns().to_owned();
     // The backend waits before it reads anything, so the body breaks while it is forwarded.

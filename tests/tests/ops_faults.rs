@@ -10,9 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use slb_tests::slb::{
-    pin_dir, slb_binary, state_dir, unique_instance, InterfaceConfig, InterfaceState,
-};
+use slb_tests::config::{AttachMode, Interface};
+use slb_tests::slb::{pin_dir, slb_binary, state_dir, unique_instance, InterfaceState};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::{in_netns, require_root, vip_tcp, SlbConfig, SlbDaemon, Topology, TrafficOptions};
 
@@ -435,13 +434,13 @@ fn rejected_reload_attaches_nothing() {
 
     // Sorted before the missing one, so attaching in order would reach it first.
     let mut next = config.clone();
-    next.interfaces.push(InterfaceConfig {
+    next.interfaces.push(Interface {
         name: NEW.into(),
-        mode: Some("generic".into()),
+        mode: AttachMode::Generic,
     });
-    next.interfaces.push(InterfaceConfig {
+    next.interfaces.push(Interface {
         name: "zz-missing".into(),
-        mode: Some("generic".into()),
+        mode: AttachMode::Generic,
     });
     daemon.write_config(&next).expect("write the config");
     let out = daemon

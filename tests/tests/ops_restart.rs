@@ -13,12 +13,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ops_common::{
-    backend_new_connections, has_xdp, link_show, listener_new_connections, pin_dir, Instance, ADOPT_LINE,
+    backend_new_connections, has_xdp, link_show, listener_new_connections, pin_dir, Instance,
+    ADOPT_LINE,
 };
-use slb_tests::slb::{
-    slb_binary, state_dir, status_backend, unique_instance, unix_ns_now, HealthCheckConfig, Status,
-    TCP_LISTENER,
-};
+use slb_tests::config::{health_check, CheckKind, TCP_LISTENER};
+use slb_tests::slb::{slb_binary, state_dir, status_backend, unique_instance, unix_ns_now, Status};
 use slb_tests::traffic::{tcp_connections, Attempt, ConnectionLoop};
 use slb_tests::{require_root, vip_tcp, LongLivedStreams, SlbConfig, Topology, TrafficOptions};
 
@@ -132,8 +131,8 @@ fn restart_keeps_connections() {
         .build()
         .expect("create topology");
     let mut config = SlbConfig::standard(&unique_instance("rst"), &[1, 1, 1]);
-    config.listener_mut(TCP_LISTENER).health_check = Some(HealthCheckConfig::new(
-        "tcp",
+    config.listener_mut(TCP_LISTENER).health_check = Some(health_check(
+        CheckKind::Tcp,
         Duration::from_millis(200),
         Duration::from_millis(200),
         2,
@@ -418,7 +417,7 @@ fn restart_refuses_incompatible_pins() {
 
     // Another ring size: RINGS would not fit.
     let mut other = config.clone();
-    other.maglev_table_size = Some(1009);
+    other.maglev_table_size = 1009;
     inst.write_config(&other.to_toml()).expect("write config");
     let started = Instant::now();
     inst.spawn(KEEP, &[])

@@ -8,9 +8,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use slb_tests::slb::{
-    slb_binary, status_listener, unique_instance, ListenerConfig, PersistenceConfig, Status,
-};
+use slb_tests::config::{listener, Persistence, Protocol};
+use slb_tests::slb::{slb_binary, status_listener, unique_instance, Status};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::SECOND_BACKEND_PORT;
 use slb_tests::{
@@ -18,7 +17,7 @@ use slb_tests::{
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
-const TCP_LISTENER: &str = slb_tests::slb::TCP_LISTENER;
+const TCP_LISTENER: &str = slb_tests::config::TCP_LISTENER;
 const STICKY: &str = "sticky";
 const STICKY_PORT: u16 = 81;
 const CONNECTIONS: usize = 1200;
@@ -106,9 +105,9 @@ fn stats_prometheus_and_distribution_report() {
     let weights = [1, 2, 3];
     let mut config = SlbConfig::standard(&unique_instance("stats"), &weights);
     let second = config.add_second_pool();
-    let mut sticky = ListenerConfig::new(STICKY, "tcp", STICKY_PORT, Some(second));
-    sticky.persistence = Some(PersistenceConfig {
-        timeout: "60s".into(),
+    let mut sticky = listener(STICKY, Protocol::Tcp, STICKY_PORT, Some(second));
+    sticky.persistence = Some(Persistence {
+        timeout: Duration::from_secs(60),
     });
     config.listeners.push(sticky);
     let (daemon, port) =

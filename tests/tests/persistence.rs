@@ -3,10 +3,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::time::Duration;
 
-use slb_tests::slb::{
-    slb_binary, unique_instance, ListenerConfig, PersistenceConfig, TCP_LISTENER,
-};
+use slb_tests::config::{listener, Persistence, Protocol, TCP_LISTENER};
+use slb_tests::slb::{slb_binary, unique_instance};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::{
     require_root, vip_tcp, Distribution, SlbConfig, SlbDaemon, Topology, TrafficOptions, VIP,
@@ -31,13 +31,13 @@ fn persistence_pins_a_client_address() {
         .build()
         .expect("create topology");
     let mut config = SlbConfig::standard(&unique_instance("pers"), &weights);
-    config.listener_mut(TCP_LISTENER).persistence = Some(PersistenceConfig {
-        timeout: "60s".to_owned(),
+    config.listener_mut(TCP_LISTENER).persistence = Some(Persistence {
+        timeout: Duration::from_secs(60),
     });
     // The second listener: the same servers and weights, no persistence (replaces the UDP
     // listener).
     let second = config.add_second_pool();
-    config.listeners[1] = ListenerConfig::new("tcp-spread", "tcp", SPREAD_PORT, Some(second));
+    config.listeners[1] = listener("tcp-spread", Protocol::Tcp, SPREAD_PORT, Some(second));
     let pool = config.pool_weights();
     let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");
 

@@ -235,21 +235,9 @@ fn syn_flood_keeps_established_connections() {
         .build()
         .expect("create topology");
     let instance = unique_instance("synf");
-    let mut config = SlbConfig::standard(&instance, &[1, 1, 1]).to_toml_value();
-    config
-        .as_table_mut()
-        .expect("the config is a table")
-        .insert(
-            "max_connections".to_owned(),
-            toml::Value::Integer(i64::from(MAX_CONNECTIONS)),
-        );
-    let daemon = SlbDaemon::start_toml(
-        &slb,
-        topo.slb_ns(),
-        &instance,
-        &toml::to_string(&config).expect("render the config"),
-    )
-    .expect("start slb");
+    let mut config = SlbConfig::standard(&instance, &[1, 1, 1]);
+    config.max_connections = MAX_CONNECTIONS;
+    let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");
     let client = topo.client_ns().to_owned();
     // The SYN-ACKs to the spoofed sources go back toward the client side, as they would toward
     // the internet: the data plane translates and forwards them, and the client namespace

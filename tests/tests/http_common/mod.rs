@@ -11,11 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use slb_tests::http::{
-    add_local_vip, tcp_connect_in, vip_http, Echo, HttpBackends, L7Config, NetnsRuntime,
-};
+use slb_tests::config::Certificate;
+use slb_tests::http::{add_local_vip, tcp_connect_in, vip_http, Echo, HttpBackends, NetnsRuntime};
 use slb_tests::slb::{slb_binary, unique_instance};
-use slb_tests::{SlbDaemon, Topology, BACKEND_PORT};
+use slb_tests::{SlbConfig, SlbDaemon, Topology, BACKEND_PORT};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 pub const BACKEND: &str = env!("CARGO_BIN_EXE_slb-http-backend");
@@ -27,7 +26,7 @@ pub struct L7Setup {
     pub backends: HttpBackends,
     pub client: NetnsRuntime,
     pub topo: Topology,
-    pub config: L7Config,
+    pub config: SlbConfig,
     /// Access log, certificates and other files of the test.
     pub dir: tempfile::TempDir,
 }
@@ -40,17 +39,17 @@ impl L7Setup {
     pub fn start(
         tag: &str,
         backends: usize,
-        make_config: impl FnOnce(&mut L7Config, &Path),
+        make_config: impl FnOnce(&mut SlbConfig, &Path),
     ) -> L7Setup {
         Self::start_edited(tag, backends, make_config, |_| {})
     }
 
     /// [`start`](Self::start), with the config's TOML edited by `edit_toml` before slb reads
-    /// it (for settings [`L7Config`] does not model).
+    /// it (for values [`SlbConfig`] cannot hold).
     pub fn start_edited(
         tag: &str,
         backends: usize,
-        make_config: impl FnOnce(&mut L7Config, &Path),
+        make_config: impl FnOnce(&mut SlbConfig, &Path),
         edit_toml: impl FnOnce(&mut toml::Table),
     ) -> L7Setup {
         let dir = tempfile::Builder::new()
@@ -65,14 +64,15 @@ impl L7Setup {
         add_local_vip(&topo).expect("put the VIP on lo in the slb namespace");
         let http_backends =
             HttpBackends::start_all(&topo, Path::new(BACKEND)).expect("start HTTP backends");
-        let mut config = L7Config::new(&unique_instance(tag), backends);
-        config.access_log = Some(dir.path().join("access.log"));
-        config.cookie_secret_file = Some(dir.path().join("cookie-secret"));
+        let mut config = SlbConfig::new(&unique_instance(tag), backends);
+        config.access_log(dir.path().join("access.log"));
+        // slb's default is a file of the machine's (/var/lib/slb): tests keep theirs apart.
+        config.cookie_secret_file = dir.path().join("cookie-secret");
         make_config(&mut config, dir.path());
         let mut table: toml::Table = config.to_toml().parse().expect("the config is TOML");
         edit_toml(&mut table);
         let text = table.to_string();
-        let daemon = SlbDaemon::start_toml(&slb_binary(), topo.slb_ns(), &config.instance, &text)
+        let daemon = SlbDaemon::start_toml(&slb_binary(), topo.slb_ns(), config.instance(), &text)
             .unwrap_or_else(|e| panic!("start slb: {e:#}\nconfig:\n{text}"));
         let client = NetnsRuntime::new(topo.client_ns()).expect("client runtime");
         L7Setup {
@@ -223,9 +223,9 @@ impl TestPki {
     }
 
     /// `certificates` entry serving `domain` with its own certificate.
-    pub fn certificate_config(&self, domain: &str) -> slb_tests::http::CertificateConfig {
+    pub fn certificate_config(&self, domain: &str) -> Certificate {
         let (cert, key, _) = &self.leaves[domain];
-        slb_tests::http::CertificateConfig {
+        Certificate {
             cert: cert.clone(),
             key: key.clone(),
             domains: vec![domain.to_owned()],

@@ -16,12 +16,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _};
 use serde::Deserialize;
 use serde_json::json;
+use slb_tests::config::{http_listener, Scheduler};
 use slb_tests::exec::ChildGuard;
-use slb_tests::http::{
-    add_local_vip, tcp_connect_in, vip_http, Echo, HttpBackends, L7Config, L7Listener, HTTP_PORT,
-};
+use slb_tests::http::{add_local_vip, tcp_connect_in, vip_http, Echo, HttpBackends, HTTP_PORT};
 use slb_tests::slb::unique_instance;
-use slb_tests::{SlbDaemon, Topology, BACKEND_PORT, CLIENT_ADDR, VIP};
+use slb_tests::{SlbConfig, SlbDaemon, Topology, BACKEND_PORT, CLIENT_ADDR, VIP};
 
 use super::{
     busy_between, clock_ticks_per_sec, cpu_jiffies, pin_process, pinned_in,
@@ -300,12 +299,12 @@ fn wait_accepting(topo: &Topology, name: &str, process: &mut ChildGuard) -> anyh
 
 /// slb's config: one HTTP listener over the three backends, weighted round robin, no health
 /// check, no access log, forwarded headers on (the default, spelled out).
-fn slb_config(topo: &Topology) -> L7Config {
-    let mut config = L7Config::new(&unique_instance("bhttp"), topo.backend_count());
+fn slb_config(topo: &Topology) -> SlbConfig {
+    let mut config = SlbConfig::new(&unique_instance("bhttp"), topo.backend_count());
     let backends: Vec<(usize, u32)> = (1..=topo.backend_count()).map(|i| (i, WEIGHT)).collect();
-    let mut listener = L7Listener::http("web", HTTP_PORT, "pool");
-    listener.scheduler = Some("wrr".to_owned());
-    listener.forwarded_headers = Some(true);
+    let mut listener = http_listener("web", HTTP_PORT, "pool");
+    listener.scheduler = Scheduler::Wrr;
+    listener.forwarded_headers = true;
     config.group("pool", &backends).listener(listener);
     config
 }
