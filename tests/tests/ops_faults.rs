@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use slb_tests::config::{AttachMode, Interface};
-use slb_tests::slb::{pin_dir, slb_binary, state_dir, unique_instance, InterfaceState};
+use slb_tests::slb::{pin_dir, slb_binary, state_dir, unique_instance, Instance, InterfaceState};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::{in_netns, require_root, vip_tcp, SlbConfig, SlbDaemon, Topology, TrafficOptions};
 
@@ -81,7 +81,8 @@ fn second_daemon_for_an_instance_is_refused() {
     let instance = daemon.instance().to_owned();
     let pid = daemon.pid().expect("the daemon runs");
     let socket = state_dir(&instance).join("admin.sock");
-    // The state file (what start waits for) is written just before the socket is bound.
+    // Start waits until the daemon is ready, which it is once the socket is bound; checked
+    // anyway, as what follows depends on it.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !socket.exists() {
         assert!(
@@ -482,24 +483,6 @@ fn rejected_reload_attaches_nothing() {
     let _ = topo.exec_in(topo.slb_ns(), ["ip", "link", "del", NEW]);
 }
 
-/// Runs `slb stop -i <instance>` on drop, so pins a `--keep-serving` daemon leaves do not
-/// outlive a failed test.
-struct StopOnDrop<'a> {
-    slb: &'a Path,
-    netns: &'a str,
-    instance: &'a str,
-}
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        if pin_dir(self.instance).exists() {
-            let _ = slb_command(self.slb, self.netns)
-                .args(["stop", "-i", self.instance])
-                .output();
-        }
-    }
-}
-
 /// Deletes backend 1's veth pair (`s1` in the slb namespace, `b0` in the backend's) and
 /// creates it again: same names, new devices.
 fn flap_backend_link(topo: &Topology) {
@@ -555,8 +538,8 @@ fn create_backend_link(topo: &Topology) {
 }
 
 /// `interface_states` entry of `iface` in `slb status --json`.
-fn interface_state(daemon: &SlbDaemon, iface: &str) -> InterfaceState {
-    let status = daemon.status().expect("slb status --json");
+fn interface_state(inst: &Instance, iface: &str) -> InterfaceState {
+    let status = inst.status().expect("slb status --json");
     status
         .interface_states
         .iter()
@@ -598,30 +581,23 @@ fn interface_flap_is_noticed_and_reattached() {
         .expect("create topology");
     let config = SlbConfig::standard(&unique_instance("flap"), &[1]);
     let keep = ["--keep-serving"];
-    let daemon = SlbDaemon::start_toml_with(
-        &slb,
-        topo.slb_ns(),
-        &config.instance,
-        &config.to_toml(),
-        &keep,
-    )
-    .expect("start slb");
-    let instance = daemon.instance().to_owned();
-    let _cleanup = StopOnDrop {
-        slb: &slb,
-        netns: topo.slb_ns(),
-        instance: &instance,
-    };
+    // Declared after the topology: on drop, `slb stop` ends what a failed test left, so pins a
+    // `--keep-serving` daemon leaves do not outlive it.
+    let mut inst = Instance::new(&slb, topo.slb_ns(), &config.instance, &config.to_toml())
+        .expect("write the config")
+        .stop_on_drop();
+    inst.start(&keep, &[]).expect("start slb");
+    let instance = inst.instance.clone();
     traffic_flows(&topo, "before the flap");
-    assert!(interface_state(&daemon, "s1").attached);
+    assert!(interface_state(&inst, "s1").attached);
 
     // Gone: noticed and shown.
     topo.exec_in(topo.slb_ns(), ["ip", "link", "del", "s1"])
         .expect("delete s1");
-    let state = interface_state(&daemon, "s1");
+    let state = interface_state(&inst, "s1");
     assert!(!state.attached, "{state:?}");
     assert_eq!(state.state, "detached: interface gone", "{state:?}");
-    let text = daemon
+    let text = inst
         .cli(["status", "-i", &instance])
         .expect("run slb status");
     assert!(
@@ -633,14 +609,14 @@ fn interface_flap_is_noticed_and_reattached() {
     // (Deleting s1 took b0 with it; this re-creates both.)
     create_backend_link(&topo);
     wait_traffic(&topo, Duration::from_secs(10), "after s1 was re-created");
-    let state = interface_state(&daemon, "s1");
+    let state = interface_state(&inst, "s1");
     assert!(state.attached, "{state:?}");
     assert_eq!(state.history.reattached, 1, "{state:?}");
     let link = topo
         .exec_in(topo.slb_ns(), ["ip", "-d", "link", "show", "s1"])
         .expect("ip link show");
     assert!(link.contains("xdp"), "s1 has no XDP program:\n{link}");
-    let text = daemon
+    let text = inst
         .cli(["status", "-i", &instance])
         .expect("run slb status");
     assert!(
@@ -650,7 +626,9 @@ fn interface_flap_is_noticed_and_reattached() {
     );
 
     // `slb attach` over a link severed while no daemon runs: the pinned program serves again.
-    daemon.stop().expect("stop slb (--keep-serving)");
+    inst.current()
+        .terminate()
+        .expect("stop slb (--keep-serving)");
     flap_backend_link(&topo);
     slb_tests::slb::slb_cli(
         &slb,
@@ -664,18 +642,11 @@ fn interface_flap_is_noticed_and_reattached() {
 
     // A restart over a link severed while no daemon ran.
     flap_backend_link(&topo);
-    let daemon = SlbDaemon::start_toml_with(
-        &slb,
-        topo.slb_ns(),
-        &config.instance,
-        &config.to_toml(),
-        &keep,
-    )
-    .expect("restart slb over the severed link");
+    inst.start(&keep, &[])
+        .expect("restart slb over the severed link");
     wait_traffic(&topo, Duration::from_secs(10), "after the restart");
-    assert!(interface_state(&daemon, "s1").attached);
-    daemon
-        .cli(["stop", "-i", &instance])
+    assert!(interface_state(&inst, "s1").attached);
+    inst.cli(["stop", "-i", &instance])
         .expect("run slb stop")
         .expect_success()
         .expect("slb stop");

@@ -13,11 +13,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ops_common::{
-    backend_new_connections, has_xdp, link_show, listener_new_connections, pin_dir, Instance,
+    backend_new_connections, has_xdp, keep_serving_instance, link_show, listener_new_connections,
     ADOPT_LINE,
 };
 use slb_tests::config::{health_check, CheckKind, TCP_LISTENER};
-use slb_tests::slb::{slb_binary, state_dir, status_backend, unique_instance, unix_ns_now, Status};
+use slb_tests::slb::{
+    pin_dir, slb_binary, state_dir, status_backend, unique_instance, unix_ns_now, Instance, Status,
+    READY_LINE, START_TIMEOUT,
+};
 use slb_tests::traffic::{tcp_connections, Attempt, ConnectionLoop};
 use slb_tests::{require_root, vip_tcp, LongLivedStreams, SlbConfig, Topology, TrafficOptions};
 
@@ -139,8 +142,7 @@ fn restart_keeps_connections() {
         2,
     ));
     // Declared after the topology: dropped (slb stop) before the namespaces go.
-    let mut inst = Instance::new(&slb, topo.slb_ns(), &config.instance, &config.to_toml())
-        .expect("write the config");
+    let mut inst = keep_serving_instance(&slb, topo.slb_ns(), &config.instance, &config.to_toml());
     inst.start(KEEP, &[]).expect("start slb --keep-serving");
     let gen_a = inst.generation().expect("generation of the first run");
     for i in 1..=3 {
@@ -190,7 +192,7 @@ fn restart_keeps_connections() {
     inst.spawn(KEEP, &[]).expect("start the second daemon");
     let spawn_gap = killed_at.elapsed();
     inst.current()
-        .wait_for_log(ops_common::READY_LINE, ops_common::START_TIMEOUT)
+        .wait_for_log(READY_LINE, 1, START_TIMEOUT)
         .expect("second daemon ready");
     let no_daemon_a = killed_at.elapsed();
     let (gap_ok_a, gap_failed_a) = within(&conn_loop.snapshot(), kill_ns, unix_ns_now());
@@ -408,8 +410,7 @@ fn restart_refuses_incompatible_pins() {
         .build()
         .expect("create topology");
     let config = SlbConfig::standard(&unique_instance("rstbad"), &[1, 1]);
-    let mut inst = Instance::new(&slb, topo.slb_ns(), &config.instance, &config.to_toml())
-        .expect("write the config");
+    let mut inst = keep_serving_instance(&slb, topo.slb_ns(), &config.instance, &config.to_toml());
     inst.start(KEEP, &[]).expect("start slb --keep-serving");
     let exit = inst.current().sigterm().expect("SIGTERM");
     assert!(exit.success(), "slb exited with {exit} on SIGTERM");
@@ -424,7 +425,7 @@ fn restart_refuses_incompatible_pins() {
         .expect("start slb with maglev_table_size 1009");
     let exit = inst
         .current()
-        .wait_exit(ops_common::START_TIMEOUT)
+        .wait_exit(START_TIMEOUT)
         .expect("the refusing daemon exits");
     let log = inst.current().log();
     let error = log

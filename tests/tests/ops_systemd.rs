@@ -9,8 +9,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ops_common::{has_xdp, link_show, pin_dir, Instance};
-use slb_tests::slb::{slb_binary, unique_instance};
+use ops_common::{has_xdp, keep_serving_instance, link_show};
+use slb_tests::slb::{pin_dir, slb_binary, unique_instance, EXIT_TIMEOUT, START_TIMEOUT};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::{require_root, vip_tcp, SlbConfig, Topology, TrafficOptions};
 
@@ -135,8 +135,7 @@ fn systemd_unit_and_notify() {
         .build()
         .expect("create topology");
     let config = SlbConfig::standard(&unique_instance("sdn"), &[1, 1]);
-    let mut inst = Instance::new(&slb, topo.slb_ns(), &config.instance, &config.to_toml())
-        .expect("write the config");
+    let mut inst = keep_serving_instance(&slb, topo.slb_ns(), &config.instance, &config.to_toml());
     let socket_path = inst.dir().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
     let link_before = link_show(topo.slb_ns(), "s0");
@@ -145,7 +144,7 @@ fn systemd_unit_and_notify() {
     let started = Instant::now();
     inst.spawn(&[], &[("NOTIFY_SOCKET", socket_path.as_os_str())])
         .expect("start slb");
-    let messages = receive_until(&socket, "READY=1", ops_common::START_TIMEOUT);
+    let messages = receive_until(&socket, "READY=1", START_TIMEOUT);
     // Right when READY arrives: attached, state published.
     let link = link_show(topo.slb_ns(), "s0");
     let state_exists = inst.state_path().exists();
@@ -210,7 +209,7 @@ fn systemd_unit_and_notify() {
     println!("after SIGTERM: {messages:?}");
     let exit = inst
         .current()
-        .wait_exit(ops_common::EXIT_TIMEOUT)
+        .wait_exit(EXIT_TIMEOUT)
         .expect("slb exits on SIGTERM");
     assert!(exit.success(), "slb exited with {exit} on SIGTERM");
     assert!(
