@@ -144,20 +144,38 @@ fn traffic_flows(topo: &Topology, when: &str) {
     );
 }
 
-#[test]
-fn bad_inputs_are_rejected_and_the_running_config_stays() {
-    require_root("bad_inputs_are_rejected_and_the_running_config_stays");
+/// A topology with three backends and slb serving [`good_config`] (its generation, which the
+/// traffic reached the three backends in).
+fn start_good(tag: &str) -> (Topology, SlbDaemon, SlbConfig, u64) {
     let slb = slb_binary();
     let topo = Topology::builder()
-        .tag("bad")
+        .tag(tag)
         .backends(3)
         .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    let good = good_config(&unique_instance("bad"));
-    let mut daemon = SlbDaemon::start(&slb, topo.slb_ns(), &good).expect("start slb");
+    let good = good_config(&unique_instance(tag));
+    let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &good).expect("start slb");
     let generation = daemon.generation().expect("generation");
     traffic_flows(&topo, "with the good config");
+    (topo, daemon, good, generation)
+}
+
+/// After whatever was refused, the daemon still takes a good file, and stops cleanly.
+fn still_takes_a_good_file(mut daemon: SlbDaemon, good: &SlbConfig, generation: u64) {
+    let next = daemon.reload_with(good).expect("reload the good config");
+    assert_eq!(next, generation + 1);
+
+    let exit = daemon.stop().expect("stop slb");
+    assert!(exit.success(), "slb exited with {exit} on SIGTERM");
+}
+
+/// Bad config files: `check-config` refuses each naming the field or group, and the running
+/// daemon refuses it on SIGHUP and keeps serving the old config.
+#[test]
+fn bad_config_files_are_rejected_and_the_running_config_stays() {
+    require_root("bad_config_files_are_rejected_and_the_running_config_stays");
+    let (topo, mut daemon, good, generation) = start_good("badf");
 
     let files = tempfile::tempdir().expect("temp dir");
     for (k, (what, text, needles)) in bad_variants(&good).into_iter().enumerate() {
@@ -202,8 +220,15 @@ fn bad_inputs_are_rejected_and_the_running_config_stays() {
         traffic_flows(&topo, &format!("after SIGHUP with {what}"));
     }
     daemon.write_config(&good).expect("restore the good config");
+    still_takes_a_good_file(daemon, &good, generation);
+}
 
-    // The admin API refuses bad changes, naming the problem.
+/// The admin API refuses bad changes, naming the problem, and the running config stays.
+#[test]
+fn bad_api_changes_are_refused_and_the_running_config_stays() {
+    require_root("bad_api_changes_are_refused_and_the_running_config_stays");
+    let (topo, daemon, good, generation) = start_good("bada");
+
     let b1 = Topology::backend_addr(1).to_string();
     let b3 = Topology::backend_addr(3).to_string();
     let port = BACKEND_PORT.to_string();
@@ -281,11 +306,5 @@ fn bad_inputs_are_rejected_and_the_running_config_stays() {
         "refused changes must not be listed: {status:#?}"
     );
     traffic_flows(&topo, "after the refused API changes");
-
-    // The daemon still takes a good file.
-    let next = daemon.reload_with(&good).expect("reload the good config");
-    assert_eq!(next, generation + 1);
-
-    let exit = daemon.stop().expect("stop slb");
-    assert!(exit.success(), "slb exited with {exit} on SIGTERM");
+    still_takes_a_good_file(daemon, &good, generation);
 }
