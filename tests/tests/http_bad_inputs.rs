@@ -22,33 +22,50 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 const CUT_OFF_WITHIN: Duration = Duration::from_secs(3);
 const REJECTED: &str = "SIGHUP reload rejected, the running config stays";
 
-#[test]
-fn http_malformed_oversized_and_slowloris_requests() {
-    require_root("http_malformed_oversized_and_slowloris_requests");
-    let setup = L7Setup::start("h7bad", 2, |c, _| {
+/// Slb with an HTTP listener (header_timeout 1 s) over two backends.
+fn start(tag: &str) -> L7Setup {
+    L7Setup::start(tag, 2, |c, _| {
         c.group("pool", &[(1, 1), (2, 1)]);
         let mut web = http_listener("web", HTTP_PORT, "pool");
         web.header_timeout = Duration::from_secs(1);
         c.listener(web);
-    });
-    let ns = setup.topo.client_ns().to_owned();
-    let connect = || tcp_connect_in(&ns, vip_http(), Duration::from_secs(3)).expect("connect");
-    let client = client_builder(&[], vip_http(), Duration::from_secs(3))
+    })
+}
+
+/// A client of the HTTP listener that stands for the other clients, which must be served.
+fn other_client() -> reqwest::Client {
+    client_builder(&[], vip_http(), Duration::from_secs(3))
         .build()
-        .expect("client");
-    let check_served = |what: &str| {
-        let client = client.clone();
-        let a = setup.client.run(async move {
-            get(&client, &format!("http://{VIP}:{HTTP_PORT}/ok"))
-                .await
-                .expect("GET")
-        });
-        assert_eq!(a.status, 200, "{what}: another client is not served");
-        println!(
-            "{what}: another client still gets 200 from {:?}",
-            a.backend()
-        );
-    };
+        .expect("client")
+}
+
+/// A raw connection to the HTTP listener from the client namespace.
+fn connect(setup: &L7Setup) -> TcpStream {
+    tcp_connect_in(setup.topo.client_ns(), vip_http(), Duration::from_secs(3)).expect("connect")
+}
+
+/// Another client is still served (200).
+fn check_served(setup: &L7Setup, client: &reqwest::Client, what: &str) {
+    let client = client.clone();
+    let a = setup.client.run(async move {
+        get(&client, &format!("http://{VIP}:{HTTP_PORT}/ok"))
+            .await
+            .expect("GET")
+    });
+    assert_eq!(a.status, 200, "{what}: another client is not served");
+    println!(
+        "{what}: another client still gets 200 from {:?}",
+        a.backend()
+    );
+}
+
+#[test]
+fn http_malformed_request_lines_get_400() {
+    require_root("http_malformed_request_lines_get_400");
+    let setup = start("h7mal");
+    let client = other_client();
+    let connect = || connect(&setup);
+    let check_served = |what: &str| check_served(&setup, &client, what);
 
     // Malformed request lines.
     for (what, request) in [
@@ -81,6 +98,15 @@ fn http_malformed_oversized_and_slowloris_requests() {
         );
         check_served(what);
     }
+}
+
+#[test]
+fn http_oversized_headers_get_431() {
+    require_root("http_oversized_headers_get_431");
+    let setup = start("h7big");
+    let client = other_client();
+    let connect = || connect(&setup);
+    let check_served = |what: &str| check_served(&setup, &client, what);
 
     // 100 KiB of headers, past the 64 KiB limit. The sender runs on its own thread: the
     // proxy may stop reading (and reset) once it has refused the request.
@@ -108,6 +134,14 @@ fn http_malformed_oversized_and_slowloris_requests() {
         out.end
     );
     check_served("after oversized headers");
+}
+
+#[test]
+fn http_slowloris_clients_are_cut_off_after_header_timeout() {
+    require_root("http_slowloris_clients_are_cut_off_after_header_timeout");
+    let setup = start("h7slow");
+    let client = other_client();
+    let connect = || connect(&setup);
 
     // Slowloris: partial headers, then silence, on several connections, while another client
     // keeps sending requests.
