@@ -225,25 +225,28 @@ fn http_weighted_round_robin_spreads_by_weight() {
     }
 }
 
-#[test]
-fn http_cookie_insert_and_rewrite_keep_sessions() {
-    require_root("http_cookie_insert_and_rewrite_keep_sessions");
-    let setup = L7Setup::start("h7cookie", 3, |c, _| {
+/// Slb with one HTTP listener `name` on `port` over three backends (1:1:1), with `cookie`
+/// persistence.
+fn start_cookie(tag: &str, name: &str, port: u16, cookie: CookiePersistence) -> L7Setup {
+    L7Setup::start(tag, 3, |c, _| {
         c.group("pool", &[(1, 1), (2, 1), (3, 1)]);
-        let mut insert = http_listener("insert", HTTP_PORT, "pool");
-        insert.cookie = Some(CookiePersistence::Insert {
-            timeout: Duration::from_secs(600),
-        });
-        c.listener(insert);
-        let mut rewrite = http_listener("rewrite", HTTP_PORT + 1, "pool");
-        rewrite.cookie = Some(CookiePersistence::Rewrite {
-            name: "SESSIONID".to_owned(),
-        });
-        c.listener(rewrite);
-    });
-    let host = "shop.example.test";
+        let mut listener = http_listener(name, port, "pool");
+        listener.cookie = Some(cookie);
+        c.listener(listener);
+    })
+}
+
+const COOKIE_HOST: &str = "shop.example.test";
+
+#[test]
+fn http_cookie_insert_keeps_sessions() {
+    require_root("http_cookie_insert_keeps_sessions");
+    let insert = CookiePersistence::Insert {
+        timeout: Duration::from_secs(600),
+    };
+    let setup = start_cookie("h7ckins", "insert", HTTP_PORT, insert);
+    let host = COOKIE_HOST;
     let insert_url = format!("http://{host}:{HTTP_PORT}/cart");
-    let rewrite_base = format!("http://{host}:{}", HTTP_PORT + 1);
 
     // Insert: a client with a cookie jar gets SLB_SERVER once and stays on that backend.
     let with_jar = client_builder(&[host], vip_http(), TIMEOUT)
@@ -299,6 +302,17 @@ fn http_cookie_insert_and_rewrite_keep_sessions() {
         spread_counts.values().all(|&c| c == 30),
         "WRR 1:1:1 over 90 requests: {spread_counts:?}"
     );
+}
+
+#[test]
+fn http_cookie_rewrite_keeps_sessions() {
+    require_root("http_cookie_rewrite_keeps_sessions");
+    let rewrite = CookiePersistence::Rewrite {
+        name: "SESSIONID".to_owned(),
+    };
+    let setup = start_cookie("h7ckrw", "rewrite", HTTP_PORT + 1, rewrite);
+    let host = COOKIE_HOST;
+    let rewrite_base = format!("http://{host}:{}", HTTP_PORT + 1);
 
     // Rewrite: the application's SESSIONID is prefixed with the backend's token on the way out
     // and restored on the way in.
