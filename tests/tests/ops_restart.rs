@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ops_common::{
-    backend_new_connections, has_xdp, keep_serving_instance, link_show, listener_new_connections,
-    ADOPT_LINE,
+    backend_new_connections, has_xdp, instance_stopped_on_drop, link_show,
+    listener_new_connections, ADOPT_LINE,
 };
 use slb_tests::config::{health_check, CheckKind, TCP_LISTENER};
 use slb_tests::slb::{
@@ -142,7 +142,8 @@ fn restart_keeps_connections() {
         2,
     ));
     // Declared after the topology: dropped (slb stop) before the namespaces go.
-    let mut inst = keep_serving_instance(&slb, topo.slb_ns(), &config.instance, &config.to_toml());
+    let mut inst =
+        instance_stopped_on_drop(&slb, topo.slb_ns(), &config.instance, &config.to_toml());
     inst.start(KEEP, &[]).expect("start slb --keep-serving");
     let gen_a = inst.generation().expect("generation of the first run");
     for i in 1..=3 {
@@ -410,7 +411,8 @@ fn restart_refuses_incompatible_pins() {
         .build()
         .expect("create topology");
     let config = SlbConfig::standard(&unique_instance("rstbad"), &[1, 1]);
-    let mut inst = keep_serving_instance(&slb, topo.slb_ns(), &config.instance, &config.to_toml());
+    let mut inst =
+        instance_stopped_on_drop(&slb, topo.slb_ns(), &config.instance, &config.to_toml());
     inst.start(KEEP, &[]).expect("start slb --keep-serving");
     let exit = inst.current().sigterm().expect("SIGTERM");
     assert!(exit.success(), "slb exited with {exit} on SIGTERM");

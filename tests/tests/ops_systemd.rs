@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ops_common::{has_xdp, keep_serving_instance, link_show};
+use ops_common::{has_xdp, instance_stopped_on_drop, link_show};
 use slb_tests::slb::{pin_dir, slb_binary, unique_instance, EXIT_TIMEOUT, START_TIMEOUT};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::{require_root, vip_tcp, SlbConfig, Topology, TrafficOptions};
@@ -63,8 +63,8 @@ fn has_line(message: &str, line: &str) -> bool {
 }
 
 #[test]
-fn systemd_unit_and_notify() {
-    require_root("systemd_unit_and_notify");
+fn systemd_unit_says_what_the_readme_says_and_verifies() {
+    require_root("systemd_unit_says_what_the_readme_says_and_verifies");
     let slb = slb_binary();
 
     // The unit, as the README describes it.
@@ -126,6 +126,12 @@ fn systemd_unit_and_notify() {
         "systemd-analyze verify complains about the unit:\n{}",
         about_unit.join("\n")
     );
+}
+
+#[test]
+fn systemd_notify_ready_reloading_and_stopping() {
+    require_root("systemd_notify_ready_reloading_and_stopping");
+    let slb = slb_binary();
 
     // sd_notify.
     let topo = Topology::builder()
@@ -135,7 +141,8 @@ fn systemd_unit_and_notify() {
         .build()
         .expect("create topology");
     let config = SlbConfig::standard(&unique_instance("sdn"), &[1, 1]);
-    let mut inst = keep_serving_instance(&slb, topo.slb_ns(), &config.instance, &config.to_toml());
+    let mut inst =
+        instance_stopped_on_drop(&slb, topo.slb_ns(), &config.instance, &config.to_toml());
     let socket_path = inst.dir().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
     let link_before = link_show(topo.slb_ns(), "s0");
@@ -218,6 +225,12 @@ fn systemd_unit_and_notify() {
     );
     let link = link_show(topo.slb_ns(), "s0");
     assert!(!has_xdp(&link), "s0 still has XDP after SIGTERM: {link}");
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_binary() {
+    require_root("completions_and_man_page_come_from_the_binary");
+    let slb = slb_binary();
 
     // Completions and the man page.
     let out = Command::new(&slb)

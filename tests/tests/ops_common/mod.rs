@@ -13,8 +13,8 @@ use slb_tests::slb::{Instance, Status};
 pub const ADOPT_LINE: &str = "adopting the pinned maps and links of a previous run";
 
 /// An [`Instance`] of `bin` in `netns` with the config `toml` (which names `instance`) that
-/// ends whatever of it is left with `slb stop` when dropped.
-pub fn keep_serving_instance(bin: &Path, netns: &str, instance: &str, toml: &str) -> Instance {
+/// ends whatever of it is left with `slb stop` when dropped (declare it after the topology).
+pub fn instance_stopped_on_drop(bin: &Path, netns: &str, instance: &str, toml: &str) -> Instance {
     Instance::new(bin, netns, instance, toml)
         .expect("write the config")
         .stop_on_drop()
