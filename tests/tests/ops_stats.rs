@@ -92,18 +92,18 @@ fn report_listener<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_j
         .unwrap_or_else(|| panic!("no listener {name} in the report: {report:#}"))
 }
 
-#[test]
-fn stats_prometheus_and_distribution_report() {
-    require_root("stats_prometheus_and_distribution_report");
+/// Three backends (1:2:3) behind the standard listeners, plus the persistence listener
+/// [`STICKY`] over the same servers; slb with its Prometheus endpoint on the returned port.
+fn start(tag: &str) -> (Topology, SlbDaemon, u16) {
     let slb = slb_binary();
     let topo = Topology::builder()
-        .tag("stats")
+        .tag(tag)
         .backends(3)
         .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
     let weights = [1, 2, 3];
-    let mut config = SlbConfig::standard(&unique_instance("stats"), &weights);
+    let mut config = SlbConfig::standard(&unique_instance(tag), &weights);
     let second = config.add_second_pool();
     let mut sticky = listener(STICKY, Protocol::Tcp, STICKY_PORT, Some(second));
     sticky.persistence = Some(Persistence {
@@ -112,6 +112,14 @@ fn stats_prometheus_and_distribution_report() {
     config.listeners.push(sticky);
     let (daemon, port) =
         SlbDaemon::start_with_prometheus(&slb, topo.slb_ns(), &config).expect("start slb");
+    (topo, daemon, port)
+}
+
+#[test]
+fn stats_prometheus_and_distribution_report() {
+    require_root("stats_prometheus_and_distribution_report");
+    let slb = slb_binary();
+    let (topo, daemon, port) = start("stats");
     let instance = daemon.instance().to_owned();
 
     let report = tcp_connections(
@@ -289,7 +297,57 @@ fn stats_prometheus_and_distribution_report() {
         );
     }
 
-    // Persistence: one client, pinned to one backend; the report says why it looks skewed.
+    // slb stats --watch refreshes.
+    let mut watch = Command::new(&slb)
+        .args([
+            "--netns",
+            topo.slb_ns(),
+            "stats",
+            "-i",
+            &instance,
+            "--watch",
+            "0.2",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start slb stats --watch");
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(1100));
+    let exited_early = watch.try_wait().expect("try_wait");
+    let _ = watch.kill();
+    let output = watch.wait_with_output().expect("slb stats --watch output");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let refreshes = text.matches("\x1b[2J").count();
+    println!(
+        "slb stats --watch 0.2 for {:.2?}: {refreshes} refreshes, {} bytes",
+        started.elapsed(),
+        text.len()
+    );
+    assert!(
+        exited_early.is_none(),
+        "slb stats --watch exited on its own ({exited_early:?}): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(refreshes >= 2, "expected at least two refreshes:\n{text}");
+    let last = text.rsplit("\x1b[2J").next().unwrap_or("");
+    assert!(
+        last.contains("/s") && last.contains(TCP_LISTENER),
+        "a refresh after the first should show rates:\n{last}"
+    );
+
+    let exit = daemon.stop().expect("stop slb");
+    assert!(exit.success(), "slb exited with {exit} on SIGTERM");
+}
+
+/// Persistence: one client, pinned to one backend; the report says why it looks skewed.
+#[test]
+fn distribution_report_explains_persistence() {
+    require_root("distribution_report_explains_persistence");
+    let (topo, daemon, _) = start("statsp");
+    let instance = daemon.instance().to_owned();
+
     let sticky_target = SocketAddr::V4(SocketAddrV4::new(VIP, STICKY_PORT));
     let sticky_report = tcp_connections(
         topo.client_ns(),
@@ -342,46 +400,6 @@ fn stats_prometheus_and_distribution_report() {
         );
     }
     println!("persistence report verdict: {}", l["verdict"]);
-
-    // slb stats --watch refreshes.
-    let mut watch = Command::new(&slb)
-        .args([
-            "--netns",
-            topo.slb_ns(),
-            "stats",
-            "-i",
-            &instance,
-            "--watch",
-            "0.2",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start slb stats --watch");
-    let started = Instant::now();
-    std::thread::sleep(Duration::from_millis(1100));
-    let exited_early = watch.try_wait().expect("try_wait");
-    let _ = watch.kill();
-    let output = watch.wait_with_output().expect("slb stats --watch output");
-    let text = String::from_utf8_lossy(&output.stdout);
-    let refreshes = text.matches("\x1b[2J").count();
-    println!(
-        "slb stats --watch 0.2 for {:.2?}: {refreshes} refreshes, {} bytes",
-        started.elapsed(),
-        text.len()
-    );
-    assert!(
-        exited_early.is_none(),
-        "slb stats --watch exited on its own ({exited_early:?}): {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(refreshes >= 2, "expected at least two refreshes:\n{text}");
-    let last = text.rsplit("\x1b[2J").next().unwrap_or("");
-    assert!(
-        last.contains("/s") && last.contains(TCP_LISTENER),
-        "a refresh after the first should show rates:\n{last}"
-    );
 
     let exit = daemon.stop().expect("stop slb");
     assert!(exit.success(), "slb exited with {exit} on SIGTERM");
