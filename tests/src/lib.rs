@@ -1,6 +1,6 @@
 //! Test harness for `slb`: network-namespace topologies, a backend echo server, traffic
-//! generators that run inside a namespace, a distribution table, and a handle on the `slb`
-//! daemon.
+//! generators that run inside a namespace, a distribution table, the config builder (on slb's
+//! own config schema) and the driver of the `slb` daemon.
 //!
 //! Everything here needs root (namespaces, veths, XDP). Integration tests call
 //! [`require_root`] first, so that a run without root fails saying why instead of passing

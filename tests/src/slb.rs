@@ -1,5 +1,7 @@
-//! The `slb` daemon under test: its config file, where its binary is, and a handle that runs it
-//! in a namespace.
+//! The `slb` daemon under test: where its binary is, and the one driver that runs it in a
+//! namespace ([`Instance`]: a config file and every `slb run` started for it; [`SlbDaemon`]: an
+//! instance with one daemon, started and waited for). What it reports is read into slb's own
+//! types ([`Status`], [`AppliedState`]).
 
 use std::fs::{self, File};
 use std::net::Ipv4Addr;
