@@ -401,11 +401,13 @@ fn spawn_background(
         tokio::spawn(crate::metrics::record_history(instance, live.clone())),
     ];
     if let Some(port) = config.metrics.prometheus_port {
-        background.push(tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve_prometheus(live, port).await {
-                tracing::error!("Prometheus endpoint stopped: {e:#}");
-            }
-        }));
+        // Bound here, before the daemon says it is ready; served by a task.
+        match crate::metrics::bind_prometheus(port) {
+            Ok(listener) => background.push(tokio::spawn(crate::metrics::serve_prometheus(
+                live, listener,
+            ))),
+            Err(e) => tracing::error!("Prometheus endpoint not started: {e:#}"),
+        }
     }
     background
 }

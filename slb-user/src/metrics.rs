@@ -78,13 +78,23 @@ impl LiveStatus {
     }
 }
 
-/// Serves `GET /metrics` on 127.0.0.1:`port`.
-pub async fn serve_prometheus(live: LiveStatus, port: u16) -> anyhow::Result<()> {
+/// Binds 127.0.0.1:`port` for [`serve_prometheus`]; the daemon does so before it says it is
+/// ready, so a ready daemon's endpoint takes connections.
+pub fn bind_prometheus(port: u16) -> anyhow::Result<tokio::net::TcpListener> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("metrics: binding {addr}"))?;
+    let listener =
+        std::net::TcpListener::bind(addr).with_context(|| format!("metrics: binding {addr}"))?;
+    listener
+        .set_nonblocking(true)
+        .with_context(|| format!("metrics: {addr} non-blocking"))?;
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .with_context(|| format!("metrics: registering {addr}"))?;
     tracing::info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+    Ok(listener)
+}
+
+/// Serves `GET /metrics` on `listener` (from [`bind_prometheus`]).
+pub async fn serve_prometheus(live: LiveStatus, listener: tokio::net::TcpListener) {
     let mut backoff = crate::accept::AcceptBackoff::new("Prometheus metrics");
     loop {
         let stream = backoff.next(|| listener.accept()).await;
