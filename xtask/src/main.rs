@@ -419,10 +419,13 @@ fn print_status(steps: &Steps, daemon: &SlbDaemon) -> anyhow::Result<()> {
 // ---- bench ----
 
 /// Debian packages the benchmarks add to [`PACKAGES`]: the balancers slb is compared with,
-/// the HTTP load generator, and CPU pinning.
+/// the HTTP load generators (and nghttp, openssl for the HTTPS case), and CPU pinning.
 const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("wrk", "wrk"),
+    ("h2load", "nghttp2-client"),
+    ("nghttp", "nghttp2-client"),
+    ("openssl", "openssl"),
     ("nft", "nftables"),
     ("taskset", "util-linux"),
 ];

@@ -1,6 +1,7 @@
-//! HTTP suite: requests per second and latency through slb's HTTP listener and through HAProxy
-//! in HTTP mode, on the same namespace topology, driven by the same `wrk` command, one after
-//! the other in one run.
+//! HTTP suite: requests per second and latency through slb's HTTP and HTTPS listeners and
+//! through HAProxy in HTTP mode, on the same namespace topology, driven by the same clients, one
+//! balancer after the other in one run: `wrk` for HTTP/1.1 over TCP, `h2load` for HTTP/2 over
+//! TLS (both balancers serve the same self-signed certificate, ALPN h2).
 //!
 //! Both balancers do the same work per request: round robin over three `slb-http-backend`
 //! servers with equal weights, no health checks, no access log, pooled keep-alive connections
@@ -16,12 +17,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _};
 use serde::Deserialize;
 use serde_json::json;
-use slb_tests::config::{http_listener, Scheduler};
+use slb_tests::config::{http_listener, https_listener, Scheduler};
 use slb_tests::exec::ChildGuard;
-use slb_tests::http::{add_local_vip, tcp_connect_in, vip_http, Echo, HttpBackends, HTTP_PORT};
+use slb_tests::http::{
+    add_local_vip, tcp_connect_in, vip_http, vip_https, Echo, HttpBackends, HTTPS_PORT, HTTP_PORT,
+};
 use slb_tests::slb::unique_instance;
 use slb_tests::{SlbConfig, SlbDaemon, Topology, BACKEND_PORT, CLIENT_ADDR, VIP};
 
+use super::h2load::{self, H2loadResult, Latency};
 use super::{
     busy_between, clock_ticks_per_sec, cpu_jiffies, pin_process, pinned_in,
     place_network_processing, process_cpu_ticks, spawn_haproxy, BenchEnv, Section, BALANCER_CPU,
@@ -34,6 +38,11 @@ const WEIGHT: u32 = 1;
 /// wrk connections of each measured run: a loaded row (throughput) and a single connection
 /// (per-request latency with nothing queued).
 const CONNECTION_COUNTS: [u32; 2] = [50, 1];
+/// h2load connections and concurrent streams per connection of the HTTP/2-over-TLS row.
+const H2_CLIENTS: u32 = 10;
+const H2_STREAMS: u32 = 10;
+/// The certificate's name (both balancers serve it; h2load connects by address, without SNI).
+const CERT_NAME: &str = "slb-bench.example";
 const WARM_UP: Duration = Duration::from_secs(1);
 /// How long a balancer has to start accepting connections.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,7 +73,7 @@ struct WrkResult {
     requests: u64,
     bytes: u64,
     errors: WrkErrors,
-    latency_us: WrkLatency,
+    latency_us: Latency,
 }
 
 /// wrk's error counters. `status` counts answers with a status above 399.
@@ -75,15 +84,6 @@ struct WrkErrors {
     write: u64,
     status: u64,
     timeout: u64,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-struct WrkLatency {
-    p50: f64,
-    p90: f64,
-    p99: f64,
-    mean: f64,
-    max: f64,
 }
 
 impl WrkResult {
@@ -112,24 +112,111 @@ impl WrkResult {
     }
 }
 
-/// One measured wrk run through one balancer.
+/// A measured case: HTTP/1.1 over TCP with wrk at a connection count, or HTTP/2 over TLS with
+/// h2load ([`H2_CLIENTS`] connections × [`H2_STREAMS`] streams).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Case {
+    Http1 { connections: u32 },
+    H2Tls,
+}
+
+/// Every case, in the order they are measured and shown.
+const CASES: [Case; 3] = [
+    Case::Http1 {
+        connections: CONNECTION_COUNTS[0],
+    },
+    Case::Http1 {
+        connections: CONNECTION_COUNTS[1],
+    },
+    Case::H2Tls,
+];
+
+impl Case {
+    fn label(self) -> String {
+        match self {
+            Case::Http1 { connections } => format!("HTTP/1.1, {connections} connection(s)"),
+            Case::H2Tls => {
+                format!("HTTP/2 over TLS, {H2_CLIENTS} connections × {H2_STREAMS} streams")
+            }
+        }
+    }
+}
+
+/// A client's figures for one run.
+#[derive(Debug, Clone)]
+enum Load {
+    Wrk(WrkResult),
+    H2load(H2loadResult),
+}
+
+impl Load {
+    fn requests_per_sec(&self) -> f64 {
+        match self {
+            Load::Wrk(wrk) => wrk.requests_per_sec(),
+            Load::H2load(h2) => h2.requests_per_sec,
+        }
+    }
+
+    /// Requests answered in the run (the CPU time is divided by these).
+    fn requests(&self) -> u64 {
+        match self {
+            Load::Wrk(wrk) => wrk.requests,
+            Load::H2load(h2) => h2.succeeded,
+        }
+    }
+
+    fn latency_us(&self) -> &Latency {
+        match self {
+            Load::Wrk(wrk) => &wrk.latency_us,
+            Load::H2load(h2) => &h2.latency_us,
+        }
+    }
+
+    /// Whether any request got a status below 400.
+    fn any_success(&self) -> bool {
+        match self {
+            Load::Wrk(wrk) => wrk.errors.status < wrk.requests,
+            Load::H2load(h2) => h2.succeeded > 0,
+        }
+    }
+
+    /// The table's errors cell.
+    fn errors(&self) -> String {
+        match self {
+            Load::Wrk(wrk) => match (wrk.errors.status, wrk.socket_errors()) {
+                (0, 0) => "0".to_owned(),
+                (status, socket) => format!("{status} status ≥ 400, {socket} socket"),
+            },
+            Load::H2load(h2) if h2.errors() == 0 => "0".to_owned(),
+            Load::H2load(h2) => format!(
+                "{} failed ({} status ≥ 400)",
+                h2.errors(),
+                h2.status_4xx_5xx
+            ),
+        }
+    }
+}
+
+/// One measured run through one balancer.
 #[derive(Debug, Clone)]
 struct Measurement {
     balancer: &'static str,
-    connections: u32,
-    wrk: WrkResult,
+    case: Case,
+    load: Load,
     /// CPU time of the balancer's process per request, in microseconds.
     balancer_cpu_us_per_request: f64,
-    /// Busy share of [CPU 0 (wrk, backends), CPU 1 (balancer)] during the run, in percent.
+    /// Busy share of [CPU 0 (clients, backends), CPU 1 (balancer)] during the run, in percent.
     cpu_busy_percent: [f64; 2],
 }
 
-/// A balancer listening on `VIP:8000` in the slb namespace.
+/// A balancer listening on `VIP:8000` (HTTP) and `VIP:8443` (HTTPS) in the slb namespace.
 struct Balancer<'a> {
     name: &'static str,
     pid: u32,
     topo: &'a Topology,
     script: &'a Path,
+    /// Where h2load writes its per-request log.
+    work_dir: &'a Path,
     duration: Duration,
     ticks_per_sec: f64,
 }
@@ -169,51 +256,89 @@ impl Balancer<'_> {
         Ok(result)
     }
 
-    /// Checks that the balancer answers with a backend's echo carrying the forwarded headers,
-    /// warms it up, then measures each connection count.
+    /// `h2load` over TLS with [`H2_CLIENTS`] × [`H2_STREAMS`] for `duration`, from the client
+    /// namespace, pinned to the generator CPU; it must have negotiated h2.
+    fn h2load(&self, duration: Duration) -> anyhow::Result<H2loadResult> {
+        let log = self.work_dir.join("h2load.log");
+        let url = format!("https://{}/", vip_https());
+        let args = h2load::args(&url, H2_CLIENTS, H2_STREAMS, duration, &log);
+        let mut cmd = pinned_in(self.topo.client_ns(), GENERATOR_CPU, &args);
+        let stdout = slb_tests::exec::run(&mut cmd)
+            .with_context(|| format!("running h2load against {}", self.name))?;
+        let log_text = std::fs::read_to_string(&log)
+            .with_context(|| format!("reading h2load's log {}", log.display()))?;
+        let result = H2loadResult::parse(&stdout, &log_text)
+            .with_context(|| format!("h2load through {}", self.name))?;
+        ensure!(
+            result.protocol == "h2" && result.succeeded > 0,
+            "h2load through {} negotiated {:?} and completed {} request(s):\n{stdout}",
+            self.name,
+            result.protocol,
+            result.succeeded
+        );
+        Ok(result)
+    }
+
+    /// Runs `case` once for `duration`.
+    fn load(&self, case: Case, duration: Duration) -> anyhow::Result<Load> {
+        Ok(match case {
+            Case::Http1 { connections } => Load::Wrk(self.wrk(connections, duration)?),
+            Case::H2Tls => Load::H2load(self.h2load(duration)?),
+        })
+    }
+
+    /// Checks that the balancer answers with a backend's echo carrying the forwarded headers
+    /// over HTTP and over HTTPS with h2, warms it up, then measures each case (HTTP/2 after
+    /// its own warm-up).
     fn measure(&self) -> anyhow::Result<Vec<Measurement>> {
         probe(self.topo).with_context(|| format!("probe request through {}", self.name))?;
-        let warm_up = self
-            .wrk(CONNECTION_COUNTS[0], WARM_UP)
-            .with_context(|| format!("warming up {}", self.name))?;
-        ensure!(
-            warm_up.errors.status < warm_up.requests,
-            "every warm-up request through {} failed with an error status",
-            self.name
-        );
+        probe_h2(self.topo).with_context(|| format!("HTTP/2 probe through {}", self.name))?;
         let mut measurements = Vec::new();
-        for connections in CONNECTION_COUNTS {
-            let cpu_before = cpu_jiffies()?;
-            let ticks_before = process_cpu_ticks(self.pid)?;
-            let wrk = self.wrk(connections, self.duration)?;
-            let ticks = process_cpu_ticks(self.pid)? - ticks_before;
-            let cpu_after = cpu_jiffies()?;
-            let cpu_busy_percent = busy_between(&cpu_before, &cpu_after).map(|b| 100.0 * b);
-            let measurement = Measurement {
-                balancer: self.name,
-                connections,
-                balancer_cpu_us_per_request: ticks as f64 / self.ticks_per_sec * 1e6
-                    / wrk.requests as f64,
-                cpu_busy_percent,
-                wrk,
-            };
+        for case in CASES {
+            if case == CASES[0] || case == Case::H2Tls {
+                let warm_up = self
+                    .load(case, WARM_UP)
+                    .with_context(|| format!("warming up {}", self.name))?;
+                ensure!(
+                    warm_up.any_success(),
+                    "every warm-up request through {} failed",
+                    self.name
+                );
+            }
+            let measurement = self.measure_case(case)?;
             println!(
-                "    {}, {} connection(s): {:.0} requests/s, p99 {}, {} error(s)",
+                "    {}, {}: {:.0} requests/s, p99 {}, error(s): {}",
                 self.name,
-                connections,
-                measurement.wrk.requests_per_sec(),
-                format_latency(measurement.wrk.latency_us.p99),
-                measurement.wrk.errors.status + measurement.wrk.socket_errors(),
+                case.label(),
+                measurement.load.requests_per_sec(),
+                format_latency(measurement.load.latency_us().p99),
+                measurement.load.errors(),
             );
             measurements.push(measurement);
         }
         Ok(measurements)
     }
+
+    /// One measured run of `case`, with the balancer's CPU time and both CPUs' busy shares.
+    fn measure_case(&self, case: Case) -> anyhow::Result<Measurement> {
+        let cpu_before = cpu_jiffies()?;
+        let ticks_before = process_cpu_ticks(self.pid)?;
+        let load = self.load(case, self.duration)?;
+        let ticks = process_cpu_ticks(self.pid)? - ticks_before;
+        let cpu_after = cpu_jiffies()?;
+        Ok(Measurement {
+            balancer: self.name,
+            case,
+            balancer_cpu_us_per_request: ticks as f64 / self.ticks_per_sec * 1e6
+                / load.requests().max(1) as f64,
+            cpu_busy_percent: busy_between(&cpu_before, &cpu_after).map(|b| 100.0 * b),
+            load,
+        })
+    }
 }
 
 /// One `GET /` from the client namespace on a fresh connection: the answer must be a 200 with
-/// a backend's echo showing X-Forwarded-For, X-Forwarded-Proto and X-Real-IP, so that both
-/// balancers are known to do the same header work.
+/// a backend's echo ([`check_echo`]).
 fn probe(topo: &Topology) -> anyhow::Result<()> {
     let mut stream = tcp_connect_in(topo.client_ns(), vip_http(), Duration::from_secs(3))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -244,13 +369,29 @@ fn probe(topo: &Topology) -> anyhow::Result<()> {
     } else {
         body.to_owned()
     };
-    let echo = Echo::parse(body.as_bytes())?;
+    check_echo(body.as_bytes(), "http")
+}
+
+/// One `GET /` over TLS with HTTP/2 (`nghttp`, which speaks nothing else; the certificate is
+/// self-signed) from the client namespace: a backend's echo with the forwarded headers and
+/// X-Forwarded-Proto `https`.
+fn probe_h2(topo: &Topology) -> anyhow::Result<()> {
+    let url = format!("https://{}/", vip_https());
+    let body = slb_tests::exec::exec_in(topo.client_ns(), ["nghttp", "-y", "-t", "5", &url])?;
+    check_echo(body.as_bytes(), "https")
+}
+
+/// `body` is a backend's echo showing X-Forwarded-For, X-Forwarded-Proto `proto` and
+/// X-Real-IP of the client, so that both balancers are known to do the same header work.
+fn check_echo(body: &[u8], proto: &str) -> anyhow::Result<()> {
+    let echo = Echo::parse(body)?;
     let client = CLIENT_ADDR.to_string();
     ensure!(
         echo.x_forwarded_for.as_deref() == Some(client.as_str())
-            && echo.x_forwarded_proto.as_deref() == Some("http")
+            && echo.x_forwarded_proto.as_deref() == Some(proto)
             && echo.x_real_ip.as_deref() == Some(client.as_str()),
-        "the backend did not get X-Forwarded-For/-Proto and X-Real-IP for {client}: {echo:?}"
+        "the backend did not get X-Forwarded-For/-Proto ({proto}) and X-Real-IP for {client}: \
+         {echo:?}"
     );
     Ok(())
 }
@@ -277,7 +418,7 @@ fn dechunk(mut body: &str) -> anyhow::Result<String> {
     }
 }
 
-/// Waits until `VIP:8000` accepts TCP connections from the client namespace; fails early if
+/// Waits until `VIP:8000` and `VIP:8443` accept TCP connections from the client namespace; fails early if
 /// the balancer's process exits.
 fn wait_accepting(topo: &Topology, name: &str, process: &mut ChildGuard) -> anyhow::Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
@@ -285,34 +426,97 @@ fn wait_accepting(topo: &Topology, name: &str, process: &mut ChildGuard) -> anyh
         if let Some(status) = process.try_wait()? {
             bail!("{name} exited ({status}) before accepting connections");
         }
-        if tcp_connect_in(topo.client_ns(), vip_http(), Duration::from_millis(200)).is_ok() {
+        let accepting = [vip_http(), vip_https()]
+            .into_iter()
+            .all(|addr| tcp_connect_in(topo.client_ns(), addr, Duration::from_millis(200)).is_ok());
+        if accepting {
             return Ok(());
         }
         ensure!(
             Instant::now() < deadline,
-            "{name} does not accept connections on {} within {START_TIMEOUT:?}",
-            vip_http()
+            "{name} does not accept connections on {} and {} within {START_TIMEOUT:?}",
+            vip_http(),
+            vip_https()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-/// slb's config: one HTTP listener over the three backends, weighted round robin, no health
-/// check, no access log, forwarded headers on (the default, spelled out).
-fn slb_config(topo: &Topology) -> SlbConfig {
+/// slb's config: an HTTP and an HTTPS listener (serving `cert`) over the three backends,
+/// weighted round robin, no health check, no access log, forwarded headers on (the default,
+/// spelled out).
+fn slb_config(topo: &Topology, cert: &Certificate) -> SlbConfig {
     let mut config = SlbConfig::new(&unique_instance("bhttp"), topo.backend_count());
     let backends: Vec<(usize, u32)> = (1..=topo.backend_count()).map(|i| (i, WEIGHT)).collect();
-    let mut listener = http_listener("web", HTTP_PORT, "pool");
-    listener.scheduler = Scheduler::Wrr;
-    listener.forwarded_headers = true;
-    config.group("pool", &backends).listener(listener);
+    let certificate = slb_tests::config::Certificate {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        domains: vec![CERT_NAME.to_owned()],
+    };
+    config.group("pool", &backends);
+    for mut listener in [
+        http_listener("web", HTTP_PORT, "pool"),
+        https_listener("web-tls", HTTPS_PORT, "pool", vec![certificate]),
+    ] {
+        listener.scheduler = Scheduler::Wrr;
+        listener.forwarded_headers = true;
+        config.listener(listener);
+    }
     config
+}
+
+/// A self-signed certificate (ECDSA P-256) made with `openssl` for the run: the PEM files
+/// slb reads, and the certificate and key in one file, as HAProxy reads them.
+struct Certificate {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    combined: std::path::PathBuf,
+}
+
+impl Certificate {
+    fn generate(dir: &Path) -> anyhow::Result<Certificate> {
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        let combined = dir.join("cert-and-key.pem");
+        let subject = format!("/CN={CERT_NAME}");
+        let san = format!("subjectAltName=DNS:{CERT_NAME},IP:{VIP}");
+        let (cert_arg, key_arg) = (cert.to_string_lossy(), key.to_string_lossy());
+        slb_tests::exec::run(std::process::Command::new("openssl").args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &subject,
+            "-addext",
+            &san,
+            "-keyout",
+            &key_arg,
+            "-out",
+            &cert_arg,
+        ]))
+        .context("making a self-signed certificate with openssl")?;
+        let pem = std::fs::read_to_string(&cert)? + &std::fs::read_to_string(&key)?;
+        std::fs::write(&combined, pem)
+            .with_context(|| format!("writing {}", combined.display()))?;
+        Ok(Certificate {
+            cert,
+            key,
+            combined,
+        })
+    }
 }
 
 /// HAProxy's config matching [`slb_config`]: one thread, keep-alive on both sides with
 /// backend connections reused, the same forwarded headers, slb's default timeouts
 /// (`backend_timeout` 30 s, `header_timeout` 10 s), no checks, no logging.
-fn haproxy_config(backends: usize) -> String {
+fn haproxy_config(backends: usize, cert: &Path) -> String {
+    let cert = cert.display();
     let mut config = format!(
         "global
     nbthread 1
@@ -335,6 +539,12 @@ frontend web
     http-request set-header X-Real-IP %[src]
     default_backend pool
 
+frontend web-tls
+    bind {VIP}:{HTTPS_PORT} ssl crt {cert} alpn h2,http/1.1
+    http-request set-header X-Forwarded-Proto https
+    http-request set-header X-Real-IP %[src]
+    default_backend pool
+
 backend pool
     balance roundrobin
 "
@@ -350,18 +560,38 @@ backend pool
     config
 }
 
-fn bench_slb(
-    env: &BenchEnv,
-    topo: &Topology,
-    script: &Path,
+/// What both balancers' runs share: the topology, the wrk script, the directory of the
+/// certificate and h2load's log, the run length and the clock.
+struct Shared<'a> {
+    env: &'a BenchEnv,
+    topo: &'a Topology,
+    script: &'a Path,
+    work_dir: &'a Path,
+    cert: &'a Certificate,
     ticks_per_sec: f64,
-) -> anyhow::Result<Vec<Measurement>> {
-    let config = slb_config(topo);
+}
+
+impl Shared<'_> {
+    fn balancer(&self, name: &'static str, pid: u32) -> Balancer<'_> {
+        Balancer {
+            name,
+            pid,
+            topo: self.topo,
+            script: self.script,
+            work_dir: self.work_dir,
+            duration: self.env.duration,
+            ticks_per_sec: self.ticks_per_sec,
+        }
+    }
+}
+
+fn bench_slb(shared: &Shared) -> anyhow::Result<Vec<Measurement>> {
+    let config = slb_config(shared.topo, shared.cert);
     let toml = config.to_toml();
     // One runtime thread, as HAProxy gets `nbthread 1`.
     let daemon = SlbDaemon::start_toml_with(
-        &env.slb(),
-        topo.slb_ns(),
+        &shared.env.slb(),
+        shared.topo.slb_ns(),
         &config.instance,
         &toml,
         &["--worker-threads", "1"],
@@ -369,48 +599,24 @@ fn bench_slb(
     .with_context(|| format!("starting slb with\n{toml}"))?;
     let pid = daemon.pid().context("slb exited right after starting")?;
     pin_process(pid, BALANCER_CPU)?;
-    let balancer = Balancer {
-        name: "slb",
-        pid,
-        topo,
-        script,
-        duration: env.duration,
-        ticks_per_sec,
-    };
-    let measurements = balancer.measure()?;
+    let measurements = shared.balancer("slb", pid).measure()?;
     let status = daemon.stop().context("stopping slb")?;
     ensure!(status.success(), "slb exited with {status} when stopped");
     Ok(measurements)
 }
 
-fn bench_haproxy(
-    env: &BenchEnv,
-    topo: &Topology,
-    script: &Path,
-    ticks_per_sec: f64,
-) -> anyhow::Result<Vec<Measurement>> {
-    let dir = tempfile::Builder::new()
-        .prefix("slb-bench-http-")
-        .tempdir()
-        .context("creating a directory for the HAProxy config")?;
-    let config_path = dir.path().join("haproxy.cfg");
-    std::fs::write(&config_path, haproxy_config(topo.backend_count()))
+fn bench_haproxy(shared: &Shared) -> anyhow::Result<Vec<Measurement>> {
+    let config_path = shared.work_dir.join("haproxy.cfg");
+    let config = haproxy_config(shared.topo.backend_count(), &shared.cert.combined);
+    std::fs::write(&config_path, config)
         .with_context(|| format!("writing {}", config_path.display()))?;
-    let mut haproxy = spawn_haproxy(topo.slb_ns(), &config_path).context("starting HAProxy")?;
-    wait_accepting(topo, "HAProxy", &mut haproxy)?;
-    let balancer = Balancer {
-        name: "HAProxy",
-        pid: haproxy.id(),
-        topo,
-        script,
-        duration: env.duration,
-        ticks_per_sec,
-    };
-    balancer.measure()
+    let mut haproxy =
+        spawn_haproxy(shared.topo.slb_ns(), &config_path).context("starting HAProxy")?;
+    wait_accepting(shared.topo, "HAProxy", &mut haproxy)?;
+    shared.balancer("HAProxy", haproxy.id()).measure()
 }
 
 pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
-    let ticks_per_sec = clock_ticks_per_sec()?;
     let mut script = tempfile::Builder::new()
         .prefix("slb-bench-wrk-")
         .suffix(".lua")
@@ -419,6 +625,11 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
     script
         .write_all(WRK_SCRIPT.as_bytes())
         .context("writing the wrk script")?;
+    let work_dir = tempfile::Builder::new()
+        .prefix("slb-bench-http-")
+        .tempdir()
+        .context("creating a directory for the certificate, configs and logs")?;
+    let cert = Certificate::generate(work_dir.path())?;
 
     // Dropped in reverse order: the backends die before the namespaces go.
     let topo = Topology::builder()
@@ -434,11 +645,19 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
     for pid in backends.pids() {
         pin_process(pid, GENERATOR_CPU)?;
     }
+    let shared = Shared {
+        env,
+        topo: &topo,
+        script: script.path(),
+        work_dir: work_dir.path(),
+        cert: &cert,
+        ticks_per_sec: clock_ticks_per_sec()?,
+    };
 
-    println!("==> HTTP through slb");
-    let mut measurements = bench_slb(env, &topo, script.path(), ticks_per_sec)?;
-    println!("==> HTTP through HAProxy");
-    measurements.extend(bench_haproxy(env, &topo, script.path(), ticks_per_sec)?);
+    println!("==> HTTP and HTTPS through slb");
+    let mut measurements = bench_slb(&shared)?;
+    println!("==> HTTP and HTTPS through HAProxy");
+    measurements.extend(bench_haproxy(&shared)?);
     Ok(section(env, &measurements))
 }
 
@@ -450,16 +669,16 @@ fn format_latency(us: f64) -> String {
 fn find<'a>(
     measurements: &'a [Measurement],
     balancer: &str,
-    connections: u32,
+    case: Case,
 ) -> Option<&'a Measurement> {
     measurements
         .iter()
-        .find(|m| m.balancer == balancer && m.connections == connections)
+        .find(|m| m.balancer == balancer && m.case == case)
 }
 
 fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
     let seconds = env.duration.as_secs().max(1);
-    let mut md = String::from("## HTTP: slb's HTTP listener vs HAProxy 2.6 (HTTP mode)\n\n");
+    let mut md = String::from("## HTTP: slb's HTTP/HTTPS listeners vs HAProxy 2.6 (HTTP mode)\n\n");
     write_setup(&mut md, seconds, measurements);
     write_table(&mut md, measurements);
     md.push('\n');
@@ -469,14 +688,16 @@ fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
          p99 is longer. \"balancer CPU/request\" is the balancer process's own CPU time (not \
          the NAPI threads'). Both balancers run one worker thread on CPU 1 (slb \
          `--worker-threads 1`, HAProxy `nbthread 1`). Caveats: slb's XDP program stays attached on the slb namespace's interfaces \
-         and passes this traffic up on CPU 1 (HAProxy runs without it); wrk is closed-loop \
-         (a connection sends its next request when the answer arrives), so latencies are \
-         taken at the rate each balancer sustains, not at one offered rate; when CPU 0 is near \
-         100%, wrk and the backends rather than the balancer cap requests/s.\n",
+         and passes this traffic up on CPU 1 (HAProxy runs without it); wrk and h2load are \
+         closed-loop (a connection or stream sends its next request when the answer arrives), \
+         so latencies are taken at the rate each balancer sustains, not at one offered rate; \
+         when CPU 0 is near 100%, the clients and the backends rather than the balancer cap \
+         requests/s.\n",
     );
     let json = json!({
         "setup": {
             "generator": "wrk -t1",
+            "h2_generator": format!("h2load -t1 -c {H2_CLIENTS} -m {H2_STREAMS}"),
             "generator_cpu": GENERATOR_CPU,
             "balancer_cpu": BALANCER_CPU,
             "backends": BACKENDS,
@@ -484,6 +705,7 @@ fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
             "duration_s": seconds,
             "warm_up_s": WARM_UP.as_secs(),
             "url": format!("http://{}/", vip_http()),
+            "h2_url": format!("https://{}/", vip_https()),
         },
         "runs": measurements.iter().map(run_json).collect::<Vec<_>>(),
         "slb_over_haproxy": ratios,
@@ -492,103 +714,147 @@ fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
 }
 
 fn write_setup(md: &mut String, seconds: u64, measurements: &[Measurement]) {
-    let response_bytes = find(measurements, "slb", CONNECTION_COUNTS[0])
-        .map(|m| m.wrk.bytes_per_response())
+    let response_bytes = measurements
+        .iter()
+        .find_map(|m| match &m.load {
+            Load::Wrk(wrk) if m.balancer == "slb" => Some(wrk.bytes_per_response()),
+            _ => None,
+        })
         .unwrap_or_default();
+    let cipher = measurements
+        .iter()
+        .find_map(|m| match &m.load {
+            Load::H2load(h2) => Some(h2.cipher.as_str()),
+            Load::Wrk(_) => None,
+        })
+        .unwrap_or("?");
     let _ = writeln!(
         md,
-        "wrk (1 thread) and the three `slb-http-backend` servers on CPU {GENERATOR_CPU}, the \
-         balancer and its namespace's packet processing (threaded NAPI) on CPU \
-         {BALANCER_CPU}; {seconds} s per row after a {} s warm-up; `GET /` \
-         answered with a JSON echo (~{response_bytes:.0} bytes with headers through slb), \
-         round robin over 3 equal-weight backends, keep-alive both sides, forwarded headers \
-         added, no health checks, no access log.\n",
-        WARM_UP.as_secs()
+        "wrk (1 thread) or h2load (1 thread) and the three `slb-http-backend` servers on CPU \
+         {GENERATOR_CPU}, the balancer and its namespace's packet processing (threaded NAPI) \
+         on CPU {BALANCER_CPU}; {seconds} s per row after a {} s warm-up; `GET /` answered \
+         with a JSON echo (~{response_bytes:.0} bytes with headers through slb over HTTP/1.1), \
+         round robin over 3 equal-weight backends, keep-alive both sides (HTTP/1.1 to the \
+         backends), forwarded headers added, no health checks, no access log. HTTP/2: \
+         `h2load -c {H2_CLIENTS} -m {H2_STREAMS}` to `https://{}/`, both balancers serving \
+         the same self-signed ECDSA P-256 certificate with ALPN h2 (TLS 1.3, {cipher}); \
+         latency percentiles from h2load's per-request log.\n",
+        WARM_UP.as_secs(),
+        vip_https(),
     );
 }
 
 fn write_table(md: &mut String, measurements: &[Measurement]) {
     md.push_str(
-        "| balancer | connections | requests/s | p50 | p90 | p99 | errors | balancer CPU/request \
-         | CPU 0 / CPU 1 busy |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| balancer | load | requests/s | p50 | p90 | p99 | errors | balancer CPU/request \
+         | CPU 0 / CPU 1 busy |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for m in measurements {
-        let errors = match (m.wrk.errors.status, m.wrk.socket_errors()) {
-            (0, 0) => "0".to_owned(),
-            (status, socket) => format!("{status} status ≥ 400, {socket} socket"),
-        };
-        let _ = writeln!(
-            md,
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {:.1} µs | {:.0}% / {:.0}% |",
-            m.balancer,
-            m.connections,
-            m.wrk.requests_per_sec(),
-            format_latency(m.wrk.latency_us.p50),
-            format_latency(m.wrk.latency_us.p90),
-            format_latency(m.wrk.latency_us.p99),
-            errors,
-            m.balancer_cpu_us_per_request,
-            m.cpu_busy_percent[0],
-            m.cpu_busy_percent[1],
-        );
+    for case in CASES {
+        for m in measurements.iter().filter(|m| m.case == case) {
+            let latency = m.load.latency_us();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {:.1} µs | {:.0}% / {:.0}% |",
+                m.balancer,
+                case.label(),
+                m.load.requests_per_sec(),
+                format_latency(latency.p50),
+                format_latency(latency.p90),
+                format_latency(latency.p99),
+                m.load.errors(),
+                m.balancer_cpu_us_per_request,
+                m.cpu_busy_percent[0],
+                m.cpu_busy_percent[1],
+            );
+        }
     }
 }
 
-/// slb against HAProxy at each connection count both were measured at; the ratios, also as
-/// JSON.
+/// slb against HAProxy in each case both were measured in; the ratios, also as JSON.
 fn write_ratios(md: &mut String, measurements: &[Measurement]) -> Vec<serde_json::Value> {
     let mut ratios = Vec::new();
-    for connections in CONNECTION_COUNTS {
+    for case in CASES {
         let (Some(slb), Some(haproxy)) = (
-            find(measurements, "slb", connections),
-            find(measurements, "HAProxy", connections),
+            find(measurements, "slb", case),
+            find(measurements, "HAProxy", case),
         ) else {
             continue;
         };
-        let rps_ratio = slb.wrk.requests_per_sec() / haproxy.wrk.requests_per_sec();
-        let p99_ratio = slb.wrk.latency_us.p99 / haproxy.wrk.latency_us.p99;
+        let rps_ratio = slb.load.requests_per_sec() / haproxy.load.requests_per_sec();
+        let p99_ratio = slb.load.latency_us().p99 / haproxy.load.latency_us().p99;
+        let cpu_ratio = slb.balancer_cpu_us_per_request / haproxy.balancer_cpu_us_per_request;
         let _ = writeln!(
             md,
-            "slb/HAProxy ({connections} connection(s)): requests/s ratio {rps_ratio:.2}, \
-             p99 ratio {p99_ratio:.2}  "
+            "slb/HAProxy ({}): requests/s ratio {rps_ratio:.2}, p99 ratio {p99_ratio:.2}, \
+             CPU/request ratio {cpu_ratio:.2}  ",
+            case.label()
         );
-        ratios.push(json!({
-            "connections": connections,
+        let mut ratio = json!({
+            "protocol": case_protocol(case),
             "requests_per_sec_ratio": rps_ratio,
             "p99_ratio": p99_ratio,
-        }));
+            "cpu_per_request_ratio": cpu_ratio,
+        });
+        add_case_fields(&mut ratio, case);
+        ratios.push(ratio);
     }
     ratios
 }
 
+/// `http/1.1` or `h2-tls`, as the JSON names a case's protocol.
+fn case_protocol(case: Case) -> &'static str {
+    match case {
+        Case::Http1 { .. } => "http/1.1",
+        Case::H2Tls => "h2-tls",
+    }
+}
+
+/// The case's connection (and stream) counts, added to a JSON object.
+fn add_case_fields(value: &mut serde_json::Value, case: Case) {
+    let (connections, streams) = match case {
+        Case::Http1 { connections } => (connections, 1),
+        Case::H2Tls => (H2_CLIENTS, H2_STREAMS),
+    };
+    value["connections"] = json!(connections);
+    value["streams_per_connection"] = json!(streams);
+}
+
 fn run_json(m: &Measurement) -> serde_json::Value {
-    json!({
+    let latency = m.load.latency_us();
+    let mut run = json!({
         "balancer": m.balancer,
-        "connections": m.connections,
-        "requests_per_sec": m.wrk.requests_per_sec(),
-        "requests": m.wrk.requests,
-        "duration_s": m.wrk.duration_us / 1e6,
-        "bytes_per_response": m.wrk.bytes_per_response(),
+        "protocol": case_protocol(m.case),
+        "requests_per_sec": m.load.requests_per_sec(),
+        "requests": m.load.requests(),
         "latency_ms": {
-            "p50": m.wrk.latency_us.p50 / 1000.0,
-            "p90": m.wrk.latency_us.p90 / 1000.0,
-            "p99": m.wrk.latency_us.p99 / 1000.0,
-            "mean": m.wrk.latency_us.mean / 1000.0,
-            "max": m.wrk.latency_us.max / 1000.0,
-        },
-        "errors": {
-            "status_400_or_more": m.wrk.errors.status,
-            "connect": m.wrk.errors.connect,
-            "read": m.wrk.errors.read,
-            "write": m.wrk.errors.write,
-            "timeout": m.wrk.errors.timeout,
+            "p50": latency.p50 / 1000.0,
+            "p90": latency.p90 / 1000.0,
+            "p99": latency.p99 / 1000.0,
+            "mean": latency.mean / 1000.0,
+            "max": latency.max / 1000.0,
         },
         "balancer_cpu_us_per_request": m.balancer_cpu_us_per_request,
         "cpu_busy_percent": {
             "generator_cpu": m.cpu_busy_percent[0],
             "balancer_cpu": m.cpu_busy_percent[1],
         },
-    })
+    });
+    add_case_fields(&mut run, m.case);
+    match &m.load {
+        Load::Wrk(wrk) => {
+            run["duration_s"] = json!(wrk.duration_us / 1e6);
+            run["bytes_per_response"] = json!(wrk.bytes_per_response());
+            run["errors"] = json!({
+                "status_400_or_more": wrk.errors.status,
+                "connect": wrk.errors.connect,
+                "read": wrk.errors.read,
+                "write": wrk.errors.write,
+                "timeout": wrk.errors.timeout,
+            });
+        }
+        Load::H2load(h2) => run["h2load"] = h2.json(),
+    }
+    run
 }
 
 #[cfg(test)]
@@ -645,7 +911,7 @@ SLB_BENCH_WRK {\"duration_us\":5000000,\"requests\":119500,\"bytes\":43022643,\"
 
     #[test]
     fn haproxy_config_lists_every_backend() {
-        let config = haproxy_config(3);
+        let config = haproxy_config(3, Path::new("/tmp/c.pem"));
         for i in 1..=3 {
             let server = format!(
                 "server b{i} {}:{BACKEND_PORT} weight {WEIGHT}",
@@ -657,5 +923,8 @@ SLB_BENCH_WRK {\"duration_us\":5000000,\"requests\":119500,\"bytes\":43022643,\"
             );
         }
         assert!(config.contains(&format!("bind {VIP}:{HTTP_PORT}")));
+        assert!(config.contains(&format!(
+            "bind {VIP}:{HTTPS_PORT} ssl crt /tmp/c.pem alpn h2,http/1.1"
+        )));
     }
 }

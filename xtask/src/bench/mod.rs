@@ -8,6 +8,7 @@
 //! is mostly the sender's, so it shares CPU 0 with the generator for the forward direction.
 
 pub mod capacity;
+pub mod h2load;
 pub mod http;
 pub mod l4;
 
@@ -167,6 +168,7 @@ fn machine() -> serde_json::Value {
         "rustc": first_line(Command::new("rustc").arg("--version")),
         "haproxy": first_line(Command::new("haproxy").arg("-v")),
         "wrk": first_line(Command::new("wrk").arg("--version")),
+        "h2load": first_line(Command::new("h2load").arg("--version")),
         "nft": first_line(Command::new("nft").arg("--version")),
         "date": first_line(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])),
     })
