@@ -97,7 +97,7 @@ impl H2loadResult {
             status_4xx_5xx: count(statuses, "4xx")? + count(statuses, "5xx")?,
             protocol: line_after(stdout, "Application protocol:")?.to_owned(),
             cipher: line_after(stdout, "Cipher:")?.to_owned(),
-            latency_us: log_latency(log)?,
+            latency_us: log_latency(log, count(requests, "succeeded")?)?,
         })
     }
 
@@ -120,10 +120,11 @@ impl H2loadResult {
     }
 }
 
-/// Latency percentiles (nearest rank), mean and maximum of the log's successful requests:
-/// tab-separated start time, status (-1 for a failed stream), microseconds to the response's
-/// end.
-fn log_latency(log: &str) -> anyhow::Result<Latency> {
+/// Latency percentiles (nearest rank), mean and maximum of the successful requests (status
+/// 2xx or 3xx) of h2load's log: tab-separated start time, status (-1 for a failed stream),
+/// microseconds to the response's end. The log must hold as many of them as the report's
+/// `succeeded` (h2load appends to a log: one left from another run would skew the figures).
+fn log_latency(log: &str, succeeded: u64) -> anyhow::Result<Latency> {
     let mut times = Vec::new();
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
         let fields: Vec<&str> = line.split('\t').collect();
@@ -131,7 +132,8 @@ fn log_latency(log: &str) -> anyhow::Result<Latency> {
             anyhow::bail!("h2load log line with fewer than 3 columns: {line:?}");
         };
         let status: i32 = status.trim().parse().with_context(|| format!("{line:?}"))?;
-        if status >= 0 {
+        // h2load's "succeeded": answers with a 2xx or 3xx status.
+        if (200..400).contains(&status) {
             times.push(
                 time.trim()
                     .parse::<u64>()
@@ -140,6 +142,11 @@ fn log_latency(log: &str) -> anyhow::Result<Latency> {
         }
     }
     ensure!(!times.is_empty(), "h2load logged no successful request");
+    ensure!(
+        times.len() as u64 == succeeded,
+        "h2load's log has {} successful requests, its report {succeeded}",
+        times.len()
+    );
     times.sort_unstable();
     let rank = |p: f64| {
         let i = ((p / 100.0 * times.len() as f64).ceil() as usize).clamp(1, times.len());
@@ -168,8 +175,8 @@ Application protocol: h2
 Main benchmark duration is over for thread #0. Stopping all clients.
 
 finished in 2.99s, 57825.00 req/s, 2.15MB/s
-requests: 115650 total, 115650 started, 115650 done, 115640 succeeded, 10 failed, 3 errored, 2 timeout
-status codes: 115640 2xx, 0 3xx, 4 4xx, 1 5xx
+requests: 110 total, 110 started, 110 done, 100 succeeded, 10 failed, 3 errored, 2 timeout
+status codes: 95 2xx, 0 3xx, 4 4xx, 1 5xx
 traffic: 4.30MB (4510350) total, 2.86MB (2995040) headers (space savings 65.96%), 914.01KB (935950) data
                      min         max         mean         sd        +/- sd
 time for request:       64us     25.19ms      1.52ms      3.20ms    91.81%
@@ -185,7 +192,7 @@ time for request:       64us     25.19ms      1.52ms      3.20ms    91.81%
         assert_eq!(r.requests_per_sec, 57825.0);
         assert_eq!(
             (r.succeeded, r.failed, r.errored, r.timeout),
-            (115640, 10, 3, 2)
+            (100, 10, 3, 2)
         );
         assert_eq!(r.status_4xx_5xx, 5);
         assert_eq!(r.protocol, "h2");
@@ -196,10 +203,14 @@ time for request:       64us     25.19ms      1.52ms      3.20ms    91.81%
     }
 
     #[test]
-    fn a_report_without_a_protocol_or_an_empty_log_is_an_error() {
-        let log = "1\t200\t10\n";
+    fn a_report_without_a_protocol_or_a_log_of_other_runs_is_an_error() {
+        let log: String = (1..=100).map(|i| format!("1\t200\t{i}\n")).collect();
+        assert!(H2loadResult::parse(REPORT, &log).is_ok());
         let no_alpn = REPORT.replace("Application protocol: h2\n", "");
-        assert!(H2loadResult::parse(&no_alpn, log).is_err());
+        assert!(H2loadResult::parse(&no_alpn, &log).is_err());
         assert!(H2loadResult::parse(REPORT, "1\t-1\t10\n").is_err());
+        // The log of an earlier run left in the file (h2load appends).
+        let twice = log.repeat(2);
+        assert!(H2loadResult::parse(REPORT, &twice).is_err());
     }
 }

@@ -260,6 +260,13 @@ impl Balancer<'_> {
     /// namespace, pinned to the generator CPU; it must have negotiated h2.
     fn h2load(&self, duration: Duration) -> anyhow::Result<H2loadResult> {
         let log = self.work_dir.join("h2load.log");
+        // h2load appends to its log: each run starts from an empty one.
+        match std::fs::remove_file(&log) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", log.display()))
+            }
+            _ => {}
+        }
         let url = format!("https://{}/", vip_https());
         let args = h2load::args(&url, H2_CLIENTS, H2_STREAMS, duration, &log);
         let mut cmd = pinned_in(self.topo.client_ns(), GENERATOR_CPU, &args);
