@@ -208,15 +208,32 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
 
 fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(file)?;
+    // What `slb run` reads besides the file and its certificates: a bad secret would refuse
+    // the start.
+    let uses_cookies = config.listeners.iter().any(|l| l.cookie.is_some());
+    let path = &config.cookie_secret_file;
+    let secret = if uses_cookies {
+        Some(slb_user::proxy::cookies::CookieKey::load(path)?.is_some())
+    } else {
+        None
+    };
     println!(
         "{}: ok — instance {:?}, {} listener(s), {} VServer group(s), {} default-group backend(s), {} interface(s)",
         file.display(),
-        config.instance,
+        config.instance.as_str(),
         config.listeners.len(),
         config.groups.len(),
         config.default_group.backends.len(),
         config.interfaces.len()
     );
+    match secret {
+        Some(true) => println!("cookie secret {}: ok", path.display()),
+        Some(false) => println!(
+            "cookie secret {}: missing; slb run creates one (copy it to every node that serves these listeners)",
+            path.display()
+        ),
+        None => {}
+    }
     Ok(())
 }
 

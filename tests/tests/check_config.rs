@@ -53,3 +53,39 @@ fn check_config_accepts_good_and_names_bad_fields() {
         "error does not name the field:\n{out}"
     );
 }
+
+/// With a listener that uses cookies, check-config reads the cookie secret `slb run` would:
+/// a short one is refused naming the file, a missing one is reported (and not created).
+#[test]
+fn check_config_reads_the_cookie_secret_it_will_use() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let secret = dir.path().join("cookie-secret");
+    let text = |secret: &std::path::Path| {
+        format!(
+            "instance = \"cc\"\ncookie_secret_file = \"{}\"\n[[interfaces]]\nname = \"eth0\"\n\
+             [[listeners]]\nname = \"web\"\nprotocol = \"http\"\nvip = \"192.0.2.10\"\nport = 80\n\
+             cookie = {{ mode = \"insert\" }}\n\
+             [default_group]\nbackends = [{{ address = \"198.51.100.11\" }}]\n",
+            secret.display()
+        )
+    };
+    let (ok, out) = check_config(&text(&secret));
+    assert!(
+        ok,
+        "a missing secret (slb run creates it) was refused:\n{out}"
+    );
+    assert!(out.contains("missing"), "{out}");
+    assert!(!secret.exists(), "check-config created the secret");
+
+    std::fs::write(&secret, "short\n").expect("write secret");
+    let (ok, out) = check_config(&text(&secret));
+    assert!(!ok, "a 5-byte secret was accepted:\n{out}");
+    assert!(
+        out.contains(&secret.display().to_string()) && out.contains("5 bytes"),
+        "the error does not name the file and its size:\n{out}"
+    );
+
+    std::fs::write(&secret, "a secret of more than sixteen bytes\n").expect("write secret");
+    let (ok, out) = check_config(&text(&secret));
+    assert!(ok && out.contains("cookie secret"), "{out}");
+}

@@ -44,13 +44,25 @@ impl CookieKey {
             path: path.to_owned(),
             source,
         };
+        if let Some(key) = CookieKey::load(path)? {
+            return Ok(key);
+        }
+        create_secret(path).map_err(io)?;
+        CookieKey::load(path)?.ok_or_else(|| io(std::io::ErrorKind::NotFound.into()))
+    }
+
+    /// The secret in `path`, `None` when there is no such file (`slb check-config` reports
+    /// that without creating one).
+    pub fn load(path: &Path) -> Result<Option<CookieKey>, CookieKeyError> {
         let secret = match std::fs::read(path) {
             Ok(secret) => secret,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                create_secret(path).map_err(io)?;
-                std::fs::read(path).map_err(io)?
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(CookieKeyError::Io {
+                    path: path.to_owned(),
+                    source,
+                })
             }
-            Err(e) => return Err(io(e)),
         };
         let secret = secret.trim_ascii();
         if secret.len() < MIN_SECRET_BYTES {
@@ -59,7 +71,7 @@ impl CookieKey {
                 len: secret.len(),
             });
         }
-        Ok(CookieKey::from_secret(secret))
+        Ok(Some(CookieKey::from_secret(secret)))
     }
 
     pub fn from_secret(secret: &[u8]) -> CookieKey {

@@ -15,7 +15,7 @@
 pub mod access_log;
 pub mod balance;
 mod client_body;
-mod cookies;
+pub mod cookies;
 pub mod counters;
 mod limits;
 mod listener;
