@@ -644,6 +644,23 @@ impl SlbDaemon {
         self.inst.status()
     }
 
+    /// Waits (at most 5 s) until `slb status` shows proxy counter `name` at `want` (the daemon
+    /// writes them once a second); returns what it shows at the end, 0 for a counter not shown.
+    pub fn wait_proxy_counter(&self, name: &str, want: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let shown = self
+                .status()
+                .ok()
+                .and_then(|s| s.proxy_counters.get(name).copied())
+                .unwrap_or(0);
+            if shown == want || Instant::now() > deadline {
+                return shown;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Polls `slb status --json` until the backend at `address` of `listener` reports
     /// `healthy == want`, and returns that status entry. Fails after `timeout`.
     pub fn wait_backend_health(

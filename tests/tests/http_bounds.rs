@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use http_common::{client_builder, get, L7Setup};
 use slb_tests::config::http_listener;
 use slb_tests::http::{tcp_connect_in, vip_http, HTTP_PORT};
-use slb_tests::{require_root, SlbDaemon, VIP};
+use slb_tests::{require_root, VIP};
 
 /// The `[[groups]]` table named `name` of a config.
 fn group_table<'a>(config: &'a mut toml::Table, name: &str) -> &'a mut toml::Table {
@@ -35,23 +35,6 @@ fn listener_table<'a>(config: &'a mut toml::Table, name: &str) -> &'a mut toml::
         .filter_map(toml::Value::as_table_mut)
         .find(|l| l["name"].as_str() == Some(name))
         .unwrap_or_else(|| panic!("no listener {name}"))
-}
-
-/// Waits until `slb status` shows proxy counter `name` at `want` (the daemon writes them once
-/// a second); returns what it shows at the end.
-fn wait_proxy_counter(daemon: &SlbDaemon, name: &str, want: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let shown = daemon
-            .status()
-            .ok()
-            .and_then(|s| s.proxy_counters.get(name).copied())
-            .unwrap_or(0);
-        if shown == want || Instant::now() > deadline {
-            return shown;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// What the backend says of its connections (`/connections`, asked through slb).
@@ -155,12 +138,16 @@ fn http_backend_connections_are_capped_then_queued_then_refused() {
         backend.peak
     );
     assert_eq!(
-        wait_proxy_counter(&setup.daemon, "requests_queued", MAX_QUEUED as u64),
+        setup
+            .daemon
+            .wait_proxy_counter("requests_queued", MAX_QUEUED as u64),
         MAX_QUEUED as u64
     );
     let refused_count = refused.len() as u64;
     assert_eq!(
-        wait_proxy_counter(&setup.daemon, "requests_refused_queue_full", refused_count),
+        setup
+            .daemon
+            .wait_proxy_counter("requests_refused_queue_full", refused_count),
         refused_count
     );
 }
@@ -233,7 +220,7 @@ fn http_client_that_stops_reading_is_cut_off_and_the_backend_released() {
         "the client's connection ends early: {received} bytes, then {end}"
     );
     assert_eq!(
-        wait_proxy_counter(&setup.daemon, "client_send_timeouts", 1),
+        setup.daemon.wait_proxy_counter("client_send_timeouts", 1),
         1
     );
     // The listener serves on.
@@ -317,7 +304,7 @@ fn http2_stream_the_client_stops_reading_is_cut_off_and_the_backend_released() {
     assert_eq!(next.status, 200);
     assert_eq!(next.version, reqwest::Version::HTTP_2);
     assert_eq!(
-        wait_proxy_counter(&setup.daemon, "client_send_timeouts", 1),
+        setup.daemon.wait_proxy_counter("client_send_timeouts", 1),
         1
     );
 }
@@ -388,7 +375,7 @@ fn http_upload_longer_than_backend_timeout_succeeds_but_a_stalled_one_gets_408()
         "408 after {stalled_took:?}, client_timeout is {CLIENT_TIMEOUT:?}"
     );
     assert_eq!(
-        wait_proxy_counter(&setup.daemon, "client_body_timeouts", 1),
+        setup.daemon.wait_proxy_counter("client_body_timeouts", 1),
         1
     );
 }
@@ -424,7 +411,7 @@ fn http_request_looping_back_through_a_backend_gets_508() {
     );
     assert_eq!(answer.status, 508, "{}", answer.text());
     assert!(answer.text().contains("Loop Detected"), "{}", answer.text());
-    assert_eq!(wait_proxy_counter(&setup.daemon, "loops_refused", 1), 1);
+    assert_eq!(setup.daemon.wait_proxy_counter("loops_refused", 1), 1);
 }
 
 /// The soft open-files limit under which exactly one descriptor number is free in a process
@@ -512,5 +499,10 @@ fn http_out_of_file_descriptors_is_slbs_own_503_not_a_backend_failure() {
         "the log blames slb, not the backend:\n{log}"
     );
     assert_eq!(after.status, 200, "{}", after.text());
-    assert!(wait_proxy_counter(&setup.daemon, "out_of_file_descriptors", 1) >= 1);
+    assert!(
+        setup
+            .daemon
+            .wait_proxy_counter("out_of_file_descriptors", 1)
+            >= 1
+    );
 }

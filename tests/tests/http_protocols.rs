@@ -460,20 +460,10 @@ fn https_renegotiation_attempts_are_counted_not_logged_one_by_one() {
         .daemon
         .wait_for_log(&summary, 1, Duration::from_secs(10))
         .expect("the count of refused renegotiations in the log");
-    // The counter in slb status (written once a second).
-    let deadline = Instant::now() + TIMEOUT;
-    let counted = loop {
-        let counted = setup
-            .daemon
-            .status()
-            .ok()
-            .and_then(|s| s.proxy_counters.get("tls_renegotiations_refused").copied());
-        if counted == Some(ATTEMPTS as u64) || Instant::now() > deadline {
-            break counted;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert_eq!(counted, Some(ATTEMPTS as u64), "slb status counts them");
+    let counted = setup
+        .daemon
+        .wait_proxy_counter("tls_renegotiations_refused", ATTEMPTS as u64);
+    assert_eq!(counted, ATTEMPTS as u64, "slb status counts them");
     let log = setup.daemon.log();
     let lines: Vec<&str> = log
         .lines()
