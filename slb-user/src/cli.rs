@@ -28,7 +28,8 @@ pub enum Command {
         #[arg(long)]
         keep_serving: bool,
         /// Threads of the daemon's runtime (L7 proxy, health checks, admin API); the default
-        /// is the number of CPUs slb may run on.
+        /// is the number of CPUs slb may run on. With 1, everything shares one thread, which
+        /// costs the least CPU per proxied request.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
         worker_threads: Option<u16>,
     },

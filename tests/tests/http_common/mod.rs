@@ -52,6 +52,32 @@ impl L7Setup {
         make_config: impl FnOnce(&mut SlbConfig, &Path),
         edit_toml: impl FnOnce(&mut toml::Table),
     ) -> L7Setup {
+        Self::start_full(tag, backends, make_config, edit_toml, &[])
+    }
+
+    /// [`start`](Self::start) with `slb run --worker-threads 1`: the proxy, the health checks
+    /// and the admin API share one thread (slb's current-thread runtime).
+    pub fn start_on_one_thread(
+        tag: &str,
+        backends: usize,
+        make_config: impl FnOnce(&mut SlbConfig, &Path),
+    ) -> L7Setup {
+        Self::start_full(
+            tag,
+            backends,
+            make_config,
+            |_| {},
+            &["--worker-threads", "1"],
+        )
+    }
+
+    fn start_full(
+        tag: &str,
+        backends: usize,
+        make_config: impl FnOnce(&mut SlbConfig, &Path),
+        edit_toml: impl FnOnce(&mut toml::Table),
+        run_options: &[&str],
+    ) -> L7Setup {
         let dir = tempfile::Builder::new()
             .prefix(&format!("slb-{tag}-"))
             .tempdir()
@@ -72,8 +98,14 @@ impl L7Setup {
         let mut table: toml::Table = config.to_toml().parse().expect("the config is TOML");
         edit_toml(&mut table);
         let text = table.to_string();
-        let daemon = SlbDaemon::start_toml(&slb_binary(), topo.slb_ns(), config.instance(), &text)
-            .unwrap_or_else(|e| panic!("start slb: {e:#}\nconfig:\n{text}"));
+        let daemon = SlbDaemon::start_toml_with(
+            &slb_binary(),
+            topo.slb_ns(),
+            config.instance(),
+            &text,
+            run_options,
+        )
+        .unwrap_or_else(|e| panic!("start slb: {e:#}\nconfig:\n{text}"));
         let client = NetnsRuntime::new(topo.client_ns()).expect("client runtime");
         L7Setup {
             daemon,
