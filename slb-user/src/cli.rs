@@ -27,9 +27,9 @@ pub enum Command {
         /// On exit, leave the programs attached and the maps pinned (traffic keeps flowing).
         #[arg(long)]
         keep_serving: bool,
-        /// Threads of the daemon's runtime (L7 proxy, health checks, admin API); the default
-        /// is the number of CPUs slb may run on. With 1, everything shares one thread, which
-        /// costs the least CPU per proxied request.
+        /// Threads of the L7 proxy, each serving its share of the connections; the default is
+        /// the number of CPUs slb may run on. Health checks and the admin API run on a thread
+        /// of their own.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
         worker_threads: Option<u16>,
     },

@@ -159,21 +159,13 @@ pub fn raise_descriptor_limit() -> u64 {
     limit.rlim_cur
 }
 
-/// One thread: a current-thread runtime, which serves everything on the thread `slb run` started
-/// on, without the work-stealing runtime's cross-thread bookkeeping (in the HTTP benchmark the
-/// proxy's CPU per request fell from about 41 to 27 µs, and its requests/s rose from ×0.50 to
-/// ×0.85 of HAProxy's with one thread each). Several threads: a work-stealing runtime.
-fn build_runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(worker_threads)
-            .enable_all()
-            .build()
-    }
+/// The control plane's runtime: applies run on the thread `slb run` started on, health checks,
+/// the admin API and metrics on one worker thread (the proxy has threads of its own).
+fn control_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
 }
 
 pub fn run(options: RunOptions) -> anyhow::Result<()> {
@@ -191,7 +183,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
         usize::from,
     );
-    let runtime = build_runtime(worker_threads)?;
+    let runtime = control_runtime()?;
     // Before the data plane is loaded: a SIGTERM from here on waits for the loop (and its
     // clean-up) instead of killing a daemon that has pinned things.
     let signals = runtime.block_on(async { StopSignals::install() })?;
@@ -202,12 +194,14 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
     } else {
         None
     };
+    let proxy = ProxyManager::new(worker_threads).context("starting the proxy's threads")?;
     let outcome = runtime.block_on(serve(
         &mut dataplane,
         config,
         previous,
         &options.config,
         signals,
+        proxy,
     ));
 
     let keep = match &outcome {
@@ -272,11 +266,12 @@ async fn serve(
     previous: Option<AppliedState>,
     path: &Path,
     signals: StopSignals,
+    proxy: ProxyManager,
 ) -> anyhow::Result<Exit> {
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     let admin_socket = api::bind(&config.instance)?;
-    let (mut daemon, background) = start_daemon(dataplane, config, previous, health_tx)?;
+    let (mut daemon, background) = start_daemon(dataplane, config, previous, health_tx, proxy)?;
     let tasks = Tasks {
         api: tokio::spawn(api::serve(admin_socket, call_tx)),
         background,
@@ -337,6 +332,7 @@ fn start_daemon(
     config: Config,
     previous: Option<AppliedState>,
     health_tx: mpsc::Sender<HealthEvent>,
+    proxy: ProxyManager,
 ) -> anyhow::Result<(Daemon, Vec<tokio::task::JoinHandle<()>>)> {
     let (plan_tx, plan_rx) = watch::channel(crate::flows::SweepPlan::default());
     let (published_tx, published_rx) = watch::channel(Published::default());
@@ -350,6 +346,7 @@ fn start_daemon(
             sweep_plan: plan_tx,
             published: published_tx,
         },
+        proxy,
     )?;
     let proxy_counters = daemon.proxy.counters();
     let live = LiveStatus::new(
@@ -552,6 +549,7 @@ impl Daemon {
         previous: Option<AppliedState>,
         monitor: HealthMonitor,
         publishers: Publishers,
+        proxy: ProxyManager,
     ) -> anyhow::Result<Daemon> {
         let maps = PinnedMaps::open(dataplane.dir())?;
         let mut reconciler = Reconciler::new(maps, &config.instance, config.maglev_table_size);
@@ -585,7 +583,7 @@ impl Daemon {
             config: config.clone(),
             health,
             monitor,
-            proxy: ProxyManager::new(),
+            proxy,
             publishers,
             links: BTreeMap::new(),
         };

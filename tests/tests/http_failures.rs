@@ -79,8 +79,7 @@ struct Sample {
 #[test]
 fn http_health_check_fails_over_and_503_when_none_is_left() {
     require_root("http_health_check_fails_over_and_503_when_none_is_left");
-    // On one thread, so that slb's current-thread runtime serves requests, checks and
-    // verdicts together under load.
+    // One proxy thread: the other tests run with one per CPU.
     let mut setup = L7Setup::start_on_one_thread("h7fail", 3, |c, _| {
         c.group("pool", &[(1, 1), (2, 1), (3, 1)]);
         let mut web = http_listener("web", HTTP_PORT, "pool");

@@ -10,7 +10,6 @@ use arc_swap::ArcSwap;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::access_log::{AccessLog, OpenError};
@@ -22,6 +21,7 @@ use super::limits::{
 use super::listener::{tls_for, BuildError, ListenerSnapshot};
 use super::request::SharedByListeners;
 use super::serve::accept_loop;
+use super::workers::ProxyThreads;
 use crate::applied::{BackendKey, HealthStatus, ProxyBackendInfo, ProxyListenerInfo};
 use crate::config::{Config, Protocol};
 
@@ -72,16 +72,13 @@ pub struct ProxyManager {
     /// The connection bounds of every backend address, read by the connector.
     caps: BackendCaps,
     shared: Arc<SharedByListeners>,
-}
-
-impl Default for ProxyManager {
-    fn default() -> Self {
-        Self::new()
-    }
+    /// Declared last: dropped after the accept loops above are aborted.
+    threads: ProxyThreads,
 }
 
 impl ProxyManager {
-    pub fn new() -> ProxyManager {
+    /// A proxy with `threads` threads (at least one), listening nowhere until the first apply.
+    pub fn new(threads: usize) -> std::io::Result<ProxyManager> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -92,7 +89,7 @@ impl ProxyManager {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_timer(TokioTimer::new())
             .build(CappedConnector::new(connector, caps.clone()));
-        ProxyManager {
+        Ok(ProxyManager {
             running: BTreeMap::new(),
             in_flight: HashMap::new(),
             cookie_key: None,
@@ -103,7 +100,8 @@ impl ProxyManager {
                 counters,
                 via_name: via_name(),
             }),
-        }
+            threads: ProxyThreads::start(threads)?,
+        })
     }
 
     /// The proxy's counters, for status and metrics.
@@ -226,7 +224,7 @@ impl ProxyManager {
     fn bind_new_addresses(
         &self,
         wanted: &BTreeMap<String, Wanted>,
-    ) -> Result<BTreeMap<String, TcpListener>, ApplyError> {
+    ) -> Result<BTreeMap<String, std::net::TcpListener>, ApplyError> {
         let mut bound = BTreeMap::new();
         for (name, w) in wanted {
             let reuse = self
@@ -254,10 +252,15 @@ impl ProxyManager {
         });
     }
 
-    fn start(&mut self, name: String, listener: TcpListener, wanted: Wanted) {
+    fn start(&mut self, name: String, listener: std::net::TcpListener, wanted: Wanted) {
         let snapshot = Arc::new(ArcSwap::from_pointee(wanted.snapshot));
-        let accept_task =
-            tokio::spawn(accept_loop(listener, snapshot.clone(), self.shared.clone()));
+        let runtimes = self.threads.runtimes();
+        let accept_task = runtimes.next().spawn(accept_loop(
+            listener,
+            snapshot.clone(),
+            self.shared.clone(),
+            runtimes.clone(),
+        ));
         tracing::info!(listener = %name, addr = %wanted.addr, protocol = %wanted.protocol, "proxy listening");
         self.running.insert(
             name,
@@ -303,7 +306,8 @@ fn via_name() -> String {
     format!("slb-{:016x}", hasher.finish())
 }
 
-fn bind(addr: SocketAddr) -> Result<TcpListener, ApplyError> {
+/// A listening socket, registered with no runtime yet: its accept loop runs on a proxy thread.
+fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ApplyError> {
     let listen_error = |source| ApplyError::Listen { addr, source };
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -317,7 +321,7 @@ fn bind(addr: SocketAddr) -> Result<TcpListener, ApplyError> {
         .bind(&addr.into())
         .map_err(|source| ApplyError::Bind { addr, source })?;
     socket.listen(4096).map_err(listen_error)?;
-    TcpListener::from_std(socket.into()).map_err(listen_error)
+    Ok(socket.into())
 }
 
 /// What `slb status` and the distribution report show of the HTTP(S) listeners.

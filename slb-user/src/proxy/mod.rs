@@ -11,6 +11,7 @@
 //! - `limits`: the bounds on backend connections (`max_connections`, the queue before 503);
 //!   `stall`: the bound on a client that stops reading; `counters`: what they count.
 //! - `access_log`: the log record, written by a thread of its own.
+//! - `workers`: the proxy's threads, a current-thread runtime each.
 
 pub mod access_log;
 pub mod balance;
@@ -26,5 +27,6 @@ mod serve;
 mod stall;
 pub mod tls;
 mod websocket;
+mod workers;
 
 pub use manager::{describe, ApplyError, ProxyManager};

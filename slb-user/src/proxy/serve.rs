@@ -18,6 +18,7 @@ use super::limits::is_out_of_files;
 use super::listener::ListenerSnapshot;
 use super::request::{handle, Client, SharedByListeners, MAX_HEADER_LIST_BYTES};
 use super::stall::WriteStallLimit;
+use super::workers::ProxyRuntimes;
 use crate::config::Protocol;
 
 /// What hyper may read of a request's head (HTTP/1) or header list (HTTP/2, pseudo-headers
@@ -26,11 +27,21 @@ use crate::config::Protocol;
 /// buffer's, which one read may overshoot).
 const MAX_HEAD_READ_BYTES: usize = 2 * MAX_HEADER_LIST_BYTES;
 
+/// Accepts connections on `listener` (bound, not yet registered with a runtime: this runs on a
+/// proxy thread) and hands each to a proxy thread in turn.
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     snapshot: Arc<ArcSwap<ListenerSnapshot>>,
     shared: Arc<SharedByListeners>,
+    runtimes: ProxyRuntimes,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listener = %snapshot.load().name, "cannot accept connections: {e}");
+            return;
+        }
+    };
     let mut backoff = crate::accept::AcceptBackoff::new("HTTP proxy");
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -45,12 +56,23 @@ pub async fn accept_loop(
         };
         backoff.succeeded();
         let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_connection(
-            stream,
-            peer,
-            snapshot.clone(),
-            shared.clone(),
-        ));
+        let (snapshot, shared) = (snapshot.clone(), shared.clone());
+        if runtimes.is_single() {
+            tokio::spawn(serve_connection(stream, peer, snapshot, shared));
+            continue;
+        }
+        // Moved as a plain socket: a tokio stream belongs to the runtime it was registered on.
+        match stream.into_std() {
+            Ok(stream) => {
+                runtimes.next().spawn(async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => serve_connection(stream, peer, snapshot, shared).await,
+                        Err(e) => tracing::debug!(%peer, "connection lost between threads: {e}"),
+                    }
+                });
+            }
+            Err(e) => tracing::debug!(%peer, "connection lost between threads: {e}"),
+        }
     }
 }
 

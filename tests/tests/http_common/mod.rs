@@ -55,8 +55,8 @@ impl L7Setup {
         Self::start_full(tag, backends, make_config, edit_toml, &[])
     }
 
-    /// [`start`](Self::start) with `slb run --worker-threads 1`: the proxy, the health checks
-    /// and the admin API share one thread (slb's current-thread runtime).
+    /// [`start`](Self::start) with `slb run --worker-threads 1`: one proxy thread, which keeps
+    /// each connection it accepts (with more, each goes to the next thread in turn).
     pub fn start_on_one_thread(
         tag: &str,
         backends: usize,
