@@ -1,7 +1,10 @@
 //! HTTP suite: requests per second and latency through slb's HTTP and HTTPS listeners and
-//! through HAProxy in HTTP mode, on the same namespace topology, driven by the same clients, one
-//! balancer after the other in one run: `wrk` for HTTP/1.1 over TCP, `h2load` for HTTP/2 over
-//! TLS (both balancers serve the same self-signed certificate, ALPN h2).
+//! through HAProxy in HTTP mode, on the same namespace topology, driven by the same clients:
+//! `wrk` for HTTP/1.1 over TCP, `h2load` for HTTP/2 over TLS (both balancers serve the same
+//! self-signed certificate, ALPN h2). Both balancers run side by side on their own ports, and
+//! each case is measured in [`ROUNDS`] rounds that alternate between them, so that a slow spell
+//! of the shared machine falls on both rather than on whichever balancer ran then; the table
+//! shows each balancer's median round.
 //!
 //! Both balancers do the same work per request: round robin over three `slb-http-backend`
 //! servers with equal weights, no health checks, no access log, pooled keep-alive connections
@@ -10,7 +13,7 @@
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -23,7 +26,8 @@ use slb_tests::http::{
     add_local_vip, tcp_connect_in, vip_http, vip_https, Echo, HttpBackends, HTTPS_PORT, HTTP_PORT,
 };
 use slb_tests::slb::unique_instance;
-use slb_tests::{SlbConfig, SlbDaemon, Topology, BACKEND_PORT, CLIENT_ADDR, VIP};
+use slb_tests::VIP;
+use slb_tests::{SlbConfig, SlbDaemon, Topology, BACKEND_PORT, CLIENT_ADDR};
 
 use super::h2load::{self, H2loadResult, Latency};
 use super::{
@@ -44,6 +48,11 @@ const H2_STREAMS: u32 = 10;
 /// The certificate's name (both balancers serve it; h2load connects by address, without SNI).
 const CERT_NAME: &str = "slb-bench.example";
 const WARM_UP: Duration = Duration::from_secs(1);
+/// Measured runs of each case per balancer, alternating between the balancers.
+const ROUNDS: usize = 3;
+/// HAProxy's ports on the VIP (slb's are [`HTTP_PORT`] and [`HTTPS_PORT`]).
+const HAPROXY_HTTP_PORT: u16 = 9000;
+const HAPROXY_HTTPS_PORT: u16 = 9443;
 /// How long a balancer has to start accepting connections.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Prefix of the line the wrk script prints with the run's figures as JSON.
@@ -202,6 +211,8 @@ impl Load {
 struct Measurement {
     balancer: &'static str,
     case: Case,
+    /// 1 to [`ROUNDS`].
+    round: usize,
     load: Load,
     /// CPU time of the balancer's process per request, in microseconds.
     balancer_cpu_us_per_request: f64,
@@ -209,10 +220,12 @@ struct Measurement {
     cpu_busy_percent: [f64; 2],
 }
 
-/// A balancer listening on `VIP:8000` (HTTP) and `VIP:8443` (HTTPS) in the slb namespace.
+/// A balancer listening on `http` and `https` in the slb namespace.
 struct Balancer<'a> {
     name: &'static str,
     pid: u32,
+    http: SocketAddr,
+    https: SocketAddr,
     topo: &'a Topology,
     script: &'a Path,
     /// Where h2load writes its per-request log.
@@ -228,7 +241,7 @@ impl Balancer<'_> {
         let connections = connections.to_string();
         let seconds = format!("{}s", duration.as_secs().max(1));
         let script = self.script.to_string_lossy();
-        let url = format!("http://{}/", vip_http());
+        let url = format!("http://{}/", self.http);
         let mut cmd = pinned_in(
             self.topo.client_ns(),
             GENERATOR_CPU,
@@ -267,7 +280,7 @@ impl Balancer<'_> {
             }
             _ => {}
         }
-        let url = format!("https://{}/", vip_https());
+        let url = format!("https://{}/", self.https);
         let args = h2load::args(&url, H2_CLIENTS, H2_STREAMS, duration, &log);
         let mut cmd = pinned_in(self.topo.client_ns(), GENERATOR_CPU, &args);
         let stdout = slb_tests::exec::run(&mut cmd)
@@ -295,64 +308,87 @@ impl Balancer<'_> {
     }
 
     /// Checks that the balancer answers with a backend's echo carrying the forwarded headers
-    /// over HTTP and over HTTPS with h2, warms it up, then measures each case (HTTP/2 after
-    /// its own warm-up).
-    fn measure(&self) -> anyhow::Result<Vec<Measurement>> {
-        probe(self.topo).with_context(|| format!("probe request through {}", self.name))?;
-        probe_h2(self.topo).with_context(|| format!("HTTP/2 probe through {}", self.name))?;
-        let mut measurements = Vec::new();
-        for case in CASES {
-            if case == CASES[0] || case == Case::H2Tls {
-                let warm_up = self
-                    .load(case, WARM_UP)
-                    .with_context(|| format!("warming up {}", self.name))?;
-                ensure!(
-                    warm_up.any_success(),
-                    "every warm-up request through {} failed",
-                    self.name
-                );
-            }
-            let measurement = self.measure_case(case)?;
-            println!(
-                "    {}, {}: {:.0} requests/s, p99 {}, error(s): {}",
-                self.name,
-                case.label(),
-                measurement.load.requests_per_sec(),
-                format_latency(measurement.load.latency_us().p99),
-                measurement.load.errors(),
-            );
-            measurements.push(measurement);
-        }
-        Ok(measurements)
+    /// over HTTP and over HTTPS with h2.
+    fn probe(&self) -> anyhow::Result<()> {
+        probe(self.topo, self.http)
+            .with_context(|| format!("probe request through {}", self.name))?;
+        probe_h2(self.topo, self.https)
+            .with_context(|| format!("HTTP/2 probe through {}", self.name))
+    }
+
+    /// Runs `case` for [`WARM_UP`], unmeasured.
+    fn warm_up(&self, case: Case) -> anyhow::Result<()> {
+        let warm_up = self
+            .load(case, WARM_UP)
+            .with_context(|| format!("warming up {}", self.name))?;
+        ensure!(
+            warm_up.any_success(),
+            "every warm-up request through {} failed",
+            self.name
+        );
+        Ok(())
     }
 
     /// One measured run of `case`, with the balancer's CPU time and both CPUs' busy shares.
-    fn measure_case(&self, case: Case) -> anyhow::Result<Measurement> {
+    fn measure_case(&self, case: Case, round: usize) -> anyhow::Result<Measurement> {
         let cpu_before = cpu_jiffies()?;
         let ticks_before = process_cpu_ticks(self.pid)?;
         let load = self.load(case, self.duration)?;
         let ticks = process_cpu_ticks(self.pid)? - ticks_before;
         let cpu_after = cpu_jiffies()?;
-        Ok(Measurement {
+        let measurement = Measurement {
             balancer: self.name,
             case,
+            round,
             balancer_cpu_us_per_request: ticks as f64 / self.ticks_per_sec * 1e6
                 / load.requests().max(1) as f64,
             cpu_busy_percent: busy_between(&cpu_before, &cpu_after).map(|b| 100.0 * b),
             load,
-        })
+        };
+        println!(
+            "    round {round}, {}, {}: {:.0} requests/s, p99 {}, error(s): {}",
+            self.name,
+            case.label(),
+            measurement.load.requests_per_sec(),
+            format_latency(measurement.load.latency_us().p99),
+            measurement.load.errors(),
+        );
+        Ok(measurement)
     }
+}
+
+/// Every case in [`ROUNDS`] rounds, each balancer in turn within a round (the order swapped from
+/// one round to the next); each case is warmed up on each balancer before its first round.
+fn measure_alternating(balancers: &[Balancer]) -> anyhow::Result<Vec<Measurement>> {
+    for balancer in balancers {
+        balancer.probe()?;
+    }
+    let mut measurements = Vec::new();
+    for round in 1..=ROUNDS {
+        for case in CASES {
+            let mut order: Vec<&Balancer> = balancers.iter().collect();
+            if round % 2 == 0 {
+                order.reverse();
+            }
+            for balancer in order {
+                if round == 1 {
+                    balancer.warm_up(case)?;
+                }
+                measurements.push(balancer.measure_case(case, round)?);
+            }
+        }
+    }
+    Ok(measurements)
 }
 
 /// One `GET /` from the client namespace on a fresh connection: the answer must be a 200 with
 /// a backend's echo ([`check_echo`]).
-fn probe(topo: &Topology) -> anyhow::Result<()> {
-    let mut stream = tcp_connect_in(topo.client_ns(), vip_http(), Duration::from_secs(3))?;
+fn probe(topo: &Topology, http: SocketAddr) -> anyhow::Result<()> {
+    let mut stream = tcp_connect_in(topo.client_ns(), http, Duration::from_secs(3))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,
-        "GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-        vip_http()
+        "GET / HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).context("reading the answer")?;
@@ -382,8 +418,8 @@ fn probe(topo: &Topology) -> anyhow::Result<()> {
 /// One `GET /` over TLS with HTTP/2 (`nghttp`, which speaks nothing else; the certificate is
 /// self-signed) from the client namespace: a backend's echo with the forwarded headers and
 /// X-Forwarded-Proto `https`.
-fn probe_h2(topo: &Topology) -> anyhow::Result<()> {
-    let url = format!("https://{}/", vip_https());
+fn probe_h2(topo: &Topology, https: SocketAddr) -> anyhow::Result<()> {
+    let url = format!("https://{https}/");
     let body = slb_tests::exec::exec_in(topo.client_ns(), ["nghttp", "-y", "-t", "5", &url])?;
     check_echo(body.as_bytes(), "https")
 }
@@ -425,15 +461,16 @@ fn dechunk(mut body: &str) -> anyhow::Result<String> {
     }
 }
 
-/// Waits until `VIP:8000` and `VIP:8443` accept TCP connections from the client namespace; fails early if
-/// the balancer's process exits.
+/// Waits until HAProxy's ports accept TCP connections from the client namespace; fails early if
+/// its process exits.
 fn wait_accepting(topo: &Topology, name: &str, process: &mut ChildGuard) -> anyhow::Result<()> {
+    let (http, https) = haproxy_addresses();
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Some(status) = process.try_wait()? {
             bail!("{name} exited ({status}) before accepting connections");
         }
-        let accepting = [vip_http(), vip_https()]
+        let accepting = [http, https]
             .into_iter()
             .all(|addr| tcp_connect_in(topo.client_ns(), addr, Duration::from_millis(200)).is_ok());
         if accepting {
@@ -441,9 +478,7 @@ fn wait_accepting(topo: &Topology, name: &str, process: &mut ChildGuard) -> anyh
         }
         ensure!(
             Instant::now() < deadline,
-            "{name} does not accept connections on {} and {} within {START_TIMEOUT:?}",
-            vip_http(),
-            vip_https()
+            "{name} does not accept connections on {http} and {https} within {START_TIMEOUT:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -522,6 +557,13 @@ impl Certificate {
 /// HAProxy's config matching [`slb_config`]: one thread, keep-alive on both sides with
 /// backend connections reused, the same forwarded headers, slb's default timeouts
 /// (`backend_timeout` 30 s, `header_timeout` 10 s), no checks, no logging.
+fn haproxy_addresses() -> (SocketAddr, SocketAddr) {
+    (
+        SocketAddr::from((VIP, HAPROXY_HTTP_PORT)),
+        SocketAddr::from((VIP, HAPROXY_HTTPS_PORT)),
+    )
+}
+
 fn haproxy_config(backends: usize, cert: &Path) -> String {
     let cert = cert.display();
     let mut config = format!(
@@ -541,13 +583,13 @@ defaults
     timeout http-keep-alive 30s
 
 frontend web
-    bind {VIP}:{HTTP_PORT}
+    bind {VIP}:{HAPROXY_HTTP_PORT}
     http-request set-header X-Forwarded-Proto http
     http-request set-header X-Real-IP %[src]
     default_backend pool
 
 frontend web-tls
-    bind {VIP}:{HTTPS_PORT} ssl crt {cert} alpn h2,http/1.1
+    bind {VIP}:{HAPROXY_HTTPS_PORT} ssl crt {cert} alpn h2,http/1.1
     http-request set-header X-Forwarded-Proto https
     http-request set-header X-Real-IP %[src]
     default_backend pool
@@ -579,10 +621,17 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
-    fn balancer(&self, name: &'static str, pid: u32) -> Balancer<'_> {
+    fn balancer(
+        &self,
+        name: &'static str,
+        pid: u32,
+        (http, https): (SocketAddr, SocketAddr),
+    ) -> Balancer<'_> {
         Balancer {
             name,
             pid,
+            http,
+            https,
             topo: self.topo,
             script: self.script,
             work_dir: self.work_dir,
@@ -592,10 +641,10 @@ impl Shared<'_> {
     }
 }
 
-fn bench_slb(shared: &Shared) -> anyhow::Result<Vec<Measurement>> {
+fn start_slb(shared: &Shared) -> anyhow::Result<SlbDaemon> {
     let config = slb_config(shared.topo, shared.cert);
     let toml = config.to_toml();
-    // One runtime thread, as HAProxy gets `nbthread 1`.
+    // One proxy thread, as HAProxy gets `nbthread 1`.
     let daemon = SlbDaemon::start_toml_with(
         &shared.env.slb(),
         shared.topo.slb_ns(),
@@ -606,13 +655,10 @@ fn bench_slb(shared: &Shared) -> anyhow::Result<Vec<Measurement>> {
     .with_context(|| format!("starting slb with\n{toml}"))?;
     let pid = daemon.pid().context("slb exited right after starting")?;
     pin_process(pid, BALANCER_CPU)?;
-    let measurements = shared.balancer("slb", pid).measure()?;
-    let status = daemon.stop().context("stopping slb")?;
-    ensure!(status.success(), "slb exited with {status} when stopped");
-    Ok(measurements)
+    Ok(daemon)
 }
 
-fn bench_haproxy(shared: &Shared) -> anyhow::Result<Vec<Measurement>> {
+fn start_haproxy(shared: &Shared) -> anyhow::Result<ChildGuard> {
     let config_path = shared.work_dir.join("haproxy.cfg");
     let config = haproxy_config(shared.topo.backend_count(), &shared.cert.combined);
     std::fs::write(&config_path, config)
@@ -620,7 +666,7 @@ fn bench_haproxy(shared: &Shared) -> anyhow::Result<Vec<Measurement>> {
     let mut haproxy =
         spawn_haproxy(shared.topo.slb_ns(), &config_path).context("starting HAProxy")?;
     wait_accepting(shared.topo, "HAProxy", &mut haproxy)?;
-    shared.balancer("HAProxy", haproxy.id()).measure()
+    Ok(haproxy)
 }
 
 pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
@@ -661,10 +707,18 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
         ticks_per_sec: clock_ticks_per_sec()?,
     };
 
-    println!("==> HTTP and HTTPS through slb");
-    let mut measurements = bench_slb(&shared)?;
-    println!("==> HTTP and HTTPS through HAProxy");
-    measurements.extend(bench_haproxy(&shared)?);
+    println!("==> HTTP and HTTPS through slb and HAProxy, {ROUNDS} rounds");
+    let slb = start_slb(&shared)?;
+    let slb_pid = slb.pid().context("slb exited")?;
+    let haproxy = start_haproxy(&shared)?;
+    let balancers = [
+        shared.balancer("slb", slb_pid, (vip_http(), vip_https())),
+        shared.balancer("HAProxy", haproxy.id(), haproxy_addresses()),
+    ];
+    let measurements = measure_alternating(&balancers)?;
+    drop(haproxy);
+    let status = slb.stop().context("stopping slb")?;
+    ensure!(status.success(), "slb exited with {status} when stopped");
     Ok(section(env, &measurements))
 }
 
@@ -673,15 +727,31 @@ fn format_latency(us: f64) -> String {
     format!("{:.3} ms", us / 1000.0)
 }
 
-fn find<'a>(
+/// `balancer`'s rounds of `case`, slowest first.
+fn rounds<'a>(measurements: &'a [Measurement], balancer: &str, case: Case) -> Vec<&'a Measurement> {
+    let mut rounds: Vec<&Measurement> = measurements
+        .iter()
+        .filter(|m| m.balancer == balancer && m.case == case)
+        .collect();
+    rounds.sort_by(|a, b| {
+        a.load
+            .requests_per_sec()
+            .total_cmp(&b.load.requests_per_sec())
+    });
+    rounds
+}
+
+/// `balancer`'s median round of `case` by requests/s (the upper one of an even count).
+fn median<'a>(
     measurements: &'a [Measurement],
     balancer: &str,
     case: Case,
 ) -> Option<&'a Measurement> {
-    measurements
-        .iter()
-        .find(|m| m.balancer == balancer && m.case == case)
+    let rounds = rounds(measurements, balancer, case);
+    rounds.get(rounds.len() / 2).copied()
 }
+
+const BALANCERS: [&str; 2] = ["slb", "HAProxy"];
 
 fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
     let seconds = env.duration.as_secs().max(1);
@@ -690,16 +760,25 @@ fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
     write_table(&mut md, measurements);
     md.push('\n');
     let ratios = write_ratios(&mut md, measurements);
-    md.push_str(
+    let (haproxy_http, haproxy_https) = haproxy_addresses();
+    let _ = writeln!(
+        md,
         "\nA requests/s ratio above 1 means slb serves more; a p99 ratio above 1 means slb's \
          p99 is longer. \"balancer CPU/request\" is the balancer process's own CPU time (not \
          the NAPI threads'). Both balancers run one worker thread on CPU 1 (slb \
-         `--worker-threads 1`, HAProxy `nbthread 1`). Caveats: slb's XDP program stays attached on the slb namespace's interfaces \
-         and passes this traffic up on CPU 1 (HAProxy runs without it); wrk and h2load are \
+         `--worker-threads 1`: one proxy thread, its control plane on threads of its own; \
+         HAProxy `nbthread 1`), side by side on their own ports (slb {} and {}, HAProxy {} \
+         and {}); each row is the balancer's median of {ROUNDS} rounds, which alternate \
+         between the balancers. Caveats: slb's XDP program is attached on the slb namespace's \
+         interfaces and passes both balancers' traffic up on CPU 1; wrk and h2load are \
          closed-loop (a connection or stream sends its next request when the answer arrives), \
          so latencies are taken at the rate each balancer sustains, not at one offered rate; \
          when CPU 0 is near 100%, the clients and the backends rather than the balancer cap \
-         requests/s.\n",
+         requests/s.",
+        vip_http(),
+        vip_https(),
+        haproxy_http,
+        haproxy_https,
     );
     let json = json!({
         "setup": {
@@ -713,6 +792,9 @@ fn section(env: &BenchEnv, measurements: &[Measurement]) -> Section {
             "warm_up_s": WARM_UP.as_secs(),
             "url": format!("http://{}/", vip_http()),
             "h2_url": format!("https://{}/", vip_https()),
+            "haproxy_url": format!("http://{haproxy_http}/"),
+            "haproxy_h2_url": format!("https://{haproxy_https}/"),
+            "rounds": ROUNDS,
         },
         "runs": measurements.iter().map(run_json).collect::<Vec<_>>(),
         "slb_over_haproxy": ratios,
@@ -757,7 +839,10 @@ fn write_table(md: &mut String, measurements: &[Measurement]) {
          | CPU 0 / CPU 1 busy |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for case in CASES {
-        for m in measurements.iter().filter(|m| m.case == case) {
+        for m in BALANCERS
+            .iter()
+            .filter_map(|balancer| median(measurements, balancer, case))
+        {
             let latency = m.load.latency_us();
             let _ = writeln!(
                 md,
@@ -782,8 +867,8 @@ fn write_ratios(md: &mut String, measurements: &[Measurement]) -> Vec<serde_json
     let mut ratios = Vec::new();
     for case in CASES {
         let (Some(slb), Some(haproxy)) = (
-            find(measurements, "slb", case),
-            find(measurements, "HAProxy", case),
+            median(measurements, "slb", case),
+            median(measurements, "HAProxy", case),
         ) else {
             continue;
         };
@@ -793,8 +878,10 @@ fn write_ratios(md: &mut String, measurements: &[Measurement]) -> Vec<serde_json
         let _ = writeln!(
             md,
             "slb/HAProxy ({}): requests/s ratio {rps_ratio:.2}, p99 ratio {p99_ratio:.2}, \
-             CPU/request ratio {cpu_ratio:.2}  ",
-            case.label()
+             CPU/request ratio {cpu_ratio:.2} (requests/s of the rounds: slb {}; HAProxy {})  ",
+            case.label(),
+            rounds_requests_per_sec(measurements, "slb", case),
+            rounds_requests_per_sec(measurements, "HAProxy", case),
         );
         let mut ratio = json!({
             "protocol": case_protocol(case),
@@ -806,6 +893,17 @@ fn write_ratios(md: &mut String, measurements: &[Measurement]) -> Vec<serde_json
         ratios.push(ratio);
     }
     ratios
+}
+
+/// Each round's requests/s in round order, e.g. `31020, 29800, 30550`.
+fn rounds_requests_per_sec(measurements: &[Measurement], balancer: &str, case: Case) -> String {
+    let mut rounds = rounds(measurements, balancer, case);
+    rounds.sort_by_key(|m| m.round);
+    rounds
+        .iter()
+        .map(|m| format!("{:.0}", m.load.requests_per_sec()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `http/1.1` or `h2-tls`, as the JSON names a case's protocol.
@@ -830,6 +928,7 @@ fn run_json(m: &Measurement) -> serde_json::Value {
     let latency = m.load.latency_us();
     let mut run = json!({
         "balancer": m.balancer,
+        "round": m.round,
         "protocol": case_protocol(m.case),
         "requests_per_sec": m.load.requests_per_sec(),
         "requests": m.load.requests(),
@@ -929,9 +1028,9 @@ SLB_BENCH_WRK {\"duration_us\":5000000,\"requests\":119500,\"bytes\":43022643,\"
                 "{server:?} missing from\n{config}"
             );
         }
-        assert!(config.contains(&format!("bind {VIP}:{HTTP_PORT}")));
+        assert!(config.contains(&format!("bind {VIP}:{HAPROXY_HTTP_PORT}")));
         assert!(config.contains(&format!(
-            "bind {VIP}:{HTTPS_PORT} ssl crt /tmp/c.pem alpn h2,http/1.1"
+            "bind {VIP}:{HAPROXY_HTTPS_PORT} ssl crt /tmp/c.pem alpn h2,http/1.1"
         )));
     }
 }
