@@ -19,7 +19,7 @@ use super::limits::{
     descriptor_budget_warning, limits_by_address, next_caps, BackendCaps, CappedConnector,
 };
 use super::listener::{tls_for, BuildError, ListenerSnapshot};
-use super::request::SharedByListeners;
+use super::request::{SharedByListeners, Via};
 use super::serve::accept_loop;
 use super::workers::ProxyThreads;
 use crate::applied::{BackendKey, HealthStatus, ProxyBackendInfo, ProxyListenerInfo};
@@ -98,7 +98,7 @@ impl ProxyManager {
                 backend_client,
                 access_log: AccessLog::start(),
                 counters,
-                via_name: via_name(),
+                via: Via::new(via_name()),
             }),
             threads: ProxyThreads::start(threads)?,
         })

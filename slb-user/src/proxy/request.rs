@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{self, HeaderValue};
+use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper::{HeaderMap, Request, Response, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
@@ -38,15 +38,66 @@ pub struct SharedByListeners {
     pub counters: Arc<ProxyCounters>,
     /// This daemon's name in `Via` headers (`slb-<random>`): a request that already names it
     /// has come round in a loop.
-    pub via_name: String,
+    pub via: Via,
+}
+
+/// The `Via` entries naming this slb, made once for the protocol versions clients speak.
+pub struct Via {
+    pub name: String,
+    http10: HeaderValue,
+    http11: HeaderValue,
+    http2: HeaderValue,
+}
+
+impl Via {
+    pub fn new(name: String) -> Via {
+        let value = |protocol: &str| {
+            HeaderValue::try_from(format!("{protocol} {name}")).expect("the name is a token")
+        };
+        Via {
+            http10: value("1.0"),
+            http11: value("1.1"),
+            http2: value("2"),
+            name,
+        }
+    }
+
+    /// `<version the client spoke> <name>` (RFC 9110 §7.6.3).
+    fn entry(&self, version: hyper::Version) -> HeaderValue {
+        match version {
+            hyper::Version::HTTP_10 => self.http10.clone(),
+            hyper::Version::HTTP_2 => self.http2.clone(),
+            hyper::Version::HTTP_09 => self.other("0.9"),
+            hyper::Version::HTTP_3 => self.other("3"),
+            _ => self.http11.clone(),
+        }
+    }
+
+    fn other(&self, protocol: &str) -> HeaderValue {
+        HeaderValue::try_from(format!("{protocol} {}", self.name)).expect("the name is a token")
+    }
 }
 
 /// The client end of a connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Client {
     pub addr: SocketAddr,
     /// The connection came in over TLS (for X-Forwarded-Proto).
     pub https: bool,
+    /// The client's IP address as X-Forwarded-For and X-Real-IP carry it, made once per
+    /// connection.
+    ip_header: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr, https: bool) -> Client {
+        Client {
+            addr,
+            https,
+            ip_header: HeaderValue::try_from(addr.ip().to_string())
+                .expect("an IP address is a header value"),
+        }
+    }
 }
 
 /// What the phases learn about a request, for the phases after them and the log.
@@ -113,9 +164,9 @@ async fn proxy(
     check_request(&req).inspect_err(|failure| {
         tracing::debug!(listener = %ctx.listener.name, peer = %ctx.client.addr, ?failure, "refused before forwarding");
     })?;
-    check_loop(req.headers(), &shared.via_name).inspect_err(|_| {
+    check_loop(req.headers(), &shared.via.name).inspect_err(|_| {
         shared.counters.count(ProxyEvent::LoopRefused);
-        tracing::warn!(listener = %ctx.listener.name, peer = %ctx.client.addr, "508: the request has passed this slb before (its Via names {}): a forwarding loop", shared.via_name);
+        tracing::warn!(listener = %ctx.listener.name, peer = %ctx.client.addr, "508: the request has passed this slb before (its Via names {}): a forwarding loop", shared.via.name);
     })?;
     let session = Session::read(req.headers(), ctx.listener.cookie.as_ref());
     let picked = pick_upstream(ctx, &session)?;
@@ -128,7 +179,7 @@ async fn proxy(
         &picked,
         &session,
         client_upgrade.is_some(),
-        &shared.via_name,
+        &shared.via,
     )?;
     let in_flight = InFlight::start(&picked.backend.in_flight);
     ctx.sent_to = Some((picked.backend.addr, Instant::now()));
@@ -364,14 +415,14 @@ fn pick_upstream<'a>(ctx: &RequestContext<'a>, session: &Session) -> Result<Pick
 }
 
 /// Hop-by-hop headers: about the client's connection, not for the backend's.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Phase 2: the request as the backend gets it: HTTP/1.1 to the backend's address, the Host
@@ -383,17 +434,14 @@ fn rewrite_request<B>(
     picked: &Picked<'_>,
     session: &Session,
     upgrade: bool,
-    via_name: &str,
+    via: &Via,
 ) -> Result<Request<B>, Failure> {
     let (mut parts, body) = req.into_parts();
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = format!("http://{}{path_and_query}", picked.backend.addr)
-        .parse()
-        .map_err(|_| {
-            tracing::debug!(listener = %ctx.listener.name, path_and_query, "400: not a path a backend can be sent");
-            Failure::InvalidPath
-        })?;
-    add_via(&mut parts.headers, parts.version, via_name);
+    parts.uri = backend_uri(&parts.uri, &picked.backend.authority).ok_or_else(|| {
+        tracing::debug!(listener = %ctx.listener.name, uri = %parts.uri, "400: not a path a backend can be sent");
+        Failure::InvalidPath
+    })?;
+    parts.headers.append(header::VIA, via.entry(parts.version));
     parts.version = hyper::Version::HTTP_11;
     // Before Host is settled: a client's `Connection: host` must not take it away.
     strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -403,7 +451,7 @@ fn rewrite_request<B>(
         }
     }
     if ctx.listener.forwarded_headers {
-        add_forwarded_headers(&mut parts.headers, ctx.client);
+        add_forwarded_headers(&mut parts.headers, &ctx.client);
     }
     session.restore_application_cookie(&mut parts.headers);
     Ok(Request::from_parts(parts, body))
@@ -422,7 +470,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter(|token| !token.is_empty())
         .collect();
     let upgrade_to = headers.get(header::UPGRADE).cloned().filter(|_| upgrade);
-    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
     if let Some(protocol) = upgrade_to {
@@ -431,51 +482,58 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Appends `<version the client spoke> <via_name>` to `Via` (RFC 9110 §7.6.3).
-fn add_via(headers: &mut HeaderMap, version: hyper::Version, via_name: &str) {
-    let protocol = match version {
-        hyper::Version::HTTP_09 => "0.9",
-        hyper::Version::HTTP_10 => "1.0",
-        hyper::Version::HTTP_2 => "2",
-        hyper::Version::HTTP_3 => "3",
-        _ => "1.1",
+/// `http://<backend><path and query>`, the form the pool takes (it sends origin form); `None`
+/// for a target that is not a path.
+fn backend_uri(uri: &hyper::Uri, backend: &hyper::http::uri::Authority) -> Option<hyper::Uri> {
+    let path_and_query = match uri.path_and_query() {
+        Some(p) if p.as_str().starts_with('/') => p.clone(),
+        Some(_) => return None,
+        None => hyper::http::uri::PathAndQuery::from_static("/"),
     };
-    if let Ok(v) = HeaderValue::from_str(&format!("{protocol} {via_name}")) {
-        headers.append(header::VIA, v);
-    }
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    parts.authority = Some(backend.clone());
+    parts.path_and_query = Some(path_and_query);
+    hyper::Uri::from_parts(parts).ok()
 }
 
 /// Forwarding headers slb does not set and so cannot vouch for: a client could claim any
 /// host, port or address in them.
-const UNTRUSTED_FORWARDED: [&str; 3] = ["forwarded", "x-forwarded-host", "x-forwarded-port"];
+const UNTRUSTED_FORWARDED: [HeaderName; 3] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-port"),
+];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// X-Forwarded-For (slb's entry appended last to one already there), X-Forwarded-Proto and
 /// X-Real-IP (both overwritten); the client's own `UNTRUSTED_FORWARDED` headers are dropped.
-fn add_forwarded_headers(headers: &mut HeaderMap, client: Client) {
+fn add_forwarded_headers(headers: &mut HeaderMap, client: &Client) {
     for name in UNTRUSTED_FORWARDED {
         headers.remove(name);
     }
-    let client_ip = client.addr.ip().to_string();
-    let previous: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let forwarded_for = previous
-        .into_iter()
-        .chain([client_ip.as_str()])
-        .collect::<Vec<_>>()
-        .join(", ");
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", v);
+    let forwarded_for = match headers.entry(X_FORWARDED_FOR) {
+        hyper::http::header::Entry::Vacant(_) => Some(client.ip_header.clone()),
+        hyper::http::header::Entry::Occupied(previous) => {
+            let mut joined = Vec::new();
+            for v in previous.iter().filter(|v| v.to_str().is_ok()) {
+                joined.extend_from_slice(v.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(client.ip_header.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
+        }
+    };
+    if let Some(v) = forwarded_for {
+        headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if client.https { "https" } else { "http" }),
     );
-    if let Ok(v) = HeaderValue::from_str(&client_ip) {
-        headers.insert("x-real-ip", v);
-    }
+    headers.insert(X_REAL_IP, client.ip_header.clone());
 }
 
 /// Phase 3: sends the request (over the pool, or a connection of its own for an upgrade) and
@@ -823,18 +881,34 @@ mod tests {
             "GET",
             "/",
         );
-        let client = Client {
-            addr: "10.0.0.9:5000".parse().unwrap(),
-            https: false,
-        };
-        add_forwarded_headers(req.headers_mut(), client);
+        let client = Client::new("10.0.0.9:5000".parse().unwrap(), false);
+        add_forwarded_headers(req.headers_mut(), &client);
         let h = req.headers();
         for untrusted in UNTRUSTED_FORWARDED {
-            assert!(h.get(untrusted).is_none(), "{untrusted} passed through");
+            assert!(h.get(&untrusted).is_none(), "{untrusted} passed through");
         }
         let xff: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
         assert_eq!(xff, ["1.2.3.4, 5.6.7.8, 10.0.0.9"]);
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get("x-real-ip").unwrap(), "10.0.0.9");
+    }
+
+    #[test]
+    fn the_backend_uri_keeps_path_and_query_and_refuses_other_targets() {
+        let backend = hyper::http::uri::Authority::from_static("10.0.0.2:8080");
+        let uri = |text: &str| text.parse::<hyper::Uri>().unwrap();
+        assert_eq!(
+            backend_uri(&uri("/a/b?x=1&y"), &backend).unwrap(),
+            "http://10.0.0.2:8080/a/b?x=1&y"
+        );
+        assert_eq!(
+            backend_uri(&uri("https://example.com/p?q"), &backend).unwrap(),
+            "http://10.0.0.2:8080/p?q"
+        );
+        assert_eq!(
+            backend_uri(&uri("http://example.com"), &backend).unwrap(),
+            "http://10.0.0.2:8080/"
+        );
+        assert!(backend_uri(&uri("*"), &backend).is_none());
     }
 }

@@ -85,10 +85,7 @@ async fn serve_connection(
     shared: Arc<SharedByListeners>,
 ) {
     let current = snapshot.load_full();
-    let client = Client {
-        addr: peer,
-        https: current.protocol == Protocol::Https,
-    };
+    let client = Client::new(peer, current.protocol == Protocol::Https);
     let stream = WriteStallLimit::new(stream, current.client_timeout, shared.counters.clone());
     let served = match &current.tls {
         None => serve_http(stream, client, &current, snapshot, shared).await,
@@ -149,7 +146,7 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let service = hyper::service::service_fn(move |req| {
-        handle(req, client, snapshot.load_full(), shared.clone())
+        handle(req, client.clone(), snapshot.load_full(), shared.clone())
     });
     builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
