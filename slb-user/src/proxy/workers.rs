@@ -47,6 +47,11 @@ impl ProxyThreads {
         for i in 0..count.max(1) {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                // Under load the thread always has tasks ready; polling for I/O only every 255
+                // of them (tokio's default: 61) lets more requests' frames and TLS records go out
+                // in one write: HTTP/2 over TLS ×0.75 → ×0.88 of HAProxy's requests/s in the
+                // benchmark (1024 gave the same as 255).
+                .event_interval(255)
                 .build()?;
             handles.push(runtime.handle().clone());
             let (stop_tx, stop_rx) = oneshot::channel::<()>();
