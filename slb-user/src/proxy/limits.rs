@@ -4,23 +4,17 @@
 //! open, busy or idle in the pool or being opened; requests beyond that wait in a bounded queue
 //! for a bounded time, then get 503.
 //!
-//! Both counts are needed: the pooled client may open a connection for a request that a
-//! connection coming back to the pool serves first, and that connection joins the pool; only
-//! a permit per connection, taken by the connector, keeps the backend's count at the limit.
+//! Both counts are needed: a request's permit is given back when its response ends while its
+//! connection stays open in the pool, and two requests may each open a connection while one
+//! waits to be reused; only a permit per connection, taken when the pool opens it, keeps the
+//! backend's count of open connections at the limit.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use hyper::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::ConnectionLimits;
@@ -87,6 +81,21 @@ impl BackendCap {
             // The semaphore is never closed; a closed one would admit nobody either.
             Ok(Err(_)) | Err(_) => Err(QueueRefusal::TimedOut),
         }
+    }
+
+    /// A connection permit, once one of the backend's `max_connections` is free; held by the
+    /// connection for as long as it is open (busy or idle in the pool).
+    pub fn try_connection_permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
+    /// [`try_connection_permit`](Self::try_connection_permit), waiting for one.
+    pub async fn connection_permit(&self) -> OwnedSemaphorePermit {
+        self.connections
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
     }
 
     /// Requests waiting now.
@@ -179,105 +188,7 @@ pub fn descriptor_budget_warning(
     })
 }
 
-/// The pooled client's connector: a connection permit of the backend's cap first, then the TCP
-/// connect; the permit lives as long as the connection.
-#[derive(Clone)]
-pub struct CappedConnector {
-    inner: HttpConnector,
-    caps: BackendCaps,
-}
-
-impl CappedConnector {
-    pub fn new(inner: HttpConnector, caps: BackendCaps) -> Self {
-        CappedConnector { inner, caps }
-    }
-}
-
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower_service::Service<Uri> for CappedConnector {
-    type Response = CappedConnection;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<CappedConnection, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let cap = backend_address(&uri).and_then(|addr| self.caps.load().get(&addr).cloned());
-        let mut inner = self.inner.clone();
-        Box::pin(async move {
-            let permit = match cap {
-                Some(cap) => Some(cap.connections.clone().acquire_owned().await?),
-                None => None,
-            };
-            // EMFILE/ENFILE are told apart (and counted) where the request fails.
-            let io = inner.call(uri).await?;
-            Ok(CappedConnection {
-                io,
-                _permit: permit,
-            })
-        })
-    }
-}
-
-/// The address of a backend URI (`http://10.0.0.1:8080/...`), as the caps are keyed.
-fn backend_address(uri: &Uri) -> Option<SocketAddr> {
-    uri.authority()?.as_str().parse().ok()
-}
-
-/// A backend connection holding its connection permit.
-pub struct CappedConnection {
-    io: TokioIo<TcpStream>,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Connection for CappedConnection {
-    fn connected(&self) -> Connected {
-        self.io.connected()
-    }
-}
-
-impl hyper::rt::Read for CappedConnection {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for CappedConnection {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-}
 
 /// The process (EMFILE) or the host (ENFILE) is out of file descriptors somewhere in `error`'s
 /// chain: slb's own exhaustion, not the backend's failure.
@@ -423,14 +334,5 @@ mod tests {
         assert!(is_out_of_files(&emfile));
         assert!(is_out_of_files(&enfile));
         assert!(!is_out_of_files(&refused));
-    }
-
-    #[test]
-    fn caps_are_keyed_by_the_uris_address() {
-        let uri: Uri = "http://10.0.0.1:8080/x?y".parse().unwrap();
-        assert_eq!(
-            backend_address(&uri),
-            Some("10.0.0.1:8080".parse().unwrap())
-        );
     }
 }

@@ -4,21 +4,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::task::JoinHandle;
 
 use super::access_log::{AccessLog, OpenError};
 use super::cookies::{CookieKey, CookieKeyError};
 use super::counters::ProxyCounters;
-use super::limits::{
-    descriptor_budget_warning, limits_by_address, next_caps, BackendCaps, CappedConnector,
-};
+use super::limits::{descriptor_budget_warning, limits_by_address, next_caps, BackendCaps};
 use super::listener::{tls_for, BuildError, ListenerSnapshot};
+use super::pool::{sweep_until_dropped, BackendPool};
 use super::request::{SharedByListeners, Via};
 use super::serve::accept_loop;
 use super::workers::ProxyThreads;
@@ -79,28 +74,27 @@ pub struct ProxyManager {
 impl ProxyManager {
     /// A proxy with `threads` threads (at least one), listening nowhere until the first apply.
     pub fn new(threads: usize) -> std::io::Result<ProxyManager> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
         let caps = BackendCaps::default();
         let counters = Arc::new(ProxyCounters::default());
         // Idle connections count against the backend's max_connections, which bounds them.
-        let backend_client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .build(CappedConnector::new(connector, caps.clone()));
+        let backend_pool = Arc::new(BackendPool::default());
+        let threads = ProxyThreads::start(threads)?;
+        threads
+            .runtimes()
+            .next()
+            .spawn(sweep_until_dropped(Arc::downgrade(&backend_pool)));
         Ok(ProxyManager {
             running: BTreeMap::new(),
             in_flight: HashMap::new(),
             cookie_key: None,
             caps,
             shared: Arc::new(SharedByListeners {
-                backend_client,
+                backend_pool,
                 access_log: AccessLog::start(),
                 counters,
                 via: Via::new(via_name()),
             }),
-            threads: ProxyThreads::start(threads)?,
+            threads,
         })
     }
 

@@ -8,6 +8,7 @@
 //! - `request`: one request in phases: pick upstream, rewrite request, forward, rewrite
 //!   response, log; `route`, `balance`, `cookies`, `client_body` and `websocket` serve the
 //!   phases.
+//! - `pool`: keep-alive connections to backends, reused request after request;
 //! - `limits`: the bounds on backend connections (`max_connections`, the queue before 503);
 //!   `stall`: the bound on a client that stops reading; `counters`: what they count.
 //! - `access_log`: the log record, written by a thread of its own.
@@ -21,6 +22,7 @@ pub mod counters;
 mod limits;
 mod listener;
 mod manager;
+mod pool;
 mod request;
 pub mod route;
 mod serve;

@@ -23,8 +23,9 @@ use super::balance::{BackendGroup, InFlight, Picked};
 use super::client_body::{BodyWatch, ClientBodyFault, Progress, WatchedBody};
 use super::cookies::{self, Session};
 use super::counters::{ProxyCounters, ProxyEvent};
-use super::limits::{is_out_of_files, BoxError, CappedConnector, QueueRefusal};
+use super::limits::{is_out_of_files, BackendCap, BoxError, QueueRefusal};
 use super::listener::ListenerSnapshot;
+use super::pool::{BackendPool, PooledBody};
 use super::stall::ClientPacedBody;
 use super::websocket;
 
@@ -33,7 +34,7 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// What the requests of all listeners share.
 pub struct SharedByListeners {
     /// Pooled keep-alive connections to backends, at most `max_connections` per backend.
-    pub backend_client: hyper_util::client::legacy::Client<CappedConnector, WatchedBody>,
+    pub backend_pool: Arc<BackendPool>,
     pub access_log: AccessLog,
     pub counters: Arc<ProxyCounters>,
     /// This daemon's name in `Via` headers (`slb-<random>`): a request that already names it
@@ -188,6 +189,7 @@ async fn proxy(
         upstream,
         client_upgrade,
         connection,
+        &picked.backend.cap,
         &body_watch,
         shared,
     )
@@ -547,26 +549,25 @@ async fn forward(
     upstream: Request<WatchedBody>,
     client_upgrade: Option<OnUpgrade>,
     connection: OwnedSemaphorePermit,
+    cap: &Arc<BackendCap>,
     body_watch: &BodyWatch,
     shared: &SharedByListeners,
-) -> Result<(Response<Incoming>, Option<OwnedSemaphorePermit>), Failure> {
+) -> Result<(Response<PooledBody>, Option<OwnedSemaphorePermit>), Failure> {
     let (backend, _) = ctx.sent_to.expect("forwarded after the backend is chosen");
     type Sent =
-        Pin<Box<dyn std::future::Future<Output = Result<Response<Incoming>, BoxError>> + Send>>;
+        Pin<Box<dyn std::future::Future<Output = Result<Response<PooledBody>, BoxError>> + Send>>;
     let (sent, connection): (Sent, _) = match client_upgrade {
-        Some(client_upgrade) => (
-            Box::pin(websocket::forward(
-                upstream,
-                backend,
-                client_upgrade,
-                connection,
-            )),
-            None,
-        ),
-        None => {
-            let pooled = shared.backend_client.request(upstream);
+        Some(client_upgrade) => {
+            let upgraded = websocket::forward(upstream, backend, client_upgrade, connection);
             (
-                Box::pin(async { pooled.await.map_err(BoxError::from) }),
+                Box::pin(async { Ok(upgraded.await?.map(PooledBody::unpooled)) }),
+                None,
+            )
+        }
+        None => {
+            let (pool, cap) = (shared.backend_pool.clone(), cap.clone());
+            (
+                Box::pin(async move { pool.send(backend, &cap, upstream).await }),
                 Some(connection),
             )
         }
@@ -686,7 +687,7 @@ async fn within_timeouts<T>(
 /// body streams through while the backend's in-flight count stays up.
 fn rewrite_response(
     ctx: &RequestContext<'_>,
-    response: Response<Incoming>,
+    response: Response<PooledBody>,
     picked: &Picked<'_>,
     in_flight: InFlight,
     connection: Option<OwnedSemaphorePermit>,
@@ -739,7 +740,9 @@ fn log(ctx: RequestContext<'_>, status: StatusCode, access_log: &AccessLog) {
 /// A backend's response body that counts in its in-flight requests, and holds its place among
 /// the backend's connections, until it is done.
 struct CountedBody {
-    inner: Incoming,
+    /// First to drop: the connection goes back to the pool before the request's permit is
+    /// given back to a request that may be waiting for it.
+    inner: PooledBody,
     _in_flight: InFlight,
     _connection: Option<OwnedSemaphorePermit>,
 }

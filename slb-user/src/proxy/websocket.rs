@@ -12,6 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::client_body::WatchedBody;
 use super::limits::BoxError;
+use super::pool::origin_form;
 
 /// The client's side of an upgrade the request asks for (`Connection: upgrade` and an `Upgrade`
 /// header over HTTP/1.1), else `None`.
@@ -45,7 +46,7 @@ pub async fn forward(
         let _ = connection.with_upgrades().await;
     });
     // A connection of its own sends the target as given; the backend is no proxy and expects
-    // origin form, as the pooled client sends it.
+    // origin form, as the pool sends it.
     *upstream.uri_mut() = origin_form(upstream.uri());
     let mut response = sender.send_request(upstream).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -65,25 +66,4 @@ pub async fn forward(
         });
     }
     Ok(response)
-}
-
-/// `/path?query` of `uri` (`/` when it has none).
-fn origin_form(uri: &hyper::Uri) -> hyper::Uri {
-    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
-    path_and_query
-        .parse()
-        .unwrap_or_else(|_| hyper::Uri::from_static("/"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn origin_form_keeps_path_and_query_only() {
-        let absolute: hyper::Uri = "http://10.77.2.3:9000/p?q=1".parse().unwrap();
-        assert_eq!(origin_form(&absolute).to_string(), "/p?q=1");
-        let bare: hyper::Uri = "http://10.77.2.3:9000".parse().unwrap();
-        assert_eq!(origin_form(&bare).to_string(), "/");
-    }
 }
