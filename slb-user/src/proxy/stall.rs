@@ -112,6 +112,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStallLimit<T> {
 /// the stream ends with an error. Waiting for the backend's next piece is not a stall.
 pub struct ClientPacedBody<B> {
     shared: Arc<std::sync::Mutex<Paced<B>>>,
+    limit: Duration,
+    counters: Arc<ProxyCounters>,
+    /// Started with the first piece handed out that is not the last (most responses are one
+    /// piece and need none); dropping this ends it at once, rather than after `limit`.
+    watchdog: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 struct Paced<B> {
@@ -132,8 +137,23 @@ where
             handed_at: None,
             cut: false,
         }));
-        tokio::spawn(watch_pace(Arc::downgrade(&shared), limit, counters));
-        ClientPacedBody { shared }
+        ClientPacedBody {
+            shared,
+            limit,
+            counters,
+            watchdog: None,
+        }
+    }
+
+    fn start_watchdog(&mut self) {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        tokio::spawn(watch_pace(
+            Arc::downgrade(&self.shared),
+            self.limit,
+            self.counters.clone(),
+            stopped,
+        ));
+        self.watchdog = Some(stop);
     }
 }
 
@@ -142,6 +162,7 @@ async fn watch_pace<B>(
     shared: std::sync::Weak<std::sync::Mutex<Paced<B>>>,
     limit: Duration,
     counters: Arc<ProxyCounters>,
+    mut body_dropped: tokio::sync::oneshot::Receiver<()>,
 ) {
     loop {
         let wake = {
@@ -168,13 +189,16 @@ async fn watch_pace<B>(
                 None => now + limit,
             }
         };
-        tokio::time::sleep_until(wake).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => {}
+            _ = &mut body_dropped => return,
+        }
     }
 }
 
 impl<B> hyper::body::Body for ClientPacedBody<B>
 where
-    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
     B::Error: Into<super::limits::BoxError>,
 {
     type Data = bytes::Bytes;
@@ -184,7 +208,8 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
-        let mut paced = self.shared.lock().expect("pace lock");
+        let this = self.get_mut();
+        let mut paced = this.shared.lock().expect("pace lock");
         paced.handed_at = None;
         let Some(inner) = paced.inner.as_mut() else {
             return Poll::Ready(if paced.cut {
@@ -203,6 +228,10 @@ where
                 if !paced.inner.as_ref().is_some_and(|b| b.is_end_stream()) =>
             {
                 paced.handed_at = Some(tokio::time::Instant::now());
+                if this.watchdog.is_none() {
+                    drop(paced);
+                    this.start_watchdog();
+                }
             }
             // The end, or the backend's error: nothing more to watch.
             Poll::Ready(_) => paced.inner = None,
@@ -328,5 +357,36 @@ mod tests {
         let waiting = tokio::time::timeout(limit * 4, next_frame(&mut body)).await;
         assert!(waiting.is_err(), "still waiting for the backend");
         assert_eq!(counters.snapshot()[ProxyEvent::ClientSendTimeout.name()], 0);
+    }
+
+    /// Tasks alive on this runtime once the ones woken have run.
+    async fn alive_tasks() -> usize {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_lives_only_while_a_body_is_handed_out_in_pieces() {
+        let counters = Arc::new(ProxyCounters::default());
+        let limit = Duration::from_secs(30);
+        let before = alive_tasks().await;
+
+        // A response of one piece needs no watchdog.
+        let one = http_body_util::Full::new(bytes::Bytes::from_static(b"whole"));
+        let mut body = ClientPacedBody::new(one, limit, counters.clone());
+        assert!(next_frame(&mut body).await.unwrap().is_ok());
+        assert_eq!(alive_tasks().await, before);
+        drop(body);
+
+        // One of several pieces starts it; the body dropped ends it then, not `limit` later.
+        let mut body = ClientPacedBody::new(Pieces { left: 3 }, limit, counters.clone());
+        assert!(next_frame(&mut body).await.unwrap().is_ok());
+        assert_eq!(alive_tasks().await, before + 1);
+        drop(body);
+        assert_eq!(alive_tasks().await, before);
     }
 }
