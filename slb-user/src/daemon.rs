@@ -130,7 +130,7 @@ pub struct RunOptions {
     pub config: PathBuf,
     /// Leave programs attached and maps pinned on exit.
     pub keep_serving: bool,
-    /// Runtime worker threads; `None` for one per CPU the process may use.
+    /// Proxy threads; `None` for one per CPU the process may use.
     pub worker_threads: Option<u16>,
 }
 

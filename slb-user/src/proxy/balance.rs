@@ -13,8 +13,6 @@ use crate::config::Scheduler;
 /// A backend as the proxy balances over it.
 pub struct Backend {
     pub addr: SocketAddr,
-    /// `addr` as a URI authority, made once: each request's URI names it.
-    pub authority: hyper::http::uri::Authority,
     /// Config weight, or 0 when unhealthy.
     pub weight: u32,
     /// The token naming the backend in cookies (see [`super::cookies::CookieKey::token`]);
@@ -37,8 +35,6 @@ impl Backend {
     ) -> Backend {
         Backend {
             addr,
-            authority: hyper::http::uri::Authority::try_from(addr.to_string().as_str())
-                .expect("a socket address is a URI authority"),
             weight,
             token: cookie_key.map(|k| k.token(addr)).unwrap_or_default(),
             in_flight,

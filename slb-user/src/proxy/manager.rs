@@ -64,7 +64,7 @@ pub struct ProxyManager {
     in_flight: HashMap<BackendKey, Arc<AtomicUsize>>,
     /// Read at each apply whose config has a listener with cookie persistence.
     cookie_key: Option<CookieKey>,
-    /// The connection bounds of every backend address, read by the connector.
+    /// The connection bounds of every backend address, given to the snapshots' backends.
     caps: BackendCaps,
     shared: Arc<SharedByListeners>,
     /// Declared last: dropped after the accept loops above are aborted.

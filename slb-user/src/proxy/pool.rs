@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::body::{Body as _, Frame, Incoming};
 use hyper::client::conn::http1::SendRequest;
-use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -34,6 +33,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 struct Idle<B> {
     sender: SendRequest<B>,
     since: Instant,
+}
+
+impl<B> Idle<B> {
+    /// Neither closed by the backend nor idle for [`IDLE_TIMEOUT`].
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && self.since.elapsed() < IDLE_TIMEOUT
+    }
 }
 
 /// The pools of all backends, shared by the proxy threads; `B` is the request body.
@@ -83,7 +89,7 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    /// Sends `req` (its URI in any form: the backend gets origin form) to `addr` over a pooled
+    /// Sends `req` (its target in origin form, as the backend gets it) to `addr` over a pooled
     /// connection or a new one, and waits for the response head. The response body gives the
     /// connection back to the pool when it has been read to its end.
     pub async fn send(
@@ -92,7 +98,6 @@ where
         cap: &Arc<BackendCap>,
         mut req: Request<B>,
     ) -> Result<Response<PooledBody<B>>, BoxError> {
-        to_origin_form(&mut req, addr);
         loop {
             let (mut sender, reused) = self.checkout(addr, cap).await?;
             match sender.try_send_request(req).await {
@@ -101,7 +106,6 @@ where
                     return Ok(response.map(|body| PooledBody {
                         inner: body,
                         checkin: Some(Checkin { pool, addr, sender }),
-                        ended: false,
                     }));
                 }
                 Err(mut e) => match e.take_message() {
@@ -148,13 +152,14 @@ where
     /// dropped on the way.
     async fn take_idle(&self, addr: SocketAddr) -> Option<SendRequest<B>> {
         loop {
-            let Idle { mut sender, since } = {
+            let idle = {
                 let mut idle = self.idle.lock().expect("pool lock");
                 idle.get_mut(&addr)?.pop()?
             };
-            if sender.is_closed() || since.elapsed() >= IDLE_TIMEOUT {
+            if !idle.usable() {
                 continue;
             }
+            let mut sender = idle.sender;
             // Given back as its body ended: the connection may still be finishing that
             // response, which takes no longer than the task's next turn.
             if sender.ready().await.is_ok() {
@@ -185,12 +190,14 @@ where
         });
         Ok(sender)
     }
+}
 
+impl<B> BackendPool<B> {
     /// Closes the connections idle for [`IDLE_TIMEOUT`] or closed by their backend.
     fn sweep(&self) {
         let mut idle = self.idle.lock().expect("pool lock");
         idle.retain(|_, connections| {
-            connections.retain(|c| !c.sender.is_closed() && c.since.elapsed() < IDLE_TIMEOUT);
+            connections.retain(Idle::usable);
             !connections.is_empty()
         });
     }
@@ -205,9 +212,7 @@ where
             .map(Vec::len)
             .sum()
     }
-}
 
-impl<B> BackendPool<B> {
     fn put(&self, addr: SocketAddr, sender: SendRequest<B>) {
         if sender.is_closed() {
             return;
@@ -223,12 +228,7 @@ impl<B> BackendPool<B> {
 }
 
 /// Sweeps `pool` every few seconds until it is gone.
-pub async fn sweep_until_dropped<B>(pool: Weak<BackendPool<B>>)
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+pub async fn sweep_until_dropped<B>(pool: Weak<BackendPool<B>>) {
     let mut tick = tokio::time::interval(IDLE_TIMEOUT / 12);
     loop {
         tick.tick().await;
@@ -237,28 +237,6 @@ where
             None => return,
         }
     }
-}
-
-/// The backend gets origin form (`/path?query`) and a Host header: the client's, or the
-/// backend's address when the client sent none.
-fn to_origin_form<B>(req: &mut Request<B>, addr: SocketAddr) {
-    if !req.headers().contains_key(header::HOST) {
-        if let Ok(host) = HeaderValue::try_from(addr.to_string()) {
-            req.headers_mut().insert(header::HOST, host);
-        }
-    }
-    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-        *req.uri_mut() = origin_form(req.uri());
-    }
-}
-
-/// `/path?query` of `uri` (`/` when it has none): a backend is no proxy.
-pub fn origin_form(uri: &hyper::Uri) -> hyper::Uri {
-    let path = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
-    hyper::Uri::from(path)
 }
 
 struct Checkin<B> {
@@ -272,8 +250,9 @@ struct Checkin<B> {
 /// as the next response).
 pub struct PooledBody<B = WatchedBody> {
     inner: Incoming,
+    /// Taken when the connection goes back: at the body's end, or when it is dropped with
+    /// nothing left to read.
     checkin: Option<Checkin<B>>,
-    ended: bool,
 }
 
 impl<B> PooledBody<B> {
@@ -282,7 +261,6 @@ impl<B> PooledBody<B> {
         PooledBody {
             inner,
             checkin: None,
-            ended: false,
         }
     }
 
@@ -310,7 +288,6 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(None) = polled {
-            self.ended = true;
             self.check_in();
         }
         polled
@@ -327,7 +304,7 @@ where
 
 impl<B> Drop for PooledBody<B> {
     fn drop(&mut self) {
-        if self.ended || self.inner.is_end_stream() {
+        if self.inner.is_end_stream() {
             self.check_in();
         }
     }
@@ -390,7 +367,8 @@ mod tests {
     }
 
     fn get(addr: SocketAddr) -> Request<Empty<Bytes>> {
-        Request::get(format!("http://{addr}/"))
+        Request::get("/")
+            .header(hyper::header::HOST, addr.to_string())
             .body(Empty::new())
             .unwrap()
     }
@@ -465,13 +443,5 @@ mod tests {
             1,
             "the second request reused the first's connection"
         );
-    }
-
-    #[test]
-    fn origin_form_keeps_path_and_query_only() {
-        let absolute: hyper::Uri = "http://10.77.2.3:9000/p?q=1".parse().unwrap();
-        assert_eq!(origin_form(&absolute).to_string(), "/p?q=1");
-        let bare: hyper::Uri = "http://10.77.2.3:9000".parse().unwrap();
-        assert_eq!(origin_form(&bare).to_string(), "/");
     }
 }

@@ -174,14 +174,7 @@ async fn proxy(
     let connection = admit(ctx, &picked, &shared.counters).await?;
     let client_upgrade = websocket::client_upgrade(&mut req);
     let (req, body_watch) = watch_body(req);
-    let upstream = rewrite_request(
-        ctx,
-        req,
-        &picked,
-        &session,
-        client_upgrade.is_some(),
-        &shared.via,
-    )?;
+    let upstream = rewrite_request(ctx, req, &session, client_upgrade.is_some(), &shared.via)?;
     let in_flight = InFlight::start(&picked.backend.in_flight);
     ctx.sent_to = Some((picked.backend.addr, Instant::now()));
     let (response, connection) = forward(
@@ -316,8 +309,8 @@ fn header_list_size(headers: &HeaderMap) -> usize {
 /// Phase 0: what slb refuses to forward. Headers over [`MAX_HEADER_LIST_BYTES`]: 431. Host: exactly one over HTTP/1.1 (RFC 9112 §3.2), at
 /// most one otherwise, since the rules route on it and a backend could read the other one. The
 /// request target: origin form (`/path`) or absolute form; `GET p41` would otherwise reach the
-/// backend as `GET /`. CONNECT (slb is no forward proxy) and `OPTIONS *` (the pooled client
-/// cannot send the asterisk form) are answered 501.
+/// backend as `GET /`. CONNECT (slb is no forward proxy) and `OPTIONS *` (a backend
+/// connection is sent origin form, never the asterisk form) are answered 501.
 fn check_request<B>(req: &Request<B>) -> Result<(), Failure> {
     if req.method() == hyper::Method::CONNECT {
         return Err(Failure::NotImplemented(
@@ -427,19 +420,17 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
-/// Phase 2: the request as the backend gets it: HTTP/1.1 to the backend's address, the Host
-/// kept, hop-by-hop headers dropped (an upgrade keeps the two it needs), forwarded headers
+/// Phase 2: the request as the backend gets it: HTTP/1.1 in origin form, the Host kept, hop-by-hop headers dropped (an upgrade keeps the two it needs), forwarded headers
 /// added, the application's own cookie restored, this slb named in `Via`.
 fn rewrite_request<B>(
     ctx: &RequestContext<'_>,
     req: Request<B>,
-    picked: &Picked<'_>,
     session: &Session,
     upgrade: bool,
     via: &Via,
 ) -> Result<Request<B>, Failure> {
     let (mut parts, body) = req.into_parts();
-    parts.uri = backend_uri(&parts.uri, &picked.backend.authority).ok_or_else(|| {
+    parts.uri = origin_form(&parts.uri).ok_or_else(|| {
         tracing::debug!(listener = %ctx.listener.name, uri = %parts.uri, "400: not a path a backend can be sent");
         Failure::InvalidPath
     })?;
@@ -484,19 +475,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// `http://<backend><path and query>`, the form the pool takes (it sends origin form); `None`
-/// for a target that is not a path.
-fn backend_uri(uri: &hyper::Uri, backend: &hyper::http::uri::Authority) -> Option<hyper::Uri> {
-    let path_and_query = match uri.path_and_query() {
-        Some(p) if p.as_str().starts_with('/') => p.clone(),
-        Some(_) => return None,
-        None => hyper::http::uri::PathAndQuery::from_static("/"),
-    };
-    let mut parts = hyper::http::uri::Parts::default();
-    parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
-    parts.authority = Some(backend.clone());
-    parts.path_and_query = Some(path_and_query);
-    hyper::Uri::from_parts(parts).ok()
+/// The target as a backend gets it, origin form (`/path?query`, `/` when there is none): a
+/// backend is no proxy. `None` for a target that is not a path.
+fn origin_form(uri: &hyper::Uri) -> Option<hyper::Uri> {
+    match uri.path_and_query() {
+        Some(p) if p.as_str().starts_with('/') => Some(hyper::Uri::from(p.clone())),
+        Some(_) => None,
+        None => Some(hyper::Uri::from_static("/")),
+    }
 }
 
 /// Forwarding headers slb does not set and so cannot vouch for: a client could claim any
@@ -897,21 +883,14 @@ mod tests {
     }
 
     #[test]
-    fn the_backend_uri_keeps_path_and_query_and_refuses_other_targets() {
-        let backend = hyper::http::uri::Authority::from_static("10.0.0.2:8080");
+    fn the_backend_gets_path_and_query_and_other_targets_are_refused() {
         let uri = |text: &str| text.parse::<hyper::Uri>().unwrap();
+        assert_eq!(origin_form(&uri("/a/b?x=1&y")).unwrap(), "/a/b?x=1&y");
         assert_eq!(
-            backend_uri(&uri("/a/b?x=1&y"), &backend).unwrap(),
-            "http://10.0.0.2:8080/a/b?x=1&y"
+            origin_form(&uri("https://example.com/p?q")).unwrap(),
+            "/p?q"
         );
-        assert_eq!(
-            backend_uri(&uri("https://example.com/p?q"), &backend).unwrap(),
-            "http://10.0.0.2:8080/p?q"
-        );
-        assert_eq!(
-            backend_uri(&uri("http://example.com"), &backend).unwrap(),
-            "http://10.0.0.2:8080/"
-        );
-        assert!(backend_uri(&uri("*"), &backend).is_none());
+        assert_eq!(origin_form(&uri("http://example.com")).unwrap(), "/");
+        assert!(origin_form(&uri("*")).is_none());
     }
 }

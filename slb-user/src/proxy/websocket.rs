@@ -12,7 +12,6 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::client_body::WatchedBody;
 use super::limits::BoxError;
-use super::pool::origin_form;
 
 /// The client's side of an upgrade the request asks for (`Connection: upgrade` and an `Upgrade`
 /// header over HTTP/1.1), else `None`.
@@ -34,7 +33,7 @@ pub fn client_upgrade(req: &mut Request<Incoming>) -> Option<OnUpgrade> {
 /// task splices both upgraded connections until either side closes, holding `permit`, the
 /// request's place among the backend's connections, for as long.
 pub async fn forward(
-    mut upstream: Request<WatchedBody>,
+    upstream: Request<WatchedBody>,
     backend: SocketAddr,
     client_upgrade: OnUpgrade,
     permit: OwnedSemaphorePermit,
@@ -45,9 +44,6 @@ pub async fn forward(
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
-    // A connection of its own sends the target as given; the backend is no proxy and expects
-    // origin form, as the pool sends it.
-    *upstream.uri_mut() = origin_form(upstream.uri());
     let mut response = sender.send_request(upstream).await?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let backend_upgrade = hyper::upgrade::on(&mut response);
