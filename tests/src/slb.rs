@@ -140,26 +140,46 @@ impl DaemonProcess {
         count: usize,
         timeout: Duration,
     ) -> anyhow::Result<()> {
+        self.wait_until(
+            timeout,
+            Duration::from_millis(10),
+            || format!("log {needle:?} {count} time(s)"),
+            |daemon| (daemon.log_count(needle) >= count).then_some(()),
+        )
+    }
+
+    /// Polls `ready` every `every` until it gives a value. Fails, naming `what` it waited for
+    /// (`log "x" 2 time(s)`, said after "before" and "did not") and with the log, if the process
+    /// exits or `timeout` passes first.
+    pub fn wait_until<T>(
+        &mut self,
+        timeout: Duration,
+        every: Duration,
+        what: impl Fn() -> String,
+        mut ready: impl FnMut(&mut Self) -> Option<T>,
+    ) -> anyhow::Result<T> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.log_count(needle) >= count {
-                return Ok(());
+            if let Some(value) = ready(self) {
+                return Ok(value);
             }
             if let Some(status) = self.try_wait()? {
                 bail!(
-                    "{} exited ({status}) before logging {needle:?} {count} time(s)\n{}",
+                    "{} exited ({status}) before it would {}\n{}",
                     self.label,
+                    what(),
                     self.log_block()
                 );
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "{} did not log {needle:?} {count} time(s) within {timeout:?}\n{}",
+                    "{} did not {} within {timeout:?}\n{}",
                     self.label,
+                    what(),
                     self.log_block()
                 );
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(every);
         }
     }
 
@@ -375,28 +395,20 @@ impl Instance {
     /// Waits until the state file reports at least generation `n`. Fails if the current daemon
     /// exits or `timeout` passes first; the error includes its log.
     pub fn wait_generation(&mut self, n: u64, timeout: Duration) -> anyhow::Result<u64> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(g) = self.generation().filter(|&g| g >= n) {
-                return Ok(g);
-            }
-            let daemon = self.current();
-            if let Some(status) = daemon.try_wait()? {
-                bail!(
-                    "slb exited ({status}) before reaching generation {n}\n{}",
-                    daemon.log_block()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "slb did not reach generation {n} within {timeout:?} (state file {}, now {:?})\n{}",
-                    self.state_path().display(),
-                    self.generation(),
-                    self.current().log_block()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let instance = self.instance.clone();
+        let generation = || applied_state(&instance).map(|s| s.generation);
+        self.current().wait_until(
+            timeout,
+            Duration::from_millis(50),
+            || {
+                format!(
+                    "reach generation {n} (state file {}, now {:?})",
+                    state_file(&instance).display(),
+                    generation()
+                )
+            },
+            |_| generation().filter(|&g| g >= n),
+        )
     }
 
     /// Runs `slb --netns <ns> <args...>` to completion (whatever its exit status) and returns
