@@ -102,8 +102,20 @@ pub const NEXT_HOP_CLIENT: PinnedMap = map(
     MAX_CLIENT_NEXT_HOPS,
 );
 
+pub const NEXT_HOP_BACKEND6: PinnedMap =
+    map("NEXT_HOP_BACKEND6", 4, size_of::<NextHop6>(), MAX_BACKENDS);
+pub const NEXT_HOP_CLIENT6: PinnedMap = map(
+    "NEXT_HOP_CLIENT6",
+    size_of::<Addr>(),
+    size_of::<NextHop6>(),
+    MAX_CLIENT_NEXT_HOPS,
+);
+/// Pinned like the rest: the kernel empties a program array once no file descriptor nor pin
+/// holds it, so a daemon that exits with `--keep-serving` would leave IPv6 unbalanced.
+pub const PROGRAMS: PinnedMap = map("PROGRAMS", 4, 4, TAIL_CALL_PROGRAMS);
+
 /// Every map the daemon pins, in the order it checks them.
-pub const PINNED_MAPS: [PinnedMap; 18] = [
+pub const PINNED_MAPS: [PinnedMap; 21] = [
     LISTENERS,
     RINGS,
     BACKENDS,
@@ -122,6 +134,9 @@ pub const PINNED_MAPS: [PinnedMap; 18] = [
     EGRESS,
     NEXT_HOP_BACKEND,
     NEXT_HOP_CLIENT,
+    NEXT_HOP_BACKEND6,
+    NEXT_HOP_CLIENT6,
+    PROGRAMS,
 ];
 
 /// Maps of the object that are never pinned: per-CPU scratch space of the program

@@ -45,6 +45,11 @@ pub const DEFAULT_UDP_IDLE_TIMEOUT_S: u32 = 90;
 pub const MAX_INTERFACES: u32 = 64;
 /// Client addresses whose next hop the reply path caches (per CPU).
 pub const MAX_CLIENT_NEXT_HOPS: u32 = 65536;
+/// The program array PROGRAMS: the programs `slb_xdp` hands frames to.
+pub const TAIL_CALL_PROGRAMS: u32 = 1;
+/// PROGRAMS' slot of `slb_xdp6`, to which `slb_xdp` hands every IPv6 frame (a program of its
+/// own: inlined into `slb_xdp`, its 16-byte addresses would not fit the 512-byte stack).
+pub const PROGRAM_SLOT_IPV6: u32 = 0;
 /// How long a cached FIB answer is used before it is looked up again: route and neighbour
 /// changes reach the fast path within this time.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
@@ -113,6 +118,26 @@ pub fn endpoint_filter_bits(addr: [u8; 4], port: u16, protocol: u8, flags: u32) 
         slot / ENDPOINT_FILTER_SLOTS_PER_WORD,
         flags << ((slot % ENDPOINT_FILTER_SLOTS_PER_WORD) * 2),
     )
+}
+
+/// An IPv6 address (as the four 32-bit words of its 16 bytes, in memory order) folded to the
+/// 4 bytes the endpoint filter hashes: the words rotated apart so that addresses differing in
+/// one word (a /64's hosts, a subnet's) spread. IPv4 and IPv6 endpoints share the filter; one
+/// that folds to an IPv4 endpoint's slot only costs the full lookups.
+#[inline(always)]
+pub fn ipv6_filter_fold(words: [u32; 4]) -> [u8; 4] {
+    let folded = u32::from_be(words[0])
+        ^ u32::from_be(words[1]).rotate_left(8)
+        ^ u32::from_be(words[2]).rotate_left(16)
+        ^ u32::from_be(words[3]).rotate_left(24);
+    folded.to_be_bytes()
+}
+
+/// The four 32-bit words of an address, in memory order (how the data plane reads it).
+#[inline(always)]
+pub fn addr_words(addr: &Addr) -> [u32; 4] {
+    // SAFETY: [u8; 16] and [u32; 4] have the same size and every bit pattern is valid for both.
+    unsafe { core::mem::transmute::<Addr, [u32; 4]>(*addr) }
 }
 
 /// A ring slot with no backend (a listener whose backends all have weight 0).
@@ -193,7 +218,9 @@ pub struct ListenerEntry {
     pub standby_id: u32,
     /// With `LISTENER_F_PERSIST`: how long a client address stays with its backend.
     pub persist_timeout_s: u32,
-    pub _pad: u32,
+    /// With `LISTENER_F_PERSIST` on an IPv6 VIP: how many leading bits of the client address
+    /// persist (128: the address; 64: its /64, as clients rotate their interface identifiers).
+    pub persist_ipv6_prefix: u32,
 }
 
 /// Key of the persistence table: one client address on one listener.
@@ -255,6 +282,54 @@ impl FlowKey {
         // SAFETY: FlowKey is repr(C) plain bytes of the same size (40), align 4.
         unsafe { core::mem::transmute::<[u32; 10], FlowKey>(words) }
     }
+
+    /// An IPv6 flow from the addresses' words as the header holds them, built as ten 32-bit
+    /// words like [`FlowKey::ipv4`].
+    #[inline(always)]
+    pub fn ipv6(
+        src: [u32; 4],
+        dst: [u32; 4],
+        src_port: u16,
+        dst_port: u16,
+        protocol: u8,
+    ) -> FlowKey {
+        let (s, d) = (src_port.to_ne_bytes(), dst_port.to_ne_bytes());
+        let words: [u32; 10] = [
+            src[0],
+            src[1],
+            src[2],
+            src[3],
+            dst[0],
+            dst[1],
+            dst[2],
+            dst[3],
+            u32::from_ne_bytes([s[0], s[1], d[0], d[1]]),
+            u32::from_ne_bytes([protocol, 0, 0, 0]),
+        ];
+        // SAFETY: as in `ipv4`.
+        unsafe { core::mem::transmute::<[u32; 10], FlowKey>(words) }
+    }
+}
+
+/// The first `prefix` bits of an address (as words in memory order), the rest zero: the client
+/// an IPv6 persistence entry is for.
+#[inline(always)]
+pub fn ipv6_prefix_words(words: [u32; 4], prefix: u32) -> [u32; 4] {
+    let mut masked = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        let start = i as u32 * 32;
+        let keep = if prefix >= start + 32 {
+            u32::MAX
+        } else if prefix <= start {
+            0
+        } else {
+            u32::MAX << (32 - (prefix - start))
+        };
+        masked[i] = words[i] & keep.to_be();
+        i += 1;
+    }
+    masked
 }
 
 /// A slot of the half-open table HALF_OPEN, an array of `MAX_HALF_OPEN` slots: a TCP flow
@@ -374,6 +449,15 @@ pub struct NextHop {
     pub checked_ns: u64,
 }
 
+/// A cached FIB answer for one IPv6 destination: the address it is for, and the answer (whose
+/// own IPv4 `dst` stays zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NextHop6 {
+    pub dst: Addr,
+    pub hop: NextHop,
+}
+
 /// Per-listener and per-backend traffic, one per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -417,8 +501,12 @@ global_counters! {
     malformed,
     /// Not IPv4/IPv6 (ARP, LLDP, VLAN-tagged ...): passed to the stack.
     non_ip_passed,
-    /// IPv6: passed to the stack until the IPv6 data plane lands.
+    /// IPv6 frames the IPv4 program could not hand to the IPv6 one (its slot in PROGRAMS is
+    /// empty: never so while a daemon has loaded the data plane): passed to the stack.
     ipv6_passed,
+    /// IPv6 packets with an extension header before TCP/UDP (hop-by-hop, routing, destination
+    /// options, ...), which the fast path does not walk: passed to the stack.
+    ipv6_extension_headers_passed,
     /// IPv4 fragments that are no listener's nor a backend's: passed untouched (also the later
     /// fragments of a datagram whose first fragment was passed).
     fragments_passed,

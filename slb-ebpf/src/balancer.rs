@@ -18,7 +18,7 @@ use slb_common::{
     BACKEND_F_PRESENT, CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
     FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP,
     LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, NO_BACKEND,
-    TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
+    PROGRAM_SLOT_IPV6, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
 };
 
 use crate::{
@@ -28,7 +28,7 @@ use crate::{
     maps::{
         BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, ENDPOINT_FILTER, GLOBAL_STATS,
         LISTENERS, LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, PERSIST_PENDING,
-        REPLY_NAT, RINGS,
+        PROGRAMS, REPLY_NAT, RINGS,
     },
     packet::{
         ptr_at, EthHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6,
@@ -58,6 +58,8 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     match u16::from_be(unsafe { (*eth).ether_type }) {
         ETH_P_IP => {}
         ETH_P_IPV6 => {
+            // Returns only when PROGRAMS has no `slb_xdp6`.
+            unsafe { PROGRAMS.tail_call(ctx, PROGRAM_SLOT_IPV6) };
             counters.ipv6_passed += 1;
             return XDP_PASS;
         }
@@ -158,7 +160,19 @@ fn parse_l4(
 ) -> ControlFlow<u32, (L4, FlowKey)> {
     let protocol = header.protocol;
     let first_fragment = header.first_fragment;
-    let Some(l4) = l4_header(ctx, protocol, header.total_len, first_fragment) else {
+    let l4 = header
+        .total_len
+        .checked_sub(IPV4_HDR_LEN)
+        .and_then(|l4_len| {
+            l4_header(
+                ctx,
+                ETH_HDR_LEN + IPV4_HDR_LEN,
+                protocol,
+                l4_len,
+                first_fragment,
+            )
+        });
+    let Some(l4) = l4 else {
         counters.malformed += 1;
         return ControlFlow::Break(XDP_DROP);
     };
@@ -240,7 +254,7 @@ fn dispatch(
 }
 
 #[inline(always)]
-fn endpoint_may_be(addr: [u8; 4], port: u16, protocol: u8, bit: u32) -> bool {
+pub(crate) fn endpoint_may_be(addr: [u8; 4], port: u16, protocol: u8, bit: u32) -> bool {
     let (word, mask) = endpoint_filter_bits(addr, port, protocol, bit);
     match ENDPOINT_FILTER.get(word) {
         Some(bits) => *bits & mask != 0,
@@ -249,22 +263,26 @@ fn endpoint_may_be(addr: [u8; 4], port: u16, protocol: u8, bit: u32) -> bool {
 }
 
 /// The L4 header fields the rewrite touches, and whether the header is sane enough to balance.
-struct L4 {
-    ports: *mut Ports,
-    check: *mut u16,
-    protocol: u8,
+pub(crate) struct L4 {
+    pub(crate) ports: *mut Ports,
+    pub(crate) check: *mut u16,
+    pub(crate) protocol: u8,
     /// TCP flags (FIN, SYN, RST, ACK ...); 0 for UDP.
-    tcp_flags: u8,
+    pub(crate) tcp_flags: u8,
     /// Lengths within the IP packet, a TCP data offset of at least 5, no SYN with FIN.
-    valid: bool,
+    pub(crate) valid: bool,
 }
 
-/// The TCP or UDP header after an option-less IPv4 header of an IP packet of `ip_len` bytes (the
-/// first fragment of a datagram when `first_fragment`).
+/// The TCP or UDP header at `offset`, `l4_len` bytes of the IP packet from there on (the first
+/// fragment of a datagram when `first_fragment`).
 #[inline(always)]
-fn l4_header(ctx: &XdpContext, protocol: u8, ip_len: usize, first_fragment: bool) -> Option<L4> {
-    let offset = ETH_HDR_LEN + IPV4_HDR_LEN;
-    let l4_len = ip_len.checked_sub(IPV4_HDR_LEN)?;
+pub(crate) fn l4_header(
+    ctx: &XdpContext,
+    offset: usize,
+    protocol: u8,
+    l4_len: usize,
+    first_fragment: bool,
+) -> Option<L4> {
     if protocol == IPPROTO_TCP {
         let tcp = ptr_at::<TcpHdr>(ctx, offset)?;
         let offset_flags = u16::from_be(unsafe { (*tcp).offset_flags });
@@ -305,7 +323,7 @@ fn l4_header(ctx: &XdpContext, protocol: u8, ip_len: usize, first_fragment: bool
     }
 }
 
-enum Pick {
+pub(crate) enum Pick {
     Backend {
         id: u32,
         /// In BACKENDS (array elements stay put): copies of it on the stack, one per call
@@ -315,6 +333,31 @@ enum Pick {
     },
     NoBackend,
     LookupFailed,
+}
+
+impl Pick {
+    /// The backend (id, entry, whether the flow is new), or `None` with the drop counted.
+    #[inline(always)]
+    pub(crate) fn or_count(
+        self,
+        counters: &mut GlobalCounters,
+    ) -> Option<(u32, &'static Backend, bool)> {
+        match self {
+            Pick::Backend {
+                id,
+                backend,
+                new_flow,
+            } => Some((id, backend, new_flow)),
+            Pick::NoBackend => {
+                counters.no_backend_dropped += 1;
+                None
+            }
+            Pick::LookupFailed => {
+                counters.lookup_failed_dropped += 1;
+                None
+            }
+        }
+    }
 }
 
 #[inline(always)]
@@ -351,9 +394,13 @@ fn usable_backend(id: u32, listener: &ListenerEntry) -> Option<&'static Backend>
 /// evict an established flow. A non-SYN packet of a flow this node never saw (another node's, or
 /// one whose entry expired) is balanced by the same policy, which picks what the SYN would have
 /// picked while nothing changed, and tracked from its next packet on.
+///
+/// `client` is the address persistence keys the flow's client by (its source address, or an
+/// IPv6 source's prefix).
 #[inline(always)]
-fn pick_backend(
+pub(crate) fn pick_backend(
     flow: &FlowKey,
+    client: &Addr,
     listener: &ListenerEntry,
     tcp_flags: u8,
     now: u64,
@@ -381,7 +428,7 @@ fn pick_backend(
     let (id, backend) = match half_open {
         Some(picked) => picked,
         None => {
-            let id = match policy_backend(flow, hash, listener, now, counters) {
+            let id = match policy_backend(client, hash, listener, now, counters) {
                 Ok(id) => id,
                 Err(pick) => return pick,
             };
@@ -398,7 +445,7 @@ fn pick_backend(
     let probation = flow.protocol == IPPROTO_TCP && half_open.is_none() && !established;
     if opening || probation {
         if half_open.is_none() {
-            track_half_open(flow, hash, listener, id, now, counters);
+            track_half_open(flow, client, hash, listener, id, now, counters);
         }
         return Pick::Backend {
             id,
@@ -406,7 +453,7 @@ fn pick_backend(
             new_flow: false,
         };
     }
-    track_connection(flow, listener, id, closing, now);
+    track_connection(flow, client, listener, id, closing, now);
     Pick::Backend {
         id,
         backend,
@@ -480,6 +527,7 @@ fn half_open_backend(
 #[inline(always)]
 fn track_half_open(
     flow: &FlowKey,
+    client: &Addr,
     hash: u32,
     listener: &ListenerEntry,
     id: u32,
@@ -489,15 +537,22 @@ fn track_half_open(
     half_open::remember(flow, hash, id);
     counters.half_open_tracked += 1;
     if listener.flags & LISTENER_F_PERSIST != 0 {
-        persist(&PERSIST_PENDING, flow, listener, id, now);
+        persist(&PERSIST_PENDING, client, listener, id, now);
     }
 }
 
 /// A flow past its handshake: into the connection table (and the persistence table).
 #[inline(always)]
-fn track_connection(flow: &FlowKey, listener: &ListenerEntry, id: u32, closing: bool, now: u64) {
+fn track_connection(
+    flow: &FlowKey,
+    client: &Addr,
+    listener: &ListenerEntry,
+    id: u32,
+    closing: bool,
+    now: u64,
+) {
     if listener.flags & LISTENER_F_PERSIST != 0 {
-        persist(&PERSISTENCE, flow, listener, id, now);
+        persist(&PERSISTENCE, client, listener, id, now);
     }
     let entry = Connection {
         backend_id: id,
@@ -516,7 +571,7 @@ fn track_connection(flow: &FlowKey, listener: &ListenerEntry, id: u32, closing: 
 /// A new flow's backend by the listener's policy.
 #[inline(always)]
 fn policy_backend(
-    flow: &FlowKey,
+    client: &Addr,
     hash: u32,
     listener: &ListenerEntry,
     now: u64,
@@ -529,25 +584,25 @@ fn policy_backend(
         counters.standby_picks += 1;
         return Ok(listener.standby_id);
     }
-    if let Some(id) = persisted_backend(flow, listener, now, counters) {
+    if let Some(id) = persisted_backend(client, listener, now, counters) {
         return Ok(id);
     }
     ring_backend(hash, listener)
 }
 
-/// Records in `table` that the client address of `flow` uses `id`, unless a fresh entry already
+/// Records in `table` that `client` uses `id`, unless a fresh entry already
 /// names another usable backend (two connections of one client racing through their
 /// handshakes: the first wins, so later ones follow it).
 #[inline(always)]
 fn persist<const N: usize>(
     table: &LruHashMap<PersistKey, Persisted, N>,
-    flow: &FlowKey,
+    client: &Addr,
     listener: &ListenerEntry,
     id: u32,
     now: u64,
 ) {
     let key = PersistKey {
-        client: flow.src,
+        client: *client,
         listener_index: listener.index,
     };
     if let Some(entry) = table.get_ptr_mut(&key) {
@@ -592,11 +647,11 @@ fn persisted_in<const N: usize>(
     Some(id)
 }
 
-/// The backend this client address is persisted to: by an established connection, or else by
+/// The backend `client` is persisted to: by an established connection, or else by
 /// a handshake under way (so that a client's concurrent first connections agree).
 #[inline(always)]
 fn persisted_backend(
-    flow: &FlowKey,
+    client: &Addr,
     listener: &ListenerEntry,
     now: u64,
     counters: &mut GlobalCounters,
@@ -605,7 +660,7 @@ fn persisted_backend(
         return None;
     }
     let key = PersistKey {
-        client: flow.src,
+        client: *client,
         listener_index: listener.index,
     };
     let id = match persisted_in(&PERSISTENCE, &key, listener, now) {
@@ -643,20 +698,9 @@ fn to_backend(
         return XDP_PASS;
     }
     let now = now_ns();
-    let (id, backend, new_flow) = match pick_backend(flow, listener, l4.tcp_flags, now, counters) {
-        Pick::Backend {
-            id,
-            backend,
-            new_flow,
-        } => (id, backend, new_flow),
-        Pick::NoBackend => {
-            counters.no_backend_dropped += 1;
-            return XDP_DROP;
-        }
-        Pick::LookupFailed => {
-            counters.lookup_failed_dropped += 1;
-            return XDP_DROP;
-        }
+    let picked = pick_backend(flow, &flow.src, listener, l4.tcp_flags, now, counters);
+    let Some((id, backend, new_flow)) = picked.or_count(counters) else {
+        return XDP_DROP;
     };
     let cache = NEXT_HOP_BACKEND
         .get_ptr_mut(id)
@@ -820,7 +864,7 @@ fn count_closed(listener_index: u32, backend_id: u32) {
 }
 
 #[inline(always)]
-fn count_traffic(listener_index: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+pub(crate) fn count_traffic(listener_index: u32, backend_id: u32, bytes: u64, new_flow: bool) {
     let new = u64::from(new_flow);
     if let Some(c) = LISTENER_STATS.get_ptr_mut(listener_index) {
         unsafe {

@@ -1,4 +1,4 @@
-//! Sending an IPv4 packet on its way: the next hop comes from a per-CPU cache or, at most once a
+//! Sending a packet on its way: the next hop comes from a per-CPU cache or, at most once a
 //! second per destination, from the kernel FIB (the largest single cost of the fast path); then
 //! the packet leaves by XDP_TX or XDP_REDIRECT, or goes to the stack when only the stack can
 //! proceed. Routing is apart from sending so a reply can be routed before it is rewritten: a
@@ -17,11 +17,12 @@ use core::mem::size_of;
 
 use crate::{
     maps::{EGRESS, FIB_PARAMS},
-    packet::{EthHdr, Ipv4Hdr},
+    packet::{EthHdr, Ipv4Hdr, Ipv6Hdr, IPV6_HDR_LEN},
 };
-use slb_common::{GlobalCounters, NextHop, NEXT_HOP_TTL_NS};
+use slb_common::{GlobalCounters, NextHop, NextHop6, NEXT_HOP_TTL_NS};
 
 const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_BLACKHOLE: i64 = 1;
 const BPF_FIB_LKUP_RET_UNREACHABLE: i64 = 2;
@@ -93,6 +94,54 @@ pub fn route_ipv4(
         return Route::Local;
     }
     if u16::from_be(unsafe { (*ip).total_len }) > hop.mtu {
+        return Route::TooBig(hop.mtu);
+    }
+    Route::Hop(hop)
+}
+
+/// [`route_ipv4`]'s twin for the IPv6 packet whose header is `ip`, towards `dst` (words in
+/// memory order), from this CPU's `cache` slot (may be null) or the FIB.
+#[inline(always)]
+pub fn route_ipv6(
+    ctx: &XdpContext,
+    ip: *const Ipv6Hdr,
+    dst: [u32; 4],
+    protocol: u8,
+    cache: *mut NextHop6,
+    now: u64,
+    counters: &mut GlobalCounters,
+) -> Route {
+    let cached = !cache.is_null()
+        && unsafe {
+            let cached_dst = &*((&raw const (*cache).dst) as *const [u32; 4]);
+            (*cache).hop.ifindex != 0
+                && *cached_dst == dst
+                && now.wrapping_sub((*cache).hop.checked_ns) < NEXT_HOP_TTL_NS
+        };
+    let hop = if cached {
+        counters.next_hop_cached += 1;
+        unsafe { (*cache).hop }
+    } else {
+        counters.fib_lookups += 1;
+        let ingress = ctx.ingress_ifindex() as u32;
+        match fib_next_hop6(ctx, ip, dst, protocol, ingress, now) {
+            FibAnswer::Hop(hop) => {
+                if !cache.is_null() {
+                    unsafe {
+                        *((&raw mut (*cache).dst) as *mut [u32; 4]) = dst;
+                        (*cache).hop = hop;
+                    }
+                }
+                hop
+            }
+            FibAnswer::Route(route) => return route,
+        }
+    };
+    if hop.local != 0 {
+        return Route::Local;
+    }
+    let packet_len = IPV6_HDR_LEN + usize::from(u16::from_be(unsafe { (*ip).payload_len }));
+    if packet_len > usize::from(hop.mtu) {
         return Route::TooBig(hop.mtu);
     }
     Route::Hop(hop)
@@ -214,6 +263,57 @@ fn fib_next_hop(
         params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
         params.ifindex = ingress;
     }
+    fib_answer(ctx, params, dst, ingress, now)
+}
+
+/// [`fib_next_hop`] for an IPv6 packet.
+#[inline(always)]
+fn fib_next_hop6(
+    ctx: &XdpContext,
+    ip: *const Ipv6Hdr,
+    dst: [u32; 4],
+    protocol: u8,
+    ingress: u32,
+    now: u64,
+) -> FibAnswer {
+    let Some(scratch) = FIB_PARAMS.get_ptr_mut(0) else {
+        return FibAnswer::Route(Route::Stack);
+    };
+    // SAFETY: as in `fib_next_hop`.
+    let params = unsafe { &mut zero_words(scratch).0 };
+    unsafe {
+        params.family = AF_INET6;
+        params.l4_protocol = protocol;
+        // The kernel checks the route's MTU against it, as for IPv4.
+        params.__bindgen_anon_1.tot_len =
+            (IPV6_HDR_LEN as u16).wrapping_add(u16::from_be((*ip).payload_len));
+        // Traffic class and flow label (the version bits are ignored).
+        params.__bindgen_anon_2.flowinfo = (*ip).version_class_flow & 0xffff_ff0fu32;
+        let (src_field, dst_field) = (
+            &raw mut params.__bindgen_anon_3.ipv6_src,
+            &raw mut params.__bindgen_anon_4.ipv6_dst,
+        );
+        let src = (*ip).src;
+        // Word by word: whole 16-byte copies into the union became `memmove` calls.
+        for i in 0..4 {
+            core::ptr::write_volatile(&raw mut (*src_field)[i], src[i]);
+            core::ptr::write_volatile(&raw mut (*dst_field)[i], dst[i]);
+        }
+        params.ifindex = ingress;
+    }
+    fib_answer(ctx, params, [0; 4], ingress, now)
+}
+
+/// Asks the FIB with `params` filled in, and turns its answer into a next hop for IPv4
+/// destination `dst` (zero for IPv6: [`NextHop6`] holds the address).
+#[inline(always)]
+fn fib_answer(
+    ctx: &XdpContext,
+    params: &mut FibParams,
+    dst: [u8; 4],
+    ingress: u32,
+    now: u64,
+) -> FibAnswer {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.as_ptr(),

@@ -70,13 +70,19 @@ struct TooBigFrame {
 /// memory.
 #[inline(always)]
 unsafe fn checksum<const N: usize>(words: *const [u16; N]) -> u16 {
+    !fold(unsafe { sum16(words) })
+}
+
+/// The one's-complement sum (unfolded) of `N` 16-bit words as they sit in memory.
+#[inline(always)]
+pub(crate) unsafe fn sum16<const N: usize>(words: *const [u16; N]) -> u32 {
     let mut sum = 0u32;
     let mut i = 0;
     while i < N {
         sum += u32::from(unsafe { (*words)[i] });
         i += 1;
     }
-    !fold(sum)
+    sum
 }
 
 /// Answers the packet in `ctx` (as received: nothing rewritten yet) with ICMP "fragmentation

@@ -2,11 +2,13 @@
 #![no_main]
 
 mod balancer;
+mod balancer6;
 mod floor;
 mod forward;
 mod fragments;
 mod half_open;
 mod icmp;
+mod icmp6;
 mod maps;
 mod packet;
 mod replay;

@@ -10,11 +10,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use slb_common::{
-    Backend, BackendEndpoint, Connection, FlowKey, FragmentEntry, FragmentKey, GlobalCounters,
-    HalfOpen, ListenerEntry, ListenerKey, NextHop, PersistKey, Persisted, ReplayTemplate, ReplyNat,
-    TrafficCounters, DEFAULT_RING_SIZE, ENDPOINT_FILTER_WORDS, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS,
-    MAX_CONNECTIONS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES, MAX_LISTENERS,
-    MAX_NAT_ADDRESSES, MAX_PERSISTENCE, RINGS_MAP_FLAGS, RING_SLOTS,
+    Addr, Backend, BackendEndpoint, Connection, FlowKey, FragmentEntry, FragmentKey,
+    GlobalCounters, HalfOpen, ListenerEntry, ListenerKey, NextHop, NextHop6, PersistKey, Persisted,
+    ReplayTemplate, ReplyNat, TrafficCounters, DEFAULT_RING_SIZE, ENDPOINT_FILTER_WORDS,
+    MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS, MAX_CONNECTIONS, MAX_FRAGMENTS, MAX_HALF_OPEN,
+    MAX_INTERFACES, MAX_LISTENERS, MAX_NAT_ADDRESSES, MAX_PERSISTENCE, RINGS_MAP_FLAGS, RING_SLOTS,
+    TAIL_CALL_PROGRAMS,
 };
 
 const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
@@ -111,6 +112,19 @@ pub static NEXT_HOP_BACKEND: PerCpuArray<NextHop, BACKENDS_MAX> = PerCpuArray::n
 #[btf_map]
 pub static NEXT_HOP_CLIENT: LruPerCpuHashMap<u32, NextHop, { MAX_CLIENT_NEXT_HOPS as usize }> =
     LruPerCpuHashMap::new();
+
+/// Next hop towards each IPv6 backend id (per CPU).
+#[btf_map]
+pub static NEXT_HOP_BACKEND6: PerCpuArray<NextHop6, BACKENDS_MAX> = PerCpuArray::new();
+
+/// Next hop towards IPv6 client addresses, for replies (per CPU).
+#[btf_map]
+pub static NEXT_HOP_CLIENT6: LruPerCpuHashMap<Addr, NextHop6, { MAX_CLIENT_NEXT_HOPS as usize }> =
+    LruPerCpuHashMap::new();
+
+/// The programs `slb_xdp` hands frames to: `slb_xdp6` in `PROGRAM_SLOT_IPV6`, set by the daemon.
+#[btf_map]
+pub static PROGRAMS: ProgramArray<{ TAIL_CALL_PROGRAMS as usize }> = ProgramArray::new();
 
 /// `xdp_replay` (benchmarks only; never pinned): the frame it restores before each run, the
 /// port counter for new flows, and the program it hands the frame to.

@@ -15,6 +15,7 @@ pub const IPV4_DONT_FRAGMENT: u16 = 0x4000;
 pub const IPV4_FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
 /// The reserved ("evil") bit of the flags.
 pub const IPV4_RESERVED_FLAG: u16 = 0x8000;
+pub const IPV6_HDR_LEN: usize = size_of::<Ipv6Hdr>();
 pub const TCP_HDR_LEN: usize = size_of::<TcpHdr>();
 pub const UDP_HDR_LEN: usize = size_of::<UdpHdr>();
 
@@ -37,6 +38,21 @@ pub struct Ipv4Hdr {
     pub check: u16,
     pub src: [u8; 4],
     pub dst: [u8; 4],
+}
+
+/// The IPv6 header. Addresses are read and written as 32-bit words, as the kernel's own
+/// `struct ipv6hdr` does: they sit 2 bytes off a word boundary behind the Ethernet header, which
+/// the verifier allows for packet data (no strict alignment) and the JITs handle, while byte
+/// arrays would cost 16 single-byte loads an address.
+#[repr(C)]
+pub struct Ipv6Hdr {
+    /// Version, traffic class and flow label.
+    pub version_class_flow: u32,
+    pub payload_len: u16,
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
 }
 
 /// The part of the TCP and UDP headers this program touches: ports, then (at a protocol-specific

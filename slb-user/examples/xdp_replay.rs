@@ -20,7 +20,7 @@ use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
 use clap::{Parser, ValueEnum};
 use slb_common::wire::{ipv4_frame, L4Spec};
 use slb_common::{ReplayTemplate, REPLAY_FRAME_BYTES};
-use slb_user::dataplane::{load_object, TableSizes, PROGRAM_NAME};
+use slb_user::dataplane::{load_object, load_programs, TableSizes, PROGRAM_NAME};
 use slb_user::testbed::{ifindex, mac_of, xdp_md};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -109,13 +109,12 @@ fn main() -> anyhow::Result<()> {
         },
     };
     let mut ebpf = load_object(&pins, sizes)?;
-    for name in ["xdp_replay", PROGRAM_NAME] {
-        let program: &mut Xdp = ebpf
-            .program_mut(name)
-            .with_context(|| format!("no program {name}"))?
-            .try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
-    }
+    load_programs(&mut ebpf).context("loading the data plane's programs")?;
+    let replay: &mut Xdp = ebpf
+        .program_mut("xdp_replay")
+        .context("no program xdp_replay")?
+        .try_into()?;
+    replay.load().context("loading xdp_replay")?;
     if args.target == Target::Slb {
         let slb: &Xdp = ebpf
             .program(PROGRAM_NAME)

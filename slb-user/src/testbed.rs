@@ -15,7 +15,7 @@ use aya::Ebpf;
 use slb_common::GlobalCounters;
 
 use crate::config::Config;
-use crate::dataplane::{ensure_bpffs, load_object, TableSizes, PROGRAM_NAME};
+use crate::dataplane::{ensure_bpffs, load_object, load_programs, TableSizes, PROGRAM_NAME};
 use crate::maps::PinnedMaps;
 use crate::reconcile::Reconciler;
 
@@ -82,9 +82,18 @@ pub fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 }
 
 /// The testbed's links, addresses and static neighbours in this thread's (fresh) namespace:
-/// `in0` (10.10.0.1/24) towards clients, `out0` (10.20.0.1/22) towards backends, each with a
-/// veth peer, forwarding on.
+/// `in0` (10.10.0.1/24, fd00:10::1/64) towards clients, `out0` (10.20.0.1/22, fd00:20::1/64)
+/// towards backends, each with a veth peer, forwarding on for both families.
 pub fn setup_network() -> anyhow::Result<()> {
+    // Before any link exists: an address under duplicate address detection stays tentative
+    // for a while, and the FIB does not use it.
+    sh(&[
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+        "net.ipv6.conf.all.forwarding=1",
+    ])?;
     sh(&["ip", "link", "set", "lo", "up"])?;
     sh(&[
         "ip", "link", "add", "in0", "type", "veth", "peer", "name", "in1",
@@ -110,7 +119,33 @@ pub fn setup_network() -> anyhow::Result<()> {
         "permanent",
     ])?;
     sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-    let mut batch = String::new();
+    sh(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:10::1/64",
+        "dev",
+        "in0",
+        "nodad",
+    ])?;
+    sh(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:20::1/64",
+        "dev",
+        "out0",
+        "nodad",
+    ])?;
+    let mut batch =
+        String::from("neigh replace fd00:10::2 lladdr 02:00:00:00:00:01 dev in0 nud permanent\n");
+    for host in 2..32 {
+        batch.push_str(&format!(
+            "neigh replace fd00:20::{host:x} lladdr 02:00:00:00:00:02 dev out0 nud permanent\n"
+        ));
+    }
     for third in 0..4 {
         for fourth in 2..255 {
             batch.push_str(&format!(
@@ -187,15 +222,14 @@ impl Testbed {
             max_connections: Config::parse(config, "testbed config")?.max_connections,
         };
         let mut ebpf = load_object(&pin_dir, sizes)?;
-        for name in [PROGRAM_NAME, FLOOR_PROGRAM] {
-            let program: &mut Xdp = ebpf
-                .program_mut(name)
-                .with_context(|| format!("no program {name}"))?
-                .try_into()?;
-            program
-                .load()
-                .with_context(|| format!("the verifier refused {name}"))?;
-        }
+        load_programs(&mut ebpf).context("the verifier refused the data plane's programs")?;
+        let floor: &mut Xdp = ebpf
+            .program_mut(FLOOR_PROGRAM)
+            .with_context(|| format!("no program {FLOOR_PROGRAM}"))?
+            .try_into()?;
+        floor
+            .load()
+            .with_context(|| format!("the verifier refused {FLOOR_PROGRAM}"))?;
         let (in_index, out_index) = (ifindex("in0")?, ifindex("out0")?);
         {
             let mut egress: aya::maps::DevMapHash<_> = ebpf

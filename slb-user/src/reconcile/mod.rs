@@ -12,15 +12,14 @@ use std::sync::atomic::Ordering;
 use aya::maps::MapError;
 use slb_common::maglev::{build_table, MaglevBackend, MaglevError};
 use slb_common::{
-    ipv4_mapped, Backend, BackendEndpoint, ReplyNat, HEALTH_DOWN, HEALTH_UP, NO_BACKEND,
-    RINGS_PER_LISTENER,
+    Backend, BackendEndpoint, ReplyNat, HEALTH_DOWN, HEALTH_UP, NO_BACKEND, RINGS_PER_LISTENER,
 };
 
 use crate::applied::{AppliedMaps, BackendKey, HealthStatus};
 use crate::config::Config;
 use crate::maps::{clear_map_slot, set_ring_slots, MappedRing, PinnedMaps};
 use plan::{
-    ipv4_octets, ring_slot, HealthWrite, Plan, PlannedListener, ReplyEndpoint, VerdictPlan,
+    data_plane_addr, ring_slot, HealthWrite, Plan, PlannedListener, ReplyEndpoint, VerdictPlan,
     VerdictWrite,
 };
 
@@ -105,10 +104,19 @@ impl<K: Ord, V: PartialEq> Written<K, V> {
     }
 }
 
+/// The key NAT_ADDRESSES holds an address under; `None` for IPv6, whose fragments the IPv6
+/// program does not follow (it passes them).
+fn nat_address_key(address: IpAddr) -> Option<u32> {
+    match address {
+        IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(_) => None,
+    }
+}
+
 /// The key REPLY_NAT holds a backend endpoint's translation under.
 fn reply_key((address, port, protocol): ReplyEndpoint) -> BackendEndpoint {
     BackendEndpoint {
-        addr: ipv4_mapped(ipv4_octets(address)),
+        addr: data_plane_addr(address),
         port,
         protocol,
         _pad: 0,
@@ -181,13 +189,15 @@ impl Reconciler {
         //    of endpoints that are gone only at the end.
         self.write_filter(&plan.filter, true)?;
         for (&address, &flags) in &plan.addresses {
-            self.addresses_written
-                .put(address, flags, |address, flags| {
-                    self.maps
-                        .nat_addresses
-                        .insert(u32::from_ne_bytes(ipv4_octets(*address)), *flags, 0)
-                        .map_err(map_err("NAT_ADDRESSES"))
-                })?;
+            let Some(key) = nat_address_key(address) else {
+                continue;
+            };
+            self.addresses_written.put(address, flags, |_, flags| {
+                self.maps
+                    .nat_addresses
+                    .insert(key, *flags, 0)
+                    .map_err(map_err("NAT_ADDRESSES"))
+            })?;
         }
         self.ensure_rings(&plan.ring_slots)?;
         for listener in &plan.listeners {
@@ -307,10 +317,9 @@ impl Reconciler {
             self.replies_written.forget(endpoint);
         }
         for address in &plan.gone_addresses {
-            let _ = self
-                .maps
-                .nat_addresses
-                .remove(&u32::from_ne_bytes(ipv4_octets(*address)));
+            if let Some(key) = nat_address_key(*address) {
+                let _ = self.maps.nat_addresses.remove(&key);
+            }
             self.addresses_written.forget(address);
         }
         Ok(())

@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use slb_common::{
-    endpoint_filter_bits, ipv4_mapped, Backend, ListenerEntry, ListenerKey, ReplyNat,
-    BACKEND_F_DRAINING, BACKEND_F_PRESENT, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
-    LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, MAX_BACKENDS,
-    MAX_LISTENERS, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, RINGS_PER_LISTENER,
+    addr_words, endpoint_filter_bits, ipv4_mapped, ipv6_filter_fold, Addr, Backend, ListenerEntry,
+    ListenerKey, ReplyNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT, ENDPOINT_F_BACKEND,
+    ENDPOINT_F_LISTENER, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST,
+    MAX_BACKENDS, MAX_LISTENERS, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, RINGS_PER_LISTENER,
 };
 
 use super::ReconcileError;
@@ -89,16 +89,28 @@ pub(super) struct Plan {
     pub applied: AppliedMaps,
 }
 
-pub(super) fn ipv4_octets(addr: IpAddr) -> [u8; 4] {
+/// An address as the data plane's keys and values hold it: IPv6 as is, IPv4 mapped
+/// (`::ffff:a.b.c.d`, which validation refuses as an IPv6 address, so the two never meet).
+pub(super) fn data_plane_addr(addr: IpAddr) -> Addr {
     match addr {
-        IpAddr::V4(v4) => v4.octets(),
-        IpAddr::V6(_) => unreachable!("IPv6 addresses are rejected by config validation"),
+        IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
     }
+}
+
+/// The ENDPOINT_FILTER word and mask of an endpoint, as the data plane computes them for its
+/// address family.
+fn filter_bits(addr: IpAddr, port: u16, protocol: u8, flags: u32) -> (u32, u32) {
+    let folded = match addr {
+        IpAddr::V4(v4) => v4.octets(),
+        IpAddr::V6(v6) => ipv6_filter_fold(addr_words(&v6.octets())),
+    };
+    endpoint_filter_bits(folded, port, protocol, flags)
 }
 
 pub(super) fn listener_key(protocol: Protocol, vip: IpAddr, port: u16) -> ListenerKey {
     ListenerKey {
-        vip: ipv4_mapped(ipv4_octets(vip)),
+        vip: data_plane_addr(vip),
         port,
         protocol: protocol.ip_protocol(),
         _pad: 0,
@@ -260,7 +272,7 @@ fn backend_entries(
                 flags |= BACKEND_F_DRAINING;
             }
             let backend = Backend {
-                addr: ipv4_mapped(ipv4_octets(key.address)),
+                addr: data_plane_addr(key.address),
                 port: key.port,
                 flags,
                 _pad: 0,
@@ -432,6 +444,7 @@ fn plan_listener(
     if let Some(p) = &l.persistence {
         entry.flags |= LISTENER_F_PERSIST;
         entry.persist_timeout_s = p.timeout.as_secs() as u32;
+        entry.persist_ipv6_prefix = 128;
     }
     let replies = reply_translations(g, index, ids);
     let key = listener_key(l.protocol, l.vip, l.port);
@@ -552,7 +565,7 @@ fn reply_translations(
         .iter()
         .map(|(key, _)| {
             let nat = ReplyNat {
-                vip: ipv4_mapped(ipv4_octets(l.vip)),
+                vip: data_plane_addr(l.vip),
                 vip_port: l.port,
                 _pad: 0,
                 listener_index: index,
@@ -592,16 +605,10 @@ fn endpoint_filter(groups: &[Members<'_>]) -> BTreeMap<u32, u32> {
     for g in groups {
         let l = g.listener;
         let protocol = l.protocol.ip_protocol();
-        let (word, mask) =
-            endpoint_filter_bits(ipv4_octets(l.vip), l.port, protocol, ENDPOINT_F_LISTENER);
+        let (word, mask) = filter_bits(l.vip, l.port, protocol, ENDPOINT_F_LISTENER);
         *filter.entry(word).or_default() |= mask;
         for (key, _) in &g.members {
-            let (word, mask) = endpoint_filter_bits(
-                ipv4_octets(key.address),
-                key.port,
-                protocol,
-                ENDPOINT_F_BACKEND,
-            );
+            let (word, mask) = filter_bits(key.address, key.port, protocol, ENDPOINT_F_BACKEND);
             *filter.entry(word).or_default() |= mask;
         }
     }
