@@ -43,6 +43,9 @@ impl L4Spec {
     }
 }
 
+/// The payload every built TCP/UDP frame carries unless told otherwise.
+pub const DEFAULT_PAYLOAD: &[u8] = b"hello slb";
+
 /// An Ethernet + IPv4 + TCP/UDP frame with valid checksums and a small payload.
 pub fn ipv4_frame(
     dst_mac: [u8; 6],
@@ -51,7 +54,16 @@ pub fn ipv4_frame(
     dst: [u8; 4],
     l4: L4Spec,
 ) -> Vec<u8> {
-    let payload = b"hello slb";
+    let mut seg = l4_segment(&l4, DEFAULT_PAYLOAD);
+    if !l4.zero_udp_checksum {
+        let sum = ipv4_pseudo_header_sum(src, dst, l4.protocol, seg.len() as u16);
+        write_l4_checksum(&mut seg, l4.protocol, sum);
+    }
+    ipv4_packet_frame(dst_mac, src_mac, src, dst, l4.protocol, &seg)
+}
+
+/// The TCP or UDP segment `l4` describes around `payload`, with its checksum field still 0.
+fn l4_segment(l4: &L4Spec, payload: &[u8]) -> Vec<u8> {
     let mut seg = Vec::new();
     seg.extend_from_slice(&l4.src_port.to_be_bytes());
     seg.extend_from_slice(&l4.dst_port.to_be_bytes());
@@ -80,15 +92,27 @@ pub fn ipv4_frame(
         seg.extend_from_slice(&[0, 0]);
     }
     seg.extend_from_slice(payload);
-    let check_at = if l4.protocol == IPPROTO_TCP { 16 } else { 6 };
-    if !l4.zero_udp_checksum {
-        let c = internet_checksum(
-            ipv4_pseudo_header_sum(src, dst, l4.protocol, seg.len() as u16),
-            &seg,
-        );
-        seg[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
+    seg
+}
+
+/// Where a TCP or UDP header keeps its checksum.
+fn l4_checksum_at(protocol: u8) -> usize {
+    if protocol == IPPROTO_TCP {
+        16
+    } else {
+        6
     }
-    ipv4_packet_frame(dst_mac, src_mac, src, dst, l4.protocol, &seg)
+}
+
+/// Fills in the checksum of `seg` over the pseudo-header sum `pseudo_header_sum`. A UDP checksum
+/// that computes to 0 is sent as 0xffff (RFC 768): 0 would mean "no checksum".
+fn write_l4_checksum(seg: &mut [u8], protocol: u8, pseudo_header_sum: u32) {
+    let at = l4_checksum_at(protocol);
+    let mut c = internet_checksum(pseudo_header_sum, seg);
+    if protocol == IPPROTO_UDP && c == 0 {
+        c = 0xffff;
+    }
+    seg[at..at + 2].copy_from_slice(&c.to_be_bytes());
 }
 
 /// An Ethernet + IPv4 frame (DF set, TTL 64, valid header checksum) around `payload`.
@@ -148,7 +172,7 @@ pub fn parse_ipv4_frame(f: &[u8]) -> Result<ParsedFrame, String> {
         ));
     }
     let seg = &f[34..14 + total_len];
-    let check_at = if protocol == IPPROTO_TCP { 16 } else { 6 };
+    let check_at = l4_checksum_at(protocol);
     if seg.len() < check_at + 2 {
         return Err(format!("L4 segment of {} bytes is too short", seg.len()));
     }
