@@ -1,11 +1,11 @@
-//! Building and checking Ethernet/IPv4/TCP/UDP frames, for packet tests and benchmarks.
+//! Building and checking Ethernet/IPv4 and IPv6/TCP/UDP/ICMPv6 frames, for packet tests and benchmarks.
 
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use crate::checksum::{internet_checksum, ipv4_pseudo_header_sum};
+use crate::checksum::{internet_checksum, ipv4_pseudo_header_sum, ipv6_pseudo_header_sum};
 use crate::{IPPROTO_TCP, IPPROTO_UDP};
 
 pub const TCP_SYN: u8 = 0x02;
@@ -195,6 +195,249 @@ pub fn parse_ipv4_frame(f: &[u8]) -> Result<ParsedFrame, String> {
     })
 }
 
+/// IPv6 next-header values the builders and parsers know.
+pub const NEXTHDR_HOP_BY_HOP: u8 = 0;
+pub const NEXTHDR_ROUTING: u8 = 43;
+pub const NEXTHDR_FRAGMENT: u8 = 44;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const NEXTHDR_DEST_OPTS: u8 = 60;
+
+/// The smallest MTU an IPv6 link may have (RFC 8200 §5).
+pub const IPV6_MIN_MTU: usize = 1280;
+
+const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
+const ETH_LEN: usize = 14;
+const IPV6_LEN: usize = 40;
+
+/// What an IPv6 TCP/UDP frame carries besides its addresses and L4 header. The default is what
+/// [`ipv6_frame`] sends: hop limit 64, [`DEFAULT_PAYLOAD`], no extension header.
+#[derive(Clone, Copy, Debug)]
+pub struct Ipv6FrameOptions<'a> {
+    pub hop_limit: u8,
+    pub payload: &'a [u8],
+    /// An 8-byte extension header of this type between the IPv6 and the L4 header:
+    /// [`NEXTHDR_HOP_BY_HOP`] or [`NEXTHDR_DEST_OPTS`] (one PadN option), or [`NEXTHDR_ROUTING`]
+    /// (experimental type 253 with no segments left, so every node goes on to the L4 header).
+    pub extension_header: Option<u8>,
+}
+
+impl Default for Ipv6FrameOptions<'_> {
+    fn default() -> Self {
+        Ipv6FrameOptions {
+            hop_limit: 64,
+            payload: DEFAULT_PAYLOAD,
+            extension_header: None,
+        }
+    }
+}
+
+/// An Ethernet + IPv6 + TCP/UDP frame with a valid L4 checksum and a small payload: the twin of
+/// [`ipv4_frame`].
+pub fn ipv6_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    l4: L4Spec,
+) -> Vec<u8> {
+    ipv6_frame_with(dst_mac, src_mac, src, dst, l4, &Ipv6FrameOptions::default())
+}
+
+/// [`ipv6_frame`] with another hop limit, payload or an extension header.
+pub fn ipv6_frame_with(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    l4: L4Spec,
+    options: &Ipv6FrameOptions,
+) -> Vec<u8> {
+    let mut seg = l4_segment(&l4, options.payload);
+    if !l4.zero_udp_checksum {
+        let sum = ipv6_pseudo_header_sum(&src, &dst, seg.len() as u32, l4.protocol);
+        write_l4_checksum(&mut seg, l4.protocol, sum);
+    }
+    let (next_header, payload) = match options.extension_header {
+        None => (l4.protocol, seg),
+        Some(kind) => {
+            let mut with_header = extension_header(kind, l4.protocol).to_vec();
+            with_header.extend_from_slice(&seg);
+            (kind, with_header)
+        }
+    };
+    ipv6_packet(
+        dst_mac,
+        src_mac,
+        (src, dst),
+        next_header,
+        options.hop_limit,
+        &payload,
+    )
+}
+
+/// An 8-byte extension header of type `kind` followed by `next_header`.
+fn extension_header(kind: u8, next_header: u8) -> [u8; 8] {
+    match kind {
+        // Header length 0 (8 bytes); the six option bytes are one PadN option (type 1, 4 bytes).
+        NEXTHDR_HOP_BY_HOP | NEXTHDR_DEST_OPTS => [next_header, 0, 1, 4, 0, 0, 0, 0],
+        // Type 253 (RFC 4727 experiment) with segments left 0 is skipped by every node, unlike the
+        // deprecated type 0, which RFC 5095 has dropped.
+        NEXTHDR_ROUTING => [next_header, 0, 253, 0, 0, 0, 0, 0],
+        _ => panic!("no extension header of type {kind} is built; use ipv6_packet_frame"),
+    }
+}
+
+/// An Ethernet + IPv6 frame (hop limit 64, traffic class and flow label 0) around `payload`, the
+/// twin of [`ipv4_packet_frame`]; `payload` starts with the `next_header` header.
+pub fn ipv6_packet_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    next_header: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    ipv6_packet(dst_mac, src_mac, (src, dst), next_header, 64, payload)
+}
+
+fn ipv6_packet(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    (src, dst): ([u8; 16], [u8; 16]),
+    next_header: u8,
+    hop_limit: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(ETH_LEN + IPV6_LEN + payload.len());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&ETHERTYPE_IPV6);
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[next_header, hop_limit]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An IPv6 TCP/UDP frame as [`parse_ipv6_frame`] found it, the twin of [`ParsedFrame`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParsedFrame6 {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub l4_checksum: u16,
+}
+
+/// The fixed IPv6 header of `f` checked: long enough, IPv6, version 6, and a payload length that
+/// fits the frame. Returns the payload (bytes after it, Ethernet padding, are cut off).
+fn ipv6_payload(f: &[u8]) -> Result<&[u8], String> {
+    if f.len() < ETH_LEN + IPV6_LEN {
+        return Err(format!("frame of {} bytes is too short for IPv6", f.len()));
+    }
+    if f[12..14] != ETHERTYPE_IPV6 {
+        return Err(format!("ethertype {:02x?} is not IPv6", &f[12..14]));
+    }
+    if f[14] >> 4 != 6 {
+        return Err(format!("IP version {} is not 6", f[14] >> 4));
+    }
+    let payload_len = usize::from(u16::from_be_bytes([f[18], f[19]]));
+    let end = ETH_LEN + IPV6_LEN + payload_len;
+    if end > f.len() {
+        return Err(format!(
+            "IPv6 payload length {payload_len} does not fit the {}-byte frame",
+            f.len()
+        ));
+    }
+    Ok(&f[ETH_LEN + IPV6_LEN..end])
+}
+
+fn ipv6_addrs(f: &[u8]) -> ([u8; 16], [u8; 16]) {
+    let addr = |at: usize| -> [u8; 16] { f[at..at + 16].try_into().unwrap() };
+    (addr(22), addr(38))
+}
+
+/// Parses an IPv6 TCP/UDP frame, checking the L4 checksum over the IPv6 pseudo-header. Hop-by-hop,
+/// routing and destination options headers are skipped, and so is an atomic fragment header
+/// (offset 0, no more fragments); any other fragment is an error. A UDP checksum of 0 is an error:
+/// IPv6 makes the UDP checksum mandatory (RFC 8200 §8.1).
+pub fn parse_ipv6_frame(f: &[u8]) -> Result<ParsedFrame6, String> {
+    let payload = ipv6_payload(f)?;
+    let (src, dst) = ipv6_addrs(f);
+    let mut next_header = f[20];
+    let mut at = 0;
+    while next_header != IPPROTO_TCP && next_header != IPPROTO_UDP {
+        if payload.len() < at + 8 {
+            return Err(format!(
+                "extension header {next_header} at payload byte {at} is cut short"
+            ));
+        }
+        let header = &payload[at..at + 8];
+        at += match next_header {
+            NEXTHDR_HOP_BY_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST_OPTS => {
+                (usize::from(header[1]) + 1) * 8
+            }
+            NEXTHDR_FRAGMENT => {
+                let offset_and_more = u16::from_be_bytes([header[2], header[3]]);
+                if offset_and_more & 0xfff9 != 0 {
+                    return Err(format!(
+                        "a fragment (offset {}, more {}), not a whole datagram",
+                        (offset_and_more >> 3) * 8,
+                        offset_and_more & 1
+                    ));
+                }
+                8
+            }
+            other => return Err(format!("next header {other} is neither TCP nor UDP")),
+        };
+        next_header = header[0];
+    }
+    let seg = payload.get(at..).ok_or_else(|| {
+        format!(
+            "extension headers run past the {}-byte payload",
+            payload.len()
+        )
+    })?;
+    let protocol = next_header;
+    let header_len = if protocol == IPPROTO_TCP { 20 } else { 8 };
+    if seg.len() < header_len {
+        return Err(format!("L4 segment of {} bytes is too short", seg.len()));
+    }
+    if protocol == IPPROTO_UDP {
+        let udp_len = usize::from(u16::from_be_bytes([seg[4], seg[5]]));
+        if udp_len != seg.len() {
+            return Err(format!(
+                "UDP length {udp_len} is not the {}-byte segment's",
+                seg.len()
+            ));
+        }
+    }
+    let check_at = l4_checksum_at(protocol);
+    let l4_checksum = u16::from_be_bytes([seg[check_at], seg[check_at + 1]]);
+    if protocol == IPPROTO_UDP && l4_checksum == 0 {
+        return Err("UDP checksum 0 is invalid over IPv6".into());
+    }
+    let sum = ipv6_pseudo_header_sum(&src, &dst, seg.len() as u32, protocol);
+    if internet_checksum(sum, seg) != 0 {
+        return Err("L4 checksum is invalid".into());
+    }
+    Ok(ParsedFrame6 {
+        dst_mac: f[0..6].try_into().unwrap(),
+        src_mac: f[6..12].try_into().unwrap(),
+        hop_limit: f[21],
+        src,
+        dst,
+        src_port: u16::from_be_bytes([seg[0], seg[1]]),
+        dst_port: u16::from_be_bytes([seg[2], seg[3]]),
+        l4_checksum,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +466,150 @@ mod tests {
         spec.zero_udp_checksum = true;
         let u = ipv4_frame([1; 6], [2; 6], [10, 0, 0, 1], [10, 0, 0, 2], spec);
         assert_eq!(parse_ipv4_frame(&u).unwrap().l4_checksum, 0);
+    }
+
+    const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    const VIP6: [u8; 16] = [0xfd, 0, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+
+    #[test]
+    fn ipv6_frames_parse_back_with_their_checksum_hop_limit_and_ports() {
+        for l4 in [L4Spec::tcp(40000, 80, TCP_SYN), L4Spec::udp(40001, 53)] {
+            let f = ipv6_frame([1; 6], [2; 6], CLIENT6, VIP6, l4);
+            assert_eq!(f.len(), 14 + 40 + if l4.protocol == 6 { 20 } else { 8 } + 9);
+            assert_eq!(
+                (&f[12..14], f[14] >> 4, f[20]),
+                (&[0x86, 0xdd][..], 6, l4.protocol)
+            );
+            let p = parse_ipv6_frame(&f).unwrap();
+            let check_at = 54 + l4_checksum_at(l4.protocol);
+            assert_eq!(
+                p,
+                ParsedFrame6 {
+                    dst_mac: [1; 6],
+                    src_mac: [2; 6],
+                    hop_limit: 64,
+                    src: CLIENT6,
+                    dst: VIP6,
+                    src_port: l4.src_port,
+                    dst_port: l4.dst_port,
+                    l4_checksum: u16::from_be_bytes([f[check_at], f[check_at + 1]]),
+                }
+            );
+            // Ethernet padding after the IPv6 payload is not part of the segment.
+            let mut padded = f.clone();
+            padded.extend_from_slice(&[0; 6]);
+            assert_eq!(parse_ipv6_frame(&padded), Ok(p));
+        }
+    }
+
+    #[test]
+    fn ipv6_frame_options_set_hop_limit_payload_and_extension_header() {
+        let payload = [7u8; 101];
+        for extension in [NEXTHDR_HOP_BY_HOP, NEXTHDR_ROUTING, NEXTHDR_DEST_OPTS] {
+            let options = Ipv6FrameOptions {
+                hop_limit: 1,
+                payload: &payload,
+                extension_header: Some(extension),
+            };
+            let f = ipv6_frame_with(
+                [1; 6],
+                [2; 6],
+                CLIENT6,
+                VIP6,
+                L4Spec::tcp(1, 443, TCP_ACK),
+                &options,
+            );
+            assert_eq!(
+                f[20], extension,
+                "the IPv6 header points at the extension header"
+            );
+            assert_eq!(f[54], IPPROTO_TCP, "which points at TCP");
+            assert_eq!(
+                usize::from(u16::from_be_bytes([f[18], f[19]])),
+                8 + 20 + 101
+            );
+            let p = parse_ipv6_frame(&f).unwrap();
+            assert_eq!((p.hop_limit, p.src_port, p.dst_port), (1, 1, 443));
+            assert_eq!(&f[f.len() - 101..], &payload[..]);
+        }
+    }
+
+    #[test]
+    fn ipv6_corruption_short_frames_and_zero_udp_checksums_are_reported() {
+        let f = ipv6_frame(
+            [1; 6],
+            [2; 6],
+            CLIENT6,
+            VIP6,
+            L4Spec::tcp(1234, 80, TCP_SYN),
+        );
+        // Any flipped byte the checksum covers: an address, a port, the payload.
+        for at in [22, 53, 54, f.len() - 1] {
+            let mut bad = f.clone();
+            bad[at] ^= 0x40;
+            assert_eq!(
+                parse_ipv6_frame(&bad).unwrap_err(),
+                "L4 checksum is invalid",
+                "byte {at}"
+            );
+        }
+        // The hop limit is in no checksum.
+        let mut hop = f.clone();
+        hop[21] = 1;
+        assert_eq!(parse_ipv6_frame(&hop).unwrap().hop_limit, 1);
+
+        let mut spec = L4Spec::udp(5, 53);
+        spec.zero_udp_checksum = true;
+        let u = ipv6_frame([1; 6], [2; 6], CLIENT6, VIP6, spec);
+        assert_eq!(
+            parse_ipv6_frame(&u).unwrap_err(),
+            "UDP checksum 0 is invalid over IPv6"
+        );
+
+        let mut version4 = f.clone();
+        version4[14] = 0x40;
+        assert!(parse_ipv6_frame(&version4)
+            .unwrap_err()
+            .contains("version 4"));
+        let mut too_long = f.clone();
+        too_long[18..20].copy_from_slice(&1000u16.to_be_bytes());
+        assert!(parse_ipv6_frame(&too_long)
+            .unwrap_err()
+            .contains("does not fit"));
+        assert!(parse_ipv6_frame(&f[..50])
+            .unwrap_err()
+            .contains("too short"));
+        assert!(parse_ipv4_frame(&f).is_err(), "not an IPv4 frame");
+    }
+
+    #[test]
+    fn a_computed_udp_checksum_of_zero_is_sent_as_all_ones() {
+        // Payload words chosen so the datagram sums to 0xffff: its checksum computes to 0.
+        let l4 = L4Spec::udp(0, 0);
+        let seg = l4_segment(&l4, &[0, 0]);
+        let sum = ipv6_pseudo_header_sum(&[0; 16], &[0; 16], seg.len() as u32, IPPROTO_UDP);
+        let rest = 0xffff - fold_sum(sum + u32::from(u16::from_be_bytes([seg[4], seg[5]])));
+        let payload = rest.to_be_bytes();
+        let mut unfixed = l4_segment(&l4, &payload);
+        unfixed[6..8].fill(0);
+        assert_eq!(
+            internet_checksum(sum, &unfixed),
+            0,
+            "the checksum computes to 0"
+        );
+        let options = Ipv6FrameOptions {
+            payload: &payload,
+            ..Default::default()
+        };
+        let f = ipv6_frame_with([1; 6], [2; 6], [0; 16], [0; 16], l4, &options);
+        let p = parse_ipv6_frame(&f).unwrap();
+        assert_eq!(p.l4_checksum, 0xffff);
+    }
+
+    fn fold_sum(mut sum: u32) -> u16 {
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum as u16
     }
 }
