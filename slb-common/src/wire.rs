@@ -438,6 +438,277 @@ pub fn parse_ipv6_frame(f: &[u8]) -> Result<ParsedFrame6, String> {
     })
 }
 
+/// ICMPv6 message types (RFC 4443, RFC 4861).
+pub const ICMPV6_DEST_UNREACHABLE: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+pub const ICMPV6_ROUTER_SOLICITATION: u8 = 133;
+pub const ICMPV6_ROUTER_ADVERTISEMENT: u8 = 134;
+pub const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
+pub const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
+
+/// ff02::1 and ff02::2, where router advertisements and solicitations go.
+pub const IPV6_ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const IPV6_ALL_ROUTERS: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+/// An Ethernet + IPv6 + ICMPv6 frame of type `kind` and `code` whose message body (everything
+/// after the checksum) is `body`, with a valid checksum. Neighbour discovery messages (133-137)
+/// get hop limit 255, as RFC 4861 receivers drop them otherwise; the others 64.
+pub fn icmpv6_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    kind: u8,
+    code: u8,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut message = vec![kind, code, 0, 0];
+    message.extend_from_slice(body);
+    let sum = ipv6_pseudo_header_sum(&src, &dst, message.len() as u32, IPPROTO_ICMPV6);
+    let c = internet_checksum(sum, &message);
+    message[2..4].copy_from_slice(&c.to_be_bytes());
+    let hop_limit = if (133..=137).contains(&kind) { 255 } else { 64 };
+    ipv6_packet(
+        dst_mac,
+        src_mac,
+        (src, dst),
+        IPPROTO_ICMPV6,
+        hop_limit,
+        &message,
+    )
+}
+
+/// An ICMPv6 error (`kind`, `code`, and the 32-bit field after the checksum: the MTU of a Packet
+/// Too Big, the pointer of a Parameter Problem, 0 otherwise) from `src` to `dst`, quoting
+/// `quoted`: an IPv6 packet or its start, such as `&frame[14..]` or `&frame[14..62]` (header and
+/// 8 bytes, as slb's own Packet Too Big quotes). The quote is cut so the message fits the IPv6
+/// minimum MTU, as RFC 4443 §2.4 (c) asks of senders.
+pub fn icmpv6_error(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    (kind, code, mtu): (u8, u8, u32),
+    quoted: &[u8],
+) -> Vec<u8> {
+    let quoted = &quoted[..quoted.len().min(IPV6_MIN_MTU - IPV6_LEN - 8)];
+    let mut body = mtu.to_be_bytes().to_vec();
+    body.extend_from_slice(quoted);
+    icmpv6_frame(dst_mac, src_mac, src, dst, kind, code, &body)
+}
+
+/// An ICMPv6 frame as [`parse_icmpv6_frame`] found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedIcmpv6 {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub hop_limit: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub kind: u8,
+    pub code: u8,
+    /// Everything after the checksum.
+    pub body: Vec<u8>,
+}
+
+/// Parses an IPv6 frame carrying ICMPv6 right after the IPv6 header, checking the ICMPv6
+/// checksum, which covers the IPv6 pseudo-header.
+pub fn parse_icmpv6_frame(f: &[u8]) -> Result<ParsedIcmpv6, String> {
+    let message = ipv6_payload(f)?;
+    if f[20] != IPPROTO_ICMPV6 {
+        return Err(format!("next header {} is not ICMPv6", f[20]));
+    }
+    if message.len() < 4 {
+        return Err(format!(
+            "ICMPv6 message of {} bytes is too short",
+            message.len()
+        ));
+    }
+    let (src, dst) = ipv6_addrs(f);
+    let sum = ipv6_pseudo_header_sum(&src, &dst, message.len() as u32, IPPROTO_ICMPV6);
+    if internet_checksum(sum, message) != 0 {
+        return Err("ICMPv6 checksum is invalid".into());
+    }
+    Ok(ParsedIcmpv6 {
+        dst_mac: f[0..6].try_into().unwrap(),
+        src_mac: f[6..12].try_into().unwrap(),
+        hop_limit: f[21],
+        src,
+        dst,
+        kind: message[0],
+        code: message[1],
+        body: message[4..].to_vec(),
+    })
+}
+
+/// An ICMPv6 error as [`parse_icmpv6_error`] found it: outer and quoted addresses and ports, the
+/// twin of the packet tests' IPv4 `IcmpSeen`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParsedIcmpv6Error {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub hop_limit: u8,
+    pub kind: u8,
+    pub code: u8,
+    /// The 32-bit field after the checksum (the MTU of a Packet Too Big).
+    pub mtu: u32,
+    pub inner_src: [u8; 16],
+    pub inner_dst: [u8; 16],
+    pub inner_ports: (u16, u16),
+}
+
+/// Parses an ICMPv6 error (types 1-4) quoting a TCP or UDP packet over IPv6, checking the ICMPv6
+/// checksum. The quoted L4 checksum is not checked: a quote is usually cut short.
+pub fn parse_icmpv6_error(f: &[u8]) -> Result<ParsedIcmpv6Error, String> {
+    let icmp = parse_icmpv6_frame(f)?;
+    if !(ICMPV6_DEST_UNREACHABLE..=ICMPV6_PARAMETER_PROBLEM).contains(&icmp.kind) {
+        return Err(format!("ICMPv6 type {} is not an error", icmp.kind));
+    }
+    // The 4-byte field, the quoted IPv6 header and the ports.
+    let body = &icmp.body;
+    if body.len() < 4 + IPV6_LEN + 4 {
+        return Err(format!(
+            "ICMPv6 error quoting {} bytes is too short",
+            body.len().saturating_sub(4)
+        ));
+    }
+    let inner = &body[4..];
+    if inner[0] >> 4 != 6 {
+        return Err(format!("quoted IP version {} is not 6", inner[0] >> 4));
+    }
+    if inner[6] != IPPROTO_TCP && inner[6] != IPPROTO_UDP {
+        return Err(format!(
+            "quoted next header {} is neither TCP nor UDP",
+            inner[6]
+        ));
+    }
+    let port = |at: usize| u16::from_be_bytes([inner[at], inner[at + 1]]);
+    Ok(ParsedIcmpv6Error {
+        src: icmp.src,
+        dst: icmp.dst,
+        hop_limit: icmp.hop_limit,
+        kind: icmp.kind,
+        code: icmp.code,
+        mtu: u32::from_be_bytes(body[0..4].try_into().unwrap()),
+        inner_src: inner[8..24].try_into().unwrap(),
+        inner_dst: inner[24..40].try_into().unwrap(),
+        inner_ports: (port(40), port(42)),
+    })
+}
+
+/// The Ethernet address an IPv6 multicast address maps to (RFC 2464 §7).
+pub fn ipv6_multicast_mac(group: [u8; 16]) -> [u8; 6] {
+    [0x33, 0x33, group[12], group[13], group[14], group[15]]
+}
+
+/// The solicited-node multicast group of `addr` (RFC 4291 §2.7.1), where its solicitations go.
+pub fn solicited_node_group(addr: [u8; 16]) -> [u8; 16] {
+    let mut group = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0];
+    group[13..16].copy_from_slice(&addr[13..16]);
+    group
+}
+
+/// A link-layer address option (type 1 source, 2 target) of `mac`.
+fn link_layer_option(kind: u8, mac: [u8; 6]) -> [u8; 8] {
+    [kind, 1, mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]]
+}
+
+/// A neighbour solicitation for `target` from `src` (`::` for duplicate address detection, which
+/// carries no source link-layer option) to `target`'s solicited-node group.
+pub fn neighbour_solicitation(src_mac: [u8; 6], src: [u8; 16], target: [u8; 16]) -> Vec<u8> {
+    let group = solicited_node_group(target);
+    let mut body = vec![0; 4];
+    body.extend_from_slice(&target);
+    if src != [0; 16] {
+        body.extend_from_slice(&link_layer_option(1, src_mac));
+    }
+    icmpv6_frame(
+        ipv6_multicast_mac(group),
+        src_mac,
+        src,
+        group,
+        ICMPV6_NEIGHBOUR_SOLICITATION,
+        0,
+        &body,
+    )
+}
+
+/// A solicited neighbour advertisement (Solicited and Override set) of `target` at `src_mac`.
+pub fn neighbour_advertisement(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    target: [u8; 16],
+) -> Vec<u8> {
+    let mut body = vec![0x60, 0, 0, 0];
+    body.extend_from_slice(&target);
+    body.extend_from_slice(&link_layer_option(2, src_mac));
+    icmpv6_frame(
+        dst_mac,
+        src_mac,
+        src,
+        dst,
+        ICMPV6_NEIGHBOUR_ADVERTISEMENT,
+        0,
+        &body,
+    )
+}
+
+/// A router solicitation from `src` to all routers.
+pub fn router_solicitation(src_mac: [u8; 6], src: [u8; 16]) -> Vec<u8> {
+    let mut body = vec![0; 4];
+    if src != [0; 16] {
+        body.extend_from_slice(&link_layer_option(1, src_mac));
+    }
+    icmpv6_frame(
+        ipv6_multicast_mac(IPV6_ALL_ROUTERS),
+        src_mac,
+        src,
+        IPV6_ALL_ROUTERS,
+        ICMPV6_ROUTER_SOLICITATION,
+        0,
+        &body,
+    )
+}
+
+/// A router advertisement from `src` (a link-local address) to all nodes: hop limit 64, router
+/// lifetime 1800 s, and its link-layer address.
+pub fn router_advertisement(src_mac: [u8; 6], src: [u8; 16]) -> Vec<u8> {
+    let mut body = vec![64, 0];
+    body.extend_from_slice(&1800u16.to_be_bytes());
+    // Reachable time and retransmission timer: unspecified.
+    body.extend_from_slice(&[0; 8]);
+    body.extend_from_slice(&link_layer_option(1, src_mac));
+    icmpv6_frame(
+        ipv6_multicast_mac(IPV6_ALL_NODES),
+        src_mac,
+        src,
+        IPV6_ALL_NODES,
+        ICMPV6_ROUTER_ADVERTISEMENT,
+        0,
+        &body,
+    )
+}
+
+/// An echo request (identifier `id`, sequence `seq`, [`DEFAULT_PAYLOAD`]).
+pub fn echo_request(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: [u8; 16],
+    dst: [u8; 16],
+    (id, seq): (u16, u16),
+) -> Vec<u8> {
+    let mut body = id.to_be_bytes().to_vec();
+    body.extend_from_slice(&seq.to_be_bytes());
+    body.extend_from_slice(DEFAULT_PAYLOAD);
+    icmpv6_frame(dst_mac, src_mac, src, dst, ICMPV6_ECHO_REQUEST, 0, &body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -611,5 +882,162 @@ mod tests {
             sum = (sum & 0xffff) + (sum >> 16);
         }
         sum as u16
+    }
+
+    #[test]
+    fn icmpv6_errors_parse_back_with_their_quote_and_checksum() {
+        let router = [0xfd, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xfe];
+        for l4 in [L4Spec::tcp(80, 40000, TCP_ACK), L4Spec::udp(53, 40001)] {
+            let reply = ipv6_frame([3; 6], [4; 6], VIP6, CLIENT6, l4);
+            for (kind, code, mtu) in [
+                (ICMPV6_DEST_UNREACHABLE, 4, 0),
+                (ICMPV6_PACKET_TOO_BIG, 0, 1280),
+                (ICMPV6_TIME_EXCEEDED, 0, 0),
+            ] {
+                for quoted in [&reply[14..], &reply[14..62]] {
+                    let f = icmpv6_error([1; 6], [2; 6], router, VIP6, (kind, code, mtu), quoted);
+                    assert_eq!(f.len(), 14 + 40 + 8 + quoted.len());
+                    assert_eq!(&f[62..], quoted, "quoted as given");
+                    assert_eq!(
+                        parse_icmpv6_error(&f),
+                        Ok(ParsedIcmpv6Error {
+                            src: router,
+                            dst: VIP6,
+                            hop_limit: 64,
+                            kind,
+                            code,
+                            mtu,
+                            inner_src: VIP6,
+                            inner_dst: CLIENT6,
+                            inner_ports: (l4.src_port, l4.dst_port),
+                        })
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn icmpv6_error_checksums_cover_the_pseudo_header_and_the_quote() {
+        let reply = ipv6_frame([3; 6], [4; 6], VIP6, CLIENT6, L4Spec::udp(53, 40001));
+        let f = icmpv6_error([1; 6], [2; 6], CLIENT6, VIP6, (2, 0, 1400), &reply[14..]);
+        // Outer source, outer destination (only in the pseudo-header), the MTU, a quoted port.
+        for at in [30, 53, 61, 62 + 41] {
+            let mut bad = f.clone();
+            bad[at] ^= 1;
+            assert_eq!(
+                parse_icmpv6_error(&bad).unwrap_err(),
+                "ICMPv6 checksum is invalid",
+                "byte {at}"
+            );
+        }
+        let mut not_an_error = f.clone();
+        not_an_error[54] = ICMPV6_ECHO_REQUEST;
+        assert!(parse_icmpv6_error(&not_an_error).is_err());
+        // A quote too short for the ports, and one of a non-TCP/UDP packet, are refused.
+        let short = icmpv6_error([1; 6], [2; 6], CLIENT6, VIP6, (1, 0, 0), &reply[14..56]);
+        assert!(parse_icmpv6_error(&short)
+            .unwrap_err()
+            .contains("too short"));
+        let echo = echo_request([1; 6], [2; 6], VIP6, CLIENT6, (1, 1));
+        let about_echo = icmpv6_error([1; 6], [2; 6], CLIENT6, VIP6, (1, 0, 0), &echo[14..]);
+        assert!(parse_icmpv6_error(&about_echo)
+            .unwrap_err()
+            .contains("neither TCP nor UDP"));
+    }
+
+    #[test]
+    fn an_icmpv6_error_quote_is_cut_to_fit_the_minimum_mtu() {
+        let payload = [9u8; 1500];
+        let options = Ipv6FrameOptions {
+            payload: &payload,
+            ..Default::default()
+        };
+        let big = ipv6_frame_with(
+            [1; 6],
+            [2; 6],
+            CLIENT6,
+            VIP6,
+            L4Spec::tcp(1, 80, TCP_ACK),
+            &options,
+        );
+        let f = icmpv6_error([2; 6], [1; 6], VIP6, CLIENT6, (2, 0, 1280), &big[14..]);
+        assert_eq!(f.len() - 14, IPV6_MIN_MTU);
+        assert_eq!(&f[62..], &big[14..14 + 1232]);
+        assert_eq!(parse_icmpv6_error(&f).unwrap().inner_ports, (1, 80));
+    }
+
+    #[test]
+    fn neighbour_discovery_and_echo_frames_are_valid_icmpv6() {
+        let link_local = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0xff, 0xfe, 0, 0, 1];
+        let target = [
+            0xfd, 0, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34, 0x56,
+        ];
+        let group = [
+            0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0x12, 0x34, 0x56,
+        ];
+        let mac = [2, 0, 0, 0, 0, 1];
+        let cases = [
+            (
+                neighbour_solicitation(mac, link_local, target),
+                135,
+                255,
+                group,
+                28,
+            ),
+            (
+                neighbour_solicitation(mac, [0; 16], target),
+                135,
+                255,
+                group,
+                20,
+            ),
+            (
+                neighbour_advertisement([7; 6], mac, target, link_local, target),
+                136,
+                255,
+                link_local,
+                28,
+            ),
+            (
+                router_solicitation(mac, link_local),
+                133,
+                255,
+                IPV6_ALL_ROUTERS,
+                12,
+            ),
+            (
+                router_advertisement(mac, link_local),
+                134,
+                255,
+                IPV6_ALL_NODES,
+                20,
+            ),
+            (
+                echo_request([7; 6], mac, CLIENT6, VIP6, (7, 1)),
+                128,
+                64,
+                VIP6,
+                13,
+            ),
+        ];
+        for (f, kind, hop_limit, dst, body_len) in cases {
+            let p = parse_icmpv6_frame(&f).unwrap_or_else(|e| panic!("{e}: {f:02x?}"));
+            assert_eq!(
+                (p.kind, p.code, p.hop_limit, p.dst, p.body.len()),
+                (kind, 0, hop_limit, dst, body_len),
+                "{f:02x?}"
+            );
+            assert_eq!(p.src_mac, mac);
+            if dst[0] == 0xff {
+                assert_eq!(p.dst_mac, [0x33, 0x33, dst[12], dst[13], dst[14], dst[15]]);
+            }
+            let mut bad = f.clone();
+            *bad.last_mut().unwrap() ^= 0x80;
+            assert_eq!(
+                parse_icmpv6_frame(&bad).unwrap_err(),
+                "ICMPv6 checksum is invalid"
+            );
+        }
     }
 }
