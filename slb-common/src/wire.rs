@@ -709,6 +709,130 @@ pub fn echo_request(
     icmpv6_frame(dst_mac, src_mac, src, dst, ICMPV6_ECHO_REQUEST, 0, &body)
 }
 
+/// A UDP datagram with `payload_len` bytes of payload cut into IPv6 fragments for a link of `mtu`
+/// bytes, as the sender's kernel does: one frame per fragment, each with a fragment header
+/// (identification `id`, offset, M flag), the UDP checksum over the whole datagram in the first.
+/// A datagram that fits in one fragment gives one atomic fragment (offset 0, M clear).
+pub fn ipv6_udp_fragments(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    (src, src_port): ([u8; 16], u16),
+    (dst, dst_port): ([u8; 16], u16),
+    payload_len: usize,
+    id: u32,
+    mtu: usize,
+) -> Vec<Vec<u8>> {
+    assert!(
+        mtu >= IPV6_LEN + 16,
+        "an MTU of {mtu} leaves no room for 8 bytes of a fragment"
+    );
+    // Every fragment but the last carries a multiple of 8 bytes (offsets count 8-byte units).
+    let per_fragment = (mtu - IPV6_LEN - 8) / 8 * 8;
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7) as u8).collect();
+    let mut datagram = l4_segment(&L4Spec::udp(src_port, dst_port), &payload);
+    let sum = ipv6_pseudo_header_sum(&src, &dst, datagram.len() as u32, IPPROTO_UDP);
+    write_l4_checksum(&mut datagram, IPPROTO_UDP, sum);
+    let chunks: Vec<&[u8]> = datagram.chunks(per_fragment).collect();
+    chunks
+        .iter()
+        .enumerate()
+        .map(|(k, chunk)| {
+            let more = u16::from(k + 1 < chunks.len());
+            let offset_and_more = (k * per_fragment) as u16 | more;
+            let mut payload = vec![IPPROTO_UDP, 0];
+            payload.extend_from_slice(&offset_and_more.to_be_bytes());
+            payload.extend_from_slice(&id.to_be_bytes());
+            payload.extend_from_slice(chunk);
+            ipv6_packet_frame(dst_mac, src_mac, src, dst, NEXTHDR_FRAGMENT, &payload)
+        })
+        .collect()
+}
+
+/// Checks that `frames` are the fragments of one UDP datagram, in order: the same addresses, hop
+/// limit and identification, offsets that follow on, M set on all but the last. Reassembles them
+/// and checks the UDP length and checksum (0 is refused, as in [`parse_ipv6_frame`]). The MACs are
+/// the first frame's.
+pub fn parse_ipv6_udp_fragments(frames: &[Vec<u8>]) -> Result<ParsedFrame6, String> {
+    let first = frames.first().ok_or("no fragments")?;
+    let mut datagram = Vec::new();
+    let mut first_id = None;
+    for (k, f) in frames.iter().enumerate() {
+        let payload = ipv6_payload(f)?;
+        if f[20] != NEXTHDR_FRAGMENT {
+            return Err(format!(
+                "frame {k}: next header {} is not a fragment header",
+                f[20]
+            ));
+        }
+        if payload.len() < 8 {
+            return Err(format!("frame {k}: the fragment header is cut short"));
+        }
+        if (f[21], ipv6_addrs(f)) != (first[21], ipv6_addrs(first)) {
+            return Err(format!(
+                "frame {k}: addresses or hop limit differ from the first's"
+            ));
+        }
+        let header = &payload[..8];
+        let id = u32::from_be_bytes(header[4..8].try_into().unwrap());
+        if *first_id.get_or_insert(id) != id {
+            return Err(format!(
+                "frame {k}: identification {id:#x} differs from the first's"
+            ));
+        }
+        if header[0] != IPPROTO_UDP {
+            return Err(format!(
+                "frame {k}: the fragment's next header {} is not UDP",
+                header[0]
+            ));
+        }
+        let offset_and_more = u16::from_be_bytes([header[2], header[3]]);
+        let offset = usize::from(offset_and_more & 0xfff8);
+        if offset != datagram.len() {
+            return Err(format!(
+                "frame {k}: offset {offset}, expected {}",
+                datagram.len()
+            ));
+        }
+        let more = offset_and_more & 1 == 1;
+        if more != (k + 1 < frames.len()) {
+            return Err(format!("frame {k} of {}: M flag {more}", frames.len()));
+        }
+        datagram.extend_from_slice(&payload[8..]);
+    }
+    if datagram.len() < 8 {
+        return Err(format!(
+            "reassembled datagram of {} bytes is too short",
+            datagram.len()
+        ));
+    }
+    let udp_len = usize::from(u16::from_be_bytes([datagram[4], datagram[5]]));
+    if udp_len != datagram.len() {
+        return Err(format!(
+            "UDP length {udp_len} is not the reassembled {} bytes",
+            datagram.len()
+        ));
+    }
+    let l4_checksum = u16::from_be_bytes([datagram[6], datagram[7]]);
+    if l4_checksum == 0 {
+        return Err("UDP checksum 0 is invalid over IPv6".into());
+    }
+    let (src, dst) = ipv6_addrs(first);
+    let sum = ipv6_pseudo_header_sum(&src, &dst, datagram.len() as u32, IPPROTO_UDP);
+    if internet_checksum(sum, &datagram) != 0 {
+        return Err("L4 checksum is invalid".into());
+    }
+    Ok(ParsedFrame6 {
+        dst_mac: first[0..6].try_into().unwrap(),
+        src_mac: first[6..12].try_into().unwrap(),
+        hop_limit: first[21],
+        src,
+        dst,
+        src_port: u16::from_be_bytes([datagram[0], datagram[1]]),
+        dst_port: u16::from_be_bytes([datagram[2], datagram[3]]),
+        l4_checksum,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1039,5 +1163,70 @@ mod tests {
                 "ICMPv6 checksum is invalid"
             );
         }
+    }
+
+    #[test]
+    fn ipv6_udp_fragments_carry_the_fragment_header_and_reassemble() {
+        let frames = ipv6_udp_fragments(
+            [1; 6],
+            [2; 6],
+            (CLIENT6, 41000),
+            (VIP6, 53),
+            3000,
+            0xdead_beef,
+            1500,
+        );
+        // 3008 datagram bytes at 1448 per fragment (1500 - 40 - 8, a multiple of 8).
+        assert_eq!(
+            frames.iter().map(Vec::len).collect::<Vec<_>>(),
+            [1510, 1510, 14 + 48 + 112]
+        );
+        for (k, f) in frames.iter().enumerate() {
+            assert_eq!((f[20], f[54]), (NEXTHDR_FRAGMENT, IPPROTO_UDP));
+            let offset_and_more = u16::from_be_bytes([f[56], f[57]]);
+            assert_eq!(usize::from(offset_and_more & 0xfff8), k * 1448);
+            assert_eq!(offset_and_more & 1 == 1, k < 2);
+            assert_eq!(&f[58..62], &0xdead_beefu32.to_be_bytes());
+        }
+        let p = parse_ipv6_udp_fragments(&frames).unwrap();
+        assert_eq!(
+            (p.src, p.src_port, p.dst, p.dst_port, p.hop_limit),
+            (CLIENT6, 41000, VIP6, 53, 64)
+        );
+        // A first fragment alone is no whole datagram.
+        assert!(parse_ipv6_frame(&frames[0])
+            .unwrap_err()
+            .contains("a fragment"));
+    }
+
+    #[test]
+    fn broken_fragment_sets_are_reported() {
+        let frames =
+            ipv6_udp_fragments([1; 6], [2; 6], (CLIENT6, 41000), (VIP6, 53), 3000, 9, 1280);
+        let check = |frames: &[Vec<u8>], expect: &str| {
+            let e = parse_ipv6_udp_fragments(frames).unwrap_err();
+            assert!(e.contains(expect), "{e:?} should say {expect:?}");
+        };
+        let mut corrupt = frames.clone();
+        corrupt[2][70] ^= 1;
+        check(&corrupt, "L4 checksum is invalid");
+        check(&frames[..2], "M flag");
+        check(&[frames[0].clone(), frames[2].clone()], "offset");
+        let mut other_id = frames.clone();
+        other_id[1][61] ^= 1;
+        check(&other_id, "identification");
+        let mut other_src = frames.clone();
+        other_src[1][37] ^= 1;
+        check(&other_src, "addresses");
+    }
+
+    #[test]
+    fn a_datagram_that_fits_is_one_atomic_fragment_parsed_as_whole() {
+        let frames = ipv6_udp_fragments([1; 6], [2; 6], (CLIENT6, 41000), (VIP6, 53), 100, 3, 1500);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(&frames[0][56..58], &[0, 0], "offset 0, M clear");
+        let whole = parse_ipv6_frame(&frames[0]).unwrap();
+        assert_eq!(parse_ipv6_udp_fragments(&frames), Ok(whole));
+        assert_eq!((whole.src_port, whole.dst_port), (41000, 53));
     }
 }
