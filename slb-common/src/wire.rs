@@ -1,4 +1,5 @@
-//! Building and checking Ethernet/IPv4 and IPv6/TCP/UDP/ICMPv6 frames, for packet tests and benchmarks.
+//! Building and checking Ethernet frames (IPv4 or IPv6; TCP, UDP, ICMPv6), for packet tests and
+//! benchmarks.
 
 use alloc::format;
 use alloc::string::String;
@@ -195,7 +196,7 @@ pub fn parse_ipv4_frame(f: &[u8]) -> Result<ParsedFrame, String> {
     })
 }
 
-/// IPv6 next-header values the builders and parsers know.
+// IPv6 next-header values the builders and parsers know.
 pub const NEXTHDR_HOP_BY_HOP: u8 = 0;
 pub const NEXTHDR_ROUTING: u8 = 43;
 pub const NEXTHDR_FRAGMENT: u8 = 44;
@@ -438,7 +439,7 @@ pub fn parse_ipv6_frame(f: &[u8]) -> Result<ParsedFrame6, String> {
     })
 }
 
-/// ICMPv6 message types (RFC 4443, RFC 4861).
+// ICMPv6 message types (RFC 4443, RFC 4861).
 pub const ICMPV6_DEST_UNREACHABLE: u8 = 1;
 pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
@@ -450,8 +451,9 @@ pub const ICMPV6_ROUTER_ADVERTISEMENT: u8 = 134;
 pub const ICMPV6_NEIGHBOUR_SOLICITATION: u8 = 135;
 pub const ICMPV6_NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 
-/// ff02::1 and ff02::2, where router advertisements and solicitations go.
+/// ff02::1, where router advertisements go.
 pub const IPV6_ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// ff02::2, where router solicitations go.
 pub const IPV6_ALL_ROUTERS: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
 /// An Ethernet + IPv6 + ICMPv6 frame of type `kind` and `code` whose message body (everything
