@@ -67,15 +67,17 @@ pub fn replace_addr16(mut check: u16, old: &[u8; 16], new: &[u8; 16]) -> u16 {
 /// the eBPF verifier sees straight-line code (no loop, no memcpy).
 #[inline(always)]
 pub fn delta_addr16(old: &[u8; 16], new: &[u8; 16]) -> u32 {
-    delta_u32(ne_word(old, 0), ne_word(new, 0))
-        + delta_u32(ne_word(old, 4), ne_word(new, 4))
-        + delta_u32(ne_word(old, 8), ne_word(new, 8))
-        + delta_u32(ne_word(old, 12), ne_word(new, 12))
+    delta_addr_words(crate::addr_words(old), crate::addr_words(new))
 }
 
+/// [`delta_addr16`] for addresses held as their four words in memory order, as the data plane
+/// reads them from packets (word loads, where bytes would take sixteen loads an address).
 #[inline(always)]
-fn ne_word(a: &[u8; 16], at: usize) -> u32 {
-    u32::from_ne_bytes([a[at], a[at + 1], a[at + 2], a[at + 3]])
+pub fn delta_addr_words(old: [u32; 4], new: [u32; 4]) -> u32 {
+    delta_u32(old[0], new[0])
+        + delta_u32(old[1], new[1])
+        + delta_u32(old[2], new[2])
+        + delta_u32(old[3], new[3])
 }
 
 /// Full Internet checksum of `data` (with `initial` added), for tests and packet building.

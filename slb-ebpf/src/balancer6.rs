@@ -15,7 +15,7 @@ use aya_ebpf::{
 use core::ops::ControlFlow;
 use slb_common::{
     addr_words,
-    checksum::{apply, delta_u16, delta_u32},
+    checksum::{apply, delta_addr_words, delta_u16},
     ipv6_filter_fold, ipv6_prefix_words, Addr, BackendEndpoint, FlowKey, GlobalCounters,
     ListenerEntry, ListenerKey, NextHop6, ReplyNat, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
     IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_PERSIST,
@@ -333,11 +333,7 @@ unsafe fn translate(ip: *mut Ipv6Hdr, l4: &L4, end: Endpoint, addr: [u32; 4], po
             Endpoint::Destination => (&raw mut (*ip).dst, &raw mut (*l4.ports).dst),
             Endpoint::Source => (&raw mut (*ip).src, &raw mut (*l4.ports).src),
         };
-        let old = *addr_field;
-        let addr_delta = delta_u32(old[0], addr[0])
-            + delta_u32(old[1], addr[1])
-            + delta_u32(old[2], addr[2])
-            + delta_u32(old[3], addr[3]);
+        let addr_delta = delta_addr_words(*addr_field, addr);
         *addr_field = addr;
         (*ip).hop_limit -= 1;
 
