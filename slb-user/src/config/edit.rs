@@ -2,7 +2,7 @@
 //! a copy and the result is validated as a whole, so a refused change leaves nothing behind.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::{BackendSpec, Config, ConfigError, DEFAULT_GROUP};
 
@@ -35,7 +35,8 @@ pub enum EditError {
     Invalid(#[from] ConfigError),
 }
 
-/// A backend as a group lists it: `address:port`, or the address alone when it has no port.
+/// A backend as a group lists it: `address:port` (`[2001:db8::1]:80` for IPv6, as `SocketAddr`
+/// prints it), or the address alone when it has no port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendName {
     pub address: IpAddr,
@@ -45,7 +46,7 @@ pub struct BackendName {
 impl fmt::Display for BackendName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.port {
-            Some(port) => write!(f, "{}:{port}", self.address),
+            Some(port) => write!(f, "{}", SocketAddr::new(self.address, port)),
             None => write!(f, "{}", self.address),
         }
     }
@@ -133,6 +134,21 @@ mod tests {
             port,
             action,
         }
+    }
+
+    #[test]
+    fn backend_names_bracket_ipv6_addresses_that_have_a_port() {
+        let name = |address: &str, port| {
+            BackendName {
+                address: address.parse().unwrap(),
+                port,
+            }
+            .to_string()
+        };
+        assert_eq!(name("10.0.1.2", Some(8080)), "10.0.1.2:8080");
+        assert_eq!(name("10.0.1.2", None), "10.0.1.2");
+        assert_eq!(name("2001:db8::1", Some(80)), "[2001:db8::1]:80");
+        assert_eq!(name("2001:db8::1", None), "2001:db8::1");
     }
 
     #[test]

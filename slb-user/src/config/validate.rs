@@ -9,6 +9,7 @@ use std::time::Duration;
 use slb_common::maglev::is_prime;
 use slb_common::{MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
 
+use super::edit::BackendName;
 use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
 use super::{
     invalid, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits, CookiePersistence,
@@ -748,9 +749,11 @@ fn validate_backends(group: &str, backends: &[BackendSpec]) -> Result<(), Config
             return Err(invalid(
                 field("address"),
                 format!(
-                    "{}:{} is listed twice in the group",
-                    b.address,
-                    b.port.map_or("<listener port>".into(), |p| p.to_string())
+                    "{} is listed twice in the group",
+                    BackendName {
+                        address: b.address,
+                        port: b.port
+                    }
                 ),
             ));
         }
