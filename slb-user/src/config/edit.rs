@@ -222,4 +222,23 @@ mod tests {
         ));
         assert!(e.contains("weight") && e.contains("100000"), "{e}");
     }
+
+    #[test]
+    fn a_runtime_edit_keeps_to_the_listeners_address_family() {
+        let c = config();
+        let e = c
+            .edit_backend(&edit(
+                "pool",
+                "2001:db8::2",
+                Some(8080),
+                EditAction::Add { weight: 1 },
+            ))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "listeners[0] (web): backend [2001:db8::2]:8080 of group \"pool\" is IPv6 but the \
+             listener's VIP 10.0.0.10 is IPv4 (tcp/udp listeners rewrite addresses, not address families)"
+        );
+    }
 }
