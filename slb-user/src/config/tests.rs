@@ -432,6 +432,61 @@ fn a_tcp_udp_listener_forwards_to_backends_of_its_vips_family_only() {
 }
 
 #[test]
+fn an_ipv6_persistence_prefix_is_1_to_128_bits_on_an_ipv6_listener() {
+    let with_persistence = |text: &str, listener: &str, persistence: &str| {
+        text.replace(
+            &format!("name = \"{listener}\"\n"),
+            &format!("name = \"{listener}\"\npersistence = {persistence}\n"),
+        )
+    };
+    let c = Config::parse(
+        &with_persistence(GOOD6, "web6", "{ timeout = \"5m\", ipv6_prefix = 64 }"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.listeners[0].persist_ipv6_prefix(), 64);
+    let c = Config::parse(
+        &with_persistence(GOOD6, "web6", "{ timeout = \"5m\" }"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.listeners[0].persist_ipv6_prefix(), 128);
+    assert_eq!(c.listeners[2].persist_ipv6_prefix(), 128, "no persistence");
+    for bad in [0, 129] {
+        let e = error_of(&with_persistence(
+            GOOD6,
+            "web6",
+            &format!("{{ timeout = \"5m\", ipv6_prefix = {bad} }}"),
+        ));
+        assert_eq!(
+            e,
+            format!("listeners[0] (web6).persistence.ipv6_prefix: {bad} must be between 1 and 128 (bits of the client address)")
+        );
+    }
+    let e = error_of(&with_persistence(
+        GOOD6,
+        "dns",
+        "{ timeout = \"5m\", ipv6_prefix = 64 }",
+    ));
+    assert!(
+        e.starts_with("listeners[2] (dns).persistence.ipv6_prefix: applies to listeners on an IPv6 VIP; this one's VIP 10.0.0.10 is IPv4"),
+        "{e}"
+    );
+    // Persistence by source address is refused on http(s) whatever it holds.
+    let e = error_of(&with_persistence(
+        GOOD6,
+        "site6",
+        "{ timeout = \"5m\", ipv6_prefix = 64 }",
+    ));
+    assert!(
+        e.contains(
+            "listeners[1] (site6).persistence: source-address persistence is for tcp/udp listeners"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
 fn only_regular_files_are_read_as_configs() {
     let dir = std::env::temp_dir().join(format!("slb-config-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -471,6 +471,23 @@ fn validate_timeouts(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
                 ),
             ));
         }
+        if let Some(prefix) = p.ipv6_prefix {
+            if l.vip.is_ipv4() {
+                return Err(invalid(
+                    at("persistence.ipv6_prefix"),
+                    format!(
+                        "applies to listeners on an IPv6 VIP; this one's VIP {} is IPv4 (IPv4 clients are keyed on their whole address)",
+                        l.vip
+                    ),
+                ));
+            }
+            if !(1..=128).contains(&prefix) {
+                return Err(invalid(
+                    at("persistence.ipv6_prefix"),
+                    format!("{prefix} must be between 1 and 128 (bits of the client address)"),
+                ));
+            }
+        }
     }
     Ok(())
 }
