@@ -6,7 +6,6 @@
 //! the file (SIGHUP or `slb reload`), which drops them. Write a change into the file to keep it.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::{BackendEdit, EditAction};
+use crate::config::{BackendEdit, BackendName, EditAction, EndpointSyntaxError};
 use crate::instance::socket_path;
 
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
@@ -26,21 +25,24 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+///
+/// A backend's `address` is `A`, `[A]`, `A:P` or `[A]:P` (see [`BackendName`]); its port may be
+/// there or in `port`, not in both.
 pub enum Request {
     BackendAdd {
         group: String,
-        address: IpAddr,
+        address: BackendName,
         port: Option<u16>,
         weight: u32,
     },
     BackendRemove {
         group: String,
-        address: IpAddr,
+        address: BackendName,
         port: Option<u16>,
     },
     BackendSetWeight {
         group: String,
-        address: IpAddr,
+        address: BackendName,
         port: Option<u16>,
         weight: u32,
     },
@@ -62,7 +64,7 @@ pub struct Response {
 
 impl Request {
     /// The change to the config a backend command asks for; `None` for the other commands.
-    pub fn backend_edit(&self) -> Option<BackendEdit> {
+    pub fn backend_edit(&self) -> Result<Option<BackendEdit>, EndpointSyntaxError> {
         let (group, address, port, action) = match self {
             Request::BackendAdd {
                 group,
@@ -86,14 +88,15 @@ impl Request {
                 port,
                 EditAction::SetWeight { weight: *weight },
             ),
-            Request::Reload {} | Request::Stop {} => return None,
+            Request::Reload {} | Request::Stop {} => return Ok(None),
         };
-        Some(BackendEdit {
+        let backend = address.with_port(*port)?;
+        Ok(Some(BackendEdit {
             group: group.clone(),
-            address: *address,
-            port: *port,
+            address: backend.address,
+            port: backend.port,
             action,
-        })
+        }))
     }
 }
 
@@ -201,12 +204,12 @@ mod tests {
         .unwrap();
         assert_eq!(
             request.backend_edit(),
-            Some(BackendEdit {
+            Ok(Some(BackendEdit {
                 group: "pool".into(),
                 address: "10.0.1.2".parse().unwrap(),
                 port: Some(8080),
                 action: EditAction::SetWeight { weight: 0 },
-            })
+            }))
         );
         let remove = Request::BackendRemove {
             group: "default".into(),
@@ -214,11 +217,62 @@ mod tests {
             port: None,
         };
         assert_eq!(
-            remove.backend_edit().map(|e| (e.port, e.action)),
-            Some((None, EditAction::Remove))
+            remove.backend_edit().map(|e| e.map(|e| (e.port, e.action))),
+            Ok(Some((None, EditAction::Remove)))
         );
-        assert_eq!(Request::Reload {}.backend_edit(), None);
-        assert_eq!(Request::Stop {}.backend_edit(), None);
+        assert_eq!(Request::Reload {}.backend_edit(), Ok(None));
+        assert_eq!(Request::Stop {}.backend_edit(), Ok(None));
+    }
+
+    #[test]
+    fn a_backend_address_may_carry_its_port_in_either_family() {
+        let edit_of = |line: &str| {
+            serde_json::from_str::<Request>(line)
+                .map_err(|e| e.to_string())?
+                .backend_edit()
+                .map(|e| e.map(|e| (e.address, e.port)))
+                .map_err(|e| e.to_string())
+        };
+        let ip = |text: &str| text.parse::<std::net::IpAddr>().unwrap();
+        let line = |address: &str, port: &str| {
+            format!(r#"{{"command":"backend-remove","group":"pool","address":"{address}"{port}}}"#)
+        };
+        for (address, port, expected) in [
+            ("10.0.1.2", r#","port":8080"#, (ip("10.0.1.2"), Some(8080))),
+            ("10.0.1.2:8080", "", (ip("10.0.1.2"), Some(8080))),
+            ("10.0.1.2", "", (ip("10.0.1.2"), None)),
+            (
+                "2001:db8::2",
+                r#","port":8080"#,
+                (ip("2001:db8::2"), Some(8080)),
+            ),
+            (
+                "[2001:db8::2]",
+                r#","port":8080"#,
+                (ip("2001:db8::2"), Some(8080)),
+            ),
+            (
+                "[2001:db8::2]:8080",
+                r#","port":null"#,
+                (ip("2001:db8::2"), Some(8080)),
+            ),
+        ] {
+            assert_eq!(
+                edit_of(&line(address, port)),
+                Ok(Some(expected)),
+                "{address}"
+            );
+        }
+        let e = edit_of(&line("[2001:db8::2]:8080", r#","port":8080"#)).unwrap_err();
+        assert_eq!(
+            e,
+            "the port is given twice, in the address [2001:db8::2]:8080 and as the port 8080; give it once"
+        );
+        let e = edit_of(&line("[10.0.1.2]:8080", "")).unwrap_err();
+        assert!(
+            e.starts_with("\"[10.0.1.2]:8080\" is not an address or address:port"),
+            "{e}"
+        );
     }
 
     #[test]

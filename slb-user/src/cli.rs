@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::AttachMode;
+use std::str::FromStr as _;
+
+use crate::config::{AttachMode, BackendName, EndpointSyntaxError};
 use crate::instance::InstanceName;
 
 #[derive(Debug, Parser)]
@@ -132,11 +134,22 @@ pub struct BackendRef {
     /// Group name; `default` is the default server group.
     #[arg(long)]
     pub group: String,
-    #[arg(long)]
-    pub address: std::net::IpAddr,
-    /// Backend port (omit for default-group backends that use the listener's port).
+    /// Backend address, with its port or without: 10.0.0.1, 10.0.0.1:8080, 2001:db8::1,
+    /// [2001:db8::1] or [2001:db8::1]:8080.
+    #[arg(long, value_parser = BackendName::from_str)]
+    pub address: BackendName,
+    /// Backend port, when the address has none (omit both for default-group backends that use
+    /// the listener's port).
     #[arg(long)]
     pub port: Option<u16>,
+}
+
+impl BackendRef {
+    /// The instance, the group and the backend, its port from `--address` or `--port`.
+    fn resolve(self) -> Result<(InstanceName, String, BackendName), EndpointSyntaxError> {
+        let backend = self.address.with_port(self.port)?;
+        Ok((self.instance, self.group, backend))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,37 +173,45 @@ pub enum BackendAction {
 }
 
 impl BackendAction {
-    /// The instance and the admin-API request this action sends.
-    pub fn request(self) -> (InstanceName, crate::api::Request) {
+    /// The instance and the admin-API request this action sends. The request carries the port
+    /// in `port` and the bare address in `address`, as daemons before `[A]:P` addresses read it.
+    pub fn request(self) -> Result<(InstanceName, crate::api::Request), EndpointSyntaxError> {
         use crate::api::Request;
-        match self {
-            BackendAction::Add { backend: b, weight } => (
-                b.instance,
-                Request::BackendAdd {
-                    group: b.group,
-                    address: b.address,
+        let bare = |backend: BackendName| BackendName {
+            port: None,
+            ..backend
+        };
+        Ok(match self {
+            BackendAction::Add { backend, weight } => {
+                let (instance, group, b) = backend.resolve()?;
+                let request = Request::BackendAdd {
+                    group,
+                    address: bare(b),
                     port: b.port,
                     weight,
-                },
-            ),
-            BackendAction::Remove { backend: b } => (
-                b.instance,
-                Request::BackendRemove {
-                    group: b.group,
-                    address: b.address,
+                };
+                (instance, request)
+            }
+            BackendAction::Remove { backend } => {
+                let (instance, group, b) = backend.resolve()?;
+                let request = Request::BackendRemove {
+                    group,
+                    address: bare(b),
                     port: b.port,
-                },
-            ),
-            BackendAction::SetWeight { backend: b, weight } => (
-                b.instance,
-                Request::BackendSetWeight {
-                    group: b.group,
-                    address: b.address,
+                };
+                (instance, request)
+            }
+            BackendAction::SetWeight { backend, weight } => {
+                let (instance, group, b) = backend.resolve()?;
+                let request = Request::BackendSetWeight {
+                    group,
+                    address: bare(b),
                     port: b.port,
                     weight,
-                },
-            ),
-        }
+                };
+                (instance, request)
+            }
+        })
     }
 }
 
@@ -280,5 +301,59 @@ mod tests {
         }
         let ok = Cli::try_parse_from(["slb", "stats", "--watch", "0.5"]).unwrap();
         assert!(matches!(ok.command, Command::Stats { watch: Some(w), .. } if w == 0.5));
+    }
+
+    fn backend_request(args: &[&str]) -> Result<String, String> {
+        let mut argv = vec!["slb", "backend", "remove", "--group", "pool"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let Command::Backend { action } = cli.command else {
+            unreachable!("a backend command")
+        };
+        let (_, request) = action.request().map_err(|e| e.to_string())?;
+        Ok(serde_json::to_string(&request).unwrap())
+    }
+
+    #[test]
+    fn backend_addresses_take_an_optional_port_in_both_families() {
+        let sent = |address: &str, port: &str| {
+            format!(
+                r#"{{"command":"backend-remove","group":"pool","address":"{address}","port":{port}}}"#
+            )
+        };
+        let cases: [(&[&str], String); 7] = [
+            (&["--address", "10.0.1.2"], sent("10.0.1.2", "null")),
+            (
+                &["--address", "10.0.1.2", "--port", "8080"],
+                sent("10.0.1.2", "8080"),
+            ),
+            (&["--address", "10.0.1.2:8080"], sent("10.0.1.2", "8080")),
+            (&["--address", "2001:db8::2"], sent("2001:db8::2", "null")),
+            (
+                &["--address", "[2001:db8::2]", "--port", "8080"],
+                sent("2001:db8::2", "8080"),
+            ),
+            (
+                &["--address", "2001:db8::2", "--port", "8080"],
+                sent("2001:db8::2", "8080"),
+            ),
+            (
+                &["--address", "[2001:db8::2]:8080"],
+                sent("2001:db8::2", "8080"),
+            ),
+        ];
+        for (args, expected) in cases {
+            assert_eq!(backend_request(args), Ok(expected), "{args:?}");
+        }
+        let e = backend_request(&["--address", "[2001:db8::2]:8080", "--port", "80"]).unwrap_err();
+        assert_eq!(
+            e,
+            "the port is given twice, in the address [2001:db8::2]:8080 and as the port 80; give it once"
+        );
+        let e = backend_request(&["--address", "2001:db8::2]:80"]).unwrap_err();
+        assert!(
+            e.contains("--address") && e.contains("is not an address or address:port"),
+            "{e}"
+        );
     }
 }

@@ -868,7 +868,7 @@ impl Daemon {
     fn runtime_change(&mut self, request: &Request) -> Response {
         let result = (|| {
             let edit = request
-                .backend_edit()
+                .backend_edit()?
                 .ok_or_else(|| anyhow::anyhow!("not a backend change"))?;
             let (config, description) = self.config.edit_backend(&edit)?;
             let (changes, earlier) = crate::applied::add_runtime_change(

@@ -166,7 +166,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             print_json_or_text(json, &status, status::render)
         }
         Command::Backend { action } => {
-            let (instance, request) = action.request();
+            let (instance, request) = action.request()?;
             answer(api::call(&instance, &request)?)
         }
         Command::Stop { instance } => stop(&instance),

@@ -108,6 +108,7 @@ fn start(tag: &str) -> (Topology, SlbDaemon, u16) {
     let mut sticky = listener(STICKY, Protocol::Tcp, STICKY_PORT, Some(second));
     sticky.persistence = Some(Persistence {
         timeout: Duration::from_secs(60),
+        ipv6_prefix: None,
     });
     config.listeners.push(sticky);
     let (daemon, port) =

@@ -33,6 +33,7 @@ fn persistence_pins_a_client_address() {
     let mut config = SlbConfig::standard(&unique_instance("pers"), &weights);
     config.listener_mut(TCP_LISTENER).persistence = Some(Persistence {
         timeout: Duration::from_secs(60),
+        ipv6_prefix: None,
     });
     // The second listener: the same servers and weights, no persistence (replaces the UDP
     // listener).

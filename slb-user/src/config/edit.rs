@@ -2,7 +2,8 @@
 //! a copy and the result is validated as a whole, so a refused change leaves nothing behind.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
 
 use super::{BackendSpec, Config, ConfigError, DEFAULT_GROUP};
 
@@ -35,7 +36,8 @@ pub enum EditError {
     Invalid(#[from] ConfigError),
 }
 
-/// A backend as a group lists it: `address:port`, or the address alone when it has no port.
+/// A backend as a group lists it: `address:port` (`[2001:db8::1]:80` for IPv6, as `SocketAddr`
+/// prints it), or the address alone when it has no port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackendName {
     pub address: IpAddr,
@@ -45,8 +47,79 @@ pub struct BackendName {
 impl fmt::Display for BackendName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.port {
-            Some(port) => write!(f, "{}:{port}", self.address),
+            Some(port) => write!(f, "{}", SocketAddr::new(self.address, port)),
             None => write!(f, "{}", self.address),
+        }
+    }
+}
+
+/// Why a backend argument (the CLI's `--address`, the admin API's `address`) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointSyntaxError {
+    #[error(
+        "{0:?} is not an address or address:port (write 10.0.0.1, 10.0.0.1:8080, 2001:db8::1, \
+         [2001:db8::1] or [2001:db8::1]:8080)"
+    )]
+    Malformed(String),
+    #[error(
+        "the port is given twice, in the address {endpoint} and as the port {port}; give it once"
+    )]
+    PortTwice { endpoint: BackendName, port: u16 },
+}
+
+/// The one parser of a backend as a user names it: `A`, `[A]` (IPv6), `A:P` (IPv4) or `[A]:P`.
+/// A bare IPv6 address takes no port: in `2001:db8::1:80` the `:80` is part of the address.
+impl FromStr for BackendName {
+    type Err = EndpointSyntaxError;
+
+    fn from_str(text: &str) -> Result<BackendName, EndpointSyntaxError> {
+        if let Ok(address) = text.parse::<IpAddr>() {
+            return Ok(BackendName {
+                address,
+                port: None,
+            });
+        }
+        if let Ok(socket) = text.parse::<SocketAddr>() {
+            return Ok(BackendName {
+                address: socket.ip(),
+                port: Some(socket.port()),
+            });
+        }
+        let bracketed = text.strip_prefix('[').and_then(|t| t.strip_suffix(']'));
+        if let Some(Ok(v6)) = bracketed.map(str::parse::<Ipv6Addr>) {
+            return Ok(BackendName {
+                address: IpAddr::V6(v6),
+                port: None,
+            });
+        }
+        Err(EndpointSyntaxError::Malformed(text.to_string()))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for BackendName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl serde::Serialize for BackendName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl BackendName {
+    /// The backend named by an address argument that may carry a port and a port argument:
+    /// at most one of them may give the port.
+    pub fn with_port(self, port: Option<u16>) -> Result<BackendName, EndpointSyntaxError> {
+        match (self.port, port) {
+            (Some(_), Some(port)) => Err(EndpointSyntaxError::PortTwice {
+                endpoint: self,
+                port,
+            }),
+            (Some(_), None) => Ok(self),
+            (None, port) => Ok(BackendName { port, ..self }),
         }
     }
 }
@@ -136,6 +209,86 @@ mod tests {
     }
 
     #[test]
+    fn backend_names_bracket_ipv6_addresses_that_have_a_port() {
+        let name = |address: &str, port| {
+            BackendName {
+                address: address.parse().unwrap(),
+                port,
+            }
+            .to_string()
+        };
+        assert_eq!(name("10.0.1.2", Some(8080)), "10.0.1.2:8080");
+        assert_eq!(name("10.0.1.2", None), "10.0.1.2");
+        assert_eq!(name("2001:db8::1", Some(80)), "[2001:db8::1]:80");
+        assert_eq!(name("2001:db8::1", None), "2001:db8::1");
+    }
+
+    #[test]
+    fn backends_are_named_with_or_without_a_port_in_both_families() {
+        let parsed = |text: &str| text.parse::<BackendName>().map(|b| (b.address, b.port));
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert_eq!(parsed("10.0.1.2"), Ok((ip("10.0.1.2"), None)));
+        assert_eq!(parsed("10.0.1.2:8080"), Ok((ip("10.0.1.2"), Some(8080))));
+        assert_eq!(parsed("2001:db8::1"), Ok((ip("2001:db8::1"), None)));
+        assert_eq!(parsed("[2001:db8::1]"), Ok((ip("2001:db8::1"), None)));
+        assert_eq!(
+            parsed("[2001:db8::1]:80"),
+            Ok((ip("2001:db8::1"), Some(80)))
+        );
+        assert_eq!(parsed("2001:db8::1:80"), Ok((ip("2001:db8::1:80"), None)));
+        for bad in [
+            "",
+            "[10.0.1.2]",
+            "[10.0.1.2]:80",
+            "10.0.1.2:",
+            "10.0.1.2:65536",
+            "[2001:db8::1]:",
+            "[2001:db8::1",
+            "2001:db8::1]",
+            "backend.example",
+            " 10.0.1.2",
+        ] {
+            let e = parsed(bad).unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "{bad:?} is not an address or address:port (write 10.0.0.1, 10.0.0.1:8080, \
+                     2001:db8::1, [2001:db8::1] or [2001:db8::1]:8080)"
+                )
+            );
+        }
+        for text in [
+            "10.0.1.2",
+            "10.0.1.2:8080",
+            "2001:db8::1",
+            "[2001:db8::1]:80",
+        ] {
+            assert_eq!(text.parse::<BackendName>().unwrap().to_string(), text);
+        }
+    }
+
+    #[test]
+    fn a_port_comes_from_the_address_or_the_port_argument_not_both() {
+        let name = |text: &str| text.parse::<BackendName>().unwrap();
+        assert_eq!(
+            name("[2001:db8::1]:80").with_port(None),
+            Ok(name("[2001:db8::1]:80"))
+        );
+        assert_eq!(
+            name("2001:db8::1").with_port(Some(80)),
+            Ok(name("[2001:db8::1]:80"))
+        );
+        assert_eq!(name("10.0.1.2").with_port(None), Ok(name("10.0.1.2")));
+        assert_eq!(
+            name("[2001:db8::1]:80")
+                .with_port(Some(8080))
+                .unwrap_err()
+                .to_string(),
+            "the port is given twice, in the address [2001:db8::1]:80 and as the port 8080; give it once"
+        );
+    }
+
+    #[test]
     fn add_set_weight_and_remove_edit_the_named_group() {
         let c = config();
         let add = edit(
@@ -205,5 +358,24 @@ mod tests {
             EditAction::SetWeight { weight: 100_000 },
         ));
         assert!(e.contains("weight") && e.contains("100000"), "{e}");
+    }
+
+    #[test]
+    fn a_runtime_edit_keeps_to_the_listeners_address_family() {
+        let c = config();
+        let e = c
+            .edit_backend(&edit(
+                "pool",
+                "2001:db8::2",
+                Some(8080),
+                EditAction::Add { weight: 1 },
+            ))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "listeners[0] (web): backend [2001:db8::2]:8080 of group \"pool\" is IPv6 but the \
+             listener's VIP 10.0.0.10 is IPv4 (tcp/udp listeners rewrite addresses, not address families)"
+        );
     }
 }

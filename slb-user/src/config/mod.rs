@@ -11,7 +11,7 @@ pub mod schema;
 mod validate;
 
 pub use certificates::LoadedCertificates;
-pub use edit::{BackendEdit, EditAction, EditError};
+pub use edit::{BackendEdit, BackendName, EditAction, EditError, EndpointSyntaxError};
 pub use resolve::{Endpoint, ResolvedBackend, ResolvedGroup, ResolvedListener};
 pub use schema::*;
 

@@ -3,12 +3,13 @@
 //! lives here and nowhere else.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::{BackendSpec, Config, ConnectionLimits, GroupKind, Listener, DEFAULT_GROUP};
 
 /// An address and port as slb names them everywhere (status, reports, logs, history samples,
-/// Maglev identities): `address:port`.
+/// Maglev identities): `10.0.0.1:80` or `[2001:db8::1]:80`, exactly as `SocketAddr` prints them,
+/// since the distribution report joins these names with the access log's `SocketAddr` strings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Endpoint {
     pub address: IpAddr,
@@ -24,7 +25,7 @@ impl Endpoint {
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // `pad`, so that table columns (`{:<22}`) line up as they do for strings.
-        f.pad(&format!("{}:{}", self.address, self.port))
+        f.pad(&SocketAddr::new(self.address, self.port).to_string())
     }
 }
 
@@ -139,6 +140,18 @@ mod tests {
         let endpoint = Endpoint::new("10.0.1.2".parse().unwrap(), 8080);
         assert_eq!(endpoint.to_string(), "10.0.1.2:8080");
         assert_eq!(format!("[{endpoint:<15}]"), "[10.0.1.2:8080  ]");
+        let endpoint = Endpoint::new("2001:db8::1".parse().unwrap(), 80);
+        assert_eq!(format!("[{endpoint:<18}]"), "[[2001:db8::1]:80  ]");
+    }
+
+    #[test]
+    fn endpoints_print_as_socket_addresses_do_in_both_families() {
+        for text in ["10.0.1.2:8080", "[2001:db8::1]:80", "[::ffff:10.0.0.1]:53"] {
+            let socket: SocketAddr = text.parse().unwrap();
+            let endpoint = Endpoint::new(socket.ip(), socket.port());
+            assert_eq!(endpoint.to_string(), socket.to_string());
+            assert_eq!(endpoint.to_string(), text);
+        }
     }
 
     #[test]

@@ -356,6 +356,25 @@ pub struct Persistence {
     /// How long a client address stays with its backend after its last new connection.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// IPv6 listeners: clients whose addresses share this many leading bits are one client
+    /// (1-128; absent: 128, each address). IPv6 hosts rotate their addresses within their
+    /// /64 (RFC 8981), so /64 keeps such a client with its backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_prefix: Option<u8>,
+}
+
+/// An IPv6 client's whole address is its key unless `ipv6_prefix` says otherwise.
+pub const DEFAULT_PERSISTENCE_IPV6_PREFIX: u8 = 128;
+
+impl Listener {
+    /// How many leading bits of an IPv6 client address persistence keys on (see
+    /// [`Persistence::ipv6_prefix`]); 128 for a listener without persistence or without a
+    /// prefix. IPv4 clients are always keyed on their whole address.
+    pub fn persist_ipv6_prefix(&self) -> u8 {
+        self.persistence
+            .and_then(|p| p.ipv6_prefix)
+            .unwrap_or(DEFAULT_PERSISTENCE_IPV6_PREFIX)
+    }
 }
 
 pub const MAX_PERSISTENCE_TIMEOUT: Duration = Duration::from_secs(86_400);

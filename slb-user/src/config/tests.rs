@@ -314,6 +314,178 @@ fn vips_and_backends_are_unicast_addresses() {
     }
 }
 
+/// A dual-stack config: an IPv6 tcp listener on IPv6 backends, an IPv6 http listener whose
+/// groups mix families, and an IPv4 udp listener.
+pub(crate) const GOOD6: &str = r#"
+instance = "t6"
+vips = ["10.0.0.10", "2001:db8::10"]
+[[interfaces]]
+name = "eth0"
+[[listeners]]
+name = "web6"
+protocol = "tcp"
+vip = "2001:db8::10"
+port = 80
+group = "pool6"
+[[listeners]]
+name = "site6"
+protocol = "http"
+vip = "2001:db8::10"
+port = 8000
+rules = [{ path = "/v6", group = "pool6" }]
+[[listeners]]
+name = "dns"
+protocol = "udp"
+vip = "10.0.0.10"
+port = 53
+group = "pool"
+[default_group]
+backends = [{ address = "10.0.1.1", port = 8000 }]
+[[groups]]
+name = "pool"
+backends = [{ address = "10.0.0.1", port = 53 }]
+[[groups]]
+name = "pool6"
+backends = [{ address = "2001:db8:1::2", port = 8080 }, { address = "fd00::3", port = 8080 }]
+"#;
+
+#[test]
+fn ipv6_vips_and_backends_are_accepted() {
+    let c = Config::parse(GOOD6, "t").unwrap();
+    assert_eq!(
+        c.listeners[0].vip,
+        "2001:db8::10".parse::<std::net::IpAddr>().unwrap()
+    );
+    let web6 = c.resolve(&c.listeners[0]);
+    assert_eq!(
+        web6.group().backends[0].endpoint().to_string(),
+        "[2001:db8:1::2]:8080"
+    );
+}
+
+#[test]
+fn ipv6_vips_and_backends_are_global_or_unique_local_unicast() {
+    let refusals = [
+        ("::", "is not a unicast address"),
+        ("ff02::1", "is not a unicast address"),
+        ("::1", "is the IPv6 loopback address"),
+        (
+            "::ffff:10.0.0.1",
+            "is an IPv4-mapped or IPv4-compatible IPv6 address; write the IPv4 address 10.0.0.1",
+        ),
+        (
+            "::a00:1",
+            "is an IPv4-mapped or IPv4-compatible IPv6 address; write the IPv4 address 10.0.0.1",
+        ),
+        ("fe80::1", "is link-local (fe80::/10)"),
+        ("febf::1", "is link-local (fe80::/10)"),
+    ];
+    for (address, why) in refusals {
+        let text = GOOD6
+            .replace("vips = [\"10.0.0.10\", \"2001:db8::10\"]\n", "")
+            .replace(
+                "vip = \"2001:db8::10\"\nport = 80",
+                &format!("vip = \"{address}\"\nport = 80"),
+            );
+        let e = error_of(&text);
+        assert!(
+            e.starts_with(&format!("listeners[0] (web6).vip: {address} {why}")),
+            "{address}: {e}"
+        );
+        let e = error_of(&GOOD6.replace("fd00::3", address));
+        assert!(
+            e.starts_with(&format!(
+                "groups[1] (pool6).backends[1].address: {address} {why}"
+            )),
+            "{address}: {e}"
+        );
+    }
+}
+
+#[test]
+fn a_tcp_udp_listener_forwards_to_backends_of_its_vips_family_only() {
+    // The udp listener on an IPv6 VIP with the IPv4 pool.
+    let text = GOOD6.replace(
+        "name = \"dns\"\nprotocol = \"udp\"\nvip = \"10.0.0.10\"",
+        "name = \"dns6\"\nprotocol = \"udp\"\nvip = \"2001:db8::10\"",
+    );
+    assert_eq!(
+        error_of(&text),
+        "listeners[2] (dns6): backend 10.0.0.1:53 of group \"pool\" is IPv4 but the listener's \
+         VIP 2001:db8::10 is IPv6 (tcp/udp listeners rewrite addresses, not address families)"
+    );
+    // The IPv6 tcp listener on the default group, which is IPv4.
+    let e = error_of(&GOOD6.replace("group = \"pool6\"\n[[listeners]]", "[[listeners]]"));
+    assert!(
+        e.starts_with("listeners[0] (web6): backend 10.0.1.1:8000 of group \"default\" is IPv4"),
+        "{e}"
+    );
+    // An IPv4 tcp listener on a group with an IPv6 member, e.g. an active/standby pair.
+    let pair = "[[groups]]\nname = \"db\"\ntype = \"active-standby\"\n\
+                backends = [{ address = \"10.0.2.2\", port = 5432 }, { address = \"2001:db8::5\", port = 5432 }]\n\
+                [[listeners]]\nname = \"db\"\nprotocol = \"tcp\"\nvip = \"10.0.0.10\"\nport = 5432\ngroup = \"db\"\n";
+    let e = error_of(&format!("{GOOD6}{pair}"));
+    assert!(
+        e.starts_with("listeners[3] (db): backend [2001:db8::5]:5432 of group \"db\" is IPv6 but the listener's VIP 10.0.0.10 is IPv4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_ipv6_persistence_prefix_is_1_to_128_bits_on_an_ipv6_listener() {
+    let with_persistence = |text: &str, listener: &str, persistence: &str| {
+        text.replace(
+            &format!("name = \"{listener}\"\n"),
+            &format!("name = \"{listener}\"\npersistence = {persistence}\n"),
+        )
+    };
+    let c = Config::parse(
+        &with_persistence(GOOD6, "web6", "{ timeout = \"5m\", ipv6_prefix = 64 }"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.listeners[0].persist_ipv6_prefix(), 64);
+    let c = Config::parse(
+        &with_persistence(GOOD6, "web6", "{ timeout = \"5m\" }"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.listeners[0].persist_ipv6_prefix(), 128);
+    assert_eq!(c.listeners[2].persist_ipv6_prefix(), 128, "no persistence");
+    for bad in [0, 129] {
+        let e = error_of(&with_persistence(
+            GOOD6,
+            "web6",
+            &format!("{{ timeout = \"5m\", ipv6_prefix = {bad} }}"),
+        ));
+        assert_eq!(
+            e,
+            format!("listeners[0] (web6).persistence.ipv6_prefix: {bad} must be between 1 and 128 (bits of the client address)")
+        );
+    }
+    let e = error_of(&with_persistence(
+        GOOD6,
+        "dns",
+        "{ timeout = \"5m\", ipv6_prefix = 64 }",
+    ));
+    assert!(
+        e.starts_with("listeners[2] (dns).persistence.ipv6_prefix: applies to listeners on an IPv6 VIP; this one's VIP 10.0.0.10 is IPv4"),
+        "{e}"
+    );
+    // Persistence by source address is refused on http(s) whatever it holds.
+    let e = error_of(&with_persistence(
+        GOOD6,
+        "site6",
+        "{ timeout = \"5m\", ipv6_prefix = 64 }",
+    ));
+    assert!(
+        e.contains(
+            "listeners[1] (site6).persistence: source-address persistence is for tcp/udp listeners"
+        ),
+        "{e}"
+    );
+}
+
 #[test]
 fn only_regular_files_are_read_as_configs() {
     let dir = std::env::temp_dir().join(format!("slb-config-test-{}", std::process::id()));

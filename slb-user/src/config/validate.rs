@@ -9,6 +9,7 @@ use std::time::Duration;
 use slb_common::maglev::is_prime;
 use slb_common::{MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
 
+use super::edit::BackendName;
 use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
 use super::{
     invalid, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits, CookiePersistence,
@@ -110,7 +111,8 @@ impl Config {
         claims: &mut Claims<'a>,
     ) -> Result<(), ConfigError> {
         validate_name(format!("listeners[{i}].name"), &l.name)?;
-        let at = |f: &str| format!("listeners[{i}] ({}).{f}", l.name);
+        let label = format!("listeners[{i}] ({})", l.name);
+        let at = |f: &str| format!("{label}.{f}");
         if !claims.names.insert(&l.name) {
             return Err(invalid(
                 at("name"),
@@ -145,6 +147,7 @@ impl Config {
         }
         let resolved = self.resolve(l);
         refuse_own_listeners_as_backends(&at, &resolved, &claims.own_listeners)?;
+        refuse_mixed_families(&label, &resolved)?;
         let backends = &resolved.group().backends;
         if !l.protocol.is_l7() {
             claim_reply_endpoints(&at, l, backends, &mut claims.reply_endpoints)?;
@@ -180,12 +183,6 @@ impl Config {
             return Err(invalid(
                 at("vip"),
                 format!("{} is not one of the instance's vips", l.vip),
-            ));
-        }
-        if l.vip.is_ipv6() {
-            return Err(invalid(
-                at("vip"),
-                format!("{}: IPv6 listeners are not supported yet", l.vip),
             ));
         }
         validate_unicast(at("vip"), l.vip)?;
@@ -273,7 +270,10 @@ fn validate_name(field: String, name: &str) -> Result<(), ConfigError> {
     ))
 }
 
-/// A VIP or a backend is one host: not 0.0.0.0, the broadcast address or a multicast group.
+/// A VIP or a backend is one host: not 0.0.0.0 or ::, the broadcast address or a multicast
+/// group. An IPv6 one is also not an IPv4 address in IPv6 clothing (the maps store IPv4 as
+/// `::ffff:a.b.c.d`, so a mapped VIP or backend would be the IPv4 one), not link-local (it names
+/// no interface, and the config has no place for a scope) and not loopback (never on the wire).
 fn validate_unicast(field: String, address: IpAddr) -> Result<(), ConfigError> {
     let broadcast = matches!(address, IpAddr::V4(v4) if v4.is_broadcast());
     if address.is_unspecified() || address.is_multicast() || broadcast {
@@ -282,7 +282,66 @@ fn validate_unicast(field: String, address: IpAddr) -> Result<(), ConfigError> {
             format!("{address} is not a unicast address"),
         ));
     }
+    let IpAddr::V6(v6) = address else {
+        return Ok(());
+    };
+    if v6.is_loopback() {
+        return Err(invalid(
+            field,
+            format!("{address} is the IPv6 loopback address; use an address of an interface"),
+        ));
+    }
+    if let Some(v4) = v6.to_ipv4() {
+        return Err(invalid(
+            field,
+            format!("{address} is an IPv4-mapped or IPv4-compatible IPv6 address; write the IPv4 address {v4}"),
+        ));
+    }
+    if v6.is_unicast_link_local() {
+        return Err(invalid(
+            field,
+            format!("{address} is link-local (fe80::/10), which needs an interface scope; use a global or unique-local address"),
+        ));
+    }
     Ok(())
+}
+
+/// The rule of address families for a tcp/udp listener: every backend has the VIP's family,
+/// because the data plane rewrites the addresses of a packet and cannot turn an IPv4 packet
+/// into an IPv6 one. HTTP(S) listeners may mix, as the proxy opens its own connections.
+fn refuse_mixed_families(
+    listener_label: &str,
+    resolved: &ResolvedListener<'_>,
+) -> Result<(), ConfigError> {
+    let l = resolved.listener;
+    if l.protocol.is_l7() {
+        return Ok(());
+    }
+    for group in &resolved.groups {
+        for b in &group.backends {
+            if b.address.is_ipv6() != l.vip.is_ipv6() {
+                return Err(invalid(
+                    listener_label,
+                    format!(
+                        "backend {} of group {:?} is {} but the listener's VIP {} is {} (tcp/udp listeners rewrite addresses, not address families)",
+                        b.endpoint(),
+                        group.name,
+                        family(b.address),
+                        l.vip,
+                        family(l.vip)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn family(address: IpAddr) -> &'static str {
+    match address {
+        IpAddr::V4(_) => "IPv4",
+        IpAddr::V6(_) => "IPv6",
+    }
 }
 
 /// The proxy's bounds on connections to a group's backends: at least one connection, a queue
@@ -411,6 +470,23 @@ fn validate_timeouts(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
                     humantime::format_duration(p.timeout)
                 ),
             ));
+        }
+        if let Some(prefix) = p.ipv6_prefix {
+            if l.vip.is_ipv4() {
+                return Err(invalid(
+                    at("persistence.ipv6_prefix"),
+                    format!(
+                        "applies to listeners on an IPv6 VIP; this one's VIP {} is IPv4 (IPv4 clients are keyed on their whole address)",
+                        l.vip
+                    ),
+                ));
+            }
+            if !(1..=128).contains(&prefix) {
+                return Err(invalid(
+                    at("persistence.ipv6_prefix"),
+                    format!("{prefix} must be between 1 and 128 (bits of the client address)"),
+                ));
+            }
         }
     }
     Ok(())
@@ -728,12 +804,6 @@ fn validate_backends(group: &str, backends: &[BackendSpec]) -> Result<(), Config
     let mut seen = BTreeSet::new();
     for (i, b) in backends.iter().enumerate() {
         let field = |f: &str| format!("{group}.backends[{i}].{f}");
-        if b.address.is_ipv6() {
-            return Err(invalid(
-                field("address"),
-                format!("{}: IPv6 backends are not supported yet", b.address),
-            ));
-        }
         validate_unicast(field("address"), b.address)?;
         if b.port == Some(0) {
             return Err(invalid(field("port"), "0 is not a valid port"));
@@ -748,9 +818,11 @@ fn validate_backends(group: &str, backends: &[BackendSpec]) -> Result<(), Config
             return Err(invalid(
                 field("address"),
                 format!(
-                    "{}:{} is listed twice in the group",
-                    b.address,
-                    b.port.map_or("<listener port>".into(), |p| p.to_string())
+                    "{} is listed twice in the group",
+                    BackendName {
+                        address: b.address,
+                        port: b.port
+                    }
                 ),
             ));
         }
