@@ -33,8 +33,9 @@ struct Icmp6Hdr {
     mtu: u32,
 }
 
-/// The frame Packet Too Big is built in.
-#[repr(C)]
+/// The frame Packet Too Big is built in. Packed to 2: the IPv6 header's 32-bit fields would
+/// otherwise put 2 bytes of padding after the 14-byte Ethernet header.
+#[repr(C, packed(2))]
 struct TooBigFrame {
     eth: EthHdr,
     ip: Ipv6Hdr,

@@ -10,6 +10,9 @@ use slb_user::applied::{BackendKey, HealthStatus};
 use slb_user::config::Config;
 use slb_user::testbed::{self, in_fresh_netns, Testbed, BACKEND_MAC, CLIENT_MAC};
 
+#[path = "packets/ipv6.rs"]
+mod ipv6;
+
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;

@@ -444,7 +444,7 @@ fn plan_listener(
     if let Some(p) = &l.persistence {
         entry.flags |= LISTENER_F_PERSIST;
         entry.persist_timeout_s = p.timeout.as_secs() as u32;
-        entry.persist_ipv6_prefix = 128;
+        entry.persist_ipv6_prefix = u32::from(l.persist_ipv6_prefix());
     }
     let replies = reply_translations(g, index, ids);
     let key = listener_key(l.protocol, l.vip, l.port);
