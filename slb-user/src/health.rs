@@ -93,10 +93,7 @@ async fn probe_http(check: &HealthCheck, target: SocketAddr) -> ProbeResult {
     let mut stream = TcpStream::connect(target)
         .await
         .map_err(|e| format!("http connect: {e}"))?;
-    let host = check
-        .host
-        .clone()
-        .unwrap_or_else(|| target.ip().to_string());
+    let host = check.host.clone().unwrap_or_else(|| host_header(target));
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: slb-health-check\r\nConnection: close\r\n\r\n",
         check.path()
@@ -133,6 +130,17 @@ async fn probe_http(check: &HealthCheck, target: SocketAddr) -> ProbeResult {
             }
             Err(e) => return Err(format!("http: malformed response: {e}")),
         }
+    }
+}
+
+/// The Host header that names `target` itself, as a client that was given its address would
+/// send it: an IPv6 address in brackets (RFC 3986's IP-literal, else its colons would read as a
+/// port), and the port unless it is HTTP's own.
+fn host_header(target: SocketAddr) -> String {
+    match (target.ip(), target.port()) {
+        (std::net::IpAddr::V4(v4), 80) => v4.to_string(),
+        (std::net::IpAddr::V6(v6), 80) => format!("[{v6}]"),
+        _ => target.to_string(),
     }
 }
 
@@ -348,6 +356,76 @@ mod tests {
         c.expected_codes = Some(vec!["3xx".into()]);
         assert!(probe(&c, addr).await.unwrap_err().contains("204"));
         server.await.unwrap();
+    }
+
+    #[test]
+    fn the_default_host_header_brackets_ipv6_and_names_a_port_other_than_80() {
+        let host = |text: &str| host_header(text.parse().unwrap());
+        assert_eq!(host("10.0.1.2:80"), "10.0.1.2");
+        assert_eq!(host("10.0.1.2:8080"), "10.0.1.2:8080");
+        assert_eq!(host("[2001:db8::1]:80"), "[2001:db8::1]");
+        assert_eq!(host("[2001:db8::1]:8080"), "[2001:db8::1]:8080");
+    }
+
+    #[tokio::test]
+    async fn tcp_probe_sees_an_ipv6_listener_and_a_closed_port() {
+        let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert!(probe(&check(CheckKind::Tcp), addr).await.is_ok());
+        drop(listener);
+        let err = probe(&check(CheckKind::Tcp), addr).await.unwrap_err();
+        assert!(err.contains("refused"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn http_probe_of_an_ipv6_backend_names_it_in_brackets() {
+        let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        assert_eq!(
+            probe(&check(CheckKind::Http), addr).await,
+            Ok("http 200".into())
+        );
+        let request = server.await.unwrap();
+        assert!(
+            request.starts_with(&format!(
+                "GET / HTTP/1.1\r\nHost: [::1]:{}\r\n",
+                addr.port()
+            )),
+            "{request}"
+        );
+    }
+
+    #[tokio::test]
+    async fn udp_probe_reads_ipv6_replies_and_port_unreachable() {
+        let server = UdpSocket::bind("[::1]:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            loop {
+                let (n, peer) = server.recv_from(&mut buf).await.unwrap();
+                let reply = format!("pong {}", String::from_utf8_lossy(&buf[..n]));
+                server.send_to(reply.as_bytes(), peer).await.unwrap();
+            }
+        });
+        let mut c = check(CheckKind::Udp);
+        c.expect = Some("pong".into());
+        assert_eq!(probe(&c, addr).await, Ok("udp reply".into()));
+
+        let closed = {
+            let s = std::net::UdpSocket::bind("[::1]:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let err = probe(&check(CheckKind::Udp), closed).await.unwrap_err();
+        assert!(err.contains("port unreachable"), "{err}");
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use slb_common::pinned::{self, PinnedMap};
 use slb_common::GlobalCounters;
 
 use crate::applied::{
-    AppliedState, Endpoint, HealthStatus, ProxyListenerInfo, Role, StateFileError,
+    AppliedState, Endpoint, HealthStatus, ProxyBackendInfo, ProxyListenerInfo, Role, StateFileError,
 };
 use crate::config::GroupKind;
 use crate::flows::FlowCounts;
@@ -355,15 +355,32 @@ fn render_header(out: &mut String, status: &Status) {
     );
 }
 
+/// Width of a column of endpoints: its widest, and no less than an IPv4 `address:port` takes,
+/// so IPv4-only tables keep their layout and an IPv6 endpoint (up to 47 characters) does not
+/// push the rest of its row out of line.
+fn endpoint_width(endpoints: impl IntoIterator<Item = Endpoint>) -> usize {
+    endpoints
+        .into_iter()
+        .map(|e| e.to_string().len())
+        .fold(22, usize::max)
+}
+
 fn render_listeners(out: &mut String, status: &Status) {
+    let vip_width = endpoint_width(
+        status
+            .listeners
+            .iter()
+            .map(|l| Endpoint::new(l.vip, l.port)),
+    );
     let _ = writeln!(
         out,
-        "\nLISTENER            PROTO  VIP:PORT               GROUP           CONNS   NEW_CONNS     PACKETS"
+        "\nLISTENER            PROTO  {:<vip_width$} GROUP           CONNS   NEW_CONNS     PACKETS",
+        "VIP:PORT"
     );
     for l in &status.listeners {
         let _ = writeln!(
             out,
-            "{:<19} {:<6} {:<22} {:<15} {:>5} {:>11} {:>11}",
+            "{:<19} {:<6} {:<vip_width$} {:<15} {:>5} {:>11} {:>11}",
             l.name,
             l.protocol,
             Endpoint::new(l.vip, l.port),
@@ -376,9 +393,11 @@ fn render_listeners(out: &mut String, status: &Status) {
 }
 
 fn render_backends(out: &mut String, status: &Status) {
+    let backend_width = endpoint_width(status.backends.iter().map(BackendStatus::endpoint));
     let _ = writeln!(
         out,
-        "\nBACKEND                LISTENER            GROUP           ROLE     WEIGHT  HEALTH     CONNS   NEW_CONNS     PACKETS"
+        "\n{:<backend_width$} LISTENER            GROUP           ROLE     WEIGHT  HEALTH     CONNS   NEW_CONNS     PACKETS",
+        "BACKEND"
     );
     for b in &status.backends {
         let role = match b.role {
@@ -388,7 +407,7 @@ fn render_backends(out: &mut String, status: &Status) {
         };
         let _ = writeln!(
             out,
-            "{:<22} {:<19} {:<15} {:<8} {:>6}  {:<9} {:>6} {:>11} {:>11}",
+            "{:<backend_width$} {:<19} {:<15} {:<8} {:>6}  {:<9} {:>6} {:>11} {:>11}",
             b.endpoint(),
             b.listener,
             b.group,
@@ -433,12 +452,23 @@ fn render_proxy_listeners(out: &mut String, status: &Status) {
     if status.proxy_listeners.is_empty() {
         return;
     }
-    let _ = writeln!(out, "\nHTTP(S) LISTENER    PROTO  VIP:PORT               GROUP           BACKEND                WEIGHT  HEALTH");
-    for l in &status.proxy_listeners {
+    let listeners = &status.proxy_listeners;
+    let vip_width = endpoint_width(listeners.iter().map(|l| Endpoint::new(l.vip, l.port)));
+    let backend_width = endpoint_width(
+        listeners
+            .iter()
+            .flat_map(|l| l.backends.iter().map(ProxyBackendInfo::endpoint)),
+    );
+    let _ = writeln!(
+        out,
+        "\nHTTP(S) LISTENER    PROTO  {:<vip_width$} GROUP           {:<backend_width$} WEIGHT  HEALTH",
+        "VIP:PORT", "BACKEND"
+    );
+    for l in listeners {
         for b in &l.backends {
             let _ = writeln!(
                 out,
-                "{:<19} {:<6} {:<22} {:<15} {:<22} {:>6}  {}",
+                "{:<19} {:<6} {:<vip_width$} {:<15} {:<backend_width$} {:>6}  {}",
                 l.name,
                 l.protocol,
                 Endpoint::new(l.vip, l.port),
@@ -734,9 +764,10 @@ pub fn render_stats(status: &Status, previous: Option<(&Status, f64)>) -> String
             l.connections
         );
     }
+    let backend_width = endpoint_width(status.backends.iter().map(BackendStatus::endpoint));
     let _ = writeln!(
         out,
-        "\n{:<22} {:<15} {:>12} {:>10} {:>14} {:>10} {:>8}  HEALTH (since)",
+        "\n{:<backend_width$} {:<15} {:>12} {:>10} {:>14} {:>10} {:>8}  HEALTH (since)",
         "BACKEND", "LISTENER", "PACKETS", "PKT RATE", "NEW_CONNS", "CONN RATE", "CONNS",
     );
     for b in &status.backends {
@@ -759,7 +790,7 @@ pub fn render_stats(status: &Status, previous: Option<(&Status, f64)>) -> String
         };
         let _ = writeln!(
             out,
-            "{:<22} {:<15} {:>12} {:>10} {:>14} {:>10} {:>8}  {}",
+            "{:<backend_width$} {:<15} {:>12} {:>10} {:>14} {:>10} {:>8}  {}",
             b.endpoint(),
             b.listener,
             b.packets,
@@ -855,5 +886,87 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    /// `status()` with an IPv6 listener "web6" on `vip` whose backend is `backend`:8080, after
+    /// the IPv4 ones.
+    fn dual_stack_status(vip: &str, backend: &str) -> Status {
+        let mut status = status();
+        let mut web6 = super::tests::status().listeners.remove(0);
+        web6.name = "web6".into();
+        web6.vip = vip.parse().unwrap();
+        status.listeners.push(web6);
+        let mut backend6 = super::tests::status().backends.remove(0);
+        backend6.listener = "web6".into();
+        backend6.address = backend.parse().unwrap();
+        status.backends.push(backend6);
+        status
+    }
+
+    #[test]
+    fn ipv6_labels_read_as_socket_addresses_print() {
+        let text = render_prometheus(&dual_stack_status("2001:db8::10", "2001:db8::2"));
+        let listener =
+            r#"{instance="edge",listener="web6",protocol="tcp",vip="2001:db8::10",port="80"}"#;
+        let backend =
+            r#"{instance="edge",listener="web6",group="pool",backend="[2001:db8::2]:8080"}"#;
+        for line in [
+            format!("slb_listener_packets_total{listener} 50"),
+            format!("slb_backend_new_connections_total{backend} 7"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn endpoint_columns_are_as_wide_as_their_widest_endpoint() {
+        // The column after an endpoint column starts at the same place in the header and in
+        // every row.
+        let aligned = |text: &str, header: &str, next_column: &str, rows: &[(&str, &str)]| {
+            let header_line = text
+                .lines()
+                .find(|l| l.starts_with(header))
+                .unwrap_or_else(|| panic!("no {header:?} header in\n{text}"));
+            let at = header_line.find(next_column).unwrap();
+            for (starts, next) in rows {
+                let row = text.lines().find(|l| l.starts_with(starts)).unwrap();
+                assert_eq!(row.find(next), Some(at), "{row:?} under {header_line:?}");
+            }
+        };
+        // Wider than the 22 columns an IPv4 endpoint needs.
+        let (vip, backend) = (
+            "2001:db8:aaaa:bbbb:cccc:dddd:eeee:10",
+            "2001:db8:aaaa:bbbb:cccc:dddd:eeee:2",
+        );
+        let dual = dual_stack_status(vip, backend);
+        let text = render(&dual);
+        aligned(
+            &text,
+            "LISTENER",
+            "GROUP",
+            &[("web ", "pool"), ("web6 ", "pool")],
+        );
+        aligned(
+            &text,
+            "BACKEND",
+            "LISTENER",
+            &[
+                ("10.0.1.2:8080 ", "web "),
+                (&format!("[{backend}]:8080 "), "web6"),
+            ],
+        );
+        let stats = render_stats(&dual, None);
+        aligned(
+            &stats,
+            "BACKEND",
+            "LISTENER",
+            &[
+                ("10.0.1.2:8080 ", "web "),
+                (&format!("[{backend}]:8080 "), "web6"),
+            ],
+        );
+        // IPv4 keeps its 22 columns.
+        let text = render(&status());
+        assert!(text.contains("\n10.0.1.2:8080          web "), "{text}");
     }
 }

@@ -293,7 +293,8 @@ pub struct HealthCheck {
     /// HTTP: request path.
     #[serde(default)]
     pub path: Option<String>,
-    /// HTTP: Host header (default: the backend address).
+    /// HTTP: Host header (default: the backend's address, IPv6 in brackets, and its port
+    /// unless 80).
     #[serde(default)]
     pub host: Option<String>,
     /// HTTP: accepted status classes or codes, e.g. ["2xx", "3xx"] (the default) or ["204"].

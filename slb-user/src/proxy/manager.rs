@@ -310,6 +310,11 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ApplyError> {
     )
     .map_err(listen_error)?;
     socket.set_reuse_address(true).map_err(listen_error)?;
+    if addr.is_ipv6() {
+        // An IPv6 socket takes only IPv6: with net.ipv6.bindv6only=0 one on `::` would also
+        // take IPv4 connections, which belong to the listener of an IPv4 VIP on the same port.
+        socket.set_only_v6(true).map_err(listen_error)?;
+    }
     socket.set_nonblocking(true).map_err(listen_error)?;
     socket
         .bind(&addr.into())
@@ -354,4 +359,20 @@ pub fn describe(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listener_binds_an_ipv6_address_for_ipv6_only() {
+        let listener = bind("[::1]:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert_eq!(addr.ip(), "::1".parse::<std::net::IpAddr>().unwrap());
+        assert!(socket2::SockRef::from(&listener).only_v6().unwrap());
+        std::net::TcpStream::connect(addr).unwrap();
+        let v4 = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(v4.local_addr().unwrap().ip(), std::net::Ipv4Addr::LOCALHOST);
+    }
 }

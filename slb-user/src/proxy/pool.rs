@@ -320,10 +320,19 @@ mod tests {
     use super::*;
     use crate::config::ConnectionLimits;
 
-    /// A backend on loopback answering each request with `body_len` bytes; it counts the
+    /// A backend on IPv4 loopback answering each request with `body_len` bytes; it counts the
     /// connections it accepted, and closes each after its first answer when `close` is set.
     async fn backend(body_len: usize, close: bool) -> (SocketAddr, Arc<AtomicUsize>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        backend_on("127.0.0.1:0", body_len, close).await
+    }
+
+    /// [`backend`] on `bind`.
+    async fn backend_on(
+        bind: &str,
+        body_len: usize,
+        close: bool,
+    ) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counted = accepted.clone();
@@ -391,6 +400,17 @@ mod tests {
             let response = pool.send(addr, &cap, get(addr)).await.unwrap();
             assert_eq!(read_all(response).await, 10);
             assert_eq!(pool.idle_count(), 1);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_backends_connection_is_reused_too() {
+        let (addr, accepted) = backend_on("[::1]:0", 10, false).await;
+        let (pool, cap) = (Arc::new(BackendPool::default()), cap(4));
+        for _ in 0..3 {
+            let response = pool.send(addr, &cap, get(addr)).await.unwrap();
+            assert_eq!(read_all(response).await, 10);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }

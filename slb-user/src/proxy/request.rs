@@ -91,7 +91,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// A peer an IPv6 socket saw as `::ffff:a.b.c.d` is the IPv4 client a.b.c.d: it is named so
+    /// in headers and logs, as it would be had it come in over IPv4. IPv6 clients are named by
+    /// their bare address, the X-Forwarded-For convention (no brackets, no port).
     pub fn new(addr: SocketAddr, https: bool) -> Client {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
         Client {
             addr,
             https,
@@ -880,6 +884,41 @@ mod tests {
         assert_eq!(xff, ["1.2.3.4, 5.6.7.8, 10.0.0.9"]);
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(h.get("x-real-ip").unwrap(), "10.0.0.9");
+    }
+
+    #[test]
+    fn ipv6_clients_are_forwarded_bare_and_v4_mapped_ones_as_ipv4() {
+        let forwarded = |peer: &str| {
+            let client = Client::new(peer.parse().unwrap(), true);
+            let mut req = request(&[("x-forwarded-for", "192.0.2.1")], "GET", "/");
+            add_forwarded_headers(req.headers_mut(), &client);
+            let h = req.headers();
+            (
+                client.addr.to_string(),
+                h.get("x-forwarded-for")
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+                h.get("x-real-ip").unwrap().to_str().unwrap().to_string(),
+            )
+        };
+        assert_eq!(
+            forwarded("[2001:db8::7]:5000"),
+            (
+                "[2001:db8::7]:5000".into(),
+                "192.0.2.1, 2001:db8::7".into(),
+                "2001:db8::7".into()
+            )
+        );
+        assert_eq!(
+            forwarded("[::ffff:10.0.0.9]:5000"),
+            (
+                "10.0.0.9:5000".into(),
+                "192.0.2.1, 10.0.0.9".into(),
+                "10.0.0.9".into()
+            )
+        );
     }
 
     #[test]
