@@ -106,11 +106,9 @@ fn parse_ipv6(ctx: &XdpContext, counters: &mut GlobalCounters) -> ControlFlow<u3
             counters.ipv6_extension_headers_passed += 1;
             ControlFlow::Break(XDP_PASS)
         }
-        // Neighbour discovery, router advertisements, echo, MLD and errors: the stack's.
-        IPPROTO_ICMPV6 => {
-            counters.not_for_us_passed += 1;
-            ControlFlow::Break(XDP_PASS)
-        }
+        // Errors about balanced flows are translated; neighbour discovery, router
+        // advertisements, echo and MLD are the stack's.
+        IPPROTO_ICMPV6 => ControlFlow::Break(icmp6::translate_error(ctx, counters)),
         _ => {
             counters.not_for_us_passed += 1;
             ControlFlow::Break(XDP_PASS)

@@ -1,23 +1,40 @@
 //! ICMPv6 for balanced flows. IPv6 routers never fragment, so path MTU discovery is mandatory:
-//! a packet too big for the next hop is always answered here with Packet Too Big (RFC 4443
-//! §3.2), quoting the packet as its sender sent it, from the address it was sent to (the
-//! kernel's own error, after the NAT rewrite, would quote an address the sender never used).
+//! - a packet too big for the next hop is always answered here with Packet Too Big (RFC 4443
+//!   §3.2), quoting the packet as its sender sent it, from the address it was sent to (the
+//!   kernel's own error, after the NAT rewrite, would quote an address the sender never used);
+//! - Destination Unreachable, Packet Too Big and Time Exceeded about a balanced flow are
+//!   translated as their ICMP twins are (`icmp.rs`): about a packet the VIP sent, to the backend
+//!   serving the flow; about a packet sent to a backend, to the client, quoting the VIP. Unlike
+//!   ICMP's, the ICMPv6 checksum covers the outer addresses (a pseudo-header), so changing the
+//!   outer destination changes it too.
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_TX},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
     EbpfContext,
 };
-use slb_common::{checksum::fold, GlobalCounters};
+use core::ops::ControlFlow;
+use slb_common::{
+    addr_words,
+    checksum::{apply, delta_addr_words, delta_u16, fold},
+    hash::flow_hash,
+    BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, ReplyNat, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 use crate::{
+    balancer::{present_backend, FLOW_HASH_SEED},
+    forward::{now_ns, route_ipv6, send, Route},
+    half_open,
     icmp::sum16,
-    packet::{ptr_at, EthHdr, Ipv6Hdr, ETH_HDR_LEN, ETH_P_IPV6},
+    maps::{CONNECTIONS, LISTENERS, NEXT_HOP_BACKEND6, REPLY_NAT},
+    packet::{ptr_at, EthHdr, Ipv6Hdr, Ports, ETH_HDR_LEN, ETH_P_IPV6},
 };
 
 pub const IPPROTO_ICMPV6: u8 = 58;
+const ICMPV6_DEST_UNREACHABLE: u8 = 1;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
 /// The smallest MTU an IPv6 link may have (RFC 8200 §5).
 const IPV6_MIN_MTU: u32 = 1280;
 /// What Packet Too Big quotes: the IPv6 header and the first 8 bytes of its payload (the ports
@@ -104,4 +121,236 @@ pub fn reply_too_big(ctx: &XdpContext, mtu: u16, counters: &mut GlobalCounters) 
     }
     counters.icmp_too_big_sent += 1;
     XDP_TX
+}
+
+/// An ICMPv6 error from its IPv6 header to the first 8 bytes of the quoted packet's payload.
+#[repr(C)]
+struct IcmpError {
+    ip: Ipv6Hdr,
+    icmp: Icmp6Hdr,
+    inner: Ipv6Hdr,
+    ports: Ports,
+    /// UDP: length and checksum; TCP: the sequence number.
+    rest: [u16; 2],
+}
+
+/// The TCP or UDP packet an ICMPv6 error quotes: addresses (words), ports (host order),
+/// protocol.
+struct Quoted {
+    src: [u32; 4],
+    dst: [u32; 4],
+    src_port: u16,
+    dst_port: u16,
+    protocol: u8,
+}
+
+/// An ICMPv6 packet arriving at the balancer: an error about a balanced flow is translated;
+/// anything else (neighbour discovery, router advertisements, echo, MLD, errors about other
+/// traffic) passes.
+#[inline(always)]
+pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
+    let (err, quoted) = match parse_error(ctx, counters) {
+        ControlFlow::Continue(parsed) => parsed,
+        ControlFlow::Break(verdict) => return verdict,
+    };
+    // About a packet the VIP sent: to the backend serving the flow.
+    let listener = ListenerKey {
+        vip: addr_of(quoted.src),
+        port: quoted.src_port,
+        protocol: quoted.protocol,
+        _pad: 0,
+    };
+    if unsafe { LISTENERS.get(&listener) }.is_some() {
+        return error_to_backend(ctx, err, &quoted, counters);
+    }
+    // About a packet sent to a backend: to the client, quoting the VIP.
+    let endpoint = BackendEndpoint {
+        addr: addr_of(quoted.dst),
+        port: quoted.dst_port,
+        protocol: quoted.protocol,
+        _pad: 0,
+    };
+    if let Some(nat) = unsafe { REPLY_NAT.get(&endpoint) } {
+        let nat = *nat;
+        return error_to_client(ctx, err, &nat, counters);
+    }
+    counters.not_for_us_passed += 1;
+    XDP_PASS
+}
+
+#[inline(always)]
+fn addr_of(words: [u32; 4]) -> slb_common::Addr {
+    // SAFETY: [u32; 4] and [u8; 16] have the same size and every bit pattern is valid for both.
+    unsafe { core::mem::transmute::<[u32; 4], slb_common::Addr>(words) }
+}
+
+/// The error and the packet it quotes, or the verdict (pass) on ICMPv6 that is not an error this
+/// program translates: another type, a quoted packet with extension headers, neither TCP nor UDP.
+#[inline(always)]
+fn parse_error(
+    ctx: &XdpContext,
+    counters: &mut GlobalCounters,
+) -> ControlFlow<u32, (*mut IcmpError, Quoted)> {
+    let Some(err) = ptr_at::<IcmpError>(ctx, ETH_HDR_LEN) else {
+        counters.not_for_us_passed += 1;
+        return ControlFlow::Break(XDP_PASS);
+    };
+    let (kind, inner_version, protocol) = unsafe {
+        (
+            (*err).icmp.kind,
+            u32::from_be((*err).inner.version_class_flow) >> 28,
+            (*err).inner.next_header,
+        )
+    };
+    if !matches!(
+        kind,
+        ICMPV6_DEST_UNREACHABLE | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED
+    ) || inner_version != 6
+        || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+    {
+        counters.not_for_us_passed += 1;
+        return ControlFlow::Break(XDP_PASS);
+    }
+    let quoted = unsafe {
+        Quoted {
+            src: (*err).inner.src,
+            dst: (*err).inner.dst,
+            src_port: u16::from_be((*err).ports.src),
+            dst_port: u16::from_be((*err).ports.dst),
+            protocol,
+        }
+    };
+    ControlFlow::Continue((err, quoted))
+}
+
+/// An error about a reply the VIP sent (to the client of a listener's flow): to the backend
+/// serving the flow, quoting the backend instead of the VIP.
+#[inline(always)]
+fn error_to_backend(
+    ctx: &XdpContext,
+    err: *mut IcmpError,
+    quoted: &Quoted,
+    counters: &mut GlobalCounters,
+) -> u32 {
+    let flow = FlowKey::ipv6(
+        quoted.dst,
+        quoted.src,
+        quoted.dst_port,
+        quoted.src_port,
+        quoted.protocol,
+    );
+    let id = match unsafe { CONNECTIONS.get(&flow) } {
+        Some(conn) => conn.backend_id,
+        None => match half_open::picked(&flow, flow_hash(&flow, FLOW_HASH_SEED)) {
+            Some(id) => id,
+            None => {
+                counters.icmp_errors_unmatched += 1;
+                return XDP_PASS;
+            }
+        },
+    };
+    let Some(backend) = present_backend(id) else {
+        counters.icmp_errors_unmatched += 1;
+        return XDP_PASS;
+    };
+    let addr = addr_words(&backend.addr);
+    let ip = unsafe { &raw mut (*err).ip };
+    let cache = NEXT_HOP_BACKEND6
+        .get_ptr_mut(id)
+        .unwrap_or(core::ptr::null_mut());
+    let route = route_ipv6(ctx, ip, addr, IPPROTO_ICMPV6, cache, now_ns(), counters);
+    if unsafe { (*ip).hop_limit } <= 1 {
+        counters.ttl_expired_passed += 1;
+        return XDP_PASS;
+    }
+    unsafe {
+        // The outer destination is in the ICMPv6 checksum's pseudo-header.
+        let outer_delta = delta_addr_words((*ip).dst, addr);
+        (*ip).dst = addr;
+        rewrite_quoted(err, true, addr, backend.port.to_be(), outer_delta);
+        (*ip).hop_limit -= 1;
+    }
+    send_translated(ctx, route, counters)
+}
+
+/// An error about a packet sent to a backend: to the client, quoting the VIP instead of the
+/// backend.
+#[inline(always)]
+fn error_to_client(
+    ctx: &XdpContext,
+    err: *mut IcmpError,
+    nat: &ReplyNat,
+    counters: &mut GlobalCounters,
+) -> u32 {
+    let ip = unsafe { &raw mut (*err).ip };
+    let client = unsafe { (*ip).dst };
+    let route = route_ipv6(
+        ctx,
+        ip,
+        client,
+        IPPROTO_ICMPV6,
+        core::ptr::null_mut(),
+        now_ns(),
+        counters,
+    );
+    if matches!(route, Route::Local) {
+        // About this host's own packet to a backend (a health check).
+        counters.local_from_backend_passed += 1;
+        return XDP_PASS;
+    }
+    if unsafe { (*ip).hop_limit } <= 1 {
+        counters.ttl_expired_passed += 1;
+        return XDP_PASS;
+    }
+    unsafe {
+        rewrite_quoted(err, false, addr_words(&nat.vip), nat.vip_port.to_be(), 0);
+        (*ip).hop_limit -= 1;
+    }
+    send_translated(ctx, route, counters)
+}
+
+/// Counts a translated error and forwards it on `route`.
+#[inline(always)]
+fn send_translated(ctx: &XdpContext, route: Route, counters: &mut GlobalCounters) -> u32 {
+    counters.icmp_errors_translated += 1;
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return XDP_DROP;
+    };
+    send(ctx, eth, route, counters)
+}
+
+/// Rewrites the quoted packet's source (`source`) or destination address and port (network
+/// order), fixing its UDP checksum (TCP's lies past the 8 quoted bytes; the quoted IPv6 header
+/// has none) and the ICMPv6 checksum, which covers all of them plus `outer_delta`, the change
+/// of the outer addresses.
+#[inline(always)]
+unsafe fn rewrite_quoted(
+    err: *mut IcmpError,
+    source: bool,
+    addr: [u32; 4],
+    port: u16,
+    outer_delta: u32,
+) {
+    unsafe {
+        let inner = &raw mut (*err).inner;
+        let (addr_field, port_field) = if source {
+            (&raw mut (*inner).src, &raw mut (*err).ports.src)
+        } else {
+            (&raw mut (*inner).dst, &raw mut (*err).ports.dst)
+        };
+        let quoted_delta = delta_addr_words(*addr_field, addr) + delta_u16(*port_field, port);
+        let mut icmp_delta = outer_delta + quoted_delta;
+        if (*inner).next_header == IPPROTO_UDP {
+            let old_udp = (*err).rest[1];
+            let mut udp = apply(old_udp, quoted_delta);
+            if udp == 0 {
+                udp = 0xffff;
+            }
+            icmp_delta += delta_u16(old_udp, udp);
+            (*err).rest[1] = udp;
+        }
+        *addr_field = addr;
+        *port_field = port;
+        (*err).icmp.check = apply((*err).icmp.check, icmp_delta);
+    }
 }

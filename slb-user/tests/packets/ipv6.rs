@@ -5,9 +5,10 @@
 use std::net::Ipv6Addr;
 
 use slb_common::wire::{
-    echo_request, ipv6_frame, ipv6_frame_with, neighbour_advertisement, neighbour_solicitation,
-    parse_icmpv6_error, parse_ipv6_frame, router_advertisement, router_solicitation,
-    Ipv6FrameOptions, ParsedFrame6, ICMPV6_PACKET_TOO_BIG, NEXTHDR_DEST_OPTS, NEXTHDR_HOP_BY_HOP,
+    echo_request, icmpv6_error, ipv6_frame, ipv6_frame_with, neighbour_advertisement,
+    neighbour_solicitation, parse_icmpv6_error, parse_ipv6_frame, router_advertisement,
+    router_solicitation, Ipv6FrameOptions, ParsedFrame6, ICMPV6_DEST_UNREACHABLE,
+    ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, NEXTHDR_DEST_OPTS, NEXTHDR_HOP_BY_HOP,
     NEXTHDR_ROUTING,
 };
 
@@ -500,5 +501,125 @@ fn an_ipv6_reply_too_big_for_the_client_side_gets_packet_too_big_quoting_the_bac
             "quoting the reply as the backend sent it"
         );
         assert_eq!(h.counters().replies_translated, 0);
+    });
+}
+
+#[test]
+fn icmpv6_errors_about_balanced_flows_are_translated_both_ways() {
+    in_fresh_netns(|| {
+        let h = harness6();
+        let in_mac = mac_of("in0");
+        let tcp_backend = establish6(&h, 40040, 80);
+        let (_, out) = h.run(&frame6(in_mac, CLIENT6, VIP6, udp(40041, 53)), h.in_index);
+        let udp_backend = parse_valid6(&out).dst;
+
+        // A router on the client's side cannot pass the VIP's replies.
+        let router = addr("fd00:10::fe");
+        for (about, backend, ports) in [
+            (tcp(80, 40040, ACK), tcp_backend, (8080, 40040)),
+            (udp(53, 40041), udp_backend, (8080, 40041)),
+        ] {
+            let reply = ipv6_frame(h.out_mac, BACKEND_MAC, VIP6, CLIENT6, about);
+            let err = icmpv6_error(
+                in_mac,
+                CLIENT_MAC,
+                router,
+                VIP6,
+                (ICMPV6_PACKET_TOO_BIG, 0, 1280),
+                &reply[14..],
+            );
+            let (verdict, out) = h.run(&err, h.in_index);
+            assert_eq!(verdict, XDP_REDIRECT, "{:?}", h.counters());
+            assert_eq!(&out[0..6], &BACKEND_MAC[..]);
+            let seen = parse_icmpv6_error(&out).unwrap_or_else(|e| panic!("{e}: {out:02x?}"));
+            assert_eq!(
+                (
+                    seen.src,
+                    seen.dst,
+                    seen.inner_src,
+                    seen.inner_dst,
+                    seen.inner_ports,
+                    seen.mtu
+                ),
+                (router, backend, backend, CLIENT6, ports, 1280),
+                "to the backend, about its own packet"
+            );
+            assert_eq!(seen.hop_limit, 63);
+        }
+        // The quoted UDP checksum was updated with the address and port.
+        let reply = ipv6_frame(h.out_mac, BACKEND_MAC, VIP6, CLIENT6, udp(53, 40041));
+        let err = icmpv6_error(
+            in_mac,
+            CLIENT_MAC,
+            router,
+            VIP6,
+            (ICMPV6_TIME_EXCEEDED, 0, 0),
+            &reply[14..],
+        );
+        let (_, out) = h.run(&err, h.in_index);
+        let direct = ipv6_frame(
+            h.out_mac,
+            BACKEND_MAC,
+            udp_backend,
+            CLIENT6,
+            udp(8080, 40041),
+        );
+        assert_eq!(
+            &out[102..110],
+            &direct[54..62],
+            "quoted UDP header as the backend sent it"
+        );
+
+        // A router on the backends' side cannot pass a packet to the backend.
+        let router = addr("fd00:20::fe");
+        let to_backend = ipv6_frame(h.out_mac, CLIENT_MAC, CLIENT6, BACKEND6_A, udp(40042, 8080));
+        let err = icmpv6_error(
+            h.out_mac,
+            BACKEND_MAC,
+            router,
+            CLIENT6,
+            (ICMPV6_DEST_UNREACHABLE, 4, 0),
+            &to_backend[14..],
+        );
+        let (verdict, out) = h.run(&err, h.out_index);
+        assert_eq!(verdict, XDP_REDIRECT, "{:?}", h.counters());
+        assert_eq!(&out[0..6], &CLIENT_MAC[..]);
+        let seen = parse_icmpv6_error(&out).unwrap_or_else(|e| panic!("{e}: {out:02x?}"));
+        assert_eq!(
+            (
+                seen.src,
+                seen.dst,
+                seen.inner_src,
+                seen.inner_dst,
+                seen.inner_ports
+            ),
+            (router, CLIENT6, CLIENT6, VIP6, (40042, 53)),
+            "to the client, about the packet it sent to the VIP"
+        );
+
+        // About a flow nobody knows: passed untouched.
+        let stranger = ipv6_frame(
+            h.out_mac,
+            BACKEND_MAC,
+            VIP6,
+            addr("fd00:10::77"),
+            tcp(80, 1234, ACK),
+        );
+        let err = icmpv6_error(
+            in_mac,
+            CLIENT_MAC,
+            addr("fd00:10::fe"),
+            VIP6,
+            (ICMPV6_PACKET_TOO_BIG, 0, 1280),
+            &stranger[14..],
+        );
+        let (verdict, out) = h.run(&err, h.in_index);
+        assert_eq!((verdict, &out), (XDP_PASS, &err));
+        let c = h.counters();
+        assert_eq!(
+            (c.icmp_errors_translated, c.icmp_errors_unmatched),
+            (4, 1),
+            "{c:?}"
+        );
     });
 }
