@@ -89,6 +89,14 @@ pub const FRAGMENTS: PinnedMap = map(
     MAX_FRAGMENTS,
 );
 pub const NAT_ADDRESSES: PinnedMap = map("NAT_ADDRESSES", 4, 4, MAX_NAT_ADDRESSES);
+pub const FRAGMENTS6: PinnedMap = map(
+    "FRAGMENTS6",
+    size_of::<FragmentKey6>(),
+    size_of::<FragmentEntry6>(),
+    MAX_FRAGMENTS,
+);
+pub const NAT_ADDRESSES6: PinnedMap =
+    map("NAT_ADDRESSES6", size_of::<Addr>(), 4, MAX_NAT_ADDRESSES);
 pub const ENDPOINT_FILTER: PinnedMap = map("ENDPOINT_FILTER", 4, 4, ENDPOINT_FILTER_WORDS);
 pub const GLOBAL_STATS: PinnedMap = map("GLOBAL_STATS", 4, size_of::<GlobalCounters>(), 1);
 /// A devmap's value is `struct bpf_devmap_val` (ifindex and program fd).
@@ -115,7 +123,7 @@ pub const NEXT_HOP_CLIENT6: PinnedMap = map(
 pub const PROGRAMS: PinnedMap = map("PROGRAMS", 4, 4, TAIL_CALL_PROGRAMS);
 
 /// Every map the daemon pins, in the order it checks them.
-pub const PINNED_MAPS: [PinnedMap; 21] = [
+pub const PINNED_MAPS: [PinnedMap; 23] = [
     LISTENERS,
     RINGS,
     BACKENDS,
@@ -129,6 +137,8 @@ pub const PINNED_MAPS: [PinnedMap; 21] = [
     BACKEND_STATS,
     FRAGMENTS,
     NAT_ADDRESSES,
+    FRAGMENTS6,
+    NAT_ADDRESSES6,
     ENDPOINT_FILTER,
     GLOBAL_STATS,
     EGRESS,

@@ -45,11 +45,16 @@ pub const DEFAULT_UDP_IDLE_TIMEOUT_S: u32 = 90;
 pub const MAX_INTERFACES: u32 = 64;
 /// Client addresses whose next hop the reply path caches (per CPU).
 pub const MAX_CLIENT_NEXT_HOPS: u32 = 65536;
-/// The program array PROGRAMS: the programs `slb_xdp` hands frames to.
-pub const TAIL_CALL_PROGRAMS: u32 = 1;
+/// The program array PROGRAMS: the programs `slb_xdp` and `slb_xdp6` hand frames to.
+pub const TAIL_CALL_PROGRAMS: u32 = 3;
 /// PROGRAMS' slot of `slb_xdp6`, to which `slb_xdp` hands every IPv6 frame (a program of its
 /// own: inlined into `slb_xdp`, its 16-byte addresses would not fit the 512-byte stack).
 pub const PROGRAM_SLOT_IPV6: u32 = 0;
+/// PROGRAMS' slot of `slb_xdp6_fragment`, to which `slb_xdp6` hands IPv6 fragments after the
+/// first (a program of its own for the same reason).
+pub const PROGRAM_SLOT_IPV6_FRAGMENT: u32 = 1;
+/// PROGRAMS' slot of `slb_xdp6_icmp`, to which `slb_xdp6` hands ICMPv6.
+pub const PROGRAM_SLOT_IPV6_ICMP: u32 = 2;
 /// How long a cached FIB answer is used before it is looked up again: route and neighbour
 /// changes reach the fast path within this time.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
@@ -429,6 +434,75 @@ pub struct FragmentEntry {
     pub created_ns: u64,
 }
 
+/// Key of the IPv6 fragment table: a datagram as reassembly identifies it (RFC 8200 §4.5:
+/// source, destination, the fragment header's 32-bit identification), before any rewrite, and
+/// the upper-layer protocol.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragmentKey6 {
+    pub src: Addr,
+    pub dst: Addr,
+    /// The identification, network order.
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FragmentKey6 {
+    /// Built as ten 32-bit words (same layout), from the addresses' words as the header holds
+    /// them: field by field, the padding and the 16-byte copies become memset/memmove calls in
+    /// the BPF program.
+    #[inline(always)]
+    pub fn new(src: [u32; 4], dst: [u32; 4], id: u32, protocol: u8) -> FragmentKey6 {
+        let words: [u32; 10] = [
+            src[0],
+            src[1],
+            src[2],
+            src[3],
+            dst[0],
+            dst[1],
+            dst[2],
+            dst[3],
+            id,
+            u32::from_ne_bytes([protocol, 0, 0, 0]),
+        ];
+        // SAFETY: FragmentKey6 is repr(C) plain bytes of the same size (40), align 4.
+        unsafe { core::mem::transmute::<[u32; 10], FragmentKey6>(words) }
+    }
+}
+
+/// Value of the IPv6 fragment table: what the first fragment became.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragmentEntry6 {
+    pub src: Addr,
+    pub dst: Addr,
+    /// `FRAGMENT_*`.
+    pub action: u32,
+    pub _pad: u32,
+    pub created_ns: u64,
+}
+
+impl FragmentEntry6 {
+    /// Built from words, as [`FragmentKey6::new`].
+    #[inline(always)]
+    pub fn new(src: [u32; 4], dst: [u32; 4], action: u32, created_ns: u64) -> FragmentEntry6 {
+        #[repr(C)]
+        struct Words {
+            words: [u32; 10],
+            created_ns: u64,
+        }
+        let words = Words {
+            words: [
+                src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], action, 0,
+            ],
+            created_ns,
+        };
+        // SAFETY: both are repr(C) plain integers of the same size (48) and alignment (8).
+        unsafe { core::mem::transmute::<Words, FragmentEntry6>(words) }
+    }
+}
+
 /// A cached FIB answer for one destination (per CPU, so no torn reads).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -501,7 +575,7 @@ global_counters! {
     malformed,
     /// Not IPv4/IPv6 (ARP, LLDP, VLAN-tagged ...): passed to the stack.
     non_ip_passed,
-    /// IPv6 frames the IPv4 program could not hand to the IPv6 one (its slot in PROGRAMS is
+    /// IPv6 frames that could not be handed to the IPv6 programs (their slots in PROGRAMS are
     /// empty: never so while a daemon has loaded the data plane): passed to the stack.
     ipv6_passed,
     /// IPv6 packets with an extension header before TCP/UDP (hop-by-hop, routing, destination

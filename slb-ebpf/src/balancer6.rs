@@ -18,21 +18,23 @@ use slb_common::{
     checksum::{apply, delta_addr_words, delta_u16},
     ipv6_filter_fold, ipv6_prefix_words, Addr, BackendEndpoint, FlowKey, GlobalCounters,
     ListenerEntry, ListenerKey, NextHop6, ReplyNat, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
-    IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_PERSIST,
+    FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_PERSIST,
+    PROGRAM_SLOT_IPV6_FRAGMENT, PROGRAM_SLOT_IPV6_ICMP,
 };
 
 use crate::{
     balancer::{count_traffic, endpoint_may_be, l4_header, pick_backend, L4},
     forward::{now_ns, route_ipv6, send, zero_in_place, Route},
+    fragments6::{self, FragmentHdr, NEXTHDR_FRAGMENT},
     icmp6::{self, IPPROTO_ICMPV6},
-    maps::{GLOBAL_STATS, LISTENERS, NEXT_HOP_BACKEND6, NEXT_HOP_CLIENT6, REPLY_NAT},
+    maps::{GLOBAL_STATS, LISTENERS, NEXT_HOP_BACKEND6, NEXT_HOP_CLIENT6, PROGRAMS, REPLY_NAT},
     packet::{ptr_at, EthHdr, Ipv6Hdr, ETH_HDR_LEN, IPV6_HDR_LEN},
 };
 
 /// Extension headers (RFC 8200 §4, IANA's list) that may stand between the IPv6 header and
-/// TCP/UDP: hop-by-hop, routing, fragment, destination options, AH, mobility, HIP, shim6, and
-/// the two experimental numbers.
-const EXTENSION_HEADERS: [u8; 10] = [0, 43, 44, 60, 51, 135, 139, 140, 253, 254];
+/// TCP/UDP, but for the fragment header, which is followed: hop-by-hop, routing, destination
+/// options, AH, mobility, HIP, shim6, and the two experimental numbers.
+const EXTENSION_HEADERS: [u8; 9] = [0, 43, 60, 51, 135, 139, 140, 253, 254];
 
 #[xdp]
 pub fn slb_xdp6(ctx: XdpContext) -> u32 {
@@ -58,19 +60,25 @@ fn balance(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         ControlFlow::Continue(parsed) => parsed,
         ControlFlow::Break(verdict) => return verdict,
     };
-    dispatch(ctx, eth, header.ip, &l4, &flow, counters)
+    dispatch(ctx, eth, &header, &l4, &flow, counters)
 }
 
-/// An IPv6 header that passed the checks, directly followed by TCP or UDP.
+/// An IPv6 header that passed the checks, followed by TCP or UDP (directly, or after the
+/// fragment header of a datagram's first fragment or of an atomic fragment).
 struct Ipv6Header {
     ip: *mut Ipv6Hdr,
     protocol: u8,
-    /// Bytes after the IPv6 header, as the header says (within the frame).
-    payload_len: usize,
+    /// Where the TCP/UDP header starts in the frame.
+    l4_offset: usize,
+    /// Bytes from there to the end of the packet, as the header says (within the frame).
+    l4_len: usize,
+    /// The first fragment of the datagram with this identification.
+    first_fragment_of: Option<u32>,
 }
 
 /// The IPv6 header, or the verdict on a packet that does not go on to the listener lookups:
-/// malformed, with an extension header, ICMPv6, or neither TCP nor UDP.
+/// malformed, with an extension header, ICMPv6 (translated as an error about a balanced flow),
+/// a later fragment (which follows its first one), or neither TCP nor UDP.
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, counters: &mut GlobalCounters) -> ControlFlow<u32, Ipv6Header> {
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_HDR_LEN) else {
@@ -100,20 +108,76 @@ fn parse_ipv6(ctx: &XdpContext, counters: &mut GlobalCounters) -> ControlFlow<u3
         IPPROTO_TCP | IPPROTO_UDP => ControlFlow::Continue(Ipv6Header {
             ip,
             protocol: next_header,
-            payload_len,
+            l4_offset: ETH_HDR_LEN + IPV6_HDR_LEN,
+            l4_len: payload_len,
+            first_fragment_of: None,
         }),
+        NEXTHDR_FRAGMENT => parse_fragment(ctx, ip, payload_len, counters),
         _ if EXTENSION_HEADERS.contains(&next_header) => {
             counters.ipv6_extension_headers_passed += 1;
             ControlFlow::Break(XDP_PASS)
         }
         // Errors about balanced flows are translated; neighbour discovery, router
         // advertisements, echo and MLD are the stack's.
-        IPPROTO_ICMPV6 => ControlFlow::Break(icmp6::translate_error(ctx, counters)),
+        IPPROTO_ICMPV6 => {
+            // Returns only when PROGRAMS has no `slb_xdp6_icmp`.
+            unsafe { PROGRAMS.tail_call(ctx, PROGRAM_SLOT_IPV6_ICMP) };
+            counters.ipv6_passed += 1;
+            ControlFlow::Break(XDP_PASS)
+        }
         _ => {
             counters.not_for_us_passed += 1;
             ControlFlow::Break(XDP_PASS)
         }
     }
+}
+
+/// A packet with a fragment header: its first fragment (or an atomic fragment) goes on to the
+/// listener lookups; a later fragment follows its first one.
+#[inline(always)]
+fn parse_fragment(
+    ctx: &XdpContext,
+    ip: *mut Ipv6Hdr,
+    payload_len: usize,
+    counters: &mut GlobalCounters,
+) -> ControlFlow<u32, Ipv6Header> {
+    let fragment_len = core::mem::size_of::<FragmentHdr>();
+    let Some(fragment) = ptr_at::<FragmentHdr>(ctx, ETH_HDR_LEN + IPV6_HDR_LEN) else {
+        counters.malformed += 1;
+        return ControlFlow::Break(XDP_DROP);
+    };
+    let Some(l4_len) = payload_len.checked_sub(fragment_len) else {
+        counters.malformed += 1;
+        return ControlFlow::Break(XDP_DROP);
+    };
+    let (protocol, offset_flags, id) = unsafe {
+        (
+            (*fragment).next_header,
+            (*fragment).offset_flags,
+            (*fragment).id,
+        )
+    };
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        counters.fragments_passed += 1;
+        return ControlFlow::Break(XDP_PASS);
+    }
+    let first_fragment_of = match fragments6::place(offset_flags) {
+        fragments6::Place::Later => {
+            // Returns only when PROGRAMS has no `slb_xdp6_fragment`.
+            unsafe { PROGRAMS.tail_call(ctx, PROGRAM_SLOT_IPV6_FRAGMENT) };
+            counters.ipv6_passed += 1;
+            return ControlFlow::Break(XDP_PASS);
+        }
+        fragments6::Place::Atomic => None,
+        fragments6::Place::First => Some(id),
+    };
+    ControlFlow::Continue(Ipv6Header {
+        ip,
+        protocol,
+        l4_offset: ETH_HDR_LEN + IPV6_HDR_LEN + fragment_len,
+        l4_len,
+        first_fragment_of,
+    })
 }
 
 /// The L4 header and the flow, or the verdict on a packet too short for its L4 header or
@@ -125,12 +189,13 @@ fn parse_l4(
     counters: &mut GlobalCounters,
 ) -> ControlFlow<u32, (L4, FlowKey)> {
     let protocol = header.protocol;
+    let first_fragment = header.first_fragment_of.is_some();
     let Some(mut l4) = l4_header(
         ctx,
-        ETH_HDR_LEN + IPV6_HDR_LEN,
+        header.l4_offset,
         protocol,
-        header.payload_len,
-        false,
+        header.l4_len,
+        first_fragment,
     ) else {
         counters.malformed += 1;
         return ControlFlow::Break(XDP_DROP);
@@ -147,17 +212,21 @@ fn parse_l4(
             u16::from_be((*l4.ports).dst),
         )
     };
-    if !endpoint_may_be(
-        ipv6_filter_fold(dst),
-        dst_port,
-        protocol,
-        ENDPOINT_F_LISTENER,
-    ) && !endpoint_may_be(
-        ipv6_filter_fold(src),
-        src_port,
-        protocol,
-        ENDPOINT_F_BACKEND,
-    ) {
+    // First fragments take the full path: their later fragments follow what they did.
+    if !first_fragment
+        && !endpoint_may_be(
+            ipv6_filter_fold(dst),
+            dst_port,
+            protocol,
+            ENDPOINT_F_LISTENER,
+        )
+        && !endpoint_may_be(
+            ipv6_filter_fold(src),
+            src_port,
+            protocol,
+            ENDPOINT_F_BACKEND,
+        )
+    {
         counters.not_for_us_passed += 1;
         return ControlFlow::Break(XDP_PASS);
     }
@@ -170,11 +239,12 @@ fn parse_l4(
 fn dispatch(
     ctx: &XdpContext,
     eth: *mut EthHdr,
-    ip: *mut Ipv6Hdr,
+    header: &Ipv6Header,
     l4: &L4,
     flow: &FlowKey,
     counters: &mut GlobalCounters,
 ) -> u32 {
+    let ip = header.ip;
     let listener_key = ListenerKey {
         vip: flow.dst,
         port: flow.dst_port,
@@ -187,7 +257,11 @@ fn dispatch(
             counters.malformed += 1;
             return XDP_DROP;
         }
-        return to_backend(ctx, eth, ip, l4, flow, &listener, counters);
+        let verdict = to_backend(ctx, eth, ip, l4, flow, &listener, counters);
+        if let Some(id) = header.first_fragment_of {
+            fragments6::remember(ctx, flow, id, verdict, FRAGMENT_TO_BACKEND, counters);
+        }
+        return verdict;
     }
     let endpoint = BackendEndpoint {
         addr: flow.src,
@@ -201,7 +275,14 @@ fn dispatch(
             counters.malformed += 1;
             return XDP_DROP;
         }
-        return to_client(ctx, eth, ip, l4, &nat, counters);
+        let verdict = to_client(ctx, eth, ip, l4, &nat, counters);
+        if let Some(id) = header.first_fragment_of {
+            fragments6::remember(ctx, flow, id, verdict, FRAGMENT_TO_CLIENT, counters);
+        }
+        return verdict;
+    }
+    if let Some(id) = header.first_fragment_of {
+        return fragments6::pass_first(flow, id, counters);
     }
     counters.not_for_us_passed += 1;
     XDP_PASS

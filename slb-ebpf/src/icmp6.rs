@@ -11,6 +11,7 @@
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    macros::xdp,
     programs::XdpContext,
     EbpfContext,
 };
@@ -27,7 +28,7 @@ use crate::{
     forward::{now_ns, route_ipv6, send, Route},
     half_open,
     icmp::sum16,
-    maps::{CONNECTIONS, LISTENERS, NEXT_HOP_BACKEND6, REPLY_NAT},
+    maps::{CONNECTIONS, GLOBAL_STATS, LISTENERS, NEXT_HOP_BACKEND6, REPLY_NAT},
     packet::{ptr_at, EthHdr, Ipv6Hdr, Ports, ETH_HDR_LEN, ETH_P_IPV6},
 };
 
@@ -144,11 +145,24 @@ struct Quoted {
     protocol: u8,
 }
 
+/// The `slb_xdp6_icmp` program, to which `slb_xdp6` hands ICMPv6 (whose IPv6 header it has
+/// checked): a program of its own, as inlined into `slb_xdp6` it would not fit its 512-byte
+/// stack.
+#[xdp]
+pub fn slb_xdp6_icmp(ctx: XdpContext) -> u32 {
+    let Some(counters) = GLOBAL_STATS.get_ptr_mut(0) else {
+        return XDP_PASS;
+    };
+    // Per-CPU slot: no other CPU writes it while this program runs.
+    let counters = unsafe { &mut *counters };
+    translate_error(&ctx, counters)
+}
+
 /// An ICMPv6 packet arriving at the balancer: an error about a balanced flow is translated;
 /// anything else (neighbour discovery, router advertisements, echo, MLD, errors about other
 /// traffic) passes.
 #[inline(always)]
-pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
+fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     let (err, quoted) = match parse_error(ctx, counters) {
         ControlFlow::Continue(parsed) => parsed,
         ControlFlow::Break(verdict) => return verdict,

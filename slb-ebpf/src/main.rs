@@ -6,6 +6,7 @@ mod balancer6;
 mod floor;
 mod forward;
 mod fragments;
+mod fragments6;
 mod half_open;
 mod icmp;
 mod icmp6;

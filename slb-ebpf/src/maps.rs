@@ -10,12 +10,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use slb_common::{
-    Addr, Backend, BackendEndpoint, Connection, FlowKey, FragmentEntry, FragmentKey,
-    GlobalCounters, HalfOpen, ListenerEntry, ListenerKey, NextHop, NextHop6, PersistKey, Persisted,
-    ReplayTemplate, ReplyNat, TrafficCounters, DEFAULT_RING_SIZE, ENDPOINT_FILTER_WORDS,
-    MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS, MAX_CONNECTIONS, MAX_FRAGMENTS, MAX_HALF_OPEN,
-    MAX_INTERFACES, MAX_LISTENERS, MAX_NAT_ADDRESSES, MAX_PERSISTENCE, RINGS_MAP_FLAGS, RING_SLOTS,
-    TAIL_CALL_PROGRAMS,
+    Addr, Backend, BackendEndpoint, Connection, FlowKey, FragmentEntry, FragmentEntry6,
+    FragmentKey, FragmentKey6, GlobalCounters, HalfOpen, ListenerEntry, ListenerKey, NextHop,
+    NextHop6, PersistKey, Persisted, ReplayTemplate, ReplyNat, TrafficCounters, DEFAULT_RING_SIZE,
+    ENDPOINT_FILTER_WORDS, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS, MAX_CONNECTIONS, MAX_FRAGMENTS,
+    MAX_HALF_OPEN, MAX_INTERFACES, MAX_LISTENERS, MAX_NAT_ADDRESSES, MAX_PERSISTENCE,
+    RINGS_MAP_FLAGS, RING_SLOTS, TAIL_CALL_PROGRAMS,
 };
 
 const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
@@ -86,6 +86,15 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentEntry, { MAX_FRAGMENTS as 
 /// never forwarded untranslated) or someone else's (passed).
 #[btf_map]
 pub static NAT_ADDRESSES: HashMap<u32, u32, { MAX_NAT_ADDRESSES as usize }> = HashMap::new();
+
+/// IPv6 datagrams being fragmented through, as FRAGMENTS for IPv4.
+#[btf_map]
+pub static FRAGMENTS6: LruHashMap<FragmentKey6, FragmentEntry6, { MAX_FRAGMENTS as usize }> =
+    LruHashMap::new();
+
+/// Every IPv6 VIP and backend address → `NAT_ADDRESS_F_*`, as NAT_ADDRESSES for IPv4.
+#[btf_map]
+pub static NAT_ADDRESSES6: HashMap<Addr, u32, { MAX_NAT_ADDRESSES as usize }> = HashMap::new();
 
 #[btf_map]
 pub static LISTENER_STATS: PerCpuArray<TrafficCounters, LISTENERS_MAX> = PerCpuArray::new();

@@ -16,8 +16,13 @@ use crate::instance::{link_pin, LINKS_DIR};
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PROGRAM_NAME: &str = "slb_xdp";
-/// The IPv6 program, which `PROGRAM_NAME` hands IPv6 frames to through PROGRAMS.
-pub const IPV6_PROGRAM_NAME: &str = "slb_xdp6";
+/// The IPv6 programs, which `PROGRAM_NAME` hands IPv6 frames to through PROGRAMS (and the
+/// first hands later fragments and ICMPv6 to the others), with their slots.
+const IPV6_PROGRAMS: [(&str, u32); 3] = [
+    ("slb_xdp6", slb_common::PROGRAM_SLOT_IPV6),
+    ("slb_xdp6_fragment", slb_common::PROGRAM_SLOT_IPV6_FRAGMENT),
+    ("slb_xdp6_icmp", slb_common::PROGRAM_SLOT_IPV6_ICMP),
+];
 const PROGRAM_PIN: &str = "prog";
 
 /// The compiled XDP object, built by build.rs through aya-build.
@@ -42,7 +47,7 @@ pub enum DataplaneError {
     OpenMap(#[from] crate::maps::OpenMapError),
     #[error("pinning {path}: {message}")]
     Pin { path: PathBuf, message: String },
-    #[error("handing IPv6 to {IPV6_PROGRAM_NAME} through the program array: {0}")]
+    #[error("handing IPv6 to its programs through the program array: {0}")]
     ProgramArray(#[from] aya::maps::MapError),
     #[error(
         "pinned maps under {dir} do not match this build: {detail}; stop the old instance and remove its pins with `slb stop -i <instance>` first"
@@ -229,27 +234,28 @@ pub fn load_object(dir: &Path, sizes: TableSizes) -> Result<Ebpf, DataplaneError
     Ok(loader.load(XDP_OBJECT)?)
 }
 
-/// Loads the data plane's programs into the kernel: `slb_xdp6` first, put into its PROGRAMS
-/// slot (replacing an earlier run's, at once for every interface), then `slb_xdp`.
+/// Loads the data plane's programs into the kernel: the IPv6 ones first, each put into its
+/// PROGRAMS slot (replacing an earlier run's, at once for every interface), then `slb_xdp`.
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     let missing = |name: &str| DataplaneError::Pin {
         path: name.into(),
         message: "program missing from the object".into(),
     };
-    let ipv6: &mut Xdp = ebpf
-        .program_mut(IPV6_PROGRAM_NAME)
-        .ok_or_else(|| missing(IPV6_PROGRAM_NAME))?
-        .try_into()?;
-    ipv6.load()?;
-    let ipv6_fd = ipv6.fd()?.try_clone().map_err(|e| DataplaneError::Pin {
-        path: IPV6_PROGRAM_NAME.into(),
-        message: e.to_string(),
-    })?;
-    let map = ebpf
-        .map_mut(pinned::PROGRAMS.name)
-        .ok_or_else(|| missing(pinned::PROGRAMS.name))?;
-    let mut programs = aya::maps::ProgramArray::try_from(map)?;
-    programs.set(slb_common::PROGRAM_SLOT_IPV6, &ipv6_fd, 0)?;
+    for (name, slot) in IPV6_PROGRAMS {
+        let program: &mut Xdp = ebpf
+            .program_mut(name)
+            .ok_or_else(|| missing(name))?
+            .try_into()?;
+        program.load()?;
+        let fd = program.fd()?.try_clone().map_err(|e| DataplaneError::Pin {
+            path: name.into(),
+            message: e.to_string(),
+        })?;
+        let map = ebpf
+            .map_mut(pinned::PROGRAMS.name)
+            .ok_or_else(|| missing(pinned::PROGRAMS.name))?;
+        aya::maps::ProgramArray::try_from(map)?.set(slot, &fd, 0)?;
+    }
     program_mut(ebpf)?.load()?;
     Ok(())
 }

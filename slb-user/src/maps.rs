@@ -1,5 +1,6 @@
 //! Typed handles on the pinned maps of an instance, shared by the daemon and `slb status`.
 
+use std::net::IpAddr;
 use std::os::fd::AsFd as _;
 use std::os::fd::AsRawFd as _;
 use std::path::Path;
@@ -9,8 +10,8 @@ use std::sync::atomic::AtomicU32;
 use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, PerCpuArray};
 use slb_common::pinned::{self, PinnedMap};
 use slb_common::{
-    Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry, ListenerKey,
-    ReplyNat, TrafficCounters,
+    Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry,
+    ListenerKey, ReplyNat, TrafficCounters,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +31,31 @@ pub struct PinnedMaps {
     pub backend_health: Array<MapData, u32>,
     pub connections: HashMap<MapData, FlowKey, Connection>,
     pub reply_nat: HashMap<MapData, BackendEndpoint, ReplyNat>,
-    pub nat_addresses: HashMap<MapData, u32, u32>,
+    /// NAT_ADDRESSES and NAT_ADDRESSES6: written through [`PinnedMaps::insert_nat_address`].
+    nat_addresses: HashMap<MapData, u32, u32>,
+    nat_addresses6: HashMap<MapData, Addr, u32>,
     pub endpoint_filter: Array<MapData, u32>,
     pub counters: CounterMaps,
+}
+
+impl PinnedMaps {
+    /// Marks `address` as a VIP's or backend's (`NAT_ADDRESS_F_*`) in its family's map.
+    pub fn insert_nat_address(&mut self, address: IpAddr, flags: u32) -> Result<(), MapError> {
+        match address {
+            IpAddr::V4(v4) => self
+                .nat_addresses
+                .insert(u32::from_ne_bytes(v4.octets()), flags, 0),
+            IpAddr::V6(v6) => self.nat_addresses6.insert(v6.octets(), flags, 0),
+        }
+    }
+
+    /// Forgets `address` (absent already is fine).
+    pub fn remove_nat_address(&mut self, address: IpAddr) {
+        let _ = match address {
+            IpAddr::V4(v4) => self.nat_addresses.remove(&u32::from_ne_bytes(v4.octets())),
+            IpAddr::V6(v6) => self.nat_addresses6.remove(&v6.octets()),
+        };
+    }
 }
 
 /// The data plane's traffic counters, opened once by whoever reads them again and again (the
@@ -107,6 +130,7 @@ impl PinnedMaps {
             connections: open(dir, &pinned::CONNECTIONS)?,
             reply_nat: open(dir, &pinned::REPLY_NAT)?,
             nat_addresses: open(dir, &pinned::NAT_ADDRESSES)?,
+            nat_addresses6: open(dir, &pinned::NAT_ADDRESSES6)?,
             endpoint_filter: open(dir, &pinned::ENDPOINT_FILTER)?,
             counters: CounterMaps::open(dir)?,
         })

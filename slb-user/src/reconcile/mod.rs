@@ -104,15 +104,6 @@ impl<K: Ord, V: PartialEq> Written<K, V> {
     }
 }
 
-/// The key NAT_ADDRESSES holds an address under; `None` for IPv6, whose fragments the IPv6
-/// program does not follow (it passes them).
-fn nat_address_key(address: IpAddr) -> Option<u32> {
-    match address {
-        IpAddr::V4(v4) => Some(u32::from_ne_bytes(v4.octets())),
-        IpAddr::V6(_) => None,
-    }
-}
-
 /// The key REPLY_NAT holds a backend endpoint's translation under.
 fn reply_key((address, port, protocol): ReplyEndpoint) -> BackendEndpoint {
     BackendEndpoint {
@@ -189,15 +180,12 @@ impl Reconciler {
         //    of endpoints that are gone only at the end.
         self.write_filter(&plan.filter, true)?;
         for (&address, &flags) in &plan.addresses {
-            let Some(key) = nat_address_key(address) else {
-                continue;
-            };
-            self.addresses_written.put(address, flags, |_, flags| {
-                self.maps
-                    .nat_addresses
-                    .insert(key, *flags, 0)
-                    .map_err(map_err("NAT_ADDRESSES"))
-            })?;
+            self.addresses_written
+                .put(address, flags, |address, flags| {
+                    self.maps
+                        .insert_nat_address(*address, *flags)
+                        .map_err(map_err("NAT_ADDRESSES"))
+                })?;
         }
         self.ensure_rings(&plan.ring_slots)?;
         for listener in &plan.listeners {
@@ -317,9 +305,7 @@ impl Reconciler {
             self.replies_written.forget(endpoint);
         }
         for address in &plan.gone_addresses {
-            if let Some(key) = nat_address_key(*address) {
-                let _ = self.maps.nat_addresses.remove(&key);
-            }
+            self.maps.remove_nat_address(*address);
             self.addresses_written.forget(address);
         }
         Ok(())

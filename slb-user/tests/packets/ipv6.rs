@@ -5,11 +5,11 @@
 use std::net::Ipv6Addr;
 
 use slb_common::wire::{
-    echo_request, icmpv6_error, ipv6_frame, ipv6_frame_with, neighbour_advertisement,
-    neighbour_solicitation, parse_icmpv6_error, parse_ipv6_frame, router_advertisement,
-    router_solicitation, Ipv6FrameOptions, ParsedFrame6, ICMPV6_DEST_UNREACHABLE,
-    ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED, NEXTHDR_DEST_OPTS, NEXTHDR_HOP_BY_HOP,
-    NEXTHDR_ROUTING,
+    echo_request, icmpv6_error, ipv6_frame, ipv6_frame_with, ipv6_udp_fragments,
+    neighbour_advertisement, neighbour_solicitation, parse_icmpv6_error, parse_ipv6_frame,
+    parse_ipv6_udp_fragments, router_advertisement, router_solicitation, Ipv6FrameOptions,
+    ParsedFrame6, ICMPV6_DEST_UNREACHABLE, ICMPV6_PACKET_TOO_BIG, ICMPV6_TIME_EXCEEDED,
+    NEXTHDR_DEST_OPTS, NEXTHDR_HOP_BY_HOP, NEXTHDR_ROUTING,
 };
 
 use super::*;
@@ -621,5 +621,145 @@ fn icmpv6_errors_about_balanced_flows_are_translated_both_ways() {
             (4, 1),
             "{c:?}"
         );
+    });
+}
+
+#[test]
+fn fragmented_ipv6_udp_is_balanced_and_its_fragmented_replies_translated() {
+    in_fresh_netns(|| {
+        let h = harness6();
+        let in_mac = mac_of("in0");
+        let request = ipv6_udp_fragments(
+            in_mac,
+            CLIENT_MAC,
+            (CLIENT6, 41000),
+            (VIP6, 53),
+            3000,
+            7,
+            1500,
+        );
+        assert_eq!(request.len(), 3);
+        let mut out = Vec::new();
+        for f in &request {
+            let (verdict, o) = h.run(f, h.in_index);
+            assert_eq!(verdict, XDP_REDIRECT, "{:?}", h.counters());
+            assert_eq!(o[..6], BACKEND_MAC, "sent to the backend's MAC");
+            out.push(o);
+        }
+        let p = parse_ipv6_udp_fragments(&out).unwrap_or_else(|e| panic!("{e}"));
+        assert!(p.dst == BACKEND6_A || p.dst == BACKEND6_B, "{p:?}");
+        assert_eq!(
+            (p.src, p.src_port, p.dst_port, p.hop_limit),
+            (CLIENT6, 41000, 8080, 63)
+        );
+
+        // The backend's answer, fragmented too, leaves as VIP:53 in every fragment.
+        let reply = ipv6_udp_fragments(
+            h.out_mac,
+            BACKEND_MAC,
+            (p.dst, 8080),
+            (CLIENT6, 41000),
+            3000,
+            9,
+            1500,
+        );
+        let mut out = Vec::new();
+        for f in &reply {
+            let (verdict, o) = h.run(f, h.out_index);
+            assert_eq!(verdict, XDP_REDIRECT, "{:?}", h.counters());
+            assert_eq!(o[..6], CLIENT_MAC);
+            out.push(o);
+        }
+        let r = parse_ipv6_udp_fragments(&out).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (r.src, r.src_port, r.dst, r.dst_port),
+            (VIP6, 53, CLIENT6, 41000)
+        );
+        let c = h.counters();
+        assert_eq!(
+            (
+                c.fragments_tracked,
+                c.fragments_balanced,
+                c.fragments_translated
+            ),
+            (2, 2, 2),
+            "{c:?}"
+        );
+        assert_eq!(
+            (
+                c.fragments_dropped_orphan,
+                c.fragments_passed,
+                c.ipv6_passed
+            ),
+            (0, 0, 0)
+        );
+    });
+}
+
+#[test]
+fn orphan_ipv6_fragments_of_ours_are_dropped_and_foreign_fragments_pass_untouched() {
+    in_fresh_netns(|| {
+        let h = harness6();
+        let in_mac = mac_of("in0");
+        let request = ipv6_udp_fragments(
+            in_mac,
+            CLIENT_MAC,
+            (CLIENT6, 41001),
+            (VIP6, 53),
+            3000,
+            11,
+            1500,
+        );
+        let reply = ipv6_udp_fragments(
+            h.out_mac,
+            BACKEND_MAC,
+            (BACKEND6_A, 8080),
+            (CLIENT6, 41001),
+            3000,
+            12,
+            1500,
+        );
+        for f in request[1..].iter() {
+            assert_eq!(h.run(f, h.in_index).0, XDP_DROP);
+        }
+        for f in reply[1..].iter() {
+            assert_eq!(h.run(f, h.out_index).0, XDP_DROP);
+        }
+        let c = h.counters();
+        assert_eq!(c.fragments_dropped_orphan, 4, "{c:?}");
+        assert_eq!((c.redirected, c.fragments_tracked), (0, 0), "{c:?}");
+
+        // Not ours: another address, and a VIP port no listener has (whose later fragments
+        // follow their first one).
+        let other = ipv6_udp_fragments(
+            in_mac,
+            CLIENT_MAC,
+            (CLIENT6, 41002),
+            (addr("fd00:10::1"), 53),
+            3000,
+            13,
+            1500,
+        );
+        let no_listener = ipv6_udp_fragments(
+            in_mac,
+            CLIENT_MAC,
+            (CLIENT6, 41002),
+            (VIP6, 54),
+            3000,
+            14,
+            1500,
+        );
+        for (i, f) in other.iter().chain(&no_listener).enumerate() {
+            let (verdict, out) = h.run(f, h.in_index);
+            assert_eq!(verdict, XDP_PASS, "fragment {i}: {:?}", h.counters());
+            assert_eq!(&out, f, "passed unmodified");
+        }
+        let c = h.counters();
+        assert_eq!(
+            (c.fragments_passed, c.fragments_dropped_orphan),
+            (6, 4),
+            "{c:?}"
+        );
+        assert!(flow_entries(&h, "CONNECTIONS").is_empty());
     });
 }
