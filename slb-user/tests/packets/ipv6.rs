@@ -763,3 +763,45 @@ fn orphan_ipv6_fragments_of_ours_are_dropped_and_foreign_fragments_pass_untouche
         assert!(flow_entries(&h, "CONNECTIONS").is_empty());
     });
 }
+
+#[test]
+fn ipv6_replies_need_no_flow_state_and_traffic_to_this_host_is_not_translated() {
+    in_fresh_netns(|| {
+        let h = harness6();
+        // A reply of a flow this node never saw (another node's, or from before a restart).
+        let (verdict, out) = h.run(
+            &ipv6_frame(
+                h.out_mac,
+                BACKEND_MAC,
+                BACKEND6_B,
+                CLIENT6,
+                udp(8080, 41000),
+            ),
+            h.out_index,
+        );
+        assert_eq!(verdict, XDP_REDIRECT, "{:?}", h.counters());
+        let p = parse_valid6(&out);
+        assert_eq!(
+            (p.src, p.src_port, p.dst, p.dst_port),
+            (VIP6, 53, CLIENT6, 41000)
+        );
+        // A health check's answer, to this host's own address: untouched.
+        let this_host = addr("fd00:20::1");
+        let answer = ipv6_frame(
+            h.out_mac,
+            BACKEND_MAC,
+            BACKEND6_A,
+            this_host,
+            tcp(8080, 51000, SYN | ACK),
+        );
+        let (verdict, out) = h.run(&answer, h.out_index);
+        assert_eq!(verdict, XDP_PASS);
+        assert_eq!(out, answer, "passed unmodified");
+        let c = h.counters();
+        assert_eq!(
+            (c.local_from_backend_passed, c.replies_translated),
+            (1, 1),
+            "{c:?}"
+        );
+    });
+}
