@@ -335,12 +335,38 @@ fn requests_per_backend(
 /// Distinct client addresses per backend id, from the connection table.
 fn clients_per_backend(instance: &str) -> anyhow::Result<BTreeMap<u32, BTreeSet<[u8; 16]>>> {
     let maps = crate::maps::PinnedMaps::open(&crate::instance::pin_dir(instance))?;
+    // A listener that persists IPv6 clients by prefix counts a prefix as one client, as the
+    // data plane does.
+    let mut prefixes: BTreeMap<u32, u32> = BTreeMap::new();
+    for entry in maps.listeners.iter() {
+        let (_, listener) = entry.context("reading LISTENERS")?;
+        prefixes.insert(listener.index, listener.persist_ipv6_prefix);
+    }
     let mut clients: BTreeMap<u32, BTreeSet<[u8; 16]>> = BTreeMap::new();
     for entry in maps.connections.iter() {
         let (flow, conn) = entry.context("reading CONNECTIONS")?;
-        clients.entry(conn.backend_id).or_default().insert(flow.src);
+        let prefix = prefixes.get(&conn.listener_index).copied().unwrap_or(128);
+        clients
+            .entry(conn.backend_id)
+            .or_default()
+            .insert(persisted_client(flow.src, prefix));
     }
     Ok(clients)
+}
+
+/// The client a persistence entry is for: an IPv6 address cut to `prefix` bits (an IPv4-mapped
+/// address is always itself).
+fn persisted_client(src: [u8; 16], prefix: u32) -> [u8; 16] {
+    let ipv4_mapped = std::net::Ipv6Addr::from(src).to_ipv4_mapped().is_some();
+    if ipv4_mapped || prefix == 0 || prefix >= 128 {
+        return src;
+    }
+    let masked = slb_common::ipv6_prefix_words(slb_common::addr_words(&src), prefix);
+    let mut out = [0u8; 16];
+    for (chunk, word) in out.chunks_exact_mut(4).zip(masked) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    out
 }
 
 pub fn render(report: &Report) -> String {
@@ -406,6 +432,24 @@ pub fn render(report: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn persisted_clients_are_cut_to_the_listener_prefix() {
+        let a: std::net::Ipv6Addr = "2001:db8:1:2:aaaa:bbbb:cccc:dddd".parse().unwrap();
+        let cut: std::net::Ipv6Addr = "2001:db8:1:2::".parse().unwrap();
+        let cut56: std::net::Ipv6Addr = "2001:db8:1::".parse().unwrap();
+        assert_eq!(super::persisted_client(a.octets(), 64), cut.octets());
+        assert_eq!(super::persisted_client(a.octets(), 56), cut56.octets());
+        assert_eq!(super::persisted_client(a.octets(), 128), a.octets());
+        let v4 = std::net::Ipv4Addr::new(10, 0, 0, 1)
+            .to_ipv6_mapped()
+            .octets();
+        assert_eq!(
+            super::persisted_client(v4, 64),
+            v4,
+            "IPv4 clients are themselves"
+        );
+    }
+
     use super::*;
 
     fn row(name: &str, weight: u32, count: u64) -> Row {
