@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{FromRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -89,6 +90,7 @@ impl TopologyBuilder {
             backends: Vec::new(),
             created: Vec::new(),
             servers: BTreeMap::new(),
+            xdp_links: Vec::new(),
         };
         // From here on, a failure drops `topo`, which deletes whatever was created.
         topo.create_core()
@@ -116,6 +118,9 @@ pub struct Topology {
     /// Test servers by backend index: the command line (for restarts) and the running
     /// process, if any. Killed before the namespaces are deleted.
     servers: BTreeMap<usize, BackendServer>,
+    /// The XDP links that keep a pass-everything program on `c0` and every `b0` (see
+    /// [`attach_xdp_pass`]).
+    xdp_links: Vec<OwnedFd>,
 }
 
 #[derive(Debug)]
@@ -420,6 +425,7 @@ impl Topology {
                 &Self::slb_backend_side_addr6(i).to_string(),
             ])?;
             endpoint_offloads(&ns, "b0")?;
+            self.xdp_links.push(attach_xdp_pass(&ns, "b0")?);
             exec::exec_in(&self.slb, ["ethtool", "-K", &slb_if, "gro", "on"])?;
             prime_neighbour6(&self.slb, Self::backend_addr6(i))?;
             Ok(())
@@ -467,6 +473,7 @@ impl Topology {
             &SLB_CLIENT_SIDE_ADDR6.to_string(),
         ])?;
         endpoint_offloads(&client, "c0")?;
+        self.xdp_links.push(attach_xdp_pass(&client, "c0")?);
         ip([
             "-n",
             &slb,
@@ -575,6 +582,60 @@ fn prime_neighbour6(slb_ns: &str, addr: Ipv6Addr) -> Result<String, CommandError
 
 fn ip<const N: usize>(args: [&str; N]) -> Result<String, CommandError> {
     exec::run(Command::new("ip").args(args))
+}
+
+/// Attaches an XDP program that passes every packet to `ifname` in `ns` (native mode), for as
+/// long as the returned link is open.
+///
+/// A veth only delivers what its peer's XDP program sent back with `XDP_TX` (slb's Packet Too
+/// Big and "fragmentation needed") once something schedules its NAPI: the kernel's flush after
+/// `XDP_TX` (`veth_xdp_flush`) does so only if the receiving end has an XDP program of its own,
+/// although GRO alone already queues the frames there. Without one, the frames wait until the
+/// next ordinary packet for that end (a neighbour probe, seconds later), and a client that
+/// needs the error stalls that long.
+fn attach_xdp_pass(ns: &str, ifname: &str) -> anyhow::Result<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_XDP: u32 = 37;
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    const XDP_PASS: u8 = 2;
+    // r0 = XDP_PASS; exit
+    let insns: [[u8; 8]; 2] = [
+        [0xb7, 0, 0, 0, XDP_PASS, 0, 0, 0],
+        [0x95, 0, 0, 0, 0, 0, 0, 0],
+    ];
+    let license = c"GPL";
+    let bpf = |cmd: libc::c_long, attr: &mut [u8; 128], what: &str| -> anyhow::Result<OwnedFd> {
+        // SAFETY: `attr` is a zeroed bpf_attr of the given size with the fields `cmd` reads;
+        // the pointers in it outlive the call.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("{what} for {ifname} in {ns}"));
+        }
+        // SAFETY: the syscall returned a new file descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let mut load = [0u8; 128];
+    load[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+    load[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+    load[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    load[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    let prog = bpf(BPF_PROG_LOAD, &mut load, "loading an XDP pass program")?;
+    let name = std::ffi::CString::new(ifname)?;
+    // Interface indexes are per namespace, and so is the link's lookup of it.
+    exec::in_netns(ns, || -> anyhow::Result<OwnedFd> {
+        // SAFETY: `name` is a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        ensure!(ifindex != 0, "no interface {ifname} in {ns}");
+        let mut link = [0u8; 128];
+        link[0..4].copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&prog) as u32).to_ne_bytes());
+        link[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+        link[8..12].copy_from_slice(&BPF_XDP.to_ne_bytes());
+        link[12..16].copy_from_slice(&XDP_FLAGS_DRV_MODE.to_ne_bytes());
+        bpf(BPF_LINK_CREATE, &mut link, "attaching an XDP pass program")
+    })?
 }
 
 /// Offloads on a client or backend veth end: no TX checksum offload, so local sockets send
