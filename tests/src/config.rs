@@ -3,7 +3,7 @@
 //! constructors for the topology's backends and listeners. Unset options are filled in by
 //! deserializing, so they take exactly slb's defaults.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,7 +15,7 @@ pub use slb_user::config::{
 };
 
 use crate::topology::Topology;
-use crate::{BACKEND_PORT, SECOND_BACKEND_PORT, VIP, VIP_TCP_PORT, VIP_UDP_PORT};
+use crate::{Family, BACKEND_PORT, SECOND_BACKEND_PORT, VIP, VIP_TCP_PORT, VIP_UDP_PORT};
 
 /// Name of the group [`SlbConfig::standard`] puts every backend in.
 pub const POOL_GROUP: &str = "pool";
@@ -58,10 +58,21 @@ fn string(s: impl Into<String>) -> toml::Value {
 /// A listener on `VIP:port` forwarding to `group` (the default group if `None`), every
 /// option at slb's default (no health check, no persistence).
 pub fn listener(name: &str, protocol: Protocol, port: u16, group: Option<&str>) -> Listener {
+    listener_on(VIP.into(), name, protocol, port, group)
+}
+
+/// [`listener`] on `vip:port` (e.g. [`crate::VIP6`]).
+pub fn listener_on(
+    vip: IpAddr,
+    name: &str,
+    protocol: Protocol,
+    port: u16,
+    group: Option<&str>,
+) -> Listener {
     let mut t = toml::Table::new();
     t.insert("name".into(), string(name));
     t.insert("protocol".into(), string(protocol.to_string()));
-    t.insert("vip".into(), string(VIP.to_string()));
+    t.insert("vip".into(), string(vip.to_string()));
     t.insert("port".into(), toml::Value::Integer(port.into()));
     if let Some(group) = group {
         t.insert("group".into(), string(group));
@@ -119,8 +130,13 @@ pub fn health_check(
 
 /// Backend `i` of the topology (10.200.(10+i).2:8080) with `weight`.
 pub fn backend(i: usize, weight: u32) -> BackendSpec {
+    backend_in(Family::V4, i, weight)
+}
+
+/// Backend `i` of the topology at its `family` address, port 8080, with `weight`.
+pub fn backend_in(family: Family, i: usize, weight: u32) -> BackendSpec {
     BackendSpec {
-        address: IpAddr::V4(Topology::backend_addr(i)),
+        address: family.backend_addr(i),
         port: Some(BACKEND_PORT),
         weight,
     }
@@ -179,25 +195,36 @@ impl SlbConfig {
     /// VIP:80 and a UDP listener on VIP:53, both served by group `pool`, in which backend `i`
     /// (1-based) is 10.200.(10+i).2:8080 with weight `weights[i - 1]`.
     pub fn standard(instance: &str, weights: &[u32]) -> Self {
+        Self::standard_in(Family::V4, instance, weights)
+    }
+
+    /// [`standard`](Self::standard) over IPv6: the listeners on [`crate::VIP6`], backend `i`
+    /// at fd00:200:(10+i)::2:8080.
+    pub fn standard_v6(instance: &str, weights: &[u32]) -> Self {
+        Self::standard_in(Family::V6, instance, weights)
+    }
+
+    /// [`standard`](Self::standard) with the VIP and the backends of `family`.
+    pub fn standard_in(family: Family, instance: &str, weights: &[u32]) -> Self {
         let mut config = SlbConfig::new(instance, weights.len());
         let pool = weights
             .iter()
             .enumerate()
             .map(|(k, &weight)| (k + 1, weight))
             .collect::<Vec<_>>();
-        config.group(POOL_GROUP, &pool);
-        config.listener(listener(
-            TCP_LISTENER,
-            Protocol::Tcp,
-            VIP_TCP_PORT,
-            Some(POOL_GROUP),
-        ));
-        config.listener(listener(
-            UDP_LISTENER,
-            Protocol::Udp,
-            VIP_UDP_PORT,
-            Some(POOL_GROUP),
-        ));
+        config.group_in(family, POOL_GROUP, &pool);
+        for (name, protocol, port) in [
+            (TCP_LISTENER, Protocol::Tcp, VIP_TCP_PORT),
+            (UDP_LISTENER, Protocol::Udp, VIP_UDP_PORT),
+        ] {
+            config.listener(listener_on(
+                family.vip(),
+                name,
+                protocol,
+                port,
+                Some(POOL_GROUP),
+            ));
+        }
         config
     }
 
@@ -208,7 +235,15 @@ impl SlbConfig {
 
     /// Adds group `name` of topology backends `(index, weight)` on port 8080.
     pub fn group(&mut self, name: &str, backends: &[(usize, u32)]) -> &mut Self {
-        let backends = backends.iter().map(|&(i, w)| backend(i, w)).collect();
+        self.group_in(Family::V4, name, backends)
+    }
+
+    /// [`group`](Self::group) with the backends' `family` addresses.
+    pub fn group_in(&mut self, family: Family, name: &str, backends: &[(usize, u32)]) -> &mut Self {
+        let backends = backends
+            .iter()
+            .map(|&(i, w)| backend_in(family, i, w))
+            .collect();
         self.0
             .groups
             .push(group(name, GroupKind::Vserver, backends));
@@ -289,14 +324,11 @@ impl SlbConfig {
     }
 }
 
-/// Which topology backend (`i` of 10.200.(10+i).2) `address` is.
+/// Which topology backend (`i` of 10.200.(10+i).2 or fd00:200:(10+i)::2) `address` is.
 fn backend_index(address: IpAddr) -> usize {
-    match address {
-        IpAddr::V4(a) if a.octets()[..2] == Ipv4Addr::new(10, 200, 0, 0).octets()[..2] => {
-            usize::from(a.octets()[2]) - 10
-        }
-        _ => panic!("{address} is not a backend of the topology"),
-    }
+    (1..=crate::topology::MAX_BACKENDS)
+        .find(|&i| Family::of(address).backend_addr(i) == address)
+        .unwrap_or_else(|| panic!("{address} is not a backend of the topology"))
 }
 
 #[cfg(test)]
@@ -324,6 +356,27 @@ mod tests {
                 ("b2".to_owned(), 2),
                 ("b3".to_owned(), 3)
             ]
+        );
+    }
+
+    #[test]
+    fn standard_v6_config_names_ipv6_vip_and_backends() {
+        let config = SlbConfig::standard_v6("t", &[1, 2]);
+        let back: Config = toml::from_str(&config.to_toml()).expect("slb reads the config");
+        assert_eq!(back, config.0);
+        assert!(config
+            .listeners
+            .iter()
+            .all(|l| l.vip == IpAddr::V6(crate::VIP6)));
+        let addresses: Vec<String> = config.groups[0]
+            .backends
+            .iter()
+            .map(|b| b.address.to_string())
+            .collect();
+        assert_eq!(addresses, ["fd00:200:11::2", "fd00:200:12::2"]);
+        assert_eq!(
+            config.pool_weights(),
+            [("b1".to_owned(), 1), ("b2".to_owned(), 2)]
         );
     }
 }

@@ -4,7 +4,7 @@
 //! types ([`Status`], [`AppliedState`]).
 
 use std::fs::{self, File};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -678,10 +678,11 @@ impl SlbDaemon {
     pub fn wait_backend_health(
         &self,
         listener: &str,
-        address: Ipv4Addr,
+        address: impl Into<IpAddr>,
         want: bool,
         timeout: Duration,
     ) -> anyhow::Result<BackendStatus> {
+        let address = address.into();
         let deadline = Instant::now() + timeout;
         loop {
             let status = self.status()?;
@@ -778,8 +779,9 @@ impl std::fmt::Display for CliOutput {
 pub fn status_backend<'a>(
     status: &'a Status,
     listener: &str,
-    address: Ipv4Addr,
+    address: impl Into<IpAddr>,
 ) -> Option<&'a BackendStatus> {
+    let address = address.into();
     status
         .backends
         .iter()

@@ -1,19 +1,28 @@
 //! Client / load balancer / backends, each in its own network namespace, joined by veths.
+//! Every topology is dual stack:
 //!
 //! ```text
-//!  client ns            slb ns                          backend ns i
-//!  c0 10.200.1.2 ─── s0 10.200.1.1
-//!                       s<i> 10.200.(10+i).1 ───────── b0 10.200.(10+i).2
+//!  client ns                 slb ns                                backend ns i
+//!  c0 10.200.1.2      ─── s0 10.200.1.1
+//!     fd00:200:1::2/64        fd00:200:1::1/64
+//!                            s<i> 10.200.(10+i).1     ───────── b0 10.200.(10+i).2
+//!                                 fd00:200:(10+i)::1/64            fd00:200:(10+i)::2/64
 //! ```
 //!
-//! The client's default route points at the slb namespace, so traffic to the VIP
-//! (10.200.100.10, on no interface) arrives on `s0`, where the XDP program picks it up. Each
-//! backend's default route points back at the slb namespace. Every name carries a per-process
+//! The client's default routes (both families) point at the slb namespace, so traffic to the
+//! VIP (10.200.100.10 or fd00:200:100::10, on no interface) arrives on `s0`, where the XDP
+//! program picks it up. Each backend's default routes point back at the slb namespace. IPv6
+//! duplicate address detection is off in every namespace (set before any link exists there), so
+//! addresses are usable at once, and the slb namespace learns its neighbours (client and
+//! backends) when the links come up, so `bpf_fib_lookup` has answers for the first packets. In
+//! backend namespaces `net.ipv6.bindv6only` is 1, so a server binds `0.0.0.0:P` and `[::]:P`
+//! side by side and sees IPv4 peers as IPv4 addresses. Every name carries a per-process
 //! unique prefix, and everything is deleted when the [`Topology`] is dropped, panics included.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{FromRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,7 +31,10 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context as _};
 
 use crate::exec::{self, ChildGuard, CommandError};
-use crate::{BACKEND_PORT, CLIENT_ADDR, SECOND_BACKEND_PORT, SLB_CLIENT_SIDE_ADDR};
+use crate::{
+    BACKEND_PORT, CLIENT_ADDR, CLIENT_ADDR6, SECOND_BACKEND_PORT, SLB_CLIENT_SIDE_ADDR,
+    SLB_CLIENT_SIDE_ADDR6,
+};
 
 static NEXT_TOPOLOGY: AtomicU32 = AtomicU32::new(0);
 
@@ -78,6 +90,7 @@ impl TopologyBuilder {
             backends: Vec::new(),
             created: Vec::new(),
             servers: BTreeMap::new(),
+            xdp_links: Vec::new(),
         };
         // From here on, a failure drops `topo`, which deletes whatever was created.
         topo.create_core()
@@ -105,6 +118,9 @@ pub struct Topology {
     /// Test servers by backend index: the command line (for restarts) and the running
     /// process, if any. Killed before the namespaces are deleted.
     servers: BTreeMap<usize, BackendServer>,
+    /// The XDP links that keep a pass-everything program on `c0` and every `b0` (see
+    /// [`attach_xdp_pass`]).
+    xdp_links: Vec<OwnedFd>,
 }
 
 #[derive(Debug)]
@@ -206,6 +222,17 @@ impl Topology {
         Ipv4Addr::new(10, 200, subnet(i), 2)
     }
 
+    /// IPv6 address of backend `i`: fd00:200:(10+i)::2 (the group is the decimal digits of
+    /// 10+i, as in the IPv4 address).
+    pub fn backend_addr6(i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x200, subnet6(i), 0, 0, 0, 0, 2)
+    }
+
+    /// The slb namespace's IPv6 address on backend `i`'s link: fd00:200:(10+i)::1.
+    fn slb_backend_side_addr6(i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x200, subnet6(i), 0, 0, 0, 0, 1)
+    }
+
     /// Name the test server of backend `i` reports: `b<i>`.
     pub fn backend_name(i: usize) -> String {
         format!("b{i}")
@@ -244,7 +271,7 @@ impl Topology {
     }
 
     /// Starts `server_bin` (the `slb-test-server` binary) in backend `i`, answering TCP and UDP
-    /// on ports 8080 and 8081 as `b<i>`, and waits until it listens. The process lives as long as the
+    /// on ports 8080 and 8081 of both families as `b<i>`, and waits until it listens. The process lives as long as the
     /// topology, unless stopped with [`Topology::stop_backend_server`].
     pub fn start_backend_server(&mut self, i: usize, server_bin: &Path) -> anyhow::Result<()> {
         self.start_backend_server_with(i, server_bin, &ServerOptions::default())
@@ -267,8 +294,10 @@ impl Topology {
             "--name".into(),
             Self::backend_name(i).into(),
         ];
-        for port in [BACKEND_PORT, SECOND_BACKEND_PORT] {
-            let listen = format!("0.0.0.0:{port}");
+        let listens = [BACKEND_PORT, SECOND_BACKEND_PORT]
+            .into_iter()
+            .flat_map(|port| [format!("0.0.0.0:{port}"), format!("[::]:{port}")]);
+        for listen in listens {
             args.extend([
                 "--tcp".into(),
                 listen.clone().into(),
@@ -348,6 +377,8 @@ impl Topology {
         let slb_if = format!("s{i}");
         let net = subnet(i);
         (|| -> anyhow::Result<()> {
+            // Before the server binds 0.0.0.0:P and [::]:P.
+            exec::exec_in(&ns, ["sysctl", "-q", "-w", "net.ipv6.bindv6only=1"])?;
             ip([
                 "link", "add", "b0", "netns", &ns, "type", "veth", "peer", "name", &slb_if,
                 "netns", &self.slb,
@@ -361,6 +392,7 @@ impl Topology {
                 "dev",
                 &slb_if,
             ])?;
+            add_addr6(&self.slb, &slb_if, Self::slb_backend_side_addr6(i))?;
             ip(["-n", &self.slb, "link", "set", &slb_if, "up"])?;
             ip([
                 "-n",
@@ -371,6 +403,7 @@ impl Topology {
                 "dev",
                 "b0",
             ])?;
+            add_addr6(&ns, "b0", Self::backend_addr6(i))?;
             ip(["-n", &ns, "link", "set", "b0", "up"])?;
             ip([
                 "-n",
@@ -381,8 +414,20 @@ impl Topology {
                 "via",
                 &format!("10.200.{net}.1"),
             ])?;
+            ip([
+                "-n",
+                &ns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &Self::slb_backend_side_addr6(i).to_string(),
+            ])?;
             endpoint_offloads(&ns, "b0")?;
+            self.xdp_links.push(attach_xdp_pass(&ns, "b0")?);
             exec::exec_in(&self.slb, ["ethtool", "-K", &slb_if, "gro", "on"])?;
+            prime_neighbour6(&self.slb, Self::backend_addr6(i))?;
             Ok(())
         })()
         .with_context(|| format!("creating backend {i} ({ns})"))?;
@@ -406,6 +451,7 @@ impl Topology {
             "dev",
             "c0",
         ])?;
+        add_addr6(&client, "c0", CLIENT_ADDR6)?;
         ip(["-n", &client, "link", "set", "c0", "up"])?;
         ip([
             "-n",
@@ -416,7 +462,18 @@ impl Topology {
             "via",
             &SLB_CLIENT_SIDE_ADDR.to_string(),
         ])?;
+        ip([
+            "-n",
+            &client,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &SLB_CLIENT_SIDE_ADDR6.to_string(),
+        ])?;
         endpoint_offloads(&client, "c0")?;
+        self.xdp_links.push(attach_xdp_pass(&client, "c0")?);
         ip([
             "-n",
             &slb,
@@ -426,16 +483,34 @@ impl Topology {
             "dev",
             "s0",
         ])?;
+        add_addr6(&slb, "s0", SLB_CLIENT_SIDE_ADDR6)?;
         ip(["-n", &slb, "link", "set", "s0", "up"])?;
         exec::exec_in(&slb, ["ethtool", "-K", "s0", "gro", "on"])?;
         exec::exec_in(&slb, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        exec::exec_in(
+            &slb,
+            ["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"],
+        )?;
+        prime_neighbour6(&slb, CLIENT_ADDR6)?;
         Ok(())
     }
 
-    /// Creates namespace `ns` with `lo` up, and records it for teardown.
+    /// Creates namespace `ns` with `lo` up and IPv6 duplicate address detection off (set
+    /// before any link is created there, or its addresses would stay tentative for ~2 s), and
+    /// records it for teardown.
     fn add_namespace(&mut self, ns: &str) -> anyhow::Result<()> {
         ip(["netns", "add", ns])?;
         self.created.push(ns.to_owned());
+        exec::exec_in(
+            ns,
+            [
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+            ],
+        )?;
         ip(["-n", ns, "link", "set", "lo", "up"])?;
         Ok(())
     }
@@ -462,8 +537,105 @@ fn subnet(i: usize) -> u8 {
     (10 + i) as u8
 }
 
+/// The group of backend `i`'s IPv6 subnet: the decimal digits of 10+i read as hex, so
+/// backend 1 is fd00:200:11::/64 as it is 10.200.11.0/24.
+fn subnet6(i: usize) -> u16 {
+    u16::from_str_radix(&subnet(i).to_string(), 16).expect("decimal digits are hex digits")
+}
+
+/// Adds `addr`/64 to `ifname` in `ns`, usable at once (`nodad`).
+fn add_addr6(ns: &str, ifname: &str, addr: Ipv6Addr) -> Result<String, CommandError> {
+    ip([
+        "-n",
+        ns,
+        "-6",
+        "addr",
+        "add",
+        &format!("{addr}/64"),
+        "dev",
+        ifname,
+        "nodad",
+    ])
+}
+
+/// Makes the slb namespace resolve `addr`'s link-layer address now (one echo, answered within
+/// 3 s): until it has, `bpf_fib_lookup` finds no neighbour and the XDP program hands the first
+/// packets of a flow to the stack, which, for an oversized segment, answers with a Packet Too
+/// Big quoting the rewritten packet (the backend's address) that the client ignores.
+fn prime_neighbour6(slb_ns: &str, addr: Ipv6Addr) -> Result<String, CommandError> {
+    exec::exec_in(
+        slb_ns,
+        [
+            "ping",
+            "-6",
+            "-q",
+            "-c",
+            "1",
+            "-i",
+            "0.2",
+            "-w",
+            "3",
+            &addr.to_string(),
+        ],
+    )
+}
+
 fn ip<const N: usize>(args: [&str; N]) -> Result<String, CommandError> {
     exec::run(Command::new("ip").args(args))
+}
+
+/// Attaches an XDP program that passes every packet to `ifname` in `ns` (native mode), for as
+/// long as the returned link is open.
+///
+/// A veth only delivers what its peer's XDP program sent back with `XDP_TX` (slb's Packet Too
+/// Big and "fragmentation needed") once something schedules its NAPI: the kernel's flush after
+/// `XDP_TX` (`veth_xdp_flush`) does so only if the receiving end has an XDP program of its own,
+/// although GRO alone already queues the frames there. Without one, the frames wait until the
+/// next ordinary packet for that end (a neighbour probe, seconds later), and a client that
+/// needs the error stalls that long.
+fn attach_xdp_pass(ns: &str, ifname: &str) -> anyhow::Result<OwnedFd> {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    const BPF_PROG_TYPE_XDP: u32 = 6;
+    const BPF_XDP: u32 = 37;
+    const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+    const XDP_PASS: u8 = 2;
+    // r0 = XDP_PASS; exit
+    let insns: [[u8; 8]; 2] = [
+        [0xb7, 0, 0, 0, XDP_PASS, 0, 0, 0],
+        [0x95, 0, 0, 0, 0, 0, 0, 0],
+    ];
+    let license = c"GPL";
+    let bpf = |cmd: libc::c_long, attr: &mut [u8; 128], what: &str| -> anyhow::Result<OwnedFd> {
+        // SAFETY: `attr` is a zeroed bpf_attr of the given size with the fields `cmd` reads;
+        // the pointers in it outlive the call.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("{what} for {ifname} in {ns}"));
+        }
+        // SAFETY: the syscall returned a new file descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let mut load = [0u8; 128];
+    load[0..4].copy_from_slice(&BPF_PROG_TYPE_XDP.to_ne_bytes());
+    load[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+    load[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    load[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    let prog = bpf(BPF_PROG_LOAD, &mut load, "loading an XDP pass program")?;
+    let name = std::ffi::CString::new(ifname)?;
+    // Interface indexes are per namespace, and so is the link's lookup of it.
+    exec::in_netns(ns, || -> anyhow::Result<OwnedFd> {
+        // SAFETY: `name` is a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        ensure!(ifindex != 0, "no interface {ifname} in {ns}");
+        let mut link = [0u8; 128];
+        link[0..4].copy_from_slice(&(std::os::fd::AsRawFd::as_raw_fd(&prog) as u32).to_ne_bytes());
+        link[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+        link[8..12].copy_from_slice(&BPF_XDP.to_ne_bytes());
+        link[12..16].copy_from_slice(&XDP_FLAGS_DRV_MODE.to_ne_bytes());
+        bpf(BPF_LINK_CREATE, &mut link, "attaching an XDP pass program")
+    })?
 }
 
 /// Offloads on a client or backend veth end: no TX checksum offload, so local sockets send

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, ErrorKind, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context as _};
 
 use crate::exec::in_netns;
+use crate::Family;
 
 /// How many connections or flows to run, and how.
 #[derive(Debug, Clone)]
@@ -232,7 +233,7 @@ pub fn udp_flows(
     in_netns(ns, || {
         run_batch(opts, |i| {
             let port = base_port + i as u16;
-            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port))
+            let socket = UdpSocket::bind((Family::of(target.ip()).unspecified(), port))
                 .with_context(|| format!("bind UDP source port {port}"))?;
             socket.set_read_timeout(Some(opts.timeout))?;
             let payload = format!("udp flow {i}");
@@ -339,21 +340,42 @@ impl LongLivedStreams {
     /// Sends one line on every stream and checks that the same backend answers it. Returns one
     /// message per stream that failed; empty means all are fine.
     pub fn ping_all(&mut self) -> Vec<String> {
-        let mut failures = Vec::new();
-        for (id, s) in self.streams.iter_mut().enumerate() {
-            match s.ping(id) {
-                Ok(backend) if backend == s.backend => {}
-                Ok(backend) => failures.push(format!(
+        self.ping_each()
+            .into_iter()
+            .filter_map(Result::err)
+            .collect()
+    }
+
+    /// Sends one line on every stream: for each, in opening order, `Ok` if the backend that
+    /// served it answered, or why not.
+    pub fn ping_each(&mut self) -> Vec<Result<(), String>> {
+        self.streams
+            .iter_mut()
+            .enumerate()
+            .map(|(id, s)| match s.ping(id) {
+                Ok(backend) if backend == s.backend => Ok(()),
+                Ok(backend) => Err(format!(
                     "stream {id} from {}: answered by {backend}, was {}",
                     s.local, s.backend
                 )),
-                Err(e) => failures.push(format!(
+                Err(e) => Err(format!(
                     "stream {id} from {} (backend {}): {e:#}",
                     s.local, s.backend
                 )),
-            }
+            })
+            .collect()
+    }
+
+    /// Moves the streams that `backend` serves out of this set into a set of their own.
+    pub fn split_off_backend(&mut self, backend: &str) -> LongLivedStreams {
+        let (taken, kept) = std::mem::take(&mut self.streams)
+            .into_iter()
+            .partition(|s| s.backend == backend);
+        self.streams = kept;
+        LongLivedStreams {
+            streams: taken,
+            timeout: self.timeout,
         }
-        failures
     }
 }
 
@@ -592,7 +614,8 @@ pub struct UdpStream {
 impl UdpStream {
     pub fn start(ns: &str, target: SocketAddr, period: Duration) -> anyhow::Result<Self> {
         // A socket stays in the namespace it was created in, whichever thread uses it.
-        let socket = in_netns(ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?
+        let unspecified = Family::of(target.ip()).unspecified();
+        let socket = in_netns(ns, || UdpSocket::bind((unspecified, 0)))?
             .context("bind the UDP stream's socket")?;
         socket.set_read_timeout(Some(Duration::from_millis(50)))?;
         let local = socket.local_addr()?;
