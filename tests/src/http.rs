@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::exec::{self, ChildGuard};
 use crate::topology::Topology;
-use crate::{BACKEND_PORT, VIP};
+use crate::{BACKEND_PORT, VIP, VIP6};
 pub use slb_user::proxy::access_log::AccessLogRecord;
 
 /// Port of the HTTP listener the L7 tests use.
@@ -36,11 +36,23 @@ pub fn vip_https() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(VIP, HTTPS_PORT))
 }
 
-/// Puts the VIP on `lo` of the slb namespace, as HTTP/HTTPS listeners need.
+/// Puts the VIP and VIP6 on `lo` of the slb namespace, as HTTP/HTTPS listeners need.
 pub fn add_local_vip(topo: &Topology) -> anyhow::Result<()> {
     topo.exec_in(
         topo.slb_ns(),
         ["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+    )?;
+    topo.exec_in(
+        topo.slb_ns(),
+        [
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{VIP6}/128"),
+            "dev",
+            "lo",
+        ],
     )?;
     Ok(())
 }

@@ -1,0 +1,97 @@
+//! An HTTP listener on an IPv6 VIP: IPv6 clients are served (by IPv4 backends: the proxy opens
+//! its own connections, so a group may have either family), and the backends learn the IPv6
+//! client from X-Forwarded-For and X-Real-IP.
+
+mod http_common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use http_common::{client_builder, count_backends, get, send, L7Setup};
+use slb_tests::config::{http_listener, listener_on, Protocol};
+use slb_tests::http::{read_access_log, HTTP_PORT};
+use slb_tests::{require_root, CLIENT_ADDR6, VIP6};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[test]
+fn http_listener_on_an_ipv6_vip_serves_ipv6_clients_and_names_them_to_the_backends() {
+    require_root("http_listener_on_an_ipv6_vip_serves_ipv6_clients_and_names_them_to_the_backends");
+    let setup = L7Setup::start("h7v6", 2, |c, _| {
+        c.group("pool", &[(1, 1), (2, 1)]);
+        c.listener(listener_on(
+            VIP6.into(),
+            "web6",
+            Protocol::Http,
+            HTTP_PORT,
+            Some("pool"),
+        ));
+        // The IPv4 twin on the same port: one listener per address and port.
+        c.listener(http_listener("web4", HTTP_PORT, "pool"));
+    });
+    let host = "v6.example.test";
+    let vip6 = SocketAddr::new(VIP6.into(), HTTP_PORT);
+    let client = client_builder(&[host], vip6, TIMEOUT)
+        .build()
+        .expect("client");
+    let (answers, chained) = setup.client.run(async move {
+        let url = format!("http://{host}:{HTTP_PORT}/who");
+        let mut answers = Vec::new();
+        for _ in 0..40 {
+            answers.push(get(&client, &url).await.expect("GET over IPv6"));
+        }
+        let chained = send(client.get(&url).header("x-forwarded-for", "2001:db8::7"))
+            .await
+            .expect("GET with X-Forwarded-For");
+        (answers, chained)
+    });
+    let counts = count_backends(&answers);
+    println!("40 requests to [{VIP6}]:{HTTP_PORT} went to {counts:?}");
+    assert!(answers.iter().all(|a| a.status == 200), "{counts:?}");
+    assert_eq!(counts.len(), 2, "both backends serve: {counts:?}");
+
+    let client_ip = CLIENT_ADDR6.to_string();
+    let e = answers[0].echo();
+    println!(
+        "backend saw: Host {:?}, X-Forwarded-For {:?}, X-Real-IP {:?}, peer {}",
+        e.host, e.x_forwarded_for, e.x_real_ip, e.peer
+    );
+    assert_eq!(e.x_forwarded_for.as_deref(), Some(client_ip.as_str()));
+    assert_eq!(e.x_real_ip.as_deref(), Some(client_ip.as_str()));
+    assert_eq!(
+        e.host.as_deref(),
+        Some(format!("{host}:{HTTP_PORT}").as_str())
+    );
+    let peer: SocketAddr = e.peer.parse().expect("the backend's peer is an address");
+    assert!(
+        peer.is_ipv4(),
+        "the proxy reaches the IPv4 backend over IPv4: {peer}"
+    );
+    assert_eq!(
+        chained.echo().x_forwarded_for.as_deref(),
+        Some(format!("2001:db8::7, {client_ip}").as_str()),
+        "slb appends the IPv6 client"
+    );
+
+    // The access log names the listener and the IPv6 client. Its writer thread flushes once
+    // its queue is empty: the last records may land just after the last answer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ours = loop {
+        let records = read_access_log(&setup.access_log()).expect("access log");
+        let ours: Vec<_> = records
+            .into_iter()
+            .filter(|r| r.listener == "web6")
+            .collect();
+        if ours.len() >= 41 || Instant::now() > deadline {
+            break ours;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(ours.len(), 41, "records of web6");
+    let client6 = std::net::IpAddr::from(CLIENT_ADDR6);
+    assert!(
+        ours.iter().all(|r| r.client.ip() == client6),
+        "clients logged: {:?}",
+        ours.iter().map(|r| r.client).collect::<Vec<_>>()
+    );
+}
