@@ -178,7 +178,10 @@ struct Ipv6Plan;
 
 impl Ipv6Plan {
     fn subnet_addr(link: u16, host: u16) -> Ipv6Addr {
-        Ipv6Addr::new(0xfd00, 0x200, link, 0, 0, 0, 0, host)
+        // n's decimal digits as the group's hex digits: backend 1 is fd00:200:11::2 as it is
+        // 10.200.11.2, which whoever reads `slb status` can match at a glance.
+        let group = u16::from_str_radix(&link.to_string(), 16).expect("n < 10000");
+        Ipv6Addr::new(0xfd00, 0x200, group, 0, 0, 0, 0, host)
     }
 
     fn backend_addr(i: usize) -> Ipv6Addr {
