@@ -47,13 +47,15 @@ const NEW_FLOW_BASE: [u8; 4] = [10, 32, 0, 2];
 const NEW_FLOW_PAIRS_BASE: [u8; 4] = [10, 34, 0, 2];
 const PREFILL_BASE: [u8; 4] = [10, 33, 0, 2];
 /// The IPv6 listener's VIP (TCP port 80, group `pool6`).
-const VIP6: [u8; 16] = ipv6([0xfd00, 0x99, 0, 0, 0, 0, 0, 0x10]);
+const VIP6: [u8; 16] = ipv6_octets([0xfd00, 0x99, 0, 0, 0, 0, 0, 0x10]);
 /// The IPv6 client of the single-flow rows and of the reply (a neighbour of `in0` in the
 /// testbed).
-const CLIENT6: [u8; 16] = ipv6([0xfd00, 0x10, 0, 0, 0, 0, 0, 2]);
+const CLIENT6: [u8; 16] = ipv6_octets([0xfd00, 0x10, 0, 0, 0, 0, 0, 2]);
 /// Source addresses of the IPv6 new flows.
-const NEW_FLOW6_BASE: [u8; 16] = ipv6([0xfd00, 0x32, 0, 0, 0, 0, 0, 2]);
-/// IPv6 backends the testbed has neighbours for on `out0`: fd00:20::2 and up.
+const NEW_FLOW6_BASE: [u8; 16] = ipv6_octets([0xfd00, 0x32, 0, 0, 0, 0, 0, 2]);
+/// The first of the IPv6 backends the testbed has neighbours for on `out0`, and how many there
+/// are (the next addresses up).
+const FIRST_IPV6_BACKEND: [u8; 16] = ipv6_octets([0xfd00, 0x20, 0, 0, 0, 0, 0, 2]);
 const MAX_IPV6_BACKENDS: usize = 30;
 /// The CPU the measuring thread runs on; the daemons stay on the other one.
 const MEASURE_CPU: usize = 1;
@@ -93,7 +95,7 @@ pub struct Shape {
     pub scaling: bool,
 }
 
-const fn ipv6(words: [u16; 8]) -> [u8; 16] {
+const fn ipv6_octets(words: [u16; 8]) -> [u8; 16] {
     std::net::Ipv6Addr::new(
         words[0], words[1], words[2], words[3], words[4], words[5], words[6], words[7],
     )
@@ -130,9 +132,16 @@ fn template(frame: &[u8], flows: u32, packets_per_flow: u32) -> ReplayTemplate {
 /// `listeners` TCP listeners (VIP:80, 81, ...) and a UDP one (VIP:53), each over `backends`
 /// servers; TCP listener `l` reaches them on port 8080 + l (a backend endpoint serves one tcp/udp
 /// listener), the UDP one on 8080. And an IPv6 TCP listener ([`VIP6`]:80) over as many IPv6
-/// servers as the testbed has neighbours for (up to [`MAX_IPV6_BACKENDS`]), on port 8080.
+/// servers as the testbed has neighbours for (up to [`MAX_IPV6_BACKENDS`]), on port 8080, when
+/// `ipv6_listener` (the per-packet rows; not the other measurements, which keep their configs).
 /// `max_connections` only when the subject knows the key.
-pub fn config(instance: &str, listeners: usize, backends: usize, max_connections: bool) -> String {
+pub fn config(
+    instance: &str,
+    listeners: usize,
+    backends: usize,
+    max_connections: bool,
+    ipv6_listener: bool,
+) -> String {
     use std::fmt::Write as _;
     let mut c = format!("instance = \"{instance}\"\n");
     if max_connections {
@@ -160,14 +169,14 @@ pub fn config(instance: &str, listeners: usize, backends: usize, max_connections
         }
         c.push_str("]\n");
     }
+    if !ipv6_listener {
+        return c;
+    }
     let vip6 = std::net::Ipv6Addr::from(VIP6);
     let _ = write!(c, "[[listeners]]\nname = \"tcp6\"\nprotocol = \"tcp\"\nvip = \"{vip6}\"\nport = 80\ngroup = \"pool6\"\n[[groups]]\nname = \"pool6\"\nbackends = [\n");
     for b in 0..backends.clamp(1, MAX_IPV6_BACKENDS) {
-        let _ = writeln!(
-            c,
-            "  {{ address = \"fd00:20::{:x}\", port = 8080 }},",
-            2 + b
-        );
+        let address = std::net::Ipv6Addr::from(u128::from_be_bytes(FIRST_IPV6_BACKEND) + b as u128);
+        let _ = writeln!(c, "  {{ address = \"{address}\", port = 8080 }},");
     }
     c.push_str("]\n");
     c
@@ -264,20 +273,46 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// A subject's daemon for `shape`, on the daemons' CPU.
-    fn start(subject: &Subject, instance: &str, shape: Shape) -> anyhow::Result<Daemon> {
-        let text =
-            |max_connections| config(instance, shape.listeners, shape.backends, max_connections);
-        match Daemon::spawn(&subject.slb, instance, &text(true), Some(DAEMON_CPU)) {
+    /// A subject's daemon for `shape`, on the daemons' CPU, and whether it took the IPv6
+    /// listener.
+    fn start(subject: &Subject, instance: &str, shape: Shape) -> anyhow::Result<(Daemon, bool)> {
+        let text = |max_connections, ipv6| {
+            config(
+                instance,
+                shape.listeners,
+                shape.backends,
+                max_connections,
+                ipv6,
+            )
+        };
+        let spawn = |text: &str| Daemon::spawn(&subject.slb, instance, text, Some(DAEMON_CPU));
+        let mut max_connections = true;
+        let with_ipv6 = match spawn(&text(max_connections, true)) {
             // An older revision may not know `max_connections` (its table had a fixed size).
             Err(e) if e.to_string().contains("unknown field `max_connections`") => {
                 eprintln!(
                     "  {}: does not know max_connections; its connection table keeps its own size",
                     subject.label
                 );
-                Daemon::spawn(&subject.slb, instance, &text(false), Some(DAEMON_CPU))
+                max_connections = false;
+                spawn(&text(max_connections, true))
             }
             other => other,
+        };
+        match with_ipv6 {
+            Ok(daemon) => Ok((daemon, true)),
+            // An older revision may not take IPv6 VIPs: measured on IPv4, its IPv6 rows empty.
+            Err(e) => match spawn(&text(max_connections, false)) {
+                Ok(daemon) => {
+                    eprintln!(
+                        "  {}: does not take the IPv6 listener ({}); its IPv6 rows stay empty",
+                        subject.label,
+                        e.to_string().lines().next().unwrap_or("")
+                    );
+                    Ok((daemon, false))
+                }
+                Err(_) => Err(e),
+            },
         }
     }
 
@@ -434,6 +469,8 @@ struct Bench {
     in_index: u32,
     out_index: u32,
     rows: Vec<Row>,
+    /// The subject took the IPv6 listener (else its IPv6 rows are not measured).
+    ipv6: bool,
     /// Per row, the ns above the baseline of each round; and the one-flow baselines.
     samples: Vec<Vec<f64>>,
     baselines: Vec<f64>,
@@ -464,7 +501,7 @@ impl Bench {
         let netns = Netns::fresh()?;
         setup_network()?;
         let instance = format!("bench-pp{index}-{}", std::process::id());
-        let daemon = Daemon::start(subject, &instance, shape)?;
+        let (daemon, ipv6) = Daemon::start(subject, &instance, shape)?;
         let program = daemon.program()?.fd()?.try_clone()?;
         let (in_index, out_index) = (ifindex("in0")?, ifindex("out0")?);
         let in_mac = mac_of("in0")?;
@@ -510,20 +547,27 @@ impl Bench {
             )
         };
         let baseline6 = template(&tcp6(CLIENT6, CLIENT_PORT, 80, TCP_ACK), 1, 1);
-        wrapper.set_template(baseline6)?;
-        let (_, first6) = wrapper.run(in_index, 2)?;
-        let backend6 = parse_ipv6_frame(&first6).map_err(anyhow::Error::msg)?;
-        ensure!(
-            backend6.dst != VIP6,
-            "{}: the established IPv6 TCP flow was not balanced",
-            subject.label
-        );
+        // Without the IPv6 listener the rows stay (for the tables' sake) but are not measured,
+        // and the reply comes from the first IPv6 backend.
+        let (backend6, backend6_port) = if ipv6 {
+            wrapper.set_template(baseline6)?;
+            let (_, first6) = wrapper.run(in_index, 2)?;
+            let backend6 = parse_ipv6_frame(&first6).map_err(anyhow::Error::msg)?;
+            ensure!(
+                backend6.dst != VIP6,
+                "{}: the established IPv6 TCP flow was not balanced",
+                subject.label
+            );
+            (backend6.dst, backend6.dst_port)
+        } else {
+            (FIRST_IPV6_BACKEND, 8080)
+        };
         let reply6 = ipv6_frame(
             mac_of("out0")?,
             BACKEND_MAC,
-            backend6.dst,
+            backend6,
             CLIENT6,
-            L4Spec::tcp(backend6.dst_port, CLIENT_PORT, TCP_ACK),
+            L4Spec::tcp(backend6_port, CLIENT_PORT, TCP_ACK),
         );
         let rows = vec![
             Row {
@@ -624,6 +668,7 @@ impl Bench {
             in_index,
             out_index,
             rows,
+            ipv6,
             samples,
             baselines: Vec::new(),
         })
@@ -651,6 +696,9 @@ impl Bench {
         self.netns.enter()?;
         for i in 0..self.rows.len() {
             let row = self.rows[i].clone();
+            if row.is_ipv6() && !self.ipv6 {
+                continue;
+            }
             let before = self.run_row(wrapper, floor, row.template, row.ingress)?;
             let ns = self.run_row(wrapper, &self.program, row.template, row.ingress)?;
             let after = self.run_row(wrapper, floor, row.template, row.ingress)?;
@@ -786,8 +834,11 @@ impl Bench {
     }
 }
 
-/// Median and quartiles.
+/// Median and quartiles (NaN of no samples: a row the subject could not run).
 fn quartiles(v: &[f64]) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
