@@ -4,9 +4,10 @@
 //!
 //! The test topology (`slb_tests::Topology`) is IPv4-only, so the demo adds the IPv6 half itself
 //! ([`Ipv6Plan`]): addresses, routes, forwarding, and a second test server per backend bound to
-//! the backend's IPv6 address (the topology's servers listen on 0.0.0.0 only).
+//! the backend's IPv6 address (the topology's servers listen on 0.0.0.0 only). Once the test
+//! crate's topology and traffic generators speak IPv6, this half should go (one owner).
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -251,13 +252,21 @@ impl Ipv6Plan {
         Ok(Ipv6Plan)
     }
 
-    /// A test server in every backend, answering TCP and UDP on the backend's IPv6 address
-    /// (port 8080) as that backend. Bound to the address, not `[::]`, which would collide with
-    /// the IPv4 server's 0.0.0.0 on the same port.
+    /// A test server in every backend whose own does not answer on its IPv6 address yet,
+    /// answering TCP and UDP there (port 8080) as that backend. Bound to the address, not
+    /// `[::]`, which would collide with the IPv4 server's 0.0.0.0 on the same port.
     fn start_servers(&self, topo: &Topology, server: &Path) -> anyhow::Result<Vec<ChildGuard>> {
-        (1..=topo.backend_count())
-            .map(|i| {
-                let listen = SocketAddr::from((Self::backend_addr(i), BACKEND_PORT)).to_string();
+        let mut started = Vec::new();
+        for i in 1..=topo.backend_count() {
+            let addr = SocketAddr::from((Self::backend_addr(i), BACKEND_PORT));
+            let answers = in_netns(topo.backend_ns(i), || {
+                TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
+            })?;
+            if answers {
+                continue;
+            }
+            started.push({
+                let listen = addr.to_string();
                 let mut child = spawn_in(
                     topo.backend_ns(i),
                     [
@@ -273,9 +282,10 @@ impl Ipv6Plan {
                 child
                     .wait_for_line("ready", Duration::from_secs(10))
                     .with_context(|| format!("starting the IPv6 test server of backend {i}"))?;
-                Ok(child)
-            })
-            .collect()
+                child
+            });
+        }
+        Ok(started)
     }
 }
 
