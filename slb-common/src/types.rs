@@ -646,12 +646,12 @@ global_counters! {
     next_hop_cached,
 }
 
-/// Bytes of a frame `xdp_replay` (the benchmark driver) writes back before each run.
-pub const REPLAY_FRAME_BYTES: usize = 64;
-/// Where the template's TCP/UDP source port is (Ethernet + IPv4 without options).
-pub const REPLAY_SOURCE_PORT_AT: usize = 14 + 20;
-/// Where the low 16 bits of the template's IPv4 source address are.
-pub const REPLAY_SOURCE_ADDR_LOW_AT: usize = 14 + 12 + 2;
+/// Room for the frame `xdp_replay` (the benchmark driver) writes back before each run: an
+/// IPv6 TCP frame (74 bytes and a small payload) fits.
+pub const REPLAY_FRAME_BYTES: usize = 128;
+/// The shortest frame a template sends: an IPv4 frame is padded to this, as before IPv6 frames
+/// needed more room, so IPv4 runs keep their length.
+pub const REPLAY_MIN_FRAME_BYTES: usize = 64;
 /// Source ports a replayed flow number maps to (1024..=65535), before the address changes.
 pub const REPLAY_PORTS_PER_ADDRESS: u32 = 64512;
 /// Flow numbers each CPU owns: CPU c replays flows c * this + n, so two CPUs never share one.
@@ -660,7 +660,9 @@ pub const REPLAY_FLOWS_PER_CPU: u32 = 1 << 26;
 pub const REPLAY_EVERY_RUN_NEW: u32 = REPLAY_FLOWS_PER_CPU;
 
 /// What `xdp_replay` restores into every frame: BPF_PROG_TEST_RUN reuses the frame (with
-/// `repeat`, and pages in live-frames mode) without undoing what a NAT program rewrote.
+/// `repeat`, and pages in live-frames mode) without undoing what a NAT program rewrote. Built by
+/// [`ReplayTemplate::new`], which also finds where the fields a flow number changes are, so the
+/// driver knows no frame layout of its own (IPv4 and IPv6 alike).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct ReplayTemplate {
@@ -672,6 +674,77 @@ pub struct ReplayTemplate {
     /// Consecutive runs that replay one flow before the next (2: a TCP flow's first packet and
     /// the one that moves it from the half-open table into the connection table).
     pub packets_per_flow: u32,
+    /// Bytes of `frame` a run sends (a multiple of 8, as the driver restores 8 at a time):
+    /// the frame padded, [`REPLAY_MIN_FRAME_BYTES`] at least.
+    pub frame_bytes: u16,
+    /// Where the TCP/UDP source port is.
+    pub source_port_at: u16,
+    /// Where the low 16 bits of the source address are.
+    pub source_addr_low_at: u16,
+    /// Where the IPv4 header checksum is; 0: none (IPv6 has no header checksum).
+    pub ipv4_check_at: u16,
+    /// Where the TCP/UDP checksum is.
+    pub l4_check_at: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`]: a UDP checksum of 0 means "none" and stays 0.
+    pub l4_protocol: u8,
+    /// Explicit, so that the map value has no uninitialised bytes.
+    pub _padding: u8,
+}
+
+impl ReplayTemplate {
+    /// A template of `frame` (Ethernet + IPv4 without options or IPv6 without extension
+    /// headers, then TCP or UDP), replaying `flows` flows `packets_per_flow` runs each.
+    pub fn new(frame: &[u8], flows: u32, packets_per_flow: u32) -> Result<Self, &'static str> {
+        const ETH: usize = 14;
+        if frame.len() > REPLAY_FRAME_BYTES {
+            return Err("the frame is larger than the template");
+        }
+        if frame.len() < ETH + 20 {
+            return Err("the frame is too short for an IP packet");
+        }
+        let (l4_at, l4_protocol, source_addr_low_at, ipv4_check_at) =
+            match u16::from_be_bytes([frame[12], frame[13]]) {
+                0x0800 => {
+                    if frame[ETH] != 0x45 {
+                        return Err("IPv4 with options: the driver expects a 20-byte header");
+                    }
+                    // Source address at 12, its low half at 14; checksum at 10.
+                    (ETH + 20, frame[ETH + 9], ETH + 14, ETH + 10)
+                }
+                // Next header at 6; source address at 8, its last two bytes at 22.
+                0x86dd if frame.len() >= ETH + 40 => (ETH + 40, frame[ETH + 6], ETH + 22, 0),
+                0x86dd => return Err("the frame is too short for an IPv6 header"),
+                _ => return Err("neither IPv4 nor IPv6"),
+            };
+        let l4_check_at = match l4_protocol {
+            IPPROTO_TCP => l4_at + 16,
+            IPPROTO_UDP => l4_at + 6,
+            _ => return Err("neither TCP nor UDP (or an IPv6 extension header)"),
+        };
+        if l4_check_at + 2 > frame.len() {
+            return Err("the frame is too short for its L4 header");
+        }
+        let frame_bytes = frame.len().next_multiple_of(8).max(REPLAY_MIN_FRAME_BYTES);
+        let mut template = ReplayTemplate {
+            frame: [0; REPLAY_FRAME_BYTES],
+            flows,
+            packets_per_flow,
+            frame_bytes: frame_bytes as u16,
+            source_port_at: l4_at as u16,
+            source_addr_low_at: source_addr_low_at as u16,
+            ipv4_check_at: ipv4_check_at as u16,
+            l4_check_at: l4_check_at as u16,
+            l4_protocol,
+            _padding: 0,
+        };
+        template.frame[..frame.len()].copy_from_slice(frame);
+        Ok(template)
+    }
+
+    /// The frame a run sends, before the driver changes its flow.
+    pub fn sent_frame(&self) -> &[u8] {
+        &self.frame[..usize::from(self.frame_bytes)]
+    }
 }
 
 /// The source port and the addend to the source address's low 16 bits of replayed flow `n` on
@@ -748,5 +821,86 @@ mod endpoint_filter_tests {
             endpoint_filter_slot(addr, 53, IPPROTO_TCP),
             endpoint_filter_slot(addr, 53, IPPROTO_UDP)
         );
+    }
+}
+
+#[cfg(all(test, feature = "alloc"))]
+mod replay_template_tests {
+    use super::*;
+    use crate::wire::{
+        ipv4_frame, ipv6_frame, parse_ipv4_frame, parse_ipv6_frame, L4Spec, TCP_ACK, TCP_SYN,
+    };
+
+    const DST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x10];
+    const SRC_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+    const VIP6: [u8; 16] = [0xfd, 0, 0, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10];
+
+    fn word(frame: &[u8], at: u16) -> u16 {
+        let at = usize::from(at);
+        u16::from_be_bytes([frame[at], frame[at + 1]])
+    }
+
+    #[test]
+    fn ipv6_templates_are_valid_frames_whose_fields_the_driver_finds() {
+        for (l4, protocol) in [
+            (L4Spec::tcp(40000, 80, TCP_ACK), IPPROTO_TCP),
+            (L4Spec::tcp(40000, 22, TCP_SYN), IPPROTO_TCP),
+            (L4Spec::udp(40000, 53), IPPROTO_UDP),
+        ] {
+            let frame = ipv6_frame(DST_MAC, SRC_MAC, CLIENT6, VIP6, l4);
+            let template = ReplayTemplate::new(&frame, REPLAY_EVERY_RUN_NEW, 1).unwrap();
+            let sent = template.sent_frame();
+            assert!(sent.len() >= frame.len() && sent.len().is_multiple_of(8));
+            assert!(sent.len() <= REPLAY_FRAME_BYTES);
+            // What the driver sends parses (checksum included), padding and all.
+            let parsed = parse_ipv6_frame(sent).unwrap();
+            assert_eq!((parsed.src, parsed.dst), (CLIENT6, VIP6));
+            assert_eq!(word(sent, template.source_port_at), parsed.src_port);
+            assert_eq!(word(sent, template.source_addr_low_at), 0x1234);
+            assert_eq!(word(sent, template.l4_check_at), parsed.l4_checksum);
+            assert_eq!(template.ipv4_check_at, 0, "IPv6 has no header checksum");
+            assert_eq!(template.l4_protocol, protocol);
+        }
+        // An IPv6 TCP frame needs more than the 64 bytes IPv4 frames use.
+        let tcp = ipv6_frame(DST_MAC, SRC_MAC, CLIENT6, VIP6, L4Spec::tcp(1, 80, TCP_ACK));
+        assert!(tcp.len() > REPLAY_MIN_FRAME_BYTES);
+    }
+
+    #[test]
+    fn ipv4_templates_keep_their_length_and_offsets() {
+        let client = [10, 10, 0x12, 0x34];
+        for (l4, l4_check_at) in [
+            (L4Spec::tcp(40000, 80, TCP_ACK), 14 + 20 + 16),
+            (L4Spec::udp(40000, 53), 14 + 20 + 6),
+        ] {
+            let frame = ipv4_frame(DST_MAC, SRC_MAC, client, [10, 99, 0, 10], l4);
+            let template = ReplayTemplate::new(&frame, 1, 1).unwrap();
+            assert_eq!(template.sent_frame().len(), REPLAY_MIN_FRAME_BYTES);
+            parse_ipv4_frame(template.sent_frame()).unwrap();
+            assert_eq!(template.source_port_at, 14 + 20);
+            assert_eq!(template.source_addr_low_at, 14 + 12 + 2);
+            assert_eq!(template.ipv4_check_at, 14 + 10);
+            assert_eq!(template.l4_check_at, l4_check_at);
+            assert_eq!(
+                word(template.sent_frame(), template.source_addr_low_at),
+                0x1234
+            );
+        }
+    }
+
+    #[test]
+    fn frames_the_driver_cannot_rewrite_are_refused() {
+        let frame = ipv6_frame(DST_MAC, SRC_MAC, CLIENT6, VIP6, L4Spec::tcp(1, 80, TCP_ACK));
+        assert!(ReplayTemplate::new(&frame[..40], 1, 1).is_err());
+        let mut arp = frame.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(ReplayTemplate::new(&arp, 1, 1).is_err());
+        let mut icmp = frame.clone();
+        icmp[14 + 6] = 58;
+        assert!(ReplayTemplate::new(&icmp, 1, 1).is_err());
+        let mut long = frame;
+        long.resize(REPLAY_FRAME_BYTES + 1, 0);
+        assert!(ReplayTemplate::new(&long, 1, 1).is_err());
     }
 }

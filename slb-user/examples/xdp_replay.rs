@@ -14,12 +14,12 @@
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
 
-use anyhow::{ensure, Context as _};
+use anyhow::Context as _;
 use aya::maps::{Array, ProgramArray};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp};
 use clap::{Parser, ValueEnum};
 use slb_common::wire::{ipv4_frame, L4Spec};
-use slb_common::{ReplayTemplate, REPLAY_FRAME_BYTES};
+use slb_common::ReplayTemplate;
 use slb_user::dataplane::{load_object, load_programs, TableSizes, PROGRAM_NAME};
 use slb_user::testbed::{ifindex, mac_of, xdp_md};
 
@@ -128,35 +128,24 @@ fn main() -> anyhow::Result<()> {
         target.set(0, &fd, 0)?;
     }
 
-    let frame_bytes = {
-        let udp = L4Spec {
-            zero_udp_checksum: true,
-            ..L4Spec::udp(args.src.port(), args.dst.port())
-        };
-        let mut f = ipv4_frame(
-            mac_of(&args.iface)?,
-            parse_mac(&args.src_mac)?,
-            args.src.ip().octets(),
-            args.dst.ip().octets(),
-            udp,
-        );
-        ensure!(
-            f.len() <= REPLAY_FRAME_BYTES,
-            "the frame is larger than the template"
-        );
-        f.resize(REPLAY_FRAME_BYTES, 0);
-        f
+    let udp = L4Spec {
+        zero_udp_checksum: true,
+        ..L4Spec::udp(args.src.port(), args.dst.port())
     };
-    let mut template = ReplayTemplate {
-        frame: [0; REPLAY_FRAME_BYTES],
-        flows: if args.new_flows {
-            slb_common::REPLAY_EVERY_RUN_NEW
-        } else {
-            1
-        },
-        packets_per_flow: 1,
+    let frame = ipv4_frame(
+        mac_of(&args.iface)?,
+        parse_mac(&args.src_mac)?,
+        args.src.ip().octets(),
+        args.dst.ip().octets(),
+        udp,
+    );
+    let flows = if args.new_flows {
+        slb_common::REPLAY_EVERY_RUN_NEW
+    } else {
+        1
     };
-    template.frame.copy_from_slice(&frame_bytes);
+    let template = ReplayTemplate::new(&frame, flows, 1).map_err(anyhow::Error::msg)?;
+    let frame_bytes = template.sent_frame().to_vec();
     let mut templates: Array<_, ReplayTemplate> = ebpf
         .map_mut("REPLAY_TEMPLATE")
         .context("no REPLAY_TEMPLATE map")?

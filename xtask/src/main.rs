@@ -1,21 +1,15 @@
 //! Project tasks: `cargo xtask setup | test | demo | bench | package`.
 
 mod bench;
+mod demo;
 mod package;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context as _};
 use clap::{Parser, Subcommand};
-use slb_tests::slb::unique_instance;
-use slb_tests::traffic::{tcp_connections, udp_flows};
-use slb_tests::{
-    vip_tcp, vip_udp, Distribution, SlbConfig, SlbDaemon, Topology, TrafficOptions, TrafficReport,
-};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Development tasks for slb")]
@@ -31,10 +25,11 @@ enum Task {
     Setup,
     /// Setup, build the workspace, and run every test.
     Test,
-    /// Setup, build slb (release), and balance TCP and UDP traffic over three backends in
-    /// network namespaces, printing the distribution and `slb status`. Needs root.
+    /// Setup, build slb (release), and balance TCP and UDP traffic, over IPv4 and over IPv6,
+    /// across three backends in network namespaces, printing both distributions and
+    /// `slb status`. Needs root.
     Demo {
-        /// TCP connections, and also UDP flows, to send.
+        /// TCP connections, and also UDP flows, to send to each VIP (IPv4 and IPv6).
         #[arg(long, default_value_t = 3000)]
         connections: usize,
         /// Weights of the backends (one backend each).
@@ -300,120 +295,7 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
     );
     setup()?;
     let bin_dir = build_release_binaries()?;
-    let slb = bin_dir.join("slb");
-    let server = bin_dir.join("slb-test-server");
-    let steps = Steps::stopped_by_ctrl_c()?;
-
-    // Declared before the daemon, so it is dropped (namespaces deleted) after the daemon stops.
-    steps.next(&format!(
-        "creating namespaces (client, slb, {} backends) and starting the backend servers",
-        weights.len()
-    ))?;
-    let topo = Topology::builder()
-        .tag("demo")
-        .backends(weights.len())
-        .test_servers(&server)
-        .build()?;
-    let config = SlbConfig::standard(&unique_instance("demo"), weights);
-    steps.next(&format!(
-        "starting slb in namespace {} with this config:\n{}",
-        topo.slb_ns(),
-        config.to_toml()
-    ))?;
-    let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config)?;
-    let (tcp, udp) = demo_traffic(&steps, &topo, connections, &config.pool_weights())?;
-    print_status(&steps, &daemon)?;
-
-    steps.next("stopping slb and deleting the namespaces")?;
-    let exit = daemon.stop()?;
-    println!("slb exited: {exit}");
-    ensure!(
-        tcp.failures.is_empty() && udp.failures.is_empty(),
-        "{} TCP and {} UDP requests failed",
-        tcp.failures.len(),
-        udp.failures.len()
-    );
-    Ok(())
-}
-
-/// The demo's steps, announced one by one; after a Ctrl-C, the next one fails instead, so the
-/// demo stops and cleans up.
-struct Steps {
-    interrupted: Arc<AtomicBool>,
-}
-
-impl Steps {
-    fn stopped_by_ctrl_c() -> anyhow::Result<Self> {
-        let interrupted = Arc::new(AtomicBool::new(false));
-        let flag = interrupted.clone();
-        ctrlc::set_handler(move || {
-            if !flag.swap(true, Ordering::SeqCst) {
-                eprintln!("\ninterrupted: stopping after the current step and cleaning up");
-            }
-        })
-        .context("installing the Ctrl-C handler")?;
-        Ok(Self { interrupted })
-    }
-
-    fn next(&self, what: &str) -> anyhow::Result<()> {
-        ensure!(!self.interrupted.load(Ordering::SeqCst), "interrupted");
-        println!("==> {what}");
-        Ok(())
-    }
-}
-
-/// `connections` TCP connections, then as many UDP flows, to the VIP from the client namespace,
-/// each printed as a summary and the distribution over the backends of `pool`.
-fn demo_traffic(
-    steps: &Steps,
-    topo: &Topology,
-    connections: usize,
-    pool: &[(String, u32)],
-) -> anyhow::Result<(TrafficReport, TrafficReport)> {
-    steps.next(&format!("{connections} TCP connections to {}", vip_tcp()))?;
-    let tcp = tcp_connections(
-        topo.client_ns(),
-        vip_tcp(),
-        &TrafficOptions::new(connections),
-    )?;
-    println!("{}", tcp.summary("TCP"));
-    println!(
-        "{}",
-        Distribution::new("TCP connections per backend", pool, &tcp.counts)
-    );
-
-    steps.next(&format!("{connections} UDP flows to {}", vip_udp()))?;
-    let udp = udp_flows(
-        topo.client_ns(),
-        vip_udp(),
-        20000,
-        &TrafficOptions::new(connections),
-    )?;
-    println!("{}", udp.summary("UDP"));
-    println!(
-        "{}",
-        Distribution::new("UDP flows per backend", pool, &udp.counts)
-    );
-    Ok((tcp, udp))
-}
-
-fn print_status(steps: &Steps, daemon: &SlbDaemon) -> anyhow::Result<()> {
-    steps.next("slb status")?;
-    let instance = daemon.instance().to_owned();
-    print!(
-        "{}",
-        daemon
-            .cli(["status", "--instance", &instance])?
-            .expect_success()?
-    );
-    steps.next("slb report distribution")?;
-    print!(
-        "{}",
-        daemon
-            .cli(["report", "distribution", "--instance", &instance])?
-            .expect_success()?
-    );
-    Ok(())
+    demo::demo(&bin_dir, connections, weights)
 }
 
 // ---- bench ----

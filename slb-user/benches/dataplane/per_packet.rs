@@ -22,11 +22,15 @@ use aya::programs::{ProgramFd, TestRun, TestRunOptions, Xdp};
 use aya::Ebpf;
 use aya_obj::programs::XdpAttachType;
 use serde_json::json;
-use slb_common::wire::{ipv4_frame, parse_ipv4_frame, L4Spec, TCP_ACK, TCP_SYN};
+use slb_common::wire::{
+    ipv4_frame, ipv6_frame, parse_ipv4_frame, parse_ipv6_frame, L4Spec, TCP_ACK, TCP_SYN,
+};
 use slb_common::{ReplayTemplate, REPLAY_EVERY_RUN_NEW, REPLAY_FRAME_BYTES};
 use slb_user::dataplane::{load_object, TableSizes};
 use slb_user::instance::{pin_dir, state_dir};
-use slb_user::testbed::{ifindex, mac_of, setup_network, xdp_md, CLIENT_MAC, FLOOR_PROGRAM};
+use slb_user::testbed::{
+    ifindex, mac_of, setup_network, xdp_md, BACKEND_MAC, CLIENT_MAC, FLOOR_PROGRAM,
+};
 
 /// Runs per BPF_PROG_TEST_RUN call: enough that the syscall's own cost disappears.
 const REPEAT: u32 = 100_000;
@@ -42,6 +46,17 @@ const CYCLED_UDP_BASE: [u8; 4] = [10, 31, 0, 2];
 const NEW_FLOW_BASE: [u8; 4] = [10, 32, 0, 2];
 const NEW_FLOW_PAIRS_BASE: [u8; 4] = [10, 34, 0, 2];
 const PREFILL_BASE: [u8; 4] = [10, 33, 0, 2];
+/// The IPv6 listener's VIP (TCP port 80, group `pool6`).
+const VIP6: [u8; 16] = ipv6_octets([0xfd00, 0x99, 0, 0, 0, 0, 0, 0x10]);
+/// The IPv6 client of the single-flow rows and of the reply (a neighbour of `in0` in the
+/// testbed).
+const CLIENT6: [u8; 16] = ipv6_octets([0xfd00, 0x10, 0, 0, 0, 0, 0, 2]);
+/// Source addresses of the IPv6 new flows.
+const NEW_FLOW6_BASE: [u8; 16] = ipv6_octets([0xfd00, 0x32, 0, 0, 0, 0, 0, 2]);
+/// The first of the IPv6 backends the testbed has neighbours for on `out0`, and how many there
+/// are (the next addresses up).
+const FIRST_IPV6_BACKEND: [u8; 16] = ipv6_octets([0xfd00, 0x20, 0, 0, 0, 0, 0, 2]);
+const MAX_IPV6_BACKENDS: usize = 30;
 /// The CPU the measuring thread runs on; the daemons stay on the other one.
 const MEASURE_CPU: usize = 1;
 const DAEMON_CPU: usize = 0;
@@ -80,12 +95,27 @@ pub struct Shape {
     pub scaling: bool,
 }
 
+const fn ipv6_octets(words: [u16; 8]) -> [u8; 16] {
+    std::net::Ipv6Addr::new(
+        words[0], words[1], words[2], words[3], words[4], words[5], words[6], words[7],
+    )
+    .octets()
+}
+
 /// One measured packet kind.
 #[derive(Debug, Clone)]
 struct Row {
     name: &'static str,
     template: ReplayTemplate,
     ingress: Ingress,
+}
+
+impl Row {
+    /// The IPv6 rows stay out of what describes the IPv4 ones (the absolute baseline, the
+    /// scaling table), so those keep their meaning.
+    fn is_ipv6(&self) -> bool {
+        self.template.ipv4_check_at == 0
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -95,23 +125,23 @@ enum Ingress {
 }
 
 fn template(frame: &[u8], flows: u32, packets_per_flow: u32) -> ReplayTemplate {
-    assert!(
-        frame.len() <= REPLAY_FRAME_BYTES,
-        "frame larger than the template"
-    );
-    let mut t = ReplayTemplate {
-        frame: [0; REPLAY_FRAME_BYTES],
-        flows,
-        packets_per_flow,
-    };
-    t.frame[..frame.len()].copy_from_slice(frame);
-    t
+    ReplayTemplate::new(frame, flows, packets_per_flow)
+        .unwrap_or_else(|e| panic!("not a template frame ({e}): {frame:02x?}"))
 }
 
 /// `listeners` TCP listeners (VIP:80, 81, ...) and a UDP one (VIP:53), each over `backends`
 /// servers; TCP listener `l` reaches them on port 8080 + l (a backend endpoint serves one tcp/udp
-/// listener), the UDP one on 8080. `max_connections` only when the subject knows the key.
-pub fn config(instance: &str, listeners: usize, backends: usize, max_connections: bool) -> String {
+/// listener), the UDP one on 8080. And an IPv6 TCP listener ([`VIP6`]:80) over as many IPv6
+/// servers as the testbed has neighbours for (up to [`MAX_IPV6_BACKENDS`]), on port 8080, when
+/// `ipv6_listener` (the per-packet rows; not the other measurements, which keep their configs).
+/// `max_connections` only when the subject knows the key.
+pub fn config(
+    instance: &str,
+    listeners: usize,
+    backends: usize,
+    max_connections: bool,
+    ipv6_listener: bool,
+) -> String {
     use std::fmt::Write as _;
     let mut c = format!("instance = \"{instance}\"\n");
     if max_connections {
@@ -139,6 +169,16 @@ pub fn config(instance: &str, listeners: usize, backends: usize, max_connections
         }
         c.push_str("]\n");
     }
+    if !ipv6_listener {
+        return c;
+    }
+    let vip6 = std::net::Ipv6Addr::from(VIP6);
+    let _ = write!(c, "[[listeners]]\nname = \"tcp6\"\nprotocol = \"tcp\"\nvip = \"{vip6}\"\nport = 80\ngroup = \"pool6\"\n[[groups]]\nname = \"pool6\"\nbackends = [\n");
+    for b in 0..backends.clamp(1, MAX_IPV6_BACKENDS) {
+        let address = std::net::Ipv6Addr::from(u128::from_be_bytes(FIRST_IPV6_BACKEND) + b as u128);
+        let _ = writeln!(c, "  {{ address = \"{address}\", port = 8080 }},");
+    }
+    c.push_str("]\n");
     c
 }
 
@@ -233,20 +273,46 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// A subject's daemon for `shape`, on the daemons' CPU.
-    fn start(subject: &Subject, instance: &str, shape: Shape) -> anyhow::Result<Daemon> {
-        let text =
-            |max_connections| config(instance, shape.listeners, shape.backends, max_connections);
-        match Daemon::spawn(&subject.slb, instance, &text(true), Some(DAEMON_CPU)) {
+    /// A subject's daemon for `shape`, on the daemons' CPU, and whether it took the IPv6
+    /// listener.
+    fn start(subject: &Subject, instance: &str, shape: Shape) -> anyhow::Result<(Daemon, bool)> {
+        let text = |max_connections, ipv6| {
+            config(
+                instance,
+                shape.listeners,
+                shape.backends,
+                max_connections,
+                ipv6,
+            )
+        };
+        let spawn = |text: &str| Daemon::spawn(&subject.slb, instance, text, Some(DAEMON_CPU));
+        let mut max_connections = true;
+        let with_ipv6 = match spawn(&text(max_connections, true)) {
             // An older revision may not know `max_connections` (its table had a fixed size).
             Err(e) if e.to_string().contains("unknown field `max_connections`") => {
                 eprintln!(
                     "  {}: does not know max_connections; its connection table keeps its own size",
                     subject.label
                 );
-                Daemon::spawn(&subject.slb, instance, &text(false), Some(DAEMON_CPU))
+                max_connections = false;
+                spawn(&text(max_connections, true))
             }
             other => other,
+        };
+        match with_ipv6 {
+            Ok(daemon) => Ok((daemon, true)),
+            // An older revision may not take IPv6 VIPs: measured on IPv4, its IPv6 rows empty.
+            Err(e) => match spawn(&text(max_connections, false)) {
+                Ok(daemon) => {
+                    eprintln!(
+                        "  {}: does not take the IPv6 listener ({}); its IPv6 rows stay empty",
+                        subject.label,
+                        e.to_string().lines().next().unwrap_or("")
+                    );
+                    Ok((daemon, false))
+                }
+                Err(_) => Err(e),
+            },
         }
     }
 
@@ -273,6 +339,8 @@ impl Drop for Daemon {
 struct Wrapper {
     ebpf: Ebpf,
     _pins: tempfile::TempDir,
+    /// Bytes of the frames runs send: the current template's.
+    frame_bytes: usize,
 }
 
 impl Wrapper {
@@ -292,7 +360,11 @@ impl Wrapper {
                 .try_into()?;
             program.load().with_context(|| format!("loading {name}"))?;
         }
-        Ok(Wrapper { ebpf, _pins: pins })
+        Ok(Wrapper {
+            ebpf,
+            _pins: pins,
+            frame_bytes: REPLAY_FRAME_BYTES,
+        })
     }
 
     fn floor(&self) -> anyhow::Result<ProgramFd> {
@@ -322,6 +394,7 @@ impl Wrapper {
             .context("no REPLAY_TEMPLATE")?
             .try_into()?;
         slot.set(0, template, 0)?;
+        self.frame_bytes = template.sent_frame().len();
         Ok(())
     }
 
@@ -359,15 +432,21 @@ impl Wrapper {
             .program("xdp_replay")
             .context("no xdp_replay")?
             .try_into()?;
-        run_replay(replay, ingress, repeat)
+        run_replay(replay, ingress, repeat, self.frame_bytes)
     }
 }
 
-/// One BPF_PROG_TEST_RUN of `replay` (the wrapper restores the template itself, so the frame
-/// passed in is only its room): the kernel's mean time per run and the frame the last run left.
-fn run_replay(replay: &Xdp, ingress: u32, repeat: u32) -> anyhow::Result<(Duration, Vec<u8>)> {
-    let frame = [0u8; REPLAY_FRAME_BYTES];
-    let ctx = xdp_md(REPLAY_FRAME_BYTES, ingress);
+/// One BPF_PROG_TEST_RUN of `replay` on a frame of `frame_bytes` (the template's: the wrapper
+/// restores the template itself, so the frame passed in is only its room): the kernel's mean
+/// time per run and the frame the last run left.
+fn run_replay(
+    replay: &Xdp,
+    ingress: u32,
+    repeat: u32,
+    frame_bytes: usize,
+) -> anyhow::Result<(Duration, Vec<u8>)> {
+    let frame = vec![0u8; frame_bytes];
+    let ctx = xdp_md(frame_bytes, ingress);
     let mut out = vec![0u8; REPLAY_FRAME_BYTES + 256];
     let result = replay.test_run(TestRunOptions {
         data_in: Some(&frame),
@@ -390,6 +469,8 @@ struct Bench {
     in_index: u32,
     out_index: u32,
     rows: Vec<Row>,
+    /// The subject took the IPv6 listener (else its IPv6 rows are not measured).
+    ipv6: bool,
     /// Per row, the ns above the baseline of each round; and the one-flow baselines.
     samples: Vec<Vec<f64>>,
     baselines: Vec<f64>,
@@ -420,7 +501,7 @@ impl Bench {
         let netns = Netns::fresh()?;
         setup_network()?;
         let instance = format!("bench-pp{index}-{}", std::process::id());
-        let daemon = Daemon::start(subject, &instance, shape)?;
+        let (daemon, ipv6) = Daemon::start(subject, &instance, shape)?;
         let program = daemon.program()?.fd()?.try_clone()?;
         let (in_index, out_index) = (ifindex("in0")?, ifindex("out0")?);
         let in_mac = mac_of("in0")?;
@@ -450,10 +531,43 @@ impl Bench {
         wrapper.run(in_index, 2)?;
         let reply = ipv4_frame(
             mac_of("out0")?,
-            [2, 0, 0, 0, 0, 2],
+            BACKEND_MAC,
             backend.dst,
             CLIENT,
             L4Spec::tcp(backend.dst_port, CLIENT_PORT, TCP_ACK),
+        );
+        // The IPv6 twins: the established flow, and the backend it went to for the reply.
+        let tcp6 = |src, sport, dport, flags| {
+            ipv6_frame(
+                in_mac,
+                CLIENT_MAC,
+                src,
+                VIP6,
+                L4Spec::tcp(sport, dport, flags),
+            )
+        };
+        let baseline6 = template(&tcp6(CLIENT6, CLIENT_PORT, 80, TCP_ACK), 1, 1);
+        // Without the IPv6 listener the rows stay (for the tables' sake) but are not measured,
+        // and the reply comes from the first IPv6 backend.
+        let (backend6, backend6_port) = if ipv6 {
+            wrapper.set_template(baseline6)?;
+            let (_, first6) = wrapper.run(in_index, 2)?;
+            let backend6 = parse_ipv6_frame(&first6).map_err(anyhow::Error::msg)?;
+            ensure!(
+                backend6.dst != VIP6,
+                "{}: the established IPv6 TCP flow was not balanced",
+                subject.label
+            );
+            (backend6.dst, backend6.dst_port)
+        } else {
+            (FIRST_IPV6_BACKEND, 8080)
+        };
+        let reply6 = ipv6_frame(
+            mac_of("out0")?,
+            BACKEND_MAC,
+            backend6,
+            CLIENT6,
+            L4Spec::tcp(backend6_port, CLIENT_PORT, TCP_ACK),
         );
         let rows = vec![
             Row {
@@ -510,6 +624,30 @@ impl Bench {
                 ),
                 ingress: Ingress::Clients,
             },
+            Row {
+                name: "IPv6: established TCP, one flow",
+                template: baseline6,
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "IPv6: new flow (SYN)",
+                template: template(
+                    &tcp6(NEW_FLOW6_BASE, 0, 80, TCP_SYN),
+                    REPLAY_EVERY_RUN_NEW,
+                    1,
+                ),
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "IPv6: reply (backend to client)",
+                template: template(&reply6, 1, 1),
+                ingress: Ingress::Backends,
+            },
+            Row {
+                name: "IPv6: not for a listener",
+                template: template(&tcp6(CLIENT6, CLIENT_PORT, 22, TCP_SYN), 1, 1),
+                ingress: Ingress::Clients,
+            },
         ];
         // Establish the cycled flows as clients do: two packets each in a row (a TCP flow's
         // first packet waits in the half-open table, its second enters the connection table).
@@ -530,6 +668,7 @@ impl Bench {
             in_index,
             out_index,
             rows,
+            ipv6,
             samples,
             baselines: Vec::new(),
         })
@@ -557,11 +696,14 @@ impl Bench {
         self.netns.enter()?;
         for i in 0..self.rows.len() {
             let row = self.rows[i].clone();
+            if row.is_ipv6() && !self.ipv6 {
+                continue;
+            }
             let before = self.run_row(wrapper, floor, row.template, row.ingress)?;
             let ns = self.run_row(wrapper, &self.program, row.template, row.ingress)?;
             let after = self.run_row(wrapper, floor, row.template, row.ingress)?;
             self.samples[i].push(ns - (before + after) / 2.0);
-            if row.template.flows <= 1 {
+            if row.template.flows <= 1 && !row.is_ipv6() {
                 self.baselines.extend([before, after]);
             }
         }
@@ -574,7 +716,7 @@ fn run_on_cpu(
     replay_pin: &Path,
     netns: &OwnedFd,
     cpu: usize,
-    ingress: u32,
+    (ingress, frame_bytes): (u32, usize),
     times: usize,
     start: &std::sync::Barrier,
 ) -> anyhow::Result<f64> {
@@ -584,7 +726,7 @@ fn run_on_cpu(
     let mut samples = Vec::new();
     for _ in 0..times {
         start.wait();
-        let (duration, _) = run_replay(&replay, ingress, REPEAT)?;
+        let (duration, _) = run_replay(&replay, ingress, REPEAT, frame_bytes)?;
         samples.push(duration.as_nanos() as f64);
     }
     Ok(quartiles(&samples).0)
@@ -602,6 +744,7 @@ impl Bench {
         const TIMES: usize = 5;
         wrapper.set_target(target)?;
         wrapper.set_template(template)?;
+        let frame_bytes = wrapper.frame_bytes;
         let pin = wrapper.pin_replay()?;
         let alone_start = std::sync::Barrier::new(1);
         let both_start = std::sync::Barrier::new(2);
@@ -612,7 +755,7 @@ impl Bench {
                         &pin,
                         &self.netns.0,
                         MEASURE_CPU,
-                        self.in_index,
+                        (self.in_index, frame_bytes),
                         TIMES,
                         &alone_start,
                     )
@@ -623,7 +766,9 @@ impl Bench {
                 .into_iter()
                 .map(|cpu| {
                     let (pin, netns, start) = (&pin, &self.netns.0, &both_start);
-                    scope.spawn(move || run_on_cpu(pin, netns, cpu, self.in_index, TIMES, start))
+                    scope.spawn(move || {
+                        run_on_cpu(pin, netns, cpu, (self.in_index, frame_bytes), TIMES, start)
+                    })
                 })
                 .collect::<Vec<_>>()
                 .into_iter()
@@ -642,7 +787,11 @@ impl Bench {
     ) -> anyhow::Result<Vec<serde_json::Value>> {
         self.netns.enter()?;
         let mut out = Vec::new();
-        for row in self.rows.iter().filter(|r| r.template.flows > 1) {
+        for row in self
+            .rows
+            .iter()
+            .filter(|r| r.template.flows > 1 && !r.is_ipv6())
+        {
             if row.template.flows == CYCLED_FLOWS {
                 // Establish the other CPU's flows (the setup established this CPU's).
                 wrapper.set_target(&self.program)?;
@@ -657,7 +806,14 @@ impl Bench {
                 std::thread::scope(|scope| {
                     scope
                         .spawn(|| {
-                            run_on_cpu(&pin, &self.netns.0, DAEMON_CPU, self.in_index, 3, &start)
+                            run_on_cpu(
+                                &pin,
+                                &self.netns.0,
+                                DAEMON_CPU,
+                                (self.in_index, wrapper.frame_bytes),
+                                3,
+                                &start,
+                            )
                         })
                         .join()
                         .expect("warming thread")
@@ -678,8 +834,11 @@ impl Bench {
     }
 }
 
-/// Median and quartiles.
+/// Median and quartiles (NaN of no samples: a row the subject could not run).
 fn quartiles(v: &[f64]) -> (f64, f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
