@@ -788,7 +788,8 @@ pub(crate) fn ttl_expired(ip: *const Ipv4Hdr, counters: &mut GlobalCounters) -> 
     expired
 }
 
-enum Endpoint {
+/// Which end of a packet the NAT rewrite replaces.
+pub(crate) enum Endpoint {
     /// Towards a backend: the destination becomes the backend.
     Destination,
     /// Towards the client: the source becomes the VIP.

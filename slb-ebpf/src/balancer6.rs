@@ -23,7 +23,7 @@ use slb_common::{
 };
 
 use crate::{
-    balancer::{count_traffic, endpoint_may_be, l4_header, pick_backend, L4},
+    balancer::{count_traffic, endpoint_may_be, l4_header, pick_backend, Endpoint, L4},
     forward::{now_ns, route_ipv6, send, zero_in_place, Route},
     fragments6::{self, FragmentHdr, NEXTHDR_FRAGMENT},
     icmp6::{self, IPPROTO_ICMPV6},
@@ -392,13 +392,6 @@ fn hop_limit_expired(ip: *const Ipv6Hdr, counters: &mut GlobalCounters) -> bool 
         counters.ttl_expired_passed += 1;
     }
     expired
-}
-
-enum Endpoint {
-    /// Towards a backend: the destination becomes the backend.
-    Destination,
-    /// Towards the client: the source becomes the VIP.
-    Source,
 }
 
 /// The NAT rewrite: one end's address (`addr`, words in memory order) and port (host order)

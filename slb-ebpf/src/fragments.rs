@@ -115,6 +115,25 @@ fn ours(key: &FragmentKey) -> bool {
         || matches!(flags(key.src), Some(f) if f & NAT_ADDRESS_F_BACKEND != 0)
 }
 
+/// What a later fragment of a datagram whose first fragment had `action` does, counted: the
+/// verdict when it stops here (dropped or passed with its first), `None` when it is forwarded.
+#[inline(always)]
+pub(crate) fn stops_here(action: u32, counters: &mut GlobalCounters) -> Option<u32> {
+    match action {
+        FRAGMENT_TO_BACKEND => counters.fragments_balanced += 1,
+        FRAGMENT_TO_CLIENT => counters.fragments_translated += 1,
+        FRAGMENT_DROP => {
+            counters.fragments_dropped_with_first += 1;
+            return Some(XDP_DROP);
+        }
+        _ => {
+            counters.fragments_passed += 1;
+            return Some(XDP_PASS);
+        }
+    }
+    None
+}
+
 /// A fragment after the first: it follows its datagram's entry.
 #[inline(always)]
 pub fn later(
@@ -137,17 +156,8 @@ pub fn later(
         }
     };
     let action = unsafe { (*entry).action };
-    match action {
-        FRAGMENT_TO_BACKEND => counters.fragments_balanced += 1,
-        FRAGMENT_TO_CLIENT => counters.fragments_translated += 1,
-        FRAGMENT_DROP => {
-            counters.fragments_dropped_with_first += 1;
-            return XDP_DROP;
-        }
-        _ => {
-            counters.fragments_passed += 1;
-            return XDP_PASS;
-        }
+    if let Some(verdict) = stops_here(action, counters) {
+        return verdict;
     }
     if unsafe { (*ip).ttl } <= 1 {
         // As for whole packets: the stack sends the ICMP error (for a first fragment only).

@@ -13,12 +13,13 @@ use aya_ebpf::{
 };
 use slb_common::{
     addr_words, FlowKey, FragmentEntry6, FragmentKey6, GlobalCounters, FRAGMENT_DROP,
-    FRAGMENT_PASS, FRAGMENT_TIMEOUT_NS, FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT,
-    NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP,
+    FRAGMENT_PASS, FRAGMENT_TIMEOUT_NS, FRAGMENT_TO_CLIENT, NAT_ADDRESS_F_BACKEND,
+    NAT_ADDRESS_F_VIP,
 };
 
 use crate::{
     forward::{now_ns, route_ipv6, send, Route},
+    fragments::stops_here,
     icmp6,
     maps::{FRAGMENTS6, GLOBAL_STATS, NAT_ADDRESSES6, NEXT_HOP_CLIENT6},
     packet::{ptr_at, EthHdr, Ipv6Hdr, ETH_HDR_LEN, IPV6_HDR_LEN},
@@ -177,17 +178,8 @@ fn later(
         }
     };
     let action = unsafe { (*entry).action };
-    match action {
-        FRAGMENT_TO_BACKEND => counters.fragments_balanced += 1,
-        FRAGMENT_TO_CLIENT => counters.fragments_translated += 1,
-        FRAGMENT_DROP => {
-            counters.fragments_dropped_with_first += 1;
-            return XDP_DROP;
-        }
-        _ => {
-            counters.fragments_passed += 1;
-            return XDP_PASS;
-        }
+    if let Some(verdict) = stops_here(action, counters) {
+        return verdict;
     }
     if unsafe { (*ip).hop_limit } <= 1 {
         counters.ttl_expired_passed += 1;

@@ -85,6 +85,32 @@ pub(crate) unsafe fn sum16<const N: usize>(words: *const [u16; N]) -> u32 {
     sum
 }
 
+/// Turns the frame in `ctx` into an `F` (an error's headers, then the quoted packet): `prefix`
+/// bytes of room in front (the old Ethernet header is overwritten), the rest cut after `F`'s
+/// size. `None`, counted, when the frame cannot be resized.
+#[inline(always)]
+pub(crate) fn reframe<F>(
+    ctx: &XdpContext,
+    prefix: usize,
+    counters: &mut GlobalCounters,
+) -> Option<*mut F> {
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -(prefix as i32)) } != 0 {
+        counters.icmp_errors_failed += 1;
+        return None;
+    }
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    let keep = core::mem::size_of::<F>() as i32;
+    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, keep - len) } != 0 {
+        counters.icmp_errors_failed += 1;
+        return None;
+    }
+    let frame = ptr_at::<F>(ctx, 0);
+    if frame.is_none() {
+        counters.icmp_errors_failed += 1;
+    }
+    frame
+}
+
 /// Answers the packet in `ctx` (as received: nothing rewritten yet) with ICMP "fragmentation
 /// needed, next-hop MTU `mtu`" back out of the interface it came in on, from the address the
 /// packet was sent to.
@@ -99,23 +125,12 @@ pub fn reply_too_big(ctx: &XdpContext, mtu: u16, counters: &mut GlobalCounters) 
     };
     let (sender_mac, our_mac, sender, addressed) =
         unsafe { ((*eth).src, (*eth).dst, (*ip).src, (*ip).dst) };
-    // Room for the new IP and ICMP headers in front of the quoted packet, then cut it after the
-    // quoted part.
-    let prefix = (core::mem::size_of::<Ipv4Hdr>() + core::mem::size_of::<IcmpHdr>()) as i32;
-    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -prefix) } != 0 {
-        counters.icmp_errors_failed += 1;
-        return XDP_DROP;
-    }
-    let len = (ctx.data_end() - ctx.data()) as i32;
-    let keep = core::mem::size_of::<TooBigFrame>() as i32;
-    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, keep - len) } != 0 {
-        counters.icmp_errors_failed += 1;
-        return XDP_DROP;
-    }
-    let Some(frame) = ptr_at::<TooBigFrame>(ctx, 0) else {
-        counters.icmp_errors_failed += 1;
+    // Room for the new IP and ICMP headers in front of the quoted packet.
+    let prefix = core::mem::size_of::<Ipv4Hdr>() + core::mem::size_of::<IcmpHdr>();
+    let Some(frame) = reframe::<TooBigFrame>(ctx, prefix, counters) else {
         return XDP_DROP;
     };
+    let keep = core::mem::size_of::<TooBigFrame>();
     unsafe {
         (*frame).eth = EthHdr {
             dst: sender_mac,

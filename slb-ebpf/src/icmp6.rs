@@ -10,10 +10,8 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     macros::xdp,
     programs::XdpContext,
-    EbpfContext,
 };
 use core::ops::ControlFlow;
 use slb_common::{
@@ -27,7 +25,7 @@ use crate::{
     balancer::{present_backend, FLOW_HASH_SEED},
     forward::{now_ns, route_ipv6, send, Route},
     half_open,
-    icmp::sum16,
+    icmp::{reframe, sum16},
     maps::{CONNECTIONS, GLOBAL_STATS, LISTENERS, NEXT_HOP_BACKEND6, REPLY_NAT},
     packet::{ptr_at, EthHdr, Ipv6Hdr, Ports, ETH_HDR_LEN, ETH_P_IPV6},
 };
@@ -74,21 +72,9 @@ pub fn reply_too_big(ctx: &XdpContext, mtu: u16, counters: &mut GlobalCounters) 
     };
     let (sender_mac, our_mac, sender, addressed) =
         unsafe { ((*eth).src, (*eth).dst, (*ip).src, (*ip).dst) };
-    // The new IPv6 and ICMPv6 headers go in front of the quoted packet (the old Ethernet header
-    // is overwritten), which is cut after the quoted part.
-    let prefix = (core::mem::size_of::<Ipv6Hdr>() + core::mem::size_of::<Icmp6Hdr>()) as i32;
-    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr() as *mut _, -prefix) } != 0 {
-        counters.icmp_errors_failed += 1;
-        return XDP_DROP;
-    }
-    let len = (ctx.data_end() - ctx.data()) as i32;
-    let keep = core::mem::size_of::<TooBigFrame>() as i32;
-    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr() as *mut _, keep - len) } != 0 {
-        counters.icmp_errors_failed += 1;
-        return XDP_DROP;
-    }
-    let Some(frame) = ptr_at::<TooBigFrame>(ctx, 0) else {
-        counters.icmp_errors_failed += 1;
+    // Room for the new IPv6 and ICMPv6 headers in front of the quoted packet.
+    let prefix = core::mem::size_of::<Ipv6Hdr>() + core::mem::size_of::<Icmp6Hdr>();
+    let Some(frame) = reframe::<TooBigFrame>(ctx, prefix, counters) else {
         return XDP_DROP;
     };
     let icmp_len = (core::mem::size_of::<Icmp6Hdr>() + QUOTED) as u16;

@@ -337,6 +337,22 @@ impl LongLivedStreams {
         counts
     }
 
+    /// [`ping_all`](Self::ping_all) `rounds` times, `pause` apart, panicking with the failures
+    /// (`when` says at which point of the test) if any stream fails.
+    pub fn assert_all_answer(&mut self, rounds: usize, pause: Duration, when: &str) {
+        for round in 1..=rounds {
+            let failures = self.ping_all();
+            assert!(
+                failures.is_empty(),
+                "{when}, round {round}: {} of {} streams failed:\n  {}",
+                failures.len(),
+                self.len(),
+                failures.join("\n  ")
+            );
+            std::thread::sleep(pause);
+        }
+    }
+
     /// Sends one line on every stream and checks that the same backend answers it. Returns one
     /// message per stream that failed; empty means all are fine.
     pub fn ping_all(&mut self) -> Vec<String> {

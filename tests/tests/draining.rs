@@ -14,20 +14,6 @@ use slb_tests::{
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
 
-fn ping_rounds(streams: &mut LongLivedStreams, rounds: usize, pause: Duration, when: &str) {
-    for round in 1..=rounds {
-        let failures = streams.ping_all();
-        assert!(
-            failures.is_empty(),
-            "{when}, round {round}: {} of {} streams failed:\n  {}",
-            failures.len(),
-            streams.len(),
-            failures.join("\n  ")
-        );
-        std::thread::sleep(pause);
-    }
-}
-
 #[test]
 fn draining_keeps_established_connections() {
     require_root("draining_keeps_established_connections");
@@ -83,12 +69,7 @@ fn draining_keeps_established_connections() {
     );
 
     // Established streams, b1's included, keep answering, on the same backends.
-    ping_rounds(
-        &mut streams,
-        5,
-        Duration::from_millis(200),
-        "after draining b1",
-    );
+    streams.assert_all_answer(5, Duration::from_millis(200), "after draining b1");
     assert_eq!(
         streams.backends(),
         before,
@@ -167,12 +148,7 @@ fn draining_keeps_established_connections() {
         "b1 should get about a third of new connections again, got {b1_share:.1}%\n{table}"
     );
 
-    ping_rounds(
-        &mut streams,
-        2,
-        Duration::from_millis(100),
-        "after the reload",
-    );
+    streams.assert_all_answer(2, Duration::from_millis(100), "after the reload");
     assert_eq!(
         streams.backends(),
         before,

@@ -14,19 +14,6 @@ use slb_tests::{
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
 const TOLERANCE_PP: f64 = 5.0;
 
-fn ping_streams(streams: &mut LongLivedStreams, rounds: usize, when: &str) {
-    for round in 1..=rounds {
-        let failures = streams.ping_all();
-        assert!(
-            failures.is_empty(),
-            "{when}, round {round}: {} of {} streams failed:\n  {}",
-            failures.len(),
-            streams.len(),
-            failures.join("\n  ")
-        );
-    }
-}
-
 #[test]
 fn live_changes_keep_established_connections() {
     require_root("live_changes_keep_established_connections");
@@ -49,7 +36,7 @@ fn live_changes_keep_established_connections() {
     let mut streams =
         LongLivedStreams::open(topo.client_ns(), vip_tcp(), 20, Duration::from_secs(3))
             .expect("open long-lived streams");
-    ping_streams(&mut streams, 2, "before the reload");
+    streams.assert_all_answer(2, Duration::ZERO, "before the reload");
     let before = streams.backends();
     println!(
         "streams per backend before the reload: {:?}",
@@ -73,7 +60,7 @@ fn live_changes_keep_established_connections() {
         "the reload should be the second applied config"
     );
 
-    ping_streams(&mut streams, 5, "after the reload");
+    streams.assert_all_answer(5, Duration::ZERO, "after the reload");
     assert_eq!(
         streams.backends(),
         before,
@@ -99,7 +86,7 @@ fn live_changes_keep_established_connections() {
     }
 
     // The old streams survived the burst of new connections too.
-    ping_streams(&mut streams, 1, "after the new connections");
+    streams.assert_all_answer(1, Duration::ZERO, "after the new connections");
 
     drop(streams);
     let exit = daemon.stop().expect("stop slb");

@@ -24,20 +24,6 @@ const STREAMS: usize = 20;
 /// percentage points, so 5 points is 4 of them.
 const NEW_CONNECTIONS: usize = 1600;
 
-fn ping_rounds(streams: &mut LongLivedStreams, rounds: usize, when: &str) {
-    for round in 1..=rounds {
-        let failures = streams.ping_all();
-        assert!(
-            failures.is_empty(),
-            "{when}, round {round}: {} of {} streams failed:\n  {}",
-            failures.len(),
-            streams.len(),
-            failures.join("\n  ")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `NEW_CONNECTIONS` new connections to the IPv6 VIP: all answered, spread as `weights` say.
 fn check_new_connections(topo: &Topology, what: &str, weights: &[(String, u32)]) {
     let tcp = tcp_connections(
@@ -88,7 +74,7 @@ fn live_changes_over_ipv6_keep_established_connections() {
         Duration::from_secs(3),
     )
     .expect("open long-lived IPv6 streams");
-    ping_rounds(&mut streams, 2, "before the changes");
+    streams.assert_all_answer(2, Duration::from_millis(50), "before the changes");
     let before = streams.backends();
     println!("streams per backend at the start: {:?}", streams.counts());
     assert!(
@@ -101,7 +87,7 @@ fn live_changes_over_ipv6_keep_established_connections() {
     let config = SlbConfig::standard_v6(&instance, &[3, 1, 1]);
     let generation = daemon.reload_with(&config).expect("reload slb");
     assert_eq!(generation, 2, "the reload should be the second config");
-    ping_rounds(&mut streams, 5, "after the reload");
+    streams.assert_all_answer(5, Duration::from_millis(50), "after the reload");
     assert_eq!(
         streams.backends(),
         before,
@@ -112,7 +98,7 @@ fn live_changes_over_ipv6_keep_established_connections() {
         "new connections after the reload (3:1:1)",
         &config.pool_weights(),
     );
-    ping_rounds(&mut streams, 1, "after the new connections");
+    streams.assert_all_answer(1, Duration::from_millis(50), "after the new connections");
 
     // 2. The admin API reweights backend 2, named `[A]:P`: 3:3:1.
     let b2 = Topology::backend_addr6(2);
@@ -140,7 +126,7 @@ fn live_changes_over_ipv6_keep_established_connections() {
     let status = daemon.status().expect("slb status");
     let entry = status_backend(&status, TCP_LISTENER, b2).expect("b2 in status");
     assert_eq!(entry.weight, 3, "{entry:#?}");
-    ping_rounds(&mut streams, 5, "after set-weight");
+    streams.assert_all_answer(5, Duration::from_millis(50), "after set-weight");
     assert_eq!(
         streams.backends(),
         before,
@@ -191,7 +177,7 @@ fn live_changes_over_ipv6_keep_established_connections() {
 
     // The other backends' streams carry on where they were.
     assert!(!streams.is_empty(), "every stream was on {removed_name}");
-    ping_rounds(&mut streams, 5, "after the removal");
+    streams.assert_all_answer(5, Duration::from_millis(50), "after the removal");
     assert_eq!(
         streams.backends(),
         survivors_before,
@@ -210,7 +196,7 @@ fn live_changes_over_ipv6_keep_established_connections() {
         .filter(|(name, _)| *name != removed_name)
         .collect();
     check_new_connections(&topo, "new connections after the removal", &weights);
-    ping_rounds(&mut streams, 1, "at the end");
+    streams.assert_all_answer(1, Duration::from_millis(50), "at the end");
 
     drop((streams, orphans));
     let exit = daemon.stop().expect("stop slb");
