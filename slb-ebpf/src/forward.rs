@@ -238,6 +238,15 @@ enum FibAnswer {
     Route(Route),
 }
 
+/// This CPU's `bpf_fib_lookup` parameters, zeroed: in a per-CPU map, not on the stack, where
+/// 64 bytes pushed the program past 512.
+#[inline(always)]
+fn fib_params<'a>() -> Option<&'a mut FibParams> {
+    let scratch = FIB_PARAMS.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot; XDP programs do not nest on a CPU.
+    Some(unsafe { &mut zero_words(scratch).0 })
+}
+
 /// Asks the FIB.
 #[inline(always)]
 fn fib_next_hop(
@@ -248,12 +257,9 @@ fn fib_next_hop(
     ingress: u32,
     now: u64,
 ) -> FibAnswer {
-    // In a per-CPU map, not on the stack: 64 bytes there pushed the program past 512.
-    let Some(scratch) = FIB_PARAMS.get_ptr_mut(0) else {
+    let Some(params) = fib_params() else {
         return FibAnswer::Route(Route::Stack);
     };
-    // SAFETY: this CPU's slot; XDP programs do not nest on a CPU.
-    let params = unsafe { &mut zero_words(scratch).0 };
     unsafe {
         params.family = AF_INET;
         params.l4_protocol = protocol;
@@ -276,11 +282,9 @@ fn fib_next_hop6(
     ingress: u32,
     now: u64,
 ) -> FibAnswer {
-    let Some(scratch) = FIB_PARAMS.get_ptr_mut(0) else {
+    let Some(params) = fib_params() else {
         return FibAnswer::Route(Route::Stack);
     };
-    // SAFETY: as in `fib_next_hop`.
-    let params = unsafe { &mut zero_words(scratch).0 };
     unsafe {
         params.family = AF_INET6;
         params.l4_protocol = protocol;
