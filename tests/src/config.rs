@@ -25,6 +25,13 @@ pub const SECOND_POOL_GROUP: &str = "pool-2";
 pub const TCP_LISTENER: &str = "tcp-echo";
 /// Name of the UDP listener (VIP:53) of [`SlbConfig::standard`].
 pub const UDP_LISTENER: &str = "udp-echo";
+/// The group of the IPv6 twins in [`SlbConfig::standard_dual_stack`]: the `pool` backends at
+/// their IPv6 addresses.
+pub const POOL6_GROUP: &str = "pool6";
+/// Name of the TCP listener (`[VIP6]:80`) of [`SlbConfig::standard_dual_stack`].
+pub const TCP6_LISTENER: &str = "tcp-echo6";
+/// Name of the UDP listener (`[VIP6]:53`) of [`SlbConfig::standard_dual_stack`].
+pub const UDP6_LISTENER: &str = "udp-echo6";
 
 /// An `slb` config file: slb's [`Config`] (reach its fields through `Deref`), with the
 /// tests' constructors and lookups.
@@ -207,25 +214,47 @@ impl SlbConfig {
     /// [`standard`](Self::standard) with the VIP and the backends of `family`.
     pub fn standard_in(family: Family, instance: &str, weights: &[u32]) -> Self {
         let mut config = SlbConfig::new(instance, weights.len());
+        config.standard_listeners(family, POOL_GROUP, [TCP_LISTENER, UDP_LISTENER], weights);
+        config
+    }
+
+    /// [`standard`](Self::standard) and its IPv6 twins: listeners `tcp-echo6` and `udp-echo6`
+    /// on the same ports of [`crate::VIP6`], over group `pool6`, the same backends (at their
+    /// IPv6 addresses) with the same weights.
+    pub fn standard_dual_stack(instance: &str, weights: &[u32]) -> Self {
+        let mut config = Self::standard(instance, weights);
+        config.standard_listeners(
+            Family::V6,
+            POOL6_GROUP,
+            [TCP6_LISTENER, UDP6_LISTENER],
+            weights,
+        );
+        config
+    }
+
+    /// Adds group `group` of backends `1..=weights.len()` at their `family` addresses with
+    /// `weights`, and over it listeners `tcp` (TCP, port 80) and `udp` (UDP, port 53) on the
+    /// `family` VIP.
+    fn standard_listeners(
+        &mut self,
+        family: Family,
+        group: &str,
+        [tcp, udp]: [&str; 2],
+        weights: &[u32],
+    ) -> &mut Self {
         let pool = weights
             .iter()
             .enumerate()
             .map(|(k, &weight)| (k + 1, weight))
             .collect::<Vec<_>>();
-        config.group_in(family, POOL_GROUP, &pool);
+        self.group_in(family, group, &pool);
         for (name, protocol, port) in [
-            (TCP_LISTENER, Protocol::Tcp, VIP_TCP_PORT),
-            (UDP_LISTENER, Protocol::Udp, VIP_UDP_PORT),
+            (tcp, Protocol::Tcp, VIP_TCP_PORT),
+            (udp, Protocol::Udp, VIP_UDP_PORT),
         ] {
-            config.listener(listener_on(
-                family.vip(),
-                name,
-                protocol,
-                port,
-                Some(POOL_GROUP),
-            ));
+            self.listener(listener_on(family.vip(), name, protocol, port, Some(group)));
         }
-        config
+        self
     }
 
     /// The instance the config names.
@@ -357,6 +386,35 @@ mod tests {
                 ("b3".to_owned(), 3)
             ]
         );
+    }
+
+    #[test]
+    fn dual_stack_config_is_standard_and_its_ipv6_twins() {
+        let config = SlbConfig::standard_dual_stack("t", &[1, 2]);
+        let back: Config = toml::from_str(&config.to_toml()).expect("slb reads the config");
+        assert_eq!(back, config.0);
+        let v4 = SlbConfig::standard("t", &[1, 2]);
+        let v6 = SlbConfig::standard_v6("t", &[1, 2]);
+        assert_eq!(config.groups[0], v4.groups[0]);
+        assert_eq!(
+            config.groups[1],
+            Group {
+                name: POOL6_GROUP.to_owned(),
+                ..v6.groups[0].clone()
+            }
+        );
+        let twins = v6
+            .listeners
+            .iter()
+            .zip([TCP6_LISTENER, UDP6_LISTENER])
+            .map(|(l, name)| Listener {
+                name: name.to_owned(),
+                group: Some(POOL6_GROUP.to_owned()),
+                ..l.clone()
+            });
+        let expected: Vec<Listener> = v4.listeners.iter().cloned().chain(twins).collect();
+        assert_eq!(config.listeners, expected);
+        assert_eq!(config.group_weights(POOL6_GROUP), config.pool_weights());
     }
 
     #[test]

@@ -56,6 +56,14 @@ pub enum Family {
 }
 
 impl Family {
+    /// `IPv4` or `IPv6`, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+
     /// [`VIP`] or [`VIP6`].
     pub fn vip(self) -> IpAddr {
         match self {
