@@ -173,7 +173,7 @@ pub fn config(
         return c;
     }
     let vip6 = std::net::Ipv6Addr::from(VIP6);
-    let _ = write!(c, "[[listeners]]\nname = \"tcp6\"\nprotocol = \"tcp\"\nvip = \"{vip6}\"\nport = 80\ngroup = \"ipv6pool\"\n[[groups]]\nname = \"ipv6pool\"\nbackends = [\n");
+    let _ = write!(c, "[[listeners]]\nname = \"ipv6-tcp\"\nprotocol = \"tcp\"\nvip = \"{vip6}\"\nport = 80\ngroup = \"ipv6pool\"\n[[groups]]\nname = \"ipv6pool\"\nbackends = [\n");
     for b in 0..backends.clamp(1, MAX_IPV6_BACKENDS) {
         let address = std::net::Ipv6Addr::from(u128::from_be_bytes(FIRST_IPV6_BACKEND) + b as u128);
         let _ = writeln!(c, "  {{ address = \"{address}\", port = 8080 }},");
