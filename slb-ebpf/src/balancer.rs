@@ -26,9 +26,9 @@ use crate::{
     fragments, half_open,
     icmp::{self, IPPROTO_ICMP},
     maps::{
-        BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, ENDPOINT_FILTER, GLOBAL_STATS,
-        LISTENERS, LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, PERSIST_PENDING,
-        PROGRAMS, REPLY_NAT, RINGS,
+        BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, ENDPOINT_FILTER, LISTENERS,
+        LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, PERSIST_PENDING, PROGRAMS,
+        REPLY_NAT, RINGS,
     },
     packet::{
         ptr_at, EthHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6,
@@ -41,11 +41,9 @@ pub(crate) const FLOW_HASH_SEED: u32 = 0;
 
 #[xdp]
 pub fn slb_xdp(ctx: XdpContext) -> u32 {
-    let Some(counters) = GLOBAL_STATS.get_ptr_mut(0) else {
+    let Some(counters) = crate::maps::global_counters() else {
         return XDP_PASS;
     };
-    // Per-CPU slot: no other CPU writes it while this program runs.
-    let counters = unsafe { &mut *counters };
     balance(&ctx, counters)
 }
 

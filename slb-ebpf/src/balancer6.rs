@@ -27,7 +27,7 @@ use crate::{
     forward::{now_ns, route_ipv6, send, zero_in_place, Route},
     fragments6::{self, FragmentHdr, NEXTHDR_FRAGMENT},
     icmp6::{self, IPPROTO_ICMPV6},
-    maps::{GLOBAL_STATS, LISTENERS, NEXT_HOP_BACKEND6, NEXT_HOP_CLIENT6, PROGRAMS, REPLY_NAT},
+    maps::{LISTENERS, NEXT_HOP_BACKEND6, NEXT_HOP_CLIENT6, PROGRAMS, REPLY_NAT},
     packet::{ptr_at, EthHdr, Ipv6Hdr, ETH_HDR_LEN, IPV6_HDR_LEN},
 };
 
@@ -38,11 +38,9 @@ const EXTENSION_HEADERS: [u8; 9] = [0, 43, 60, 51, 135, 139, 140, 253, 254];
 
 #[xdp]
 pub fn slb_xdp6(ctx: XdpContext) -> u32 {
-    let Some(counters) = GLOBAL_STATS.get_ptr_mut(0) else {
+    let Some(counters) = crate::maps::global_counters() else {
         return XDP_PASS;
     };
-    // Per-CPU slot: no other CPU writes it while this program runs.
-    let counters = unsafe { &mut *counters };
     balance(&ctx, counters)
 }
 

@@ -21,7 +21,7 @@ use crate::{
     forward::{now_ns, route_ipv6, send, Route},
     fragments::stops_here,
     icmp6,
-    maps::{FRAGMENTS6, GLOBAL_STATS, NAT_ADDRESSES6, NEXT_HOP_CLIENT6},
+    maps::{FRAGMENTS6, NAT_ADDRESSES6, NEXT_HOP_CLIENT6},
     packet::{ptr_at, EthHdr, Ipv6Hdr, ETH_HDR_LEN, IPV6_HDR_LEN},
 };
 
@@ -30,11 +30,9 @@ use crate::{
 /// fragment's two 16-byte keys would not fit its 512-byte stack.
 #[xdp]
 pub fn slb_xdp6_fragment(ctx: XdpContext) -> u32 {
-    let Some(counters) = GLOBAL_STATS.get_ptr_mut(0) else {
+    let Some(counters) = crate::maps::global_counters() else {
         return XDP_PASS;
     };
-    // Per-CPU slot: no other CPU writes it while this program runs.
-    let counters = unsafe { &mut *counters };
     // The fragment header is the farthest: its bounds cover the other two.
     let Some(fragment) = ptr_at::<FragmentHdr>(&ctx, ETH_HDR_LEN + IPV6_HDR_LEN) else {
         counters.malformed += 1;

@@ -26,7 +26,7 @@ use crate::{
     forward::{now_ns, route_ipv6, send, Route},
     half_open,
     icmp::{reframe, sum16},
-    maps::{CONNECTIONS, GLOBAL_STATS, LISTENERS, NEXT_HOP_BACKEND6, REPLY_NAT},
+    maps::{CONNECTIONS, LISTENERS, NEXT_HOP_BACKEND6, REPLY_NAT},
     packet::{ptr_at, EthHdr, Ipv6Hdr, Ports, ETH_HDR_LEN, ETH_P_IPV6},
 };
 
@@ -136,11 +136,9 @@ struct Quoted {
 /// stack.
 #[xdp]
 pub fn slb_xdp6_icmp(ctx: XdpContext) -> u32 {
-    let Some(counters) = GLOBAL_STATS.get_ptr_mut(0) else {
+    let Some(counters) = crate::maps::global_counters() else {
         return XDP_PASS;
     };
-    // Per-CPU slot: no other CPU writes it while this program runs.
-    let counters = unsafe { &mut *counters };
     translate_error(&ctx, counters)
 }
 

@@ -105,6 +105,14 @@ pub static BACKEND_STATS: PerCpuArray<TrafficCounters, BACKENDS_MAX> = PerCpuArr
 #[btf_map]
 pub static GLOBAL_STATS: PerCpuArray<GlobalCounters, 1> = PerCpuArray::new();
 
+/// This CPU's data-plane counters, which every program's entry takes first.
+#[inline(always)]
+pub fn global_counters() -> Option<&'static mut GlobalCounters> {
+    let counters = GLOBAL_STATS.get_ptr_mut(0)?;
+    // SAFETY: a per-CPU slot: no other CPU writes it, and programs do not nest on a CPU.
+    Some(unsafe { &mut *counters })
+}
+
 /// Interfaces the program may redirect to, keyed by ifindex.
 /// Scratch space for `bpf_fib_lookup`'s parameters, one per CPU (see `forward.rs`).
 #[btf_map]
