@@ -154,19 +154,24 @@ impl BackendRef {
 
 #[derive(Debug, Subcommand)]
 pub enum BackendAction {
+    /// Add a backend to a group; it takes new connections at once.
     Add {
         #[command(flatten)]
         backend: BackendRef,
+        /// Its weight (0: added drained).
         #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = parse_weight)]
         weight: u32,
     },
+    /// Remove a backend from a group; its established flows are re-balanced.
     Remove {
         #[command(flatten)]
         backend: BackendRef,
     },
+    /// Change a backend's weight (0 drains it: no new connections, established ones kept).
     SetWeight {
         #[command(flatten)]
         backend: BackendRef,
+        /// The new weight.
         #[arg(long, allow_negative_numbers = true, value_parser = parse_weight)]
         weight: u32,
     },
