@@ -23,6 +23,10 @@ pub use traffic::{LongLivedStreams, TrafficOptions, TrafficReport};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+/// How far, in percentage points, a backend's share of a few thousand connections may be from
+/// its weight's share in the tests that check a distribution (about four standard deviations
+/// at 1600 connections).
+pub const SHARE_TOLERANCE_PP: f64 = 5.0;
 /// Virtual IP the listeners use. No interface carries it: the client reaches it through its
 /// default route and the XDP program on the slb side of the client veth intercepts it.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(10, 200, 100, 10);

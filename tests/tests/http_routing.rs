@@ -11,10 +11,10 @@ use std::time::Duration;
 use http_common::{client_builder, count_backends, get, send, Answer, L7Setup};
 use slb_tests::config::{domain_rule, http_listener, path_rule, CookiePersistence, Scheduler};
 use slb_tests::http::{read_access_log, vip_http, HTTP_PORT};
+use slb_tests::SHARE_TOLERANCE_PP;
 use slb_tests::{require_root, Distribution, CLIENT_ADDR, VIP};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
-const TOLERANCE_PP: f64 = 5.0;
 
 #[test]
 fn http_rules_route_by_domain_and_path() {
@@ -220,7 +220,7 @@ fn http_weighted_round_robin_spreads_by_weight() {
         &not_200[..not_200.len().min(5)]
     );
     assert_eq!(table.total, n);
-    if let Err(e) = table.check(TOLERANCE_PP) {
+    if let Err(e) = table.check(SHARE_TOLERANCE_PP) {
         panic!("{e}");
     }
 }

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use slb_tests::slb::{slb_binary, unique_instance};
 use slb_tests::traffic::tcp_connections;
+use slb_tests::SHARE_TOLERANCE_PP;
 use slb_tests::{
     require_root, vip_tcp, Distribution, LongLivedStreams, SlbConfig, SlbDaemon, Topology,
     TrafficOptions,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
-const TOLERANCE_PP: f64 = 5.0;
 
 #[test]
 fn live_changes_keep_established_connections() {
@@ -81,7 +81,7 @@ fn live_changes_keep_established_connections() {
         "{}",
         tcp.summary("TCP")
     );
-    if let Err(e) = table.check(TOLERANCE_PP) {
+    if let Err(e) = table.check(SHARE_TOLERANCE_PP) {
         panic!("{e}");
     }
 

@@ -12,13 +12,13 @@ use std::time::Duration;
 use slb_tests::config::{POOL_GROUP, TCP_LISTENER};
 use slb_tests::slb::{slb_binary, status_backend, unique_instance};
 use slb_tests::traffic::tcp_connections;
+use slb_tests::SHARE_TOLERANCE_PP;
 use slb_tests::{
     require_root, vip6_tcp, Distribution, Family, LongLivedStreams, SlbConfig, SlbDaemon, Topology,
     TrafficOptions, BACKEND_PORT,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
-const TOLERANCE_PP: f64 = 5.0;
 const STREAMS: usize = 20;
 /// New connections per distribution check: a share's standard deviation is at most 1.25
 /// percentage points, so 5 points is 4 of them.
@@ -44,7 +44,7 @@ fn check_new_connections(topo: &Topology, what: &str, weights: &[(String, u32)])
         [Family::V6.client_addr()].into(),
         "{what}: backends must see the client's IPv6 address"
     );
-    if let Err(e) = table.check(TOLERANCE_PP) {
+    if let Err(e) = table.check(SHARE_TOLERANCE_PP) {
         panic!("{e}");
     }
 }

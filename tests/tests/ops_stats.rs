@@ -12,6 +12,7 @@ use slb_tests::config::{listener, Persistence, Protocol};
 use slb_tests::slb::{slb_binary, status_listener, unique_instance, Status};
 use slb_tests::traffic::tcp_connections;
 use slb_tests::SECOND_BACKEND_PORT;
+use slb_tests::SHARE_TOLERANCE_PP;
 use slb_tests::{
     in_netns, require_root, vip_tcp, SlbConfig, SlbDaemon, Topology, TrafficOptions, VIP,
 };
@@ -268,25 +269,48 @@ fn stats_prometheus_and_distribution_report() {
         "{head}"
     );
 
-    // The distribution report: 1:2:3 is balanced within chance.
+    // The distribution report. Its verdict follows the deviations: "balanced" when every
+    // backend is within what chance allows (about three standard deviations, so a fair 1:2:3
+    // split of random source ports is called skewed in roughly one run of a hundred; that is
+    // the report's judgement to make, not this test's), else "skewed" naming the backend
+    // furthest out. The split itself is held to the balance tests' ±5 points.
     let dist = report_distribution(&daemon, &instance, TCP_LISTENER);
     let l = report_listener(&dist, TCP_LISTENER);
     assert_eq!(l["total"], CONNECTIONS as u64, "{l:#}");
     let verdict = l["verdict"].as_str().expect("verdict");
-    assert!(
-        verdict.starts_with("balanced"),
-        "verdict {verdict:?}: {l:#}"
-    );
+    let outside: Vec<&str> = l["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .filter(|b| {
+            b["deviation_points"].as_f64().unwrap().abs() > b["allowed_points"].as_f64().unwrap()
+        })
+        .map(|b| b["backend"].as_str().unwrap())
+        .collect();
+    if outside.is_empty() {
+        assert!(
+            verdict.starts_with("balanced"),
+            "verdict {verdict:?}: {l:#}"
+        );
+    } else {
+        assert!(
+            verdict.starts_with("skewed") && outside.iter().any(|b| verdict.contains(b)),
+            "verdict {verdict:?} with {outside:?} outside what chance allows: {l:#}"
+        );
+    }
     for b in l["backends"].as_array().expect("backends") {
         let deviation = b["deviation_points"].as_f64().unwrap();
-        let allowed = b["allowed_points"].as_f64().unwrap();
         let weight_share = b["weight_share_pct"].as_f64().unwrap();
         let expected = f64::from(b["weight"].as_u64().unwrap() as u32) * 100.0 / 6.0;
         assert!(
             (weight_share - expected).abs() < 0.01,
             "weight share of {b:#}"
         );
-        assert!(deviation.abs() <= allowed, "{} is off: {b:#}", b["backend"]);
+        assert!(
+            deviation.abs() <= SHARE_TOLERANCE_PP,
+            "{} is off by more than {SHARE_TOLERANCE_PP} points: {b:#}",
+            b["backend"]
+        );
         assert_eq!(
             b["count"].as_u64(),
             observed.get(b["backend"].as_str().unwrap()).copied(),

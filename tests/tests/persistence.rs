@@ -8,12 +8,12 @@ use std::time::Duration;
 use slb_tests::config::{listener, Persistence, Protocol, TCP_LISTENER};
 use slb_tests::slb::{slb_binary, unique_instance};
 use slb_tests::traffic::tcp_connections;
+use slb_tests::SHARE_TOLERANCE_PP;
 use slb_tests::{
     require_root, vip_tcp, Distribution, SlbConfig, SlbDaemon, Topology, TrafficOptions, VIP,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
-const TOLERANCE_PP: f64 = 5.0;
 const SPREAD_PORT: u16 = 81;
 /// Connections for the spread check. With 600, a share's standard deviation is about 2 points
 /// and 2 of 40 batches measured here went past 5 points; with 1800 it is about 1.2 points.
@@ -88,7 +88,7 @@ fn persistence_pins_a_client_address() {
         "{}",
         spread.summary("listener without persistence")
     );
-    if let Err(e) = table.check(TOLERANCE_PP) {
+    if let Err(e) = table.check(SHARE_TOLERANCE_PP) {
         panic!("{e}");
     }
 

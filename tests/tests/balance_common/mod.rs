@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use slb_tests::slb::{slb_binary, unique_instance};
 use slb_tests::traffic::{tcp_connections, tcp_roundtrip_to_host, udp_flows};
+use slb_tests::SHARE_TOLERANCE_PP;
 use slb_tests::{
     Distribution, Family, SlbConfig, SlbDaemon, Topology, TrafficOptions, TrafficReport,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
 /// Allowed distance between a backend's share and its weight share, in percentage points.
-const TOLERANCE_PP: f64 = 5.0;
 
 /// Every request answered, shares within tolerance, and backends saw the client's own address.
 fn check_balanced(
@@ -37,7 +37,7 @@ fn check_balanced(
         report.distinct_source_ports, expected,
         "{what}: every request should come from its own source port"
     );
-    if let Err(e) = table.check(TOLERANCE_PP) {
+    if let Err(e) = table.check(SHARE_TOLERANCE_PP) {
         panic!("{e}");
     }
     assert_eq!(
