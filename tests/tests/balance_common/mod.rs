@@ -15,7 +15,6 @@ use slb_tests::{
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
-/// Allowed distance between a backend's share and its weight share, in percentage points.
 
 /// Every request answered, shares within tolerance, and backends saw the client's own address.
 fn check_balanced(
