@@ -7,7 +7,7 @@ use std::time::Duration;
 use slb_tests::config::{health_check, CheckKind, TCP_LISTENER, UDP_LISTENER};
 use slb_tests::slb::{slb_binary, status_backend, unique_instance, unix_ns_now};
 use slb_tests::traffic::{ms, per_backend, udp_flows, Attempt, ConnectionLoop};
-use slb_tests::{require_root, vip_tcp, vip_udp, SlbConfig, SlbDaemon, Topology, TrafficOptions};
+use slb_tests::{require_root, vip_tcp, Family, SlbConfig, SlbDaemon, Topology, TrafficOptions};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
 const INTERVAL: Duration = Duration::from_millis(200);
@@ -213,14 +213,26 @@ fn health_check_removes_a_dead_backend_and_readmits_it() {
 #[test]
 fn udp_health_check_keeps_a_dead_backend_unhealthy() {
     require_root("udp_health_check_keeps_a_dead_backend_unhealthy");
+    udp_check_keeps_a_dead_backend_unhealthy(Family::V4, "hcudp");
+}
+
+/// The same over IPv6: the probes and the backends' ICMPv6 port unreachable (rate-limited as
+/// ICMP's) travel over IPv6.
+#[test]
+fn udp_health_check_keeps_a_dead_ipv6_backend_unhealthy() {
+    require_root("udp_health_check_keeps_a_dead_ipv6_backend_unhealthy");
+    udp_check_keeps_a_dead_backend_unhealthy(Family::V6, "hcudp6");
+}
+
+fn udp_check_keeps_a_dead_backend_unhealthy(family: Family, tag: &str) {
     let slb = slb_binary();
     let mut topo = Topology::builder()
-        .tag("hcudp")
+        .tag(tag)
         .backends(3)
         .test_servers(Path::new(SERVER))
         .build()
         .expect("create topology");
-    let mut config = SlbConfig::standard(&unique_instance("hcudp"), &[1, 1, 1]);
+    let mut config = SlbConfig::standard_in(family, &unique_instance(tag), &[1, 1, 1]);
     config.listener_mut(UDP_LISTENER).health_check = Some(health_check(
         CheckKind::Udp,
         Duration::from_secs(1),
@@ -229,7 +241,7 @@ fn udp_health_check_keeps_a_dead_backend_unhealthy() {
         UNHEALTHY_THRESHOLD,
     ));
     let daemon = SlbDaemon::start(&slb, topo.slb_ns(), &config).expect("start slb");
-    let b2 = Topology::backend_addr(2);
+    let b2 = family.backend_addr(2);
 
     let stopped_at = unix_ns_now();
     topo.stop_backend_server(2).expect("stop backend 2");
@@ -237,7 +249,8 @@ fn udp_health_check_keeps_a_dead_backend_unhealthy() {
         .wait_backend_health(UDP_LISTENER, b2, false, Duration::from_secs(5))
         .expect("backend 2 is declared unhealthy");
     println!(
-        "udp check: backend 2 unhealthy {:.1} ms after the stop: {}",
+        "{} udp check: backend 2 unhealthy {:.1} ms after the stop: {}",
+        family.name(),
         ms(verdict.health.as_ref().map_or(0, |h| h.since_unix_ns) as i128 - stopped_at as i128),
         verdict.health.as_ref().map_or("", |h| h.reason.as_str())
     );
@@ -252,7 +265,7 @@ fn udp_health_check_keeps_a_dead_backend_unhealthy() {
     );
     let mut opts = TrafficOptions::new(60);
     opts.timeout = Duration::from_millis(500);
-    let flows = udp_flows(topo.client_ns(), vip_udp(), 40000, &opts).expect("UDP flows");
+    let flows = udp_flows(topo.client_ns(), family.vip_udp(), 40000, &opts).expect("UDP flows");
     println!(
         "{}",
         flows.summary("new UDP flows 4 s after backend 2 was declared unhealthy")
