@@ -7,9 +7,9 @@ mod http_common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use http_common::{client_builder, count_backends, get, send, L7Setup};
-use slb_tests::config::{http_listener, listener_on, Protocol};
-use slb_tests::http::{read_access_log, HTTP_PORT};
+use http_common::{client_builder, count_backends, get, send, L7Setup, TestPki};
+use slb_tests::config::{http_listener, listener_on, Listener, Protocol};
+use slb_tests::http::{read_access_log, HTTPS_PORT, HTTP_PORT};
 use slb_tests::{require_root, CLIENT_ADDR6, VIP6};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -94,4 +94,52 @@ fn http_listener_on_an_ipv6_vip_serves_ipv6_clients_and_names_them_to_the_backen
         "clients logged: {:?}",
         ours.iter().map(|r| r.client).collect::<Vec<_>>()
     );
+}
+
+#[test]
+fn https_listener_on_an_ipv6_vip_serves_http2_to_ipv6_clients() {
+    require_root("https_listener_on_an_ipv6_vip_serves_http2_to_ipv6_clients");
+    let host = "secure6.example.test";
+    let mut pki = None;
+    let setup = L7Setup::start("h7tls6", 2, |c, dir| {
+        let p = TestPki::generate(dir, &[host]);
+        c.group("pool", &[(1, 1), (2, 1)]);
+        c.listener(Listener {
+            certificates: vec![p.certificate_config(host)],
+            ..listener_on(
+                VIP6.into(),
+                "secure6",
+                Protocol::Https,
+                HTTPS_PORT,
+                Some("pool"),
+            )
+        });
+        pki = Some(p);
+    });
+    let pki = pki.expect("certificates generated");
+    let client = client_builder(&[host], SocketAddr::new(VIP6.into(), HTTPS_PORT), TIMEOUT)
+        .add_root_certificate(pki.root())
+        .build()
+        .expect("client");
+    let answers = setup.client.run(async move {
+        let url = format!("https://{host}:{HTTPS_PORT}/who");
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            answers.push(get(&client, &url).await.expect("GET over TLS and IPv6"));
+        }
+        answers
+    });
+    let counts = count_backends(&answers);
+    println!("10 HTTPS requests to [{VIP6}]:{HTTPS_PORT} went to {counts:?}");
+    assert!(answers.iter().all(|a| a.status == 200), "{counts:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.version == reqwest::Version::HTTP_2),
+        "ALPN picks HTTP/2"
+    );
+    let e = answers[0].echo();
+    let client_ip = CLIENT_ADDR6.to_string();
+    assert_eq!(e.x_forwarded_for.as_deref(), Some(client_ip.as_str()));
+    assert_eq!(e.x_forwarded_proto.as_deref(), Some("https"));
 }
