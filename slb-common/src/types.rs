@@ -145,6 +145,13 @@ pub fn addr_words(addr: &Addr) -> [u32; 4] {
     unsafe { core::mem::transmute::<Addr, [u32; 4]>(*addr) }
 }
 
+/// The address whose words (in memory order) these are: [`addr_words`] undone.
+#[inline(always)]
+pub fn addr_from_words(words: [u32; 4]) -> Addr {
+    // SAFETY: as in `addr_words`.
+    unsafe { core::mem::transmute::<[u32; 4], Addr>(words) }
+}
+
 /// A ring slot with no backend (a listener whose backends all have weight 0).
 pub const NO_BACKEND: u32 = u32::MAX;
 

@@ -14,7 +14,7 @@ use slb_common::{
     endpoint_filter_bits,
     hash::flow_hash,
     Addr, Backend, BackendEndpoint, Connection, FlowKey, FragmentKey, GlobalCounters,
-    ListenerEntry, ListenerKey, NextHop, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING,
+    ListenerEntry, ListenerKey, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING,
     BACKEND_F_PRESENT, CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
     FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP,
     LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, NO_BACKEND,
@@ -22,7 +22,7 @@ use slb_common::{
 };
 
 use crate::{
-    forward::{now_ns, route_ipv4, send, zero_in_place, Route},
+    forward::{cache_slot, now_ns, route_ipv4, send, Route},
     fragments, half_open,
     icmp::{self, IPPROTO_ICMP},
     maps::{
@@ -733,16 +733,7 @@ fn to_client(
     counters: &mut GlobalCounters,
 ) -> u32 {
     let client = u32::from_ne_bytes(unsafe { (*ip).dst });
-    let cache = match NEXT_HOP_CLIENT.get_ptr_mut(client) {
-        Some(slot) => slot,
-        None => {
-            let mut empty = core::mem::MaybeUninit::<NextHop>::uninit();
-            let _ = NEXT_HOP_CLIENT.insert(client, &*zero_in_place(&mut empty), 0);
-            NEXT_HOP_CLIENT
-                .get_ptr_mut(client)
-                .unwrap_or(core::ptr::null_mut())
-        }
-    };
+    let cache = cache_slot(&NEXT_HOP_CLIENT, client);
     // Routed before the rewrite: the route to the client does not depend on the source.
     let route = route_ipv4(
         ctx,

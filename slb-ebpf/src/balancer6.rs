@@ -14,17 +14,17 @@ use aya_ebpf::{
 };
 use core::ops::ControlFlow;
 use slb_common::{
-    addr_words,
+    addr_from_words, addr_words,
     checksum::{apply, delta_addr_words, delta_u16},
     ipv6_filter_fold, ipv6_prefix_words, Addr, BackendEndpoint, FlowKey, GlobalCounters,
-    ListenerEntry, ListenerKey, NextHop6, ReplyNat, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
+    ListenerEntry, ListenerKey, ReplyNat, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
     FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_PERSIST,
     PROGRAM_SLOT_IPV6_FRAGMENT, PROGRAM_SLOT_IPV6_ICMP,
 };
 
 use crate::{
     balancer::{count_traffic, endpoint_may_be, l4_header, pick_backend, Endpoint, L4},
-    forward::{now_ns, route_ipv6, send, zero_in_place, Route},
+    forward::{cache_slot, now_ns, route_ipv6, send, Route},
     fragments6::{self, FragmentHdr, NEXTHDR_FRAGMENT},
     icmp6::{self, IPPROTO_ICMPV6},
     maps::{LISTENERS, NEXT_HOP_BACKEND6, NEXT_HOP_CLIENT6, PROGRAMS, REPLY_NAT},
@@ -294,9 +294,7 @@ fn persistence_client(flow: &FlowKey, listener: &ListenerEntry) -> Addr {
     if listener.flags & LISTENER_F_PERSIST == 0 || prefix == 0 || prefix >= 128 {
         return flow.src;
     }
-    let masked = ipv6_prefix_words(addr_words(&flow.src), prefix);
-    // SAFETY: [u32; 4] and [u8; 16] have the same size and every bit pattern is valid for both.
-    unsafe { core::mem::transmute::<[u32; 4], Addr>(masked) }
+    addr_from_words(ipv6_prefix_words(addr_words(&flow.src), prefix))
 }
 
 #[inline(always)]
@@ -344,18 +342,7 @@ fn to_client(
     counters: &mut GlobalCounters,
 ) -> u32 {
     let client_words = unsafe { (*ip).dst };
-    // SAFETY: as in `persistence_client`.
-    let client: Addr = unsafe { core::mem::transmute::<[u32; 4], Addr>(client_words) };
-    let cache = match NEXT_HOP_CLIENT6.get_ptr_mut(&client) {
-        Some(slot) => slot,
-        None => {
-            let mut empty = core::mem::MaybeUninit::<NextHop6>::uninit();
-            let _ = NEXT_HOP_CLIENT6.insert(&client, &*zero_in_place(&mut empty), 0);
-            NEXT_HOP_CLIENT6
-                .get_ptr_mut(&client)
-                .unwrap_or(core::ptr::null_mut())
-        }
-    };
+    let cache = cache_slot(&NEXT_HOP_CLIENT6, addr_from_words(client_words));
     // Routed before the rewrite: the route to the client does not depend on the source.
     let route = route_ipv6(
         ctx,
@@ -384,7 +371,7 @@ fn to_client(
 
 /// A packet whose hop limit would run out here goes to the stack, which sends Time Exceeded.
 #[inline(always)]
-fn hop_limit_expired(ip: *const Ipv6Hdr, counters: &mut GlobalCounters) -> bool {
+pub(crate) fn hop_limit_expired(ip: *const Ipv6Hdr, counters: &mut GlobalCounters) -> bool {
     let expired = unsafe { (*ip).hop_limit } <= 1;
     if expired {
         counters.ttl_expired_passed += 1;

@@ -6,6 +6,7 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup as FibParams, xdp_action},
+    btf_maps::LruPerCpuHashMap,
     helpers::{
         bpf_ktime_get_coarse_ns,
         generated::{bpf_check_mtu, bpf_fib_lookup},
@@ -90,13 +91,7 @@ pub fn route_ipv4(
             FibAnswer::Route(route) => return route,
         }
     };
-    if hop.local != 0 {
-        return Route::Local;
-    }
-    if u16::from_be(unsafe { (*ip).total_len }) > hop.mtu {
-        return Route::TooBig(hop.mtu);
-    }
-    Route::Hop(hop)
+    route_of(hop, usize::from(u16::from_be(unsafe { (*ip).total_len })))
 }
 
 /// [`route_ipv4`]'s twin for the IPv6 packet whose header is `ip`, towards `dst` (words in
@@ -137,14 +132,32 @@ pub fn route_ipv6(
             FibAnswer::Route(route) => return route,
         }
     };
+    let packet_len = IPV6_HDR_LEN + usize::from(u16::from_be(unsafe { (*ip).payload_len }));
+    route_of(hop, packet_len)
+}
+
+/// Where a packet of `packet_len` bytes (IP header on) goes with next hop `hop`.
+#[inline(always)]
+fn route_of(hop: NextHop, packet_len: usize) -> Route {
     if hop.local != 0 {
         return Route::Local;
     }
-    let packet_len = IPV6_HDR_LEN + usize::from(u16::from_be(unsafe { (*ip).payload_len }));
     if packet_len > usize::from(hop.mtu) {
         return Route::TooBig(hop.mtu);
     }
     Route::Hop(hop)
+}
+
+/// This CPU's next-hop cache slot for `key` in `map`, made (zeroed: empty) when there is none;
+/// null when the LRU cannot take it (the lookup then goes to the FIB).
+#[inline(always)]
+pub fn cache_slot<K, V, const N: usize>(map: &LruPerCpuHashMap<K, V, N>, key: K) -> *mut V {
+    if let Some(slot) = map.get_ptr_mut(&key) {
+        return slot;
+    }
+    let mut empty = core::mem::MaybeUninit::<V>::uninit();
+    let _ = map.insert(&key, &*zero_in_place(&mut empty), 0);
+    map.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut())
 }
 
 /// Sends the (rewritten) packet along `route`, counting the outcome.

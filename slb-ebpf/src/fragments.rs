@@ -115,6 +115,19 @@ fn ours(key: &FragmentKey) -> bool {
         || matches!(flags(key.src), Some(f) if f & NAT_ADDRESS_F_BACKEND != 0)
 }
 
+/// A later fragment whose first fragment was not seen (or whose entry expired): dropped when
+/// its addresses are `ours` (forwarded as it is, it would leak a backend's address or go
+/// nowhere), passed otherwise.
+#[inline(always)]
+pub(crate) fn without_first(ours: bool, counters: &mut GlobalCounters) -> u32 {
+    if ours {
+        counters.fragments_dropped_orphan += 1;
+        return XDP_DROP;
+    }
+    counters.fragments_passed += 1;
+    XDP_PASS
+}
+
 /// What a later fragment of a datagram whose first fragment had `action` does, counted: the
 /// verdict when it stops here (dropped or passed with its first), `None` when it is forwarded.
 #[inline(always)]
@@ -146,14 +159,7 @@ pub fn later(
     let now = now_ns();
     let entry = match FRAGMENTS.get_ptr_mut(key) {
         Some(e) if now.wrapping_sub(unsafe { (*e).created_ns }) < FRAGMENT_TIMEOUT_NS => e,
-        _ => {
-            if ours(&key) {
-                counters.fragments_dropped_orphan += 1;
-                return XDP_DROP;
-            }
-            counters.fragments_passed += 1;
-            return XDP_PASS;
-        }
+        _ => return without_first(ours(&key), counters),
     };
     let action = unsafe { (*entry).action };
     if let Some(verdict) = stops_here(action, counters) {

@@ -18,8 +18,9 @@ use slb_common::{
 };
 
 use crate::{
+    balancer6::hop_limit_expired,
     forward::{now_ns, route_ipv6, send, Route},
-    fragments::stops_here,
+    fragments::{stops_here, without_first},
     icmp6,
     maps::{FRAGMENTS6, NAT_ADDRESSES6, NEXT_HOP_CLIENT6},
     packet::{ptr_at, EthHdr, Ipv6Hdr, ETH_HDR_LEN, IPV6_HDR_LEN},
@@ -166,21 +167,13 @@ fn later(
     let now = now_ns();
     let entry = match FRAGMENTS6.get_ptr_mut(&key) {
         Some(e) if now.wrapping_sub(unsafe { (*e).created_ns }) < FRAGMENT_TIMEOUT_NS => e,
-        _ => {
-            if ours(&key) {
-                counters.fragments_dropped_orphan += 1;
-                return XDP_DROP;
-            }
-            counters.fragments_passed += 1;
-            return XDP_PASS;
-        }
+        _ => return without_first(ours(&key), counters),
     };
     let action = unsafe { (*entry).action };
     if let Some(verdict) = stops_here(action, counters) {
         return verdict;
     }
-    if unsafe { (*ip).hop_limit } <= 1 {
-        counters.ttl_expired_passed += 1;
+    if hop_limit_expired(ip, counters) {
         return XDP_PASS;
     }
     let (new_src, new_dst) = unsafe {

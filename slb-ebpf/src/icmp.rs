@@ -17,8 +17,8 @@ use core::ops::ControlFlow;
 use slb_common::{
     checksum::{fold, replace_u16, replace_u32},
     hash::flow_hash,
-    ipv4_mapped, BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, ReplyNat, IPPROTO_TCP,
-    IPPROTO_UDP,
+    ipv4_mapped, Backend, BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, ReplyNat,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -242,6 +242,24 @@ fn parse_error(
     ControlFlow::Continue((err, quoted))
 }
 
+/// The backend serving `flow` (client → VIP) by the connection or the half-open table; `None`,
+/// counted as unmatched, for a flow this node does not know.
+#[inline(always)]
+pub(crate) fn flow_backend(
+    flow: &FlowKey,
+    counters: &mut GlobalCounters,
+) -> Option<(u32, &'static Backend)> {
+    let id = match unsafe { CONNECTIONS.get(flow) } {
+        Some(conn) => Some(conn.backend_id),
+        None => half_open::picked(flow, flow_hash(flow, FLOW_HASH_SEED)),
+    };
+    let found = id.and_then(|id| present_backend(id).map(|backend| (id, backend)));
+    if found.is_none() {
+        counters.icmp_errors_unmatched += 1;
+    }
+    found
+}
+
 /// An error about a reply the VIP sent (to the client of a listener's flow): to the backend
 /// serving the flow, quoting the backend instead of the VIP.
 #[inline(always)]
@@ -258,18 +276,7 @@ fn error_to_backend(
         quoted.src_port,
         quoted.protocol,
     );
-    let id = match unsafe { CONNECTIONS.get(&flow) } {
-        Some(conn) => conn.backend_id,
-        None => match half_open::picked(&flow, flow_hash(&flow, FLOW_HASH_SEED)) {
-            Some(id) => id,
-            None => {
-                counters.icmp_errors_unmatched += 1;
-                return XDP_PASS;
-            }
-        },
-    };
-    let Some(backend) = present_backend(id) else {
-        counters.icmp_errors_unmatched += 1;
+    let Some((id, backend)) = flow_backend(&flow, counters) else {
         return XDP_PASS;
     };
     let addr = [
@@ -338,7 +345,11 @@ fn error_to_client(
 
 /// Counts a translated error and forwards it on `route`.
 #[inline(always)]
-fn send_translated(ctx: &XdpContext, route: Route, counters: &mut GlobalCounters) -> u32 {
+pub(crate) fn send_translated(
+    ctx: &XdpContext,
+    route: Route,
+    counters: &mut GlobalCounters,
+) -> u32 {
     counters.icmp_errors_translated += 1;
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return XDP_DROP;

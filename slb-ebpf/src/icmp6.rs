@@ -15,18 +15,16 @@ use aya_ebpf::{
 };
 use core::ops::ControlFlow;
 use slb_common::{
-    addr_words,
+    addr_from_words, addr_words,
     checksum::{apply, delta_addr_words, delta_u16, fold},
-    hash::flow_hash,
     BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, ReplyNat, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
-    balancer::{present_backend, FLOW_HASH_SEED},
-    forward::{now_ns, route_ipv6, send, Route},
-    half_open,
-    icmp::{reframe, sum16},
-    maps::{CONNECTIONS, LISTENERS, NEXT_HOP_BACKEND6, REPLY_NAT},
+    balancer6::hop_limit_expired,
+    forward::{now_ns, route_ipv6, Route},
+    icmp::{flow_backend, reframe, send_translated, sum16},
+    maps::{LISTENERS, NEXT_HOP_BACKEND6, REPLY_NAT},
     packet::{ptr_at, EthHdr, Ipv6Hdr, Ports, ETH_HDR_LEN, ETH_P_IPV6},
 };
 
@@ -153,7 +151,7 @@ fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     };
     // About a packet the VIP sent: to the backend serving the flow.
     let listener = ListenerKey {
-        vip: addr_of(quoted.src),
+        vip: addr_from_words(quoted.src),
         port: quoted.src_port,
         protocol: quoted.protocol,
         _pad: 0,
@@ -163,7 +161,7 @@ fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     }
     // About a packet sent to a backend: to the client, quoting the VIP.
     let endpoint = BackendEndpoint {
-        addr: addr_of(quoted.dst),
+        addr: addr_from_words(quoted.dst),
         port: quoted.dst_port,
         protocol: quoted.protocol,
         _pad: 0,
@@ -174,12 +172,6 @@ fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     }
     counters.not_for_us_passed += 1;
     XDP_PASS
-}
-
-#[inline(always)]
-fn addr_of(words: [u32; 4]) -> slb_common::Addr {
-    // SAFETY: [u32; 4] and [u8; 16] have the same size and every bit pattern is valid for both.
-    unsafe { core::mem::transmute::<[u32; 4], slb_common::Addr>(words) }
 }
 
 /// The error and the packet it quotes, or the verdict (pass) on ICMPv6 that is not an error this
@@ -237,18 +229,7 @@ fn error_to_backend(
         quoted.src_port,
         quoted.protocol,
     );
-    let id = match unsafe { CONNECTIONS.get(&flow) } {
-        Some(conn) => conn.backend_id,
-        None => match half_open::picked(&flow, flow_hash(&flow, FLOW_HASH_SEED)) {
-            Some(id) => id,
-            None => {
-                counters.icmp_errors_unmatched += 1;
-                return XDP_PASS;
-            }
-        },
-    };
-    let Some(backend) = present_backend(id) else {
-        counters.icmp_errors_unmatched += 1;
+    let Some((id, backend)) = flow_backend(&flow, counters) else {
         return XDP_PASS;
     };
     let addr = addr_words(&backend.addr);
@@ -257,8 +238,7 @@ fn error_to_backend(
         .get_ptr_mut(id)
         .unwrap_or(core::ptr::null_mut());
     let route = route_ipv6(ctx, ip, addr, IPPROTO_ICMPV6, cache, now_ns(), counters);
-    if unsafe { (*ip).hop_limit } <= 1 {
-        counters.ttl_expired_passed += 1;
+    if hop_limit_expired(ip, counters) {
         return XDP_PASS;
     }
     unsafe {
@@ -296,8 +276,7 @@ fn error_to_client(
         counters.local_from_backend_passed += 1;
         return XDP_PASS;
     }
-    if unsafe { (*ip).hop_limit } <= 1 {
-        counters.ttl_expired_passed += 1;
+    if hop_limit_expired(ip, counters) {
         return XDP_PASS;
     }
     unsafe {
@@ -305,16 +284,6 @@ fn error_to_client(
         (*ip).hop_limit -= 1;
     }
     send_translated(ctx, route, counters)
-}
-
-/// Counts a translated error and forwards it on `route`.
-#[inline(always)]
-fn send_translated(ctx: &XdpContext, route: Route, counters: &mut GlobalCounters) -> u32 {
-    counters.icmp_errors_translated += 1;
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return XDP_DROP;
-    };
-    send(ctx, eth, route, counters)
 }
 
 /// Rewrites the quoted packet's source (`source`) or destination address and port (network
