@@ -84,6 +84,14 @@ impl Echo {
     }
 }
 
+/// The 64-bit FNV-1a hash of `bytes`: how `slb-http-backend`'s `/upload` names what it
+/// received, so a test can tell that a body arrived intact.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// `slb-http-backend` processes in the backend namespaces of a topology, each answering as
 /// `b<i>` on port 8080. Killed on drop.
 #[derive(Debug)]

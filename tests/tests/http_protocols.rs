@@ -1,6 +1,6 @@
 //! HTTPS listener with two certificates chosen by SNI, HTTP/2 and HTTP/1.x by ALPN, the
 //! server's cipher order, one header limit for both protocols, a WebSocket echo through the
-//! HTTP listener, and a streamed response body.
+//! HTTP listener, a streamed response body, and uploads however the client frames them.
 
 mod http_common;
 
@@ -420,6 +420,66 @@ fn http_header_limit_is_the_same_over_http1_and_http2() {
     for (label, kib, outcome) in outcomes {
         let expected = if kib == 20 { 200 } else { 431 };
         assert_eq!(outcome, Ok(expected), "{label} with a {kib} KiB header");
+    }
+}
+
+/// Request bodies reach the backend byte for byte however the client frames them: over
+/// HTTP/1.1 with a length or chunked, over HTTP/2 with a length or without one (slb then sends
+/// it chunked). The pieces range from one byte to more than slb copies into a write (16 KiB).
+#[test]
+fn http_uploads_reach_the_backend_intact_however_framed() {
+    require_root("http_uploads_reach_the_backend_intact_however_framed");
+    let setup = L7Setup::start("h7upl", 1, |c, _| {
+        c.group("pool", &[(1, 1)]);
+        c.listener(http_listener("web", HTTP_PORT, "pool"));
+    });
+    let pieces: Vec<Vec<u8>> = [1usize, 700, 20_000, 3, 65_536, 16_384, 90_000]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| (0..len).map(|j| (j * 31 + i * 7 + j / 251) as u8).collect())
+        .collect();
+    let whole: Vec<u8> = pieces.concat();
+    let h1 = client_builder(&[], vip_http(), TIMEOUT)
+        .http1_only()
+        .build()
+        .expect("client");
+    let h2 = client_builder(&[], vip_http(), TIMEOUT)
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let url = format!("http://{}/upload", vip_http());
+    let answers = setup.client.run(async move {
+        let mut answers = Vec::new();
+        for (label, client) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
+            for streamed in [false, true] {
+                let body = if streamed {
+                    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+                        pieces.iter().cloned().map(Ok).collect();
+                    reqwest::Body::wrap_stream(futures_util::stream::iter(chunks))
+                } else {
+                    reqwest::Body::from(pieces.concat())
+                };
+                let answer = send(client.post(&url).body(body))
+                    .await
+                    .unwrap_or_else(|e| panic!("{label} upload (streamed {streamed}): {e:?}"));
+                answers.push((label, streamed, answer.status, answer.text()));
+            }
+        }
+        answers
+    });
+    let expected_hash = slb_tests::http::fnv1a64(&whole);
+    for (label, streamed, status, text) in answers {
+        println!("{label}, streamed {streamed}: {status} {text}");
+        assert_eq!(status, 200, "{label}, streamed {streamed}: {text}");
+        let framing = if streamed { "chunked" } else { "length" };
+        assert_eq!(
+            text.trim(),
+            format!(
+                "received {} bytes, fnv1a {expected_hash:016x}, framed by {framing}",
+                whole.len()
+            ),
+            "{label}, streamed {streamed}"
+        );
     }
 }
 

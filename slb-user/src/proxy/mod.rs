@@ -9,12 +9,16 @@
 //!   response, log; `route`, `balance`, `cookies`, `client_body` and `websocket` serve the
 //!   phases.
 //! - `pool`: keep-alive connections to backends, reused request after request;
+//!   `backend_connection`: one of them, driven by the request's own task; `backend_wire`: the
+//!   HTTP/1.1 it speaks (request and response heads, body framing, chunked coding);
 //! - `limits`: the bounds on backend connections (`max_connections`, the queue before 503);
 //!   `stall`: the bound on a client that stops reading; `counters`: what they count.
 //! - `access_log`: the log record, written by a thread of its own.
 //! - `workers`: the proxy's threads, a current-thread runtime each.
 
 pub mod access_log;
+mod backend_connection;
+mod backend_wire;
 pub mod balance;
 mod client_body;
 pub mod cookies;

@@ -1,8 +1,8 @@
 //! Keep-alive HTTP/1.1 connections to backends, pooled per backend address: a request takes an
 //! idle connection or opens one (holding one of the backend's connection permits for as long as
 //! the connection lives), and its connection comes back to the pool when the response body has
-//! been read to its end. A request sent on a reused connection that the backend had closed
-//! before it was sent is sent again on another: the request never reached the backend.
+//! been read to its end. A bodiless idempotent request that a reused connection leaves
+//! unanswered (the backend had closed it as the request went out) is sent again on another.
 //!
 //! slb's own rather than hyper-util's pooled client, which per request hashes the pool key,
 //! races a lazy connect against the checkout and spawns a task to put the connection back (about
@@ -16,48 +16,39 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::body::{Body as _, Frame, Incoming};
-use hyper::client::conn::http1::SendRequest;
+use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::client_body::WatchedBody;
+use super::backend_connection::{Answer, BackendConnection, BodyReader, ExchangeError};
+use super::backend_wire::{encode_request_head, RequestFraming};
 use super::limits::{BackendCap, BoxError};
 
 /// How long a connection may wait unused in the pool before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-struct Idle<B> {
-    sender: SendRequest<B>,
+struct Idle {
+    connection: BackendConnection,
     since: Instant,
 }
 
-impl<B> Idle<B> {
+impl Idle {
     /// Neither closed by the backend nor idle for [`IDLE_TIMEOUT`].
     fn usable(&self) -> bool {
-        !self.sender.is_closed() && self.since.elapsed() < IDLE_TIMEOUT
+        self.since.elapsed() < IDLE_TIMEOUT && self.connection.idle_usable()
     }
 }
 
-/// The pools of all backends, shared by the proxy threads; `B` is the request body.
-pub struct BackendPool<B = WatchedBody> {
-    idle: Mutex<HashMap<SocketAddr, Vec<Idle<B>>>>,
+/// The pools of all backends, shared by the proxy threads.
+#[derive(Default)]
+pub struct BackendPool {
+    idle: Mutex<HashMap<SocketAddr, Vec<Idle>>>,
     /// Told whenever a connection comes back: a request waiting for a connection permit of a
     /// backend at its `max_connections` takes an idle connection instead (the permit it waits
     /// for may be held by that very connection).
     returned: tokio::sync::Notify,
-}
-
-impl<B> Default for BackendPool<B> {
-    fn default() -> Self {
-        BackendPool {
-            idle: Mutex::new(HashMap::new()),
-            returned: tokio::sync::Notify::new(),
-        }
-    }
 }
 
 /// Connection errors that name what failed; the cause (an `io::Error` for EMFILE) stays in the
@@ -71,54 +62,82 @@ enum PoolError {
     },
     #[error("connecting to {addr}: no answer within {CONNECT_TIMEOUT:?}")]
     ConnectTimedOut { addr: SocketAddr },
-    #[error("HTTP handshake with {addr}: {source}")]
-    Handshake {
+    #[error("exchange with {addr}: {source}")]
+    Exchange {
         addr: SocketAddr,
-        source: hyper::Error,
-    },
-    #[error("sending to {addr}: {source}")]
-    Send {
-        addr: SocketAddr,
-        source: hyper::Error,
+        source: ExchangeError,
     },
 }
 
-impl<B> BackendPool<B>
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl BackendPool {
     /// Sends `req` (its target in origin form, as the backend gets it) to `addr` over a pooled
     /// connection or a new one, and waits for the response head. The response body gives the
     /// connection back to the pool when it has been read to its end.
-    pub async fn send(
+    pub async fn send<B>(
         self: &Arc<Self>,
         addr: SocketAddr,
         cap: &Arc<BackendCap>,
-        mut req: Request<B>,
-    ) -> Result<Response<PooledBody<B>>, BoxError> {
+        req: Request<B>,
+    ) -> Result<Response<PooledBody>, BoxError>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let (mut parts, body) = req.into_parts();
+        let framing = RequestFraming::settle(
+            &parts.method,
+            &mut parts.headers,
+            body.is_end_stream(),
+            &body.size_hint(),
+        );
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let head = encode_request_head(&parts.method, target, &parts.headers);
+        let mut body = Some(body);
+        let_this_pass_run_first().await;
         loop {
-            let (mut sender, reused) = self.checkout(addr, cap).await?;
-            match sender.try_send_request(req).await {
-                Ok(response) => {
-                    let pool = Arc::downgrade(self);
-                    return Ok(response.map(|body| PooledBody {
-                        inner: body,
-                        checkin: Some(Checkin { pool, addr, sender }),
+            let (mut connection, reused) = self.checkout(addr, cap).await?;
+            let exchanged = match (framing, body.take()) {
+                (RequestFraming::Empty, _) => {
+                    connection.exchange_bodiless(&head, &parts.method).await
+                }
+                (_, Some(body)) => {
+                    connection
+                        .exchange(&head, &parts.method, framing, body)
+                        .await
+                }
+                (_, None) => unreachable!("a request with a body is sent once"),
+            };
+            match exchanged {
+                Ok(Answer {
+                    response,
+                    body,
+                    reusable,
+                }) => {
+                    // The response goes to the client in the next pass, with the others'.
+                    let_this_pass_run_first().await;
+                    let checkin = reusable.then(|| Checkin {
+                        pool: Arc::downgrade(self),
+                        addr,
+                    });
+                    return Ok(response.map(|()| PooledBody {
+                        source: Source::Backend {
+                            connection: Some(connection),
+                            body,
+                            checkin,
+                        },
                     }));
                 }
-                Err(mut e) => match e.take_message() {
-                    // The backend closed the idle connection before the request went out.
-                    Some(unsent) if reused => req = unsent,
-                    _ => {
-                        return Err(PoolError::Send {
-                            addr,
-                            source: e.into_error(),
-                        }
-                        .into())
-                    }
-                },
+                // The backend closed the idle connection as the request went out: the request
+                // was not acted on, and a bodiless idempotent one is safe to send again.
+                Err(e)
+                    if reused
+                        && e.unanswered()
+                        && framing == RequestFraming::Empty
+                        && parts.method.is_idempotent() =>
+                {
+                    tracing::debug!(backend = %addr, "a reused connection went unanswered, sending again: {e}");
+                }
+                Err(source) => return Err(PoolError::Exchange { addr, source }.into()),
             }
         }
     }
@@ -129,13 +148,13 @@ where
         &self,
         addr: SocketAddr,
         cap: &Arc<BackendCap>,
-    ) -> Result<(SendRequest<B>, bool), BoxError> {
+    ) -> Result<(BackendConnection, bool), BoxError> {
         loop {
             let returned = self.returned.notified();
             tokio::pin!(returned);
             returned.as_mut().enable();
-            if let Some(sender) = self.take_idle(addr).await {
-                return Ok((sender, true));
+            if let Some(connection) = self.take_idle(addr) {
+                return Ok((connection, true));
             }
             let permit = match cap.try_connection_permit() {
                 Some(permit) => permit,
@@ -150,49 +169,30 @@ where
 
     /// An idle connection to `addr` that is ready for a request; closed and expired ones are
     /// dropped on the way.
-    async fn take_idle(&self, addr: SocketAddr) -> Option<SendRequest<B>> {
-        loop {
-            let idle = {
-                let mut idle = self.idle.lock().expect("pool lock");
-                idle.get_mut(&addr)?.pop()?
-            };
-            if !idle.usable() {
-                continue;
-            }
-            let mut sender = idle.sender;
-            // Given back as its body ended: the connection may still be finishing that
-            // response, which takes no longer than the task's next turn.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+    fn take_idle(&self, addr: SocketAddr) -> Option<BackendConnection> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let connections = idle.get_mut(&addr)?;
+        while let Some(candidate) = connections.pop() {
+            if candidate.usable() {
+                return Some(candidate.connection);
             }
         }
+        None
     }
 
     async fn connect(
         &self,
         addr: SocketAddr,
         permit: OwnedSemaphorePermit,
-    ) -> Result<SendRequest<B>, BoxError> {
+    ) -> Result<BackendConnection, BoxError> {
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| PoolError::ConnectTimedOut { addr })?
             .map_err(|source| PoolError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| PoolError::Handshake { addr, source })?;
-        tokio::spawn(async move {
-            // The permit counts the connection until it closes.
-            let _permit = permit;
-            if let Err(e) = connection.await {
-                tracing::debug!(backend = %addr, "backend connection ended: {e}");
-            }
-        });
-        Ok(sender)
+        Ok(BackendConnection::new(stream, permit))
     }
-}
 
-impl<B> BackendPool<B> {
     /// Closes the connections idle for [`IDLE_TIMEOUT`] or closed by their backend.
     fn sweep(&self) {
         let mut idle = self.idle.lock().expect("pool lock");
@@ -213,13 +213,13 @@ impl<B> BackendPool<B> {
             .sum()
     }
 
-    fn put(&self, addr: SocketAddr, sender: SendRequest<B>) {
-        if sender.is_closed() {
+    fn put(&self, addr: SocketAddr, connection: BackendConnection) {
+        if !connection.clean() {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock");
         idle.entry(addr).or_default().push(Idle {
-            sender,
+            connection,
             since: Instant::now(),
         });
         drop(idle);
@@ -228,7 +228,7 @@ impl<B> BackendPool<B> {
 }
 
 /// Sweeps `pool` every few seconds until it is gone.
-pub async fn sweep_until_dropped<B>(pool: Weak<BackendPool<B>>) {
+pub async fn sweep_until_dropped(pool: Weak<BackendPool>) {
     let mut tick = tokio::time::interval(IDLE_TIMEOUT / 12);
     loop {
         tick.tick().await;
@@ -239,73 +239,137 @@ pub async fn sweep_until_dropped<B>(pool: Weak<BackendPool<B>>) {
     }
 }
 
-struct Checkin<B> {
-    pool: Weak<BackendPool<B>>,
+/// Lets the tasks that are ready in this pass of the proxy thread's scheduler run before this
+/// one goes on, so that the pass's writes to backends (and then to clients) leave back to back.
+/// Written as each request comes up, they would be spread over the pass: the receiving side
+/// (a veth peer's NAPI thread, a NIC's queue) is then woken once per packet rather than once
+/// per burst. Measured in the HTTP benchmark (50 connections): rescheduling interrupts to the
+/// other CPU 12.5k/s → 4.7k/s, balancer CPU per request 14.5 → 12.6 µs.
+async fn let_this_pass_run_first() {
+    tokio::task::yield_now().await;
+}
+
+/// Where a connection goes back to once its response body has ended.
+struct Checkin {
+    pool: Weak<BackendPool>,
     addr: SocketAddr,
-    sender: SendRequest<B>,
 }
 
 /// A backend's response body; its connection goes back to the pool once the body has ended
 /// (dropped before its end, the connection is closed: what is left of the body would be read
 /// as the next response).
-pub struct PooledBody<B = WatchedBody> {
-    inner: Incoming,
-    /// Taken when the connection goes back: at the body's end, or when it is dropped with
-    /// nothing left to read.
-    checkin: Option<Checkin<B>>,
+pub struct PooledBody {
+    source: Source,
 }
 
-impl<B> PooledBody<B> {
+enum Source {
+    Backend {
+        /// Taken when the body ends: back to the pool, or closed.
+        connection: Option<BackendConnection>,
+        body: BodyReader,
+        /// `None` when the connection closes after this body.
+        checkin: Option<Checkin>,
+    },
+    /// An upgrade's answer, over a connection of its own.
+    Upgrade(Incoming),
+}
+
+impl PooledBody {
     /// A body whose connection is no pool's (an upgrade's).
-    pub fn unpooled(inner: Incoming) -> PooledBody<B> {
+    pub fn unpooled(inner: Incoming) -> PooledBody {
         PooledBody {
-            inner,
-            checkin: None,
+            source: Source::Upgrade(inner),
         }
     }
 
-    fn check_in(&mut self) {
-        if let Some(Checkin { pool, addr, sender }) = self.checkin.take() {
-            if let Some(pool) = pool.upgrade() {
-                pool.put(addr, sender);
+    /// The body has ended: the connection goes back to its pool or closes.
+    fn release(&mut self) {
+        if let Source::Backend {
+            connection,
+            checkin,
+            ..
+        } = &mut self.source
+        {
+            if let (Some(connection), Some(Checkin { pool, addr })) =
+                (connection.take(), checkin.take())
+            {
+                if let Some(pool) = pool.upgrade() {
+                    pool.put(addr, connection);
+                }
             }
         }
     }
 }
 
-impl<B> hyper::body::Body for PooledBody<B>
-where
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.check_in();
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = match &mut self.source {
+            Source::Upgrade(inner) => {
+                return Pin::new(inner).poll_frame(cx).map_err(BoxError::from)
+            }
+            Source::Backend {
+                connection: Some(connection),
+                body,
+                ..
+            } => connection.poll_body_frame(body, cx),
+            Source::Backend {
+                connection: None, ..
+            } => return Poll::Ready(None),
+        };
+        match polled {
+            Poll::Ready(None) => {
+                self.release();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                // The connection is in no state for another request.
+                if let Source::Backend { connection, .. } = &mut self.source {
+                    connection.take();
+                }
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if self.is_end_stream() {
+                    self.release();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.source {
+            Source::Upgrade(inner) => inner.is_end_stream(),
+            Source::Backend {
+                connection: Some(_),
+                body,
+                ..
+            } => body.ended(),
+            Source::Backend {
+                connection: None, ..
+            } => true,
+        }
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        match &self.source {
+            Source::Upgrade(inner) => inner.size_hint(),
+            Source::Backend { body, .. } => body.size_hint(),
+        }
     }
 }
 
-impl<B> Drop for PooledBody<B> {
+impl Drop for PooledBody {
     fn drop(&mut self) {
-        if self.inner.is_end_stream() {
-            self.check_in();
+        if self.is_end_stream() {
+            self.release();
         }
     }
 }
@@ -382,7 +446,7 @@ mod tests {
             .unwrap()
     }
 
-    async fn read_all(response: Response<PooledBody<Empty<Bytes>>>) -> usize {
+    async fn read_all(response: Response<PooledBody>) -> usize {
         response
             .into_body()
             .collect()

@@ -700,7 +700,7 @@ fn rewrite_response(
     let body = if ctx.http2 {
         ClientPacedBody::new(body, ctx.listener.client_timeout, counters.clone()).boxed()
     } else {
-        body.map_err(BoxError::from).boxed()
+        body.boxed()
     };
     Response::from_parts(parts, body)
 }
@@ -739,12 +739,12 @@ struct CountedBody {
 
 impl hyper::body::Body for CountedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

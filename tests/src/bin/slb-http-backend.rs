@@ -7,7 +7,8 @@
 //! * `/set-cookie/NAME/VALUE` answers with `Set-Cookie: NAME=VALUE; Path=/`;
 //! * `/stream?kb=N[&ms=M]` streams N KiB in 1 KiB chunks (M ms apart, default 0);
 //! * `/ws` accepts a WebSocket upgrade and echoes every text and binary message;
-//! * `/upload` reads the whole request body and answers `received N bytes`;
+//! * `/upload` reads the whole request body and answers `received N bytes, fnv1a H, framed by
+//!   F` (H the body's [`slb_tests::http::fnv1a64`] in hex, F `chunked`, `length` or `none`);
 //! * `/connections` answers `{"open":..,"peak":..,"streams":..}`: client connections open now,
 //!   the most ever open at once, and `/stream` bodies still being sent;
 //! * `/relay?to=ADDR` sends the request on to `ADDR` (method, target and headers as received,
@@ -181,8 +182,22 @@ async fn handle(
     let mut response = if path == "/ws" {
         websocket(req)
     } else if path == "/upload" {
+        let framing = if req.headers().contains_key(header::TRANSFER_ENCODING) {
+            "chunked"
+        } else if req.headers().contains_key(header::CONTENT_LENGTH) {
+            "length"
+        } else {
+            "none"
+        };
         match req.into_body().collect().await {
-            Ok(body) => Response::new(full(format!("received {} bytes\n", body.to_bytes().len()))),
+            Ok(body) => {
+                let body = body.to_bytes();
+                Response::new(full(format!(
+                    "received {} bytes, fnv1a {:016x}, framed by {framing}\n",
+                    body.len(),
+                    slb_tests::http::fnv1a64(&body)
+                )))
+            }
             Err(e) => {
                 let mut response = Response::new(full(format!("body failed: {e}\n")));
                 *response.status_mut() = StatusCode::BAD_REQUEST;
