@@ -185,6 +185,10 @@ pub const LISTENER_F_ACTIVE_STANDBY: u32 = 1;
 pub const LISTENER_F_IGNORE_HEALTH: u32 = 2;
 /// Listener flag: source-address persistence is on (`persist_timeout_s`).
 pub const LISTENER_F_PERSIST: u32 = 4;
+/// Listener flag: direct server return on the L2 segment. The client's packet goes on
+/// unchanged, in a frame to the backend's MAC address (the backend holds the VIP and answers the
+/// client itself); replies do not pass slb.
+pub const LISTENER_F_DSR: u32 = 8;
 
 pub type Addr = [u8; 16];
 
@@ -524,7 +528,9 @@ pub struct NextHop {
     /// Non-zero: the destination is this host (health-check and proxy traffic from a backend's
     /// endpoint): such packets are not replies to translate.
     pub local: u8,
-    pub _pad: u8,
+    /// Non-zero: the next hop is `dst` itself, on a link of this host (no gateway between), as
+    /// direct server return needs.
+    pub on_link: u8,
     /// The egress device's MTU: larger packets need fragmenting or an ICMP error.
     pub mtu: u16,
     pub checked_ns: u64,
@@ -651,6 +657,12 @@ global_counters! {
     fib_lookups,
     /// Forwarded packets whose next hop came from the cache.
     next_hop_cached,
+    /// Packets of a DSR listener whose backend is not on a link of this host (a gateway would
+    /// route the unchanged packet back to the VIP): dropped.
+    dsr_backend_off_link,
+    /// Packets of a DSR listener whose backend's MAC address the kernel has not resolved yet
+    /// (the stack would route the unchanged packet to the VIP, not to the backend): dropped.
+    dsr_next_hop_unresolved,
 }
 
 /// Room for the frame `xdp_replay` (the benchmark driver) writes back before each run: an

@@ -17,12 +17,12 @@ use slb_common::{
     ListenerEntry, ListenerKey, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING,
     BACKEND_F_PRESENT, CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
     FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP,
-    LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, NO_BACKEND,
-    PROGRAM_SLOT_IPV6, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
+    LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST,
+    NO_BACKEND, PROGRAM_SLOT_IPV6, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
 };
 
 use crate::{
-    forward::{cache_slot, now_ns, route_ipv4, send, Route},
+    forward::{cache_slot, now_ns, route_ipv4, send, send_direct, Route},
     fragments, half_open,
     icmp::{self, IPPROTO_ICMP},
     maps::{
@@ -715,9 +715,12 @@ fn to_backend(
             return icmp::reply_too_big(ctx, mtu, counters);
         }
     }
-    unsafe { translate(ip, l4, Endpoint::Destination, &backend.addr, backend.port) };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(listener.index, id, bytes, new_flow);
+    if listener.flags & LISTENER_F_DSR != 0 {
+        return send_direct(ctx, eth, route, counters);
+    }
+    unsafe { translate(ip, l4, Endpoint::Destination, &backend.addr, backend.port) };
     send(ctx, eth, route, counters)
 }
 

@@ -18,13 +18,13 @@ use slb_common::{
     checksum::{apply, delta_addr_words, delta_u16},
     ipv6_filter_fold, ipv6_prefix_words, Addr, BackendEndpoint, FlowKey, GlobalCounters,
     ListenerEntry, ListenerKey, ReplyNat, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
-    FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_PERSIST,
-    PROGRAM_SLOT_IPV6_FRAGMENT, PROGRAM_SLOT_IPV6_ICMP,
+    FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_DSR,
+    LISTENER_F_PERSIST, PROGRAM_SLOT_IPV6_FRAGMENT, PROGRAM_SLOT_IPV6_ICMP,
 };
 
 use crate::{
     balancer::{count_traffic, endpoint_may_be, l4_header, pick_backend, Endpoint, L4},
-    forward::{cache_slot, now_ns, route_ipv6, send, Route},
+    forward::{cache_slot, now_ns, route_ipv6, send, send_direct, Route},
     fragments6::{self, FragmentHdr, NEXTHDR_FRAGMENT},
     icmp6::{self, IPPROTO_ICMPV6},
     maps::{LISTENERS, NEXT_HOP_BACKEND6, NEXT_HOP_CLIENT6, PROGRAMS, REPLY_NAT},
@@ -324,9 +324,12 @@ fn to_backend(
     if let Route::TooBig(mtu) = route {
         return icmp6::reply_too_big(ctx, mtu, counters);
     }
-    unsafe { translate(ip, l4, Endpoint::Destination, backend_addr, backend.port) };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(listener.index, id, bytes, new_flow);
+    if listener.flags & LISTENER_F_DSR != 0 {
+        return send_direct(ctx, eth, route, counters);
+    }
+    unsafe { translate(ip, l4, Endpoint::Destination, backend_addr, backend.port) };
     send(ctx, eth, route, counters)
 }
 

@@ -204,6 +204,29 @@ pub fn send(
     }
 }
 
+/// Sends a DSR listener's packet, unchanged, in a frame to its backend's MAC address. Only a
+/// backend on the link itself can take it: through a gateway, or handed to the stack to resolve
+/// the address, the packet would be routed by its destination, the VIP, back here.
+#[inline(always)]
+pub fn send_direct(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    route: Route,
+    counters: &mut GlobalCounters,
+) -> u32 {
+    match route {
+        Route::Hop(hop) if hop.on_link == 0 => {
+            counters.dsr_backend_off_link += 1;
+            xdp_action::XDP_DROP
+        }
+        Route::Stack => {
+            counters.dsr_next_hop_unresolved += 1;
+            xdp_action::XDP_DROP
+        }
+        route => send(ctx, eth, route, counters),
+    }
+}
+
 #[inline(always)]
 fn set_macs(eth: *mut EthHdr, hop: &NextHop) {
     unsafe {
@@ -318,7 +341,18 @@ fn fib_next_hop6(
         }
         params.ifindex = ingress;
     }
-    fib_answer(ctx, params, [0; 4], ingress, now)
+    match fib_answer(ctx, params, [0; 4], ingress, now) {
+        FibAnswer::Hop(mut hop) => {
+            let answered = &raw const params.__bindgen_anon_4.ipv6_dst;
+            let mut same = true;
+            for i in 0..4 {
+                same &= unsafe { core::ptr::read_volatile(&raw const (*answered)[i]) } == dst[i];
+            }
+            hop.on_link = u8::from(same);
+            FibAnswer::Hop(hop)
+        }
+        other => other,
+    }
 }
 
 /// Asks the FIB with `params` filled in, and turns its answer into a next hop for IPv4
@@ -346,7 +380,11 @@ fn fib_answer(
             smac: params.smac,
             dmac: params.dmac,
             local: 0,
-            _pad: 0,
+            // The FIB writes a gateway, when there is one, over the destination (IPv6: set
+            // by the caller, which knows the whole address).
+            on_link: u8::from(
+                unsafe { params.__bindgen_anon_4.ipv4_dst } == u32::from_ne_bytes(dst),
+            ),
             mtu: device_mtu(ctx, params.ifindex),
             checked_ns: now,
         }),
@@ -359,7 +397,7 @@ fn fib_answer(
             smac: params.smac,
             dmac: params.dmac,
             local: 1,
-            _pad: 0,
+            on_link: 0,
             mtu: u16::MAX,
             checked_ns: now,
         }),

@@ -18,12 +18,12 @@ use slb_common::{
     checksum::{fold, replace_u16, replace_u32},
     hash::flow_hash,
     ipv4_mapped, Backend, BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, ReplyNat,
-    IPPROTO_TCP, IPPROTO_UDP,
+    IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_DSR,
 };
 
 use crate::{
     balancer::{decrement_ttl, present_backend, ttl_expired, FLOW_HASH_SEED},
-    forward::{now_ns, route_ipv4, send, Route},
+    forward::{now_ns, route_ipv4, send, send_direct, Route},
     half_open,
     maps::{CONNECTIONS, LISTENERS, NEXT_HOP_BACKEND, REPLY_NAT},
     packet::{ptr_at, EthHdr, Ipv4Hdr, Ports, ETH_HDR_LEN, ETH_P_IP},
@@ -178,8 +178,9 @@ pub fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         protocol: quoted.protocol,
         _pad: 0,
     };
-    if unsafe { LISTENERS.get(&listener) }.is_some() {
-        return error_to_backend(ctx, err, &quoted, counters);
+    if let Some(entry) = unsafe { LISTENERS.get(&listener) } {
+        let direct = entry.flags & LISTENER_F_DSR != 0;
+        return error_to_backend(ctx, err, &quoted, direct, counters);
     }
     // About a packet sent to a backend: to the client, quoting the VIP.
     let endpoint = BackendEndpoint {
@@ -261,12 +262,14 @@ pub(crate) fn flow_backend(
 }
 
 /// An error about a reply the VIP sent (to the client of a listener's flow): to the backend
-/// serving the flow, quoting the backend instead of the VIP.
+/// serving the flow, quoting the backend instead of the VIP; for a `direct` (DSR) listener, whose
+/// backend sent the reply from the VIP itself, unchanged to the backend's MAC address.
 #[inline(always)]
 fn error_to_backend(
     ctx: &XdpContext,
     err: *mut IcmpError,
     quoted: &Quoted,
+    direct: bool,
     counters: &mut GlobalCounters,
 ) -> u32 {
     let flow = FlowKey::ipv4(
@@ -293,6 +296,9 @@ fn error_to_backend(
     if ttl_expired(ip, counters) {
         return XDP_PASS;
     }
+    if direct {
+        return send_translated(ctx, route, true, counters);
+    }
     unsafe {
         let old = (*ip).dst;
         (*ip).check = replace_u32(
@@ -304,7 +310,7 @@ fn error_to_backend(
         rewrite_quoted(err, true, addr, backend.port.to_be());
         decrement_ttl(ip);
     }
-    send_translated(ctx, route, counters)
+    send_translated(ctx, route, false, counters)
 }
 
 /// An error about a packet sent to a backend: to the client, quoting the VIP instead of the
@@ -340,20 +346,25 @@ fn error_to_client(
         rewrite_quoted(err, false, vip, nat.vip_port.to_be());
         decrement_ttl(ip);
     }
-    send_translated(ctx, route, counters)
+    send_translated(ctx, route, false, counters)
 }
 
-/// Counts a translated error and forwards it on `route`.
+/// Counts a translated error and forwards it on `route` (`direct`: unchanged, to a DSR
+/// backend's MAC address).
 #[inline(always)]
 pub(crate) fn send_translated(
     ctx: &XdpContext,
     route: Route,
+    direct: bool,
     counters: &mut GlobalCounters,
 ) -> u32 {
     counters.icmp_errors_translated += 1;
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return XDP_DROP;
     };
+    if direct {
+        return send_direct(ctx, eth, route, counters);
+    }
     send(ctx, eth, route, counters)
 }
 

@@ -18,6 +18,7 @@ use slb_common::{
     addr_from_words, addr_words,
     checksum::{apply, delta_addr_words, delta_u16, fold},
     BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, ReplyNat, IPPROTO_TCP, IPPROTO_UDP,
+    LISTENER_F_DSR,
 };
 
 use crate::{
@@ -156,8 +157,9 @@ fn translate_error(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
         protocol: quoted.protocol,
         _pad: 0,
     };
-    if unsafe { LISTENERS.get(&listener) }.is_some() {
-        return error_to_backend(ctx, err, &quoted, counters);
+    if let Some(entry) = unsafe { LISTENERS.get(&listener) } {
+        let direct = entry.flags & LISTENER_F_DSR != 0;
+        return error_to_backend(ctx, err, &quoted, direct, counters);
     }
     // About a packet sent to a backend: to the client, quoting the VIP.
     let endpoint = BackendEndpoint {
@@ -214,12 +216,14 @@ fn parse_error(
 }
 
 /// An error about a reply the VIP sent (to the client of a listener's flow): to the backend
-/// serving the flow, quoting the backend instead of the VIP.
+/// serving the flow, quoting the backend instead of the VIP; for a `direct` (DSR) listener, whose
+/// backend sent the reply from the VIP itself, unchanged to the backend's MAC address.
 #[inline(always)]
 fn error_to_backend(
     ctx: &XdpContext,
     err: *mut IcmpError,
     quoted: &Quoted,
+    direct: bool,
     counters: &mut GlobalCounters,
 ) -> u32 {
     let flow = FlowKey::ipv6(
@@ -241,6 +245,9 @@ fn error_to_backend(
     if hop_limit_expired(ip, counters) {
         return XDP_PASS;
     }
+    if direct {
+        return send_translated(ctx, route, true, counters);
+    }
     unsafe {
         // The outer destination is in the ICMPv6 checksum's pseudo-header.
         let outer_delta = delta_addr_words((*ip).dst, addr);
@@ -248,7 +255,7 @@ fn error_to_backend(
         rewrite_quoted(err, true, addr, backend.port.to_be(), outer_delta);
         (*ip).hop_limit -= 1;
     }
-    send_translated(ctx, route, counters)
+    send_translated(ctx, route, false, counters)
 }
 
 /// An error about a packet sent to a backend: to the client, quoting the VIP instead of the
@@ -283,7 +290,7 @@ fn error_to_client(
         rewrite_quoted(err, false, addr_words(&nat.vip), nat.vip_port.to_be(), 0);
         (*ip).hop_limit -= 1;
     }
-    send_translated(ctx, route, counters)
+    send_translated(ctx, route, false, counters)
 }
 
 /// Rewrites the quoted packet's source (`source`) or destination address and port (network

@@ -1495,3 +1495,68 @@ fn a_half_open_slot_is_used_only_when_its_check_holds() {
         assert_eq!(flow_entries(&h, "CONNECTIONS").len(), 1);
     });
 }
+
+/// A DSR listener (VIP:85 over backend 10.20.0.2 on the segment, VIP:86 over 10.30.0.5 behind a
+/// gateway).
+const DSR_CONFIG: &str = r#"
+instance = "pkt"
+maglev_table_size = 1009
+[[interfaces]]
+name = "in0"
+[[listeners]]
+name = "direct"
+protocol = "tcp"
+vip = "10.99.0.10"
+port = 85
+group = "segment"
+forwarding = "dsr"
+health_check = { type = "tcp" }
+[[listeners]]
+name = "far"
+protocol = "udp"
+vip = "10.99.0.10"
+port = 86
+group = "beyond"
+forwarding = "dsr"
+health_check = { type = "udp" }
+[[groups]]
+name = "segment"
+backends = [{ address = "10.20.0.2" }]
+[[groups]]
+name = "beyond"
+backends = [{ address = "10.30.0.5" }]
+"#;
+
+#[test]
+fn dsr_sends_the_packet_unchanged_to_the_backends_mac_and_only_on_the_link() {
+    in_fresh_netns(|| {
+        let h = Testbed::new(DSR_CONFIG, RING_SIZE).expect("testbed");
+        let gateway = std::process::Command::new("ip")
+            .args(["route", "add", "10.30.0.0/24", "via", "10.20.0.3"])
+            .status()
+            .expect("ip route");
+        assert!(gateway.success());
+        let in_mac = mac_of("in0");
+        let sent = frame(in_mac, CLIENT, VIP, tcp(40000, 85, SYN));
+        let (verdict, out) = h.run(&sent, h.in_index);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let p = parse_valid(&out);
+        assert_eq!(p.dst_mac, BACKEND_MAC, "to the backend's MAC address");
+        assert_eq!(p.src_mac, h.out_mac);
+        assert_eq!(
+            out[12..],
+            sent[12..],
+            "the IP packet is the client's, byte for byte (VIP, port, TTL)"
+        );
+        assert_eq!((p.dst, p.dst_port, p.ttl), (VIP, 85, 64));
+        let c = h.counters();
+        assert_eq!(c.redirected, 1);
+        assert_eq!(c.replies_translated, 0);
+
+        // Through a gateway the packet would be routed back to the VIP: dropped, counted.
+        let (verdict, _) = h.run(&frame(in_mac, CLIENT, VIP, udp(40001, 86)), h.in_index);
+        assert_eq!(verdict, XDP_DROP);
+        let c = h.counters();
+        assert_eq!((c.dsr_backend_off_link, c.redirected), (1, 1));
+    });
+}

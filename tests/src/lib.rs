@@ -10,6 +10,7 @@ pub mod config;
 pub mod exec;
 pub mod http;
 pub mod report;
+pub mod segment;
 pub mod slb;
 pub mod topology;
 pub mod traffic;

@@ -544,7 +544,7 @@ fn subnet6(i: usize) -> u16 {
 }
 
 /// Adds `addr`/64 to `ifname` in `ns`, usable at once (`nodad`).
-fn add_addr6(ns: &str, ifname: &str, addr: Ipv6Addr) -> Result<String, CommandError> {
+pub(crate) fn add_addr6(ns: &str, ifname: &str, addr: Ipv6Addr) -> Result<String, CommandError> {
     ip([
         "-n",
         ns,
@@ -580,7 +580,7 @@ fn prime_neighbour6(slb_ns: &str, addr: Ipv6Addr) -> Result<String, CommandError
     )
 }
 
-fn ip<const N: usize>(args: [&str; N]) -> Result<String, CommandError> {
+pub(crate) fn ip<const N: usize>(args: [&str; N]) -> Result<String, CommandError> {
     exec::run(Command::new("ip").args(args))
 }
 
@@ -593,7 +593,7 @@ fn ip<const N: usize>(args: [&str; N]) -> Result<String, CommandError> {
 /// although GRO alone already queues the frames there. Without one, the frames wait until the
 /// next ordinary packet for that end (a neighbour probe, seconds later), and a client that
 /// needs the error stalls that long.
-fn attach_xdp_pass(ns: &str, ifname: &str) -> anyhow::Result<OwnedFd> {
+pub(crate) fn attach_xdp_pass(ns: &str, ifname: &str) -> anyhow::Result<OwnedFd> {
     const BPF_PROG_LOAD: libc::c_long = 5;
     const BPF_LINK_CREATE: libc::c_long = 28;
     const BPF_PROG_TYPE_XDP: u32 = 6;
@@ -641,7 +641,7 @@ fn attach_xdp_pass(ns: &str, ifname: &str) -> anyhow::Result<OwnedFd> {
 /// Offloads on a client or backend veth end: no TX checksum offload, so local sockets send
 /// complete checksums the XDP program can update incrementally, and GRO on, which veth needs to
 /// accept frames that XDP_REDIRECT sends into its peer.
-fn endpoint_offloads(ns: &str, ifname: &str) -> Result<(), CommandError> {
+pub(crate) fn endpoint_offloads(ns: &str, ifname: &str) -> Result<(), CommandError> {
     exec::exec_in(ns, ["ethtool", "-K", ifname, "tx", "off"])?;
     exec::exec_in(ns, ["ethtool", "-K", ifname, "gro", "on"])?;
     Ok(())

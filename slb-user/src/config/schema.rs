@@ -151,6 +151,9 @@ pub struct Listener {
     /// What to do when every backend of the group is unhealthy.
     #[serde(default)]
     pub on_all_unhealthy: AllUnhealthy,
+    /// TCP/UDP: how packets reach the backends.
+    #[serde(default)]
+    pub forwarding: Forwarding,
     /// HTTP(S): forwarding rules, checked exact domain, then wildcard domain, then path prefix.
     #[serde(default)]
     pub rules: Vec<Rule>,
@@ -262,6 +265,29 @@ pub enum AllUnhealthy {
     ForwardAll,
     /// Drop new flows (counted as `no_backend_dropped`).
     Drop,
+}
+
+/// How a tcp/udp listener's packets reach its backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// The backend's address and port are written into the packet; the backend answers slb's
+    /// side of the route, and slb writes the VIP back into the replies.
+    #[default]
+    Nat,
+    /// Direct server return on the L2 segment: the packet goes unchanged, in a frame to the
+    /// backend's MAC address; the backend holds the VIP and answers the client itself, so
+    /// replies do not pass slb. Backends on a link of slb's, with the listener's port.
+    Dsr,
+}
+
+impl std::fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Forwarding::Nat => "nat",
+            Forwarding::Dsr => "dsr",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -625,3 +625,71 @@ fn client_timeout_is_bounded() {
         );
     }
 }
+
+#[test]
+fn direct_return_needs_the_listeners_port_and_a_health_check() {
+    // The UDP listener on the default group (backend port = listener port) as DSR.
+    let dsr = GOOD.replace(
+        "port = 53\n",
+        "port = 53\nforwarding = \"dsr\"\nhealth_check = { type = \"udp\" }\n",
+    );
+    let c = Config::parse(&dsr, "test.toml").unwrap();
+    assert_eq!(c.listeners[1].forwarding, Forwarding::Dsr);
+    assert_eq!(
+        c.listeners[0].forwarding,
+        Forwarding::Nat,
+        "nat is the default"
+    );
+
+    let e = error_of(&GOOD.replace("port = 53\n", "port = 53\nforwarding = \"dsr\"\n"));
+    assert!(
+        e.contains("listeners[1] (dns).health_check") && e.contains("dsr needs a health check"),
+        "{e}"
+    );
+
+    // The TCP listener's group serves on 8080, not 80.
+    let e = error_of(&GOOD.replace(
+        "port = 80\n",
+        "port = 80\nforwarding = \"dsr\"\nhealth_check = { type = \"tcp\" }\n",
+    ));
+    assert!(
+        e.contains("listeners[0] (web).forwarding")
+            && e.contains("10.0.1.2:8080")
+            && e.contains("give it port 80"),
+        "{e}"
+    );
+
+    let http = GOOD.replace(
+        "protocol = \"tcp\"\nvip = \"10.0.0.10\"\nport = 80\n",
+        "protocol = \"http\"\nvip = \"10.0.0.10\"\nport = 80\nforwarding = \"dsr\"\n",
+    );
+    let e = error_of(&http);
+    assert!(
+        e.contains("listeners[0] (web).forwarding") && e.contains("tcp/udp"),
+        "{e}"
+    );
+
+    let e = error_of(&GOOD.replace("port = 53\n", "port = 53\nforwarding = \"tunnel\"\n"));
+    assert!(e.contains("forwarding") && e.contains("tunnel"), "{e}");
+}
+
+#[test]
+fn direct_return_endpoints_are_no_reply_endpoints() {
+    // A NAT listener and a DSR listener over the same backend endpoint: replies are recognised
+    // by endpoint for the NAT one only (the DSR backend answers from the VIP), so nothing is
+    // shared; two NAT listeners over it are refused.
+    let extra = |forwarding: &str| {
+        GOOD.replace(
+            "port = 53\n",
+            &format!(
+                "port = 53\n\
+                 [[listeners]]\nname = \"alt\"\nprotocol = \"udp\"\nvip = \"10.0.0.10\"\nport = 55\ngroup = \"dns54\"\n\
+                 [[listeners]]\nname = \"dns54\"\nprotocol = \"udp\"\nvip = \"10.0.0.10\"\nport = 54\ngroup = \"dns54\"\n\
+                 forwarding = \"{forwarding}\"\nhealth_check = {{ type = \"udp\" }}\n"
+            ),
+        ) + "[[groups]]\nname = \"dns54\"\nbackends = [{ address = \"10.0.1.1\", port = 54 }]\n"
+    };
+    Config::parse(&extra("dsr"), "test.toml").unwrap();
+    let e = error_of(&extra("nat"));
+    assert!(e.contains("10.0.1.1:54"), "{e}");
+}

@@ -13,10 +13,10 @@ use super::edit::BackendName;
 use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
 use super::{
     invalid, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits, CookiePersistence,
-    Group, GroupKind, HealthCheck, Interface, Listener, Protocol, Scheduler, DEFAULT_GROUP,
-    MAX_BACKEND_CONNECTIONS, MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT,
-    MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS, MAX_THRESHOLD, MAX_WEIGHT, MIN_CHECK_INTERVAL,
-    MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT,
+    Forwarding, Group, GroupKind, HealthCheck, Interface, Listener, Protocol, Scheduler,
+    DEFAULT_GROUP, MAX_BACKEND_CONNECTIONS, MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT,
+    MAX_IDLE_TIMEOUT, MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS, MAX_THRESHOLD, MAX_WEIGHT,
+    MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT,
 };
 
 /// Names a field of one listener: `listeners[<i>] (<name>).<field>`.
@@ -149,7 +149,9 @@ impl Config {
         refuse_own_listeners_as_backends(&at, &resolved, &claims.own_listeners)?;
         refuse_mixed_families(&label, &resolved)?;
         let backends = &resolved.group().backends;
-        if !l.protocol.is_l7() {
+        if l.forwarding == Forwarding::Dsr {
+            validate_direct_return(&at, l, &resolved)?;
+        } else if !l.protocol.is_l7() {
             claim_reply_endpoints(&at, l, backends, &mut claims.reply_endpoints)?;
         }
         validate_timeouts(&at, l)?;
@@ -488,6 +490,50 @@ fn validate_timeouts(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Direct server return sends the client's packet unchanged: to a tcp/udp listener's backends
+/// listening on the listener's own port (nothing rewrites it), which slb must keep checking (a
+/// health check also keeps each backend's MAC address known to the kernel, which the data plane
+/// needs: it cannot hand a packet to the stack to resolve it).
+fn validate_direct_return(
+    at: FieldOf<'_>,
+    l: &Listener,
+    resolved: &ResolvedListener<'_>,
+) -> Result<(), ConfigError> {
+    if l.protocol.is_l7() {
+        return Err(invalid(
+            at("forwarding"),
+            format!(
+                "dsr applies to tcp/udp listeners; this one is {} (slb's proxy answers it)",
+                l.protocol
+            ),
+        ));
+    }
+    for group in &resolved.groups {
+        for b in &group.backends {
+            if b.port != l.port {
+                return Err(invalid(
+                    at("forwarding"),
+                    format!(
+                        "dsr sends the client's packet unchanged, to port {}, but backend {} of group {:?} listens on {}: give it port {}",
+                        l.port,
+                        b.endpoint(),
+                        group.name,
+                        b.port,
+                        l.port
+                    ),
+                ));
+            }
+        }
+    }
+    if l.health_check.is_none() {
+        return Err(invalid(
+            at("health_check"),
+            "dsr needs a health check: it is also what keeps each backend's MAC address known to this host, which direct return sends to",
+        ));
     }
     Ok(())
 }

@@ -10,8 +10,9 @@ use std::net::IpAddr;
 use slb_common::{
     addr_words, endpoint_filter_bits, ipv4_mapped, ipv6_filter_fold, Addr, Backend, ListenerEntry,
     ListenerKey, ReplyNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT, ENDPOINT_F_BACKEND,
-    ENDPOINT_F_LISTENER, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST,
-    MAX_BACKENDS, MAX_LISTENERS, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, RINGS_PER_LISTENER,
+    ENDPOINT_F_LISTENER, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR, LISTENER_F_IGNORE_HEALTH,
+    LISTENER_F_PERSIST, MAX_BACKENDS, MAX_LISTENERS, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP,
+    RINGS_PER_LISTENER,
 };
 
 use super::ReconcileError;
@@ -19,7 +20,8 @@ use crate::applied::{
     AppliedBackend, AppliedListener, AppliedMaps, BackendKey, HealthStatus, Role,
 };
 use crate::config::{
-    AllUnhealthy, Config, GroupKind, Listener, Protocol, ResolvedBackend, ResolvedListener,
+    AllUnhealthy, Config, Forwarding, GroupKind, Listener, Protocol, ResolvedBackend,
+    ResolvedListener,
 };
 
 /// A backend's (address, port, protocol): what its replies are recognised by.
@@ -446,6 +448,9 @@ fn plan_listener(
         entry.persist_timeout_s = p.timeout.as_secs() as u32;
         entry.persist_ipv6_prefix = u32::from(l.persist_ipv6_prefix());
     }
+    if l.forwarding == Forwarding::Dsr {
+        entry.flags |= LISTENER_F_DSR;
+    }
     let replies = reply_translations(g, index, ids);
     let key = listener_key(l.protocol, l.vip, l.port);
     let old_key = old
@@ -561,6 +566,10 @@ fn reply_translations(
     ids: &BTreeMap<BackendKey, u32>,
 ) -> Vec<(ReplyEndpoint, ReplyNat)> {
     let l = g.listener;
+    // Direct return: backends answer from the VIP, past slb; nothing to translate.
+    if l.forwarding == Forwarding::Dsr {
+        return Vec::new();
+    }
     g.members
         .iter()
         .map(|(key, _)| {

@@ -340,3 +340,22 @@ fn a_verdict_the_maps_cannot_take_alone_says_so() {
         "{verdict:?}"
     );
 }
+
+#[test]
+fn a_direct_return_listener_is_flagged_and_translates_no_replies() {
+    let dsr = config_text().replace(
+        "port = 53\n",
+        "port = 53\nforwarding = \"dsr\"\nhealth_check = { type = \"udp\" }\n",
+    );
+    let plan = plan_of(&dsr, &BTreeMap::new(), &AppliedMaps::default());
+    let dns = listener(&plan, "dns");
+    assert_eq!(dns.entry.flags & LISTENER_F_DSR, LISTENER_F_DSR);
+    assert!(dns.replies.is_empty(), "{:?}", dns.replies);
+    let web = listener(&plan, "web");
+    assert_eq!(web.entry.flags & LISTENER_F_DSR, 0);
+    assert_eq!(
+        web.replies.len(),
+        2,
+        "NAT listeners still translate replies"
+    );
+}
