@@ -49,7 +49,8 @@ pub struct Segment {
     slb: String,
     backends: Vec<String>,
     created: Vec<String>,
-    servers: Vec<ChildGuard>,
+    /// Backend `i`'s test server: its command line and, while it runs, the process.
+    servers: Vec<(Vec<OsString>, Option<ChildGuard>)>,
     /// Pass-everything XDP programs on the router's port towards slb (slb sends back out of
     /// `l0` with XDP_TX, which a veth delivers only to a peer with an XDP program) and on the
     /// client's `c0`.
@@ -352,11 +353,8 @@ impl Segment {
             "--udp".into(),
             format!("[{VIP6}]:{VIP_UDP_PORT}").into(),
         ];
-        let mut child = exec::spawn_in(&ns, &args)?;
-        child
-            .wait_for_line("ready", Duration::from_secs(10))
-            .with_context(|| format!("starting the test server of backend {i}"))?;
-        self.servers.push(child);
+        self.servers.push((args, None));
+        self.start_server(i)?;
         // slb's neighbour entries, as its health checks would make them.
         for target in [addr, IpAddr::V6(addr6)] {
             exec::exec_in(
@@ -365,6 +363,27 @@ impl Segment {
             )?;
         }
         Ok(())
+    }
+}
+
+impl Segment {
+    /// Starts backend `i`'s test server (again).
+    pub fn start_server(&mut self, i: usize) -> anyhow::Result<()> {
+        let ns = self.backend_ns(i).to_owned();
+        let (args, child) = &mut self.servers[i - 1];
+        ensure!(child.is_none(), "backend {i}'s server already runs");
+        let mut started = exec::spawn_in(&ns, &*args)?;
+        started
+            .wait_for_line("ready", Duration::from_secs(10))
+            .with_context(|| format!("starting the test server of backend {i}"))?;
+        *child = Some(started);
+        Ok(())
+    }
+
+    /// Kills backend `i`'s test server (as a crash would): its host refuses connections from
+    /// then on.
+    pub fn stop_server(&mut self, i: usize) {
+        self.servers[i - 1].1 = None;
     }
 }
 
