@@ -1,7 +1,10 @@
 //! How answers spread over backends compared with their weights.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
+
+use crate::{TrafficReport, SHARE_TOLERANCE_PP};
 
 /// One backend's line of a [`Distribution`].
 #[derive(Debug, Clone, PartialEq)]
@@ -137,6 +140,36 @@ impl fmt::Display for Distribution {
             100.0
         )
     }
+}
+
+/// Every request answered, shares within tolerance, and backends saw the client's own address.
+pub fn assert_balanced(
+    what: &str,
+    report: &TrafficReport,
+    expected: usize,
+    pool: &[(String, u32)],
+    client: IpAddr,
+) {
+    let table = Distribution::new(what, pool, &report.counts);
+    println!("{}\n{table}", report.summary(what));
+    assert!(
+        report.failures.is_empty() && report.answered() == expected,
+        "{what}: {} of {expected} answered\n{}",
+        report.answered(),
+        report.summary(what)
+    );
+    assert_eq!(
+        report.distinct_source_ports, expected,
+        "{what}: every request should come from its own source port"
+    );
+    if let Err(e) = table.check(SHARE_TOLERANCE_PP) {
+        panic!("{e}");
+    }
+    assert_eq!(
+        report.peer_ips(),
+        BTreeSet::from([client]),
+        "{what}: backends must see the client's real address"
+    );
 }
 
 #[cfg(test)]

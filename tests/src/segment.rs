@@ -27,7 +27,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _};
 
 use crate::exec::{self, ChildGuard};
-use crate::topology::{add_addr6, attach_xdp_pass, endpoint_offloads, ip};
+use crate::topology::{add_addr6, add_namespace, attach_xdp_pass, endpoint_offloads, ip};
 use crate::{Family, VIP, VIP6, VIP_TCP_PORT, VIP_UDP_PORT};
 
 static NEXT_SEGMENT: AtomicU32 = AtomicU32::new(0);
@@ -144,21 +144,7 @@ impl Segment {
     }
 
     fn add_namespace(&mut self, ns: &str) -> anyhow::Result<()> {
-        ip(["netns", "add", ns])?;
-        self.created.push(ns.to_owned());
-        // Before any link exists, or IPv6 addresses stay tentative for ~2 s.
-        exec::exec_in(
-            ns,
-            [
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ],
-        )?;
-        ip(["-n", ns, "link", "set", "lo", "up"])?;
-        Ok(())
+        add_namespace(ns, &mut self.created)
     }
 
     fn create_core(&mut self) -> anyhow::Result<()> {
@@ -226,25 +212,7 @@ impl Segment {
         ])?;
         add_addr6(&slb, SLB_INTERFACE, SLB_ADDR6)?;
         ip(["-n", &slb, "link", "set", SLB_INTERFACE, "up"])?;
-        ip([
-            "-n",
-            &slb,
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_ADDR.to_string(),
-        ])?;
-        ip([
-            "-n",
-            &slb,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_ADDR6.to_string(),
-        ])?;
+        default_routes_via_router(&slb)?;
         exec::exec_in(&slb, ["ethtool", "-K", SLB_INTERFACE, "gro", "on"])?;
         // The FIB answers the data plane's lookups only for an interface that forwards.
         for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
@@ -320,25 +288,7 @@ impl Segment {
             "lo",
             "nodad",
         ])?;
-        ip([
-            "-n",
-            &ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_ADDR.to_string(),
-        ])?;
-        ip([
-            "-n",
-            &ns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_ADDR6.to_string(),
-        ])?;
+        default_routes_via_router(&ns)?;
         endpoint_offloads(&ns, "b0")?;
         let args: Vec<OsString> = vec![
             server_bin.into(),
@@ -385,6 +335,17 @@ impl Segment {
     pub fn stop_server(&mut self, i: usize) {
         self.servers[i - 1].1 = None;
     }
+}
+
+/// Both families' default routes of `ns` via the router's address on the segment.
+fn default_routes_via_router(ns: &str) -> anyhow::Result<()> {
+    for (family, router) in [
+        ("-4", ROUTER_ADDR.to_string()),
+        ("-6", ROUTER_ADDR6.to_string()),
+    ] {
+        ip(["-n", ns, family, "route", "add", "default", "via", &router])?;
+    }
+    Ok(())
 }
 
 impl Drop for Segment {

@@ -495,25 +495,30 @@ impl Topology {
         Ok(())
     }
 
-    /// Creates namespace `ns` with `lo` up and IPv6 duplicate address detection off (set
-    /// before any link is created there, or its addresses would stay tentative for ~2 s), and
-    /// records it for teardown.
+    /// Creates namespace `ns` (see [`add_namespace`]) and records it for teardown.
     fn add_namespace(&mut self, ns: &str) -> anyhow::Result<()> {
-        ip(["netns", "add", ns])?;
-        self.created.push(ns.to_owned());
-        exec::exec_in(
-            ns,
-            [
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv6.conf.all.accept_dad=0",
-                "net.ipv6.conf.default.accept_dad=0",
-            ],
-        )?;
-        ip(["-n", ns, "link", "set", "lo", "up"])?;
-        Ok(())
+        add_namespace(ns, &mut self.created)
     }
+}
+
+/// Creates namespace `ns` with `lo` up and IPv6 duplicate address detection off (set before any
+/// link is created there, or its addresses would stay tentative for ~2 s); `ns` joins `created`
+/// (deleted on teardown) as soon as it exists.
+pub(crate) fn add_namespace(ns: &str, created: &mut Vec<String>) -> anyhow::Result<()> {
+    ip(["netns", "add", ns])?;
+    created.push(ns.to_owned());
+    exec::exec_in(
+        ns,
+        [
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ],
+    )?;
+    ip(["-n", ns, "link", "set", "lo", "up"])?;
+    Ok(())
 }
 
 impl Drop for Topology {

@@ -4,7 +4,6 @@
 //! tolerance of its weight's, the client's own address seen by the backends, and the answers
 //! taking the path DSR promises, from the backends through the router, never through slb.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,12 +11,13 @@ use slb_tests::config::{
     group, health_check, listener_on, BackendSpec, CheckKind, Forwarding, GroupKind, HealthCheck,
     Protocol,
 };
+use slb_tests::report::assert_balanced;
 use slb_tests::segment::{Segment, SLB_INTERFACE};
 use slb_tests::slb::{slb_binary, unique_instance};
 use slb_tests::traffic::{tcp_connections, udp_flows};
 use slb_tests::{
-    require_root, Distribution, Family, LongLivedStreams, SlbConfig, SlbDaemon, TrafficOptions,
-    TrafficReport, SHARE_TOLERANCE_PP, VIP_TCP_PORT, VIP_UDP_PORT,
+    require_root, Family, LongLivedStreams, SlbConfig, SlbDaemon, TrafficOptions, VIP_TCP_PORT,
+    VIP_UDP_PORT,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
@@ -72,25 +72,6 @@ fn dsr_config(instance: &str) -> SlbConfig {
     config
 }
 
-fn check_balanced(what: &str, report: &TrafficReport, family: Family, pool: &[(String, u32)]) {
-    let table = Distribution::new(what, pool, &report.counts);
-    println!("{}\n{table}", report.summary(what));
-    assert!(
-        report.failures.is_empty() && report.answered() == FLOWS,
-        "{what}: {} of {FLOWS} answered\n{}",
-        report.answered(),
-        report.summary(what)
-    );
-    if let Err(e) = table.check(SHARE_TOLERANCE_PP) {
-        panic!("{e}");
-    }
-    assert_eq!(
-        report.peer_ips(),
-        BTreeSet::from([Segment::client_addr(family)]),
-        "{what}: backends must see the client's real address"
-    );
-}
-
 #[test]
 fn dsr_balances_by_weight_and_answers_bypass_slb() {
     require_root("dsr_balances_by_weight_and_answers_bypass_slb");
@@ -110,7 +91,13 @@ fn dsr_balances_by_weight_and_answers_bypass_slb() {
             &TrafficOptions::new(FLOWS),
         )
         .expect("TCP connections");
-        check_balanced("TCP connections", &tcp, family, &pool_weights);
+        assert_balanced(
+            "TCP connections",
+            &tcp,
+            FLOWS,
+            &pool_weights,
+            Segment::client_addr(family),
+        );
         let udp = udp_flows(
             segment.client_ns(),
             family.vip_udp(),
@@ -118,7 +105,13 @@ fn dsr_balances_by_weight_and_answers_bypass_slb() {
             &TrafficOptions::new(FLOWS),
         )
         .expect("UDP flows");
-        check_balanced("UDP flows", &udp, family, &pool_weights);
+        assert_balanced(
+            "UDP flows",
+            &udp,
+            FLOWS,
+            &pool_weights,
+            Segment::client_addr(family),
+        );
 
         let counters = daemon.status().expect("status").counters;
         let delta = |name: &str| {

@@ -7,44 +7,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use slb_tests::report::assert_balanced;
 use slb_tests::slb::{slb_binary, unique_instance};
 use slb_tests::traffic::{tcp_connections, tcp_roundtrip_to_host, udp_flows};
-use slb_tests::SHARE_TOLERANCE_PP;
-use slb_tests::{
-    Distribution, Family, SlbConfig, SlbDaemon, Topology, TrafficOptions, TrafficReport,
-};
+use slb_tests::{Family, SlbConfig, SlbDaemon, Topology, TrafficOptions};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
-
-/// Every request answered, shares within tolerance, and backends saw the client's own address.
-fn check_balanced(
-    what: &str,
-    report: &TrafficReport,
-    expected: usize,
-    pool: &[(String, u32)],
-    client: IpAddr,
-) {
-    let table = Distribution::new(what, pool, &report.counts);
-    println!("{}\n{table}", report.summary(what));
-    assert!(
-        report.failures.is_empty() && report.answered() == expected,
-        "{what}: {} of {expected} answered\n{}",
-        report.answered(),
-        report.summary(what)
-    );
-    assert_eq!(
-        report.distinct_source_ports, expected,
-        "{what}: every request should come from its own source port"
-    );
-    if let Err(e) = table.check(SHARE_TOLERANCE_PP) {
-        panic!("{e}");
-    }
-    assert_eq!(
-        report.peer_ips(),
-        BTreeSet::from([client]),
-        "{what}: backends must see the client's real address"
-    );
-}
 
 /// The whole test over `family`'s VIP, client and backend addresses, in namespaces tagged
 /// `tag`.
@@ -81,7 +49,7 @@ pub fn balances_tcp_and_udp_by_weight(family: Family, tag: &str) {
     let n = 3000;
     let tcp = tcp_connections(topo.client_ns(), family.vip_tcp(), &TrafficOptions::new(n))
         .expect("run TCP connections");
-    check_balanced("TCP connections", &tcp, n, &pool, family.client_addr());
+    assert_balanced("TCP connections", &tcp, n, &pool, family.client_addr());
     let udp = udp_flows(
         topo.client_ns(),
         family.vip_udp(),
@@ -89,7 +57,7 @@ pub fn balances_tcp_and_udp_by_weight(family: Family, tag: &str) {
         &TrafficOptions::new(n),
     )
     .expect("run UDP flows");
-    check_balanced("UDP flows", &udp, n, &pool, family.client_addr());
+    assert_balanced("UDP flows", &udp, n, &pool, family.client_addr());
 
     // Status reports the configured backends and counts at least the flows they served. A
     // backend may be listed once per listener that uses it, so entries are summed by address.
