@@ -223,6 +223,23 @@ pub fn tcp_connect_in(ns: &str, addr: SocketAddr, timeout: Duration) -> anyhow::
 
 /// Reads an access log into slb's own records (every line must be one); a missing file is an
 /// empty log.
+/// The access log's records once `complete` says they are all there (at most 5 s): slb's
+/// writer thread flushes once its queue is empty, so the last records may land just after the
+/// last answer. What is there by then, if `complete` never says so.
+pub fn wait_access_log(
+    path: &Path,
+    complete: impl Fn(&[AccessLogRecord]) -> bool,
+) -> Vec<AccessLogRecord> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let records = read_access_log(path).expect("access log");
+        if complete(&records) || std::time::Instant::now() > deadline {
+            return records;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn read_access_log(path: &Path) -> anyhow::Result<Vec<AccessLogRecord>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,

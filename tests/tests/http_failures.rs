@@ -15,7 +15,7 @@ use http_common::{client_builder, get, L7Setup, TestPki};
 use slb_tests::config::{
     backend, group, health_check, http_listener, https_listener, BackendSpec, CheckKind, GroupKind,
 };
-use slb_tests::http::{read_access_log, vip_http, vip_https, HTTPS_PORT, HTTP_PORT};
+use slb_tests::http::{vip_http, vip_https, wait_access_log, HTTPS_PORT, HTTP_PORT};
 use slb_tests::slb::applied_state;
 use slb_tests::{require_root, SlbDaemon, Topology, VIP};
 
@@ -255,7 +255,9 @@ fn http_health_check_fails_over_and_503_when_none_is_left() {
             a.text()
         );
     }
-    let log = read_access_log(&setup.access_log()).expect("access log");
+    let log = wait_access_log(&setup.access_log(), |log| {
+        log.iter().filter(|l| l.status == 503).count() >= 5
+    });
     let logged_503 = log
         .iter()
         .filter(|l| l.status == 503 && l.backend.is_none())
@@ -359,7 +361,11 @@ fn http_slow_backend_504_and_refused_backend_502() {
     assert_eq!(refused.status, 502, "{}", refused.text());
     assert!(refused.text().contains("Bad Gateway"), "{}", refused.text());
     assert_eq!(after.status, 200, "the listener keeps serving");
-    let log = read_access_log(&setup.access_log()).expect("access log");
+    let log = wait_access_log(&setup.access_log(), |log| {
+        [504, 502]
+            .iter()
+            .all(|s| log.iter().any(|l| l.status == *s))
+    });
     let statuses: Vec<(String, u16)> = log.iter().map(|l| (l.listener.clone(), l.status)).collect();
     println!("access log: {statuses:?}");
     assert!(statuses.contains(&("slow".to_owned(), 504)));

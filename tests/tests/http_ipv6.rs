@@ -5,11 +5,11 @@
 mod http_common;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_common::{client_builder, count_backends, get, send, L7Setup, TestPki};
 use slb_tests::config::{http_listener, listener_on, Listener, Protocol};
-use slb_tests::http::{read_access_log, HTTPS_PORT, HTTP_PORT};
+use slb_tests::http::{wait_access_log, HTTPS_PORT, HTTP_PORT};
 use slb_tests::{require_root, CLIENT_ADDR6, VIP6};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,20 +73,13 @@ fn http_listener_on_an_ipv6_vip_serves_ipv6_clients_and_names_them_to_the_backen
         "slb appends the IPv6 client"
     );
 
-    // The access log names the listener and the IPv6 client. Its writer thread flushes once
-    // its queue is empty: the last records may land just after the last answer.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let ours = loop {
-        let records = read_access_log(&setup.access_log()).expect("access log");
-        let ours: Vec<_> = records
-            .into_iter()
-            .filter(|r| r.listener == "web6")
-            .collect();
-        if ours.len() >= 41 || Instant::now() > deadline {
-            break ours;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // The access log names the listener and the IPv6 client.
+    let ours: Vec<_> = wait_access_log(&setup.access_log(), |log| {
+        log.iter().filter(|r| r.listener == "web6").count() >= 41
+    })
+    .into_iter()
+    .filter(|r| r.listener == "web6")
+    .collect();
     assert_eq!(ours.len(), 41, "records of web6");
     let client6 = std::net::IpAddr::from(CLIENT_ADDR6);
     assert!(

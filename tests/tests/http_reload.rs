@@ -12,7 +12,7 @@ use http_common::L7Setup;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use slb_tests::config::{domain_rule, http_listener, path_rule};
-use slb_tests::http::{read_access_log, vip_http, Echo, HTTP_PORT};
+use slb_tests::http::{vip_http, wait_access_log, Echo, HTTP_PORT};
 use slb_tests::require_root;
 
 const HOST: &str = "app.example.test";
@@ -196,7 +196,9 @@ fn http_reload_keeps_connections_and_applies_new_rules() {
     assert_eq!((status, echo.backend.as_str()), (200, "b3"));
 
     // slb saw A and B each as one TCP connection before and after the reload.
-    let log = read_access_log(&setup.access_log()).expect("access log");
+    let log = wait_access_log(&setup.access_log(), |log| {
+        log.iter().filter(|l| l.path == "/svc/after").count() >= 3
+    });
     for (name, local) in [("A", a_local), ("B", b_local)] {
         let client = format!("10.200.1.2:{}", local.port());
         let lines: Vec<(String, u16, String)> = log

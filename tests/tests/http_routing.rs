@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use http_common::{client_builder, count_backends, get, send, Answer, L7Setup};
 use slb_tests::config::{domain_rule, http_listener, path_rule, CookiePersistence, Scheduler};
-use slb_tests::http::{read_access_log, vip_http, HTTP_PORT};
+use slb_tests::http::{vip_http, wait_access_log, HTTP_PORT};
 use slb_tests::SHARE_TOLERANCE_PP;
 use slb_tests::{require_root, Distribution, CLIENT_ADDR, VIP};
 
@@ -124,7 +124,7 @@ fn http_rules_route_by_domain_and_path() {
         );
     }
     // The access log names the group and backend of each request, in order.
-    let log = read_access_log(&setup.access_log()).expect("access log");
+    let log = wait_access_log(&setup.access_log(), |log| log.len() >= cases.len());
     assert_eq!(
         log.len(),
         cases.len(),

@@ -8,11 +8,11 @@
 mod http_common;
 
 use std::io::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_common::{raw_exchange, L7Setup, RecordingBackend};
 use slb_tests::config::{http_listener, path_rule};
-use slb_tests::http::{read_access_log, tcp_connect_in, vip_http, HTTP_PORT};
+use slb_tests::http::{tcp_connect_in, vip_http, wait_access_log, HTTP_PORT};
 use slb_tests::require_root;
 
 const ANSWER_WITHIN: Duration = Duration::from_secs(3);
@@ -223,19 +223,13 @@ fn http_broken_request_bodies_are_the_clients_errors() {
         std::thread::sleep(Duration::from_millis(300));
         // The client gives up with most of its body unsent.
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let statuses = loop {
-        let lines = read_access_log(&setup.access_log()).unwrap_or_default();
-        let statuses: Vec<u16> = lines
-            .iter()
-            .filter(|l| l.path == "/slow")
-            .map(|l| l.status)
-            .collect();
-        if statuses.len() >= 2 || Instant::now() > deadline {
-            break statuses;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let statuses: Vec<u16> = wait_access_log(&setup.access_log(), |log| {
+        log.iter().filter(|l| l.path == "/slow").count() >= 2
+    })
+    .iter()
+    .filter(|l| l.path == "/slow")
+    .map(|l| l.status)
+    .collect();
     println!("access log statuses of the broken bodies: {statuses:?}");
     assert_eq!(statuses, [400, 499], "logged as client errors");
     let log = setup.daemon.log();
