@@ -31,7 +31,10 @@ fn median(v: &mut [f64]) -> f64 {
 /// then one that removes them all (the prefilled entries were last seen at boot).
 fn sweep_cost() -> anyhow::Result<serde_json::Value> {
     const FLOWS: u32 = 1_000_000;
-    let bed = Testbed::new(&per_packet::config("bench", 1, 10, true, false), 65537)?;
+    let bed = Testbed::new(
+        &per_packet::config("bench", 1, 10, true, false, false),
+        65537,
+    )?;
     let mut conns = slb_user::maps::PinnedMaps::open(bed.pin_dir())?.connections;
     for i in 0..FLOWS {
         let key = FlowKey {
@@ -132,7 +135,7 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// Apply time of a 50 × 100 config into the maps, and the daemon's memory idle and under it.
 fn control_plane() -> anyhow::Result<serde_json::Value> {
-    let big = per_packet::config("bench", 50, 100, true, false);
+    let big = per_packet::config("bench", 50, 100, true, false, false);
     let t = Instant::now();
     let bed = Testbed::new(&big, 65537)?;
     let setup_and_apply = t.elapsed();
@@ -154,11 +157,11 @@ fn control_plane() -> anyhow::Result<serde_json::Value> {
     for (what, text) in [
         (
             "idle (no listeners)",
-            per_packet::config(&instance, 0, 1, true, false),
+            per_packet::config(&instance, 0, 1, true, false, false),
         ),
         (
             "50 listeners x 100 backends",
-            per_packet::config(&instance, 50, 100, true, false),
+            per_packet::config(&instance, 50, 100, true, false, false),
         ),
     ] {
         let started = Instant::now();

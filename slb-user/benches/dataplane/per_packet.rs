@@ -46,6 +46,9 @@ const CYCLED_UDP_BASE: [u8; 4] = [10, 31, 0, 2];
 const NEW_FLOW_BASE: [u8; 4] = [10, 32, 0, 2];
 const NEW_FLOW_PAIRS_BASE: [u8; 4] = [10, 34, 0, 2];
 const PREFILL_BASE: [u8; 4] = [10, 33, 0, 2];
+/// The DSR listener's port (TCP, group `dsrpool`: the IPv4 backends on this port), above the
+/// IPv4 listeners' 80 + n.
+const DSR_PORT: u16 = 200;
 /// The IPv6 listener's VIP (TCP port 80, group `ipv6pool`: `pool<n>` are the IPv4 listeners' groups).
 const VIP6: [u8; 16] = ipv6_octets([0xfd00, 0x99, 0, 0, 0, 0, 0, 0x10]);
 /// The IPv6 client of the single-flow rows and of the reply (a neighbour of `in0` in the
@@ -116,6 +119,11 @@ impl Row {
     fn is_ipv6(&self) -> bool {
         self.template.ipv4_check_at == 0
     }
+
+    /// The DSR rows, measured when the subject takes the DSR listener.
+    fn is_dsr(&self) -> bool {
+        self.name.starts_with("DSR:")
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +149,7 @@ pub fn config(
     backends: usize,
     max_connections: bool,
     ipv6_listener: bool,
+    dsr_listener: bool,
 ) -> String {
     use std::fmt::Write as _;
     let mut c = format!("instance = \"{instance}\"\n");
@@ -165,6 +174,20 @@ pub fn config(
                 b / 253,
                 2 + b % 253,
                 8080 + l
+            );
+        }
+        c.push_str("]\n");
+    }
+    if dsr_listener {
+        // Its check probes backends that do not exist; at this interval it declares nothing
+        // during a run.
+        let _ = write!(c, "[[listeners]]\nname = \"dsr-tcp\"\nprotocol = \"tcp\"\nvip = \"10.99.0.10\"\nport = {DSR_PORT}\ngroup = \"dsrpool\"\nforwarding = \"dsr\"\nhealth_check = {{ type = \"tcp\", interval = \"300s\" }}\n[[groups]]\nname = \"dsrpool\"\nbackends = [\n");
+        for b in 0..backends.max(1) {
+            let _ = writeln!(
+                c,
+                "  {{ address = \"10.20.{}.{}\" }},",
+                b / 253,
+                2 + b % 253
             );
         }
         c.push_str("]\n");
@@ -273,9 +296,35 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// A subject's daemon for `shape`, on the daemons' CPU, and whether it took the IPv6
-    /// listener.
-    fn start(subject: &Subject, instance: &str, shape: Shape) -> anyhow::Result<(Daemon, bool)> {
+    /// A subject's daemon for `shape`, on the daemons' CPU, whether it took the IPv6 listener,
+    /// and whether it took the DSR listener.
+    fn start(
+        subject: &Subject,
+        instance: &str,
+        shape: Shape,
+    ) -> anyhow::Result<(Daemon, bool, bool)> {
+        match Self::start_with(subject, instance, shape, true) {
+            // An older revision does not know `forwarding`: measured without DSR, its rows empty.
+            Err(e) if e.to_string().contains("unknown field `forwarding`") => {
+                eprintln!(
+                    "  {}: does not take the DSR listener; its DSR rows stay empty",
+                    subject.label
+                );
+                let (daemon, ipv6) = Self::start_with(subject, instance, shape, false)?;
+                Ok((daemon, ipv6, false))
+            }
+            started => started.map(|(daemon, ipv6)| (daemon, ipv6, true)),
+        }
+    }
+
+    /// [`start`](Self::start) with or without the DSR listener: the daemon, and whether it took
+    /// the IPv6 listener.
+    fn start_with(
+        subject: &Subject,
+        instance: &str,
+        shape: Shape,
+        dsr: bool,
+    ) -> anyhow::Result<(Daemon, bool)> {
         let text = |max_connections, ipv6| {
             config(
                 instance,
@@ -283,6 +332,7 @@ impl Daemon {
                 shape.backends,
                 max_connections,
                 ipv6,
+                dsr,
             )
         };
         let spawn = |text: &str| Daemon::spawn(&subject.slb, instance, text, Some(DAEMON_CPU));
@@ -474,6 +524,8 @@ struct Bench {
     rows: Vec<Row>,
     /// The subject took the IPv6 listener (else its IPv6 rows are not measured).
     ipv6: bool,
+    /// Whether the subject took the DSR listener (else its DSR rows stay empty).
+    dsr: bool,
     /// Per row, the ns above the baseline of each round; and the one-flow baselines.
     samples: Vec<Vec<f64>>,
     baselines: Vec<f64>,
@@ -504,7 +556,7 @@ impl Bench {
         let netns = Netns::fresh()?;
         setup_network()?;
         let instance = format!("bench-pp{index}-{}", std::process::id());
-        let (daemon, ipv6) = Daemon::start(subject, &instance, shape)?;
+        let (daemon, ipv6, dsr) = Daemon::start(subject, &instance, shape)?;
         let program = daemon.program()?.fd()?.try_clone()?;
         let (in_index, out_index) = (ifindex("in0")?, ifindex("out0")?);
         let in_mac = mac_of("in0")?;
@@ -565,6 +617,27 @@ impl Bench {
         } else {
             (FIRST_IPV6_BACKEND, 8080)
         };
+        // The DSR listener's established flow.
+        let dsr_tcp = |src, flags| {
+            ipv4_frame(
+                in_mac,
+                CLIENT_MAC,
+                src,
+                VIP,
+                L4Spec::tcp(CLIENT_PORT, DSR_PORT, flags),
+            )
+        };
+        let dsr_established = template(&dsr_tcp(CLIENT, TCP_ACK), 1, 1);
+        if dsr {
+            wrapper.set_template(dsr_established)?;
+            let (_, first) = wrapper.run(in_index, 2)?;
+            let sent = parse_ipv4_frame(&first).map_err(anyhow::Error::msg)?;
+            ensure!(
+                sent.dst == VIP && sent.dst_mac == BACKEND_MAC,
+                "{}: the DSR flow did not go unchanged to a backend's MAC address",
+                subject.label
+            );
+        }
         let reply6 = ipv6_frame(
             mac_of("out0")?,
             BACKEND_MAC,
@@ -628,6 +701,16 @@ impl Bench {
                 ingress: Ingress::Clients,
             },
             Row {
+                name: "DSR: established TCP, one flow",
+                template: dsr_established,
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "DSR: new flow (SYN)",
+                template: template(&dsr_tcp(NEW_FLOW_BASE, TCP_SYN), REPLAY_EVERY_RUN_NEW, 1),
+                ingress: Ingress::Clients,
+            },
+            Row {
                 name: "IPv6: established TCP, one flow",
                 template: baseline6,
                 ingress: Ingress::Clients,
@@ -672,6 +755,7 @@ impl Bench {
             out_index,
             rows,
             ipv6,
+            dsr,
             samples,
             baselines: Vec::new(),
         })
@@ -699,14 +783,14 @@ impl Bench {
         self.netns.enter()?;
         for i in 0..self.rows.len() {
             let row = self.rows[i].clone();
-            if row.is_ipv6() && !self.ipv6 {
+            if (row.is_ipv6() && !self.ipv6) || (row.is_dsr() && !self.dsr) {
                 continue;
             }
             let before = self.run_row(wrapper, floor, row.template, row.ingress)?;
             let ns = self.run_row(wrapper, &self.program, row.template, row.ingress)?;
             let after = self.run_row(wrapper, floor, row.template, row.ingress)?;
             self.samples[i].push(ns - (before + after) / 2.0);
-            if row.template.flows <= 1 && !row.is_ipv6() {
+            if row.template.flows <= 1 && !row.is_ipv6() && !row.is_dsr() {
                 self.baselines.extend([before, after]);
             }
         }
