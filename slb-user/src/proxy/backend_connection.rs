@@ -171,9 +171,7 @@ impl BackendConnection {
                 Ok(Decoded::NeedMore) => {}
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
-            if self.read.capacity() - self.read.len() < READ_RESERVE / 4 {
-                self.read.reserve(READ_RESERVE);
-            }
+            make_room(&mut self.read);
             match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => return Poll::Ready(body.at_close().err().map(Err)),
@@ -213,9 +211,7 @@ async fn read_head<R: AsyncRead + Unpin>(
                 None => {}
             }
         }
-        if buf.capacity() - buf.len() < READ_RESERVE / 4 {
-            buf.reserve(READ_RESERVE);
-        }
+        make_room(buf);
         match reader.read_buf(buf).await.map_err(ExchangeError::Read)? {
             0 if answered => return Err(ExchangeError::ClosedInHead),
             0 => return Err(ExchangeError::ClosedBeforeAnswer),
@@ -252,8 +248,7 @@ where
             match ready_now {
                 Poll::Ready(polled) => polled,
                 Poll::Pending => {
-                    writer.write_all(&out).await.map_err(ExchangeError::Write)?;
-                    out.clear();
+                    write_out(writer, &mut out).await?;
                     continue;
                 }
             }
@@ -285,8 +280,7 @@ where
             if framing == RequestFraming::Chunked {
                 put_chunk_size(&mut out, data.len());
             }
-            writer.write_all(&out).await.map_err(ExchangeError::Write)?;
-            out.clear();
+            write_out(writer, &mut out).await?;
             writer
                 .write_all(&data)
                 .await
@@ -296,8 +290,7 @@ where
             }
         }
         if out.len() >= COALESCE_BYTES {
-            writer.write_all(&out).await.map_err(ExchangeError::Write)?;
-            out.clear();
+            write_out(writer, &mut out).await?;
         }
     }
     match framing {
@@ -307,7 +300,24 @@ where
         RequestFraming::Chunked => put_chunked_end(&mut out, trailers.as_ref()),
         _ => {}
     }
-    writer.write_all(&out).await.map_err(ExchangeError::Write)
+    write_out(writer, &mut out).await
+}
+
+/// Writes what is waiting in `out`, which is then empty.
+async fn write_out<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    out: &mut BytesMut,
+) -> Result<(), ExchangeError> {
+    writer.write_all(out).await.map_err(ExchangeError::Write)?;
+    out.clear();
+    Ok(())
+}
+
+/// Room for the next read in `buf`, made before it runs low.
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_RESERVE / 4 {
+        buf.reserve(READ_RESERVE);
+    }
 }
 
 /// Why reading a response body failed.
