@@ -246,7 +246,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
             .program_mut(name)
             .ok_or_else(|| missing(name))?
             .try_into()?;
-        program.load()?;
+        load_xdp(program)?;
         let fd = program.fd()?.try_clone().map_err(|e| DataplaneError::Pin {
             path: name.into(),
             message: e.to_string(),
@@ -256,8 +256,32 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
             .ok_or_else(|| missing(pinned::PROGRAMS.name))?;
         aya::maps::ProgramArray::try_from(map)?.set(slot, &fd, 0)?;
     }
-    program_mut(ebpf)?.load()?;
+    load_xdp(program_mut(ebpf)?)?;
     Ok(())
+}
+
+/// How often a program load the verifier gave up on because a signal arrived is tried again.
+const LOAD_ATTEMPTS: usize = 5;
+
+/// Loads `program` into the kernel. The verifier stops with EAGAIN when the loading thread has
+/// a signal pending, which says nothing about the program: the load is tried again, as libbpf
+/// does.
+pub fn load_xdp(program: &mut Xdp) -> Result<(), aya::programs::ProgramError> {
+    let mut attempt = 1;
+    loop {
+        match program.load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                tracing::debug!(
+                    attempt,
+                    "program load interrupted by a signal; loading again"
+                );
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The entries `map` has with the config's `sizes`.

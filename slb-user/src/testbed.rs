@@ -227,8 +227,7 @@ impl Testbed {
             .program_mut(FLOOR_PROGRAM)
             .with_context(|| format!("no program {FLOOR_PROGRAM}"))?
             .try_into()?;
-        floor
-            .load()
+        crate::dataplane::load_xdp(floor)
             .with_context(|| format!("the verifier refused {FLOOR_PROGRAM}"))?;
         let (in_index, out_index) = (ifindex("in0")?, ifindex("out0")?);
         {
