@@ -84,6 +84,9 @@ pub const FRAGMENT_TO_CLIENT: u32 = 2;
 pub const FRAGMENT_PASS: u32 = 3;
 /// The first fragment was dropped (no backend, no route): so are they.
 pub const FRAGMENT_DROP: u32 = 4;
+/// The first fragment was a DSR listener's, sent unchanged to a backend's MAC address: later
+/// ones go unchanged to the same backend (`backend_id` in the entry).
+pub const FRAGMENT_DIRECT: u32 = 5;
 
 /// Slots of the endpoint filter: a listener's (VIP, port, protocol) and a backend's (address,
 /// port, protocol) set a bit in the slot they hash to, so the data plane can tell most packets
@@ -441,7 +444,9 @@ pub struct FragmentEntry {
     pub dst: [u8; 4],
     /// `FRAGMENT_*`.
     pub action: u32,
-    pub _pad: u32,
+    /// With `FRAGMENT_DIRECT`: the backend the first fragment was sent to (its addresses did
+    /// not change, so they cannot tell).
+    pub backend_id: u32,
     pub created_ns: u64,
 }
 
@@ -490,14 +495,21 @@ pub struct FragmentEntry6 {
     pub dst: Addr,
     /// `FRAGMENT_*`.
     pub action: u32,
-    pub _pad: u32,
+    /// As [`FragmentEntry::backend_id`].
+    pub backend_id: u32,
     pub created_ns: u64,
 }
 
 impl FragmentEntry6 {
     /// Built from words, as [`FragmentKey6::new`].
     #[inline(always)]
-    pub fn new(src: [u32; 4], dst: [u32; 4], action: u32, created_ns: u64) -> FragmentEntry6 {
+    pub fn new(
+        src: [u32; 4],
+        dst: [u32; 4],
+        action: u32,
+        backend_id: u32,
+        created_ns: u64,
+    ) -> FragmentEntry6 {
         #[repr(C)]
         struct Words {
             words: [u32; 10],
@@ -505,7 +517,7 @@ impl FragmentEntry6 {
         }
         let words = Words {
             words: [
-                src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], action, 0,
+                src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], action, backend_id,
             ],
             created_ns,
         };
@@ -600,7 +612,8 @@ global_counters! {
     /// First fragments of a listener's or a backend's datagram, recorded in the fragment table
     /// for their later fragments (the first fragment itself is balanced or translated as usual).
     fragments_tracked,
-    /// Later fragments of a client datagram, sent to the backend its first fragment went to.
+    /// Later fragments of a client datagram, sent to the backend its first fragment went to
+    /// (translated as it was, or unchanged for a DSR listener).
     fragments_balanced,
     /// Later fragments of a backend's reply, their source rewritten to the VIP.
     fragments_translated,
@@ -663,6 +676,9 @@ global_counters! {
     /// Packets of a DSR listener whose backend's MAC address the kernel has not resolved yet
     /// (the stack would route the unchanged packet to the VIP, not to the backend): dropped.
     dsr_next_hop_unresolved,
+    /// Packets of a DSR listener too big for the link to their backend, without DF set
+    /// (fragmented by the stack, they would be routed to the VIP, not to the backend): dropped.
+    dsr_too_big_dropped,
 }
 
 /// Room for the frame `xdp_replay` (the benchmark driver) writes back before each run: an

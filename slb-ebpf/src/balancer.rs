@@ -220,9 +220,24 @@ fn dispatch(
             counters.malformed += 1;
             return XDP_DROP;
         }
-        let verdict = to_backend(ctx, eth, header.ip, l4, flow, &listener, counters);
+        let mut sent_direct_to = NO_BACKEND;
+        let verdict = to_backend(
+            ctx,
+            eth,
+            header.ip,
+            l4,
+            flow,
+            &listener,
+            &mut sent_direct_to,
+            counters,
+        );
         if let Some(key) = fragment {
-            fragments::remember(ctx, key, verdict, FRAGMENT_TO_BACKEND, counters);
+            let sent = fragments::Sent {
+                verdict,
+                action: FRAGMENT_TO_BACKEND,
+                direct_to: sent_direct_to,
+            };
+            fragments::remember(ctx, key, sent, counters);
         }
         return verdict;
     }
@@ -240,7 +255,12 @@ fn dispatch(
         }
         let verdict = to_client(ctx, eth, header.ip, l4, &nat, counters);
         if let Some(key) = fragment {
-            fragments::remember(ctx, key, verdict, FRAGMENT_TO_CLIENT, counters);
+            let sent = fragments::Sent {
+                verdict,
+                action: FRAGMENT_TO_CLIENT,
+                direct_to: NO_BACKEND,
+            };
+            fragments::remember(ctx, key, sent, counters);
         }
         return verdict;
     }
@@ -682,6 +702,9 @@ fn ring_backend(hash: u32, listener: &ListenerEntry) -> Result<u32, Pick> {
     }
 }
 
+/// A listener's packet to its backend: translated (NAT), or sent unchanged to the backend's MAC
+/// address (DSR, the backend's id then left in `sent_direct_to` for a first fragment's record).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn to_backend(
     ctx: &XdpContext,
@@ -690,6 +713,7 @@ fn to_backend(
     l4: &L4,
     flow: &FlowKey,
     listener: &ListenerEntry,
+    sent_direct_to: &mut u32,
     counters: &mut GlobalCounters,
 ) -> u32 {
     if ttl_expired(ip, counters) {
@@ -718,6 +742,7 @@ fn to_backend(
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(listener.index, id, bytes, new_flow);
     if listener.flags & LISTENER_F_DSR != 0 {
+        *sent_direct_to = id;
         return send_direct(ctx, eth, route, counters);
     }
     unsafe { translate(ip, l4, Endpoint::Destination, &backend.addr, backend.port) };

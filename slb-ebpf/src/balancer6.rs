@@ -19,12 +19,13 @@ use slb_common::{
     ipv6_filter_fold, ipv6_prefix_words, Addr, BackendEndpoint, FlowKey, GlobalCounters,
     ListenerEntry, ListenerKey, ReplyNat, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
     FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_DSR,
-    LISTENER_F_PERSIST, PROGRAM_SLOT_IPV6_FRAGMENT, PROGRAM_SLOT_IPV6_ICMP,
+    LISTENER_F_PERSIST, NO_BACKEND, PROGRAM_SLOT_IPV6_FRAGMENT, PROGRAM_SLOT_IPV6_ICMP,
 };
 
 use crate::{
     balancer::{count_traffic, endpoint_may_be, l4_header, pick_backend, Endpoint, L4},
     forward::{cache_slot, now_ns, route_ipv6, send, send_direct, Route},
+    fragments::Sent,
     fragments6::{self, FragmentHdr, NEXTHDR_FRAGMENT},
     icmp6::{self, IPPROTO_ICMPV6},
     maps::{LISTENERS, NEXT_HOP_BACKEND6, NEXT_HOP_CLIENT6, PROGRAMS, REPLY_NAT},
@@ -255,9 +256,24 @@ fn dispatch(
             counters.malformed += 1;
             return XDP_DROP;
         }
-        let verdict = to_backend(ctx, eth, ip, l4, flow, &listener, counters);
+        let mut sent_direct_to = NO_BACKEND;
+        let verdict = to_backend(
+            ctx,
+            eth,
+            ip,
+            l4,
+            flow,
+            &listener,
+            &mut sent_direct_to,
+            counters,
+        );
         if let Some(id) = header.first_fragment_of {
-            fragments6::remember(ctx, flow, id, verdict, FRAGMENT_TO_BACKEND, counters);
+            let sent = Sent {
+                verdict,
+                action: FRAGMENT_TO_BACKEND,
+                direct_to: sent_direct_to,
+            };
+            fragments6::remember(ctx, flow, id, sent, counters);
         }
         return verdict;
     }
@@ -275,7 +291,12 @@ fn dispatch(
         }
         let verdict = to_client(ctx, eth, ip, l4, &nat, counters);
         if let Some(id) = header.first_fragment_of {
-            fragments6::remember(ctx, flow, id, verdict, FRAGMENT_TO_CLIENT, counters);
+            let sent = Sent {
+                verdict,
+                action: FRAGMENT_TO_CLIENT,
+                direct_to: NO_BACKEND,
+            };
+            fragments6::remember(ctx, flow, id, sent, counters);
         }
         return verdict;
     }
@@ -297,6 +318,8 @@ fn persistence_client(flow: &FlowKey, listener: &ListenerEntry) -> Addr {
     addr_from_words(ipv6_prefix_words(addr_words(&flow.src), prefix))
 }
 
+/// As IPv4's `to_backend`.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn to_backend(
     ctx: &XdpContext,
@@ -305,6 +328,7 @@ fn to_backend(
     l4: &L4,
     flow: &FlowKey,
     listener: &ListenerEntry,
+    sent_direct_to: &mut u32,
     counters: &mut GlobalCounters,
 ) -> u32 {
     if hop_limit_expired(ip, counters) {
@@ -327,6 +351,7 @@ fn to_backend(
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(listener.index, id, bytes, new_flow);
     if listener.flags & LISTENER_F_DSR != 0 {
+        *sent_direct_to = id;
         return send_direct(ctx, eth, route, counters);
     }
     unsafe { translate(ip, l4, Endpoint::Destination, backend_addr, backend.port) };

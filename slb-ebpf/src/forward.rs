@@ -223,6 +223,10 @@ pub fn send_direct(
             counters.dsr_next_hop_unresolved += 1;
             xdp_action::XDP_DROP
         }
+        Route::TooBig(_) => {
+            counters.dsr_too_big_dropped += 1;
+            xdp_action::XDP_DROP
+        }
         route => send(ctx, eth, route, counters),
     }
 }

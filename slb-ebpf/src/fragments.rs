@@ -2,7 +2,8 @@
 //! so it goes through the ordinary path (listener → backend, or reply → VIP), with the L4
 //! checksum updated there for the address and port change (it covers the whole datagram). What
 //! its IP header became is then recorded under the datagram's identity (src, dst, protocol, IP
-//! id) in FRAGMENTS, and the later fragments get the same addresses, without ports. A later
+//! id) in FRAGMENTS, and the later fragments get the same addresses, without ports (or, for a
+//! DSR listener, go unchanged to the backend the first one was sent to). A later
 //! fragment whose first fragment was not seen is dropped when it is ours (to a VIP, from a
 //! backend address): forwarded as it is, a reply fragment would show the client the backend's
 //! address, and a request fragment has nowhere to go. TCP is handled the same way: rare (TCP
@@ -14,14 +15,15 @@ use aya_ebpf::{
 };
 use slb_common::{
     checksum::{apply, delta_u32},
-    FragmentEntry, FragmentKey, GlobalCounters, FRAGMENT_DROP, FRAGMENT_PASS, FRAGMENT_TIMEOUT_NS,
-    FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP,
+    FragmentEntry, FragmentKey, GlobalCounters, FRAGMENT_DIRECT, FRAGMENT_DROP, FRAGMENT_PASS,
+    FRAGMENT_TIMEOUT_NS, FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, NAT_ADDRESS_F_BACKEND,
+    NAT_ADDRESS_F_VIP, NO_BACKEND,
 };
 
 use crate::{
-    balancer::decrement_ttl_unchecked,
-    forward::{now_ns, route_ipv4, send},
-    maps::{FRAGMENTS, NAT_ADDRESSES, NEXT_HOP_CLIENT},
+    balancer::{decrement_ttl_unchecked, present_backend},
+    forward::{now_ns, route_ipv4, send, send_direct},
+    maps::{FRAGMENTS, NAT_ADDRESSES, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT},
     packet::{ptr_at, EthHdr, Ipv4Hdr, ETH_HDR_LEN, IPV4_FRAGMENT_OFFSET_MASK},
 };
 
@@ -46,32 +48,46 @@ pub fn key(ip: *const Ipv4Hdr) -> FragmentKey {
     }
 }
 
-/// After the first fragment of datagram `key` went through the ordinary path with `verdict` and
-/// `action` (`FRAGMENT_TO_BACKEND` or `FRAGMENT_TO_CLIENT`): records what it became, read back
-/// from its header, so the later fragments follow it exactly. Unchanged addresses mean it was
-/// passed untouched (TTL expired, a backend's packet to this host).
+/// What the ordinary path did with a datagram's first fragment.
+pub struct Sent {
+    pub verdict: u32,
+    /// `FRAGMENT_TO_BACKEND` or `FRAGMENT_TO_CLIENT`, for a first fragment that was rewritten.
+    pub action: u32,
+    /// The backend a DSR listener's first fragment was sent to unchanged, else `NO_BACKEND`.
+    pub direct_to: u32,
+}
+
+/// After the first fragment of datagram `key` went through the ordinary path: records what it
+/// became, read back from its header, so the later fragments follow it exactly. Unchanged
+/// addresses mean it was sent unchanged to a DSR backend, or else passed untouched (TTL
+/// expired, a backend's packet to this host).
 /// The header is read anew: the path may have rebuilt the frame (an ICMP error in its place).
 #[inline(always)]
-pub fn remember(
-    ctx: &XdpContext,
-    key: &FragmentKey,
-    verdict: u32,
-    action: u32,
-    counters: &mut GlobalCounters,
-) {
+pub fn remember(ctx: &XdpContext, key: &FragmentKey, sent: Sent, counters: &mut GlobalCounters) {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HDR_LEN) else {
-        record(key, key.src, key.dst, FRAGMENT_DROP, counters);
+        record(key, key.src, key.dst, FRAGMENT_DROP, NO_BACKEND, counters);
         return;
     };
     let (src, dst, protocol) = unsafe { ((*ip).src, (*ip).dst, (*ip).protocol) };
-    let action = if verdict == XDP_DROP || protocol != key.protocol {
+    let action = if sent.verdict == XDP_DROP || protocol != key.protocol {
         FRAGMENT_DROP
     } else if src == key.src && dst == key.dst {
-        FRAGMENT_PASS
+        unchanged(&sent)
     } else {
-        action
+        sent.action
     };
-    record(key, src, dst, action, counters);
+    record(key, src, dst, action, sent.direct_to, counters);
+}
+
+/// What a first fragment that left with its addresses unchanged was: sent to a DSR backend,
+/// or passed.
+#[inline(always)]
+pub(crate) fn unchanged(sent: &Sent) -> u32 {
+    if sent.direct_to != NO_BACKEND && sent.verdict != XDP_PASS {
+        FRAGMENT_DIRECT
+    } else {
+        FRAGMENT_PASS
+    }
 }
 
 /// A first fragment that is not a listener's nor a reply: if its addresses are ours (another
@@ -80,7 +96,7 @@ pub fn remember(
 #[inline(always)]
 pub fn pass_first(key: &FragmentKey, counters: &mut GlobalCounters) -> u32 {
     if ours(key) {
-        record(key, key.src, key.dst, FRAGMENT_PASS, counters);
+        record(key, key.src, key.dst, FRAGMENT_PASS, NO_BACKEND, counters);
     }
     counters.fragments_passed += 1;
     XDP_PASS
@@ -92,13 +108,14 @@ fn record(
     src: [u8; 4],
     dst: [u8; 4],
     action: u32,
+    backend_id: u32,
     counters: &mut GlobalCounters,
 ) {
     let entry = FragmentEntry {
         src,
         dst,
         action,
-        _pad: 0,
+        backend_id,
         created_ns: now_ns(),
     };
     // An LRU insert fails only under memory pressure: the later fragments are then orphans,
@@ -133,7 +150,7 @@ pub(crate) fn without_first(ours: bool, counters: &mut GlobalCounters) -> u32 {
 #[inline(always)]
 pub(crate) fn stops_here(action: u32, counters: &mut GlobalCounters) -> Option<u32> {
     match action {
-        FRAGMENT_TO_BACKEND => counters.fragments_balanced += 1,
+        FRAGMENT_TO_BACKEND | FRAGMENT_DIRECT => counters.fragments_balanced += 1,
         FRAGMENT_TO_CLIENT => counters.fragments_translated += 1,
         FRAGMENT_DROP => {
             counters.fragments_dropped_with_first += 1;
@@ -164,6 +181,9 @@ pub fn later(
     let action = unsafe { (*entry).action };
     if let Some(verdict) = stops_here(action, counters) {
         return verdict;
+    }
+    if action == FRAGMENT_DIRECT {
+        return later_direct(ctx, eth, ip, unsafe { (*entry).backend_id }, now, counters);
     }
     if unsafe { (*ip).ttl } <= 1 {
         // As for whole packets: the stack sends the ICMP error (for a first fragment only).
@@ -200,4 +220,32 @@ pub fn later(
         counters,
     );
     send(ctx, eth, route, counters)
+}
+
+/// A later fragment of a DSR listener's datagram: unchanged, to its first fragment's backend.
+#[inline(always)]
+fn later_direct(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: *const Ipv4Hdr,
+    backend_id: u32,
+    now: u64,
+    counters: &mut GlobalCounters,
+) -> u32 {
+    let Some(backend) = present_backend(backend_id) else {
+        counters.lookup_failed_dropped += 1;
+        return XDP_DROP;
+    };
+    let backend_addr = [
+        backend.addr[12],
+        backend.addr[13],
+        backend.addr[14],
+        backend.addr[15],
+    ];
+    let cache = NEXT_HOP_BACKEND
+        .get_ptr_mut(backend_id)
+        .unwrap_or(core::ptr::null_mut());
+    let protocol = unsafe { (*ip).protocol };
+    let route = route_ipv4(ctx, ip, backend_addr, protocol, cache, now, counters);
+    send_direct(ctx, eth, route, counters)
 }

@@ -12,17 +12,18 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use slb_common::{
-    addr_words, FlowKey, FragmentEntry6, FragmentKey6, GlobalCounters, FRAGMENT_DROP,
-    FRAGMENT_PASS, FRAGMENT_TIMEOUT_NS, FRAGMENT_TO_CLIENT, NAT_ADDRESS_F_BACKEND,
-    NAT_ADDRESS_F_VIP,
+    addr_words, FlowKey, FragmentEntry6, FragmentKey6, GlobalCounters, FRAGMENT_DIRECT,
+    FRAGMENT_DROP, FRAGMENT_PASS, FRAGMENT_TIMEOUT_NS, FRAGMENT_TO_CLIENT, NAT_ADDRESS_F_BACKEND,
+    NAT_ADDRESS_F_VIP, NO_BACKEND,
 };
 
 use crate::{
+    balancer::present_backend,
     balancer6::hop_limit_expired,
-    forward::{now_ns, route_ipv6, send, Route},
-    fragments::{stops_here, without_first},
+    forward::{now_ns, route_ipv6, send, send_direct, Route},
+    fragments::{stops_here, unchanged, without_first, Sent},
     icmp6,
-    maps::{FRAGMENTS6, NAT_ADDRESSES6, NEXT_HOP_CLIENT6},
+    maps::{FRAGMENTS6, NAT_ADDRESSES6, NEXT_HOP_BACKEND6, NEXT_HOP_CLIENT6},
     packet::{ptr_at, EthHdr, Ipv6Hdr, ETH_HDR_LEN, IPV6_HDR_LEN},
 };
 
@@ -82,34 +83,39 @@ pub fn place(offset_flags: u16) -> Place {
     }
 }
 
-/// After the first fragment of `flow`'s datagram `id` went the ordinary path with `verdict` and
-/// `action` (`FRAGMENT_TO_BACKEND` or `FRAGMENT_TO_CLIENT`): records what it became, read back
-/// from its header (unchanged addresses: passed untouched; the frame may even have become an
-/// ICMPv6 error in its place).
+/// After the first fragment of `flow`'s datagram `id` went the ordinary path: records what it
+/// became, read back from its header (unchanged addresses: sent to a DSR backend, or passed
+/// untouched; the frame may even have become an ICMPv6 error in its place).
 #[inline(always)]
 pub fn remember(
     ctx: &XdpContext,
     flow: &FlowKey,
     id: u32,
-    verdict: u32,
-    action: u32,
+    sent: Sent,
     counters: &mut GlobalCounters,
 ) {
     let (flow_src, flow_dst) = (addr_words(&flow.src), addr_words(&flow.dst));
     let key = FragmentKey6::new(flow_src, flow_dst, id, flow.protocol);
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_HDR_LEN) else {
-        record(&key, flow_src, flow_dst, FRAGMENT_DROP, counters);
+        record(
+            &key,
+            flow_src,
+            flow_dst,
+            FRAGMENT_DROP,
+            NO_BACKEND,
+            counters,
+        );
         return;
     };
     let (src, dst, next) = unsafe { ((*ip).src, (*ip).dst, (*ip).next_header) };
-    let action = if verdict == XDP_DROP || next != NEXTHDR_FRAGMENT {
+    let action = if sent.verdict == XDP_DROP || next != NEXTHDR_FRAGMENT {
         FRAGMENT_DROP
     } else if src == flow_src && dst == flow_dst {
-        FRAGMENT_PASS
+        unchanged(&sent)
     } else {
-        action
+        sent.action
     };
-    record(&key, src, dst, action, counters);
+    record(&key, src, dst, action, sent.direct_to, counters);
 }
 
 /// A first fragment that is no listener's nor a reply: if its addresses are ours, its later
@@ -119,7 +125,7 @@ pub fn pass_first(flow: &FlowKey, id: u32, counters: &mut GlobalCounters) -> u32
     let (src, dst) = (addr_words(&flow.src), addr_words(&flow.dst));
     let key = FragmentKey6::new(src, dst, id, flow.protocol);
     if ours(&key) {
-        record(&key, src, dst, FRAGMENT_PASS, counters);
+        record(&key, src, dst, FRAGMENT_PASS, NO_BACKEND, counters);
     }
     counters.fragments_passed += 1;
     XDP_PASS
@@ -131,9 +137,10 @@ fn record(
     src: [u32; 4],
     dst: [u32; 4],
     action: u32,
+    backend_id: u32,
     counters: &mut GlobalCounters,
 ) {
-    let entry = FragmentEntry6::new(src, dst, action, now_ns());
+    let entry = FragmentEntry6::new(src, dst, action, backend_id, now_ns());
     // An LRU insert fails only under memory pressure: the later fragments are then orphans.
     let _ = FRAGMENTS6.insert(key, &entry, 0);
     counters.fragments_tracked += 1;
@@ -173,6 +180,11 @@ fn later(
     if let Some(verdict) = stops_here(action, counters) {
         return verdict;
     }
+    let protocol = unsafe { (*fragment).next_header };
+    if action == FRAGMENT_DIRECT {
+        let backend_id = unsafe { (*entry).backend_id };
+        return later_direct(ctx, eth, ip, backend_id, protocol, now, counters);
+    }
     if hop_limit_expired(ip, counters) {
         return XDP_PASS;
     }
@@ -191,7 +203,6 @@ fn later(
     } else {
         core::ptr::null_mut()
     };
-    let protocol = unsafe { (*fragment).next_header };
     let route = route_ipv6(ctx, ip, new_dst, protocol, cache, now, counters);
     if let Route::TooBig(mtu) = route {
         return icmp6::reply_too_big(ctx, mtu, counters);
@@ -202,4 +213,34 @@ fn later(
         (*ip).hop_limit -= 1;
     }
     send(ctx, eth, route, counters)
+}
+
+/// A later fragment of a DSR listener's datagram: unchanged, to its first fragment's backend.
+#[inline(always)]
+fn later_direct(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: *const Ipv6Hdr,
+    backend_id: u32,
+    protocol: u8,
+    now: u64,
+    counters: &mut GlobalCounters,
+) -> u32 {
+    let Some(backend) = present_backend(backend_id) else {
+        counters.lookup_failed_dropped += 1;
+        return XDP_DROP;
+    };
+    let cache = NEXT_HOP_BACKEND6
+        .get_ptr_mut(backend_id)
+        .unwrap_or(core::ptr::null_mut());
+    let route = route_ipv6(
+        ctx,
+        ip,
+        addr_words(&backend.addr),
+        protocol,
+        cache,
+        now,
+        counters,
+    );
+    send_direct(ctx, eth, route, counters)
 }

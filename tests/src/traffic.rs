@@ -267,6 +267,39 @@ pub fn udp_flows(
     })
 }
 
+/// One UDP request of `payload_len` bytes (past the MTU, so the kernel fragments it) from a
+/// port of its own, from inside the client namespace; checks the answer came from `target` and
+/// is longer than the request (the server echoes it, so the answer is fragmented too). Returns
+/// the backend's name and the client address it saw.
+pub fn fragmented_udp_request(
+    i: usize,
+    target: SocketAddr,
+    payload_len: usize,
+) -> anyhow::Result<(String, SocketAddr)> {
+    let socket = UdpSocket::bind((Family::of(target.ip()).unspecified(), 0))?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut payload = format!("fragmented {i} ");
+    payload.extend(std::iter::repeat_n('x', payload_len - payload.len()));
+    let mut buf = vec![0u8; 65536];
+    for _attempt in 0..3 {
+        socket.send_to(payload.as_bytes(), target)?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                // A fragment that went astray would not reassemble with the others: no answer.
+                ensure!(
+                    from == target,
+                    "request {i}: answer from {from}, expected {target}"
+                );
+                ensure!(n > payload_len, "request {i}: answer of {n} bytes");
+                return parse_reply(&String::from_utf8_lossy(&buf[..n]), &payload);
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e).context("receive"),
+        }
+    }
+    bail!("request {i}: no answer after 3 sends")
+}
+
 /// Long-lived TCP connections, each expected to stay on the backend that first answered it.
 #[derive(Debug)]
 pub struct LongLivedStreams {

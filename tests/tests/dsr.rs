@@ -4,6 +4,7 @@
 //! tolerance of its weight's, the client's own address seen by the backends, and the answers
 //! taking the path DSR promises, from the backends through the router, never through slb.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,15 +15,17 @@ use slb_tests::config::{
 use slb_tests::report::assert_balanced;
 use slb_tests::segment::{Segment, SLB_INTERFACE};
 use slb_tests::slb::{slb_binary, unique_instance};
-use slb_tests::traffic::{tcp_connections, udp_flows};
+use slb_tests::traffic::{fragmented_udp_request, tcp_connections, udp_flows};
 use slb_tests::{
-    require_root, Family, LongLivedStreams, SlbConfig, SlbDaemon, TrafficOptions, VIP_TCP_PORT,
-    VIP_UDP_PORT,
+    in_netns, require_root, Family, LongLivedStreams, SlbConfig, SlbDaemon, TrafficOptions,
+    VIP_TCP_PORT, VIP_UDP_PORT,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
 const WEIGHTS: [u32; 3] = [1, 2, 3];
 const FLOWS: usize = 3000;
+/// Datagrams sent in fragments, per family.
+const FRAGMENTED: usize = 60;
 
 fn pool(family: Family) -> &'static str {
     match family {
@@ -148,6 +151,35 @@ fn dsr_balances_by_weight_and_answers_bypass_slb() {
         assert_eq!(delta("dsr_backend_off_link"), 0);
         assert_eq!(delta("dsr_next_hop_unresolved"), 0);
         assert_eq!(delta("replies_translated"), 0);
+
+        // Datagrams past the MTU: every fragment of a request must reach the backend its first
+        // fragment went to, or the backend cannot reassemble it and nothing answers.
+        let counters_before = counters;
+        let answered = in_netns(segment.client_ns(), || {
+            (0..FRAGMENTED)
+                .map(|i| fragmented_udp_request(i, family.vip_udp(), 3000))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .expect("enter the client namespace")
+        .unwrap_or_else(|e| panic!("{family:?}: fragmented datagrams: {e:#}"));
+        let backends: BTreeSet<&str> = answered.iter().map(|(b, _)| b.as_str()).collect();
+        assert_eq!(backends.len(), 3, "{family:?}: {backends:?}");
+        let counters = daemon.status().expect("status").counters;
+        let delta = |name: &str| {
+            counters.get(name).copied().unwrap_or(0)
+                - counters_before.get(name).copied().unwrap_or(0)
+        };
+        println!(
+            "{family:?}: {FRAGMENTED} fragmented datagrams answered by {backends:?}; later \
+             fragments sent on {}",
+            delta("fragments_balanced")
+        );
+        // 3000 bytes in a 1500-byte MTU: three fragments, two after the first.
+        assert_eq!(delta("fragments_balanced"), 2 * FRAGMENTED as u64);
+        assert_eq!(
+            delta("fragments_passed") + delta("fragments_dropped_orphan"),
+            0
+        );
     }
 }
 

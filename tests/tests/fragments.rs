@@ -3,48 +3,16 @@
 //! slb balances the request's fragments to one backend and translates every fragment of the
 //! answer, so the client reassembles datagrams whose source is the VIP.
 
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
-use anyhow::{bail, ensure, Context as _};
 use slb_tests::slb::{slb_binary, unique_instance};
-use slb_tests::traffic::parse_reply;
+use slb_tests::traffic::fragmented_udp_request;
 use slb_tests::{in_netns, require_root, vip_udp, SlbConfig, SlbDaemon, Topology};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
 const REQUESTS: usize = 100;
 const PAYLOAD: usize = 3000;
-
-/// One request from its own source port; the backend's name and the client address it saw.
-fn request(i: usize, target: SocketAddr) -> anyhow::Result<(String, SocketAddr)> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut payload = format!("fragmented {i} ");
-    payload.extend(std::iter::repeat_n('x', PAYLOAD - payload.len()));
-    let mut buf = vec![0u8; 65536];
-    for _attempt in 0..3 {
-        socket.send_to(payload.as_bytes(), target)?;
-        match socket.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                // A fragment left untranslated would not reassemble with the others: no answer.
-                ensure!(
-                    from == target,
-                    "request {i}: answer from {from}, expected {target}"
-                );
-                ensure!(n > PAYLOAD, "request {i}: answer of {n} bytes");
-                return parse_reply(&String::from_utf8_lossy(&buf[..n]), &payload);
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(e).context("receive"),
-        }
-    }
-    bail!("request {i}: no answer after 3 sends")
-}
 
 #[test]
 fn fragmented_udp_requests_and_answers_go_through_the_vip() {
@@ -60,7 +28,7 @@ fn fragmented_udp_requests_and_answers_go_through_the_vip() {
 
     let results = in_netns(topo.client_ns(), || {
         (0..REQUESTS)
-            .map(|i| request(i, vip_udp()))
+            .map(|i| fragmented_udp_request(i, vip_udp(), PAYLOAD))
             .collect::<Vec<_>>()
     })
     .expect("enter the client namespace");

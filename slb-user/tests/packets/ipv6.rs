@@ -805,3 +805,89 @@ fn ipv6_replies_need_no_flow_state_and_traffic_to_this_host_is_not_translated() 
         );
     });
 }
+
+/// DSR UDP listeners of both families, their backend on the link.
+const DSR_FRAGMENTS_CONFIG: &str = r#"
+instance = "pkt"
+maglev_table_size = 1009
+[[interfaces]]
+name = "in0"
+[[listeners]]
+name = "direct4"
+protocol = "udp"
+vip = "10.99.0.10"
+port = 87
+group = "segment4"
+forwarding = "dsr"
+health_check = { type = "udp" }
+[[listeners]]
+name = "direct6"
+protocol = "udp"
+vip = "fd00:99::10"
+port = 87
+group = "segment6"
+forwarding = "dsr"
+health_check = { type = "udp" }
+[[groups]]
+name = "segment4"
+backends = [{ address = "10.20.0.2" }]
+[[groups]]
+name = "segment6"
+backends = [{ address = "fd00:20::2" }]
+"#;
+
+#[test]
+fn dsr_sends_every_fragment_of_a_datagram_unchanged_to_the_first_ones_backend() {
+    in_fresh_netns(|| {
+        let mut h = Testbed::new(DSR_FRAGMENTS_CONFIG, RING_SIZE).expect("testbed");
+        let in_mac = mac_of("in0");
+        let request4 = udp_fragments(CLIENT_MAC, in_mac, (CLIENT, 41000), (VIP, 87), 3000, 7);
+        let request6 = ipv6_udp_fragments(
+            in_mac,
+            CLIENT_MAC,
+            (CLIENT6, 41000),
+            (VIP6, 87),
+            3000,
+            7,
+            1500,
+        );
+        assert_eq!((request4.len(), request6.len()), (3, 3));
+        for f in request4.iter().chain(&request6) {
+            let (verdict, out) = h.run(f, h.in_index);
+            assert_eq!(verdict, XDP_REDIRECT, "{:?}", h.counters());
+            assert_eq!(out[..6], BACKEND_MAC, "to the backend's MAC address");
+            assert_eq!(out[6..12], h.out_mac);
+            assert_eq!(
+                out[12..],
+                f[12..],
+                "the fragment is the client's, unchanged"
+            );
+        }
+        let c = h.counters();
+        assert_eq!(
+            (c.fragments_tracked, c.fragments_balanced, c.redirected),
+            (2, 4, 6),
+            "{c:?}"
+        );
+        assert_eq!(
+            (
+                c.fragments_passed,
+                c.fragments_dropped_orphan,
+                c.replies_translated
+            ),
+            (0, 0, 0)
+        );
+
+        // With its backend gone, a later fragment is dropped, never passed to the stack
+        // (which would route it to the VIP).
+        let later = udp_fragments(CLIENT_MAC, in_mac, (CLIENT, 41001), (VIP, 87), 3000, 8);
+        assert_eq!(h.run(&later[0], h.in_index).0, XDP_REDIRECT);
+        let moved = DSR_FRAGMENTS_CONFIG.replace("10.20.0.2", "10.20.0.3");
+        let moved = Config::parse(&moved, "moved").expect("config");
+        h.reconciler
+            .apply(&moved, &Default::default())
+            .expect("apply");
+        assert_eq!(h.run(&later[1], h.in_index).0, XDP_DROP);
+        assert_eq!(h.counters().fragments_passed, 0);
+    });
+}
