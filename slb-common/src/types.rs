@@ -87,6 +87,8 @@ pub const FRAGMENT_DROP: u32 = 4;
 /// The first fragment was a DSR listener's, sent unchanged to a backend's MAC address: later
 /// ones go unchanged to the same backend (`backend_id` in the entry).
 pub const FRAGMENT_DIRECT: u32 = 5;
+/// As `FRAGMENT_DIRECT`, for a tunnelling DSR listener: later ones are encapsulated too.
+pub const FRAGMENT_TUNNEL: u32 = 6;
 
 /// Slots of the endpoint filter: a listener's (VIP, port, protocol) and a backend's (address,
 /// port, protocol) set a bit in the slot they hash to, so the data plane can tell most packets
@@ -192,6 +194,13 @@ pub const LISTENER_F_PERSIST: u32 = 4;
 /// unchanged, in a frame to the backend's MAC address (the backend holds the VIP and answers the
 /// client itself); replies do not pass slb.
 pub const LISTENER_F_DSR: u32 = 8;
+/// Listener flag, with `LISTENER_F_DSR`: the client's packet goes to its backend inside an
+/// outer IP header (IPv4 in IPv4, IPv6 in IPv6) from the backend's `tunnel_source`, so the
+/// backend may be anywhere routable; the backend strips the outer header (`slb decap`).
+pub const LISTENER_F_TUNNEL: u32 = 16;
+/// IP protocol numbers of the encapsulations: IPv4 in IP (RFC 2003), IPv6 in IP (RFC 2473).
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_IPV6_IN_IP: u8 = 41;
 
 pub type Addr = [u8; 16];
 
@@ -265,6 +274,9 @@ pub struct Backend {
     pub port: u16,
     pub flags: u8,
     pub _pad: u8,
+    /// The outer source address of packets tunnelled to this backend (a `LISTENER_F_TUNNEL`
+    /// listener's; IPv4-mapped for IPv4), else zero.
+    pub tunnel_source: Addr,
 }
 
 /// A flow as seen on the wire, in the direction the packet travels.
@@ -569,33 +581,35 @@ pub struct TrafficCounters {
     pub closed_connections: u64,
 }
 
-/// Declares the global counters once: the struct both sides share, plus the names and values
-/// the control plane prints and sums.
-macro_rules! global_counters {
-    ($($(#[doc = $doc:literal])* $field:ident,)*) => {
-        /// What happened to packets that did not take the fast path, one per CPU. Every branch of
-        /// the data plane that does not forward a listener packet ends in one of these.
+/// Declares a per-CPU counter struct once: the struct both sides share, plus the names and
+/// values the control plane prints and sums.
+macro_rules! counters {
+    ($(#[doc = $sdoc:literal])* $name:ident { $($(#[doc = $doc:literal])* $field:ident,)* }) => {
+        $(#[doc = $sdoc])*
         #[repr(C)]
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-        pub struct GlobalCounters {
+        pub struct $name {
             $($(#[doc = $doc])* pub $field: u64,)*
         }
 
-        impl GlobalCounters {
+        impl $name {
             pub const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];
 
             pub fn values(&self) -> impl Iterator<Item = u64> {
                 [$(self.$field),*].into_iter()
             }
 
-            pub fn add(&mut self, other: &GlobalCounters) {
+            pub fn add(&mut self, other: &$name) {
                 $(self.$field += other.$field;)*
             }
         }
     };
 }
 
-global_counters! {
+counters! {
+    /// What happened to packets that did not take the fast path, one per CPU. Every branch of
+    /// the data plane that does not forward a listener packet ends in one of these.
+    GlobalCounters {
     /// Frames too short for the header they claim.
     malformed,
     /// Not IPv4/IPv6 (ARP, LLDP, VLAN-tagged ...): passed to the stack.
@@ -676,10 +690,43 @@ global_counters! {
     /// Packets of a DSR listener whose backend's MAC address the kernel has not resolved yet
     /// (the stack would route the unchanged packet to the VIP, not to the backend): dropped.
     dsr_next_hop_unresolved,
-    /// Packets of a DSR listener too big for the link to their backend, without DF set
-    /// (fragmented by the stack, they would be routed to the VIP, not to the backend): dropped.
+    /// Packets of a DSR listener too big for the link to their backend (with the outer header,
+    /// when tunnelled), without DF set (fragmented by the stack, they would be routed to the
+    /// VIP, not to the backend): dropped.
     dsr_too_big_dropped,
+    /// Packets of a tunnelling DSR listener sent to their backend inside an outer IP header.
+    tunnel_encapsulated,
+    /// Packets of a tunnelling DSR listener that could not be given their outer header (no
+    /// room in front of the frame): dropped.
+    tunnel_failed,
 }
+}
+
+counters! {
+    /// What the decapsulator (`slb decap`, on a DSR backend) did with tunnelled packets, one per
+    /// CPU. Other packets pass untouched and are not counted.
+    DecapCounters {
+    /// Tunnelled packets from an accepted source to an accepted VIP: the outer header stripped,
+    /// the client's packet handed to the stack.
+    decapsulated,
+    /// Tunnelled packets from a source that is not accepted: passed as they are (the stack,
+    /// without a tunnel of its own, drops them).
+    refused_source,
+    /// Tunnelled packets whose inner packet is not to an accepted VIP: passed as they are.
+    refused_vip,
+    /// Tunnelled packets the decapsulator does not take apart (outer IPv4 options, an outer
+    /// fragment, a truncated inner header): passed as they are.
+    unhandled,
+}
+}
+
+/// The decapsulator's maps (pinned under its directory): accepted outer sources and inner
+/// destinations (IPv4-mapped for IPv4), and its counters.
+pub const DECAP_SOURCES_MAP: &str = "DECAP_SOURCES";
+pub const DECAP_VIPS_MAP: &str = "DECAP_VIPS";
+pub const DECAP_STATS_MAP: &str = "DECAP_STATS";
+/// Entries of each of `DECAP_SOURCES` and `DECAP_VIPS`.
+pub const MAX_DECAP_ADDRESSES: u32 = 1024;
 
 /// Room for the frame `xdp_replay` (the benchmark driver) writes back before each run: an
 /// IPv6 TCP frame (74 bytes and a small payload) fits.
@@ -807,6 +854,7 @@ mod pod {
     unsafe impl aya::Pod for BackendEndpoint {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for GlobalCounters {}
+    unsafe impl aya::Pod for DecapCounters {}
     unsafe impl aya::Pod for PersistKey {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for Persisted {}

@@ -15,10 +15,10 @@ use slb_common::{
     hash::flow_hash,
     Addr, Backend, BackendEndpoint, Connection, FlowKey, FragmentKey, GlobalCounters,
     ListenerEntry, ListenerKey, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING,
-    BACKEND_F_PRESENT, CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
-    FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP,
-    LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST,
-    NO_BACKEND, PROGRAM_SLOT_IPV6, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
+    BACKEND_F_PRESENT, CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER, FRAGMENT_TO_CLIENT,
+    HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR,
+    LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, LISTENER_F_TUNNEL, NO_BACKEND, PROGRAM_SLOT_IPV6,
+    TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
 };
 
 use crate::{
@@ -35,6 +35,7 @@ use crate::{
         IPV4_DONT_FRAGMENT, IPV4_FRAGMENT_MASK, IPV4_HDR_LEN, IPV4_RESERVED_FLAG, TCP_HDR_LEN,
         UDP_HDR_LEN,
     },
+    tunnel,
 };
 
 pub(crate) const FLOW_HASH_SEED: u32 = 0;
@@ -234,7 +235,7 @@ fn dispatch(
         if let Some(key) = fragment {
             let sent = fragments::Sent {
                 verdict,
-                action: FRAGMENT_TO_BACKEND,
+                action: fragments::to_backend_action(listener.flags),
                 direct_to: sent_direct_to,
             };
             fragments::remember(ctx, key, sent, counters);
@@ -734,7 +735,12 @@ fn to_backend(
         backend.addr[15],
     ];
     let route = route_ipv4(ctx, ip, backend_addr, l4.protocol, cache, now, counters);
-    if let Route::TooBig(mtu) = route {
+    let tunnel = listener.flags & LISTENER_F_TUNNEL != 0;
+    if tunnel {
+        if let Some(verdict) = tunnel::too_big_ipv4(ctx, ip, &route, counters) {
+            return verdict;
+        }
+    } else if let Route::TooBig(mtu) = route {
         if dont_fragment(ip) {
             return icmp::reply_too_big(ctx, mtu, counters);
         }
@@ -743,6 +749,9 @@ fn to_backend(
     count_traffic(listener.index, id, bytes, new_flow);
     if listener.flags & LISTENER_F_DSR != 0 {
         *sent_direct_to = id;
+        if tunnel {
+            return tunnel::send_ipv4(ctx, ip, backend, route, counters);
+        }
         return send_direct(ctx, eth, route, counters);
     }
     unsafe { translate(ip, l4, Endpoint::Destination, &backend.addr, backend.port) };

@@ -18,18 +18,19 @@ use slb_common::{
     checksum::{apply, delta_addr_words, delta_u16},
     ipv6_filter_fold, ipv6_prefix_words, Addr, BackendEndpoint, FlowKey, GlobalCounters,
     ListenerEntry, ListenerKey, ReplyNat, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
-    FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_DSR,
-    LISTENER_F_PERSIST, NO_BACKEND, PROGRAM_SLOT_IPV6_FRAGMENT, PROGRAM_SLOT_IPV6_ICMP,
+    FRAGMENT_TO_CLIENT, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_DSR, LISTENER_F_PERSIST,
+    LISTENER_F_TUNNEL, NO_BACKEND, PROGRAM_SLOT_IPV6_FRAGMENT, PROGRAM_SLOT_IPV6_ICMP,
 };
 
 use crate::{
     balancer::{count_traffic, endpoint_may_be, l4_header, pick_backend, Endpoint, L4},
     forward::{cache_slot, now_ns, route_ipv6, send, send_direct, Route},
-    fragments::Sent,
+    fragments::{to_backend_action, Sent},
     fragments6::{self, FragmentHdr, NEXTHDR_FRAGMENT},
     icmp6::{self, IPPROTO_ICMPV6},
     maps::{LISTENERS, NEXT_HOP_BACKEND6, NEXT_HOP_CLIENT6, PROGRAMS, REPLY_NAT},
     packet::{ptr_at, EthHdr, Ipv6Hdr, ETH_HDR_LEN, IPV6_HDR_LEN},
+    tunnel,
 };
 
 /// Extension headers (RFC 8200 §4, IANA's list) that may stand between the IPv6 header and
@@ -270,7 +271,7 @@ fn dispatch(
         if let Some(id) = header.first_fragment_of {
             let sent = Sent {
                 verdict,
-                action: FRAGMENT_TO_BACKEND,
+                action: to_backend_action(listener.flags),
                 direct_to: sent_direct_to,
             };
             fragments6::remember(ctx, flow, id, sent, counters);
@@ -345,13 +346,21 @@ fn to_backend(
         .unwrap_or(core::ptr::null_mut());
     let backend_addr = addr_words(&backend.addr);
     let route = route_ipv6(ctx, ip, backend_addr, l4.protocol, cache, now, counters);
-    if let Route::TooBig(mtu) = route {
+    let tunnel = listener.flags & LISTENER_F_TUNNEL != 0;
+    if tunnel {
+        if let Some(verdict) = tunnel::too_big_ipv6(ctx, ip, &route, counters) {
+            return verdict;
+        }
+    } else if let Route::TooBig(mtu) = route {
         return icmp6::reply_too_big(ctx, mtu, counters);
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(listener.index, id, bytes, new_flow);
     if listener.flags & LISTENER_F_DSR != 0 {
         *sent_direct_to = id;
+        if tunnel {
+            return tunnel::send_ipv6(ctx, ip, backend, route, counters);
+        }
         return send_direct(ctx, eth, route, counters);
     }
     unsafe { translate(ip, l4, Endpoint::Destination, backend_addr, backend.port) };

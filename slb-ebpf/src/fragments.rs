@@ -16,8 +16,8 @@ use aya_ebpf::{
 use slb_common::{
     checksum::{apply, delta_u32},
     FragmentEntry, FragmentKey, GlobalCounters, FRAGMENT_DIRECT, FRAGMENT_DROP, FRAGMENT_PASS,
-    FRAGMENT_TIMEOUT_NS, FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, NAT_ADDRESS_F_BACKEND,
-    NAT_ADDRESS_F_VIP, NO_BACKEND,
+    FRAGMENT_TIMEOUT_NS, FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, FRAGMENT_TUNNEL, LISTENER_F_DSR,
+    LISTENER_F_TUNNEL, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, NO_BACKEND,
 };
 
 use crate::{
@@ -25,6 +25,7 @@ use crate::{
     forward::{now_ns, route_ipv4, send, send_direct},
     maps::{FRAGMENTS, NAT_ADDRESSES, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT},
     packet::{ptr_at, EthHdr, Ipv4Hdr, ETH_HDR_LEN, IPV4_FRAGMENT_OFFSET_MASK},
+    tunnel,
 };
 
 /// True for the first fragment of a fragmented datagram (`frag_off` in host order, MF or an
@@ -51,19 +52,37 @@ pub fn key(ip: *const Ipv4Hdr) -> FragmentKey {
 /// What the ordinary path did with a datagram's first fragment.
 pub struct Sent {
     pub verdict: u32,
-    /// `FRAGMENT_TO_BACKEND` or `FRAGMENT_TO_CLIENT`, for a first fragment that was rewritten.
+    /// What the later fragments do if the first went on: `FRAGMENT_TO_BACKEND` or
+    /// `FRAGMENT_TO_CLIENT` when it was rewritten, `FRAGMENT_DIRECT` or `FRAGMENT_TUNNEL` when
+    /// it was sent to a DSR listener's backend.
     pub action: u32,
-    /// The backend a DSR listener's first fragment was sent to unchanged, else `NO_BACKEND`.
+    /// The backend a DSR listener's first fragment was sent to, else `NO_BACKEND`.
     pub direct_to: u32,
 }
 
+/// [`Sent::action`] of a listener's first fragment, by the listener's flags.
+#[inline(always)]
+pub fn to_backend_action(listener_flags: u32) -> u32 {
+    if listener_flags & LISTENER_F_DSR == 0 {
+        FRAGMENT_TO_BACKEND
+    } else if listener_flags & LISTENER_F_TUNNEL == 0 {
+        FRAGMENT_DIRECT
+    } else {
+        FRAGMENT_TUNNEL
+    }
+}
+
 /// After the first fragment of datagram `key` went through the ordinary path: records what it
-/// became, read back from its header, so the later fragments follow it exactly. Unchanged
-/// addresses mean it was sent unchanged to a DSR backend, or else passed untouched (TTL
-/// expired, a backend's packet to this host).
+/// became, so the later fragments follow it exactly. Sent to a DSR listener's backend, they go
+/// to the same backend; else what it became is read back from its header (unchanged addresses:
+/// passed untouched, as when its TTL expired or it was a backend's packet to this host).
 /// The header is read anew: the path may have rebuilt the frame (an ICMP error in its place).
 #[inline(always)]
 pub fn remember(ctx: &XdpContext, key: &FragmentKey, sent: Sent, counters: &mut GlobalCounters) {
+    if let Some(action) = sent_direct(&sent) {
+        record(key, key.src, key.dst, action, sent.direct_to, counters);
+        return;
+    }
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ETH_HDR_LEN) else {
         record(key, key.src, key.dst, FRAGMENT_DROP, NO_BACKEND, counters);
         return;
@@ -72,22 +91,19 @@ pub fn remember(ctx: &XdpContext, key: &FragmentKey, sent: Sent, counters: &mut 
     let action = if sent.verdict == XDP_DROP || protocol != key.protocol {
         FRAGMENT_DROP
     } else if src == key.src && dst == key.dst {
-        unchanged(&sent)
+        FRAGMENT_PASS
     } else {
         sent.action
     };
-    record(key, src, dst, action, sent.direct_to, counters);
+    record(key, src, dst, action, NO_BACKEND, counters);
 }
 
-/// What a first fragment that left with its addresses unchanged was: sent to a DSR backend,
-/// or passed.
+/// The action of a first fragment that went to a DSR listener's backend (not dropped, its
+/// later fragments follow it whatever the verdict: one passed was handed to the stack already
+/// encapsulated, or is for this host).
 #[inline(always)]
-pub(crate) fn unchanged(sent: &Sent) -> u32 {
-    if sent.direct_to != NO_BACKEND && sent.verdict != XDP_PASS {
-        FRAGMENT_DIRECT
-    } else {
-        FRAGMENT_PASS
-    }
+pub(crate) fn sent_direct(sent: &Sent) -> Option<u32> {
+    (sent.direct_to != NO_BACKEND && sent.verdict != XDP_DROP).then_some(sent.action)
 }
 
 /// A first fragment that is not a listener's nor a reply: if its addresses are ours (another
@@ -150,7 +166,7 @@ pub(crate) fn without_first(ours: bool, counters: &mut GlobalCounters) -> u32 {
 #[inline(always)]
 pub(crate) fn stops_here(action: u32, counters: &mut GlobalCounters) -> Option<u32> {
     match action {
-        FRAGMENT_TO_BACKEND | FRAGMENT_DIRECT => counters.fragments_balanced += 1,
+        FRAGMENT_TO_BACKEND | FRAGMENT_DIRECT | FRAGMENT_TUNNEL => counters.fragments_balanced += 1,
         FRAGMENT_TO_CLIENT => counters.fragments_translated += 1,
         FRAGMENT_DROP => {
             counters.fragments_dropped_with_first += 1;
@@ -182,8 +198,9 @@ pub fn later(
     if let Some(verdict) = stops_here(action, counters) {
         return verdict;
     }
-    if action == FRAGMENT_DIRECT {
-        return later_direct(ctx, eth, ip, unsafe { (*entry).backend_id }, now, counters);
+    if action == FRAGMENT_DIRECT || action == FRAGMENT_TUNNEL {
+        let backend_id = unsafe { (*entry).backend_id };
+        return later_direct(ctx, eth, ip, backend_id, action, now, counters);
     }
     if unsafe { (*ip).ttl } <= 1 {
         // As for whole packets: the stack sends the ICMP error (for a first fragment only).
@@ -222,13 +239,15 @@ pub fn later(
     send(ctx, eth, route, counters)
 }
 
-/// A later fragment of a DSR listener's datagram: unchanged, to its first fragment's backend.
+/// A later fragment of a DSR listener's datagram: unchanged, to its first fragment's backend
+/// (encapsulated as it was with `FRAGMENT_TUNNEL`).
 #[inline(always)]
 fn later_direct(
     ctx: &XdpContext,
     eth: *mut EthHdr,
     ip: *const Ipv4Hdr,
     backend_id: u32,
+    action: u32,
     now: u64,
     counters: &mut GlobalCounters,
 ) -> u32 {
@@ -247,5 +266,12 @@ fn later_direct(
         .unwrap_or(core::ptr::null_mut());
     let protocol = unsafe { (*ip).protocol };
     let route = route_ipv4(ctx, ip, backend_addr, protocol, cache, now, counters);
+    if action == FRAGMENT_TUNNEL {
+        // Without DF (a fragment), so never an ICMP error: dropped if it does not fit.
+        if let Some(verdict) = tunnel::too_big_ipv4(ctx, ip, &route, counters) {
+            return verdict;
+        }
+        return tunnel::send_ipv4(ctx, ip, backend, route, counters);
+    }
     send_direct(ctx, eth, route, counters)
 }

@@ -13,18 +13,19 @@ use aya_ebpf::{
 };
 use slb_common::{
     addr_words, FlowKey, FragmentEntry6, FragmentKey6, GlobalCounters, FRAGMENT_DIRECT,
-    FRAGMENT_DROP, FRAGMENT_PASS, FRAGMENT_TIMEOUT_NS, FRAGMENT_TO_CLIENT, NAT_ADDRESS_F_BACKEND,
-    NAT_ADDRESS_F_VIP, NO_BACKEND,
+    FRAGMENT_DROP, FRAGMENT_PASS, FRAGMENT_TIMEOUT_NS, FRAGMENT_TO_CLIENT, FRAGMENT_TUNNEL,
+    NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, NO_BACKEND,
 };
 
 use crate::{
     balancer::present_backend,
     balancer6::hop_limit_expired,
     forward::{now_ns, route_ipv6, send, send_direct, Route},
-    fragments::{stops_here, unchanged, without_first, Sent},
+    fragments::{sent_direct, stops_here, without_first, Sent},
     icmp6,
     maps::{FRAGMENTS6, NAT_ADDRESSES6, NEXT_HOP_BACKEND6, NEXT_HOP_CLIENT6},
     packet::{ptr_at, EthHdr, Ipv6Hdr, ETH_HDR_LEN, IPV6_HDR_LEN},
+    tunnel,
 };
 
 /// The `slb_xdp6_fragment` program, to which `slb_xdp6` hands every IPv6 fragment after the
@@ -84,8 +85,8 @@ pub fn place(offset_flags: u16) -> Place {
 }
 
 /// After the first fragment of `flow`'s datagram `id` went the ordinary path: records what it
-/// became, read back from its header (unchanged addresses: sent to a DSR backend, or passed
-/// untouched; the frame may even have become an ICMPv6 error in its place).
+/// became, as IPv4's `remember` does (the frame may even have become an ICMPv6 error in its
+/// place).
 #[inline(always)]
 pub fn remember(
     ctx: &XdpContext,
@@ -96,6 +97,10 @@ pub fn remember(
 ) {
     let (flow_src, flow_dst) = (addr_words(&flow.src), addr_words(&flow.dst));
     let key = FragmentKey6::new(flow_src, flow_dst, id, flow.protocol);
+    if let Some(action) = sent_direct(&sent) {
+        record(&key, flow_src, flow_dst, action, sent.direct_to, counters);
+        return;
+    }
     let Some(ip) = ptr_at::<Ipv6Hdr>(ctx, ETH_HDR_LEN) else {
         record(
             &key,
@@ -111,11 +116,11 @@ pub fn remember(
     let action = if sent.verdict == XDP_DROP || next != NEXTHDR_FRAGMENT {
         FRAGMENT_DROP
     } else if src == flow_src && dst == flow_dst {
-        unchanged(&sent)
+        FRAGMENT_PASS
     } else {
         sent.action
     };
-    record(&key, src, dst, action, sent.direct_to, counters);
+    record(&key, src, dst, action, NO_BACKEND, counters);
 }
 
 /// A first fragment that is no listener's nor a reply: if its addresses are ours, its later
@@ -181,9 +186,9 @@ fn later(
         return verdict;
     }
     let protocol = unsafe { (*fragment).next_header };
-    if action == FRAGMENT_DIRECT {
+    if action == FRAGMENT_DIRECT || action == FRAGMENT_TUNNEL {
         let backend_id = unsafe { (*entry).backend_id };
-        return later_direct(ctx, eth, ip, backend_id, protocol, now, counters);
+        return later_direct(ctx, eth, ip, (backend_id, action), protocol, now, counters);
     }
     if hop_limit_expired(ip, counters) {
         return XDP_PASS;
@@ -215,13 +220,14 @@ fn later(
     send(ctx, eth, route, counters)
 }
 
-/// A later fragment of a DSR listener's datagram: unchanged, to its first fragment's backend.
+/// A later fragment of a DSR listener's datagram: unchanged, to its first fragment's backend
+/// (encapsulated as it was with `FRAGMENT_TUNNEL`).
 #[inline(always)]
 fn later_direct(
     ctx: &XdpContext,
     eth: *mut EthHdr,
     ip: *const Ipv6Hdr,
-    backend_id: u32,
+    (backend_id, action): (u32, u32),
     protocol: u8,
     now: u64,
     counters: &mut GlobalCounters,
@@ -242,5 +248,11 @@ fn later_direct(
         now,
         counters,
     );
+    if action == FRAGMENT_TUNNEL {
+        if let Some(verdict) = tunnel::too_big_ipv6(ctx, ip, &route, counters) {
+            return verdict;
+        }
+        return tunnel::send_ipv6(ctx, ip, backend, route, counters);
+    }
     send_direct(ctx, eth, route, counters)
 }

@@ -69,7 +69,7 @@ struct TooBigFrame {
 /// The Internet checksum of `N` 16-bit words (whose checksum field is zero), as they sit in
 /// memory.
 #[inline(always)]
-unsafe fn checksum<const N: usize>(words: *const [u16; N]) -> u16 {
+pub(crate) unsafe fn checksum<const N: usize>(words: *const [u16; N]) -> u16 {
     !fold(unsafe { sum16(words) })
 }
 

@@ -13,6 +13,7 @@ mod icmp6;
 mod maps;
 mod packet;
 mod replay;
+mod tunnel;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -76,6 +76,12 @@ pub enum Command {
         #[command(subcommand)]
         action: BackendAction,
     },
+    /// On a backend of a tunnelling DSR listener (`dsr = "ipip"`): slb's decapsulator, which
+    /// strips the outer header of packets from slb's tunnel sources to the VIPs.
+    Decap {
+        #[command(subcommand)]
+        action: DecapAction,
+    },
     /// Re-read the config file of a running instance (drops runtime changes).
     Reload {
         #[arg(short, long, default_value = "default")]
@@ -218,6 +224,38 @@ impl BackendAction {
             }
         })
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DecapAction {
+    /// Attach the decapsulator to an interface (or, when it is attached, replace what it
+    /// accepts). It stays attached after the command exits.
+    Attach {
+        #[arg(long, value_name = "IF")]
+        iface: String,
+        /// An slb node's tunnel source address whose tunnelled packets are taken apart
+        /// (repeat for several nodes).
+        #[arg(long = "source", value_name = "ADDR", required = true)]
+        sources: Vec<std::net::IpAddr>,
+        /// A VIP this backend serves (repeat for several); it must also be on a local
+        /// interface, e.g. `ip addr add VIP/32 dev lo`.
+        #[arg(long = "vip", value_name = "ADDR", required = true)]
+        vips: Vec<std::net::IpAddr>,
+        #[arg(long, value_enum, default_value = "native")]
+        mode: ModeArg,
+    },
+    /// Detach the decapsulator from an interface.
+    Detach {
+        #[arg(long, value_name = "IF")]
+        iface: String,
+    },
+    /// What the decapsulator on an interface accepts, and its counters.
+    Status {
+        #[arg(long, value_name = "IF")]
+        iface: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

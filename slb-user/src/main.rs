@@ -1,9 +1,9 @@
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser};
-use slb_user::cli::{enter_netns, Cli, Command, ReportKind};
+use slb_user::cli::{enter_netns, Cli, Command, DecapAction, ReportKind};
 use slb_user::config::Config;
 use slb_user::instance::{pin_dir, socket_path, state_dir};
-use slb_user::{api, daemon, dataplane, report, status};
+use slb_user::{api, daemon, dataplane, decap, report, status};
 
 /// The proxy allocates and frees small buffers for every request (headers, body chunks, tasks):
 /// glibc's malloc took about 7 % of the daemon's CPU in the HTTP benchmark.
@@ -49,6 +49,36 @@ fn print_output(bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 /// `slb stop`: asks the daemon, or cleans up the pins of one that is gone.
+fn decap(action: DecapAction) -> anyhow::Result<()> {
+    match action {
+        DecapAction::Attach {
+            iface,
+            sources,
+            vips,
+            mode,
+        } => {
+            let accepted = decap::Accepted { sources, vips };
+            let attached = decap::attach(&iface, &accepted, mode.into())?;
+            let what = if attached {
+                "attached to"
+            } else {
+                "updated on"
+            };
+            println!("decapsulator {what} {iface}");
+            Ok(())
+        }
+        DecapAction::Detach { iface } => {
+            decap::detach(&iface)?;
+            println!("decapsulator detached from {iface}");
+            Ok(())
+        }
+        DecapAction::Status { iface, json } => {
+            let status = decap::status(&iface)?;
+            print_json_or_text(json, &status, decap::render)
+        }
+    }
+}
+
 fn stop(instance: &str) -> anyhow::Result<()> {
     if socket_path(instance).exists() {
         if let Ok(response) = api::call(instance, &api::Request::Stop {}) {
@@ -169,6 +199,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             let (instance, request) = action.request()?;
             answer(api::call(&instance, &request)?)
         }
+        Command::Decap { action } => decap(action),
         Command::Stop { instance } => stop(&instance),
         Command::Stats {
             instance,

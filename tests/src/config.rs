@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 pub use slb_user::config::{
     AllUnhealthy, AttachMode, BackendSpec, Certificate, CheckKind, Config, CookiePersistence,
-    Forwarding, Group, GroupKind, HealthCheck, Interface, Listener, Persistence, Protocol, Rule,
-    Scheduler,
+    DsrMode, Forwarding, Group, GroupKind, HealthCheck, Interface, Listener, Persistence, Protocol,
+    Rule, Scheduler,
 };
 
 use crate::topology::Topology;

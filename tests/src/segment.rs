@@ -11,6 +11,9 @@
 //!                             └─ p<i> ─── backend ns i: b0 10.202.0.(10+i), fd00:202::(10+i)
 //! ```
 //!
+//! Each backend also has a remote address on `lo` (10.203.0.(10+i), fd00:203::(10+i)) that
+//! only the router knows a route to: as slb sees it, a backend in another subnet.
+//!
 //! The router sends the VIPs ([`crate::VIP`], [`crate::VIP6`]) to slb; each backend has them on
 //! `lo` (`arp_ignore=1`, `arp_announce=2`: it does not answer ARP for the VIP, nor use it as the
 //! source of its own ARP requests) and its default routes via the router. Each backend's test
@@ -55,6 +58,8 @@ pub struct Segment {
     /// `l0` with XDP_TX, which a veth delivers only to a peer with an XDP program) and on the
     /// client's `c0`.
     xdp_links: Vec<OwnedFd>,
+    /// The slb binary that attached decapsulators to the backends, which detaches them.
+    decapsulators: Option<std::path::PathBuf>,
 }
 
 impl Segment {
@@ -77,6 +82,7 @@ impl Segment {
             created: Vec::new(),
             servers: Vec::new(),
             xdp_links: Vec::new(),
+            decapsulators: None,
         };
         // From here on, a failure drops `segment`, which deletes whatever was created.
         segment
@@ -117,6 +123,51 @@ impl Segment {
             Family::V4 => Ipv4Addr::new(10, 202, 0, host).into(),
             Family::V6 => Ipv6Addr::new(0xfd00, 0x202, 0, 0, 0, 0, 0, u16::from(host)).into(),
         }
+    }
+
+    /// Backend `i`'s remote address in `family`: reachable from slb only through the router.
+    pub fn remote_backend_addr(family: Family, i: usize) -> IpAddr {
+        let host = 10 + i as u8;
+        match family {
+            Family::V4 => Ipv4Addr::new(10, 203, 0, host).into(),
+            Family::V6 => Ipv6Addr::new(0xfd00, 0x203, 0, 0, 0, 0, 0, u16::from(host)).into(),
+        }
+    }
+
+    /// slb's address on the segment in `family`.
+    pub fn slb_addr(family: Family) -> IpAddr {
+        match family {
+            Family::V4 => SLB_ADDR.into(),
+            Family::V6 => SLB_ADDR6.into(),
+        }
+    }
+
+    /// Attaches slb's decapsulator (`slb decap attach`, run from `slb_bin`) to every backend's
+    /// interface, accepting tunnels from slb's segment addresses to the VIPs; they are
+    /// detached when the segment is dropped.
+    pub fn attach_decapsulators(&mut self, slb_bin: &Path) -> anyhow::Result<()> {
+        self.decapsulators = Some(slb_bin.to_owned());
+        for ns in &self.backends {
+            // `slb --netns`, not `ip netns exec`, whose private mount of /sys hides bpffs (the
+            // pins would vanish with the command, and the program with them).
+            let mut args: Vec<String> = vec![
+                "--netns".into(),
+                ns.clone(),
+                "decap".into(),
+                "attach".into(),
+                "--iface".into(),
+                "b0".into(),
+            ];
+            for source in [SLB_ADDR.to_string(), SLB_ADDR6.to_string()] {
+                args.extend(["--source".into(), source]);
+            }
+            for vip in [VIP.to_string(), VIP6.to_string()] {
+                args.extend(["--vip".into(), vip]);
+            }
+            exec::run(std::process::Command::new(slb_bin).args(&args))
+                .with_context(|| format!("slb decap attach in {ns}"))?;
+        }
+        Ok(())
     }
 
     pub fn client_addr(family: Family) -> IpAddr {
@@ -289,6 +340,33 @@ impl Segment {
             "nodad",
         ])?;
         default_routes_via_router(&ns)?;
+        for family in [Family::V4, Family::V6] {
+            let (remote, own) = (
+                Self::remote_backend_addr(family, i),
+                Self::backend_addr(family, i),
+            );
+            let (flag, prefix) = match family {
+                Family::V4 => ("-4", 32),
+                Family::V6 => ("-6", 128),
+            };
+            let address = format!("{remote}/{prefix}");
+            match family {
+                Family::V4 => ip(["-n", &ns, flag, "addr", "add", &address, "dev", "lo"])?,
+                Family::V6 => ip([
+                    "-n", &ns, flag, "addr", "add", &address, "dev", "lo", "nodad",
+                ])?,
+            };
+            ip([
+                "-n",
+                &self.router,
+                flag,
+                "route",
+                "add",
+                &format!("{remote}/{prefix}"),
+                "via",
+                &own.to_string(),
+            ])?;
+        }
         endpoint_offloads(&ns, "b0")?;
         let args: Vec<OsString> = vec![
             server_bin.into(),
@@ -351,6 +429,14 @@ fn default_routes_via_router(ns: &str) -> anyhow::Result<()> {
 impl Drop for Segment {
     fn drop(&mut self) {
         self.servers.clear();
+        if let Some(slb_bin) = self.decapsulators.take() {
+            for ns in &self.backends {
+                let args = ["--netns", ns, "decap", "detach", "--iface", "b0"];
+                if let Err(e) = exec::run(std::process::Command::new(&slb_bin).args(args)) {
+                    eprintln!("warning: could not detach the decapsulator in {ns}: {e}");
+                }
+            }
+        }
         for ns in self.created.iter().rev() {
             if let Err(e) = ip(["netns", "del", ns]) {
                 eprintln!("warning: could not delete namespace {ns}: {e}");

@@ -300,6 +300,35 @@ pub fn fragmented_udp_request(
     bail!("request {i}: no answer after 3 sends")
 }
 
+/// One TCP connection from namespace `ns` to `target` carrying a line of `bytes` bytes (so
+/// full-size segments both ways: the test server echoes it). Returns the backend's name and how
+/// many of the line's bytes came back.
+pub fn tcp_transfer(ns: &str, target: SocketAddr, bytes: usize) -> anyhow::Result<(String, usize)> {
+    in_netns(ns, || -> anyhow::Result<(String, usize)> {
+        let stream = TcpStream::connect_timeout(&target, Duration::from_secs(5))
+            .with_context(|| format!("connect to {target}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let mut line = "x".repeat(bytes);
+        line.push('\n');
+        (&stream)
+            .write_all(line.as_bytes())
+            .context("send the transfer")?;
+        let mut answer = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut answer)
+            .context("read the echo")?;
+        ensure!(
+            answer.ends_with('\n'),
+            "the echo stopped after {} bytes",
+            answer.len()
+        );
+        let backend = answer.split(' ').next().unwrap_or_default().to_owned();
+        let echoed = answer.bytes().filter(|&b| b == b'x').count();
+        Ok((backend, echoed))
+    })?
+}
+
 /// Long-lived TCP connections, each expected to stay on the backend that first answered it.
 #[derive(Debug)]
 pub struct LongLivedStreams {

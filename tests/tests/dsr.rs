@@ -1,21 +1,25 @@
-//! Direct server return (`forwarding = "dsr"`) on one L2 segment: slb, the backends and a router
-//! on a bridge, the client behind the router ([`Segment`]). For IPv4 and IPv6, 3000 TCP
-//! connections and 3000 UDP flows over backends weighted 1:2:3: each backend's share within
-//! tolerance of its weight's, the client's own address seen by the backends, and the answers
-//! taking the path DSR promises, from the backends through the router, never through slb.
+//! Direct server return (`forwarding = "dsr"`) with slb, the backends and a router on a bridge,
+//! the client behind the router ([`Segment`]), in both ways DSR reaches a backend: `dsr = "l2"`
+//! to the backends' own addresses on the segment, and `dsr = "ipip"` to their remote addresses
+//! (routed through the router, as backends in another subnet), with slb's decapsulator on the
+//! backends. For IPv4 and IPv6, 3000 TCP connections and 3000 UDP flows over backends weighted
+//! 1:2:3: each backend's share within tolerance of its weight's, the client's own address seen
+//! by the backends, and the answers taking the path DSR promises, from the backends through the
+//! router, never through slb; then full-size transfers and fragmented datagrams.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use slb_tests::config::{
-    group, health_check, listener_on, BackendSpec, CheckKind, Forwarding, GroupKind, HealthCheck,
-    Protocol,
+    group, health_check, listener_on, BackendSpec, CheckKind, DsrMode, Forwarding, GroupKind,
+    HealthCheck, Listener, Protocol,
 };
 use slb_tests::report::assert_balanced;
 use slb_tests::segment::{Segment, SLB_INTERFACE};
 use slb_tests::slb::{slb_binary, unique_instance};
-use slb_tests::traffic::{fragmented_udp_request, tcp_connections, udp_flows};
+use slb_tests::traffic::{fragmented_udp_request, tcp_connections, tcp_transfer, udp_flows};
 use slb_tests::{
     in_netns, require_root, Family, LongLivedStreams, SlbConfig, SlbDaemon, TrafficOptions,
     VIP_TCP_PORT, VIP_UDP_PORT,
@@ -26,6 +30,9 @@ const WEIGHTS: [u32; 3] = [1, 2, 3];
 const FLOWS: usize = 3000;
 /// Datagrams sent in fragments, per family.
 const FRAGMENTED: usize = 60;
+/// Full-size transfers per family, and their size.
+const TRANSFERS: usize = 3;
+const TRANSFER_BYTES: usize = 200_000;
 
 fn pool(family: Family) -> &'static str {
     match family {
@@ -37,7 +44,7 @@ fn pool(family: Family) -> &'static str {
 /// slb on the segment: per family a group of the three backends (on the listeners' own ports)
 /// and a TCP and a UDP listener forwarding to it by direct return, each with a TCP check (the
 /// UDP listener's on the backends' TCP port: their UDP servers answer on the VIP only).
-fn dsr_config(instance: &str) -> SlbConfig {
+fn dsr_config(instance: &str, mode: DsrMode) -> SlbConfig {
     let mut config = SlbConfig::new(instance, 0);
     config.interfaces[0].name = SLB_INTERFACE.into();
     let check = health_check(
@@ -50,7 +57,7 @@ fn dsr_config(instance: &str) -> SlbConfig {
     for family in [Family::V4, Family::V6] {
         let backends = (1..=WEIGHTS.len())
             .map(|i| BackendSpec {
-                address: Segment::backend_addr(family, i),
+                address: backend_addr(mode, family, i),
                 port: None,
                 weight: WEIGHTS[i - 1],
             })
@@ -64,7 +71,7 @@ fn dsr_config(instance: &str) -> SlbConfig {
                 Family::V6 => format!("{protocol}-dsr6"),
             };
             let mut listener = listener_on(family.vip(), &name, protocol, port, Some(pool(family)));
-            listener.forwarding = Forwarding::Dsr;
+            direct_return(&mut listener, mode, family);
             listener.health_check = Some(HealthCheck {
                 port: Some(VIP_TCP_PORT),
                 ..check.clone()
@@ -75,11 +82,72 @@ fn dsr_config(instance: &str) -> SlbConfig {
     config
 }
 
+/// The address a listener of `mode` reaches backend `i` by: its own on the segment (L2), or
+/// its remote one behind the router (IP-in-IP).
+fn backend_addr(mode: DsrMode, family: Family, i: usize) -> IpAddr {
+    match mode {
+        DsrMode::L2 => Segment::backend_addr(family, i),
+        DsrMode::Ipip => Segment::remote_backend_addr(family, i),
+    }
+}
+
+/// Makes `listener` forward by direct return in `mode` (tunnelled from slb's segment address).
+fn direct_return(listener: &mut Listener, mode: DsrMode, family: Family) {
+    listener.forwarding = Forwarding::Dsr;
+    listener.dsr = Some(mode);
+    if mode == DsrMode::Ipip {
+        listener.tunnel_source = Some(Segment::slb_addr(family));
+    }
+}
+
+/// The segment, with slb's decapsulator on every backend for IP-in-IP.
+fn segment(tag: &str, mode: DsrMode) -> Segment {
+    let mut segment = Segment::build(tag, WEIGHTS.len(), Path::new(SERVER)).expect("segment");
+    if mode == DsrMode::Ipip {
+        segment
+            .attach_decapsulators(&slb_binary())
+            .expect("attach the decapsulators");
+    }
+    segment
+}
+
+/// What the backends' decapsulators counted, summed.
+fn decapsulated(segment: &Segment) -> BTreeMap<String, u64> {
+    let mut total = BTreeMap::new();
+    for i in 1..=segment.backend_count() {
+        let args = [
+            "--netns",
+            segment.backend_ns(i),
+            "decap",
+            "status",
+            "--iface",
+            "b0",
+            "--json",
+        ];
+        let text = slb_tests::exec::run(std::process::Command::new(slb_binary()).args(args))
+            .expect("decap status");
+        let status: serde_json::Value = serde_json::from_str(&text).expect("decap status JSON");
+        for (name, value) in status["counters"].as_object().expect("counters") {
+            *total.entry(name.clone()).or_default() += value.as_u64().expect("a count");
+        }
+    }
+    total
+}
+
 #[test]
 fn dsr_balances_by_weight_and_answers_bypass_slb() {
-    require_root("dsr_balances_by_weight_and_answers_bypass_slb");
-    let segment = Segment::build("dsr", WEIGHTS.len(), Path::new(SERVER)).expect("segment");
-    let config = dsr_config(&unique_instance("dsr"));
+    balances_by_weight_and_answers_bypass_slb("dsr", DsrMode::L2);
+}
+
+#[test]
+fn ipip_dsr_balances_by_weight_and_answers_bypass_slb() {
+    balances_by_weight_and_answers_bypass_slb("ipip", DsrMode::Ipip);
+}
+
+fn balances_by_weight_and_answers_bypass_slb(tag: &str, mode: DsrMode) {
+    require_root(tag);
+    let segment = segment(tag, mode);
+    let config = dsr_config(&unique_instance(tag), mode);
     let daemon = SlbDaemon::start(&slb_binary(), segment.slb_ns(), &config).expect("start slb");
     let pool_weights: Vec<(String, u32)> = (1..=WEIGHTS.len())
         .map(|i| (slb_tests::Topology::backend_name(i), WEIGHTS[i - 1]))
@@ -151,6 +219,37 @@ fn dsr_balances_by_weight_and_answers_bypass_slb() {
         assert_eq!(delta("dsr_backend_off_link"), 0);
         assert_eq!(delta("dsr_next_hop_unresolved"), 0);
         assert_eq!(delta("replies_translated"), 0);
+        if mode == DsrMode::Ipip {
+            assert!(
+                delta("tunnel_encapsulated") >= bounced,
+                "{family:?}: {counters:#?}"
+            );
+        }
+
+        // Full-size segments both ways: with the outer header a 1500-byte packet no longer fits
+        // the segment, and the client learns that from slb's "fragmentation needed" / Packet
+        // Too Big; the transfer completes in any case.
+        let counters_before = counters;
+        for k in 0..TRANSFERS {
+            let (backend, echoed) =
+                tcp_transfer(segment.client_ns(), family.vip_tcp(), TRANSFER_BYTES)
+                    .unwrap_or_else(|e| panic!("{family:?}: transfer {k}: {e:#}"));
+            assert!(
+                echoed >= TRANSFER_BYTES,
+                "{family:?}: {backend} echoed {echoed}"
+            );
+        }
+        let counters = daemon.status().expect("status").counters;
+        let delta = |name: &str| {
+            counters.get(name).copied().unwrap_or(0)
+                - counters_before.get(name).copied().unwrap_or(0)
+        };
+        let too_big = delta("icmp_too_big_sent");
+        println!("{family:?}: {TRANSFERS} transfers of {TRANSFER_BYTES} bytes; frag-needed sent {too_big}");
+        match mode {
+            DsrMode::L2 => assert_eq!(too_big, 0),
+            DsrMode::Ipip => assert!(too_big >= 1, "{family:?}: no frag-needed sent"),
+        }
 
         // Datagrams past the MTU: every fragment of a request must reach the backend its first
         // fragment went to, or the backend cannot reassemble it and nothing answers.
@@ -174,12 +273,24 @@ fn dsr_balances_by_weight_and_answers_bypass_slb() {
              fragments sent on {}",
             delta("fragments_balanced")
         );
-        // 3000 bytes in a 1500-byte MTU: three fragments, two after the first.
+        // 3000 bytes in a 1500-byte MTU (or the 1480 / 1460 the client learnt for the
+        // tunnel): three fragments, two after the first.
         assert_eq!(delta("fragments_balanced"), 2 * FRAGMENTED as u64);
         assert_eq!(
-            delta("fragments_passed") + delta("fragments_dropped_orphan"),
+            delta("fragments_passed")
+                + delta("fragments_dropped_orphan")
+                + delta("dsr_too_big_dropped"),
             0
         );
+    }
+    if mode == DsrMode::Ipip {
+        let decap = decapsulated(&segment);
+        println!("decapsulators: {decap:?}");
+        assert_eq!(
+            decap["refused_source"] + decap["refused_vip"] + decap["unhandled"],
+            0
+        );
+        assert!(decap["decapsulated"] >= 2 * (4 * FLOWS) as u64, "{decap:?}");
     }
 }
 
@@ -188,9 +299,18 @@ fn dsr_balances_by_weight_and_answers_bypass_slb() {
 /// over to the standby when the active's server dies and back when it returns.
 #[test]
 fn dsr_keeps_established_connections_and_fails_over() {
-    require_root("dsr_keeps_established_connections_and_fails_over");
-    let mut segment = Segment::build("dsrlive", 3, Path::new(SERVER)).expect("segment");
-    let instance = unique_instance("dsrlive");
+    keeps_established_connections_and_fails_over("dsrlive", DsrMode::L2);
+}
+
+#[test]
+fn ipip_dsr_keeps_established_connections_and_fails_over() {
+    keeps_established_connections_and_fails_over("ipiplive", DsrMode::Ipip);
+}
+
+fn keeps_established_connections_and_fails_over(tag: &str, mode: DsrMode) {
+    require_root(tag);
+    let mut segment = segment(tag, mode);
+    let instance = unique_instance(tag);
     let quick_check = health_check(
         CheckKind::Tcp,
         Duration::from_millis(200),
@@ -205,7 +325,7 @@ fn dsr_keeps_established_connections_and_fails_over() {
             .iter()
             .enumerate()
             .map(|(k, &weight)| BackendSpec {
-                address: Segment::backend_addr(Family::V4, k + 1),
+                address: backend_addr(mode, Family::V4, k + 1),
                 port: None,
                 weight,
             })
@@ -215,7 +335,7 @@ fn dsr_keeps_established_connections_and_fails_over() {
             .push(group("pool", GroupKind::Vserver, backends));
         let pair = (1..=2)
             .map(|i| BackendSpec {
-                address: Segment::backend_addr(Family::V6, i),
+                address: backend_addr(mode, Family::V6, i),
                 port: None,
                 weight: 1,
             })
@@ -223,12 +343,10 @@ fn dsr_keeps_established_connections_and_fails_over() {
         config
             .groups
             .push(group("pair", GroupKind::ActiveStandby, pair));
-        for (vip, name, pool) in [
-            (Family::V4.vip(), "web", "pool"),
-            (Family::V6.vip(), "pair6", "pair"),
-        ] {
-            let mut listener = listener_on(vip, name, Protocol::Tcp, VIP_TCP_PORT, Some(pool));
-            listener.forwarding = Forwarding::Dsr;
+        for (family, name, pool) in [(Family::V4, "web", "pool"), (Family::V6, "pair6", "pair")] {
+            let mut listener =
+                listener_on(family.vip(), name, Protocol::Tcp, VIP_TCP_PORT, Some(pool));
+            direct_return(&mut listener, mode, family);
             listener.health_check = Some(quick_check.clone());
             config.listener(listener);
         }
@@ -293,13 +411,10 @@ fn dsr_keeps_established_connections_and_fails_over() {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
             let status = daemon.status().expect("status");
-            let active = slb_tests::slb::status_backend(
-                &status,
-                "pair6",
-                Segment::backend_addr(Family::V6, 1),
-            )
-            .expect("the active in status")
-            .healthy;
+            let active =
+                slb_tests::slb::status_backend(&status, "pair6", backend_addr(mode, Family::V6, 1))
+                    .expect("the active in status")
+                    .healthy;
             if active == want {
                 return;
             }

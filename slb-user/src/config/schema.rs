@@ -154,6 +154,13 @@ pub struct Listener {
     /// TCP/UDP: how packets reach the backends.
     #[serde(default)]
     pub forwarding: Forwarding,
+    /// With `forwarding = "dsr"`: how the unchanged packet reaches the backend (default `l2`).
+    #[serde(default)]
+    pub dsr: Option<DsrMode>,
+    /// With `dsr = "ipip"`: the outer source address of the tunnelled packets, an address of
+    /// this host in the VIP's family (the backends' decapsulators accept it).
+    #[serde(default)]
+    pub tunnel_source: Option<IpAddr>,
     /// HTTP(S): forwarding rules, checked exact domain, then wildcard domain, then path prefix.
     #[serde(default)]
     pub rules: Vec<Rule>,
@@ -279,6 +286,34 @@ pub enum Forwarding {
     /// backend's MAC address; the backend holds the VIP and answers the client itself, so
     /// replies do not pass slb. Backends on a link of slb's, with the listener's port.
     Dsr,
+}
+
+/// How a DSR listener's unchanged packet reaches the backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DsrMode {
+    /// In a frame to the backend's MAC address: backends on a link of slb's.
+    #[default]
+    L2,
+    /// Inside an outer IP header to the backend's address (IPv4 in IPv4, IPv6 in IPv6):
+    /// backends anywhere routable, which strip the outer header (`slb decap`).
+    Ipip,
+}
+
+impl std::fmt::Display for DsrMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DsrMode::L2 => "l2",
+            DsrMode::Ipip => "ipip",
+        })
+    }
+}
+
+impl Listener {
+    /// How a DSR listener's packets reach the backends; `None` for any other listener.
+    pub fn dsr_mode(&self) -> Option<DsrMode> {
+        (self.forwarding == Forwarding::Dsr).then(|| self.dsr.unwrap_or_default())
+    }
 }
 
 impl std::fmt::Display for Forwarding {

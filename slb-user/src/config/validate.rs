@@ -13,7 +13,7 @@ use super::edit::BackendName;
 use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
 use super::{
     invalid, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits, CookiePersistence,
-    Forwarding, Group, GroupKind, HealthCheck, Interface, Listener, Protocol, Scheduler,
+    DsrMode, Forwarding, Group, GroupKind, HealthCheck, Interface, Listener, Protocol, Scheduler,
     DEFAULT_GROUP, MAX_BACKEND_CONNECTIONS, MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT,
     MAX_IDLE_TIMEOUT, MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS, MAX_THRESHOLD, MAX_WEIGHT,
     MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT,
@@ -149,6 +149,7 @@ impl Config {
         refuse_own_listeners_as_backends(&at, &resolved, &claims.own_listeners)?;
         refuse_mixed_families(&label, &resolved)?;
         let backends = &resolved.group().backends;
+        validate_dsr_mode(&at, l)?;
         if l.forwarding == Forwarding::Dsr {
             validate_direct_return(&at, l, &resolved)?;
         } else if !l.protocol.is_l7() {
@@ -529,13 +530,62 @@ fn validate_direct_return(
             }
         }
     }
-    if l.health_check.is_none() {
+    if l.health_check.is_none() && l.dsr_mode() == Some(DsrMode::L2) {
         return Err(invalid(
             at("health_check"),
-            "dsr needs a health check: it is also what keeps each backend's MAC address known to this host, which direct return sends to",
+            "dsr = \"l2\" needs a health check: it is also what keeps each backend's MAC address known to this host, which direct return sends to",
         ));
     }
     Ok(())
+}
+
+/// `dsr` only with `forwarding = "dsr"`, and `tunnel_source` exactly with `dsr = "ipip"`: an
+/// address of the VIP's family that can be a packet's source.
+fn validate_dsr_mode(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
+    if let (Some(mode), None) = (l.dsr, l.dsr_mode()) {
+        return Err(invalid(
+            at("dsr"),
+            format!(
+                "dsr = \"{mode}\" applies only with forwarding = \"dsr\" (this listener forwards by {})",
+                l.forwarding
+            ),
+        ));
+    }
+    match (l.dsr_mode(), l.tunnel_source) {
+        (Some(DsrMode::Ipip), None) => Err(invalid(
+            at("tunnel_source"),
+            "dsr = \"ipip\" needs tunnel_source: the address of this host the tunnelled packets come from (the backends' decapsulators accept it)",
+        )),
+        (Some(DsrMode::Ipip), Some(source)) => {
+            if source.is_ipv4() != l.vip.is_ipv4() {
+                return Err(invalid(
+                    at("tunnel_source"),
+                    format!(
+                        "{source} is not of the VIP's family ({}): packets to an {} VIP are tunnelled in {}",
+                        l.vip,
+                        if l.vip.is_ipv4() { "IPv4" } else { "IPv6" },
+                        if l.vip.is_ipv4() { "IPv4" } else { "IPv6" },
+                    ),
+                ));
+            }
+            if source.is_unspecified() || source.is_multicast() || is_broadcast(source) {
+                return Err(invalid(
+                    at("tunnel_source"),
+                    format!("{source} cannot be a packet's source address"),
+                ));
+            }
+            Ok(())
+        }
+        (_, Some(source)) => Err(invalid(
+            at("tunnel_source"),
+            format!("{source}: a tunnel source applies only with dsr = \"ipip\""),
+        )),
+        (_, None) => Ok(()),
+    }
+}
+
+fn is_broadcast(addr: IpAddr) -> bool {
+    matches!(addr, IpAddr::V4(v4) if v4.is_broadcast())
 }
 
 fn validate_l4_only_fields(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {

@@ -18,9 +18,9 @@ use slb_common::{
 use crate::applied::{AppliedMaps, BackendKey, HealthStatus};
 use crate::config::Config;
 use crate::maps::{clear_map_slot, set_ring_slots, MappedRing, PinnedMaps};
+pub use plan::{addr_of_data_plane, data_plane_addr};
 use plan::{
-    data_plane_addr, ring_slot, HealthWrite, Plan, PlannedListener, ReplyEndpoint, VerdictPlan,
-    VerdictWrite,
+    ring_slot, HealthWrite, Plan, PlannedListener, ReplyEndpoint, VerdictPlan, VerdictWrite,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,8 @@ use slb_common::{
     addr_words, endpoint_filter_bits, ipv4_mapped, ipv6_filter_fold, Addr, Backend, ListenerEntry,
     ListenerKey, ReplyNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT, ENDPOINT_F_BACKEND,
     ENDPOINT_F_LISTENER, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR, LISTENER_F_IGNORE_HEALTH,
-    LISTENER_F_PERSIST, MAX_BACKENDS, MAX_LISTENERS, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP,
-    RINGS_PER_LISTENER,
+    LISTENER_F_PERSIST, LISTENER_F_TUNNEL, MAX_BACKENDS, MAX_LISTENERS, NAT_ADDRESS_F_BACKEND,
+    NAT_ADDRESS_F_VIP, RINGS_PER_LISTENER,
 };
 
 use super::ReconcileError;
@@ -20,7 +20,7 @@ use crate::applied::{
     AppliedBackend, AppliedListener, AppliedMaps, BackendKey, HealthStatus, Role,
 };
 use crate::config::{
-    AllUnhealthy, Config, Forwarding, GroupKind, Listener, Protocol, ResolvedBackend,
+    AllUnhealthy, Config, DsrMode, Forwarding, GroupKind, Listener, Protocol, ResolvedBackend,
     ResolvedListener,
 };
 
@@ -93,10 +93,19 @@ pub(super) struct Plan {
 
 /// An address as the data plane's keys and values hold it: IPv6 as is, IPv4 mapped
 /// (`::ffff:a.b.c.d`, which validation refuses as an IPv6 address, so the two never meet).
-pub(super) fn data_plane_addr(addr: IpAddr) -> Addr {
+pub fn data_plane_addr(addr: IpAddr) -> Addr {
     match addr {
         IpAddr::V4(v4) => ipv4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// [`data_plane_addr`]'s inverse.
+pub fn addr_of_data_plane(addr: Addr) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
     }
 }
 
@@ -278,12 +287,22 @@ fn backend_entries(
                 port: key.port,
                 flags,
                 _pad: 0,
+                tunnel_source: tunnel_source(g.listener),
             };
             backends.push((id, backend));
         }
     }
     health.extend(deferred_down);
     BackendEntries { health, backends }
+}
+
+/// The outer source of a tunnelling listener's packets, as its backends' entries hold it (zero
+/// for any other listener).
+fn tunnel_source(l: &Listener) -> Addr {
+    match (l.dsr_mode(), l.tunnel_source) {
+        (Some(DsrMode::Ipip), Some(source)) => data_plane_addr(source),
+        _ => Addr::default(),
+    }
 }
 
 /// When a backend's health flag is written, by its group's kind and its verdict.
@@ -448,8 +467,10 @@ fn plan_listener(
         entry.persist_timeout_s = p.timeout.as_secs() as u32;
         entry.persist_ipv6_prefix = u32::from(l.persist_ipv6_prefix());
     }
-    if l.forwarding == Forwarding::Dsr {
-        entry.flags |= LISTENER_F_DSR;
+    match l.dsr_mode() {
+        Some(DsrMode::L2) => entry.flags |= LISTENER_F_DSR,
+        Some(DsrMode::Ipip) => entry.flags |= LISTENER_F_DSR | LISTENER_F_TUNNEL,
+        None => {}
     }
     let replies = reply_translations(g, index, ids);
     let key = listener_key(l.protocol, l.vip, l.port);
