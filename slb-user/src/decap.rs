@@ -236,6 +236,8 @@ pub fn status(iface: &str) -> Result<DecapStatus, DecapError> {
             .keys()
             .filter_map(Result::ok)
             .map(crate::reconcile::addr_of_data_plane)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
             .collect())
     };
     let stats: PerCpuArray<MapData, DecapCounters> =

@@ -643,7 +643,8 @@ fn direct_return_needs_the_listeners_port_and_a_health_check() {
 
     let e = error_of(&GOOD.replace("port = 53\n", "port = 53\nforwarding = \"dsr\"\n"));
     assert!(
-        e.contains("listeners[1] (dns).health_check") && e.contains("dsr needs a health check"),
+        e.contains("listeners[1] (dns).health_check")
+            && e.contains("dsr = \"l2\" needs a health check"),
         "{e}"
     );
 
@@ -692,4 +693,58 @@ fn direct_return_endpoints_are_no_reply_endpoints() {
     Config::parse(&extra("dsr"), "test.toml").unwrap();
     let e = error_of(&extra("nat"));
     assert!(e.contains("10.0.1.1:54"), "{e}");
+}
+
+#[test]
+fn a_tunnel_needs_a_source_of_the_vips_family_and_only_a_tunnel_takes_one() {
+    let dns = |fields: &str| GOOD.replace("port = 53\n", &format!("port = 53\n{fields}\n"));
+    let c = Config::parse(
+        &dns("forwarding = \"dsr\"\ndsr = \"ipip\"\ntunnel_source = \"10.0.0.2\""),
+        "test.toml",
+    )
+    .unwrap();
+    assert_eq!(c.listeners[1].dsr_mode(), Some(DsrMode::Ipip));
+    assert_eq!(c.listeners[0].dsr_mode(), None);
+    let c = Config::parse(
+        &dns("forwarding = \"dsr\"\nhealth_check = { type = \"udp\" }"),
+        "test.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        c.listeners[1].dsr_mode(),
+        Some(DsrMode::L2),
+        "l2 is the default"
+    );
+
+    for (fields, field, words) in [
+        (
+            "forwarding = \"dsr\"\ndsr = \"ipip\"",
+            "listeners[1] (dns).tunnel_source",
+            "needs tunnel_source",
+        ),
+        (
+            "forwarding = \"dsr\"\ndsr = \"ipip\"\ntunnel_source = \"fd00::2\"",
+            "listeners[1] (dns).tunnel_source",
+            "not of the VIP's family",
+        ),
+        (
+            "forwarding = \"dsr\"\ndsr = \"ipip\"\ntunnel_source = \"0.0.0.0\"",
+            "listeners[1] (dns).tunnel_source",
+            "cannot be a packet's source",
+        ),
+        (
+            "dsr = \"ipip\"\ntunnel_source = \"10.0.0.2\"",
+            "listeners[1] (dns).dsr",
+            "only with forwarding = \"dsr\"",
+        ),
+        (
+            "forwarding = \"dsr\"\nhealth_check = { type = \"udp\" }\ntunnel_source = \"10.0.0.2\"",
+            "listeners[1] (dns).tunnel_source",
+            "only with dsr = \"ipip\"",
+        ),
+        ("forwarding = \"dsr\"\ndsr = \"gre\"", "dsr", "gre"),
+    ] {
+        let e = error_of(&dns(fields));
+        assert!(e.contains(field) && e.contains(words), "{fields}: {e}");
+    }
 }

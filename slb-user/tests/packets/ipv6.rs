@@ -891,3 +891,182 @@ fn dsr_sends_every_fragment_of_a_datagram_unchanged_to_the_first_ones_backend() 
         assert_eq!(h.counters().fragments_passed, 0);
     });
 }
+
+/// Tunnelling DSR listeners of both families, their backends behind a gateway.
+const TUNNEL_CONFIG: &str = r#"
+instance = "pkt"
+maglev_table_size = 1009
+[[interfaces]]
+name = "in0"
+[[listeners]]
+name = "tunnel4"
+protocol = "udp"
+vip = "10.99.0.10"
+port = 88
+group = "remote4"
+forwarding = "dsr"
+dsr = "ipip"
+tunnel_source = "10.20.0.1"
+[[listeners]]
+name = "tunnel4tcp"
+protocol = "tcp"
+vip = "10.99.0.10"
+port = 88
+group = "remote4"
+forwarding = "dsr"
+dsr = "ipip"
+tunnel_source = "10.20.0.1"
+[[listeners]]
+name = "tunnel6"
+protocol = "udp"
+vip = "fd00:99::10"
+port = 88
+group = "remote6"
+forwarding = "dsr"
+dsr = "ipip"
+tunnel_source = "fd00:20::1"
+[[listeners]]
+name = "tunnel4frag"
+protocol = "udp"
+vip = "10.99.0.10"
+port = 89
+group = "remote4b"
+forwarding = "dsr"
+dsr = "ipip"
+tunnel_source = "10.20.0.1"
+[[groups]]
+name = "remote4"
+backends = [{ address = "10.30.0.5" }]
+[[groups]]
+name = "remote4b"
+backends = [{ address = "10.30.0.6", port = 89 }]
+[[groups]]
+name = "remote6"
+backends = [{ address = "fd00:30::5" }]
+"#;
+
+/// The inner packet of a tunnelled frame after checking the outer header (IPv4 in IPv4 or IPv6
+/// in IPv6) from `source` to `backend`.
+fn inner_of_tunnel(out: &[u8], source: &[u8], backend: &[u8]) -> Vec<u8> {
+    use slb_common::checksum::internet_checksum;
+    assert_eq!(out[..6], BACKEND_MAC, "to the gateway's MAC address");
+    match u16::from_be_bytes([out[12], out[13]]) {
+        0x0800 => {
+            let outer = &out[14..34];
+            assert_eq!(outer[0], 0x45);
+            assert_eq!(internet_checksum(0, outer), 0, "outer header checksum");
+            assert_eq!((outer[8], outer[9]), (64, 4), "TTL 64, IPv4 in IPv4");
+            assert_eq!((&outer[12..16], &outer[16..20]), (source, backend));
+            let inner = out[34..].to_vec();
+            assert_eq!(
+                usize::from(u16::from_be_bytes([outer[2], outer[3]])),
+                20 + inner.len()
+            );
+            assert_eq!(
+                outer[6] & 0x40,
+                inner[6] & 0x40,
+                "DF copied from the inner header"
+            );
+            inner
+        }
+        0x86dd => {
+            let outer = &out[14..54];
+            assert_eq!(outer[0] >> 4, 6);
+            assert_eq!((outer[6], outer[7]), (41, 64), "IPv6 in IPv6, hop limit 64");
+            assert_eq!((&outer[8..24], &outer[24..40]), (source, backend));
+            let inner = out[54..].to_vec();
+            assert_eq!(
+                usize::from(u16::from_be_bytes([outer[4], outer[5]])),
+                inner.len()
+            );
+            inner
+        }
+        other => panic!("ether type {other:#06x}"),
+    }
+}
+
+#[test]
+fn tunnelling_dsr_encapsulates_the_unchanged_packet_for_a_backend_behind_a_gateway() {
+    in_fresh_netns(|| {
+        let h = Testbed::new(TUNNEL_CONFIG, RING_SIZE).expect("testbed");
+        for route in [
+            ["-4", "route", "add", "10.30.0.0/24", "via", "10.20.0.3"],
+            ["-6", "route", "add", "fd00:30::/64", "via", "fd00:20::3"],
+        ] {
+            let status = std::process::Command::new("ip")
+                .args(route)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let in_mac = mac_of("in0");
+        let (source4, backend4) = ([10, 20, 0, 1], [10, 30, 0, 5]);
+        let (source6, backend6) = (addr("fd00:20::1"), addr("fd00:30::5"));
+
+        let sent = frame(in_mac, CLIENT, VIP, udp(40000, 88));
+        let (verdict, out) = h.run(&sent, h.in_index);
+        assert_eq!(verdict, XDP_REDIRECT, "{:?}", h.counters());
+        assert_eq!(inner_of_tunnel(&out, &source4, &backend4), sent[14..]);
+        let sent6 = frame6(in_mac, CLIENT6, VIP6, udp(40000, 88));
+        let (verdict, out) = h.run(&sent6, h.in_index);
+        assert_eq!(verdict, XDP_REDIRECT, "{:?}", h.counters());
+        assert_eq!(inner_of_tunnel(&out, &source6, &backend6), sent6[14..]);
+        assert_eq!(h.counters().tunnel_encapsulated, 2);
+
+        // A full-size packet with DF no longer fits with the outer header: "fragmentation
+        // needed" names the MTU left for it; IPv6: Packet Too Big.
+        let big = padded(frame(in_mac, CLIENT, VIP, tcp(40001, 88, ACK)), 1500);
+        let (verdict, out) = h.run(&big, h.in_index);
+        assert_eq!(verdict, XDP_TX);
+        let seen = parse_icmp(&out);
+        assert_eq!(
+            (seen.src, seen.dst, seen.kind, seen.code, seen.mtu),
+            (VIP, CLIENT, 3, 4, 1480)
+        );
+        // 40 + 8 + 1452: a 1500-byte IPv6 packet.
+        let payload = vec![0u8; 1452];
+        let big6 = ipv6_frame_with(
+            in_mac,
+            CLIENT_MAC,
+            CLIENT6,
+            VIP6,
+            udp(40002, 88),
+            &Ipv6FrameOptions {
+                payload: &payload,
+                ..Ipv6FrameOptions::default()
+            },
+        );
+        let (verdict, out) = h.run(&big6, h.in_index);
+        assert_eq!(verdict, XDP_TX);
+        let e = parse_icmpv6_error(&out).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (e.kind, e.mtu, e.src, e.dst),
+            (ICMPV6_PACKET_TOO_BIG, 1460, VIP6, CLIENT6)
+        );
+        // Without DF, it is dropped and counted: fragmented by the stack, it would go to the VIP.
+        let mut no_df = big.clone();
+        no_df[20] = 0;
+        fix_ip_checksum(&mut no_df);
+        assert_eq!(h.run(&no_df, h.in_index).0, XDP_DROP);
+        let c = h.counters();
+        assert_eq!(
+            (c.icmp_too_big_sent, c.dsr_too_big_dropped),
+            (2, 1),
+            "{c:?}"
+        );
+
+        // With room for the outer header, every fragment of a datagram is tunnelled to the
+        // first one's backend (another one, whose next hop no cache holds with the old MTU).
+        set_mtu("out0", 1600);
+        let fragments = udp_fragments(CLIENT_MAC, in_mac, (CLIENT, 41000), (VIP, 89), 3000, 9);
+        assert_eq!(fragments.len(), 3);
+        for f in &fragments {
+            let (verdict, out) = h.run(f, h.in_index);
+            assert_eq!(verdict, XDP_REDIRECT, "{:?}", h.counters());
+            assert_eq!(inner_of_tunnel(&out, &source4, &[10, 30, 0, 6]), f[14..]);
+        }
+        let c = h.counters();
+        assert_eq!((c.fragments_tracked, c.fragments_balanced), (1, 2), "{c:?}");
+        assert_eq!((c.tunnel_encapsulated, c.tunnel_failed), (5, 0));
+    });
+}

@@ -359,3 +359,36 @@ fn a_direct_return_listener_is_flagged_and_translates_no_replies() {
         "NAT listeners still translate replies"
     );
 }
+
+#[test]
+fn a_tunnelling_listener_is_flagged_and_its_backends_carry_the_tunnel_source() {
+    let ipip = config_text().replace(
+        "port = 53\n",
+        "port = 53\nforwarding = \"dsr\"\ndsr = \"ipip\"\ntunnel_source = \"10.0.0.2\"\n",
+    );
+    let plan = plan_of(&ipip, &BTreeMap::new(), &AppliedMaps::default());
+    let dns = listener(&plan, "dns");
+    assert_eq!(
+        dns.entry.flags & (LISTENER_F_DSR | LISTENER_F_TUNNEL),
+        LISTENER_F_DSR | LISTENER_F_TUNNEL
+    );
+    assert!(dns.replies.is_empty(), "{:?}", dns.replies);
+    let ids: BTreeSet<u32> = plan
+        .applied
+        .backends
+        .iter()
+        .filter(|b| b.key.listener == "dns")
+        .map(|b| b.id)
+        .collect();
+    assert!(!ids.is_empty());
+    for (id, backend) in &plan.backends {
+        let expected = if ids.contains(id) {
+            slb_common::ipv4_mapped([10, 0, 0, 2])
+        } else {
+            [0; 16]
+        };
+        assert_eq!(backend.tunnel_source, expected, "backend {id}");
+    }
+    let web = listener(&plan, "web");
+    assert_eq!(web.entry.flags & (LISTENER_F_DSR | LISTENER_F_TUNNEL), 0);
+}
