@@ -122,8 +122,16 @@ pub const NEXT_HOP_CLIENT6: PinnedMap = map(
 /// holds it, so a daemon that exits with `--keep-serving` would leave IPv6 unbalanced.
 pub const PROGRAMS: PinnedMap = map("PROGRAMS", 4, 4, TAIL_CALL_PROGRAMS);
 
+pub const SNAT_POOLS: PinnedMap = map("SNAT_POOLS", 4, size_of::<SnatPool>(), MAX_LISTENERS);
+pub const SNAT_MAPPINGS: PinnedMap = map(
+    "SNAT_MAPPINGS",
+    size_of::<FlowKey>(),
+    size_of::<SnatMapping>(),
+    MAX_SNAT_MAPPINGS,
+);
+
 /// Every map the daemon pins, in the order it checks them.
-pub const PINNED_MAPS: [PinnedMap; 23] = [
+pub const PINNED_MAPS: [PinnedMap; 25] = [
     LISTENERS,
     RINGS,
     BACKENDS,
@@ -147,12 +155,15 @@ pub const PINNED_MAPS: [PinnedMap; 23] = [
     NEXT_HOP_BACKEND6,
     NEXT_HOP_CLIENT6,
     PROGRAMS,
+    SNAT_POOLS,
+    SNAT_MAPPINGS,
 ];
 
 /// Maps of the object that are never pinned: per-CPU scratch space of the program
 /// (`FIB_PARAMS`) and the benchmark wrapper's own maps (`REPLAY_*`, see `xdp_replay`).
-pub const UNPINNED_MAPS: [&str; 4] = [
+pub const UNPINNED_MAPS: [&str; 5] = [
     "FIB_PARAMS",
+    "SNAT_SCRATCH",
     "REPLAY_TEMPLATE",
     "REPLAY_COUNTER",
     "REPLAY_TARGET",

@@ -46,7 +46,7 @@ pub const MAX_INTERFACES: u32 = 64;
 /// Client addresses whose next hop the reply path caches (per CPU).
 pub const MAX_CLIENT_NEXT_HOPS: u32 = 65536;
 /// The program array PROGRAMS: the programs `slb_xdp` and `slb_xdp6` hand frames to.
-pub const TAIL_CALL_PROGRAMS: u32 = 3;
+pub const TAIL_CALL_PROGRAMS: u32 = 4;
 /// PROGRAMS' slot of `slb_xdp6`, to which `slb_xdp` hands every IPv6 frame (a program of its
 /// own: inlined into `slb_xdp`, its 16-byte addresses would not fit the 512-byte stack).
 pub const PROGRAM_SLOT_IPV6: u32 = 0;
@@ -55,6 +55,10 @@ pub const PROGRAM_SLOT_IPV6: u32 = 0;
 pub const PROGRAM_SLOT_IPV6_FRAGMENT: u32 = 1;
 /// PROGRAMS' slot of `slb_xdp6_icmp`, to which `slb_xdp6` hands ICMPv6.
 pub const PROGRAM_SLOT_IPV6_ICMP: u32 = 2;
+/// PROGRAMS' slot of `slb_xdp_fullnat`, to which `slb_xdp` hands full NAT listeners' packets
+/// and their flows' replies (a program of its own: the mapping's path does not fit beside the
+/// rest on the stack).
+pub const PROGRAM_SLOT_FULLNAT: u32 = 3;
 /// How long a cached FIB answer is used before it is looked up again: route and neighbour
 /// changes reach the fast path within this time.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;
@@ -198,6 +202,90 @@ pub const LISTENER_F_DSR: u32 = 8;
 /// outer IP header (IPv4 in IPv4, IPv6 in IPv6) from the backend's `tunnel_source`, so the
 /// backend may be anywhere routable; the backend strips the outer header (`slb decap`).
 pub const LISTENER_F_TUNNEL: u32 = 16;
+/// Listener flag: full NAT. The client's packet leaves from one of the listener's SNAT
+/// addresses (`SNAT_POOLS`) to the backend; the mapping (SNAT address and port ↔ client) is in
+/// `SNAT_MAPPINGS`, keyed as the backend's replies arrive, which are translated back to the
+/// VIP and the client by it.
+pub const LISTENER_F_FULLNAT: u32 = 32;
+/// SNAT addresses per full NAT listener.
+pub const MAX_SNAT_ADDRESSES: usize = 16;
+/// (address, port) pairs a new full NAT flow tries before it counts `snat_ports_exhausted`;
+/// also how far a packet looks for its flow's mapping.
+pub const SNAT_PROBES: u32 = 16;
+/// Entries of `SNAT_MAPPINGS`: full NAT flows at once, all listeners together.
+pub const MAX_SNAT_MAPPINGS: u32 = 1 << 18;
+/// A full NAT mapping made by a SYN whose handshake never went on (no non-SYN packet from the
+/// client) is removed after this long, so spoofed SYNs cannot hold the ports for long.
+pub const SNAT_UNCONFIRMED_TIMEOUT_S: u32 = 10;
+/// `SnatMapping::flags`: a packet past the handshake (any non-SYN; any UDP datagram) was seen.
+pub const SNAT_F_CONFIRMED: u32 = 2;
+/// Default SNAT ports: below the kernel's default ephemeral range (32768-60999), so slb's
+/// mappings and the host's own connections from the same address do not meet.
+pub const DEFAULT_SNAT_FIRST_PORT: u16 = 1024;
+pub const DEFAULT_SNAT_LAST_PORT: u16 = 32767;
+
+/// A full NAT listener's SNAT addresses and ports (`SNAT_POOLS`, by listener index).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnatPool {
+    /// IPv4-mapped for IPv4; the first `count` are used.
+    pub addrs: [Addr; MAX_SNAT_ADDRESSES],
+    pub count: u32,
+    pub first_port: u16,
+    /// Ports from `first_port` on (1 to 65535).
+    pub port_count: u16,
+}
+
+impl Default for SnatPool {
+    fn default() -> Self {
+        SnatPool {
+            addrs: [[0; 16]; MAX_SNAT_ADDRESSES],
+            count: 0,
+            first_port: 0,
+            port_count: 0,
+        }
+    }
+}
+
+/// Attempt `attempt` (0..SNAT_PROBES) of the flow with SNAT hash `hash` in `pool`: the index of
+/// the SNAT address and the port. A flow's attempts are the same every time, so any packet of
+/// it finds its mapping again; they move to the next address and the next port together,
+/// starting where the hash says.
+#[inline(always)]
+pub fn snat_attempt(
+    hash: u32,
+    attempt: u32,
+    count: u32,
+    first_port: u16,
+    port_count: u16,
+) -> (u32, u16) {
+    let count = if count == 0 { 1 } else { count };
+    let ports = if port_count == 0 {
+        1
+    } else {
+        u32::from(port_count)
+    };
+    let address = (hash.wrapping_add(attempt)) % count;
+    let port = ((hash >> 7).wrapping_add(attempt)) % ports;
+    (address, first_port.wrapping_add(port as u16))
+}
+
+/// Value of `SNAT_MAPPINGS`, keyed by the backend's replies' flow (backend → SNAT address and
+/// port): the client's flow they belong to, and its upkeep.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatMapping {
+    pub client: Addr,
+    pub vip: Addr,
+    pub client_port: u16,
+    pub vip_port: u16,
+    pub listener_index: u32,
+    pub backend_id: u32,
+    /// `CONN_F_CLOSING` (the client sent FIN/RST), `SNAT_F_CONFIRMED`.
+    pub flags: u32,
+    pub last_seen_ns: u64,
+}
+
 /// IP protocol numbers of the encapsulations: IPv4 in IP (RFC 2003), IPv6 in IP (RFC 2473).
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_IPV6_IN_IP: u8 = 41;
@@ -699,6 +787,13 @@ counters! {
     /// Packets of a tunnelling DSR listener that could not be given their outer header (no
     /// room in front of the frame): dropped.
     tunnel_failed,
+    /// Full NAT flows given an SNAT address and port (a mapping made).
+    snat_mappings_made,
+    /// New full NAT flows that found no free SNAT port in `SNAT_PROBES` tries (the listener's
+    /// ports towards that backend are taken, or `SNAT_MAPPINGS` is full): dropped.
+    snat_ports_exhausted,
+    /// Replies of full NAT flows translated back to the VIP and the client.
+    snat_replies_translated,
 }
 }
 
@@ -855,6 +950,8 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for GlobalCounters {}
     unsafe impl aya::Pod for DecapCounters {}
+    unsafe impl aya::Pod for SnatPool {}
+    unsafe impl aya::Pod for SnatMapping {}
     unsafe impl aya::Pod for PersistKey {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for Persisted {}

@@ -17,8 +17,9 @@ use slb_common::{
     ListenerEntry, ListenerKey, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING,
     BACKEND_F_PRESENT, CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER, FRAGMENT_TO_CLIENT,
     HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR,
-    LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, LISTENER_F_TUNNEL, NO_BACKEND, PROGRAM_SLOT_IPV6,
-    TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
+    LISTENER_F_FULLNAT, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, LISTENER_F_TUNNEL,
+    NO_BACKEND, PROGRAM_SLOT_FULLNAT, PROGRAM_SLOT_IPV6, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST,
+    TCP_FLAG_SYN,
 };
 
 use crate::{
@@ -28,7 +29,7 @@ use crate::{
     maps::{
         BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, ENDPOINT_FILTER, LISTENERS,
         LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, PERSIST_PENDING, PROGRAMS,
-        REPLY_NAT, RINGS,
+        REPLY_NAT, RINGS, SNAT_MAPPINGS,
     },
     packet::{
         ptr_at, EthHdr, Ipv4Hdr, Ports, TcpHdr, UdpHdr, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6,
@@ -221,6 +222,9 @@ fn dispatch(
             counters.malformed += 1;
             return XDP_DROP;
         }
+        if listener.flags & LISTENER_F_FULLNAT != 0 {
+            return hand_to_full_nat(ctx, PROGRAM_SLOT_FULLNAT, counters);
+        }
         let mut sent_direct_to = NO_BACKEND;
         let verdict = to_backend(
             ctx,
@@ -265,11 +269,28 @@ fn dispatch(
         }
         return verdict;
     }
+    if unsafe { SNAT_MAPPINGS.get(flow) }.is_some() {
+        if !l4.valid {
+            counters.malformed += 1;
+            return XDP_DROP;
+        }
+        return hand_to_full_nat(ctx, PROGRAM_SLOT_FULLNAT, counters);
+    }
     if let Some(key) = fragment {
         return fragments::pass_first(key, counters);
     }
     counters.not_for_us_passed += 1;
     XDP_PASS
+}
+
+/// Hands a full NAT listener's packet, or a reply of a full NAT flow, to the full NAT program
+/// in PROGRAMS' `slot` (a program of its own: its mapping does not fit this one's stack).
+#[inline(always)]
+pub(crate) fn hand_to_full_nat(ctx: &XdpContext, slot: u32, counters: &mut GlobalCounters) -> u32 {
+    // Returns only when PROGRAMS has no program in the slot.
+    unsafe { PROGRAMS.tail_call(ctx, slot) };
+    counters.lookup_failed_dropped += 1;
+    XDP_DROP
 }
 
 #[inline(always)]
@@ -800,7 +821,7 @@ fn to_client(
 }
 
 #[inline(always)]
-fn dont_fragment(ip: *const Ipv4Hdr) -> bool {
+pub(crate) fn dont_fragment(ip: *const Ipv4Hdr) -> bool {
     u16::from_be(unsafe { (*ip).frag_off }) & IPV4_DONT_FRAGMENT != 0
 }
 
@@ -826,7 +847,21 @@ pub(crate) enum Endpoint {
 /// decremented as a router does, and both checksums fixed with one incremental update each
 /// (the address is in the IP header and in the L4 pseudo-header).
 #[inline(always)]
-unsafe fn translate(ip: *mut Ipv4Hdr, l4: &L4, end: Endpoint, addr: &Addr, port: u16) {
+pub(crate) unsafe fn translate(ip: *mut Ipv4Hdr, l4: &L4, end: Endpoint, addr: &Addr, port: u16) {
+    unsafe { rewrite(ip, l4, end, addr, port, true) }
+}
+
+/// [`translate`], with the TTL decremented or not (full NAT rewrites both ends of a packet,
+/// which passes this hop once).
+#[inline(always)]
+pub(crate) unsafe fn rewrite(
+    ip: *mut Ipv4Hdr,
+    l4: &L4,
+    end: Endpoint,
+    addr: &Addr,
+    port: u16,
+    decrement_ttl: bool,
+) {
     let new_addr = [addr[12], addr[13], addr[14], addr[15]];
     let new_port = port.to_be();
     unsafe {
@@ -838,7 +873,11 @@ unsafe fn translate(ip: *mut Ipv4Hdr, l4: &L4, end: Endpoint, addr: &Addr, port:
             u32::from_ne_bytes(*addr_field),
             u32::from_ne_bytes(new_addr),
         );
-        let ttl_delta = decrement_ttl_unchecked(ip);
+        let ttl_delta = if decrement_ttl {
+            decrement_ttl_unchecked(ip)
+        } else {
+            0
+        };
         (*ip).check = apply((*ip).check, addr_delta + ttl_delta);
         *addr_field = new_addr;
 

@@ -50,6 +50,7 @@ pub fn key(ip: *const Ipv4Hdr) -> FragmentKey {
 }
 
 /// What the ordinary path did with a datagram's first fragment.
+#[derive(Clone, Copy)]
 pub struct Sent {
     pub verdict: u32,
     /// What the later fragments do if the first went on: `FRAGMENT_TO_BACKEND` or

@@ -7,6 +7,8 @@ mod floor;
 mod forward;
 mod fragments;
 mod fragments6;
+mod fullnat;
+mod fullnat4;
 mod half_open;
 mod icmp;
 mod icmp6;

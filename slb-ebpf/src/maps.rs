@@ -12,10 +12,11 @@ use aya_ebpf::{
 use slb_common::{
     Addr, Backend, BackendEndpoint, Connection, FlowKey, FragmentEntry, FragmentEntry6,
     FragmentKey, FragmentKey6, GlobalCounters, HalfOpen, ListenerEntry, ListenerKey, NextHop,
-    NextHop6, PersistKey, Persisted, ReplayTemplate, ReplyNat, TrafficCounters, DEFAULT_RING_SIZE,
-    ENDPOINT_FILTER_WORDS, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS, MAX_CONNECTIONS, MAX_FRAGMENTS,
-    MAX_HALF_OPEN, MAX_INTERFACES, MAX_LISTENERS, MAX_NAT_ADDRESSES, MAX_PERSISTENCE,
-    RINGS_MAP_FLAGS, RING_SLOTS, TAIL_CALL_PROGRAMS,
+    NextHop6, PersistKey, Persisted, ReplayTemplate, ReplyNat, SnatMapping, SnatPool,
+    TrafficCounters, DEFAULT_RING_SIZE, ENDPOINT_FILTER_WORDS, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS,
+    MAX_CONNECTIONS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES, MAX_LISTENERS,
+    MAX_NAT_ADDRESSES, MAX_PERSISTENCE, MAX_SNAT_MAPPINGS, RINGS_MAP_FLAGS, RING_SLOTS,
+    TAIL_CALL_PROGRAMS,
 };
 
 const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
@@ -142,6 +143,22 @@ pub static NEXT_HOP_CLIENT6: LruPerCpuHashMap<Addr, NextHop6, { MAX_CLIENT_NEXT_
 /// The programs `slb_xdp` hands frames to: `slb_xdp6` in `PROGRAM_SLOT_IPV6`, set by the daemon.
 #[btf_map]
 pub static PROGRAMS: ProgramArray<{ TAIL_CALL_PROGRAMS as usize }> = ProgramArray::new();
+
+/// Full NAT listeners' SNAT addresses and ports, by listener index.
+#[btf_map]
+pub static SNAT_POOLS: Array<SnatPool, LISTENERS_MAX> = Array::new();
+
+/// Full NAT flows: the flow of a backend's replies (backend → SNAT address and port) → the
+/// client flow it belongs to. A plain hash, not an LRU: a live flow's mapping is never pushed
+/// out; the daemon removes idle ones, and a full table counts as exhausted ports.
+#[btf_map]
+pub static SNAT_MAPPINGS: HashMap<FlowKey, SnatMapping, { MAX_SNAT_MAPPINGS as usize }> =
+    HashMap::new();
+
+/// Room for the key and value of a mapping being looked for or made (per CPU): on the stack
+/// they would not fit beside the rest of the path.
+#[btf_map]
+pub static SNAT_SCRATCH: PerCpuArray<crate::fullnat::Scratch, 1> = PerCpuArray::new();
 
 /// `xdp_replay` (benchmarks only; never pinned): the frame it restores before each run, the
 /// port counter for new flows, and the program it hands the frame to.

@@ -76,6 +76,17 @@ pub enum Command {
         #[command(subcommand)]
         action: BackendAction,
     },
+    /// Full NAT flows: which client each SNAT address and port stands for (backends see only
+    /// the SNAT address).
+    Snat {
+        #[arg(short, long, default_value = "default")]
+        instance: InstanceName,
+        /// Only the flows of this client address or SNAT address.
+        #[arg(long, value_name = "ADDR")]
+        address: Option<std::net::IpAddr>,
+        #[arg(long)]
+        json: bool,
+    },
     /// On a backend of a tunnelling DSR listener (`dsr = "ipip"`): slb's decapsulator, which
     /// strips the outer header of packets from slb's tunnel sources to the VIPs.
     Decap {

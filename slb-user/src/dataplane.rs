@@ -16,12 +16,14 @@ use crate::instance::{link_pin, LINKS_DIR};
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PROGRAM_NAME: &str = "slb_xdp";
-/// The IPv6 programs, which `PROGRAM_NAME` hands IPv6 frames to through PROGRAMS (and the
-/// first hands later fragments and ICMPv6 to the others), with their slots.
-const IPV6_PROGRAMS: [(&str, u32); 3] = [
+/// The programs `PROGRAM_NAME` hands frames to through PROGRAMS, with their slots: IPv6 frames
+/// to the first (which hands later fragments and ICMPv6 on to the next two), full NAT to the
+/// last.
+const TAIL_CALLED_PROGRAMS: [(&str, u32); 4] = [
     ("slb_xdp6", slb_common::PROGRAM_SLOT_IPV6),
     ("slb_xdp6_fragment", slb_common::PROGRAM_SLOT_IPV6_FRAGMENT),
     ("slb_xdp6_icmp", slb_common::PROGRAM_SLOT_IPV6_ICMP),
+    ("slb_xdp_fullnat", slb_common::PROGRAM_SLOT_FULLNAT),
 ];
 const PROGRAM_PIN: &str = "prog";
 
@@ -241,7 +243,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
         path: name.into(),
         message: "program missing from the object".into(),
     };
-    for (name, slot) in IPV6_PROGRAMS {
+    for (name, slot) in TAIL_CALLED_PROGRAMS {
         let program: &mut Xdp = ebpf
             .program_mut(name)
             .ok_or_else(|| missing(name))?

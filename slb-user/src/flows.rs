@@ -17,8 +17,8 @@ use aya::maps::MapData;
 use serde::{Deserialize, Serialize};
 use slb_common::pinned;
 use slb_common::{
-    Connection, FlowKey, TrafficCounters, CONN_F_CLOSING, DEFAULT_TCP_IDLE_TIMEOUT_S,
-    TCP_CLOSING_TIMEOUT_S,
+    Connection, FlowKey, SnatMapping, TrafficCounters, CONN_F_CLOSING, DEFAULT_TCP_IDLE_TIMEOUT_S,
+    SNAT_F_CONFIRMED, SNAT_UNCONFIRMED_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S,
 };
 
 use crate::maps::{bpf_batch, BatchAttr, CounterMaps, BPF_MAP_DELETE_BATCH, BPF_MAP_LOOKUP_BATCH};
@@ -56,6 +56,11 @@ pub struct FlowCounts {
     pub capacity: u32,
     /// Entries the sweep removed.
     pub expired: u64,
+    /// Full NAT mappings left after the sweep, and how many it removed.
+    #[serde(default)]
+    pub snat_mappings: u64,
+    #[serde(default)]
+    pub snat_expired: u64,
     /// By listener index and by backend id.
     pub listeners: BTreeMap<u32, Tally>,
     pub backends: BTreeMap<u32, Tally>,
@@ -79,10 +84,30 @@ pub fn expired(conn: &Connection, timeouts: &Timeouts, now_ns: u64) -> bool {
     now_ns.saturating_sub(conn.last_seen_ns) > u64::from(timeout_s) * 1_000_000_000
 }
 
+/// Whether a full NAT mapping last seen at `last_seen_ns` is over its timeout at `now_ns`: its
+/// listener's idle timeout, `TCP_CLOSING_TIMEOUT_S` after the client's FIN/RST, and
+/// `SNAT_UNCONFIRMED_TIMEOUT_S` while only SYNs were seen (so spoofed SYNs hold ports briefly).
+pub fn snat_expired(mapping: &SnatMapping, timeouts: &Timeouts, now_ns: u64) -> bool {
+    let timeout_s = if mapping.flags & CONN_F_CLOSING != 0 {
+        TCP_CLOSING_TIMEOUT_S
+    } else if mapping.flags & SNAT_F_CONFIRMED == 0 {
+        SNAT_UNCONFIRMED_TIMEOUT_S
+    } else {
+        timeouts
+            .get(&mapping.listener_index)
+            .copied()
+            .unwrap_or(DEFAULT_TCP_IDLE_TIMEOUT_S)
+    };
+    now_ns.saturating_sub(mapping.last_seen_ns) > u64::from(timeout_s) * 1_000_000_000
+}
+
 /// Calls `visit` on every entry of the hash map `fd`, a batch at a time.
-fn for_each_entry(fd: RawFd, mut visit: impl FnMut(&FlowKey, &Connection)) -> std::io::Result<()> {
-    let mut keys = vec![FlowKey::default(); BATCH as usize];
-    let mut values = vec![Connection::default(); BATCH as usize];
+pub(crate) fn for_each_entry<K: Default + Clone, V: Default + Clone>(
+    fd: RawFd,
+    mut visit: impl FnMut(&K, &V),
+) -> std::io::Result<()> {
+    let mut keys = vec![K::default(); BATCH as usize];
+    let mut values = vec![V::default(); BATCH as usize];
     let mut token: u32 = 0;
     let mut next: u32 = 0;
     let mut first = true;
@@ -118,7 +143,7 @@ fn for_each_entry(fd: RawFd, mut visit: impl FnMut(&FlowKey, &Connection)) -> st
 
 /// Deletes `keys` from the hash map `fd`; keys already gone (evicted, or deleted by a packet
 /// path) are skipped.
-fn delete_all(fd: RawFd, mut keys: &[FlowKey]) -> std::io::Result<u64> {
+fn delete_all<K>(fd: RawFd, mut keys: &[K]) -> std::io::Result<u64> {
     let mut deleted = 0;
     while !keys.is_empty() {
         let chunk = &keys[..keys.len().min(BATCH as usize)];
@@ -144,6 +169,7 @@ fn delete_all(fd: RawFd, mut keys: &[FlowKey]) -> std::io::Result<u64> {
 /// The maps a sweep reads, opened once from the instance's pins.
 pub struct Sweeper {
     connections: MapData,
+    snat_mappings: MapData,
     capacity: u32,
     counters: CounterMaps,
 }
@@ -154,6 +180,7 @@ impl Sweeper {
         let capacity = connections.info()?.max_entries();
         Ok(Sweeper {
             connections,
+            snat_mappings: crate::maps::open_data(pin_dir, &pinned::SNAT_MAPPINGS)?,
             capacity,
             counters: CounterMaps::open(pin_dir)?,
         })
@@ -189,7 +216,7 @@ impl Sweeper {
         let now = monotonic_ns();
         let fd = self.connections.fd().as_fd().as_raw_fd();
         let mut stale = Vec::new();
-        for_each_entry(fd, |key, conn| {
+        for_each_entry(fd, |key: &FlowKey, conn: &Connection| {
             if expired(conn, timeouts, now) {
                 stale.push(*key);
                 return;
@@ -206,6 +233,19 @@ impl Sweeper {
         })
         .context("reading CONNECTIONS")?;
         counts.expired = delete_all(fd, &stale).context("removing expired flows")?;
+
+        // Full NAT mappings: their ports go back to the pool.
+        let fd = self.snat_mappings.fd().as_fd().as_raw_fd();
+        let mut stale: Vec<FlowKey> = Vec::new();
+        for_each_entry(fd, |key: &FlowKey, mapping: &SnatMapping| {
+            if snat_expired(mapping, timeouts, now) {
+                stale.push(*key);
+            } else {
+                counts.snat_mappings += 1;
+            }
+        })
+        .context("reading SNAT_MAPPINGS")?;
+        counts.snat_expired = delete_all(fd, &stale).context("removing expired SNAT mappings")?;
         Ok(counts)
     }
 }

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reconcile;
 pub mod report;
+pub mod snat;
 pub mod status;
 #[cfg(feature = "testbed")]
 pub mod testbed;

@@ -3,7 +3,7 @@ use clap::{CommandFactory, Parser};
 use slb_user::cli::{enter_netns, Cli, Command, DecapAction, ReportKind};
 use slb_user::config::Config;
 use slb_user::instance::{pin_dir, socket_path, state_dir};
-use slb_user::{api, daemon, dataplane, decap, report, status};
+use slb_user::{api, daemon, dataplane, decap, report, snat, status};
 
 /// The proxy allocates and frees small buffers for every request (headers, body chunks, tasks):
 /// glibc's malloc took about 7 % of the daemon's CPU in the HTTP benchmark.
@@ -200,6 +200,14 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             answer(api::call(&instance, &request)?)
         }
         Command::Decap { action } => decap(action),
+        Command::Snat {
+            instance,
+            address,
+            json,
+        } => {
+            let flows = snat::flows(&instance, address)?;
+            print_json_or_text(json, &flows, |f| snat::render(f))
+        }
         Command::Stop { instance } => stop(&instance),
         Command::Stats {
             instance,

@@ -11,7 +11,7 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, PerCpuArray
 use slb_common::pinned::{self, PinnedMap};
 use slb_common::{
     Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry,
-    ListenerKey, ReplyNat, TrafficCounters,
+    ListenerKey, ReplyNat, SnatPool, TrafficCounters,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,7 @@ pub struct PinnedMaps {
     nat_addresses: HashMap<MapData, u32, u32>,
     nat_addresses6: HashMap<MapData, Addr, u32>,
     pub endpoint_filter: Array<MapData, u32>,
+    pub snat_pools: Array<MapData, SnatPool>,
     pub counters: CounterMaps,
 }
 
@@ -132,6 +133,7 @@ impl PinnedMaps {
             nat_addresses: open(dir, &pinned::NAT_ADDRESSES)?,
             nat_addresses6: open(dir, &pinned::NAT_ADDRESSES6)?,
             endpoint_filter: open(dir, &pinned::ENDPOINT_FILTER)?,
+            snat_pools: open(dir, &pinned::SNAT_POOLS)?,
             counters: CounterMaps::open(dir)?,
         })
     }

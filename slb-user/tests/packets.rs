@@ -1560,3 +1560,116 @@ fn dsr_sends_the_packet_unchanged_to_the_backends_mac_and_only_on_the_link() {
         assert_eq!((c.dsr_backend_off_link, c.redirected), (1, 1));
     });
 }
+
+/// Full NAT listeners: TCP with a deliberately tiny port range (two ports), UDP with more.
+const FULLNAT_CONFIG: &str = r#"
+instance = "pkt"
+maglev_table_size = 1009
+[[interfaces]]
+name = "in0"
+[[listeners]]
+name = "fn-tcp"
+protocol = "tcp"
+vip = "10.99.0.10"
+port = 90
+group = "fn"
+forwarding = "fullnat"
+snat_addresses = ["10.20.0.1"]
+snat_ports = "20000-20001"
+[[listeners]]
+name = "fn-udp"
+protocol = "udp"
+vip = "10.99.0.10"
+port = 91
+group = "fn"
+forwarding = "fullnat"
+snat_addresses = ["10.20.0.1", "10.20.0.9"]
+snat_ports = "30000-30099"
+[[groups]]
+name = "fn"
+backends = [{ address = "10.20.0.2", port = 8090 }]
+"#;
+
+#[test]
+fn full_nat_rewrites_both_ends_keeps_the_mapping_and_counts_exhausted_ports() {
+    in_fresh_netns(|| {
+        let h = Testbed::new(FULLNAT_CONFIG, RING_SIZE).expect("testbed");
+        let in_mac = mac_of("in0");
+        let snat = [10, 20, 0, 1];
+
+        let (verdict, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 90, SYN)), h.in_index);
+        assert_eq!(verdict, XDP_REDIRECT, "{:?}", h.counters());
+        let p = parse_valid(&out);
+        assert_eq!(
+            (p.src, p.dst, p.dst_port, p.ttl),
+            (snat, BACKEND_A, 8090, 63)
+        );
+        assert!((20000..=20001).contains(&p.src_port), "{}", p.src_port);
+        assert_eq!(p.dst_mac, BACKEND_MAC);
+        let port = p.src_port;
+        // The same flow keeps its mapping, packet after packet.
+        for _ in 0..3 {
+            let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40000, 90, ACK)), h.in_index);
+            assert_eq!(
+                (parse_valid(&out).src, parse_valid(&out).src_port),
+                (snat, port)
+            );
+        }
+
+        // The backend answers the SNAT endpoint; the client sees the VIP.
+        let (verdict, out) = h.run(
+            &frame(h.out_mac, BACKEND_A, snat, tcp(8090, port, SYN | ACK)),
+            h.out_index,
+        );
+        assert_eq!(verdict, XDP_REDIRECT, "{:?}", h.counters());
+        let r = parse_valid(&out);
+        assert_eq!(
+            (r.src, r.src_port, r.dst, r.dst_port),
+            (VIP, 90, CLIENT, 40000)
+        );
+        assert_eq!((r.dst_mac, r.ttl), (CLIENT_MAC, 63));
+
+        // A second client flow takes the other port; a third finds none.
+        let (_, out) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40001, 90, SYN)), h.in_index);
+        let other = parse_valid(&out).src_port;
+        assert_eq!(
+            [port.min(other), port.max(other)],
+            [20000, 20001],
+            "the two ports"
+        );
+        let (verdict, _) = h.run(&frame(in_mac, CLIENT, VIP, tcp(40002, 90, SYN)), h.in_index);
+        assert_eq!(verdict, XDP_DROP);
+        // A reply to an SNAT port nobody holds is no one's: passed, untouched.
+        let stray = frame(h.out_mac, BACKEND_A, snat, tcp(8090, 20555, ACK));
+        assert_eq!(h.run(&stray, h.out_index), (XDP_PASS, stray.clone()));
+
+        // UDP over two SNAT addresses.
+        let (verdict, out) = h.run(&frame(in_mac, CLIENT, VIP, udp(41000, 91)), h.in_index);
+        assert_eq!(verdict, XDP_REDIRECT);
+        let u = parse_valid(&out);
+        assert!(u.src == snat || u.src == [10, 20, 0, 9], "{:?}", u.src);
+        assert!((30000..=30099).contains(&u.src_port));
+        let (verdict, out) = h.run(
+            &frame(h.out_mac, BACKEND_A, u.src, udp(8090, u.src_port)),
+            h.out_index,
+        );
+        assert_eq!(verdict, XDP_REDIRECT);
+        let ur = parse_valid(&out);
+        assert_eq!(
+            (ur.src, ur.src_port, ur.dst, ur.dst_port),
+            (VIP, 91, CLIENT, 41000)
+        );
+
+        let c = h.counters();
+        assert_eq!(
+            (
+                c.snat_mappings_made,
+                c.snat_ports_exhausted,
+                c.snat_replies_translated
+            ),
+            (3, 1, 2),
+            "{c:?}"
+        );
+        assert_eq!(c.replies_translated, 0, "no reply went by endpoint");
+    });
+}

@@ -161,6 +161,14 @@ pub struct Listener {
     /// this host in the VIP's family (the backends' decapsulators accept it).
     #[serde(default)]
     pub tunnel_source: Option<IpAddr>,
+    /// With `forwarding = "fullnat"`: addresses of this host the backends see the listener's
+    /// connections come from (1 to 16).
+    #[serde(default)]
+    pub snat_addresses: Vec<IpAddr>,
+    /// With `forwarding = "fullnat"`: the source ports used on them, `"first-last"` (default
+    /// `"1024-32767"`, below the kernel's ephemeral ports).
+    #[serde(default)]
+    pub snat_ports: Option<String>,
     /// HTTP(S): forwarding rules, checked exact domain, then wildcard domain, then path prefix.
     #[serde(default)]
     pub rules: Vec<Rule>,
@@ -282,10 +290,13 @@ pub enum Forwarding {
     /// side of the route, and slb writes the VIP back into the replies.
     #[default]
     Nat,
-    /// Direct server return on the L2 segment: the packet goes unchanged, in a frame to the
-    /// backend's MAC address; the backend holds the VIP and answers the client itself, so
-    /// replies do not pass slb. Backends on a link of slb's, with the listener's port.
+    /// Direct server return: the packet goes unchanged to the backend (see [`DsrMode`]); the
+    /// backend holds the VIP and answers the client itself, so replies do not pass slb.
+    /// Backends with the listener's port.
     Dsr,
+    /// Full NAT: source and destination rewritten; the backend sees the connection come from
+    /// one of slb's SNAT addresses and answers slb, whatever its routes.
+    Fullnat,
 }
 
 /// How a DSR listener's unchanged packet reaches the backend.
@@ -309,7 +320,52 @@ impl std::fmt::Display for DsrMode {
     }
 }
 
+/// A full NAT listener's source ports, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnatPorts {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl SnatPorts {
+    pub const DEFAULT: SnatPorts = SnatPorts {
+        first: slb_common::DEFAULT_SNAT_FIRST_PORT,
+        last: slb_common::DEFAULT_SNAT_LAST_PORT,
+    };
+
+    /// `"first-last"`, 1 ≤ first ≤ last ≤ 65535.
+    pub fn parse(text: &str) -> Result<SnatPorts, String> {
+        let (first, last) = text.split_once('-').ok_or_else(|| {
+            format!("{text:?}: write the range as \"first-last\", e.g. \"1024-32767\"")
+        })?;
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| format!("{text:?}: {p:?} is not a port (1-65535)"))
+        };
+        let (first, last) = (port(first)?, port(last)?);
+        if first > last {
+            return Err(format!("{text:?}: the first port is above the last"));
+        }
+        Ok(SnatPorts { first, last })
+    }
+
+    pub fn count(self) -> u32 {
+        u32::from(self.last - self.first) + 1
+    }
+}
+
 impl Listener {
+    /// A full NAT listener's source ports (validated: an invalid range is refused first).
+    pub fn snat_ports(&self) -> SnatPorts {
+        self.snat_ports
+            .as_deref()
+            .and_then(|text| SnatPorts::parse(text).ok())
+            .unwrap_or(SnatPorts::DEFAULT)
+    }
+
     /// How a DSR listener's packets reach the backends; `None` for any other listener.
     pub fn dsr_mode(&self) -> Option<DsrMode> {
         (self.forwarding == Forwarding::Dsr).then(|| self.dsr.unwrap_or_default())
@@ -321,6 +377,7 @@ impl std::fmt::Display for Forwarding {
         f.write_str(match self {
             Forwarding::Nat => "nat",
             Forwarding::Dsr => "dsr",
+            Forwarding::Fullnat => "fullnat",
         })
     }
 }

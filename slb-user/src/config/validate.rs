@@ -14,7 +14,7 @@ use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
 use super::{
     invalid, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits, CookiePersistence,
     DsrMode, Forwarding, Group, GroupKind, HealthCheck, Interface, Listener, Protocol, Scheduler,
-    DEFAULT_GROUP, MAX_BACKEND_CONNECTIONS, MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT,
+    SnatPorts, DEFAULT_GROUP, MAX_BACKEND_CONNECTIONS, MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT,
     MAX_IDLE_TIMEOUT, MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS, MAX_THRESHOLD, MAX_WEIGHT,
     MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT,
 };
@@ -150,6 +150,7 @@ impl Config {
         refuse_mixed_families(&label, &resolved)?;
         let backends = &resolved.group().backends;
         validate_dsr_mode(&at, l)?;
+        validate_full_nat(&at, l)?;
         if l.forwarding == Forwarding::Dsr {
             validate_direct_return(&at, l, &resolved)?;
         } else if !l.protocol.is_l7() {
@@ -582,6 +583,83 @@ fn validate_dsr_mode(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
         )),
         (_, None) => Ok(()),
     }
+}
+
+/// `snat_addresses` and `snat_ports` exactly with `forwarding = "fullnat"`, which applies to
+/// IPv4 tcp/udp listeners: 1 to 16 unicast addresses of the VIP's family, a valid port range.
+fn validate_full_nat(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
+    if l.forwarding != Forwarding::Fullnat {
+        if !l.snat_addresses.is_empty() {
+            return Err(invalid(
+                at("snat_addresses"),
+                format!(
+                    "apply only with forwarding = \"fullnat\" (this listener forwards by {})",
+                    l.forwarding
+                ),
+            ));
+        }
+        if l.snat_ports.is_some() {
+            return Err(invalid(
+                at("snat_ports"),
+                format!(
+                    "apply only with forwarding = \"fullnat\" (this listener forwards by {})",
+                    l.forwarding
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    if l.protocol.is_l7() {
+        return Err(invalid(
+            at("forwarding"),
+            format!(
+                "fullnat applies to tcp/udp listeners; this one is {} (slb's proxy answers it, from its own address already)",
+                l.protocol
+            ),
+        ));
+    }
+    if l.vip.is_ipv6() {
+        return Err(invalid(
+            at("forwarding"),
+            "fullnat is IPv4-only for now; an IPv6 listener forwards by nat or dsr",
+        ));
+    }
+    if l.snat_addresses.is_empty() || l.snat_addresses.len() > slb_common::MAX_SNAT_ADDRESSES {
+        return Err(invalid(
+            at("snat_addresses"),
+            format!(
+                "fullnat needs 1 to {} addresses of this host that the backends' connections come from; {} given",
+                slb_common::MAX_SNAT_ADDRESSES,
+                l.snat_addresses.len()
+            ),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for addr in &l.snat_addresses {
+        if addr.is_ipv4() != l.vip.is_ipv4() {
+            return Err(invalid(
+                at("snat_addresses"),
+                format!("{addr} is not of the VIP's family ({})", l.vip),
+            ));
+        }
+        if addr.is_unspecified() || addr.is_multicast() || is_broadcast(*addr) || addr.is_loopback()
+        {
+            return Err(invalid(
+                at("snat_addresses"),
+                format!("{addr} cannot be a packet's source address towards a backend"),
+            ));
+        }
+        if !seen.insert(*addr) {
+            return Err(invalid(
+                at("snat_addresses"),
+                format!("{addr} is listed twice"),
+            ));
+        }
+    }
+    if let Some(text) = &l.snat_ports {
+        SnatPorts::parse(text).map_err(|e| invalid(at("snat_ports"), e))?;
+    }
+    Ok(())
 }
 
 fn is_broadcast(addr: IpAddr) -> bool {

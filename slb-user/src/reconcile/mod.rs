@@ -251,6 +251,13 @@ impl Reconciler {
         if let Some(ring) = l.rebuild {
             self.write_ring(&l.name, l.index, ring, &l.ring_identities, &l.ring_input)?;
         }
+        // Before the listener entry: the first full NAT packet needs its addresses.
+        if let Some(pool) = &l.snat_pool {
+            self.maps
+                .snat_pools
+                .set(l.index, *pool, 0)
+                .map_err(map_err("SNAT_POOLS"))?;
+        }
         // Before the listener entry: a backend answers only once a packet reached it.
         for &(endpoint, nat) in &l.replies {
             self.replies_written.put(endpoint, nat, |endpoint, nat| {

@@ -9,10 +9,10 @@ use std::net::IpAddr;
 
 use slb_common::{
     addr_words, endpoint_filter_bits, ipv4_mapped, ipv6_filter_fold, Addr, Backend, ListenerEntry,
-    ListenerKey, ReplyNat, BACKEND_F_DRAINING, BACKEND_F_PRESENT, ENDPOINT_F_BACKEND,
-    ENDPOINT_F_LISTENER, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR, LISTENER_F_IGNORE_HEALTH,
-    LISTENER_F_PERSIST, LISTENER_F_TUNNEL, MAX_BACKENDS, MAX_LISTENERS, NAT_ADDRESS_F_BACKEND,
-    NAT_ADDRESS_F_VIP, RINGS_PER_LISTENER,
+    ListenerKey, ReplyNat, SnatPool, BACKEND_F_DRAINING, BACKEND_F_PRESENT, ENDPOINT_F_BACKEND,
+    ENDPOINT_F_LISTENER, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR, LISTENER_F_FULLNAT,
+    LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, LISTENER_F_TUNNEL, MAX_BACKENDS, MAX_LISTENERS,
+    MAX_SNAT_ADDRESSES, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, RINGS_PER_LISTENER,
 };
 
 use super::ReconcileError;
@@ -56,6 +56,8 @@ pub(super) struct PlannedListener {
     pub rebuild: Option<u32>,
     /// Reply translations of its backends, written before the entry.
     pub replies: Vec<(ReplyEndpoint, ReplyNat)>,
+    /// A full NAT listener's SNAT addresses and ports, written before the entry.
+    pub snat_pool: Option<SnatPool>,
     pub entry: ListenerEntry,
 }
 
@@ -472,6 +474,10 @@ fn plan_listener(
         Some(DsrMode::Ipip) => entry.flags |= LISTENER_F_DSR | LISTENER_F_TUNNEL,
         None => {}
     }
+    let snat_pool = (l.forwarding == Forwarding::Fullnat).then(|| {
+        entry.flags |= LISTENER_F_FULLNAT;
+        snat_pool(l)
+    });
     let replies = reply_translations(g, index, ids);
     let key = listener_key(l.protocol, l.vip, l.port);
     let old_key = old
@@ -501,9 +507,24 @@ fn plan_listener(
         ring_identities: ring.identities,
         rebuild: ring.rebuild,
         replies,
+        snat_pool,
         entry,
     };
     (planned, applied)
+}
+
+/// A full NAT listener's SNAT addresses and ports as the data plane reads them.
+fn snat_pool(l: &Listener) -> SnatPool {
+    let mut pool = SnatPool::default();
+    for (slot, addr) in pool.addrs.iter_mut().zip(&l.snat_addresses) {
+        *slot = data_plane_addr(*addr);
+    }
+    let ports = l.snat_ports();
+    pool.count = l.snat_addresses.len().min(MAX_SNAT_ADDRESSES) as u32;
+    pool.first_port = ports.first;
+    // A range of all 65535 ports does not fit the u16 count: one fewer is as good.
+    pool.port_count = ports.count().min(u32::from(u16::MAX)) as u16;
+    pool
 }
 
 /// Which of a listener's rings is live after the apply, and what it is built from.
@@ -587,8 +608,9 @@ fn reply_translations(
     ids: &BTreeMap<BackendKey, u32>,
 ) -> Vec<(ReplyEndpoint, ReplyNat)> {
     let l = g.listener;
-    // Direct return: backends answer from the VIP, past slb; nothing to translate.
-    if l.forwarding == Forwarding::Dsr {
+    // Direct return: backends answer from the VIP, past slb; full NAT: replies are found by
+    // their flow's mapping. Nothing to translate by endpoint.
+    if l.forwarding != Forwarding::Nat {
         return Vec::new();
     }
     g.members
