@@ -794,6 +794,10 @@ counters! {
     snat_ports_exhausted,
     /// Replies of full NAT flows translated back to the VIP and the client.
     snat_replies_translated,
+    /// Full NAT packets whose backend's address the kernel has not resolved yet: passed with
+    /// only the destination rewritten (the kernel does not forward a packet from its own SNAT
+    /// address), so the kernel resolves it; the flow's next packet takes full NAT.
+    snat_next_hop_unresolved,
 }
 }
 

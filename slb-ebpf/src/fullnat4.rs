@@ -141,6 +141,16 @@ fn to_backend(
             return icmp::reply_too_big(ctx, mtu, counters);
         }
     }
+    if let Route::Stack = route {
+        // The backend's address is not resolved yet. The kernel would not forward a packet
+        // from one of its own addresses (the SNAT address), so it gets this one with only the
+        // destination rewritten, as in NAT mode, and resolves the address on the way; the
+        // flow's next packet (a retransmitted SYN, the next datagram) takes full NAT. No
+        // mapping is made for it.
+        unsafe { translate(ip, l4, Endpoint::Destination, &backend.addr, backend.port) };
+        counters.snat_next_hop_unresolved += 1;
+        return XDP_PASS;
+    }
     let Some((snat_addr, snat_port)) =
         snat_for(flow, listener, id, backend, l4.tcp_flags, now, counters)
     else {

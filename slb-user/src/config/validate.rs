@@ -32,7 +32,8 @@ struct Claims<'a> {
     /// (VIP, port, protocol) of each listener.
     endpoints: BTreeSet<(IpAddr, u16, u8)>,
     /// (backend address, port, protocol) → the TCP/UDP listener it serves.
-    reply_endpoints: BTreeMap<(IpAddr, u16, u8), &'a str>,
+    /// Backend endpoints by the listener that claims them, and whether it is full NAT.
+    reply_endpoints: BTreeMap<(IpAddr, u16, u8), (&'a str, bool)>,
     /// (VIP, port, protocol) → name of every listener of the config, which no backend may be.
     own_listeners: BTreeMap<(IpAddr, u16, u8), &'a str>,
     backends: usize,
@@ -419,16 +420,21 @@ fn validate_groups(defined: &[Group]) -> Result<Groups<'_>, ConfigError> {
 
 /// The balancer recognises a backend's replies by their source alone, so a backend endpoint
 /// belongs to one TCP/UDP listener.
+/// A NAT listener's backend endpoints are its own: its replies are recognised by them. Full
+/// NAT listeners may share endpoints among themselves (their replies are recognised by the
+/// flow's SNAT port), but not with a NAT listener, whose reply translation would catch them.
 fn claim_reply_endpoints<'a>(
     at: FieldOf<'_>,
     l: &'a Listener,
     backends: &[ResolvedBackend],
-    claimed: &mut BTreeMap<(IpAddr, u16, u8), &'a str>,
+    claimed: &mut BTreeMap<(IpAddr, u16, u8), (&'a str, bool)>,
 ) -> Result<(), ConfigError> {
+    let full_nat = l.forwarding == Forwarding::Fullnat;
     for b in backends {
         let endpoint = (b.address, b.port, l.protocol.ip_protocol());
-        match claimed.insert(endpoint, &l.name) {
-            Some(other) if other != l.name => {
+        match claimed.insert(endpoint, (&l.name, full_nat)) {
+            Some((_, true)) if full_nat => {}
+            Some((other, _)) if other != l.name => {
                 return Err(invalid(
                     at("group"),
                     format!(
