@@ -1088,3 +1088,34 @@ mod replay_template_tests {
         assert!(ReplayTemplate::new(&long, 1, 1).is_err());
     }
 }
+
+#[cfg(test)]
+mod snat_tests {
+    extern crate std;
+    use super::*;
+    use std::vec::Vec;
+
+    #[test]
+    fn a_flows_attempts_cover_distinct_ports_and_move_over_the_addresses() {
+        for hash in [0u32, 1, 0xdead_beef, u32::MAX] {
+            let attempts: Vec<(u32, u16)> = (0..SNAT_PROBES)
+                .map(|a| snat_attempt(hash, a, 3, 20000, 100))
+                .collect();
+            let distinct: std::collections::BTreeSet<_> = attempts.iter().collect();
+            assert_eq!(distinct.len(), SNAT_PROBES as usize, "{attempts:?}");
+            assert!(attempts
+                .iter()
+                .all(|&(i, p)| i < 3 && (20000..20100).contains(&p)));
+            // The same every time: any packet of the flow finds its mapping again.
+            assert_eq!(snat_attempt(hash, 5, 3, 20000, 100), attempts[5]);
+        }
+        // Four ports, one address: the attempts wrap around the range.
+        let ports: std::collections::BTreeSet<u16> = (0..SNAT_PROBES)
+            .map(|a| snat_attempt(7, a, 1, 20000, 4).1)
+            .collect();
+        assert_eq!(ports, (20000..20004).collect());
+        // The whole port space: no overflow past 65535.
+        let (_, port) = snat_attempt(u32::MAX, SNAT_PROBES - 1, 1, 1, u16::MAX);
+        assert!(port >= 1);
+    }
+}

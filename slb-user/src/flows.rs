@@ -398,4 +398,30 @@ mod tests {
         };
         assert_eq!(tally.current(&now), 8);
     }
+
+    #[test]
+    fn snat_mappings_expire_by_idle_closing_and_unconfirmed_timeouts() {
+        let timeouts = Timeouts::from([(1, 900)]);
+        let mapping = |last_seen_s: u64, flags: u32| SnatMapping {
+            listener_index: 1,
+            last_seen_ns: last_seen_s * 1_000_000_000,
+            flags,
+            ..Default::default()
+        };
+        let now = 1_000 * 1_000_000_000;
+        // Past the handshake: the listener's idle timeout.
+        assert!(!snat_expired(
+            &mapping(500, SNAT_F_CONFIRMED),
+            &timeouts,
+            now
+        ));
+        assert!(snat_expired(&mapping(50, SNAT_F_CONFIRMED), &timeouts, now));
+        // Only SYNs seen: gone after SNAT_UNCONFIRMED_TIMEOUT_S.
+        assert!(!snat_expired(&mapping(995, 0), &timeouts, now));
+        assert!(snat_expired(&mapping(985, 0), &timeouts, now));
+        // After the client's FIN/RST: TCP_CLOSING_TIMEOUT_S.
+        let closing = SNAT_F_CONFIRMED | CONN_F_CLOSING;
+        assert!(!snat_expired(&mapping(995, closing), &timeouts, now));
+        assert!(snat_expired(&mapping(985, closing), &timeouts, now));
+    }
 }

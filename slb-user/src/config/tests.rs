@@ -748,3 +748,101 @@ fn a_tunnel_needs_a_source_of_the_vips_family_and_only_a_tunnel_takes_one() {
         assert!(e.contains(field) && e.contains(words), "{fields}: {e}");
     }
 }
+
+#[test]
+fn full_nat_needs_snat_addresses_of_the_vips_family_and_a_valid_port_range() {
+    let dns = |fields: &str| GOOD.replace("port = 53\n", &format!("port = 53\n{fields}\n"));
+    let c = Config::parse(
+        &dns("forwarding = \"fullnat\"\nsnat_addresses = [\"10.0.0.2\", \"10.0.0.3\"]\nsnat_ports = \"20000-20099\""),
+        "test.toml",
+    )
+    .unwrap();
+    assert_eq!(c.listeners[1].forwarding, Forwarding::Fullnat);
+    assert_eq!(
+        c.listeners[1].snat_ports(),
+        SnatPorts {
+            first: 20000,
+            last: 20099
+        }
+    );
+    assert_eq!(c.listeners[1].snat_ports().count(), 100);
+    let c = Config::parse(
+        &dns("forwarding = \"fullnat\"\nsnat_addresses = [\"10.0.0.2\"]"),
+        "test.toml",
+    )
+    .unwrap();
+    assert_eq!(c.listeners[1].snat_ports(), SnatPorts::DEFAULT);
+
+    for (fields, field, words) in [
+        (
+            "forwarding = \"fullnat\"",
+            "listeners[1] (dns).snat_addresses",
+            "1 to 16",
+        ),
+        (
+            "forwarding = \"fullnat\"\nsnat_addresses = [\"fd00::2\"]",
+            "listeners[1] (dns).snat_addresses",
+            "not of the VIP's family",
+        ),
+        (
+            "forwarding = \"fullnat\"\nsnat_addresses = [\"10.0.0.2\", \"10.0.0.2\"]",
+            "listeners[1] (dns).snat_addresses",
+            "listed twice",
+        ),
+        (
+            "forwarding = \"fullnat\"\nsnat_addresses = [\"127.0.0.1\"]",
+            "listeners[1] (dns).snat_addresses",
+            "cannot be a packet's source",
+        ),
+        (
+            "forwarding = \"fullnat\"\nsnat_addresses = [\"10.0.0.2\"]\nsnat_ports = \"3000-2000\"",
+            "listeners[1] (dns).snat_ports",
+            "above the last",
+        ),
+        (
+            "forwarding = \"fullnat\"\nsnat_addresses = [\"10.0.0.2\"]\nsnat_ports = \"0-10\"",
+            "listeners[1] (dns).snat_ports",
+            "is not a port",
+        ),
+        (
+            "forwarding = \"fullnat\"\nsnat_addresses = [\"10.0.0.2\"]\nsnat_ports = \"1024\"",
+            "listeners[1] (dns).snat_ports",
+            "first-last",
+        ),
+        (
+            "snat_addresses = [\"10.0.0.2\"]",
+            "listeners[1] (dns).snat_addresses",
+            "only with forwarding = \"fullnat\"",
+        ),
+        (
+            "snat_ports = \"1-2\"",
+            "listeners[1] (dns).snat_ports",
+            "only with forwarding = \"fullnat\"",
+        ),
+    ] {
+        let e = error_of(&dns(fields));
+        assert!(e.contains(field) && e.contains(words), "{fields}: {e}");
+    }
+}
+
+#[test]
+fn full_nat_listeners_share_backend_endpoints_among_themselves_only() {
+    let second = |forwarding: &str| {
+        GOOD.replace(
+            "port = 53\n",
+            &format!(
+                "port = 53\ngroup = \"pool\"\nforwarding = \"fullnat\"\nsnat_addresses = [\"10.0.0.2\"]\n\
+                 [[listeners]]\nname = \"dns2\"\nprotocol = \"udp\"\nvip = \"10.0.0.10\"\nport = 54\n\
+                 group = \"pool\"\nforwarding = \"{forwarding}\"\n{}",
+                if forwarding == "fullnat" {
+                    "snat_addresses = [\"10.0.0.2\"]\n"
+                } else {
+                    ""
+                }
+            ),
+        )
+    };
+    Config::parse(&second("fullnat"), "test.toml").unwrap();
+    let e = error_of(&second("nat"));
+    assert!(e.contains("also serves listener"), "{e}");
+}

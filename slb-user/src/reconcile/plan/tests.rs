@@ -392,3 +392,23 @@ fn a_tunnelling_listener_is_flagged_and_its_backends_carry_the_tunnel_source() {
     let web = listener(&plan, "web");
     assert_eq!(web.entry.flags & (LISTENER_F_DSR | LISTENER_F_TUNNEL), 0);
 }
+
+#[test]
+fn a_full_nat_listener_is_flagged_with_its_snat_pool_and_translates_no_replies_by_endpoint() {
+    let fullnat = config_text().replace(
+        "port = 53\n",
+        "port = 53\nforwarding = \"fullnat\"\nsnat_addresses = [\"10.0.0.2\", \"10.0.0.3\"]\nsnat_ports = \"20000-20009\"\n",
+    );
+    let plan = plan_of(&fullnat, &BTreeMap::new(), &AppliedMaps::default());
+    let dns = listener(&plan, "dns");
+    assert_eq!(dns.entry.flags & LISTENER_F_FULLNAT, LISTENER_F_FULLNAT);
+    assert!(dns.replies.is_empty(), "{:?}", dns.replies);
+    let pool = dns.snat_pool.expect("a pool");
+    assert_eq!(
+        (pool.count, pool.first_port, pool.port_count),
+        (2, 20000, 10)
+    );
+    assert_eq!(pool.addrs[0], slb_common::ipv4_mapped([10, 0, 0, 2]));
+    assert_eq!(pool.addrs[1], slb_common::ipv4_mapped([10, 0, 0, 3]));
+    assert!(listener(&plan, "web").snat_pool.is_none());
+}
