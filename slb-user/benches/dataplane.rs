@@ -32,7 +32,7 @@ fn median(v: &mut [f64]) -> f64 {
 fn sweep_cost() -> anyhow::Result<serde_json::Value> {
     const FLOWS: u32 = 1_000_000;
     let bed = Testbed::new(
-        &per_packet::config("bench", 1, 10, true, false, false),
+        &per_packet::config("bench", 1, 10, true, false, per_packet::Modes::NatOnly),
         65537,
     )?;
     let mut conns = slb_user::maps::PinnedMaps::open(bed.pin_dir())?.connections;
@@ -135,7 +135,7 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// Apply time of a 50 × 100 config into the maps, and the daemon's memory idle and under it.
 fn control_plane() -> anyhow::Result<serde_json::Value> {
-    let big = per_packet::config("bench", 50, 100, true, false, false);
+    let big = per_packet::config("bench", 50, 100, true, false, per_packet::Modes::NatOnly);
     let t = Instant::now();
     let bed = Testbed::new(&big, 65537)?;
     let setup_and_apply = t.elapsed();
@@ -157,11 +157,11 @@ fn control_plane() -> anyhow::Result<serde_json::Value> {
     for (what, text) in [
         (
             "idle (no listeners)",
-            per_packet::config(&instance, 0, 1, true, false, false),
+            per_packet::config(&instance, 0, 1, true, false, per_packet::Modes::NatOnly),
         ),
         (
             "50 listeners x 100 backends",
-            per_packet::config(&instance, 50, 100, true, false, false),
+            per_packet::config(&instance, 50, 100, true, false, per_packet::Modes::NatOnly),
         ),
     ] {
         let started = Instant::now();

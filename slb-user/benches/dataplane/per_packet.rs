@@ -49,6 +49,23 @@ const PREFILL_BASE: [u8; 4] = [10, 33, 0, 2];
 /// The DSR listener's port (TCP, group `dsrpool`: the IPv4 backends on this port), above the
 /// IPv4 listeners' 80 + n.
 const DSR_PORT: u16 = 200;
+/// The IP-in-IP DSR listener's port (group `tunnelpool`: the IPv4 backends on this port), and
+/// the full NAT listener's (group `fullnatpool`: the IPv4 backends on port 9202).
+const TUNNEL_PORT: u16 = 201;
+const FULLNAT_PORT: u16 = 202;
+/// The full NAT listener's SNAT addresses (on `out0`'s subnet): 16, so the new-flow row's
+/// flows do not run out of ports.
+const SNAT_ADDRESSES: usize = 16;
+
+/// Which forwarding modes' listeners a subject's config has: older revisions know fewer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Modes {
+    NatOnly,
+    /// And a DSR listener on the L2 segment.
+    Dsr,
+    /// And IP-in-IP DSR and full NAT listeners too.
+    All,
+}
 /// The IPv6 listener's VIP (TCP port 80, group `ipv6pool`: `pool<n>` are the IPv4 listeners' groups).
 const VIP6: [u8; 16] = ipv6_octets([0xfd00, 0x99, 0, 0, 0, 0, 0, 0x10]);
 /// The IPv6 client of the single-flow rows and of the reply (a neighbour of `in0` in the
@@ -124,6 +141,11 @@ impl Row {
     fn is_dsr(&self) -> bool {
         self.name.starts_with("DSR:")
     }
+
+    /// The IP-in-IP DSR and full NAT rows, measured when the subject takes their listeners.
+    fn is_later_mode(&self) -> bool {
+        self.name.starts_with("DSR IP-in-IP:") || self.name.starts_with("Full NAT:")
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -149,7 +171,7 @@ pub fn config(
     backends: usize,
     max_connections: bool,
     ipv6_listener: bool,
-    dsr_listener: bool,
+    modes: Modes,
 ) -> String {
     use std::fmt::Write as _;
     let mut c = format!("instance = \"{instance}\"\n");
@@ -178,7 +200,7 @@ pub fn config(
         }
         c.push_str("]\n");
     }
-    if dsr_listener {
+    if modes != Modes::NatOnly {
         // Its check probes backends that do not exist; at this interval it declares nothing
         // during a run.
         let _ = write!(c, "[[listeners]]\nname = \"dsr-tcp\"\nprotocol = \"tcp\"\nvip = \"10.99.0.10\"\nport = {DSR_PORT}\ngroup = \"dsrpool\"\nforwarding = \"dsr\"\nhealth_check = {{ type = \"tcp\", interval = \"300s\" }}\n[[groups]]\nname = \"dsrpool\"\nbackends = [\n");
@@ -191,6 +213,25 @@ pub fn config(
             );
         }
         c.push_str("]\n");
+    }
+    if modes == Modes::All {
+        let _ = write!(c, "[[listeners]]\nname = \"tunnel-tcp\"\nprotocol = \"tcp\"\nvip = \"10.99.0.10\"\nport = {TUNNEL_PORT}\ngroup = \"tunnelpool\"\nforwarding = \"dsr\"\ndsr = \"ipip\"\ntunnel_source = \"10.20.0.1\"\n");
+        let snat: Vec<String> = (0..SNAT_ADDRESSES)
+            .map(|k| format!("\"10.20.3.{}\"", 200 + k))
+            .collect();
+        let _ = write!(c, "[[listeners]]\nname = \"fullnat-tcp\"\nprotocol = \"tcp\"\nvip = \"10.99.0.10\"\nport = {FULLNAT_PORT}\ngroup = \"fullnatpool\"\nforwarding = \"fullnat\"\nsnat_addresses = [{}]\n", snat.join(", "));
+        for (group, port) in [("tunnelpool", TUNNEL_PORT), ("fullnatpool", 9202)] {
+            let _ = write!(c, "[[groups]]\nname = \"{group}\"\nbackends = [\n");
+            for b in 0..backends.max(1) {
+                let _ = writeln!(
+                    c,
+                    "  {{ address = \"10.20.{}.{}\", port = {port} }},",
+                    b / 253,
+                    2 + b % 253
+                );
+            }
+            c.push_str("]\n");
+        }
     }
     if !ipv6_listener {
         return c;
@@ -302,18 +343,35 @@ impl Daemon {
         subject: &Subject,
         instance: &str,
         shape: Shape,
-    ) -> anyhow::Result<(Daemon, bool, bool)> {
-        match Self::start_with(subject, instance, shape, true) {
-            // An older revision does not know `forwarding`: measured without DSR, its rows empty.
-            Err(e) if e.to_string().contains("unknown field `forwarding`") => {
-                eprintln!(
-                    "  {}: does not take the DSR listener; its DSR rows stay empty",
-                    subject.label
-                );
-                let (daemon, ipv6) = Self::start_with(subject, instance, shape, false)?;
-                Ok((daemon, ipv6, false))
+    ) -> anyhow::Result<(Daemon, bool, Modes)> {
+        let mut modes = Modes::All;
+        loop {
+            match Self::start_with(subject, instance, shape, modes) {
+                // An older revision does not know the later modes' keys, or `forwarding` at
+                // all: measured without them, their rows empty.
+                Err(e)
+                    if modes == Modes::All
+                        && (e.to_string().contains("unknown field `dsr`")
+                            || e.to_string().contains("fullnat")) =>
+                {
+                    eprintln!(
+                        "  {}: does not take the IP-in-IP or full NAT listeners; their rows stay empty",
+                        subject.label
+                    );
+                    modes = Modes::Dsr;
+                }
+                Err(e)
+                    if modes != Modes::NatOnly
+                        && e.to_string().contains("unknown field `forwarding`") =>
+                {
+                    eprintln!(
+                        "  {}: does not take the DSR listener; its DSR rows stay empty",
+                        subject.label
+                    );
+                    modes = Modes::NatOnly;
+                }
+                started => return started.map(|(daemon, ipv6)| (daemon, ipv6, modes)),
             }
-            started => started.map(|(daemon, ipv6)| (daemon, ipv6, true)),
         }
     }
 
@@ -323,7 +381,7 @@ impl Daemon {
         subject: &Subject,
         instance: &str,
         shape: Shape,
-        dsr: bool,
+        modes: Modes,
     ) -> anyhow::Result<(Daemon, bool)> {
         let text = |max_connections, ipv6| {
             config(
@@ -332,7 +390,7 @@ impl Daemon {
                 shape.backends,
                 max_connections,
                 ipv6,
-                dsr,
+                modes,
             )
         };
         let spawn = |text: &str| Daemon::spawn(&subject.slb, instance, text, Some(DAEMON_CPU));
@@ -411,7 +469,7 @@ impl Wrapper {
                 .program_mut(name)
                 .with_context(|| format!("no program {name}"))?
                 .try_into()?;
-            program.load().with_context(|| format!("loading {name}"))?;
+            slb_user::dataplane::load_xdp(program).with_context(|| format!("loading {name}"))?;
         }
         Ok(Wrapper {
             ebpf,
@@ -526,6 +584,8 @@ struct Bench {
     ipv6: bool,
     /// Whether the subject took the DSR listener (else its DSR rows stay empty).
     dsr: bool,
+    /// Whether it took the IP-in-IP and full NAT listeners (else their rows stay empty).
+    later_modes: bool,
     /// Per row, the ns above the baseline of each round; and the one-flow baselines.
     samples: Vec<Vec<f64>>,
     baselines: Vec<f64>,
@@ -556,7 +616,9 @@ impl Bench {
         let netns = Netns::fresh()?;
         setup_network()?;
         let instance = format!("bench-pp{index}-{}", std::process::id());
-        let (daemon, ipv6, dsr) = Daemon::start(subject, &instance, shape)?;
+        let (daemon, ipv6, modes) = Daemon::start(subject, &instance, shape)?;
+        let dsr = modes != Modes::NatOnly;
+        let later_modes = modes == Modes::All;
         let program = daemon.program()?.fd()?.try_clone()?;
         let (in_index, out_index) = (ifindex("in0")?, ifindex("out0")?);
         let in_mac = mac_of("in0")?;
@@ -638,6 +700,47 @@ impl Bench {
                 subject.label
             );
         }
+        // The IP-in-IP and full NAT listeners' established flows, and the full NAT reply.
+        let port_tcp = |src, port, flags| {
+            ipv4_frame(
+                in_mac,
+                CLIENT_MAC,
+                src,
+                VIP,
+                L4Spec::tcp(CLIENT_PORT, port, flags),
+            )
+        };
+        let tunnel_established = template(&port_tcp(CLIENT, TUNNEL_PORT, TCP_ACK), 1, 1);
+        let fullnat_established = template(&port_tcp(CLIENT, FULLNAT_PORT, TCP_ACK), 1, 1);
+        let mut fullnat_reply = template(&reply, 1, 1);
+        if later_modes {
+            wrapper.set_template(tunnel_established)?;
+            let (_, first) = wrapper.run(in_index, 2)?;
+            ensure!(
+                first.len() > 34 && first[23] == 4,
+                "{}: the IP-in-IP flow was not encapsulated",
+                subject.label
+            );
+            wrapper.set_template(fullnat_established)?;
+            let (_, first) = wrapper.run(in_index, 2)?;
+            let sent = parse_ipv4_frame(&first).map_err(anyhow::Error::msg)?;
+            ensure!(
+                sent.dst != VIP && sent.src != CLIENT,
+                "{}: the full NAT flow was not translated both ways",
+                subject.label
+            );
+            fullnat_reply = template(
+                &ipv4_frame(
+                    mac_of("out0")?,
+                    BACKEND_MAC,
+                    sent.dst,
+                    sent.src,
+                    L4Spec::tcp(sent.dst_port, sent.src_port, TCP_ACK),
+                ),
+                1,
+                1,
+            );
+        }
         let reply6 = ipv6_frame(
             mac_of("out0")?,
             BACKEND_MAC,
@@ -711,6 +814,39 @@ impl Bench {
                 ingress: Ingress::Clients,
             },
             Row {
+                name: "DSR IP-in-IP: established TCP, one flow",
+                template: tunnel_established,
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "DSR IP-in-IP: new flow (SYN)",
+                template: template(
+                    &port_tcp(NEW_FLOW_BASE, TUNNEL_PORT, TCP_SYN),
+                    REPLAY_EVERY_RUN_NEW,
+                    1,
+                ),
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "Full NAT: established TCP, one flow",
+                template: fullnat_established,
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "Full NAT: new flow (SYN)",
+                template: template(
+                    &port_tcp(NEW_FLOW_BASE, FULLNAT_PORT, TCP_SYN),
+                    REPLAY_EVERY_RUN_NEW,
+                    1,
+                ),
+                ingress: Ingress::Clients,
+            },
+            Row {
+                name: "Full NAT: reply (backend to client)",
+                template: fullnat_reply,
+                ingress: Ingress::Backends,
+            },
+            Row {
                 name: "IPv6: established TCP, one flow",
                 template: baseline6,
                 ingress: Ingress::Clients,
@@ -756,6 +892,7 @@ impl Bench {
             rows,
             ipv6,
             dsr,
+            later_modes,
             samples,
             baselines: Vec::new(),
         })
@@ -783,14 +920,17 @@ impl Bench {
         self.netns.enter()?;
         for i in 0..self.rows.len() {
             let row = self.rows[i].clone();
-            if (row.is_ipv6() && !self.ipv6) || (row.is_dsr() && !self.dsr) {
+            if (row.is_ipv6() && !self.ipv6)
+                || (row.is_dsr() && !self.dsr)
+                || (row.is_later_mode() && !self.later_modes)
+            {
                 continue;
             }
             let before = self.run_row(wrapper, floor, row.template, row.ingress)?;
             let ns = self.run_row(wrapper, &self.program, row.template, row.ingress)?;
             let after = self.run_row(wrapper, floor, row.template, row.ingress)?;
             self.samples[i].push(ns - (before + after) / 2.0);
-            if row.template.flows <= 1 && !row.is_ipv6() && !row.is_dsr() {
+            if row.template.flows <= 1 && !row.is_ipv6() && !row.is_dsr() && !row.is_later_mode() {
                 self.baselines.extend([before, after]);
             }
         }
@@ -971,6 +1111,18 @@ pub fn measure(
         .zip(scaling)
         .map(|(b, scaling)| {
             let (baseline, ..) = quartiles(&b.baselines);
+            // The full NAT new-flow row claims a mapping per run: had the table filled, the
+            // row would have measured the exhaustion path instead.
+            let exhausted = slb_user::maps::CounterMaps::open(&pin_dir(&b._daemon.instance))
+                .ok()
+                .and_then(|c| c.global().ok())
+                .map_or(0, |g| g.snat_ports_exhausted);
+            if exhausted > 0 {
+                eprintln!(
+                    "  {}: {exhausted} full NAT flows found no SNAT port: the full NAT new-flow row is not the claim's cost",
+                    b.subject.label
+                );
+            }
             let rows: Vec<_> = b
                 .rows
                 .iter()
@@ -980,7 +1132,7 @@ pub fn measure(
                     json!({"packet": row.name, "ns_above_baseline": median, "p25": p25, "p75": p75})
                 })
                 .collect();
-            json!({"subject": b.subject.label, "baseline_ns": baseline, "rows": rows, "scaling": scaling})
+            json!({"subject": b.subject.label, "baseline_ns": baseline, "rows": rows, "scaling": scaling, "snat_ports_exhausted": exhausted})
         })
         .collect();
     // Stop the daemons inside their namespaces' lifetime, then come home.
