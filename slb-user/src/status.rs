@@ -65,6 +65,9 @@ pub struct ListenerStatus {
     pub port: u16,
     pub group: String,
     pub group_type: GroupKind,
+    /// How packets reach the backends: `nat`, `dsr`, `dsr-ipip` or `fullnat`.
+    #[serde(default)]
+    pub forwarding: String,
     pub health_check: bool,
     pub persistence_timeout_s: Option<u32>,
     pub packets: u64,
@@ -193,6 +196,7 @@ fn listener_statuses(
                 .listener(l.index)
                 .map_err(counter_error(&pinned::LISTENER_STATS))?;
             Ok(ListenerStatus {
+                forwarding: forwarding_of(l.flags).into(),
                 name: l.name.clone(),
                 protocol: l.protocol.to_string(),
                 vip: l.vip,
@@ -365,6 +369,20 @@ fn endpoint_width(endpoints: impl IntoIterator<Item = Endpoint>) -> usize {
         .fold(22, usize::max)
 }
 
+/// A listener's forwarding mode, by its `LISTENER_F_*` flags.
+fn forwarding_of(flags: u32) -> &'static str {
+    use slb_common::{LISTENER_F_DSR, LISTENER_F_FULLNAT, LISTENER_F_TUNNEL};
+    if flags & LISTENER_F_FULLNAT != 0 {
+        "fullnat"
+    } else if flags & LISTENER_F_TUNNEL != 0 {
+        "dsr-ipip"
+    } else if flags & LISTENER_F_DSR != 0 {
+        "dsr"
+    } else {
+        "nat"
+    }
+}
+
 fn render_listeners(out: &mut String, status: &Status) {
     let vip_width = endpoint_width(
         status
@@ -374,16 +392,17 @@ fn render_listeners(out: &mut String, status: &Status) {
     );
     let _ = writeln!(
         out,
-        "\nLISTENER            PROTO  {:<vip_width$} GROUP           CONNS   NEW_CONNS     PACKETS",
+        "\nLISTENER            PROTO  {:<vip_width$} FORWARD  GROUP           CONNS   NEW_CONNS     PACKETS",
         "VIP:PORT"
     );
     for l in &status.listeners {
         let _ = writeln!(
             out,
-            "{:<19} {:<6} {:<vip_width$} {:<15} {:>5} {:>11} {:>11}",
+            "{:<19} {:<6} {:<vip_width$} {:<8} {:<15} {:>5} {:>11} {:>11}",
             l.name,
             l.protocol,
             Endpoint::new(l.vip, l.port),
+            l.forwarding,
             l.group,
             l.connections,
             l.new_connections,
@@ -821,6 +840,7 @@ mod tests {
                 port: 80,
                 group: "pool".into(),
                 group_type: GroupKind::Vserver,
+                forwarding: "nat".into(),
                 health_check: false,
                 persistence_timeout_s: None,
                 packets: 50,

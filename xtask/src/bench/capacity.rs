@@ -2,7 +2,8 @@
 //! of the picture. `xdp_replay` (slb-user/examples) pushes one UDP frame over and over into the
 //! balancer namespace's client-side interface with BPF_PROG_TEST_RUN in live-frames mode, the
 //! kernel's own packet generator, from a thread pinned to the balancer CPU; the frames then take
-//! (a) slb's XDP program, which rewrites and redirects them to a backend, or (b) the kernel
+//! (a) slb's XDP program, which rewrites and redirects them to a backend (NAT), or sends them
+//! unchanged to a backend's MAC address (DSR, the cheapest path: no rewrite, no reply), or (b) the kernel
 //! stack with nftables DNAT, or (c) the kernel stack routing them unchanged (the floor of
 //! forwarding without a balancer). Each with one flow and with a new flow per frame. The
 //! backends' interfaces count what arrives.
@@ -208,6 +209,48 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
         }
         daemon.stop()?;
     }
+    // (a') slb with the UDP listener forwarding by direct return (the backends on the listener's
+    // port, on links of slb's own). Its required check probes servers that do not exist; at
+    // this interval it declares nothing during the run.
+    {
+        let instance = unique_instance("bcapd");
+        let mut config = SlbConfig::new(&instance, WEIGHTS.len());
+        let backends = WEIGHTS
+            .iter()
+            .enumerate()
+            .map(|(k, &weight)| slb_tests::config::BackendSpec {
+                address: Topology::backend_addr(k + 1).into(),
+                port: None,
+                weight,
+            })
+            .collect();
+        config.groups.push(slb_tests::config::group(
+            "pool",
+            slb_tests::config::GroupKind::Vserver,
+            backends,
+        ));
+        let mut l = slb_tests::config::listener(
+            "udp-dsr",
+            slb_tests::config::Protocol::Udp,
+            VIP_UDP_PORT,
+            Some("pool"),
+        );
+        l.forwarding = slb_tests::config::Forwarding::Dsr;
+        l.health_check = Some(slb_tests::config::health_check(
+            slb_tests::config::CheckKind::Udp,
+            std::time::Duration::from_secs(300),
+            std::time::Duration::from_secs(1),
+            1,
+            10,
+        ));
+        config.listener(l);
+        let daemon = SlbDaemon::start(&env.slb(), topo.slb_ns(), &config)?;
+        let pins = pin_dir(daemon.instance());
+        for new_flows in [false, true] {
+            rows.push(replayer.run("slb DSR (XDP)", "slb", vip, Some(&pins), new_flows, false)?);
+        }
+        daemon.stop()?;
+    }
     // (b) nftables DNAT, the same rules as the L4 suite.
     rows.extend(with_nft_dnat(&topo, || {
         [false, true]
@@ -270,6 +313,13 @@ fn section(rows: &[Row]) -> Section {
                 md,
                 "slb / nftables, one CPU, {flows}: ×{:.2} frames per second.  ",
                 slb / nft
+            );
+        }
+        if let (Some(nat), Some(dsr)) = (find("slb (XDP)", 1, flows), find("slb DSR", 1, flows)) {
+            let _ = writeln!(
+                md,
+                "slb DSR / slb NAT, one CPU, {flows}: ×{:.2} frames per second.  ",
+                dsr / nat
             );
         }
         if let (Some(one), Some(two)) = (find("slb", 1, flows), find("slb", 2, flows)) {
