@@ -775,8 +775,9 @@ counters! {
     /// Packets of a DSR listener whose backend is not on a link of this host (a gateway would
     /// route the unchanged packet back to the VIP): dropped.
     dsr_backend_off_link,
-    /// Packets of a DSR listener whose backend's MAC address the kernel has not resolved yet
-    /// (the stack would route the unchanged packet to the VIP, not to the backend): dropped.
+    /// Packets of a DSR listener whose next hop's MAC address the kernel has not resolved yet
+    /// (the stack would route the unchanged packet to the VIP, not to the backend, and drop a
+    /// tunnelled one from its own address): dropped. The health checks resolve it.
     dsr_next_hop_unresolved,
     /// Packets of a DSR listener too big for the link to their backend (with the outer header,
     /// when tunnelled), without DF set (fragmented by the stack, they would be routed to the
@@ -785,7 +786,7 @@ counters! {
     /// Packets of a tunnelling DSR listener sent to their backend inside an outer IP header.
     tunnel_encapsulated,
     /// Packets of a tunnelling DSR listener that could not be given their outer header (no
-    /// room in front of the frame): dropped.
+    /// room in front of the frame), or whose backend is this host: dropped.
     tunnel_failed,
     /// Full NAT flows given an SNAT address and port (a mapping made).
     snat_mappings_made,
@@ -798,6 +799,10 @@ counters! {
     /// only the destination rewritten (the kernel does not forward a packet from its own SNAT
     /// address), so the kernel resolves it; the flow's next packet takes full NAT.
     snat_next_hop_unresolved,
+    /// Full NAT packets the data plane cannot send on and the kernel would not forward from an
+    /// SNAT address (too big for the backend's link without DF set, or a backend that is this
+    /// host): dropped, without a mapping.
+    snat_not_forwarded_dropped,
 }
 }
 

@@ -136,20 +136,30 @@ fn to_backend(
         backend.addr[15],
     ];
     let route = route_ipv4(ctx, ip, backend_addr, l4.protocol, cache, now, counters);
-    if let Route::TooBig(mtu) = route {
-        if dont_fragment(ip) {
+    // Every way but out of an interface is settled before a mapping is claimed: the kernel
+    // would drop a packet from one of its own addresses (the SNAT address) as a martian.
+    match route {
+        Route::Hop(_) => {}
+        Route::TooBig(mtu) if dont_fragment(ip) => {
             return icmp::reply_too_big(ctx, mtu, counters);
         }
-    }
-    if let Route::Stack = route {
-        // The backend's address is not resolved yet. The kernel would not forward a packet
-        // from one of its own addresses (the SNAT address), so it gets this one with only the
-        // destination rewritten, as in NAT mode, and resolves the address on the way; the
-        // flow's next packet (a retransmitted SYN, the next datagram) takes full NAT. No
-        // mapping is made for it.
-        unsafe { translate(ip, l4, Endpoint::Destination, &backend.addr, backend.port) };
-        counters.snat_next_hop_unresolved += 1;
-        return XDP_PASS;
+        Route::Stack => {
+            // The backend's address is not resolved yet: the kernel gets this packet with only
+            // the destination rewritten, as in NAT mode, and resolves the address on the way;
+            // the flow's next packet (a retransmitted SYN, the next datagram) takes full NAT.
+            unsafe { translate(ip, l4, Endpoint::Destination, &backend.addr, backend.port) };
+            counters.snat_next_hop_unresolved += 1;
+            return XDP_PASS;
+        }
+        Route::Drop => {
+            counters.fib_dropped += 1;
+            return XDP_DROP;
+        }
+        // Too big without DF (slb cannot fragment), or the backend is this host.
+        Route::TooBig(_) | Route::Local => {
+            counters.snat_not_forwarded_dropped += 1;
+            return XDP_DROP;
+        }
     }
     let Some((snat_addr, snat_port)) =
         snat_for(flow, listener, id, backend, l4.tcp_flags, now, counters)

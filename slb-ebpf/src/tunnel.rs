@@ -87,6 +87,9 @@ pub fn send_ipv4(
 ) -> u32 {
     let (tos, inner_len, frag_off) =
         unsafe { ((*ip).tos, u16::from_be((*ip).total_len), (*ip).frag_off) };
+    if let Some(verdict) = not_out_of_an_interface(&route, counters) {
+        return verdict;
+    }
     let Some((eth, macs)) = make_room(ctx, OUTER_IPV4_LEN, counters) else {
         return XDP_DROP;
     };
@@ -137,6 +140,9 @@ pub fn send_ipv6(
     let (version_class_flow, payload_len) =
         unsafe { ((*ip).version_class_flow, u16::from_be((*ip).payload_len)) };
     let inner_len = OUTER_IPV6_LEN as u16 + payload_len;
+    if let Some(verdict) = not_out_of_an_interface(&route, counters) {
+        return verdict;
+    }
     let Some((eth, macs)) = make_room(ctx, OUTER_IPV6_LEN, counters) else {
         return XDP_DROP;
     };
@@ -171,6 +177,21 @@ pub fn send_ipv6(
     }
     counters.tunnel_encapsulated += 1;
     send(ctx, eth, route, counters)
+}
+
+/// The verdict on a packet whose route is not out of an interface, counted: the kernel would
+/// drop a packet from `tunnel_source`, one of its own addresses, as a martian, so none is
+/// handed to it (an unresolved next hop waits for the health checks to resolve it).
+#[inline(always)]
+fn not_out_of_an_interface(route: &Route, counters: &mut GlobalCounters) -> Option<u32> {
+    match route {
+        Route::Hop(_) => return None,
+        Route::Stack => counters.dsr_next_hop_unresolved += 1,
+        Route::Drop => counters.fib_dropped += 1,
+        // Too big was answered before; the backend is this host.
+        Route::TooBig(_) | Route::Local => counters.tunnel_failed += 1,
+    }
+    Some(XDP_DROP)
 }
 
 /// The frame's MAC addresses, kept across the move.

@@ -148,6 +148,18 @@ pub struct AppliedListener {
     #[serde(default)]
     pub idle_timeout_s: u32,
     pub health_check: bool,
+    /// A full NAT listener's SNAT addresses and ports, as its flows' mappings were made with.
+    #[serde(default)]
+    pub snat: Option<AppliedSnat>,
+}
+
+/// What a full NAT listener's flows find their mappings by: changed under them, their packets
+/// would look for their mappings elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedSnat {
+    pub addresses: Vec<IpAddr>,
+    pub first_port: u16,
+    pub last_port: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -17,7 +17,8 @@ use slb_tests::slb::{slb_binary, unique_instance};
 use slb_tests::traffic::{tcp_connections, udp_flows};
 use slb_tests::{
     require_root, vip_tcp, vip_udp, LongLivedStreams, SlbConfig, SlbDaemon, Topology,
-    TrafficOptions, BACKEND_PORT, CLIENT_ADDR, VIP, VIP_TCP_PORT, VIP_UDP_PORT,
+    TrafficOptions, BACKEND_PORT, CLIENT_ADDR, SECOND_BACKEND_PORT, VIP, VIP_TCP_PORT,
+    VIP_UDP_PORT,
 };
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
@@ -63,7 +64,8 @@ fn topology(tag: &str, backends: usize) -> Topology {
 }
 
 /// Group `pool` of backends `1..=weights.len()`, a TCP and a UDP full NAT listener over it, and
-/// a TCP full NAT listener with four SNAT ports.
+/// a TCP full NAT listener with four SNAT ports over group `tiny`: backend 1 alone, on its second
+/// port (ports are per SNAT address and backend endpoint: four ports, four flows).
 fn fullnat_config(instance: &str, weights: &[u32]) -> SlbConfig {
     let mut config = SlbConfig::new(instance, WEIGHTS.len());
     let backends = weights
@@ -79,12 +81,18 @@ fn fullnat_config(instance: &str, weights: &[u32]) -> SlbConfig {
     config
         .groups
         .push(group("pool", GroupKind::Vserver, backends));
-    for (name, protocol, port) in [
-        ("tcp-fullnat", Protocol::Tcp, VIP_TCP_PORT),
-        ("udp-fullnat", Protocol::Udp, VIP_UDP_PORT),
-        ("tcp-tiny", Protocol::Tcp, TINY_PORT),
+    let tiny = vec![BackendSpec {
+        address: Topology::backend_addr(1).into(),
+        port: Some(SECOND_BACKEND_PORT),
+        weight: 1,
+    }];
+    config.groups.push(group("tiny", GroupKind::Vserver, tiny));
+    for (name, protocol, port, group) in [
+        ("tcp-fullnat", Protocol::Tcp, VIP_TCP_PORT, "pool"),
+        ("udp-fullnat", Protocol::Udp, VIP_UDP_PORT, "pool"),
+        ("tcp-tiny", Protocol::Tcp, TINY_PORT, "tiny"),
     ] {
-        let mut l = listener(name, protocol, port, Some("pool"));
+        let mut l = listener(name, protocol, port, Some(group));
         l.forwarding = Forwarding::Fullnat;
         l.snat_addresses = vec![SNAT.into()];
         if port == TINY_PORT {

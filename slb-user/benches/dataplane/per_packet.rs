@@ -221,7 +221,7 @@ pub fn config(
         c.push_str("]\n");
     }
     if modes == Modes::All {
-        let _ = write!(c, "[[listeners]]\nname = \"tunnel-tcp\"\nprotocol = \"tcp\"\nvip = \"10.99.0.10\"\nport = {TUNNEL_PORT}\ngroup = \"tunnelpool\"\nforwarding = \"dsr\"\ndsr = \"ipip\"\ntunnel_source = \"10.20.0.1\"\n");
+        let _ = write!(c, "[[listeners]]\nname = \"tunnel-tcp\"\nprotocol = \"tcp\"\nvip = \"10.99.0.10\"\nport = {TUNNEL_PORT}\ngroup = \"tunnelpool\"\nforwarding = \"dsr\"\ndsr = \"ipip\"\ntunnel_source = \"10.20.0.1\"\nhealth_check = {{ type = \"tcp\", interval = \"300s\" }}\n");
         let snat: Vec<String> = (0..SNAT_ADDRESSES)
             .map(|k| format!("\"10.20.3.{}\"", 200 + k))
             .collect();

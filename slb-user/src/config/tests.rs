@@ -643,8 +643,7 @@ fn direct_return_needs_the_listeners_port_and_a_health_check() {
 
     let e = error_of(&GOOD.replace("port = 53\n", "port = 53\nforwarding = \"dsr\"\n"));
     assert!(
-        e.contains("listeners[1] (dns).health_check")
-            && e.contains("dsr = \"l2\" needs a health check"),
+        e.contains("listeners[1] (dns).health_check") && e.contains("dsr needs a health check"),
         "{e}"
     );
 
@@ -699,7 +698,7 @@ fn direct_return_endpoints_are_no_reply_endpoints() {
 fn a_tunnel_needs_a_source_of_the_vips_family_and_only_a_tunnel_takes_one() {
     let dns = |fields: &str| GOOD.replace("port = 53\n", &format!("port = 53\n{fields}\n"));
     let c = Config::parse(
-        &dns("forwarding = \"dsr\"\ndsr = \"ipip\"\ntunnel_source = \"10.0.0.2\""),
+        &dns("forwarding = \"dsr\"\ndsr = \"ipip\"\ntunnel_source = \"10.0.0.2\"\nhealth_check = { type = \"udp\" }"),
         "test.toml",
     )
     .unwrap();
@@ -813,6 +812,11 @@ fn full_nat_needs_snat_addresses_of_the_vips_family_and_a_valid_port_range() {
             "snat_addresses = [\"10.0.0.2\"]",
             "listeners[1] (dns).snat_addresses",
             "only with forwarding = \"fullnat\"",
+        ),
+        (
+            "forwarding = \"fullnat\"\nsnat_addresses = [\"10.0.0.10\"]",
+            "listeners[1] (dns).snat_addresses",
+            "is a VIP",
         ),
         (
             "snat_ports = \"1-2\"",

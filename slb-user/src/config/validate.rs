@@ -152,6 +152,18 @@ impl Config {
         let backends = &resolved.group().backends;
         validate_dsr_mode(&at, l)?;
         validate_full_nat(&at, l)?;
+        // A backend's reply to an SNAT address that is also a VIP would be taken for a client's
+        // packet to a listener.
+        if let Some(vip) = l
+            .snat_addresses
+            .iter()
+            .find(|a| self.listeners.iter().any(|o| o.vip == **a))
+        {
+            return Err(invalid(
+                at("snat_addresses"),
+                format!("{vip} is a VIP; an SNAT address must be an address of this host that no listener uses"),
+            ));
+        }
         if l.forwarding == Forwarding::Dsr {
             validate_direct_return(&at, l, &resolved)?;
         } else if !l.protocol.is_l7() {
@@ -537,10 +549,10 @@ fn validate_direct_return(
             }
         }
     }
-    if l.health_check.is_none() && l.dsr_mode() == Some(DsrMode::L2) {
+    if l.health_check.is_none() {
         return Err(invalid(
             at("health_check"),
-            "dsr = \"l2\" needs a health check: it is also what keeps each backend's MAC address known to this host, which direct return sends to",
+            "dsr needs a health check: it is also what keeps the MAC address of each backend (or of the gateway towards it) known to this host, which direct return sends to",
         ));
     }
     Ok(())

@@ -38,6 +38,10 @@ pub enum ReconcileError {
     RingSizeChanged { running: u32, requested: u32 },
     #[error("out of {what}")]
     Exhausted { what: &'static str },
+    #[error(
+        "listener {listener}: snat_addresses and snat_ports cannot change while it runs (its established connections find their SNAT mappings by them); give the new ones to a new listener, or remove this one first"
+    )]
+    SnatPoolChanged { listener: String },
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> ReconcileError {

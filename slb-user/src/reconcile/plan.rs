@@ -17,7 +17,7 @@ use slb_common::{
 
 use super::ReconcileError;
 use crate::applied::{
-    AppliedBackend, AppliedListener, AppliedMaps, BackendKey, HealthStatus, Role,
+    AppliedBackend, AppliedListener, AppliedMaps, AppliedSnat, BackendKey, HealthStatus, Role,
 };
 use crate::config::{
     AllUnhealthy, Config, DsrMode, Forwarding, GroupKind, Listener, Protocol, ResolvedBackend,
@@ -220,6 +220,7 @@ pub(super) fn plan(
         .map(|l| (l.name.as_str(), l))
         .collect();
     let indices = listener_indices(&groups, &old_listeners)?;
+    refuse_snat_changes(&groups, &old_listeners)?;
 
     let entries = backend_entries(&groups, &ids, &healthy);
     let mut listeners = Vec::new();
@@ -257,6 +258,35 @@ pub(super) fn plan(
         gone_addresses: gone.addresses,
         applied,
     })
+}
+
+/// A running full NAT listener keeps its SNAT addresses and ports: its flows find their
+/// mappings by the attempts those make, so a change would cut every established connection.
+fn refuse_snat_changes(
+    groups: &[Members<'_>],
+    old_listeners: &BTreeMap<&str, &AppliedListener>,
+) -> Result<(), ReconcileError> {
+    for g in groups {
+        let l = g.listener;
+        let Some(old) = old_listeners
+            .get(l.name.as_str())
+            .and_then(|o| o.snat.as_ref())
+        else {
+            continue;
+        };
+        if l.forwarding != Forwarding::Fullnat {
+            continue;
+        }
+        let ports = l.snat_ports();
+        if old.addresses != l.snat_addresses
+            || (old.first_port, old.last_port) != (ports.first, ports.last)
+        {
+            return Err(ReconcileError::SnatPoolChanged {
+                listener: l.name.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Health flags and BACKENDS entries by backend id, in the order they are written.
@@ -497,6 +527,11 @@ fn plan_listener(
         persistence_timeout_s: l.persistence.map(|p| p.timeout.as_secs() as u32),
         idle_timeout_s: l.idle_timeout_s(),
         health_check: l.health_check.is_some(),
+        snat: (l.forwarding == Forwarding::Fullnat).then(|| AppliedSnat {
+            addresses: l.snat_addresses.clone(),
+            first_port: l.snat_ports().first,
+            last_port: l.snat_ports().last,
+        }),
     };
     let planned = PlannedListener {
         name: l.name.clone(),

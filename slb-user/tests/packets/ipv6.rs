@@ -907,6 +907,7 @@ group = "remote4"
 forwarding = "dsr"
 dsr = "ipip"
 tunnel_source = "10.20.0.1"
+health_check = { type = "udp" }
 [[listeners]]
 name = "tunnel4tcp"
 protocol = "tcp"
@@ -916,6 +917,7 @@ group = "remote4"
 forwarding = "dsr"
 dsr = "ipip"
 tunnel_source = "10.20.0.1"
+health_check = { type = "tcp" }
 [[listeners]]
 name = "tunnel6"
 protocol = "udp"
@@ -925,6 +927,7 @@ group = "remote6"
 forwarding = "dsr"
 dsr = "ipip"
 tunnel_source = "fd00:20::1"
+health_check = { type = "udp" }
 [[listeners]]
 name = "tunnel4frag"
 protocol = "udp"
@@ -934,6 +937,7 @@ group = "remote4b"
 forwarding = "dsr"
 dsr = "ipip"
 tunnel_source = "10.20.0.1"
+health_check = { type = "udp" }
 [[groups]]
 name = "remote4"
 backends = [{ address = "10.30.0.5" }]

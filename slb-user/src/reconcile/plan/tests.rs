@@ -364,7 +364,7 @@ fn a_direct_return_listener_is_flagged_and_translates_no_replies() {
 fn a_tunnelling_listener_is_flagged_and_its_backends_carry_the_tunnel_source() {
     let ipip = config_text().replace(
         "port = 53\n",
-        "port = 53\nforwarding = \"dsr\"\ndsr = \"ipip\"\ntunnel_source = \"10.0.0.2\"\n",
+        "port = 53\nforwarding = \"dsr\"\ndsr = \"ipip\"\ntunnel_source = \"10.0.0.2\"\nhealth_check = { type = \"udp\" }\n",
     );
     let plan = plan_of(&ipip, &BTreeMap::new(), &AppliedMaps::default());
     let dns = listener(&plan, "dns");
@@ -411,4 +411,32 @@ fn a_full_nat_listener_is_flagged_with_its_snat_pool_and_translates_no_replies_b
     assert_eq!(pool.addrs[0], slb_common::ipv4_mapped([10, 0, 0, 2]));
     assert_eq!(pool.addrs[1], slb_common::ipv4_mapped([10, 0, 0, 3]));
     assert!(listener(&plan, "web").snat_pool.is_none());
+}
+
+#[test]
+fn a_running_full_nat_listener_keeps_its_snat_addresses_and_ports() {
+    let with = |ports: &str| {
+        config_text().replace(
+            "port = 53\n",
+            &format!("port = 53\nforwarding = \"fullnat\"\nsnat_addresses = [\"10.0.0.2\"]\nsnat_ports = \"{ports}\"\n"),
+        )
+    };
+    let first = plan_of(
+        &with("20000-20009"),
+        &BTreeMap::new(),
+        &AppliedMaps::default(),
+    );
+    // The same pool again (a reweight, a health change): planned as usual.
+    plan_of(&with("20000-20009"), &BTreeMap::new(), &first.applied);
+    let changed = Config::parse(&with("20000-20019"), "plan.toml").unwrap();
+    let e = plan(&changed, &BTreeMap::new(), &first.applied, RING).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("listener dns: snat_addresses and snat_ports cannot change"),
+        "{e}"
+    );
+    // Removed, then added again (the operator's way to change it): planned.
+    let removed = config_text();
+    let gone = plan_of(&removed, &BTreeMap::new(), &first.applied);
+    plan_of(&with("20000-20019"), &BTreeMap::new(), &gone.applied);
 }
