@@ -408,22 +408,14 @@ fn keeps_established_connections_and_fails_over(tag: &str, mode: DsrMode) {
     assert_eq!(to("to the active").keys().collect::<Vec<_>>(), vec![&b1]);
     segment.stop_server(1);
     let healthy = |daemon: &SlbDaemon, want: bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let status = daemon.status().expect("status");
-            let active =
-                slb_tests::slb::status_backend(&status, "pair6", backend_addr(mode, Family::V6, 1))
-                    .expect("the active in status")
-                    .healthy;
-            if active == want {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the active's health stayed {active}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        daemon
+            .wait_backend_health(
+                "pair6",
+                backend_addr(mode, Family::V6, 1),
+                want,
+                Duration::from_secs(5),
+            )
+            .expect("the active's health");
     };
     healthy(&daemon, false);
     assert_eq!(to("to the standby").keys().collect::<Vec<_>>(), vec![&b2]);

@@ -249,25 +249,14 @@ fn full_nat_active_standby_fails_over_and_back() {
     };
     let (b1, b2) = (Topology::backend_name(1), Topology::backend_name(2));
     let healthy = |want: bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let status = daemon.status().expect("status");
-            let active = slb_tests::slb::status_backend(
-                &status,
+        daemon
+            .wait_backend_health(
                 "pair",
-                IpAddr::V4(Topology::backend_addr(1)),
+                Topology::backend_addr(1),
+                want,
+                Duration::from_secs(5),
             )
-            .expect("the active in status")
-            .healthy;
-            if active == want {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the active stayed {active}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            .expect("the active's health");
     };
     assert_eq!(to("to the active").keys().collect::<Vec<_>>(), vec![&b1]);
     topo.stop_backend_server(1)
