@@ -170,6 +170,8 @@ fn delete_all<K>(fd: RawFd, mut keys: &[K]) -> std::io::Result<u64> {
 pub struct Sweeper {
     connections: MapData,
     snat_mappings: MapData,
+    /// SNAT_MAPPINGS again, typed, for the re-check before each removal.
+    snat_table: std::sync::Mutex<aya::maps::HashMap<MapData, FlowKey, SnatMapping>>,
     capacity: u32,
     counters: CounterMaps,
 }
@@ -181,6 +183,7 @@ impl Sweeper {
         Ok(Sweeper {
             connections,
             snat_mappings: crate::maps::open_data(pin_dir, &pinned::SNAT_MAPPINGS)?,
+            snat_table: std::sync::Mutex::new(crate::maps::open(pin_dir, &pinned::SNAT_MAPPINGS)?),
             capacity,
             counters: CounterMaps::open(pin_dir)?,
         })
@@ -245,7 +248,25 @@ impl Sweeper {
             }
         })
         .context("reading SNAT_MAPPINGS")?;
-        counts.snat_expired = delete_all(fd, &stale).context("removing expired SNAT mappings")?;
+        // Each one read again just before it goes: a mapping is how its flow's packets find
+        // their SNAT port, so one that a packet refreshed since the walk must stay (a connection
+        // whose mapping went would claim another port, which its backend does not know).
+        let mut table = self
+            .snat_table
+            .lock()
+            .map_err(|_| anyhow::anyhow!("SNAT table handle poisoned"))?;
+        for key in stale {
+            match table.get(&key, 0) {
+                Ok(m) if snat_expired(&m, timeouts, monotonic_ns()) => {
+                    if table.remove(&key).is_ok() {
+                        counts.snat_expired += 1;
+                    }
+                }
+                Ok(_) => counts.snat_mappings += 1,
+                // Gone already.
+                Err(_) => {}
+            }
+        }
         Ok(counts)
     }
 }

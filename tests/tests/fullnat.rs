@@ -208,6 +208,26 @@ fn full_nat_balances_by_weight_and_backends_answer_slb_without_a_route_to_the_cl
     println!("a fifth connection on four ports: refused, snat_ports_exhausted {exhausted}");
     assert!(exhausted >= 1);
     held.assert_all_answer(2, Duration::ZERO, "the four holders");
+
+    // Closed, the four give their ports back: the daemon's upkeep frees a closed flow's mapping
+    // 10 s after the client's FIN (sweeps every 5 s), and a new connection gets a port.
+    drop(held);
+    let closed = std::time::Instant::now();
+    let deadline = closed + Duration::from_secs(30);
+    loop {
+        match LongLivedStreams::open(topo.client_ns(), tiny, 1, Duration::from_secs(2)) {
+            Ok(_) => break,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "no port came back within 30 s of the close: {e:#}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!(
+        "a port came back {:.1} s after the four connections closed",
+        closed.elapsed().as_secs_f64()
+    );
 }
 
 #[test]
