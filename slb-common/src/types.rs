@@ -292,6 +292,12 @@ pub const IPPROTO_IPV6_IN_IP: u8 = 41;
 
 pub type Addr = [u8; 16];
 
+/// The IPv4 address `a.b.c.d` of `::ffff:a.b.c.d`: [`ipv4_mapped`] undone.
+#[inline(always)]
+pub fn mapped_ipv4(addr: &Addr) -> [u8; 4] {
+    [addr[12], addr[13], addr[14], addr[15]]
+}
+
 /// `a.b.c.d` as `::ffff:a.b.c.d`.
 #[inline(always)]
 pub const fn ipv4_mapped(octets: [u8; 4]) -> Addr {

@@ -13,7 +13,7 @@ use slb_common::{
     checksum::{apply, delta_u16, delta_u32},
     endpoint_filter_bits,
     hash::flow_hash,
-    Addr, Backend, BackendEndpoint, Connection, FlowKey, FragmentKey, GlobalCounters,
+    mapped_ipv4, Addr, Backend, BackendEndpoint, Connection, FlowKey, FragmentKey, GlobalCounters,
     ListenerEntry, ListenerKey, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING,
     BACKEND_F_PRESENT, CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER, FRAGMENT_TO_CLIENT,
     HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR,
@@ -223,7 +223,7 @@ fn dispatch(
             return XDP_DROP;
         }
         if listener.flags & LISTENER_F_FULLNAT != 0 {
-            return hand_to_full_nat(ctx, PROGRAM_SLOT_FULLNAT, counters);
+            return hand_to_full_nat(ctx, counters);
         }
         let mut sent_direct_to = NO_BACKEND;
         let verdict = to_backend(
@@ -274,7 +274,7 @@ fn dispatch(
             counters.malformed += 1;
             return XDP_DROP;
         }
-        return hand_to_full_nat(ctx, PROGRAM_SLOT_FULLNAT, counters);
+        return hand_to_full_nat(ctx, counters);
     }
     if let Some(key) = fragment {
         return fragments::pass_first(key, counters);
@@ -283,12 +283,12 @@ fn dispatch(
     XDP_PASS
 }
 
-/// Hands a full NAT listener's packet, or a reply of a full NAT flow, to the full NAT program
-/// in PROGRAMS' `slot` (a program of its own: its mapping does not fit this one's stack).
+/// Hands a full NAT listener's packet, or a reply of a full NAT flow, to `slb_xdp_fullnat`
+/// (a program of its own: its mapping does not fit this one's stack).
 #[inline(always)]
-pub(crate) fn hand_to_full_nat(ctx: &XdpContext, slot: u32, counters: &mut GlobalCounters) -> u32 {
+fn hand_to_full_nat(ctx: &XdpContext, counters: &mut GlobalCounters) -> u32 {
     // Returns only when PROGRAMS has no program in the slot.
-    unsafe { PROGRAMS.tail_call(ctx, slot) };
+    unsafe { PROGRAMS.tail_call(ctx, PROGRAM_SLOT_FULLNAT) };
     counters.lookup_failed_dropped += 1;
     XDP_DROP
 }
@@ -749,12 +749,7 @@ fn to_backend(
     let cache = NEXT_HOP_BACKEND
         .get_ptr_mut(id)
         .unwrap_or(core::ptr::null_mut());
-    let backend_addr = [
-        backend.addr[12],
-        backend.addr[13],
-        backend.addr[14],
-        backend.addr[15],
-    ];
+    let backend_addr = mapped_ipv4(&backend.addr);
     let route = route_ipv4(ctx, ip, backend_addr, l4.protocol, cache, now, counters);
     let tunnel = listener.flags & LISTENER_F_TUNNEL != 0;
     if tunnel {
@@ -862,7 +857,7 @@ pub(crate) unsafe fn rewrite(
     port: u16,
     decrement_ttl: bool,
 ) {
-    let new_addr = [addr[12], addr[13], addr[14], addr[15]];
+    let new_addr = mapped_ipv4(addr);
     let new_port = port.to_be();
     unsafe {
         let (addr_field, port_field) = match end {

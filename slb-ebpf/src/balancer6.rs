@@ -311,7 +311,7 @@ fn dispatch(
 /// The address persistence keys this flow's client by: its source, or the source's first
 /// `persist_ipv6_prefix` bits (clients rotate the rest of their addresses).
 #[inline(always)]
-pub(crate) fn persistence_client(flow: &FlowKey, listener: &ListenerEntry) -> Addr {
+fn persistence_client(flow: &FlowKey, listener: &ListenerEntry) -> Addr {
     let prefix = listener.persist_ipv6_prefix;
     if listener.flags & LISTENER_F_PERSIST == 0 || prefix == 0 || prefix >= 128 {
         return flow.src;
@@ -420,27 +420,7 @@ pub(crate) fn hop_limit_expired(ip: *const Ipv6Hdr, counters: &mut GlobalCounter
 /// replaced, the hop limit decremented as a router does, and the L4 checksum fixed with one
 /// incremental update (the addresses are in its pseudo-header; IPv6 has no header checksum).
 #[inline(always)]
-pub(crate) unsafe fn translate(
-    ip: *mut Ipv6Hdr,
-    l4: &L4,
-    end: Endpoint,
-    addr: [u32; 4],
-    port: u16,
-) {
-    unsafe { rewrite(ip, l4, end, addr, port, true) }
-}
-
-/// [`translate`], with the hop limit decremented or not (full NAT rewrites both ends of a
-/// packet, which passes this hop once).
-#[inline(always)]
-pub(crate) unsafe fn rewrite(
-    ip: *mut Ipv6Hdr,
-    l4: &L4,
-    end: Endpoint,
-    addr: [u32; 4],
-    port: u16,
-    decrement_hop_limit: bool,
-) {
+unsafe fn translate(ip: *mut Ipv6Hdr, l4: &L4, end: Endpoint, addr: [u32; 4], port: u16) {
     let new_port = port.to_be();
     unsafe {
         let (addr_field, port_field) = match end {
@@ -449,9 +429,7 @@ pub(crate) unsafe fn rewrite(
         };
         let addr_delta = delta_addr_words(*addr_field, addr);
         *addr_field = addr;
-        if decrement_hop_limit {
-            (*ip).hop_limit -= 1;
-        }
+        (*ip).hop_limit -= 1;
 
         let port_delta = delta_u16(*port_field, new_port);
         *port_field = new_port;

@@ -12,7 +12,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use slb_common::{
-    ipv4_mapped, Addr, DecapCounters, IPPROTO_IPIP, IPPROTO_IPV6_IN_IP, MAX_DECAP_ADDRESSES,
+    addr_from_words, ipv4_mapped, Addr, DecapCounters, IPPROTO_IPIP, IPPROTO_IPV6_IN_IP,
+    MAX_DECAP_ADDRESSES,
 };
 
 use crate::packet::{
@@ -85,7 +86,7 @@ fn decapsulate_ipv6(ctx: &XdpContext, counters: &mut DecapCounters) -> u32 {
         counters.unhandled += 1;
         return XDP_PASS;
     };
-    let (source, vip) = unsafe { (addr_of_words((*outer).src), addr_of_words((*inner).dst)) };
+    let (source, vip) = unsafe { (addr_from_words((*outer).src), addr_from_words((*inner).dst)) };
     if let Some(verdict) = refused(&source, &vip, counters) {
         return verdict;
     }
@@ -132,10 +133,4 @@ fn strip(ctx: &XdpContext, outer_len: usize, ether_type: u16, counters: &mut Dec
     }
     counters.decapsulated += 1;
     XDP_PASS
-}
-
-/// An IPv6 header's address (words as they sit in memory) as bytes.
-#[inline(always)]
-fn addr_of_words(words: [u32; 4]) -> Addr {
-    slb_common::addr_from_words(words)
 }

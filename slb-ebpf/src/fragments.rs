@@ -15,9 +15,9 @@ use aya_ebpf::{
 };
 use slb_common::{
     checksum::{apply, delta_u32},
-    FragmentEntry, FragmentKey, GlobalCounters, FRAGMENT_DIRECT, FRAGMENT_DROP, FRAGMENT_PASS,
-    FRAGMENT_TIMEOUT_NS, FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, FRAGMENT_TUNNEL, LISTENER_F_DSR,
-    LISTENER_F_TUNNEL, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, NO_BACKEND,
+    mapped_ipv4, FragmentEntry, FragmentKey, GlobalCounters, FRAGMENT_DIRECT, FRAGMENT_DROP,
+    FRAGMENT_PASS, FRAGMENT_TIMEOUT_NS, FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, FRAGMENT_TUNNEL,
+    LISTENER_F_DSR, LISTENER_F_TUNNEL, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, NO_BACKEND,
 };
 
 use crate::{
@@ -50,7 +50,6 @@ pub fn key(ip: *const Ipv4Hdr) -> FragmentKey {
 }
 
 /// What the ordinary path did with a datagram's first fragment.
-#[derive(Clone, Copy)]
 pub struct Sent {
     pub verdict: u32,
     /// What the later fragments do if the first went on: `FRAGMENT_TO_BACKEND` or
@@ -256,12 +255,7 @@ fn later_direct(
         counters.lookup_failed_dropped += 1;
         return XDP_DROP;
     };
-    let backend_addr = [
-        backend.addr[12],
-        backend.addr[13],
-        backend.addr[14],
-        backend.addr[15],
-    ];
+    let backend_addr = mapped_ipv4(&backend.addr);
     let cache = NEXT_HOP_BACKEND
         .get_ptr_mut(backend_id)
         .unwrap_or(core::ptr::null_mut());

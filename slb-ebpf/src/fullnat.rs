@@ -42,6 +42,8 @@ unsafe fn write_reply_key(
     protocol: u8,
 ) {
     let words = key.cast::<u32>();
+    // Word by word from the bytes: `addr_words` copies of the two addresses took 32 bytes of
+    // stack that `slb_xdp_fullnat` does not have.
     let word = |a: &Addr, i: usize| {
         u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
     };

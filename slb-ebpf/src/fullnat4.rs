@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use slb_common::{
-    FlowKey, GlobalCounters, ListenerEntry, ListenerKey, SnatMapping, FRAGMENT_TO_BACKEND,
-    FRAGMENT_TO_CLIENT, LISTENER_F_FULLNAT, NO_BACKEND,
+    mapped_ipv4, FlowKey, GlobalCounters, ListenerEntry, ListenerKey, SnatMapping,
+    FRAGMENT_TO_BACKEND, FRAGMENT_TO_CLIENT, LISTENER_F_FULLNAT, NO_BACKEND,
 };
 
 use crate::{
@@ -129,12 +129,7 @@ fn to_backend(
     let cache = NEXT_HOP_BACKEND
         .get_ptr_mut(id)
         .unwrap_or(core::ptr::null_mut());
-    let backend_addr = [
-        backend.addr[12],
-        backend.addr[13],
-        backend.addr[14],
-        backend.addr[15],
-    ];
+    let backend_addr = mapped_ipv4(&backend.addr);
     let route = route_ipv4(ctx, ip, backend_addr, l4.protocol, cache, now, counters);
     // Every way but out of an interface is settled before a mapping is claimed: the kernel
     // would drop a packet from one of its own addresses (the SNAT address) as a martian.
@@ -186,14 +181,7 @@ fn to_client(
     mapping: *mut SnatMapping,
     counters: &mut GlobalCounters,
 ) -> u32 {
-    let client = unsafe {
-        [
-            (*mapping).client[12],
-            (*mapping).client[13],
-            (*mapping).client[14],
-            (*mapping).client[15],
-        ]
-    };
+    let client = unsafe { mapped_ipv4(&(*mapping).client) };
     let now = now_ns();
     let cache = cache_slot(&NEXT_HOP_CLIENT, u32::from_ne_bytes(client));
     // Routed towards the client before the rewrite; an error quotes the reply as it came.

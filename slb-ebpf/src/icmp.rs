@@ -17,8 +17,8 @@ use core::ops::ControlFlow;
 use slb_common::{
     checksum::{fold, replace_u16, replace_u32},
     hash::flow_hash,
-    ipv4_mapped, Backend, BackendEndpoint, FlowKey, GlobalCounters, ListenerKey, ReplyNat,
-    IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_DSR,
+    ipv4_mapped, mapped_ipv4, Backend, BackendEndpoint, FlowKey, GlobalCounters, ListenerKey,
+    ReplyNat, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_DSR,
 };
 
 use crate::{
@@ -282,12 +282,7 @@ fn error_to_backend(
     let Some((id, backend)) = flow_backend(&flow, counters) else {
         return XDP_PASS;
     };
-    let addr = [
-        backend.addr[12],
-        backend.addr[13],
-        backend.addr[14],
-        backend.addr[15],
-    ];
+    let addr = mapped_ipv4(&backend.addr);
     let ip = unsafe { &raw mut (*err).ip };
     let cache = NEXT_HOP_BACKEND
         .get_ptr_mut(id)
@@ -341,7 +336,7 @@ fn error_to_client(
     if ttl_expired(ip, counters) {
         return XDP_PASS;
     }
-    let vip = [nat.vip[12], nat.vip[13], nat.vip[14], nat.vip[15]];
+    let vip = mapped_ipv4(&nat.vip);
     unsafe {
         rewrite_quoted(err, false, vip, nat.vip_port.to_be());
         decrement_ttl(ip);

@@ -10,7 +10,9 @@ use aya_ebpf::{
     bindings::xdp_action::XDP_DROP, helpers::generated::bpf_xdp_adjust_head, programs::XdpContext,
     EbpfContext,
 };
-use slb_common::{Backend, GlobalCounters, NextHop, IPPROTO_IPIP, IPPROTO_IPV6_IN_IP};
+use slb_common::{
+    addr_words, mapped_ipv4, Backend, GlobalCounters, NextHop, IPPROTO_IPIP, IPPROTO_IPV6_IN_IP,
+};
 
 use crate::{
     forward::{send, Route},
@@ -109,18 +111,8 @@ pub fn send_ipv4(
             ttl: OUTER_TTL,
             protocol: IPPROTO_IPIP,
             check: 0,
-            src: [
-                backend.tunnel_source[12],
-                backend.tunnel_source[13],
-                backend.tunnel_source[14],
-                backend.tunnel_source[15],
-            ],
-            dst: [
-                backend.addr[12],
-                backend.addr[13],
-                backend.addr[14],
-                backend.addr[15],
-            ],
+            src: mapped_ipv4(&backend.tunnel_source),
+            dst: mapped_ipv4(&backend.addr),
         };
         (*outer).check = checksum(outer as *const [u16; 10]);
     }
@@ -150,20 +142,6 @@ pub fn send_ipv6(
         counters.tunnel_failed += 1;
         return XDP_DROP;
     };
-    let words = |addr: &[u8; 16]| -> [u32; 4] {
-        let mut w = [0u32; 4];
-        let mut i = 0;
-        while i < 4 {
-            w[i] = u32::from_ne_bytes([
-                addr[4 * i],
-                addr[4 * i + 1],
-                addr[4 * i + 2],
-                addr[4 * i + 3],
-            ]);
-            i += 1;
-        }
-        w
-    };
     unsafe {
         write_eth(eth, &macs, ETH_P_IPV6);
         // Traffic class and flow label as the client set them (the label spreads the
@@ -172,8 +150,12 @@ pub fn send_ipv6(
         (*outer).payload_len = inner_len.to_be();
         (*outer).next_header = IPPROTO_IPV6_IN_IP;
         (*outer).hop_limit = OUTER_TTL;
-        (*outer).src = words(&backend.tunnel_source);
-        (*outer).dst = words(&backend.addr);
+        // Word by word: whole 16-byte copies into the header became `memmove` calls.
+        let (src, dst) = (addr_words(&backend.tunnel_source), addr_words(&backend.addr));
+        for i in 0..4 {
+            core::ptr::write_volatile(&raw mut (*outer).src[i], src[i]);
+            core::ptr::write_volatile(&raw mut (*outer).dst[i], dst[i]);
+        }
     }
     counters.tunnel_encapsulated += 1;
     send(ctx, eth, route, counters)

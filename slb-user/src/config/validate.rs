@@ -607,18 +607,13 @@ fn validate_dsr_mode(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
 /// IPv4 tcp/udp listeners: 1 to 16 unicast addresses of the VIP's family, a valid port range.
 fn validate_full_nat(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
     if l.forwarding != Forwarding::Fullnat {
-        if !l.snat_addresses.is_empty() {
+        let full_nat_fields = [
+            ("snat_addresses", !l.snat_addresses.is_empty()),
+            ("snat_ports", l.snat_ports.is_some()),
+        ];
+        if let Some((field, _)) = full_nat_fields.iter().find(|(_, set)| *set) {
             return Err(invalid(
-                at("snat_addresses"),
-                format!(
-                    "apply only with forwarding = \"fullnat\" (this listener forwards by {})",
-                    l.forwarding
-                ),
-            ));
-        }
-        if l.snat_ports.is_some() {
-            return Err(invalid(
-                at("snat_ports"),
+                at(field),
                 format!(
                     "apply only with forwarding = \"fullnat\" (this listener forwards by {})",
                     l.forwarding
