@@ -151,7 +151,10 @@ pub fn send_ipv6(
         (*outer).next_header = IPPROTO_IPV6_IN_IP;
         (*outer).hop_limit = OUTER_TTL;
         // Word by word: whole 16-byte copies into the header became `memmove` calls.
-        let (src, dst) = (addr_words(&backend.tunnel_source), addr_words(&backend.addr));
+        let (src, dst) = (
+            addr_words(&backend.tunnel_source),
+            addr_words(&backend.addr),
+        );
         for i in 0..4 {
             core::ptr::write_volatile(&raw mut (*outer).src[i], src[i]);
             core::ptr::write_volatile(&raw mut (*outer).dst[i], dst[i]);

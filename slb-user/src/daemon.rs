@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
+use crate::announce::{self, Announcer};
 use crate::api::{self, Call, Request, Response};
 use crate::applied::{AppliedState, BackendKey, HealthStatus, StateFileError};
 use crate::config::{AttachMode, Config, GroupKind, ResolvedBackend};
@@ -199,7 +200,7 @@ pub fn run(options: RunOptions) -> anyhow::Result<()> {
         &mut dataplane,
         config,
         previous,
-        &options.config,
+        &options,
         signals,
         proxy,
     ));
@@ -264,10 +265,11 @@ async fn serve(
     dataplane: &mut Dataplane,
     config: Config,
     previous: Option<AppliedState>,
-    path: &Path,
+    options: &RunOptions,
     signals: StopSignals,
     proxy: ProxyManager,
 ) -> anyhow::Result<Exit> {
+    let path = options.config.as_path();
     let (health_tx, mut health_rx) = mpsc::channel(1024);
     let (call_tx, mut call_rx) = mpsc::channel::<Call>(64);
     let admin_socket = api::bind(&config.instance)?;
@@ -308,6 +310,7 @@ async fn serve(
                         daemon.notify_systemd(&[sd_notify::NotifyState::Stopping]);
                         let _ = reply.send(Response { ok: true, message: "stopping: detaching and removing pins".into(), generation: 0 });
                         tasks.abort();
+                        daemon.stop_announcing(true).await;
                         return Ok(Exit::Shutdown);
                     }
                     other => daemon.runtime_change(&other),
@@ -323,6 +326,8 @@ async fn serve(
     }
     daemon.notify_systemd(&[sd_notify::NotifyState::Stopping]);
     tasks.abort();
+    // With --keep-serving the data plane forwards on: the announcements stay.
+    daemon.stop_announcing(!options.keep_serving).await;
     Ok(Exit::KeepServing)
 }
 
@@ -469,6 +474,8 @@ struct Daemon {
     publishers: Publishers,
     /// Re-attachments after interface flaps, for `slb status`.
     links: BTreeMap<String, LinkHistory>,
+    /// Announces the VIPs through BIRD, with `[announce]`.
+    announcer: Option<Announcer>,
 }
 
 /// Where the daemon publishes in memory, besides the files the CLI reads.
@@ -586,6 +593,9 @@ impl Daemon {
             proxy,
             publishers,
             links: BTreeMap::new(),
+            announcer: config.announce.as_ref().map(|a| {
+                Announcer::start(&config.instance, announce::Target::of(a, &config.instance))
+            }),
         };
         for iface in dataplane.pinned_interfaces() {
             let pin = crate::instance::link_pin(dataplane.dir(), &iface);
@@ -660,7 +670,52 @@ impl Daemon {
         self.publishers
             .published
             .send_modify(|published| published.state.clone_from(&self.state));
-        Ok(self.state.write()?)
+        self.state.write()?;
+        self.announce();
+        Ok(())
+    }
+
+    /// Tells the announcer what this node can serve now.
+    fn announce(&self) {
+        if let Some(announcer) = &self.announcer {
+            announcer.update(announce::plan(
+                &self.config.vips,
+                &self.state,
+                &self.serving(),
+            ));
+        }
+    }
+
+    /// Whether the data plane runs on every configured interface, or why not.
+    fn serving(&self) -> Result<(), String> {
+        for i in &self.config.interfaces {
+            let gone = self
+                .links
+                .get(&i.name)
+                .is_some_and(|h| h.gone_since_unix_ns.is_some());
+            if gone {
+                return Err(format!("interface {} is gone", i.name));
+            }
+            if !self.interfaces.contains_key(&i.name) {
+                return Err(format!("the data plane is not attached to {}", i.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Withdraws everything through BIRD first (when `withdraw`), so that the routers move
+    /// the flows to other nodes while this one still forwards; then stops the announcer.
+    async fn stop_announcing(&mut self, withdraw: bool) {
+        let Some(announcer) = self.announcer.take() else {
+            return;
+        };
+        if withdraw {
+            announcer
+                .withdraw_all("slb is stopping", announce::WITHDRAW_TIMEOUT)
+                .await;
+        } else {
+            announcer.abort();
+        }
     }
 
     /// Attaches and detaches so that the program runs on exactly `config`'s interfaces. All or
@@ -808,6 +863,7 @@ impl Daemon {
             }
         }
         if changed {
+            self.announce();
             self.publishers
                 .published
                 .send_modify(|published| published.links.clone_from(&self.links));
@@ -844,6 +900,12 @@ impl Daemon {
                     "instance: cannot change from {:?} to {:?} while running; restart slb",
                     self.file_config.instance,
                     config.instance
+                );
+            }
+            if config.announce != self.file_config.announce {
+                anyhow::bail!(
+                    "announce: cannot change while running; restart slb (with --keep-serving \
+                     the data plane forwards on and nothing is withdrawn meanwhile)"
                 );
             }
             // A flapped interface counts as attached only once it really is again.

@@ -53,6 +53,11 @@ pub fn flows_file(instance: &str) -> PathBuf {
     state_dir(instance).join("flows.json")
 }
 
+/// The announcer's last word: what it asked BIRD to announce, and how BIRD took it.
+pub fn announce_file(instance: &str) -> PathBuf {
+    state_dir(instance).join("announce.json")
+}
+
 /// The HTTP(S) proxy's counters, as the daemon last wrote them.
 pub fn proxy_counters_file(instance: &str) -> PathBuf {
     state_dir(instance).join("proxy_counters.json")

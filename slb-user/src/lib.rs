@@ -1,6 +1,7 @@
 //! The slb control plane: config → desired state → reconcile into the XDP program's maps.
 
 pub mod accept;
+pub mod announce;
 pub mod api;
 pub mod applied;
 pub mod cli;

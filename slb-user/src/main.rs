@@ -83,16 +83,21 @@ fn stop(instance: &str) -> anyhow::Result<()> {
     if socket_path(instance).exists() {
         if let Ok(response) = api::call(instance, &api::Request::Stop {}) {
             println!("{}", response.message);
-            // The daemon removes the pins on its way out; wait for that.
-            for _ in 0..100 {
+            // The daemon removes the pins on its way out, after it has withdrawn its
+            // announcements and forwarded through their grace; wait for that.
+            let grace = slb_user::announce::AnnounceStatus::read(instance)
+                .map_or(std::time::Duration::ZERO, |a| a.target.withdraw_grace);
+            let polls = 100 + grace.as_millis() as u64 / 100;
+            for _ in 0..polls {
                 if !pin_dir(instance).exists() {
                     return Ok(());
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
             anyhow::bail!(
-                "the daemon did not remove {} within 10 s",
-                pin_dir(instance).display()
+                "the daemon did not remove {} within {} s",
+                pin_dir(instance).display(),
+                polls / 10
             );
         }
     }
@@ -112,6 +117,12 @@ fn stop(instance: &str) -> anyhow::Result<()> {
             "instance {instance:?} is not running here (no {})",
             dir.display()
         );
+    }
+    // Before the data plane goes: the routers are to stop sending here first.
+    match slb_user::announce::withdraw_left_over(instance) {
+        Ok(Some(answer)) => println!("withdrew the daemon's announcements through BIRD ({answer})"),
+        Ok(None) => {}
+        Err(e) => eprintln!("warning: could not withdraw the daemon's announcements: {e}"),
     }
     dataplane::remove_pins(&dir)?;
     let _ = std::fs::remove_dir_all(state_dir(instance));

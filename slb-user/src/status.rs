@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use slb_common::pinned::{self, PinnedMap};
 use slb_common::GlobalCounters;
 
+use crate::announce::AnnounceStatus;
 use crate::applied::{
     AppliedState, Endpoint, HealthStatus, ProxyBackendInfo, ProxyListenerInfo, Role, StateFileError,
 };
@@ -46,6 +47,9 @@ pub struct Status {
     pub proxy_listeners: Vec<ProxyListenerInfo>,
     /// What the proxy counts of its bounds (see `proxy::counters`).
     pub proxy_counters: BTreeMap<String, u64>,
+    /// The addresses announced through BIRD, with `[announce]`.
+    #[serde(default)]
+    pub announce: Option<AnnounceStatus>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -160,6 +164,15 @@ impl Status {
         for i in interface_states.iter().filter(|i| !i.attached) {
             warnings.push(format!("interface {}: {}", i.name, i.state));
         }
+        let announce = AnnounceStatus::read(&state.instance);
+        if let Some(a) = announce.as_ref().filter(|a| !a.in_bird) {
+            warnings.push(format!(
+                "BIRD does not have this node's announcements yet (slb retries every second): {}",
+                a.last
+                    .as_ref()
+                    .map_or("not tried yet", |l| l.message.as_str())
+            ));
+        }
         Ok(Status {
             instance: state.instance.clone(),
             generation: state.generation,
@@ -179,6 +192,7 @@ impl Status {
             proxy_listeners: state.proxy_listeners.clone(),
             proxy_counters,
             warnings,
+            announce,
         })
     }
 }
@@ -301,6 +315,7 @@ pub fn render(status: &Status) -> String {
     let mut out = String::new();
     render_header(&mut out, status);
     render_listeners(&mut out, status);
+    render_announcements(&mut out, status);
     render_backends(&mut out, status);
     render_changes_and_warnings(&mut out, status);
     render_proxy_listeners(&mut out, status);
@@ -407,6 +422,60 @@ fn render_listeners(out: &mut String, status: &Status) {
             l.connections,
             l.new_connections,
             l.packets
+        );
+    }
+}
+
+fn render_announcements(out: &mut String, status: &Status) {
+    let Some(a) = &status.announce else {
+        return;
+    };
+    let [v4, v6] = crate::announce::protocol_names(&a.target.protocol);
+    let _ = writeln!(
+        out,
+        "\nANNOUNCED THROUGH BIRD ({}, protocols {v4} and {v6} in {})",
+        a.target.bird_socket.display(),
+        a.target.include_file.display()
+    );
+    let width = a
+        .announcements
+        .iter()
+        .map(|x| x.address.to_string().len() + 4)
+        .max()
+        .unwrap_or(0)
+        .max(18);
+    let _ = writeln!(out, "{:<width$} ROLE  STATE      WHY", "PREFIX");
+    for x in &a.announcements {
+        let prefix = format!(
+            "{}/{}",
+            x.address,
+            if x.address.is_ipv4() { 32 } else { 128 }
+        );
+        let role = match x.role {
+            crate::announce::AddressRole::Vip => "vip",
+            crate::announce::AddressRole::Snat => "snat",
+        };
+        let state = if x.announced {
+            "announced"
+        } else {
+            "withdrawn"
+        };
+        let _ = writeln!(out, "{prefix:<width$} {role:<5} {state:<10} {}", x.reason);
+    }
+    if let Some(last) = &a.last {
+        let ago = crate::health::unix_ns(std::time::SystemTime::now())
+            .saturating_sub(last.at_unix_ns)
+            / 1_000_000_000;
+        let _ = writeln!(
+            out,
+            "BIRD: {} ({} s ago){}",
+            last.message,
+            ago,
+            if a.in_bird {
+                ""
+            } else {
+                "; retrying every second"
+            }
         );
     }
 }
@@ -519,6 +588,13 @@ pub const PROMETHEUS_CONTENT_TYPE: &str =
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InstanceLabels {
     instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AddressLabels {
+    instance: String,
+    address: String,
+    role: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -747,6 +823,26 @@ fn register_instance_metrics(registry: &mut Registry, status: &Status) {
             |(_, value)| **value,
         ),
     );
+    if let Some(a) = &status.announce {
+        let announced = Family::<AddressLabels, FloatGauge>::default();
+        for x in &a.announcements {
+            announced
+                .get_or_create(&AddressLabels {
+                    instance: status.instance.clone(),
+                    address: x.address.to_string(),
+                    role: match x.role {
+                        crate::announce::AddressRole::Vip => "vip".into(),
+                        crate::announce::AddressRole::Snat => "snat".into(),
+                    },
+                })
+                .set(if x.announced && a.in_bird { 1.0 } else { 0.0 });
+        }
+        registry.register(
+            "slb_announced",
+            "1 while BIRD announces the address for this node, 0 while it is withdrawn",
+            announced,
+        );
+    }
     registry.register(
         "slb_config_generation",
         "Config generation applied",
@@ -879,6 +975,7 @@ mod tests {
             warnings: Vec::new(),
             proxy_listeners: Vec::new(),
             proxy_counters: BTreeMap::from([("loops_refused".to_string(), 2)]),
+            announce: None,
         }
     }
 

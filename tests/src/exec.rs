@@ -69,6 +69,42 @@ pub fn run(cmd: &mut Command) -> Result<String, CommandError> {
     }
 }
 
+/// [`run`] with `input` on its stdin.
+pub fn run_with_input(cmd: &mut Command, input: &str) -> Result<String, CommandError> {
+    use std::io::Write as _;
+    let command = describe(cmd);
+    let spawn_error = |source| CommandError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let input = input.to_owned();
+    // Written from a thread: a child that answers as it reads would fill its stdout pipe
+    // while we still write.
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().map_err(spawn_error)?;
+    let _ = writer.join();
+    if status.success() {
+        Ok(String::from_utf8_lossy(&stdout).into_owned())
+    } else {
+        Err(CommandError::Failed {
+            command,
+            status,
+            stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+        })
+    }
+}
+
 /// Builds `ip netns exec <ns> <args...>`.
 pub fn command_in<I, S>(ns: &str, args: I) -> Command
 where

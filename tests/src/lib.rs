@@ -6,10 +6,12 @@
 //! [`require_root`] first, so that a run without root fails saying why instead of passing
 //! without having asserted anything.
 
+pub mod bird;
 pub mod config;
 pub mod exec;
 pub mod http;
 pub mod report;
+pub mod scale_out;
 pub mod segment;
 pub mod slb;
 pub mod topology;

@@ -50,6 +50,8 @@ pub struct Segment {
     client: String,
     router: String,
     slb: String,
+    /// slb nodes besides the first ([`Segment::add_node`]).
+    more_nodes: Vec<String>,
     backends: Vec<String>,
     created: Vec<String>,
     /// Backend `i`'s test server: its command line and, while it runs, the process.
@@ -78,6 +80,7 @@ impl Segment {
             client: format!("{prefix}-cli"),
             router: format!("{prefix}-rt"),
             slb: format!("{prefix}-lb"),
+            more_nodes: Vec::new(),
             backends: Vec::new(),
             created: Vec::new(),
             servers: Vec::new(),
@@ -136,10 +139,77 @@ impl Segment {
 
     /// slb's address on the segment in `family`.
     pub fn slb_addr(family: Family) -> IpAddr {
+        Self::node_addr(family, 1)
+    }
+
+    /// slb node `k`'s address on the segment: 10.202.0.(1+k), fd00:202::(1+k) (node 1 is
+    /// [`Segment::slb_ns`], the others come from [`Segment::add_node`]).
+    pub fn node_addr(family: Family, k: usize) -> IpAddr {
+        let host = 1 + k as u8;
         match family {
-            Family::V4 => SLB_ADDR.into(),
-            Family::V6 => SLB_ADDR6.into(),
+            Family::V4 => Ipv4Addr::new(10, 202, 0, host).into(),
+            Family::V6 => Ipv6Addr::new(0xfd00, 0x202, 0, 0, 0, 0, 0, u16::from(host)).into(),
         }
+    }
+
+    /// The router's address on the segment.
+    pub fn router_addr(family: Family) -> IpAddr {
+        match family {
+            Family::V4 => ROUTER_ADDR.into(),
+            Family::V6 => ROUTER_ADDR6.into(),
+        }
+    }
+
+    /// slb node `k`'s namespace (1-based; 1 is [`Segment::slb_ns`]).
+    pub fn node_ns(&self, k: usize) -> &str {
+        if k == 1 {
+            &self.slb
+        } else {
+            &self.more_nodes[k - 2]
+        }
+    }
+
+    /// The router's bridge port towards slb node `k`.
+    pub fn node_port(k: usize) -> String {
+        if k == 1 {
+            "p0".into()
+        } else {
+            format!("n{k}")
+        }
+    }
+
+    /// Another slb node on the segment, set up as the first ([`Segment::slb_ns`]): interface
+    /// [`SLB_INTERFACE`] at [`Segment::node_addr`], neighbours of the backends resolved.
+    /// Returns its number. At most 8 nodes (the backends' addresses begin at .11).
+    pub fn add_node(&mut self) -> anyhow::Result<usize> {
+        let k = self.more_nodes.len() + 2;
+        ensure!(k <= 8, "at most 8 slb nodes on a segment");
+        let ns = format!("{}{k}", self.slb);
+        self.add_namespace(&ns)?;
+        self.more_nodes.push(ns.clone());
+        self.setup_node(k)?;
+        for i in 1..=self.backends.len() {
+            for family in [Family::V4, Family::V6] {
+                let target = Self::backend_addr(family, i).to_string();
+                exec::exec_in(&ns, ["ping", "-q", "-c", "1", "-w", "3", &target])?;
+            }
+        }
+        Ok(k)
+    }
+
+    /// Deletes the router's static routes of the VIPs (to slb node 1): with several nodes, a
+    /// routing daemon installs them.
+    pub fn remove_static_vip_routes(&self) -> anyhow::Result<()> {
+        ip(["-n", &self.router, "route", "del", &format!("{VIP}/32")])?;
+        ip([
+            "-n",
+            &self.router,
+            "-6",
+            "route",
+            "del",
+            &format!("{VIP6}/128"),
+        ])?;
+        Ok(())
     }
 
     /// Attaches slb's decapsulator (`slb decap attach`, run from `slb_bin`) to every backend's
@@ -251,26 +321,7 @@ impl Segment {
             exec::exec_in(&router, ["sysctl", "-q", "-w", key])?;
         }
 
-        self.add_port("p0", &slb, SLB_INTERFACE)?;
-        ip([
-            "-n",
-            &slb,
-            "addr",
-            "add",
-            &format!("{SLB_ADDR}/24"),
-            "dev",
-            SLB_INTERFACE,
-        ])?;
-        add_addr6(&slb, SLB_INTERFACE, SLB_ADDR6)?;
-        ip(["-n", &slb, "link", "set", SLB_INTERFACE, "up"])?;
-        default_routes_via_router(&slb)?;
-        exec::exec_in(&slb, ["ethtool", "-K", SLB_INTERFACE, "gro", "on"])?;
-        // The FIB answers the data plane's lookups only for an interface that forwards.
-        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
-            exec::exec_in(&slb, ["sysctl", "-q", "-w", key])?;
-        }
-        // slb's XDP_TX back out of l0 reaches the bridge only through an XDP program on p0.
-        self.xdp_links.push(attach_xdp_pass(&router, "p0")?);
+        self.setup_node(1)?;
         // The VIPs are slb's to balance.
         ip([
             "-n",
@@ -291,6 +342,41 @@ impl Segment {
             "via",
             &SLB_ADDR6.to_string(),
         ])?;
+        Ok(())
+    }
+
+    /// slb node `k`'s interface, addresses, routes and forwarding.
+    fn setup_node(&mut self, k: usize) -> anyhow::Result<()> {
+        let (router, node, port) = (
+            self.router.clone(),
+            self.node_ns(k).to_owned(),
+            Self::node_port(k),
+        );
+        self.add_port(&port, &node, SLB_INTERFACE)?;
+        let addr = Self::node_addr(Family::V4, k);
+        ip([
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            SLB_INTERFACE,
+        ])?;
+        let IpAddr::V6(addr6) = Self::node_addr(Family::V6, k) else {
+            unreachable!("an IPv6 node address")
+        };
+        add_addr6(&node, SLB_INTERFACE, addr6)?;
+        ip(["-n", &node, "link", "set", SLB_INTERFACE, "up"])?;
+        default_routes_via_router(&node)?;
+        exec::exec_in(&node, ["ethtool", "-K", SLB_INTERFACE, "gro", "on"])?;
+        // The FIB answers the data plane's lookups only for an interface that forwards.
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            exec::exec_in(&node, ["sysctl", "-q", "-w", key])?;
+        }
+        // slb's XDP_TX back out of l0 reaches the bridge only through an XDP program on the
+        // router's port.
+        self.xdp_links.push(attach_xdp_pass(&router, &port)?);
         Ok(())
     }
 

@@ -55,6 +55,8 @@ pub struct TrafficReport {
     pub failures: Vec<String>,
     /// Distinct client source ports among the answered requests.
     pub distinct_source_ports: usize,
+    /// The backend that answered, by the client's source port.
+    pub backend_by_port: BTreeMap<u16, String>,
     /// True if the run stopped early after `max_failures` failures.
     pub aborted: bool,
     pub elapsed: Duration,
@@ -161,6 +163,9 @@ where
     let mut ports = BTreeSet::new();
     for a in answers {
         *report.counts.entry(a.backend.clone()).or_default() += 1;
+        report
+            .backend_by_port
+            .insert(a.local_port, a.backend.clone());
         report
             .peers
             .entry(a.backend)
@@ -385,6 +390,11 @@ impl LongLivedStreams {
         self.timeout
     }
 
+    /// Each stream's local address, in opening order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.streams.iter().map(|s| s.local).collect()
+    }
+
     /// Backend that serves each stream, in opening order.
     pub fn backends(&self) -> Vec<String> {
         self.streams.iter().map(|s| s.backend.clone()).collect()
@@ -427,21 +437,26 @@ impl LongLivedStreams {
     /// Sends one line on every stream: for each, in opening order, `Ok` if the backend that
     /// served it answered, or why not.
     pub fn ping_each(&mut self) -> Vec<Result<(), String>> {
-        self.streams
-            .iter_mut()
-            .enumerate()
-            .map(|(id, s)| match s.ping(id) {
-                Ok(backend) if backend == s.backend => Ok(()),
-                Ok(backend) => Err(format!(
-                    "stream {id} from {}: answered by {backend}, was {}",
-                    s.local, s.backend
-                )),
-                Err(e) => Err(format!(
-                    "stream {id} from {} (backend {}): {e:#}",
-                    s.local, s.backend
-                )),
-            })
+        (0..self.streams.len())
+            .map(|id| self.ping_one(id))
             .collect()
+    }
+
+    /// Sends one line on stream `id` (in opening order): `Ok` if the backend that served it
+    /// answered, or why not.
+    pub fn ping_one(&mut self, id: usize) -> Result<(), String> {
+        let s = &mut self.streams[id];
+        match s.ping(id) {
+            Ok(backend) if backend == s.backend => Ok(()),
+            Ok(backend) => Err(format!(
+                "stream {id} from {}: answered by {backend}, was {}",
+                s.local, s.backend
+            )),
+            Err(e) => Err(format!(
+                "stream {id} from {} (backend {}): {e:#}",
+                s.local, s.backend
+            )),
+        }
     }
 
     /// Moves the streams that `backend` serves out of this set into a set of their own.

@@ -233,6 +233,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
+    // The scale-out tests and demo run BIRD on the router and on every slb node.
+    ("bird", "bird2"),
+    ("nft", "nftables"),
 ];
 
 fn ensure_packages() -> anyhow::Result<()> {

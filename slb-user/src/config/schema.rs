@@ -100,9 +100,77 @@ pub struct Config {
     /// when missing); every slb node that serves the same listeners needs the same file.
     #[serde(default = "default_cookie_secret_file")]
     pub cookie_secret_file: std::path::PathBuf,
+    /// Announce the VIPs over BGP through BIRD (off when absent). Fixed while the daemon runs.
+    #[serde(default)]
+    pub announce: Option<Announce>,
     /// The HTTPS listeners' certificates as [`Config::parse`] loaded them.
     #[serde(skip)]
     pub certificates: super::LoadedCertificates,
+}
+
+/// `[announce]`: slb writes a BIRD `static` protocol per address family into `include_file`,
+/// with a route for each VIP this node can serve, and has BIRD re-read its config through its
+/// control socket whenever that changes; BIRD's BGP sessions carry the routes to the routers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Announce {
+    /// BIRD's control socket (`bird -s`).
+    #[serde(default = "default_bird_socket")]
+    pub bird_socket: std::path::PathBuf,
+    /// The file slb owns and BIRD's config includes; by default
+    /// `/run/slb/bird/<instance>.conf`.
+    #[serde(default)]
+    pub include_file: Option<std::path::PathBuf>,
+    /// Prefix of the two protocols' names (`<protocol>_v4`, `<protocol>_v6`); by default
+    /// `slb_<instance>` with `-` written as `_`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// On `slb stop`, how long slb keeps forwarding after it withdrew the VIPs, so that the
+    /// routers move the flows elsewhere before this node stops carrying them.
+    #[serde(default = "default_withdraw_grace", with = "humantime_serde")]
+    pub withdraw_grace: Duration,
+    /// A withdrawn address (or one at start) is announced only once the health verdicts of its
+    /// backends have not changed for this long, so that this node's Maglev rings agree with
+    /// the other nodes' before the routers move flows to it.
+    #[serde(default = "default_settle_time", with = "humantime_serde")]
+    pub settle_time: Duration,
+}
+
+/// Where Debian's bird2 puts its control socket.
+pub const DEFAULT_BIRD_SOCKET: &str = "/run/bird/bird.ctl";
+/// Where the announcement files of every instance go by default (`include
+/// "/run/slb/bird/*.conf";` in BIRD's config takes them all).
+pub const DEFAULT_BIRD_INCLUDE_DIR: &str = "/run/slb/bird";
+/// Longest [`Announce::withdraw_grace`] (a stop is not to hang for minutes) and
+/// [`Announce::settle_time`].
+pub const MAX_WITHDRAW_GRACE: Duration = Duration::from_secs(60);
+
+fn default_bird_socket() -> std::path::PathBuf {
+    DEFAULT_BIRD_SOCKET.into()
+}
+
+fn default_withdraw_grace() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_settle_time() -> Duration {
+    Duration::from_secs(2)
+}
+
+impl Announce {
+    /// The file the announcements are written to.
+    pub fn include_file(&self, instance: &str) -> std::path::PathBuf {
+        self.include_file.clone().unwrap_or_else(|| {
+            std::path::Path::new(DEFAULT_BIRD_INCLUDE_DIR).join(format!("{instance}.conf"))
+        })
+    }
+
+    /// The prefix of the BIRD protocols' names.
+    pub fn protocol(&self, instance: &str) -> String {
+        self.protocol
+            .clone()
+            .unwrap_or_else(|| format!("slb_{}", instance.replace('-', "_")))
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,11 +12,12 @@ use slb_common::{MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
 use super::edit::BackendName;
 use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
 use super::{
-    invalid, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits, CookiePersistence,
-    DsrMode, Forwarding, Group, GroupKind, HealthCheck, Interface, Listener, Protocol, Scheduler,
-    SnatPorts, DEFAULT_GROUP, MAX_BACKEND_CONNECTIONS, MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT,
-    MAX_IDLE_TIMEOUT, MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS, MAX_THRESHOLD, MAX_WEIGHT,
-    MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT,
+    invalid, Announce, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits,
+    CookiePersistence, DsrMode, Forwarding, Group, GroupKind, HealthCheck, Interface, Listener,
+    Protocol, Scheduler, SnatPorts, DEFAULT_GROUP, MAX_BACKEND_CONNECTIONS, MAX_CHECK_INTERVAL,
+    MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS,
+    MAX_THRESHOLD, MAX_WEIGHT, MAX_WITHDRAW_GRACE, MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL,
+    MIN_IDLE_TIMEOUT,
 };
 
 /// Names a field of one listener: `listeners[<i>] (<name>).<field>`.
@@ -43,6 +44,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_sizes()?;
         validate_interfaces(&self.interfaces)?;
+        if let Some(announce) = &self.announce {
+            validate_announce(announce)?;
+        }
         let groups = validate_groups(&self.groups)?;
         validate_backends("default_group", &self.default_group.backends)?;
         validate_connection_limits("default_group", &self.default_group.limits())?;
@@ -270,6 +274,56 @@ fn refuse_own_listeners_as_backends(
 
 /// Listener and group names appear in logs, terminals, metrics labels and file contents: 1 to 63
 /// letters, digits, '.', '_' or '-', beginning with a letter or digit.
+fn validate_announce(announce: &Announce) -> Result<(), ConfigError> {
+    let absolute = |field: &str, path: &std::path::Path| {
+        if path.is_absolute() && path.file_name().is_some() {
+            Ok(())
+        } else {
+            Err(invalid(
+                format!("announce.{field}"),
+                format!("{} must be an absolute path to a file", path.display()),
+            ))
+        }
+    };
+    absolute("bird_socket", &announce.bird_socket)?;
+    if let Some(file) = &announce.include_file {
+        absolute("include_file", file)?;
+    }
+    if let Some(protocol) = &announce.protocol {
+        // A BIRD symbol, with room for the "_v4"/"_v6" slb appends.
+        let ok = (1..=60).contains(&protocol.len())
+            && protocol.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && protocol
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ok {
+            return Err(invalid(
+                "announce.protocol",
+                format!(
+                    "{protocol:?} is not a BIRD protocol name: use 1 to 60 letters, digits or '_', \
+                     beginning with a letter or '_'"
+                ),
+            ));
+        }
+    }
+    for (field, value) in [
+        ("withdraw_grace", announce.withdraw_grace),
+        ("settle_time", announce.settle_time),
+    ] {
+        if value > MAX_WITHDRAW_GRACE {
+            return Err(invalid(
+                format!("announce.{field}"),
+                format!(
+                    "{} is longer than the {} allowed",
+                    humantime::format_duration(value),
+                    humantime::format_duration(MAX_WITHDRAW_GRACE)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn validate_name(field: String, name: &str) -> Result<(), ConfigError> {
     let ok = (1..=63).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
