@@ -21,11 +21,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _};
 
+use slb_user::config::Announce;
+
 use crate::bird::Bird;
+use crate::config::{
+    group, health_check, listener_on, AllUnhealthy, BackendSpec, CheckKind, DsrMode, Forwarding,
+    GroupKind, HealthCheck, Protocol,
+};
 use crate::exec;
-use crate::segment::Segment;
+use crate::segment::{Segment, SLB_INTERFACE};
+use crate::slb::{unique_instance, Instance};
 use crate::topology::ip;
-use crate::Family;
+use crate::{Family, SlbConfig, VIP_TCP_PORT, VIP_UDP_PORT};
 
 /// The prefix of the BIRD protocols slb writes on every node (`announce.protocol`).
 pub const PROTOCOL: &str = "slb_vips";
@@ -251,6 +258,125 @@ impl ScaleOut {
         }
         Ok(())
     }
+}
+
+impl ScaleOut {
+    /// Node `k`'s slb: the same listeners and backends as every other node (so the same
+    /// Maglev rings): per family a TCP and a UDP listener by direct return on the segment over
+    /// the backends weighted `weights`, quick TCP checks, no forwarding when every backend is
+    /// down (so such a node withdraws), and announcements through the node's BIRD with slb's
+    /// default grace and settle time.
+    pub fn node_config(&self, instance: &str, k: usize, weights: &[u32]) -> SlbConfig {
+        let mut config = SlbConfig::new(instance, 0);
+        config.interfaces[0].name = SLB_INTERFACE.into();
+        let check = health_check(
+            CheckKind::Tcp,
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+            2,
+            2,
+        );
+        for family in [Family::V4, Family::V6] {
+            let pool = match family {
+                Family::V4 => "pool",
+                Family::V6 => "pool6",
+            };
+            let backends = (1..=weights.len())
+                .map(|i| BackendSpec {
+                    address: Segment::backend_addr(family, i),
+                    port: None,
+                    weight: weights[i - 1],
+                })
+                .collect();
+            config
+                .groups
+                .push(group(pool, GroupKind::Vserver, backends));
+            for (protocol, port) in [(Protocol::Tcp, VIP_TCP_PORT), (Protocol::Udp, VIP_UDP_PORT)] {
+                let mut listener = listener_on(
+                    family.vip(),
+                    &listener_name(protocol, family),
+                    protocol,
+                    port,
+                    Some(pool),
+                );
+                listener.forwarding = Forwarding::Dsr;
+                listener.dsr = Some(DsrMode::L2);
+                listener.on_all_unhealthy = AllUnhealthy::Drop;
+                listener.health_check = Some(HealthCheck {
+                    port: Some(VIP_TCP_PORT),
+                    ..check.clone()
+                });
+                config.listener(listener);
+            }
+        }
+        let mut announce: Announce =
+            toml::from_str("").expect("[announce] with every option at slb's default");
+        announce.bird_socket = self.bird_socket(k);
+        announce.include_file = Some(self.include_file(k));
+        announce.protocol = Some(PROTOCOL.into());
+        config.announce = Some(announce);
+        config
+    }
+
+    /// Starts slb (`bin`, with `run_options`) on every node with [`ScaleOut::node_config`];
+    /// index `k - 1` is node `k`. `tag` names the instances.
+    pub fn start_slb(
+        &self,
+        bin: &Path,
+        tag: &str,
+        weights: &[u32],
+        run_options: &[&str],
+    ) -> anyhow::Result<Vec<Instance>> {
+        (1..=self.nodes())
+            .map(|k| {
+                let instance = unique_instance(&format!("{tag}{k}"));
+                let config = self.node_config(&instance, k, weights);
+                let mut inst =
+                    Instance::new(bin, self.segment.node_ns(k), &instance, &config.to_toml())?
+                        .stop_on_drop();
+                inst.start(run_options, &[])?;
+                Ok(inst)
+            })
+            .collect()
+    }
+}
+
+/// The name of [`ScaleOut::node_config`]'s listener of `protocol` and `family`.
+pub fn listener_name(protocol: Protocol, family: Family) -> String {
+    match family {
+        Family::V4 => format!("{protocol}-dsr"),
+        Family::V6 => format!("{protocol}-dsr6"),
+    }
+}
+
+/// Runs `traffic` and returns, per node (index `k - 1`), how many new connections its
+/// `listener` counted meanwhile (0 on a node whose slb is stopped).
+pub fn new_connections_per_node<T>(
+    nodes: &[Instance],
+    listener: &str,
+    traffic: impl FnOnce() -> T,
+) -> anyhow::Result<(T, Vec<u64>)> {
+    let count = |node: &Instance| -> anyhow::Result<u64> {
+        if !node.state_path().exists() {
+            return Ok(0);
+        }
+        Ok(node
+            .status()?
+            .listeners
+            .iter()
+            .find(|l| l.name == listener)
+            .map_or(0, |l| l.new_connections))
+    };
+    let before = nodes
+        .iter()
+        .map(count)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let out = traffic();
+    let after = nodes
+        .iter()
+        .map(count)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok((out, after.iter().zip(before).map(|(a, b)| a - b).collect()))
 }
 
 /// Where node `k`'s slb writes its include file.

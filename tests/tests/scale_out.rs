@@ -9,22 +9,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use slb_tests::config::{
-    group, health_check, listener_on, AllUnhealthy, BackendSpec, CheckKind, DsrMode, Forwarding,
-    GroupKind, HealthCheck, Protocol,
-};
+use slb_tests::config::Protocol;
 use slb_tests::report::assert_balanced;
-use slb_tests::scale_out::{ScaleOut, BFD_INTERVAL_MS, BFD_MULTIPLIER, PROTOCOL};
-use slb_tests::segment::{Segment, SLB_INTERFACE};
-use slb_tests::slb::{applied_state, slb_binary, unique_instance, Instance};
-use slb_tests::traffic::{tcp_connections, udp_flows};
-use slb_tests::{
-    exec, require_root, Family, LongLivedStreams, SlbConfig, TrafficOptions, TrafficReport,
-    VIP_TCP_PORT, VIP_UDP_PORT,
+use slb_tests::scale_out::{
+    listener_name, new_connections_per_node, ScaleOut, BFD_INTERVAL_MS, BFD_MULTIPLIER,
 };
-use slb_user::config::Announce;
+use slb_tests::segment::Segment;
+use slb_tests::slb::{applied_state, slb_binary, Instance};
+use slb_tests::traffic::{tcp_connections, udp_flows};
+use slb_tests::{exec, require_root, Family, LongLivedStreams, TrafficOptions, TrafficReport};
 use slb_user::maps::CounterMaps;
-use slb_user::status::Status;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
 const NODES: usize = 3;
@@ -35,93 +29,15 @@ const NODE_SHARE_TOLERANCE_PP: f64 = 5.0;
 /// Long-lived connections held open through the node changes.
 const STREAMS: usize = 150;
 const CONVERGENCE_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long a node's checks must have been steady before it announces (slb's default).
-const SETTLE_TIME: Duration = Duration::from_secs(2);
 /// Every node runs with `--keep-serving`: a SIGTERM leaves its data plane (and its
 /// announcements) in place for the next start; `slb stop` withdraws and detaches.
 const KEEP_SERVING: &[&str] = &["--keep-serving"];
 
-fn listener_name(protocol: Protocol, family: Family) -> String {
-    match family {
-        Family::V4 => format!("{protocol}-dsr"),
-        Family::V6 => format!("{protocol}-dsr6"),
-    }
-}
-
-/// Node `k`'s slb: the same listeners and backends as every other node (so the same Maglev
-/// rings), direct return on the segment, quick TCP checks, no forwarding when every backend is
-/// down (so such a node withdraws), and announcements through its own BIRD.
-fn node_config(scale: &ScaleOut, instance: &str, k: usize) -> SlbConfig {
-    let mut config = SlbConfig::new(instance, 0);
-    config.interfaces[0].name = SLB_INTERFACE.into();
-    let check = health_check(
-        CheckKind::Tcp,
-        Duration::from_millis(200),
-        Duration::from_millis(200),
-        2,
-        2,
-    );
-    for family in [Family::V4, Family::V6] {
-        let pool = match family {
-            Family::V4 => "pool",
-            Family::V6 => "pool6",
-        };
-        let backends = (1..=WEIGHTS.len())
-            .map(|i| BackendSpec {
-                address: Segment::backend_addr(family, i),
-                port: None,
-                weight: WEIGHTS[i - 1],
-            })
-            .collect();
-        config
-            .groups
-            .push(group(pool, GroupKind::Vserver, backends));
-        for (protocol, port) in [(Protocol::Tcp, VIP_TCP_PORT), (Protocol::Udp, VIP_UDP_PORT)] {
-            let mut listener = listener_on(
-                family.vip(),
-                &listener_name(protocol, family),
-                protocol,
-                port,
-                Some(pool),
-            );
-            listener.forwarding = Forwarding::Dsr;
-            listener.dsr = Some(DsrMode::L2);
-            listener.on_all_unhealthy = AllUnhealthy::Drop;
-            listener.health_check = Some(HealthCheck {
-                port: Some(VIP_TCP_PORT),
-                ..check.clone()
-            });
-            config.listener(listener);
-        }
-    }
-    config.announce = Some(Announce {
-        bird_socket: scale.bird_socket(k),
-        include_file: Some(scale.include_file(k)),
-        protocol: Some(PROTOCOL.into()),
-        withdraw_grace: Duration::from_secs(1),
-        settle_time: SETTLE_TIME,
-    });
-    config
-}
-
-/// The three nodes' slb instances, started; index `k - 1` is node `k`.
+/// The nodes' slb instances, started with `--keep-serving`; index `k - 1` is node `k`.
 fn start_nodes(scale: &ScaleOut, tag: &str) -> Vec<Instance> {
-    (1..=NODES)
-        .map(|k| {
-            let instance = unique_instance(&format!("{tag}{k}"));
-            let config = node_config(scale, &instance, k);
-            let mut inst = Instance::new(
-                &slb_binary(),
-                scale.segment.node_ns(k),
-                &instance,
-                &config.to_toml(),
-            )
-            .expect("instance")
-            .stop_on_drop();
-            inst.start(KEEP_SERVING, &[]).expect("start slb");
-            inst
-        })
-        .collect()
+    scale
+        .start_slb(&slb_binary(), tag, &WEIGHTS, KEEP_SERVING)
+        .expect("start slb on every node")
 }
 
 fn all_nodes() -> BTreeSet<usize> {
@@ -130,29 +46,6 @@ fn all_nodes() -> BTreeSet<usize> {
 
 fn all_but(k: usize) -> BTreeSet<usize> {
     (1..=NODES).filter(|&n| n != k).collect()
-}
-
-fn new_connections(status: &Status, listener: &str) -> u64 {
-    status
-        .listeners
-        .iter()
-        .find(|l| l.name == listener)
-        .map_or(0, |l| l.new_connections)
-}
-
-/// Runs `traffic` and returns, per node, how many new connections its `listener` counted.
-fn per_node<T>(nodes: &[Instance], listener: &str, traffic: impl FnOnce() -> T) -> (T, Vec<u64>) {
-    let before: Vec<u64> = nodes
-        .iter()
-        .map(|n| new_connections(&n.status().expect("status"), listener))
-        .collect();
-    let out = traffic();
-    let after = nodes
-        .iter()
-        .zip(before)
-        .map(|(n, b)| new_connections(&n.status().expect("status"), listener) - b)
-        .collect();
-    (out, after)
 }
 
 fn assert_node_shares(what: &str, counts: &[u64]) {
@@ -205,10 +98,12 @@ fn three_nodes_share_the_flows_and_agree_on_every_backend() {
         .collect();
     for family in [Family::V4, Family::V6] {
         let client = scale.segment.client_ns().to_owned();
-        let (tcp, tcp_nodes) = per_node(&nodes, &listener_name(Protocol::Tcp, family), || {
-            tcp_connections(&client, family.vip_tcp(), &TrafficOptions::new(FLOWS))
-                .expect("TCP connections")
-        });
+        let (tcp, tcp_nodes) =
+            new_connections_per_node(&nodes, &listener_name(Protocol::Tcp, family), || {
+                tcp_connections(&client, family.vip_tcp(), &TrafficOptions::new(FLOWS))
+                    .expect("TCP connections")
+            })
+            .expect("per-node counts");
         assert_balanced(
             "TCP connections",
             &tcp,
@@ -219,7 +114,7 @@ fn three_nodes_share_the_flows_and_agree_on_every_backend() {
         assert_node_shares(&format!("{family:?} TCP connections per node"), &tcp_nodes);
 
         let udp_listener = listener_name(Protocol::Udp, family);
-        let (udp, udp_nodes) = per_node(&nodes, &udp_listener, || {
+        let (udp, udp_nodes) = new_connections_per_node(&nodes, &udp_listener, || {
             udp_flows(
                 &client,
                 family.vip_udp(),
@@ -227,7 +122,8 @@ fn three_nodes_share_the_flows_and_agree_on_every_backend() {
                 &TrafficOptions::new(FLOWS),
             )
             .expect("UDP flows")
-        });
+        })
+        .expect("per-node counts");
         assert_balanced(
             "UDP flows",
             &udp,
@@ -242,7 +138,7 @@ fn three_nodes_share_the_flows_and_agree_on_every_backend() {
         let first = backend_of_port(&udp);
         for k in 1..=NODES {
             scale.steer(Some(k)).expect("steer");
-            let (again, counted) = per_node(&nodes, &udp_listener, || {
+            let (again, counted) = new_connections_per_node(&nodes, &udp_listener, || {
                 udp_flows(
                     &client,
                     family.vip_udp(),
@@ -250,7 +146,8 @@ fn three_nodes_share_the_flows_and_agree_on_every_backend() {
                     &TrafficOptions::new(FLOWS),
                 )
                 .expect("UDP flows through one node")
-            });
+            })
+            .expect("per-node counts");
             scale.steer(None).expect("unsteer");
             let differing: Vec<String> = backend_of_port(&again)
                 .iter()

@@ -104,12 +104,12 @@ fn family_traffic(
 
 /// The demo's steps, announced one by one; after a Ctrl-C, the next one fails instead, so the
 /// demo stops and cleans up.
-struct Steps {
+pub struct Steps {
     interrupted: Arc<AtomicBool>,
 }
 
 impl Steps {
-    fn stopped_by_ctrl_c() -> anyhow::Result<Self> {
+    pub fn stopped_by_ctrl_c() -> anyhow::Result<Self> {
         let interrupted = Arc::new(AtomicBool::new(false));
         let flag = interrupted.clone();
         ctrlc::set_handler(move || {
@@ -121,7 +121,7 @@ impl Steps {
         Ok(Self { interrupted })
     }
 
-    fn next(&self, what: &str) -> anyhow::Result<()> {
+    pub fn next(&self, what: &str) -> anyhow::Result<()> {
         ensure!(!self.interrupted.load(Ordering::SeqCst), "interrupted");
         println!("==> {what}");
         Ok(())

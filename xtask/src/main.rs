@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod package;
+mod scale_out_demo;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,11 @@ enum Task {
         /// Weights of the backends (one backend each).
         #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
         weights: Vec<u32>,
+        /// Instead: three slb nodes behind an ECMP router, announcing the VIP through BIRD
+        /// (BGP with BFD); traffic per node and per backend, then one node stopped and started
+        /// again under long-lived connections.
+        #[arg(long)]
+        scale_out: bool,
     },
     /// Setup, build (release), and run the benchmark suites one after the other, writing
     /// target/bench/<suite>.{md,json} and target/bench/summary.{md,json}. Needs root. Nothing
@@ -69,7 +75,8 @@ fn main() -> anyhow::Result<()> {
         Task::Demo {
             connections,
             weights,
-        } => demo(connections, &weights),
+            scale_out,
+        } => demo(connections, &weights, scale_out),
         Task::Bench {
             suites,
             seconds,
@@ -289,7 +296,7 @@ fn test() -> anyhow::Result<()> {
 
 // ---- demo ----
 
-fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
+fn demo(connections: usize, weights: &[u32], scale_out: bool) -> anyhow::Result<()> {
     ensure!(!weights.is_empty(), "give at least one weight");
     ensure!(connections > 0, "give at least one connection");
     ensure!(
@@ -298,7 +305,11 @@ fn demo(connections: usize, weights: &[u32]) -> anyhow::Result<()> {
     );
     setup()?;
     let bin_dir = build_release_binaries()?;
-    demo::demo(&bin_dir, connections, weights)
+    if scale_out {
+        scale_out_demo::demo(&bin_dir, connections, weights)
+    } else {
+        demo::demo(&bin_dir, connections, weights)
+    }
 }
 
 // ---- bench ----
