@@ -289,6 +289,15 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
         ),
         None => {}
     }
+    if let Some(a) = &config.announce {
+        let target = slb_user::announce::Target::of(a, &config.instance);
+        let [v4, v6] = slb_user::announce::protocol_names(&target.protocol);
+        println!(
+            "announce: through BIRD at {}, protocols {v4} and {v6} in {} (BIRD's config must include it)",
+            target.bird_socket.display(),
+            target.include_file.display()
+        );
+    }
     Ok(())
 }
 

@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install what building and testing need (nightly rust-src, bpf-linker, iproute2,
-    /// ethtool, ping, bpftool); does nothing for what is already there.
+    /// ethtool, ping, bpftool, bird2, nftables); does nothing for what is already there.
     Setup,
     /// Setup, build the workspace, and run every test.
     Test,

@@ -850,3 +850,53 @@ fn full_nat_listeners_share_backend_endpoints_among_themselves_only() {
     let e = error_of(&second("nat"));
     assert!(e.contains("also serves listener"), "{e}");
 }
+
+#[test]
+fn announcing_defaults_to_debians_bird_and_a_file_per_instance() {
+    let c = Config::parse(&format!("{GOOD}[announce]\n"), "test.toml").unwrap();
+    let a = c.announce.expect("[announce]");
+    assert_eq!(a.bird_socket, std::path::Path::new("/run/bird/bird.ctl"));
+    assert_eq!(
+        a.include_file("web-1"),
+        std::path::Path::new("/run/slb/bird/web-1.conf")
+    );
+    assert_eq!(a.protocol("web-1"), "slb_web_1");
+    assert_eq!(a.withdraw_grace, Duration::from_secs(1));
+    assert_eq!(a.settle_time, Duration::from_secs(2));
+    assert!(Config::parse(GOOD, "test.toml").unwrap().announce.is_none());
+}
+
+#[test]
+fn announce_options_are_checked() {
+    for (option, error) in [
+        (
+            r#"bird_socket = "bird.ctl""#,
+            "announce.bird_socket: bird.ctl must be an absolute path to a file",
+        ),
+        (
+            r#"include_file = "/""#,
+            "announce.include_file: / must be an absolute path to a file",
+        ),
+        (
+            r#"protocol = "slb-web""#,
+            "announce.protocol: \"slb-web\" is not a BIRD protocol name: use 1 to 60 letters, \
+             digits or '_', beginning with a letter or '_'",
+        ),
+        (
+            r#"protocol = "1slb""#,
+            "announce.protocol: \"1slb\" is not a BIRD protocol name",
+        ),
+        (
+            r#"withdraw_grace = "2m""#,
+            "announce.withdraw_grace: 2m is longer than the 1m allowed",
+        ),
+        (
+            r#"settle_time = "61s""#,
+            "announce.settle_time: 1m 1s is longer than the 1m allowed",
+        ),
+        (r#"bgp = true"#, "unknown field `bgp`"),
+    ] {
+        let e = error_of(&format!("{GOOD}[announce]\n{option}\n"));
+        assert!(e.contains(error), "{option}: {e}");
+    }
+}
