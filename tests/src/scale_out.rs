@@ -88,6 +88,15 @@ impl ScaleOut {
             .context("creating the BIRD directory")?;
         let mut node_birds = Vec::new();
         for k in 1..=nodes {
+            ip([
+                "-n",
+                segment.node_ns(k),
+                "addr",
+                "add",
+                &format!("{}/32", Self::snat_addr(k)),
+                "dev",
+                "lo",
+            ])?;
             let node_dir = dir.path().join(format!("node{k}"));
             std::fs::create_dir_all(&node_dir)?;
             let config = node_config(k, &node_dir);
@@ -116,6 +125,11 @@ impl ScaleOut {
         &mut self.node_birds[k - 1]
     }
 
+    /// Node `k`'s own SNAT address, on its `lo`: 10.200.250.k.
+    pub fn snat_addr(k: usize) -> IpAddr {
+        std::net::Ipv4Addr::new(10, 200, 250, k as u8).into()
+    }
+
     /// Node `k`'s BIRD control socket (`announce.bird_socket`).
     pub fn bird_socket(&self, k: usize) -> PathBuf {
         self.node_birds[k - 1].socket()
@@ -128,13 +142,19 @@ impl ScaleOut {
 
     /// The slb nodes the router's kernel route to the VIP of `family` leads to now.
     pub fn routed_nodes(&self, family: Family) -> anyhow::Result<BTreeSet<usize>> {
+        self.routed_nodes_of(family.vip())
+    }
+
+    /// The slb nodes the router's kernel route to `address` (a host route) leads to now.
+    pub fn routed_nodes_of(&self, address: IpAddr) -> anyhow::Result<BTreeSet<usize>> {
+        let family = Family::of(address);
         let flag = match family {
             Family::V4 => "-4",
             Family::V6 => "-6",
         };
         let out = exec::exec_in(
             self.segment.router_ns(),
-            ["ip", "-j", flag, "route", "show", &family.vip().to_string()],
+            ["ip", "-j", flag, "route", "show", &address.to_string()],
         )?;
         let routes: serde_json::Value =
             serde_json::from_str(&out).with_context(|| format!("ip -j route show: {out:?}"))?;
@@ -164,7 +184,7 @@ impl ScaleOut {
         let gateway: IpAddr = gateway.parse()?;
         (1..=self.nodes())
             .find(|&k| Segment::node_addr(family, k) == gateway)
-            .with_context(|| format!("the router routes the VIP to {gateway}, not an slb node"))
+            .with_context(|| format!("the router routes to {gateway}, not an slb node"))
     }
 
     /// Waits until the router routes the VIP of `family` to exactly `nodes`; returns how long
@@ -176,16 +196,26 @@ impl ScaleOut {
         since: Instant,
         timeout: Duration,
     ) -> anyhow::Result<Duration> {
+        self.wait_routed_of(family.vip(), nodes, since, timeout)
+    }
+
+    /// [`ScaleOut::wait_routed`] for the host route to `address`.
+    pub fn wait_routed_of(
+        &self,
+        address: IpAddr,
+        nodes: &BTreeSet<usize>,
+        since: Instant,
+        timeout: Duration,
+    ) -> anyhow::Result<Duration> {
         loop {
-            let now = self.routed_nodes(family)?;
+            let now = self.routed_nodes_of(address)?;
             if &now == nodes {
                 return Ok(since.elapsed());
             }
             if since.elapsed() > timeout {
                 bail!(
-                    "the router routes the {} VIP to nodes {now:?}, not {nodes:?}, {:?} after; \
+                    "the router routes {address} to nodes {now:?}, not {nodes:?}, {:?} after; \
                      router's BIRD:\n{}",
-                    family.name(),
                     since.elapsed(),
                     self.router_bird
                         .birdc("show protocols")
@@ -266,7 +296,13 @@ impl ScaleOut {
     /// the backends weighted `weights`, quick TCP checks, no forwarding when every backend is
     /// down (so such a node withdraws), and announcements through the node's BIRD with slb's
     /// default grace and settle time.
-    pub fn node_config(&self, instance: &str, k: usize, weights: &[u32]) -> SlbConfig {
+    pub fn node_config(
+        &self,
+        instance: &str,
+        k: usize,
+        weights: &[u32],
+        mode: NodeMode,
+    ) -> SlbConfig {
         let mut config = SlbConfig::new(instance, 0);
         config.interfaces[0].name = SLB_INTERFACE.into();
         let check = health_check(
@@ -299,8 +335,16 @@ impl ScaleOut {
                     port,
                     Some(pool),
                 );
-                listener.forwarding = Forwarding::Dsr;
-                listener.dsr = Some(DsrMode::L2);
+                match (mode, family) {
+                    (NodeMode::FullNat, Family::V4) => {
+                        listener.forwarding = Forwarding::Fullnat;
+                        listener.snat_addresses = vec![Self::snat_addr(k)];
+                    }
+                    _ => {
+                        listener.forwarding = Forwarding::Dsr;
+                        listener.dsr = Some(DsrMode::L2);
+                    }
+                }
                 listener.on_all_unhealthy = AllUnhealthy::Drop;
                 listener.health_check = Some(HealthCheck {
                     port: Some(VIP_TCP_PORT),
@@ -325,12 +369,13 @@ impl ScaleOut {
         bin: &Path,
         tag: &str,
         weights: &[u32],
+        mode: NodeMode,
         run_options: &[&str],
     ) -> anyhow::Result<Vec<Instance>> {
         (1..=self.nodes())
             .map(|k| {
                 let instance = unique_instance(&format!("{tag}{k}"));
-                let config = self.node_config(&instance, k, weights);
+                let config = self.node_config(&instance, k, weights, mode);
                 let mut inst =
                     Instance::new(bin, self.segment.node_ns(k), &instance, &config.to_toml())?
                         .stop_on_drop();
@@ -341,11 +386,21 @@ impl ScaleOut {
     }
 }
 
+/// How [`ScaleOut::node_config`]'s listeners forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeMode {
+    /// Every listener by direct return on the segment.
+    Dsr,
+    /// The IPv4 listeners by full NAT, each node from its own [`ScaleOut::snat_addr`] (the
+    /// IPv6 ones by direct return: full NAT is IPv4 only).
+    FullNat,
+}
+
 /// The name of [`ScaleOut::node_config`]'s listener of `protocol` and `family`.
 pub fn listener_name(protocol: Protocol, family: Family) -> String {
     match family {
-        Family::V4 => format!("{protocol}-dsr"),
-        Family::V6 => format!("{protocol}-dsr6"),
+        Family::V4 => format!("{protocol}"),
+        Family::V6 => format!("{protocol}6"),
     }
 }
 

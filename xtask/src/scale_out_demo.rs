@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
-use slb_tests::scale_out::{listener_name, new_connections_per_node, ScaleOut};
+use slb_tests::scale_out::{listener_name, new_connections_per_node, NodeMode, ScaleOut};
 use slb_tests::slb::Instance;
 use slb_tests::traffic::{tcp_connections, udp_flows};
 use slb_tests::{exec, Distribution, Family, LongLivedStreams, TrafficOptions, TrafficReport};
@@ -34,14 +34,14 @@ pub fn demo(bin_dir: &Path, connections: usize, weights: &[u32]) -> anyhow::Resu
     // Declared before the nodes, so it is dropped (BIRD stopped, namespaces deleted) after
     // them.
     let scale = ScaleOut::build("demo", NODES, weights.len(), &server)?;
-    let config = scale.node_config("node-k", 1, weights);
+    let config = scale.node_config("node-k", 1, weights, NodeMode::Dsr);
     steps.next(&format!(
         "starting slb on every node, each with this config (its own instance name, BIRD socket \
          and include file):\n{}",
         config.to_toml()
     ))?;
     let started = Instant::now();
-    let mut nodes = scale.start_slb(&slb, "demo", weights, &[])?;
+    let mut nodes = scale.start_slb(&slb, "demo", weights, NodeMode::Dsr, &[])?;
     let all: std::collections::BTreeSet<usize> = (1..=NODES).collect();
     let took = scale.wait_routed(Family::V4, &all, started, CONVERGENCE_TIMEOUT)?;
     steps.next(&format!(
