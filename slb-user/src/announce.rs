@@ -680,8 +680,10 @@ impl Announcer {
             .collect();
         self.update(withdrawn);
         let seq = self.desired.borrow().seq;
-        let done = tokio::time::timeout(timeout, self.applied.wait_for(|a| a.seq >= seq)).await;
-        match done.as_ref().map(|a| a.as_deref().copied()) {
+        let done = tokio::time::timeout(timeout, self.applied.wait_for(|a| a.seq >= seq))
+            .await
+            .map(|a| a.map(|a| *a));
+        match done {
             Ok(Ok(Applied {
                 bird_down: true, ..
             })) => tracing::warn!(
@@ -699,11 +701,14 @@ impl Announcer {
                 humantime::format_duration(timeout)
             ),
         }
-        self.task.abort();
+        self.stop().await;
     }
 
-    pub fn abort(&self) {
+    /// Stops the task, leaving the file and BIRD as they are; returns once it has stopped, so
+    /// that nothing of it writes after the daemon's clean-up.
+    pub async fn stop(self) {
         self.task.abort();
+        let _ = self.task.await;
     }
 }
 

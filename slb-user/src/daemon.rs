@@ -714,7 +714,7 @@ impl Daemon {
                 .withdraw_all("slb is stopping", announce::WITHDRAW_TIMEOUT)
                 .await;
         } else {
-            announcer.abort();
+            announcer.stop().await;
         }
     }
 
