@@ -26,8 +26,9 @@ use crate::health::unix_ns;
 
 /// How long one exchange with BIRD may take before it counts as failed.
 const BIRD_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a stop waits for BIRD to take the withdrawal.
-pub const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long a stop waits for BIRD to take the withdrawal: two slow attempts and the pause
+/// between them.
+pub const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(7);
 /// How soon a failed announcement (BIRD down, its config refused) is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest reply slb reads from BIRD: `configure` answers in a few lines.
@@ -44,6 +45,21 @@ pub enum AddressRole {
     Snat,
 }
 
+impl AddressRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddressRole::Vip => "vip",
+            AddressRole::Snat => "snat",
+        }
+    }
+}
+
+/// `address` as the host route BIRD announces: /32 or /128.
+pub fn host_prefix(address: IpAddr) -> String {
+    let len = if address.is_ipv4() { 32 } else { 128 };
+    format!("{address}/{len}")
+}
+
 /// One address and whether this node announces it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Announcement {
@@ -52,11 +68,16 @@ pub struct Announcement {
     pub announced: bool,
     /// Why, for `slb status`.
     pub reason: String,
-    /// When a health verdict of the address's backends last changed (Unix ns; 0 for none):
-    /// a withdrawn address is announced again only once they have settled (see [`settle`]).
+    /// When a health verdict of the address's backends last changed (Unix ns; 0 for none;
+    /// [`UNCONFIRMED`] while one has no verdict yet): a withdrawn address is announced again
+    /// only once they have settled (see [`settle`]).
     #[serde(default)]
     pub health_changed_unix_ns: u128,
 }
+
+/// [`Announcement::health_changed_unix_ns`] of an address one of whose backends has not had
+/// its first verdict: it is held back until every check has answered.
+pub const UNCONFIRMED: u128 = u128::MAX;
 
 /// Which addresses this node announces, and why: every VIP (the config's `vips` and every
 /// listener's) while `serving` is `Ok` and at least one listener on it has a backend that takes
@@ -72,7 +93,13 @@ pub fn plan(
     let mut changed = |vip: IpAddr, health: Option<&crate::applied::HealthStatus>| {
         if let Some(h) = health {
             let latest = health_changed.entry(vip).or_default();
-            *latest = (*latest).max(h.since_unix_ns);
+            // A backend whose checks have not answered yet may still turn out unhealthy.
+            let at = if h.confirmed {
+                h.since_unix_ns
+            } else {
+                UNCONFIRMED
+            };
+            *latest = (*latest).max(at);
         }
     };
     for l in &state.listeners {
@@ -188,8 +215,19 @@ pub fn settle(
     let out = wanted
         .iter()
         .map(|a| {
-            let settled_at = a.health_changed_unix_ns + settle.as_nanos();
-            if a.announced && !in_bird.contains(&a.address) && now_ns < settled_at {
+            let held = a.announced && !in_bird.contains(&a.address);
+            if held && a.health_changed_unix_ns == UNCONFIRMED {
+                // Looked at again when the last check answers (the plan changes then).
+                Announcement {
+                    announced: false,
+                    reason: format!(
+                        "{}; held back until the first checks of its backends have answered",
+                        a.reason
+                    ),
+                    ..a.clone()
+                }
+            } else if held && now_ns < a.health_changed_unix_ns + settle.as_nanos() {
+                let settled_at = a.health_changed_unix_ns + settle.as_nanos();
                 next = Some(next.map_or(settled_at, |n| n.min(settled_at)));
                 Announcement {
                     announced: false,
@@ -228,7 +266,9 @@ fn l4_takes_new_flows(l: &AppliedListener, backends: &[&AppliedBackend]) -> Resu
     if l.ring_input.iter().any(|&(_, weight)| weight > 0) {
         return Ok(());
     }
-    if backends.iter().all(|b| b.weight == 0) {
+    if backends.is_empty() {
+        Err("it has no backends".to_string())
+    } else if backends.iter().all(|b| b.weight == 0) {
         Err(format!("all {} backend(s) have weight 0", backends.len()))
     } else {
         Err(format!(
@@ -251,13 +291,13 @@ pub fn render(prefix: &str, instance: &str, announcements: &[Announcement]) -> S
         "# Written by slb for instance {instance:?}: the addresses this node can serve now.\n\
          # slb rewrites this file and has BIRD re-read its config; do not edit it.\n"
     );
-    for (name, channel, is_v4, len) in [(v4, "ipv4", true, 32), (v6, "ipv6", false, 128)] {
+    for (name, channel, is_v4) in [(v4, "ipv4", true), (v6, "ipv6", false)] {
         text.push_str(&format!("protocol static {name} {{\n\t{channel};\n"));
         for a in announcements
             .iter()
             .filter(|a| a.announced && a.address.is_ipv4() == is_v4)
         {
-            text.push_str(&format!("\troute {}/{len} blackhole;\n", a.address));
+            text.push_str(&format!("\troute {} blackhole;\n", host_prefix(a.address)));
         }
         text.push_str("}\n");
     }
@@ -277,6 +317,13 @@ pub struct Target {
 }
 
 impl Target {
+    /// Whether `other` announces through the same file, protocols and BIRD.
+    pub fn same_place(&self, other: &Target) -> bool {
+        self.bird_socket == other.bird_socket
+            && self.include_file == other.include_file
+            && self.protocol == other.protocol
+    }
+
     pub fn of(announce: &Announce, instance: &str) -> Target {
         Target {
             bird_socket: announce.bird_socket.clone(),
@@ -310,6 +357,13 @@ pub enum BirdError {
     },
     #[error("BIRD's reply to `{command}` is not BIRD's protocol: {line:?}")]
     Garbled { command: String, line: String },
+    #[error(
+        "BIRD re-read its config but has no protocol {protocol}: its config does not include {} \
+         (add `include \"{}\";` to it)",
+        file.display(),
+        file.display()
+    )]
+    NotIncluded { protocol: String, file: PathBuf },
     #[error("writing {}: {source}", path.display())]
     Write {
         path: PathBuf,
@@ -434,6 +488,7 @@ fn write_include(path: &Path, text: &str) -> Result<(), BirdError> {
         path: path.to_owned(),
         source,
     };
+    use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(write)?;
     }
@@ -441,13 +496,27 @@ fn write_include(path: &Path, text: &str) -> Result<(), BirdError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     std::fs::write(&tmp, text).map_err(write)?;
+    // BIRD reads its config as its own user (Debian's runs as bird), whatever slb's umask.
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(write)?;
     std::fs::rename(&tmp, path).map_err(write)
 }
 
-/// Writes the file and has BIRD re-read its config.
+/// Writes the file and has BIRD re-read its config; then asks BIRD for slb's protocol, since
+/// BIRD reconfigures happily with a config that does not include the file.
 async fn announce(target: &Target, text: &str) -> Result<String, BirdError> {
     write_include(&target.include_file, text)?;
     let reply = bird_command(&target.bird_socket, "configure").await?;
+    let [v4, _] = protocol_names(&target.protocol);
+    match bird_command(&target.bird_socket, &format!("show protocols {v4}")).await {
+        Err(BirdError::Refused { code: 8003, .. }) => {
+            return Err(BirdError::NotIncluded {
+                protocol: v4,
+                file: target.include_file.clone(),
+            })
+        }
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
     Ok(reply
         .last()
         .map(|l| format!("{:04} {}", l.code, l.text))
@@ -508,6 +577,7 @@ pub struct Applied {
 pub async fn run(
     instance: String,
     target: Target,
+    previous: Option<AnnounceStatus>,
     mut desired: watch::Receiver<Desired>,
     applied: watch::Sender<Applied>,
 ) {
@@ -519,10 +589,22 @@ pub async fn run(
     let mut in_bird: Option<String> = None;
     let mut last: Option<BirdOutcome> = None;
     let mut bird_down = false;
-    // What BIRD announces: at first, what the file says (a restart finds its predecessor's).
-    let mut announced = std::fs::read_to_string(&target.include_file)
-        .map(|text| announced_in(&text))
-        .unwrap_or_default();
+    // What BIRD announces at first: what the previous run (a restart with --keep-serving) had
+    // BIRD confirm, else what the file says.
+    let mut announced = match &previous {
+        Some(p) if p.target.same_place(&target) && p.in_bird => p
+            .announcements
+            .iter()
+            .filter(|a| a.announced)
+            .map(|a| a.address)
+            .collect(),
+        _ => std::fs::read_to_string(&target.include_file)
+            .map(|text| announced_in(&text))
+            .unwrap_or_default(),
+    };
+    if let Some(p) = previous.filter(|p| !p.target.same_place(&target)) {
+        retire(&instance, &p.target).await;
+    }
     loop {
         let want = desired.borrow_and_update().clone();
         let (effective, look_again) = settle(
@@ -534,7 +616,11 @@ pub async fn run(
         let text = render(&target.protocol, &instance, &effective);
         if in_bird.as_deref() != Some(text.as_str()) {
             let outcome = announce(&target, &text).await;
-            bird_down = matches!(outcome, Err(BirdError::Connect { .. }));
+            bird_down = matches!(
+                &outcome,
+                Err(BirdError::Connect { source, .. })
+                    if matches!(source.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound)
+            );
             let at_unix_ns = unix_ns(SystemTime::now());
             last = Some(match outcome {
                 Ok(answer) => {
@@ -611,9 +697,27 @@ pub async fn run(
     }
 }
 
+/// Withdraws everything a previous run announced through `target` (a restart whose config
+/// announces elsewhere, or not at all), so that no route outlives the config that made it.
+pub async fn retire(instance: &str, target: &Target) {
+    match announce(target, &render(&target.protocol, instance, &[])).await {
+        Ok(answer) => tracing::info!(
+            file = %target.include_file.display(),
+            bird = %answer,
+            "withdrew what the previous run announced"
+        ),
+        Err(e) => tracing::error!(
+            "withdrawing what the previous run announced through {} failed (its routes may \
+             stay announced; `birdc configure` once BIRD is reachable finishes it): {e}",
+            target.include_file.display()
+        ),
+    }
+}
+
 /// After a daemon died without withdrawing (`kill -9`, a crash), `slb stop` withdraws what it
-/// had announced, as its status file names it. `Ok(None)` when it announced nothing.
-pub fn withdraw_left_over(instance: &str) -> Result<Option<String>, BirdError> {
+/// had announced, as its status file names it; returns BIRD's answer and the grace to forward
+/// on for. `Ok(None)` when it announced nothing.
+pub fn withdraw_left_over(instance: &str) -> Result<Option<(String, Duration)>, BirdError> {
     let Some(status) = AnnounceStatus::read(instance) else {
         return Ok(None);
     };
@@ -625,7 +729,8 @@ pub fn withdraw_left_over(instance: &str) -> Result<Option<String>, BirdError> {
             socket: status.target.bird_socket.clone(),
             source,
         })?;
-    runtime.block_on(announce(&status.target, &text)).map(Some)
+    let answer = runtime.block_on(announce(&status.target, &text))?;
+    Ok(Some((answer, status.target.withdraw_grace)))
 }
 
 /// The daemon's handle on the announcer task.
@@ -637,13 +742,20 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    /// Starts the task with nothing announced yet; the daemon's first [`update`](Self::update)
-    /// says what to announce.
-    pub fn start(instance: &str, target: Target) -> Announcer {
+    /// Starts the task; the daemon's first [`update`](Self::update) says what to announce.
+    /// `previous`: what the previous run of the instance announced, if anything (its status
+    /// file): kept when it announced through the same place, else withdrawn first.
+    pub fn start(instance: &str, target: Target, previous: Option<AnnounceStatus>) -> Announcer {
         let (desired, desired_rx) = watch::channel(Desired::default());
         let (applied_tx, applied) = watch::channel(Applied::default());
         let grace = target.withdraw_grace;
-        let task = tokio::spawn(run(instance.to_owned(), target, desired_rx, applied_tx));
+        let task = tokio::spawn(run(
+            instance.to_owned(),
+            target,
+            previous,
+            desired_rx,
+            applied_tx,
+        ));
         Announcer {
             desired,
             applied,

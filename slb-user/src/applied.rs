@@ -51,6 +51,14 @@ pub struct HealthStatus {
     pub reason: String,
     /// Unix time in nanoseconds of the last change (or of the start of checking).
     pub since_unix_ns: u128,
+    /// The checks have given a verdict (the first ones confirm "healthy until proven
+    /// otherwise"); a state file from before this field had only verdicts.
+    #[serde(default = "verdicts_were_confirmed")]
+    pub confirmed: bool,
+}
+
+fn verdicts_were_confirmed() -> bool {
+    true
 }
 
 /// Runtime changes listed in the state and `slb status`: a script that makes thousands must not
@@ -270,6 +278,7 @@ mod tests {
                     healthy: false,
                     reason: "connection refused".into(),
                     since_unix_ns: 1_764_000_000_000_000_000,
+                    confirmed: true,
                 }),
             }],
             ..Default::default()

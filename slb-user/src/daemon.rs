@@ -486,6 +486,29 @@ struct Publishers {
     published: watch::Sender<Published>,
 }
 
+/// The announcer `config` asks for, told what the previous run announced; or, with no
+/// `[announce]`, the previous run's announcements withdrawn.
+fn start_announcing(config: &Config) -> Option<Announcer> {
+    let instance = config.instance.to_string();
+    let previous = announce::AnnounceStatus::read(&instance);
+    match &config.announce {
+        Some(a) => Some(Announcer::start(
+            &instance,
+            announce::Target::of(a, &instance),
+            previous,
+        )),
+        None => {
+            if let Some(p) = previous {
+                tokio::spawn(async move {
+                    announce::retire(&instance, &p.target).await;
+                    let _ = fs::remove_file(crate::instance::announce_file(&instance));
+                });
+            }
+            None
+        }
+    }
+}
+
 /// The backends `config` health-checks: every backend of a checked Maglev listener, and only the
 /// active server of an active/standby group.
 fn check_targets(config: &Config) -> Vec<CheckTarget> {
@@ -593,9 +616,7 @@ impl Daemon {
             proxy,
             publishers,
             links: BTreeMap::new(),
-            announcer: config.announce.as_ref().map(|a| {
-                Announcer::start(&config.instance, announce::Target::of(a, &config.instance))
-            }),
+            announcer: start_announcing(&config),
         };
         for iface in dataplane.pinned_interfaces() {
             let pin = crate::instance::link_pin(dataplane.dir(), &iface);
@@ -643,6 +664,7 @@ impl Daemon {
                     healthy: true,
                     reason: "checking (healthy until proven otherwise)".into(),
                     since_unix_ns: now,
+                    confirmed: false,
                 });
         }
         self.proxy.apply(&config, &self.health)?;
@@ -950,16 +972,25 @@ impl Daemon {
             return; // a check that was stopped meanwhile
         };
         let key = &event.key;
-        if event.healthy {
-            tracing::info!(listener = %key.listener, backend = %key.endpoint(), reason = %event.reason, "backend is healthy");
+        if event.healthy == status.healthy {
+            // The first checks confirmed the verdict it started with: the rings stay as they
+            // are, but what waits for real verdicts (the announcements) may go on.
+            tracing::info!(listener = %key.listener, backend = %key.endpoint(), reason = %event.reason, "backend confirmed healthy");
+            status.confirmed = true;
+            status.reason = event.reason;
         } else {
-            tracing::warn!(listener = %key.listener, backend = %key.endpoint(), reason = %event.reason, "backend is unhealthy");
+            if event.healthy {
+                tracing::info!(listener = %key.listener, backend = %key.endpoint(), reason = %event.reason, "backend is healthy");
+            } else {
+                tracing::warn!(listener = %key.listener, backend = %key.endpoint(), reason = %event.reason, "backend is unhealthy");
+            }
+            *status = HealthStatus {
+                healthy: event.healthy,
+                reason: event.reason,
+                since_unix_ns: unix_ns(event.at),
+                confirmed: true,
+            };
         }
-        *status = HealthStatus {
-            healthy: event.healthy,
-            reason: event.reason,
-            since_unix_ns: unix_ns(event.at),
-        };
         // The verdict's listener only: its flag (and ring) in the maps, or its proxy snapshot.
         if let Err(e) = self
             .reconciler

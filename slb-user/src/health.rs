@@ -15,10 +15,13 @@ use crate::config::{CheckKind, HealthCheck};
 
 /// Consecutive results → verdict. A backend starts healthy, so a new config takes traffic at
 /// once; `unhealthy_threshold` failures in a row make it unhealthy and `healthy_threshold`
-/// successes in a row bring it back.
+/// successes in a row bring it back. Until its first verdict it is not `confirmed`: the first
+/// `healthy_threshold` successes confirm it (reported like a change), so that what waits for
+/// real verdicts (the announcements) need not wait for a change that never comes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthMachine {
     pub healthy: bool,
+    pub confirmed: bool,
     successes: u32,
     failures: u32,
     healthy_threshold: u32,
@@ -29,6 +32,7 @@ impl HealthMachine {
     pub fn new(healthy_threshold: u32, unhealthy_threshold: u32) -> HealthMachine {
         HealthMachine {
             healthy: true,
+            confirmed: false,
             successes: 0,
             failures: 0,
             healthy_threshold,
@@ -36,13 +40,14 @@ impl HealthMachine {
         }
     }
 
-    /// Records one probe result; returns the new verdict when it changed.
+    /// Records one probe result; returns the verdict when it changed or was first confirmed.
     pub fn record(&mut self, ok: bool) -> Option<bool> {
         if ok {
             self.failures = 0;
             self.successes = self.successes.saturating_add(1);
-            if !self.healthy && self.successes >= self.healthy_threshold {
+            if (!self.healthy || !self.confirmed) && self.successes >= self.healthy_threshold {
                 self.healthy = true;
+                self.confirmed = true;
                 return Some(true);
             }
         } else {
@@ -50,6 +55,7 @@ impl HealthMachine {
             self.failures = self.failures.saturating_add(1);
             if self.healthy && self.failures >= self.unhealthy_threshold {
                 self.healthy = false;
+                self.confirmed = true;
                 return Some(false);
             }
         }
@@ -238,8 +244,15 @@ impl HealthMonitor {
         });
         for (key, target) in wanted {
             if !self.tasks.contains_key(&key) {
-                let healthy = known.get(&key).is_none_or(|h| h.healthy);
-                let handle = tokio::spawn(run_checks(target.clone(), healthy, self.events.clone()));
+                let known = known.get(&key);
+                let healthy = known.is_none_or(|h| h.healthy);
+                let confirmed = known.is_some_and(|h| h.confirmed);
+                let handle = tokio::spawn(run_checks(
+                    target.clone(),
+                    healthy,
+                    confirmed,
+                    self.events.clone(),
+                ));
                 self.tasks.insert(key, (target, handle));
             }
         }
@@ -255,10 +268,16 @@ impl Drop for HealthMonitor {
     }
 }
 
-async fn run_checks(target: CheckTarget, healthy: bool, events: mpsc::Sender<HealthEvent>) {
+async fn run_checks(
+    target: CheckTarget,
+    healthy: bool,
+    confirmed: bool,
+    events: mpsc::Sender<HealthEvent>,
+) {
     let check = &target.check;
     let mut machine = HealthMachine::new(check.healthy_threshold, check.unhealthy_threshold);
     machine.healthy = healthy;
+    machine.confirmed = confirmed;
     let mut ticker = tokio::time::interval(check.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -303,6 +322,22 @@ mod tests {
         assert_eq!(m.record(true), None);
         assert_eq!(m.record(true), Some(true));
         assert!(m.healthy);
+    }
+
+    #[test]
+    fn the_first_successes_confirm_a_backend_that_started_healthy() {
+        let mut m = HealthMachine::new(2, 3);
+        assert!(m.healthy && !m.confirmed);
+        assert_eq!(m.record(true), None);
+        assert_eq!(m.record(true), Some(true), "confirmed healthy");
+        assert!(m.confirmed);
+        assert_eq!(m.record(true), None, "confirmed once");
+        let mut m = HealthMachine::new(2, 3);
+        for _ in 0..2 {
+            assert_eq!(m.record(false), None);
+        }
+        assert_eq!(m.record(false), Some(false));
+        assert!(m.confirmed);
     }
 
     fn check(kind: CheckKind) -> HealthCheck {

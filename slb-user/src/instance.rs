@@ -53,6 +53,17 @@ pub fn flows_file(instance: &str) -> PathBuf {
     state_dir(instance).join("flows.json")
 }
 
+/// Where instances write their BIRD include files by default (`include
+/// "/run/slb/.bird/*.conf";` in BIRD's config takes them all): under the state root, so the
+/// systemd unit's sandbox lets slb write there, but by a name no instance can have.
+pub const ANNOUNCE_DIR: &str = "/run/slb/.bird";
+
+/// `/run/slb/.bird/<instance>.conf`: the instance's BIRD include file unless its config names
+/// another.
+pub fn default_include_file(instance: &str) -> PathBuf {
+    Path::new(ANNOUNCE_DIR).join(format!("{instance}.conf"))
+}
+
 /// The announcer's last word: what it asked BIRD to announce, and how BIRD took it.
 pub fn announce_file(instance: &str) -> PathBuf {
     state_dir(instance).join("announce.json")

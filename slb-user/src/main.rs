@@ -85,9 +85,11 @@ fn stop(instance: &str) -> anyhow::Result<()> {
             println!("{}", response.message);
             // The daemon removes the pins on its way out, after it has withdrawn its
             // announcements and forwarded through their grace; wait for that.
-            let grace = slb_user::announce::AnnounceStatus::read(instance)
-                .map_or(std::time::Duration::ZERO, |a| a.target.withdraw_grace);
-            let polls = 100 + grace.as_millis() as u64 / 100;
+            let withdrawal = slb_user::announce::AnnounceStatus::read(instance)
+                .map_or(std::time::Duration::ZERO, |a| {
+                    a.target.withdraw_grace + slb_user::announce::WITHDRAW_TIMEOUT
+                });
+            let polls = 100 + withdrawal.as_millis() as u64 / 100;
             for _ in 0..polls {
                 if !pin_dir(instance).exists() {
                     return Ok(());
@@ -120,9 +122,18 @@ fn stop(instance: &str) -> anyhow::Result<()> {
     }
     // Before the data plane goes: the routers are to stop sending here first.
     match slb_user::announce::withdraw_left_over(instance) {
-        Ok(Some(answer)) => println!("withdrew the daemon's announcements through BIRD ({answer})"),
+        Ok(Some((answer, grace))) => {
+            println!(
+                "withdrew the daemon's announcements through BIRD ({answer}); forwarding on for {}",
+                humantime::format_duration(grace)
+            );
+            std::thread::sleep(grace);
+        }
         Ok(None) => {}
-        Err(e) => eprintln!("warning: could not withdraw the daemon's announcements: {e}"),
+        Err(e) => eprintln!(
+            "warning: could not withdraw the daemon's announcements (the include file no longer \
+             announces anything; `birdc configure` once BIRD is reachable withdraws them): {e}"
+        ),
     }
     dataplane::remove_pins(&dir)?;
     let _ = std::fs::remove_dir_all(state_dir(instance));

@@ -446,15 +446,8 @@ fn render_announcements(out: &mut String, status: &Status) {
         .max(18);
     let _ = writeln!(out, "{:<width$} ROLE  STATE      WHY", "PREFIX");
     for x in &a.announcements {
-        let prefix = format!(
-            "{}/{}",
-            x.address,
-            if x.address.is_ipv4() { 32 } else { 128 }
-        );
-        let role = match x.role {
-            crate::announce::AddressRole::Vip => "vip",
-            crate::announce::AddressRole::Snat => "snat",
-        };
+        let prefix = crate::announce::host_prefix(x.address);
+        let role = x.role.as_str();
         let state = if x.announced {
             "announced"
         } else {
@@ -830,10 +823,7 @@ fn register_instance_metrics(registry: &mut Registry, status: &Status) {
                 .get_or_create(&AddressLabels {
                     instance: status.instance.clone(),
                     address: x.address.to_string(),
-                    role: match x.role {
-                        crate::announce::AddressRole::Vip => "vip".into(),
-                        crate::announce::AddressRole::Snat => "snat".into(),
-                    },
+                    role: x.role.as_str().into(),
                 })
                 .set(if x.announced && a.in_bird { 1.0 } else { 0.0 });
         }
@@ -957,6 +947,7 @@ mod tests {
                     healthy: false,
                     reason: "refused".into(),
                     since_unix_ns: 1_500_000_000,
+                    confirmed: true,
                 }),
                 packets: 50,
                 bytes: 5000,

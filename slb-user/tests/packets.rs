@@ -384,6 +384,7 @@ fn verdicts(
                     healthy: false,
                     reason: "test".into(),
                     since_unix_ns: 0,
+                    confirmed: true,
                 },
             )
         })

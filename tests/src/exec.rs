@@ -47,17 +47,23 @@ fn describe(cmd: &Command) -> String {
 /// stderr.
 pub fn run(cmd: &mut Command) -> Result<String, CommandError> {
     let command = describe(cmd);
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd
+    let output = cmd
         .stdin(Stdio::null())
         .output()
         .map_err(|source| CommandError::Spawn {
             command: command.clone(),
             source,
         })?;
+    stdout_of(command, output)
+}
+
+/// A finished command's stdout, or the failure with its stderr.
+fn stdout_of(command: String, output: Output) -> Result<String, CommandError> {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = output;
     if status.success() {
         Ok(String::from_utf8_lossy(&stdout).into_owned())
     } else {
@@ -88,21 +94,9 @@ pub fn run_with_input(cmd: &mut Command, input: &str) -> Result<String, CommandE
     // Written from a thread: a child that answers as it reads would fill its stdout pipe
     // while we still write.
     let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = child.wait_with_output().map_err(spawn_error)?;
+    let output = child.wait_with_output().map_err(spawn_error)?;
     let _ = writer.join();
-    if status.success() {
-        Ok(String::from_utf8_lossy(&stdout).into_owned())
-    } else {
-        Err(CommandError::Failed {
-            command,
-            status,
-            stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
-        })
-    }
+    stdout_of(command, output)
 }
 
 /// Builds `ip netns exec <ns> <args...>`.

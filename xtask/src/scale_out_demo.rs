@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
+use slb_tests::config::Protocol;
 use slb_tests::scale_out::{listener_name, new_connections_per_node, NodeMode, ScaleOut};
 use slb_tests::slb::Instance;
 use slb_tests::traffic::{tcp_connections, udp_flows};
@@ -63,30 +64,30 @@ pub fn demo(bin_dir: &Path, connections: usize, weights: &[u32]) -> anyhow::Resu
     let mut reports = Vec::new();
     let client = scale.segment.client_ns().to_owned();
     let opts = TrafficOptions::new(connections);
-    steps.next(&format!(
-        "{connections} TCP connections to {} through the router",
-        Family::V4.vip_tcp()
-    ))?;
-    let (tcp, per_node) = new_connections_per_node(
-        &nodes,
-        &listener_name(slb_tests::config::Protocol::Tcp, Family::V4),
-        || tcp_connections(&client, Family::V4.vip_tcp(), &opts),
-    )?;
-    let tcp = tcp?;
-    show(&tcp, "TCP connections", &pool, &node_names, &per_node);
-    reports.push(tcp);
-    steps.next(&format!(
-        "{connections} UDP flows to {} through the router",
-        Family::V4.vip_udp()
-    ))?;
-    let (udp, per_node) = new_connections_per_node(
-        &nodes,
-        &listener_name(slb_tests::config::Protocol::Udp, Family::V4),
-        || udp_flows(&client, Family::V4.vip_udp(), 20000, &opts),
-    )?;
-    let udp = udp?;
-    show(&udp, "UDP flows", &pool, &node_names, &per_node);
-    reports.push(udp);
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let target = match protocol {
+            Protocol::Udp => Family::V4.vip_udp(),
+            _ => Family::V4.vip_tcp(),
+        };
+        let what = match protocol {
+            Protocol::Udp => "UDP flows",
+            _ => "TCP connections",
+        };
+        steps.next(&format!(
+            "{connections} {what} to {target} through the router"
+        ))?;
+        let (report, per_node) = new_connections_per_node(
+            &nodes,
+            &listener_name(protocol, Family::V4),
+            || match protocol {
+                Protocol::Udp => udp_flows(&client, target, 20000, &opts),
+                _ => tcp_connections(&client, target, &opts),
+            },
+        )?;
+        let report = report?;
+        show(&report, what, &pool, &node_names, &per_node);
+        reports.push(report);
+    }
 
     steps.next(&format!(
         "{STREAMS} long-lived TCP connections, then `slb stop` on node {STOPPED}: it withdraws \
@@ -130,11 +131,10 @@ pub fn demo(bin_dir: &Path, connections: usize, weights: &[u32]) -> anyhow::Resu
     steps.next(&format!(
         "{connections} TCP connections with node {STOPPED} stopped"
     ))?;
-    let (tcp, per_node) = new_connections_per_node(
-        &nodes,
-        &listener_name(slb_tests::config::Protocol::Tcp, Family::V4),
-        || tcp_connections(&client, Family::V4.vip_tcp(), &opts),
-    )?;
+    let (tcp, per_node) =
+        new_connections_per_node(&nodes, &listener_name(Protocol::Tcp, Family::V4), || {
+            tcp_connections(&client, Family::V4.vip_tcp(), &opts)
+        })?;
     let tcp = tcp?;
     let serving: Vec<(String, u32)> = (1..=NODES)
         .map(|k| (format!("node {k}"), u32::from(k != STOPPED)))

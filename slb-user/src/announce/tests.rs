@@ -42,7 +42,19 @@ fn backend(listener: &str, id: u32, weight: u32, healthy: Option<bool>) -> Appli
             healthy,
             reason: String::new(),
             since_unix_ns: 0,
+            confirmed: true,
         }),
+    }
+}
+
+/// A VIP as the plan would give it, without a reason or a health change.
+fn announcement(address: &str, announced: bool) -> Announcement {
+    Announcement {
+        address: ip(address),
+        role: AddressRole::Vip,
+        announced,
+        reason: String::new(),
+        health_changed_unix_ns: 0,
     }
 }
 
@@ -148,6 +160,7 @@ fn a_proxy_listener_counts_its_healthy_backends_with_weight() {
                 healthy,
                 reason: String::new(),
                 since_unix_ns: 0,
+                confirmed: true,
             }),
         }],
     };
@@ -197,13 +210,6 @@ fn nothing_is_announced_while_the_node_cannot_serve_and_snat_addresses_follow_th
 
 #[test]
 fn the_include_file_holds_both_families_protocols_with_the_announced_routes() {
-    let announcement = |address: &str, announced| Announcement {
-        address: ip(address),
-        role: AddressRole::Vip,
-        announced,
-        reason: String::new(),
-        health_changed_unix_ns: 0,
-    };
     let text = render(
         "slb_web",
         "web",
@@ -270,13 +276,6 @@ fn an_address_comes_back_only_once_its_checks_have_settled() {
 
 #[test]
 fn the_announced_addresses_read_back_from_the_include_file() {
-    let announcement = |address: &str, announced| Announcement {
-        address: ip(address),
-        role: AddressRole::Vip,
-        announced,
-        reason: String::new(),
-        health_changed_unix_ns: 0,
-    };
     let text = render(
         "p",
         "web",

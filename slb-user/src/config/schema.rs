@@ -118,7 +118,7 @@ pub struct Announce {
     #[serde(default = "default_bird_socket")]
     pub bird_socket: std::path::PathBuf,
     /// The file slb owns and BIRD's config includes; by default
-    /// `/run/slb/bird/<instance>.conf`.
+    /// `/run/slb/.bird/<instance>.conf`.
     #[serde(default)]
     pub include_file: Option<std::path::PathBuf>,
     /// Prefix of the two protocols' names (`<protocol>_v4`, `<protocol>_v6`); by default
@@ -138,12 +138,9 @@ pub struct Announce {
 
 /// Where Debian's bird2 puts its control socket.
 pub const DEFAULT_BIRD_SOCKET: &str = "/run/bird/bird.ctl";
-/// Where the announcement files of every instance go by default (`include
-/// "/run/slb/bird/*.conf";` in BIRD's config takes them all).
-pub const DEFAULT_BIRD_INCLUDE_DIR: &str = "/run/slb/bird";
 /// Longest [`Announce::withdraw_grace`] (a stop is not to hang for minutes) and
 /// [`Announce::settle_time`].
-pub const MAX_WITHDRAW_GRACE: Duration = Duration::from_secs(60);
+pub const MAX_ANNOUNCE_DELAY: Duration = Duration::from_secs(60);
 
 fn default_bird_socket() -> std::path::PathBuf {
     DEFAULT_BIRD_SOCKET.into()
@@ -160,9 +157,9 @@ fn default_settle_time() -> Duration {
 impl Announce {
     /// The file the announcements are written to.
     pub fn include_file(&self, instance: &str) -> std::path::PathBuf {
-        self.include_file.clone().unwrap_or_else(|| {
-            std::path::Path::new(DEFAULT_BIRD_INCLUDE_DIR).join(format!("{instance}.conf"))
-        })
+        self.include_file
+            .clone()
+            .unwrap_or_else(|| crate::instance::default_include_file(instance))
     }
 
     /// The prefix of the BIRD protocols' names.

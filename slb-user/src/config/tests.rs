@@ -858,7 +858,7 @@ fn announcing_defaults_to_debians_bird_and_a_file_per_instance() {
     assert_eq!(a.bird_socket, std::path::Path::new("/run/bird/bird.ctl"));
     assert_eq!(
         a.include_file("web-1"),
-        std::path::Path::new("/run/slb/bird/web-1.conf")
+        std::path::Path::new("/run/slb/.bird/web-1.conf")
     );
     assert_eq!(a.protocol("web-1"), "slb_web_1");
     assert_eq!(a.withdraw_grace, Duration::from_secs(1));
@@ -899,4 +899,16 @@ fn announce_options_are_checked() {
         let e = error_of(&format!("{GOOD}[announce]\n{option}\n"));
         assert!(e.contains(error), "{option}: {e}");
     }
+    let long = "i".repeat(64);
+    let e = error_of(&format!(
+        "{}[announce]\n",
+        GOOD.replace("instance = \"t1\"", &format!("instance = \"{long}\""))
+    ));
+    assert!(
+        e.contains(&format!(
+            "announce.protocol: the default \"slb_{long}\" (from the instance name) is not a BIRD \
+             protocol name"
+        )),
+        "{e}"
+    );
 }

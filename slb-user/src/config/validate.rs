@@ -14,9 +14,9 @@ use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
 use super::{
     invalid, Announce, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits,
     CookiePersistence, DsrMode, Forwarding, Group, GroupKind, HealthCheck, Interface, Listener,
-    Protocol, Scheduler, SnatPorts, DEFAULT_GROUP, MAX_BACKEND_CONNECTIONS, MAX_CHECK_INTERVAL,
-    MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS,
-    MAX_THRESHOLD, MAX_WEIGHT, MAX_WITHDRAW_GRACE, MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL,
+    Protocol, Scheduler, SnatPorts, DEFAULT_GROUP, MAX_ANNOUNCE_DELAY, MAX_BACKEND_CONNECTIONS,
+    MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_PERSISTENCE_TIMEOUT,
+    MAX_QUEUED_REQUESTS, MAX_THRESHOLD, MAX_WEIGHT, MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL,
     MIN_IDLE_TIMEOUT,
 };
 
@@ -45,7 +45,7 @@ impl Config {
         self.validate_sizes()?;
         validate_interfaces(&self.interfaces)?;
         if let Some(announce) = &self.announce {
-            validate_announce(announce)?;
+            validate_announce(announce, &self.instance)?;
         }
         let groups = validate_groups(&self.groups)?;
         validate_backends("default_group", &self.default_group.backends)?;
@@ -272,9 +272,7 @@ fn refuse_own_listeners_as_backends(
     Ok(())
 }
 
-/// Listener and group names appear in logs, terminals, metrics labels and file contents: 1 to 63
-/// letters, digits, '.', '_' or '-', beginning with a letter or digit.
-fn validate_announce(announce: &Announce) -> Result<(), ConfigError> {
+fn validate_announce(announce: &Announce, instance: &str) -> Result<(), ConfigError> {
     let absolute = |field: &str, path: &std::path::Path| {
         if path.is_absolute() && path.file_name().is_some() {
             Ok(())
@@ -289,34 +287,38 @@ fn validate_announce(announce: &Announce) -> Result<(), ConfigError> {
     if let Some(file) = &announce.include_file {
         absolute("include_file", file)?;
     }
-    if let Some(protocol) = &announce.protocol {
-        // A BIRD symbol, with room for the "_v4"/"_v6" slb appends.
-        let ok = (1..=60).contains(&protocol.len())
-            && protocol.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-            && protocol
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !ok {
-            return Err(invalid(
-                "announce.protocol",
-                format!(
-                    "{protocol:?} is not a BIRD protocol name: use 1 to 60 letters, digits or '_', \
-                     beginning with a letter or '_'"
-                ),
-            ));
-        }
+    // A BIRD symbol, with room for the "_v4"/"_v6" slb appends.
+    let protocol = announce.protocol(instance);
+    let ok = (1..=60).contains(&protocol.len())
+        && protocol.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && protocol
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !ok {
+        let which = if announce.protocol.is_some() {
+            format!("{protocol:?}")
+        } else {
+            format!("the default {protocol:?} (from the instance name)")
+        };
+        return Err(invalid(
+            "announce.protocol",
+            format!(
+                "{which} is not a BIRD protocol name: use 1 to 60 letters, digits or '_', \
+                 beginning with a letter or '_'"
+            ),
+        ));
     }
     for (field, value) in [
         ("withdraw_grace", announce.withdraw_grace),
         ("settle_time", announce.settle_time),
     ] {
-        if value > MAX_WITHDRAW_GRACE {
+        if value > MAX_ANNOUNCE_DELAY {
             return Err(invalid(
                 format!("announce.{field}"),
                 format!(
                     "{} is longer than the {} allowed",
                     humantime::format_duration(value),
-                    humantime::format_duration(MAX_WITHDRAW_GRACE)
+                    humantime::format_duration(MAX_ANNOUNCE_DELAY)
                 ),
             ));
         }
@@ -324,6 +326,8 @@ fn validate_announce(announce: &Announce) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Listener and group names appear in logs, terminals, metrics labels and file contents: 1 to 63
+/// letters, digits, '.', '_' or '-', beginning with a letter or digit.
 fn validate_name(field: String, name: &str) -> Result<(), ConfigError> {
     let ok = (1..=63).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())

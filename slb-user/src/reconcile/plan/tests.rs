@@ -65,6 +65,7 @@ fn unhealthy(keys: &[BackendKey]) -> BTreeMap<BackendKey, HealthStatus> {
                 healthy: false,
                 reason: "refused".into(),
                 since_unix_ns: 0,
+                confirmed: true,
             };
             (k.clone(), verdict)
         })
