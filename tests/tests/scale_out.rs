@@ -489,8 +489,31 @@ fn nodes_that_leave_and_return_lose_no_connection() {
         .start(KEEP_SERVING, &[])
         .expect("start slb again on the kept data plane");
     assert_routed_throughout(&scale, Duration::from_secs(2), "node 1's daemon restarted");
-    assert_streams_survive(&nodes, &mut streams, &on, "node 1's daemon restarted");
+    on = assert_streams_survive(&nodes, &mut streams, &on, "node 1's daemon restarted");
     println!("node {k} restarted with --keep-serving: all {NODES} nodes routed throughout");
+
+    // A daemon killed leaves its data plane and its announcement; `slb stop` then withdraws
+    // the announcement before it removes the data plane.
+    nodes[k - 1].current().kill9().expect("kill -9 slb");
+    assert_routed_throughout(&scale, Duration::from_secs(1), "node 1's daemon killed");
+    let t = Instant::now();
+    let stopping = &mut nodes[k - 1];
+    let converged = std::thread::scope(|scope| {
+        let stop = scope.spawn(|| stopping.stop().expect("slb stop"));
+        let converged = scale.wait_routed(Family::V4, &all_but(k), t, CONVERGENCE_TIMEOUT);
+        let out = stop.join().expect("slb stop thread");
+        assert!(
+            out.success() && out.stdout.contains("withdrew the daemon's announcements"),
+            "{out}"
+        );
+        converged
+    })
+    .expect("slb stop after kill -9 withdraws");
+    println!(
+        "node {k}'s daemon killed, then `slb stop`: routed around after {} ms",
+        converged.as_millis()
+    );
+    assert_streams_survive(&nodes, &mut streams, &on, "slb stop after kill -9");
     drop(streams);
     drop(nodes);
 }

@@ -272,6 +272,17 @@ fn an_address_comes_back_only_once_its_checks_have_settled() {
     let (later, next) = settle(&plan, &in_bird, 102 * S, Duration::from_secs(2));
     assert!(later[0].announced);
     assert_eq!(next, None);
+
+    // A backend without its first verdict: held until the plan changes, with no timer.
+    let mut unconfirmed = wanted("192.0.2.5", true, 0);
+    unconfirmed.health_changed_unix_ns = UNCONFIRMED;
+    let (held, next) = settle(&[unconfirmed], &in_bird, 200 * S, Duration::from_secs(2));
+    assert!(!held[0].announced);
+    assert_eq!(
+        held[0].reason,
+        "served by web; held back until the first checks of its backends have answered"
+    );
+    assert_eq!(next, None);
 }
 
 #[test]
@@ -288,6 +299,26 @@ fn the_announced_addresses_read_back_from_the_include_file() {
     assert_eq!(
         announced_in(&text),
         [ip("192.0.2.1"), ip("2001:db8::1")].into_iter().collect()
+    );
+}
+
+#[test]
+fn a_vip_with_a_backend_not_checked_yet_is_unconfirmed() {
+    let mut unchecked = backend("web", 2, 1, Some(true));
+    unchecked.health.as_mut().unwrap().confirmed = false;
+    let state = AppliedState {
+        listeners: vec![listener(
+            "web",
+            "192.0.2.1",
+            GroupKind::Vserver,
+            &[(1, 1), (2, 1)],
+        )],
+        backends: vec![backend("web", 1, 1, Some(true)), unchecked],
+        ..Default::default()
+    };
+    assert_eq!(
+        plan(&[], &state, &Ok(()))[0].health_changed_unix_ns,
+        UNCONFIRMED
     );
 }
 
@@ -377,6 +408,159 @@ async fn birds_errors_and_strangers_are_named() {
     assert!(
         e.to_string()
             .starts_with("cannot reach BIRD at /nonexistent/bird.ctl: "),
+        "{e}"
+    );
+}
+
+/// A stand-in for BIRD's control socket that serves connections until dropped: `configure`
+/// succeeds, `show protocols P` lists P if `includes` (else "8003 No protocols match"). It
+/// records the commands.
+struct FakeBird {
+    commands: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeBird {
+    fn serve(socket: &Path, includes: bool) -> FakeBird {
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        let commands = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = commands.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (read, mut write) = stream.into_split();
+                let _ = write.write_all(b"0001 BIRD 2.0.12 ready.\n").await;
+                let mut lines = BufReader::new(read).lines();
+                let Ok(Some(command)) = lines.next_line().await else {
+                    continue;
+                };
+                let reply = if command == "configure" {
+                    "0002-Reading configuration from /etc/bird/bird.conf\n0003 Reconfigured\n"
+                        .to_string()
+                } else if includes {
+                    format!(
+                        "2002-Name       Proto      Table      State  Since         Info\n\
+                         1002-{}     Static     master4    up     12:00:00.000\n0000 \n",
+                        command.trim_start_matches("show protocols ")
+                    )
+                } else {
+                    "8003 No protocols match\n".to_string()
+                };
+                seen.lock().unwrap().push(command);
+                let _ = write.write_all(reply.as_bytes()).await;
+            }
+        });
+        FakeBird { commands, task }
+    }
+}
+
+impl Drop for FakeBird {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn test_target(dir: &Path) -> Target {
+    Target {
+        bird_socket: dir.join("bird.ctl"),
+        include_file: dir.join("announce").join("slb.conf"),
+        protocol: "slb_t".into(),
+        withdraw_grace: Duration::ZERO,
+        settle_time: Duration::from_millis(300),
+    }
+}
+
+#[tokio::test]
+async fn the_announcer_waits_for_the_daemon_then_retries_until_bird_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = test_target(dir.path());
+    // An instance without a state directory: the status file is not written.
+    let (desired_tx, desired) = watch::channel(Desired::default());
+    let (applied_tx, mut applied) = watch::channel(Applied::default());
+    let task = tokio::spawn(run(
+        "announce-test-no-state".into(),
+        target.clone(),
+        None,
+        desired,
+        applied_tx,
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !target.include_file.exists(),
+        "nothing is written before the daemon's first word"
+    );
+
+    // BIRD is not there yet: refused, reported as down.
+    desired_tx.send_replace(Desired {
+        seq: 1,
+        announcements: vec![announcement("192.0.2.1", true)],
+    });
+    let down = *applied.wait_for(|a| a.seq == 1).await.unwrap();
+    assert!(down.bird_down);
+
+    // BIRD comes: the next retry (within a second) announces.
+    let bird = FakeBird::serve(&target.bird_socket, true);
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        applied.wait_for(|a| a.seq == 1 && !a.bird_down),
+    )
+    .await
+    .expect("announced within the retry")
+    .unwrap();
+    let text = std::fs::read_to_string(&target.include_file).unwrap();
+    assert!(text.contains("route 192.0.2.1/32 blackhole;"), "{text}");
+    assert_eq!(
+        bird.commands.lock().unwrap().clone(),
+        ["configure", "show protocols slb_t_v4"]
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_new_address_waits_for_the_settle_time_and_a_missing_include_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = test_target(dir.path());
+    let bird = FakeBird::serve(&target.bird_socket, true);
+    let (desired_tx, desired) = watch::channel(Desired::default());
+    let (applied_tx, mut applied) = watch::channel(Applied::default());
+    let task = tokio::spawn(run(
+        "announce-test-no-state".into(),
+        target.clone(),
+        None,
+        desired,
+        applied_tx,
+    ));
+    let mut fresh = announcement("192.0.2.1", true);
+    fresh.health_changed_unix_ns = unix_ns(SystemTime::now());
+    desired_tx.send_replace(Desired {
+        seq: 1,
+        announcements: vec![fresh],
+    });
+    applied.wait_for(|a| a.seq == 1).await.unwrap();
+    let held = std::fs::read_to_string(&target.include_file).unwrap();
+    assert!(!held.contains("route "), "held back at first: {held}");
+    // The task wakes itself when the settle time is over.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !std::fs::read_to_string(&target.include_file)
+        .unwrap()
+        .contains("route 192.0.2.1/32")
+    {
+        assert!(std::time::Instant::now() < deadline, "never announced");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    drop(bird);
+
+    // A BIRD whose config lacks the include: named as such.
+    std::fs::remove_file(&target.bird_socket).unwrap();
+    let _bird = FakeBird::serve(&target.bird_socket, false);
+    let e = announce(&target, "").await.unwrap_err();
+    assert!(
+        e.to_string().starts_with(
+            "BIRD re-read its config but has no protocol slb_t_v4: its config does not include"
+        ),
         "{e}"
     );
 }
