@@ -226,6 +226,28 @@ impl ScaleOut {
         }
     }
 
+    /// `slb stop` on `node` (node `k`), which returns only once the node has detached, after
+    /// its withdrawal and grace; meanwhile waits until the router routes the VIP of `family`
+    /// to every node but `k`. Returns how long that took, and what `slb stop` printed (a
+    /// failed stop is an error).
+    pub fn stop_slb_watching(
+        &self,
+        node: &mut Instance,
+        k: usize,
+        family: Family,
+        timeout: Duration,
+    ) -> anyhow::Result<(Duration, crate::slb::CliOutput)> {
+        let others: BTreeSet<usize> = (1..=self.nodes()).filter(|&n| n != k).collect();
+        let t = Instant::now();
+        std::thread::scope(|scope| {
+            let stop = scope.spawn(|| node.stop());
+            let converged = self.wait_routed(family, &others, t, timeout);
+            let out = stop.join().expect("the slb stop thread panicked")?;
+            ensure!(out.success(), "{out}");
+            Ok((converged?, out))
+        })
+    }
+
     /// Makes node `k` a hung node: the router's bridge drops every frame from it and to it
     /// (nftables on its port), so BFD finds it silent.
     pub fn hang(&mut self, k: usize) -> anyhow::Result<()> {

@@ -345,19 +345,9 @@ fn nodes_that_leave_and_return_lose_no_connection() {
         let on_k = on.iter().filter(|&&n| n == k).count();
         let t = Instant::now();
         let converged = match loss {
-            Loss::SlbStopped => {
-                // `slb stop` returns once the node has detached, after the grace: watch the
-                // router meanwhile.
-                let stopping = &mut nodes[k - 1];
-                std::thread::scope(|scope| {
-                    let stop = scope.spawn(|| stopping.stop().expect("slb stop"));
-                    let converged =
-                        scale.wait_routed(Family::V4, &all_but(k), t, CONVERGENCE_TIMEOUT);
-                    let out = stop.join().expect("slb stop thread");
-                    assert!(out.success(), "{out}");
-                    converged
-                })
-            }
+            Loss::SlbStopped => scale
+                .stop_slb_watching(&mut nodes[k - 1], k, Family::V4, CONVERGENCE_TIMEOUT)
+                .map(|(converged, _)| converged),
             Loss::BirdKilled => {
                 scale.node_bird(k).kill9();
                 scale.wait_routed(Family::V4, &all_but(k), t, CONVERGENCE_TIMEOUT)
@@ -496,19 +486,13 @@ fn nodes_that_leave_and_return_lose_no_connection() {
     // the announcement before it removes the data plane.
     nodes[k - 1].current().kill9().expect("kill -9 slb");
     assert_routed_throughout(&scale, Duration::from_secs(1), "node 1's daemon killed");
-    let t = Instant::now();
-    let stopping = &mut nodes[k - 1];
-    let converged = std::thread::scope(|scope| {
-        let stop = scope.spawn(|| stopping.stop().expect("slb stop"));
-        let converged = scale.wait_routed(Family::V4, &all_but(k), t, CONVERGENCE_TIMEOUT);
-        let out = stop.join().expect("slb stop thread");
-        assert!(
-            out.success() && out.stdout.contains("withdrew the daemon's announcements"),
-            "{out}"
-        );
-        converged
-    })
-    .expect("slb stop after kill -9 withdraws");
+    let (converged, out) = scale
+        .stop_slb_watching(&mut nodes[k - 1], k, Family::V4, CONVERGENCE_TIMEOUT)
+        .expect("slb stop after kill -9 withdraws");
+    assert!(
+        out.stdout.contains("withdrew the daemon's announcements"),
+        "{out}"
+    );
     println!(
         "node {k}'s daemon killed, then `slb stop`: routed around after {} ms",
         converged.as_millis()
@@ -590,16 +574,9 @@ fn full_nat_nodes_announce_their_own_snat_addresses() {
     .expect("open the streams");
     let on = stream_nodes(&nodes, &mut streams);
     let k = 2;
-    let t = Instant::now();
-    let stopping = &mut nodes[k - 1];
-    let converged = std::thread::scope(|scope| {
-        let stop = scope.spawn(|| stopping.stop().expect("slb stop"));
-        let converged = scale.wait_routed(Family::V4, &all_but(k), t, CONVERGENCE_TIMEOUT);
-        let out = stop.join().expect("slb stop thread");
-        assert!(out.success(), "{out}");
-        converged
-    })
-    .expect("the router drops node 2");
+    let (converged, _) = scale
+        .stop_slb_watching(&mut nodes[k - 1], k, Family::V4, CONVERGENCE_TIMEOUT)
+        .expect("the router drops node 2");
     assert!(
         scale
             .routed_nodes_of(ScaleOut::snat_addr(k))

@@ -99,17 +99,12 @@ pub fn demo(bin_dir: &Path, connections: usize, weights: &[u32]) -> anyhow::Resu
         STREAMS,
         Duration::from_secs(5),
     )?;
-    let t = Instant::now();
-    let others: std::collections::BTreeSet<usize> =
-        all.iter().copied().filter(|&k| k != STOPPED).collect();
-    let stopping = &mut nodes[STOPPED - 1];
-    let converged = std::thread::scope(|scope| {
-        let stop = scope.spawn(|| stopping.stop());
-        let converged = scale.wait_routed(Family::V4, &others, t, CONVERGENCE_TIMEOUT);
-        let out = stop.join().expect("slb stop thread")?;
-        ensure!(out.success(), "{out}");
-        converged
-    })?;
+    let (converged, _) = scale.stop_slb_watching(
+        &mut nodes[STOPPED - 1],
+        STOPPED,
+        Family::V4,
+        CONVERGENCE_TIMEOUT,
+    )?;
     println!(
         "the router routed around node {STOPPED} {} ms after `slb stop`",
         converged.as_millis()
