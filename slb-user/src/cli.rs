@@ -171,7 +171,8 @@ impl BackendRef {
 
 #[derive(Debug, Subcommand)]
 pub enum BackendAction {
-    /// Add a backend to a group; it takes new connections at once.
+    /// Add a backend to a group; it takes new connections at once, or, on a listener with
+    /// health checks, once it has passed them.
     Add {
         #[command(flatten)]
         backend: BackendRef,

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use crate::announce::{self, Announcer};
 use crate::api::{self, Call, Request, Response};
 use crate::applied::{AppliedState, BackendKey, HealthStatus, StateFileError};
-use crate::config::{AttachMode, Config, GroupKind, ResolvedBackend};
+use crate::config::{AttachMode, Config, GroupKind, InitialHealth, ResolvedBackend};
 use crate::dataplane::{detach_pinned, Dataplane, TableSizes};
 use crate::health::{unix_ns, CheckTarget, HealthEvent, HealthMonitor};
 use crate::instance::{lock_file, socket_path, state_dir};
@@ -476,6 +476,8 @@ struct Daemon {
     links: BTreeMap<String, LinkHistory>,
     /// Announces the VIPs through BIRD, with `[announce]`.
     announcer: Option<Announcer>,
+    /// The first config has been applied: a backend checked from now on is an addition.
+    applied_once: bool,
 }
 
 /// Where the daemon publishes in memory, besides the files the CLI reads.
@@ -509,6 +511,28 @@ fn start_announcing(config: &Config) -> Option<Announcer> {
     }
 }
 
+/// A newly checked backend's health until its checks answer: healthy at the daemon's start
+/// (unless its group says otherwise), unhealthy when added to a running daemon, so that it
+/// takes no new flows before it has passed its checks.
+fn initial_status(target: &CheckTarget, running: bool, now_unix_ns: u128) -> HealthStatus {
+    let (healthy, reason) = if running {
+        (false, "added: no new flows until it passes its checks")
+    } else if target.initial_health == InitialHealth::Unhealthy {
+        (
+            false,
+            "initial_health = \"unhealthy\": no new flows until it passes its checks",
+        )
+    } else {
+        (true, "checking (healthy until proven otherwise)")
+    };
+    HealthStatus {
+        healthy,
+        reason: reason.into(),
+        since_unix_ns: now_unix_ns,
+        confirmed: false,
+    }
+}
+
 /// The backends `config` health-checks: every backend of a checked Maglev listener, and only the
 /// active server of an active/standby group.
 fn check_targets(config: &Config) -> Vec<CheckTarget> {
@@ -518,7 +542,7 @@ fn check_targets(config: &Config) -> Vec<CheckTarget> {
         let Some(check) = &l.health_check else {
             continue;
         };
-        let mut checked: Vec<ResolvedBackend> = Vec::new();
+        let mut checked: Vec<(ResolvedBackend, InitialHealth)> = Vec::new();
         for group in &resolved.groups {
             // Only the active server of an active/standby group is probed.
             let probed = if group.kind == GroupKind::ActiveStandby {
@@ -529,17 +553,18 @@ fn check_targets(config: &Config) -> Vec<CheckTarget> {
             for b in probed {
                 if !checked
                     .iter()
-                    .any(|c| c.address == b.address && c.port == b.port)
+                    .any(|(c, _)| c.address == b.address && c.port == b.port)
                 {
-                    checked.push(*b);
+                    checked.push((*b, group.initial_health));
                 }
             }
         }
-        for b in checked {
+        for (b, initial_health) in checked {
             targets.push(CheckTarget {
                 key: BackendKey::of(l, &b),
                 address: SocketAddr::new(b.address, check.port.unwrap_or(b.port)),
                 check: check.clone(),
+                initial_health,
             });
         }
     }
@@ -617,6 +642,7 @@ impl Daemon {
             publishers,
             links: BTreeMap::new(),
             announcer: start_announcing(&config),
+            applied_once: false,
         };
         for iface in dataplane.pinned_interfaces() {
             let pin = crate::instance::link_pin(dataplane.dir(), &iface);
@@ -653,19 +679,19 @@ impl Daemon {
     ) -> anyhow::Result<u64> {
         let targets = check_targets(&config);
         let stopped = self.monitor.set_targets(targets.clone(), &self.health);
+        // A backend whose check merely changed keeps its verdict (its new checker starts from
+        // it); only the ones no longer checked are forgotten.
         for key in stopped {
-            self.health.remove(&key);
+            if !targets.iter().any(|t| t.key == key) {
+                self.health.remove(&key);
+            }
         }
         let now = unix_ns(SystemTime::now());
+        let running = self.applied_once;
         for t in &targets {
             self.health
                 .entry(t.key.clone())
-                .or_insert_with(|| HealthStatus {
-                    healthy: true,
-                    reason: "checking (healthy until proven otherwise)".into(),
-                    since_unix_ns: now,
-                    confirmed: false,
-                });
+                .or_insert_with(|| initial_status(t, running, now));
         }
         self.proxy.apply(&config, &self.health)?;
         self.reconciler.apply(&config, &self.health)?;
@@ -674,6 +700,7 @@ impl Daemon {
         self.state.runtime_changes_earlier = runtime_changes_earlier;
         self.state.interfaces = config.interfaces.iter().map(|i| i.name.clone()).collect();
         self.config = config;
+        self.applied_once = true;
         self.publish()?;
         Ok(self.state.generation)
     }
@@ -973,9 +1000,10 @@ impl Daemon {
         };
         let key = &event.key;
         if event.healthy == status.healthy {
-            // The first checks confirmed the verdict it started with: the rings stay as they
-            // are, but what waits for real verdicts (the announcements) may go on.
-            tracing::info!(listener = %key.listener, backend = %key.endpoint(), reason = %event.reason, "backend confirmed healthy");
+            // The first checks confirmed the verdict it started with (healthy at start, or
+            // unhealthy when added): the rings stay as they are, but what waits for real
+            // verdicts (the announcements) may go on.
+            tracing::info!(listener = %key.listener, backend = %key.endpoint(), reason = %event.reason, healthy = event.healthy, "backend's first checks confirm its verdict");
             status.confirmed = true;
             status.reason = event.reason;
         } else {

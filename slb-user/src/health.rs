@@ -11,13 +11,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::applied::{BackendKey, HealthStatus};
-use crate::config::{CheckKind, HealthCheck};
+use crate::config::{CheckKind, HealthCheck, InitialHealth};
 
 /// Consecutive results → verdict. A backend starts healthy, so a new config takes traffic at
 /// once; `unhealthy_threshold` failures in a row make it unhealthy and `healthy_threshold`
 /// successes in a row bring it back. Until its first verdict it is not `confirmed`: the first
-/// `healthy_threshold` successes confirm it (reported like a change), so that what waits for
-/// real verdicts (the announcements) need not wait for a change that never comes.
+/// `healthy_threshold` successes or `unhealthy_threshold` failures confirm where it started
+/// (reported like a change), so that what waits for real verdicts (the announcements) need not
+/// wait for a change that never comes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthMachine {
     pub healthy: bool,
@@ -53,7 +54,7 @@ impl HealthMachine {
         } else {
             self.successes = 0;
             self.failures = self.failures.saturating_add(1);
-            if self.healthy && self.failures >= self.unhealthy_threshold {
+            if (self.healthy || !self.confirmed) && self.failures >= self.unhealthy_threshold {
                 self.healthy = false;
                 self.confirmed = true;
                 return Some(false);
@@ -206,6 +207,8 @@ pub struct CheckTarget {
     pub key: BackendKey,
     pub address: SocketAddr,
     pub check: HealthCheck,
+    /// Its health before its first checks answer, at the daemon's start (its group's).
+    pub initial_health: InitialHealth,
 }
 
 /// The running checker tasks. Re-targeting keeps the tasks whose target did not change, so a
@@ -338,6 +341,15 @@ mod tests {
         }
         assert_eq!(m.record(false), Some(false));
         assert!(m.confirmed);
+        // Added to a running daemon: starts unhealthy, unconfirmed; its failures confirm that.
+        let mut m = HealthMachine::new(2, 3);
+        m.healthy = false;
+        assert_eq!(m.record(false), None);
+        assert_eq!(m.record(false), None);
+        assert_eq!(m.record(false), Some(false), "confirmed unhealthy");
+        assert_eq!(m.record(false), None);
+        assert_eq!(m.record(true), None);
+        assert_eq!(m.record(true), Some(true));
     }
 
     fn check(kind: CheckKind) -> HealthCheck {

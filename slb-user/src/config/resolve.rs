@@ -5,7 +5,9 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-use super::{BackendSpec, Config, ConnectionLimits, GroupKind, Listener, DEFAULT_GROUP};
+use super::{
+    BackendSpec, Config, ConnectionLimits, GroupKind, InitialHealth, Listener, DEFAULT_GROUP,
+};
 
 /// An address and port as slb names them everywhere (status, reports, logs, history samples,
 /// Maglev identities): `10.0.0.1:80` or `[2001:db8::1]:80`, exactly as `SocketAddr` prints them,
@@ -47,6 +49,8 @@ impl<'a> ResolvedListener<'a> {
 pub struct ResolvedGroup<'a> {
     pub name: &'a str,
     pub kind: GroupKind,
+    /// Its backends' health at the daemon's start, before their checks answer.
+    pub initial_health: InitialHealth,
     pub backends: Vec<ResolvedBackend>,
     /// HTTP(S): the proxy's connections to each backend.
     pub limits: ConnectionLimits,
@@ -84,18 +88,23 @@ impl Config {
     /// One listener of this config, resolved (see [`Config::resolved_listeners`]).
     pub fn resolve<'a>(&'a self, listener: &'a Listener) -> ResolvedListener<'a> {
         let lookup = |name: &'a str| {
-            let (name, kind, specs, limits) = match self.groups.iter().find(|g| g.name == name) {
-                Some(g) if name != DEFAULT_GROUP => (name, g.kind, &g.backends, g.limits()),
-                _ => (
-                    DEFAULT_GROUP,
-                    GroupKind::Vserver,
-                    &self.default_group.backends,
-                    self.default_group.limits(),
-                ),
-            };
+            let (name, kind, specs, limits, initial_health) =
+                match self.groups.iter().find(|g| g.name == name) {
+                    Some(g) if name != DEFAULT_GROUP => {
+                        (name, g.kind, &g.backends, g.limits(), g.initial_health)
+                    }
+                    _ => (
+                        DEFAULT_GROUP,
+                        GroupKind::Vserver,
+                        &self.default_group.backends,
+                        self.default_group.limits(),
+                        self.default_group.initial_health,
+                    ),
+                };
             ResolvedGroup {
                 name,
                 kind,
+                initial_health,
                 limits,
                 backends: specs
                     .iter()

@@ -570,6 +570,10 @@ pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub struct DefaultGroup {
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+    /// What the health checks take the backends for when the daemon starts (see
+    /// [`InitialHealth`]).
+    #[serde(default)]
+    pub initial_health: InitialHealth,
     /// HTTP(S): see [`ConnectionLimits`].
     #[serde(default = "default_backend_connections")]
     pub max_connections: u32,
@@ -595,6 +599,7 @@ impl Default for DefaultGroup {
         let limits = ConnectionLimits::default();
         DefaultGroup {
             backends: Vec::new(),
+            initial_health: InitialHealth::default(),
             max_connections: limits.max_connections,
             max_queued_requests: limits.max_queued_requests,
             queue_timeout: limits.queue_timeout,
@@ -657,6 +662,10 @@ pub struct Group {
     pub kind: GroupKind,
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+    /// What the health checks take the backends for when the daemon starts (see
+    /// [`InitialHealth`]).
+    #[serde(default)]
+    pub initial_health: InitialHealth,
     /// HTTP(S): see [`ConnectionLimits`].
     #[serde(default = "default_backend_connections")]
     pub max_connections: u32,
@@ -664,6 +673,19 @@ pub struct Group {
     pub max_queued_requests: u32,
     #[serde(default = "default_queue_timeout", with = "humantime_serde")]
     pub queue_timeout: Duration,
+}
+
+/// A checked backend's health before its first checks have answered, when the daemon starts.
+/// A backend added to a running daemon (a reload, the admin API) always starts unhealthy: it
+/// takes no new flows until it has passed `healthy_threshold` checks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialHealth {
+    /// Traffic at once, as before checks existed; `unhealthy_threshold` failures take it away.
+    #[default]
+    Healthy,
+    /// No new flows until the backend has passed `healthy_threshold` checks.
+    Unhealthy,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

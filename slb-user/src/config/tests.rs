@@ -912,3 +912,24 @@ fn announce_options_are_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn a_group_may_start_unhealthy() {
+    let c = Config::parse(GOOD, "test.toml").unwrap();
+    assert_eq!(c.groups[0].initial_health, InitialHealth::Healthy);
+    assert_eq!(c.default_group.initial_health, InitialHealth::Healthy);
+    let text = GOOD.replace(
+        "[default_group]\n",
+        "[default_group]\ninitial_health = \"unhealthy\"\n",
+    );
+    let c = Config::parse(&text, "test.toml").unwrap();
+    assert_eq!(c.default_group.initial_health, InitialHealth::Unhealthy);
+    let e = error_of(&GOOD.replace(
+        "[default_group]\n",
+        "[default_group]\ninitial_health = \"sick\"\n",
+    ));
+    assert!(
+        e.contains("unknown variant `sick`, expected `healthy` or `unhealthy`"),
+        "{e}"
+    );
+}

@@ -1,0 +1,171 @@
+//! A backend's first moments: one added to a running daemon takes no new flows before it has
+//! passed its health checks (a dead one: none at all), and a group configured with
+//! `initial_health = "unhealthy"` takes none at the daemon's start until its checks pass.
+
+use std::path::Path;
+use std::time::Duration;
+
+use slb_tests::config::{health_check, AllUnhealthy, CheckKind, POOL_GROUP, TCP_LISTENER};
+use slb_tests::slb::{slb_binary, status_backend, unique_instance};
+use slb_tests::traffic::tcp_connections;
+use slb_tests::{
+    require_root, vip_tcp, SlbConfig, SlbDaemon, Topology, TrafficOptions, BACKEND_PORT,
+};
+use slb_user::config::InitialHealth;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_slb-test-server");
+const CONNECTIONS: usize = 1000;
+
+fn checked(config: &mut SlbConfig, interval: Duration) {
+    config.listener_mut(TCP_LISTENER).health_check = Some(health_check(
+        CheckKind::Tcp,
+        interval,
+        Duration::from_millis(200),
+        2,
+        2,
+    ));
+}
+
+#[test]
+fn a_backend_added_at_runtime_takes_no_flows_before_its_checks_pass() {
+    require_root("a_backend_added_at_runtime_takes_no_flows_before_its_checks_pass");
+    let mut topo = Topology::builder()
+        .tag("added")
+        .backends(3)
+        .test_servers(Path::new(SERVER))
+        .build()
+        .expect("create topology");
+    // Backend 3 exists but its port is closed.
+    topo.stop_backend_server(3).expect("stop b3's server");
+    let mut config = SlbConfig::standard(&unique_instance("added"), &[1, 1]);
+    checked(&mut config, Duration::from_millis(200));
+    // slb's interface towards backend 3, for when it is added.
+    let mut towards_b3 = config.interfaces[1].clone();
+    towards_b3.name = "s3".into();
+    config.interfaces.push(towards_b3);
+    let daemon = SlbDaemon::start(&slb_binary(), topo.slb_ns(), &config).expect("start slb");
+    for i in 1..=2 {
+        daemon
+            .wait_backend_health(
+                TCP_LISTENER,
+                Topology::backend_addr(i),
+                true,
+                Duration::from_secs(2),
+            )
+            .expect("b1 and b2 healthy");
+    }
+
+    let b3 = Topology::backend_addr(3);
+    let out = daemon
+        .cli([
+            "backend",
+            "add",
+            "-i",
+            daemon.instance(),
+            "--group",
+            POOL_GROUP,
+            "--address",
+            &format!("{b3}:{BACKEND_PORT}"),
+            "--weight",
+            "1",
+        ])
+        .expect("run slb backend add");
+    out.expect_success().expect("slb backend add");
+    let status = daemon.status().expect("status");
+    let added = status_backend(&status, TCP_LISTENER, b3).expect("b3 in status");
+    println!(
+        "b3 added: healthy {}, {:?}",
+        added.healthy,
+        added.health.as_ref().map(|h| &h.reason)
+    );
+    assert!(!added.healthy, "{added:#?}");
+
+    let before = tcp_connections(
+        topo.client_ns(),
+        vip_tcp(),
+        &TrafficOptions::new(CONNECTIONS),
+    )
+    .expect("connections");
+    println!("{}", before.summary("with b3 added, port closed"));
+    assert_eq!(before.answered(), CONNECTIONS, "{:?}", before.failures);
+    assert_eq!(
+        before
+            .counts
+            .get(&Topology::backend_name(3))
+            .copied()
+            .unwrap_or(0),
+        0,
+        "{:?}",
+        before.counts
+    );
+    // Its checks have failed meanwhile: the verdict is confirmed, still unhealthy.
+    let status = daemon.status().expect("status");
+    let failing = status_backend(&status, TCP_LISTENER, b3).expect("b3 in status");
+    assert!(!failing.healthy, "{failing:#?}");
+
+    // Its server starts: once its checks pass, it takes its share.
+    topo.start_backend_server(3, Path::new(SERVER))
+        .expect("start b3's server");
+    daemon
+        .wait_backend_health(TCP_LISTENER, b3, true, Duration::from_secs(3))
+        .expect("b3 passes its checks");
+    let after = tcp_connections(
+        topo.client_ns(),
+        vip_tcp(),
+        &TrafficOptions::new(CONNECTIONS),
+    )
+    .expect("connections");
+    println!("{}", after.summary("with b3 passing its checks"));
+    assert_eq!(after.answered(), CONNECTIONS, "{:?}", after.failures);
+    let b3_share = after
+        .counts
+        .get(&Topology::backend_name(3))
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        b3_share >= CONNECTIONS / 5,
+        "b3 got {b3_share} of {CONNECTIONS}: {:?}",
+        after.counts
+    );
+}
+
+#[test]
+fn a_group_that_starts_unhealthy_waits_for_its_checks() {
+    require_root("a_group_that_starts_unhealthy_waits_for_its_checks");
+    let topo = Topology::builder()
+        .tag("cold")
+        .backends(2)
+        .test_servers(Path::new(SERVER))
+        .build()
+        .expect("create topology");
+    let mut config = SlbConfig::standard(&unique_instance("cold"), &[1, 1]);
+    // Checks 2 s apart with 2 passes needed: the verdict comes about 2 s after the start.
+    checked(&mut config, Duration::from_secs(2));
+    config.listener_mut(TCP_LISTENER).on_all_unhealthy = AllUnhealthy::Drop;
+    config.group_mut(POOL_GROUP).initial_health = InitialHealth::Unhealthy;
+    let daemon = SlbDaemon::start(&slb_binary(), topo.slb_ns(), &config).expect("start slb");
+    let status = daemon.status().expect("status");
+    for i in 1..=2 {
+        let b = status_backend(&status, TCP_LISTENER, Topology::backend_addr(i))
+            .expect("backend in status");
+        println!(
+            "b{i} at start: healthy {}, {:?}",
+            b.healthy,
+            b.health.as_ref().map(|h| &h.reason)
+        );
+        assert!(!b.healthy, "{b:#?}");
+    }
+    for i in 1..=2 {
+        daemon
+            .wait_backend_health(
+                TCP_LISTENER,
+                Topology::backend_addr(i),
+                true,
+                Duration::from_secs(6),
+            )
+            .expect("healthy once checked");
+    }
+    let report = tcp_connections(topo.client_ns(), vip_tcp(), &TrafficOptions::new(300))
+        .expect("connections");
+    assert_eq!(report.answered(), 300, "{:?}", report.failures);
+}
