@@ -46,6 +46,15 @@ pub enum Request {
         port: Option<u16>,
         weight: u32,
     },
+    /// Weight 0, then, once the backend's connections are gone or at the deadline, removed
+    /// (`remove`) or left drained; the daemon follows it and `slb status` shows it.
+    BackendDrain {
+        group: String,
+        address: BackendName,
+        port: Option<u16>,
+        timeout_s: u64,
+        remove: bool,
+    },
     // Braces, not unit variants: serde lets unknown fields through on a unit variant of an
     // internally tagged enum, deny_unknown_fields or not.
     /// Re-read the config file, dropping runtime changes.
@@ -88,6 +97,13 @@ impl Request {
                 port,
                 EditAction::SetWeight { weight: *weight },
             ),
+            // A drain begins as weight 0.
+            Request::BackendDrain {
+                group,
+                address,
+                port,
+                ..
+            } => (group, address, port, EditAction::SetWeight { weight: 0 }),
             Request::Reload {} | Request::Stop {} => return Ok(None),
         };
         let backend = address.with_port(*port)?;

@@ -101,6 +101,59 @@ pub struct AppliedState {
     pub proxy_listeners: Vec<ProxyListenerInfo>,
     #[serde(default)]
     pub access_log: Option<PathBuf>,
+    /// Backends being drained (`slb backend drain`), and how the last ones ended.
+    #[serde(default)]
+    pub drains: Vec<Drain>,
+}
+
+/// A backend drained with a deadline: weight 0 until its connections are gone or the deadline
+/// passes, then removed or left at weight 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    pub group: String,
+    pub address: IpAddr,
+    /// `None`: every port the backend serves in the group on.
+    pub port: Option<u16>,
+    pub started_unix_ns: u128,
+    pub deadline_unix_ns: u128,
+    /// Remove it from the group when drained (or at the deadline, cutting what is left).
+    pub remove: bool,
+    pub phase: DrainPhase,
+    /// Its established connections at the last look.
+    pub left: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrainPhase {
+    Draining,
+    /// No connection left; still in the group at weight 0.
+    Drained,
+    /// No connection left, and removed from the group.
+    Removed,
+    /// The deadline passed with `left` connections; still at weight 0.
+    TimedOut,
+    /// The deadline passed with `left` connections, which the removal ended.
+    RemovedAtDeadline,
+}
+
+impl Drain {
+    pub fn describe(&self) -> String {
+        let backend = match self.port {
+            Some(p) => crate::config::Endpoint::new(self.address, p).to_string(),
+            None => self.address.to_string(),
+        };
+        format!("{backend} in group {}", self.group)
+    }
+
+    pub fn finished(&self) -> bool {
+        self.phase != DrainPhase::Draining
+    }
+
+    /// Whether `backend` (of the status) is the drained one.
+    pub fn covers(&self, group: &str, address: IpAddr, port: u16) -> bool {
+        self.group == group && self.address == address && self.port.is_none_or(|p| p == port)
+    }
 }
 
 /// The TCP/UDP listeners and backends the reconciler wrote into the maps, with the ids, slots

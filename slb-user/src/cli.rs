@@ -185,6 +185,22 @@ pub enum BackendAction {
         #[command(flatten)]
         backend: BackendRef,
     },
+    /// Drain a backend: weight 0 (no new connections, established ones kept) until its
+    /// connections are gone or the deadline passes; then, with --remove, remove it. Waits and
+    /// reports progress unless --no-wait; fails if connections are left at the deadline.
+    Drain {
+        #[command(flatten)]
+        backend: BackendRef,
+        /// How long to wait for its connections to end (e.g. 60s, 10m; at most 24h).
+        #[arg(long, default_value = "60s", value_parser = parse_drain_timeout)]
+        timeout: std::time::Duration,
+        /// Remove it from the group once drained, or at the deadline (ending what is left).
+        #[arg(long)]
+        remove: bool,
+        /// Return once the drain has begun; `slb status` follows it.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Change a backend's weight (0 drains it: no new connections, established ones kept).
     SetWeight {
         #[command(flatten)]
@@ -221,6 +237,22 @@ impl BackendAction {
                     group,
                     address: bare(b),
                     port: b.port,
+                };
+                (instance, request)
+            }
+            BackendAction::Drain {
+                backend,
+                timeout,
+                remove,
+                ..
+            } => {
+                let (instance, group, b) = backend.resolve()?;
+                let request = Request::BackendDrain {
+                    group,
+                    address: bare(b),
+                    port: b.port,
+                    timeout_s: timeout.as_secs(),
+                    remove,
                 };
                 (instance, request)
             }
@@ -293,6 +325,17 @@ fn parse_watch_seconds(text: &str) -> Result<f64, String> {
         return Err(format!("{text} is not between 0.1 and 3600 seconds"));
     }
     Ok(seconds)
+}
+
+/// Longest `slb backend drain --timeout`.
+const MAX_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+fn parse_drain_timeout(text: &str) -> Result<std::time::Duration, String> {
+    let timeout = humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?;
+    if timeout < std::time::Duration::from_secs(1) || timeout > MAX_DRAIN_TIMEOUT {
+        return Err(format!("{text:?}: a drain's timeout is 1s to 24h"));
+    }
+    Ok(timeout)
 }
 
 fn parse_weight(text: &str) -> Result<u32, String> {

@@ -313,13 +313,19 @@ async fn serve(
                         daemon.stop_announcing(true).await;
                         return Ok(Exit::Shutdown);
                     }
+                    Request::BackendDrain { timeout_s, remove, .. } => {
+                        daemon.start_drain(&request, timeout_s, remove)
+                    }
                     other => daemon.runtime_change(&other),
                 };
                 log_response("admin API", &response);
                 let _ = reply.send(response);
             }
             Some(event) = health_rx.recv() => daemon.health_changed(event),
-            _ = link_check.tick() => daemon.check_links(dataplane),
+            _ = link_check.tick() => {
+                daemon.check_links(dataplane);
+                daemon.check_drains();
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -353,6 +359,7 @@ fn start_daemon(
         },
         proxy,
     )?;
+    let mut daemon = daemon;
     let proxy_counters = daemon.proxy.counters();
     let live = LiveStatus::new(
         published_rx,
@@ -360,6 +367,7 @@ fn start_daemon(
         dataplane.dir(),
         proxy_counters.clone(),
     )?;
+    daemon.live = Some(live.clone());
     let mut background = spawn_background(
         &daemon.file_config,
         dataplane.dir(),
@@ -478,6 +486,9 @@ struct Daemon {
     announcer: Option<Announcer>,
     /// The first config has been applied: a backend checked from now on is an addition.
     applied_once: bool,
+    /// What the daemon's own status reads (counters, the sweeper's counts): how many
+    /// connections a drained backend has left.
+    live: Option<LiveStatus>,
 }
 
 /// Where the daemon publishes in memory, besides the files the CLI reads.
@@ -643,6 +654,7 @@ impl Daemon {
             links: BTreeMap::new(),
             announcer: start_announcing(&config),
             applied_once: false,
+            live: None,
         };
         for iface in dataplane.pinned_interfaces() {
             let pin = crate::instance::link_pin(dataplane.dir(), &iface);
@@ -968,6 +980,12 @@ impl Daemon {
                 }
             };
             self.file_config = config;
+            // The file's weights are back: drains under way end.
+            if self.state.drains.iter().any(|d| !d.finished()) {
+                tracing::info!("reload: the drains under way end (the file's weights are back)");
+            }
+            self.state.drains.retain(|d| d.finished());
+            self.publish()?;
             Ok(format!(
                 "config file {} applied as generation {generation}",
                 path.display()
@@ -992,6 +1010,107 @@ impl Daemon {
             Ok(description)
         })();
         self.response(result)
+    }
+
+    /// `slb backend drain`: weight 0 now; [`check_drains`](Self::check_drains) follows it.
+    fn start_drain(&mut self, request: &Request, timeout_s: u64, remove: bool) -> Response {
+        let response = self.runtime_change(request);
+        if !response.ok {
+            return response;
+        }
+        let Ok(Some(edit)) = request.backend_edit() else {
+            return response;
+        };
+        let now = unix_ns(SystemTime::now());
+        let drain = crate::applied::Drain {
+            group: edit.group,
+            address: edit.address,
+            port: edit.port,
+            started_unix_ns: now,
+            deadline_unix_ns: now + u128::from(timeout_s) * 1_000_000_000,
+            remove,
+            phase: crate::applied::DrainPhase::Draining,
+            left: 0,
+        };
+        let message = format!(
+            "draining {} (weight 0) for up to {timeout_s} s; {}",
+            drain.describe(),
+            if remove {
+                "removed once its connections are gone, or at the deadline"
+            } else {
+                "reported once its connections are gone, or at the deadline"
+            }
+        );
+        // A new drain of the same backend replaces the old one.
+        self.state.drains.retain(|d| {
+            !(d.group == drain.group && d.address == drain.address && d.port == drain.port)
+        });
+        self.state.drains.push(drain);
+        tracing::info!("{message}");
+        // Its connections counted now, so the first report has them.
+        self.check_drains();
+        self.response(Ok(message))
+    }
+
+    /// Follows the drains under way: a backend whose connections are gone is drained (and
+    /// removed, if asked); one still holding connections at the deadline is reported (or
+    /// removed, cutting them).
+    fn check_drains(&mut self) {
+        use crate::applied::DrainPhase;
+        if self.state.drains.iter().all(|d| d.finished()) {
+            return;
+        }
+        let Some(live) = &self.live else {
+            return;
+        };
+        let status = match live.collect() {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::warn!("drains: reading the connection counts failed: {e:#}");
+                return;
+            }
+        };
+        let now = unix_ns(SystemTime::now());
+        let mut removals = Vec::new();
+        for d in self.state.drains.iter_mut().filter(|d| !d.finished()) {
+            d.left = status
+                .backends
+                .iter()
+                .filter(|b| d.covers(&b.group, b.address, b.port))
+                .map(|b| b.connections)
+                .sum();
+            let over = now >= d.deadline_unix_ns;
+            d.phase = match (d.left == 0, over, d.remove) {
+                (true, _, true) => DrainPhase::Removed,
+                (true, _, false) => DrainPhase::Drained,
+                (false, true, true) => DrainPhase::RemovedAtDeadline,
+                (false, true, false) => DrainPhase::TimedOut,
+                (false, false, _) => continue,
+            };
+            tracing::info!(phase = ?d.phase, left = d.left, "drain of {} ended", d.describe());
+            if d.remove {
+                removals.push(Request::BackendRemove {
+                    group: d.group.clone(),
+                    address: crate::config::BackendName {
+                        address: d.address,
+                        port: None,
+                    },
+                    port: d.port,
+                });
+            }
+        }
+        for removal in removals {
+            let response = self.runtime_change(&removal);
+            if !response.ok {
+                tracing::error!(
+                    "drains: removing the drained backend failed: {}",
+                    response.message
+                );
+            }
+        }
+        if let Err(e) = self.publish() {
+            tracing::error!("publishing the drains failed: {e:#}");
+        }
     }
 
     fn health_changed(&mut self, event: HealthEvent) {

@@ -141,6 +141,63 @@ fn stop(instance: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reports a drain's progress from `slb status` once a second until it ends; an error when
+/// connections were left at the deadline.
+fn follow_drain(
+    instance: &str,
+    group: &str,
+    address: std::net::IpAddr,
+    port: Option<u16>,
+) -> anyhow::Result<()> {
+    use slb_user::applied::DrainPhase;
+    let mut last_left = None;
+    loop {
+        let state = slb_user::applied::AppliedState::read(instance)?;
+        let Some(drain) = state
+            .drains
+            .iter()
+            .find(|d| d.group == group && d.address == address && d.port == port)
+        else {
+            anyhow::bail!("the drain is gone (a reload of the config file ends drains)");
+        };
+        let now = slb_user::health::unix_ns(std::time::SystemTime::now());
+        if drain.phase == DrainPhase::Draining {
+            if last_left != Some(drain.left) {
+                println!(
+                    "{}: {} connection(s) left, {} s to the deadline",
+                    drain.describe(),
+                    drain.left,
+                    drain.deadline_unix_ns.saturating_sub(now) / 1_000_000_000
+                );
+                last_left = Some(drain.left);
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            continue;
+        }
+        let what = drain.describe();
+        return match drain.phase {
+            DrainPhase::Drained => {
+                println!("{what}: drained, no connection left (weight 0)");
+                Ok(())
+            }
+            DrainPhase::Removed => {
+                println!("{what}: drained and removed");
+                Ok(())
+            }
+            DrainPhase::RemovedAtDeadline => anyhow::bail!(
+                "{what}: removed at the deadline, ending its {} connection(s) left",
+                drain.left
+            ),
+            DrainPhase::TimedOut => anyhow::bail!(
+                "{what}: {} connection(s) left at the deadline; it stays at weight 0 \
+                 (drain again, or remove it with `slb backend remove`)",
+                drain.left
+            ),
+            DrainPhase::Draining => unreachable!("handled above"),
+        };
+    }
+}
+
 /// Prints the daemon's answer; a refusal is an error (non-zero exit).
 fn answer(response: api::Response) -> anyhow::Result<()> {
     if response.ok {
@@ -218,8 +275,23 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             print_json_or_text(json, &status, status::render)
         }
         Command::Backend { action } => {
+            let wait = matches!(
+                action,
+                slb_user::cli::BackendAction::Drain { no_wait: false, .. }
+            );
             let (instance, request) = action.request()?;
-            answer(api::call(&instance, &request)?)
+            answer(api::call(&instance, &request)?)?;
+            match request {
+                api::Request::BackendDrain {
+                    group,
+                    address,
+                    port,
+                    ..
+                } if wait => {
+                    follow_drain(&instance, &group, address.address, port.or(address.port))
+                }
+                _ => Ok(()),
+            }
         }
         Command::Decap { action } => decap(action),
         Command::Snat {

@@ -50,6 +50,9 @@ pub struct Status {
     /// The addresses announced through BIRD, with `[announce]`.
     #[serde(default)]
     pub announce: Option<AnnounceStatus>,
+    /// Backends drained with a deadline (`slb backend drain`).
+    #[serde(default)]
+    pub drains: Vec<crate::applied::Drain>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -193,6 +196,7 @@ impl Status {
             proxy_counters,
             warnings,
             announce,
+            drains: state.drains.clone(),
         })
     }
 }
@@ -317,6 +321,7 @@ pub fn render(status: &Status) -> String {
     render_listeners(&mut out, status);
     render_announcements(&mut out, status);
     render_backends(&mut out, status);
+    render_drains(&mut out, status);
     render_changes_and_warnings(&mut out, status);
     render_proxy_listeners(&mut out, status);
     let _ = writeln!(out, "\nCOUNTERS");
@@ -470,6 +475,34 @@ fn render_announcements(out: &mut String, status: &Status) {
                 "; retrying every second"
             }
         );
+    }
+}
+
+fn render_drains(out: &mut String, status: &Status) {
+    use crate::applied::DrainPhase;
+    if status.drains.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nDRAINS");
+    let now = crate::health::unix_ns(std::time::SystemTime::now());
+    for d in &status.drains {
+        let state = match d.phase {
+            DrainPhase::Draining => format!(
+                "draining: {} connection(s) left, {} s to the deadline{}",
+                d.left,
+                d.deadline_unix_ns.saturating_sub(now) / 1_000_000_000,
+                if d.remove { ", then removed" } else { "" }
+            ),
+            DrainPhase::Drained => "drained (weight 0, no connection left)".into(),
+            DrainPhase::Removed => "drained and removed".into(),
+            DrainPhase::TimedOut => {
+                format!("TIMED OUT with {} connection(s) left (weight 0)", d.left)
+            }
+            DrainPhase::RemovedAtDeadline => {
+                format!("removed at the deadline, ending {} connection(s)", d.left)
+            }
+        };
+        let _ = writeln!(out, "  {}: {state}", d.describe());
     }
 }
 
@@ -967,6 +1000,7 @@ mod tests {
             proxy_listeners: Vec::new(),
             proxy_counters: BTreeMap::from([("loops_refused".to_string(), 2)]),
             announce: None,
+            drains: Vec::new(),
         }
     }
 

@@ -169,3 +169,119 @@ fn a_group_that_starts_unhealthy_waits_for_its_checks() {
         .expect("connections");
     assert_eq!(report.answered(), 300, "{:?}", report.failures);
 }
+
+/// The drain entry `slb status` shows for the backend at `address`.
+fn drain_of(daemon: &SlbDaemon, address: std::net::IpAddr) -> slb_user::applied::Drain {
+    daemon
+        .status()
+        .expect("status")
+        .drains
+        .into_iter()
+        .find(|d| d.address == address)
+        .expect("a drain of the backend in slb status")
+}
+
+#[test]
+fn a_drain_ends_when_the_connections_are_gone_or_at_its_deadline() {
+    use slb_tests::LongLivedStreams;
+    use slb_user::applied::DrainPhase;
+    require_root("a_drain_ends_when_the_connections_are_gone_or_at_its_deadline");
+    let topo = Topology::builder()
+        .tag("drain")
+        .backends(3)
+        .test_servers(Path::new(SERVER))
+        .build()
+        .expect("create topology");
+    let config = SlbConfig::standard(&unique_instance("drain"), &[1, 1, 1]);
+    let daemon = SlbDaemon::start(&slb_binary(), topo.slb_ns(), &config).expect("start slb");
+    let mut streams =
+        LongLivedStreams::open(topo.client_ns(), vip_tcp(), 30, Duration::from_secs(5))
+            .expect("open streams");
+    let counts = streams.counts();
+    let with_streams: Vec<usize> = (1..=3)
+        .filter(|&i| counts.contains_key(&Topology::backend_name(i)))
+        .collect();
+    assert!(with_streams.len() >= 2, "streams on {counts:?}");
+    let drain = |i: usize, extra: &[&str]| {
+        let address = format!("{}:{BACKEND_PORT}", Topology::backend_addr(i));
+        let mut args = vec![
+            "backend",
+            "drain",
+            "-i",
+            daemon.instance(),
+            "--group",
+            POOL_GROUP,
+            "--address",
+            &address,
+        ];
+        args.extend_from_slice(extra);
+        daemon.cli(&args).expect("run slb backend drain")
+    };
+
+    // 1. Drained with --remove: its streams go on until they close, then it leaves the group.
+    let first = with_streams[0];
+    let first_addr = std::net::IpAddr::from(Topology::backend_addr(first));
+    let mut on_first = streams.split_off_backend(&Topology::backend_name(first));
+    let out = drain(first, &["--timeout", "30s", "--remove", "--no-wait"]);
+    println!("{}", out.stdout.trim());
+    out.expect_success().expect("slb backend drain --no-wait");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while drain_of(&daemon, first_addr).left != on_first.len() as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            drain_of(&daemon, first_addr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let report = tcp_connections(topo.client_ns(), vip_tcp(), &TrafficOptions::new(300))
+        .expect("connections");
+    assert_eq!(report.answered(), 300, "{:?}", report.failures);
+    assert_eq!(
+        report.counts.get(&Topology::backend_name(first)),
+        None,
+        "a draining backend takes no new connection: {:?}",
+        report.counts
+    );
+    on_first.assert_all_answer(2, Duration::from_millis(50), "while draining");
+    let held = on_first.len();
+    drop(on_first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = drain_of(&daemon, first_addr);
+        if d.phase == DrainPhase::Removed {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{d:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = daemon.status().expect("status");
+    assert!(
+        status.backends.iter().all(|b| b.address != first_addr),
+        "removed once drained"
+    );
+    println!("b{first}: {held} connections closed, drained and removed");
+    streams.assert_all_answer(2, Duration::from_millis(50), "after the removal");
+
+    // 2. A deadline with connections left: the command waits, reports and fails; the backend
+    // stays at weight 0 and its connections go on.
+    let second = with_streams[1];
+    let second_addr = std::net::IpAddr::from(Topology::backend_addr(second));
+    let left = streams.counts()[&Topology::backend_name(second)];
+    let out = drain(second, &["--timeout", "2s"]);
+    println!("{}\n{}", out.stdout.trim(), out.stderr.trim());
+    assert!(!out.success(), "{out}");
+    assert!(
+        out.stderr
+            .contains(&format!("{left} connection(s) left at the deadline")),
+        "{out}"
+    );
+    assert!(out.stdout.contains("connection(s) left, "), "{out}");
+    let d = drain_of(&daemon, second_addr);
+    assert_eq!((d.phase, d.left), (DrainPhase::TimedOut, left as u64));
+    let text = daemon
+        .cli(["status", "-i", daemon.instance()])
+        .expect("status");
+    assert!(text.stdout.contains("TIMED OUT with"), "{}", text.stdout);
+    streams.assert_all_answer(2, Duration::from_millis(50), "after the deadline");
+}
