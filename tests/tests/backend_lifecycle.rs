@@ -26,6 +26,15 @@ fn checked(config: &mut SlbConfig, interval: Duration) {
     ));
 }
 
+/// Waits until the TCP listener's backends 1 to `n` pass their checks.
+fn wait_healthy(daemon: &SlbDaemon, n: usize, timeout: Duration) {
+    for i in 1..=n {
+        daemon
+            .wait_backend_health(TCP_LISTENER, Topology::backend_addr(i), true, timeout)
+            .unwrap_or_else(|e| panic!("b{i} healthy: {e:#}"));
+    }
+}
+
 #[test]
 fn a_backend_added_at_runtime_takes_no_flows_before_its_checks_pass() {
     require_root("a_backend_added_at_runtime_takes_no_flows_before_its_checks_pass");
@@ -44,16 +53,7 @@ fn a_backend_added_at_runtime_takes_no_flows_before_its_checks_pass() {
     towards_b3.name = "s3".into();
     config.interfaces.push(towards_b3);
     let daemon = SlbDaemon::start(&slb_binary(), topo.slb_ns(), &config).expect("start slb");
-    for i in 1..=2 {
-        daemon
-            .wait_backend_health(
-                TCP_LISTENER,
-                Topology::backend_addr(i),
-                true,
-                Duration::from_secs(2),
-            )
-            .expect("b1 and b2 healthy");
-    }
+    wait_healthy(&daemon, 2, Duration::from_secs(2));
 
     let b3 = Topology::backend_addr(3);
     let out = daemon
@@ -155,16 +155,7 @@ fn a_group_that_starts_unhealthy_waits_for_its_checks() {
         );
         assert!(!b.healthy, "{b:#?}");
     }
-    for i in 1..=2 {
-        daemon
-            .wait_backend_health(
-                TCP_LISTENER,
-                Topology::backend_addr(i),
-                true,
-                Duration::from_secs(6),
-            )
-            .expect("healthy once checked");
-    }
+    wait_healthy(&daemon, 2, Duration::from_secs(6));
     let report = tcp_connections(topo.client_ns(), vip_tcp(), &TrafficOptions::new(300))
         .expect("connections");
     assert_eq!(report.answered(), 300, "{:?}", report.failures);
