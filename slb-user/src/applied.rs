@@ -111,16 +111,19 @@ pub struct AppliedState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drain {
     pub group: String,
-    pub address: IpAddr,
-    /// `None`: every port the backend serves in the group on.
-    pub port: Option<u16>,
-    pub started_unix_ns: u128,
+    /// The backend as named (its address, and its port when it has one).
+    pub backend: crate::config::BackendName,
+    /// The listeners' backends it is: whose connections it waits for.
+    pub keys: Vec<BackendKey>,
     pub deadline_unix_ns: u128,
     /// Remove it from the group when drained (or at the deadline, cutting what is left).
     pub remove: bool,
     pub phase: DrainPhase,
     /// Its established connections at the last look.
     pub left: u64,
+    /// Why it ended otherwise than planned (a failed removal, another change).
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,24 +138,27 @@ pub enum DrainPhase {
     TimedOut,
     /// The deadline passed with `left` connections, which the removal ended.
     RemovedAtDeadline,
+    /// The removal was refused (see the note); the backend is still in the group at weight 0.
+    RemoveFailed,
+    /// Another change to the backend (a reweight, a removal) ended the drain (see the note).
+    Ended,
 }
+
+/// Finished drains `slb status` keeps listing (the latest ones).
+pub const FINISHED_DRAINS_LISTED: usize = 20;
 
 impl Drain {
     pub fn describe(&self) -> String {
-        let backend = match self.port {
-            Some(p) => crate::config::Endpoint::new(self.address, p).to_string(),
-            None => self.address.to_string(),
-        };
-        format!("{backend} in group {}", self.group)
+        format!("{} in group {}", self.backend, self.group)
     }
 
     pub fn finished(&self) -> bool {
         self.phase != DrainPhase::Draining
     }
 
-    /// Whether `backend` (of the status) is the drained one.
-    pub fn covers(&self, group: &str, address: IpAddr, port: u16) -> bool {
-        self.group == group && self.address == address && self.port.is_none_or(|p| p == port)
+    /// Whether this is the drain of `backend` in `group`.
+    pub fn is_of(&self, group: &str, backend: &crate::config::BackendName) -> bool {
+        self.group == group && self.backend == *backend
     }
 }
 

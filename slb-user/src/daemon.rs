@@ -2,7 +2,7 @@
 //! verdicts until told to stop. SIGHUP (or `slb reload`) re-reads the file; a bad file is logged
 //! and the running config stays.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -316,7 +316,13 @@ async fn serve(
                     Request::BackendDrain { timeout_s, remove, .. } => {
                         daemon.start_drain(&request, timeout_s, remove)
                     }
-                    other => daemon.runtime_change(&other),
+                    other => {
+                        let response = daemon.runtime_change(&other);
+                        if response.ok {
+                            daemon.end_drains_changed_by(&other, &response.message);
+                        }
+                        response
+                    }
                 };
                 log_response("admin API", &response);
                 let _ = reply.send(response);
@@ -348,7 +354,7 @@ fn start_daemon(
     let (plan_tx, plan_rx) = watch::channel(crate::flows::SweepPlan::default());
     let (published_tx, published_rx) = watch::channel(Published::default());
     let (flows_tx, flows_rx) = watch::channel(crate::flows::FlowCounts::default());
-    let daemon = Daemon::start(
+    let mut daemon = Daemon::start(
         dataplane,
         config,
         previous,
@@ -359,7 +365,6 @@ fn start_daemon(
         },
         proxy,
     )?;
-    let mut daemon = daemon;
     let proxy_counters = daemon.proxy.counters();
     let live = LiveStatus::new(
         published_rx,
@@ -522,11 +527,24 @@ fn start_announcing(config: &Config) -> Option<Announcer> {
     }
 }
 
+/// Every backend of every listener of `config`, as health and counters key them.
+fn backend_keys(config: &Config) -> BTreeSet<BackendKey> {
+    config
+        .resolved_listeners()
+        .iter()
+        .flat_map(|r| {
+            r.groups
+                .iter()
+                .flat_map(|g| g.backends.iter().map(|b| BackendKey::of(r.listener, b)))
+        })
+        .collect()
+}
+
 /// A newly checked backend's health until its checks answer: healthy at the daemon's start
-/// (unless its group says otherwise), unhealthy when added to a running daemon, so that it
-/// takes no new flows before it has passed its checks.
-fn initial_status(target: &CheckTarget, running: bool, now_unix_ns: u128) -> HealthStatus {
-    let (healthy, reason) = if running {
+/// (unless its group says otherwise) or when it only gains a check, unhealthy when `added` to
+/// a running daemon, so that it takes no new flows before it has passed its checks.
+fn initial_status(target: &CheckTarget, added: bool, now_unix_ns: u128) -> HealthStatus {
+    let (healthy, reason) = if added {
         (false, "added: no new flows until it passes its checks")
     } else if target.initial_health == InitialHealth::Unhealthy {
         (
@@ -690,6 +708,21 @@ impl Daemon {
         runtime_changes_earlier: u64,
     ) -> anyhow::Result<u64> {
         let targets = check_targets(&config);
+        // Before the checkers start, so each starts from its backend's verdict. Only a backend
+        // the running config did not have is an addition: one that merely gains a check (or
+        // whose check changes) is not.
+        let now = unix_ns(SystemTime::now());
+        let before = if self.applied_once {
+            backend_keys(&self.config)
+        } else {
+            BTreeSet::new()
+        };
+        for t in &targets {
+            let added = self.applied_once && !before.contains(&t.key);
+            self.health
+                .entry(t.key.clone())
+                .or_insert_with(|| initial_status(t, added, now));
+        }
         let stopped = self.monitor.set_targets(targets.clone(), &self.health);
         // A backend whose check merely changed keeps its verdict (its new checker starts from
         // it); only the ones no longer checked are forgotten.
@@ -697,13 +730,6 @@ impl Daemon {
             if !targets.iter().any(|t| t.key == key) {
                 self.health.remove(&key);
             }
-        }
-        let now = unix_ns(SystemTime::now());
-        let running = self.applied_once;
-        for t in &targets {
-            self.health
-                .entry(t.key.clone())
-                .or_insert_with(|| initial_status(t, running, now));
         }
         self.proxy.apply(&config, &self.health)?;
         self.reconciler.apply(&config, &self.health)?;
@@ -1014,71 +1040,168 @@ impl Daemon {
 
     /// `slb backend drain`: weight 0 now; [`check_drains`](Self::check_drains) follows it.
     fn start_drain(&mut self, request: &Request, timeout_s: u64, remove: bool) -> Response {
+        let drain = match self.plan_drain(request, timeout_s, remove) {
+            Ok(drain) => drain,
+            Err(e) => return self.response(Err(e)),
+        };
         let response = self.runtime_change(request);
         if !response.ok {
             return response;
         }
-        let Ok(Some(edit)) = request.backend_edit() else {
-            return response;
+        // A new drain of the same backend replaces the old one.
+        self.state
+            .drains
+            .retain(|d| !d.is_of(&drain.group, &drain.backend));
+        self.state.drains.push(drain.clone());
+        // Its connections counted now, so the first report has them (and a backend without
+        // any is drained at once).
+        self.check_drains();
+        if let Err(e) = self.publish() {
+            return self.response(Err(e));
+        }
+        let now = self
+            .state
+            .drains
+            .iter()
+            .find(|d| d.is_of(&drain.group, &drain.backend))
+            .cloned()
+            .unwrap_or(drain);
+        let message = match now.phase {
+            crate::applied::DrainPhase::Draining => format!(
+                "draining {} (weight 0, {} connection(s)) for up to {timeout_s} s; then {}",
+                now.describe(),
+                now.left,
+                if remove { "removed" } else { "reported" }
+            ),
+            phase => format!("{}: no connection to wait for ({phase:?})", now.describe()),
         };
-        let now = unix_ns(SystemTime::now());
-        let drain = crate::applied::Drain {
-            group: edit.group,
+        tracing::info!("{message}");
+        self.response(Ok(message))
+    }
+
+    /// The drain `request` asks for, checked against the running config: the listener backends
+    /// it covers, and a refusal where weights do not apply (active/standby) or where slb does
+    /// not follow connections per backend (HTTP(S), served by the proxy).
+    fn plan_drain(
+        &self,
+        request: &Request,
+        timeout_s: u64,
+        remove: bool,
+    ) -> anyhow::Result<crate::applied::Drain> {
+        const MAX_TIMEOUT_S: u64 = 24 * 3600;
+        if !(1..=MAX_TIMEOUT_S).contains(&timeout_s) {
+            anyhow::bail!("timeout: {timeout_s} s; a drain's timeout is 1 s to 24 h");
+        }
+        let edit = request
+            .backend_edit()?
+            .expect("a drain is a backend change");
+        let backend = crate::config::BackendName {
             address: edit.address,
             port: edit.port,
-            started_unix_ns: now,
-            deadline_unix_ns: now + u128::from(timeout_s) * 1_000_000_000,
+        };
+        let mut keys = Vec::new();
+        for r in self.config.resolved_listeners() {
+            for g in r.groups.iter().filter(|g| g.name == edit.group) {
+                if g.kind == GroupKind::ActiveStandby {
+                    anyhow::bail!(
+                        "group {}: an active/standby pair has no weights to drain by; remove \
+                         or replace the server instead",
+                        edit.group
+                    );
+                }
+                if r.listener.protocol.is_l7() {
+                    anyhow::bail!(
+                        "group {} serves {} listener {}, whose connections slb does not follow \
+                         per backend: use `slb backend set-weight ... --weight 0`",
+                        edit.group,
+                        r.listener.protocol,
+                        r.listener.name
+                    );
+                }
+                let spec = crate::config::BackendSpec {
+                    address: edit.address,
+                    port: edit.port,
+                    weight: 0,
+                };
+                keys.push(BackendKey::of(
+                    r.listener,
+                    &crate::config::ResolvedBackend::of(&spec, r.listener),
+                ));
+            }
+        }
+        Ok(crate::applied::Drain {
+            group: edit.group,
+            backend,
+            keys,
+            deadline_unix_ns: unix_ns(SystemTime::now()) + u128::from(timeout_s) * 1_000_000_000,
             remove,
             phase: crate::applied::DrainPhase::Draining,
             left: 0,
+            note: None,
+        })
+    }
+
+    /// Ends the drains a runtime change of their backend overtakes (a reweight, a removal).
+    fn end_drains_changed_by(&mut self, request: &Request, description: &str) {
+        let Ok(Some(edit)) = request.backend_edit() else {
+            return;
         };
-        let message = format!(
-            "draining {} (weight 0) for up to {timeout_s} s; {}",
-            drain.describe(),
-            if remove {
-                "removed once its connections are gone, or at the deadline"
-            } else {
-                "reported once its connections are gone, or at the deadline"
+        let backend = crate::config::BackendName {
+            address: edit.address,
+            port: edit.port,
+        };
+        let mut ended = false;
+        for d in self
+            .state
+            .drains
+            .iter_mut()
+            .filter(|d| !d.finished() && d.is_of(&edit.group, &backend))
+        {
+            d.phase = crate::applied::DrainPhase::Ended;
+            d.note = Some(format!("ended by a runtime change: {description}"));
+            tracing::info!("drain of {} ended by a runtime change", d.describe());
+            ended = true;
+        }
+        if ended {
+            if let Err(e) = self.publish() {
+                tracing::error!("publishing the drains failed: {e:#}");
             }
-        );
-        // A new drain of the same backend replaces the old one.
-        self.state.drains.retain(|d| {
-            !(d.group == drain.group && d.address == drain.address && d.port == drain.port)
-        });
-        self.state.drains.push(drain);
-        tracing::info!("{message}");
-        // Its connections counted now, so the first report has them.
-        self.check_drains();
-        self.response(Ok(message))
+        }
     }
 
     /// Follows the drains under way: a backend whose connections are gone is drained (and
     /// removed, if asked); one still holding connections at the deadline is reported (or
-    /// removed, cutting them).
+    /// removed, cutting them). Publishes only when something moved.
     fn check_drains(&mut self) {
         use crate::applied::DrainPhase;
         if self.state.drains.iter().all(|d| d.finished()) {
             return;
         }
-        let Some(live) = &self.live else {
-            return;
-        };
-        let status = match live.collect() {
-            Ok(status) => status,
+        // Without the counts, the deadline still holds (with the last count).
+        let counts = self.live.as_ref().and_then(|live| match live.collect() {
+            Ok(status) => Some(status),
             Err(e) => {
                 tracing::warn!("drains: reading the connection counts failed: {e:#}");
-                return;
+                None
             }
-        };
+        });
         let now = unix_ns(SystemTime::now());
+        let mut changed = false;
         let mut removals = Vec::new();
-        for d in self.state.drains.iter_mut().filter(|d| !d.finished()) {
-            d.left = status
-                .backends
-                .iter()
-                .filter(|b| d.covers(&b.group, b.address, b.port))
-                .map(|b| b.connections)
-                .sum();
+        for (i, d) in self.state.drains.iter_mut().enumerate() {
+            if d.finished() {
+                continue;
+            }
+            if let Some(status) = &counts {
+                let left = status
+                    .backends
+                    .iter()
+                    .filter(|b| d.keys.contains(&b.key()))
+                    .map(|b| b.connections)
+                    .sum();
+                changed |= left != d.left;
+                d.left = left;
+            }
             let over = now >= d.deadline_unix_ns;
             d.phase = match (d.left == 0, over, d.remove) {
                 (true, _, true) => DrainPhase::Removed,
@@ -1087,29 +1210,50 @@ impl Daemon {
                 (false, true, false) => DrainPhase::TimedOut,
                 (false, false, _) => continue,
             };
+            changed = true;
             tracing::info!(phase = ?d.phase, left = d.left, "drain of {} ended", d.describe());
             if d.remove {
-                removals.push(Request::BackendRemove {
-                    group: d.group.clone(),
-                    address: crate::config::BackendName {
-                        address: d.address,
-                        port: None,
+                removals.push((
+                    i,
+                    Request::BackendRemove {
+                        group: d.group.clone(),
+                        address: crate::config::BackendName {
+                            port: None,
+                            ..d.backend
+                        },
+                        port: d.backend.port,
                     },
-                    port: d.port,
-                });
+                ));
             }
         }
-        for removal in removals {
+        for (i, removal) in removals {
             let response = self.runtime_change(&removal);
             if !response.ok {
+                let d = &mut self.state.drains[i];
                 tracing::error!(
-                    "drains: removing the drained backend failed: {}",
+                    "drain of {}: the removal failed: {}",
+                    d.describe(),
                     response.message
                 );
+                d.phase = DrainPhase::RemoveFailed;
+                d.note = Some(response.message);
             }
         }
-        if let Err(e) = self.publish() {
-            tracing::error!("publishing the drains failed: {e:#}");
+        // Keep the latest finished drains, and every one under way.
+        let finished = self.state.drains.iter().filter(|d| d.finished()).count();
+        let mut drop_finished = finished.saturating_sub(crate::applied::FINISHED_DRAINS_LISTED);
+        self.state.drains.retain(|d| {
+            if drop_finished > 0 && d.finished() {
+                drop_finished -= 1;
+                false
+            } else {
+                true
+            }
+        });
+        if changed {
+            if let Err(e) = self.publish() {
+                tracing::error!("publishing the drains failed: {e:#}");
+            }
         }
     }
 

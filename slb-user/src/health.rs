@@ -13,9 +13,10 @@ use tokio::task::JoinHandle;
 use crate::applied::{BackendKey, HealthStatus};
 use crate::config::{CheckKind, HealthCheck, InitialHealth};
 
-/// Consecutive results → verdict. A backend starts healthy, so a new config takes traffic at
-/// once; `unhealthy_threshold` failures in a row make it unhealthy and `healthy_threshold`
-/// successes in a row bring it back. Until its first verdict it is not `confirmed`: the first
+/// Consecutive results → verdict. A backend starts from the daemon's verdict (healthy at start
+/// unless its group says otherwise, unhealthy when added to a running daemon);
+/// `unhealthy_threshold` failures in a row make it unhealthy and `healthy_threshold` successes
+/// in a row bring it back. Until its first verdict it is not `confirmed`: the first
 /// `healthy_threshold` successes or `unhealthy_threshold` failures confirm where it started
 /// (reported like a change), so that what waits for real verdicts (the announcements) need not
 /// wait for a change that never comes.

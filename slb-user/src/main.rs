@@ -141,31 +141,34 @@ fn stop(instance: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Reports a drain's progress from `slb status` once a second until it ends; an error when
-/// connections were left at the deadline.
+/// Reports a drain's progress from the daemon's state once a second until it ends; an error
+/// when connections were left at the deadline, or the drain ended otherwise. Gives up some
+/// seconds past the deadline if the daemon stopped following it.
 fn follow_drain(
     instance: &str,
     group: &str,
-    address: std::net::IpAddr,
-    port: Option<u16>,
+    backend: slb_user::config::BackendName,
 ) -> anyhow::Result<()> {
     use slb_user::applied::DrainPhase;
     let mut last_left = None;
+    let name = format!("{backend} in group {group}");
     loop {
         let state = slb_user::applied::AppliedState::read(instance)?;
-        let Some(drain) = state
-            .drains
-            .iter()
-            .find(|d| d.group == group && d.address == address && d.port == port)
-        else {
-            anyhow::bail!("the drain is gone (a reload of the config file ends drains)");
+        let Some(drain) = state.drains.iter().find(|d| d.is_of(group, &backend)) else {
+            anyhow::bail!(
+                "the drain of {name} is gone: a reload or a restart of the daemon ended it"
+            );
         };
         let now = slb_user::health::unix_ns(std::time::SystemTime::now());
         if drain.phase == DrainPhase::Draining {
+            if now > drain.deadline_unix_ns + 15_000_000_000 {
+                anyhow::bail!(
+                    "the daemon stopped following the drain of {name} (is it running? `slb status -i {instance}`)"
+                );
+            }
             if last_left != Some(drain.left) {
                 println!(
-                    "{}: {} connection(s) left, {} s to the deadline",
-                    drain.describe(),
+                    "{name}: {} connection(s) left, {} s to the deadline",
                     drain.left,
                     drain.deadline_unix_ns.saturating_sub(now) / 1_000_000_000
                 );
@@ -174,25 +177,29 @@ fn follow_drain(
             std::thread::sleep(std::time::Duration::from_secs(1));
             continue;
         }
-        let what = drain.describe();
+        let note = drain.note.clone().unwrap_or_default();
         return match drain.phase {
             DrainPhase::Drained => {
-                println!("{what}: drained, no connection left (weight 0)");
+                println!("{name}: drained, no connection left (weight 0)");
                 Ok(())
             }
             DrainPhase::Removed => {
-                println!("{what}: drained and removed");
+                println!("{name}: drained and removed");
                 Ok(())
             }
             DrainPhase::RemovedAtDeadline => anyhow::bail!(
-                "{what}: removed at the deadline, ending its {} connection(s) left",
+                "{name}: removed at the deadline, ending its {} connection(s) left",
                 drain.left
             ),
             DrainPhase::TimedOut => anyhow::bail!(
-                "{what}: {} connection(s) left at the deadline; it stays at weight 0 \
+                "{name}: {} connection(s) left at the deadline; it stays at weight 0 \
                  (drain again, or remove it with `slb backend remove`)",
                 drain.left
             ),
+            DrainPhase::RemoveFailed => {
+                anyhow::bail!("{name}: drained, but the removal was refused: {note}")
+            }
+            DrainPhase::Ended => anyhow::bail!("{name}: {note}"),
             DrainPhase::Draining => unreachable!("handled above"),
         };
     }
@@ -281,14 +288,13 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             let (instance, request) = action.request()?;
             answer(api::call(&instance, &request)?)?;
-            match request {
-                api::Request::BackendDrain {
-                    group,
-                    address,
-                    port,
-                    ..
-                } if wait => {
-                    follow_drain(&instance, &group, address.address, port.or(address.port))
+            match (request.backend_edit()?, &request) {
+                (Some(edit), api::Request::BackendDrain { .. }) if wait => {
+                    let backend = slb_user::config::BackendName {
+                        address: edit.address,
+                        port: edit.port,
+                    };
+                    follow_drain(&instance, &edit.group, backend)
                 }
                 _ => Ok(()),
             }

@@ -103,6 +103,15 @@ pub struct BackendStatus {
 }
 
 impl BackendStatus {
+    /// Its key as health and drains name it.
+    pub fn key(&self) -> crate::applied::BackendKey {
+        crate::applied::BackendKey {
+            listener: self.listener.clone(),
+            address: self.address,
+            port: self.port,
+        }
+    }
+
     pub fn endpoint(&self) -> Endpoint {
         Endpoint::new(self.address, self.port)
     }
@@ -501,6 +510,11 @@ fn render_drains(out: &mut String, status: &Status) {
             DrainPhase::RemovedAtDeadline => {
                 format!("removed at the deadline, ending {} connection(s)", d.left)
             }
+            DrainPhase::RemoveFailed => format!(
+                "drained, but NOT REMOVED: {}",
+                d.note.as_deref().unwrap_or("the removal was refused")
+            ),
+            DrainPhase::Ended => d.note.clone().unwrap_or_else(|| "ended".into()),
         };
         let _ = writeln!(out, "  {}: {state}", d.describe());
     }

@@ -69,7 +69,7 @@ impl ResolvedBackend {
         Endpoint::new(self.address, self.port)
     }
 
-    fn of(spec: &BackendSpec, listener: &Listener) -> ResolvedBackend {
+    pub(crate) fn of(spec: &BackendSpec, listener: &Listener) -> ResolvedBackend {
         ResolvedBackend {
             address: spec.address,
             port: spec.port.unwrap_or(listener.port),
