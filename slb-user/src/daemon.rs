@@ -1261,6 +1261,11 @@ impl Daemon {
         let Some(status) = self.health.get_mut(&event.key) else {
             return; // a check that was stopped meanwhile
         };
+        if unix_ns(event.at) < status.since_unix_ns {
+            // From a checker stopped before this status began (the backend removed and added
+            // again meanwhile): not about it.
+            return;
+        }
         let key = &event.key;
         if event.healthy == status.healthy {
             // The first checks confirmed the verdict it started with (healthy at start, or
