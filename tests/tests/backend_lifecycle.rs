@@ -287,4 +287,32 @@ fn a_drain_ends_when_the_connections_are_gone_or_at_its_deadline() {
         .expect("status");
     assert!(text.stdout.contains("TIMED OUT with"), "{}", text.stdout);
     streams.assert_all_answer(2, Duration::from_millis(50), "after the deadline");
+
+    // 3. Drained again, followed to the end: the command waits while the connections last and
+    // returns once the last one closed.
+    let mut on_second = streams.split_off_backend(&Topology::backend_name(second));
+    let out = std::thread::scope(|scope| {
+        let follower = scope.spawn(|| drain(second, &["--timeout", "30s"]));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while drain_of(&daemon, second_addr).phase != DrainPhase::Draining {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the drain did not begin"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        on_second.assert_all_answer(1, Duration::from_millis(50), "while followed");
+        drop(on_second);
+        follower.join().expect("the drain command's thread")
+    });
+    println!("{}", out.stdout.trim());
+    out.expect_success()
+        .expect("the drain ends once the connections are gone");
+    assert!(
+        out.stdout
+            .contains("drained, no connection left (weight 0)"),
+        "{out}"
+    );
+    assert_eq!(drain_of(&daemon, second_addr).phase, DrainPhase::Drained);
+    streams.assert_all_answer(2, Duration::from_millis(50), "after the second drain");
 }
