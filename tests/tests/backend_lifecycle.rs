@@ -316,3 +316,80 @@ fn a_drain_ends_when_the_connections_are_gone_or_at_its_deadline() {
     assert_eq!(drain_of(&daemon, second_addr).phase, DrainPhase::Drained);
     streams.assert_all_answer(2, Duration::from_millis(50), "after the second drain");
 }
+
+#[test]
+fn a_reload_ends_a_drain_and_a_removal_at_the_deadline_ends_what_is_left() {
+    use slb_tests::LongLivedStreams;
+    use slb_user::applied::DrainPhase;
+    require_root("a_reload_ends_a_drain_and_a_removal_at_the_deadline_ends_what_is_left");
+    let topo = Topology::builder()
+        .tag("drainend")
+        .backends(2)
+        .test_servers(Path::new(SERVER))
+        .build()
+        .expect("create topology");
+    let config = SlbConfig::standard(&unique_instance("drainend"), &[1, 1]);
+    let mut daemon = SlbDaemon::start(&slb_binary(), topo.slb_ns(), &config).expect("start slb");
+    let mut streams =
+        LongLivedStreams::open(topo.client_ns(), vip_tcp(), 20, Duration::from_secs(2))
+            .expect("open streams");
+    let counts = streams.counts();
+    let i = (1..=2)
+        .find(|&i| counts.contains_key(&Topology::backend_name(i)))
+        .expect("a backend with streams");
+    let address = std::net::IpAddr::from(Topology::backend_addr(i));
+    let name = format!("{address}:{BACKEND_PORT}");
+    let drain = |daemon: &SlbDaemon, extra: &[&str]| {
+        let mut args = vec![
+            "backend",
+            "drain",
+            "-i",
+            daemon.instance(),
+            "--group",
+            POOL_GROUP,
+            "--address",
+            &name,
+        ];
+        args.extend_from_slice(extra);
+        daemon.cli(&args).expect("run slb backend drain")
+    };
+
+    // A reload brings the file's weight back and ends the drain.
+    drain(&daemon, &["--timeout", "30s", "--no-wait"])
+        .expect_success()
+        .expect("drain");
+    assert_eq!(drain_of(&daemon, address).phase, DrainPhase::Draining);
+    daemon.reload().expect("reload");
+    let status = daemon.status().expect("status");
+    assert!(
+        status.drains.iter().all(|d| d.backend.address != address),
+        "{:?}",
+        status.drains
+    );
+    let b = status_backend(&status, TCP_LISTENER, address).expect("backend in status");
+    assert_eq!(b.weight, 1, "{b:#?}");
+    streams.assert_all_answer(1, Duration::from_millis(50), "after the reload");
+
+    // With --remove, the deadline removes it and ends its connections; the others go on.
+    let mut on_it = streams.split_off_backend(&Topology::backend_name(i));
+    let out = drain(&daemon, &["--timeout", "1s", "--remove"]);
+    println!("{}\n{}", out.stdout.trim(), out.stderr.trim());
+    assert!(!out.success(), "{out}");
+    assert!(
+        out.stderr.contains("removed at the deadline, ending its"),
+        "{out}"
+    );
+    assert_eq!(
+        drain_of(&daemon, address).phase,
+        DrainPhase::RemovedAtDeadline
+    );
+    let status = daemon.status().expect("status");
+    assert!(status.backends.iter().all(|b| b.address != address));
+    let ended = on_it.ping_each().iter().filter(|r| r.is_err()).count();
+    assert_eq!(
+        ended,
+        on_it.len(),
+        "the removal ends the drained backend's connections"
+    );
+    streams.assert_all_answer(1, Duration::from_millis(50), "after the removal");
+}
