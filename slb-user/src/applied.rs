@@ -121,6 +121,12 @@ pub struct Drain {
     pub phase: DrainPhase,
     /// Its established connections at the last look.
     pub left: u64,
+    /// The sweep (Unix seconds) after which `left` was first seen at 0. Between sweeps the
+    /// count adds what opened and closed since the last one, and a flow that closed while a
+    /// sweep walked the table can be missed once: the drain ends only when a later sweep still
+    /// finds none, so it never removes a backend with a connection left.
+    #[serde(default)]
+    pub zero_since_sweep: Option<u64>,
     /// Why it ended otherwise than planned (a failed removal, another change).
     #[serde(default)]
     pub note: Option<String>,

@@ -1137,6 +1137,7 @@ impl Daemon {
             remove,
             phase: crate::applied::DrainPhase::Draining,
             left: 0,
+            zero_since_sweep: None,
             note: None,
         })
     }
@@ -1192,6 +1193,7 @@ impl Daemon {
             if d.finished() {
                 continue;
             }
+            let mut confirmed_zero = false;
             if let Some(status) = &counts {
                 let left = status
                     .backends
@@ -1201,9 +1203,17 @@ impl Daemon {
                     .sum();
                 changed |= left != d.left;
                 d.left = left;
+                let swept = status.connection_table.swept_at_unix_s;
+                match (left, d.zero_since_sweep) {
+                    (0, None) => d.zero_since_sweep = Some(swept),
+                    (0, Some(first)) => confirmed_zero = swept > first,
+                    _ => d.zero_since_sweep = None,
+                }
             }
             let over = now >= d.deadline_unix_ns;
-            d.phase = match (d.left == 0, over, d.remove) {
+            // At the deadline, a count of 0 is taken as it is.
+            let gone = d.left == 0 && (confirmed_zero || over);
+            d.phase = match (gone, over, d.remove) {
                 (true, _, true) => DrainPhase::Removed,
                 (true, _, false) => DrainPhase::Drained,
                 (false, true, true) => DrainPhase::RemovedAtDeadline,

@@ -227,15 +227,15 @@ fn a_drain_ends_when_the_connections_are_gone_or_at_its_deadline() {
     let out = drain(first, &["--timeout", "30s", "--remove", "--no-wait"]);
     println!("{}", out.stdout.trim());
     out.expect_success().expect("slb backend drain --no-wait");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while drain_of(&daemon, first_addr).left != on_first.len() as u64 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{:?}",
-            drain_of(&daemon, first_addr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Its streams are counted (the count between two sweeps of the connection table may be
+    // one off: it adds what opened and closed since the last sweep to what the sweep saw).
+    let d = drain_of(&daemon, first_addr);
+    assert_eq!(d.phase, DrainPhase::Draining, "{d:?}");
+    assert!(
+        d.left.abs_diff(on_first.len() as u64) <= 1,
+        "{d:?}, {} streams",
+        on_first.len()
+    );
     let report = tcp_connections(topo.client_ns(), vip_tcp(), &TrafficOptions::new(300))
         .expect("connections");
     assert_eq!(report.answered(), 300, "{:?}", report.failures);
@@ -248,7 +248,8 @@ fn a_drain_ends_when_the_connections_are_gone_or_at_its_deadline() {
     on_first.assert_all_answer(2, Duration::from_millis(50), "while draining");
     let held = on_first.len();
     drop(on_first);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // A count of 0 is confirmed by the next sweep of the connection table (every 5 s).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
         let d = drain_of(&daemon, first_addr);
         if d.phase == DrainPhase::Removed {
@@ -278,10 +279,11 @@ fn a_drain_ends_when_the_connections_are_gone_or_at_its_deadline() {
         "{out}"
     );
     assert!(out.stdout.contains("connection(s) left, "), "{out}");
-    // Its streams at least (a short connection of earlier traffic may still be closing).
+    // Its streams (give or take one, as above; a short connection of earlier traffic may
+    // also still be closing).
     let d = drain_of(&daemon, second_addr);
     assert_eq!(d.phase, DrainPhase::TimedOut, "{d:?}");
-    assert!(d.left >= left as u64, "{d:?}, {left} streams");
+    assert!(d.left + 1 >= left as u64, "{d:?}, {left} streams");
     let text = daemon
         .cli(["status", "-i", daemon.instance()])
         .expect("status");
