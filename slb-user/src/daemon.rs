@@ -1095,10 +1095,7 @@ impl Daemon {
         let edit = request
             .backend_edit()?
             .expect("a drain is a backend change");
-        let backend = crate::config::BackendName {
-            address: edit.address,
-            port: edit.port,
-        };
+        let backend = edit.backend();
         let mut keys = Vec::new();
         for r in self.config.resolved_listeners() {
             for g in r.groups.iter().filter(|g| g.name == edit.group) {
@@ -1147,10 +1144,7 @@ impl Daemon {
         let Ok(Some(edit)) = request.backend_edit() else {
             return;
         };
-        let backend = crate::config::BackendName {
-            address: edit.address,
-            port: edit.port,
-        };
+        let backend = edit.backend();
         let mut ended = false;
         for d in self
             .state

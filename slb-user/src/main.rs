@@ -290,10 +290,7 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
             answer(api::call(&instance, &request)?)?;
             match (request.backend_edit()?, &request) {
                 (Some(edit), api::Request::BackendDrain { .. }) if wait => {
-                    let backend = slb_user::config::BackendName {
-                        address: edit.address,
-                        port: edit.port,
-                    };
+                    let backend = edit.backend();
                     follow_drain(&instance, &edit.group, backend)
                 }
                 _ => Ok(()),

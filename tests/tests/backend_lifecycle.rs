@@ -183,6 +183,23 @@ fn drain_of(daemon: &SlbDaemon, address: std::net::IpAddr) -> slb_user::applied:
         .expect("a drain of the backend in slb status")
 }
 
+/// `slb backend drain` of backend `i` of the pool, with `extra` options.
+fn drain_backend(daemon: &SlbDaemon, i: usize, extra: &[&str]) -> slb_tests::slb::CliOutput {
+    let address = format!("{}:{BACKEND_PORT}", Topology::backend_addr(i));
+    let mut args = vec![
+        "backend",
+        "drain",
+        "-i",
+        daemon.instance(),
+        "--group",
+        POOL_GROUP,
+        "--address",
+        &address,
+    ];
+    args.extend_from_slice(extra);
+    daemon.cli(&args).expect("run slb backend drain")
+}
+
 #[test]
 fn a_drain_ends_when_the_connections_are_gone_or_at_its_deadline() {
     use slb_tests::LongLivedStreams;
@@ -204,21 +221,7 @@ fn a_drain_ends_when_the_connections_are_gone_or_at_its_deadline() {
         .filter(|&i| counts.contains_key(&Topology::backend_name(i)))
         .collect();
     assert!(with_streams.len() >= 2, "streams on {counts:?}");
-    let drain = |i: usize, extra: &[&str]| {
-        let address = format!("{}:{BACKEND_PORT}", Topology::backend_addr(i));
-        let mut args = vec![
-            "backend",
-            "drain",
-            "-i",
-            daemon.instance(),
-            "--group",
-            POOL_GROUP,
-            "--address",
-            &address,
-        ];
-        args.extend_from_slice(extra);
-        daemon.cli(&args).expect("run slb backend drain")
-    };
+    let drain = |i: usize, extra: &[&str]| drain_backend(&daemon, i, extra);
 
     // 1. Drained with --remove: its streams go on until they close, then it leaves the group.
     let first = with_streams[0];
@@ -340,24 +343,9 @@ fn a_reload_ends_a_drain_and_a_removal_at_the_deadline_ends_what_is_left() {
         .find(|&i| counts.contains_key(&Topology::backend_name(i)))
         .expect("a backend with streams");
     let address = std::net::IpAddr::from(Topology::backend_addr(i));
-    let name = format!("{address}:{BACKEND_PORT}");
-    let drain = |daemon: &SlbDaemon, extra: &[&str]| {
-        let mut args = vec![
-            "backend",
-            "drain",
-            "-i",
-            daemon.instance(),
-            "--group",
-            POOL_GROUP,
-            "--address",
-            &name,
-        ];
-        args.extend_from_slice(extra);
-        daemon.cli(&args).expect("run slb backend drain")
-    };
 
     // A reload brings the file's weight back and ends the drain.
-    drain(&daemon, &["--timeout", "30s", "--no-wait"])
+    drain_backend(&daemon, i, &["--timeout", "30s", "--no-wait"])
         .expect_success()
         .expect("drain");
     assert_eq!(drain_of(&daemon, address).phase, DrainPhase::Draining);
@@ -374,7 +362,7 @@ fn a_reload_ends_a_drain_and_a_removal_at_the_deadline_ends_what_is_left() {
 
     // With --remove, the deadline removes it and ends its connections; the others go on.
     let mut on_it = streams.split_off_backend(&Topology::backend_name(i));
-    let out = drain(&daemon, &["--timeout", "1s", "--remove"]);
+    let out = drain_backend(&daemon, i, &["--timeout", "1s", "--remove"]);
     println!("{}\n{}", out.stdout.trim(), out.stderr.trim());
     assert!(!out.success(), "{out}");
     assert!(

@@ -17,6 +17,16 @@ pub struct BackendEdit {
     pub action: EditAction,
 }
 
+impl BackendEdit {
+    /// The backend the edit names, as the group lists it.
+    pub fn backend(&self) -> BackendName {
+        BackendName {
+            address: self.address,
+            port: self.port,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EditAction {
     Add { weight: u32 },
