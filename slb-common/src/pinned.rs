@@ -130,8 +130,17 @@ pub const SNAT_MAPPINGS: PinnedMap = map(
     MAX_SNAT_MAPPINGS,
 );
 
+/// An LPM trie: its key is the 32-bit prefix length, then the data.
+pub const ACL: PinnedMap = map("ACL", 4 + size_of::<AclPrefix>(), 4, MAX_ACL_ENTRIES);
+pub const NEW_FLOW_LIMITS: PinnedMap = map(
+    "NEW_FLOW_LIMITS",
+    4,
+    size_of::<NewFlowLimit>(),
+    MAX_LISTENERS,
+);
+
 /// Every map the daemon pins, in the order it checks them.
-pub const PINNED_MAPS: [PinnedMap; 25] = [
+pub const PINNED_MAPS: [PinnedMap; 27] = [
     LISTENERS,
     RINGS,
     BACKENDS,
@@ -157,12 +166,15 @@ pub const PINNED_MAPS: [PinnedMap; 25] = [
     PROGRAMS,
     SNAT_POOLS,
     SNAT_MAPPINGS,
+    ACL,
+    NEW_FLOW_LIMITS,
 ];
 
 /// Maps of the object that are never pinned: per-CPU scratch space of the program
 /// (`FIB_PARAMS`) and the benchmark wrapper's own maps (`REPLAY_*`, see `xdp_replay`).
-pub const UNPINNED_MAPS: [&str; 5] = [
+pub const UNPINNED_MAPS: [&str; 6] = [
     "FIB_PARAMS",
+    "ACL_SCRATCH",
     "SNAT_SCRATCH",
     "REPLAY_TEMPLATE",
     "REPLAY_COUNTER",

@@ -207,6 +207,66 @@ pub const LISTENER_F_TUNNEL: u32 = 16;
 /// `SNAT_MAPPINGS`, keyed as the backend's replies arrive, which are translated back to the
 /// VIP and the client by it.
 pub const LISTENER_F_FULLNAT: u32 = 32;
+/// Listener flag: an access list admits only the client addresses in it (`ACL`).
+pub const LISTENER_F_ACL_ALLOW: u32 = 64;
+/// Listener flag: an access list drops the client addresses in it (`ACL`).
+pub const LISTENER_F_ACL_DENY: u32 = 128;
+/// Listener flag, with an access list: which of the listener's two entry sets in `ACL` is live
+/// (`acl_set`), so a changed list is written whole into the other set and switched to at once.
+pub const LISTENER_F_ACL_SET: u32 = 256;
+/// Listener flag, with an access list: packets of flows the list no longer admits are dropped
+/// even when the flow is established (otherwise established flows go on until they end).
+pub const LISTENER_F_ACL_CUT_ESTABLISHED: u32 = 512;
+/// Listener flag: new flows are limited by the listener's `NEW_FLOW_LIMITS` entry.
+pub const LISTENER_F_NEW_FLOW_LIMIT: u32 = 1024;
+/// Entries of `ACL`: prefixes of every listener's access list together (each list is written
+/// twice while it changes).
+pub const MAX_ACL_ENTRIES: u32 = 1 << 17;
+/// Prefixes in one listener's access list: two full sets fit `ACL` beside the other lists.
+pub const MAX_ACL_PREFIXES_PER_LISTENER: usize = 1 << 14;
+
+/// Which set of `ACL` a listener's access list lives in: its two sets are `index × 2 + 0 or 1`.
+#[inline(always)]
+pub const fn acl_set(listener_index: u32, flags: u32) -> u32 {
+    listener_index * 2 + (flags & LISTENER_F_ACL_SET != 0) as u32
+}
+
+/// The data of an `ACL` key (an LPM trie; its key is this behind a 32-bit prefix length): the
+/// set, matched whole, then the client address (IPv4-mapped for IPv4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AclPrefix {
+    /// Big-endian, so that the trie matches it from its first byte like the address.
+    pub set: [u8; 4],
+    pub addr: Addr,
+}
+
+impl AclPrefix {
+    /// The prefix length to give the trie for `prefix_bits` bits of `addr` (an IPv4 prefix
+    /// counts the 96 bits of the IPv4-mapped form before it).
+    pub const fn key_bits(ipv4: bool, prefix_bits: u32) -> u32 {
+        32 + if ipv4 { 96 + prefix_bits } else { prefix_bits }
+    }
+
+    /// The bits of a full client address: what the data plane looks up.
+    pub const FULL_BITS: u32 = 32 + 128;
+}
+
+/// A listener's limit on new flows, a generic cell rate algorithm (a token bucket kept as one
+/// time): a new flow is admitted when `next_ns` is at most `burst_ns` ahead of now, and moves
+/// it `interval_ns` on. One entry for all CPUs: only admitted flows write it, so a flood that is
+/// being dropped only reads it, and two CPUs admitting at the same instant may both pass.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NewFlowLimit {
+    /// 10^9 / the limit per second.
+    pub interval_ns: u64,
+    /// How far ahead `next_ns` may run: (burst - 1) × `interval_ns`.
+    pub burst_ns: u64,
+    /// When the bucket is full again (the data plane's; the daemon writes 0, a full bucket).
+    pub next_ns: u64,
+}
+
 /// SNAT addresses per full NAT listener.
 pub const MAX_SNAT_ADDRESSES: usize = 16;
 /// (address, port) pairs a new full NAT flow tries before it counts `snat_ports_exhausted`;
@@ -673,6 +733,10 @@ pub struct TrafficCounters {
     pub new_connections: u64,
     /// TCP flows whose client sent FIN or RST.
     pub closed_connections: u64,
+    /// Listeners only: packets dropped by the access list.
+    pub acl_dropped: u64,
+    /// Listeners only: new flows dropped by `max_new_connections_per_second`.
+    pub rate_limited: u64,
 }
 
 /// Declares a per-CPU counter struct once: the struct both sides share, plus the names and
@@ -738,6 +802,11 @@ counters! {
     no_backend_dropped,
     /// Listener packets whose ring or backend entry is missing (control-plane race): dropped.
     lookup_failed_dropped,
+    /// Listener packets from a client address the listener's access list refuses: dropped.
+    acl_dropped,
+    /// New flows over their listener's `max_new_connections_per_second`: dropped (a TCP
+    /// client retransmits its SYN).
+    new_flows_rate_limited,
     /// Rewritten packets handed to the kernel because the FIB could not resolve the next hop yet.
     fib_passed,
     /// Rewritten packets dropped because the FIB has no route (or forwarding is off).
@@ -974,6 +1043,8 @@ mod pod {
     unsafe impl aya::Pod for HalfOpen {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentEntry {}
+    unsafe impl aya::Pod for AclPrefix {}
+    unsafe impl aya::Pod for NewFlowLimit {}
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use crate::{
         IPV4_DONT_FRAGMENT, IPV4_FRAGMENT_MASK, IPV4_HDR_LEN, IPV4_RESERVED_FLAG, TCP_HDR_LEN,
         UDP_HDR_LEN,
     },
-    tunnel,
+    policy, tunnel,
 };
 
 pub(crate) const FLOW_HASH_SEED: u32 = 0;
@@ -222,6 +222,9 @@ fn dispatch(
             counters.malformed += 1;
             return XDP_DROP;
         }
+        if !policy::acl_admits(flow, &listener, counters) {
+            return XDP_DROP;
+        }
         if listener.flags & LISTENER_F_FULLNAT != 0 {
             return hand_to_full_nat(ctx, counters);
         }
@@ -373,6 +376,8 @@ pub(crate) enum Pick {
     },
     NoBackend,
     LookupFailed,
+    /// A new flow over the listener's `max_new_connections_per_second`.
+    RateLimited,
 }
 
 impl Pick {
@@ -394,6 +399,10 @@ impl Pick {
             }
             Pick::LookupFailed => {
                 counters.lookup_failed_dropped += 1;
+                None
+            }
+            Pick::RateLimited => {
+                counters.new_flows_rate_limited += 1;
                 None
             }
         }
@@ -468,6 +477,13 @@ pub(crate) fn pick_backend(
     let (id, backend) = match half_open {
         Some(picked) => picked,
         None => {
+            // A flow that opens here (a SYN, a UDP flow's first packet) is new to every node;
+            // an unknown TCP flow's later packet, or a re-picked one, is not, and is never
+            // refused by the limit.
+            let opens = opening || flow.protocol != IPPROTO_TCP;
+            if opens && !established && !policy::new_flow_admitted(listener, now) {
+                return Pick::RateLimited;
+            }
             let id = match policy_backend(client, hash, listener, now, counters) {
                 Ok(id) => id,
                 Err(pick) => return pick,

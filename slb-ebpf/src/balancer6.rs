@@ -257,6 +257,9 @@ fn dispatch(
             counters.malformed += 1;
             return XDP_DROP;
         }
+        if !crate::policy::acl_admits(flow, &listener, counters) {
+            return XDP_DROP;
+        }
         let mut sent_direct_to = NO_BACKEND;
         let verdict = to_backend(
             ctx,

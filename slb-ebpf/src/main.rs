@@ -14,6 +14,7 @@ mod icmp;
 mod icmp6;
 mod maps;
 mod packet;
+mod policy;
 mod replay;
 mod tunnel;
 

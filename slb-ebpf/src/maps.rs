@@ -4,19 +4,19 @@
 
 use aya_ebpf::{
     btf_maps::{
-        Array, ArrayOfMaps, DevMapHash, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray,
-        ProgramArray,
+        Array, ArrayOfMaps, DevMapHash, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap,
+        PerCpuArray, ProgramArray,
     },
     macros::btf_map,
 };
 use slb_common::{
-    Addr, Backend, BackendEndpoint, Connection, FlowKey, FragmentEntry, FragmentEntry6,
-    FragmentKey, FragmentKey6, GlobalCounters, HalfOpen, ListenerEntry, ListenerKey, NextHop,
-    NextHop6, PersistKey, Persisted, ReplayTemplate, ReplyNat, SnatMapping, SnatPool,
-    TrafficCounters, DEFAULT_RING_SIZE, ENDPOINT_FILTER_WORDS, MAX_BACKENDS, MAX_CLIENT_NEXT_HOPS,
-    MAX_CONNECTIONS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES, MAX_LISTENERS,
-    MAX_NAT_ADDRESSES, MAX_PERSISTENCE, MAX_SNAT_MAPPINGS, RINGS_MAP_FLAGS, RING_SLOTS,
-    TAIL_CALL_PROGRAMS,
+    AclPrefix, Addr, Backend, BackendEndpoint, Connection, FlowKey, FragmentEntry, FragmentEntry6,
+    FragmentKey, FragmentKey6, GlobalCounters, HalfOpen, ListenerEntry, ListenerKey, NewFlowLimit,
+    NextHop, NextHop6, PersistKey, Persisted, ReplayTemplate, ReplyNat, SnatMapping, SnatPool,
+    TrafficCounters, DEFAULT_RING_SIZE, ENDPOINT_FILTER_WORDS, MAX_ACL_ENTRIES, MAX_BACKENDS,
+    MAX_CLIENT_NEXT_HOPS, MAX_CONNECTIONS, MAX_FRAGMENTS, MAX_HALF_OPEN, MAX_INTERFACES,
+    MAX_LISTENERS, MAX_NAT_ADDRESSES, MAX_PERSISTENCE, MAX_SNAT_MAPPINGS, RINGS_MAP_FLAGS,
+    RING_SLOTS, TAIL_CALL_PROGRAMS,
 };
 
 const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
@@ -25,6 +25,20 @@ const CONNECTIONS_MAX: usize = MAX_CONNECTIONS as usize;
 
 #[btf_map]
 pub static LISTENERS: HashMap<ListenerKey, ListenerEntry, LISTENERS_MAX> = HashMap::new();
+
+/// Listeners' access lists: (set, client prefix) → 1, set by `slb_common::acl_set`.
+#[btf_map]
+pub static ACL: LpmTrie<AclPrefix, u32, { MAX_ACL_ENTRIES as usize }> = LpmTrie::new();
+
+/// Room for the ACL key being looked up (per CPU): on the stack it would not fit beside the
+/// rest of the IPv6 path.
+#[btf_map]
+pub static ACL_SCRATCH: PerCpuArray<aya_ebpf::btf_maps::lpm_trie::Key<AclPrefix>, 1> =
+    PerCpuArray::new();
+
+/// Listeners' limits on new flows, by listener index (`policy::new_flow_admitted`).
+#[btf_map]
+pub static NEW_FLOW_LIMITS: Array<NewFlowLimit, LISTENERS_MAX> = Array::new();
 
 /// The Maglev rings: one array map of `maglev_table_size` backend ids per (listener, ring),
 /// created by the daemon only for the listeners it has. The inner definition is the template

@@ -224,6 +224,29 @@ pub struct AppliedListener {
     /// A full NAT listener's SNAT addresses and ports, as its flows' mappings were made with.
     #[serde(default)]
     pub snat: Option<AppliedSnat>,
+    /// Its access list, as the data plane holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl: Option<AppliedAcl>,
+    /// `max_new_connections_per_second` and the burst, as NEW_FLOW_LIMITS holds them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_flow_limit: Option<AppliedNewFlowLimit>,
+}
+
+/// A listener's access list in the ACL map: which of its two sets is live, and a digest of
+/// the prefixes written there (the state file does not repeat thousands of prefixes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedAcl {
+    pub mode: crate::config::AclMode,
+    pub established: crate::config::AclEstablished,
+    pub set: u32,
+    pub prefixes: usize,
+    pub digest: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedNewFlowLimit {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 /// What a full NAT listener's flows find their mappings by: changed under them, their packets

@@ -7,11 +7,12 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, PerCpuArray};
 use slb_common::pinned::{self, PinnedMap};
 use slb_common::{
-    Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry,
-    ListenerKey, ReplyNat, SnatPool, TrafficCounters,
+    AclPrefix, Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry,
+    ListenerKey, NewFlowLimit, ReplyNat, SnatPool, TrafficCounters,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub struct PinnedMaps {
     nat_addresses6: HashMap<MapData, Addr, u32>,
     pub endpoint_filter: Array<MapData, u32>,
     pub snat_pools: Array<MapData, SnatPool>,
+    pub acl: LpmTrie<MapData, AclPrefix, u32>,
+    pub new_flow_limits: Array<MapData, NewFlowLimit>,
     pub counters: CounterMaps,
 }
 
@@ -48,6 +51,25 @@ impl PinnedMaps {
                 .insert(u32::from_ne_bytes(v4.octets()), flags, 0),
             IpAddr::V6(v6) => self.nat_addresses6.insert(v6.octets(), flags, 0),
         }
+    }
+
+    /// Empties set `set` of ACL: every key of it found in the map, so whatever an earlier run
+    /// left there goes too.
+    pub fn clear_acl_set(&mut self, set: u32) -> Result<(), MapError> {
+        let wanted = set.to_be_bytes();
+        let keys: Vec<Key<AclPrefix>> = self
+            .acl
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.data().set == wanted)
+            .collect();
+        for key in keys {
+            match self.acl.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Forgets `address` (absent already is fine).
@@ -134,6 +156,8 @@ impl PinnedMaps {
             nat_addresses6: open(dir, &pinned::NAT_ADDRESSES6)?,
             endpoint_filter: open(dir, &pinned::ENDPOINT_FILTER)?,
             snat_pools: open(dir, &pinned::SNAT_POOLS)?,
+            acl: open(dir, &pinned::ACL)?,
+            new_flow_limits: open(dir, &pinned::NEW_FLOW_LIMITS)?,
             counters: CounterMaps::open(dir)?,
         })
     }
@@ -148,6 +172,8 @@ pub fn sum_traffic(values: &[TrafficCounters]) -> TrafficCounters {
             bytes: a.bytes + v.bytes,
             new_connections: a.new_connections + v.new_connections,
             closed_connections: a.closed_connections + v.closed_connections,
+            acl_dropped: a.acl_dropped + v.acl_dropped,
+            rate_limited: a.rate_limited + v.rate_limited,
         })
 }
 

@@ -12,6 +12,8 @@ use slb_user::testbed::{self, in_fresh_netns, Testbed, BACKEND_MAC, CLIENT_MAC};
 
 #[path = "packets/ipv6.rs"]
 mod ipv6;
+#[path = "packets/policy.rs"]
+mod policy;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;

@@ -24,6 +24,8 @@ fn listener(name: &str, vip: &str, kind: GroupKind, ring_input: &[(u32, u32)]) -
         idle_timeout_s: 300,
         health_check: true,
         snat: None,
+        acl: None,
+        new_flow_limit: None,
     }
 }
 

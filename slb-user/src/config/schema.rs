@@ -234,6 +234,18 @@ pub struct Listener {
     /// `"1024-32767"`, below the kernel's ephemeral ports).
     #[serde(default)]
     pub snat_ports: Option<String>,
+    /// TCP/UDP: which client addresses may use the listener, enforced by the data plane before
+    /// a packet creates any state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acl: Option<Acl>,
+    /// TCP/UDP: new flows the listener takes per second, all CPUs together; the ones above are
+    /// dropped (a TCP client retransmits its SYN a second later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_connections_per_second: Option<u32>,
+    /// With `max_new_connections_per_second`: how many new flows may come at once after a quiet
+    /// spell (default: one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_connections_burst: Option<u32>,
     /// HTTP(S): forwarding rules, checked exact domain, then wildcard domain, then path prefix.
     #[serde(default)]
     pub rules: Vec<Rule>,
@@ -534,6 +546,85 @@ fn status_matches(pattern: &str, status: u16) -> bool {
     }
 }
 
+/// A listener's access list: client prefixes (`10.0.0.0/8`, `2001:db8::/32`, or single
+/// addresses) that are the only ones let in (`allow`) or the ones kept out (`deny`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acl {
+    pub mode: AclMode,
+    pub cidrs: Vec<String>,
+    /// What a changed list does to flows it no longer admits that are already established.
+    #[serde(default)]
+    pub established: AclEstablished,
+}
+
+impl Acl {
+    /// The list's prefixes, or what is wrong with the first entry that is not one: an address
+    /// or `address/length` with no bits set past the length, in the listener VIP's family.
+    pub fn prefixes(&self, vip: IpAddr) -> Result<Vec<ipnet::IpNet>, AclEntryError> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.cidrs
+            .iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                let wrong = |message: String| AclEntryError { index, message };
+                let prefix: ipnet::IpNet = match entry.parse() {
+                    Ok(prefix) => prefix,
+                    Err(_) => entry
+                        .parse::<IpAddr>()
+                        .map(ipnet::IpNet::from)
+                        .map_err(|_| {
+                            wrong(format!(
+                                "{entry:?} is not an address or a prefix such as 10.0.0.0/8 or 2001:db8::/32"
+                            ))
+                        })?,
+                };
+                if prefix.trunc() != prefix {
+                    return Err(wrong(format!(
+                        "{entry:?} has bits set past its /{}; write {}",
+                        prefix.prefix_len(),
+                        prefix.trunc()
+                    )));
+                }
+                if prefix.addr().is_ipv4() != vip.is_ipv4() {
+                    return Err(wrong(format!(
+                        "{entry:?} can never match: the listener's VIP {vip} takes only {} clients",
+                        if vip.is_ipv4() { "IPv4" } else { "IPv6" }
+                    )));
+                }
+                if !seen.insert(prefix) {
+                    return Err(wrong(format!("{entry:?} is listed twice")));
+                }
+                Ok(prefix)
+            })
+            .collect()
+    }
+}
+
+/// An entry of an access list that is not a prefix the listener can use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AclEntryError {
+    pub index: usize,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AclMode {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AclEstablished {
+    /// They go on until they end; the list applies to new flows.
+    #[default]
+    Keep,
+    /// Their next packet is dropped.
+    Cut,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Persistence {
@@ -562,6 +653,8 @@ impl Listener {
 }
 
 pub const MAX_PERSISTENCE_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// Above this, a limit on new flows is no limit: one CPU's XDP path admits fewer.
+pub const MAX_NEW_CONNECTIONS_PER_SECOND: u32 = 100_000_000;
 pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 

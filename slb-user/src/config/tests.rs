@@ -933,3 +933,59 @@ fn a_group_may_start_unhealthy() {
         "{e}"
     );
 }
+
+#[test]
+fn access_lists_and_new_flow_limits_are_checked() {
+    let web = |fields: &str| {
+        GOOD.replacen(
+            "name = \"web\"\n",
+            &format!("name = \"web\"\n{fields}\n"),
+            1,
+        )
+    };
+    let ok = Config::parse(
+        &web(r#"acl = { mode = "deny", cidrs = ["10.0.0.0/8", "192.0.2.1", "0.0.0.0/0"] }"#),
+        "t",
+    )
+    .unwrap();
+    let acl = ok.listeners[0].acl.as_ref().unwrap();
+    assert_eq!(
+        (acl.mode, acl.established),
+        (AclMode::Deny, AclEstablished::Keep)
+    );
+    assert_eq!(acl.prefixes(ok.listeners[0].vip).unwrap().len(), 3);
+
+    let cases = [
+        (r#"acl = { mode = "allow", cidrs = ["10.0.0.1/8"] }"#, "listeners[0] (web).acl.cidrs[0]: \"10.0.0.1/8\" has bits set past its /8; write 10.0.0.0/8"),
+        (r#"acl = { mode = "allow", cidrs = ["10.0.0.0/8", "nonsense"] }"#, "acl.cidrs[1]: \"nonsense\" is not an address or a prefix"),
+        (r#"acl = { mode = "allow", cidrs = ["10.0.0.0/33"] }"#, "acl.cidrs[0]: \"10.0.0.0/33\" is not an address or a prefix"),
+        (r#"acl = { mode = "allow", cidrs = ["2001:db8::/32"] }"#, "\"2001:db8::/32\" can never match: the listener's VIP 10.0.0.10 takes only IPv4 clients"),
+        (r#"acl = { mode = "allow", cidrs = ["10.0.0.0/8", "10.0.0.0/8"] }"#, "acl.cidrs[1]: \"10.0.0.0/8\" is listed twice"),
+        (r#"acl = { mode = "allow", cidrs = [] }"#, "acl.cidrs: is empty: an allow list without prefixes admits no client"),
+        (r#"acl = { mode = "permit", cidrs = [] }"#, "unknown variant `permit`, expected `allow` or `deny`"),
+        (r#"acl = { mode = "deny", cidrs = [], established = "drop" }"#, "unknown variant `drop`, expected `keep` or `cut`"),
+        ("max_new_connections_per_second = 0", "max_new_connections_per_second: 0 must be between 1 and 100000000"),
+        ("new_connections_burst = 10", "new_connections_burst: applies with max_new_connections_per_second, which is not set"),
+        ("max_new_connections_per_second = 10\nnew_connections_burst = 601", "new_connections_burst: 601 must be between 1 and 60 seconds' worth of max_new_connections_per_second (600)"),
+    ];
+    for (fields, expected) in cases {
+        let e = error_of(&web(fields));
+        assert!(e.contains(expected), "{fields}: {e}");
+    }
+    let http = format!(
+        "{GOOD}\n[[listeners]]\nname = \"site\"\nprotocol = \"http\"\nvip = \"10.0.0.10\"\nport = 8000\nacl = {{ mode = \"deny\", cidrs = [\"10.0.0.0/8\"] }}\n"
+    );
+    let e = error_of(&http);
+    assert!(e.contains("(site).acl: is enforced by the XDP data plane, for tcp/udp listeners; this one is http"), "{e}");
+    let too_many: Vec<String> = (0..=slb_common::MAX_ACL_PREFIXES_PER_LISTENER)
+        .map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256))
+        .collect();
+    let e = error_of(&web(&format!(
+        r#"acl = {{ mode = "deny", cidrs = [{}] }}"#,
+        too_many.join(",")
+    )));
+    assert!(
+        e.contains("acl.cidrs: 16385 prefixes, at most 16384 per listener"),
+        "{e}"
+    );
+}

@@ -7,17 +7,17 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use slb_common::maglev::is_prime;
-use slb_common::{MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
+use slb_common::{MAX_ACL_PREFIXES_PER_LISTENER, MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
 
 use super::edit::BackendName;
 use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
 use super::{
-    invalid, Announce, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits,
+    invalid, AclMode, Announce, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits,
     CookiePersistence, DsrMode, Forwarding, Group, GroupKind, HealthCheck, Interface, Listener,
     Protocol, Scheduler, SnatPorts, DEFAULT_GROUP, MAX_ANNOUNCE_DELAY, MAX_BACKEND_CONNECTIONS,
-    MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_PERSISTENCE_TIMEOUT,
-    MAX_QUEUED_REQUESTS, MAX_THRESHOLD, MAX_WEIGHT, MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL,
-    MIN_IDLE_TIMEOUT,
+    MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_NEW_CONNECTIONS_PER_SECOND,
+    MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS, MAX_THRESHOLD, MAX_WEIGHT, MIN_CHECK_INTERVAL,
+    MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT,
 };
 
 /// Names a field of one listener: `listeners[<i>] (<name>).<field>`.
@@ -174,6 +174,7 @@ impl Config {
             claim_reply_endpoints(&at, l, backends, &mut claims.reply_endpoints)?;
         }
         validate_timeouts(&at, l)?;
+        validate_admission(&at, l)?;
         claims.backends += backends.len();
         // Maglev needs many more slots than backends to balance them.
         if (self.maglev_table_size as usize) < backends.len() * 10 {
@@ -567,6 +568,71 @@ fn validate_timeouts(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
                     format!("{prefix} must be between 1 and 128 (bits of the client address)"),
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// The access list and the limit on new flows, which the data plane enforces (on tcp/udp
+/// listeners only: slb's proxy accepts http/https connections).
+fn validate_admission(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
+    let l4_only = |field: &str| {
+        invalid(
+            at(field),
+            format!(
+                "is enforced by the XDP data plane, for tcp/udp listeners; this one is {} (slb's proxy answers it)",
+                l.protocol
+            ),
+        )
+    };
+    if let Some(acl) = &l.acl {
+        if l.protocol.is_l7() {
+            return Err(l4_only("acl"));
+        }
+        if acl.cidrs.len() > MAX_ACL_PREFIXES_PER_LISTENER {
+            return Err(invalid(
+                at("acl.cidrs"),
+                format!(
+                    "{} prefixes, at most {MAX_ACL_PREFIXES_PER_LISTENER} per listener",
+                    acl.cidrs.len()
+                ),
+            ));
+        }
+        if acl.cidrs.is_empty() && acl.mode == AclMode::Allow {
+            return Err(invalid(
+                at("acl.cidrs"),
+                "is empty: an allow list without prefixes admits no client (remove the acl to admit every client)",
+            ));
+        }
+        acl.prefixes(l.vip)
+            .map_err(|e| invalid(at(&format!("acl.cidrs[{}]", e.index)), e.message))?;
+    }
+    if let Some(limit) = l.max_new_connections_per_second {
+        if l.protocol.is_l7() {
+            return Err(l4_only("max_new_connections_per_second"));
+        }
+        if !(1..=MAX_NEW_CONNECTIONS_PER_SECOND).contains(&limit) {
+            return Err(invalid(
+                at("max_new_connections_per_second"),
+                format!("{limit} must be between 1 and {MAX_NEW_CONNECTIONS_PER_SECOND}"),
+            ));
+        }
+    }
+    if let Some(burst) = l.new_connections_burst {
+        let Some(limit) = l.max_new_connections_per_second else {
+            return Err(invalid(
+                at("new_connections_burst"),
+                "applies with max_new_connections_per_second, which is not set",
+            ));
+        };
+        if !(1..=limit.saturating_mul(60)).contains(&burst) {
+            return Err(invalid(
+                at("new_connections_burst"),
+                format!(
+                    "{burst} must be between 1 and 60 seconds' worth of max_new_connections_per_second ({})",
+                    u64::from(limit) * 60
+                ),
+            ));
         }
     }
     Ok(())

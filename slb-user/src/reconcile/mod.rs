@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 
+use aya::maps::lpm_trie::Key;
 use aya::maps::MapError;
 use slb_common::maglev::{build_table, MaglevBackend, MaglevError};
 use slb_common::{
@@ -262,6 +263,23 @@ impl Reconciler {
                 .set(l.index, *pool, 0)
                 .map_err(map_err("SNAT_POOLS"))?;
         }
+        // Before the listener entry: the set it switches to holds the whole list, and the
+        // limit it turns on is there.
+        if let Some(acl) = &l.acl_write {
+            self.maps.clear_acl_set(acl.set).map_err(map_err("ACL"))?;
+            for (bits, prefix) in &acl.keys {
+                self.maps
+                    .acl
+                    .insert(&Key::new(*bits, *prefix), 1, 0)
+                    .map_err(map_err("ACL"))?;
+            }
+        }
+        if let Some(limit) = &l.new_flow_limit {
+            self.maps
+                .new_flow_limits
+                .set(l.index, *limit, 0)
+                .map_err(map_err("NEW_FLOW_LIMITS"))?;
+        }
         // Before the listener entry: a backend answers only once a packet reached it.
         for &(endpoint, nat) in &l.replies {
             self.replies_written.put(endpoint, nat, |endpoint, nat| {
@@ -278,6 +296,9 @@ impl Reconciler {
         if let Some(old_key) = &l.old_key {
             let _ = self.maps.listeners.remove(old_key);
         }
+        for &set in &l.acl_clear_after {
+            self.maps.clear_acl_set(set).map_err(map_err("ACL"))?;
+        }
         Ok(())
     }
 
@@ -290,6 +311,9 @@ impl Reconciler {
             }
             for r in 0..RINGS_PER_LISTENER {
                 self.rings.remove(&(gone.index, r));
+            }
+            for &set in &gone.clear_acl_sets {
+                self.maps.clear_acl_set(set).map_err(map_err("ACL"))?;
             }
             for &slot in &gone.free_ring_slots {
                 self.mapped_rings.remove(&slot);

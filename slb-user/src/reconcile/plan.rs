@@ -8,20 +8,23 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use slb_common::{
-    addr_words, endpoint_filter_bits, ipv4_mapped, ipv6_filter_fold, Addr, Backend, ListenerEntry,
-    ListenerKey, ReplyNat, SnatPool, BACKEND_F_DRAINING, BACKEND_F_PRESENT, ENDPOINT_F_BACKEND,
-    ENDPOINT_F_LISTENER, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR, LISTENER_F_FULLNAT,
-    LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, LISTENER_F_TUNNEL, MAX_BACKENDS, MAX_LISTENERS,
+    acl_set, addr_words, endpoint_filter_bits, ipv4_mapped, ipv6_filter_fold, AclPrefix, Addr,
+    Backend, ListenerEntry, ListenerKey, NewFlowLimit, ReplyNat, SnatPool, BACKEND_F_DRAINING,
+    BACKEND_F_PRESENT, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER, LISTENER_F_ACL_ALLOW,
+    LISTENER_F_ACL_CUT_ESTABLISHED, LISTENER_F_ACL_DENY, LISTENER_F_ACL_SET,
+    LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR, LISTENER_F_FULLNAT, LISTENER_F_IGNORE_HEALTH,
+    LISTENER_F_NEW_FLOW_LIMIT, LISTENER_F_PERSIST, LISTENER_F_TUNNEL, MAX_BACKENDS, MAX_LISTENERS,
     MAX_SNAT_ADDRESSES, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, RINGS_PER_LISTENER,
 };
 
 use super::ReconcileError;
 use crate::applied::{
-    AppliedBackend, AppliedListener, AppliedMaps, AppliedSnat, BackendKey, HealthStatus, Role,
+    AppliedAcl, AppliedBackend, AppliedListener, AppliedMaps, AppliedNewFlowLimit, AppliedSnat,
+    BackendKey, HealthStatus, Role,
 };
 use crate::config::{
-    AllUnhealthy, Config, DsrMode, Forwarding, GroupKind, Listener, Protocol, ResolvedBackend,
-    ResolvedListener,
+    AclEstablished, AclMode, AllUnhealthy, Config, DsrMode, Forwarding, GroupKind, Listener,
+    Protocol, ResolvedBackend, ResolvedListener,
 };
 
 /// A backend's (address, port, protocol): what its replies are recognised by.
@@ -58,8 +61,27 @@ pub(super) struct PlannedListener {
     pub replies: Vec<(ReplyEndpoint, ReplyNat)>,
     /// A full NAT listener's SNAT addresses and ports, written before the entry.
     pub snat_pool: Option<SnatPool>,
+    /// Its access list's new set (emptied, then filled before the entry is switched to it),
+    /// when the list changed.
+    pub acl_write: Option<AclWrite>,
+    /// Sets of the listener's index in ACL to empty after the entry is written: the set it
+    /// switched away from, or both once it has no list.
+    pub acl_clear_after: Vec<u32>,
+    /// Its limit on new flows, written before the entry when it changed (an unchanged one keeps
+    /// the data plane's bucket as it is).
+    pub new_flow_limit: Option<NewFlowLimit>,
     pub entry: ListenerEntry,
 }
+
+/// A listener's access list to write into one set of ACL.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct AclWrite {
+    pub set: u32,
+    pub keys: Vec<AclKey>,
+}
+
+/// An ACL map key: the prefix length in bits, then the data.
+pub(super) type AclKey = (u32, AclPrefix);
 
 /// A listener of the previous apply that is gone.
 #[derive(Debug, PartialEq, Eq)]
@@ -69,6 +91,8 @@ pub(super) struct GoneListener {
     pub remove_key: Option<ListenerKey>,
     /// Its rings' slots in RINGS, unless a listener of this apply took over its index.
     pub free_ring_slots: Vec<u32>,
+    /// Its sets in ACL, to empty unless a listener of this apply took over its index.
+    pub clear_acl_sets: Vec<u32>,
 }
 
 #[derive(Debug)]
@@ -508,6 +532,12 @@ fn plan_listener(
         entry.flags |= LISTENER_F_FULLNAT;
         snat_pool(l)
     });
+    let acl = plan_acl(l, index, old.and_then(|o| o.acl.as_ref()));
+    entry.flags |= acl.flags;
+    let new_flow_limit = plan_new_flow_limit(l, old);
+    if new_flow_limit.applied.is_some() {
+        entry.flags |= LISTENER_F_NEW_FLOW_LIMIT;
+    }
     let replies = reply_translations(g, index, ids);
     let key = listener_key(l.protocol, l.vip, l.port);
     let old_key = old
@@ -532,6 +562,8 @@ fn plan_listener(
             first_port: l.snat_ports().first,
             last_port: l.snat_ports().last,
         }),
+        acl: acl.applied,
+        new_flow_limit: new_flow_limit.applied,
     };
     let planned = PlannedListener {
         name: l.name.clone(),
@@ -543,9 +575,133 @@ fn plan_listener(
         rebuild: ring.rebuild,
         replies,
         snat_pool,
+        acl_write: acl.write,
+        acl_clear_after: acl.clear_after,
+        new_flow_limit: new_flow_limit.write,
         entry,
     };
     (planned, applied)
+}
+
+/// The two sets of ACL a listener index owns.
+pub(super) fn acl_sets(index: u32) -> [u32; 2] {
+    [acl_set(index, 0), acl_set(index, LISTENER_F_ACL_SET)]
+}
+
+/// What a listener's access list makes of its entry's flags and of ACL.
+#[derive(Debug, Default)]
+struct PlannedAcl {
+    flags: u32,
+    write: Option<AclWrite>,
+    clear_after: Vec<u32>,
+    applied: Option<AppliedAcl>,
+}
+
+/// A listener's access list: the set it holds stays while its prefixes are unchanged (a change
+/// of mode or of what it does to established flows is the entry's flags alone); changed
+/// prefixes go whole into the other set, which the entry then switches to.
+fn plan_acl(l: &Listener, index: u32, old: Option<&AppliedAcl>) -> PlannedAcl {
+    let Some(acl) = &l.acl else {
+        return PlannedAcl {
+            clear_after: old.map(|_| acl_sets(index).to_vec()).unwrap_or_default(),
+            ..PlannedAcl::default()
+        };
+    };
+    // Validated: every entry is a prefix of the VIP's family.
+    let mut prefixes = acl.prefixes(l.vip).unwrap_or_default();
+    prefixes.sort();
+    let digest = acl_digest(&prefixes);
+    let (set, write, clear_after) = match old {
+        Some(o) if o.digest == digest => (o.set, None, Vec::new()),
+        _ => {
+            let set = old.map_or(0, |o| 1 - o.set);
+            let flags = if set == 1 { LISTENER_F_ACL_SET } else { 0 };
+            let keys = prefixes
+                .iter()
+                .map(|p| acl_key(acl_set(index, flags), p))
+                .collect();
+            let clear_after = old.map(|o| vec![acl_sets(index)[o.set as usize]]);
+            (
+                set,
+                Some(AclWrite {
+                    set: acl_set(index, flags),
+                    keys,
+                }),
+                clear_after.unwrap_or_default(),
+            )
+        }
+    };
+    let mut flags = match acl.mode {
+        AclMode::Allow => LISTENER_F_ACL_ALLOW,
+        AclMode::Deny => LISTENER_F_ACL_DENY,
+    };
+    if set == 1 {
+        flags |= LISTENER_F_ACL_SET;
+    }
+    if acl.established == AclEstablished::Cut {
+        flags |= LISTENER_F_ACL_CUT_ESTABLISHED;
+    }
+    PlannedAcl {
+        flags,
+        write,
+        clear_after,
+        applied: Some(AppliedAcl {
+            mode: acl.mode,
+            established: acl.established,
+            set,
+            prefixes: prefixes.len(),
+            digest,
+        }),
+    }
+}
+
+/// The ACL key of `prefix` in `set`.
+pub(super) fn acl_key(set: u32, prefix: &ipnet::IpNet) -> AclKey {
+    let bits = AclPrefix::key_bits(prefix.addr().is_ipv4(), u32::from(prefix.prefix_len()));
+    (
+        bits,
+        AclPrefix {
+            set: set.to_be_bytes(),
+            addr: data_plane_addr(prefix.addr()),
+        },
+    )
+}
+
+/// A digest of a sorted list of prefixes, fixed across runs (the state file keeps it).
+fn acl_digest(prefixes: &[ipnet::IpNet]) -> u64 {
+    let text: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
+    slb_common::hash::hash_bytes64(0, text.join(",").as_bytes())
+}
+
+struct PlannedNewFlowLimit {
+    write: Option<NewFlowLimit>,
+    applied: Option<AppliedNewFlowLimit>,
+}
+
+/// A listener's limit on new flows; written only when it changed, so the data plane's bucket
+/// is not refilled by every apply.
+fn plan_new_flow_limit(l: &Listener, old: Option<&AppliedListener>) -> PlannedNewFlowLimit {
+    let applied = l
+        .max_new_connections_per_second
+        .map(|per_second| AppliedNewFlowLimit {
+            per_second,
+            burst: l.new_connections_burst.unwrap_or(per_second),
+        });
+    let unchanged = old.is_some_and(|o| o.new_flow_limit == applied);
+    PlannedNewFlowLimit {
+        write: applied.filter(|_| !unchanged).map(new_flow_limit),
+        applied,
+    }
+}
+
+/// The data plane's form of a limit of `per_second` new flows with bursts of `burst`.
+pub(super) fn new_flow_limit(limit: AppliedNewFlowLimit) -> NewFlowLimit {
+    let interval_ns = 1_000_000_000 / u64::from(limit.per_second.max(1));
+    NewFlowLimit {
+        interval_ns,
+        burst_ns: interval_ns * u64::from(limit.burst.max(1) - 1),
+        next_ns: 0,
+    }
 }
 
 /// A full NAT listener's SNAT addresses and ports as the data plane reads them.
@@ -769,6 +925,11 @@ fn gone(
                     (0..RINGS_PER_LISTENER)
                         .map(|r| ring_slot(o.index, r))
                         .collect()
+                },
+                clear_acl_sets: if index_taken || o.acl.is_none() {
+                    Vec::new()
+                } else {
+                    acl_sets(o.index).to_vec()
                 },
             }
         })

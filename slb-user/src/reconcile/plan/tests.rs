@@ -198,6 +198,7 @@ fn what_the_config_no_longer_has_is_planned_away() {
             index: 1,
             remove_key: Some(dns_key),
             free_ring_slots: vec![2, 3],
+            clear_acl_sets: vec![],
         }]
     );
     assert_eq!(second.gone_backend_ids, vec![2]);
@@ -440,4 +441,120 @@ fn a_running_full_nat_listener_keeps_its_snat_addresses_and_ports() {
     let removed = config_text();
     let gone = plan_of(&removed, &BTreeMap::new(), &first.applied);
     plan_of(&with("20000-20019"), &BTreeMap::new(), &gone.applied);
+}
+
+/// `config_text()` with `fields` added to the web listener (TCP 10.0.0.10:80).
+fn web_with(fields: &str) -> String {
+    config_text().replacen(
+        "name = \"web\"\n",
+        &format!("name = \"web\"\n{fields}\n"),
+        1,
+    )
+}
+
+#[test]
+fn a_changed_access_list_goes_whole_into_the_other_set_and_the_old_one_is_emptied_after() {
+    let allow = web_with(r#"acl = { mode = "allow", cidrs = ["10.1.0.0/16", "192.0.2.7"] }"#);
+    let first = plan_of(&allow, &BTreeMap::new(), &AppliedMaps::default());
+    let web = listener(&first, "web");
+    let write = web.acl_write.as_ref().expect("a first list is written");
+    assert_eq!(write.set, web.index * 2);
+    assert_eq!(
+        write.keys,
+        vec![
+            (
+                32 + 96 + 16,
+                AclPrefix {
+                    set: write.set.to_be_bytes(),
+                    addr: data_plane_addr("10.1.0.0".parse().unwrap())
+                }
+            ),
+            (
+                32 + 96 + 32,
+                AclPrefix {
+                    set: write.set.to_be_bytes(),
+                    addr: data_plane_addr("192.0.2.7".parse().unwrap())
+                }
+            ),
+        ]
+    );
+    assert!(web.acl_clear_after.is_empty());
+    assert_eq!(
+        web.entry.flags
+            & (LISTENER_F_ACL_ALLOW | LISTENER_F_ACL_SET | LISTENER_F_ACL_CUT_ESTABLISHED),
+        LISTENER_F_ACL_ALLOW
+    );
+
+    // Unchanged: nothing written, the same set; the mode alone is a flag.
+    let same = plan_of(&allow, &BTreeMap::new(), &first.applied);
+    assert!(listener(&same, "web").acl_write.is_none());
+    let deny = allow.replace("mode = \"allow\"", "mode = \"deny\", established = \"cut\"");
+    let flipped = plan_of(&deny, &BTreeMap::new(), &first.applied);
+    let web = listener(&flipped, "web");
+    assert!(web.acl_write.is_none() && web.acl_clear_after.is_empty());
+    assert_eq!(
+        web.entry.flags
+            & (LISTENER_F_ACL_ALLOW | LISTENER_F_ACL_DENY | LISTENER_F_ACL_CUT_ESTABLISHED),
+        LISTENER_F_ACL_DENY | LISTENER_F_ACL_CUT_ESTABLISHED
+    );
+
+    // Changed prefixes: the other set, switched to by the entry, the old one emptied after.
+    let changed = allow.replace("\"192.0.2.7\"", "\"192.0.2.8\"");
+    let second = plan_of(&changed, &BTreeMap::new(), &first.applied);
+    let web = listener(&second, "web");
+    let write = web.acl_write.as_ref().expect("the new list is written");
+    assert_eq!(write.set, web.index * 2 + 1);
+    assert_ne!(web.entry.flags & LISTENER_F_ACL_SET, 0);
+    assert_eq!(web.acl_clear_after, vec![web.index * 2]);
+    let third = plan_of(&allow, &BTreeMap::new(), &second.applied);
+    let web = listener(&third, "web");
+    assert_eq!(web.acl_write.as_ref().map(|w| w.set), Some(web.index * 2));
+    assert_eq!(web.acl_clear_after, vec![web.index * 2 + 1]);
+
+    // No list any more: both sets emptied after the entry stops looking.
+    let none = plan_of(&config_text(), &BTreeMap::new(), &third.applied);
+    let web = listener(&none, "web");
+    assert_eq!(
+        web.entry.flags & (LISTENER_F_ACL_ALLOW | LISTENER_F_ACL_DENY),
+        0
+    );
+    assert_eq!(web.acl_clear_after, vec![web.index * 2, web.index * 2 + 1]);
+}
+
+#[test]
+fn a_new_flow_limit_is_written_only_when_it_changes() {
+    let limited = web_with("max_new_connections_per_second = 200");
+    let first = plan_of(&limited, &BTreeMap::new(), &AppliedMaps::default());
+    let web = listener(&first, "web");
+    assert_ne!(web.entry.flags & LISTENER_F_NEW_FLOW_LIMIT, 0);
+    assert_eq!(
+        web.new_flow_limit,
+        Some(NewFlowLimit {
+            interval_ns: 5_000_000,
+            burst_ns: 199 * 5_000_000,
+            next_ns: 0
+        }),
+        "the burst defaults to a second's worth"
+    );
+    let again = plan_of(&limited, &BTreeMap::new(), &first.applied);
+    assert_eq!(
+        listener(&again, "web").new_flow_limit,
+        None,
+        "the bucket is left as it is"
+    );
+    let burst = web_with("max_new_connections_per_second = 200\nnew_connections_burst = 1");
+    let changed = plan_of(&burst, &BTreeMap::new(), &first.applied);
+    assert_eq!(
+        listener(&changed, "web").new_flow_limit,
+        Some(NewFlowLimit {
+            interval_ns: 5_000_000,
+            burst_ns: 0,
+            next_ns: 0
+        })
+    );
+    let off = plan_of(&config_text(), &BTreeMap::new(), &changed.applied);
+    assert_eq!(
+        listener(&off, "web").entry.flags & LISTENER_F_NEW_FLOW_LIMIT,
+        0
+    );
 }
