@@ -375,6 +375,24 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
         ),
         None => {}
     }
+    for l in &config.listeners {
+        if let Some(acl) = &l.acl {
+            println!(
+                "listener {}: {} list of {} prefix(es); established flows it comes to refuse are {}",
+                l.name,
+                acl.mode.as_str(),
+                acl.cidrs.len(),
+                acl.established.describe()
+            );
+        }
+        if let Some(rate) = l.max_new_connections_per_second {
+            println!(
+                "listener {}: at most {rate} new flows a second, bursts of {}",
+                l.name,
+                l.new_connections_burst.unwrap_or(rate)
+            );
+        }
+    }
     if let Some(a) = &config.announce {
         let target = slb_user::announce::Target::of(a, &config.instance);
         let [v4, v6] = slb_user::announce::protocol_names(&target.protocol);

@@ -81,6 +81,33 @@ pub struct ListenerStatus {
     pub bytes: u64,
     pub new_connections: u64,
     pub connections: u64,
+    /// Its access list, as the data plane holds it.
+    #[serde(default)]
+    pub acl: Option<AclStatus>,
+    /// Packets its access list dropped.
+    #[serde(default)]
+    pub acl_dropped: u64,
+    #[serde(default)]
+    pub max_new_connections_per_second: Option<u32>,
+    #[serde(default)]
+    pub new_connections_burst: Option<u32>,
+    /// New flows over the limit, dropped.
+    #[serde(default)]
+    pub rate_limited: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclStatus {
+    pub mode: crate::config::AclMode,
+    pub prefixes: usize,
+    pub established: crate::config::AclEstablished,
+}
+
+impl ListenerStatus {
+    /// Whether an access list or a limit on new flows applies to it.
+    pub fn has_admission_policy(&self) -> bool {
+        self.acl.is_some() || self.max_new_connections_per_second.is_some()
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -241,6 +268,15 @@ fn listener_statuses(
                     .copied()
                     .unwrap_or_default()
                     .current(&t),
+                acl: l.acl.as_ref().map(|a| AclStatus {
+                    mode: a.mode,
+                    prefixes: a.prefixes,
+                    established: a.established,
+                }),
+                acl_dropped: t.acl_dropped,
+                max_new_connections_per_second: l.new_flow_limit.map(|n| n.per_second),
+                new_connections_burst: l.new_flow_limit.map(|n| n.burst),
+                rate_limited: t.rate_limited,
             })
         })
         .collect()
@@ -328,6 +364,7 @@ pub fn render(status: &Status) -> String {
     let mut out = String::new();
     render_header(&mut out, status);
     render_listeners(&mut out, status);
+    render_admission(&mut out, status);
     render_announcements(&mut out, status);
     render_backends(&mut out, status);
     render_drains(&mut out, status);
@@ -436,6 +473,43 @@ fn render_listeners(out: &mut String, status: &Status) {
             l.connections,
             l.new_connections,
             l.packets
+        );
+    }
+}
+
+/// Listeners with an access list or a limit on new flows, and what those dropped.
+fn render_admission(out: &mut String, status: &Status) {
+    let limited: Vec<&ListenerStatus> = status
+        .listeners
+        .iter()
+        .filter(|l| l.has_admission_policy())
+        .collect();
+    if limited.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "\nADMISSION\nLISTENER            ACCESS LIST                           DROPPED  NEW FLOWS/S (BURST)   DROPPED"
+    );
+    for l in limited {
+        let acl = match &l.acl {
+            Some(a) => format!(
+                "{} {} prefix{}, established {}",
+                a.mode.as_str(),
+                a.prefixes,
+                if a.prefixes == 1 { "" } else { "es" },
+                a.established.describe()
+            ),
+            None => "-".into(),
+        };
+        let limit = match (l.max_new_connections_per_second, l.new_connections_burst) {
+            (Some(rate), Some(burst)) => format!("{rate} ({burst})"),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<19} {acl:<37} {:>7}  {limit:<20} {:>8}",
+            l.name, l.acl_dropped, l.rate_limited
         );
     }
 }
@@ -723,6 +797,16 @@ fn register_listener_metrics(registry: &mut Registry, status: &Status) {
         labels,
         traffic,
     );
+    registry.register(
+        "slb_listener_acl_dropped",
+        "Packets dropped by the listener's access list",
+        counters(&status.listeners, labels, |l| l.acl_dropped),
+    );
+    registry.register(
+        "slb_listener_rate_limited",
+        "New flows dropped by the listener's max_new_connections_per_second",
+        counters(&status.listeners, labels, |l| l.rate_limited),
+    );
 }
 
 /// What a listener or a backend forwarded, and its current flows.
@@ -980,6 +1064,15 @@ mod tests {
                 bytes: 5000,
                 new_connections: 7,
                 connections: 2,
+                acl: Some(AclStatus {
+                    mode: crate::config::AclMode::Deny,
+                    prefixes: 12,
+                    established: crate::config::AclEstablished::Keep,
+                }),
+                acl_dropped: 9,
+                max_new_connections_per_second: Some(100),
+                new_connections_burst: Some(200),
+                rate_limited: 5,
             }],
             backends: vec![BackendStatus {
                 id: 0,
@@ -1030,6 +1123,8 @@ mod tests {
             format!("slb_listener_bytes_total{listener} 5000"),
             format!("slb_listener_new_connections_total{listener} 7"),
             format!("slb_listener_connections{listener} 2.0"),
+            format!("slb_listener_acl_dropped_total{listener} 9"),
+            format!("slb_listener_rate_limited_total{listener} 5"),
             format!("slb_backend_new_connections_total{backend} 7"),
             format!("slb_backend_weight{backend} 3.0"),
             format!("slb_backend_up{backend} 0.0"),
@@ -1124,5 +1219,21 @@ mod tests {
         // IPv4 keeps its 22 columns.
         let text = render(&status());
         assert!(text.contains("\n10.0.1.2:8080          web "), "{text}");
+    }
+
+    #[test]
+    fn listeners_with_an_access_list_or_a_limit_show_what_they_dropped() {
+        let mut status = status();
+        let text = render(&status);
+        assert!(
+            text.contains("\nADMISSION\n")
+                && text.contains(
+                    "\nweb                 deny 12 prefixes, established kept          9  100 (200)                   5\n"
+                ),
+            "{text}"
+        );
+        status.listeners[0].acl = None;
+        status.listeners[0].max_new_connections_per_second = None;
+        assert!(!render(&status).contains("ADMISSION"));
     }
 }

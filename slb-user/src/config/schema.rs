@@ -615,6 +615,25 @@ pub enum AclMode {
     Deny,
 }
 
+impl AclMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AclMode::Allow => "allow",
+            AclMode::Deny => "deny",
+        }
+    }
+}
+
+impl AclEstablished {
+    /// What happens to the established flows a changed list refuses.
+    pub fn describe(self) -> &'static str {
+        match self {
+            AclEstablished::Keep => "kept",
+            AclEstablished::Cut => "cut",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AclEstablished {
