@@ -198,6 +198,32 @@ pub fn tcp_connections(
     })
 }
 
+/// One TCP request from namespace `ns` with source address `source` (a second address of the
+/// client, say): the backend that answered, or why none did.
+pub fn tcp_request_from(
+    ns: &str,
+    source: IpAddr,
+    target: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    in_netns(ns, || {
+        let domain = socket2::Domain::for_address(target);
+        let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        socket
+            .connect_timeout(&target.into(), timeout)
+            .with_context(|| format!("connect {source} → {target}"))?;
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(timeout))?;
+        let line = format!("tcp request from {source}");
+        (&stream).write_all(format!("{line}\n").as_bytes())?;
+        let mut reply = String::new();
+        BufReader::new(&stream).read_line(&mut reply)?;
+        let (backend, _) = parse_reply(&reply, &line)?;
+        Ok::<_, anyhow::Error>(backend)
+    })?
+}
+
 /// Connects, sends `line`, returns the reply line and the local address.
 fn tcp_exchange(
     target: SocketAddr,
