@@ -640,13 +640,19 @@ pub struct WithoutAnswer {
     pub moves: bool,
 }
 
+/// A ring's figures: slots per backend id, and the ids and weights it was built from.
+struct RingFacts {
+    counts: BTreeMap<u32, u32>,
+    input: Vec<(u32, u32)>,
+}
+
 /// The listener of an instance that `to` names, and what explains its flows.
 struct Context<'a> {
     state: &'a AppliedState,
     applied: &'a AppliedListener,
     entry: ListenerEntry,
-    /// Slots per backend id in the live ring.
-    ring_counts: BTreeMap<u32, u32>,
+    /// The live ring's.
+    ring: RingFacts,
 }
 
 /// Explains the flows from each of `clients` to `to` on `instance`, with `without` removed
@@ -683,7 +689,10 @@ pub fn explain(
         state: &state,
         applied,
         entry,
-        ring_counts,
+        ring: RingFacts {
+            counts: ring_counts,
+            input: applied.ring_input.clone(),
+        },
     };
     let removal = without.map(|name| removal(&cx, &maps, name)).transpose()?;
     let now = crate::flows::monotonic_ns();
@@ -697,18 +706,18 @@ pub fn explain(
             })?;
             let persist_client = persistence_client(&flow, &cx.entry, to.vip.is_ipv6());
             let decision = decide(&maps, &flow, &persist_client, &cx.entry, now);
-            let answer = cx.answer(&maps, &decision, &cx.ring_counts, to.vip.is_ipv6());
+            let answer = cx.answer(&maps, &decision, &cx.ring, to.vip.is_ipv6());
             let without = removal.as_ref().map(|r| {
                 let view = Without {
                     maps: &maps,
                     removed: r.removed.id,
-                    ring: &r.ring,
+                    ring: &r.table,
                 };
                 let after = decide(&view, &flow, &persist_client, &cx.entry, now);
                 let moves = after.backend != decision.backend;
                 WithoutAnswer {
                     removed: r.removed.clone(),
-                    answer: cx.answer(&view, &after, &r.counts, to.vip.is_ipv6()),
+                    answer: cx.answer(&view, &after, &r.ring, to.vip.is_ipv6()),
                     moves,
                 }
             });
@@ -761,10 +770,10 @@ fn find_listener<'a>(
         .collect();
     listeners.extend(state.proxy_listeners.iter().map(|p| {
         format!(
-            "{} {} ({:?}, the proxy's)",
+            "{} {} ({}, the proxy's)",
             p.name,
             SocketAddr::new(p.vip, p.port),
-            p.protocol
+            format!("{:?}", p.protocol).to_lowercase()
         )
     }));
     Err(ExplainError::NoListener {
@@ -786,8 +795,9 @@ pub fn slot_counts(ring: &[u32]) -> BTreeMap<u32, u32> {
 /// The backend `--without` names, the listener's table without it, and its slot counts.
 struct Removal {
     removed: NamedBackend,
-    ring: Vec<u32>,
-    counts: BTreeMap<u32, u32>,
+    /// The table without it.
+    table: Vec<u32>,
+    ring: RingFacts,
 }
 
 /// The [`Removal`] of the backend of the listener that `name` names.
@@ -850,18 +860,18 @@ fn removal(
                 .unwrap_or_default()
         })
         .collect();
-    let ring = ring_table(&identities, &input, cx.entry.ring_size).map_err(|source| {
+    let table = ring_table(&identities, &input, cx.entry.ring_size).map_err(|source| {
         ExplainError::Maglev {
             backend: *name,
             listener: listener.clone(),
             source,
         }
     })?;
-    let counts = slot_counts(&ring);
+    let counts = slot_counts(&table);
     Ok(Removal {
         removed: cx.name(maps, removed.id),
-        ring,
-        counts,
+        table,
+        ring: RingFacts { counts, input },
     })
 }
 
@@ -906,7 +916,7 @@ impl Context<'_> {
         &self,
         maps: &M,
         decision: &Decision,
-        ring_counts: &BTreeMap<u32, u32>,
+        ring: &RingFacts,
         ipv6: bool,
     ) -> Answer {
         let repicked_from = decision.repicked_from.map(|id| self.name(maps, id));
@@ -967,16 +977,10 @@ impl Context<'_> {
                 }
             }
             Via::Ring { slot, size } => {
-                let held = ring_counts.get(&id).copied().unwrap_or(0);
-                let total_weight: u64 = self
-                    .applied
-                    .ring_input
-                    .iter()
-                    .map(|(_, w)| u64::from(*w))
-                    .sum();
-                let weight = self
-                    .applied
-                    .ring_input
+                let held = ring.counts.get(&id).copied().unwrap_or(0);
+                let total_weight: u64 = ring.input.iter().map(|(_, w)| u64::from(*w)).sum();
+                let weight = ring
+                    .input
                     .iter()
                     .find(|(i, _)| *i == id)
                     .map(|(_, w)| u64::from(*w));
@@ -1074,8 +1078,8 @@ impl fmt::Display for Reason {
             } => {
                 write!(
                     f,
-                    "ring: slot {slot} of {size}, a backend holding {backend_slots} slots \
-                     ({table_share_pct:.1} % of the table"
+                    "ring: slot {slot} of {size} → this backend, which holds {backend_slots} \
+                     slots ({table_share_pct:.1} % of the table"
                 )?;
                 match weight_share_pct {
                     Some(w) => write!(f, "; weight share {w:.1} %)"),

@@ -441,8 +441,8 @@ fn answers_render_the_reason_in_a_line() {
     };
     assert_eq!(
         reason.to_string(),
-        "ring: slot 12345 of 65537, a backend holding 21846 slots (33.3 % of the table; weight \
-         share 33.3 %)"
+        "ring: slot 12345 of 65537 → this backend, which holds 21846 slots (33.3 % of the \
+         table; weight share 33.3 %)"
     );
     let reason = Reason::Connection {
         last_packet_ms: 3210,
@@ -452,5 +452,62 @@ fn answers_render_the_reason_in_a_line() {
     assert_eq!(
         reason.to_string(),
         "connection table: established, last packet 3.2 s ago (idle timeout 900 s)"
+    );
+}
+
+fn applied_listener(name: &str, protocol: crate::config::Protocol, port: u16) -> AppliedListener {
+    AppliedListener {
+        name: name.into(),
+        protocol,
+        vip: "192.0.2.10".parse().unwrap(),
+        port,
+        group: "pool".into(),
+        group_kind: GroupKind::Vserver,
+        index: 0,
+        ring: 0,
+        ring_input: Vec::new(),
+        flags: 0,
+        persistence_timeout_s: None,
+        idle_timeout_s: 90,
+        health_check: false,
+        snat: None,
+    }
+}
+
+#[test]
+fn a_listener_is_found_by_vip_port_and_protocol_and_the_proxy_s_are_named_as_such() {
+    use crate::applied::ProxyListenerInfo;
+    use crate::config::Protocol;
+    let state = AppliedState {
+        instance: "web".into(),
+        listeners: vec![
+            applied_listener("dns", Protocol::Udp, 53),
+            applied_listener("ssh", Protocol::Tcp, 22),
+        ],
+        proxy_listeners: vec![ProxyListenerInfo {
+            name: "site".into(),
+            protocol: Protocol::Https,
+            vip: "192.0.2.10".parse().unwrap(),
+            port: 443,
+            cookie_persistence: false,
+            backends: Vec::new(),
+        }],
+        ..Default::default()
+    };
+    let find = |to: &str| find_listener(&state, &to.parse().unwrap()).map(|l| l.name.clone());
+    assert_eq!(find("192.0.2.10:53/udp").unwrap(), "dns");
+    assert_eq!(find("192.0.2.10:22/tcp").unwrap(), "ssh");
+    let e = find("192.0.2.10:443/tcp").unwrap_err().to_string();
+    assert!(
+        e.contains("HTTPS listener \"site\"") && e.contains("not by the XDP program"),
+        "{e}"
+    );
+    let e = find("192.0.2.10:53/tcp").unwrap_err().to_string();
+    assert!(
+        e.starts_with("no listener 192.0.2.10:53/tcp in instance \"web\"; its listeners: ")
+            && e.contains("dns 192.0.2.10:53/udp")
+            && e.contains("ssh 192.0.2.10:22/tcp")
+            && e.contains("site 192.0.2.10:443 (https, the proxy's)"),
+        "{e}"
     );
 }
