@@ -63,6 +63,15 @@ fn named(answer: &slb_user::explain::Answer, names: &BTreeMap<IpAddr, String>) -
         .clone()
 }
 
+/// Backend `i`'s (1-based) share of `weights` in percent, without backend `without`.
+fn share(weights: &[u32], i: usize, without: Option<usize>) -> f64 {
+    let total: u32 = (1..=weights.len())
+        .filter(|&k| Some(k) != without)
+        .map(|k| weights[k - 1])
+        .sum();
+    100.0 * f64::from(weights[i - 1]) / f64::from(total)
+}
+
 #[test]
 fn explain_names_the_backend_real_packets_reach() {
     require_root("explain_names_the_backend_real_packets_reach");
@@ -91,14 +100,21 @@ fn explain_names_the_backend_real_packets_reach() {
         let Some(Reason::Ring {
             size,
             weight_share_pct,
+            table_share_pct,
             ..
         }) = &e.answer.reason
         else {
             panic!("a new flow is balanced by the ring: {e:?}");
         };
         assert_eq!(*size, 65537, "{e:?}");
-        assert!(weight_share_pct.is_some(), "{e:?}");
         let backend = named(&e.answer, &names);
+        let i = backend[1..].parse::<usize>().unwrap();
+        let weight_share = share(&WEIGHTS, i, None);
+        assert!(
+            weight_share_pct.is_some_and(|w| (w - weight_share).abs() < 0.01)
+                && (table_share_pct - weight_share).abs() < 1.0,
+            "{backend}'s weight share is {weight_share:.2} %: {e:?}"
+        );
         *per_backend.entry(backend.clone()).or_default() += 1;
         predicted.insert(port, backend);
     }
@@ -143,6 +159,35 @@ fn explain_names_the_backend_real_packets_reach() {
         assert_eq!(named(&e.answer, &names), predicted[&port], "port {port}");
     }
     println!("{FLOWS} of {FLOWS} flows found in the connection table with that backend");
+    // The same, as a person reads it: the first flow now, and a new one, with what a removal
+    // would do to each.
+    let removed_addr = format!("{}:{BACKEND_PORT}", Topology::backend_addr(REMOVED));
+    let out = daemon
+        .cli([
+            "explain",
+            "-i",
+            daemon.instance(),
+            "--from",
+            &format!("{CLIENT_ADDR}:{FIRST_PORT}"),
+            "--from",
+            &format!("{CLIENT_ADDR}:{}", NEW_PORT - 1),
+            "--to",
+            &udp_to,
+            "--without",
+            &removed_addr,
+        ])
+        .expect("run slb explain");
+    let text = out.expect_success().expect("slb explain");
+    println!("{text}");
+    for needle in [
+        "listener udp-echo",
+        "connection table: established, last packet",
+        "ring: slot ",
+        "% of the table; weight share ",
+        &format!("without {removed_addr}: the flow would "),
+    ] {
+        assert!(text.contains(needle), "{needle:?} in:\n{text}");
+    }
 
     // 4. TCP: connections that ran are in the connection table (closed: FIN seen) with the
     // backend that answered them.
@@ -178,7 +223,6 @@ fn explain_names_the_backend_real_packets_reach() {
     );
 
     // 5. --without: where new flows would go without b3, then b3 really removed.
-    let removed_addr = format!("{}:{BACKEND_PORT}", Topology::backend_addr(REMOVED));
     let removed_name = Topology::backend_name(REMOVED);
     let new_ports = || NEW_PORT..NEW_PORT + FLOWS as u16;
     let what_if = explain(&daemon, &udp_to, new_ports(), &["--without", &removed_addr]);
@@ -189,6 +233,17 @@ fn explain_names_the_backend_real_packets_reach() {
         let without = e.without.as_ref().expect("a --without answer");
         let then = named(&without.answer, &names);
         assert_ne!(then, removed_name, "port {port}: {e:?}");
+        if let Some(Reason::Ring {
+            weight_share_pct, ..
+        }) = &without.answer.reason
+        {
+            let i = then[1..].parse::<usize>().unwrap();
+            let expected = share(&WEIGHTS, i, Some(REMOVED));
+            assert!(
+                weight_share_pct.is_some_and(|w| (w - expected).abs() < 0.01),
+                "without {removed_name}, {then}'s weight share is {expected:.2} %: {e:?}"
+            );
+        }
         assert_eq!(without.moves, now != then, "port {port}: {e:?}");
         if now == removed_name {
             assert!(without.moves, "port {port}: {e:?}");
