@@ -31,6 +31,10 @@ fn word(a: &[u8; 16], i: usize) -> u32 {
     u32::from_le_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
 }
 
+/// The seed of the flow hash that picks a flow's Maglev slot and half-open slot: the data plane
+/// hashes with it, and `slb explain` with it again to name the same slots.
+pub const FLOW_HASH_SEED: u32 = 0;
+
 /// MurmurHash3 (x86, 32-bit) of the flow's addresses, ports and protocol.
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey, seed: u32) -> u32 {

@@ -39,7 +39,7 @@ use crate::{
     policy, tunnel,
 };
 
-pub(crate) const FLOW_HASH_SEED: u32 = 0;
+pub(crate) use slb_common::hash::FLOW_HASH_SEED;
 
 #[xdp]
 pub fn slb_xdp(ctx: XdpContext) -> u32 {

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use std::str::FromStr as _;
 
 use crate::config::{AttachMode, BackendName, EndpointSyntaxError};
+use crate::explain::{parse_client, ListenerAddr};
 use crate::instance::InstanceName;
 
 #[derive(Debug, Parser)]
@@ -56,6 +57,28 @@ pub enum Command {
         /// Refresh every SECONDS (0.1 to 3600), with rates.
         #[arg(long, value_name = "SECONDS", value_parser = parse_watch_seconds)]
         watch: Option<f64>,
+    },
+    /// Which backend a flow goes to, and why: its connection-table entry, the half-open table,
+    /// the active/standby rule, the client's persistence entry, or the slot of the listener's
+    /// Maglev ring — read from the maps the data plane reads. With --without, also where it
+    /// would go once that backend were removed.
+    Explain {
+        #[arg(short, long, default_value = "default")]
+        instance: InstanceName,
+        /// The client's address and source port (ADDR:PORT, IPv6 as [ADDR]:PORT); repeat it
+        /// for several flows to the same listener, one answer each.
+        #[arg(long = "from", value_name = "ADDR:PORT", required = true, value_parser = parse_client)]
+        from: Vec<std::net::SocketAddr>,
+        /// The listener: VIP:PORT/tcp or VIP:PORT/udp (IPv6 as [VIP]:PORT/tcp).
+        #[arg(long, value_name = "VIP:PORT/PROTO", value_parser = ListenerAddr::from_str)]
+        to: ListenerAddr,
+        /// Also answer as if this backend of the listener were removed (ADDR or ADDR:PORT, as
+        /// `slb backend remove` names it).
+        #[arg(long, value_name = "ADDR[:PORT]", value_parser = BackendName::from_str)]
+        without: Option<BackendName>,
+        /// A JSON array, one object per flow.
+        #[arg(long)]
+        json: bool,
     },
     /// Reports on what slb did.
     Report {
@@ -399,6 +422,56 @@ mod tests {
         }
         let ok = Cli::try_parse_from(["slb", "stats", "--watch", "0.5"]).unwrap();
         assert!(matches!(ok.command, Command::Stats { watch: Some(w), .. } if w == 0.5));
+    }
+
+    #[test]
+    fn explain_takes_flows_and_a_listener_and_names_bad_syntax() {
+        let cli = Cli::try_parse_from([
+            "slb",
+            "explain",
+            "--from",
+            "198.51.100.7:40000",
+            "--from",
+            "[2001:db8::7]:1",
+            "--to",
+            "192.0.2.10:80/tcp",
+            "--without",
+            "10.0.0.2:8080",
+        ])
+        .unwrap();
+        let Command::Explain {
+            instance,
+            from,
+            to,
+            without,
+            json,
+        } = cli.command
+        else {
+            unreachable!("an explain command")
+        };
+        assert_eq!(instance.as_str(), "default");
+        assert_eq!(from.len(), 2);
+        assert_eq!(to.to_string(), "192.0.2.10:80/tcp");
+        assert_eq!(without.unwrap().to_string(), "10.0.0.2:8080");
+        assert!(!json);
+
+        let error = |args: &[&str]| {
+            let mut argv = vec!["slb", "explain"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).unwrap_err().to_string()
+        };
+        let e = error(&["--from", "198.51.100.7", "--to", "192.0.2.10:80/tcp"]);
+        assert!(
+            e.contains("--from") && e.contains("expected ADDR:PORT"),
+            "{e}"
+        );
+        let e = error(&["--from", "198.51.100.7:1", "--to", "192.0.2.10:80"]);
+        assert!(
+            e.contains("--to") && e.contains("expected VIP:PORT/tcp"),
+            "{e}"
+        );
+        let e = error(&["--to", "192.0.2.10:80/udp"]);
+        assert!(e.contains("--from"), "{e}");
     }
 
     fn backend_request(args: &[&str]) -> Result<String, String> {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod explain;
 pub mod flows;
 pub mod health;
 pub mod instance;

@@ -3,7 +3,7 @@ use clap::{CommandFactory, Parser};
 use slb_user::cli::{enter_netns, Cli, Command, DecapAction, ReportKind};
 use slb_user::config::Config;
 use slb_user::instance::{pin_dir, socket_path, state_dir};
-use slb_user::{api, daemon, dataplane, decap, report, snat, status};
+use slb_user::{api, daemon, dataplane, decap, explain, report, snat, status};
 
 /// The proxy allocates and frees small buffers for every request (headers, body chunks, tasks):
 /// glibc's malloc took about 7 % of the daemon's CPU in the HTTP benchmark.
@@ -304,6 +304,16 @@ fn execute(cli: Cli) -> anyhow::Result<()> {
         } => {
             let flows = snat::flows(&instance, address)?;
             print_json_or_text(json, &flows, |f| snat::render(f))
+        }
+        Command::Explain {
+            instance,
+            from,
+            to,
+            without,
+            json,
+        } => {
+            let answers = explain::explain(&instance, &to, &from, without.as_ref())?;
+            print_json_or_text(json, &answers, |a| explain::render(a))
         }
         Command::Stop { instance } => stop(&instance),
         Command::Stats {

@@ -19,7 +19,7 @@ use slb_common::{
 use crate::applied::{AppliedMaps, BackendKey, HealthStatus};
 use crate::config::Config;
 use crate::maps::{clear_map_slot, set_ring_slots, MappedRing, PinnedMaps};
-pub use plan::{addr_of_data_plane, data_plane_addr};
+pub use plan::{addr_of_data_plane, data_plane_addr, maglev_identity};
 use plan::{
     ring_slot, HealthWrite, Plan, PlannedListener, ReplyEndpoint, VerdictPlan, VerdictWrite,
 };
@@ -47,6 +47,36 @@ pub enum ReconcileError {
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> ReconcileError {
     move |source| ReconcileError::Map { map, source }
+}
+
+/// A listener's ring as the data plane reads it: for each of `size` slots the backend id that
+/// owns it (or `NO_BACKEND`), from the Maglev identity of each backend of `ring_input` (see
+/// [`maglev_identity`]) and the ids and weights of `ring_input`. The one builder of rings: the
+/// reconciler writes what it returns, `slb explain --without` asks it what a change would write.
+pub fn ring_table<S: AsRef<str>>(
+    identities: &[S],
+    ring_input: &[(u32, u32)],
+    size: u32,
+) -> Result<Vec<u32>, MaglevError> {
+    let maglev: Vec<MaglevBackend<'_>> = identities
+        .iter()
+        .zip(ring_input)
+        .map(|(identity, (_, weight))| MaglevBackend {
+            identity: identity.as_ref().as_bytes(),
+            weight: *weight,
+        })
+        .collect();
+    let table = build_table(&maglev, size)?;
+    Ok(table
+        .into_iter()
+        .map(|owner| {
+            if owner == NO_BACKEND {
+                NO_BACKEND
+            } else {
+                ring_input[owner as usize].0
+            }
+        })
+        .collect())
 }
 
 pub struct Reconciler {
@@ -445,29 +475,12 @@ impl Reconciler {
         identities: &[String],
         ring_input: &[(u32, u32)],
     ) -> Result<(), ReconcileError> {
-        let maglev: Vec<MaglevBackend<'_>> = identities
-            .iter()
-            .zip(ring_input)
-            .map(|(identity, (_, weight))| MaglevBackend {
-                identity: identity.as_bytes(),
-                weight: *weight,
-            })
-            .collect();
-        let table =
-            build_table(&maglev, self.ring_size).map_err(|source| ReconcileError::Maglev {
+        let table = ring_table(identities, ring_input, self.ring_size).map_err(|source| {
+            ReconcileError::Maglev {
                 listener: listener.into(),
                 source,
-            })?;
-        let table: Vec<u32> = table
-            .into_iter()
-            .map(|owner| {
-                if owner == NO_BACKEND {
-                    NO_BACKEND
-                } else {
-                    ring_input[owner as usize].0
-                }
-            })
-            .collect();
+            }
+        })?;
         let previous = self.rings.get(&(index, ring)).cloned();
         let mapped = self.ring(ring_slot(index, ring))?;
         let mut written = 0usize;

@@ -727,6 +727,12 @@ struct PlannedRing {
     identities: Vec<String>,
 }
 
+/// The identity a backend has in its listener's Maglev table: its `address:port`, so that every
+/// node builds the same table whatever its ids.
+pub fn maglev_identity(key: &BackendKey) -> String {
+    key.endpoint().to_string()
+}
+
 /// A Maglev listener's ring: the one it has when the input is as it was, else the other one,
 /// rebuilt; and whether health is ignored (see [`maglev_input`]).
 fn plan_ring(
@@ -751,11 +757,7 @@ fn plan_ring(
             ring,
             rebuild: Some(ring),
             input,
-            identities: g
-                .members
-                .iter()
-                .map(|(k, _)| k.endpoint().to_string())
-                .collect(),
+            identities: g.members.iter().map(|(k, _)| maglev_identity(k)).collect(),
         }
     };
     (ring, ignore_health)
