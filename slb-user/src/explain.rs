@@ -19,10 +19,12 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, MapError};
 use serde::{Deserialize, Serialize};
 use slb_common::hash::{flow_hash, FLOW_HASH_SEED};
 use slb_common::{
-    addr_from_words, addr_words, half_open_check, half_open_slot, ipv6_prefix_words, pinned, Addr,
-    Backend, Connection, FlowKey, HalfOpen, ListenerEntry, ListenerKey, PersistKey, Persisted,
-    BACKEND_F_DRAINING, BACKEND_F_PRESENT, CONN_F_CLOSING, HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP,
-    LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, NO_BACKEND,
+    acl_set, addr_from_words, addr_words, half_open_check, half_open_slot, ipv6_prefix_words,
+    pinned, AclPrefix, Addr, Backend, Connection, FlowKey, HalfOpen, ListenerEntry, ListenerKey,
+    NewFlowLimit, PersistKey, Persisted, BACKEND_F_DRAINING, BACKEND_F_PRESENT, CONN_F_CLOSING,
+    HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACL_ALLOW, LISTENER_F_ACL_CUT_ESTABLISHED,
+    LISTENER_F_ACL_DENY, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
+    LISTENER_F_NEW_FLOW_LIMIT, LISTENER_F_PERSIST, NO_BACKEND,
 };
 
 use crate::applied::{AppliedBackend, AppliedListener, AppliedState, StateFileError};
@@ -173,6 +175,10 @@ pub trait FlowMaps {
     fn health(&self, id: u32) -> u32;
     /// Slot `slot` of ring `ring_index` of RINGS.
     fn ring_slot(&self, ring_index: u32, slot: u32) -> Option<u32>;
+    /// Whether set `set` of ACL has a prefix holding `client`.
+    fn acl_lists(&self, set: u32, client: &Addr) -> bool;
+    /// NEW_FLOW_LIMITS entry `index`.
+    fn new_flow_limit(&self, index: u32) -> Option<NewFlowLimit>;
 }
 
 /// How a flow's backend was chosen.
@@ -205,6 +211,11 @@ pub enum NoBackend {
     NoRing,
     /// The policy named a backend that is not present (dropped as a failed lookup).
     NotPresent { id: u32 },
+    /// The listener's access list refuses the client (and the flow is not an established one
+    /// the list lets go on).
+    AclRefused { allow_list: bool, cut: bool },
+    /// A new flow, and the listener's bucket of new flows is empty now.
+    RateLimited { per_second: u64 },
 }
 
 /// What the data plane does with the next packet of a flow.
@@ -244,6 +255,13 @@ pub fn decide<M: FlowMaps + ?Sized>(
     listener: &ListenerEntry,
     now: u64,
 ) -> Decision {
+    if let Some(refused) = acl_refusal(maps, flow, listener) {
+        return Decision {
+            backend: Err(refused),
+            via: None,
+            repicked_from: None,
+        };
+    }
     let mut repicked_from = None;
     if let Some(conn) = maps.connection(flow) {
         if usable(maps, conn.backend_id, listener).is_some() {
@@ -271,6 +289,17 @@ pub fn decide<M: FlowMaps + ?Sized>(
             repicked_from.get_or_insert(slot.backend_id);
         }
     }
+    // As a SYN or a UDP flow's first packet would be (a later packet of an unknown TCP flow,
+    // or a re-picked one, is never limited).
+    if repicked_from.is_none() {
+        if let Some(per_second) = rate_limited(maps, listener, now) {
+            return Decision {
+                backend: Err(NoBackend::RateLimited { per_second }),
+                via: None,
+                repicked_from,
+            };
+        }
+    }
     let (picked, via) = policy(maps, client, hash, listener, now);
     let backend = match picked {
         Ok(id) if present(maps, id).is_none() => Err(NoBackend::NotPresent { id }),
@@ -281,6 +310,45 @@ pub fn decide<M: FlowMaps + ?Sized>(
         via,
         repicked_from,
     }
+}
+
+/// Why the listener's access list drops the flow's packets, if it does
+/// (`policy::acl_admits`): the client is refused, and the flow is not established (in the
+/// connection or half-open table) or the listener cuts established flows.
+fn acl_refusal<M: FlowMaps + ?Sized>(
+    maps: &M,
+    flow: &FlowKey,
+    listener: &ListenerEntry,
+) -> Option<NoBackend> {
+    let mode = listener.flags & (LISTENER_F_ACL_ALLOW | LISTENER_F_ACL_DENY);
+    if mode == 0 {
+        return None;
+    }
+    let listed = maps.acl_lists(acl_set(listener.index, listener.flags), &flow.src);
+    if listed == (mode == LISTENER_F_ACL_ALLOW) {
+        return None;
+    }
+    let cut = listener.flags & LISTENER_F_ACL_CUT_ESTABLISHED != 0;
+    let hash = flow_hash(flow, FLOW_HASH_SEED);
+    let established = maps.connection(flow).is_some()
+        || maps
+            .half_open(half_open_slot(hash))
+            .is_some_and(|s| s.flow == *flow && s.check == half_open_check(hash, s.backend_id));
+    (cut || !established).then_some(NoBackend::AclRefused {
+        allow_list: mode == LISTENER_F_ACL_ALLOW,
+        cut,
+    })
+}
+
+/// The listener's limit per second when its bucket of new flows is empty at `now`
+/// (`policy::new_flow_admitted`).
+fn rate_limited<M: FlowMaps + ?Sized>(maps: &M, listener: &ListenerEntry, now: u64) -> Option<u64> {
+    if listener.flags & LISTENER_F_NEW_FLOW_LIMIT == 0 {
+        return None;
+    }
+    let limit = maps.new_flow_limit(listener.index)?;
+    let start = limit.next_ns.max(now);
+    (start - now > limit.burst_ns).then(|| 1_000_000_000 / limit.interval_ns.max(1))
 }
 
 /// A new flow's backend by the listener's policy (`balancer::policy_backend`).
@@ -391,6 +459,12 @@ impl<M: FlowMaps + ?Sized> FlowMaps for Without<'_, M> {
     fn ring_slot(&self, _ring_index: u32, slot: u32) -> Option<u32> {
         self.ring.get(slot as usize).copied()
     }
+    fn acl_lists(&self, set: u32, client: &Addr) -> bool {
+        self.maps.acl_lists(set, client)
+    }
+    fn new_flow_limit(&self, index: u32) -> Option<NewFlowLimit> {
+        self.maps.new_flow_limit(index)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -407,6 +481,8 @@ pub struct PinnedFlowMaps {
     health: Array<MapData, u32>,
     listeners: HashMap<MapData, ListenerKey, ListenerEntry>,
     rings: ArrayOfMaps<MapData, MapData>,
+    acl: aya::maps::lpm_trie::LpmTrie<MapData, AclPrefix, u32>,
+    new_flow_limits: Array<MapData, NewFlowLimit>,
     /// Rings read so far, by their slot in RINGS.
     ring_cache: std::cell::RefCell<BTreeMap<u32, Option<std::rc::Rc<Vec<u32>>>>>,
 }
@@ -422,6 +498,8 @@ impl PinnedFlowMaps {
             health: open(dir, &pinned::BACKEND_HEALTH)?,
             listeners: open(dir, &pinned::LISTENERS)?,
             rings: open(dir, &pinned::RINGS)?,
+            acl: open(dir, &pinned::ACL)?,
+            new_flow_limits: open(dir, &pinned::NEW_FLOW_LIMITS)?,
             ring_cache: Default::default(),
         })
     }
@@ -472,6 +550,17 @@ impl FlowMaps for PinnedFlowMaps {
     }
     fn ring_slot(&self, ring_index: u32, slot: u32) -> Option<u32> {
         self.ring(ring_index)?.get(slot as usize).copied()
+    }
+    fn acl_lists(&self, set: u32, client: &Addr) -> bool {
+        let prefix = AclPrefix {
+            set: set.to_be_bytes(),
+            addr: *client,
+        };
+        let key = aya::maps::lpm_trie::Key::new(AclPrefix::FULL_BITS, prefix);
+        self.acl.get(&key, 0).is_ok()
+    }
+    fn new_flow_limit(&self, index: u32) -> Option<NewFlowLimit> {
+        self.new_flow_limits.get(&index, 0).ok()
     }
 }
 
@@ -932,6 +1021,23 @@ impl Context<'_> {
                     NoBackend::NotPresent { id } => format!(
                         "the policy names backend id {id}, which is not present in BACKENDS: its \
                          packets are dropped"
+                    ),
+                    NoBackend::AclRefused { allow_list, cut } => format!(
+                        "the listener's access list {}: its packets are dropped{}",
+                        if allow_list {
+                            "does not allow the client"
+                        } else {
+                            "denies the client"
+                        },
+                        if cut {
+                            " (established flows too: established = \"cut\")"
+                        } else {
+                            ""
+                        }
+                    ),
+                    NoBackend::RateLimited { per_second } => format!(
+                        "a new flow now would be dropped: the listener's {per_second} new \
+                         flows a second are taken"
                     ),
                 };
                 return Answer {

@@ -106,6 +106,27 @@ fn an_access_list_refuses_its_clients_and_a_live_change_keeps_or_cuts_their_flow
     );
     assert_eq!(refused, 0);
     assert!(listener.acl_dropped >= 10, "{listener:#?}");
+    let explained = |from: Ipv4Addr| {
+        let out = daemon
+            .cli([
+                "explain",
+                "-i",
+                daemon.instance(),
+                "--from",
+                &format!("{from}:40000"),
+                "--to",
+                &format!("{}/tcp", vip_tcp()),
+            ])
+            .expect("run slb explain");
+        out.expect_success().expect("slb explain").to_owned()
+    };
+    let why = explained(OTHER_CLIENT);
+    println!("slb explain, denied client:\n{why}");
+    assert!(
+        why.contains("the listener's access list denies the client"),
+        "{why}"
+    );
+    assert!(explained(CLIENT_ADDR).contains("ring: slot"));
 
     // The list changes to deny the first client: its open connections go on, its new ones are
     // refused, and the other client is served.

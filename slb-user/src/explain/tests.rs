@@ -17,6 +17,9 @@ struct Fake {
     backends: HashMap<u32, Backend>,
     health: HashMap<u32, u32>,
     ring: Vec<u32>,
+    /// (set, client address) pairs the access lists hold.
+    acl: Vec<(u32, Addr)>,
+    new_flow_limit: Option<NewFlowLimit>,
 }
 
 impl FlowMaps for Fake {
@@ -38,6 +41,12 @@ impl FlowMaps for Fake {
     fn ring_slot(&self, ring_index: u32, slot: u32) -> Option<u32> {
         assert_eq!(ring_index, 1, "the listener's live ring");
         self.ring.get(slot as usize).copied()
+    }
+    fn acl_lists(&self, set: u32, client: &Addr) -> bool {
+        self.acl.contains(&(set, *client))
+    }
+    fn new_flow_limit(&self, _index: u32) -> Option<NewFlowLimit> {
+        self.new_flow_limit
     }
 }
 
@@ -471,6 +480,8 @@ fn applied_listener(name: &str, protocol: crate::config::Protocol, port: u16) ->
         idle_timeout_s: 90,
         health_check: false,
         snat: None,
+        acl: None,
+        new_flow_limit: None,
     }
 }
 
@@ -509,5 +520,85 @@ fn a_listener_is_found_by_vip_port_and_protocol_and_the_proxy_s_are_named_as_suc
             && e.contains("ssh 192.0.2.10:22/tcp")
             && e.contains("site 192.0.2.10:443 (https, the proxy's)"),
         "{e}"
+    );
+}
+
+#[test]
+fn an_access_list_refuses_before_any_table_unless_it_keeps_the_established_flow() {
+    use slb_common::{
+        LISTENER_F_ACL_ALLOW, LISTENER_F_ACL_CUT_ESTABLISHED, LISTENER_F_ACL_DENY,
+        LISTENER_F_ACL_SET,
+    };
+    let mut maps = fake();
+    let (known, new) = (flow(41000), flow(41001));
+    maps.connections.insert(known, connection(2, NOW));
+    // The client is listed in set 1 of listener 7 (its second set).
+    maps.acl.push((7 * 2 + 1, known.src));
+    let deny = listener(LISTENER_F_ACL_DENY | LISTENER_F_ACL_SET);
+    assert_eq!(
+        decide_for(&maps, &known, &deny).backend,
+        Ok(2),
+        "established: kept"
+    );
+    assert_eq!(
+        decide_for(&maps, &new, &deny).backend,
+        Err(NoBackend::AclRefused {
+            allow_list: false,
+            cut: false
+        })
+    );
+    let cut = listener(LISTENER_F_ACL_DENY | LISTENER_F_ACL_SET | LISTENER_F_ACL_CUT_ESTABLISHED);
+    assert_eq!(
+        decide_for(&maps, &known, &cut).backend,
+        Err(NoBackend::AclRefused {
+            allow_list: false,
+            cut: true
+        })
+    );
+    // Listed in the set the listener uses, an allow list admits; in the other set, it refuses.
+    let allow = listener(LISTENER_F_ACL_ALLOW | LISTENER_F_ACL_SET);
+    assert_eq!(
+        decide_for(&maps, &new, &allow).backend,
+        Ok(maglev_owner(&maps, &new))
+    );
+    assert_eq!(
+        decide_for(&maps, &new, &listener(LISTENER_F_ACL_ALLOW)).backend,
+        Err(NoBackend::AclRefused {
+            allow_list: true,
+            cut: false
+        })
+    );
+}
+
+fn maglev_owner(maps: &Fake, f: &FlowKey) -> u32 {
+    maps.ring[ring_slot_of(f) as usize]
+}
+
+#[test]
+fn an_empty_bucket_refuses_new_flows_only() {
+    let mut maps = fake();
+    let (known, new) = (flow(42000), flow(42001));
+    maps.connections.insert(known, connection(3, NOW));
+    let limited = listener(slb_common::LISTENER_F_NEW_FLOW_LIMIT);
+    // 100 a second, bursts of 10: a bucket ten intervals ahead of now is empty.
+    let limit = |ahead_ns: u64| NewFlowLimit {
+        interval_ns: 10_000_000,
+        burst_ns: 9 * 10_000_000,
+        next_ns: NOW + ahead_ns,
+    };
+    maps.new_flow_limit = Some(limit(90_000_000));
+    assert_eq!(
+        decide_for(&maps, &new, &limited).backend,
+        Ok(maglev_owner(&maps, &new))
+    );
+    maps.new_flow_limit = Some(limit(100_000_000));
+    assert_eq!(
+        decide_for(&maps, &new, &limited).backend,
+        Err(NoBackend::RateLimited { per_second: 100 })
+    );
+    assert_eq!(
+        decide_for(&maps, &known, &limited).backend,
+        Ok(3),
+        "known flows go on"
     );
 }
