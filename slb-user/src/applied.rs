@@ -55,6 +55,10 @@ pub struct HealthStatus {
     /// otherwise"); a state file from before this field had only verdicts.
     #[serde(default = "verdicts_were_confirmed")]
     pub confirmed: bool,
+    /// While a backend that became healthy ramps up (its group's `slow_start`): the share of
+    /// its weight its listeners' rings give it now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start_percent: Option<u32>,
 }
 
 fn verdicts_were_confirmed() -> bool {
@@ -367,6 +371,7 @@ mod tests {
                     reason: "connection refused".into(),
                     since_unix_ns: 1_764_000_000_000_000_000,
                     confirmed: true,
+                    slow_start_percent: None,
                 }),
             }],
             ..Default::default()

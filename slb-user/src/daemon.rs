@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
@@ -331,6 +331,7 @@ async fn serve(
             _ = link_check.tick() => {
                 daemon.check_links(dataplane);
                 daemon.check_drains();
+                daemon.check_slow_starts();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -559,7 +560,36 @@ fn initial_status(target: &CheckTarget, added: bool, now_unix_ns: u128) -> Healt
         reason: reason.into(),
         since_unix_ns: now_unix_ns,
         confirmed: false,
+        slow_start_percent: None,
     }
+}
+
+/// The share of its weight a backend in slow start gets `elapsed` after it became healthy,
+/// in steps (each a ring rebuilt): 10 %, 25 %, 50 %, 75 %, then its full weight.
+pub fn slow_start_percent(elapsed: Duration, slow_start: Duration) -> Option<u32> {
+    let quarter = slow_start / 4;
+    match elapsed {
+        e if e < quarter => Some(10),
+        e if e < quarter * 2 => Some(25),
+        e if e < quarter * 3 => Some(50),
+        e if e < slow_start => Some(75),
+        _ => None,
+    }
+}
+
+/// The `slow_start` of the group `key`'s listener serves it from.
+fn slow_start_of(config: &Config, key: &BackendKey) -> Option<Duration> {
+    let listener = config.listeners.iter().find(|l| l.name == key.listener)?;
+    config
+        .resolve(listener)
+        .groups
+        .iter()
+        .find(|g| {
+            g.backends
+                .iter()
+                .any(|b| b.address == key.address && b.port == key.port)
+        })?
+        .slow_start
 }
 
 /// The backends `config` health-checks: every backend of a checked Maglev listener, and only the
@@ -1261,6 +1291,49 @@ impl Daemon {
         }
     }
 
+    /// Moves the backends in slow start to their next step: each step rebuilds the rings of
+    /// the backend's listener (established flows keep their backends).
+    fn check_slow_starts(&mut self) {
+        let now = SystemTime::now();
+        let mut stepped = Vec::new();
+        for (key, status) in self.health.iter_mut() {
+            let Some(percent) = status.slow_start_percent else {
+                continue;
+            };
+            let since = SystemTime::UNIX_EPOCH
+                + Duration::from_nanos(status.since_unix_ns.try_into().unwrap_or(u64::MAX));
+            let elapsed = now.duration_since(since).unwrap_or_default();
+            let next = slow_start_of(&self.config, key)
+                .filter(|_| status.healthy)
+                .and_then(|d| slow_start_percent(elapsed, d));
+            if next != Some(percent) {
+                status.slow_start_percent = next;
+                stepped.push(key.clone());
+            }
+        }
+        for key in &stepped {
+            match self.health[key].slow_start_percent {
+                Some(p) => {
+                    tracing::info!(listener = %key.listener, backend = %key.endpoint(), percent = p, "slow start: next step")
+                }
+                None => {
+                    tracing::info!(listener = %key.listener, backend = %key.endpoint(), "slow start done: full weight")
+                }
+            }
+            if let Err(e) = self
+                .reconciler
+                .apply_verdict(&self.config, &self.health, key)
+            {
+                tracing::error!("applying a slow start step to the data plane failed: {e:#}");
+            }
+        }
+        if !stepped.is_empty() {
+            if let Err(e) = self.publish() {
+                tracing::error!("publishing the state after a slow start step failed: {e:#}");
+            }
+        }
+    }
+
     fn health_changed(&mut self, event: HealthEvent) {
         let Some(status) = self.health.get_mut(&event.key) else {
             return; // a check that was stopped meanwhile
@@ -1284,11 +1357,16 @@ impl Daemon {
             } else {
                 tracing::warn!(listener = %key.listener, backend = %key.endpoint(), reason = %event.reason, "backend is unhealthy");
             }
+            // A backend that comes back (or in, once added) ramps up when its group says so.
+            let slow_start_percent = slow_start_of(&self.config, key)
+                .filter(|_| event.healthy)
+                .and_then(|d| slow_start_percent(Duration::ZERO, d));
             *status = HealthStatus {
                 healthy: event.healthy,
                 reason: event.reason,
                 since_unix_ns: unix_ns(event.at),
                 confirmed: true,
+                slow_start_percent,
             };
         }
         // The verdict's listener only: its flag (and ring) in the maps, or its proxy snapshot.
@@ -1316,5 +1394,40 @@ impl Daemon {
         if let Some(l) = group_without_healthy {
             tracing::warn!(listener = %l.name, group = %l.group, "no healthy backend left in the group");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_start_steps_up_by_quarters_of_its_duration() {
+        let d = Duration::from_secs(40);
+        let at = |s: u64| slow_start_percent(Duration::from_secs(s), d);
+        assert_eq!(
+            [
+                at(0),
+                at(9),
+                at(10),
+                at(19),
+                at(20),
+                at(30),
+                at(39),
+                at(40),
+                at(400)
+            ],
+            [
+                Some(10),
+                Some(10),
+                Some(25),
+                Some(25),
+                Some(50),
+                Some(75),
+                Some(75),
+                None,
+                None
+            ]
+        );
     }
 }

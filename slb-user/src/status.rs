@@ -626,6 +626,16 @@ fn render_backends(out: &mut String, status: &Status) {
             let _ = writeln!(out, "  {} on {}: {}", b.endpoint(), b.listener, h.reason);
         }
     }
+    for b in &status.backends {
+        if let Some(percent) = b.health.as_ref().and_then(|h| h.slow_start_percent) {
+            let _ = writeln!(
+                out,
+                "  {} on {}: slow start, {percent} % of its weight for new flows",
+                b.endpoint(),
+                b.listener
+            );
+        }
+    }
 }
 
 fn render_changes_and_warnings(out: &mut String, status: &Status) {
@@ -1088,6 +1098,7 @@ mod tests {
                     reason: "refused".into(),
                     since_unix_ns: 1_500_000_000,
                     confirmed: true,
+                    slow_start_percent: None,
                 }),
                 packets: 50,
                 bytes: 5000,

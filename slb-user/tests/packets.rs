@@ -387,6 +387,7 @@ fn verdicts(
                     reason: "test".into(),
                     since_unix_ns: 0,
                     confirmed: true,
+                    slow_start_percent: None,
                 },
             )
         })

@@ -45,6 +45,7 @@ fn backend(listener: &str, id: u32, weight: u32, healthy: Option<bool>) -> Appli
             reason: String::new(),
             since_unix_ns: 0,
             confirmed: true,
+            slow_start_percent: None,
         }),
     }
 }
@@ -163,6 +164,7 @@ fn a_proxy_listener_counts_its_healthy_backends_with_weight() {
                 reason: String::new(),
                 since_unix_ns: 0,
                 confirmed: true,
+                slow_start_percent: None,
             }),
         }],
     };

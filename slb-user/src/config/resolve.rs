@@ -51,6 +51,8 @@ pub struct ResolvedGroup<'a> {
     pub kind: GroupKind,
     /// Its backends' health at the daemon's start, before their checks answer.
     pub initial_health: InitialHealth,
+    /// How long a backend that becomes healthy ramps up to its full weight.
+    pub slow_start: Option<std::time::Duration>,
     pub backends: Vec<ResolvedBackend>,
     /// HTTP(S): the proxy's connections to each backend.
     pub limits: ConnectionLimits,
@@ -88,23 +90,30 @@ impl Config {
     /// One listener of this config, resolved (see [`Config::resolved_listeners`]).
     pub fn resolve<'a>(&'a self, listener: &'a Listener) -> ResolvedListener<'a> {
         let lookup = |name: &'a str| {
-            let (name, kind, specs, limits, initial_health) =
+            let (name, kind, specs, limits, initial_health, slow_start) =
                 match self.groups.iter().find(|g| g.name == name) {
-                    Some(g) if name != DEFAULT_GROUP => {
-                        (name, g.kind, &g.backends, g.limits(), g.initial_health)
-                    }
+                    Some(g) if name != DEFAULT_GROUP => (
+                        name,
+                        g.kind,
+                        &g.backends,
+                        g.limits(),
+                        g.initial_health,
+                        g.slow_start,
+                    ),
                     _ => (
                         DEFAULT_GROUP,
                         GroupKind::Vserver,
                         &self.default_group.backends,
                         self.default_group.limits(),
                         self.default_group.initial_health,
+                        self.default_group.slow_start,
                     ),
                 };
             ResolvedGroup {
                 name,
                 kind,
                 initial_health,
+                slow_start,
                 limits,
                 backends: specs
                     .iter()

@@ -674,6 +674,9 @@ impl Listener {
 pub const MAX_PERSISTENCE_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// Above this, a limit on new flows is no limit: one CPU's XDP path admits fewer.
 pub const MAX_NEW_CONNECTIONS_PER_SECOND: u32 = 100_000_000;
+/// Bounds of a group's `slow_start`.
+pub const MIN_SLOW_START: Duration = Duration::from_secs(1);
+pub const MAX_SLOW_START: Duration = Duration::from_secs(3600);
 pub const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -686,6 +689,14 @@ pub struct DefaultGroup {
     /// [`InitialHealth`]).
     #[serde(default)]
     pub initial_health: InitialHealth,
+    /// TCP/UDP with health checks: how long a backend that becomes healthy (recovered, or added
+    /// and past its first checks) takes to reach its full weight.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub slow_start: Option<Duration>,
     /// HTTP(S): see [`ConnectionLimits`].
     #[serde(default = "default_backend_connections")]
     pub max_connections: u32,
@@ -712,6 +723,7 @@ impl Default for DefaultGroup {
         DefaultGroup {
             backends: Vec::new(),
             initial_health: InitialHealth::default(),
+            slow_start: None,
             max_connections: limits.max_connections,
             max_queued_requests: limits.max_queued_requests,
             queue_timeout: limits.queue_timeout,
@@ -778,6 +790,14 @@ pub struct Group {
     /// [`InitialHealth`]).
     #[serde(default)]
     pub initial_health: InitialHealth,
+    /// TCP/UDP with health checks: how long a backend that becomes healthy (recovered, or added
+    /// and past its first checks) takes to reach its full weight.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub slow_start: Option<Duration>,
     /// HTTP(S): see [`ConnectionLimits`].
     #[serde(default = "default_backend_connections")]
     pub max_connections: u32,

@@ -989,3 +989,33 @@ fn access_lists_and_new_flow_limits_are_checked() {
         "{e}"
     );
 }
+
+#[test]
+fn slow_start_needs_a_weighted_group_a_checked_tcp_udp_listener_and_a_sane_duration() {
+    let with_check = GOOD.replacen(
+        "name = \"web\"\n",
+        "name = \"web\"\nhealth_check = { type = \"tcp\" }\n",
+        1,
+    );
+    let pool = |text: &str, slow_start: &str| {
+        text.replacen(
+            "name = \"pool\"\n",
+            &format!("name = \"pool\"\nslow_start = \"{slow_start}\"\n"),
+            1,
+        )
+    };
+    let ok = Config::parse(&pool(&with_check, "30s"), "t").unwrap();
+    assert_eq!(ok.groups[0].slow_start, Some(Duration::from_secs(30)));
+    let e = error_of(&pool(GOOD, "30s"));
+    assert!(
+        e.contains("(web).health_check: group \"pool\" has slow_start, which starts when a backend's checks find it healthy"),
+        "{e}"
+    );
+    let e = error_of(&pool(&with_check, "2h"));
+    assert!(
+        e.contains("(pool).slow_start: 2h must be between 1s and 1h"),
+        "{e}"
+    );
+    let e = error_of(&pool(&with_check, "500ms"));
+    assert!(e.contains("must be between 1s and 1h"), "{e}");
+}

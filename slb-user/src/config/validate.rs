@@ -16,8 +16,8 @@ use super::{
     CookiePersistence, DsrMode, Forwarding, Group, GroupKind, HealthCheck, Interface, Listener,
     Protocol, Scheduler, SnatPorts, DEFAULT_GROUP, MAX_ANNOUNCE_DELAY, MAX_BACKEND_CONNECTIONS,
     MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_NEW_CONNECTIONS_PER_SECOND,
-    MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS, MAX_THRESHOLD, MAX_WEIGHT, MIN_CHECK_INTERVAL,
-    MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT,
+    MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS, MAX_SLOW_START, MAX_THRESHOLD, MAX_WEIGHT,
+    MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT, MIN_SLOW_START,
 };
 
 /// Names a field of one listener: `listeners[<i>] (<name>).<field>`.
@@ -50,6 +50,11 @@ impl Config {
         let groups = validate_groups(&self.groups)?;
         validate_backends("default_group", &self.default_group.backends)?;
         validate_connection_limits("default_group", &self.default_group.limits())?;
+        validate_slow_start(
+            "default_group",
+            GroupKind::Vserver,
+            self.default_group.slow_start,
+        )?;
         if self.listeners.len() > MAX_LISTENERS as usize {
             return Err(invalid(
                 "listeners",
@@ -151,6 +156,7 @@ impl Config {
             validate_health_check(&at("health_check"), check, l.protocol)?;
         }
         let resolved = self.resolve(l);
+        validate_listener_slow_start(&at, l, &resolved)?;
         refuse_own_listeners_as_backends(&at, &resolved, &claims.own_listeners)?;
         refuse_mixed_families(&label, &resolved)?;
         let backends = &resolved.group().backends;
@@ -476,6 +482,11 @@ fn validate_groups(defined: &[Group]) -> Result<Groups<'_>, ConfigError> {
         }
         validate_backends(&format!("groups[{i}] ({})", group.name), &group.backends)?;
         validate_connection_limits(&format!("groups[{i}] ({})", group.name), &group.limits())?;
+        validate_slow_start(
+            &format!("groups[{i}] ({})", group.name),
+            group.kind,
+            group.slow_start,
+        )?;
         if group.kind == GroupKind::ActiveStandby && group.backends.len() != 2 {
             return Err(invalid(
                 format!("groups[{i}] ({}).backends", group.name),
@@ -487,6 +498,63 @@ fn validate_groups(defined: &[Group]) -> Result<Groups<'_>, ConfigError> {
         }
     }
     Ok(groups)
+}
+
+fn validate_slow_start(
+    label: &str,
+    kind: GroupKind,
+    slow_start: Option<Duration>,
+) -> Result<(), ConfigError> {
+    let Some(slow_start) = slow_start else {
+        return Ok(());
+    };
+    if kind == GroupKind::ActiveStandby {
+        return Err(invalid(
+            format!("{label}.slow_start"),
+            "applies to weighted groups; an active-standby group has no weights to ramp",
+        ));
+    }
+    if !(MIN_SLOW_START..=MAX_SLOW_START).contains(&slow_start) {
+        return Err(invalid(
+            format!("{label}.slow_start"),
+            format!(
+                "{} must be between 1s and 1h",
+                humantime::format_duration(slow_start)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A group's `slow_start` ramps a backend that its checks find healthy, in the data plane's
+/// rings: the listeners it serves are tcp/udp and checked.
+fn validate_listener_slow_start(
+    at: FieldOf<'_>,
+    l: &Listener,
+    resolved: &ResolvedListener<'_>,
+) -> Result<(), ConfigError> {
+    let Some(group) = resolved.groups.iter().find(|g| g.slow_start.is_some()) else {
+        return Ok(());
+    };
+    if l.protocol.is_l7() {
+        return Err(invalid(
+            at("group"),
+            format!(
+                "group {:?} has slow_start, which ramps the data plane's rings of tcp/udp listeners; this one is {} (give it a group without slow_start)",
+                group.name, l.protocol
+            ),
+        ));
+    }
+    if l.health_check.is_none() {
+        return Err(invalid(
+            at("health_check"),
+            format!(
+                "group {:?} has slow_start, which starts when a backend's checks find it healthy: give the listener a health_check",
+                group.name
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The balancer recognises a backend's replies by their source alone, so a backend endpoint

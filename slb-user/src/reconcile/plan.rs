@@ -251,7 +251,7 @@ pub(super) fn plan(
     let mut applied = AppliedMaps::default();
     for (g, &index) in groups.iter().zip(&indices) {
         let old = old_listeners.get(g.listener.name.as_str()).copied();
-        let (planned, listener) = plan_listener(g, index, old, &ids, &healthy, ring_size);
+        let (planned, listener) = plan_listener(g, index, old, &ids, &healthy, health, ring_size);
         applied.backends.extend(applied_backends(g, &ids, health));
         applied.listeners.push(listener);
         listeners.push(planned);
@@ -425,7 +425,7 @@ pub(super) fn plan_verdict(
     }
     let healthy = |k: &BackendKey| health.get(k).is_none_or(|h| h.healthy);
     let (listener, applied_listener) =
-        plan_listener(&g, old.index, Some(old), &ids, &healthy, ring_size);
+        plan_listener(&g, old.index, Some(old), &ids, &healthy, health, ring_size);
     VerdictPlan::Write(Box::new(VerdictWrite {
         id,
         health: health_write(g.kind, healthy(key)),
@@ -491,6 +491,7 @@ fn plan_listener(
     old: Option<&AppliedListener>,
     ids: &BTreeMap<BackendKey, u32>,
     healthy: &dyn Fn(&BackendKey) -> bool,
+    health: &BTreeMap<BackendKey, HealthStatus>,
     ring_size: u32,
 ) -> (PlannedListener, AppliedListener) {
     let l = g.listener;
@@ -510,7 +511,7 @@ fn plan_listener(
             }
         }
         GroupKind::Vserver => {
-            let (ring, ignore_health) = plan_ring(g, old, ids, healthy);
+            let (ring, ignore_health) = plan_ring(g, old, ids, healthy, health);
             if ignore_health {
                 entry.flags |= LISTENER_F_IGNORE_HEALTH;
             }
@@ -740,8 +741,9 @@ fn plan_ring(
     old: Option<&AppliedListener>,
     ids: &BTreeMap<BackendKey, u32>,
     healthy: &dyn Fn(&BackendKey) -> bool,
+    health: &BTreeMap<BackendKey, HealthStatus>,
 ) -> (PlannedRing, bool) {
-    let (input, ignore_health) = maglev_input(g, ids, healthy);
+    let (input, ignore_health) = maglev_input(g, ids, healthy, health);
     let unchanged =
         old.is_some_and(|o| o.ring_input == input && o.group_kind == GroupKind::Vserver);
     let ring = if unchanged {
@@ -765,12 +767,19 @@ fn plan_ring(
 
 /// A Maglev listener's ring input (backend ids with the weights its health leaves them), and
 /// whether health is ignored because every backend with weight is down and the listener
-/// forwards to all then.
+/// forwards to all then. While a backend of the listener is in slow start, every weight is
+/// given in hundredths: the others' at 100 %, the starting one's at its percentage.
 fn maglev_input(
     g: &Members<'_>,
     ids: &BTreeMap<BackendKey, u32>,
     healthy: &dyn Fn(&BackendKey) -> bool,
+    health: &BTreeMap<BackendKey, HealthStatus>,
 ) -> (Vec<(u32, u32)>, bool) {
+    let ramp = |k: &BackendKey| health.get(k).and_then(|h| h.slow_start_percent);
+    let ramping = g
+        .members
+        .iter()
+        .any(|(k, _)| healthy(k) && ramp(k).is_some());
     let healthy_weight: u64 = g
         .members
         .iter()
@@ -787,6 +796,11 @@ fn maglev_input(
                 b.weight
             } else {
                 0
+            };
+            let weight = if ramping {
+                weight * ramp(k).unwrap_or(100).clamp(1, 100)
+            } else {
+                weight
             };
             (ids[k], weight)
         })

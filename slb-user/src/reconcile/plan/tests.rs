@@ -66,6 +66,7 @@ fn unhealthy(keys: &[BackendKey]) -> BTreeMap<BackendKey, HealthStatus> {
                 reason: "refused".into(),
                 since_unix_ns: 0,
                 confirmed: true,
+                slow_start_percent: None,
             };
             (k.clone(), verdict)
         })
@@ -556,5 +557,47 @@ fn a_new_flow_limit_is_written_only_when_it_changes() {
     assert_eq!(
         listener(&off, "web").entry.flags & LISTENER_F_NEW_FLOW_LIMIT,
         0
+    );
+}
+
+#[test]
+fn a_backend_in_slow_start_gets_its_share_of_its_weight_in_the_ring_until_it_is_done() {
+    // web: 10.0.1.2:8080 weight 2 and 10.0.1.3:8080 weight 1.
+    let first = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default());
+    let web = listener(&first, "web");
+    let (a, b) = (key("web", "10.0.1.2", 8080), key("web", "10.0.1.3", 8080));
+    let plain = web.ring_input.clone();
+    assert_eq!(
+        plain,
+        vec![(id(&first, &a), 2), (id(&first, &b), 1)],
+        "without slow start, the weights"
+    );
+    let ramping = |percent| {
+        let mut health = BTreeMap::new();
+        health.insert(
+            b.clone(),
+            HealthStatus {
+                healthy: true,
+                reason: "passed".into(),
+                since_unix_ns: 0,
+                confirmed: true,
+                slow_start_percent: percent,
+            },
+        );
+        health
+    };
+    let step = plan_of(&config_text(), &ramping(Some(25)), &first.applied);
+    let web = listener(&step, "web");
+    assert_eq!(
+        web.ring_input,
+        vec![(id(&first, &a), 200), (id(&first, &b), 25)],
+        "in hundredths: the other at 100 %, the starting one at 25 %"
+    );
+    assert!(web.rebuild.is_some());
+    let done = plan_of(&config_text(), &ramping(None), &step.applied);
+    assert_eq!(
+        listener(&done, "web").ring_input,
+        plain,
+        "done: the weights again"
     );
 }
