@@ -112,7 +112,10 @@ fn an_allow_list_admits_exactly_its_prefixes_in_both_families() {
         }
         assert_eq!(listener_counters(&h, "web").acl_dropped, 6);
         assert_eq!(listener_counters(&h, "web6").acl_dropped, 4);
-        assert_eq!(h.counters().acl_dropped, 10);
+        let c = h.counters();
+        assert_eq!(c.acl_dropped, 10);
+        // Refused before any state: only the 8 admitted SYNs took a half-open slot.
+        assert_eq!(c.half_open_tracked, 8, "{c:?}");
         // Another listener on the VIP has no list: it takes every client.
         let other = h.run(
             &frame(h.in_mac, [10, 9, 255, 255], VIP, udp(44000, 53)),
