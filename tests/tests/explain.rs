@@ -50,6 +50,40 @@ fn explain(
     answers
 }
 
+/// Sends one UDP flow from each port `base_port..base_port + FLOWS` and checks that each was
+/// answered by the backend `predicted` names for its port.
+fn answered_as_predicted(
+    topo: &Topology,
+    base_port: u16,
+    predicted: &BTreeMap<u16, String>,
+    predictor: &str,
+) {
+    let udp = udp_flows(
+        topo.client_ns(),
+        vip_udp(),
+        base_port,
+        &TrafficOptions::new(FLOWS),
+    )
+    .expect("run UDP flows");
+    assert!(
+        udp.failures.is_empty() && udp.answered() == FLOWS,
+        "{}",
+        udp.summary("UDP flows")
+    );
+    let agreeing = predicted
+        .iter()
+        .filter(|(port, backend)| udp.backend_by_port.get(port) == Some(backend))
+        .count();
+    println!("{agreeing} of {FLOWS} flows answered by {predictor}");
+    for (port, backend) in predicted {
+        assert_eq!(
+            udp.backend_by_port.get(port),
+            Some(backend),
+            "source port {port}: {predictor} was {backend}"
+        );
+    }
+}
+
 /// The backend an answer names, as the test server's name (`b<i>`).
 fn named(answer: &slb_user::explain::Answer, names: &BTreeMap<IpAddr, String>) -> String {
     let backend = answer
@@ -121,30 +155,7 @@ fn explain_names_the_backend_real_packets_reach() {
     println!("explain's ring answers per backend: {per_backend:?}");
 
     // 2. One request per flow: each is answered by the backend explain named.
-    let udp = udp_flows(
-        topo.client_ns(),
-        vip_udp(),
-        FIRST_PORT,
-        &TrafficOptions::new(FLOWS),
-    )
-    .expect("run UDP flows");
-    assert!(
-        udp.failures.is_empty() && udp.answered() == FLOWS,
-        "{}",
-        udp.summary("UDP flows")
-    );
-    let agreeing = predicted
-        .iter()
-        .filter(|(port, backend)| udp.backend_by_port.get(port) == Some(backend))
-        .count();
-    println!("{agreeing} of {FLOWS} flows answered by the backend explain named");
-    for (port, backend) in &predicted {
-        assert_eq!(
-            udp.backend_by_port.get(port),
-            Some(backend),
-            "source port {port}: explain said {backend}"
-        );
-    }
+    answered_as_predicted(&topo, FIRST_PORT, &predicted, "the backend explain named");
 
     // 3. Now each flow is in the connection table, with the same backend.
     let after = explain(&daemon, &udp_to, ports(), &[]);
@@ -282,33 +293,12 @@ fn explain_names_the_backend_real_packets_reach() {
         ])
         .expect("run slb backend remove");
     out.expect_success().expect("slb backend remove");
-    let udp = udp_flows(
-        topo.client_ns(),
-        vip_udp(),
+    answered_as_predicted(
+        &topo,
         NEW_PORT,
-        &TrafficOptions::new(FLOWS),
-    )
-    .expect("run new UDP flows");
-    assert!(
-        udp.failures.is_empty() && udp.answered() == FLOWS,
-        "{}",
-        udp.summary("new UDP flows")
+        &after_removal,
+        &format!("the backend --without predicted (after removing {removed_name})"),
     );
-    let agreeing = after_removal
-        .iter()
-        .filter(|(port, backend)| udp.backend_by_port.get(port) == Some(backend))
-        .count();
-    println!(
-        "after removing {removed_name}: {agreeing} of {FLOWS} new flows answered by the backend \
-         --without predicted"
-    );
-    for (port, backend) in &after_removal {
-        assert_eq!(
-            udp.backend_by_port.get(port),
-            Some(backend),
-            "new flow from port {port}: --without predicted {backend}"
-        );
-    }
 
     // 6. A listener that does not exist: refused, naming the instance's listeners.
     let out = daemon
