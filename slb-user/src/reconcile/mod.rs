@@ -13,7 +13,8 @@ use aya::maps::lpm_trie::Key;
 use aya::maps::MapError;
 use slb_common::maglev::{build_table, MaglevBackend, MaglevError};
 use slb_common::{
-    Backend, BackendEndpoint, ReplyNat, HEALTH_DOWN, HEALTH_UP, NO_BACKEND, RINGS_PER_LISTENER,
+    Backend, BackendEndpoint, ReplyNat, HEALTH_DOWN, HEALTH_UP, LISTENER_F_ACL_ALLOW,
+    LISTENER_F_ACL_DENY, LISTENER_F_ACL_SET, NO_BACKEND, RINGS_PER_LISTENER,
 };
 
 use crate::applied::{AppliedMaps, BackendKey, HealthStatus};
@@ -194,7 +195,14 @@ impl Reconciler {
         config: &Config,
         health: &BTreeMap<BackendKey, HealthStatus>,
     ) -> Result<&AppliedMaps, ReconcileError> {
-        let plan = plan::plan(config, health, &self.applied, self.ring_size)?;
+        let live_acl_sets = self.live_acl_sets()?;
+        let plan = plan::plan(
+            config,
+            health,
+            &self.applied,
+            self.ring_size,
+            &live_acl_sets,
+        )?;
 
         // 1. Health flags going down on active/standby servers first: that one write is the
         //    failover. Flags going up are written before any ring names the backend again.
@@ -247,7 +255,15 @@ impl Reconciler {
         health: &BTreeMap<BackendKey, HealthStatus>,
         key: &BackendKey,
     ) -> Result<&AppliedMaps, ReconcileError> {
-        let plan = plan::plan_verdict(config, health, &self.applied, self.ring_size, key);
+        let live_acl_sets = self.live_acl_sets()?;
+        let plan = plan::plan_verdict(
+            config,
+            health,
+            &self.applied,
+            self.ring_size,
+            &live_acl_sets,
+            key,
+        );
         let VerdictWrite {
             id,
             health: write,
@@ -279,6 +295,21 @@ impl Reconciler {
             *l = applied_listener;
         }
         Ok(&self.applied)
+    }
+
+    /// Which ACL set each listener index's entry in LISTENERS reads now.
+    fn live_acl_sets(&self) -> Result<plan::LiveAclSets, ReconcileError> {
+        let mut live = plan::LiveAclSets::new();
+        for entry in self.maps.listeners.iter() {
+            let (_, entry) = entry.map_err(map_err("LISTENERS"))?;
+            if entry.flags & (LISTENER_F_ACL_ALLOW | LISTENER_F_ACL_DENY) != 0 {
+                live.insert(
+                    entry.index,
+                    u32::from(entry.flags & LISTENER_F_ACL_SET != 0),
+                );
+            }
+        }
+        Ok(live)
     }
 
     /// One listener's ring (when it changed), reply translations and entry.

@@ -222,6 +222,7 @@ pub(super) fn plan(
     health: &BTreeMap<BackendKey, HealthStatus>,
     previous: &AppliedMaps,
     ring_size: u32,
+    live_acl_sets: &LiveAclSets,
 ) -> Result<Plan, ReconcileError> {
     if config.maglev_table_size != ring_size {
         return Err(ReconcileError::RingSizeChanged {
@@ -251,7 +252,16 @@ pub(super) fn plan(
     let mut applied = AppliedMaps::default();
     for (g, &index) in groups.iter().zip(&indices) {
         let old = old_listeners.get(g.listener.name.as_str()).copied();
-        let (planned, listener) = plan_listener(g, index, old, &ids, &healthy, health, ring_size);
+        let (planned, listener) = plan_listener(
+            g,
+            index,
+            old,
+            &ids,
+            &healthy,
+            health,
+            live_acl_sets.get(&index).copied(),
+            ring_size,
+        );
         applied.backends.extend(applied_backends(g, &ids, health));
         applied.listeners.push(listener);
         listeners.push(planned);
@@ -268,7 +278,7 @@ pub(super) fn plan(
             .iter()
             .flat_map(|g| g.members.iter().map(|(k, _)| k.address)),
     );
-    let gone = gone(previous, &applied, &ids, &addresses);
+    let gone = gone(previous, &applied, &ids, &addresses, live_acl_sets);
     Ok(Plan {
         health: entries.health,
         backends: entries.backends,
@@ -400,6 +410,7 @@ pub(super) fn plan_verdict(
     health: &BTreeMap<BackendKey, HealthStatus>,
     previous: &AppliedMaps,
     ring_size: u32,
+    live_acl_sets: &LiveAclSets,
     key: &BackendKey,
 ) -> VerdictPlan {
     let Some(l) = config
@@ -424,8 +435,16 @@ pub(super) fn plan_verdict(
         return VerdictPlan::PlanEverything;
     }
     let healthy = |k: &BackendKey| health.get(k).is_none_or(|h| h.healthy);
-    let (listener, applied_listener) =
-        plan_listener(&g, old.index, Some(old), &ids, &healthy, health, ring_size);
+    let (listener, applied_listener) = plan_listener(
+        &g,
+        old.index,
+        Some(old),
+        &ids,
+        &healthy,
+        health,
+        live_acl_sets.get(&old.index).copied(),
+        ring_size,
+    );
     VerdictPlan::Write(Box::new(VerdictWrite {
         id,
         health: health_write(g.kind, healthy(key)),
@@ -492,6 +511,7 @@ fn plan_listener(
     ids: &BTreeMap<BackendKey, u32>,
     healthy: &dyn Fn(&BackendKey) -> bool,
     health: &BTreeMap<BackendKey, HealthStatus>,
+    live_acl_set: Option<u32>,
     ring_size: u32,
 ) -> (PlannedListener, AppliedListener) {
     let l = g.listener;
@@ -533,7 +553,7 @@ fn plan_listener(
         entry.flags |= LISTENER_F_FULLNAT;
         snat_pool(l)
     });
-    let acl = plan_acl(l, index, old.and_then(|o| o.acl.as_ref()));
+    let acl = plan_acl(l, index, old, live_acl_set);
     entry.flags |= acl.flags;
     let new_flow_limit = plan_new_flow_limit(l, old);
     if new_flow_limit.applied.is_some() {
@@ -598,13 +618,33 @@ struct PlannedAcl {
     applied: Option<AppliedAcl>,
 }
 
-/// A listener's access list: the set it holds stays while its prefixes are unchanged (a change
-/// of mode or of what it does to established flows is the entry's flags alone); changed
-/// prefixes go whole into the other set, which the entry then switches to.
-fn plan_acl(l: &Listener, index: u32, old: Option<&AppliedAcl>) -> PlannedAcl {
+/// The set of ACL each listener index's entry in LISTENERS uses now (read from the map before
+/// each plan: what the data plane reads, whatever an earlier apply that failed or a crashed run
+/// left in the state).
+pub(super) type LiveAclSets = BTreeMap<u32, u32>;
+
+/// A listener's access list: the set the data plane reads (`live_set`) stays while it holds
+/// the list the state records and the prefixes are unchanged (a change of mode or of what it
+/// does to established flows is the entry's flags alone); otherwise the list goes whole into
+/// the other set, which the entry then switches to. The set the listener leaves is emptied
+/// after the switch; one of a listener that is gone, by the gone listener's removal.
+fn plan_acl(
+    l: &Listener,
+    index: u32,
+    old: Option<&AppliedListener>,
+    live_set: Option<u32>,
+) -> PlannedAcl {
+    let recorded = old.and_then(|o| o.acl.as_ref());
+    // Sets this listener's own entry left behind (another listener's, whose index this one
+    // takes, go with that listener).
+    let own_live = live_set.filter(|_| old.is_some());
     let Some(acl) = &l.acl else {
         return PlannedAcl {
-            clear_after: old.map(|_| acl_sets(index).to_vec()).unwrap_or_default(),
+            clear_after: if recorded.is_some() || own_live.is_some() {
+                acl_sets(index).to_vec()
+            } else {
+                Vec::new()
+            },
             ..PlannedAcl::default()
         };
     };
@@ -612,25 +652,24 @@ fn plan_acl(l: &Listener, index: u32, old: Option<&AppliedAcl>) -> PlannedAcl {
     let mut prefixes = acl.prefixes(l.vip).unwrap_or_default();
     prefixes.sort();
     let digest = acl_digest(&prefixes);
-    let (set, write, clear_after) = match old {
-        Some(o) if o.digest == digest => (o.set, None, Vec::new()),
-        _ => {
-            let set = old.map_or(0, |o| 1 - o.set);
-            let flags = if set == 1 { LISTENER_F_ACL_SET } else { 0 };
-            let keys = prefixes
-                .iter()
-                .map(|p| acl_key(acl_set(index, flags), p))
-                .collect();
-            let clear_after = old.map(|o| vec![acl_sets(index)[o.set as usize]]);
-            (
-                set,
-                Some(AclWrite {
-                    set: acl_set(index, flags),
-                    keys,
-                }),
-                clear_after.unwrap_or_default(),
-            )
-        }
+    let holds_it = recorded.is_some_and(|a| a.digest == digest && Some(a.set) == live_set);
+    let (set, write, clear_after) = if holds_it {
+        (live_set.unwrap_or(0), None, Vec::new())
+    } else {
+        let set = live_set.map_or(0, |live| 1 - live);
+        let flags = if set == 1 { LISTENER_F_ACL_SET } else { 0 };
+        let keys = prefixes
+            .iter()
+            .map(|p| acl_key(acl_set(index, flags), p))
+            .collect();
+        let clear_after = own_live
+            .map(|live| vec![acl_sets(index)[live as usize]])
+            .unwrap_or_default();
+        let write = AclWrite {
+            set: acl_set(index, flags),
+            keys,
+        };
+        (set, Some(write), clear_after)
     };
     let mut flags = match acl.mode {
         AclMode::Allow => LISTENER_F_ACL_ALLOW,
@@ -920,6 +959,7 @@ fn gone(
     applied: &AppliedMaps,
     ids: &BTreeMap<BackendKey, u32>,
     addresses: &BTreeMap<IpAddr, u32>,
+    live_acl_sets: &LiveAclSets,
 ) -> Gone {
     let listeners = previous
         .listeners
@@ -942,10 +982,19 @@ fn gone(
                         .map(|r| ring_slot(o.index, r))
                         .collect()
                 },
-                clear_acl_sets: if index_taken || o.acl.is_none() {
+                clear_acl_sets: if o.acl.is_none() && !live_acl_sets.contains_key(&o.index) {
                     Vec::new()
                 } else {
-                    acl_sets(o.index).to_vec()
+                    let taker_set = applied
+                        .listeners
+                        .iter()
+                        .find(|a| a.index == o.index)
+                        .and_then(|a| a.acl.as_ref())
+                        .map(|a| acl_sets(o.index)[a.set as usize]);
+                    acl_sets(o.index)
+                        .into_iter()
+                        .filter(|set| Some(*set) != taker_set)
+                        .collect()
                 },
             }
         })

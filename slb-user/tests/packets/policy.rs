@@ -223,6 +223,39 @@ fn a_changed_list_is_switched_to_whole_and_leaves_nothing_behind() {
         let set = h.reconciler.state().listeners[0].acl.clone();
         h.reconciler.apply(&big, &Default::default()).unwrap();
         assert_eq!(h.reconciler.state().listeners[0].acl, set);
+
+        // A state that lags the maps (an apply that failed after the switch, a crash before
+        // the state was written): applying the list the state records again must not trust
+        // it, since the set the state names was emptied by the switch.
+        let stale = h.reconciler.state().clone();
+        let small = with_acls(r#"{ mode = "allow", cidrs = ["10.10.0.0/24"] }"#, "");
+        h.reconciler.apply(&small, &Default::default()).unwrap();
+        assert_eq!(syn_from(&h, [10, 10, 0, 1], 46004), XDP_REDIRECT);
+        h.reconciler.adopt(stale);
+        h.reconciler.apply(&big, &Default::default()).unwrap();
+        assert_eq!(h.reconciler.maps().acl.keys().count(), 4095);
+        assert_eq!(syn_from(&h, [10, 40, 15, 255], 46005), XDP_REDIRECT);
+        assert_eq!(syn_from(&h, [10, 10, 0, 1], 46006), XDP_DROP);
+    });
+}
+
+#[test]
+fn a_renamed_listener_keeps_its_list_in_force_through_the_rename() {
+    in_fresh_netns(|| {
+        let deny = r#"{ mode = "deny", cidrs = ["10.10.7.0/24"] }"#;
+        let mut h = testbed(&with_acls(deny, ""));
+        let renamed = with_acls(deny, "");
+        let mut renamed = renamed;
+        renamed.listeners[0].name = "www".into();
+        h.reconciler.apply(&renamed, &Default::default()).unwrap();
+        assert_eq!(syn_from(&h, [10, 10, 7, 1], 49000), XDP_DROP);
+        assert_eq!(syn_from(&h, [10, 10, 8, 1], 49001), XDP_REDIRECT);
+        assert_eq!(
+            h.reconciler.maps().acl.keys().count(),
+            1,
+            "the old set is emptied"
+        );
+        assert_eq!(listener_counters(&h, "www").acl_dropped, 1);
     });
 }
 

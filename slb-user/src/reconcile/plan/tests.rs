@@ -28,13 +28,22 @@ backends = [{ address = "10.0.3.1" }, { address = "10.0.3.2" }]
 
 const RING: u32 = 65537;
 
+/// The ACL sets the entries of `applied` make live, as LISTENERS would hold them.
+fn live_sets(applied: &AppliedMaps) -> LiveAclSets {
+    applied
+        .listeners
+        .iter()
+        .filter_map(|l| l.acl.as_ref().map(|a| (l.index, a.set)))
+        .collect()
+}
+
 fn plan_of(
     text: &str,
     health: &BTreeMap<BackendKey, HealthStatus>,
     previous: &AppliedMaps,
 ) -> Plan {
     let config = Config::parse(text, "plan.toml").unwrap();
-    plan(&config, health, previous, RING).unwrap()
+    plan(&config, health, previous, RING, &live_sets(previous)).unwrap()
 }
 
 fn key(listener: &str, address: &str, port: u16) -> BackendKey {
@@ -264,8 +273,10 @@ fn assert_verdict_plans_as_a_whole_plan_would(dead: &BackendKey, expected: Healt
     let config = Config::parse(&text, "plan.toml").unwrap();
     let before = plan_of(&text, &BTreeMap::new(), &AppliedMaps::default()).applied;
     let health = unhealthy(std::slice::from_ref(dead));
-    let whole = plan(&config, &health, &before, RING).unwrap();
-    let VerdictPlan::Write(verdict) = plan_verdict(&config, &health, &before, RING, dead) else {
+    let whole = plan(&config, &health, &before, RING, &live_sets(&before)).unwrap();
+    let VerdictPlan::Write(verdict) =
+        plan_verdict(&config, &health, &before, RING, &live_sets(&before), dead)
+    else {
         panic!("{dead:?}: not planned on its own");
     };
     let VerdictWrite {
@@ -299,7 +310,14 @@ fn a_verdict_on_an_active_server_is_its_flag_alone() {
     let config = Config::parse(&config_text(), "plan.toml").unwrap();
     let before = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default()).applied;
     let health = unhealthy(std::slice::from_ref(&active));
-    let VerdictPlan::Write(verdict) = plan_verdict(&config, &health, &before, RING, &active) else {
+    let VerdictPlan::Write(verdict) = plan_verdict(
+        &config,
+        &health,
+        &before,
+        RING,
+        &live_sets(&before),
+        &active,
+    ) else {
         panic!("not planned");
     };
     assert_eq!(
@@ -326,6 +344,7 @@ fn a_verdict_the_maps_cannot_take_alone_says_so() {
         &unhealthy(std::slice::from_ref(&site)),
         &before,
         RING,
+        &live_sets(&before),
         &site,
     );
     assert!(matches!(verdict, VerdictPlan::NotInMaps), "{verdict:?}");
@@ -336,6 +355,7 @@ fn a_verdict_the_maps_cannot_take_alone_says_so() {
         &unhealthy(std::slice::from_ref(&web)),
         &AppliedMaps::default(),
         RING,
+        &LiveAclSets::new(),
         &web,
     );
     assert!(
@@ -432,7 +452,14 @@ fn a_running_full_nat_listener_keeps_its_snat_addresses_and_ports() {
     // The same pool again (a reweight, a health change): planned as usual.
     plan_of(&with("20000-20009"), &BTreeMap::new(), &first.applied);
     let changed = Config::parse(&with("20000-20019"), "plan.toml").unwrap();
-    let e = plan(&changed, &BTreeMap::new(), &first.applied, RING).unwrap_err();
+    let e = plan(
+        &changed,
+        &BTreeMap::new(),
+        &first.applied,
+        RING,
+        &LiveAclSets::new(),
+    )
+    .unwrap_err();
     assert!(
         e.to_string()
             .contains("listener dns: snat_addresses and snat_ports cannot change"),
@@ -600,4 +627,50 @@ fn a_backend_in_slow_start_gets_its_share_of_its_weight_in_the_ring_until_it_is_
         plain,
         "done: the weights again"
     );
+}
+
+#[test]
+fn the_set_an_access_list_goes_to_is_the_one_the_data_plane_does_not_read() {
+    let allow = web_with(r#"acl = { mode = "allow", cidrs = ["10.1.0.0/16"] }"#);
+    let first = plan_of(&allow, &BTreeMap::new(), &AppliedMaps::default());
+    let index = listener(&first, "web").index;
+    // An apply switched the entry to set 1 and failed later: the state still says set 0.
+    let stale = first.applied.clone();
+    let switched = LiveAclSets::from([(index, 1)]);
+    let config = Config::parse(&allow, "plan.toml").unwrap();
+    let again = plan(&config, &BTreeMap::new(), &stale, RING, &switched).unwrap();
+    let web = listener(&again, "web");
+    let write = web
+        .acl_write
+        .as_ref()
+        .expect("what set 1 holds is not trusted: rewritten");
+    assert_eq!(write.set, index * 2, "into the set the entry does not read");
+    assert_eq!(web.entry.flags & LISTENER_F_ACL_SET, 0);
+    assert_eq!(web.acl_clear_after, vec![index * 2 + 1]);
+
+    // A listener renamed on the same VIP and port takes the index: its list goes into the set
+    // the old entry does not read, and the old one's set goes with the old listener.
+    let renamed = allow.replacen("name = \"web\"\n", "name = \"www\"\n", 1);
+    let config = Config::parse(&renamed, "plan.toml").unwrap();
+    let plan = plan(
+        &config,
+        &BTreeMap::new(),
+        &first.applied,
+        RING,
+        &live_sets(&first.applied),
+    )
+    .unwrap();
+    let www = listener(&plan, "www");
+    assert_eq!(www.index, index);
+    assert_eq!(www.acl_write.as_ref().map(|w| w.set), Some(index * 2 + 1));
+    assert!(
+        www.acl_clear_after.is_empty(),
+        "not before the old listener is gone"
+    );
+    let gone = plan
+        .gone_listeners
+        .iter()
+        .find(|g| g.index == index)
+        .expect("web is gone");
+    assert_eq!(gone.clear_acl_sets, vec![index * 2]);
 }
