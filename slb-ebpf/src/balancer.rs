@@ -222,7 +222,7 @@ fn dispatch(
             counters.malformed += 1;
             return XDP_DROP;
         }
-        if !policy::acl_admits(flow, &listener, counters) {
+        if !policy::acl_admits(flow, &listener, l4.tcp_flags, counters) {
             return XDP_DROP;
         }
         if listener.flags & LISTENER_F_FULLNAT != 0 {
@@ -481,7 +481,7 @@ pub(crate) fn pick_backend(
             // an unknown TCP flow's later packet, or a re-picked one, is not, and is never
             // refused by the limit.
             let opens = opening || flow.protocol != IPPROTO_TCP;
-            if opens && !established && !policy::new_flow_admitted(listener, now) {
+            if opens && !established && !policy::new_flow_admitted(listener) {
                 return Pick::RateLimited;
             }
             let id = match policy_backend(client, hash, listener, now, counters) {

@@ -257,7 +257,7 @@ fn dispatch(
             counters.malformed += 1;
             return XDP_DROP;
         }
-        if !crate::policy::acl_admits(flow, &listener, counters) {
+        if !crate::policy::acl_admits(flow, &listener, l4.tcp_flags, counters) {
             return XDP_DROP;
         }
         let mut sent_direct_to = NO_BACKEND;

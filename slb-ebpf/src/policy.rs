@@ -1,11 +1,11 @@
 //! A listener's admission policy, applied before a packet creates any state: its access list
 //! (checked on every packet) and its limit on new flows (checked when a flow would be new).
 
-use aya_ebpf::btf_maps::lpm_trie::Key;
+use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns};
 use slb_common::{
-    acl_set, hash::flow_hash, AclPrefix, FlowKey, GlobalCounters, ListenerEntry,
+    acl_set, hash::flow_hash, AclPrefix, FlowKey, GlobalCounters, ListenerEntry, CONN_F_CLOSING,
     LISTENER_F_ACL_ALLOW, LISTENER_F_ACL_CUT_ESTABLISHED, LISTENER_F_ACL_DENY,
-    LISTENER_F_NEW_FLOW_LIMIT,
+    LISTENER_F_NEW_FLOW_LIMIT, TCP_FLAG_ACK, TCP_FLAG_SYN,
 };
 
 use crate::{
@@ -22,6 +22,7 @@ use crate::{
 pub(crate) fn acl_admits(
     flow: &FlowKey,
     listener: &ListenerEntry,
+    tcp_flags: u8,
     counters: &mut GlobalCounters,
 ) -> bool {
     let mode = listener.flags & (LISTENER_F_ACL_ALLOW | LISTENER_F_ACL_DENY);
@@ -35,7 +36,9 @@ pub(crate) fn acl_admits(
     if listed == (mode == LISTENER_F_ACL_ALLOW) {
         return true;
     }
-    if listener.flags & LISTENER_F_ACL_CUT_ESTABLISHED == 0 && established(flow) {
+    // A SYN opens a flow: on a closed flow's entry (its port reused) it is a new one.
+    let opening = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
+    if listener.flags & LISTENER_F_ACL_CUT_ESTABLISHED == 0 && established(flow, opening) {
         return true;
     }
     counters.acl_dropped += 1;
@@ -70,12 +73,13 @@ fn acl_key(flow: &FlowKey, listener: &ListenerEntry) -> Option<&'static Key<AclP
     }
 }
 
-/// A flow this node carries: in the connection table or the half-open table. A function of
-/// its own (a BPF call): inlined, its hash's registers pushed the IPv6 path past 512 bytes.
+/// A flow this node carries: in the connection table (open, unless this packet only opens a
+/// flow on a closed one's entry) or the half-open table. A function of its own (a BPF call):
+/// inlined, its hash's registers pushed the IPv6 path past 512 bytes.
 #[inline(never)]
-fn established(flow: &FlowKey) -> bool {
-    if unsafe { CONNECTIONS.get(flow) }.is_some() {
-        return true;
+fn established(flow: &FlowKey, opening: bool) -> bool {
+    if let Some(conn) = unsafe { CONNECTIONS.get(flow) } {
+        return !opening || conn.flags & CONN_F_CLOSING == 0;
     }
     half_open::picked(flow, flow_hash(flow, FLOW_HASH_SEED)).is_some()
 }
@@ -85,10 +89,14 @@ fn established(flow: &FlowKey) -> bool {
 /// CPUs; two CPUs admitting at the same instant may both pass (the limit is then exceeded by
 /// that one flow). A refused flow is counted.
 #[inline(always)]
-pub(crate) fn new_flow_admitted(listener: &ListenerEntry, now: u64) -> bool {
+pub(crate) fn new_flow_admitted(listener: &ListenerEntry) -> bool {
     if listener.flags & LISTENER_F_NEW_FLOW_LIMIT == 0 {
         return true;
     }
+    // The fine clock (the coarse one moves a tick at a time, which would admit at most a
+    // burst per tick whatever the rate); only flows that open here on a limited listener
+    // pay for it.
+    let now = unsafe { bpf_ktime_get_ns() };
     let Some(limit) = NEW_FLOW_LIMITS.get_ptr_mut(listener.index) else {
         return true;
     };

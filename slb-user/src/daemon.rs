@@ -495,6 +495,9 @@ struct Daemon {
     /// What the daemon's own status reads (counters, the sweeper's counts): how many
     /// connections a drained backend has left.
     live: Option<LiveStatus>,
+    /// When each backend in slow start began it, on the monotonic clock (a step of the wall
+    /// clock must not restart or skip a ramp).
+    slow_start_began: BTreeMap<BackendKey, std::time::Instant>,
 }
 
 /// Where the daemon publishes in memory, besides the files the CLI reads.
@@ -567,14 +570,20 @@ fn initial_status(target: &CheckTarget, added: bool, now_unix_ns: u128) -> Healt
 /// The share of its weight a backend in slow start gets `elapsed` after it became healthy,
 /// in steps (each a ring rebuilt): 10 %, 25 %, 50 %, 75 %, then its full weight.
 pub fn slow_start_percent(elapsed: Duration, slow_start: Duration) -> Option<u32> {
-    let quarter = slow_start / 4;
-    match elapsed {
-        e if e < quarter => Some(10),
-        e if e < quarter * 2 => Some(25),
-        e if e < quarter * 3 => Some(50),
-        e if e < slow_start => Some(75),
-        _ => None,
-    }
+    let step = (elapsed.as_nanos() * 4 / slow_start.as_nanos().max(1)).min(4) as usize;
+    SLOW_START_STEPS.get(step).copied()
+}
+
+const SLOW_START_STEPS: [u32; 4] = [10, 25, 50, 75];
+
+/// How far into its slow start a backend at `percent` is (the start of that step): where a
+/// restarted daemon, which kept the step but not the clock, goes on from.
+fn slow_start_elapsed(percent: u32, slow_start: Duration) -> Duration {
+    let step = SLOW_START_STEPS
+        .iter()
+        .position(|p| *p == percent)
+        .unwrap_or(0);
+    slow_start * step as u32 / 4
 }
 
 /// The `slow_start` of the group `key`'s listener serves it from.
@@ -703,6 +712,7 @@ impl Daemon {
             announcer: start_announcing(&config),
             applied_once: false,
             live: None,
+            slow_start_began: BTreeMap::new(),
         };
         for iface in dataplane.pinned_interfaces() {
             let pin = crate::instance::link_pin(dataplane.dir(), &iface);
@@ -1294,24 +1304,25 @@ impl Daemon {
     /// Moves the backends in slow start to their next step: each step rebuilds the rings of
     /// the backend's listener (established flows keep their backends).
     fn check_slow_starts(&mut self) {
-        let now = SystemTime::now();
+        let now = std::time::Instant::now();
         let mut stepped = Vec::new();
         for (key, status) in self.health.iter_mut() {
             let Some(percent) = status.slow_start_percent else {
+                self.slow_start_began.remove(key);
                 continue;
             };
-            let since = SystemTime::UNIX_EPOCH
-                + Duration::from_nanos(status.since_unix_ns.try_into().unwrap_or(u64::MAX));
-            let elapsed = now.duration_since(since).unwrap_or_default();
-            let next = slow_start_of(&self.config, key)
-                .filter(|_| status.healthy)
-                .and_then(|d| slow_start_percent(elapsed, d));
+            let slow_start = slow_start_of(&self.config, key).filter(|_| status.healthy);
+            let began = *self.slow_start_began.entry(key.clone()).or_insert_with(|| {
+                // Adopted from a previous run: on from the start of its step.
+                now - slow_start.map_or(Duration::ZERO, |d| slow_start_elapsed(percent, d))
+            });
+            let next = slow_start.and_then(|d| slow_start_percent(now - began, d));
             if next != Some(percent) {
                 status.slow_start_percent = next;
-                stepped.push(key.clone());
+                stepped.push((key.clone(), percent));
             }
         }
-        for key in &stepped {
+        for (key, percent) in &stepped {
             match self.health[key].slow_start_percent {
                 Some(p) => {
                     tracing::info!(listener = %key.listener, backend = %key.endpoint(), percent = p, "slow start: next step")
@@ -1324,7 +1335,11 @@ impl Daemon {
                 .reconciler
                 .apply_verdict(&self.config, &self.health, key)
             {
+                // Stays where the rings are: the next tick tries the step again.
                 tracing::error!("applying a slow start step to the data plane failed: {e:#}");
+                if let Some(status) = self.health.get_mut(key) {
+                    status.slow_start_percent = Some(*percent);
+                }
             }
         }
         if !stepped.is_empty() {
@@ -1361,6 +1376,8 @@ impl Daemon {
             let slow_start_percent = slow_start_of(&self.config, key)
                 .filter(|_| event.healthy)
                 .and_then(|d| slow_start_percent(Duration::ZERO, d));
+            self.slow_start_began
+                .insert(key.clone(), std::time::Instant::now());
             *status = HealthStatus {
                 healthy: event.healthy,
                 reason: event.reason,
@@ -1429,5 +1446,13 @@ mod tests {
                 None
             ]
         );
+        for percent in SLOW_START_STEPS {
+            let from = slow_start_elapsed(percent, d);
+            assert_eq!(
+                slow_start_percent(from, d),
+                Some(percent),
+                "a restart goes on at {percent}"
+            );
+        }
     }
 }

@@ -276,6 +276,7 @@ pub fn decide<M: FlowMaps + ?Sized>(
         }
         repicked_from = Some(conn.backend_id);
     }
+    let repicked_from_connection = repicked_from.is_some();
     let hash = flow_hash(flow, FLOW_HASH_SEED);
     if let Some(slot) = maps.half_open(half_open_slot(hash)) {
         if slot.flow == *flow && slot.check == half_open_check(hash, slot.backend_id) {
@@ -290,8 +291,8 @@ pub fn decide<M: FlowMaps + ?Sized>(
         }
     }
     // As a SYN or a UDP flow's first packet would be (a later packet of an unknown TCP flow,
-    // or a re-picked one, is never limited).
-    if repicked_from.is_none() {
+    // or one whose connection-table entry is re-picked, is never limited).
+    if !repicked_from_connection {
         if let Some(per_second) = rate_limited(maps, listener, now) {
             return Decision {
                 backend: Err(NoBackend::RateLimited { per_second }),

@@ -988,6 +988,24 @@ fn access_lists_and_new_flow_limits_are_checked() {
         e.contains("acl.cidrs: 16385 prefixes, at most 16384 per listener"),
         "{e}"
     );
+
+    // Eight full lists leave no room for one to change.
+    let full: Vec<String> = (0..slb_common::MAX_ACL_PREFIXES_PER_LISTENER)
+        .map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256))
+        .collect();
+    let mut many = GOOD.to_string();
+    for i in 0..8 {
+        many.push_str(&format!(
+            "\n[[listeners]]\nname = \"l{i}\"\nprotocol = \"tcp\"\nvip = \"10.0.0.10\"\nport = {}\nacl = {{ mode = \"deny\", cidrs = [{}] }}\n",
+            9000 + i,
+            full.join(",")
+        ));
+    }
+    let e = error_of(&many);
+    assert!(
+        e.contains("listeners: the access lists hold 131072 prefixes in all; with room to rewrite the largest (16384, listener \"l0\") during a change, at most 131072 fit"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use slb_common::maglev::is_prime;
-use slb_common::{MAX_ACL_PREFIXES_PER_LISTENER, MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE};
+use slb_common::{
+    MAX_ACL_ENTRIES, MAX_ACL_PREFIXES_PER_LISTENER, MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE,
+};
 
 use super::edit::BackendName;
 use super::resolve::{Endpoint, ResolvedBackend, ResolvedListener};
@@ -75,6 +77,7 @@ impl Config {
         for (i, l) in self.listeners.iter().enumerate() {
             self.validate_listener(i, l, &groups, &mut claims)?;
         }
+        validate_acl_total(&self.listeners)?;
         if claims.backends > MAX_BACKENDS as usize {
             return Err(invalid(
                 "listeners",
@@ -637,6 +640,28 @@ fn validate_timeouts(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigError> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Every listener's access list in the one ACL map, with room for the largest to be written
+/// into its second set while it changes.
+fn validate_acl_total(listeners: &[Listener]) -> Result<(), ConfigError> {
+    let sizes = listeners
+        .iter()
+        .filter_map(|l| l.acl.as_ref().map(|a| (l.name.as_str(), a.cidrs.len())));
+    let total: usize = sizes.clone().map(|(_, n)| n).sum();
+    // The first of the largest.
+    let Some((largest, most)) = sizes.rev().max_by_key(|(_, n)| *n) else {
+        return Ok(());
+    };
+    if total + most > MAX_ACL_ENTRIES as usize {
+        return Err(invalid(
+            "listeners",
+            format!(
+                "the access lists hold {total} prefixes in all; with room to rewrite the largest ({most}, listener {largest:?}) during a change, at most {MAX_ACL_ENTRIES} fit"
+            ),
+        ));
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::net::Ipv6Addr;
 use std::time::Instant;
 
 use slb_common::wire::ipv6_frame;
-use slb_common::TrafficCounters;
+use slb_common::{TrafficCounters, TCP_FLAG_FIN};
 
 use super::*;
 
@@ -165,6 +165,18 @@ fn a_deny_list_keeps_or_cuts_the_established_flows_it_comes_to_refuse() {
             "not listed"
         );
         assert_eq!(listener_counters(&h, "web").acl_dropped, 2);
+        // A kept flow closes; a SYN reusing its port opens a new flow, which is refused.
+        let fin = h.run(
+            &frame(in_mac, denied, VIP, tcp(45001, 80, TCP_FLAG_FIN | ACK)),
+            h.in_index,
+        );
+        assert_eq!(fin.0, XDP_REDIRECT, "the kept flow's close goes through");
+        assert_eq!(
+            syn_from(&h, denied, 45001),
+            XDP_DROP,
+            "its port reused: a new flow"
+        );
+        assert_eq!(listener_counters(&h, "web").acl_dropped, 3);
 
         // The same list, now cutting: only the flags change, and the flows go.
         h.reconciler
@@ -172,7 +184,7 @@ fn a_deny_list_keeps_or_cuts_the_established_flows_it_comes_to_refuse() {
             .unwrap();
         assert_eq!(ack(&h, 45000), XDP_DROP, "established flow cut");
         assert_eq!(ack(&h, 45001), XDP_DROP);
-        assert_eq!(listener_counters(&h, "web").acl_dropped, 4);
+        assert_eq!(listener_counters(&h, "web").acl_dropped, 5);
 
         // The list removed: every client again, the cut flows too.
         h.reconciler
@@ -323,6 +335,25 @@ fn new_flows_over_the_limit_are_dropped_and_known_flows_are_not() {
             h.in_index,
         );
         assert_eq!(moved.0, XDP_REDIRECT);
+        // A high rate is held by the fine clock, not by the coarse one's ticks: 10000 a
+        // second with no burst admits every SYN 200 µs after the one before.
+        let fast = config(1, 1).replacen(
+            "port = 84\ngroup = \"strict\"\n",
+            "port = 84\ngroup = \"strict\"\nmax_new_connections_per_second = 10000\nnew_connections_burst = 1\n",
+            1,
+        );
+        let mut h = h;
+        h.reconciler
+            .apply(&Config::parse(&fast, "test").unwrap(), &Default::default())
+            .unwrap();
+        let spaced = (0..20)
+            .filter(|i| {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                let syn = frame(h.in_mac, CLIENT, VIP, tcp(50000 + i, 84, SYN));
+                h.run(&syn, h.in_index).0 == XDP_REDIRECT
+            })
+            .count();
+        assert_eq!(spaced, 20);
         // Other listeners have no limit.
         assert_eq!(
             h.run(
