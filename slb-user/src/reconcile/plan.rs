@@ -257,7 +257,6 @@ pub(super) fn plan(
             index,
             old,
             &ids,
-            &healthy,
             health,
             live_acl_sets.get(&index).copied(),
             ring_size,
@@ -440,7 +439,6 @@ pub(super) fn plan_verdict(
         old.index,
         Some(old),
         &ids,
-        &healthy,
         health,
         live_acl_sets.get(&old.index).copied(),
         ring_size,
@@ -509,11 +507,11 @@ fn plan_listener(
     index: u32,
     old: Option<&AppliedListener>,
     ids: &BTreeMap<BackendKey, u32>,
-    healthy: &dyn Fn(&BackendKey) -> bool,
     health: &BTreeMap<BackendKey, HealthStatus>,
     live_acl_set: Option<u32>,
     ring_size: u32,
 ) -> (PlannedListener, AppliedListener) {
+    let healthy = |k: &BackendKey| health.get(k).is_none_or(|h| h.healthy);
     let l = g.listener;
     let mut entry = ListenerEntry {
         index,
@@ -531,7 +529,7 @@ fn plan_listener(
             }
         }
         GroupKind::Vserver => {
-            let (ring, ignore_health) = plan_ring(g, old, ids, healthy, health);
+            let (ring, ignore_health) = plan_ring(g, old, ids, &healthy, health);
             if ignore_health {
                 entry.flags |= LISTENER_F_IGNORE_HEALTH;
             }
