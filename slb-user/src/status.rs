@@ -993,21 +993,24 @@ pub fn render_stats(status: &Status, previous: Option<(&Status, f64)>) -> String
     };
     let _ = writeln!(
         out,
-        "{:<19} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10}",
-        "LISTENER", "PACKETS", "PKT RATE", "BYTES", "NEW_CONNS", "CONN RATE", "CONNS"
+        "{:<19} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10} {:>10}",
+        "LISTENER", "PACKETS", "PKT RATE", "BYTES", "NEW_CONNS", "CONN RATE", "CONNS", "REFUSED"
     );
     for l in &status.listeners {
         let before = previous.and_then(|(p, _)| p.listeners.iter().find(|x| x.name == l.name));
+        // Dropped by the access list or the limit on new flows (`slb status` tells them apart).
+        let refused = l.acl_dropped + l.rate_limited;
         let _ = writeln!(
             out,
-            "{:<19} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10}",
+            "{:<19} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10} {:>10}",
             l.name,
             l.packets,
             rate(l.packets, before.map(|b| b.packets)),
             l.bytes,
             l.new_connections,
             rate(l.new_connections, before.map(|b| b.new_connections)),
-            l.connections
+            l.connections,
+            refused
         );
     }
     let backend_width = endpoint_width(status.backends.iter().map(BackendStatus::endpoint));
@@ -1242,6 +1245,15 @@ mod tests {
                     "\nweb                 deny 12 prefixes, established kept          9  100 (200)                   5\n"
                 ),
             "{text}"
+        );
+        let stats = render_stats(&status, None);
+        let web = stats
+            .lines()
+            .find(|l| l.starts_with("web "))
+            .expect("web in stats");
+        assert!(
+            stats.contains(" REFUSED\n") && web.ends_with(" 14"),
+            "9 by the list and 5 by the limit: {stats}"
         );
         status.listeners[0].acl = None;
         status.listeners[0].max_new_connections_per_second = None;
