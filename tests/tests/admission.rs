@@ -222,3 +222,71 @@ fn a_burst_of_new_connections_is_held_to_the_listeners_limit() {
     println!("then 10 connections at 10/s: {paced} answered");
     assert_eq!(paced, 10);
 }
+
+/// A SYN flood from a denied prefix is dropped before it takes any state: the half-open table
+/// is untouched, every flood packet is counted as refused, and the connections of the clients
+/// the list admits go on.
+#[test]
+fn a_flood_from_a_denied_prefix_takes_no_state_and_admitted_clients_go_on() {
+    require_root("a_flood_from_a_denied_prefix_takes_no_state_and_admitted_clients_go_on");
+    const FLOOD_SYNS: u64 = 50_000;
+    let topo = Topology::builder()
+        .tag("aclflood")
+        .backends(2)
+        .test_servers(Path::new(SERVER))
+        .build()
+        .expect("create topology");
+    let mut config = SlbConfig::standard(&unique_instance("aclflood"), &[1, 1]);
+    config.listener_mut(TCP_LISTENER).acl = Some(Acl {
+        mode: AclMode::Deny,
+        cidrs: vec!["10.251.0.0/16".into()],
+        established: AclEstablished::Keep,
+    });
+    let daemon = SlbDaemon::start(&slb_binary(), topo.slb_ns(), &config).expect("start slb");
+    let mut streams =
+        LongLivedStreams::open(topo.client_ns(), vip_tcp(), 20, Duration::from_secs(2))
+            .expect("open streams");
+    let counter = |name: &str| {
+        let status = daemon.status().expect("status");
+        status.counters.get(name).copied().unwrap_or(0)
+    };
+    let half_open_before = counter("half_open_tracked");
+    let dropped_before = tcp_listener(&daemon).acl_dropped;
+
+    let out = slb_tests::exec::run(&mut slb_tests::exec::command_in(
+        topo.client_ns(),
+        [
+            env!("CARGO_BIN_EXE_slb-synflood").to_owned(),
+            "--interface".into(),
+            "c0".into(),
+            "--target".into(),
+            vip_tcp().to_string(),
+            "--source-cidr".into(),
+            "10.251.0.0/16".into(),
+            "--count".into(),
+            FLOOD_SYNS.to_string(),
+            "--duration".into(),
+            "10".into(),
+            "--rate".into(),
+            "50000".into(),
+        ],
+    ))
+    .expect("run slb-synflood");
+    let flood: serde_json::Value = serde_json::from_str(out.trim()).expect("slb-synflood's JSON");
+    let sent = flood["sent"].as_u64().unwrap_or(0);
+    let dropped = tcp_listener(&daemon).acl_dropped - dropped_before;
+    let half_open = counter("half_open_tracked") - half_open_before;
+    streams.assert_all_answer(3, Duration::from_millis(20), "after the flood");
+    let after = tcp_connections(topo.client_ns(), vip_tcp(), &TrafficOptions::new(200))
+        .expect("connections");
+    println!(
+        "flood: {sent} SYNs from 10.251.0.0/16 ({:.0}/s): {dropped} refused by the list, {half_open} half-open entries made; 20 of 20 streams answered; {} of 200 new connections",
+        flood["pps"].as_f64().unwrap_or(0.0),
+        after.answered()
+    );
+    assert_eq!(sent, FLOOD_SYNS);
+    // Every flood SYN that reached the program was refused (the link may drop some first).
+    assert!(dropped <= sent && dropped >= sent * 9 / 10, "{dropped} of {sent}");
+    assert_eq!(half_open, 0, "the flood took no half-open slot");
+    assert_eq!(after.answered(), 200, "{:?}", after.failures);
+}
