@@ -10,8 +10,8 @@ use slb_tests::config::TCP_LISTENER;
 use slb_tests::slb::{slb_binary, unique_instance};
 use slb_tests::traffic::{tcp_connections, tcp_request_from};
 use slb_tests::{
-    require_root, vip_tcp, LongLivedStreams, SlbConfig, SlbDaemon, Topology, TrafficOptions,
-    CLIENT_ADDR,
+    require_root, vip6_tcp, vip_tcp, LongLivedStreams, SlbConfig, SlbDaemon, Topology,
+    TrafficOptions, CLIENT_ADDR, CLIENT_ADDR6,
 };
 use slb_user::config::{Acl, AclEstablished, AclMode};
 use slb_user::status::ListenerStatus;
@@ -286,7 +286,63 @@ fn a_flood_from_a_denied_prefix_takes_no_state_and_admitted_clients_go_on() {
     );
     assert_eq!(sent, FLOOD_SYNS);
     // Every flood SYN that reached the program was refused (the link may drop some first).
-    assert!(dropped <= sent && dropped >= sent * 9 / 10, "{dropped} of {sent}");
+    assert!(
+        dropped <= sent && dropped >= sent * 9 / 10,
+        "{dropped} of {sent}"
+    );
     assert_eq!(half_open, 0, "the flood took no half-open slot");
     assert_eq!(after.answered(), 200, "{:?}", after.failures);
+}
+
+/// An IPv6 allow list on real traffic: the listed address is served, its neighbour in the same
+/// /64 is refused.
+#[test]
+fn an_ipv6_allow_list_serves_only_the_listed_client() {
+    require_root("an_ipv6_allow_list_serves_only_the_listed_client");
+    let topo = Topology::builder()
+        .tag("acl6")
+        .backends(2)
+        .test_servers(Path::new(SERVER))
+        .build()
+        .expect("create topology");
+    let other: std::net::Ipv6Addr = "fd00:200:1::3".parse().unwrap();
+    topo.exec_in(
+        topo.client_ns(),
+        [
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{other}/64"),
+            "dev",
+            "c0",
+            "nodad",
+        ],
+    )
+    .expect("second client address");
+    let mut config = SlbConfig::standard_v6(&unique_instance("acl6"), &[1, 1]);
+    config.listener_mut(TCP_LISTENER).acl = Some(Acl {
+        mode: AclMode::Allow,
+        cidrs: vec![format!("{CLIENT_ADDR6}/128")],
+        established: AclEstablished::Keep,
+    });
+    let daemon = SlbDaemon::start(&slb_binary(), topo.slb_ns(), &config).expect("start slb");
+    let answered = |source: std::net::Ipv6Addr, n: usize| {
+        (0..n)
+            .filter(|_| {
+                tcp_request_from(
+                    topo.client_ns(),
+                    IpAddr::V6(source),
+                    vip6_tcp(),
+                    Duration::from_millis(300),
+                )
+                .is_ok()
+            })
+            .count()
+    };
+    let (listed, refused) = (answered(CLIENT_ADDR6, 50), answered(other, 10));
+    let dropped = tcp_listener(&daemon).acl_dropped;
+    println!("IPv6 allow list: {CLIENT_ADDR6} {listed} of 50 answered, {other} {refused} of 10 ({dropped} packets refused)");
+    assert_eq!((listed, refused), (50, 0));
+    assert!(dropped >= 10, "{dropped}");
 }
