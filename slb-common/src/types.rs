@@ -267,6 +267,20 @@ pub struct NewFlowLimit {
     pub next_ns: u64,
 }
 
+impl NewFlowLimit {
+    /// The bucket's `next_ns` after admitting one more new flow at `now`, or `None` when it is
+    /// empty: the data plane's rule, which `slb explain` follows.
+    #[inline(always)]
+    pub fn admit(&self, now: u64) -> Option<u64> {
+        let start = if self.next_ns > now {
+            self.next_ns
+        } else {
+            now
+        };
+        (start - now <= self.burst_ns).then_some(start + self.interval_ns)
+    }
+}
+
 /// SNAT addresses per full NAT listener.
 pub const MAX_SNAT_ADDRESSES: usize = 16;
 /// (address, port) pairs a new full NAT flow tries before it counts `snat_ports_exhausted`;
@@ -515,6 +529,18 @@ pub fn ipv6_prefix_words(words: [u32; 4], prefix: u32) -> [u32; 4] {
         i += 1;
     }
     masked
+}
+
+/// The address persistence keys an IPv6 flow's client by on `listener`: its source, or the
+/// source's first `persist_ipv6_prefix` bits (clients rotate the rest of their addresses).
+/// The data plane's rule, which `slb explain` follows.
+#[inline(always)]
+pub fn ipv6_persistence_client(flow: &FlowKey, listener: &ListenerEntry) -> Addr {
+    let prefix = listener.persist_ipv6_prefix;
+    if listener.flags & LISTENER_F_PERSIST == 0 || prefix == 0 || prefix >= 128 {
+        return flow.src;
+    }
+    addr_from_words(ipv6_prefix_words(addr_words(&flow.src), prefix))
 }
 
 /// A slot of the half-open table HALF_OPEN, an array of `MAX_HALF_OPEN` slots: a TCP flow

@@ -16,10 +16,10 @@ use core::ops::ControlFlow;
 use slb_common::{
     addr_from_words, addr_words,
     checksum::{apply, delta_addr_words, delta_u16},
-    ipv6_filter_fold, ipv6_prefix_words, Addr, BackendEndpoint, FlowKey, GlobalCounters,
+    ipv6_filter_fold, ipv6_persistence_client, BackendEndpoint, FlowKey, GlobalCounters,
     ListenerEntry, ListenerKey, ReplyNat, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
-    FRAGMENT_TO_CLIENT, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_DSR, LISTENER_F_PERSIST,
-    LISTENER_F_TUNNEL, NO_BACKEND, PROGRAM_SLOT_IPV6_FRAGMENT, PROGRAM_SLOT_IPV6_ICMP,
+    FRAGMENT_TO_CLIENT, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_DSR, LISTENER_F_TUNNEL, NO_BACKEND,
+    PROGRAM_SLOT_IPV6_FRAGMENT, PROGRAM_SLOT_IPV6_ICMP,
 };
 
 use crate::{
@@ -311,17 +311,6 @@ fn dispatch(
     XDP_PASS
 }
 
-/// The address persistence keys this flow's client by: its source, or the source's first
-/// `persist_ipv6_prefix` bits (clients rotate the rest of their addresses).
-#[inline(always)]
-fn persistence_client(flow: &FlowKey, listener: &ListenerEntry) -> Addr {
-    let prefix = listener.persist_ipv6_prefix;
-    if listener.flags & LISTENER_F_PERSIST == 0 || prefix == 0 || prefix >= 128 {
-        return flow.src;
-    }
-    addr_from_words(ipv6_prefix_words(addr_words(&flow.src), prefix))
-}
-
 /// As IPv4's `to_backend`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -339,7 +328,7 @@ fn to_backend(
         return XDP_PASS;
     }
     let now = now_ns();
-    let client = persistence_client(flow, listener);
+    let client = ipv6_persistence_client(flow, listener);
     let picked = pick_backend(flow, &client, listener, l4.tcp_flags, now, counters);
     let Some((id, backend, new_flow)) = picked.or_count(counters) else {
         return XDP_DROP;

@@ -84,10 +84,10 @@ fn established(flow: &FlowKey, opening: bool) -> bool {
     half_open::picked(flow, flow_hash(flow, FLOW_HASH_SEED)).is_some()
 }
 
-/// Whether the listener admits one more new flow at `now`. Only an admitted flow writes the
+/// Whether the listener admits one more new flow now. Only an admitted flow writes the
 /// shared entry, so a flood being dropped reads it and never bounces its cache line between
-/// CPUs; two CPUs admitting at the same instant may both pass (the limit is then exceeded by
-/// that one flow). A refused flow is counted.
+/// CPUs; CPUs that read it at the same instant may each admit a flow on the same credit. A
+/// refused flow is counted.
 #[inline(always)]
 pub(crate) fn new_flow_admitted(listener: &ListenerEntry) -> bool {
     if listener.flags & LISTENER_F_NEW_FLOW_LIMIT == 0 {
@@ -100,15 +100,16 @@ pub(crate) fn new_flow_admitted(listener: &ListenerEntry) -> bool {
     let Some(limit) = NEW_FLOW_LIMITS.get_ptr_mut(listener.index) else {
         return true;
     };
-    let (interval, burst, next) =
-        unsafe { ((*limit).interval_ns, (*limit).burst_ns, (*limit).next_ns) };
-    let start = if next > now { next } else { now };
-    if start - now > burst {
-        if let Some(c) = LISTENER_STATS.get_ptr_mut(listener.index) {
-            unsafe { (*c).rate_limited += 1 };
+    match unsafe { (*limit).admit(now) } {
+        Some(next) => {
+            unsafe { (*limit).next_ns = next };
+            true
         }
-        return false;
+        None => {
+            if let Some(c) = LISTENER_STATS.get_ptr_mut(listener.index) {
+                unsafe { (*c).rate_limited += 1 };
+            }
+            false
+        }
     }
-    unsafe { (*limit).next_ns = start + interval };
-    true
 }

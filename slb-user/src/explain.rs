@@ -19,8 +19,8 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, MapError};
 use serde::{Deserialize, Serialize};
 use slb_common::hash::{flow_hash, FLOW_HASH_SEED};
 use slb_common::{
-    acl_set, addr_from_words, addr_words, half_open_check, half_open_slot, ipv6_prefix_words,
-    pinned, AclPrefix, Addr, Backend, Connection, FlowKey, HalfOpen, ListenerEntry, ListenerKey,
+    acl_set, addr_words, half_open_check, half_open_slot, ipv6_persistence_client, pinned,
+    AclPrefix, Addr, Backend, Connection, FlowKey, HalfOpen, ListenerEntry, ListenerKey,
     NewFlowLimit, PersistKey, Persisted, BACKEND_F_DRAINING, BACKEND_F_PRESENT, CONN_F_CLOSING,
     HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACL_ALLOW, LISTENER_F_ACL_CUT_ESTABLISHED,
     LISTENER_F_ACL_DENY, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
@@ -139,13 +139,13 @@ pub fn flow_key(client: SocketAddr, to: &ListenerAddr) -> Option<FlowKey> {
 }
 
 /// The address persistence keys `flow`'s client by on `listener`: its source, or for IPv6 the
-/// source's first `persist_ipv6_prefix` bits (as `slb-ebpf`'s `persistence_client`).
+/// data plane's prefix of it (`slb_common::ipv6_persistence_client`).
 pub fn persistence_client(flow: &FlowKey, listener: &ListenerEntry, ipv6: bool) -> Addr {
-    let prefix = listener.persist_ipv6_prefix;
-    if !ipv6 || listener.flags & LISTENER_F_PERSIST == 0 || prefix == 0 || prefix >= 128 {
-        return flow.src;
+    if ipv6 {
+        ipv6_persistence_client(flow, listener)
+    } else {
+        flow.src
     }
-    addr_from_words(ipv6_prefix_words(addr_words(&flow.src), prefix))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -278,17 +278,15 @@ pub fn decide<M: FlowMaps + ?Sized>(
     }
     let repicked_from_connection = repicked_from.is_some();
     let hash = flow_hash(flow, FLOW_HASH_SEED);
-    if let Some(slot) = maps.half_open(half_open_slot(hash)) {
-        if slot.flow == *flow && slot.check == half_open_check(hash, slot.backend_id) {
-            if usable(maps, slot.backend_id, listener).is_some() {
-                return Decision {
-                    backend: Ok(slot.backend_id),
-                    via: Some(Via::HalfOpen),
-                    repicked_from,
-                };
-            }
-            repicked_from.get_or_insert(slot.backend_id);
+    if let Some(slot) = half_open_entry(maps, flow, hash) {
+        if usable(maps, slot.backend_id, listener).is_some() {
+            return Decision {
+                backend: Ok(slot.backend_id),
+                via: Some(Via::HalfOpen),
+                repicked_from,
+            };
         }
+        repicked_from.get_or_insert(slot.backend_id);
     }
     // As a SYN or a UDP flow's first packet would be (a later packet of an unknown TCP flow,
     // or one whose connection-table entry is re-picked, is never limited).
@@ -313,6 +311,13 @@ pub fn decide<M: FlowMaps + ?Sized>(
     }
 }
 
+/// The half-open table's entry for `flow` (hash `hash`), when its slot holds that flow and
+/// its check.
+fn half_open_entry<M: FlowMaps + ?Sized>(maps: &M, flow: &FlowKey, hash: u32) -> Option<HalfOpen> {
+    maps.half_open(half_open_slot(hash))
+        .filter(|s| s.flow == *flow && s.check == half_open_check(hash, s.backend_id))
+}
+
 /// Why the listener's access list drops the flow's packets, if it does
 /// (`policy::acl_admits`): the client is refused, and the flow is not established (in the
 /// connection or half-open table) or the listener cuts established flows.
@@ -331,10 +336,8 @@ fn acl_refusal<M: FlowMaps + ?Sized>(
     }
     let cut = listener.flags & LISTENER_F_ACL_CUT_ESTABLISHED != 0;
     let hash = flow_hash(flow, FLOW_HASH_SEED);
-    let established = maps.connection(flow).is_some()
-        || maps
-            .half_open(half_open_slot(hash))
-            .is_some_and(|s| s.flow == *flow && s.check == half_open_check(hash, s.backend_id));
+    let established =
+        maps.connection(flow).is_some() || half_open_entry(maps, flow, hash).is_some();
     (cut || !established).then_some(NoBackend::AclRefused {
         allow_list: mode == LISTENER_F_ACL_ALLOW,
         cut,
@@ -348,8 +351,10 @@ fn rate_limited<M: FlowMaps + ?Sized>(maps: &M, listener: &ListenerEntry, now: u
         return None;
     }
     let limit = maps.new_flow_limit(listener.index)?;
-    let start = limit.next_ns.max(now);
-    (start - now > limit.burst_ns).then(|| 1_000_000_000 / limit.interval_ns.max(1))
+    limit
+        .admit(now)
+        .is_none()
+        .then(|| 1_000_000_000 / limit.interval_ns.max(1))
 }
 
 /// A new flow's backend by the listener's policy (`balancer::policy_backend`).
