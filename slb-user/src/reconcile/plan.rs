@@ -646,17 +646,18 @@ fn plan_acl(
             ..PlannedAcl::default()
         };
     };
-    // Validated: every entry is a prefix of the VIP's family.
-    let mut prefixes = acl.prefixes(l.vip).unwrap_or_default();
-    prefixes.sort();
-    let digest = acl_digest(&prefixes);
+    let digest = acl_digest(&acl.cidrs);
     let holds_it = recorded.is_some_and(|a| a.digest == digest && Some(a.set) == live_set);
     let (set, write, clear_after) = if holds_it {
         (live_set.unwrap_or(0), None, Vec::new())
     } else {
         let set = live_set.map_or(0, |live| 1 - live);
         let flags = if set == 1 { LISTENER_F_ACL_SET } else { 0 };
-        let keys = prefixes
+        // Parsed only to be written (a verdict's plan of the listener keeps the list): validated,
+        // every entry is a prefix of the VIP's family.
+        let keys = acl
+            .prefixes(l.vip)
+            .unwrap_or_default()
             .iter()
             .map(|p| acl_key(acl_set(index, flags), p))
             .collect();
@@ -687,7 +688,7 @@ fn plan_acl(
             mode: acl.mode,
             established: acl.established,
             set,
-            prefixes: prefixes.len(),
+            prefixes: acl.cidrs.len(),
             digest,
         }),
     }
@@ -705,10 +706,10 @@ pub(super) fn acl_key(set: u32, prefix: &ipnet::IpNet) -> AclKey {
     )
 }
 
-/// A digest of a sorted list of prefixes, fixed across runs (the state file keeps it).
-fn acl_digest(prefixes: &[ipnet::IpNet]) -> u64 {
-    let text: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
-    slb_common::hash::hash_bytes64(0, text.join(",").as_bytes())
+/// A digest of a list as the config writes it, fixed across runs (the state file keeps it):
+/// the same list written otherwise is rewritten once, which costs an apply, not a packet.
+fn acl_digest(cidrs: &[String]) -> u64 {
+    slb_common::hash::hash_bytes64(0, cidrs.join("\n").as_bytes())
 }
 
 struct PlannedNewFlowLimit {
