@@ -30,17 +30,18 @@ fn tcp_listener(daemon: &SlbDaemon) -> ListenerStatus {
         .expect("the TCP listener in status")
 }
 
-/// How many of `n` connection attempts from `source` were answered (each given 300 ms).
-fn answered_from(topo: &Topology, source: Ipv4Addr, n: usize) -> usize {
+/// How many of `n` connection attempts from `source` to the VIP of its family (TCP listener)
+/// were answered, each given 300 ms.
+fn answered_from(topo: &Topology, source: impl Into<IpAddr>, n: usize) -> usize {
+    let source = source.into();
+    let target = if source.is_ipv4() {
+        vip_tcp()
+    } else {
+        vip6_tcp()
+    };
     (0..n)
         .filter(|_| {
-            tcp_request_from(
-                topo.client_ns(),
-                IpAddr::V4(source),
-                vip_tcp(),
-                Duration::from_millis(300),
-            )
-            .is_ok()
+            tcp_request_from(topo.client_ns(), source, target, Duration::from_millis(300)).is_ok()
         })
         .count()
 }
@@ -327,20 +328,10 @@ fn an_ipv6_allow_list_serves_only_the_listed_client() {
         established: AclEstablished::Keep,
     });
     let daemon = SlbDaemon::start(&slb_binary(), topo.slb_ns(), &config).expect("start slb");
-    let answered = |source: std::net::Ipv6Addr, n: usize| {
-        (0..n)
-            .filter(|_| {
-                tcp_request_from(
-                    topo.client_ns(),
-                    IpAddr::V6(source),
-                    vip6_tcp(),
-                    Duration::from_millis(300),
-                )
-                .is_ok()
-            })
-            .count()
-    };
-    let (listed, refused) = (answered(CLIENT_ADDR6, 50), answered(other, 10));
+    let (listed, refused) = (
+        answered_from(&topo, CLIENT_ADDR6, 50),
+        answered_from(&topo, other, 10),
+    );
     let dropped = tcp_listener(&daemon).acl_dropped;
     println!("IPv6 allow list: {CLIENT_ADDR6} {listed} of 50 answered, {other} {refused} of 10 ({dropped} packets refused)");
     assert_eq!((listed, refused), (50, 0));
