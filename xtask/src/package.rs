@@ -15,7 +15,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{ensure, Context as _};
 
-use crate::{cargo, ensure_package_list, output, run, setup, target_dir, workspace_root};
+use crate::tasks::target_dir;
+use crate::{cargo, ensure_package_list, output, run, setup, workspace_root};
 
 /// The cargo-deb release `cargo xtask package` installs and uses.
 const CARGO_DEB_VERSION: &str = "3.8.0";
