@@ -139,8 +139,13 @@ pub const NEW_FLOW_LIMITS: PinnedMap = map(
     MAX_LISTENERS,
 );
 
+/// Open connections per backend id (`open_connections`), shared by all CPUs.
+pub const BACKEND_CONNECTIONS: PinnedMap = map("BACKEND_CONNECTIONS", 4, 8, MAX_BACKENDS);
+/// Least-connections sets (`WlcSet`), at their listener's ring slot.
+pub const WLC_SETS: PinnedMap = map("WLC_SETS", 4, size_of::<WlcSet>(), RING_SLOTS);
+
 /// Every map the daemon pins, in the order it checks them.
-pub const PINNED_MAPS: [PinnedMap; 27] = [
+pub const PINNED_MAPS: [PinnedMap; 29] = [
     LISTENERS,
     RINGS,
     BACKENDS,
@@ -168,6 +173,8 @@ pub const PINNED_MAPS: [PinnedMap; 27] = [
     SNAT_MAPPINGS,
     ACL,
     NEW_FLOW_LIMITS,
+    BACKEND_CONNECTIONS,
+    WLC_SETS,
 ];
 
 /// Maps of the object that are never pinned: per-CPU scratch space of the program

@@ -219,6 +219,17 @@ pub const LISTENER_F_ACL_SET: u32 = 256;
 pub const LISTENER_F_ACL_CUT_ESTABLISHED: u32 = 512;
 /// Listener flag: new flows are limited by the listener's `NEW_FLOW_LIMITS` entry.
 pub const LISTENER_F_NEW_FLOW_LIMIT: u32 = 1024;
+/// Listener flag: a new TCP flow (its SYN) goes to the member of the listener's `WLC_SETS`
+/// entry with the fewest open connections for its weight, not to its ring slot's backend.
+pub const LISTENER_F_WLC: u32 = 2048;
+/// Listener flag: a backend of the listener has `max_connections`, so a new flow's pick is
+/// checked against its open connections (and moved to the least loaded member with room).
+pub const LISTENER_F_MAX_CONNECTIONS: u32 = 4096;
+/// Members of a listener's `WLC_SETS` entry: a least-connections pick scans at most this many.
+pub const MAX_WLC_BACKENDS: u32 = 64;
+/// Flags of `BACKEND_CONNECTIONS`: `BPF_F_MMAPABLE`, so the daemon's sweeper subtracts the
+/// flows it expires with atomic instructions on the memory the data plane adds to.
+pub const BACKEND_CONNECTIONS_MAP_FLAGS: u32 = 1 << 10;
 /// Entries of `ACL`: prefixes of every listener's access list together (each list is written
 /// twice while it changes).
 pub const MAX_ACL_ENTRIES: u32 = 1 << 17;
@@ -445,6 +456,9 @@ pub struct Backend {
     /// The outer source address of packets tunnelled to this backend (a `LISTENER_F_TUNNEL`
     /// listener's; IPv4-mapped for IPv4), else zero.
     pub tunnel_source: Addr,
+    /// Open connections (`BACKEND_CONNECTIONS`) past which the backend takes no new flow; 0:
+    /// no limit.
+    pub max_connections: u32,
 }
 
 /// A flow as seen on the wire, in the direction the packet travels.
@@ -763,6 +777,54 @@ pub struct TrafficCounters {
     pub acl_dropped: u64,
     /// Listeners only: new flows dropped by `max_new_connections_per_second`.
     pub rate_limited: u64,
+    /// Listeners: new flows dropped because every backend that could take them was at its
+    /// `max_connections`. Backends: new flows sent elsewhere because this one was.
+    pub at_capacity: u64,
+}
+
+/// One member of a listener's least-connections set: a backend id and its weight (as the
+/// listener's ring was built with it: 0 while unhealthy or draining).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct WlcMember {
+    pub id: u32,
+    pub weight: u32,
+}
+
+/// A listener's backends for a least-connections pick (`LISTENER_F_WLC`) or a move away from a
+/// backend at its `max_connections`: its ring's input, kept at the ring's slot (`ring_index`),
+/// so it changes with the ring, at once, when the listener entry switches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WlcSet {
+    pub count: u32,
+    pub _pad: u32,
+    pub members: [WlcMember; MAX_WLC_BACKENDS as usize],
+}
+
+impl Default for WlcSet {
+    fn default() -> Self {
+        WlcSet {
+            count: 0,
+            _pad: 0,
+            members: [WlcMember::default(); MAX_WLC_BACKENDS as usize],
+        }
+    }
+}
+
+/// Whether a backend with `load` open connections and weight `weight` is less loaded than one
+/// with `best_load` and `best_weight`: connections per unit of weight, compared without
+/// division (both products fit in 64 bits).
+#[inline(always)]
+pub fn less_loaded(load: u32, weight: u32, best_load: u32, best_weight: u32) -> bool {
+    u64::from(load) * u64::from(best_weight) < u64::from(best_load) * u64::from(weight)
+}
+
+/// A backend's open connections from its `BACKEND_CONNECTIONS` word, which both sides change
+/// with atomic adds of +1 and -1 (two's complement): never below 0 however the adds raced.
+#[inline(always)]
+pub fn open_connections(word: u64) -> u32 {
+    (word as i64).clamp(0, i64::from(u32::MAX)) as u32
 }
 
 /// Declares a per-CPU counter struct once: the struct both sides share, plus the names and
@@ -833,6 +895,9 @@ counters! {
     /// New flows over their listener's `max_new_connections_per_second`: dropped (a TCP
     /// client retransmits its SYN).
     new_flows_rate_limited,
+    /// New flows dropped because every backend that could take them was at its
+    /// `max_connections`.
+    backends_full_dropped,
     /// Rewritten packets handed to the kernel because the FIB could not resolve the next hop yet.
     fib_passed,
     /// Rewritten packets dropped because the FIB has no route (or forwarding is off).
@@ -1071,6 +1136,7 @@ mod pod {
     unsafe impl aya::Pod for FragmentEntry {}
     unsafe impl aya::Pod for AclPrefix {}
     unsafe impl aya::Pod for NewFlowLimit {}
+    unsafe impl aya::Pod for WlcSet {}
 }
 
 #[cfg(test)]

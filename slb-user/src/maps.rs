@@ -174,6 +174,7 @@ pub fn sum_traffic(values: &[TrafficCounters]) -> TrafficCounters {
             closed_connections: a.closed_connections + v.closed_connections,
             acl_dropped: a.acl_dropped + v.acl_dropped,
             rate_limited: a.rate_limited + v.rate_limited,
+            at_capacity: a.at_capacity + v.at_capacity,
         })
 }
 

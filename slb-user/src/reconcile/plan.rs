@@ -353,6 +353,7 @@ fn backend_entries(
                 flags,
                 _pad: 0,
                 tunnel_source: tunnel_source(g.listener),
+                max_connections: 0,
             };
             backends.push((id, backend));
         }
