@@ -18,6 +18,7 @@ use slb_common::{
     MAX_LISTENERS, MAX_NAT_ADDRESSES, MAX_PERSISTENCE, MAX_SNAT_MAPPINGS, RINGS_MAP_FLAGS,
     RING_SLOTS, TAIL_CALL_PROGRAMS,
 };
+use slb_common::{WlcSet, BACKEND_CONNECTIONS_MAP_FLAGS};
 
 const LISTENERS_MAX: usize = MAX_LISTENERS as usize;
 const BACKENDS_MAX: usize = MAX_BACKENDS as usize;
@@ -51,6 +52,21 @@ pub static RINGS: ArrayOfMaps<
 
 #[btf_map]
 pub static BACKENDS: Array<Backend, BACKENDS_MAX> = Array::new();
+
+/// Open connections per backend id (`slb_common::open_connections`): shared by every CPU and
+/// changed only by atomic adds, +1 when a flow's entry is linked into CONNECTIONS open, -1 when
+/// it closes or is unlinked (`load`). The daemon's sweeper subtracts the flows it expires
+/// through its own mapping of the array.
+#[btf_map]
+pub static BACKEND_CONNECTIONS: Array<
+    u64,
+    BACKENDS_MAX,
+    { BACKEND_CONNECTIONS_MAP_FLAGS as usize },
+> = Array::new();
+
+/// Each listener's backends and weights for a least-connections pick, at its ring's slot.
+#[btf_map]
+pub static WLC_SETS: Array<WlcSet, { RING_SLOTS as usize }> = Array::new();
 
 /// `HEALTH_UP`/`HEALTH_DOWN` per backend id, written by the health checker. Separate from
 /// `BACKENDS` so a verdict is one 4-byte map write that the next packet sees.
