@@ -17,15 +17,16 @@ use slb_common::{
     ListenerEntry, ListenerKey, PersistKey, Persisted, ReplyNat, BACKEND_F_DRAINING,
     BACKEND_F_PRESENT, CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER, FRAGMENT_TO_CLIENT,
     HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR,
-    LISTENER_F_FULLNAT, LISTENER_F_IGNORE_HEALTH, LISTENER_F_PERSIST, LISTENER_F_TUNNEL,
-    NO_BACKEND, PROGRAM_SLOT_FULLNAT, PROGRAM_SLOT_IPV6, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST,
-    TCP_FLAG_SYN,
+    LISTENER_F_FULLNAT, LISTENER_F_IGNORE_HEALTH, LISTENER_F_MAX_CONNECTIONS, LISTENER_F_PERSIST,
+    LISTENER_F_TUNNEL, LISTENER_F_WLC, NO_BACKEND, PROGRAM_SLOT_FULLNAT, PROGRAM_SLOT_IPV6,
+    TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
 };
 
 use crate::{
     forward::{cache_slot, now_ns, route_ipv4, send, send_direct, Route},
     fragments, half_open,
     icmp::{self, IPPROTO_ICMP},
+    load::{self, Prior},
     maps::{
         BACKENDS, BACKEND_HEALTH, BACKEND_STATS, CONNECTIONS, ENDPOINT_FILTER, LISTENERS,
         LISTENER_STATS, NEXT_HOP_BACKEND, NEXT_HOP_CLIENT, PERSISTENCE, PERSIST_PENDING, PROGRAMS,
@@ -374,10 +375,47 @@ pub(crate) enum Pick {
         backend: &'static Backend,
         new_flow: bool,
     },
+    Refused(Refusal),
+}
+
+/// Why a flow gets no backend.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
     NoBackend,
     LookupFailed,
     /// A new flow over the listener's `max_new_connections_per_second`.
     RateLimited,
+    /// A new flow that every backend able to take it is too full for (`max_connections`).
+    AtCapacity,
+    /// The listener has no least-connections set: its ring decides (never a flow's fate).
+    NoSet,
+}
+
+/// A backend id or a refusal in one register: what a BPF call (which returns one register,
+/// and cannot pass a bigger result without handing the verifier uninitialised bytes) returns.
+#[derive(Clone, Copy)]
+pub(crate) struct Choice(u64);
+
+impl Choice {
+    #[inline(always)]
+    pub(crate) fn of(result: Result<u32, Refusal>) -> Choice {
+        match result {
+            Ok(id) => Choice(u64::from(id)),
+            Err(refusal) => Choice((refusal as u64 + 1) << 32),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn get(self) -> Result<u32, Refusal> {
+        Err(match self.0 >> 32 {
+            0 => return Ok(self.0 as u32),
+            1 => Refusal::NoBackend,
+            3 => Refusal::RateLimited,
+            4 => Refusal::AtCapacity,
+            5 => Refusal::NoSet,
+            _ => Refusal::LookupFailed,
+        })
+    }
 }
 
 impl Pick {
@@ -387,25 +425,21 @@ impl Pick {
         self,
         counters: &mut GlobalCounters,
     ) -> Option<(u32, &'static Backend, bool)> {
-        match self {
+        let refusal = match self {
             Pick::Backend {
                 id,
                 backend,
                 new_flow,
-            } => Some((id, backend, new_flow)),
-            Pick::NoBackend => {
-                counters.no_backend_dropped += 1;
-                None
-            }
-            Pick::LookupFailed => {
-                counters.lookup_failed_dropped += 1;
-                None
-            }
-            Pick::RateLimited => {
-                counters.new_flows_rate_limited += 1;
-                None
-            }
+            } => return Some((id, backend, new_flow)),
+            Pick::Refused(refusal) => refusal,
+        };
+        match refusal {
+            Refusal::NoBackend => counters.no_backend_dropped += 1,
+            Refusal::LookupFailed | Refusal::NoSet => counters.lookup_failed_dropped += 1,
+            Refusal::RateLimited => counters.new_flows_rate_limited += 1,
+            Refusal::AtCapacity => counters.backends_full_dropped += 1,
         }
+        None
     }
 }
 
@@ -425,7 +459,7 @@ fn is_healthy(id: u32) -> bool {
 
 /// A backend a flow may (still) use: present, and healthy unless the listener ignores health.
 #[inline(always)]
-fn usable_backend(id: u32, listener: &ListenerEntry) -> Option<&'static Backend> {
+pub(crate) fn usable_backend(id: u32, listener: &ListenerEntry) -> Option<&'static Backend> {
     let backend = present_backend(id)?;
     if listener.flags & LISTENER_F_IGNORE_HEALTH == 0 && !is_healthy(id) {
         return None;
@@ -457,7 +491,7 @@ pub(crate) fn pick_backend(
 ) -> Pick {
     let closing = tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST) != 0;
     let opening = tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN;
-    let established = match connection_backend(flow, listener, closing, opening, now) {
+    let prior = match connection_backend(flow, listener, closing, opening, now) {
         Tracked::Usable(id, backend) => {
             return Pick::Backend {
                 id,
@@ -465,31 +499,30 @@ pub(crate) fn pick_backend(
                 new_flow: false,
             }
         }
-        Tracked::Unusable => {
+        Tracked::Unusable(prior) => {
             counters.flows_repicked += 1;
-            true
+            prior
         }
-        Tracked::Unknown => false,
+        Tracked::Unknown => Prior::Absent,
     };
+    let established = prior != Prior::Absent;
     // One hash for the half-open slot and the ring.
     let hash = flow_hash(flow, FLOW_HASH_SEED);
     let half_open = half_open_backend(flow, hash, listener, counters);
     let (id, backend) = match half_open {
         Some(picked) => picked,
         None => {
-            // A flow that opens here (a SYN, a UDP flow's first packet) is new to every node;
-            // an unknown TCP flow's later packet, or a re-picked one, is not, and is never
-            // refused by the limit.
-            let opens = opening || flow.protocol != IPPROTO_TCP;
-            if opens && !established && !policy::new_flow_admitted(listener) {
-                return Pick::RateLimited;
-            }
-            let id = match policy_backend(client, hash, listener, now, counters) {
+            // Opens here: a SYN, or a UDP flow's first packet, of a flow no table knew.
+            let opens_here = (opening || flow.protocol != IPPROTO_TCP) && !established;
+            let how =
+                u32::from(opens_here) * NEW_FLOW_OPENS_HERE + u32::from(opening) * NEW_FLOW_SYN;
+            let hash_how = u64::from(hash) | u64::from(how) << 32;
+            let id = match new_flow_backend(client, hash_how, listener, now).get() {
                 Ok(id) => id,
-                Err(pick) => return pick,
+                Err(refusal) => return Pick::Refused(refusal),
             };
             let Some(backend) = present_backend(id) else {
-                return Pick::LookupFailed;
+                return Pick::Refused(Refusal::LookupFailed);
             };
             (id, backend)
         }
@@ -509,7 +542,7 @@ pub(crate) fn pick_backend(
             new_flow: false,
         };
     }
-    track_connection(flow, client, listener, id, closing, now);
+    track_connection(flow, client, listener, id, closing, now, prior);
     Pick::Backend {
         id,
         backend,
@@ -517,18 +550,64 @@ pub(crate) fn pick_backend(
     }
 }
 
+/// `new_flow_backend`'s `how`: the flow opens on this node (a SYN, or a UDP flow's first
+/// packet, of a flow no table knew), so the listener's limits apply.
+const NEW_FLOW_OPENS_HERE: u32 = 1;
+/// `new_flow_backend`'s `how`: the packet is a SYN.
+const NEW_FLOW_SYN: u32 = 2;
+
+/// The backend for a flow neither table holds (its hash in the low half of `hash_how`): by the
+/// listener's policy, within its limits when the flow opens here (`NEW_FLOW_*` in the high
+/// half). A call of its own: inlined, its locals pushed the IPv6 program past 512 bytes of
+/// stack; hence too the packed argument and the counters looked up again, as a BPF call takes
+/// at most five arguments (the result's pointer is one).
+#[inline(never)]
+fn new_flow_backend(client: &Addr, hash_how: u64, listener: &ListenerEntry, now: u64) -> Choice {
+    Choice::of(new_flow_choice(client, hash_how, listener, now))
+}
+
+#[inline(always)]
+fn new_flow_choice(
+    client: &Addr,
+    hash_how: u64,
+    listener: &ListenerEntry,
+    now: u64,
+) -> Result<u32, Refusal> {
+    let (hash, how) = (hash_how as u32, (hash_how >> 32) as u32);
+    let Some(counters) = crate::maps::global_counters() else {
+        return Err(Refusal::LookupFailed);
+    };
+    let opens_here = how & NEW_FLOW_OPENS_HERE != 0;
+    // A flow that opens here is new to every node; an unknown TCP flow's later packet, or a
+    // re-picked one, is not, and is never refused by the limits.
+    if opens_here && !policy::new_flow_admitted(listener) {
+        return Err(Refusal::RateLimited);
+    }
+    let syn = opens_here && how & NEW_FLOW_SYN != 0;
+    let id = policy_backend(client, hash, listener, syn, now, counters)?;
+    if !opens_here || listener.flags & LISTENER_F_MAX_CONNECTIONS == 0 {
+        return Ok(id);
+    }
+    let picked = load::with_room(id, hash, listener).get();
+    if picked == Err(Refusal::AtCapacity) {
+        load::count_at_capacity(listener);
+    }
+    picked
+}
+
 /// What the connection table says about a flow.
 enum Tracked {
     /// Its backend, which it keeps.
     Usable(u32, &'static Backend),
-    /// Its backend was removed or declared unhealthy: the flow is balanced again.
-    Unusable,
+    /// Its backend was removed or declared unhealthy: the flow is balanced again, and the
+    /// entry (as it was) replaced when the flow is tracked.
+    Unusable(Prior),
     /// Not in the table.
     Unknown,
 }
 
-/// The flow's backend by the connection table, whose entry this packet refreshes and opens or
-/// closes (counting the close once).
+/// The flow's backend by the connection table, whose entry this packet refreshes, and closes
+/// (counting the close once) or opens again: relinked with its new flags (see `load`).
 #[inline(always)]
 fn connection_backend(
     flow: &FlowKey,
@@ -540,26 +619,33 @@ fn connection_backend(
     let Some(conn) = CONNECTIONS.get_ptr_mut(flow) else {
         return Tracked::Unknown;
     };
-    let id = unsafe { (*conn).backend_id };
+    let (id, flags, last_seen_ns) =
+        unsafe { ((*conn).backend_id, (*conn).flags, (*conn).last_seen_ns) };
     let Some(backend) = usable_backend(id, listener) else {
-        return Tracked::Unusable;
+        return Tracked::Unusable(Prior::of(id, flags));
     };
-    unsafe {
+    let was_closing = flags & CONN_F_CLOSING != 0;
+    if closing && !was_closing {
+        reflag(flow, conn, flags | CONN_F_CLOSING, now);
+        count_closed(listener.index, id);
+    } else if opening && was_closing {
+        // The client reuses the port of a closed flow: same backend, open again.
+        reflag(flow, conn, flags & !CONN_F_CLOSING, now);
+    } else if last_seen_ns != now {
         // The clock moves once a tick: most packets of a busy flow would write the same value,
         // dirtying a line other CPUs read.
-        if (*conn).last_seen_ns != now {
-            (*conn).last_seen_ns = now;
-        }
-        let flags = (*conn).flags;
-        if closing && flags & CONN_F_CLOSING == 0 {
-            (*conn).flags = flags | CONN_F_CLOSING;
-            count_closed(listener.index, id);
-        } else if opening && flags & CONN_F_CLOSING != 0 {
-            // The client reuses the port of a closed flow: same backend, open again.
-            (*conn).flags = flags & !CONN_F_CLOSING;
-        }
+        unsafe { (*conn).last_seen_ns = now };
     }
     Tracked::Usable(id, backend)
+}
+
+/// The flow's entry, relinked with `flags` and seen `now` (see `load::relink`).
+#[inline(always)]
+fn reflag(flow: &FlowKey, conn: *const Connection, flags: u32, now: u64) {
+    let (backend_id, listener_index, old_flags) =
+        unsafe { ((*conn).backend_id, (*conn).listener_index, (*conn).flags) };
+    let prior = Prior::of(backend_id, old_flags);
+    load::relink(flow, backend_id, listener_index, flags, now, prior);
 }
 
 /// The backend the half-open table picked for this flow, while it is still usable.
@@ -597,7 +683,8 @@ fn track_half_open(
     }
 }
 
-/// A flow past its handshake: into the connection table (and the persistence table).
+/// A flow past its handshake: into the connection table, in place of the entry it had
+/// (`prior`), and into the persistence table.
 #[inline(always)]
 fn track_connection(
     flow: &FlowKey,
@@ -606,33 +693,29 @@ fn track_connection(
     id: u32,
     closing: bool,
     now: u64,
+    prior: Prior,
 ) {
     if listener.flags & LISTENER_F_PERSIST != 0 {
         persist(&PERSISTENCE, client, listener, id, now);
     }
-    let entry = Connection {
-        backend_id: id,
-        listener_index: listener.index,
-        last_seen_ns: now,
-        flags: if closing { CONN_F_CLOSING } else { 0 },
-        _pad: 0,
-    };
-    // LRU inserts fail only under memory pressure; the next packet asks the policy again.
-    let _ = CONNECTIONS.insert(flow, &entry, 0);
+    let flags = if closing { CONN_F_CLOSING } else { 0 };
+    load::relink(flow, id, listener.index, flags, now, prior);
     if closing {
         count_closed(listener.index, id);
     }
 }
 
-/// A new flow's backend by the listener's policy.
+/// A new flow's backend by the listener's policy (`syn`: a SYN that opens a flow here, which a
+/// least-connections listener balances by load).
 #[inline(always)]
 fn policy_backend(
     client: &Addr,
     hash: u32,
     listener: &ListenerEntry,
+    syn: bool,
     now: u64,
     counters: &mut GlobalCounters,
-) -> Result<u32, Pick> {
+) -> Result<u32, Refusal> {
     if listener.flags & LISTENER_F_ACTIVE_STANDBY != 0 {
         if is_healthy(listener.active_id) {
             return Ok(listener.active_id);
@@ -642,6 +725,14 @@ fn policy_backend(
     }
     if let Some(id) = persisted_backend(client, listener, now, counters) {
         return Ok(id);
+    }
+    if syn && listener.flags & LISTENER_F_WLC != 0 {
+        // No set, or no member usable (the ring, built from the same input, names none either
+        // unless a verdict is between its flag and its ring): the ring decides.
+        match load::least_loaded(hash, listener).get() {
+            Err(Refusal::NoSet | Refusal::NoBackend) => {}
+            picked => return picked,
+        }
     }
     ring_backend(hash, listener)
 }
@@ -728,14 +819,14 @@ fn persisted_backend(
 }
 
 #[inline(always)]
-fn ring_backend(hash: u32, listener: &ListenerEntry) -> Result<u32, Pick> {
+fn ring_backend(hash: u32, listener: &ListenerEntry) -> Result<u32, Refusal> {
     if listener.ring_size == 0 {
-        return Err(Pick::LookupFailed);
+        return Err(Refusal::LookupFailed);
     }
     let slot = hash % listener.ring_size;
     match RINGS.get_value(listener.ring_index, &slot) {
-        None => Err(Pick::LookupFailed),
-        Some(&NO_BACKEND) => Err(Pick::NoBackend),
+        None => Err(Refusal::LookupFailed),
+        Some(&NO_BACKEND) => Err(Refusal::NoBackend),
         Some(&id) => Ok(id),
     }
 }

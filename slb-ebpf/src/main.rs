@@ -1,5 +1,9 @@
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no `AtomicU64::fetch_add` (it lacks compare-and-swap), but
+// LLVM lowers an add whose result is unused to the BPF `lock xadd` instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod balancer;
 mod balancer6;
@@ -12,6 +16,7 @@ mod fullnat4;
 mod half_open;
 mod icmp;
 mod icmp6;
+mod load;
 mod maps;
 mod packet;
 mod policy;

@@ -21,7 +21,9 @@ use slb_common::{
     SNAT_F_CONFIRMED, SNAT_UNCONFIRMED_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S,
 };
 
-use crate::maps::{bpf_batch, BatchAttr, CounterMaps, BPF_MAP_DELETE_BATCH, BPF_MAP_LOOKUP_BATCH};
+use crate::maps::{
+    bpf_batch, bpf_elem, BackendConnections, BatchAttr, CounterMaps, ElemAttr, BPF_MAP_LOOKUP_BATCH,
+};
 
 /// How often the daemon sweeps: well under the shortest timeout (10 s).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -141,31 +143,6 @@ pub(crate) fn for_each_entry<K: Default + Clone, V: Default + Clone>(
     }
 }
 
-/// Deletes `keys` from the hash map `fd`; keys already gone (evicted, or deleted by a packet
-/// path) are skipped.
-fn delete_all<K>(fd: RawFd, mut keys: &[K]) -> std::io::Result<u64> {
-    let mut deleted = 0;
-    while !keys.is_empty() {
-        let chunk = &keys[..keys.len().min(BATCH as usize)];
-        let mut attr = BatchAttr {
-            keys: chunk.as_ptr() as u64,
-            count: chunk.len() as u32,
-            map_fd: fd as u32,
-            ..Default::default()
-        };
-        let result = bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr);
-        let done = attr.count as usize;
-        deleted += done as u64;
-        match result {
-            Ok(()) => keys = &keys[chunk.len()..],
-            // The kernel stops at a missing key: skip it and go on.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => keys = &keys[done + 1..],
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(deleted)
-}
-
 /// The maps a sweep reads, opened once from the instance's pins.
 pub struct Sweeper {
     connections: MapData,
@@ -174,6 +151,8 @@ pub struct Sweeper {
     snat_table: std::sync::Mutex<aya::maps::HashMap<MapData, FlowKey, SnatMapping>>,
     capacity: u32,
     counters: CounterMaps,
+    /// The data plane's open-connection counts, which an expired open flow leaves.
+    backend_connections: BackendConnections,
 }
 
 impl Sweeper {
@@ -186,13 +165,13 @@ impl Sweeper {
             snat_table: std::sync::Mutex::new(crate::maps::open(pin_dir, &pinned::SNAT_MAPPINGS)?),
             capacity,
             counters: CounterMaps::open(pin_dir)?,
+            backend_connections: BackendConnections::open(pin_dir)?,
         })
     }
 
     /// Removes expired flows and tallies the rest. A flow that sends a packet between the read
-    /// and the delete (microseconds, after ≥ 10 s of silence) loses its entry; its next packet
-    /// is balanced again by the same policy, which picks the same backend unless the backend set
-    /// changed in between.
+    /// and the delete (microseconds, after ≥ 10 s of silence) keeps its entry: it is put back
+    /// (see [`Sweeper::expire`]).
     pub fn sweep(
         &self,
         timeouts: &Timeouts,
@@ -221,7 +200,7 @@ impl Sweeper {
         let mut stale = Vec::new();
         for_each_entry(fd, |key: &FlowKey, conn: &Connection| {
             if expired(conn, timeouts, now) {
-                stale.push(*key);
+                stale.push((*key, conn.last_seen_ns));
                 return;
             }
             counts.entries += 1;
@@ -235,7 +214,7 @@ impl Sweeper {
             }
         })
         .context("reading CONNECTIONS")?;
-        counts.expired = delete_all(fd, &stale).context("removing expired flows")?;
+        counts.expired = self.expire(fd, &stale).context("removing expired flows")?;
 
         // Full NAT mappings: their ports go back to the pool.
         let fd = self.snat_mappings.fd().as_fd().as_raw_fd();
@@ -268,6 +247,67 @@ impl Sweeper {
             }
         }
         Ok(counts)
+    }
+}
+
+impl Sweeper {
+    /// Removes the entries `stale` names (flow, and when it was last seen at the walk), each
+    /// with one lookup-and-delete, so that what the delete removed is known: an open flow
+    /// removed here leaves its backend's open-connection count (the data plane counts only what
+    /// it links and unlinks itself; of it and this delete, only the one that unlinked an entry
+    /// counts it off). An entry a packet refreshed since the walk is put back, unless the flow's
+    /// next packet linked a new one meanwhile. Returns how many flows expired.
+    fn expire(&self, fd: RawFd, stale: &[(FlowKey, u64)]) -> std::io::Result<u64> {
+        let mut expired = 0;
+        for (key, seen_ns) in stale {
+            let Some(conn) = take_entry::<FlowKey, Connection>(fd, key)? else {
+                continue;
+            };
+            if conn.last_seen_ns != *seen_ns && insert_new(fd, key, &conn)? {
+                continue;
+            }
+            if conn.flags & CONN_F_CLOSING == 0 {
+                self.backend_connections.take_one(conn.backend_id);
+            }
+            expired += 1;
+        }
+        Ok(expired)
+    }
+}
+
+/// Removes `key` from the hash map `fd` and returns what it held then; `None` when it was gone.
+fn take_entry<K, V: Default>(fd: RawFd, key: &K) -> std::io::Result<Option<V>> {
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let mut value = V::default();
+    let mut attr = ElemAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: &mut value as *mut V as u64,
+        flags: 0,
+    };
+    match bpf_elem(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        Ok(()) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Inserts `key` → `value` into the hash map `fd` unless the key is there: whether it did.
+fn insert_new<K, V>(fd: RawFd, key: &K, value: &V) -> std::io::Result<bool> {
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_NOEXIST: u64 = 1;
+    let mut attr = ElemAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: value as *const V as u64,
+        flags: BPF_NOEXIST,
+    };
+    match bpf_elem(BPF_MAP_UPDATE_ELEM, &mut attr) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 

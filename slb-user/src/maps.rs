@@ -5,7 +5,7 @@ use std::os::fd::AsFd as _;
 use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, PerCpuArray};
@@ -221,31 +221,10 @@ impl MappedRing {
                 expected: 4,
             });
         }
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
-        let bytes = (len * SLOT_STRIDE * 4).div_ceil(page) * page;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: a fresh shared mapping of the map's fd; the kernel keeps the map alive while
-        // mapped, whatever happens to the fd.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(MapError::SyscallError(aya::sys::SyscallError {
-                call: "mmap",
-                io_error: std::io::Error::last_os_error(),
-            }));
-        }
+        let (base, bytes) = map_shared(&map, len * SLOT_STRIDE * 4)?;
         Ok(MappedRing {
             map,
-            base: NonNull::new(ptr.cast()).expect("mmap returned a non-null mapping"),
+            base: base.cast(),
             len,
             bytes,
         })
@@ -270,6 +249,105 @@ impl MappedRing {
     }
 }
 
+/// A shared, writable mapping of `map` (an array created `BPF_F_MMAPABLE`) covering `len`
+/// bytes, rounded up to whole pages: its address and length. The kernel keeps the map alive
+/// while mapped, whatever happens to the fd.
+fn map_shared(map: &MapData, len: usize) -> Result<(NonNull<u8>, usize), MapError> {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let bytes = len.div_ceil(page) * page;
+    let fd = map.fd().as_fd().as_raw_fd();
+    // SAFETY: a fresh shared mapping of the map's fd.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(MapError::SyscallError(aya::sys::SyscallError {
+            call: "mmap",
+            io_error: std::io::Error::last_os_error(),
+        }));
+    }
+    Ok((
+        NonNull::new(ptr.cast()).expect("mmap returned a non-null mapping"),
+        bytes,
+    ))
+}
+
+/// BACKEND_CONNECTIONS mapped into our memory: the open connections of each backend id, which
+/// the data plane changes with atomic adds. The sweeper takes off the flows it expires with the
+/// same atomic adds (a map update would overwrite whatever the data plane added meanwhile).
+pub struct BackendConnections {
+    /// Keeps the map alive.
+    _map: MapData,
+    base: NonNull<AtomicU64>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: shared memory the kernel changes concurrently; every access goes through AtomicU64.
+unsafe impl Send for BackendConnections {}
+unsafe impl Sync for BackendConnections {}
+
+impl BackendConnections {
+    pub fn open(dir: &Path) -> Result<BackendConnections, OpenMapError> {
+        let err = open_error(dir, &pinned::BACKEND_CONNECTIONS);
+        let map = open_data(dir, &pinned::BACKEND_CONNECTIONS)?;
+        let info = map.info().map_err(err)?;
+        if info.value_size() != 8
+            || info.map_flags() & slb_common::BACKEND_CONNECTIONS_MAP_FLAGS == 0
+        {
+            return Err(err(MapError::InvalidValueSize {
+                size: info.value_size() as usize,
+                expected: 8,
+            }));
+        }
+        let len = info.max_entries() as usize;
+        let (base, bytes) = map_shared(&map, len * 8).map_err(err)?;
+        Ok(BackendConnections {
+            _map: map,
+            base: base.cast(),
+            len,
+            bytes,
+        })
+    }
+
+    fn word(&self, id: u32) -> Option<&AtomicU64> {
+        let index = id as usize;
+        // SAFETY: in bounds of the live mapping (len × 8 bytes), 8-byte aligned.
+        (index < self.len).then(|| unsafe { self.base.add(index).as_ref() })
+    }
+
+    /// Backend `id`'s open connections now.
+    pub fn open_connections(&self, id: u32) -> u32 {
+        self.word(id).map_or(0, |w| {
+            slb_common::open_connections(w.load(Ordering::Relaxed))
+        })
+    }
+
+    /// One open connection of backend `id` is gone.
+    pub fn take_one(&self, id: u32) {
+        if let Some(w) = self.word(id) {
+            w.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for BackendConnections {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what open() mapped; no reference into it outlives self.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.bytes);
+        }
+    }
+}
+
 impl Drop for MappedRing {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what map() mapped; no reference into it outlives self.
@@ -282,14 +360,6 @@ impl Drop for MappedRing {
 /// Empties slot `index` of an array of maps (aya has no remove for it): the kernel frees the
 /// inner map once no program run still uses it.
 pub fn clear_map_slot(outer: &MapData, index: u32) -> std::io::Result<()> {
-    #[repr(C)]
-    struct ElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
     const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
     let mut attr = ElemAttr {
         map_fd: outer.fd().as_fd().as_raw_fd() as u32,
@@ -298,20 +368,35 @@ pub fn clear_map_slot(outer: &MapData, index: u32) -> std::io::Result<()> {
         value: 0,
         flags: 0,
     };
-    // SAFETY: a valid bpf_attr prefix for BPF_MAP_DELETE_ELEM; the key outlives the call.
+    match bpf_elem(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The `bpf_attr` of the element commands (for what aya does not offer).
+#[repr(C)]
+pub(crate) struct ElemAttr {
+    pub map_fd: u32,
+    pub _pad: u32,
+    pub key: u64,
+    pub value: u64,
+    pub flags: u64,
+}
+
+pub(crate) fn bpf_elem(cmd: libc::c_long, attr: &mut ElemAttr) -> std::io::Result<()> {
+    // SAFETY: a valid bpf_attr prefix for the element commands; the caller's key and value
+    // outlive the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_MAP_DELETE_ELEM,
-            &mut attr as *mut ElemAttr,
+            cmd,
+            attr as *mut ElemAttr,
             std::mem::size_of::<ElemAttr>(),
         )
     };
     if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOENT) {
-            return Err(e);
-        }
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -332,7 +417,6 @@ pub(crate) struct BatchAttr {
 
 pub(crate) const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 pub(crate) const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-pub(crate) const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// One batch command; on return `attr.count` says how many elements were done.
 pub(crate) fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
