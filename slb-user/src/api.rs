@@ -34,6 +34,10 @@ pub enum Request {
         address: BackendName,
         port: Option<u16>,
         weight: u32,
+        /// TCP/UDP: open connections past which it takes no new flow. Left out when absent, so
+        /// a daemon from before it still takes the request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_connections: Option<u32>,
     },
     BackendRemove {
         group: String,
@@ -80,7 +84,16 @@ impl Request {
                 address,
                 port,
                 weight,
-            } => (group, address, port, EditAction::Add { weight: *weight }),
+                max_connections,
+            } => (
+                group,
+                address,
+                port,
+                EditAction::Add {
+                    weight: *weight,
+                    max_connections: *max_connections,
+                },
+            ),
             Request::BackendRemove {
                 group,
                 address,

@@ -269,6 +269,9 @@ pub struct AppliedBackend {
     pub key: BackendKey,
     pub group: String,
     pub weight: u32,
+    /// TCP/UDP: open connections past which it takes no new flow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
     pub role: Option<Role>,
     /// `None` when the listener has no health check (or, for a standby, it is never probed).
     pub health: Option<HealthStatus>,
@@ -365,6 +368,7 @@ mod tests {
                 },
                 group: "default".into(),
                 weight: 1,
+                max_connections: None,
                 role: None,
                 health: Some(HealthStatus {
                     healthy: false,

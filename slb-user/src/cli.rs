@@ -202,6 +202,9 @@ pub enum BackendAction {
         /// Its weight (0: added drained).
         #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = parse_weight)]
         weight: u32,
+        /// TCP/UDP: open connections past which it takes no new flow (default: no limit).
+        #[arg(long)]
+        max_connections: Option<u32>,
     },
     /// Remove a backend from a group; its established flows are re-balanced.
     Remove {
@@ -244,13 +247,18 @@ impl BackendAction {
             ..backend
         };
         Ok(match self {
-            BackendAction::Add { backend, weight } => {
+            BackendAction::Add {
+                backend,
+                weight,
+                max_connections,
+            } => {
                 let (instance, group, b) = backend.resolve()?;
                 let request = Request::BackendAdd {
                     group,
                     address: bare(b),
                     port: b.port,
                     weight,
+                    max_connections,
                 };
                 (instance, request)
             }

@@ -1159,6 +1159,7 @@ impl Daemon {
                     address: edit.address,
                     port: edit.port,
                     weight: 0,
+                    max_connections: None,
                 };
                 keys.push(BackendKey::of(
                     r.listener,

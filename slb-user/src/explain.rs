@@ -21,10 +21,11 @@ use slb_common::hash::{flow_hash, FLOW_HASH_SEED};
 use slb_common::{
     acl_set, addr_words, half_open_check, half_open_slot, ipv6_persistence_client, pinned,
     AclPrefix, Addr, Backend, Connection, FlowKey, HalfOpen, ListenerEntry, ListenerKey,
-    NewFlowLimit, PersistKey, Persisted, BACKEND_F_DRAINING, BACKEND_F_PRESENT, CONN_F_CLOSING,
-    HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACL_ALLOW, LISTENER_F_ACL_CUT_ESTABLISHED,
-    LISTENER_F_ACL_DENY, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_IGNORE_HEALTH,
-    LISTENER_F_NEW_FLOW_LIMIT, LISTENER_F_PERSIST, NO_BACKEND,
+    NewFlowLimit, PersistKey, Persisted, WlcSet, BACKEND_F_DRAINING, BACKEND_F_PRESENT,
+    CONN_F_CLOSING, HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACL_ALLOW,
+    LISTENER_F_ACL_CUT_ESTABLISHED, LISTENER_F_ACL_DENY, LISTENER_F_ACTIVE_STANDBY,
+    LISTENER_F_IGNORE_HEALTH, LISTENER_F_MAX_CONNECTIONS, LISTENER_F_NEW_FLOW_LIMIT,
+    LISTENER_F_PERSIST, LISTENER_F_WLC, MAX_WLC_BACKENDS, NO_BACKEND,
 };
 
 use crate::applied::{AppliedBackend, AppliedListener, AppliedState, StateFileError};
@@ -179,6 +180,10 @@ pub trait FlowMaps {
     fn acl_lists(&self, set: u32, client: &Addr) -> bool;
     /// NEW_FLOW_LIMITS entry `index`.
     fn new_flow_limit(&self, index: u32) -> Option<NewFlowLimit>;
+    /// BACKEND_CONNECTIONS: the backend's open connections (`slb_common::open_connections`).
+    fn open_connections(&self, id: u32) -> u32;
+    /// WLC_SETS entry `ring_index` (the listener's live ring slot).
+    fn wlc_set(&self, ring_index: u32) -> Option<WlcSet>;
 }
 
 /// How a flow's backend was chosen.
@@ -199,6 +204,13 @@ pub enum Via {
     },
     /// Slot `slot` of the listener's Maglev ring of `size` slots.
     Ring { slot: u32, size: u32 },
+    /// The member of the listener's WLC set with the fewest open connections per weight (of
+    /// those with room, when its backends have `max_connections`).
+    LeastConnections {
+        open: u32,
+        weight: u32,
+        members: u32,
+    },
 }
 
 /// Why a flow has no backend (the data plane drops its packets).
@@ -216,6 +228,8 @@ pub enum NoBackend {
     AclRefused { allow_list: bool, cut: bool },
     /// A new flow, and the listener's bucket of new flows is empty now.
     RateLimited { per_second: u64 },
+    /// A new flow, and every backend that could take it is at its `max_connections`.
+    AtCapacity,
 }
 
 /// What the data plane does with the next packet of a flow.
@@ -228,6 +242,10 @@ pub struct Decision {
     /// The backend the connection or half-open table named, which is no longer usable (removed
     /// or unhealthy): the flow is balanced again.
     pub repicked_from: Option<u32>,
+    /// The backend the policy picked for a new flow, at its `max_connections`: the flow goes to
+    /// the least loaded backend with room instead (or is dropped when none has).
+    #[serde(default)]
+    pub full: Option<u32>,
 }
 
 fn present<M: FlowMaps + ?Sized>(maps: &M, id: u32) -> Option<Backend> {
@@ -260,6 +278,7 @@ pub fn decide<M: FlowMaps + ?Sized>(
             backend: Err(refused),
             via: None,
             repicked_from: None,
+            full: None,
         };
     }
     let mut repicked_from = None;
@@ -272,6 +291,7 @@ pub fn decide<M: FlowMaps + ?Sized>(
                     closing: conn.flags & CONN_F_CLOSING != 0,
                 }),
                 repicked_from: None,
+                full: None,
             };
         }
         repicked_from = Some(conn.backend_id);
@@ -284,6 +304,7 @@ pub fn decide<M: FlowMaps + ?Sized>(
                 backend: Ok(slot.backend_id),
                 via: Some(Via::HalfOpen),
                 repicked_from,
+                full: None,
             };
         }
         repicked_from.get_or_insert(slot.backend_id);
@@ -296,18 +317,100 @@ pub fn decide<M: FlowMaps + ?Sized>(
                 backend: Err(NoBackend::RateLimited { per_second }),
                 via: None,
                 repicked_from,
+                full: None,
             };
         }
     }
-    let (picked, via) = policy(maps, client, hash, listener, now);
-    let backend = match picked {
+    // The same packets as the limit above: a SYN or a UDP flow's first packet.
+    let new_flow = !repicked_from_connection;
+    let (picked, mut via) = policy(maps, client, hash, listener, now, new_flow);
+    let mut backend = match picked {
         Ok(id) if present(maps, id).is_none() => Err(NoBackend::NotPresent { id }),
         other => other,
     };
+    let mut full = None;
+    if let Ok(id) = backend {
+        let checked = new_flow && listener.flags & LISTENER_F_MAX_CONNECTIONS != 0;
+        if checked && at_capacity(maps, id) {
+            full = Some(id);
+            (backend, via) = match least_loaded(maps, listener, hash, true) {
+                Scan::Picked(p) => (Ok(p.id), Some(p.via)),
+                Scan::AllFull | Scan::Nobody => (Err(NoBackend::AtCapacity), None),
+            };
+        }
+    }
     Decision {
         backend,
         via,
         repicked_from,
+        full,
+    }
+}
+
+/// Whether backend `id` has `max_connections` and as many open connections.
+fn at_capacity<M: FlowMaps + ?Sized>(maps: &M, id: u32) -> bool {
+    maps.backend(id)
+        .is_some_and(|b| b.max_connections != 0 && maps.open_connections(id) >= b.max_connections)
+}
+
+/// A least-connections pick.
+struct Picked {
+    id: u32,
+    via: Via,
+}
+
+/// What a scan of the listener's WLC set found.
+enum Scan {
+    Picked(Picked),
+    /// Members could take the flow but every one is at its `max_connections`.
+    AllFull,
+    /// No member with weight that is usable.
+    Nobody,
+}
+
+/// The member of the listener's WLC set with the fewest open connections per weight, as the
+/// data plane scans it: from `hash % count` on, so ties spread; members of weight 0 and
+/// unusable ones skipped, and with `room` those at their `max_connections`.
+fn least_loaded<M: FlowMaps + ?Sized>(
+    maps: &M,
+    listener: &ListenerEntry,
+    hash: u32,
+    room: bool,
+) -> Scan {
+    let Some(set) = maps.wlc_set(listener.ring_index) else {
+        return Scan::Nobody;
+    };
+    let count = set.count.min(MAX_WLC_BACKENDS);
+    if count == 0 {
+        return Scan::Nobody;
+    }
+    let mut best: Option<(u32, u32, u32)> = None;
+    let mut full = false;
+    for k in 0..count {
+        let m = set.members[((hash % count + k) % count) as usize];
+        if m.weight == 0 || usable(maps, m.id, listener).is_none() {
+            continue;
+        }
+        if room && at_capacity(maps, m.id) {
+            full = true;
+            continue;
+        }
+        let open = maps.open_connections(m.id);
+        if best.is_none_or(|(_, o, w)| slb_common::less_loaded(open, m.weight, o, w)) {
+            best = Some((m.id, open, m.weight));
+        }
+    }
+    match best {
+        Some((id, open, weight)) => Scan::Picked(Picked {
+            id,
+            via: Via::LeastConnections {
+                open,
+                weight,
+                members: count,
+            },
+        }),
+        None if full => Scan::AllFull,
+        None => Scan::Nobody,
     }
 }
 
@@ -357,13 +460,16 @@ fn rate_limited<M: FlowMaps + ?Sized>(maps: &M, listener: &ListenerEntry, now: u
         .then(|| 1_000_000_000 / limit.interval_ns.max(1))
 }
 
-/// A new flow's backend by the listener's policy (`balancer::policy_backend`).
+/// A new flow's backend by the listener's policy (`balancer::policy_backend`); `new_flow`: the
+/// packet is a SYN (or a UDP flow's first), which a `wlc` listener balances by least
+/// connections.
 fn policy<M: FlowMaps + ?Sized>(
     maps: &M,
     client: &Addr,
     hash: u32,
     listener: &ListenerEntry,
     now: u64,
+    new_flow: bool,
 ) -> (Result<u32, NoBackend>, Option<Via>) {
     if listener.flags & LISTENER_F_ACTIVE_STANDBY != 0 {
         let active_healthy = maps.health(listener.active_id) != HEALTH_DOWN;
@@ -392,6 +498,15 @@ fn policy<M: FlowMaps + ?Sized>(
                 };
                 return (Ok(id), Some(via));
             }
+        }
+    }
+    if new_flow && listener.flags & LISTENER_F_WLC != 0 {
+        let room = listener.flags & LISTENER_F_MAX_CONNECTIONS != 0;
+        match least_loaded(maps, listener, hash, room) {
+            Scan::Picked(p) => return (Ok(p.id), Some(p.via)),
+            Scan::AllFull => return (Err(NoBackend::AtCapacity), None),
+            // No member takes flows: the ring, built from the same input, says why.
+            Scan::Nobody => {}
         }
     }
     if listener.ring_size == 0 {
@@ -471,6 +586,12 @@ impl<M: FlowMaps + ?Sized> FlowMaps for Without<'_, M> {
     fn new_flow_limit(&self, index: u32) -> Option<NewFlowLimit> {
         self.maps.new_flow_limit(index)
     }
+    fn open_connections(&self, id: u32) -> u32 {
+        self.maps.open_connections(id)
+    }
+    fn wlc_set(&self, ring_index: u32) -> Option<WlcSet> {
+        self.maps.wlc_set(ring_index)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -489,6 +610,8 @@ pub struct PinnedFlowMaps {
     rings: ArrayOfMaps<MapData, MapData>,
     acl: aya::maps::lpm_trie::LpmTrie<MapData, AclPrefix, u32>,
     new_flow_limits: Array<MapData, NewFlowLimit>,
+    backend_connections: Array<MapData, u64>,
+    wlc_sets: Array<MapData, WlcSet>,
     /// Rings read so far, by their slot in RINGS.
     ring_cache: std::cell::RefCell<BTreeMap<u32, Option<std::rc::Rc<Vec<u32>>>>>,
 }
@@ -506,6 +629,8 @@ impl PinnedFlowMaps {
             rings: open(dir, &pinned::RINGS)?,
             acl: open(dir, &pinned::ACL)?,
             new_flow_limits: open(dir, &pinned::NEW_FLOW_LIMITS)?,
+            backend_connections: open(dir, &pinned::BACKEND_CONNECTIONS)?,
+            wlc_sets: open(dir, &pinned::WLC_SETS)?,
             ring_cache: Default::default(),
         })
     }
@@ -567,6 +692,14 @@ impl FlowMaps for PinnedFlowMaps {
     }
     fn new_flow_limit(&self, index: u32) -> Option<NewFlowLimit> {
         self.new_flow_limits.get(&index, 0).ok()
+    }
+    fn open_connections(&self, id: u32) -> u32 {
+        self.backend_connections
+            .get(&id, 0)
+            .map_or(0, slb_common::open_connections)
+    }
+    fn wlc_set(&self, ring_index: u32) -> Option<WlcSet> {
+        self.wlc_sets.get(&ring_index, 0).ok()
     }
 }
 
@@ -698,6 +831,13 @@ pub enum Reason {
         /// Its share of the weights the ring was built from.
         weight_share_pct: Option<f64>,
     },
+    LeastConnections {
+        /// The backend's open connections and weight.
+        open: u32,
+        weight: u32,
+        /// Members of the listener's set.
+        members: u32,
+    },
 }
 
 /// The answer for one flow.
@@ -711,6 +851,10 @@ pub struct Answer {
     /// The backend the connection or half-open table named, no longer usable: the flow is
     /// balanced again by the policy.
     pub repicked_from: Option<NamedBackend>,
+    /// The backend the policy picked, at its `max_connections`, with its open connections
+    /// and its limit: a new flow goes elsewhere.
+    #[serde(default)]
+    pub full: Option<(NamedBackend, u32, u32)>,
 }
 
 /// The answer for one flow, and what a removal would change.
@@ -1015,6 +1159,10 @@ impl Context<'_> {
         ipv6: bool,
     ) -> Answer {
         let repicked_from = decision.repicked_from.map(|id| self.name(maps, id));
+        let full = decision.full.map(|id| {
+            let max = maps.backend(id).map_or(0, |b| b.max_connections);
+            (self.name(maps, id), maps.open_connections(id), max)
+        });
         let id = match decision.backend {
             Ok(id) => id,
             Err(why) => {
@@ -1045,12 +1193,16 @@ impl Context<'_> {
                         "a new flow now would be dropped: the listener's {per_second} new \
                          flows a second are taken"
                     ),
+                    NoBackend::AtCapacity => "a new flow now would be dropped: every backend \
+                         is at its max_connections"
+                        .to_string(),
                 };
                 return Answer {
                     backend: None,
                     reason: None,
                     no_backend: Some(no_backend),
                     repicked_from,
+                    full,
                 };
             }
         };
@@ -1107,12 +1259,22 @@ impl Context<'_> {
                     weight_share_pct,
                 }
             }
+            Via::LeastConnections {
+                open,
+                weight,
+                members,
+            } => Reason::LeastConnections {
+                open,
+                weight,
+                members,
+            },
         });
         Answer {
             backend: Some(self.name(maps, id)),
             reason,
             no_backend: None,
             repicked_from,
+            full,
         }
     }
 }
@@ -1198,6 +1360,15 @@ impl fmt::Display for Reason {
                     None => write!(f, ")"),
                 }
             }
+            Reason::LeastConnections {
+                open,
+                weight,
+                members,
+            } => write!(
+                f,
+                "least connections: {open} open connection(s) for weight {weight}, the fewest \
+                 per weight of the {members} backend(s) of the listener's set on this node"
+            ),
         }
     }
 }
@@ -1209,6 +1380,14 @@ fn render_answer(out: &mut String, answer: &Answer, indent: &str) {
             out,
             "{indent}re-picked: its table entry named {}, which is removed or unhealthy",
             SocketAddr::new(old.address, old.port)
+        );
+    }
+    if let Some((b, open, max)) = &answer.full {
+        let _ = writeln!(
+            out,
+            "{indent}at capacity: the policy picked {}, which has {open} open connection(s) of \
+             its max_connections {max}; a new flow goes to the least loaded backend with room",
+            SocketAddr::new(b.address, b.port)
         );
     }
     match (&answer.backend, &answer.reason) {

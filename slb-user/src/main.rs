@@ -386,6 +386,16 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
         None => {}
     }
     for l in &config.listeners {
+        if l.protocol == slb_user::config::Protocol::Tcp {
+            let how = match l.scheduler() {
+                slb_user::config::Scheduler::Wlc => {
+                    "a new connection goes to the backend with the fewest open connections per \
+                     weight on this node"
+                }
+                _ => "flows are hashed onto the Maglev ring, the same backend on every node",
+            };
+            println!("listener {}: scheduler {}: {how}", l.name, l.scheduler());
+        }
         if let Some(acl) = &l.acl {
             println!(
                 "listener {}: {} list of {} prefix(es); established flows it comes to refuse are {}",
@@ -401,6 +411,24 @@ fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
                 l.name,
                 l.new_connections_burst.unwrap_or(rate)
             );
+        }
+    }
+    let groups = std::iter::once((
+        slb_user::config::DEFAULT_GROUP,
+        &config.default_group.backends,
+    ))
+    .chain(config.groups.iter().map(|g| (g.name.as_str(), &g.backends)));
+    for (group, backends) in groups {
+        for b in backends {
+            if let Some(max) = b.max_connections {
+                let backend = slb_user::config::BackendName {
+                    address: b.address,
+                    port: b.port,
+                };
+                println!(
+                    "group {group}: backend {backend} takes new flows up to {max} open connections"
+                );
+            }
         }
     }
     if let Some(a) = &config.announce {

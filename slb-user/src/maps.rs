@@ -12,7 +12,7 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, PerCpuArray
 use slb_common::pinned::{self, PinnedMap};
 use slb_common::{
     AclPrefix, Addr, Backend, BackendEndpoint, Connection, FlowKey, GlobalCounters, ListenerEntry,
-    ListenerKey, NewFlowLimit, ReplyNat, SnatPool, TrafficCounters,
+    ListenerKey, NewFlowLimit, ReplyNat, SnatPool, TrafficCounters, WlcSet,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,8 @@ pub struct PinnedMaps {
     pub snat_pools: Array<MapData, SnatPool>,
     pub acl: LpmTrie<MapData, AclPrefix, u32>,
     pub new_flow_limits: Array<MapData, NewFlowLimit>,
+    /// Least-connections sets by ring slot (the listener entry's `ring_index`).
+    pub wlc_sets: Array<MapData, WlcSet>,
     pub counters: CounterMaps,
 }
 
@@ -87,6 +89,9 @@ pub struct CounterMaps {
     pub listener_stats: PerCpuArray<MapData, TrafficCounters>,
     pub backend_stats: PerCpuArray<MapData, TrafficCounters>,
     pub global_stats: PerCpuArray<MapData, GlobalCounters>,
+    /// BACKEND_CONNECTIONS: each backend id's open connections, exact now (the sweep's tally
+    /// is as of its last walk of the connection table).
+    pub backend_connections: Array<MapData, u64>,
 }
 
 impl CounterMaps {
@@ -95,7 +100,15 @@ impl CounterMaps {
             listener_stats: open(dir, &pinned::LISTENER_STATS)?,
             backend_stats: open(dir, &pinned::BACKEND_STATS)?,
             global_stats: open(dir, &pinned::GLOBAL_STATS)?,
+            backend_connections: open(dir, &pinned::BACKEND_CONNECTIONS)?,
         })
+    }
+
+    /// The backend's open connections now (`slb_common::open_connections`).
+    pub fn open_connections(&self, id: u32) -> Result<u32, MapError> {
+        Ok(slb_common::open_connections(
+            self.backend_connections.get(&id, 0)?,
+        ))
     }
 
     /// The listener's counters summed over CPUs.
@@ -158,6 +171,7 @@ impl PinnedMaps {
             snat_pools: open(dir, &pinned::SNAT_POOLS)?,
             acl: open(dir, &pinned::ACL)?,
             new_flow_limits: open(dir, &pinned::NEW_FLOW_LIMITS)?,
+            wlc_sets: open(dir, &pinned::WLC_SETS)?,
             counters: CounterMaps::open(dir)?,
         })
     }

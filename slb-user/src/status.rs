@@ -94,6 +94,13 @@ pub struct ListenerStatus {
     /// New flows over the limit, dropped.
     #[serde(default)]
     pub rate_limited: u64,
+    /// How new flows pick a backend: `maglev`, `wlc` or `active-standby`.
+    #[serde(default)]
+    pub scheduler: String,
+    /// New flows dropped because every backend that could take them was at its
+    /// `max_connections`.
+    #[serde(default)]
+    pub at_capacity: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,7 +133,18 @@ pub struct BackendStatus {
     pub packets: u64,
     pub bytes: u64,
     pub new_connections: u64,
+    /// Open flows as of the last sweep of the connection table plus those opened and closed
+    /// since (what drains wait for): corrects itself at each sweep.
     pub connections: u64,
+    /// Open connections now, as the data plane counts them for `wlc` and `max_connections`
+    /// (BACKEND_CONNECTIONS): exact, but a flow the full connection table evicted stays counted.
+    #[serde(default)]
+    pub open_connections: u64,
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// New flows sent to another backend because this one was at its `max_connections`.
+    #[serde(default)]
+    pub at_capacity: u64,
 }
 
 impl BackendStatus {
@@ -277,6 +295,8 @@ fn listener_statuses(
                 max_new_connections_per_second: l.new_flow_limit.map(|n| n.per_second),
                 new_connections_burst: l.new_flow_limit.map(|n| n.burst),
                 rate_limited: t.rate_limited,
+                scheduler: scheduler_of(l.flags).into(),
+                at_capacity: t.at_capacity,
             })
         })
         .collect()
@@ -294,6 +314,9 @@ fn backend_statuses(
             let t = counters
                 .backend(b.id)
                 .map_err(counter_error(&pinned::BACKEND_STATS))?;
+            let open = counters
+                .open_connections(b.id)
+                .map_err(counter_error(&pinned::BACKEND_CONNECTIONS))?;
             Ok(BackendStatus {
                 id: b.id,
                 listener: b.key.listener.clone(),
@@ -313,6 +336,9 @@ fn backend_statuses(
                     .copied()
                     .unwrap_or_default()
                     .current(&t),
+                open_connections: u64::from(open),
+                max_connections: b.max_connections,
+                at_capacity: t.at_capacity,
             })
         })
         .collect()
@@ -365,6 +391,7 @@ pub fn render(status: &Status) -> String {
     render_header(&mut out, status);
     render_listeners(&mut out, status);
     render_admission(&mut out, status);
+    render_capacity(&mut out, status);
     render_announcements(&mut out, status);
     render_backends(&mut out, status);
     render_drains(&mut out, status);
@@ -449,6 +476,18 @@ fn forwarding_of(flags: u32) -> &'static str {
     }
 }
 
+/// How a listener's new flows pick a backend, by its `LISTENER_F_*` flags.
+fn scheduler_of(flags: u32) -> &'static str {
+    use slb_common::{LISTENER_F_ACTIVE_STANDBY, LISTENER_F_WLC};
+    if flags & LISTENER_F_ACTIVE_STANDBY != 0 {
+        "active-standby"
+    } else if flags & LISTENER_F_WLC != 0 {
+        "wlc"
+    } else {
+        "maglev"
+    }
+}
+
 fn render_listeners(out: &mut String, status: &Status) {
     let vip_width = endpoint_width(
         status
@@ -458,17 +497,18 @@ fn render_listeners(out: &mut String, status: &Status) {
     );
     let _ = writeln!(
         out,
-        "\nLISTENER            PROTO  {:<vip_width$} FORWARD  GROUP           CONNS   NEW_CONNS     PACKETS",
+        "\nLISTENER            PROTO  {:<vip_width$} FORWARD  SCHED   GROUP           CONNS   NEW_CONNS     PACKETS",
         "VIP:PORT"
     );
     for l in &status.listeners {
         let _ = writeln!(
             out,
-            "{:<19} {:<6} {:<vip_width$} {:<8} {:<15} {:>5} {:>11} {:>11}",
+            "{:<19} {:<6} {:<vip_width$} {:<8} {:<7} {:<15} {:>5} {:>11} {:>11}",
             l.name,
             l.protocol,
             Endpoint::new(l.vip, l.port),
             l.forwarding,
+            l.scheduler,
             l.group,
             l.connections,
             l.new_connections,
@@ -510,6 +550,45 @@ fn render_admission(out: &mut String, status: &Status) {
             out,
             "{:<19} {acl:<37} {:>7}  {limit:<20} {:>8}",
             l.name, l.acl_dropped, l.rate_limited
+        );
+    }
+}
+
+/// Backends with `max_connections` and what turning new flows away cost: flows moved off a full
+/// backend, and flows a listener dropped because every backend was full.
+fn render_capacity(out: &mut String, status: &Status) {
+    let limited: Vec<&BackendStatus> = status
+        .backends
+        .iter()
+        .filter(|b| b.max_connections.is_some() || b.at_capacity > 0)
+        .collect();
+    let dropping: Vec<&ListenerStatus> = status
+        .listeners
+        .iter()
+        .filter(|l| l.at_capacity > 0)
+        .collect();
+    if limited.is_empty() && dropping.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nCAPACITY");
+    for l in dropping {
+        let _ = writeln!(
+            out,
+            "  listener {}: {} new flow(s) dropped, every backend at its max_connections",
+            l.name, l.at_capacity
+        );
+    }
+    for b in limited {
+        let max = b
+            .max_connections
+            .map_or_else(|| "no limit".to_string(), |m| m.to_string());
+        let _ = writeln!(
+            out,
+            "  {} on {}: {} open of {max}, {} new flow(s) sent elsewhere at capacity",
+            b.endpoint(),
+            b.listener,
+            b.open_connections,
+            b.at_capacity
         );
     }
 }
@@ -616,7 +695,7 @@ fn render_backends(out: &mut String, status: &Status) {
             role,
             b.weight,
             health_word(b.health.as_ref()),
-            b.connections,
+            b.open_connections,
             b.new_connections,
             b.packets
         );
@@ -801,7 +880,7 @@ fn register_listener_metrics(registry: &mut Registry, status: &Status) {
             "Packets forwarded to backends",
             "Bytes forwarded to backends",
             "New flows balanced",
-            "Current flows in the connection table",
+            "Open flows in the connection table at its last sweep, plus those opened and closed since",
         ],
         &status.listeners,
         labels,
@@ -816,6 +895,11 @@ fn register_listener_metrics(registry: &mut Registry, status: &Status) {
         "slb_listener_rate_limited",
         "New flows dropped by the listener's max_new_connections_per_second",
         counters(&status.listeners, labels, |l| l.rate_limited),
+    );
+    registry.register(
+        "slb_listener_at_capacity",
+        "New flows dropped because every backend that could take them was at its max_connections",
+        counters(&status.listeners, labels, |l| l.at_capacity),
     );
 }
 
@@ -882,7 +966,8 @@ fn register_backend_metrics(registry: &mut Registry, status: &Status) {
             "Packets forwarded to the backend",
             "Bytes forwarded to the backend",
             "New flows sent to the backend",
-            "Current flows on the backend",
+            "Open flows on the backend at the last sweep of the connection table, plus those \
+             opened and closed since",
         ],
         &status.backends,
         labels,
@@ -893,6 +978,23 @@ fn register_backend_metrics(registry: &mut Registry, status: &Status) {
         "slb_backend_weight",
         "Configured weight",
         gauges(backends, labels, |b| Some(f64::from(b.weight))),
+    );
+    // Not `slb_backend_connections`: that is the sweep's self-correcting tally, this the
+    // data plane's exact count that wlc and max_connections act on.
+    registry.register(
+        "slb_backend_open_connections",
+        "Open connections now, as the data plane counts them for wlc and max_connections",
+        gauges(backends, labels, |b| Some(b.open_connections as f64)),
+    );
+    registry.register(
+        "slb_backend_max_connections",
+        "The backend's max_connections (backends with one only)",
+        gauges(backends, labels, |b| b.max_connections.map(f64::from)),
+    );
+    registry.register(
+        "slb_backend_at_capacity",
+        "New flows sent to another backend because this one was at its max_connections",
+        counters(backends, labels, |b| b.at_capacity),
     );
     registry.register(
         "slb_backend_up",
@@ -998,8 +1100,9 @@ pub fn render_stats(status: &Status, previous: Option<(&Status, f64)>) -> String
     );
     for l in &status.listeners {
         let before = previous.and_then(|(p, _)| p.listeners.iter().find(|x| x.name == l.name));
-        // Dropped by the access list or the limit on new flows (`slb status` tells them apart).
-        let refused = l.acl_dropped + l.rate_limited;
+        // Dropped by the access list, the limit on new flows or for want of a backend with room
+        // (`slb status` tells them apart).
+        let refused = l.acl_dropped + l.rate_limited + l.at_capacity;
         let _ = writeln!(
             out,
             "{:<19} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10} {:>10}",
@@ -1046,7 +1149,7 @@ pub fn render_stats(status: &Status, previous: Option<(&Status, f64)>) -> String
             rate(b.packets, before.map(|x| x.packets)),
             b.new_connections,
             rate(b.new_connections, before.map(|x| x.new_connections)),
-            b.connections,
+            b.open_connections,
             health
         );
     }
@@ -1086,6 +1189,8 @@ mod tests {
                 max_new_connections_per_second: Some(100),
                 new_connections_burst: Some(200),
                 rate_limited: 5,
+                scheduler: "wlc".into(),
+                at_capacity: 4,
             }],
             backends: vec![BackendStatus {
                 id: 0,
@@ -1107,6 +1212,9 @@ mod tests {
                 bytes: 5000,
                 new_connections: 7,
                 connections: 2,
+                open_connections: 3,
+                max_connections: Some(10),
+                at_capacity: 6,
             }],
             counters: BTreeMap::from([("malformed".to_string(), 4)]),
             connection_table: ConnectionTable {
@@ -1141,6 +1249,11 @@ mod tests {
             format!("slb_listener_rate_limited_total{listener} 5"),
             format!("slb_backend_new_connections_total{backend} 7"),
             format!("slb_backend_weight{backend} 3.0"),
+            format!("slb_backend_connections{backend} 2.0"),
+            format!("slb_backend_open_connections{backend} 3.0"),
+            format!("slb_backend_max_connections{backend} 10.0"),
+            format!("slb_backend_at_capacity_total{backend} 6"),
+            format!("slb_listener_at_capacity_total{listener} 4"),
             format!("slb_backend_up{backend} 0.0"),
             format!("slb_backend_health_changed_timestamp_seconds{backend} 1.5"),
             r#"slb_dataplane_events_total{instance="edge",event="malformed"} 4"#.to_string(),
@@ -1252,11 +1365,38 @@ mod tests {
             .find(|l| l.starts_with("web "))
             .expect("web in stats");
         assert!(
-            stats.contains(" REFUSED\n") && web.ends_with(" 14"),
-            "9 by the list and 5 by the limit: {stats}"
+            stats.contains(" REFUSED\n") && web.ends_with(" 18"),
+            "9 by the list, 5 by the limit and 4 at capacity: {stats}"
         );
         status.listeners[0].acl = None;
         status.listeners[0].max_new_connections_per_second = None;
         assert!(!render(&status).contains("ADMISSION"));
+    }
+
+    #[test]
+    fn status_shows_the_scheduler_live_connections_and_what_capacity_turned_away() {
+        let mut status = status();
+        let text = render(&status);
+        let web = text.lines().find(|l| l.starts_with("web ")).unwrap();
+        assert!(web.contains(" nat      wlc     pool "), "{text}");
+        let backend = text
+            .lines()
+            .find(|l| l.starts_with("10.0.1.2:8080 "))
+            .unwrap();
+        assert!(
+            backend.contains("UNHEALTHY      3 "),
+            "the live count: {text}"
+        );
+        assert!(
+            text.contains(
+                "\nCAPACITY\n  listener web: 4 new flow(s) dropped, every backend at its max_connections\n  \
+                 10.0.1.2:8080 on web: 3 open of 10, 6 new flow(s) sent elsewhere at capacity\n"
+            ),
+            "{text}"
+        );
+        status.listeners[0].at_capacity = 0;
+        status.backends[0].max_connections = None;
+        status.backends[0].at_capacity = 0;
+        assert!(!render(&status).contains("CAPACITY"));
     }
 }

@@ -147,6 +147,7 @@ pub fn backend_in(family: Family, i: usize, weight: u32) -> BackendSpec {
         address: family.backend_addr(i),
         port: Some(BACKEND_PORT),
         weight,
+        max_connections: None,
     }
 }
 

@@ -344,6 +344,7 @@ impl ScaleOut {
                     address: Segment::backend_addr(family, i),
                     port: None,
                     weight: weights[i - 1],
+                    max_connections: None,
                 })
                 .collect();
             config

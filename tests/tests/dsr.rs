@@ -60,6 +60,7 @@ fn dsr_config(instance: &str, mode: DsrMode) -> SlbConfig {
                 address: backend_addr(mode, family, i),
                 port: None,
                 weight: WEIGHTS[i - 1],
+                max_connections: None,
             })
             .collect();
         config
@@ -328,6 +329,7 @@ fn keeps_established_connections_and_fails_over(tag: &str, mode: DsrMode) {
                 address: backend_addr(mode, Family::V4, k + 1),
                 port: None,
                 weight,
+                max_connections: None,
             })
             .collect();
         config
@@ -338,6 +340,7 @@ fn keeps_established_connections_and_fails_over(tag: &str, mode: DsrMode) {
                 address: backend_addr(mode, Family::V6, i),
                 port: None,
                 weight: 1,
+                max_connections: None,
             })
             .collect();
         config

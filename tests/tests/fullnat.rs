@@ -76,6 +76,7 @@ fn fullnat_config(instance: &str, weights: &[u32]) -> SlbConfig {
             address: Topology::backend_addr(k + 1).into(),
             port: Some(BACKEND_PORT),
             weight,
+            max_connections: None,
         })
         .collect();
     config
@@ -85,6 +86,7 @@ fn fullnat_config(instance: &str, weights: &[u32]) -> SlbConfig {
         address: Topology::backend_addr(1).into(),
         port: Some(SECOND_BACKEND_PORT),
         weight: 1,
+        max_connections: None,
     }];
     config.groups.push(group("tiny", GroupKind::Vserver, tiny));
     for (name, protocol, port, group) in [
@@ -241,6 +243,7 @@ fn full_nat_active_standby_fails_over_and_back() {
             address: Topology::backend_addr(i).into(),
             port: Some(BACKEND_PORT),
             weight: 1,
+            max_connections: None,
         })
         .collect();
     config

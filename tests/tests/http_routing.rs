@@ -463,7 +463,7 @@ fn http_weighted_least_connections_avoids_the_busier_backend() {
     let setup = L7Setup::start("h7wlc", 2, |c, _| {
         c.group("pool", &[(1, 1), (2, 1)]);
         let mut web = http_listener("web", HTTP_PORT, "pool");
-        web.scheduler = Scheduler::Wlc;
+        web.scheduler = Some(Scheduler::Wlc);
         c.listener(web);
     });
     let client = client_builder(&[], vip_http(), TIMEOUT)

@@ -39,6 +39,7 @@ fn backend(listener: &str, id: u32, weight: u32, healthy: Option<bool>) -> Appli
         },
         group: "pool".into(),
         weight,
+        max_connections: None,
         role: None,
         health: healthy.map(|healthy| HealthStatus {
             healthy,

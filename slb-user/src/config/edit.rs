@@ -29,9 +29,15 @@ impl BackendEdit {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EditAction {
-    Add { weight: u32 },
+    Add {
+        weight: u32,
+        /// TCP/UDP: its `max_connections` (none: no limit).
+        max_connections: Option<u32>,
+    },
     Remove,
-    SetWeight { weight: u32 },
+    SetWeight {
+        weight: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,13 +167,23 @@ impl Config {
             port: edit.port,
         };
         let description = match (edit.action, position) {
-            (EditAction::Add { weight }, None) => {
+            (
+                EditAction::Add {
+                    weight,
+                    max_connections,
+                },
+                None,
+            ) => {
                 backends.push(BackendSpec {
                     address: edit.address,
                     port: edit.port,
                     weight,
+                    max_connections,
                 });
-                format!("added backend {backend} with weight {weight} to group {group}")
+                let limit = max_connections
+                    .map(|max| format!(" and max_connections {max}"))
+                    .unwrap_or_default();
+                format!("added backend {backend} with weight {weight}{limit} to group {group}")
             }
             (EditAction::Add { .. }, Some(_)) => {
                 return Err(EditError::AlreadyInGroup {
@@ -305,7 +321,10 @@ mod tests {
             "pool",
             "10.0.1.4",
             Some(8080),
-            EditAction::Add { weight: 3 },
+            EditAction::Add {
+                weight: 3,
+                max_connections: None,
+            },
         );
         let (c, what) = c.edit_backend(&add).unwrap();
         assert_eq!(
@@ -339,7 +358,10 @@ mod tests {
             "nope",
             "10.0.1.3",
             None,
-            EditAction::Add { weight: 1 },
+            EditAction::Add {
+                weight: 1,
+                max_connections: None,
+            },
         ));
         assert_eq!(
             e,
@@ -351,14 +373,20 @@ mod tests {
             "pool",
             "10.0.1.2",
             Some(8080),
-            EditAction::Add { weight: 1 },
+            EditAction::Add {
+                weight: 1,
+                max_connections: None,
+            },
         ));
         assert_eq!(e, "backend 10.0.1.2:8080 is already in group pool");
         let e = refusal(edit(
             "db",
             "10.0.2.4",
             Some(5432),
-            EditAction::Add { weight: 1 },
+            EditAction::Add {
+                weight: 1,
+                max_connections: None,
+            },
         ));
         assert!(e.contains("exactly two servers"), "{e}");
         let e = refusal(edit(
@@ -378,7 +406,10 @@ mod tests {
                 "pool",
                 "2001:db8::2",
                 Some(8080),
-                EditAction::Add { weight: 1 },
+                EditAction::Add {
+                    weight: 1,
+                    max_connections: None,
+                },
             ))
             .unwrap_err()
             .to_string();

@@ -64,6 +64,8 @@ pub struct ResolvedBackend {
     pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
+    /// TCP/UDP: open connections past which it takes no new flow.
+    pub max_connections: Option<u32>,
 }
 
 impl ResolvedBackend {
@@ -76,6 +78,7 @@ impl ResolvedBackend {
             address: spec.address,
             port: spec.port.unwrap_or(listener.port),
             weight: spec.weight,
+            max_connections: spec.max_connections,
         }
     }
 }
@@ -150,6 +153,7 @@ mod tests {
             address: address.parse().unwrap(),
             port,
             weight,
+            max_connections: None,
         }
     }
 

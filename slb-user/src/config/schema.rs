@@ -252,9 +252,10 @@ pub struct Listener {
     /// HTTPS: certificates, chosen by SNI; the first is used when no name matches.
     #[serde(default)]
     pub certificates: Vec<Certificate>,
-    /// HTTP(S): how a backend is chosen within a group.
-    #[serde(default)]
-    pub scheduler: Scheduler,
+    /// How a new flow's or request's backend is chosen within the group; by default `maglev`
+    /// for TCP/UDP and `wrr` for HTTP(S) (see [`Listener::scheduler`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<Scheduler>,
     /// HTTP(S): cookie session persistence.
     #[serde(default)]
     pub cookie: Option<CookiePersistence>,
@@ -311,14 +312,45 @@ pub struct Certificate {
     pub domains: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheduler {
-    /// Weighted round robin.
-    #[default]
+    /// TCP/UDP (their default): weighted consistent hashing of the flow (the Maglev ring), the
+    /// same backend for a flow on every node.
+    Maglev,
+    /// HTTP(S) (their default): weighted round robin.
     Wrr,
-    /// Weighted least connections (in-flight requests / weight).
+    /// Weighted least connections. HTTP(S): in-flight requests per weight. TCP: a new flow's
+    /// SYN goes to the backend with the fewest open connections per weight on this node.
     Wlc,
+}
+
+impl Scheduler {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheduler::Maglev => "maglev",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Wlc => "wlc",
+        }
+    }
+}
+
+impl std::fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Listener {
+    /// The listener's scheduler: the one it names, else its protocol's default (`maglev` for
+    /// TCP/UDP, `wrr` for HTTP(S)).
+    pub fn scheduler(&self) -> Scheduler {
+        self.scheduler.unwrap_or(if self.protocol.is_l7() {
+            Scheduler::Wrr
+        } else {
+            Scheduler::Maglev
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -837,7 +869,16 @@ pub struct BackendSpec {
     pub port: Option<u16>,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// TCP/UDP: open connections past which the backend takes no new flow (they go to the
+    /// least loaded backend with room, or are dropped when none has). Absent: no limit. Not the
+    /// group's `max_connections`, which bounds the HTTP(S) proxy's own connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
+
+/// Largest per-backend `max_connections`: far above what a connection table holds, so a
+/// typo of extra digits is caught rather than taken for no limit.
+pub const MAX_BACKEND_MAX_CONNECTIONS: u32 = 10_000_000;
 
 fn default_weight() -> u32 {
     1

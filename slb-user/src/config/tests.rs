@@ -532,7 +532,10 @@ fn a_backend_that_is_one_of_the_instances_own_listeners_is_refused() {
             group: "pool".into(),
             address: "10.0.0.10".parse().unwrap(),
             port: Some(80),
-            action: EditAction::Add { weight: 1 },
+            action: EditAction::Add {
+                weight: 1,
+                max_connections: None,
+            },
         })
         .unwrap_err()
         .to_string();
@@ -1036,4 +1039,196 @@ fn slow_start_needs_a_weighted_group_a_checked_tcp_udp_listener_and_a_sane_durat
     );
     let e = error_of(&pool(&with_check, "500ms"));
     assert!(e.contains("must be between 1s and 1h"), "{e}");
+}
+
+/// GOOD with `line` added to listener `listener` (after its port).
+fn with_listener_line(listener: &str, port: u16, line: &str) -> String {
+    let needle = format!("name = \"{listener}\"\nprotocol");
+    assert!(GOOD.contains(&needle) || with_http_listener("").contains(&needle));
+    with_http_listener("").replace(
+        &format!("port = {port}\n"),
+        &format!("port = {port}\n{line}\n"),
+    )
+}
+
+/// A group of `count` backends 10.0.3.x:8080 and a TCP listener "big" on it.
+fn with_big_group(count: usize, backend_extra: &str, listener_extra: &str) -> String {
+    let backends: Vec<String> = (1..=count)
+        .map(|i| format!("{{ address = \"10.0.3.{i}\", port = 8080{backend_extra} }}"))
+        .collect();
+    format!(
+        "{GOOD}[[groups]]\nname = \"big\"\nbackends = [{}]\n[[listeners]]\nname = \"big\"\n\
+         protocol = \"tcp\"\nvip = \"10.0.0.10\"\nport = 81\ngroup = \"big\"\n{listener_extra}\n",
+        backends.join(", ")
+    )
+}
+
+#[test]
+fn schedulers_default_per_protocol_and_are_refused_where_they_cannot_work() {
+    let c = Config::parse(&with_http_listener(""), "t").unwrap();
+    let scheduler = |name: &str| {
+        c.listeners
+            .iter()
+            .find(|l| l.name == name)
+            .unwrap()
+            .scheduler()
+    };
+    assert_eq!(scheduler("web"), Scheduler::Maglev);
+    assert_eq!(scheduler("dns"), Scheduler::Maglev);
+    assert_eq!(scheduler("site"), Scheduler::Wrr);
+    for (listener, port, scheduler) in [
+        ("web", 80, Scheduler::Wlc),
+        ("web", 80, Scheduler::Maglev),
+        ("dns", 53, Scheduler::Maglev),
+        ("site", 8000, Scheduler::Wlc),
+        ("site", 8000, Scheduler::Wrr),
+    ] {
+        let text = with_listener_line(listener, port, &format!("scheduler = \"{scheduler}\""));
+        let c = Config::parse(&text, "t").unwrap();
+        let l = c.listeners.iter().find(|l| l.name == listener).unwrap();
+        assert_eq!(l.scheduler(), scheduler);
+    }
+    let refused = |listener: &str, port: u16, scheduler: &str| {
+        error_of(&with_listener_line(
+            listener,
+            port,
+            &format!("scheduler = \"{scheduler}\""),
+        ))
+    };
+    assert_eq!(
+        refused("dns", 53, "wlc"),
+        "listeners[1] (dns).scheduler: wlc needs TCP's connection state (a SYN opens \
+         a connection, a FIN or RST closes it); a udp listener takes maglev"
+    );
+    let e = refused("web", 80, "wrr");
+    assert!(
+        e.contains("listeners[0] (web).scheduler: wrr is the http/https proxy's round robin")
+            && e.contains("maglev (the default) or wlc"),
+        "{e}"
+    );
+    let e = refused("site", 8000, "maglev");
+    assert!(
+        e.contains("listeners[2] (site).scheduler: maglev is the tcp/udp listeners'"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wlc_needs_a_weighted_group_the_data_plane_can_scan() {
+    let pair = "[[groups]]\nname = \"db\"\ntype = \"active-standby\"\n\
+                backends = [{ address = \"10.0.2.2\", port = 5432 }, { address = \"10.0.2.3\", port = 5432 }]\n\
+                [[listeners]]\nname = \"db\"\nprotocol = \"tcp\"\nvip = \"10.0.0.10\"\nport = 5432\n\
+                group = \"db\"\nscheduler = \"wlc\"\n";
+    let e = error_of(&format!("{GOOD}{pair}"));
+    assert!(
+        e.contains("listeners[2] (db).scheduler: group \"db\" is active-standby"),
+        "{e}"
+    );
+    let limit = slb_common::MAX_WLC_BACKENDS as usize;
+    Config::parse(&with_big_group(limit, "", "scheduler = \"wlc\""), "t").unwrap();
+    let e = error_of(&with_big_group(limit + 1, "", "scheduler = \"wlc\""));
+    assert!(
+        e.contains("listeners[2] (big).scheduler: group \"big\" has 65 backends; wlc picks among at most 64"),
+        "{e}"
+    );
+    // Maglev has no such limit.
+    Config::parse(&with_big_group(limit + 1, "", ""), "t").unwrap();
+}
+
+#[test]
+fn a_backends_max_connections_is_bounded_and_only_for_tcp_udp_weighted_groups() {
+    let limited = GOOD.replace("weight = 2 }", "weight = 2, max_connections = 1000 }");
+    let c = Config::parse(&limited, "t").unwrap();
+    assert_eq!(c.groups[0].backends[0].max_connections, Some(1000));
+    assert_eq!(c.groups[0].backends[1].max_connections, None);
+    for bad in [0, MAX_BACKEND_MAX_CONNECTIONS + 1] {
+        let e = error_of(&GOOD.replace(
+            "weight = 2 }",
+            &format!("weight = 2, max_connections = {bad} }}"),
+        ));
+        assert_eq!(
+            e,
+            format!(
+                "groups[0] (pool).backends[0].max_connections: {bad} must be between 1 \
+                 and {MAX_BACKEND_MAX_CONNECTIONS}"
+            )
+        );
+    }
+    // The same group under an HTTP listener: the proxy has its own, per-group limit.
+    let e = error_of(&format!(
+        "{limited}[[listeners]]\nname = \"site\"\nprotocol = \"http\"\nvip = \"10.0.0.10\"\n\
+         port = 8000\ngroup = \"pool\"\n"
+    ));
+    assert!(
+        e.contains("listeners[2] (site).group: group \"pool\" sets max_connections on backend 10.0.1.2:8080")
+            && e.contains("the group's own max_connections"),
+        "{e}"
+    );
+    let pair = "[[groups]]\nname = \"db\"\ntype = \"active-standby\"\n\
+                backends = [{ address = \"10.0.2.2\", port = 5432, max_connections = 5 }, { address = \"10.0.2.3\", port = 5432 }]\n";
+    let e = error_of(&format!("{GOOD}{pair}"));
+    assert!(
+        e.contains(
+            "groups[1] (db).backends[0].max_connections: an active-standby group has its own rule"
+        ),
+        "{e}"
+    );
+    let limit = slb_common::MAX_WLC_BACKENDS as usize;
+    Config::parse(&with_big_group(limit, ", max_connections = 10", ""), "t").unwrap();
+    let e = error_of(&with_big_group(limit + 1, ", max_connections = 10", ""));
+    assert!(
+        e.contains("groups[1] (big).backends[0].max_connections: the group has 65 backends")
+            && e.contains("at most 64"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unset_scheduler_and_limits_stay_out_of_the_serialized_config() {
+    let c = Config::parse(&with_http_listener(""), "t").unwrap();
+    let text = toml::to_string(&c).unwrap();
+    assert!(
+        !text.contains("scheduler") && !text.contains("max_connections = 1000"),
+        "{text}"
+    );
+    let limited = with_listener_line("web", 80, "scheduler = \"wlc\"")
+        .replace("weight = 2 }", "weight = 2, max_connections = 1000 }");
+    let limited = limited.replace(
+        "name = \"site\"\nprotocol = \"http\"\nvip = \"10.0.0.10\"\nport = 8000\ngroup = \"pool\"\n",
+        "name = \"site\"\nprotocol = \"http\"\nvip = \"10.0.0.10\"\nport = 8000\n",
+    );
+    let c = Config::parse(&limited, "t").unwrap();
+    let again = Config::parse(&toml::to_string(&c).unwrap(), "t").unwrap();
+    assert_eq!(again.listeners, c.listeners);
+    assert_eq!(again.groups, c.groups);
+}
+
+#[test]
+fn a_runtime_add_takes_max_connections_under_the_same_rules() {
+    let add = |c: &Config, group: &str, max| {
+        c.edit_backend(&BackendEdit {
+            group: group.into(),
+            address: "10.0.1.9".parse().unwrap(),
+            port: Some(8080),
+            action: EditAction::Add {
+                weight: 1,
+                max_connections: Some(max),
+            },
+        })
+    };
+    let c = Config::parse(GOOD, "t").unwrap();
+    let (next, what) = add(&c, "pool", 500).unwrap();
+    assert_eq!(
+        what,
+        "added backend 10.0.1.9:8080 with weight 1 and max_connections 500 to group pool"
+    );
+    assert_eq!(next.groups[0].backends[2].max_connections, Some(500));
+    let e = add(&c, "pool", 0).unwrap_err().to_string();
+    assert!(e.contains("max_connections: 0 must be between 1"), "{e}");
+    let http = Config::parse(&with_http_listener(""), "t").unwrap();
+    let e = add(&http, "pool", 500).unwrap_err().to_string();
+    assert!(
+        e.contains("(site).group: group \"pool\" sets max_connections"),
+        "{e}"
+    );
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use slb_common::maglev::is_prime;
 use slb_common::{
     MAX_ACL_ENTRIES, MAX_ACL_PREFIXES_PER_LISTENER, MAX_BACKENDS, MAX_LISTENERS, MAX_RING_SIZE,
+    MAX_WLC_BACKENDS,
 };
 
 use super::edit::BackendName;
@@ -17,9 +18,10 @@ use super::{
     invalid, AclMode, Announce, BackendSpec, CheckKind, Config, ConfigError, ConnectionLimits,
     CookiePersistence, DsrMode, Forwarding, Group, GroupKind, HealthCheck, Interface, Listener,
     Protocol, Scheduler, SnatPorts, DEFAULT_GROUP, MAX_ANNOUNCE_DELAY, MAX_BACKEND_CONNECTIONS,
-    MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT, MAX_NEW_CONNECTIONS_PER_SECOND,
-    MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS, MAX_SLOW_START, MAX_THRESHOLD, MAX_WEIGHT,
-    MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT, MIN_SLOW_START,
+    MAX_BACKEND_MAX_CONNECTIONS, MAX_CHECK_INTERVAL, MAX_CHECK_TIMEOUT, MAX_IDLE_TIMEOUT,
+    MAX_NEW_CONNECTIONS_PER_SECOND, MAX_PERSISTENCE_TIMEOUT, MAX_QUEUED_REQUESTS, MAX_SLOW_START,
+    MAX_THRESHOLD, MAX_WEIGHT, MIN_CHECK_INTERVAL, MIN_ICMP_CHECK_INTERVAL, MIN_IDLE_TIMEOUT,
+    MIN_SLOW_START,
 };
 
 /// Names a field of one listener: `listeners[<i>] (<name>).<field>`.
@@ -51,6 +53,11 @@ impl Config {
         }
         let groups = validate_groups(&self.groups)?;
         validate_backends("default_group", &self.default_group.backends)?;
+        validate_backend_limits(
+            "default_group",
+            GroupKind::Vserver,
+            &self.default_group.backends,
+        )?;
         validate_connection_limits("default_group", &self.default_group.limits())?;
         validate_slow_start(
             "default_group",
@@ -160,6 +167,8 @@ impl Config {
         }
         let resolved = self.resolve(l);
         validate_listener_slow_start(&at, l, &resolved)?;
+        validate_scheduler(&at, l, &resolved)?;
+        validate_listener_backend_limits(&at, l, &resolved)?;
         refuse_own_listeners_as_backends(&at, &resolved, &claims.own_listeners)?;
         refuse_mixed_families(&label, &resolved)?;
         let backends = &resolved.group().backends;
@@ -484,6 +493,11 @@ fn validate_groups(defined: &[Group]) -> Result<Groups<'_>, ConfigError> {
             ));
         }
         validate_backends(&format!("groups[{i}] ({})", group.name), &group.backends)?;
+        validate_backend_limits(
+            &format!("groups[{i}] ({})", group.name),
+            group.kind,
+            &group.backends,
+        )?;
         validate_connection_limits(&format!("groups[{i}] ({})", group.name), &group.limits())?;
         validate_slow_start(
             &format!("groups[{i}] ({})", group.name),
@@ -525,6 +539,127 @@ fn validate_slow_start(
                 humantime::format_duration(slow_start)
             ),
         ));
+    }
+    Ok(())
+}
+
+/// Per-backend `max_connections`: in bounds, and only where the data plane can enforce it: a
+/// weighted group (an active-standby pair has its own rule) small enough for the least-loaded
+/// scan that moves a new flow off a backend at its limit.
+fn validate_backend_limits(
+    group: &str,
+    kind: GroupKind,
+    backends: &[BackendSpec],
+) -> Result<(), ConfigError> {
+    for (i, b) in backends.iter().enumerate() {
+        let Some(max) = b.max_connections else {
+            continue;
+        };
+        let field = format!("{group}.backends[{i}].max_connections");
+        if !(1..=MAX_BACKEND_MAX_CONNECTIONS).contains(&max) {
+            return Err(invalid(
+                field,
+                format!("{max} must be between 1 and {MAX_BACKEND_MAX_CONNECTIONS}"),
+            ));
+        }
+        if kind == GroupKind::ActiveStandby {
+            return Err(invalid(
+                field,
+                "an active-standby group has its own rule (the active server while it is healthy, \
+                    else the standby); max_connections is for vserver groups",
+            ));
+        }
+        if backends.len() > MAX_WLC_BACKENDS as usize {
+            return Err(invalid(
+                field,
+                format!(
+                    "the group has {} backends; a backend at its max_connections hands new flows \
+                        to the least loaded of at most {MAX_WLC_BACKENDS}",
+                    backends.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Which schedulers a listener's protocol and group allow: TCP `maglev` or `wlc`, UDP `maglev`
+/// (least connections counts what a SYN opens and a FIN or RST closes), HTTP(S) `wrr` or
+/// `wlc`; `wlc` at L4 only on a weighted group the data plane's scan covers.
+fn validate_scheduler(
+    at: FieldOf<'_>,
+    l: &Listener,
+    resolved: &ResolvedListener<'_>,
+) -> Result<(), ConfigError> {
+    let Some(scheduler) = l.scheduler else {
+        return Ok(());
+    };
+    let refused = match (l.protocol, scheduler) {
+        (Protocol::Http | Protocol::Https, Scheduler::Maglev) => format!(
+            "maglev is the tcp/udp listeners' consistent hashing; a {} listener takes wrr (the \
+                default) or wlc",
+            l.protocol
+        ),
+        (Protocol::Http | Protocol::Https, _) => return Ok(()),
+        (_, Scheduler::Wrr) => format!(
+            "wrr is the http/https proxy's round robin; a {} listener takes maglev (the default){}",
+            l.protocol,
+            if l.protocol == Protocol::Tcp {
+                " or wlc"
+            } else {
+                ""
+            }
+        ),
+        (Protocol::Udp, Scheduler::Wlc) => "wlc needs TCP's connection state (a SYN opens a \
+            connection, a FIN or RST closes it); a udp listener takes maglev"
+            .to_string(),
+        (_, Scheduler::Maglev) => return Ok(()),
+        (Protocol::Tcp, Scheduler::Wlc) => {
+            let group = resolved.group();
+            if group.kind == GroupKind::ActiveStandby {
+                format!(
+                    "group {:?} is active-standby, which has its own rule (the active server while \
+                        it is healthy, else the standby); wlc is for vserver groups",
+                    group.name
+                )
+            } else if group.backends.len() > MAX_WLC_BACKENDS as usize {
+                format!(
+                    "group {:?} has {} backends; wlc picks among at most {MAX_WLC_BACKENDS}",
+                    group.name,
+                    group.backends.len()
+                )
+            } else {
+                return Ok(());
+            }
+        }
+    };
+    Err(invalid(at("scheduler"), refused))
+}
+
+/// Per-backend `max_connections` is the data plane's: an HTTP(S) listener's group cannot have
+/// it (the proxy's limit is the group's own `max_connections`).
+fn validate_listener_backend_limits(
+    at: FieldOf<'_>,
+    l: &Listener,
+    resolved: &ResolvedListener<'_>,
+) -> Result<(), ConfigError> {
+    if !l.protocol.is_l7() {
+        return Ok(());
+    }
+    for group in &resolved.groups {
+        if let Some(b) = group.backends.iter().find(|b| b.max_connections.is_some()) {
+            return Err(invalid(
+                at("group"),
+                format!(
+                    "group {:?} sets max_connections on backend {}, which the data plane enforces \
+                        for tcp/udp listeners; this one is {} (the proxy's limit is the group's own \
+                        max_connections: connections slb opens to each backend)",
+                    group.name,
+                    b.endpoint(),
+                    l.protocol
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -901,7 +1036,6 @@ fn validate_l4_only_fields(at: FieldOf<'_>, l: &Listener) -> Result<(), ConfigEr
         ("rules", !l.rules.is_empty()),
         ("certificates", !l.certificates.is_empty()),
         ("cookie", l.cookie.is_some()),
-        ("scheduler", l.scheduler != Scheduler::default()),
     ];
     for (name, set) in l7_fields {
         if set {

@@ -20,6 +20,10 @@ struct Fake {
     /// (set, client address) pairs the access lists hold.
     acl: Vec<(u32, Addr)>,
     new_flow_limit: Option<NewFlowLimit>,
+    /// BACKEND_CONNECTIONS by id (absent: 0).
+    open: HashMap<u32, u32>,
+    /// The live ring's WLC set.
+    wlc: Option<WlcSet>,
 }
 
 impl FlowMaps for Fake {
@@ -47,6 +51,13 @@ impl FlowMaps for Fake {
     }
     fn new_flow_limit(&self, _index: u32) -> Option<NewFlowLimit> {
         self.new_flow_limit
+    }
+    fn open_connections(&self, id: u32) -> u32 {
+        self.open.get(&id).copied().unwrap_or(0)
+    }
+    fn wlc_set(&self, ring_index: u32) -> Option<WlcSet> {
+        assert_eq!(ring_index, 1, "the listener's live ring's set");
+        self.wlc
     }
 }
 
@@ -601,4 +612,100 @@ fn an_empty_bucket_refuses_new_flows_only() {
         Ok(3),
         "known flows go on"
     );
+}
+
+/// `fake()` with the ring's input as its WLC set: 1 (weight 1), 2 (weight 2), 3 (weight 1),
+/// with `open` connections each.
+fn wlc_fake(open: [u32; 3]) -> Fake {
+    let mut maps = fake();
+    let mut set = WlcSet::default();
+    for (i, weight) in [1, 2, 1].into_iter().enumerate() {
+        set.members[i] = slb_common::WlcMember {
+            id: i as u32 + 1,
+            weight,
+        };
+        maps.open.insert(i as u32 + 1, open[i]);
+    }
+    set.count = 3;
+    maps.wlc = Some(set);
+    maps
+}
+
+#[test]
+fn a_wlc_listener_sends_a_new_flow_to_the_fewest_connections_per_weight() {
+    // Per weight: 5, 3, 4.
+    let maps = wlc_fake([5, 6, 4]);
+    let f = flow(40000);
+    let d = decide_for(&maps, &f, &listener(LISTENER_F_WLC));
+    assert_eq!(d.backend, Ok(2));
+    assert_eq!(
+        d.via,
+        Some(Via::LeastConnections {
+            open: 6,
+            weight: 2,
+            members: 3
+        })
+    );
+    // A packet of a flow whose table entry is re-picked is no SYN: the ring.
+    let mut maps = maps;
+    maps.connections.insert(f, connection(9, NOW));
+    let d = decide_for(&maps, &f, &listener(LISTENER_F_WLC));
+    assert_eq!(
+        d.via,
+        Some(Via::Ring {
+            slot: ring_slot_of(&f),
+            size: SIZE
+        })
+    );
+    assert_eq!(d.repicked_from, Some(9));
+}
+
+#[test]
+fn least_connections_skips_unusable_members_and_spreads_ties_from_the_flow_hash() {
+    let mut maps = wlc_fake([0, 0, 0]);
+    // Weight per member equal: 1, 1, 1.
+    maps.wlc.as_mut().unwrap().members[1].weight = 1;
+    for port in 40000..40020 {
+        let f = flow(port);
+        let first = flow_hash(&f, FLOW_HASH_SEED) % 3 + 1;
+        let d = decide_for(&maps, &f, &listener(LISTENER_F_WLC));
+        assert_eq!(d.backend, Ok(first), "port {port}");
+    }
+    maps.health.insert(2, HEALTH_DOWN);
+    maps.open.insert(1, 9);
+    let d = decide_for(&maps, &flow(40000), &listener(LISTENER_F_WLC));
+    assert_eq!(d.backend, Ok(3), "2 is down, 1 is busier");
+}
+
+#[test]
+fn a_new_flow_whose_pick_is_full_goes_to_the_least_loaded_with_room_or_is_dropped() {
+    let f = flow(40000);
+    let picked = fake().ring[ring_slot_of(&f) as usize];
+    let mut maps = wlc_fake([3, 3, 3]);
+    for id in 1..=3 {
+        maps.backends.get_mut(&id).unwrap().max_connections = 3;
+    }
+    // Room on one backend other than the ring's pick.
+    let other = picked % 3 + 1;
+    maps.backends.get_mut(&other).unwrap().max_connections = 10;
+    let d = decide_for(&maps, &f, &listener(LISTENER_F_MAX_CONNECTIONS));
+    assert_eq!((d.backend, d.full), (Ok(other), Some(picked)));
+    assert!(matches!(d.via, Some(Via::LeastConnections { open: 3, .. })));
+    // Without the flag, nothing is checked.
+    let d = decide_for(&maps, &f, &listener(0));
+    assert_eq!((d.backend, d.full), (Ok(picked), None));
+    // Every backend full: dropped.
+    maps.backends.get_mut(&other).unwrap().max_connections = 3;
+    let d = decide_for(&maps, &f, &listener(LISTENER_F_MAX_CONNECTIONS));
+    assert_eq!(d.backend, Err(NoBackend::AtCapacity));
+    let d = decide_for(
+        &maps,
+        &f,
+        &listener(LISTENER_F_WLC | LISTENER_F_MAX_CONNECTIONS),
+    );
+    assert_eq!(d.backend, Err(NoBackend::AtCapacity));
+    // An established flow keeps its backend, full or not.
+    maps.connections.insert(f, connection(picked, NOW));
+    let d = decide_for(&maps, &f, &listener(LISTENER_F_MAX_CONNECTIONS));
+    assert_eq!((d.backend, d.full), (Ok(picked), None));
 }

@@ -76,7 +76,10 @@ impl BackendGroup {
         }
         let weights: Vec<u32> = self.backends.iter().map(|b| b.weight).collect();
         let index = match scheduler {
-            Scheduler::Wrr => self.wrr.lock().expect("wrr lock").pick(&weights)?,
+            // Validation gives HTTP(S) listeners no maglev; round robin is their default.
+            Scheduler::Wrr | Scheduler::Maglev => {
+                self.wrr.lock().expect("wrr lock").pick(&weights)?
+            }
             Scheduler::Wlc => {
                 let in_flight: Vec<usize> = self
                     .backends

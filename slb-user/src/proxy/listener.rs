@@ -111,7 +111,7 @@ impl ListenerSnapshot {
         ListenerSnapshot {
             name: l.name.clone(),
             protocol: l.protocol,
-            scheduler: l.scheduler,
+            scheduler: l.scheduler(),
             cookie: l.cookie.clone(),
             forwarded_headers: l.forwarded_headers,
             backend_timeout: l.backend_timeout,

@@ -13,7 +13,7 @@ use aya::maps::lpm_trie::Key;
 use aya::maps::MapError;
 use slb_common::maglev::{build_table, MaglevBackend, MaglevError};
 use slb_common::{
-    Backend, BackendEndpoint, ReplyNat, HEALTH_DOWN, HEALTH_UP, LISTENER_F_ACL_ALLOW,
+    Backend, BackendEndpoint, ReplyNat, WlcSet, HEALTH_DOWN, HEALTH_UP, LISTENER_F_ACL_ALLOW,
     LISTENER_F_ACL_DENY, LISTENER_F_ACL_SET, NO_BACKEND, RINGS_PER_LISTENER,
 };
 
@@ -100,6 +100,9 @@ pub struct Reconciler {
     /// The words of ENDPOINT_FILTER this run wrote (after a restart, bits the previous run set
     /// for endpoints that are gone stay: false positives cost only the full lookups).
     filter_written: Written<u32, u32>,
+    /// What WLC_SETS holds per ring slot. Empty after a restart, so the first apply writes the
+    /// set of every live ring, whether the map was adopted or created.
+    wlc_sets_written: Written<u32, WlcSet>,
 }
 
 /// What this run wrote into one map, entry by entry, so an apply writes only what changed: a
@@ -164,6 +167,7 @@ impl Reconciler {
             replies_written: Written::new(),
             addresses_written: Written::new(),
             filter_written: Written::new(),
+            wlc_sets_written: Written::new(),
         }
     }
 
@@ -316,6 +320,17 @@ impl Reconciler {
     fn write_listener(&mut self, l: &PlannedListener) -> Result<(), ReconcileError> {
         if let Some(ring) = l.rebuild {
             self.write_ring(&l.name, l.index, ring, &l.ring_identities, &l.ring_input)?;
+        }
+        // Before the listener entry, with its ring: a least-connections pick at the slot the
+        // entry switches to scans that ring's members.
+        if let Some(set) = &l.wlc_set {
+            self.wlc_sets_written
+                .put(l.entry.ring_index, *set, |slot, set| {
+                    self.maps
+                        .wlc_sets
+                        .set(*slot, *set, 0)
+                        .map_err(map_err("WLC_SETS"))
+                })?;
         }
         // Before the listener entry: the first full NAT packet needs its addresses.
         if let Some(pool) = &l.snat_pool {

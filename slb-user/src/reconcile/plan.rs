@@ -9,12 +9,13 @@ use std::net::IpAddr;
 
 use slb_common::{
     acl_set, addr_words, endpoint_filter_bits, ipv4_mapped, ipv6_filter_fold, AclPrefix, Addr,
-    Backend, ListenerEntry, ListenerKey, NewFlowLimit, ReplyNat, SnatPool, BACKEND_F_DRAINING,
-    BACKEND_F_PRESENT, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER, LISTENER_F_ACL_ALLOW,
-    LISTENER_F_ACL_CUT_ESTABLISHED, LISTENER_F_ACL_DENY, LISTENER_F_ACL_SET,
+    Backend, ListenerEntry, ListenerKey, NewFlowLimit, ReplyNat, SnatPool, WlcMember, WlcSet,
+    BACKEND_F_DRAINING, BACKEND_F_PRESENT, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER,
+    LISTENER_F_ACL_ALLOW, LISTENER_F_ACL_CUT_ESTABLISHED, LISTENER_F_ACL_DENY, LISTENER_F_ACL_SET,
     LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR, LISTENER_F_FULLNAT, LISTENER_F_IGNORE_HEALTH,
-    LISTENER_F_NEW_FLOW_LIMIT, LISTENER_F_PERSIST, LISTENER_F_TUNNEL, MAX_BACKENDS, MAX_LISTENERS,
-    MAX_SNAT_ADDRESSES, NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, RINGS_PER_LISTENER,
+    LISTENER_F_MAX_CONNECTIONS, LISTENER_F_NEW_FLOW_LIMIT, LISTENER_F_PERSIST, LISTENER_F_TUNNEL,
+    LISTENER_F_WLC, MAX_BACKENDS, MAX_LISTENERS, MAX_SNAT_ADDRESSES, MAX_WLC_BACKENDS,
+    NAT_ADDRESS_F_BACKEND, NAT_ADDRESS_F_VIP, RINGS_PER_LISTENER,
 };
 
 use super::ReconcileError;
@@ -24,7 +25,7 @@ use crate::applied::{
 };
 use crate::config::{
     AclEstablished, AclMode, AllUnhealthy, Config, DsrMode, Forwarding, GroupKind, Listener,
-    Protocol, ResolvedBackend, ResolvedListener,
+    Protocol, ResolvedBackend, ResolvedListener, Scheduler,
 };
 
 /// A backend's (address, port, protocol): what its replies are recognised by.
@@ -57,6 +58,10 @@ pub(super) struct PlannedListener {
     /// Which of the listener's two rings to write and switch to; `None` when the live ring
     /// already holds `ring_input`.
     pub rebuild: Option<u32>,
+    /// Maglev groups: the WLC_SETS entry at the live ring's slot (`entry.ring_index`), the
+    /// ring's input, written before the entry so a least-connections pick or a move off a full
+    /// backend never scans another ring's members.
+    pub wlc_set: Option<WlcSet>,
     /// Reply translations of its backends, written before the entry.
     pub replies: Vec<(ReplyEndpoint, ReplyNat)>,
     /// A full NAT listener's SNAT addresses and ports, written before the entry.
@@ -353,7 +358,7 @@ fn backend_entries(
                 flags,
                 _pad: 0,
                 tunnel_source: tunnel_source(g.listener),
-                max_connections: 0,
+                max_connections: b.max_connections.unwrap_or(0),
             };
             backends.push((id, backend));
         }
@@ -538,6 +543,13 @@ fn plan_listener(
         }
     };
     entry.ring_index = ring_slot(index, ring.ring);
+    if l.scheduler() == Scheduler::Wlc {
+        entry.flags |= LISTENER_F_WLC;
+    }
+    if g.members.iter().any(|(_, b)| b.max_connections.is_some()) {
+        entry.flags |= LISTENER_F_MAX_CONNECTIONS;
+    }
+    let wlc_set = (g.kind == GroupKind::Vserver).then(|| wlc_set(&ring.input));
     if let Some(p) = &l.persistence {
         entry.flags |= LISTENER_F_PERSIST;
         entry.persist_timeout_s = p.timeout.as_secs() as u32;
@@ -593,6 +605,7 @@ fn plan_listener(
         ring_input: ring.input,
         ring_identities: ring.identities,
         rebuild: ring.rebuild,
+        wlc_set,
         replies,
         snat_pool,
         acl_write: acl.write,
@@ -847,6 +860,21 @@ fn maglev_input(
     (input, ignore_health)
 }
 
+/// A Maglev listener's least-connections set: its ring's input, ids and weights as the ring was
+/// built with them. A group larger than the data plane scans gets an empty set: validation
+/// gives such a group neither `wlc` nor `max_connections`, so nothing reads it.
+pub(super) fn wlc_set(ring_input: &[(u32, u32)]) -> WlcSet {
+    let mut set = WlcSet::default();
+    if ring_input.len() > MAX_WLC_BACKENDS as usize {
+        return set;
+    }
+    for (member, &(id, weight)) in set.members.iter_mut().zip(ring_input) {
+        *member = WlcMember { id, weight };
+    }
+    set.count = ring_input.len() as u32;
+    set
+}
+
 /// How replies from each of a listener's backends are translated back to its VIP.
 fn reply_translations(
     g: &Members<'_>,
@@ -891,6 +919,7 @@ fn applied_backends<'a>(
             key: key.clone(),
             group: g.group.clone(),
             weight: b.weight,
+            max_connections: b.max_connections,
             role,
             health: health.get(key).cloned(),
         }

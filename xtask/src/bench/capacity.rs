@@ -222,6 +222,7 @@ pub fn run(env: &BenchEnv) -> anyhow::Result<Section> {
                 address: Topology::backend_addr(k + 1).into(),
                 port: None,
                 weight,
+                max_connections: None,
             })
             .collect();
         config.groups.push(slb_tests::config::group(

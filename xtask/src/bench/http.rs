@@ -500,7 +500,7 @@ fn slb_config(topo: &Topology, cert: &Certificate) -> SlbConfig {
         http_listener("web", HTTP_PORT, "pool"),
         https_listener("web-tls", HTTPS_PORT, "pool", vec![certificate]),
     ] {
-        listener.scheduler = Scheduler::Wrr;
+        listener.scheduler = Some(Scheduler::Wrr);
         listener.forwarded_headers = true;
         config.listener(listener);
     }

@@ -674,3 +674,120 @@ fn the_set_an_access_list_goes_to_is_the_one_the_data_plane_does_not_read() {
         .expect("web is gone");
     assert_eq!(gone.clear_acl_sets, vec![index * 2]);
 }
+
+/// The members a planned WLC set holds, as (id, weight).
+fn set_members(set: &WlcSet) -> Vec<(u32, u32)> {
+    set.members[..set.count as usize]
+        .iter()
+        .map(|m| (m.id, m.weight))
+        .collect()
+}
+
+#[test]
+fn wlc_and_max_connections_are_flagged_and_limits_reach_the_backend_entries() {
+    let text = web_with("scheduler = \"wlc\"")
+        .replace("weight = 2 }", "weight = 2, max_connections = 100 }");
+    let plan = plan_of(&text, &BTreeMap::new(), &AppliedMaps::default());
+    let web = listener(&plan, "web").entry;
+    assert_eq!(
+        web.flags & (LISTENER_F_WLC | LISTENER_F_MAX_CONNECTIONS),
+        LISTENER_F_WLC | LISTENER_F_MAX_CONNECTIONS
+    );
+    let dns = listener(&plan, "dns").entry;
+    assert_eq!(dns.flags & (LISTENER_F_WLC | LISTENER_F_MAX_CONNECTIONS), 0);
+    let limit = |k: &BackendKey| {
+        plan.backends
+            .iter()
+            .find(|(i, _)| *i == id(&plan, k))
+            .unwrap()
+            .1
+            .max_connections
+    };
+    assert_eq!(limit(&key("web", "10.0.1.2", 8080)), 100);
+    assert_eq!(limit(&key("web", "10.0.1.3", 8080)), 0, "no limit");
+    let applied = plan
+        .applied
+        .backends
+        .iter()
+        .find(|b| b.key == key("web", "10.0.1.2", 8080))
+        .unwrap();
+    assert_eq!(applied.max_connections, Some(100));
+    // Maglev by default, even with a limit.
+    let plan = plan_of(
+        &config_text().replace("weight = 2 }", "weight = 2, max_connections = 100 }"),
+        &BTreeMap::new(),
+        &AppliedMaps::default(),
+    );
+    let web = listener(&plan, "web").entry;
+    assert_eq!(
+        web.flags & (LISTENER_F_WLC | LISTENER_F_MAX_CONNECTIONS),
+        LISTENER_F_MAX_CONNECTIONS
+    );
+}
+
+#[test]
+fn the_wlc_set_is_the_ring_input_at_the_slot_the_entry_switches_to() {
+    let first = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default());
+    for name in ["web", "dns"] {
+        let l = listener(&first, name);
+        let set = l.wlc_set.expect("every Maglev listener has a set");
+        assert_eq!(set_members(&set), l.ring_input, "{name}");
+    }
+    assert!(listener(&first, "db").wlc_set.is_none(), "active-standby");
+    // An unhealthy backend is in the set with weight 0, as in the ring; the rebuilt ring is the
+    // other slot, and so is the set.
+    let down = key("web", "10.0.1.3", 8080);
+    let second = plan_of(
+        &config_text(),
+        &unhealthy(std::slice::from_ref(&down)),
+        &first.applied,
+    );
+    let web = listener(&second, "web");
+    assert_eq!(web.rebuild, Some(1));
+    assert_eq!(web.entry.ring_index, ring_slot(web.index, 1));
+    assert_eq!(
+        set_members(&web.wlc_set.unwrap()),
+        vec![
+            (id(&first, &key("web", "10.0.1.2", 8080)), 2),
+            (id(&first, &down), 0)
+        ]
+    );
+    // Unchanged ring: the same set at the live slot, for a run that adopted the maps.
+    let third = plan_of(&config_text(), &unhealthy(&[down]), &second.applied);
+    let web = listener(&third, "web");
+    assert_eq!(web.rebuild, None);
+    assert_eq!(web.entry.ring_index, ring_slot(web.index, 1));
+    assert_eq!(set_members(&web.wlc_set.unwrap()), web.ring_input);
+}
+
+#[test]
+fn slow_start_scales_the_wlc_set_as_it_scales_the_ring() {
+    let first = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default());
+    let (a, b) = (key("web", "10.0.1.2", 8080), key("web", "10.0.1.3", 8080));
+    let mut health = BTreeMap::new();
+    health.insert(
+        b.clone(),
+        HealthStatus {
+            healthy: true,
+            reason: "passed".into(),
+            since_unix_ns: 0,
+            confirmed: true,
+            slow_start_percent: Some(10),
+        },
+    );
+    let step = plan_of(&config_text(), &health, &first.applied);
+    let web = listener(&step, "web");
+    assert_eq!(
+        set_members(&web.wlc_set.unwrap()),
+        vec![(id(&first, &a), 200), (id(&first, &b), 10)]
+    );
+}
+
+#[test]
+fn a_group_larger_than_the_scan_gets_an_empty_set() {
+    let input: Vec<(u32, u32)> = (0..=MAX_WLC_BACKENDS).map(|i| (i, 1)).collect();
+    assert_eq!(wlc_set(&input).count, 0);
+    let set = wlc_set(&input[..MAX_WLC_BACKENDS as usize]);
+    assert_eq!(set.count, MAX_WLC_BACKENDS);
+    assert_eq!(set_members(&set), input[..MAX_WLC_BACKENDS as usize]);
+}
