@@ -460,8 +460,14 @@ fn is_healthy(id: u32) -> bool {
 /// A backend a flow may (still) use: present, and healthy unless the listener ignores health.
 #[inline(always)]
 pub(crate) fn usable_backend(id: u32, listener: &ListenerEntry) -> Option<&'static Backend> {
+    usable_backend_for(id, listener.flags)
+}
+
+/// [`usable_backend`] for a listener with flags `listener_flags`.
+#[inline(always)]
+pub(crate) fn usable_backend_for(id: u32, listener_flags: u32) -> Option<&'static Backend> {
     let backend = present_backend(id)?;
-    if listener.flags & LISTENER_F_IGNORE_HEALTH == 0 && !is_healthy(id) {
+    if listener_flags & LISTENER_F_IGNORE_HEALTH == 0 && !is_healthy(id) {
         return None;
     }
     Some(backend)
@@ -729,7 +735,7 @@ fn policy_backend(
     if syn && listener.flags & LISTENER_F_WLC != 0 {
         // No set, or no member usable (the ring, built from the same input, names none either
         // unless a verdict is between its flag and its ring): the ring decides.
-        match load::least_loaded(hash, listener).get() {
+        match load::least_loaded(hash, listener) {
             Err(Refusal::NoSet | Refusal::NoBackend) => {}
             picked => return picked,
         }

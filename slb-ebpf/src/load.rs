@@ -10,18 +10,39 @@
 //! flag with its own removal. The counts stay exact while CONNECTIONS has room: an LRU eviction
 //! of an open entry when it is full is not seen.
 
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use core::{
+    ffi::c_void,
+    intrinsics::{atomic_xadd, AtomicOrdering},
+};
+
+use aya_ebpf::helpers::bpf_loop;
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use slb_common::{
-    less_loaded, open_connections, Connection, FlowKey, ListenerEntry, BACKEND_F_DRAINING,
-    CONN_F_CLOSING, MAX_WLC_BACKENDS, NO_BACKEND,
+    less_loaded, open_connections, FlowKey, ListenerEntry, BACKEND_F_DRAINING, CONN_F_CLOSING,
+    MAX_WLC_BACKENDS, NO_BACKEND,
 };
 
 use crate::{
-    balancer::{present_backend, usable_backend, Choice, Refusal},
-    maps::{BACKEND_CONNECTIONS, BACKEND_STATS, CONNECTIONS, LISTENER_STATS, WLC_SETS},
+    balancer::{present_backend, usable_backend_for, Choice, Refusal},
+    maps::{
+        BACKEND_CONNECTIONS, BACKEND_STATS, CONNECTIONS, CONNECTION_SCRATCH, LISTENER_STATS,
+        WLC_SCRATCH, WLC_SETS,
+    },
 };
+
+/// A least-connections scan under way (see [`least_loaded`]).
+#[repr(C)]
+pub struct WlcScan {
+    ring_index: u32,
+    listener_flags: u32,
+    start: u32,
+    count: u32,
+    best: u32,
+    best_load: u32,
+    best_weight: u32,
+    full: u32,
+}
 
 /// What a flow's entry in CONNECTIONS was before this packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -86,20 +107,24 @@ pub(crate) fn relink(
 
 /// Links a new entry for `flow`, counted when open and this insert made it. An insert that
 /// fails (another CPU linked the flow first, or the map is out of memory) counts nothing; the
-/// flow's next packet finds the table as it is. A call of its own: the entry it builds on the
-/// stack pushed the IPv6 program past 512 bytes when inlined.
-#[inline(never)]
+/// flow's next packet finds the table as it is. The entry is built in this CPU's
+/// `CONNECTION_SCRATCH` entry, field by field: on the stack it pushed the IPv6 program past
+/// 512 bytes.
+#[inline(always)]
 fn link(flow: &FlowKey, backend_id: u32, listener_index: u32, flags: u32, now: u64) {
-    let entry = Connection {
-        backend_id,
-        listener_index,
-        last_seen_ns: now,
-        flags,
-        _pad: 0,
+    let Some(entry) = CONNECTION_SCRATCH.get_ptr_mut(0) else {
+        return;
     };
-    let linked = CONNECTIONS
-        .insert(flow, &entry, u64::from(BPF_NOEXIST))
-        .is_ok();
+    let linked = unsafe {
+        (*entry).backend_id = backend_id;
+        (*entry).listener_index = listener_index;
+        (*entry).last_seen_ns = now;
+        (*entry).flags = flags;
+        (*entry)._pad = 0;
+        CONNECTIONS
+            .insert(flow, &*entry, u64::from(BPF_NOEXIST))
+            .is_ok()
+    };
     if linked && flags & CONN_F_CLOSING == 0 {
         add(backend_id, 1);
     }
@@ -108,15 +133,16 @@ fn link(flow: &FlowKey, backend_id: u32, listener_index: u32, flags: u32, now: u
 /// The least loaded of the listener's usable backends with room (open connections per weight,
 /// `WLC_SETS`), scanning from the flow's hash so that equal ones share a burst of new flows.
 /// `AtCapacity` when every usable one is at its `max_connections`, `NoBackend` when none is
-/// usable, `NoSet` when the listener has no set (the ring decides). A call of its own, for the
-/// stack of the programs that pick.
-#[inline(never)]
-pub(crate) fn least_loaded(hash: u32, listener: &ListenerEntry) -> Choice {
-    Choice::of(scan(hash, listener))
-}
-
+/// usable, `NoSet` when the listener has no set (the ring decides).
+///
+/// The scan is a `bpf_loop` over the members, its state in this CPU's `WLC_SCRATCH` entry: the
+/// verifier checks the body once (unrolled, 64 members with their branches took it past its
+/// million instructions), and no stack is spent on it.
 #[inline(always)]
-fn scan(hash: u32, listener: &ListenerEntry) -> Result<u32, Refusal> {
+pub(crate) fn least_loaded(hash: u32, listener: &ListenerEntry) -> Result<u32, Refusal> {
+    let Some(scan) = WLC_SCRATCH.get_ptr_mut(0) else {
+        return Err(Refusal::LookupFailed);
+    };
     let Some(set) = WLC_SETS.get_ptr(listener.ring_index) else {
         return Err(Refusal::NoSet);
     };
@@ -124,52 +150,72 @@ fn scan(hash: u32, listener: &ListenerEntry) -> Result<u32, Refusal> {
     if count == 0 || count > MAX_WLC_BACKENDS {
         return Err(Refusal::NoSet);
     }
-    let start = hash % count;
-    let (mut best, mut best_load, mut best_weight) = (NO_BACKEND, 0, 0);
-    let mut full = false;
-    let mut i = 0;
-    while i < MAX_WLC_BACKENDS {
-        if i >= count {
-            break;
-        }
-        let mut at = start + i;
-        if at >= count {
-            at -= count;
-        }
-        i += 1;
-        // SAFETY: `at` < count ≤ MAX_WLC_BACKENDS, masked again for the verifier.
-        let member = unsafe { (*set).members[(at & (MAX_WLC_BACKENDS - 1)) as usize] };
-        if member.weight == 0 {
-            continue;
-        }
-        let Some(backend) = usable_backend(member.id, listener) else {
-            continue;
-        };
-        if backend.flags & BACKEND_F_DRAINING != 0 {
-            continue;
-        }
-        let load = open(member.id);
-        if backend.max_connections != 0 && load >= backend.max_connections {
-            full = true;
-            continue;
-        }
-        if best == NO_BACKEND || less_loaded(load, member.weight, best_load, best_weight) {
-            (best, best_load, best_weight) = (member.id, load, member.weight);
-        }
+    unsafe {
+        // Field by field: a struct written whole is built on the stack first.
+        (*scan).ring_index = listener.ring_index;
+        (*scan).listener_flags = listener.flags;
+        (*scan).start = hash % count;
+        (*scan).count = count;
+        (*scan).best = NO_BACKEND;
+        (*scan).best_load = 0;
+        (*scan).best_weight = 0;
+        (*scan).full = 0;
+        bpf_loop(count, scan_member as *mut c_void, core::ptr::null_mut(), 0);
     }
+    let (best, full) = unsafe { ((*scan).best, (*scan).full) };
     if best != NO_BACKEND {
         return Ok(best);
     }
-    Err(if full {
+    Err(if full != 0 {
         Refusal::AtCapacity
     } else {
         Refusal::NoBackend
     })
 }
 
+/// One step of [`least_loaded`]'s scan: member `start + i` (mod count) of the set, kept as the
+/// best so far when usable, with room and less loaded. Returns 0: go on.
+#[inline(never)]
+extern "C" fn scan_member(i: u64, _ctx: *mut c_void) -> i64 {
+    let Some(scan) = WLC_SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let scan = unsafe { &mut *scan };
+    let Some(set) = WLC_SETS.get_ptr(scan.ring_index) else {
+        return 1;
+    };
+    let mut at = scan.start.wrapping_add(i as u32);
+    if at >= scan.count {
+        at = at.wrapping_sub(scan.count);
+    }
+    // SAFETY: masked into the 64 members of the set.
+    let member = unsafe { (*set).members[(at & (MAX_WLC_BACKENDS - 1)) as usize] };
+    if member.weight == 0 {
+        return 0;
+    }
+    let Some(backend) = usable_backend_for(member.id, scan.listener_flags) else {
+        return 0;
+    };
+    if backend.flags & BACKEND_F_DRAINING != 0 {
+        return 0;
+    }
+    let load = open(member.id);
+    if backend.max_connections != 0 && load >= backend.max_connections {
+        scan.full = 1;
+        return 0;
+    }
+    if scan.best == NO_BACKEND || less_loaded(load, member.weight, scan.best_load, scan.best_weight)
+    {
+        scan.best = member.id;
+        scan.best_load = load;
+        scan.best_weight = member.weight;
+    }
+    0
+}
+
 /// `id`, picked for a new flow, unless it is at its `max_connections`: then the least loaded
 /// backend with room (see [`least_loaded`]). The backend passed over is counted.
-#[inline(never)]
+#[inline(always)]
 pub(crate) fn with_room(id: u32, hash: u32, listener: &ListenerEntry) -> Choice {
     let Some(backend) = present_backend(id) else {
         return Choice::of(Ok(id));
@@ -180,7 +226,7 @@ pub(crate) fn with_room(id: u32, hash: u32, listener: &ListenerEntry) -> Choice 
     if let Some(c) = BACKEND_STATS.get_ptr_mut(id) {
         unsafe { (*c).at_capacity += 1 };
     }
-    Choice::of(match scan(hash, listener) {
+    Choice::of(match least_loaded(hash, listener) {
         Err(Refusal::NoSet) => Err(Refusal::AtCapacity),
         picked => picked,
     })

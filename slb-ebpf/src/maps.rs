@@ -68,6 +68,14 @@ pub static BACKEND_CONNECTIONS: Array<
 #[btf_map]
 pub static WLC_SETS: Array<WlcSet, { RING_SLOTS as usize }> = Array::new();
 
+/// Room for a connection entry being linked, per CPU (`load::link`).
+#[btf_map]
+pub static CONNECTION_SCRATCH: PerCpuArray<Connection, 1> = PerCpuArray::new();
+
+/// A least-connections scan's state, per CPU (`load::least_loaded`).
+#[btf_map]
+pub static WLC_SCRATCH: PerCpuArray<crate::load::WlcScan, 1> = PerCpuArray::new();
+
 /// `HEALTH_UP`/`HEALTH_DOWN` per backend id, written by the health checker. Separate from
 /// `BACKENDS` so a verdict is one 4-byte map write that the next packet sees.
 #[btf_map]
