@@ -812,13 +812,23 @@ fn persisted_backend(
     if listener.flags & LISTENER_F_PERSIST == 0 {
         return None;
     }
-    let key = PersistKey {
-        client: *client,
-        listener_index: listener.index,
-    };
-    let id = match persisted_in(&PERSISTENCE, &key, listener, now) {
+    // The key in this CPU's scratch entry, word by word: on the stack it pushed the IPv6
+    // program's new-flow call past what its stack allows.
+    let key = crate::maps::PERSIST_KEY_SCRATCH.get_ptr_mut(0)?;
+    unsafe {
+        let words = (&raw mut (*key).client).cast::<u32>();
+        let from = (client as *const Addr).cast::<u32>();
+        let mut i = 0;
+        while i < 4 {
+            words.add(i).write_volatile(from.add(i).read_unaligned());
+            i += 1;
+        }
+        (*key).listener_index = listener.index;
+    }
+    let key = unsafe { &*key };
+    let id = match persisted_in(&PERSISTENCE, key, listener, now) {
         Some(id) => id,
-        None => persisted_in(&PERSIST_PENDING, &key, listener, now)?,
+        None => persisted_in(&PERSIST_PENDING, key, listener, now)?,
     };
     counters.persistence_hits += 1;
     Some(id)

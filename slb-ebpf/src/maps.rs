@@ -68,6 +68,10 @@ pub static BACKEND_CONNECTIONS: Array<
 #[btf_map]
 pub static WLC_SETS: Array<WlcSet, { RING_SLOTS as usize }> = Array::new();
 
+/// Room for a persistence key being looked up, per CPU (`balancer::persisted_backend`).
+#[btf_map]
+pub static PERSIST_KEY_SCRATCH: PerCpuArray<PersistKey, 1> = PerCpuArray::new();
+
 /// Room for a connection entry being linked, per CPU (`load::link`).
 #[btf_map]
 pub static CONNECTION_SCRATCH: PerCpuArray<Connection, 1> = PerCpuArray::new();
