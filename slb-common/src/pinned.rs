@@ -179,8 +179,9 @@ pub const PINNED_MAPS: [PinnedMap; 29] = [
 
 /// Maps of the object that are never pinned: per-CPU scratch space of the program
 /// (`FIB_PARAMS`) and the benchmark wrapper's own maps (`REPLAY_*`, see `xdp_replay`).
-pub const UNPINNED_MAPS: [&str; 9] = [
+pub const UNPINNED_MAPS: [&str; 10] = [
     "FIB_PARAMS",
+    "PICK_SCRATCH",
     "PERSIST_KEY_SCRATCH",
     "CONNECTION_SCRATCH",
     "WLC_SCRATCH",

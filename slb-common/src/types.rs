@@ -46,7 +46,7 @@ pub const MAX_INTERFACES: u32 = 64;
 /// Client addresses whose next hop the reply path caches (per CPU).
 pub const MAX_CLIENT_NEXT_HOPS: u32 = 65536;
 /// The program array PROGRAMS: the programs `slb_xdp` and `slb_xdp6` hand frames to.
-pub const TAIL_CALL_PROGRAMS: u32 = 4;
+pub const TAIL_CALL_PROGRAMS: u32 = 6;
 /// PROGRAMS' slot of `slb_xdp6`, to which `slb_xdp` hands every IPv6 frame (a program of its
 /// own: inlined into `slb_xdp`, its 16-byte addresses would not fit the 512-byte stack).
 pub const PROGRAM_SLOT_IPV6: u32 = 0;
@@ -59,6 +59,11 @@ pub const PROGRAM_SLOT_IPV6_ICMP: u32 = 2;
 /// and their flows' replies (a program of its own: the mapping's path does not fit beside the
 /// rest on the stack).
 pub const PROGRAM_SLOT_FULLNAT: u32 = 3;
+/// PROGRAMS' slot of `slb_xdp` itself, to which `slb_xdp_pick` hands an IPv4 frame back.
+pub const PROGRAM_SLOT_IPV4: u32 = 4;
+/// PROGRAMS' slot of `slb_xdp_pick`, which decides a new flow's backend by load (least
+/// connections, `max_connections`) with a stack of its own.
+pub const PROGRAM_SLOT_PICK: u32 = 5;
 /// How long a cached FIB answer is used before it is looked up again: route and neighbour
 /// changes reach the fast path within this time.
 pub const NEXT_HOP_TTL_NS: u64 = 1_000_000_000;

@@ -18,8 +18,8 @@ use slb_common::{
     BACKEND_F_PRESENT, CONN_F_CLOSING, ENDPOINT_F_BACKEND, ENDPOINT_F_LISTENER, FRAGMENT_TO_CLIENT,
     HEALTH_DOWN, IPPROTO_TCP, IPPROTO_UDP, LISTENER_F_ACTIVE_STANDBY, LISTENER_F_DSR,
     LISTENER_F_FULLNAT, LISTENER_F_IGNORE_HEALTH, LISTENER_F_MAX_CONNECTIONS, LISTENER_F_PERSIST,
-    LISTENER_F_TUNNEL, LISTENER_F_WLC, NO_BACKEND, PROGRAM_SLOT_FULLNAT, PROGRAM_SLOT_IPV6,
-    TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
+    LISTENER_F_TUNNEL, LISTENER_F_WLC, NO_BACKEND, PROGRAM_SLOT_FULLNAT, PROGRAM_SLOT_IPV4,
+    PROGRAM_SLOT_IPV6, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN,
 };
 
 use crate::{
@@ -37,7 +37,7 @@ use crate::{
         IPV4_DONT_FRAGMENT, IPV4_FRAGMENT_MASK, IPV4_HDR_LEN, IPV4_RESERVED_FLAG, TCP_HDR_LEN,
         UDP_HDR_LEN,
     },
-    policy, tunnel,
+    pick, policy, tunnel,
 };
 
 pub(crate) use slb_common::hash::FLOW_HASH_SEED;
@@ -391,33 +391,6 @@ pub(crate) enum Refusal {
     NoSet,
 }
 
-/// A backend id or a refusal in one register: what a BPF call (which returns one register,
-/// and cannot pass a bigger result without handing the verifier uninitialised bytes) returns.
-#[derive(Clone, Copy)]
-pub(crate) struct Choice(u64);
-
-impl Choice {
-    #[inline(always)]
-    pub(crate) fn of(result: Result<u32, Refusal>) -> Choice {
-        match result {
-            Ok(id) => Choice(u64::from(id)),
-            Err(refusal) => Choice((refusal as u64 + 1) << 32),
-        }
-    }
-
-    #[inline(always)]
-    pub(crate) fn get(self) -> Result<u32, Refusal> {
-        Err(match self.0 >> 32 {
-            0 => return Ok(self.0 as u32),
-            1 => Refusal::NoBackend,
-            3 => Refusal::RateLimited,
-            4 => Refusal::AtCapacity,
-            5 => Refusal::NoSet,
-            _ => Refusal::LookupFailed,
-        })
-    }
-}
-
 impl Pick {
     /// The backend (id, entry, whether the flow is new), or `None` with the drop counted.
     #[inline(always)]
@@ -486,8 +459,14 @@ pub(crate) fn usable_backend_for(id: u32, listener_flags: u32) -> Option<&'stati
 ///
 /// `client` is the address persistence keys the flow's client by (its source address, or an
 /// IPv6 source's prefix).
+///
+/// A flow that opens here on a listener whose new flows are placed by load (least connections,
+/// `max_connections`) is decided by `slb_xdp_pick` (see `pick`), which comes back to
+/// `BACK_SLOT` of PROGRAMS with the answer: the load scan's stack does not fit beside the
+/// balancing programs' own.
 #[inline(always)]
-pub(crate) fn pick_backend(
+pub(crate) fn pick_backend<const BACK_SLOT: u32>(
+    ctx: &XdpContext,
     flow: &FlowKey,
     client: &Addr,
     listener: &ListenerEntry,
@@ -505,25 +484,40 @@ pub(crate) fn pick_backend(
                 new_flow: false,
             }
         }
-        Tracked::Unusable(prior) => {
-            counters.flows_repicked += 1;
-            prior
-        }
+        Tracked::Unusable(prior) => prior,
         Tracked::Unknown => Prior::Absent,
     };
     let established = prior != Prior::Absent;
     // One hash for the half-open slot and the ring.
     let hash = flow_hash(flow, FLOW_HASH_SEED);
-    let half_open = half_open_backend(flow, hash, listener, counters);
+    // Re-picks are counted once decided: a flow decided by `slb_xdp_pick` comes this way twice.
+    let mut stale_half_open = false;
+    let half_open = half_open_backend(flow, hash, listener, &mut stale_half_open);
     let (id, backend) = match half_open {
-        Some(picked) => picked,
+        Some(picked) => {
+            if established {
+                counters.flows_repicked += 1;
+            }
+            picked
+        }
         None => {
             // Opens here: a SYN, or a UDP flow's first packet, of a flow no table knew.
             let opens_here = (opening || flow.protocol != IPPROTO_TCP) && !established;
             let how =
                 u32::from(opens_here) * NEW_FLOW_OPENS_HERE + u32::from(opening) * NEW_FLOW_SYN;
             let hash_how = u64::from(hash) | u64::from(how) << 32;
-            let id = match new_flow_backend(client, hash_how, listener, now).get() {
+            let by_load = listener.flags & (LISTENER_F_WLC | LISTENER_F_MAX_CONNECTIONS) != 0;
+            // The IPv6 program has no room for the policy's code beside its own: all its new
+            // flows are decided there.
+            let chosen = if opens_here && by_load || BACK_SLOT == PROGRAM_SLOT_IPV6 {
+                pick::decided::<BACK_SLOT>(ctx, flow, client, listener, hash_how)
+            } else {
+                new_flow_choice::<false>(client, hash_how, listener, now, counters)
+            };
+            if established || stale_half_open {
+                counters.flows_repicked += 1;
+            }
+            let id = match chosen {
                 Ok(id) => id,
                 Err(refusal) => return Pick::Refused(refusal),
             };
@@ -564,25 +558,17 @@ const NEW_FLOW_SYN: u32 = 2;
 
 /// The backend for a flow neither table holds (its hash in the low half of `hash_how`): by the
 /// listener's policy, within its limits when the flow opens here (`NEW_FLOW_*` in the high
-/// half). A call of its own: inlined, its locals pushed the IPv6 program past 512 bytes of
-/// stack; hence too the packed argument and the counters looked up again, as a BPF call takes
-/// at most five arguments (the result's pointer is one).
-#[inline(never)]
-fn new_flow_backend(client: &Addr, hash_how: u64, listener: &ListenerEntry, now: u64) -> Choice {
-    Choice::of(new_flow_choice(client, hash_how, listener, now))
-}
-
+/// half); `BY_LOAD`, by its backends' open connections too (only `slb_xdp_pick` has the stack
+/// for it).
 #[inline(always)]
-fn new_flow_choice(
+pub(crate) fn new_flow_choice<const BY_LOAD: bool>(
     client: &Addr,
     hash_how: u64,
     listener: &ListenerEntry,
     now: u64,
+    counters: &mut GlobalCounters,
 ) -> Result<u32, Refusal> {
     let (hash, how) = (hash_how as u32, (hash_how >> 32) as u32);
-    let Some(counters) = crate::maps::global_counters() else {
-        return Err(Refusal::LookupFailed);
-    };
     let opens_here = how & NEW_FLOW_OPENS_HERE != 0;
     // A flow that opens here is new to every node; an unknown TCP flow's later packet, or a
     // re-picked one, is not, and is never refused by the limits.
@@ -590,11 +576,11 @@ fn new_flow_choice(
         return Err(Refusal::RateLimited);
     }
     let syn = opens_here && how & NEW_FLOW_SYN != 0;
-    let id = policy_backend(client, hash, listener, syn, now, counters)?;
-    if !opens_here || listener.flags & LISTENER_F_MAX_CONNECTIONS == 0 {
+    let id = policy_backend(client, hash, listener, BY_LOAD && syn, now, counters)?;
+    if !BY_LOAD || !opens_here || listener.flags & LISTENER_F_MAX_CONNECTIONS == 0 {
         return Ok(id);
     }
-    let picked = load::with_room(id, hash, listener).get();
+    let picked = load::with_room(id, hash, listener);
     if picked == Err(Refusal::AtCapacity) {
         load::count_at_capacity(listener);
     }
@@ -654,19 +640,18 @@ fn reflag(flow: &FlowKey, conn: *const Connection, flags: u32, now: u64) {
     load::relink(flow, backend_id, listener_index, flags, now, prior);
 }
 
-/// The backend the half-open table picked for this flow, while it is still usable.
+/// The backend the half-open table picked for this flow, while it is still usable (`stale`
+/// when it picked one that is not).
 #[inline(always)]
 fn half_open_backend(
     flow: &FlowKey,
     hash: u32,
     listener: &ListenerEntry,
-    counters: &mut GlobalCounters,
+    stale: &mut bool,
 ) -> Option<(u32, &'static Backend)> {
     let id = half_open::picked(flow, hash)?;
     let usable = usable_backend(id, listener).map(|backend| (id, backend));
-    if usable.is_none() {
-        counters.flows_repicked += 1;
-    }
+    *stale = usable.is_none();
     usable
 }
 
@@ -865,7 +850,15 @@ fn to_backend(
         return XDP_PASS;
     }
     let now = now_ns();
-    let picked = pick_backend(flow, &flow.src, listener, l4.tcp_flags, now, counters);
+    let picked = pick_backend::<PROGRAM_SLOT_IPV4>(
+        ctx,
+        flow,
+        &flow.src,
+        listener,
+        l4.tcp_flags,
+        now,
+        counters,
+    );
     let Some((id, backend, new_flow)) = picked.or_count(counters) else {
         return XDP_DROP;
     };

@@ -329,7 +329,15 @@ fn to_backend(
     }
     let now = now_ns();
     let client = ipv6_persistence_client(flow, listener);
-    let picked = pick_backend(flow, &client, listener, l4.tcp_flags, now, counters);
+    let picked = pick_backend::<{ slb_common::PROGRAM_SLOT_IPV6 }>(
+        ctx,
+        flow,
+        &client,
+        listener,
+        l4.tcp_flags,
+        now,
+        counters,
+    );
     let Some((id, backend, new_flow)) = picked.or_count(counters) else {
         return XDP_DROP;
     };

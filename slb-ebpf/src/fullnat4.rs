@@ -122,7 +122,15 @@ fn to_backend(
         return XDP_PASS;
     }
     let now = now_ns();
-    let picked = pick_backend(flow, &flow.src, listener, l4.tcp_flags, now, counters);
+    let picked = pick_backend::<{ slb_common::PROGRAM_SLOT_FULLNAT }>(
+        ctx,
+        flow,
+        &flow.src,
+        listener,
+        l4.tcp_flags,
+        now,
+        counters,
+    );
     let Some((id, backend, new_flow)) = picked.or_count(counters) else {
         return XDP_DROP;
     };

@@ -24,7 +24,7 @@ use slb_common::{
 };
 
 use crate::{
-    balancer::{present_backend, usable_backend_for, Choice, Refusal},
+    balancer::{present_backend, usable_backend_for, Refusal},
     maps::{
         BACKEND_CONNECTIONS, BACKEND_STATS, CONNECTIONS, CONNECTION_SCRATCH, LISTENER_STATS,
         WLC_SCRATCH, WLC_SETS,
@@ -216,20 +216,20 @@ extern "C" fn scan_member(i: u64, _ctx: *mut c_void) -> i64 {
 /// `id`, picked for a new flow, unless it is at its `max_connections`: then the least loaded
 /// backend with room (see [`least_loaded`]). The backend passed over is counted.
 #[inline(always)]
-pub(crate) fn with_room(id: u32, hash: u32, listener: &ListenerEntry) -> Choice {
+pub(crate) fn with_room(id: u32, hash: u32, listener: &ListenerEntry) -> Result<u32, Refusal> {
     let Some(backend) = present_backend(id) else {
-        return Choice::of(Ok(id));
+        return Ok(id);
     };
     if backend.max_connections == 0 || open(id) < backend.max_connections {
-        return Choice::of(Ok(id));
+        return Ok(id);
     }
     if let Some(c) = BACKEND_STATS.get_ptr_mut(id) {
         unsafe { (*c).at_capacity += 1 };
     }
-    Choice::of(match least_loaded(hash, listener) {
+    match least_loaded(hash, listener) {
         Err(Refusal::NoSet) => Err(Refusal::AtCapacity),
         picked => picked,
-    })
+    }
 }
 
 /// Counts a new flow of the listener dropped because no backend had room.

@@ -19,6 +19,7 @@ mod icmp6;
 mod load;
 mod maps;
 mod packet;
+mod pick;
 mod policy;
 mod replay;
 mod tunnel;

@@ -68,6 +68,10 @@ pub static BACKEND_CONNECTIONS: Array<
 #[btf_map]
 pub static WLC_SETS: Array<WlcSet, { RING_SLOTS as usize }> = Array::new();
 
+/// A question for `slb_xdp_pick` and its answer, per CPU (`pick`).
+#[btf_map]
+pub static PICK_SCRATCH: PerCpuArray<crate::pick::PickScratch, 1> = PerCpuArray::new();
+
 /// Room for a persistence key being looked up, per CPU (`balancer::persisted_backend`).
 #[btf_map]
 pub static PERSIST_KEY_SCRATCH: PerCpuArray<PersistKey, 1> = PerCpuArray::new();

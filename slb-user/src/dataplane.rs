@@ -16,10 +16,12 @@ use crate::instance::{link_pin, LINKS_DIR};
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PROGRAM_NAME: &str = "slb_xdp";
-/// The programs `PROGRAM_NAME` hands frames to through PROGRAMS, with their slots: IPv6 frames
-/// to the first (which hands later fragments and ICMPv6 on to the next two), full NAT to the
-/// last.
-const TAIL_CALLED_PROGRAMS: [(&str, u32); 4] = [
+/// The programs `PROGRAM_NAME` hands frames to through PROGRAMS, with their slots: new flows
+/// placed by load to the first, IPv6 frames to the second (which hands later fragments and
+/// ICMPv6 on to the next two), full NAT to the last. `PROGRAM_NAME` itself takes slot
+/// `PROGRAM_SLOT_IPV4`.
+const TAIL_CALLED_PROGRAMS: [(&str, u32); 5] = [
+    ("slb_xdp_pick", slb_common::PROGRAM_SLOT_PICK),
     ("slb_xdp6", slb_common::PROGRAM_SLOT_IPV6),
     ("slb_xdp6_fragment", slb_common::PROGRAM_SLOT_IPV6_FRAGMENT),
     ("slb_xdp6_icmp", slb_common::PROGRAM_SLOT_IPV6_ICMP),
@@ -258,7 +260,17 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
             .ok_or_else(|| missing(pinned::PROGRAMS.name))?;
         aya::maps::ProgramArray::try_from(map)?.set(slot, &fd, 0)?;
     }
-    load_xdp(program_mut(ebpf)?)?;
+    // Last: `slb_xdp_pick` hands IPv4 frames back to it.
+    let program = program_mut(ebpf)?;
+    load_xdp(program)?;
+    let fd = program.fd()?.try_clone().map_err(|e| DataplaneError::Pin {
+        path: PROGRAM_NAME.into(),
+        message: e.to_string(),
+    })?;
+    let map = ebpf
+        .map_mut(pinned::PROGRAMS.name)
+        .ok_or_else(|| missing(pinned::PROGRAMS.name))?;
+    aya::maps::ProgramArray::try_from(map)?.set(slb_common::PROGRAM_SLOT_IPV4, &fd, 0)?;
     Ok(())
 }
 
