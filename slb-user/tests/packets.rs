@@ -12,6 +12,8 @@ use slb_user::testbed::{self, in_fresh_netns, Testbed, BACKEND_MAC, CLIENT_MAC};
 
 #[path = "packets/ipv6.rs"]
 mod ipv6;
+#[path = "packets/load.rs"]
+mod load;
 #[path = "packets/policy.rs"]
 mod policy;
 
