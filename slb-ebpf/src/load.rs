@@ -42,6 +42,11 @@ pub struct WlcScan {
     best_load: u32,
     best_weight: u32,
     full: u32,
+    /// The flow's hash, and how many members tied with the best so far: a tie replaces the
+    /// best with probability 1/ties, so equally loaded members share new flows evenly
+    /// whatever their place in the set.
+    hash: u32,
+    ties: u32,
 }
 
 /// What a flow's entry in CONNECTIONS was before this packet.
@@ -160,6 +165,8 @@ pub(crate) fn least_loaded(hash: u32, listener: &ListenerEntry) -> Result<u32, R
         (*scan).best_load = 0;
         (*scan).best_weight = 0;
         (*scan).full = 0;
+        (*scan).hash = hash;
+        (*scan).ties = 0;
         bpf_loop(count, scan_member as *mut c_void, core::ptr::null_mut(), 0);
     }
     let (best, full) = unsafe { ((*scan).best, (*scan).full) };
@@ -204,13 +211,29 @@ extern "C" fn scan_member(i: u64, _ctx: *mut c_void) -> i64 {
         scan.full = 1;
         return 0;
     }
-    if scan.best == NO_BACKEND || less_loaded(load, member.weight, scan.best_load, scan.best_weight)
-    {
+    let better = scan.best == NO_BACKEND
+        || less_loaded(load, member.weight, scan.best_load, scan.best_weight);
+    let tied = !better && !less_loaded(scan.best_load, scan.best_weight, load, member.weight);
+    if tied {
+        scan.ties += 1;
+    }
+    if better || tied && tie_wins(scan.hash, scan.ties) {
+        if better {
+            scan.ties = 1;
+        }
         scan.best = member.id;
         scan.best_load = load;
         scan.best_weight = member.weight;
     }
     0
+}
+
+/// Whether the `ties`-th member tied with the best takes its place: with probability 1/ties,
+/// drawn from the flow's hash (reservoir sampling).
+#[inline(always)]
+fn tie_wins(hash: u32, ties: u32) -> bool {
+    let mixed = (hash ^ ties.wrapping_mul(0x9e37_79b9)).wrapping_mul(0x85eb_ca6b);
+    ties != 0 && (mixed >> 8) % ties == 0
 }
 
 /// `id`, picked for a new flow, unless it is at its `max_connections`: then the least loaded
