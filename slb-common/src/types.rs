@@ -825,6 +825,16 @@ pub fn less_loaded(load: u32, weight: u32, best_load: u32, best_weight: u32) -> 
     u64::from(load) * u64::from(best_weight) < u64::from(best_load) * u64::from(weight)
 }
 
+/// Whether, in a least-connections scan, the `ties`-th member found as loaded as the best so
+/// far takes its place: with probability 1/ties, drawn from the flow's hash (reservoir
+/// sampling), so equally loaded members share new flows evenly whatever their place in the
+/// set.
+#[inline(always)]
+pub fn wlc_tie_wins(hash: u32, ties: u32) -> bool {
+    let mixed = (hash ^ ties.wrapping_mul(0x9e37_79b9)).wrapping_mul(0x85eb_ca6b);
+    ties != 0 && (mixed >> 8).is_multiple_of(ties)
+}
+
 /// A backend's open connections from its `BACKEND_CONNECTIONS` word, which both sides change
 /// with atomic adds of +1 and -1 (two's complement): never below 0 however the adds raced.
 #[inline(always)]

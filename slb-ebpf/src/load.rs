@@ -19,8 +19,8 @@ use aya_ebpf::helpers::bpf_loop;
 
 use aya_ebpf::bindings::BPF_NOEXIST;
 use slb_common::{
-    less_loaded, open_connections, FlowKey, ListenerEntry, BACKEND_F_DRAINING, CONN_F_CLOSING,
-    MAX_WLC_BACKENDS, NO_BACKEND,
+    less_loaded, open_connections, wlc_tie_wins, FlowKey, ListenerEntry, BACKEND_F_DRAINING,
+    CONN_F_CLOSING, MAX_WLC_BACKENDS, NO_BACKEND,
 };
 
 use crate::{
@@ -217,7 +217,7 @@ extern "C" fn scan_member(i: u64, _ctx: *mut c_void) -> i64 {
     if tied {
         scan.ties += 1;
     }
-    if better || tied && tie_wins(scan.hash, scan.ties) {
+    if better || tied && wlc_tie_wins(scan.hash, scan.ties) {
         if better {
             scan.ties = 1;
         }
@@ -226,14 +226,6 @@ extern "C" fn scan_member(i: u64, _ctx: *mut c_void) -> i64 {
         scan.best_weight = member.weight;
     }
     0
-}
-
-/// Whether the `ties`-th member tied with the best takes its place: with probability 1/ties,
-/// drawn from the flow's hash (reservoir sampling).
-#[inline(always)]
-fn tie_wins(hash: u32, ties: u32) -> bool {
-    let mixed = (hash ^ ties.wrapping_mul(0x9e37_79b9)).wrapping_mul(0x85eb_ca6b);
-    ties != 0 && (mixed >> 8) % ties == 0
 }
 
 /// `id`, picked for a new flow, unless it is at its `max_connections`: then the least loaded

@@ -369,7 +369,8 @@ enum Scan {
 }
 
 /// The member of the listener's WLC set with the fewest open connections per weight, as the
-/// data plane scans it: from `hash % count` on, so ties spread; members of weight 0 and
+/// data plane scans it: from `hash % count` on, a tie drawn per flow (`wlc_tie_wins`); members
+/// of weight 0 and
 /// unusable ones skipped, and with `room` those at their `max_connections`.
 fn least_loaded<M: FlowMaps + ?Sized>(
     maps: &M,
@@ -386,6 +387,7 @@ fn least_loaded<M: FlowMaps + ?Sized>(
     }
     let mut best: Option<(u32, u32, u32)> = None;
     let mut full = false;
+    let mut ties = 0;
     for k in 0..count {
         let m = set.members[((hash % count + k) % count) as usize];
         if m.weight == 0 || usable(maps, m.id, listener).is_none() {
@@ -396,7 +398,15 @@ fn least_loaded<M: FlowMaps + ?Sized>(
             continue;
         }
         let open = maps.open_connections(m.id);
-        if best.is_none_or(|(_, o, w)| slb_common::less_loaded(open, m.weight, o, w)) {
+        let better = best.is_none_or(|(_, o, w)| slb_common::less_loaded(open, m.weight, o, w));
+        let tied =
+            !better && best.is_some_and(|(_, o, w)| !slb_common::less_loaded(o, w, open, m.weight));
+        if better {
+            ties = 1;
+        } else if tied {
+            ties += 1;
+        }
+        if better || tied && slb_common::wlc_tie_wins(hash, ties) {
             best = Some((m.id, open, m.weight));
         }
     }

@@ -665,12 +665,16 @@ fn least_connections_skips_unusable_members_and_spreads_ties_from_the_flow_hash(
     let mut maps = wlc_fake([0, 0, 0]);
     // Weight per member equal: 1, 1, 1.
     maps.wlc.as_mut().unwrap().members[1].weight = 1;
-    for port in 40000..40020 {
+    // Equally loaded: each flow's tie is drawn from its hash, the same for the flow every time,
+    // and spread over the three.
+    let mut chosen = std::collections::BTreeMap::new();
+    for port in 40000..40090 {
         let f = flow(port);
-        let first = flow_hash(&f, FLOW_HASH_SEED) % 3 + 1;
         let d = decide_for(&maps, &f, &listener(LISTENER_F_WLC));
-        assert_eq!(d.backend, Ok(first), "port {port}");
+        assert_eq!(d.backend, decide_for(&maps, &f, &listener(LISTENER_F_WLC)).backend);
+        *chosen.entry(d.backend.unwrap()).or_insert(0) += 1;
     }
+    assert!(chosen.len() == 3 && chosen.values().all(|&n| n >= 15), "{chosen:?}");
     maps.health.insert(2, HEALTH_DOWN);
     maps.open.insert(1, 9);
     let d = decide_for(&maps, &flow(40000), &listener(LISTENER_F_WLC));
