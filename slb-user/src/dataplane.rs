@@ -16,16 +16,17 @@ use crate::instance::{link_pin, LINKS_DIR};
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PROGRAM_NAME: &str = "slb_xdp";
-/// The programs `PROGRAM_NAME` hands frames to through PROGRAMS, with their slots: new flows
-/// placed by load to the first, IPv6 frames to the second (which hands later fragments and
-/// ICMPv6 on to the next two), full NAT to the last. `PROGRAM_NAME` itself takes slot
-/// `PROGRAM_SLOT_IPV4`.
-const TAIL_CALLED_PROGRAMS: [(&str, u32); 5] = [
+/// The programs of PROGRAMS, with their slots, in the order they are loaded: new flows placed
+/// by load go to the first, IPv6 frames to the second (which hands later fragments and ICMPv6 on
+/// to the next two), full NAT to the fifth; last `PROGRAM_NAME` itself, which hands frames to
+/// them and which `slb_xdp_pick` hands IPv4 frames back to.
+const TAIL_CALLED_PROGRAMS: [(&str, u32); 6] = [
     ("slb_xdp_pick", slb_common::PROGRAM_SLOT_PICK),
     ("slb_xdp6", slb_common::PROGRAM_SLOT_IPV6),
     ("slb_xdp6_fragment", slb_common::PROGRAM_SLOT_IPV6_FRAGMENT),
     ("slb_xdp6_icmp", slb_common::PROGRAM_SLOT_IPV6_ICMP),
     ("slb_xdp_fullnat", slb_common::PROGRAM_SLOT_FULLNAT),
+    (PROGRAM_NAME, slb_common::PROGRAM_SLOT_IPV4),
 ];
 const PROGRAM_PIN: &str = "prog";
 
@@ -238,8 +239,9 @@ pub fn load_object(dir: &Path, sizes: TableSizes) -> Result<Ebpf, DataplaneError
     Ok(loader.load(XDP_OBJECT)?)
 }
 
-/// Loads the data plane's programs into the kernel: the IPv6 ones first, each put into its
-/// PROGRAMS slot (replacing an earlier run's, at once for every interface), then `slb_xdp`.
+/// Loads the data plane's programs into the kernel, each put into its PROGRAMS slot (replacing
+/// an earlier run's, at once for every interface): the ones `slb_xdp` hands frames to first,
+/// then `slb_xdp`.
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     let missing = |name: &str| DataplaneError::Pin {
         path: name.into(),
@@ -260,17 +262,6 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
             .ok_or_else(|| missing(pinned::PROGRAMS.name))?;
         aya::maps::ProgramArray::try_from(map)?.set(slot, &fd, 0)?;
     }
-    // Last: `slb_xdp_pick` hands IPv4 frames back to it.
-    let program = program_mut(ebpf)?;
-    load_xdp(program)?;
-    let fd = program.fd()?.try_clone().map_err(|e| DataplaneError::Pin {
-        path: PROGRAM_NAME.into(),
-        message: e.to_string(),
-    })?;
-    let map = ebpf
-        .map_mut(pinned::PROGRAMS.name)
-        .ok_or_else(|| missing(pinned::PROGRAMS.name))?;
-    aya::maps::ProgramArray::try_from(map)?.set(slb_common::PROGRAM_SLOT_IPV4, &fd, 0)?;
     Ok(())
 }
 

@@ -94,6 +94,33 @@ backends = [{{ address = "10.20.0.2", port = 8081, weight = 0 }}]
     )
 }
 
+/// A testbed with `config` applied.
+fn testbed(config: &Config) -> Testbed {
+    let mut h = harness();
+    h.reconciler
+        .apply(config, &Default::default())
+        .expect("apply");
+    h
+}
+
+fn listener_index(h: &Testbed, name: &str) -> u32 {
+    h.reconciler
+        .state()
+        .listeners
+        .iter()
+        .find(|l| l.name == name)
+        .expect("listener")
+        .index
+}
+
+fn listener_counters(h: &Testbed, name: &str) -> slb_common::TrafficCounters {
+    h.reconciler
+        .maps()
+        .counters
+        .listener(listener_index(h, name))
+        .expect("LISTENER_STATS")
+}
+
 /// The testbed with `config(1, 1)` applied.
 fn harness() -> Testbed {
     Testbed::new(&config(1, 1), RING_SIZE).expect("testbed")

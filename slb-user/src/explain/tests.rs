@@ -671,10 +671,16 @@ fn least_connections_skips_unusable_members_and_spreads_ties_from_the_flow_hash(
     for port in 40000..40090 {
         let f = flow(port);
         let d = decide_for(&maps, &f, &listener(LISTENER_F_WLC));
-        assert_eq!(d.backend, decide_for(&maps, &f, &listener(LISTENER_F_WLC)).backend);
+        assert_eq!(
+            d.backend,
+            decide_for(&maps, &f, &listener(LISTENER_F_WLC)).backend
+        );
         *chosen.entry(d.backend.unwrap()).or_insert(0) += 1;
     }
-    assert!(chosen.len() == 3 && chosen.values().all(|&n| n >= 15), "{chosen:?}");
+    assert!(
+        chosen.len() == 3 && chosen.values().all(|&n| n >= 15),
+        "{chosen:?}"
+    );
     maps.health.insert(2, HEALTH_DOWN);
     maps.open.insert(1, 9);
     let d = decide_for(&maps, &flow(40000), &listener(LISTENER_F_WLC));

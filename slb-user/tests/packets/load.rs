@@ -22,14 +22,6 @@ fn with_load_listener(backends: &[&str], extra: &str) -> Config {
     Config::parse(&text, "test").expect("config")
 }
 
-fn testbed(config: &Config) -> Testbed {
-    let mut h = harness();
-    h.reconciler
-        .apply(config, &Default::default())
-        .expect("apply");
-    h
-}
-
 /// Open connections by backend address, as the data plane counts them, for `listener`.
 fn open_by_backend(h: &Testbed, listener: &str) -> BTreeMap<[u8; 4], u32> {
     h.reconciler
@@ -158,14 +150,7 @@ fn open_connections_follow_the_table_through_close_reopen_repick_and_expiry() {
         // backend's count; the closed one stays for its closing timeout.
         std::thread::sleep(std::time::Duration::from_millis(20));
         let sweeper = Sweeper::open(h.pin_dir()).expect("sweeper");
-        let web = h
-            .reconciler
-            .state()
-            .listeners
-            .iter()
-            .find(|l| l.name == "web")
-            .unwrap()
-            .index;
+        let web = listener_index(&h, "web");
         let timeouts = BTreeMap::from([(web, 0)]);
         let counts = sweeper.sweep(&timeouts, &[web], &[]).expect("sweep");
         assert_eq!(counts.expired, 11, "{counts:?}");
@@ -248,15 +233,7 @@ fn a_full_backend_takes_no_new_flow_and_a_listener_of_full_backends_drops_them()
         assert_eq!((counts[&BACKEND_A], counts[&BACKEND_B]), (2, 3));
         assert_eq!(served[5].1, None, "{served:?}");
         assert_eq!(h.counters().backends_full_dropped, 1);
-        let lc = h
-            .reconciler
-            .state()
-            .listeners
-            .iter()
-            .find(|l| l.name == "lc")
-            .unwrap()
-            .index;
-        let stats = h.reconciler.maps().counters.listener(lc).unwrap();
+        let stats = listener_counters(&h, "lc");
         assert_eq!(stats.at_capacity, 1, "{stats:?}");
 
         // One of A's flows ends: A has room for one more, whatever the ring says.

@@ -5,7 +5,7 @@ use std::net::Ipv6Addr;
 use std::time::Instant;
 
 use slb_common::wire::ipv6_frame;
-use slb_common::{TrafficCounters, TCP_FLAG_FIN};
+use slb_common::TCP_FLAG_FIN;
 
 use super::*;
 
@@ -32,30 +32,6 @@ fn with_acls(acl: &str, acl6: &str) -> Config {
         "[[groups]]\nname = \"pool6\"\nbackends = [{ address = \"fd00:20::2\", port = 8080 }]\n",
     );
     Config::parse(&text, "test").expect("config")
-}
-
-fn testbed(config: &Config) -> Testbed {
-    let mut h = harness();
-    h.reconciler
-        .apply(config, &Default::default())
-        .expect("apply");
-    h
-}
-
-fn listener_counters(h: &Testbed, name: &str) -> TrafficCounters {
-    let index = h
-        .reconciler
-        .state()
-        .listeners
-        .iter()
-        .find(|l| l.name == name)
-        .expect("listener")
-        .index;
-    h.reconciler
-        .maps()
-        .counters
-        .listener(index)
-        .expect("LISTENER_STATS")
 }
 
 /// The verdict on a SYN from `src` to the IPv4 VIP's port 80.
