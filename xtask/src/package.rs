@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use anyhow::{ensure, Context as _};
 
 use crate::tasks::target_dir;
-use crate::{cargo, ensure_package_list, output, run, setup, workspace_root};
+use crate::{cargo, ensure_package_list, output, run, workspace_root};
 
 /// The cargo-deb release `cargo xtask package` installs and uses.
 const CARGO_DEB_VERSION: &str = "3.8.0";
@@ -35,7 +35,6 @@ const GENERATED_DIR: &str = "slb-deb";
 
 /// Builds the package and returns the path of the `.deb`.
 pub fn package() -> anyhow::Result<PathBuf> {
-    setup()?;
     ensure_package_list(PACKAGING_TOOLS)?;
     let target = target_dir()?;
     let cargo_deb = ensure_cargo_deb(&target.join("tools"))?;

@@ -1,4 +1,5 @@
-//! The tasks that need slb-tests (built with feature `full`, after `setup`).
+//! The tasks that need slb-tests (built with feature `full`). `cargo xtask` has run `setup`
+//! before any of them (see main.rs), so none runs it again.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -92,7 +93,6 @@ pub fn main() -> anyhow::Result<()> {
 // ---- test ----
 
 fn test() -> anyhow::Result<()> {
-    setup()?;
     // The default members are every crate but slb-ebpf, which only builds for the BPF target
     // (slb-user's build script builds it with nightly). Building first puts the `slb` binary
     // where the integration tests look for it.
@@ -111,7 +111,6 @@ fn demo(connections: usize, weights: &[u32], scale_out: bool) -> anyhow::Result<
         slb_tests::is_root(),
         "the demo creates network namespaces and attaches XDP programs: run it as root"
     );
-    setup()?;
     let bin_dir = build_release_binaries()?;
     if scale_out {
         scale_out_demo::demo(&bin_dir, connections, weights)
@@ -140,7 +139,6 @@ fn bench(suites: &[bench::Suite], seconds: u64, against: Option<&str>) -> anyhow
         slb_tests::is_root(),
         "the benchmarks create network namespaces and attach XDP programs: run them as root"
     );
-    setup()?;
     ensure_package_list(BENCH_PACKAGES)?;
     let bin_dir = build_release_binaries()?;
     // The capacity suite's live-frames driver.
