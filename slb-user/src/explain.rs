@@ -620,7 +620,7 @@ pub struct PinnedFlowMaps {
     rings: ArrayOfMaps<MapData, MapData>,
     acl: aya::maps::lpm_trie::LpmTrie<MapData, AclPrefix, u32>,
     new_flow_limits: Array<MapData, NewFlowLimit>,
-    backend_connections: Array<MapData, u64>,
+    backend_connections: crate::maps::BackendConnections,
     wlc_sets: Array<MapData, WlcSet>,
     /// Rings read so far, by their slot in RINGS.
     ring_cache: std::cell::RefCell<BTreeMap<u32, Option<std::rc::Rc<Vec<u32>>>>>,
@@ -639,7 +639,7 @@ impl PinnedFlowMaps {
             rings: open(dir, &pinned::RINGS)?,
             acl: open(dir, &pinned::ACL)?,
             new_flow_limits: open(dir, &pinned::NEW_FLOW_LIMITS)?,
-            backend_connections: open(dir, &pinned::BACKEND_CONNECTIONS)?,
+            backend_connections: crate::maps::BackendConnections::open(dir)?,
             wlc_sets: open(dir, &pinned::WLC_SETS)?,
             ring_cache: Default::default(),
         })
@@ -704,9 +704,7 @@ impl FlowMaps for PinnedFlowMaps {
         self.new_flow_limits.get(&index, 0).ok()
     }
     fn open_connections(&self, id: u32) -> u32 {
-        self.backend_connections
-            .get(&id, 0)
-            .map_or(0, slb_common::open_connections)
+        self.backend_connections.open_connections(id)
     }
     fn wlc_set(&self, ring_index: u32) -> Option<WlcSet> {
         self.wlc_sets.get(&ring_index, 0).ok()

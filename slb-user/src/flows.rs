@@ -21,9 +21,7 @@ use slb_common::{
     SNAT_F_CONFIRMED, SNAT_UNCONFIRMED_TIMEOUT_S, TCP_CLOSING_TIMEOUT_S,
 };
 
-use crate::maps::{
-    bpf_batch, bpf_elem, BackendConnections, BatchAttr, CounterMaps, ElemAttr, BPF_MAP_LOOKUP_BATCH,
-};
+use crate::maps::{bpf_batch, bpf_elem, BatchAttr, CounterMaps, ElemAttr, BPF_MAP_LOOKUP_BATCH};
 
 /// How often the daemon sweeps: well under the shortest timeout (10 s).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -150,9 +148,8 @@ pub struct Sweeper {
     /// SNAT_MAPPINGS again, typed, for the re-check before each removal.
     snat_table: std::sync::Mutex<aya::maps::HashMap<MapData, FlowKey, SnatMapping>>,
     capacity: u32,
+    /// Also the data plane's open-connection counts, which an expired open flow leaves.
     counters: CounterMaps,
-    /// The data plane's open-connection counts, which an expired open flow leaves.
-    backend_connections: BackendConnections,
 }
 
 impl Sweeper {
@@ -165,7 +162,6 @@ impl Sweeper {
             snat_table: std::sync::Mutex::new(crate::maps::open(pin_dir, &pinned::SNAT_MAPPINGS)?),
             capacity,
             counters: CounterMaps::open(pin_dir)?,
-            backend_connections: BackendConnections::open(pin_dir)?,
         })
     }
 
@@ -267,7 +263,7 @@ impl Sweeper {
                 continue;
             }
             if conn.flags & CONN_F_CLOSING == 0 {
-                self.backend_connections.take_one(conn.backend_id);
+                self.counters.backend_connections.take_one(conn.backend_id);
             }
             expired += 1;
         }

@@ -91,7 +91,7 @@ pub struct CounterMaps {
     pub global_stats: PerCpuArray<MapData, GlobalCounters>,
     /// BACKEND_CONNECTIONS: each backend id's open connections, exact now (the sweep's tally
     /// is as of its last walk of the connection table).
-    pub backend_connections: Array<MapData, u64>,
+    pub backend_connections: BackendConnections,
 }
 
 impl CounterMaps {
@@ -100,15 +100,8 @@ impl CounterMaps {
             listener_stats: open(dir, &pinned::LISTENER_STATS)?,
             backend_stats: open(dir, &pinned::BACKEND_STATS)?,
             global_stats: open(dir, &pinned::GLOBAL_STATS)?,
-            backend_connections: open(dir, &pinned::BACKEND_CONNECTIONS)?,
+            backend_connections: BackendConnections::open(dir)?,
         })
-    }
-
-    /// The backend's open connections now (`slb_common::open_connections`).
-    pub fn open_connections(&self, id: u32) -> Result<u32, MapError> {
-        Ok(slb_common::open_connections(
-            self.backend_connections.get(&id, 0)?,
-        ))
     }
 
     /// The listener's counters summed over CPUs.

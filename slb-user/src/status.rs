@@ -314,9 +314,7 @@ fn backend_statuses(
             let t = counters
                 .backend(b.id)
                 .map_err(counter_error(&pinned::BACKEND_STATS))?;
-            let open = counters
-                .open_connections(b.id)
-                .map_err(counter_error(&pinned::BACKEND_CONNECTIONS))?;
+            let open = counters.backend_connections.open_connections(b.id);
             Ok(BackendStatus {
                 id: b.id,
                 listener: b.key.listener.clone(),

@@ -37,8 +37,8 @@ fn open_by_backend(h: &Testbed, listener: &str) -> BTreeMap<[u8; 4], u32> {
                 .reconciler
                 .maps()
                 .counters
-                .open_connections(b.id)
-                .expect("BACKEND_CONNECTIONS");
+                .backend_connections
+                .open_connections(b.id);
             (a.octets(), open)
         })
         .collect()
