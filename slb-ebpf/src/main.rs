@@ -23,6 +23,7 @@ mod pick;
 mod policy;
 mod replay;
 mod tunnel;
+mod words;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -14,9 +14,8 @@ use crate::{
     balancer::{new_flow_choice, Refusal},
     forward::now_ns,
     maps::{PICK_SCRATCH, PROGRAMS},
+    words,
 };
-
-const FLOW_WORDS: usize = core::mem::size_of::<FlowKey>() / 4;
 
 /// Nothing asked.
 const IDLE: u32 = 0;
@@ -80,12 +79,12 @@ fn answer_or_ask(
         return encode(Err(Refusal::LookupFailed));
     };
     unsafe {
-        if (*scratch).state == ANSWERED && same_flow(&raw const (*scratch).flow, flow) {
+        if (*scratch).state == ANSWERED && words::same(&raw const (*scratch).flow, flow) {
             (*scratch).state = IDLE;
             return (*scratch).answer;
         }
-        copy_words(&raw mut (*scratch).flow, flow);
-        copy_words(&raw mut (*scratch).listener, listener);
+        words::copy(&raw mut (*scratch).flow, flow);
+        words::copy(&raw mut (*scratch).listener, listener);
         // Byte by byte: an address may sit anywhere on the caller's stack.
         let to = (&raw mut (*scratch).client).cast::<u8>();
         let mut i = 0;
@@ -150,32 +149,4 @@ fn decode(answer: u64) -> Result<u32, Refusal> {
         x if x == Refusal::AtCapacity as u32 => Refusal::AtCapacity,
         _ => Refusal::LookupFailed,
     })
-}
-
-#[inline(always)]
-fn same_flow(held: *const FlowKey, flow: &FlowKey) -> bool {
-    let (held, wanted) = (held.cast::<u32>(), (flow as *const FlowKey).cast::<u32>());
-    let mut i = 0;
-    while i < FLOW_WORDS {
-        // SAFETY: both are 4-byte aligned FlowKeys. A word at a time, stopping at the first
-        // difference: all at once, their registers spilled to the stack.
-        if unsafe { held.add(i).read_volatile() != wanted.add(i).read() } {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
-
-/// Copies `from` into `to` word by word (a struct copy becomes a memcpy call); both 4-byte
-/// aligned.
-#[inline(always)]
-unsafe fn copy_words<T>(to: *mut T, from: *const T) {
-    const { assert!(core::mem::size_of::<T>() % 4 == 0 && core::mem::align_of::<T>() >= 4) };
-    let (to, from) = (to.cast::<u32>(), from.cast::<u32>());
-    let mut i = 0;
-    while i < core::mem::size_of::<T>() / 4 {
-        unsafe { to.add(i).write_volatile(from.add(i).read()) };
-        i += 1;
-    }
 }
