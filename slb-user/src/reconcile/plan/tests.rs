@@ -587,6 +587,18 @@ fn a_new_flow_limit_is_written_only_when_it_changes() {
     );
 }
 
+/// Verdicts with `backend` healthy at `percent` of its slow start (`None`: done).
+fn ramping(backend: &BackendKey, percent: Option<u32>) -> BTreeMap<BackendKey, HealthStatus> {
+    let status = HealthStatus {
+        healthy: true,
+        reason: "passed".into(),
+        since_unix_ns: 0,
+        confirmed: true,
+        slow_start_percent: percent,
+    };
+    BTreeMap::from([(backend.clone(), status)])
+}
+
 #[test]
 fn a_backend_in_slow_start_gets_its_share_of_its_weight_in_the_ring_until_it_is_done() {
     // web: 10.0.1.2:8080 weight 2 and 10.0.1.3:8080 weight 1.
@@ -599,21 +611,7 @@ fn a_backend_in_slow_start_gets_its_share_of_its_weight_in_the_ring_until_it_is_
         vec![(id(&first, &a), 2), (id(&first, &b), 1)],
         "without slow start, the weights"
     );
-    let ramping = |percent| {
-        let mut health = BTreeMap::new();
-        health.insert(
-            b.clone(),
-            HealthStatus {
-                healthy: true,
-                reason: "passed".into(),
-                since_unix_ns: 0,
-                confirmed: true,
-                slow_start_percent: percent,
-            },
-        );
-        health
-    };
-    let step = plan_of(&config_text(), &ramping(Some(25)), &first.applied);
+    let step = plan_of(&config_text(), &ramping(&b, Some(25)), &first.applied);
     let web = listener(&step, "web");
     assert_eq!(
         web.ring_input,
@@ -621,7 +619,7 @@ fn a_backend_in_slow_start_gets_its_share_of_its_weight_in_the_ring_until_it_is_
         "in hundredths: the other at 100 %, the starting one at 25 %"
     );
     assert!(web.rebuild.is_some());
-    let done = plan_of(&config_text(), &ramping(None), &step.applied);
+    let done = plan_of(&config_text(), &ramping(&b, None), &step.applied);
     assert_eq!(
         listener(&done, "web").ring_input,
         plain,
@@ -764,18 +762,7 @@ fn the_wlc_set_is_the_ring_input_at_the_slot_the_entry_switches_to() {
 fn slow_start_scales_the_wlc_set_as_it_scales_the_ring() {
     let first = plan_of(&config_text(), &BTreeMap::new(), &AppliedMaps::default());
     let (a, b) = (key("web", "10.0.1.2", 8080), key("web", "10.0.1.3", 8080));
-    let mut health = BTreeMap::new();
-    health.insert(
-        b.clone(),
-        HealthStatus {
-            healthy: true,
-            reason: "passed".into(),
-            since_unix_ns: 0,
-            confirmed: true,
-            slow_start_percent: Some(10),
-        },
-    );
-    let step = plan_of(&config_text(), &health, &first.applied);
+    let step = plan_of(&config_text(), &ramping(&b, Some(10)), &first.applied);
     let web = listener(&step, "web");
     assert_eq!(
         set_members(&web.wlc_set.unwrap()),
