@@ -66,6 +66,22 @@ pub struct FlowCounts {
     pub backends: BTreeMap<u32, Tally>,
 }
 
+impl FlowCounts {
+    /// Counts `conn`, an entry the table keeps: in `entries`, and as open for its listener and
+    /// backend unless closing.
+    fn tally(&mut self, conn: &Connection) {
+        self.entries += 1;
+        if conn.flags & CONN_F_CLOSING == 0 {
+            if let Some(t) = self.listeners.get_mut(&conn.listener_index) {
+                t.open += 1;
+            }
+            if let Some(t) = self.backends.get_mut(&conn.backend_id) {
+                t.open += 1;
+            }
+        }
+    }
+}
+
 /// The idle timeout (seconds) of each listener index.
 pub type Timeouts = BTreeMap<u32, u32>;
 
@@ -167,7 +183,7 @@ impl Sweeper {
 
     /// Removes expired flows and tallies the rest. A flow that sends a packet between the read
     /// and the delete (microseconds, after ≥ 10 s of silence) keeps its entry: it is put back
-    /// (see [`Sweeper::expire`]).
+    /// (see [`Sweeper::expire`]) and tallied with the rest.
     pub fn sweep(
         &self,
         timeouts: &Timeouts,
@@ -199,18 +215,11 @@ impl Sweeper {
                 stale.push((*key, conn.last_seen_ns));
                 return;
             }
-            counts.entries += 1;
-            if conn.flags & CONN_F_CLOSING == 0 {
-                if let Some(t) = counts.listeners.get_mut(&conn.listener_index) {
-                    t.open += 1;
-                }
-                if let Some(t) = counts.backends.get_mut(&conn.backend_id) {
-                    t.open += 1;
-                }
-            }
+            counts.tally(conn);
         })
         .context("reading CONNECTIONS")?;
-        counts.expired = self.expire(fd, &stale).context("removing expired flows")?;
+        self.expire(fd, &stale, &mut counts)
+            .context("removing expired flows")?;
 
         // Full NAT mappings: their ports go back to the pool.
         let fd = self.snat_mappings.fd().as_fd().as_raw_fd();
@@ -251,23 +260,28 @@ impl Sweeper {
     /// with one lookup-and-delete, so that what the delete removed is known: an open flow
     /// removed here leaves its backend's open-connection count (the data plane counts only what
     /// it links and unlinks itself; of it and this delete, only the one that unlinked an entry
-    /// counts it off). An entry a packet refreshed since the walk is put back, unless the flow's
-    /// next packet linked a new one meanwhile. Returns how many flows expired.
-    fn expire(&self, fd: RawFd, stale: &[(FlowKey, u64)]) -> std::io::Result<u64> {
-        let mut expired = 0;
+    /// counts it off). An entry a packet refreshed since the walk is put back (and tallied),
+    /// unless the flow's next packet linked a new one meanwhile. Counts the flows that expired.
+    fn expire(
+        &self,
+        fd: RawFd,
+        stale: &[(FlowKey, u64)],
+        counts: &mut FlowCounts,
+    ) -> std::io::Result<()> {
         for (key, seen_ns) in stale {
             let Some(conn) = take_entry::<FlowKey, Connection>(fd, key)? else {
                 continue;
             };
             if conn.last_seen_ns != *seen_ns && insert_new(fd, key, &conn)? {
+                counts.tally(&conn);
                 continue;
             }
             if conn.flags & CONN_F_CLOSING == 0 {
                 self.counters.backend_connections.take_one(conn.backend_id);
             }
-            expired += 1;
+            counts.expired += 1;
         }
-        Ok(expired)
+        Ok(())
     }
 }
 
