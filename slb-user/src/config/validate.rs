@@ -492,18 +492,11 @@ fn validate_groups(defined: &[Group]) -> Result<Groups<'_>, ConfigError> {
                 format!("group {:?} is defined twice", group.name),
             ));
         }
-        validate_backends(&format!("groups[{i}] ({})", group.name), &group.backends)?;
-        validate_backend_limits(
-            &format!("groups[{i}] ({})", group.name),
-            group.kind,
-            &group.backends,
-        )?;
-        validate_connection_limits(&format!("groups[{i}] ({})", group.name), &group.limits())?;
-        validate_slow_start(
-            &format!("groups[{i}] ({})", group.name),
-            group.kind,
-            group.slow_start,
-        )?;
+        let label = format!("groups[{i}] ({})", group.name);
+        validate_backends(&label, &group.backends)?;
+        validate_backend_limits(&label, group.kind, &group.backends)?;
+        validate_connection_limits(&label, &group.limits())?;
+        validate_slow_start(&label, group.kind, group.slow_start)?;
         if group.kind == GroupKind::ActiveStandby && group.backends.len() != 2 {
             return Err(invalid(
                 format!("groups[{i}] ({}).backends", group.name),
