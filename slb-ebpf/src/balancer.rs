@@ -461,7 +461,8 @@ pub(crate) fn usable_backend_for(id: u32, listener_flags: u32) -> Option<&'stati
 /// IPv6 source's prefix).
 ///
 /// A flow that opens here on a listener whose new flows are placed by load (least connections,
-/// `max_connections`) is decided by `slb_xdp_pick` (see `pick`), which comes back to
+/// `max_connections`), and any new flow of the IPv6 program, is decided by `slb_xdp_pick` (see
+/// `pick`), which comes back to
 /// `BACK_SLOT` of PROGRAMS with the answer: the load scan's stack does not fit beside the
 /// balancing programs' own.
 #[inline(always)]
